@@ -1,0 +1,1 @@
+//! Redaction of PII and secrets (engine lands with its own issue).
