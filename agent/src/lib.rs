@@ -1,0 +1,1 @@
+//! Periscope's Rust agent (being built under the core-loop issue).

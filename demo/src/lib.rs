@@ -1,0 +1,1 @@
+//! The demo shop (being built under the core-loop issue).
