@@ -1,1 +1,169 @@
-//! Periscope's Rust agent (being built under the core-loop issue).
+//! Periscope's Rust agent: attach it to a service and a Periscope broker can place
+//! snapshots on the service's `tracing` callsites, without code changes or redeploys.
+//!
+//! ```no_run
+//! use tracing_subscriber::prelude::*;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let agent = periscope_agent::Agent::builder()
+//!     .broker_url("ws://127.0.0.1:7070")
+//!     .agent_key("dev-agent-key")
+//!     .pool("shop")
+//!     .tags(["env:dev", "region:eu"])
+//!     .service("shop")
+//!     .start()?;
+//! tracing_subscriber::registry()
+//!     .with(tracing_subscriber::fmt::layer())
+//!     .with(agent.layer())
+//!     .init();
+//! # Ok(()) }
+//! ```
+//!
+//! Or configure it entirely from `PERISCOPE_*` environment variables with
+//! [`Agent::from_env`] (see [`AgentConfig::from_env`] for the list).
+//!
+//! Every span and event callsite of the service is an inspectable location; the agent
+//! publishes them to the broker as they register (the first time their code runs).
+//!
+//! # Guarantees to the host
+//!
+//! - Idle cost: with no action installed, callsites the host does not log cost
+//!   nothing, and callsites it does log cost one relaxed atomic load.
+//! - The host's own logging is unchanged: the agent is a per-layer filter that never
+//!   vetoes another layer's events.
+//! - Capture never blocks or awaits on the host's thread: hits go into a bounded queue;
+//!   when it is full they are dropped and counted (reported in heartbeats).
+//! - A missing or slow broker costs the host nothing: the agent's own thread reconnects
+//!   with exponential backoff and jitter.
+//! - Spans are recorded for the span stack only while a snapshot is live.
+//! - Limitations: a global filter installed *in front of* all layers (e.g.
+//!   `registry().with(EnvFilter)` as a plain layer) hides callsites from the agent too;
+//!   use `fmt::layer().with_filter(EnvFilter)` instead. Levels removed at compile time
+//!   (`tracing`'s `max_level_*` features) cannot be inspected.
+//!
+//! # Layout
+//!
+//! - [`config`]: [`AgentBuilder`] and [`AgentConfig`].
+//! - `layer`: the per-layer filter and the capturing layer (the hot path).
+//! - `state`: the action table, the catalog and counters shared with the agent thread.
+//! - `capture`: raw captures on the host's thread, protocol hits on the agent's.
+//! - `budget`: lock-free rate and CPU budgets.
+//! - `connection`: the agent thread (WebSocket session, sync, backoff).
+
+pub mod config;
+
+mod budget;
+mod capture;
+mod connection;
+mod debug_text;
+mod layer;
+mod state;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use periscope_protocol::AgentId;
+use tokio::sync::{mpsc, watch};
+use tracing_subscriber::filter::Filtered;
+
+pub use config::{AgentBuilder, AgentConfig, ConfigError};
+pub use layer::{ProbeFilter, ProbeLayer};
+
+use crate::state::Shared;
+
+/// A running agent. Dropping it (or calling [`Agent::shutdown`]) says goodbye to the
+/// broker and stops the agent's thread; the layer it handed out then does nothing.
+#[derive(Debug)]
+pub struct Agent {
+    id: AgentId,
+    shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The layer to add to the host's subscriber (see the [crate docs](crate)).
+pub type PeriscopeLayer<S> = Filtered<ProbeLayer, ProbeFilter, S>;
+
+impl Agent {
+    /// A builder; see [`AgentBuilder`].
+    pub fn builder() -> AgentBuilder {
+        AgentBuilder::new()
+    }
+
+    /// Starts an agent configured only by `PERISCOPE_*` environment variables.
+    pub fn from_env() -> Result<Agent, ConfigError> {
+        AgentBuilder::new().env_defaults().start()
+    }
+
+    /// Starts the agent's thread with a validated configuration.
+    pub fn start(config: AgentConfig) -> Result<Agent, ConfigError> {
+        let config = config.validate()?;
+        let (hits_tx, hits_rx) = mpsc::channel(config.queue_capacity);
+        let shared = Arc::new(Shared::new(hits_tx));
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let id = AgentId::generate();
+        let runner = connection::Runner::new(config, id.clone(), Arc::clone(&shared), hits_rx, shutdown_rx);
+        let thread = std::thread::Builder::new()
+            .name("periscope-agent".into())
+            .spawn(move || {
+                layer::IN_AGENT.with(|a| a.set(true));
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(target: "periscope_agent", error = %e, "periscope agent could not start its runtime");
+                        return;
+                    }
+                };
+                runtime.block_on(runner.run());
+            })
+            .map_err(|e| ConfigError::Invalid { setting: "thread", reason: format!("cannot spawn the agent thread: {e}") })?;
+        Ok(Agent { id, shared, shutdown: shutdown_tx, thread: Some(thread) })
+    }
+
+    /// The layer to add to the host's `tracing` subscriber. Can be called more than
+    /// once (e.g. for several subscribers); all copies feed this agent.
+    pub fn layer<S>(&self) -> PeriscopeLayer<S>
+    where
+        S: tracing_core::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        use tracing_subscriber::Layer as _;
+        let (layer, filter) = layer::new(Arc::clone(&self.shared));
+        layer.with_filter(filter)
+    }
+
+    /// This agent's id, as the broker lists it.
+    pub fn id(&self) -> &AgentId {
+        &self.id
+    }
+
+    /// Hits dropped so far because the outbound queue was full.
+    pub fn dropped_hits(&self) -> u64 {
+        use std::sync::atomic::Ordering;
+        let c = &self.shared.counters;
+        c.dropped_queue_full.load(Ordering::Relaxed) + c.dropped_disconnected.load(Ordering::Relaxed)
+    }
+
+    /// Says goodbye to the broker and waits up to `timeout` for the agent thread to end.
+    pub fn shutdown(mut self, timeout: Duration) {
+        self.stop(timeout);
+    }
+
+    fn stop(&mut self, timeout: Duration) {
+        let _ = self.shutdown.send(true);
+        if let Some(thread) = self.thread.take() {
+            let deadline = std::time::Instant::now() + timeout;
+            while !thread.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop(Duration::from_millis(500));
+    }
+}

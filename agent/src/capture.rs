@@ -1,0 +1,275 @@
+//! Capturing values on the application's thread, and turning them into protocol hits
+//! on the agent's thread.
+//!
+//! The split is the point: on the application's thread we only copy what `tracing`
+//! hands us (numbers, strings, and `Debug` text written into a bounded buffer) and
+//! enqueue it. Parsing `Debug` text into structure, truncation, redaction and
+//! serialization all happen later, off the hot path.
+
+use std::backtrace::Backtrace;
+use std::fmt::{self, Write as _};
+use std::sync::Arc;
+
+use periscope_protocol::value::{Text, truncate_chars};
+use periscope_protocol::{CaptureLimits, Field, Hit, HitLocation, SpanFrame, ThreadInfo, TruncationSummary, Value};
+use tracing_core::Metadata;
+use tracing_core::field::{Field as TracingField, Visit};
+
+use crate::state::Installed;
+
+/// Bytes of `Debug` or string text copied per value on the application's thread.
+/// Generous compared to the 255 characters kept, so that parsing can still see the
+/// structure (and count the omitted items) of a large value, but bounded so one huge
+/// value cannot cost the host more than a few tens of microseconds.
+pub(crate) const RAW_TEXT_CAP: usize = 16 * 1024;
+
+/// A value as `tracing` handed it over.
+#[derive(Debug, Clone)]
+pub(crate) enum Raw {
+    Bool(bool),
+    I64(i64),
+    U64(u64),
+    I128(i128),
+    U128(u128),
+    F64(f64),
+    /// A `&str` field, with its full length when it was longer than the cap.
+    Str(String, Option<usize>),
+    /// `Debug` text; `true` when it was cut at [`RAW_TEXT_CAP`].
+    Debug(String, bool),
+}
+
+/// A named raw value.
+#[derive(Debug, Clone)]
+pub(crate) struct RawField {
+    pub(crate) name: &'static str,
+    pub(crate) value: Raw,
+}
+
+/// Collects the fields of an event or span.
+#[derive(Debug, Default)]
+pub(crate) struct FieldCollector {
+    pub(crate) fields: Vec<RawField>,
+}
+
+impl FieldCollector {
+    fn set(&mut self, field: &TracingField, value: Raw) {
+        let name = field.name();
+        // `span.record` may overwrite a field declared empty at creation.
+        if let Some(existing) = self.fields.iter_mut().find(|f| f.name == name) {
+            existing.value = value;
+        } else {
+            self.fields.push(RawField { name, value });
+        }
+    }
+}
+
+/// A `fmt::Write` that stops (with an error, which ends the `Debug` call early) once
+/// it holds [`RAW_TEXT_CAP`] bytes.
+struct Bounded<'a> {
+    out: &'a mut String,
+    cut: bool,
+}
+
+impl fmt::Write for Bounded<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let room = RAW_TEXT_CAP.saturating_sub(self.out.len());
+        if s.len() <= room {
+            self.out.push_str(s);
+            Ok(())
+        } else {
+            let mut end = room;
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            self.out.push_str(&s[..end]);
+            self.cut = true;
+            Err(fmt::Error)
+        }
+    }
+}
+
+impl Visit for FieldCollector {
+    fn record_bool(&mut self, field: &TracingField, value: bool) {
+        self.set(field, Raw::Bool(value));
+    }
+    fn record_i64(&mut self, field: &TracingField, value: i64) {
+        self.set(field, Raw::I64(value));
+    }
+    fn record_u64(&mut self, field: &TracingField, value: u64) {
+        self.set(field, Raw::U64(value));
+    }
+    fn record_i128(&mut self, field: &TracingField, value: i128) {
+        self.set(field, Raw::I128(value));
+    }
+    fn record_u128(&mut self, field: &TracingField, value: u128) {
+        self.set(field, Raw::U128(value));
+    }
+    fn record_f64(&mut self, field: &TracingField, value: f64) {
+        self.set(field, Raw::F64(value));
+    }
+    fn record_str(&mut self, field: &TracingField, value: &str) {
+        if value.len() <= RAW_TEXT_CAP {
+            self.set(field, Raw::Str(value.to_owned(), None));
+        } else {
+            let kept = truncate_chars(value, RAW_TEXT_CAP / 4);
+            self.set(field, Raw::Str(kept.to_owned(), Some(value.chars().count())));
+        }
+    }
+    fn record_error(&mut self, field: &TracingField, value: &(dyn std::error::Error + 'static)) {
+        let mut text = String::new();
+        let mut w = Bounded { out: &mut text, cut: false };
+        let _ = write!(w, "{value}");
+        let cut = w.cut;
+        self.set(field, Raw::Str(text, cut.then_some(RAW_TEXT_CAP)));
+    }
+    fn record_debug(&mut self, field: &TracingField, value: &dyn fmt::Debug) {
+        let mut text = String::new();
+        let mut w = Bounded { out: &mut text, cut: false };
+        let _ = write!(w, "{value:?}");
+        let cut = w.cut;
+        // `message` and `%display` fields arrive here as Debug of `fmt::Arguments` /
+        // `DisplayValue`, which print plain text: keep them as strings.
+        if field.name() == "message" {
+            self.set(field, Raw::Str(text, cut.then_some(RAW_TEXT_CAP)));
+        } else {
+            self.set(field, Raw::Debug(text, cut));
+        }
+    }
+}
+
+/// The span fields the layer stores in each recorded span's extensions.
+#[derive(Debug, Default)]
+pub(crate) struct SpanValues(pub(crate) FieldCollector);
+
+/// One frame of the span stack as captured on the application's thread.
+#[derive(Debug)]
+pub(crate) struct RawSpan {
+    pub(crate) meta: &'static Metadata<'static>,
+    pub(crate) fields: Vec<RawField>,
+}
+
+/// A hit as captured on the application's thread.
+pub(crate) struct RawHit {
+    pub(crate) action: Arc<Installed>,
+    pub(crate) seq: u64,
+    pub(crate) time_ms: u64,
+    pub(crate) meta: &'static Metadata<'static>,
+    pub(crate) thread: ThreadInfo,
+    pub(crate) fields: Vec<RawField>,
+    pub(crate) spans: Vec<RawSpan>,
+    pub(crate) backtrace: Option<Backtrace>,
+}
+
+impl fmt::Debug for RawHit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawHit").field("action", &self.action.spec.id).field("seq", &self.seq).finish_non_exhaustive()
+    }
+}
+
+/// Converts one raw value into the captured-value model, parsing `Debug` text.
+pub(crate) fn to_value(raw: &Raw, limits: &CaptureLimits) -> Value {
+    match raw {
+        Raw::Bool(b) => Value::Bool(*b),
+        Raw::I64(i) => Value::Int(*i),
+        Raw::U64(u) => Value::from(*u),
+        Raw::I128(i) => match i64::try_from(*i) {
+            Ok(i) => Value::Int(i),
+            Err(_) => Value::str(i.to_string()),
+        },
+        Raw::U128(u) => match u64::try_from(*u) {
+            Ok(u) => Value::from(u),
+            Err(_) => Value::str(u.to_string()),
+        },
+        Raw::F64(f) => Value::Float(*f),
+        Raw::Str(s, original) => Value::Str(Text {
+            value: s.clone(),
+            original_len: original.map(|n| n as u64).filter(|n| *n > s.chars().count() as u64),
+        }),
+        Raw::Debug(text, cut) => {
+            let mut value = crate::debug_text::parse(text, limits);
+            if *cut {
+                // The text was cut on the application's thread: say so where it shows.
+                if let Value::Str(t) = &mut value {
+                    t.original_len = Some(t.original_len.unwrap_or(0).max(RAW_TEXT_CAP as u64 + 1));
+                }
+            }
+            value
+        }
+    }
+}
+
+fn to_fields(raw: &[RawField], limits: &CaptureLimits) -> Vec<Field> {
+    raw.iter().map(|f| Field::new(f.name, to_value(&f.value, limits))).collect()
+}
+
+/// Builds the protocol hit from a raw hit (agent thread). Redaction and limit
+/// enforcement are applied by the caller.
+pub(crate) fn build_hit(raw: &RawHit, limits: &CaptureLimits) -> Hit {
+    let spans = raw
+        .spans
+        .iter()
+        .take(limits.max_frames as usize)
+        .enumerate()
+        .map(|(i, s)| SpanFrame {
+            name: s.meta.name().to_owned(),
+            target: Some(s.meta.target().to_owned()),
+            file: s.meta.file().map(str::to_owned),
+            line: s.meta.line(),
+            fields: if i < limits.frames_with_values as usize { to_fields(&s.fields, limits) } else { Vec::new() },
+        })
+        .collect();
+    Hit {
+        action_id: raw.action.spec.id.clone(),
+        seq: raw.seq,
+        time_ms: raw.time_ms,
+        location: HitLocation {
+            file: raw.meta.file().unwrap_or_default().to_owned(),
+            line: raw.meta.line().unwrap_or(0),
+            module: raw.meta.module_path().map(str::to_owned),
+            name: Some(raw.meta.name().to_owned()),
+        },
+        thread: Some(raw.thread.clone()),
+        fields: to_fields(&raw.fields, limits),
+        spans,
+        watches: Vec::new(),
+        backtrace: raw.backtrace.as_ref().map(backtrace_lines),
+        truncation: TruncationSummary::default(),
+        redactions: Vec::new(),
+        rules_version: 0,
+    }
+}
+
+/// Formats a backtrace as one line per frame, innermost first, skipping the agent's
+/// and tracing's own frames so the first line is the application's.
+fn backtrace_lines(bt: &Backtrace) -> Vec<String> {
+    let text = bt.to_string();
+    let mut frames: Vec<String> = Vec::new();
+    let mut lines = text.lines().peekable();
+    while let Some(line) = lines.next() {
+        let line = line.trim();
+        let Some((_, symbol)) = line.split_once(": ") else { continue };
+        let location = match lines.peek() {
+            Some(next) if next.trim_start().starts_with("at ") => {
+                let at = next.trim().trim_start_matches("at ").to_owned();
+                lines.next();
+                Some(at)
+            }
+            _ => None,
+        };
+        frames.push(match location {
+            Some(at) => format!("{symbol} at {at}"),
+            None => symbol.to_owned(),
+        });
+    }
+    let skip = frames
+        .iter()
+        .position(|f| {
+            !(f.contains("periscope_agent::")
+                || f.contains("tracing_subscriber::")
+                || f.contains("tracing_core::")
+                || f.contains("tracing::")
+                || f.contains("std::backtrace"))
+        })
+        .unwrap_or(0);
+    frames.into_iter().skip(skip).collect()
+}

@@ -1,0 +1,480 @@
+//! The agent's own thread: connect, register, keep the action table in sync with the
+//! broker, turn raw hits into protocol hits and send them, reconnect with backoff.
+//!
+//! Runs on a dedicated thread with a single-threaded tokio runtime, so the agent neither
+//! needs nor disturbs the host's runtime, and a stalled broker stalls only this thread.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use periscope_protocol::messages::MAX_CATALOG_ENTRIES_PER_FRAME;
+use periscope_protocol::{
+    ActionId, ActionKind, ActionSpec, ActionStatusUpdate, AgentActionState, AgentId, AgentMessage, BrokerMessage,
+    CaptureLimits, CatalogUpdate, Heartbeat, MAX_FRAME_BYTES, PROTOCOL_VERSION, ProtocolErrorCode, Registered,
+    Registration, messages::decode_broker_message, messages::encode,
+};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::capture::{RawHit, build_hit};
+use crate::config::AgentConfig;
+use crate::state::{Budgets, Installed, Shared};
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Why a session ended.
+#[derive(Debug)]
+enum SessionEnd {
+    /// The host asked the agent to stop.
+    Shutdown,
+    /// The connection failed or closed; retry after backoff.
+    Retry(String),
+    /// The broker refused us for a reason retrying soon will not fix (bad key, version);
+    /// retry at the slowest backoff.
+    Refused(String),
+}
+
+/// Connection state the agent thread keeps across sessions.
+pub(crate) struct Runner {
+    pub(crate) config: AgentConfig,
+    pub(crate) agent_id: AgentId,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) hits_rx: mpsc::Receiver<Box<RawHit>>,
+    pub(crate) shutdown: watch::Receiver<bool>,
+    /// Live action specs, by id, as last synced from the broker.
+    actions: HashMap<ActionId, Arc<Installed>>,
+    limits: CaptureLimits,
+    budgets: Arc<Budgets>,
+    heartbeat: Duration,
+}
+
+impl Runner {
+    pub(crate) fn new(
+        config: AgentConfig,
+        agent_id: AgentId,
+        shared: Arc<Shared>,
+        hits_rx: mpsc::Receiver<Box<RawHit>>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Runner {
+            config,
+            agent_id,
+            shared,
+            hits_rx,
+            shutdown,
+            actions: HashMap::new(),
+            limits: CaptureLimits::default(),
+            budgets: Arc::new(Budgets::new(Default::default())),
+            heartbeat: Duration::from_secs(30),
+        }
+    }
+
+    /// Runs sessions until shutdown, backing off between failed attempts.
+    pub(crate) async fn run(mut self) {
+        let mut delay = self.config.reconnect_initial;
+        loop {
+            if *self.shutdown.borrow() {
+                return;
+            }
+            let started = tokio::time::Instant::now();
+            let end = self.session().await;
+            let pause = match end {
+                SessionEnd::Shutdown => return,
+                SessionEnd::Retry(why) => {
+                    tracing::warn!(target: "periscope_agent", broker = %self.config.broker_url, reason = %why, "periscope agent disconnected; will reconnect");
+                    // A session that lasted a while resets the backoff.
+                    if started.elapsed() > Duration::from_secs(60) {
+                        delay = self.config.reconnect_initial;
+                    }
+                    let d = jitter(delay);
+                    delay = (delay * 2).min(self.config.reconnect_max);
+                    d
+                }
+                SessionEnd::Refused(why) => {
+                    tracing::error!(target: "periscope_agent", broker = %self.config.broker_url, reason = %why, "periscope broker refused this agent");
+                    delay = self.config.reconnect_max;
+                    jitter(delay)
+                }
+            };
+            self.drop_queued_while_disconnected();
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = self.shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Hits captured while no broker was there are stale by the time one is: drop and count.
+    fn drop_queued_while_disconnected(&mut self) {
+        let mut dropped = 0u64;
+        while self.hits_rx.try_recv().is_ok() {
+            dropped += 1;
+        }
+        if dropped > 0 {
+            self.shared.counters.dropped_disconnected.fetch_add(dropped, Ordering::Relaxed);
+        }
+    }
+
+    async fn session(&mut self) -> SessionEnd {
+        let mut shutdown = self.shutdown.clone();
+        let connect = tokio::time::timeout(self.config.connect_timeout, self.connect_and_register());
+        let (mut socket, registered) = tokio::select! {
+            r = connect => match r {
+                Ok(Ok(pair)) => pair,
+                Ok(Err(end)) => return end,
+                Err(_) => return SessionEnd::Retry(format!("no registration within {:?}", self.config.connect_timeout)),
+            },
+            _ = shutdown.changed() => return SessionEnd::Shutdown,
+        };
+        tracing::info!(target: "periscope_agent", broker = %self.config.broker_url, agent_id = %self.agent_id, "periscope agent connected");
+        self.limits = registered.limits;
+        self.budgets = Arc::new(Budgets::new(registered.quotas));
+        self.heartbeat = Duration::from_millis(registered.heartbeat_interval_ms.clamp(1_000, 300_000));
+        // Re-install what we had with the new budgets until the broker's sync arrives.
+        self.reinstall().await;
+        for chunk in self.shared.catalog_updates(true).chunks(MAX_CATALOG_ENTRIES_PER_FRAME).enumerate() {
+            let (i, entries) = chunk;
+            let msg = AgentMessage::Catalog(CatalogUpdate { full: i == 0, entries: entries.to_vec() });
+            if let Err(e) = send(&mut socket, &msg).await {
+                return SessionEnd::Retry(e);
+            }
+        }
+        let mut heartbeat = tokio::time::interval(self.heartbeat);
+        heartbeat.tick().await;
+        let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                frame = socket.next() => {
+                    match frame {
+                        Some(Ok(Message::Text(text))) => {
+                            match decode_broker_message(text.as_str()) {
+                                Ok(msg) => if let Some(end) = self.on_broker_message(msg, &mut socket).await {
+                                    return end;
+                                },
+                                Err(e) => tracing::warn!(target: "periscope_agent", error = %e, "periscope agent ignored a frame it could not decode"),
+                            }
+                        }
+                        Some(Ok(Message::Close(frame))) => {
+                            return SessionEnd::Retry(frame.map_or_else(|| "closed by broker".to_owned(), |f| format!("closed by broker: {}", f.reason)));
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => return SessionEnd::Retry(e.to_string()),
+                        None => return SessionEnd::Retry("connection closed".into()),
+                    }
+                }
+                Some(raw) = self.hits_rx.recv() => {
+                    if let Err(e) = self.send_hit(&raw, &mut socket).await {
+                        return SessionEnd::Retry(e);
+                    }
+                }
+                _ = self.shared.wake.notified() => {
+                    if let Err(e) = self.flush_local_changes(&mut socket).await {
+                        return SessionEnd::Retry(e);
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    let mut msgs = vec![AgentMessage::Heartbeat(self.heartbeat_message())];
+                    let updates = self.shared.catalog_updates(false);
+                    for entries in updates.chunks(MAX_CATALOG_ENTRIES_PER_FRAME) {
+                        msgs.push(AgentMessage::Catalog(CatalogUpdate { full: false, entries: entries.to_vec() }));
+                    }
+                    for msg in msgs {
+                        if let Err(e) = send(&mut socket, &msg).await {
+                            return SessionEnd::Retry(e);
+                        }
+                    }
+                }
+                _ = housekeeping.tick() => {
+                    self.prune_finished().await;
+                }
+                _ = self.shutdown.changed() => {
+                    let _ = send(&mut socket, &AgentMessage::Goodbye { reason: "host shutting down".into() }).await;
+                    let _ = socket.close(None).await;
+                    return SessionEnd::Shutdown;
+                }
+            }
+        }
+    }
+
+    async fn connect_and_register(&self) -> Result<(Socket, Registered), SessionEnd> {
+        let mut request = self
+            .config
+            .broker_url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| SessionEnd::Refused(format!("bad broker URL: {e}")))?;
+        let auth = HeaderValue::from_str(&format!("Bearer {}", self.config.agent_key))
+            .map_err(|_| SessionEnd::Refused("the agent key contains characters not allowed in a header".into()))?;
+        request.headers_mut().insert("authorization", auth);
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(8 * 1024)
+            .write_buffer_size(0)
+            .max_write_buffer_size(4 * MAX_FRAME_BYTES)
+            .max_message_size(Some(MAX_FRAME_BYTES))
+            .max_frame_size(Some(MAX_FRAME_BYTES));
+        let (mut socket, _) = tokio_tungstenite::connect_async_with_config(request, Some(ws_config), true)
+            .await
+            .map_err(|e| match e {
+                tungstenite::Error::Http(resp) if resp.status() == 401 || resp.status() == 403 => {
+                    let body =
+                        resp.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+                    SessionEnd::Refused(format!("agent key rejected ({}): {body}", resp.status()))
+                }
+                other => SessionEnd::Retry(other.to_string()),
+            })?;
+        let registration = self.registration();
+        send(&mut socket, &AgentMessage::Register(Box::new(registration))).await.map_err(SessionEnd::Retry)?;
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Text(text))) => match decode_broker_message(text.as_str()) {
+                    Ok(BrokerMessage::Registered(r)) => return Ok((socket, r)),
+                    Ok(BrokerMessage::Error(err)) => {
+                        let text = format!("{:?}: {}", err.code, err.message);
+                        return Err(match err.code {
+                            ProtocolErrorCode::UnsupportedVersion
+                            | ProtocolErrorCode::Unauthorized
+                            | ProtocolErrorCode::InvalidRegistration => SessionEnd::Refused(text),
+                            _ => SessionEnd::Retry(text),
+                        });
+                    }
+                    Ok(other) => {
+                        tracing::debug!(target: "periscope_agent", kind = ?other, "unexpected message before registration")
+                    }
+                    Err(e) => return Err(SessionEnd::Retry(e.to_string())),
+                },
+                Some(Ok(Message::Close(f))) => {
+                    return Err(SessionEnd::Retry(f.map_or_else(|| "closed".into(), |f| f.reason.to_string())));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(SessionEnd::Retry(e.to_string())),
+                None => return Err(SessionEnd::Retry("closed during registration".into())),
+            }
+        }
+    }
+
+    fn registration(&self) -> Registration {
+        let host = hostname();
+        let pid = std::process::id();
+        Registration {
+            protocol_version: PROTOCOL_VERSION,
+            agent_id: self.agent_id.clone(),
+            display_name: self
+                .config
+                .display_name
+                .clone()
+                .unwrap_or_else(|| format!("{}@{host}#{pid}", self.config.service)),
+            pool: self.config.pool.clone(),
+            tags: self.config.tags.clone(),
+            service: self.config.service.clone(),
+            service_version: self.config.service_version.clone(),
+            language: "rust".into(),
+            runtime: format!("rust ({} {})", std::env::consts::OS, std::env::consts::ARCH),
+            host,
+            pid,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            capabilities: vec!["snapshot".into(), "backtrace".into(), "span_stack".into()],
+        }
+    }
+
+    async fn on_broker_message(&mut self, msg: BrokerMessage, socket: &mut Socket) -> Option<SessionEnd> {
+        match msg {
+            BrokerMessage::ActionSync { actions } => {
+                let keep: HashMap<ActionId, ActionSpec> = actions.into_iter().map(|a| (a.id.clone(), a)).collect();
+                self.actions.retain(|id, _| keep.contains_key(id));
+                for (id, spec) in keep {
+                    // Keep the running state (hit slots) of actions we already run.
+                    let unchanged = self.actions.get(&id).is_some_and(|a| a.spec == spec);
+                    if !unchanged {
+                        self.actions.insert(id, Arc::new(Installed::new(spec, &self.budgets.quotas)));
+                    }
+                }
+                self.install_and_report(socket, None).await
+            }
+            BrokerMessage::ActionAdd { action } => {
+                let id = action.id.clone();
+                self.actions.insert(id.clone(), Arc::new(Installed::new(action, &self.budgets.quotas)));
+                self.install_and_report(socket, Some(&id)).await
+            }
+            BrokerMessage::ActionRemove { action_id, reason } => {
+                tracing::debug!(target: "periscope_agent", action = %action_id, %reason, "action removed");
+                if self.actions.remove(&action_id).is_some() {
+                    self.install().await;
+                }
+                None
+            }
+            BrokerMessage::Error(err) => {
+                tracing::warn!(target: "periscope_agent", code = ?err.code, message = %err.message, "periscope broker reported an error");
+                err.fatal.then(|| SessionEnd::Retry(err.message))
+            }
+            BrokerMessage::Goodbye { reason } => Some(SessionEnd::Retry(format!("broker said goodbye: {reason}"))),
+            BrokerMessage::Registered(_) => None,
+        }
+    }
+
+    /// Installs the current action set and reports each action's state (all of them, or
+    /// only `only`).
+    async fn install_and_report(&mut self, socket: &mut Socket, only: Option<&ActionId>) -> Option<SessionEnd> {
+        let matched = self.install().await;
+        for (action, callsites) in matched {
+            if only.is_some_and(|id| *id != action.spec.id) {
+                continue;
+            }
+            let state = match &action.spec.kind {
+                ActionKind::Snapshot(_) if action.spec.condition.is_some() => {
+                    AgentActionState::Error { reason: "this agent version cannot evaluate conditions yet".into() }
+                }
+                ActionKind::Snapshot(_) if callsites > 0 => AgentActionState::Installed { callsites },
+                ActionKind::Snapshot(_) => AgentActionState::Pending,
+                other => AgentActionState::Error {
+                    reason: format!("this agent does not support `{}` actions yet", other.name()),
+                },
+            };
+            let msg = AgentMessage::ActionStatus(ActionStatusUpdate { action_id: action.spec.id.clone(), state });
+            if let Err(e) = send(socket, &msg).await {
+                return Some(SessionEnd::Retry(e));
+            }
+        }
+        None
+    }
+
+    async fn reinstall(&mut self) {
+        let quotas = self.budgets.quotas;
+        self.actions = self
+            .actions
+            .drain()
+            .map(|(id, a)| {
+                let fresh = Installed::new(a.spec.clone(), &quotas);
+                fresh.taken.store(a.taken.load(Ordering::Relaxed), Ordering::Relaxed);
+                fresh.seq.store(a.seq.load(Ordering::Relaxed), Ordering::Relaxed);
+                (id, Arc::new(fresh))
+            })
+            .collect();
+        self.install().await;
+    }
+
+    /// Swaps in a table for the current actions and rebuilds tracing's interest cache.
+    async fn install(&mut self) -> Vec<(Arc<Installed>, u32)> {
+        let runnable: Vec<Arc<Installed>> = self
+            .actions
+            .values()
+            .filter(|a| !a.done.load(Ordering::Relaxed) && a.snapshot.is_some() && a.spec.condition.is_none())
+            .cloned()
+            .collect();
+        let mut matched = self.shared.install(runnable, Arc::clone(&self.budgets), self.limits);
+        // Report every action, including the ones not installed (for their error status).
+        for action in self.actions.values() {
+            if !matched.iter().any(|(a, _)| a.spec.id == action.spec.id) {
+                matched.push((Arc::clone(action), 0));
+            }
+        }
+        self.shared.rebuild_needed.store(false, Ordering::Release);
+        // Interest rebuilds take tracing's global callsite lock and call back into our
+        // filter; run it off the runtime so that a host thread registering a callsite
+        // at the same moment never waits on our runtime.
+        let _ = tokio::task::spawn_blocking(|| {
+            crate::layer::IN_AGENT.with(|a| a.set(true));
+            tracing_core::callsite::rebuild_interest_cache();
+        })
+        .await;
+        matched
+    }
+
+    /// Statuses and completions raised on application threads; new callsites that
+    /// match pending actions.
+    async fn flush_local_changes(&mut self, socket: &mut Socket) -> Result<(), String> {
+        let statuses = self.shared.take_statuses();
+        let mut completed = false;
+        for (action_id, state) in statuses {
+            if matches!(state, AgentActionState::Completed) {
+                completed = true;
+            }
+            send(socket, &AgentMessage::ActionStatus(ActionStatusUpdate { action_id, state })).await?;
+        }
+        if completed {
+            self.prune_finished().await;
+        }
+        if self.shared.rebuild_needed.load(Ordering::Acquire) {
+            let matched = self.install().await;
+            for (action, callsites) in matched {
+                if callsites > 0 && action.snapshot.is_some() && action.spec.condition.is_none() {
+                    let state = AgentActionState::Installed { callsites };
+                    send(
+                        socket,
+                        &AgentMessage::ActionStatus(ActionStatusUpdate { action_id: action.spec.id.clone(), state }),
+                    )
+                    .await?;
+                }
+            }
+        }
+        let updates = self.shared.catalog_updates(false);
+        for entries in updates.chunks(MAX_CATALOG_ENTRIES_PER_FRAME) {
+            send(socket, &AgentMessage::Catalog(CatalogUpdate { full: false, entries: entries.to_vec() })).await?;
+        }
+        Ok(())
+    }
+
+    /// Drops actions that completed or expired locally.
+    async fn prune_finished(&mut self) {
+        let now = crate::layer::unix_ms();
+        let before = self.actions.len();
+        self.actions.retain(|_, a| !a.done.load(Ordering::Relaxed) && a.spec.expires_at_ms > now);
+        if self.actions.len() != before {
+            self.install().await;
+        }
+    }
+
+    async fn send_hit(&mut self, raw: &RawHit, socket: &mut Socket) -> Result<(), String> {
+        let mut hit = build_hit(raw, &self.limits);
+        hit.enforce_limits(&self.limits);
+        send(socket, &AgentMessage::Hit(Box::new(hit))).await?;
+        self.shared.counters.hits_sent.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn heartbeat_message(&self) -> Heartbeat {
+        let c = &self.shared.counters;
+        Heartbeat {
+            hits_sent: c.hits_sent.load(Ordering::Relaxed),
+            hits_dropped_queue_full: c.dropped_queue_full.load(Ordering::Relaxed),
+            hits_dropped_rate: c.dropped_rate.load(Ordering::Relaxed),
+            hits_dropped_disconnected: c.dropped_disconnected.load(Ordering::Relaxed),
+            queue_len: self.hits_rx.len() as u64,
+            actions: self.actions.len() as u64,
+        }
+    }
+}
+
+async fn send(socket: &mut Socket, msg: &AgentMessage) -> Result<(), String> {
+    let text = encode(msg);
+    if text.len() > MAX_FRAME_BYTES {
+        // enforce_limits keeps hits far below this; anything else this large is a bug.
+        tracing::warn!(target: "periscope_agent", kind = msg.type_name(), bytes = text.len(), "periscope agent dropped an oversized frame");
+        return Ok(());
+    }
+    socket.send(Message::text(text)).await.map_err(|e| e.to_string())
+}
+
+/// Full jitter in [d/2, d]: spreads a fleet's reconnects after a broker restart.
+fn jitter(d: Duration) -> Duration {
+    let mut b = [0u8; 2];
+    let r = if getrandom::fill(&mut b).is_ok() { u16::from_le_bytes(b) } else { 0x8000 };
+    let frac = 0.5 + f64::from(r) / f64::from(u16::MAX) / 2.0;
+    d.mul_f64(frac)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown-host".to_owned())
+}

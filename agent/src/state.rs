@@ -1,0 +1,363 @@
+//! State shared between the application's threads (the layer) and the agent's own
+//! thread: the action table, the catalog of callsites, budgets and counters.
+//!
+//! The action table is an immutable snapshot behind an `RwLock<Arc<_>>`: the agent
+//! thread builds a new one whenever actions or callsites change and swaps it in; the
+//! layer only ever clones the `Arc`. The `active` flag lets an idle agent answer
+//! `enabled` with one relaxed atomic load.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use periscope_protocol::{
+    ActionId, ActionKind, ActionSpec, AgentActionState, AgentQuotas, CaptureLimits, CatalogEntry, LocationKind,
+    PauseReason, SnapshotSpec,
+};
+use tokio::sync::{Notify, mpsc};
+use tracing_core::callsite::Identifier;
+use tracing_core::{Level, LevelFilter, Metadata};
+
+use crate::budget::{Clock, CpuBudget, RateLimiter};
+use crate::capture::RawHit;
+
+/// Spans are recorded (for the span stack of hits) up to this level while any snapshot
+/// is live; TRACE spans are left alone unless an action targets one.
+const SPAN_RECORD_LEVEL: Level = Level::DEBUG;
+
+/// One action as installed in this process.
+#[derive(Debug)]
+pub(crate) struct Installed {
+    pub(crate) spec: ActionSpec,
+    /// The snapshot parameters, when the action is a snapshot.
+    pub(crate) snapshot: Option<SnapshotSpec>,
+    /// Hit slots taken so far (a slot is returned when its hit is dropped).
+    pub(crate) taken: AtomicU32,
+    /// Sequence numbers handed out, for gaps to be visible.
+    pub(crate) seq: AtomicU64,
+    /// Per-action hit rate.
+    pub(crate) rate: RateLimiter,
+    /// 0 = running, else the [`PauseReason`] code it is paused for.
+    pub(crate) paused: AtomicU8,
+    /// Reached its hit count or expired on this agent.
+    pub(crate) done: AtomicBool,
+}
+
+const PAUSE_NONE: u8 = 0;
+const PAUSE_RATE: u8 = 1;
+const PAUSE_CPU: u8 = 2;
+
+impl Installed {
+    pub(crate) fn new(spec: ActionSpec, quotas: &AgentQuotas) -> Self {
+        let snapshot = match &spec.kind {
+            ActionKind::Snapshot(s) => Some(s.clone()),
+            _ => None,
+        };
+        Installed {
+            spec,
+            snapshot,
+            taken: AtomicU32::new(0),
+            seq: AtomicU64::new(0),
+            rate: RateLimiter::new(quotas.snapshot_hits_per_sec_per_action, 1.0),
+            paused: AtomicU8::new(PAUSE_NONE),
+            done: AtomicBool::new(false),
+        }
+    }
+
+    /// Marks the action paused for `reason`; true when this is a change of state, so the
+    /// caller reports it once per episode rather than once per refused hit.
+    pub(crate) fn pause(&self, reason: PauseReason) -> bool {
+        let code = match reason {
+            PauseReason::QuotaCpu => PAUSE_CPU,
+            _ => PAUSE_RATE,
+        };
+        self.paused.swap(code, Ordering::Relaxed) != code
+    }
+
+    /// Clears a pause; true when the action was paused.
+    pub(crate) fn resume(&self) -> bool {
+        self.paused.load(Ordering::Relaxed) != PAUSE_NONE
+            && self.paused.swap(PAUSE_NONE, Ordering::Relaxed) != PAUSE_NONE
+    }
+
+    pub(crate) fn matches(&self, meta: &Metadata<'_>) -> bool {
+        match (meta.file(), meta.line()) {
+            (Some(file), Some(line)) => line == self.spec.location.line && self.spec.location.file_matches(file),
+            _ => false,
+        }
+    }
+}
+
+/// Actions on one callsite, with the callsite's hit counter.
+#[derive(Debug)]
+pub(crate) struct CallsiteActions {
+    pub(crate) actions: Vec<Arc<Installed>>,
+    pub(crate) hits: Arc<AtomicU64>,
+}
+
+/// Agent-wide budgets, replaced when the broker sends new quotas.
+#[derive(Debug)]
+pub(crate) struct Budgets {
+    pub(crate) quotas: AgentQuotas,
+    pub(crate) snapshots: RateLimiter,
+    pub(crate) cpu: CpuBudget,
+}
+
+impl Budgets {
+    pub(crate) fn new(quotas: AgentQuotas) -> Self {
+        Budgets {
+            snapshots: RateLimiter::new(quotas.snapshot_hits_per_sec, quotas.snapshot_hits_per_sec.max(1.0)),
+            cpu: CpuBudget::new(quotas.cpu_fraction, Duration::from_micros(quotas.cpu_burst_micros)),
+            quotas,
+        }
+    }
+}
+
+/// An immutable snapshot of what is installed where.
+#[derive(Debug)]
+pub(crate) struct Table {
+    pub(crate) actions: HashMap<ActionId, Arc<Installed>>,
+    pub(crate) by_callsite: HashMap<Identifier, CallsiteActions>,
+    /// Record span fields (for span stacks) while any snapshot is live.
+    pub(crate) record_spans: bool,
+    /// What the agent's level hint asks for.
+    pub(crate) max_level: LevelFilter,
+    pub(crate) budgets: Arc<Budgets>,
+    pub(crate) limits: CaptureLimits,
+}
+
+impl Table {
+    fn empty() -> Self {
+        Table {
+            actions: HashMap::new(),
+            by_callsite: HashMap::new(),
+            record_spans: false,
+            max_level: LevelFilter::OFF,
+            budgets: Arc::new(Budgets::new(AgentQuotas::default())),
+            limits: CaptureLimits::default(),
+        }
+    }
+
+    /// Whether the layer wants this callsite.
+    pub(crate) fn wants(&self, meta: &Metadata<'_>) -> bool {
+        self.by_callsite.contains_key(&meta.callsite())
+            || (self.record_spans && meta.is_span() && *meta.level() <= SPAN_RECORD_LEVEL)
+    }
+}
+
+/// A callsite the agent has seen register.
+#[derive(Debug)]
+struct Known {
+    meta: &'static Metadata<'static>,
+    hits: Arc<AtomicU64>,
+    /// Hit count last published in the catalog.
+    published_hits: u64,
+}
+
+#[derive(Debug, Default)]
+struct Catalog {
+    known: HashMap<Identifier, Known>,
+    /// Registration order, for stable catalogs.
+    order: Vec<Identifier>,
+    /// Registered since the last catalog update was sent.
+    unsent: Vec<Identifier>,
+}
+
+/// Counters reported in heartbeats so that losses are visible upstream.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) hits_sent: AtomicU64,
+    pub(crate) dropped_queue_full: AtomicU64,
+    pub(crate) dropped_rate: AtomicU64,
+    pub(crate) dropped_disconnected: AtomicU64,
+}
+
+/// Everything the layer and the agent thread share.
+pub(crate) struct Shared {
+    /// Fast idle check: false when no action is installed.
+    pub(crate) active: AtomicBool,
+    table: RwLock<Arc<Table>>,
+    catalog: Mutex<Catalog>,
+    statuses: Mutex<Vec<(ActionId, AgentActionState)>>,
+    /// Wakes the agent thread: new callsites, statuses, completed actions.
+    pub(crate) wake: Notify,
+    /// Set when a new callsite matches an installed action: the table needs a rebuild.
+    pub(crate) rebuild_needed: AtomicBool,
+    pub(crate) hits_tx: mpsc::Sender<Box<RawHit>>,
+    pub(crate) counters: Counters,
+    pub(crate) clock: Clock,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("active", &self.active).finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(hits_tx: mpsc::Sender<Box<RawHit>>) -> Self {
+        Shared {
+            active: AtomicBool::new(false),
+            table: RwLock::new(Arc::new(Table::empty())),
+            catalog: Mutex::new(Catalog::default()),
+            statuses: Mutex::new(Vec::new()),
+            wake: Notify::new(),
+            rebuild_needed: AtomicBool::new(false),
+            hits_tx,
+            counters: Counters::default(),
+            clock: Clock::new(),
+        }
+    }
+
+    /// The current table. Poisoning cannot leave the table inconsistent (it is only ever
+    /// replaced whole), so a poisoned lock is simply entered.
+    pub(crate) fn table(&self) -> Arc<Table> {
+        match self.table.read() {
+            Ok(t) => Arc::clone(&t),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    fn set_table(&self, table: Table) {
+        let active = !table.actions.is_empty();
+        let table = Arc::new(table);
+        match self.table.write() {
+            Ok(mut t) => *t = table,
+            Err(poisoned) => *poisoned.into_inner() = table,
+        }
+        self.active.store(active, Ordering::Release);
+    }
+
+    /// Queues an action state for the broker (called from any thread).
+    pub(crate) fn report(&self, action_id: &ActionId, state: AgentActionState) {
+        let mut statuses = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
+        // A flood of statuses cannot grow without bound: the newest per action wins.
+        if statuses.len() >= 1024 {
+            statuses.retain(|(id, _)| id != action_id);
+            if statuses.len() >= 1024 {
+                return;
+            }
+        }
+        statuses.push((action_id.clone(), state));
+        drop(statuses);
+        self.wake.notify_one();
+    }
+
+    pub(crate) fn take_statuses(&self) -> Vec<(ActionId, AgentActionState)> {
+        std::mem::take(&mut *self.statuses.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Records a callsite the first time tracing registers it; returns whether it is
+    /// new. Called under tracing's callsite registry lock, so it only touches our mutex.
+    pub(crate) fn register_callsite(&self, meta: &'static Metadata<'static>) -> bool {
+        let mut catalog = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
+        let id = meta.callsite();
+        if catalog.known.contains_key(&id) {
+            return false;
+        }
+        catalog.known.insert(id.clone(), Known { meta, hits: Arc::new(AtomicU64::new(0)), published_hits: 0 });
+        catalog.order.push(id.clone());
+        catalog.unsent.push(id);
+        drop(catalog);
+        self.wake.notify_one();
+        true
+    }
+
+    /// Catalog entries not yet published (all of them when `full`), marking them sent.
+    pub(crate) fn catalog_updates(&self, full: bool) -> Vec<CatalogEntry> {
+        let mut catalog = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
+        let Catalog { known, order, unsent } = &mut *catalog;
+        let mut out = Vec::new();
+        if full {
+            unsent.clear();
+            for id in order.iter() {
+                if let Some(k) = known.get_mut(id) {
+                    k.published_hits = k.hits.load(Ordering::Relaxed);
+                    out.push(entry(k));
+                }
+            }
+        } else {
+            let mut changed: Vec<Identifier> = std::mem::take(unsent);
+            for id in order.iter() {
+                if let Some(k) = known.get(id) {
+                    if k.hits.load(Ordering::Relaxed) != k.published_hits && !changed.contains(id) {
+                        changed.push(id.clone());
+                    }
+                }
+            }
+            for id in changed {
+                if let Some(k) = known.get_mut(&id) {
+                    k.published_hits = k.hits.load(Ordering::Relaxed);
+                    out.push(entry(k));
+                }
+            }
+        }
+        out.retain(|e| !e.file.is_empty());
+        out
+    }
+
+    /// Builds and installs a new table for `specs`; returns, per action, how many
+    /// callsites matched (0 = pending until its code runs).
+    pub(crate) fn install(
+        &self,
+        specs: Vec<Arc<Installed>>,
+        budgets: Arc<Budgets>,
+        limits: CaptureLimits,
+    ) -> Vec<(Arc<Installed>, u32)> {
+        let catalog = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
+        let mut by_callsite: HashMap<Identifier, CallsiteActions> = HashMap::new();
+        let mut matched = Vec::with_capacity(specs.len());
+        let mut max_level = LevelFilter::OFF;
+        for action in &specs {
+            let mut count = 0u32;
+            for id in &catalog.order {
+                let Some(known) = catalog.known.get(id) else { continue };
+                if action.matches(known.meta) {
+                    count += 1;
+                    max_level = max_level.max(LevelFilter::from_level(*known.meta.level()));
+                    by_callsite
+                        .entry(id.clone())
+                        .or_insert_with(|| CallsiteActions { actions: Vec::new(), hits: Arc::clone(&known.hits) })
+                        .actions
+                        .push(Arc::clone(action));
+                }
+            }
+            matched.push((Arc::clone(action), count));
+        }
+        drop(catalog);
+        let record_spans = specs.iter().any(|a| a.snapshot.is_some());
+        if record_spans {
+            max_level = max_level.max(LevelFilter::from_level(SPAN_RECORD_LEVEL));
+        }
+        let actions = specs.into_iter().map(|a| (a.spec.id.clone(), a)).collect();
+        self.set_table(Table { actions, by_callsite, record_spans, max_level, budgets, limits });
+        matched
+    }
+
+    /// Whether a just-registered callsite matches an installed action.
+    pub(crate) fn matches_installed(&self, meta: &Metadata<'_>) -> bool {
+        self.table().actions.values().any(|a| a.matches(meta))
+    }
+
+    /// Marks an action done on this agent and wakes the agent thread to drop it.
+    pub(crate) fn complete(&self, action: &Installed) {
+        if !action.done.swap(true, Ordering::AcqRel) {
+            self.report(&action.spec.id, AgentActionState::Completed);
+        }
+    }
+}
+
+fn entry(k: &Known) -> CatalogEntry {
+    let meta = k.meta;
+    CatalogEntry {
+        file: meta.file().unwrap_or_default().to_owned(),
+        line: meta.line().unwrap_or(0),
+        kind: if meta.is_span() { LocationKind::Span } else { LocationKind::Event },
+        name: meta.name().to_owned(),
+        module: meta.module_path().map(str::to_owned).or_else(|| Some(meta.target().to_owned())),
+        level: Some(meta.level().as_str().to_ascii_lowercase()),
+        fields: meta.fields().iter().map(|f| f.name().to_owned()).collect(),
+        hits: k.hits.load(Ordering::Relaxed),
+    }
+}

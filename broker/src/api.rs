@@ -1,0 +1,253 @@
+//! The REST API under `/api/v1`: JSON in, JSON out, errors as
+//! `{"error": {"code", "message", "details"}}` with a fitting HTTP status.
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | `/agents` | agents (`pool`, `tag`, `service`, `language`, `status`, `q`, `cursor`, `limit`) |
+//! | GET | `/agents/{agent_id}` | one agent |
+//! | GET | `/sources` | inspectable locations (`agent_id`, `pool`, `tag`, `file`, `name`, `q`, `cursor`, `limit`) |
+//! | POST | `/actions` | place an action (body: [`PlaceBody`]) |
+//! | GET | `/actions` | actions (`status`, `target`, `created_by`) |
+//! | GET | `/actions/{action_id}` | one action with per-agent status |
+//! | DELETE | `/actions/{action_id}` | remove an action |
+//! | GET | `/actions/{action_id}/hits` | hits after `since`; `wait_seconds` long-polls for new ones |
+
+use std::time::Duration;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Extension, Path, Query, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use periscope_protocol::limits::action_bounds;
+use serde::Deserialize;
+
+use crate::AppState;
+use crate::auth::Principal;
+use crate::engine::{ActionFilter, ActionStatus, ActionView, HitsPage, SnapshotRequest};
+use crate::error::ApiError;
+use crate::query::{self, AgentFilter, Page, SourceFilter, SourceView};
+use crate::registry::AgentView;
+
+/// The `/api/v1` router (authentication is layered on by the caller).
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/agents", get(list_agents))
+        .route("/agents/{agent_id}", get(get_agent))
+        .route("/sources", get(list_sources))
+        .route("/actions", get(list_actions).post(place_action))
+        .route("/actions/{action_id}", get(get_action).delete(remove_action))
+        .route("/actions/{action_id}/hits", get(get_hits))
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+fn query_params<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(q)| q).map_err(|e| ApiError::invalid(format!("query string: {}", e.body_text())))
+}
+
+/// Splits comma-separated tags.
+fn tags(raw: Option<&str>) -> Vec<String> {
+    raw.map(|t| t.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned).collect()).unwrap_or_default()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentsQuery {
+    pool: Option<String>,
+    tag: Option<String>,
+    service: Option<String>,
+    language: Option<String>,
+    status: Option<String>,
+    q: Option<String>,
+    cursor: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list_agents(
+    State(state): State<AppState>,
+    q: Result<Query<AgentsQuery>, QueryRejection>,
+) -> ApiResult<Page<AgentView>> {
+    let q = query_params(q)?;
+    let filter = AgentFilter {
+        pool: q.pool,
+        tags: tags(q.tag.as_deref()),
+        service: q.service,
+        language: q.language,
+        status: q.status,
+        text: q.q,
+    };
+    Ok(Json(query::list_agents(&state.registry, &filter, q.cursor.as_deref(), q.limit)?))
+}
+
+async fn get_agent(State(state): State<AppState>, Path(agent_id): Path<String>) -> ApiResult<AgentView> {
+    let id = periscope_protocol::AgentId::parse(&agent_id).map_err(|e| ApiError::invalid(format!("agent_id: {e}")))?;
+    state.registry.with(&id, |a| a.view()).map(Json).ok_or_else(|| ApiError::not_found(format!("no agent `{id}`")))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SourcesQuery {
+    agent_id: Option<String>,
+    pool: Option<String>,
+    tag: Option<String>,
+    file: Option<String>,
+    name: Option<String>,
+    q: Option<String>,
+    include_offline: Option<bool>,
+    cursor: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list_sources(
+    State(state): State<AppState>,
+    q: Result<Query<SourcesQuery>, QueryRejection>,
+) -> ApiResult<Page<SourceView>> {
+    let q = query_params(q)?;
+    let filter = SourceFilter {
+        agent_id: q.agent_id,
+        pool: q.pool,
+        tags: tags(q.tag.as_deref()),
+        file: q.file,
+        name: q.name,
+        text: q.q,
+        include_offline: q.include_offline.unwrap_or(false),
+    };
+    Ok(Json(query::list_sources(&state.registry, &filter, q.cursor.as_deref(), q.limit)?))
+}
+
+/// Body of `POST /api/v1/actions`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlaceBody {
+    /// `snapshot` (logs and metrics arrive with their issue).
+    #[serde(default = "snapshot_kind")]
+    pub kind: String,
+    /// Target agents by id.
+    #[serde(default)]
+    pub agent_ids: Vec<String>,
+    /// Target pool.
+    pub pool: Option<String>,
+    /// Target tags.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// File path or suffix.
+    pub file: String,
+    /// Line.
+    pub line: u32,
+    /// Condition expression.
+    pub condition: Option<String>,
+    /// Watch expressions.
+    #[serde(default)]
+    pub watch: Vec<String>,
+    /// Hits to collect (default 1, max 50).
+    pub max_hits: Option<u32>,
+    /// Seconds the action stays live (default 3600, max 86400).
+    pub expire_seconds: Option<u64>,
+    /// Capture a native backtrace.
+    #[serde(default)]
+    pub backtrace: bool,
+    /// Accept a location no agent has reported yet.
+    #[serde(default)]
+    pub allow_pending: bool,
+}
+
+fn snapshot_kind() -> String {
+    "snapshot".into()
+}
+
+async fn place_action(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    body: Result<Json<PlaceBody>, JsonRejection>,
+) -> Result<(axum::http::StatusCode, Json<ActionView>), ApiError> {
+    let Json(body) = body.map_err(|e| ApiError::invalid(format!("request body: {}", e.body_text())))?;
+    match body.kind.as_str() {
+        "snapshot" => {}
+        "log" | "metric" => {
+            return Err(ApiError::new(
+                crate::error::ErrorCode::NotAvailable,
+                format!("`{}` actions are not available in this broker version yet; snapshots are", body.kind),
+            ));
+        }
+        other => {
+            return Err(ApiError::invalid(format!("kind `{other}` must be one of snapshot, log, metric")));
+        }
+    }
+    let req = SnapshotRequest {
+        agent_ids: body.agent_ids,
+        pool: body.pool,
+        tags: body.tags,
+        file: body.file,
+        line: body.line,
+        condition: body.condition,
+        watch: body.watch,
+        max_hits: body.max_hits,
+        expire_seconds: body.expire_seconds,
+        backtrace: body.backtrace,
+        allow_pending: body.allow_pending,
+    };
+    let view = state.engine.place_snapshot(req, &principal.name)?;
+    Ok((axum::http::StatusCode::CREATED, Json(view)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionsQuery {
+    status: Option<String>,
+    target: Option<String>,
+    created_by: Option<String>,
+}
+
+async fn list_actions(
+    State(state): State<AppState>,
+    q: Result<Query<ActionsQuery>, QueryRejection>,
+) -> ApiResult<serde_json::Value> {
+    let q = query_params(q)?;
+    let status = match q.status.as_deref() {
+        None => None,
+        Some(s) => Some(ActionStatus::parse(s).ok_or_else(|| {
+            ApiError::invalid(format!("status `{s}` must be one of active, completed, expired, removed"))
+        })?),
+    };
+    let actions = state.engine.list(&ActionFilter { status, target: q.target, created_by: q.created_by });
+    Ok(Json(serde_json::json!({ "items": actions })))
+}
+
+async fn get_action(State(state): State<AppState>, Path(action_id): Path<String>) -> ApiResult<ActionView> {
+    Ok(Json(state.engine.get(&action_id)?))
+}
+
+async fn remove_action(State(state): State<AppState>, Path(action_id): Path<String>) -> ApiResult<ActionView> {
+    Ok(Json(state.engine.remove(&action_id)?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HitsQuery {
+    since: Option<u64>,
+    limit: Option<usize>,
+    wait_seconds: Option<u64>,
+}
+
+async fn get_hits(
+    State(state): State<AppState>,
+    Path(action_id): Path<String>,
+    q: Result<Query<HitsQuery>, QueryRejection>,
+) -> ApiResult<HitsPage> {
+    let q = query_params(q)?;
+    let limit = q.limit.unwrap_or(action_bounds::MAX_MAX_HITS as usize);
+    if !(1..=query::MAX_PAGE).contains(&limit) {
+        return Err(ApiError::invalid(format!("limit is {limit}; allowed range is 1..={}", query::MAX_PAGE)));
+    }
+    let since = q.since.unwrap_or(0);
+    match q.wait_seconds {
+        None | Some(0) => Ok(Json(state.engine.hits(&action_id, since, limit)?)),
+        Some(w) if w <= action_bounds::MAX_WAIT_SECS => {
+            Ok(Json(state.engine.wait_hits(&action_id, since, limit, Duration::from_secs(w)).await?))
+        }
+        Some(w) => Err(ApiError::invalid(format!(
+            "wait_seconds is {w}; allowed range is 0..={}",
+            action_bounds::MAX_WAIT_SECS
+        ))),
+    }
+}

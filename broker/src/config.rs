@@ -1,0 +1,287 @@
+//! Broker configuration: one TOML file plus command-line flags, validated on start with
+//! errors that name the key and the problem.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use periscope_protocol::{AgentQuotas, CaptureLimits};
+use serde::{Deserialize, Serialize};
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML does not parse or does not fit the schema.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file (or `<inline>`).
+        path: String,
+        /// The parser's message, which names the key and position.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("`{key}`: {message}")]
+    Invalid {
+        /// Dotted key path, e.g. `limits.max_depth`.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// An API key accepted on the REST API and the MCP endpoint (until the key store lands,
+/// keys come from here and from `periscope demo`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// Who uses the key; shown as the creator of actions and in the audit trail.
+    pub name: String,
+    /// The secret.
+    pub key: String,
+}
+
+/// A key agents register with.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentKeyConfig {
+    /// The secret.
+    pub key: String,
+    /// Pools the key may register into; `["*"]` (the default) for any.
+    #[serde(default = "any_pool")]
+    pub pools: Vec<String>,
+}
+
+fn any_pool() -> Vec<String> {
+    vec!["*".into()]
+}
+
+impl AgentKeyConfig {
+    /// Whether the key lets an agent register into `pool`.
+    pub fn allows_pool(&self, pool: &str) -> bool {
+        self.pools.iter().any(|p| p == "*" || p == pool)
+    }
+}
+
+/// Agent connection settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentSettings {
+    /// How often agents send heartbeats.
+    pub heartbeat_interval_secs: u64,
+    /// How often the broker pings each agent socket (Sidekick: 60 s).
+    pub ping_interval_secs: u64,
+    /// How long a ping may go unanswered before the socket is closed (Sidekick: 10 s).
+    pub ping_timeout_secs: u64,
+    /// How long a new socket may take to register (Sidekick: 5 s).
+    pub registration_timeout_secs: u64,
+    /// How long agents that went away stay listed as offline.
+    pub offline_retention_secs: u64,
+    /// Catalog entries kept per agent; beyond this, new locations are ignored.
+    pub max_catalog_entries: usize,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        AgentSettings {
+            heartbeat_interval_secs: 30,
+            ping_interval_secs: 60,
+            ping_timeout_secs: 10,
+            registration_timeout_secs: 5,
+            offline_retention_secs: 3_600,
+            max_catalog_entries: 20_000,
+        }
+    }
+}
+
+/// Limits on what the broker keeps.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSettings {
+    /// Ended actions kept (with their hits) before the oldest are forgotten.
+    pub max_ended_actions: usize,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        StoreSettings { max_ended_actions: 1_000 }
+    }
+}
+
+/// The whole broker configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Base URL clients use to reach the broker (for links and OAuth metadata);
+    /// defaults to `http://<listen>`.
+    pub public_url: Option<String>,
+    /// API keys for REST and MCP callers.
+    pub api_keys: Vec<ApiKeyConfig>,
+    /// Keys agents register with.
+    pub agent_keys: Vec<AgentKeyConfig>,
+    /// Capture limits applied by agents and re-applied by the broker.
+    pub limits: CaptureLimits,
+    /// Budgets sent to agents.
+    pub quotas: AgentQuotas,
+    /// Agent connection settings.
+    pub agents: AgentSettings,
+    /// Retention.
+    pub store: StoreSettings,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            public_url: None,
+            api_keys: Vec::new(),
+            agent_keys: Vec::new(),
+            limits: CaptureLimits::default(),
+            quotas: AgentQuotas::default(),
+            agents: AgentSettings::default(),
+            store: StoreSettings::default(),
+        }
+    }
+}
+
+impl BrokerConfig {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<BrokerConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let config = Self::from_toml(&text, &path.display().to_string())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML (without validating); `origin` names the source in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<BrokerConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: origin.to_owned(), message: e.to_string() })
+    }
+
+    /// Checks ranges and consistency.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.limits
+            .validate()
+            .map_err(|e| ConfigError::Invalid { key: format!("limits.{}", e.name), message: e.to_string() })?;
+        let q = &self.quotas;
+        for (key, v) in [
+            ("quotas.snapshot_hits_per_sec_per_action", q.snapshot_hits_per_sec_per_action),
+            ("quotas.snapshot_hits_per_sec", q.snapshot_hits_per_sec),
+            ("quotas.log_lines_per_sec", q.log_lines_per_sec),
+            ("quotas.log_bytes_per_sec", q.log_bytes_per_sec),
+            ("quotas.log_burst_factor", q.log_burst_factor),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(ConfigError::Invalid {
+                    key: key.into(),
+                    message: format!("{v} must be a positive number"),
+                });
+            }
+        }
+        if !(q.cpu_fraction.is_finite() && q.cpu_fraction > 0.0 && q.cpu_fraction <= 0.5) {
+            return Err(ConfigError::Invalid {
+                key: "quotas.cpu_fraction".into(),
+                message: format!("{} must be in (0, 0.5]", q.cpu_fraction),
+            });
+        }
+        let a = &self.agents;
+        for (key, v, min, max) in [
+            ("agents.heartbeat_interval_secs", a.heartbeat_interval_secs, 1, 300),
+            ("agents.ping_interval_secs", a.ping_interval_secs, 1, 600),
+            ("agents.ping_timeout_secs", a.ping_timeout_secs, 1, 120),
+            ("agents.registration_timeout_secs", a.registration_timeout_secs, 1, 60),
+            ("agents.offline_retention_secs", a.offline_retention_secs, 0, 30 * 86_400),
+        ] {
+            if v < min || v > max {
+                return Err(ConfigError::Invalid { key: key.into(), message: format!("{v} is outside {min}..={max}") });
+            }
+        }
+        for (i, k) in self.api_keys.iter().enumerate() {
+            check_secret(&format!("api_keys[{i}].key"), &k.key)?;
+            if k.name.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: format!("api_keys[{i}].name"),
+                    message: "must not be empty".into(),
+                });
+            }
+        }
+        for (i, k) in self.agent_keys.iter().enumerate() {
+            check_secret(&format!("agent_keys[{i}].key"), &k.key)?;
+            if k.pools.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: format!("agent_keys[{i}].pools"),
+                    message: "must list at least one pool (or \"*\")".into(),
+                });
+            }
+        }
+        if let Some(url) = &self.public_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::Invalid {
+                    key: "public_url".into(),
+                    message: format!("`{url}` must start with http:// or https://"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The URL clients reach the broker at.
+    pub fn public_url(&self, bound: SocketAddr) -> String {
+        self.public_url.clone().unwrap_or_else(|| format!("http://{bound}")).trim_end_matches('/').to_owned()
+    }
+
+    /// Ping interval as a duration.
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_secs(self.agents.ping_interval_secs)
+    }
+}
+
+fn check_secret(key: &str, secret: &str) -> Result<(), ConfigError> {
+    if secret.len() < 16 || secret.len() > 256 || !secret.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::Invalid {
+            key: key.into(),
+            message: "must be 16 to 256 printable ASCII characters without spaces".into(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_key_is_named_with_its_position() {
+        let err = BrokerConfig::from_toml("listen = \"127.0.0.1:1\"\nlisen = 3\n", "x.toml").unwrap_err();
+        assert!(err.to_string().contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_limits_name_their_key() {
+        let c = BrokerConfig::from_toml("[limits]\nmax_depth = 40\n", "x").unwrap();
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().starts_with("`limits.max_depth`"), "{err}");
+    }
+
+    #[test]
+    fn short_secrets_are_refused() {
+        let c = BrokerConfig::from_toml("[[api_keys]]\nname = \"a\"\nkey = \"short\"\n", "x").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("api_keys[0].key"));
+    }
+
+    #[test]
+    fn the_default_config_is_valid() {
+        BrokerConfig::default().validate().unwrap();
+    }
+}

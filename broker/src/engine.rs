@@ -1,0 +1,929 @@
+//! The action engine: placing actions, keeping agents in sync with them, collecting
+//! hits, and ending actions (by hit count, expiry, removal).
+//!
+//! All action state lives in one mutex-protected book, never held across an `.await`.
+//! Callers that wait for hits take a `watch` receiver under the lock and wait outside.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use periscope_protocol::limits::action_bounds;
+use periscope_protocol::{
+    ActionId, ActionKind, ActionSpec, AgentActionState, AgentId, BrokerMessage, CaptureLimits, CatalogEntry, Hit,
+    HitId, Location, SnapshotSpec,
+};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::error::{ApiError, ErrorCode};
+use crate::registry::{AgentRecord, Registry};
+use crate::time::now_ms;
+
+/// Live actions one caller may hold at once (keeps one runaway assistant from filling
+/// every agent).
+pub const MAX_LIVE_ACTIONS_PER_CALLER: usize = 20;
+
+/// Whom an action is aimed at, as the caller said it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Target {
+    /// Exact agents.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub agent_ids: Vec<AgentId>,
+    /// A pool (with `tags`, agents in the pool carrying every tag).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Tags every targeted agent must carry.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+}
+
+impl Target {
+    /// Whether an agent is aimed at. Agents named by id are always; pool/tag targets also
+    /// reach agents that register later.
+    pub fn includes(&self, agent: &AgentRecord) -> bool {
+        if !self.agent_ids.is_empty() {
+            return self.agent_ids.contains(&agent.info.agent_id);
+        }
+        agent.matches(self.pool.as_deref(), &self.tags)
+    }
+}
+
+/// A snapshot as a caller asks for it (REST and MCP both build one).
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotRequest {
+    /// Agents by id (strings from the caller, validated here).
+    pub agent_ids: Vec<String>,
+    /// Pool to target.
+    pub pool: Option<String>,
+    /// Tags to target.
+    pub tags: Vec<String>,
+    /// File path or suffix.
+    pub file: String,
+    /// Line.
+    pub line: u32,
+    /// Condition expression.
+    pub condition: Option<String>,
+    /// Watch expressions.
+    pub watch: Vec<String>,
+    /// Hits to collect (default 1, max 50).
+    pub max_hits: Option<u32>,
+    /// Seconds the action stays live (default 3600, max 86400).
+    pub expire_seconds: Option<u64>,
+    /// Capture a native backtrace too.
+    pub backtrace: bool,
+    /// Accept a location no target agent has reported yet (code that has not run).
+    pub allow_pending: bool,
+}
+
+/// Where an action stands overall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionStatus {
+    /// Installed or waiting to be, collecting hits.
+    Active,
+    /// Collected all its hits.
+    Completed,
+    /// Reached its expiry.
+    Expired,
+    /// Removed by a caller.
+    Removed,
+}
+
+impl ActionStatus {
+    /// Parses a status filter.
+    pub fn parse(s: &str) -> Option<ActionStatus> {
+        match s {
+            "active" => Some(ActionStatus::Active),
+            "completed" => Some(ActionStatus::Completed),
+            "expired" => Some(ActionStatus::Expired),
+            "removed" => Some(ActionStatus::Removed),
+            _ => None,
+        }
+    }
+}
+
+/// One agent's view of an action.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentActionView {
+    /// The agent.
+    pub agent_id: AgentId,
+    /// Its display name.
+    pub display_name: String,
+    /// `pending`, `installed`, `error`, `paused`, `completed`, `eval_error`, `offline`.
+    pub state: String,
+    /// Why (errors, pauses), or what (callsites installed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Pause reason code (`quota_cpu`, `rate_limited`, ...), while paused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pause_reason: Option<String>,
+    /// When this state was reported (Unix ms).
+    pub updated_at_ms: u64,
+}
+
+/// A hit as stored and returned.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoredHit {
+    /// The hit's id.
+    pub hit_id: HitId,
+    /// 1-based position in the action's hits; `since` cursors refer to it.
+    pub index: u64,
+    /// The agent that sent it.
+    pub agent_id: AgentId,
+    /// That agent's display name.
+    pub agent_name: String,
+    /// When the broker accepted it (Unix ms).
+    pub received_at_ms: u64,
+    /// The hit, truncated and redacted by the broker.
+    #[serde(flatten)]
+    pub hit: Hit,
+}
+
+/// An action with everything the broker knows about it.
+#[derive(Debug)]
+pub struct Action {
+    /// What agents run.
+    pub spec: ActionSpec,
+    /// Whom it aims at.
+    pub target: Target,
+    /// Who placed it.
+    pub created_by: String,
+    /// When (Unix ms).
+    pub created_at_ms: u64,
+    /// Overall state.
+    pub status: ActionStatus,
+    /// When it ended (Unix ms).
+    pub ended_at_ms: Option<u64>,
+    /// Why it ended.
+    pub end_reason: Option<String>,
+    /// Per-agent state.
+    pub agents: BTreeMap<AgentId, AgentActionView>,
+    /// Hits, in arrival order.
+    pub hits: Vec<StoredHit>,
+    /// Hits refused because the action already had its hits or had ended.
+    pub hits_refused: u64,
+    /// Set when it was placed on a location no agent had reported yet.
+    pub pending_note: Option<String>,
+    changed: watch::Sender<u64>,
+}
+
+impl Action {
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    fn max_hits(&self) -> u32 {
+        match &self.spec.kind {
+            ActionKind::Snapshot(s) => s.max_hits,
+            _ => 0,
+        }
+    }
+
+    /// The serializable summary.
+    pub fn view(&self) -> ActionView {
+        let (watch, backtrace) = match &self.spec.kind {
+            ActionKind::Snapshot(s) => (s.watch.clone(), s.backtrace),
+            _ => (Vec::new(), false),
+        };
+        ActionView {
+            action_id: self.spec.id.clone(),
+            kind: self.spec.kind.name(),
+            status: self.status,
+            location: self.spec.location.clone(),
+            condition: self.spec.condition.clone(),
+            watch,
+            backtrace,
+            max_hits: self.max_hits(),
+            hits: self.hits.len() as u64,
+            hits_refused: self.hits_refused,
+            created_by: self.created_by.clone(),
+            created_at_ms: self.created_at_ms,
+            expires_at_ms: self.spec.expires_at_ms,
+            ended_at_ms: self.ended_at_ms,
+            end_reason: self.end_reason.clone(),
+            target: self.target.clone(),
+            agents: self.agents.values().cloned().collect(),
+            pending_note: self.pending_note.clone(),
+        }
+    }
+}
+
+/// The serializable summary of an action.
+#[derive(Debug, Clone, Serialize)]
+pub struct ActionView {
+    /// The action's id: the handle for `get_action` and `remove_action`.
+    pub action_id: ActionId,
+    /// `snapshot`, `log` or `metric`.
+    pub kind: &'static str,
+    /// Overall state.
+    pub status: ActionStatus,
+    /// Where.
+    pub location: Location,
+    /// Condition, when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub condition: Option<String>,
+    /// Watch expressions.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub watch: Vec<String>,
+    /// Whether hits carry a native backtrace.
+    pub backtrace: bool,
+    /// Hits to collect.
+    pub max_hits: u32,
+    /// Hits collected.
+    pub hits: u64,
+    /// Hits refused (beyond `max_hits`, after the end).
+    pub hits_refused: u64,
+    /// Who placed it.
+    pub created_by: String,
+    /// When (Unix ms).
+    pub created_at_ms: u64,
+    /// When it expires (Unix ms).
+    pub expires_at_ms: u64,
+    /// When it ended (Unix ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended_at_ms: Option<u64>,
+    /// Why it ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub end_reason: Option<String>,
+    /// Target as given.
+    pub target: Target,
+    /// Per-agent state.
+    pub agents: Vec<AgentActionView>,
+    /// Why the location is pending, when it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pending_note: Option<String>,
+}
+
+/// A page of hits after a cursor.
+#[derive(Debug, Clone, Serialize)]
+pub struct HitsPage {
+    /// Hits with `index > since`, oldest first.
+    pub hits: Vec<StoredHit>,
+    /// Pass as `since` to get only newer hits.
+    pub next_cursor: u64,
+    /// More hits are stored after this page.
+    pub has_more: bool,
+}
+
+/// Filters for listing actions.
+#[derive(Debug, Clone, Default)]
+pub struct ActionFilter {
+    /// Only this status.
+    pub status: Option<ActionStatus>,
+    /// Only actions whose target includes this agent id, pool or tag.
+    pub target: Option<String>,
+    /// Only actions placed by this caller.
+    pub created_by: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Book {
+    actions: HashMap<ActionId, Action>,
+    /// Ended actions, oldest first, for bounded retention.
+    ended: VecDeque<ActionId>,
+}
+
+/// The action engine.
+#[derive(Debug)]
+pub struct Engine {
+    registry: Arc<Registry>,
+    shutdown: watch::Receiver<bool>,
+    limits: CaptureLimits,
+    max_ended: usize,
+    book: Mutex<Book>,
+}
+
+/// What a location lookup over a set of agents found.
+enum LocationMatch {
+    /// At least one callsite at this file and line.
+    Found,
+    /// The file is known but not the line; nearest known locations in it.
+    Nearest(Vec<CatalogEntry>),
+    /// No target agent has reported the file; some known files that look alike.
+    UnknownFile(Vec<String>),
+    /// The suffix matches several different files.
+    Ambiguous(Vec<String>),
+}
+
+impl Engine {
+    /// An engine over a registry.
+    pub fn new(
+        registry: Arc<Registry>,
+        limits: CaptureLimits,
+        max_ended: usize,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Engine { registry, shutdown, limits, max_ended, book: Mutex::new(Book::default()) }
+    }
+
+    fn book(&self) -> MutexGuard<'_, Book> {
+        // The book is only mutated in short, panic-free sections; a poisoned lock still
+        // holds consistent data.
+        self.book.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The capture limits the broker applies.
+    pub fn limits(&self) -> &CaptureLimits {
+        &self.limits
+    }
+
+    /// Validates and places a snapshot; returns its view.
+    pub fn place_snapshot(&self, req: SnapshotRequest, caller: &str) -> Result<ActionView, ApiError> {
+        let max_hits = req.max_hits.unwrap_or(action_bounds::DEFAULT_MAX_HITS);
+        if !(1..=action_bounds::MAX_MAX_HITS).contains(&max_hits) {
+            return Err(ApiError::invalid(format!(
+                "max_hits is {max_hits}; allowed range is 1..={} (default {})",
+                action_bounds::MAX_MAX_HITS,
+                action_bounds::DEFAULT_MAX_HITS
+            ))
+            .with_details(serde_json::json!({"field": "max_hits", "min": 1, "max": action_bounds::MAX_MAX_HITS})));
+        }
+        let expire = req.expire_seconds.unwrap_or(action_bounds::DEFAULT_EXPIRE_SECS);
+        if !(1..=action_bounds::MAX_EXPIRE_SECS).contains(&expire) {
+            return Err(ApiError::invalid(format!(
+                "expire_seconds is {expire}; allowed range is 1..={} (default {})",
+                action_bounds::MAX_EXPIRE_SECS,
+                action_bounds::DEFAULT_EXPIRE_SECS
+            ))
+            .with_details(
+                serde_json::json!({"field": "expire_seconds", "min": 1, "max": action_bounds::MAX_EXPIRE_SECS}),
+            ));
+        }
+        let (file, line) = validate_location(&req.file, req.line)?;
+        if req.condition.as_deref().is_some_and(|c| !c.trim().is_empty()) {
+            return Err(ApiError::new(
+                ErrorCode::NotAvailable,
+                "conditions are not available in this broker version yet; place the snapshot without `condition` \
+                 and filter the hits yourself",
+            ));
+        }
+        if !req.watch.is_empty() {
+            return Err(ApiError::new(
+                ErrorCode::NotAvailable,
+                "watch expressions are not available in this broker version yet; the hit's fields and span stack \
+                 already carry every value at the location",
+            ));
+        }
+        let target = self.resolve_target(&req.agent_ids, req.pool.as_deref(), &req.tags)?;
+        let agents = self.matching_agents(&target);
+        if agents.is_empty() {
+            return Err(self.no_matching_agents(&target));
+        }
+        let location = Location { file, line };
+        let pending_note = match self.find_location(&agents, &location) {
+            LocationMatch::Found => None,
+            LocationMatch::Ambiguous(files) => {
+                return Err(ApiError::invalid(format!(
+                    "file `{}` matches several files: {}; give more of the path",
+                    location.file,
+                    files.join(", ")
+                ))
+                .with_details(serde_json::json!({ "candidates": files })));
+            }
+            LocationMatch::Nearest(nearest) if !req.allow_pending => {
+                return Err(no_such_location(&location, nearest));
+            }
+            LocationMatch::UnknownFile(files) if !req.allow_pending => {
+                return Err(ApiError::new(
+                    ErrorCode::NoSuchLocation,
+                    format!(
+                        "no target agent has reported any location in a file matching `{}`; use list_sources to \
+                         find inspectable locations, or pass allow_pending=true if that code has simply not run yet",
+                        location.file
+                    ),
+                )
+                .with_details(serde_json::json!({ "similar_files": files, "nearest": [] })));
+            }
+            LocationMatch::Nearest(_) | LocationMatch::UnknownFile(_) => Some(format!(
+                "no target agent has seen code run at {location} yet; the snapshot is armed and will fire once a \
+                 callsite there registers"
+            )),
+        };
+        let spec = ActionSpec {
+            id: ActionId::generate(),
+            location,
+            condition: None,
+            expires_at_ms: now_ms() + expire * 1_000,
+            kind: ActionKind::Snapshot(SnapshotSpec { max_hits, watch: Vec::new(), backtrace: req.backtrace }),
+        };
+        self.insert(spec, target, caller, pending_note, agents)
+    }
+
+    fn insert(
+        &self,
+        spec: ActionSpec,
+        target: Target,
+        caller: &str,
+        pending_note: Option<String>,
+        agents: Vec<(AgentId, String)>,
+    ) -> Result<ActionView, ApiError> {
+        let now = now_ms();
+        let mut book = self.book();
+        let live = book.actions.values().filter(|a| a.status == ActionStatus::Active && a.created_by == caller).count();
+        if live >= MAX_LIVE_ACTIONS_PER_CALLER {
+            return Err(ApiError::new(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "you already have {live} live actions (the limit is {MAX_LIVE_ACTIONS_PER_CALLER}); remove one \
+                     with remove_action or wait for one to complete or expire"
+                ),
+            )
+            .with_details(serde_json::json!({ "quota": "live_actions", "limit": MAX_LIVE_ACTIONS_PER_CALLER })));
+        }
+        let mut statuses = BTreeMap::new();
+        for (agent_id, name) in &agents {
+            statuses.insert(
+                agent_id.clone(),
+                AgentActionView {
+                    agent_id: agent_id.clone(),
+                    display_name: name.clone(),
+                    state: "pending".into(),
+                    detail: None,
+                    pause_reason: None,
+                    updated_at_ms: now,
+                },
+            );
+        }
+        let action = Action {
+            spec: spec.clone(),
+            target,
+            created_by: caller.to_owned(),
+            created_at_ms: now,
+            status: ActionStatus::Active,
+            ended_at_ms: None,
+            end_reason: None,
+            agents: statuses,
+            hits: Vec::new(),
+            hits_refused: 0,
+            pending_note,
+            changed: watch::channel(0).0,
+        };
+        let view = action.view();
+        book.actions.insert(spec.id.clone(), action);
+        drop(book);
+        for (agent_id, _) in agents {
+            self.registry.send(&agent_id, BrokerMessage::ActionAdd { action: spec.clone() });
+        }
+        tracing::info!(action = %spec.id, location = %spec.location, caller, "action placed");
+        Ok(view)
+    }
+
+    fn resolve_target(&self, agent_ids: &[String], pool: Option<&str>, tags: &[String]) -> Result<Target, ApiError> {
+        let pool = pool.map(str::trim).filter(|p| !p.is_empty());
+        if agent_ids.is_empty() && pool.is_none() && tags.is_empty() {
+            return Err(ApiError::invalid(
+                "say which agents to target: `agent_ids`, or `pool` (optionally with `tags`), or `tags`; \
+                 list_agents shows what is connected",
+            ));
+        }
+        if !agent_ids.is_empty() && (pool.is_some() || !tags.is_empty()) {
+            return Err(ApiError::invalid("give either `agent_ids` or `pool`/`tags`, not both"));
+        }
+        if agent_ids.len() > 100 || tags.len() > 32 {
+            return Err(ApiError::invalid("at most 100 agent ids and 32 tags per target"));
+        }
+        let mut ids = Vec::with_capacity(agent_ids.len());
+        for raw in agent_ids {
+            let id = AgentId::parse(raw.trim()).map_err(|e| ApiError::invalid(format!("agent_ids: {e}")))?;
+            if self.registry.with(&id, |_| ()).is_none() {
+                return Err(ApiError::not_found(format!("no agent `{id}` is known; list_agents shows the agents")));
+            }
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        Ok(Target { agent_ids: ids, pool: pool.map(str::to_owned), tags: tags.to_vec() })
+    }
+
+    /// Online agents the target includes, with display names.
+    fn matching_agents(&self, target: &Target) -> Vec<(AgentId, String)> {
+        let mut out = Vec::new();
+        self.registry.for_each(|a| {
+            if a.online() && target.includes(a) {
+                out.push((a.info.agent_id.clone(), a.info.display_name.clone()));
+            }
+        });
+        out.sort();
+        out
+    }
+
+    fn no_matching_agents(&self, target: &Target) -> ApiError {
+        let mut pools: BTreeMap<String, HashSet<String>> = BTreeMap::new();
+        self.registry.for_each(|a| {
+            if a.online() {
+                pools.entry(a.info.pool.clone()).or_default().extend(a.info.tags.iter().cloned());
+            }
+        });
+        let available: Vec<serde_json::Value> = pools
+            .into_iter()
+            .map(|(pool, tags)| {
+                let mut tags: Vec<String> = tags.into_iter().collect();
+                tags.sort();
+                serde_json::json!({ "pool": pool, "tags": tags })
+            })
+            .collect();
+        let what = if !target.agent_ids.is_empty() {
+            "none of the given agents is online".to_owned()
+        } else {
+            format!(
+                "no online agent is in pool {} with tags [{}]",
+                target.pool.as_deref().unwrap_or("(any)"),
+                target.tags.join(", ")
+            )
+        };
+        ApiError::new(ErrorCode::NoMatchingAgents, format!("{what}; list_agents shows who is connected"))
+            .with_details(serde_json::json!({ "online_pools": available }))
+    }
+
+    fn find_location(&self, agents: &[(AgentId, String)], location: &Location) -> LocationMatch {
+        let mut files: HashSet<String> = HashSet::new();
+        let mut in_file: Vec<CatalogEntry> = Vec::new();
+        let mut all_files: HashSet<String> = HashSet::new();
+        for (id, _) in agents {
+            let found = self.registry.with(id, |rec| {
+                let mut hit = false;
+                for e in rec.catalog.values() {
+                    all_files.insert(e.file.clone());
+                    if location.file_matches(&e.file) {
+                        files.insert(e.file.clone());
+                        if e.line == location.line {
+                            hit = true;
+                        }
+                        in_file.push(e.clone());
+                    }
+                }
+                hit
+            });
+            if found == Some(true) && files.len() <= 1 {
+                return LocationMatch::Found;
+            }
+        }
+        if files.len() > 1 {
+            let mut files: Vec<String> = files.into_iter().collect();
+            files.sort();
+            return LocationMatch::Ambiguous(files);
+        }
+        if in_file.iter().any(|e| e.line == location.line) {
+            return LocationMatch::Found;
+        }
+        if !in_file.is_empty() {
+            in_file.sort_by_key(|e| (e.line.abs_diff(location.line), e.line, e.kind));
+            in_file.dedup_by(|a, b| a.line == b.line && a.kind == b.kind && a.name == b.name);
+            in_file.truncate(5);
+            return LocationMatch::Nearest(in_file);
+        }
+        let base = location.file.rsplit(['/', '\\']).next().unwrap_or(&location.file).to_ascii_lowercase();
+        let stem = base.split('.').next().unwrap_or(&base).to_owned();
+        let mut similar: Vec<String> = all_files
+            .into_iter()
+            .filter(|f| {
+                let f = f.to_ascii_lowercase();
+                !stem.is_empty() && f.contains(&stem)
+            })
+            .collect();
+        similar.sort();
+        similar.truncate(10);
+        LocationMatch::UnknownFile(similar)
+    }
+
+    /// Live actions an agent should run: sent as an `ActionSync` when it registers. Pool
+    /// and tag targets reach agents that joined after the action was placed.
+    pub fn on_agent_registered(&self, agent_id: &AgentId) -> Vec<ActionSpec> {
+        let Some((pool, tags, name)) =
+            self.registry.with(agent_id, |r| (r.info.pool.clone(), r.info.tags.clone(), r.info.display_name.clone()))
+        else {
+            return Vec::new();
+        };
+        let now = now_ms();
+        let mut book = self.book();
+        let mut specs = Vec::new();
+        for action in book.actions.values_mut() {
+            if action.status != ActionStatus::Active {
+                continue;
+            }
+            let included = if action.target.agent_ids.is_empty() {
+                action.target.pool.as_deref().is_none_or(|p| p == pool)
+                    && action.target.tags.iter().all(|t| tags.contains(t))
+            } else {
+                action.target.agent_ids.contains(agent_id)
+            };
+            if !included {
+                continue;
+            }
+            specs.push(action.spec.clone());
+            let entry = action.agents.entry(agent_id.clone()).or_insert_with(|| AgentActionView {
+                agent_id: agent_id.clone(),
+                display_name: name.clone(),
+                state: "pending".into(),
+                detail: None,
+                pause_reason: None,
+                updated_at_ms: now,
+            });
+            if entry.state == "offline" {
+                entry.state = "pending".into();
+                entry.detail = None;
+                entry.updated_at_ms = now;
+            }
+            action.bump();
+        }
+        specs
+    }
+
+    /// Marks the agent offline in the actions it runs.
+    pub fn on_agent_disconnected(&self, agent_id: &AgentId) {
+        let now = now_ms();
+        let mut book = self.book();
+        for action in book.actions.values_mut() {
+            if action.status != ActionStatus::Active {
+                continue;
+            }
+            if let Some(a) = action.agents.get_mut(agent_id) {
+                a.state = "offline".into();
+                a.detail = Some("the agent disconnected; the action resumes when it reconnects".into());
+                a.updated_at_ms = now;
+                action.bump();
+            }
+        }
+    }
+
+    /// Records an action state reported by an agent.
+    pub fn on_status(&self, agent_id: &AgentId, action_id: &ActionId, state: AgentActionState) {
+        let now = now_ms();
+        let mut book = self.book();
+        let Some(action) = book.actions.get_mut(action_id) else { return };
+        let Some(entry) = action.agents.get_mut(agent_id) else { return };
+        let (label, detail, pause) = match state {
+            AgentActionState::Installed { callsites } => {
+                ("installed", Some(format!("armed on {callsites} callsite(s)")), None)
+            }
+            AgentActionState::Pending => {
+                ("pending", Some("armed; waiting for code at the location to run for the first time".into()), None)
+            }
+            AgentActionState::Error { reason } => ("error", Some(truncate(&reason)), None),
+            AgentActionState::Paused { reason, message } => {
+                ("paused", Some(truncate(&message)), Some(reason.as_str().to_owned()))
+            }
+            AgentActionState::Resumed => ("installed", Some("resumed".into()), None),
+            AgentActionState::Completed => ("completed", None, None),
+            AgentActionState::EvalError { reason } => ("eval_error", Some(truncate(&reason)), None),
+        };
+        entry.state = label.into();
+        entry.detail = detail;
+        entry.pause_reason = pause;
+        entry.updated_at_ms = now;
+        action.bump();
+    }
+
+    /// Accepts a hit from an agent: re-applies capture limits, stores it, and completes
+    /// the action when it has its hits. Returns whether the hit was kept.
+    pub fn ingest_hit(&self, agent_id: &AgentId, agent_name: &str, mut hit: Hit) -> bool {
+        // Never trust an agent: the same limits again (a no-op for honest agents).
+        hit.enforce_limits(&self.limits);
+        let mut book = self.book();
+        let Some(action) = book.actions.get_mut(&hit.action_id) else { return false };
+        let targeted = action.agents.contains_key(agent_id);
+        if !targeted || action.status != ActionStatus::Active || action.hits.len() as u32 >= action.max_hits() {
+            action.hits_refused += 1;
+            return false;
+        }
+        let index = action.hits.len() as u64 + 1;
+        action.hits.push(StoredHit {
+            hit_id: HitId::generate(),
+            index,
+            agent_id: agent_id.clone(),
+            agent_name: agent_name.to_owned(),
+            received_at_ms: now_ms(),
+            hit,
+        });
+        let complete = action.hits.len() as u32 >= action.max_hits();
+        let id = action.spec.id.clone();
+        if complete {
+            let agents = end(&mut book, &id, ActionStatus::Completed, "collected all its hits", self.max_ended);
+            drop(book);
+            self.notify_removed(&id, agents, "completed");
+        } else {
+            action.bump();
+        }
+        true
+    }
+
+    /// Removes an action on a caller's request.
+    pub fn remove(&self, action_id: &str) -> Result<ActionView, ApiError> {
+        let id = parse_action_id(action_id)?;
+        let mut book = self.book();
+        let Some(action) = book.actions.get(&id) else {
+            return Err(ApiError::not_found(format!("no action `{id}`; list_actions shows the actions")));
+        };
+        if action.status != ActionStatus::Active {
+            return Ok(action.view());
+        }
+        let agents = end(&mut book, &id, ActionStatus::Removed, "removed by a caller", self.max_ended);
+        let view = book.actions.get(&id).map(Action::view);
+        drop(book);
+        self.notify_removed(&id, agents, "removed");
+        view.ok_or_else(|| ApiError::not_found(format!("no action `{id}`")))
+    }
+
+    /// Ends actions past their expiry; run periodically.
+    pub fn expire_due(&self) {
+        let now = now_ms();
+        let mut book = self.book();
+        let due: Vec<ActionId> = book
+            .actions
+            .values()
+            .filter(|a| a.status == ActionStatus::Active && a.spec.expires_at_ms <= now)
+            .map(|a| a.spec.id.clone())
+            .collect();
+        let mut notify = Vec::new();
+        for id in due {
+            let agents = end(&mut book, &id, ActionStatus::Expired, "reached its expiry", self.max_ended);
+            notify.push((id, agents));
+        }
+        drop(book);
+        for (id, agents) in notify {
+            self.notify_removed(&id, agents, "expired");
+        }
+    }
+
+    fn notify_removed(&self, id: &ActionId, agents: Vec<AgentId>, reason: &str) {
+        for agent in agents {
+            self.registry.send(&agent, BrokerMessage::ActionRemove { action_id: id.clone(), reason: reason.into() });
+        }
+    }
+
+    /// One action's view.
+    pub fn get(&self, action_id: &str) -> Result<ActionView, ApiError> {
+        let id = parse_action_id(action_id)?;
+        self.book()
+            .actions
+            .get(&id)
+            .map(Action::view)
+            .ok_or_else(|| ApiError::not_found(format!("no action `{id}`; list_actions shows the actions")))
+    }
+
+    /// Hits after `since`, at most `limit`.
+    pub fn hits(&self, action_id: &str, since: u64, limit: usize) -> Result<HitsPage, ApiError> {
+        let id = parse_action_id(action_id)?;
+        let book = self.book();
+        let action = book.actions.get(&id).ok_or_else(|| ApiError::not_found(format!("no action `{id}`")))?;
+        Ok(page(action, since, limit))
+    }
+
+    /// Waits until the action has a hit after `since`, has ended, or `timeout` passes;
+    /// then returns the page.
+    pub async fn wait_hits(
+        &self,
+        action_id: &str,
+        since: u64,
+        limit: usize,
+        timeout: Duration,
+    ) -> Result<HitsPage, ApiError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        self.wait_until(action_id, deadline, |a| a.hits.len() as u64 > since).await?;
+        self.hits(action_id, since, limit)
+    }
+
+    /// Waits until `done(action)` holds, the action ends, or `deadline` passes; calls
+    /// `progress(hits, max_hits)` whenever the action changes.
+    pub async fn wait_until(
+        &self,
+        action_id: &str,
+        deadline: tokio::time::Instant,
+        done: impl Fn(&Action) -> bool,
+    ) -> Result<(), ApiError> {
+        self.wait_with_progress(action_id, deadline, done, |_, _| {}).await
+    }
+
+    /// [`Engine::wait_until`] with a progress callback.
+    pub async fn wait_with_progress(
+        &self,
+        action_id: &str,
+        deadline: tokio::time::Instant,
+        done: impl Fn(&Action) -> bool,
+        mut progress: impl FnMut(u64, u32),
+    ) -> Result<(), ApiError> {
+        let id = parse_action_id(action_id)?;
+        let mut last_hits = u64::MAX;
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            let mut rx = {
+                let book = self.book();
+                let action = book.actions.get(&id).ok_or_else(|| ApiError::not_found(format!("no action `{id}`")))?;
+                let hits = action.hits.len() as u64;
+                if hits != last_hits {
+                    progress(hits, action.max_hits());
+                    last_hits = hits;
+                }
+                if done(action) || action.status != ActionStatus::Active {
+                    return Ok(());
+                }
+                action.changed.subscribe()
+            };
+            tokio::select! {
+                changed = tokio::time::timeout_at(deadline, rx.changed()) => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                }
+                _ = shutdown.wait_for(|s| *s) => return Ok(()),
+            }
+        }
+    }
+
+    /// Actions matching a filter, newest first.
+    pub fn list(&self, filter: &ActionFilter) -> Vec<ActionView> {
+        let book = self.book();
+        let mut out: Vec<ActionView> = book
+            .actions
+            .values()
+            .filter(|a| filter.status.is_none_or(|s| a.status == s))
+            .filter(|a| filter.created_by.as_deref().is_none_or(|c| a.created_by == c))
+            .filter(|a| {
+                filter.target.as_deref().is_none_or(|t| {
+                    a.target.pool.as_deref() == Some(t)
+                        || a.target.tags.iter().any(|x| x == t)
+                        || a.target.agent_ids.iter().any(|x| x.as_str() == t)
+                        || AgentId::parse(t).is_ok_and(|id| a.agents.contains_key(&id))
+                })
+            })
+            .map(Action::view)
+            .collect();
+        out.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then_with(|| b.action_id.cmp(&a.action_id)));
+        out
+    }
+
+    /// Number of live actions.
+    pub fn live_count(&self) -> usize {
+        self.book().actions.values().filter(|a| a.status == ActionStatus::Active).count()
+    }
+}
+
+/// Ends an action; returns the agents to tell.
+fn end(book: &mut Book, id: &ActionId, status: ActionStatus, reason: &str, max_ended: usize) -> Vec<AgentId> {
+    let Some(action) = book.actions.get_mut(id) else { return Vec::new() };
+    action.status = status;
+    action.ended_at_ms = Some(now_ms());
+    action.end_reason = Some(reason.to_owned());
+    action.bump();
+    let agents = action.agents.keys().cloned().collect();
+    book.ended.push_back(id.clone());
+    while book.ended.len() > max_ended {
+        if let Some(old) = book.ended.pop_front() {
+            book.actions.remove(&old);
+        }
+    }
+    agents
+}
+
+fn page(action: &Action, since: u64, limit: usize) -> HitsPage {
+    let start = usize::try_from(since).unwrap_or(usize::MAX).min(action.hits.len());
+    let end = start.saturating_add(limit.max(1)).min(action.hits.len());
+    let hits = action.hits[start..end].to_vec();
+    HitsPage { next_cursor: end as u64, has_more: end < action.hits.len(), hits }
+}
+
+fn parse_action_id(raw: &str) -> Result<ActionId, ApiError> {
+    ActionId::parse(raw.trim()).map_err(|e| ApiError::invalid(format!("action_id: {e}")))
+}
+
+fn truncate(s: &str) -> String {
+    periscope_protocol::value::truncate_chars(s, 512).to_owned()
+}
+
+/// Longest file argument accepted.
+const MAX_FILE_LEN: usize = 1_024;
+
+fn validate_location(file: &str, line: u32) -> Result<(String, u32), ApiError> {
+    let file = file.trim();
+    if file.is_empty() || file.len() > MAX_FILE_LEN || file.chars().any(char::is_control) {
+        return Err(ApiError::invalid(format!(
+            "file must be a source path (or a suffix of one, like `src/orders.rs`) of 1 to {MAX_FILE_LEN} characters"
+        )));
+    }
+    if line == 0 {
+        return Err(ApiError::invalid("line must be 1 or more (lines are 1-based)"));
+    }
+    Ok((file.to_owned(), line))
+}
+
+fn no_such_location(location: &Location, nearest: Vec<CatalogEntry>) -> ApiError {
+    let list: Vec<String> =
+        nearest.iter().map(|e| format!("{}:{} ({} `{}`)", e.file, e.line, kind_word(e.kind), e.name)).collect();
+    ApiError::new(
+        ErrorCode::NoSuchLocation,
+        format!(
+            "no target agent has an inspectable location at {location}; nearest known: {}. Pick one of those, or pass \
+             allow_pending=true if code at that line has simply not run yet",
+            list.join("; ")
+        ),
+    )
+    .with_details(serde_json::json!({ "nearest": nearest }))
+}
+
+fn kind_word(kind: periscope_protocol::LocationKind) -> &'static str {
+    match kind {
+        periscope_protocol::LocationKind::Span => "span",
+        periscope_protocol::LocationKind::Event => "event",
+    }
+}

@@ -1,0 +1,124 @@
+//! Errors a caller can act on, shared by the REST API and the MCP tools.
+//!
+//! Each has a stable `code` (part of the public contract, see DESIGN.md), a sentence
+//! that says what to do next, and optional structured details (the nearest locations,
+//! when to retry). REST maps them to HTTP statuses; MCP returns them as tool results
+//! with `isError: true`.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+/// Stable error codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// Arguments are missing, malformed or out of range.
+    InvalidInput,
+    /// The named agent, action or hit does not exist (or is not visible to the caller).
+    NotFound,
+    /// No agent matches the target.
+    NoMatchingAgents,
+    /// The target agents do not know the location.
+    NoSuchLocation,
+    /// The caller's key lacks a scope.
+    InsufficientScope,
+    /// A quota is spent; retry later.
+    QuotaExceeded,
+    /// The action has ended by expiry.
+    Expired,
+    /// An agent reported it cannot run the action.
+    AgentError,
+    /// Missing or bad credentials.
+    Unauthorized,
+    /// The capability exists in the contract but is not available in this build.
+    NotAvailable,
+    /// Something broke inside the broker.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ErrorCode::InvalidInput => "invalid_input",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::NoMatchingAgents => "no_matching_agents",
+            ErrorCode::NoSuchLocation => "no_such_location",
+            ErrorCode::InsufficientScope => "insufficient_scope",
+            ErrorCode::QuotaExceeded => "quota_exceeded",
+            ErrorCode::Expired => "expired",
+            ErrorCode::AgentError => "agent_error",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::NotAvailable => "not_available",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            ErrorCode::InvalidInput => StatusCode::BAD_REQUEST,
+            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::NoMatchingAgents | ErrorCode::NoSuchLocation => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::InsufficientScope => StatusCode::FORBIDDEN,
+            ErrorCode::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::Expired => StatusCode::GONE,
+            ErrorCode::AgentError => StatusCode::BAD_GATEWAY,
+            ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::NotAvailable => StatusCode::NOT_IMPLEMENTED,
+            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// An error for a caller: code, message, details.
+#[derive(Debug, Clone, Serialize, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct ApiError {
+    /// Stable code.
+    pub code: ErrorCode,
+    /// What went wrong and what to do next.
+    pub message: String,
+    /// Structured details (nearest locations, retry time, allowed range).
+    #[serde(skip_serializing_if = "serde_json::Value::is_null")]
+    pub details: serde_json::Value,
+}
+
+impl ApiError {
+    /// An error without details.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError { code, message: message.into(), details: serde_json::Value::Null }
+    }
+
+    /// Adds structured details.
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.details = details;
+        self
+    }
+
+    /// `invalid_input`.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidInput, message)
+    }
+
+    /// `not_found`.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::NotFound, message)
+    }
+
+    /// The JSON body both REST and MCP return.
+    pub fn body(&self) -> serde_json::Value {
+        let mut body = serde_json::json!({ "error": { "code": self.code.as_str(), "message": self.message } });
+        if !self.details.is_null() {
+            body["error"]["details"] = self.details.clone();
+        }
+        body
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.code.status(), axum::Json(self.body())).into_response()
+    }
+}

@@ -1,0 +1,178 @@
+//! Periscope's broker: the agent gateway, the action engine, the REST API (and the
+//! MCP server), and the `periscope` command.
+//!
+//! [`run`] serves everything on one listener until a shutdown future resolves; the
+//! binary and the tests both call it (tests on `127.0.0.1:0`).
+//!
+//! # Layout
+//!
+//! - [`config`]: [`BrokerConfig`] from TOML and flags, validated.
+//! - [`gateway`]: `GET /agents`, the agent WebSocket sessions.
+//! - [`registry`]: connected and recently gone agents, their catalogs.
+//! - [`engine`]: actions, hits, waiting, completion and expiry.
+//! - [`query`]: listing agents and sources with filters and pagination.
+//! - [`api`]: the REST API under `/api/v1`.
+//! - [`auth`]: API-key authentication middleware.
+//! - [`error`]: the error codes callers see.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod gateway;
+pub mod query;
+pub mod registry;
+pub mod time;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use config::BrokerConfig;
+
+use crate::auth::{Principal, secret_eq};
+use crate::engine::Engine;
+use crate::registry::Registry;
+
+/// Everything request handlers share.
+#[derive(Debug)]
+pub struct BrokerState {
+    /// The validated configuration.
+    pub config: BrokerConfig,
+    /// Agents.
+    pub registry: Arc<Registry>,
+    /// Actions and hits.
+    pub engine: Engine,
+    /// Flips to true when the broker shuts down; sessions and long polls watch it.
+    pub shutdown: watch::Receiver<bool>,
+    /// The address actually bound (port 0 resolved).
+    pub bound: SocketAddr,
+}
+
+/// Shared state as handlers receive it.
+pub type AppState = Arc<BrokerState>;
+
+impl BrokerState {
+    /// The principal an API key belongs to.
+    pub fn api_principal(&self, token: &str) -> Option<Principal> {
+        let mut found = None;
+        // Compare against every key so timing does not reveal which one matched.
+        for k in &self.config.api_keys {
+            if secret_eq(&k.key, token) {
+                found = Some(Principal { name: k.name.clone() });
+            }
+        }
+        found
+    }
+
+    /// Pools an agent key may register into.
+    pub fn agent_pools(&self, token: &str) -> Option<Vec<String>> {
+        let mut found = None;
+        for k in &self.config.agent_keys {
+            if secret_eq(&k.key, token) {
+                found = Some(k.pools.clone());
+            }
+        }
+        found
+    }
+
+    /// Base URL clients use.
+    pub fn public_url(&self) -> String {
+        self.config.public_url(self.bound)
+    }
+}
+
+/// Builds the HTTP application.
+pub fn app(state: AppState) -> Router {
+    let api = api::router().layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/.well-known/oauth-protected-resource", get(protected_resource))
+        .route("/.well-known/oauth-protected-resource/mcp", get(protected_resource))
+        .route(periscope_protocol::messages::AGENT_GATEWAY_PATH, get(gateway::agents_ws))
+        .nest("/api/v1", api)
+        .layer(axum::extract::DefaultBodyLimit::max(256 * 1024))
+        .with_state(state)
+}
+
+async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "agents_online": state.registry.online_count(),
+        "actions_live": state.engine.live_count(),
+    }))
+}
+
+/// RFC 9728 protected-resource metadata: tells clients this resource takes bearer
+/// tokens in the `Authorization` header.
+async fn protected_resource(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let base = state.public_url();
+    Json(serde_json::json!({
+        "resource": format!("{base}/mcp"),
+        "resource_name": "Periscope",
+        "bearer_methods_supported": ["header"],
+        "authorization_servers": [],
+        "scopes_supported": ["mcp:system:read", "mcp:agents:read", "mcp:actions:write", "mcp:hits:read", "mcp:admin"],
+        "resource_documentation": format!("{base}/healthz"),
+    }))
+}
+
+/// How long open connections get to finish after shutdown starts.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Serves the broker on `listener` until `shutdown` resolves.
+pub async fn run(
+    listener: TcpListener,
+    config: BrokerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let bound = listener.local_addr()?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let registry = Arc::new(Registry::new(config.agents.max_catalog_entries));
+    let engine = Engine::new(Arc::clone(&registry), config.limits, config.store.max_ended_actions, stop_rx.clone());
+    let state = Arc::new(BrokerState { config, registry, engine, shutdown: stop_rx.clone(), bound });
+    let housekeeping = tokio::spawn(housekeeping(Arc::clone(&state)));
+    let app = app(Arc::clone(&state));
+    let mut serve_stop = stop_rx.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = serve_stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    tracing::info!(listen = %bound, "periscope broker listening");
+    shutdown.await;
+    tracing::info!("periscope broker shutting down");
+    let _ = stop_tx.send(true);
+    housekeeping.abort();
+    match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+        Ok(Ok(result)) => result?,
+        Ok(Err(join)) => return Err(anyhow::anyhow!("server task failed: {join}")),
+        Err(_) => tracing::warn!("connections still open after the grace period; closing them"),
+    }
+    Ok(())
+}
+
+async fn housekeeping(state: AppState) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut n = 0u64;
+    loop {
+        tick.tick().await;
+        state.engine.expire_due();
+        n += 1;
+        if n % 240 == 0 {
+            state.registry.expire_offline(state.config.agents.offline_retention_secs * 1_000);
+        }
+    }
+}

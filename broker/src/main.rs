@@ -1,0 +1,107 @@
+//! The `periscope` command: parse arguments, set up logging, hand over to the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use periscope_broker::BrokerConfig;
+use periscope_broker::config::{AgentKeyConfig, ApiKeyConfig};
+
+#[derive(Debug, Parser)]
+#[command(name = "periscope", version, about = "Live inspection of running services: broker, MCP server and tools")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the broker.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Address to listen on [default: 127.0.0.1:7070, or `listen` from the config file].
+    #[arg(long, env = "PERISCOPE_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// TOML configuration file.
+    #[arg(long, env = "PERISCOPE_CONFIG")]
+    config: Option<PathBuf>,
+    /// An API key for REST and MCP callers (repeatable); named `cli`.
+    #[arg(long = "api-key", env = "PERISCOPE_API_KEY", value_delimiter = ',')]
+    api_keys: Vec<String>,
+    /// An agent key accepted for every pool (repeatable).
+    #[arg(long = "agent-key", env = "PERISCOPE_AGENT_KEY", value_delimiter = ',')]
+    agent_keys: Vec<String>,
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("PERISCOPE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn load_config(args: &ServeArgs) -> anyhow::Result<BrokerConfig> {
+    let mut config = match &args.config {
+        Some(path) => BrokerConfig::load(path)?,
+        None => BrokerConfig::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    for key in &args.api_keys {
+        config.api_keys.push(ApiKeyConfig { name: "cli".into(), key: key.clone() });
+    }
+    for key in &args.agent_keys {
+        config.agent_keys.push(AgentKeyConfig { key: key.clone(), pools: vec!["*".into()] });
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    match cli.command {
+        Command::Serve(args) => {
+            init_logging();
+            let config = load_config(&args)?;
+            if config.api_keys.is_empty() {
+                tracing::warn!("no API keys configured: REST and MCP callers will all be refused (use --api-key)");
+            }
+            if config.agent_keys.is_empty() {
+                tracing::warn!("no agent keys configured: agents will all be refused (use --agent-key)");
+            }
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(config.listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {}", config.listen))?;
+                periscope_broker::run(listener, config, shutdown_signal()).await
+            })
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,250 @@
+//! Read-only queries over agents and their catalogs, shared by REST and MCP:
+//! filtering, free-text search and stateless pagination (the cursor is an offset, so
+//! any broker node can answer a follow-up call).
+
+use std::collections::BTreeMap;
+
+use periscope_protocol::{AgentId, CatalogEntry, LocationKind};
+use serde::Serialize;
+
+use crate::error::ApiError;
+use crate::registry::{AgentView, Registry};
+
+/// Most items per page.
+pub const MAX_PAGE: usize = 200;
+/// Items per page when the caller does not say.
+pub const DEFAULT_PAGE: usize = 50;
+
+/// A page of results.
+#[derive(Debug, Clone, Serialize)]
+pub struct Page<T> {
+    /// The items.
+    pub items: Vec<T>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+    /// Whether there is a next page.
+    pub has_more: bool,
+    /// How many items match in all.
+    pub total: usize,
+}
+
+/// Parses a cursor and a limit.
+pub fn paging(cursor: Option<&str>, limit: Option<usize>) -> Result<(usize, usize), ApiError> {
+    let offset = match cursor.map(str::trim).filter(|c| !c.is_empty()) {
+        None => 0,
+        Some(c) => c.parse::<usize>().map_err(|_| {
+            ApiError::invalid(format!("cursor `{}` is not one this server issued; omit it to start over", truncate(c)))
+        })?,
+    };
+    let limit = limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::invalid(format!("limit is {limit}; allowed range is 1..={MAX_PAGE}")));
+    }
+    Ok((offset, limit))
+}
+
+fn paginate<T>(items: Vec<T>, offset: usize, limit: usize) -> Page<T> {
+    let total = items.len();
+    let end = offset.saturating_add(limit).min(total);
+    let items: Vec<T> = items.into_iter().skip(offset).take(limit).collect();
+    Page { has_more: end < total, next_cursor: (end < total).then(|| end.to_string()), total, items }
+}
+
+fn truncate(s: &str) -> &str {
+    periscope_protocol::value::truncate_chars(s, 64)
+}
+
+/// Filters for listing agents.
+#[derive(Debug, Clone, Default)]
+pub struct AgentFilter {
+    /// Only this pool.
+    pub pool: Option<String>,
+    /// Only agents carrying every one of these tags.
+    pub tags: Vec<String>,
+    /// Only this service.
+    pub service: Option<String>,
+    /// Only this language.
+    pub language: Option<String>,
+    /// `online` or `offline`.
+    pub status: Option<String>,
+    /// Free text matched against name, service, host, pool, tags and id.
+    pub text: Option<String>,
+}
+
+/// Agents matching a filter, sorted by pool, service, name.
+pub fn list_agents(
+    registry: &Registry,
+    filter: &AgentFilter,
+    cursor: Option<&str>,
+    limit: Option<usize>,
+) -> Result<Page<AgentView>, ApiError> {
+    let (offset, limit) = paging(cursor, limit)?;
+    if let Some(s) = filter.status.as_deref() {
+        if s != "online" && s != "offline" {
+            return Err(ApiError::invalid(format!("status `{}` must be `online` or `offline`", truncate(s))));
+        }
+    }
+    let text = filter.text.as_deref().map(str::to_lowercase);
+    let mut agents = Vec::new();
+    registry.for_each(|a| {
+        let i = &a.info;
+        let ok = filter.pool.as_deref().is_none_or(|p| i.pool == p)
+            && filter.tags.iter().all(|t| i.tags.contains(t))
+            && filter.service.as_deref().is_none_or(|s| i.service == s)
+            && filter.language.as_deref().is_none_or(|l| i.language.eq_ignore_ascii_case(l))
+            && filter.status.as_deref().is_none_or(|s| (s == "online") == a.online())
+            && text.as_deref().is_none_or(|t| {
+                [&i.display_name, &i.service, &i.host, &i.pool, i.agent_id.as_str()]
+                    .iter()
+                    .any(|f| f.to_lowercase().contains(t))
+                    || i.tags.iter().any(|tag| tag.to_lowercase().contains(t))
+            });
+        if ok {
+            agents.push(a.view());
+        }
+    });
+    agents.sort_by(|a, b| {
+        (a.status != "online", &a.pool, &a.service, &a.display_name, &a.agent_id).cmp(&(
+            b.status != "online",
+            &b.pool,
+            &b.service,
+            &b.display_name,
+            &b.agent_id,
+        ))
+    });
+    Ok(paginate(agents, offset, limit))
+}
+
+/// Filters for listing inspectable locations.
+#[derive(Debug, Clone, Default)]
+pub struct SourceFilter {
+    /// Only this agent's locations.
+    pub agent_id: Option<String>,
+    /// Only locations of agents in this pool.
+    pub pool: Option<String>,
+    /// Only agents with all these tags.
+    pub tags: Vec<String>,
+    /// File path substring.
+    pub file: Option<String>,
+    /// Span or event name substring (function names for `#[instrument]` spans).
+    pub name: Option<String>,
+    /// Free text over file, name, module and field names.
+    pub text: Option<String>,
+    /// Only agents online (default true).
+    pub include_offline: bool,
+}
+
+/// One inspectable location, merged over the agents that report it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceView {
+    /// Source file.
+    pub file: String,
+    /// Line.
+    pub line: u32,
+    /// `span` or `event`.
+    pub kind: LocationKind,
+    /// Callsite name.
+    pub name: String,
+    /// Module path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+    /// Level.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub level: Option<String>,
+    /// Values available there.
+    pub fields: Vec<String>,
+    /// Times it fired while observed, summed over agents.
+    pub hits: u64,
+    /// Agents that report it.
+    pub agents: usize,
+    /// Up to 5 of those agents' ids, to target one directly.
+    pub agent_ids: Vec<AgentId>,
+}
+
+/// Inspectable locations matching a filter, sorted by file and line.
+pub fn list_sources(
+    registry: &Registry,
+    filter: &SourceFilter,
+    cursor: Option<&str>,
+    limit: Option<usize>,
+) -> Result<Page<SourceView>, ApiError> {
+    let (offset, limit) = paging(cursor, limit)?;
+    let agent_id = match filter.agent_id.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        Some(raw) => {
+            let id = AgentId::parse(raw).map_err(|e| ApiError::invalid(format!("agent_id: {e}")))?;
+            if registry.with(&id, |_| ()).is_none() {
+                return Err(ApiError::not_found(format!("no agent `{id}`; list_agents shows the agents")));
+            }
+            Some(id)
+        }
+        None => None,
+    };
+    let file = filter.file.as_deref().map(str::to_lowercase);
+    let name = filter.name.as_deref().map(str::to_lowercase);
+    let text = filter.text.as_deref().map(str::to_lowercase);
+    let mut merged: BTreeMap<(String, u32, LocationKind, String), SourceView> = BTreeMap::new();
+    registry.for_each(|a| {
+        if agent_id.as_ref().is_some_and(|id| *id != a.info.agent_id) {
+            return;
+        }
+        if !a.matches(filter.pool.as_deref(), &filter.tags) || (!filter.include_offline && !a.online()) {
+            return;
+        }
+        for e in a.catalog.values() {
+            if !source_matches(e, file.as_deref(), name.as_deref(), text.as_deref()) {
+                continue;
+            }
+            let view = merged.entry((e.file.clone(), e.line, e.kind, e.name.clone())).or_insert_with(|| SourceView {
+                file: e.file.clone(),
+                line: e.line,
+                kind: e.kind,
+                name: e.name.clone(),
+                module: e.module.clone(),
+                level: e.level.clone(),
+                fields: e.fields.clone(),
+                hits: 0,
+                agents: 0,
+                agent_ids: Vec::new(),
+            });
+            view.hits += e.hits;
+            view.agents += 1;
+            if view.agent_ids.len() < 5 {
+                view.agent_ids.push(a.info.agent_id.clone());
+            }
+        }
+    });
+    Ok(paginate(merged.into_values().collect(), offset, limit))
+}
+
+fn source_matches(e: &CatalogEntry, file: Option<&str>, name: Option<&str>, text: Option<&str>) -> bool {
+    file.is_none_or(|f| e.file.to_lowercase().contains(f))
+        && name.is_none_or(|n| e.name.to_lowercase().contains(n))
+        && text.is_none_or(|t| {
+            e.file.to_lowercase().contains(t)
+                || e.name.to_lowercase().contains(t)
+                || e.module.as_deref().is_some_and(|m| m.to_lowercase().contains(t))
+                || e.fields.iter().any(|f| f.to_lowercase().contains(t))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_carry_a_cursor_until_the_end() {
+        let p = paginate((0..5).collect::<Vec<_>>(), 0, 2);
+        assert_eq!((p.items.clone(), p.next_cursor.clone(), p.has_more), (vec![0, 1], Some("2".into()), true));
+        let p = paginate((0..5).collect::<Vec<_>>(), 4, 2);
+        assert_eq!((p.items, p.next_cursor, p.has_more), (vec![4], None, false));
+    }
+
+    #[test]
+    fn foreign_cursors_and_limits_are_invalid_input() {
+        assert!(paging(Some("abc"), None).is_err());
+        assert!(paging(None, Some(0)).is_err());
+        assert!(paging(None, Some(MAX_PAGE + 1)).is_err());
+        assert_eq!(paging(Some("10"), Some(5)).unwrap(), (10, 5));
+    }
+}

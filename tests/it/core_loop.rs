@@ -1,0 +1,244 @@
+//! The core loop: place a snapshot by file:line, the workload hits it, the hit comes
+//! back with fields, span stack and depth markers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::{TestAgent, TestBroker, eventually, wait_online};
+
+#[derive(Debug)]
+#[allow(dead_code)]
+struct Geo {
+    lat: f64,
+    lon: f64,
+}
+
+#[derive(Debug)]
+#[allow(dead_code)]
+struct Address {
+    street: String,
+    city: String,
+    geo: Geo,
+}
+
+#[derive(Debug)]
+#[allow(dead_code)]
+struct Customer {
+    name: String,
+    address: Address,
+}
+
+#[derive(Debug)]
+#[allow(dead_code)]
+struct Order {
+    id: u64,
+    customer: Customer,
+    items: Vec<u32>,
+}
+
+fn order(id: u64) -> Order {
+    Order {
+        id,
+        customer: Customer {
+            name: "Ada".into(),
+            address: Address {
+                street: "1 Main St".into(),
+                city: "Springfield".into(),
+                geo: Geo { lat: 1.5, lon: -2.0 },
+            },
+        },
+        items: vec![1, 2, 3],
+    }
+}
+
+#[tracing::instrument(skip(order), fields(order_id = order.id, region = "eu"))]
+fn checkout(order: &Order) {
+    place(order);
+}
+
+#[tracing::instrument(skip(order))]
+fn place(order: &Order) {
+    tracing::info!(order = ?order, total_cents = 1999u64, "core loop order placed");
+}
+
+/// Runs the workload every few milliseconds until stopped; counts iterations.
+fn workload(agent: &TestAgent, stop: Arc<AtomicBool>, count: Arc<AtomicU64>) -> std::thread::JoinHandle<()> {
+    agent.run(move || {
+        while !stop.load(Ordering::Relaxed) {
+            checkout(&order(7));
+            count.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    })
+}
+
+async fn placed_line(api: &crate::support::Api) -> u64 {
+    let api = api.clone();
+    let source = eventually(Duration::from_secs(10), "the event callsite in the catalog", move || {
+        let api = api.clone();
+        async move { api.find_source("core_loop.rs", "total_cents").await }
+    })
+    .await;
+    assert_eq!(source["kind"], "event");
+    assert!(source["fields"].as_array().unwrap().iter().any(|f| f == "order"), "{source}");
+    source["line"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_by_file_and_line_returns_fields_span_stack_and_depth_markers() {
+    let broker = TestBroker::start().await;
+    let api = broker.api();
+    let agent = TestAgent::start(&broker.ws_url(), "shop", &["env:test"]);
+    wait_online(&api, &agent.id()).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let work = workload(&agent, Arc::clone(&stop), Arc::clone(&count));
+    let line = placed_line(&api).await;
+
+    let (status, action) =
+        api.post("/actions", json!({"pool": "shop", "file": "it/core_loop.rs", "line": line, "max_hits": 1})).await;
+    assert_eq!(status, 201, "{action}");
+    let id = action["action_id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("act_"));
+    assert_eq!(action["status"], "active");
+
+    let (status, page) = api.get(&format!("/actions/{id}/hits?wait_seconds=20")).await;
+    assert_eq!(status, 200, "{page}");
+    let hits = page["hits"].as_array().unwrap();
+    assert_eq!(hits.len(), 1, "{page}");
+    let hit = &hits[0];
+    assert!(hit["hit_id"].as_str().unwrap().starts_with("hit_"));
+    assert_eq!(hit["agent_id"], agent.id().as_str());
+    assert_eq!(hit["location"]["line"], line);
+    assert_eq!(hit["fields"]["total_cents"], json!({"type": "int", "value": 1999}));
+    assert_eq!(hit["fields"]["message"]["value"], "core loop order placed");
+
+    // Debug output parsed back into structure, cut at depth 3 with a marker.
+    let order = &hit["fields"]["order"];
+    assert_eq!(order["type"], "object", "{order}");
+    assert_eq!(order["type_name"], "Order");
+    assert_eq!(order["fields"]["id"]["value"], 7);
+    let address = &order["fields"]["customer"]["fields"]["address"];
+    assert_eq!(address["type_name"], "Address", "{order}");
+    assert_eq!(address["fields"]["city"]["value"], "Springfield");
+    assert_eq!(address["fields"]["geo"], json!({"type": "cut", "reason": "depth", "type_name": "Geo", "size": 2}));
+    assert!(hit["truncation"]["depth_cuts"].as_u64().unwrap() >= 1);
+
+    // The span stack, innermost first, with span fields.
+    let spans = hit["spans"].as_array().unwrap();
+    assert_eq!(spans[0]["name"], "place", "{spans:?}");
+    assert_eq!(spans[1]["name"], "checkout");
+    assert_eq!(spans[1]["fields"]["order_id"]["value"], 7);
+    assert_eq!(spans[1]["fields"]["region"]["value"], "eu");
+    assert!(hit["thread"]["id"].is_string());
+
+    let (_, action) = api.get(&format!("/actions/{id}")).await;
+    assert_eq!(action["status"], "completed", "{action}");
+    assert_eq!(action["hits"], 1);
+
+    stop.store(true, Ordering::Relaxed);
+    work.join().unwrap();
+    assert!(count.load(Ordering::Relaxed) > 0);
+    agent.shutdown();
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_targeting_reaches_an_agent_that_registers_after_the_action_was_placed() {
+    let broker = TestBroker::start().await;
+    let api = broker.api();
+    let early = TestAgent::start(&broker.ws_url(), "tags", &["env:prod", "region:eu"]);
+    wait_online(&api, &early.id()).await;
+    // Make the callsite known (callsites register process-wide the first time they run).
+    early.run(|| checkout(&order(1))).join().unwrap();
+    let line = placed_line(&api).await;
+
+    let (status, action) = api
+        .post(
+            "/actions",
+            json!({"pool": "tags", "tags": ["env:prod"], "file": "core_loop.rs", "line": line, "max_hits": 1}),
+        )
+        .await;
+    assert_eq!(status, 201, "{action}");
+    let id = action["action_id"].as_str().unwrap().to_owned();
+
+    let late = TestAgent::start(&broker.ws_url(), "tags", &["env:prod", "region:us"]);
+    wait_online(&api, &late.id()).await;
+    let late_id = late.id();
+    {
+        let api = api.clone();
+        let id = id.clone();
+        let late_id = late_id.clone();
+        eventually(Duration::from_secs(10), "the late agent to be part of the action", move || {
+            let api = api.clone();
+            let id = id.clone();
+            let late_id = late_id.clone();
+            async move {
+                let (_, a) = api.get(&format!("/actions/{id}")).await;
+                a["agents"]
+                    .as_array()?
+                    .iter()
+                    .any(|x| x["agent_id"] == late_id.as_str() && x["state"] == "installed")
+                    .then_some(())
+            }
+        })
+        .await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let work = workload(&late, Arc::clone(&stop), Arc::new(AtomicU64::new(0)));
+    let (_, page) = api.get(&format!("/actions/{id}/hits?wait_seconds=20")).await;
+    stop.store(true, Ordering::Relaxed);
+    work.join().unwrap();
+    let hits = page["hits"].as_array().unwrap();
+    assert_eq!(hits.len(), 1, "{page}");
+    assert_eq!(hits[0]["agent_id"], late_id.as_str());
+    early.shutdown();
+    late.shutdown();
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_location_answers_with_the_nearest_known_locations() {
+    let broker = TestBroker::start().await;
+    let api = broker.api();
+    let agent = TestAgent::start(&broker.ws_url(), "near", &[]);
+    wait_online(&api, &agent.id()).await;
+    agent.run(|| checkout(&order(1))).join().unwrap();
+    let line = placed_line(&api).await;
+
+    let (status, err) =
+        api.post("/actions", json!({"pool": "near", "file": "core_loop.rs", "line": line + 1000})).await;
+    assert_eq!(status, 422, "{err}");
+    assert_eq!(err["error"]["code"], "no_such_location");
+    let nearest = err["error"]["details"]["nearest"].as_array().unwrap();
+    assert!(!nearest.is_empty() && nearest.len() <= 5);
+    assert!(nearest.iter().all(|n| n["file"].as_str().unwrap().ends_with("core_loop.rs")));
+    assert!(err["error"]["message"].as_str().unwrap().contains("nearest known"), "{err}");
+
+    let (status, err) = api.post("/actions", json!({"pool": "near", "file": "nowhere_at_all.rs", "line": 3})).await;
+    assert_eq!(status, 422);
+    assert_eq!(err["error"]["code"], "no_such_location");
+
+    // Accepted as pending when the caller says the code has not run yet, and says so.
+    let (status, action) = api
+        .post("/actions", json!({"pool": "near", "file": "core_loop.rs", "line": line + 1000, "allow_pending": true}))
+        .await;
+    assert_eq!(status, 201, "{action}");
+    assert!(action["pending_note"].as_str().unwrap().contains("armed"));
+
+    // Out-of-range arguments name the allowed range; nothing is clamped.
+    let (status, err) =
+        api.post("/actions", json!({"pool": "near", "file": "core_loop.rs", "line": line, "max_hits": 51})).await;
+    assert_eq!(status, 400);
+    assert_eq!(err["error"]["code"], "invalid_input");
+    assert!(err["error"]["message"].as_str().unwrap().contains("1..=50"));
+    let (status, err) =
+        api.post("/actions", json!({"pool": "nobody-here", "file": "core_loop.rs", "line": line})).await;
+    assert_eq!(status, 422);
+    assert_eq!(err["error"]["code"], "no_matching_agents");
+    agent.shutdown();
+    broker.stop().await;
+}

@@ -1,0 +1,8 @@
+//! End-to-end tests: a real broker on `127.0.0.1:0`, real agents over WebSockets, real
+//! HTTP clients. One test binary; one module per capability; test names read as
+//! sentences.
+
+mod support;
+
+mod core_loop;
+mod gateway_errors;

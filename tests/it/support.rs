@@ -1,0 +1,201 @@
+//! The test harness: start a broker on loopback, attach agents with a private
+//! subscriber, talk to the REST API, poll until something holds.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use periscope_broker::BrokerConfig;
+use periscope_broker::config::{AgentKeyConfig, ApiKeyConfig};
+use serde_json::Value as Json;
+use tokio::sync::oneshot;
+use tracing::Dispatch;
+use tracing_subscriber::prelude::*;
+
+pub const API_KEY: &str = "test-api-key-0123456789";
+pub const AGENT_KEY: &str = "test-agent-key-0123456789";
+
+/// A broker running in this process on a loopback port.
+pub struct TestBroker {
+    pub addr: SocketAddr,
+    pub data_dir: Option<PathBuf>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+pub fn test_config() -> BrokerConfig {
+    let mut config = BrokerConfig::default();
+    config.api_keys.push(ApiKeyConfig { name: "tester".into(), key: API_KEY.into() });
+    config.agent_keys.push(AgentKeyConfig { key: AGENT_KEY.into(), pools: vec!["*".into()] });
+    config.agents.heartbeat_interval_secs = 1;
+    config
+}
+
+impl TestBroker {
+    pub async fn start() -> TestBroker {
+        Self::start_with(test_config(), "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    pub async fn start_with(config: BrokerConfig, addr: SocketAddr) -> TestBroker {
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind loopback");
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(periscope_broker::run(listener, config, async move {
+            let _ = stopped.await;
+        }));
+        TestBroker { addr, data_dir: None, stop: Some(stop), task: Some(task) }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/agents", self.addr)
+    }
+
+    pub fn http(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn api(&self) -> Api {
+        Api { client: reqwest::Client::new(), base: format!("{}/api/v1", self.http()), key: API_KEY.into() }
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown().await;
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let result = tokio::time::timeout(Duration::from_secs(10), task).await;
+            assert!(result.is_ok(), "broker did not stop within 10 s");
+        }
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A REST client with the test API key.
+#[derive(Clone)]
+pub struct Api {
+    pub client: reqwest::Client,
+    pub base: String,
+    pub key: String,
+}
+
+impl Api {
+    pub async fn get(&self, path: &str) -> (u16, Json) {
+        let resp = self.client.get(format!("{}{path}", self.base)).bearer_auth(&self.key).send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Json::Null))
+    }
+
+    pub async fn post(&self, path: &str, body: Json) -> (u16, Json) {
+        let resp =
+            self.client.post(format!("{}{path}", self.base)).bearer_auth(&self.key).json(&body).send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Json::Null))
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, Json) {
+        let resp = self.client.delete(format!("{}{path}", self.base)).bearer_auth(&self.key).send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Json::Null))
+    }
+
+    /// The first source whose name or fields contain `text` in a file ending with `file`.
+    pub async fn find_source(&self, file: &str, text: &str) -> Option<Json> {
+        let (_, page) = self.get(&format!("/sources?file={file}&q={text}&limit=200")).await;
+        page["items"].as_array()?.iter().find(|s| s["file"].as_str().is_some_and(|f| f.ends_with(file))).cloned()
+    }
+}
+
+/// An agent attached to a private subscriber (an `fmt` layer writing to a sink plus
+/// the agent), so tests do not share global state.
+pub struct TestAgent {
+    pub agent: Option<periscope_agent::Agent>,
+    pub dispatch: Dispatch,
+}
+
+impl TestAgent {
+    pub fn start(broker_ws: &str, pool: &str, tags: &[&str]) -> TestAgent {
+        let agent = periscope_agent::Agent::builder()
+            .broker_url(broker_ws)
+            .agent_key(AGENT_KEY)
+            .pool(pool)
+            .tags(tags.iter().copied())
+            .service("it-service")
+            .reconnect_initial(Duration::from_millis(100))
+            .reconnect_max(Duration::from_millis(500))
+            .start()
+            .expect("agent starts");
+        let subscriber = tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::sink)
+                    .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
+            )
+            .with(agent.layer());
+        TestAgent { dispatch: Dispatch::new(subscriber), agent: Some(agent) }
+    }
+
+    pub fn id(&self) -> String {
+        self.agent.as_ref().unwrap().id().to_string()
+    }
+
+    /// Runs `f` on a fresh thread with this agent's subscriber as the default.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+        let dispatch = self.dispatch.clone();
+        std::thread::spawn(move || tracing::dispatcher::with_default(&dispatch, f))
+    }
+
+    pub fn shutdown(mut self) {
+        if let Some(agent) = self.agent.take() {
+            agent.shutdown(Duration::from_secs(2));
+        }
+    }
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or panics after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the broker lists `agent_id` online.
+pub async fn wait_online(api: &Api, agent_id: &str) {
+    let api = api.clone();
+    let id = agent_id.to_owned();
+    eventually(Duration::from_secs(10), "agent online", move || {
+        let api = api.clone();
+        let id = id.clone();
+        async move {
+            let (status, v) = api.get(&format!("/agents/{id}")).await;
+            (status == 200 && v["status"] == "online").then_some(())
+        }
+    })
+    .await
+}
+
+/// Shared flag to stop background workloads.
+pub type Stop = Arc<std::sync::atomic::AtomicBool>;
