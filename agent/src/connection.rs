@@ -379,9 +379,10 @@ impl Runner {
         // Interest rebuilds take tracing's global callsite lock and call back into our
         // filter; run it off the runtime so that a host thread registering a callsite
         // at the same moment never waits on our runtime.
-        let _ = tokio::task::spawn_blocking(|| {
+        let shared = Arc::clone(&self.shared);
+        let _ = tokio::task::spawn_blocking(move || {
             crate::layer::IN_AGENT.with(|a| a.set(true));
-            tracing_core::callsite::rebuild_interest_cache();
+            shared.rebuild_interest();
         })
         .await;
         matched

@@ -94,6 +94,12 @@ impl<S> Layer<S> for ProbeLayer
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
+    /// Remembers the dispatcher we are part of, so interest rebuilds can run in its
+    /// context (see `Shared::rebuild_interest`).
+    fn on_register_dispatch(&self, dispatch: &tracing_core::Dispatch) {
+        self.shared.remember_dispatch(dispatch);
+    }
+
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(id) else { return };
         let mut values = FieldCollector::default();

@@ -187,6 +187,8 @@ pub(crate) struct Shared {
     pub(crate) hits_tx: mpsc::Sender<Box<RawHit>>,
     pub(crate) counters: Counters,
     pub(crate) clock: Clock,
+    /// The dispatchers our layer is part of.
+    dispatches: Mutex<Vec<tracing_core::dispatcher::WeakDispatch>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -207,6 +209,26 @@ impl Shared {
             hits_tx,
             counters: Counters::default(),
             clock: Clock::new(),
+            dispatches: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub(crate) fn remember_dispatch(&self, dispatch: &tracing_core::Dispatch) {
+        let mut d = self.dispatches.lock().unwrap_or_else(|p| p.into_inner());
+        d.retain(|w| w.upgrade().is_some());
+        d.push(dispatch.downgrade());
+    }
+
+    /// Rebuilds tracing's interest cache so that our filter is asked again about every
+    /// callsite. When the only dispatcher in the process is a scoped one (set with
+    /// `with_default`, as in tests), tracing rebuilds through the *calling thread's*
+    /// default dispatcher; so we run the rebuild inside our own dispatcher.
+    pub(crate) fn rebuild_interest(&self) {
+        let live: Vec<tracing_core::Dispatch> =
+            self.dispatches.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(|w| w.upgrade()).collect();
+        match live.first() {
+            Some(d) => tracing_core::dispatcher::with_default(d, tracing_core::callsite::rebuild_interest_cache),
+            None => tracing_core::callsite::rebuild_interest_cache(),
         }
     }
 

@@ -108,11 +108,13 @@ impl Default for AgentSettings {
 pub struct StoreSettings {
     /// Ended actions kept (with their hits) before the oldest are forgotten.
     pub max_ended_actions: usize,
+    /// How long hits (and ended actions) are kept, in days.
+    pub hit_retention_days: u64,
 }
 
 impl Default for StoreSettings {
     fn default() -> Self {
-        StoreSettings { max_ended_actions: 1_000 }
+        StoreSettings { max_ended_actions: 1_000, hit_retention_days: 10 }
     }
 }
 
@@ -137,6 +139,8 @@ pub struct BrokerConfig {
     pub agents: AgentSettings,
     /// Retention.
     pub store: StoreSettings,
+    /// Directory holding the database; without it nothing survives a restart.
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for BrokerConfig {
@@ -150,6 +154,7 @@ impl Default for BrokerConfig {
             quotas: AgentQuotas::default(),
             agents: AgentSettings::default(),
             store: StoreSettings::default(),
+            data_dir: None,
         }
     }
 }
@@ -206,6 +211,12 @@ impl BrokerConfig {
             if v < min || v > max {
                 return Err(ConfigError::Invalid { key: key.into(), message: format!("{v} is outside {min}..={max}") });
             }
+        }
+        if !(1..=3_650).contains(&self.store.hit_retention_days) {
+            return Err(ConfigError::Invalid {
+                key: "store.hit_retention_days".into(),
+                message: format!("{} is outside 1..=3650", self.store.hit_retention_days),
+            });
         }
         for (i, k) in self.api_keys.iter().enumerate() {
             check_secret(&format!("api_keys[{i}].key"), &k.key)?;

@@ -13,11 +13,12 @@ use periscope_protocol::{
     ActionId, ActionKind, ActionSpec, AgentActionState, AgentId, BrokerMessage, CaptureLimits, CatalogEntry, Hit,
     HitId, Location, SnapshotSpec,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::error::{ApiError, ErrorCode};
 use crate::registry::{AgentRecord, Registry};
+use crate::store::{ActionRow, HitRow, Store, StoreError};
 use crate::time::now_ms;
 
 /// Live actions one caller may hold at once (keeps one runaway assistant from filling
@@ -25,16 +26,16 @@ use crate::time::now_ms;
 pub const MAX_LIVE_ACTIONS_PER_CALLER: usize = 20;
 
 /// Whom an action is aimed at, as the caller said it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Target {
     /// Exact agents.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub agent_ids: Vec<AgentId>,
     /// A pool (with `tags`, agents in the pool carrying every tag).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
     /// Tags every targeted agent must carry.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
 }
 
@@ -91,6 +92,16 @@ pub enum ActionStatus {
 }
 
 impl ActionStatus {
+    /// The stable name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ActionStatus::Active => "active",
+            ActionStatus::Completed => "completed",
+            ActionStatus::Expired => "expired",
+            ActionStatus::Removed => "removed",
+        }
+    }
+
     /// Parses a status filter.
     pub fn parse(s: &str) -> Option<ActionStatus> {
         match s {
@@ -123,7 +134,7 @@ pub struct AgentActionView {
 }
 
 /// A hit as stored and returned.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StoredHit {
     /// The hit's id.
     pub hit_id: HitId,
@@ -171,6 +182,21 @@ pub struct Action {
 impl Action {
     fn bump(&self) {
         self.changed.send_modify(|v| *v += 1);
+    }
+
+    fn row(&self) -> ActionRow {
+        ActionRow {
+            id: self.spec.id.to_string(),
+            spec: serde_json::to_string(&self.spec).unwrap_or_default(),
+            target: serde_json::to_string(&self.target).unwrap_or_default(),
+            created_by: self.created_by.clone(),
+            created_at_ms: self.created_at_ms,
+            status: self.status.as_str().to_owned(),
+            ended_at_ms: self.ended_at_ms,
+            end_reason: self.end_reason.clone(),
+            pending_note: self.pending_note.clone(),
+            hits_refused: self.hits_refused,
+        }
     }
 
     fn max_hits(&self) -> u32 {
@@ -288,6 +314,7 @@ struct Book {
 #[derive(Debug)]
 pub struct Engine {
     registry: Arc<Registry>,
+    store: Option<Store>,
     shutdown: watch::Receiver<bool>,
     limits: CaptureLimits,
     max_ended: usize,
@@ -314,7 +341,93 @@ impl Engine {
         max_ended: usize,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
-        Engine { registry, shutdown, limits, max_ended, book: Mutex::new(Book::default()) }
+        Engine { registry, store: None, shutdown, limits, max_ended, book: Mutex::new(Book::default()) }
+    }
+
+    /// Makes the engine durable: loads what `store` holds and writes every change to it.
+    pub fn with_store(mut self, store: Store, actions: Vec<ActionRow>, hits: Vec<HitRow>) -> Result<Self, StoreError> {
+        let corrupt =
+            |what: &'static str, detail: String| StoreError::Corrupt { path: store.path().to_owned(), what, detail };
+        let mut book = Book::default();
+        for row in actions {
+            let spec: ActionSpec = serde_json::from_str(&row.spec).map_err(|e| corrupt("action", e.to_string()))?;
+            let target: Target = serde_json::from_str(&row.target).map_err(|e| corrupt("target", e.to_string()))?;
+            let status =
+                ActionStatus::parse(&row.status).ok_or_else(|| corrupt("action status", row.status.clone()))?;
+            if status != ActionStatus::Active {
+                book.ended.push_back(spec.id.clone());
+            }
+            book.actions.insert(
+                spec.id.clone(),
+                Action {
+                    spec,
+                    target,
+                    created_by: row.created_by,
+                    created_at_ms: row.created_at_ms,
+                    status,
+                    ended_at_ms: row.ended_at_ms,
+                    end_reason: row.end_reason,
+                    agents: BTreeMap::new(),
+                    hits: Vec::new(),
+                    hits_refused: row.hits_refused,
+                    pending_note: row.pending_note,
+                    changed: watch::channel(0).0,
+                },
+            );
+        }
+        for row in hits {
+            let hit: StoredHit = serde_json::from_str(&row.body).map_err(|e| corrupt("hit", e.to_string()))?;
+            if let Some(action) = ActionId::parse(&row.action_id).ok().and_then(|id| book.actions.get_mut(&id)) {
+                action.hits.push(hit);
+            }
+        }
+        for action in book.actions.values_mut() {
+            action.hits.sort_by_key(|h| h.index);
+        }
+        tracing::info!(
+            actions = book.actions.len(),
+            live = book.actions.values().filter(|a| a.status == ActionStatus::Active).count(),
+            db = %store.path().display(),
+            "restored actions from the store"
+        );
+        self.book = Mutex::new(book);
+        self.store = Some(store);
+        Ok(self)
+    }
+
+    fn persist(&self, action: &Action) {
+        if let Some(store) = &self.store {
+            store.put_action(action.row());
+        }
+    }
+
+    /// Deletes stored hits and ended actions older than `cutoff_ms` (retention).
+    pub fn purge_before(&self, cutoff_ms: u64) {
+        let mut book = self.book();
+        let old: Vec<ActionId> = book
+            .actions
+            .values()
+            .filter(|a| a.status != ActionStatus::Active && a.ended_at_ms.is_some_and(|t| t < cutoff_ms))
+            .map(|a| a.spec.id.clone())
+            .collect();
+        for id in &old {
+            book.actions.remove(id);
+        }
+        book.ended.retain(|id| !old.contains(id));
+        for action in book.actions.values_mut() {
+            action.hits.retain(|h| h.received_at_ms >= cutoff_ms);
+        }
+        drop(book);
+        if let Some(store) = &self.store {
+            store.purge_before(cutoff_ms);
+        }
+    }
+
+    /// Waits until everything written so far is durable.
+    pub fn flush(&self) {
+        if let Some(store) = &self.store {
+            store.flush(Duration::from_secs(5));
+        }
     }
 
     fn book(&self) -> MutexGuard<'_, Book> {
@@ -460,6 +573,7 @@ impl Engine {
             changed: watch::channel(0).0,
         };
         let view = action.view();
+        self.persist(&action);
         book.actions.insert(spec.id.clone(), action);
         drop(book);
         for (agent_id, _) in agents {
@@ -688,18 +802,27 @@ impl Engine {
             return false;
         }
         let index = action.hits.len() as u64 + 1;
-        action.hits.push(StoredHit {
+        let stored = StoredHit {
             hit_id: HitId::generate(),
             index,
             agent_id: agent_id.clone(),
             agent_name: agent_name.to_owned(),
             received_at_ms: now_ms(),
             hit,
-        });
+        };
+        if let Some(store) = &self.store {
+            store.put_hit(HitRow {
+                action_id: action.spec.id.to_string(),
+                idx: index,
+                body: serde_json::to_string(&stored).unwrap_or_default(),
+                received_at_ms: stored.received_at_ms,
+            });
+        }
+        action.hits.push(stored);
         let complete = action.hits.len() as u32 >= action.max_hits();
         let id = action.spec.id.clone();
         if complete {
-            let agents = end(&mut book, &id, ActionStatus::Completed, "collected all its hits", self.max_ended);
+            let agents = self.end(&mut book, &id, ActionStatus::Completed, "collected all its hits");
             drop(book);
             self.notify_removed(&id, agents, "completed");
         } else {
@@ -718,7 +841,7 @@ impl Engine {
         if action.status != ActionStatus::Active {
             return Ok(action.view());
         }
-        let agents = end(&mut book, &id, ActionStatus::Removed, "removed by a caller", self.max_ended);
+        let agents = self.end(&mut book, &id, ActionStatus::Removed, "removed by a caller");
         let view = book.actions.get(&id).map(Action::view);
         drop(book);
         self.notify_removed(&id, agents, "removed");
@@ -737,13 +860,34 @@ impl Engine {
             .collect();
         let mut notify = Vec::new();
         for id in due {
-            let agents = end(&mut book, &id, ActionStatus::Expired, "reached its expiry", self.max_ended);
+            let agents = self.end(&mut book, &id, ActionStatus::Expired, "reached its expiry");
             notify.push((id, agents));
         }
         drop(book);
         for (id, agents) in notify {
             self.notify_removed(&id, agents, "expired");
         }
+    }
+
+    /// Ends an action; returns the agents to tell.
+    fn end(&self, book: &mut Book, id: &ActionId, status: ActionStatus, reason: &str) -> Vec<AgentId> {
+        let Some(action) = book.actions.get_mut(id) else { return Vec::new() };
+        action.status = status;
+        action.ended_at_ms = Some(now_ms());
+        action.end_reason = Some(reason.to_owned());
+        action.bump();
+        self.persist(action);
+        let agents = action.agents.keys().cloned().collect();
+        book.ended.push_back(id.clone());
+        while book.ended.len() > self.max_ended {
+            if let Some(old) = book.ended.pop_front() {
+                book.actions.remove(&old);
+                if let Some(store) = &self.store {
+                    store.delete_action(old.as_str());
+                }
+            }
+        }
+        agents
     }
 
     fn notify_removed(&self, id: &ActionId, agents: Vec<AgentId>, reason: &str) {
@@ -857,23 +1001,6 @@ impl Engine {
     pub fn live_count(&self) -> usize {
         self.book().actions.values().filter(|a| a.status == ActionStatus::Active).count()
     }
-}
-
-/// Ends an action; returns the agents to tell.
-fn end(book: &mut Book, id: &ActionId, status: ActionStatus, reason: &str, max_ended: usize) -> Vec<AgentId> {
-    let Some(action) = book.actions.get_mut(id) else { return Vec::new() };
-    action.status = status;
-    action.ended_at_ms = Some(now_ms());
-    action.end_reason = Some(reason.to_owned());
-    action.bump();
-    let agents = action.agents.keys().cloned().collect();
-    book.ended.push_back(id.clone());
-    while book.ended.len() > max_ended {
-        if let Some(old) = book.ended.pop_front() {
-            book.actions.remove(&old);
-        }
-    }
-    agents
 }
 
 fn page(action: &Action, since: u64, limit: usize) -> HitsPage {

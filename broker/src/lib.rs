@@ -10,6 +10,7 @@
 //! - [`gateway`]: `GET /agents`, the agent WebSocket sessions.
 //! - [`registry`]: connected and recently gone agents, their catalogs.
 //! - [`engine`]: actions, hits, waiting, completion and expiry.
+//! - [`store`]: SQLite persistence of actions and hits under `--data-dir`.
 //! - [`query`]: listing agents and sources with filters and pagination.
 //! - [`api`]: the REST API under `/api/v1`.
 //! - [`auth`]: API-key authentication middleware.
@@ -23,6 +24,7 @@ pub mod error;
 pub mod gateway;
 pub mod query;
 pub mod registry;
+pub mod store;
 pub mod time;
 
 use std::future::Future;
@@ -139,7 +141,11 @@ pub async fn run(
     let bound = listener.local_addr()?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let registry = Arc::new(Registry::new(config.agents.max_catalog_entries));
-    let engine = Engine::new(Arc::clone(&registry), config.limits, config.store.max_ended_actions, stop_rx.clone());
+    let mut engine = Engine::new(Arc::clone(&registry), config.limits, config.store.max_ended_actions, stop_rx.clone());
+    if let Some(dir) = &config.data_dir {
+        let (store, actions, hits) = store::Store::open(dir)?;
+        engine = engine.with_store(store, actions, hits)?;
+    }
     let state = Arc::new(BrokerState { config, registry, engine, shutdown: stop_rx.clone(), bound });
     let housekeeping = tokio::spawn(housekeeping(Arc::clone(&state)));
     let app = app(Arc::clone(&state));
@@ -156,12 +162,16 @@ pub async fn run(
     tracing::info!("periscope broker shutting down");
     let _ = stop_tx.send(true);
     housekeeping.abort();
-    match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
-        Ok(Ok(result)) => result?,
-        Ok(Err(join)) => return Err(anyhow::anyhow!("server task failed: {join}")),
-        Err(_) => tracing::warn!("connections still open after the grace period; closing them"),
-    }
-    Ok(())
+    let served = match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+        Ok(Ok(result)) => result.map_err(anyhow::Error::from),
+        Ok(Err(join)) => Err(anyhow::anyhow!("server task failed: {join}")),
+        Err(_) => {
+            tracing::warn!("connections still open after the grace period; closing them");
+            Ok(())
+        }
+    };
+    state.engine.flush();
+    served
 }
 
 async fn housekeeping(state: AppState) {
@@ -173,6 +183,10 @@ async fn housekeeping(state: AppState) {
         n += 1;
         if n % 240 == 0 {
             state.registry.expire_offline(state.config.agents.offline_retention_secs * 1_000);
+        }
+        if n % 14_400 == 1 {
+            let retention_ms = state.config.store.hit_retention_days * 86_400_000;
+            state.engine.purge_before(time::now_ms().saturating_sub(retention_ms));
         }
     }
 }

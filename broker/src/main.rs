@@ -32,6 +32,9 @@ struct ServeArgs {
     /// An API key for REST and MCP callers (repeatable); named `cli`.
     #[arg(long = "api-key", env = "PERISCOPE_API_KEY", value_delimiter = ',')]
     api_keys: Vec<String>,
+    /// Directory for the database (actions, hits); without it nothing survives a restart.
+    #[arg(long, env = "PERISCOPE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
     /// An agent key accepted for every pool (repeatable).
     #[arg(long = "agent-key", env = "PERISCOPE_AGENT_KEY", value_delimiter = ',')]
     agent_keys: Vec<String>,
@@ -50,6 +53,9 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<BrokerConfig> {
     };
     if let Some(listen) = args.listen {
         config.listen = listen;
+    }
+    if let Some(dir) = &args.data_dir {
+        config.data_dir = Some(dir.clone());
     }
     for key in &args.api_keys {
         config.api_keys.push(ApiKeyConfig { name: "cli".into(), key: key.clone() });

@@ -242,3 +242,66 @@ async fn an_unknown_location_answers_with_the_nearest_known_locations() {
     agent.shutdown();
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_broker_restart_the_agent_reconnects_and_the_live_action_keeps_working() {
+    let data_dir = std::env::temp_dir().join(format!("periscope-it-{}", periscope_protocol::ActionId::generate()));
+    let mut config = crate::support::test_config();
+    config.data_dir = Some(data_dir.clone());
+    let broker = TestBroker::start_with(config.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let addr = broker.addr;
+    let api = broker.api();
+    let agent = TestAgent::start(&broker.ws_url(), "restart", &[]);
+    wait_online(&api, &agent.id()).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let work = workload(&agent, Arc::clone(&stop), Arc::clone(&count));
+    let line = placed_line(&api).await;
+    let (status, action) =
+        api.post("/actions", json!({"pool": "restart", "file": "core_loop.rs", "line": line, "max_hits": 3})).await;
+    assert_eq!(status, 201, "{action}");
+    let id = action["action_id"].as_str().unwrap().to_owned();
+    let (_, page) = api.get(&format!("/actions/{id}/hits?wait_seconds=20")).await;
+    let (_, dbg) = api.get(&format!("/actions/{id}")).await;
+    assert!(!page["hits"].as_array().unwrap().is_empty(), "{dbg}");
+
+    broker.stop().await;
+    // The host keeps running while the broker is gone.
+    let before = count.load(Ordering::Relaxed);
+    {
+        let count = Arc::clone(&count);
+        eventually(Duration::from_secs(10), "the workload to keep running", move || {
+            let c = count.load(Ordering::Relaxed);
+            async move { (c > before + 20).then_some(()) }
+        })
+        .await;
+    }
+    let restarted_at = periscope_broker::time::now_ms();
+    let broker = TestBroker::start_with(config, addr).await;
+    let api = broker.api();
+    wait_online(&api, &agent.id()).await;
+    let (status, action) = api.get(&format!("/actions/{id}")).await;
+    assert_eq!(status, 200, "the action survived the restart: {action}");
+    {
+        let api = api.clone();
+        let id = id.clone();
+        eventually(Duration::from_secs(20), "the action to complete after the restart", move || {
+            let api = api.clone();
+            let id = id.clone();
+            async move {
+                let (_, a) = api.get(&format!("/actions/{id}")).await;
+                (a["status"] == "completed").then_some(())
+            }
+        })
+        .await;
+    }
+    let (_, page) = api.get(&format!("/actions/{id}/hits")).await;
+    let hits = page["hits"].as_array().unwrap();
+    assert_eq!(hits.len(), 3);
+    assert!(hits.last().unwrap()["received_at_ms"].as_u64().unwrap() >= restarted_at, "{page}");
+    stop.store(true, Ordering::Relaxed);
+    work.join().unwrap();
+    agent.shutdown();
+    broker.stop().await;
+    let _ = std::fs::remove_dir_all(&data_dir);
+}

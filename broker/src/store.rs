@@ -1,0 +1,357 @@
+//! Durable state: actions and hits in an embedded SQLite database under the data
+//! directory, so a broker restart loses no action definition and no stored hit (live
+//! actions are re-sent to agents when they reconnect).
+//!
+//! Writes go through a channel to one writer thread that batches them into
+//! transactions: the async request path never waits on the disk. Reads happen once, at
+//! start, to rebuild the in-memory book.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rusqlite::{Connection, params};
+
+/// Why the store could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The data directory could not be created.
+    #[error("cannot create data directory {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// SQLite refused.
+    #[error("database {path}: {source}")]
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+        /// SQLite's error.
+        source: rusqlite::Error,
+    },
+    /// A stored row does not decode (written by an incompatible version?).
+    #[error("database {path}: a stored {what} does not decode: {detail}")]
+    Corrupt {
+        /// The database file.
+        path: PathBuf,
+        /// Which kind of row.
+        what: &'static str,
+        /// The decoder's message.
+        detail: String,
+    },
+}
+
+/// An action row, as the engine persists it (JSON columns keep the schema stable while
+/// the wire types grow optional fields).
+#[derive(Debug, Clone)]
+pub struct ActionRow {
+    /// `act_…`.
+    pub id: String,
+    /// The `ActionSpec` as JSON.
+    pub spec: String,
+    /// The target as JSON.
+    pub target: String,
+    /// Who placed it.
+    pub created_by: String,
+    /// When (Unix ms).
+    pub created_at_ms: u64,
+    /// `active`, `completed`, `expired`, `removed`.
+    pub status: String,
+    /// When it ended.
+    pub ended_at_ms: Option<u64>,
+    /// Why it ended.
+    pub end_reason: Option<String>,
+    /// Pending note.
+    pub pending_note: Option<String>,
+    /// Refused hit count.
+    pub hits_refused: u64,
+}
+
+/// A hit row.
+#[derive(Debug, Clone)]
+pub struct HitRow {
+    /// The action.
+    pub action_id: String,
+    /// Position within the action.
+    pub idx: u64,
+    /// The `StoredHit` as JSON.
+    pub body: String,
+    /// When the broker accepted it (Unix ms).
+    pub received_at_ms: u64,
+}
+
+enum Op {
+    Action(ActionRow),
+    Hit(HitRow),
+    DeleteAction(String),
+    PurgeBefore(u64),
+    Flush(mpsc::Sender<()>),
+}
+
+/// Handle to the writer thread.
+#[derive(Debug)]
+pub struct Store {
+    tx: mpsc::Sender<Op>,
+    path: PathBuf,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Op::Action(_) => "Action",
+            Op::Hit(_) => "Hit",
+            Op::DeleteAction(_) => "DeleteAction",
+            Op::PurgeBefore(_) => "PurgeBefore",
+            Op::Flush(_) => "Flush",
+        })
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS actions (
+    id TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    target TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    ended_at_ms INTEGER,
+    end_reason TEXT,
+    pending_note TEXT,
+    hits_refused INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS hits (
+    action_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    received_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (action_id, idx)
+);
+CREATE INDEX IF NOT EXISTS hits_received ON hits (received_at_ms);
+";
+
+fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+    move |source| StoreError::Sqlite { path: path.to_owned(), source }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl Store {
+    /// Opens (creating if needed) `periscope.db` in `dir`; returns the store and what
+    /// it holds.
+    pub fn open(dir: &Path) -> Result<(Store, Vec<ActionRow>, Vec<HitRow>), StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: dir.to_owned(), source })?;
+        let path = dir.join("periscope.db");
+        let conn = Connection::open(&path).map_err(sqlite(&path))?;
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
+            .map_err(sqlite(&path))?;
+        conn.execute_batch(SCHEMA).map_err(sqlite(&path))?;
+        let actions = load_actions(&conn).map_err(sqlite(&path))?;
+        let hits = load_hits(&conn).map_err(sqlite(&path))?;
+        let (tx, rx) = mpsc::channel();
+        let writer_path = path.clone();
+        let thread = std::thread::Builder::new()
+            .name("periscope-store".into())
+            .spawn(move || writer(conn, rx, &writer_path))
+            .map_err(|source| StoreError::Dir { path: dir.to_owned(), source })?;
+        Ok((Store { tx, path, thread: Some(thread) }, actions, hits))
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Persists an action (insert or update).
+    pub fn put_action(&self, row: ActionRow) {
+        let _ = self.tx.send(Op::Action(row));
+    }
+
+    /// Persists a hit.
+    pub fn put_hit(&self, row: HitRow) {
+        let _ = self.tx.send(Op::Hit(row));
+    }
+
+    /// Forgets an action and its hits.
+    pub fn delete_action(&self, id: &str) {
+        let _ = self.tx.send(Op::DeleteAction(id.to_owned()));
+    }
+
+    /// Deletes hits received before `cutoff_ms`, and ended actions that ended before it.
+    pub fn purge_before(&self, cutoff_ms: u64) {
+        let _ = self.tx.send(Op::PurgeBefore(cutoff_ms));
+    }
+
+    /// Waits until every write queued so far is on disk.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let (done_tx, done_rx) = mpsc::channel();
+        if self.tx.send(Op::Flush(done_tx)).is_err() {
+            return false;
+        }
+        done_rx.recv_timeout(timeout).is_ok()
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.flush(Duration::from_secs(5));
+        // Replacing the sender closes the channel; the writer drains and exits.
+        let (tx, _) = mpsc::channel();
+        self.tx = tx;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn load_actions(conn: &Connection) -> rusqlite::Result<Vec<ActionRow>> {
+    let mut stmt = conn.prepare(
+        "SELECT id, spec, target, created_by, created_at_ms, status, ended_at_ms, end_reason, pending_note, \
+         hits_refused FROM actions ORDER BY created_at_ms",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(ActionRow {
+            id: r.get(0)?,
+            spec: r.get(1)?,
+            target: r.get(2)?,
+            created_by: r.get(3)?,
+            created_at_ms: to_u64(r.get(4)?),
+            status: r.get(5)?,
+            ended_at_ms: r.get::<_, Option<i64>>(6)?.map(to_u64),
+            end_reason: r.get(7)?,
+            pending_note: r.get(8)?,
+            hits_refused: to_u64(r.get(9)?),
+        })
+    })?;
+    rows.collect()
+}
+
+fn load_hits(conn: &Connection) -> rusqlite::Result<Vec<HitRow>> {
+    let mut stmt = conn.prepare("SELECT action_id, idx, body, received_at_ms FROM hits ORDER BY action_id, idx")?;
+    let rows = stmt.query_map([], |r| {
+        Ok(HitRow { action_id: r.get(0)?, idx: to_u64(r.get(1)?), body: r.get(2)?, received_at_ms: to_u64(r.get(3)?) })
+    })?;
+    rows.collect()
+}
+
+fn apply(tx: &rusqlite::Transaction<'_>, op: Op, flushes: &mut Vec<mpsc::Sender<()>>) -> rusqlite::Result<()> {
+    match op {
+        Op::Action(a) => {
+            tx.execute(
+                "INSERT INTO actions (id, spec, target, created_by, created_at_ms, status, ended_at_ms, end_reason, \
+                 pending_note, hits_refused) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+                 ON CONFLICT(id) DO UPDATE SET spec = ?2, target = ?3, status = ?6, ended_at_ms = ?7, \
+                 end_reason = ?8, pending_note = ?9, hits_refused = ?10",
+                params![
+                    a.id,
+                    a.spec,
+                    a.target,
+                    a.created_by,
+                    to_i64(a.created_at_ms),
+                    a.status,
+                    a.ended_at_ms.map(to_i64),
+                    a.end_reason,
+                    a.pending_note,
+                    to_i64(a.hits_refused)
+                ],
+            )?;
+        }
+        Op::Hit(h) => {
+            tx.execute(
+                "INSERT OR REPLACE INTO hits (action_id, idx, body, received_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                params![h.action_id, to_i64(h.idx), h.body, to_i64(h.received_at_ms)],
+            )?;
+        }
+        Op::DeleteAction(id) => {
+            tx.execute("DELETE FROM hits WHERE action_id = ?1", params![id])?;
+            tx.execute("DELETE FROM actions WHERE id = ?1", params![id])?;
+        }
+        Op::PurgeBefore(cutoff) => {
+            let cutoff = to_i64(cutoff);
+            tx.execute("DELETE FROM hits WHERE received_at_ms < ?1", params![cutoff])?;
+            tx.execute(
+                "DELETE FROM actions WHERE status != 'active' AND ended_at_ms IS NOT NULL AND ended_at_ms < ?1",
+                params![cutoff],
+            )?;
+        }
+        Op::Flush(done) => flushes.push(done),
+    }
+    Ok(())
+}
+
+/// Batches whatever is queued into one transaction per wake-up.
+fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, path: &Path) {
+    while let Ok(first) = rx.recv() {
+        let mut flushes = Vec::new();
+        let result = (|| -> rusqlite::Result<()> {
+            let tx = conn.transaction()?;
+            apply(&tx, first, &mut flushes)?;
+            let mut n = 1;
+            while n < 1_000 {
+                match rx.try_recv() {
+                    Ok(op) => apply(&tx, op, &mut flushes)?,
+                    Err(_) => break,
+                }
+                n += 1;
+            }
+            tx.commit()
+        })();
+        if let Err(e) = result {
+            tracing::error!(db = %path.display(), error = %e, "writing to the store failed");
+        }
+        for done in flushes {
+            let _ = done.send(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str, status: &str) -> ActionRow {
+        ActionRow {
+            id: id.into(),
+            spec: "{}".into(),
+            target: "{}".into(),
+            created_by: "me".into(),
+            created_at_ms: 1,
+            status: status.into(),
+            ended_at_ms: None,
+            end_reason: None,
+            pending_note: None,
+            hits_refused: 0,
+        }
+    }
+
+    #[test]
+    fn what_is_written_is_there_after_reopening() {
+        let dir = std::env::temp_dir().join(format!("periscope-store-{}", periscope_protocol::ActionId::generate()));
+        {
+            let (store, actions, hits) = Store::open(&dir).unwrap();
+            assert!(actions.is_empty() && hits.is_empty());
+            store.put_action(row("act_a", "active"));
+            store.put_action(row("act_b", "active"));
+            store.put_hit(HitRow { action_id: "act_a".into(), idx: 1, body: "{}".into(), received_at_ms: 5 });
+            store.put_action(ActionRow { status: "completed".into(), ..row("act_a", "x") });
+            store.delete_action("act_b");
+            assert!(store.flush(Duration::from_secs(5)));
+        }
+        let (_store, actions, hits) = Store::open(&dir).unwrap();
+        assert_eq!(actions.len(), 1);
+        assert_eq!(actions[0].status, "completed");
+        assert_eq!(hits.len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
