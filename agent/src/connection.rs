@@ -105,9 +105,16 @@ impl Runner {
                 }
             };
             self.drop_queued_while_disconnected();
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                _ = self.shutdown.changed() => return,
+            let wake_at = tokio::time::Instant::now() + pause;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(wake_at) => break,
+                    _ = self.shutdown.changed() => return,
+                    // Keep draining while disconnected: hold no stale hits, count them.
+                    Some(_) = self.hits_rx.recv() => {
+                        self.shared.counters.dropped_disconnected.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             }
         }
     }

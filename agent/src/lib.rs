@@ -143,6 +143,24 @@ impl Agent {
         c.dropped_queue_full.load(Ordering::Relaxed) + c.dropped_disconnected.load(Ordering::Relaxed)
     }
 
+    /// Benchmarks only: installs a snapshot at `file:line` directly, with `quotas`,
+    /// bypassing the broker and its bounds (so a bench can measure the capture path on
+    /// an unbounded number of hits). Real deployments receive actions from a broker.
+    #[doc(hidden)]
+    pub fn install_for_bench(&self, file: &str, line: u32, quotas: periscope_protocol::AgentQuotas) {
+        use periscope_protocol::{ActionId, ActionKind, ActionSpec, CaptureLimits, Location, SnapshotSpec};
+        let spec = ActionSpec {
+            id: ActionId::generate(),
+            location: Location { file: file.into(), line },
+            condition: None,
+            expires_at_ms: u64::MAX,
+            kind: ActionKind::Snapshot(SnapshotSpec { max_hits: u32::MAX, watch: Vec::new(), backtrace: false }),
+        };
+        let installed = Arc::new(state::Installed::new(spec, &quotas));
+        self.shared.install(vec![installed], Arc::new(state::Budgets::new(quotas)), CaptureLimits::default());
+        self.shared.rebuild_interest();
+    }
+
     /// Says goodbye to the broker and waits up to `timeout` for the agent thread to end.
     pub fn shutdown(mut self, timeout: Duration) {
         self.stop(timeout);
