@@ -30,7 +30,7 @@
 //! |---|---|
 //! | `Name { a: 1, b: "x" }`, `Name { a: 1, .. }` | object `Name` with fields `a`, `b` |
 //! | `Point(1, 2)`, `Some(5)` | object with fields `0`, `1` |
-//! | `None`, `Empty`, `Foo::Bar` | object with no fields |
+//! | `None`, `Empty`, `Foo::Bar` | object with no fields (a lowercase word is a string) |
 //! | `[1, 2]` | list |
 //! | `(1, "a")`, `()` | list with type name `tuple` |
 //! | `{"k": 1}`, `Name {"k": 1}` | map |
@@ -126,6 +126,14 @@ fn is_closer(b: u8) -> bool {
 
 fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\n' | b'\r' | b'\t')
+}
+
+/// Whether a bare path looks like a unit struct or variant: its last segment (before
+/// any generics) starts with an uppercase letter.
+fn names_a_type(path: &str) -> bool {
+    let base = path.split('<').next().unwrap_or(path);
+    let last = base.rsplit("::").next().unwrap_or(base);
+    last.chars().next().is_some_and(char::is_uppercase)
 }
 
 fn to_usize(n: u32) -> usize {
@@ -744,17 +752,24 @@ impl<'a> Parser<'a> {
         }
         let name = self.text(start, end);
         self.pos = end;
-        self.skip_ws();
-        match self.peek() {
-            Some(b'{') => return self.container(level, Opener::NamedBrace(name)),
-            Some(b'(') => return self.container(level, Opener::NamedParen(name)),
-            _ => self.pos = end,
+        // Derive prints `Name(..)` with no space but `Name { .. }` with one; text such
+        // as `failed (code 5)` is Display output, not a tuple struct.
+        if self.peek() == Some(b'(') {
+            return self.container(level, Opener::NamedParen(name));
         }
+        self.skip_ws();
+        if self.peek() == Some(b'{') {
+            return self.container(level, Opener::NamedBrace(name));
+        }
+        self.pos = end;
         Some(match name {
             "true" => Value::Bool(true),
             "false" => Value::Bool(false),
             "NaN" => Value::Float(f64::NAN),
             "inf" => Value::Float(f64::INFINITY),
+            // Types and variants are UpperCamelCase; a bare lowercase word is text
+            // (a `%value` arrives through Debug too), not a unit struct.
+            _ if !names_a_type(name) => Value::Str(self.short_text(name)),
             _ => Value::Object(Object { type_name: self.name(name), ..Object::default() }),
         })
     }

@@ -245,6 +245,9 @@ impl Driver {
             if journey.is_err() {
                 return;
             }
+            // A journey can end without sending anything (nothing in stock, no known
+            // orders); never let a worker spin without giving the runtime a turn.
+            tokio::task::yield_now().await;
         }
     }
 

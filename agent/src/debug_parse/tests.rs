@@ -88,6 +88,16 @@ fn unit_variants_and_unit_structs_are_objects_without_fields() {
 }
 
 #[test]
+fn display_text_is_not_mistaken_for_unit_or_tuple_structs() {
+    // `%value` fields arrive as Display text through the same Debug channel.
+    assert_eq!(parse("expired_card"), s("expired_card"));
+    assert_eq!(parse("std::io::stdout"), s("std::io::stdout"));
+    assert_eq!(parse("Failed (code 5)"), s("Failed (code 5)"));
+    assert_eq!(parse("[pending, Pending]"), list(vec![s("pending"), unit("Pending")]));
+    assert_eq!(parse("GET"), unit("GET"));
+}
+
+#[test]
 fn paths_name_structs_and_variants() {
     assert_eq!(parse("alloc::vec::Vec { len: 0 }"), obj("alloc::vec::Vec", vec![("len", Value::Int(0))]));
     assert_eq!(parse("io::ErrorKind::NotFound(2)"), tuple_obj("io::ErrorKind::NotFound", vec![Value::Int(2)]));
@@ -197,7 +207,7 @@ fn a_malformed_sub_value_degrades_to_its_raw_text_locally() {
     assert_eq!(
         parse(r#"[1, Foo { a: 1 } junk, "ok", (oops]]"#),
         // `(oops]` closes the tuple with the wrong bracket, which is tolerated.
-        list(vec![Value::Int(1), s("Foo { a: 1 } junk"), s("ok"), list_of(Some("tuple"), vec![unit("oops")])])
+        list(vec![Value::Int(1), s("Foo { a: 1 } junk"), s("ok"), list_of(Some("tuple"), vec![s("oops")])])
     );
     assert_eq!(parse("Foo { a: hello world, b: 2 }"), obj("Foo", vec![("a", s("hello world")), ("b", Value::Int(2))]));
 }
