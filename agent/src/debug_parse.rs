@@ -31,11 +31,11 @@
 //! | `Name { a: 1, b: "x" }`, `Name { a: 1, .. }` | object `Name` with fields `a`, `b` |
 //! | `Point(1, 2)`, `Some(5)` | object with fields `0`, `1` |
 //! | `None`, `Empty`, `Foo::Bar` | object with no fields (a lowercase word is a string) |
-//! | `[1, 2]` | list |
+//! | `[1, 2]`, `Array [1]` | list (the second named `Array`) |
 //! | `(1, "a")`, `()` | list with type name `tuple` |
 //! | `{"k": 1}`, `Name {"k": 1}` | map |
 //! | `{1, 2}` | list with type name `set` |
-//! | `"a\n\u{1f600}"`, `'c'` | string, escapes decoded |
+//! | `"a\n\u{1f600}"`, `'c'`, `b"GET\x00"` | string, escapes decoded |
 //! | `-12`, `18446744073709551615`, `0x1f` | int, uint beyond `i64`, string beyond `u64` |
 //! | `1.5`, `1e-7`, `NaN`, `inf`, `-inf` | float |
 //! | `true`, `false` | bool |
@@ -95,6 +95,8 @@ enum Opener<'a> {
     NamedBrace(&'a str),
     /// `Name(`: a tuple struct or variant.
     NamedParen(&'a str),
+    /// `Name [`: a list printed with a name (`serde_json::Value::Array`).
+    NamedBracket(&'a str),
 }
 
 /// Where an element's text ends.
@@ -330,6 +332,11 @@ impl<'a> Parser<'a> {
     fn value(&mut self, level: u32) -> Option<Value> {
         match self.peek()? {
             b'"' => self.string_literal().map(Value::Str),
+            // A byte string (`bytes::Bytes`, `b"GET"`): same escapes.
+            b'b' if self.byte_at(self.pos + 1) == Some(b'"') => {
+                self.pos += 1;
+                self.string_literal().map(Value::Str)
+            }
             b'\'' => {
                 let (c, len) = self.char_literal(self.pos)?;
                 self.pos += len;
@@ -372,7 +379,9 @@ impl<'a> Parser<'a> {
                 Opener::Paren => Some(self.name(TUPLE)),
                 Opener::Brace if first_is_entry => None,
                 Opener::Brace => Some(self.name(SET)),
-                Opener::NamedBrace(name) | Opener::NamedParen(name) => Some(self.name(name)),
+                Opener::NamedBrace(name) | Opener::NamedParen(name) | Opener::NamedBracket(name) => {
+                    Some(self.name(name))
+                }
             };
             self.summary.depth_cuts += 1;
             return Some(Value::Cut(Cut { reason: CutReason::Depth, type_name, size: Some(count) }));
@@ -400,6 +409,10 @@ impl<'a> Parser<'a> {
                 let (fields, omitted) = self.tuple_fields(level)?;
                 Some(Value::Object(Object { type_name: self.name(name), fields, omitted }))
             }
+            Opener::NamedBracket(name) => {
+                let (items, omitted) = self.sequence(level)?;
+                Some(Value::List(List { type_name: Some(self.name(name)), items, omitted }))
+            }
         }
     }
 
@@ -412,6 +425,7 @@ impl<'a> Parser<'a> {
             Opener::NamedBrace(name) | Opener::NamedParen(name) => {
                 Value::Object(Object { type_name: self.name(name), ..Object::default() })
             }
+            Opener::NamedBracket(name) => Value::List(List { type_name: Some(self.name(name)), ..List::default() }),
         }
     }
 
@@ -758,10 +772,11 @@ impl<'a> Parser<'a> {
             return self.container(level, Opener::NamedParen(name));
         }
         self.skip_ws();
-        if self.peek() == Some(b'{') {
-            return self.container(level, Opener::NamedBrace(name));
+        match self.peek() {
+            Some(b'{') => return self.container(level, Opener::NamedBrace(name)),
+            Some(b'[') if names_a_type(name) => return self.container(level, Opener::NamedBracket(name)),
+            _ => self.pos = end,
         }
-        self.pos = end;
         Some(match name {
             "true" => Value::Bool(true),
             "false" => Value::Bool(false),

@@ -61,7 +61,9 @@ fn assert_within_limits(value: &Value, limits: &CaptureLimits) {
     let mut summary = TruncationSummary::default();
     truncate(&mut again, limits, &mut summary);
     assert!(summary.is_empty(), "truncate still cut {summary:?}");
-    assert!(again == *value, "truncate changed the parsed value");
+    // Compared as JSON, where NaN equals itself.
+    let json = |v: &Value| serde_json::to_string(v).expect("values serialize");
+    assert!(json(&again) == json(value), "truncate changed the parsed value");
 }
 
 // -- shapes -------------------------------------------------------------------------
@@ -125,6 +127,34 @@ fn string_escapes_are_decoded() {
     let text = r#""q\"b\\n\nt\tz\0'\'\u{1f600}\u{301}\x41""#;
     assert_eq!(parse(text), s("q\"b\\n\nt\tz\0''\u{1f600}\u{301}A"));
     assert_eq!(parse(r#""unknown \q escape""#), s("unknown \\q escape"));
+}
+
+#[test]
+fn byte_strings_and_named_lists_from_common_crates_parse() {
+    assert_eq!(parse(r#"b"GET\x00\xff""#), s("GET\0\u{ff}"));
+    // serde_json::Value's Debug output.
+    let json = r#"Object {"id": Number(7), "tags": Array [String("a")], "none": Null}"#;
+    assert_eq!(
+        parse(json),
+        Value::Map(Map {
+            type_name: Some("Object".into()),
+            entries: vec![
+                (s("id"), tuple_obj("Number", vec![Value::Int(7)])),
+                (s("tags"), list_of(Some("Array"), vec![tuple_obj("String", vec![s("a")])])),
+                (s("none"), unit("Null")),
+            ],
+            omitted: 0,
+        })
+    );
+    let cut = parse_debug("[[Array [1, 2]]]", &CaptureLimits { max_depth: 2, ..roomy() });
+    assert_eq!(
+        cut,
+        list(vec![list(vec![Value::Cut(Cut {
+            reason: CutReason::Depth,
+            type_name: Some("Array".into()),
+            size: Some(2)
+        })])])
+    );
 }
 
 #[test]
@@ -556,7 +586,12 @@ fn render(value: &Value, pretty: bool, indent: usize, out: &mut String) {
                 Some("tuple") if l.items.len() == 1 && !pretty => group(out, "(", ",)", items),
                 Some("tuple") => group(out, "(", ")", items),
                 Some("set") => group(out, "{", "}", items),
-                _ => group(out, "[", "]", items),
+                Some(name) => {
+                    out.push_str(name);
+                    out.push(' ');
+                    group(out, "[", "]", items)
+                }
+                None => group(out, "[", "]", items),
             }
         }
         Value::Map(m) => {
@@ -573,6 +608,31 @@ fn render(value: &Value, pretty: bool, indent: usize, out: &mut String) {
                 .collect();
             group(out, "{", "}", items)
         }
+    }
+}
+
+/// `truncate` leaves list and map type names alone; the parser shortens the ones it
+/// read from the text (`Name [..]`), so that no part of its output grows with the input.
+fn shorten_collection_names(value: &mut Value, max: usize) {
+    let shorten = |name: &mut Option<String>| {
+        if let Some(n) = name.as_mut().filter(|n| *n != "tuple" && *n != "set") {
+            *n = truncate_chars(n, max).to_owned();
+        }
+    };
+    match value {
+        Value::List(l) => {
+            shorten(&mut l.type_name);
+            l.items.iter_mut().for_each(|v| shorten_collection_names(v, max));
+        }
+        Value::Map(m) => {
+            shorten(&mut m.type_name);
+            for (k, v) in &mut m.entries {
+                shorten_collection_names(k, max);
+                shorten_collection_names(v, max);
+            }
+        }
+        Value::Object(o) => o.fields.iter_mut().for_each(|f| shorten_collection_names(&mut f.value, max)),
+        _ => {}
     }
 }
 
@@ -613,6 +673,7 @@ fn arb_value() -> impl Strategy<Value = Value> {
             prop::collection::vec(inner.clone(), 0..8).prop_map(list),
             prop::collection::vec(inner.clone(), 0..4).prop_map(|v| list_of(Some("tuple"), v)),
             prop::collection::vec(inner.clone(), 1..5).prop_map(|v| list_of(Some("set"), v)),
+            (type_name(), prop::collection::vec(inner.clone(), 0..4)).prop_map(|(n, v)| list_of(Some(&n), v)),
             prop::collection::vec((inner.clone(), inner), 0..5).prop_map(map),
         ]
     })
@@ -655,12 +716,24 @@ proptest! {
 
     #[test]
     fn rendered_values_parse_back_to_themselves_truncated(value in arb_value(), limits in arb_limits()) {
-        let expected = truncated(value.clone(), &limits);
+        let mut expected = truncated(value.clone(), &limits);
+        shorten_collection_names(&mut expected, limits.max_string_len as usize);
         for pretty in [false, true] {
             let text = rendered(&value, pretty);
             let parsed = parse_debug(&text, &limits);
             prop_assert!(parsed == expected, "text: {}\nparsed: {:?}\nexpected: {:?}", text, parsed, expected);
         }
+    }
+
+    #[test]
+    fn rendered_values_cut_off_anywhere_still_obey_the_limits(
+        value in arb_value(),
+        cut in any::<prop::sample::Index>(),
+        limits in arb_limits(),
+    ) {
+        let text = rendered(&value, true);
+        let at = text.char_indices().map(|(i, _)| i).nth(cut.index(text.chars().count().max(1))).unwrap_or(text.len());
+        assert_within_limits(&parse_debug(&text[..at], &limits), &limits);
     }
 
     #[test]
