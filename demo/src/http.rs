@@ -18,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::json;
+use tracing::field::Empty;
 use tracing::{Instrument, error, info, info_span, instrument};
 
 use crate::model::{Cart, CartItem, Order, Product, User};
@@ -128,7 +129,8 @@ impl FromRequestParts<AppState> for Ctx {
 async fn request_span(State(shop): State<AppState>, request: Request, next: Next) -> Response {
     let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_owned();
     let config = shop.config();
-    let span = info_span!("request", method = %request.method(), route = %route, instance = %config.instance, region = %config.region, status = tracing::field::Empty);
+    let (instance, region) = (&config.instance, &config.region);
+    let span = info_span!("request", method = %request.method(), %route, %instance, %region, status = Empty);
     let started = Instant::now();
     let response = next.run(request).instrument(span.clone()).await;
     let status = response.status().as_u16();

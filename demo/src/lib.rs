@@ -107,7 +107,8 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     let grace = config.shutdown_grace;
-    tracing::info!(instance = %config.instance, region = %config.region, %addr, catalog = config.catalog_size, "shop listening");
+    let (instance, region) = (&config.instance, &config.region);
+    tracing::info!(%instance, %region, %addr, catalog = config.catalog_size, "shop listening");
     let app = http::router(Arc::new(Shop::new(config)));
     let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
     let signal = async move {

@@ -21,6 +21,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tracing::field::Empty;
 use tracing::{Span, debug, error, info, instrument, warn};
 
 use crate::fake::{self, DECLINED_CARDS, Faker, Rng};
@@ -246,7 +247,7 @@ impl Shop {
     // -- accounts -----------------------------------------------------------------
 
     /// Registers a shopper and issues their API token.
-    #[instrument(skip_all, fields(email = %req.email, user_id = tracing::field::Empty))]
+    #[instrument(skip_all, fields(email = %req.email, user_id = Empty))]
     pub fn signup(&self, req: SignupRequest, ctx: &RequestContext) -> Result<SessionResponse, ShopError> {
         if !is_plausible_email(&req.email) {
             warn!(email = %req.email, "rejected sign-up with malformed e-mail {}", req.email);
@@ -334,7 +335,7 @@ impl Shop {
     // -- carts --------------------------------------------------------------------
 
     /// Opens an empty cart for the caller.
-    #[instrument(skip_all, fields(user_id = user.id, cart_id = tracing::field::Empty))]
+    #[instrument(skip_all, fields(user_id = user.id, cart_id = Empty))]
     pub fn create_cart(&self, user: &User) -> Cart {
         let cart = Cart { id: self.store.next_id(), user_id: user.id, items: Vec::new() };
         Span::current().record("cart_id", cart.id);
@@ -399,7 +400,7 @@ impl Shop {
     // -- orders -------------------------------------------------------------------
 
     /// Turns the caller's cart into an order awaiting payment.
-    #[instrument(skip_all, fields(user_id = user.id, cart_id = cart_id, order_id = tracing::field::Empty, amount_cents = tracing::field::Empty))]
+    #[instrument(skip_all, fields(user_id = user.id, cart_id = cart_id, order_id = Empty, amount_cents = Empty))]
     pub fn checkout(
         &self,
         user: &User,
@@ -417,7 +418,10 @@ impl Shop {
     }
 
     /// Places a business customer's order straight from a purchase list.
-    #[instrument(skip_all, fields(user_id = user.id, lines = req.lines.len(), po_reference = req.po_reference.as_deref(), order_id = tracing::field::Empty, amount_cents = tracing::field::Empty))]
+    #[instrument(
+        skip_all,
+        fields(user_id = user.id, lines = req.lines.len(), po_reference = req.po_reference.as_deref(), order_id = Empty, amount_cents = Empty)
+    )]
     pub fn bulk_order(&self, user: &User, req: BulkOrderRequest, ctx: &RequestContext) -> Result<Order, ShopError> {
         if req.lines.is_empty() || req.lines.len() > MAX_BULK_LINES {
             return Err(ShopError::Invalid(format!("a bulk order has 1 to {MAX_BULK_LINES} lines")));
@@ -496,7 +500,8 @@ impl Shop {
         self.store.add_order(order.clone());
         info!(order_id = order.id, total_cents = order.total_cents, items = order.lines.len(), "order placed");
         if let Some(message) = &order.gift_message {
-            info!(order_id = order.id, gift_message = %message, user_agent = %order.user_agent, "gift message attached");
+            let user_agent = &order.user_agent;
+            info!(order_id = order.id, gift_message = %message, %user_agent, "gift message attached");
         }
         Ok(order)
     }
@@ -568,7 +573,7 @@ impl Shop {
     // -- payments -----------------------------------------------------------------
 
     /// Pays for one of the caller's orders by card or SEPA debit.
-    #[instrument(skip_all, fields(user_id = user.id, order_id = order_id, amount_cents = tracing::field::Empty, method = tracing::field::Empty))]
+    #[instrument(skip_all, fields(user_id = user.id, order_id = order_id, amount_cents = Empty, method = Empty))]
     pub async fn pay(
         &self,
         user: &User,
@@ -616,14 +621,18 @@ impl Shop {
     }
 
     /// Authorizes and captures a card payment with the (simulated) processor.
-    #[instrument(skip_all, fields(order_id = payment.order_id, amount_cents = payment.amount_cents, card_brand = card.brand(), last4 = %card.last4()))]
+    #[instrument(
+        skip_all,
+        fields(order_id = payment.order_id, amount_cents = payment.amount_cents, card_brand = card.brand(), last4 = %card.last4())
+    )]
     pub async fn charge_card(&self, payment: &Payment, card: &Card) -> Result<PaymentReceipt, ShopError> {
         let digits = card.digits();
         if !fake::luhn_valid(&digits) {
             info!(order_id = payment.order_id, card_number = %card.card_number, "card number fails the Luhn check");
             return Err(ShopError::Invalid("the card number is not valid".into()));
         }
-        debug!(card_number = %card.card_number, cvv = %card.cvv, expiry = %format!("{:02}/{}", card.expiry_month, card.expiry_year), holder = %card.holder, "authorizing card");
+        let expiry = format!("{:02}/{}", card.expiry_month, card.expiry_year);
+        debug!(card_number = %card.card_number, cvv = %card.cvv, %expiry, holder = %card.holder, "authorizing card");
         let year = fake::current_year();
         let declined_by_rule = if card.expiry_year < year {
             Some("expired_card".to_owned())
