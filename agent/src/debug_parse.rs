@@ -559,7 +559,7 @@ impl<'a> Parser<'a> {
                 omitted += 1;
                 self.summary.items_omitted += 1;
             } else {
-                let start = self.pos;
+                let (start, saved) = (self.pos, self.summary);
                 let key = self.element(level + 1, Stop::Key);
                 let has_value = self.lone_colon_at(self.pos);
                 match (*is_map.get_or_insert(has_value), has_value) {
@@ -574,6 +574,7 @@ impl<'a> Parser<'a> {
                     (false, false) => items.push(key),
                     // A set element that looks like an entry: keep its raw text.
                     (false, true) => {
+                        self.summary = saved;
                         self.pos = start;
                         self.scan_element(Stop::Item);
                         let raw = self.text(start, self.pos).trim_end();

@@ -716,12 +716,16 @@ proptest! {
 
     #[test]
     fn rendered_values_parse_back_to_themselves_truncated(value in arb_value(), limits in arb_limits()) {
-        let mut expected = truncated(value.clone(), &limits);
+        let mut expected = value.clone();
+        let mut expected_summary = TruncationSummary::default();
+        truncate(&mut expected, &limits, &mut expected_summary);
         shorten_collection_names(&mut expected, limits.max_string_len as usize);
         for pretty in [false, true] {
             let text = rendered(&value, pretty);
-            let parsed = parse_debug(&text, &limits);
+            let mut summary = TruncationSummary::default();
+            let parsed = parse_debug_with_summary(&text, &limits, &mut summary);
             prop_assert!(parsed == expected, "text: {}\nparsed: {:?}\nexpected: {:?}", text, parsed, expected);
+            prop_assert_eq!(summary, expected_summary);
         }
     }
 
