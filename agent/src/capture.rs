@@ -186,7 +186,7 @@ pub(crate) fn to_value(raw: &Raw, limits: &CaptureLimits) -> Value {
             original_len: original.map(|n| n as u64).filter(|n| *n > s.chars().count() as u64),
         }),
         Raw::Debug(text, cut) => {
-            let mut value = crate::debug_text::parse(text, limits);
+            let mut value = crate::debug_parse::parse_debug(text, limits);
             if *cut {
                 // The text was cut on the application's thread: say so where it shows.
                 if let Value::Str(t) = &mut value {

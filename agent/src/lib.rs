@@ -55,7 +55,7 @@ pub mod config;
 mod budget;
 mod capture;
 mod connection;
-mod debug_text;
+pub mod debug_parse;
 mod layer;
 mod state;
 
