@@ -230,8 +230,11 @@ async fn wait_ready(api: &str, key: &str, instances: usize, fleet: &mut Fleet) -
 
 fn print_banner(addr: SocketAddr, key: &str, key_source: &str, fleet: &Fleet, log_dir: &std::path::Path, ex: &Example) {
     let base = format!("http://{addr}");
-    let pools: Vec<String> =
-        fleet.children.iter().map(|(s, _)| format!("{} (pool {}, tags {})", s.name, s.pool, s.tags.join(" "))).collect();
+    let pools: Vec<String> = fleet
+        .children
+        .iter()
+        .map(|(s, _)| format!("{} (pool {}, tags {})", s.name, s.pool, s.tags.join(" ")))
+        .collect();
     println!("Periscope demo is running.");
     println!();
     println!("  MCP endpoint:  {base}/mcp");

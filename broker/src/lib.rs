@@ -15,10 +15,12 @@
 //! - [`api`]: the REST API under `/api/v1`.
 //! - [`auth`]: API-key authentication middleware.
 //! - [`error`]: the error codes callers see.
+//! - [`demo`]: `periscope demo` and its shop processes.
 
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod gateway;

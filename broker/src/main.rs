@@ -19,6 +19,50 @@ struct Cli {
 enum Command {
     /// Run the broker.
     Serve(ServeArgs),
+    /// Run a broker with several instrumented demo shops and print how to try it.
+    Demo(DemoArgs),
+    /// One demo shop with its agent (started by `periscope demo`).
+    #[command(hide = true)]
+    ShopInstance(ShopInstanceArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DemoArgs {
+    /// Address the broker listens on.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// How many shop processes to start (1 to 4).
+    #[arg(long, default_value_t = 4)]
+    instances: usize,
+    /// Requests per second each shop's load generator sends.
+    #[arg(long, default_value_t = 10.0)]
+    rps: f64,
+    /// API key to print and accept [default: generated].
+    #[arg(long, env = "PERISCOPE_API_KEY")]
+    api_key: Option<String>,
+    /// Keep actions and hits in this directory.
+    #[arg(long, env = "PERISCOPE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct ShopInstanceArgs {
+    #[arg(long)]
+    broker_url: String,
+    #[arg(long)]
+    agent_key: String,
+    #[arg(long)]
+    pool: String,
+    #[arg(long, value_delimiter = ',')]
+    tags: Vec<String>,
+    #[arg(long)]
+    instance: String,
+    #[arg(long)]
+    region: String,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long, default_value_t = 10.0)]
+    rps: f64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -41,9 +85,27 @@ struct ServeArgs {
 }
 
 fn init_logging() {
+    init_logging_default("info");
+}
+
+/// Logs to stderr, filtered by `PERISCOPE_LOG` (default `default`).
+fn init_logging_default(default: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("PERISCOPE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("PERISCOPE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Resolves when standard input reaches its end (the parent closed it).
+async fn stdin_closed() {
+    use tokio::io::AsyncReadExt;
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 64];
+    loop {
+        match stdin.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
 }
 
 fn load_config(args: &ServeArgs) -> anyhow::Result<BrokerConfig> {
@@ -71,6 +133,56 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     match cli.command {
+        Command::Demo(args) => {
+            init_logging_default("warn");
+            let options = periscope_broker::demo::DemoOptions {
+                listen: args.listen,
+                instances: args.instances,
+                requests_per_second: args.rps,
+                api_key: args.api_key,
+                data_dir: args.data_dir,
+            };
+            runtime.block_on(periscope_broker::demo::run_demo(options, shutdown_signal()))
+        }
+        Command::ShopInstance(args) => {
+            use tracing_subscriber::prelude::*;
+            let agent = periscope_agent::Agent::builder()
+                .broker_url(args.broker_url.clone())
+                .agent_key(args.agent_key.clone())
+                .pool(args.pool.clone())
+                .tags(args.tags.clone())
+                .service("demo-shop")
+                .service_version(env!("CARGO_PKG_VERSION"))
+                .display_name(args.instance.clone())
+                .reconnect_initial(std::time::Duration::from_millis(500))
+                .start()?;
+            tracing_subscriber::registry()
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_writer(std::io::stderr)
+                        .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
+                )
+                .with(agent.layer())
+                .init();
+            let options = periscope_broker::demo::ShopInstanceOptions {
+                broker_url: args.broker_url,
+                agent_key: args.agent_key,
+                pool: args.pool,
+                tags: args.tags,
+                instance: args.instance,
+                region: args.region,
+                seed: args.seed,
+                requests_per_second: args.rps,
+            };
+            let result = runtime.block_on(periscope_broker::demo::run_shop_instance(options, async {
+                tokio::select! {
+                    _ = shutdown_signal() => {}
+                    _ = stdin_closed() => {}
+                }
+            }));
+            agent.shutdown(std::time::Duration::from_secs(2));
+            result
+        }
         Command::Serve(args) => {
             init_logging();
             let config = load_config(&args)?;
