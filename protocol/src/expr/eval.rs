@@ -678,13 +678,41 @@ fn equal(a: View<'_>, c: View<'_>, b: &mut Budget, depth: u32) -> Result<Eq3, Ev
             if total(x) != total(y) {
                 return Ok(Eq3::No);
             }
+            // Same keys in the same order (the usual case, and the only sound one for
+            // maps with duplicate keys): compare entry by entry.
+            let mut same_order = x.entries.len() == y.entries.len();
+            let mut keys_unknown = false;
+            for ((k, _), (k2, _)) in x.entries.iter().zip(&y.entries) {
+                match equal(View::of(k), View::of(k2), b, depth + 1)? {
+                    Eq3::Yes => {}
+                    Eq3::Unknown => keys_unknown = true,
+                    Eq3::TooDeep => return Ok(Eq3::TooDeep),
+                    Eq3::No | Eq3::Mismatch => {
+                        same_order = false;
+                        break;
+                    }
+                }
+            }
+            if same_order {
+                let pairs = x.entries.iter().zip(&y.entries).map(|((_, v), (_, v2))| (View::of(v), View::of(v2)));
+                return Ok(match all_equal(pairs, 0, 0, x.omitted + y.omitted, b, depth)? {
+                    Eq3::Yes if keys_unknown => Eq3::Unknown,
+                    other => other,
+                });
+            }
             let mut unknown = x.omitted + y.omitted > 0;
             for (k, v) in &x.entries {
                 let mut matched = None;
+                let mut maybe = false;
                 for (k2, v2) in &y.entries {
-                    if let Eq3::Yes = equal(View::of(k), View::of(k2), b, depth + 1)? {
-                        matched = Some(v2);
-                        break;
+                    match equal(View::of(k), View::of(k2), b, depth + 1)? {
+                        Eq3::Yes => {
+                            matched = Some(v2);
+                            break;
+                        }
+                        Eq3::Unknown => maybe = true,
+                        Eq3::TooDeep => return Ok(Eq3::TooDeep),
+                        Eq3::No | Eq3::Mismatch => {}
                     }
                 }
                 match matched {
@@ -694,33 +722,23 @@ fn equal(a: View<'_>, c: View<'_>, b: &mut Budget, depth: u32) -> Result<Eq3, Ev
                         Eq3::TooDeep => return Ok(Eq3::TooDeep),
                         Eq3::No | Eq3::Mismatch => return Ok(Eq3::No),
                     },
-                    None if y.omitted > 0 => unknown = true,
+                    None if maybe || y.omitted > 0 => unknown = true,
                     None => return Ok(Eq3::No),
                 }
             }
             if unknown { Eq3::Unknown } else { Eq3::Yes }
         }
         (View::Object(x), View::Object(y)) => {
-            if x.type_name != y.type_name {
+            // Fields come in declaration order, so two objects of one type are compared
+            // field by field.
+            if x.type_name != y.type_name || x.fields.len() != y.fields.len() || x.omitted != y.omitted {
                 return Ok(Eq3::No);
             }
-            if x.fields.len() as u64 + x.omitted != y.fields.len() as u64 + y.omitted {
+            if x.fields.iter().zip(&y.fields).any(|(f, g)| f.name != g.name) {
                 return Ok(Eq3::No);
             }
-            let mut unknown = x.omitted + y.omitted > 0;
-            for f in &x.fields {
-                match y.fields.iter().find(|g| g.name == f.name) {
-                    Some(g) => match equal(View::of(&f.value), View::of(&g.value), b, depth + 1)? {
-                        Eq3::Yes => {}
-                        Eq3::Unknown => unknown = true,
-                        Eq3::TooDeep => return Ok(Eq3::TooDeep),
-                        Eq3::No | Eq3::Mismatch => return Ok(Eq3::No),
-                    },
-                    None if y.omitted > 0 => unknown = true,
-                    None => return Ok(Eq3::No),
-                }
-            }
-            if unknown { Eq3::Unknown } else { Eq3::Yes }
+            let pairs = x.fields.iter().zip(&y.fields).map(|(f, g)| (View::of(&f.value), View::of(&g.value)));
+            all_equal(pairs, 0, 0, x.omitted + y.omitted, b, depth)?
         }
         _ => Eq3::Mismatch,
     })
