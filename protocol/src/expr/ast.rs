@@ -22,8 +22,9 @@ pub(crate) struct Node {
 /// What a node computes.
 #[derive(Debug, Clone)]
 pub(crate) enum Kind {
-    /// A literal: a scalar, or a list whose items are all literals.
-    Lit(Value),
+    /// A literal: a scalar, or a list whose items are all literals. Boxed to keep
+    /// nodes small: the parser and evaluator recurse over them.
+    Lit(Box<Value>),
     /// A list literal with computed items.
     List(Vec<Node>),
     /// A field path.

@@ -42,6 +42,7 @@ pub(crate) enum Val<'a> {
 }
 
 impl<'a> Val<'a> {
+    #[inline]
     fn of(v: &'a Value, depth: Option<u32>) -> Val<'a> {
         match v {
             Value::Null => Val::Null,
@@ -55,6 +56,7 @@ impl<'a> Val<'a> {
         }
     }
 
+    #[inline]
     fn view(&self) -> View<'_> {
         match self {
             Val::Null => View::Null,
@@ -177,27 +179,33 @@ pub(crate) struct Cx<'a, S: ?Sized> {
 }
 
 impl<S: ?Sized> Cx<'_, S> {
+    #[cold]
     fn snippet(&self, n: &Node) -> String {
         quote(self.src.get(n.start as usize..n.end as usize).unwrap_or(""))
     }
 
+    #[cold]
     fn snippet_to(&self, n: &Node, end: u32) -> String {
         quote(self.src.get(n.start as usize..end as usize).unwrap_or(""))
     }
 
+    #[cold]
     fn mismatch(&self, op: &'static str, a: View<'_>, b: View<'_>, n: &Node) -> EvalError {
         EvalError::TypeMismatch { op, left: a.kind(), right: b.kind(), expr: self.snippet(n) }
     }
 
+    #[cold]
     fn bad_operand(&self, op: &'static str, v: View<'_>, n: &Node) -> EvalError {
         EvalError::BadOperand { op, operand: v.kind(), expr: self.snippet(n) }
     }
 
+    #[cold]
     fn bad_argument(&self, func: Func, expected: &'static str, v: View<'_>, n: &Node) -> EvalError {
         EvalError::BadArgument { function: func.name(), expected, found: v.kind(), expr: self.snippet(n) }
     }
 
     /// The error for a cut value met as an operand of `what`.
+    #[cold]
     fn cut_operand(&self, val: &Val<'_>, operand: &Node, what: &str) -> EvalError {
         let (cut, depth) = match val {
             Val::Cut(c, d) => (Some(*c), *d),
@@ -215,6 +223,7 @@ impl<S: ?Sized> Cx<'_, S> {
     }
 
     /// The error for an answer that depends on a part of a value capture limits removed.
+    #[cold]
     fn unknown(&self, n: &Node, detail: &str) -> EvalError {
         EvalError::Truncated { path: self.snippet(n), depth: None, detail: detail.to_owned() }
     }
@@ -241,31 +250,7 @@ pub(crate) fn eval<'a, S: Scope + ?Sized>(n: &'a Node, cx: &Cx<'a, S>, b: &mut B
     match &n.kind {
         Kind::Lit(v) => Ok(Val::of(v, None)),
         Kind::Path(p) => eval_path(p, n, cx, b),
-        Kind::And(items) => {
-            for item in items {
-                if !truthy(eval(item, cx, b)?, item, "&&", cx)? {
-                    return Ok(Val::Bool(false));
-                }
-            }
-            Ok(Val::Bool(true))
-        }
-        Kind::Or(items) => {
-            for item in items {
-                if truthy(eval(item, cx, b)?, item, "||", cx)? {
-                    return Ok(Val::Bool(true));
-                }
-            }
-            Ok(Val::Bool(false))
-        }
-        Kind::Not(x) => {
-            let v = eval(x, cx, b)?;
-            match v.view() {
-                View::Bool(t) => Ok(Val::Bool(!t)),
-                View::Null => Ok(Val::Bool(true)),
-                View::Cut(_) => Err(cx.cut_operand(&v, x, "\"!\"")),
-                other => Err(cx.bad_operand("!", other, n)),
-            }
-        }
+        Kind::And(_) | Kind::Or(_) | Kind::Not(_) | Kind::Cmp(..) | Kind::In { .. } => logic(n, cx, b).map(Val::Bool),
         Kind::Neg(x) => {
             let v = eval(x, cx, b)?;
             match v.view() {
@@ -277,16 +262,6 @@ pub(crate) fn eval<'a, S: Scope + ?Sized>(n: &'a Node, cx: &Cx<'a, S>, b: &mut B
                 View::Cut(_) => Err(cx.cut_operand(&v, x, "\"-\"")),
                 other => Err(cx.bad_operand("-", other, n)),
             }
-        }
-        Kind::Cmp(op, l, r) => {
-            let a = eval(l, cx, b)?;
-            let c = eval(r, cx, b)?;
-            compare(*op, &a, &c, n, l, r, cx, b).map(Val::Bool)
-        }
-        Kind::In { negated, needle, hay } => {
-            let x = eval(needle, cx, b)?;
-            let h = eval(hay, cx, b)?;
-            membership(&x, &h, n, needle, hay, "in", cx, b).map(|found| Val::Bool(found != *negated))
         }
         Kind::Arith(op, l, r) => {
             let a = eval(l, cx, b)?;
@@ -304,9 +279,76 @@ pub(crate) fn eval<'a, S: Scope + ?Sized>(n: &'a Node, cx: &Cx<'a, S>, b: &mut B
     }
 }
 
+/// Evaluates `n` where true or false is wanted (a condition, an operand of `&&`, `||`,
+/// `!`): boolean nodes answer with a plain `bool`, which keeps the hot path of
+/// conditions free of value construction; anything else comes back as its value for
+/// the caller to judge.
+pub(crate) fn test<'a, S: Scope + ?Sized>(
+    n: &'a Node,
+    cx: &Cx<'a, S>,
+    b: &mut Budget,
+) -> Result<Result<bool, Val<'a>>, EvalError> {
+    match &n.kind {
+        Kind::And(_) | Kind::Or(_) | Kind::Not(_) | Kind::Cmp(..) | Kind::In { .. } => {
+            b.charge(1)?;
+            logic(n, cx, b).map(Ok)
+        }
+        _ => eval(n, cx, b).map(|v| match v {
+            Val::Bool(t) => Ok(t),
+            other => Err(other),
+        }),
+    }
+}
+
+/// The nodes whose result is always a boolean. The caller has charged for `n`.
+fn logic<'a, S: Scope + ?Sized>(n: &'a Node, cx: &Cx<'a, S>, b: &mut Budget) -> Result<bool, EvalError> {
+    match &n.kind {
+        Kind::And(items) => {
+            for item in items {
+                if !truthy(test(item, cx, b)?, item, "&&", cx)? {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        }
+        Kind::Or(items) => {
+            for item in items {
+                if truthy(test(item, cx, b)?, item, "||", cx)? {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        }
+        Kind::Not(x) => match test(x, cx, b)? {
+            Ok(t) => Ok(!t),
+            Err(v) => match v.view() {
+                View::Null => Ok(true),
+                View::Cut(_) => Err(cx.cut_operand(&v, x, "\"!\"")),
+                other => Err(cx.bad_operand("!", other, n)),
+            },
+        },
+        Kind::Cmp(op, l, r) => {
+            let a = eval(l, cx, b)?;
+            let c = eval(r, cx, b)?;
+            compare(*op, &a, &c, n, l, r, cx, b)
+        }
+        Kind::In { negated, needle, hay } => {
+            let x = eval(needle, cx, b)?;
+            let h = eval(hay, cx, b)?;
+            membership(&x, &h, n, needle, hay, "in", cx, b).map(|found| found != *negated)
+        }
+        // Not reached: only boolean kinds are sent here.
+        _ => truthy(test(n, cx, b)?, n, "&&", cx),
+    }
+}
+
 /// True or false for `&&`, `||`: `null` counts as false, anything else but a bool is
 /// an error.
-fn truthy<S: ?Sized>(v: Val<'_>, n: &Node, op: &'static str, cx: &Cx<'_, S>) -> Result<bool, EvalError> {
+fn truthy<S: ?Sized>(t: Result<bool, Val<'_>>, n: &Node, op: &'static str, cx: &Cx<'_, S>) -> Result<bool, EvalError> {
+    let v = match t {
+        Ok(t) => return Ok(t),
+        Err(v) => v,
+    };
     match v.view() {
         View::Bool(t) => Ok(t),
         View::Null => Ok(false),

@@ -239,10 +239,11 @@ impl Expr {
     /// else but a boolean is [`EvalError::NotBoolean`]. Does not allocate unless it
     /// fails or the expression builds new strings.
     pub fn eval_condition<S: Scope + ?Sized>(&self, scope: &S, budget: &mut Budget) -> Result<bool, EvalError> {
-        match self.eval_val(scope, budget)? {
-            Val::Bool(b) => Ok(b),
-            Val::Null => Ok(false),
-            other => Err(EvalError::NotBoolean { found: other.kind() }),
+        let cx = Cx { scope, src: &self.inner.source };
+        match eval::test(&self.inner.root, &cx, budget)? {
+            Ok(b) => Ok(b),
+            Err(Val::Null) => Ok(false),
+            Err(other) => Err(EvalError::NotBoolean { found: other.kind() }),
         }
     }
 

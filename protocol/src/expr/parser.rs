@@ -15,7 +15,7 @@ use crate::limits::action_bounds::MAX_EXPRESSION_LEN;
 use crate::value::Value;
 
 /// Deepest nesting (parentheses, calls, unary operators, tree height) accepted.
-pub const MAX_NESTING: usize = 64;
+pub const MAX_NESTING: usize = 32;
 
 /// Parses and statically checks `src`, returning the tree and its static type.
 pub(crate) fn parse(src: &str) -> Result<(Node, Ty), ParseError> {
@@ -140,144 +140,119 @@ impl<'s> Parser<'s> {
     fn parse_expr(&mut self) -> Result<Node, ParseError> {
         let at = self.peek().start;
         self.enter(at)?;
-        let r = self.parse_or();
+        let r = self.parse_binary(Prec::Or);
         self.leave();
         r
     }
 
-    fn at_or(&self) -> bool {
+    /// The binary operator at the cursor, its precedence, and how many tokens it spans.
+    fn binary_op(&self) -> Option<(BinOp, Prec, usize)> {
         let t = self.peek();
-        t.tok == Tok::OrOr || self.is_word(t, "or")
+        let one = |op, prec| Some((op, prec, 1));
+        match t.tok {
+            Tok::OrOr => one(BinOp::Or, Prec::Or),
+            Tok::AndAnd => one(BinOp::And, Prec::And),
+            Tok::EqEq => one(BinOp::Cmp(CmpOp::Eq), Prec::Cmp),
+            Tok::NotEq => one(BinOp::Cmp(CmpOp::Ne), Prec::Cmp),
+            Tok::Lt => one(BinOp::Cmp(CmpOp::Lt), Prec::Cmp),
+            Tok::Le => one(BinOp::Cmp(CmpOp::Le), Prec::Cmp),
+            Tok::Gt => one(BinOp::Cmp(CmpOp::Gt), Prec::Cmp),
+            Tok::Ge => one(BinOp::Cmp(CmpOp::Ge), Prec::Cmp),
+            Tok::Plus => one(BinOp::Arith(ArithOp::Add), Prec::Add),
+            Tok::Minus => one(BinOp::Arith(ArithOp::Sub), Prec::Add),
+            Tok::Star => one(BinOp::Arith(ArithOp::Mul), Prec::Mul),
+            Tok::Slash => one(BinOp::Arith(ArithOp::Div), Prec::Mul),
+            Tok::Percent => one(BinOp::Arith(ArithOp::Rem), Prec::Mul),
+            Tok::Name => match self.text(t) {
+                "or" => one(BinOp::Or, Prec::Or),
+                "and" => one(BinOp::And, Prec::And),
+                "in" => one(BinOp::In { negated: false }, Prec::Cmp),
+                "not" if self.is_word(self.peek_next(), "in") => Some((BinOp::In { negated: true }, Prec::Cmp, 2)),
+                _ => None,
+            },
+            _ => None,
+        }
     }
 
-    fn at_and(&self) -> bool {
-        let t = self.peek();
-        t.tok == Tok::AndAnd || self.is_word(t, "and")
-    }
-
-    fn parse_or(&mut self) -> Result<Node, ParseError> {
-        let first = self.parse_and()?;
-        if !self.at_or() {
-            return Ok(first);
-        }
-        let start = first.start;
-        let mut items = vec![first];
-        while self.at_or() {
-            self.advance();
-            items.push(self.parse_and()?);
-        }
-        let end = items.last().map_or(start, |n| n.end);
-        self.mk(Kind::Or(items), start, end)
-    }
-
-    fn parse_and(&mut self) -> Result<Node, ParseError> {
-        let first = self.parse_not()?;
-        if !self.at_and() {
-            return Ok(first);
-        }
-        let start = first.start;
-        let mut items = vec![first];
-        while self.at_and() {
-            self.advance();
-            items.push(self.parse_not()?);
-        }
-        let end = items.last().map_or(start, |n| n.end);
-        self.mk(Kind::And(items), start, end)
-    }
-
-    /// `not` binds looser than comparisons (`not a == b` is `not (a == b)`), as in
-    /// Python; `!` binds tighter, as in C.
-    fn parse_not(&mut self) -> Result<Node, ParseError> {
+    /// Precedence climbing over the binary operators, with the prefix `not` at its own
+    /// level: `not` binds looser than comparisons (`not a == b` is `not (a == b)`), as
+    /// in Python, while `!` binds tighter, as in C. `&&` and `||` chains are flattened;
+    /// comparisons do not chain.
+    fn parse_binary(&mut self, min: Prec) -> Result<Node, ParseError> {
         let t = self.peek().clone();
-        if !self.is_word(&t, "not") {
-            return self.parse_cmp();
-        }
-        self.advance();
-        self.enter(t.start)?;
-        let inner = self.parse_not();
-        self.leave();
-        let inner = inner?;
-        let end = inner.end;
-        self.mk(Kind::Not(Box::new(inner)), u32_of(t.start), end)
-    }
-
-    /// The comparison operator at the cursor, and how many tokens it spans.
-    fn cmp_op(&self) -> Option<(CmpLike, usize)> {
-        let t = self.peek();
-        let op = match t.tok {
-            Tok::EqEq => CmpLike::Cmp(CmpOp::Eq),
-            Tok::NotEq => CmpLike::Cmp(CmpOp::Ne),
-            Tok::Lt => CmpLike::Cmp(CmpOp::Lt),
-            Tok::Le => CmpLike::Cmp(CmpOp::Le),
-            Tok::Gt => CmpLike::Cmp(CmpOp::Gt),
-            Tok::Ge => CmpLike::Cmp(CmpOp::Ge),
-            Tok::Name if self.is_word(t, "in") => CmpLike::In { negated: false },
-            Tok::Name if self.is_word(t, "not") && self.is_word(self.peek_next(), "in") => {
-                return Some((CmpLike::In { negated: true }, 2));
-            }
-            _ => return None,
+        let mut left = if min <= Prec::Not && self.is_word(&t, "not") {
+            self.advance();
+            self.enter(t.start)?;
+            let inner = self.parse_binary(Prec::Not);
+            self.leave();
+            let inner = inner?;
+            let end = inner.end;
+            self.mk(Kind::Not(Box::new(inner)), u32_of(t.start), end)?
+        } else {
+            self.parse_unary()?
         };
-        Some((op, 1))
-    }
-
-    fn parse_cmp(&mut self) -> Result<Node, ParseError> {
-        let left = self.parse_add()?;
-        let Some((op, width)) = self.cmp_op() else { return Ok(left) };
-        for _ in 0..width {
-            self.advance();
-        }
-        let right = self.parse_add()?;
-        let (start, end) = (left.start, right.end);
-        let node = match op {
-            CmpLike::Cmp(op) => self.mk(Kind::Cmp(op, Box::new(left), Box::new(right)), start, end)?,
-            CmpLike::In { negated } => {
-                self.mk(Kind::In { negated, needle: Box::new(left), hay: Box::new(right) }, start, end)?
+        while let Some((op, prec, width)) = self.binary_op() {
+            if prec < min {
+                break;
             }
-        };
-        if self.cmp_op().is_some() {
-            let t = self.peek();
-            return Err(ParseError::with_message(
-                self.src,
-                t.start,
-                "\"&&\", \"||\" or end of input",
-                t.describe(self.src),
-                format!(
-                    "comparisons cannot be chained: {} follows a comparison; join them with \"&&\", as in a < b && b < c",
-                    t.describe(self.src)
-                ),
-            ));
+            for _ in 0..width {
+                self.advance();
+            }
+            let start = left.start;
+            left = match op {
+                BinOp::Or | BinOp::And => {
+                    let mut items = vec![left];
+                    items.push(self.parse_binary(prec.next())?);
+                    while self.binary_op().is_some_and(|(o, _, _)| o == op) {
+                        self.advance();
+                        items.push(self.parse_binary(prec.next())?);
+                    }
+                    let end = items.last().map_or(start, |n| n.end);
+                    let kind = if op == BinOp::Or { Kind::Or(items) } else { Kind::And(items) };
+                    self.mk(kind, start, end)?
+                }
+                BinOp::Cmp(cmp) => {
+                    let right = self.parse_binary(prec.next())?;
+                    let end = right.end;
+                    let node = self.mk(Kind::Cmp(cmp, Box::new(left), Box::new(right)), start, end)?;
+                    self.refuse_chained_comparison()?;
+                    node
+                }
+                BinOp::In { negated } => {
+                    let right = self.parse_binary(prec.next())?;
+                    let end = right.end;
+                    let node =
+                        self.mk(Kind::In { negated, needle: Box::new(left), hay: Box::new(right) }, start, end)?;
+                    self.refuse_chained_comparison()?;
+                    node
+                }
+                BinOp::Arith(arith) => {
+                    let right = self.parse_binary(prec.next())?;
+                    let end = right.end;
+                    self.mk(Kind::Arith(arith, Box::new(left), Box::new(right)), start, end)?
+                }
+            };
         }
-        Ok(node)
+        Ok(left)
     }
 
-    fn parse_add(&mut self) -> Result<Node, ParseError> {
-        let mut left = self.parse_mul()?;
-        loop {
-            let op = match self.peek().tok {
-                Tok::Plus => ArithOp::Add,
-                Tok::Minus => ArithOp::Sub,
-                _ => return Ok(left),
-            };
-            self.advance();
-            let right = self.parse_mul()?;
-            let (start, end) = (left.start, right.end);
-            left = self.mk(Kind::Arith(op, Box::new(left), Box::new(right)), start, end)?;
-        }
-    }
-
-    fn parse_mul(&mut self) -> Result<Node, ParseError> {
-        let mut left = self.parse_unary()?;
-        loop {
-            let op = match self.peek().tok {
-                Tok::Star => ArithOp::Mul,
-                Tok::Slash => ArithOp::Div,
-                Tok::Percent => ArithOp::Rem,
-                _ => return Ok(left),
-            };
-            self.advance();
-            let right = self.parse_unary()?;
-            let (start, end) = (left.start, right.end);
-            left = self.mk(Kind::Arith(op, Box::new(left), Box::new(right)), start, end)?;
+    #[cold]
+    fn refuse_chained_comparison(&self) -> Result<(), ParseError> {
+        match self.binary_op() {
+            Some((_, Prec::Cmp, _)) => {
+                let t = self.peek();
+                Err(ParseError::with_message(
+                    self.src,
+                    t.start,
+                    "\"&&\", \"||\" or end of input",
+                    t.describe(self.src),
+                    format!(
+                        "comparisons cannot be chained: {} follows a comparison; join them with \"&&\", as in a < b && b < c",
+                        t.describe(self.src)
+                    ),
+                ))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -299,24 +274,27 @@ impl<'s> Parser<'s> {
         }
         // Negative literals are folded, so `items[-1]` is a constant index.
         let folded = match &operand.kind {
-            Kind::Lit(Value::Int(i)) => Some(Value::Int(-i)),
-            Kind::Lit(Value::UInt(u)) => match i64::try_from(-i128::from(*u)) {
-                Ok(i) => Some(Value::Int(i)),
-                Err(_) => {
-                    return Err(ParseError::with_message(
-                        self.src,
-                        t.start,
-                        "an integer of at least -9223372036854775808",
-                        quote(self.src.get(t.start..end as usize).unwrap_or("")),
-                        "integer literal is too small; integers are 64-bit",
-                    ));
-                }
+            Kind::Lit(v) => match **v {
+                Value::Int(i) => Some(Value::Int(-i)),
+                Value::UInt(u) => match i64::try_from(-i128::from(u)) {
+                    Ok(i) => Some(Value::Int(i)),
+                    Err(_) => {
+                        return Err(ParseError::with_message(
+                            self.src,
+                            t.start,
+                            "an integer of at least -9223372036854775808",
+                            quote(self.src.get(t.start..end as usize).unwrap_or("")),
+                            "integer literal is too small; integers are 64-bit",
+                        ));
+                    }
+                },
+                Value::Float(f) => Some(Value::Float(-f)),
+                _ => None,
             },
-            Kind::Lit(Value::Float(f)) => Some(Value::Float(-f)),
             _ => None,
         };
         match folded {
-            Some(v) => self.mk(Kind::Lit(v), start, end),
+            Some(v) => self.mk(Kind::Lit(Box::new(v)), start, end),
             None => self.mk(Kind::Neg(Box::new(operand)), start, end),
         }
     }
@@ -365,18 +343,20 @@ impl<'s> Parser<'s> {
                         ));
                     }
                     let seg = match index.kind {
-                        Kind::Lit(Value::Str(t)) => SegKind::Name(t.value.into()),
-                        Kind::Lit(Value::Int(i)) => SegKind::Index(i),
-                        Kind::Lit(Value::UInt(_)) => SegKind::Dyn(index),
-                        Kind::Lit(other) => {
-                            return Err(ParseError::with_message(
-                                self.src,
-                                index.start as usize,
-                                "a number or a string as the index",
-                                other.kind(),
-                                format!("an index must be a number or a string, found {}", other.kind()),
-                            ));
-                        }
+                        Kind::Lit(lit) => match *lit {
+                            Value::Str(t) => SegKind::Name(t.value.into()),
+                            Value::Int(i) => SegKind::Index(i),
+                            other @ Value::UInt(_) => SegKind::Dyn(Node { kind: Kind::Lit(Box::new(other)), ..index }),
+                            other => {
+                                return Err(ParseError::with_message(
+                                    self.src,
+                                    index.start as usize,
+                                    "a number or a string as the index",
+                                    other.kind(),
+                                    format!("an index must be a number or a string, found {}", other.kind()),
+                                ));
+                            }
+                        },
                         _ => SegKind::Dyn(index),
                     };
                     acc = self.push_seg(acc, seg, close.end)?;
@@ -505,7 +485,7 @@ impl<'s> Parser<'s> {
                 let t = self.advance();
                 return Ok((items, u32_of(t.end)));
             }
-            items.push(self.parse_or()?);
+            items.push(self.parse_binary(Prec::Or)?);
             let t = self.advance();
             match t.tok {
                 Tok::Comma => {}
@@ -526,14 +506,14 @@ impl<'s> Parser<'s> {
         let before = self.previous().cloned();
         let t = self.advance();
         let (start, end) = (u32_of(t.start), u32_of(t.end));
-        let lit = |p: &Self, v: Value| p.mk(Kind::Lit(v), start, end).map(Acc::Node);
+        let lit = |p: &Self, v: Value| p.mk(Kind::Lit(Box::new(v)), start, end).map(Acc::Node);
         match t.tok {
             Tok::Int(n) => lit(self, i64::try_from(n).map_or(Value::UInt(n), Value::Int)),
             Tok::Float(f) => lit(self, Value::Float(f)),
             Tok::Str(ref s) => lit(self, Value::str(s.as_str())),
             Tok::LParen => {
                 self.enter(t.start)?;
-                let inner = self.parse_or();
+                let inner = self.parse_binary(Prec::Or);
                 self.leave();
                 let inner = inner?;
                 let close = self.advance();
@@ -556,12 +536,12 @@ impl<'s> Parser<'s> {
                     let values = items
                         .into_iter()
                         .filter_map(|n| match n.kind {
-                            Kind::Lit(v) => Some(v),
+                            Kind::Lit(v) => Some(*v),
                             _ => None,
                         })
                         .collect();
                     let list = crate::value::List { type_name: None, items: values, omitted: 0 };
-                    return self.mk(Kind::Lit(Value::List(list)), start, end).map(Acc::Node);
+                    return self.mk(Kind::Lit(Box::new(Value::List(list))), start, end).map(Acc::Node);
                 }
                 self.mk(Kind::List(items), start, end).map(Acc::Node)
             }
@@ -639,9 +619,38 @@ fn is_operator(p: &Parser<'_>, t: &Token) -> bool {
     }
 }
 
-enum CmpLike {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BinOp {
+    Or,
+    And,
     Cmp(CmpOp),
     In { negated: bool },
+    Arith(ArithOp),
+}
+
+/// Binding power, loosest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Prec {
+    Or,
+    And,
+    Not,
+    Cmp,
+    Add,
+    Mul,
+    Unary,
+}
+
+impl Prec {
+    fn next(self) -> Prec {
+        match self {
+            Prec::Or => Prec::And,
+            Prec::And => Prec::Not,
+            Prec::Not => Prec::Cmp,
+            Prec::Cmp => Prec::Add,
+            Prec::Add => Prec::Mul,
+            Prec::Mul | Prec::Unary => Prec::Unary,
+        }
+    }
 }
 
 fn too_deep(src: &str, at: usize) -> ParseError {

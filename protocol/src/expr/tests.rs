@@ -463,14 +463,14 @@ fn the_caret_rendering_stays_short_on_long_lines() {
 #[test]
 fn nesting_is_bounded_while_long_flat_alternatives_are_fine() {
     let deep = format!("{}a{}", "(".repeat(200), ")".repeat(200));
-    assert!(perr(&deep).message.contains("nests more than 64 levels"));
-    let ok = format!("{}a{}", "(".repeat(40), ")".repeat(40));
+    assert!(perr(&deep).message.contains("nests more than 32 levels"));
+    let ok = format!("{}a{}", "(".repeat(20), ")".repeat(20));
     assert!(Expr::parse(&ok).is_ok());
     assert!(perr(&"!".repeat(100)).message.contains("nests more than"));
     assert!(perr(&format!("{}1", "-".repeat(100))).message.contains("nests more than"));
-    assert!(perr(&format!("a{}", " + a".repeat(100))).message.contains("nests more than"));
-    assert!(perr(&format!("{}a{}", "len(".repeat(80), ")".repeat(80))).message.contains("nests more than"));
-    assert!(perr(&format!("{}1{}", "[".repeat(80), "]".repeat(80))).message.contains("nests more than"));
+    assert!(perr(&format!("a{}", " + a".repeat(40))).message.contains("nests more than"));
+    assert!(perr(&format!("{}a{}", "len(".repeat(40), ")".repeat(40))).message.contains("nests more than"));
+    assert!(perr(&format!("{}1{}", "[".repeat(40), "]".repeat(40))).message.contains("nests more than"));
     let flat = (0..80).map(|i| format!("x == {i}")).collect::<Vec<_>>().join(" || ");
     assert!(flat.len() < 1024);
     assert!(parse_condition(&flat).is_ok());
@@ -716,4 +716,36 @@ fn watches_return_owned_copies_of_what_they_read() {
     assert_eq!(v, obj("Item", vec![("sku", Value::str("B2")), ("price", Value::Int(10))]));
     assert_eq!(val("[amount, status]"), list(vec![Value::Int(1500), Value::str("failed")]));
     assert_eq!(display_value(&v, 100), "Item{sku: \"B2\", price: 10}");
+}
+
+#[test]
+fn the_deepest_accepted_expressions_parse_and_evaluate_within_a_default_thread_stack() {
+    let shapes: [fn(usize) -> String; 5] = [
+        |n| format!("{}flag{}", "(".repeat(n), ")".repeat(n)),
+        |n| format!("{}flag", "!".repeat(n)),
+        |n| format!("amount{}", " + 1".repeat(n)),
+        |n| format!("{}name{}", "lower(".repeat(n), ")".repeat(n)),
+        |n| format!("{}amount{}", "[".repeat(n), "]".repeat(n)),
+    ];
+    let deepest: Vec<String> = shapes
+        .iter()
+        .map(|shape| {
+            let n = (1..200).take_while(|n| Expr::parse(&shape(*n)).is_ok()).last().unwrap();
+            assert!((MAX_NESTING - 4..=MAX_NESTING).contains(&n), "{}: {n}", shape(1));
+            shape(n)
+        })
+        .collect();
+    let worker = std::thread::Builder::new()
+        // 2 MiB is what `std::thread::spawn` and tokio give a thread; even unoptimized
+        // builds must fit in it.
+        .stack_size(2 * 1024 * 1024)
+        .spawn(move || {
+            for src in deepest {
+                let e = Expr::parse(&src).unwrap();
+                let _ = e.eval(&fixture(), &mut Budget::default());
+                let _ = e.eval_condition(&fixture(), &mut Budget::default());
+            }
+        })
+        .unwrap();
+    worker.join().unwrap();
 }
