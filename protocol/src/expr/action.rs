@@ -9,6 +9,7 @@ use crate::action::{ActionKind, ActionSpec, MetricKind};
 
 /// The compiled expressions of one action.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ActionExprs {
     /// The snapshot, log or metric condition.
     pub condition: Option<Expr>,
@@ -24,6 +25,7 @@ pub struct ActionExprs {
 
 /// An action argument whose expression does not parse.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ExprFieldError {
     /// The argument as a client names it: `condition`, `watch[1]`, `template`,
     /// `expression`.

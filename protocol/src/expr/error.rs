@@ -21,6 +21,7 @@ const MAX_QUOTED_CHARS: usize = 60;
 /// count characters, so a person can find it. [`ParseError::render`] draws a caret
 /// under the spot.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ParseError {
     /// Byte offset of the offending spot in the source.
     pub position: usize,

@@ -328,18 +328,29 @@ fn logic<'a, S: Scope + ?Sized>(n: &'a Node, cx: &Cx<'a, S>, b: &mut Budget) -> 
             },
         },
         Kind::Cmp(op, l, r) => {
-            let a = eval(l, cx, b)?;
-            let c = eval(r, cx, b)?;
+            let a = operand(l, cx, b)?;
+            let c = operand(r, cx, b)?;
             compare(*op, &a, &c, n, l, r, cx, b)
         }
         Kind::In { negated, needle, hay } => {
-            let x = eval(needle, cx, b)?;
-            let h = eval(hay, cx, b)?;
+            let x = operand(needle, cx, b)?;
+            let h = operand(hay, cx, b)?;
             membership(&x, &h, n, needle, hay, "in", cx, b).map(|found| found != *negated)
         }
         // Not reached: only boolean kinds are sent here.
         _ => truthy(test(n, cx, b)?, n, "&&", cx),
     }
+}
+
+/// An operand of a comparison: literals, the usual right-hand side, are read in place
+/// rather than through a call to [`eval`].
+#[inline]
+fn operand<'a, S: Scope + ?Sized>(n: &'a Node, cx: &Cx<'a, S>, b: &mut Budget) -> Result<Val<'a>, EvalError> {
+    if let Kind::Lit(v) = &n.kind {
+        b.charge(1)?;
+        return Ok(Val::of(v, None));
+    }
+    eval(n, cx, b)
 }
 
 /// True or false for `&&`, `||`: `null` counts as false, anything else but a bool is

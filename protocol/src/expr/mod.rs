@@ -14,6 +14,21 @@
 //! The grammar, the typing and null rules, span resolution and examples are in
 //! `docs/expressions.md`.
 //!
+//! ```
+//! use periscope_protocol::expr::{Budget, SimpleScope, Template, parse_condition};
+//!
+//! let cond = parse_condition(r#"status == "failed" && amount > 1000"#)?;
+//! let scope = SimpleScope::new().with_field("status", "failed").with_field("amount", 1500_i64);
+//! assert!(cond.eval_condition(&scope, &mut Budget::default())?);
+//! assert_eq!(cond.roots().fields, ["amount", "status"]);
+//!
+//! let line = Template::parse("paid {amount}")?.render(&scope, &mut Budget::default(), |_index, _expr, _value| {
+//!     // the agent redacts `_value` here
+//! })?;
+//! assert_eq!(line.text, "paid 1500");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! # Layout
 //!
 //! - `lexer`: source to tokens with byte spans.
@@ -88,6 +103,7 @@ impl fmt::Display for Expr {
 /// when there is no field `user`); a span path `span.a.b` lists `a` as a possible span
 /// name and `a`, `a.b` and `b` as possible span fields.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Roots {
     /// Event fields (locals) the expression may read, sorted.
     pub fields: Vec<String>,

@@ -39,6 +39,7 @@ enum Part {
 
 /// A rendered line and what went wrong in it.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Rendered {
     /// The line, at most [`Template::MAX_LINE_BYTES`] bytes.
     pub text: String,
@@ -50,6 +51,7 @@ pub struct Rendered {
 
 /// One placeholder's evaluation failure.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct PlaceholderError {
     /// Index into [`Template::placeholders`].
     pub index: usize,
