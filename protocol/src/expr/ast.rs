@@ -140,6 +140,18 @@ pub(crate) struct Path {
     pub tail: Vec<Seg>,
 }
 
+impl Path {
+    /// The field name when the path is a bare event field (`status`), the shape most
+    /// conditions compare.
+    #[inline]
+    pub fn single_field(&self) -> Option<&str> {
+        match self.base {
+            Base::Field if self.run.len() == 1 && self.tail.is_empty() => Some(self.run.name(0)),
+            _ => None,
+        }
+    }
+}
+
 /// Where a path starts.
 #[derive(Debug, Clone)]
 pub(crate) enum Base {

@@ -328,6 +328,15 @@ fn logic<'a, S: Scope + ?Sized>(n: &'a Node, cx: &Cx<'a, S>, b: &mut Budget) -> 
             },
         },
         Kind::Cmp(op, l, r) => {
+            // The most common condition shape, `field OP literal`, reads the field in
+            // place; the cost charged is the same as through the general path.
+            if let (Kind::Path(p), Kind::Lit(lit)) = (&l.kind, &r.kind)
+                && let Some(name) = p.single_field()
+            {
+                b.charge(3)?;
+                let a = cx.scope.field(name).map_or(Val::Null, |v| Val::of(v, Some(1)));
+                return compare(*op, &a, &Val::of(lit, None), n, l, r, cx, b);
+            }
             let a = operand(l, cx, b)?;
             let c = operand(r, cx, b)?;
             compare(*op, &a, &c, n, l, r, cx, b)
