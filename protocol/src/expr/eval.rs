@@ -728,15 +728,15 @@ fn equal(a: View<'_>, c: View<'_>, b: &mut Budget, depth: u32) -> Result<Eq3, Ev
             let pairs = x.items.iter().zip(&y.items).map(|(p, q)| (View::of(p), View::of(q)));
             all_equal(
                 pairs,
-                x.items.len() as u64 + x.omitted,
-                y.items.len() as u64 + y.omitted,
-                x.omitted + y.omitted,
+                (x.items.len() as u64).saturating_add(x.omitted),
+                (y.items.len() as u64).saturating_add(y.omitted),
+                x.omitted.saturating_add(y.omitted),
                 b,
                 depth,
             )?
         }
         (View::Map(x), View::Map(y)) => {
-            let total = |m: &Map| m.entries.len() as u64 + m.omitted;
+            let total = |m: &Map| (m.entries.len() as u64).saturating_add(m.omitted);
             if total(x) != total(y) {
                 return Ok(Eq3::No);
             }
@@ -757,12 +757,12 @@ fn equal(a: View<'_>, c: View<'_>, b: &mut Budget, depth: u32) -> Result<Eq3, Ev
             }
             if same_order {
                 let pairs = x.entries.iter().zip(&y.entries).map(|((_, v), (_, v2))| (View::of(v), View::of(v2)));
-                return Ok(match all_equal(pairs, 0, 0, x.omitted + y.omitted, b, depth)? {
+                return Ok(match all_equal(pairs, 0, 0, x.omitted.saturating_add(y.omitted), b, depth)? {
                     Eq3::Yes if keys_unknown => Eq3::Unknown,
                     other => other,
                 });
             }
-            let mut unknown = x.omitted + y.omitted > 0;
+            let mut unknown = x.omitted.saturating_add(y.omitted) > 0;
             for (k, v) in &x.entries {
                 let mut matched = None;
                 let mut maybe = false;
@@ -800,7 +800,7 @@ fn equal(a: View<'_>, c: View<'_>, b: &mut Budget, depth: u32) -> Result<Eq3, Ev
                 return Ok(Eq3::No);
             }
             let pairs = x.fields.iter().zip(&y.fields).map(|(f, g)| (View::of(&f.value), View::of(&g.value)));
-            all_equal(pairs, 0, 0, x.omitted + y.omitted, b, depth)?
+            all_equal(pairs, 0, 0, x.omitted.saturating_add(y.omitted), b, depth)?
         }
         _ => Eq3::Mismatch,
     })
@@ -1107,9 +1107,9 @@ fn call<'a, S: Scope + ?Sized>(
                 b.charge_text(s.len())?;
                 Ok(count(char_len(s, t)))
             }
-            View::List(l) => Ok(count(l.items.len() as u64 + l.omitted)),
-            View::Map(m) => Ok(count(m.entries.len() as u64 + m.omitted)),
-            View::Object(o) => Ok(count(o.fields.len() as u64 + o.omitted)),
+            View::List(l) => Ok(count((l.items.len() as u64).saturating_add(l.omitted))),
+            View::Map(m) => Ok(count((m.entries.len() as u64).saturating_add(m.omitted))),
+            View::Object(o) => Ok(count((o.fields.len() as u64).saturating_add(o.omitted))),
             View::Null => Ok(Val::Null),
             // A depth cut records how many children the value had.
             View::Cut(Cut { reason: CutReason::Depth, size: Some(n), .. }) => Ok(count(*n)),

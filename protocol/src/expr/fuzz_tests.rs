@@ -92,6 +92,11 @@ fn soup() -> impl Strategy<Value = String> {
     })
 }
 
+/// Counts of left-out children, including the absurd ones a hostile agent could send.
+fn omitted() -> impl Strategy<Value = u64> {
+    prop_oneof![4 => Just(0u64), 2 => 1u64..3, 1 => Just(u64::MAX)]
+}
+
 fn value() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
         Just(Value::Null),
@@ -99,19 +104,19 @@ fn value() -> impl Strategy<Value = Value> {
         any::<i64>().prop_map(Value::Int),
         any::<u64>().prop_map(Value::UInt),
         any::<f64>().prop_map(Value::Float),
-        ("[a-zé]{0,8}", prop::option::of(0u64..20))
+        ("[a-zé]{0,8}", prop::option::of(prop_oneof![0u64..20, Just(u64::MAX)]))
             .prop_map(|(value, original_len)| Value::Str(Text { value, original_len })),
         (prop::option::of("[A-Z][a-z]{0,5}"), prop::option::of(any::<u64>()))
             .prop_map(|(type_name, size)| { Value::Cut(Cut { reason: CutReason::Depth, type_name, size }) }),
     ];
     leaf.prop_recursive(4, 48, 6, |inner| {
         prop_oneof![
-            (prop::collection::vec(inner.clone(), 0..6), 0u64..3).prop_map(|(items, omitted)| Value::List(List {
+            (prop::collection::vec(inner.clone(), 0..6), omitted()).prop_map(|(items, omitted)| Value::List(List {
                 type_name: None,
                 items,
                 omitted
             })),
-            (prop::collection::vec((inner.clone(), inner.clone()), 0..4), 0u64..2)
+            (prop::collection::vec((inner.clone(), inner.clone()), 0..4), omitted())
                 .prop_map(|(entries, omitted)| Value::Map(Map { type_name: None, entries, omitted })),
             (
                 prop::collection::vec((prop::sample::select(&["a", "b", "id", "items", "0", "x"][..]), inner), 0..5),

@@ -275,7 +275,8 @@ impl<'s> Parser<'s> {
         // Negative literals are folded, so `items[-1]` is a constant index.
         let folded = match &operand.kind {
             Kind::Lit(v) => match **v {
-                Value::Int(i) => Some(Value::Int(-i)),
+                // -(-9223372036854775808) only fits unsigned.
+                Value::Int(i) => Some(i.checked_neg().map_or(Value::UInt(i.unsigned_abs()), Value::Int)),
                 Value::UInt(u) => match i64::try_from(-i128::from(u)) {
                     Ok(i) => Some(Value::Int(i)),
                     Err(_) => {

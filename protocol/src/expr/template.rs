@@ -334,7 +334,7 @@ fn write_value(w: &mut Bounded<'_>, v: &Value, nested: bool) {
             }
         }
         Value::List(l) => {
-            let total = l.items.len() as u64 + l.omitted;
+            let total = (l.items.len() as u64).saturating_add(l.omitted);
             if nested {
                 let _ = if total == 0 { write!(w, "[]") } else { write!(w, "[..{total} items]") };
                 return;
@@ -350,7 +350,7 @@ fn write_value(w: &mut Bounded<'_>, v: &Value, nested: bool) {
             w.push("]");
         }
         Value::Map(m) => {
-            let total = m.entries.len() as u64 + m.omitted;
+            let total = (m.entries.len() as u64).saturating_add(m.omitted);
             if nested {
                 let _ = if total == 0 { write!(w, "{{}}") } else { write!(w, "{{..{total} entries}}") };
                 return;
@@ -368,7 +368,7 @@ fn write_value(w: &mut Bounded<'_>, v: &Value, nested: bool) {
             w.push("}");
         }
         Value::Object(o) => {
-            let total = o.fields.len() as u64 + o.omitted;
+            let total = (o.fields.len() as u64).saturating_add(o.omitted);
             w.push(truncate_chars(&o.type_name, NESTED_STRING_CHARS));
             if nested {
                 let _ = if total == 0 { write!(w, "{{}}") } else { write!(w, "{{..{total} fields}}") };

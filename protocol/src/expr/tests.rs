@@ -749,3 +749,17 @@ fn the_deepest_accepted_expressions_parse_and_evaluate_within_a_default_thread_s
         .unwrap();
     worker.join().unwrap();
 }
+
+#[test]
+fn hostile_counts_and_extreme_literals_do_not_overflow() {
+    assert_eq!(val("- -9223372036854775808"), Value::UInt(9_223_372_036_854_775_808));
+    assert_eq!(val("-(-9223372036854775808)"), Value::UInt(9_223_372_036_854_775_808));
+    let huge = Value::List(List { type_name: None, items: vec![Value::Int(1)], omitted: u64::MAX });
+    let scope = SimpleScope::new().with_field("l", huge.clone()).with_field("m", huge);
+    let e = |src: &str| Expr::parse(src).unwrap().eval(&scope, &mut Budget::default());
+    assert_eq!(e("len(l)").unwrap(), Value::UInt(u64::MAX));
+    assert_eq!(e("l == m").unwrap_err().code(), "truncated");
+    assert_eq!(e("l[-1]").unwrap_err().code(), "truncated");
+    let t = Template::parse("{l}").unwrap();
+    assert!(t.render(&scope, &mut Budget::default(), |_, _, _| {}).unwrap().text.contains("more"));
+}
