@@ -141,7 +141,7 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
     i
 }
 
-fn line_col(source: &str, position: usize) -> (u32, u32) {
+pub(crate) fn line_col(source: &str, position: usize) -> (u32, u32) {
     let before = source.get(..position).unwrap_or(source);
     let line = before.matches('\n').count() + 1;
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);

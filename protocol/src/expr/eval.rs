@@ -1066,7 +1066,7 @@ fn call<'a, S: Scope + ?Sized>(
         Func::Contains => {
             let Some(second) = second else { return Ok(Val::Null) };
             let needle = eval(second, cx, b)?;
-            if let (View::Bool(_) | View::Num(_), _) = (v.view(), ()) {
+            if matches!(v.view(), View::Bool(_) | View::Num(_)) {
                 return Err(cx.bad_argument(func, "a string, list, map or object to search", v.view(), n));
             }
             membership(&needle, &v, n, second, first, "contains", cx, b).map(Val::Bool)

@@ -368,7 +368,7 @@ impl<'s> Parser<'s> {
     }
 
     fn column(&self, at: usize) -> u32 {
-        ParseError::expected(self.src, at, "", "").column
+        super::error::line_col(self.src, at).1
     }
 
     fn push_seg(&self, acc: Acc, seg: SegKind, src_end: usize) -> Result<Acc, ParseError> {
@@ -526,7 +526,8 @@ impl<'s> Parser<'s> {
                         close.describe(self.src),
                     ));
                 }
-                Ok(Acc::Node(inner))
+                // The node covers its parentheses, so errors quote `(a + b)` whole.
+                Ok(Acc::Node(Node { start, end: u32_of(close.end), ..inner }))
             }
             Tok::LBracket => {
                 self.enter(t.start)?;
@@ -721,7 +722,12 @@ pub(crate) fn check(src: &str, n: &Node) -> Result<Ty, ParseError> {
         Kind::Not(x) => {
             let t = check(src, x)?;
             if !bool_like(t) {
-                let op = if src.get(n.start as usize..).is_some_and(|s| s.starts_with('!')) { "!" } else { "not" };
+                let text = src.get(n.start as usize..).unwrap_or("");
+                let op = if text.trim_start_matches(|c: char| c == '(' || c.is_whitespace()).starts_with('!') {
+                    "!"
+                } else {
+                    "not"
+                };
                 return Err(type_error(
                     src,
                     n.start as usize,

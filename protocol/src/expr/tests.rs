@@ -229,6 +229,8 @@ fn operators_applied_to_literals_of_the_wrong_type_are_refused_at_parse_time() {
         (r#""abc" > 3"#, 7, "\">\" cannot compare a string with a number"),
         (r#"x == 1 && "a" + 1 > 0"#, 15, "\"+\" cannot be applied to a string and a number"),
         ("!5", 1, "\"!\" needs true or false, but its operand is a number"),
+        ("x || (!5)", 6, "\"!\" needs true or false, but its operand is a number"),
+        ("not 'a'", 1, "\"not\" needs true or false, but its operand is a string"),
         ("lower(5)", 7, "\"lower\" expects a string, but this argument is a number"),
         ("x && 3", 6, "\"&&\" needs true or false on each side, but this operand is a number"),
         ("3 in 5", 3, "\"in\" looks inside a list, map, object or string, but its right side is a number"),
@@ -762,4 +764,12 @@ fn hostile_counts_and_extreme_literals_do_not_overflow() {
     assert_eq!(e("l[-1]").unwrap_err().code(), "truncated");
     let t = Template::parse("{l}").unwrap();
     assert!(t.render(&scope, &mut Budget::default(), |_, _, _| {}).unwrap().text.contains("more"));
+}
+
+#[test]
+fn errors_quote_parenthesized_operands_whole() {
+    let err = eval("(status + amount) * 2").unwrap_err();
+    assert_eq!(err.to_string(), "`+` cannot be applied to string and int (in `(status + amount)`)");
+    let err = eval("(amount + 1) / (amount - 1500)").unwrap_err();
+    assert_eq!(err.to_string(), "division by zero (in `(amount + 1) / (amount - 1500)`)");
 }
