@@ -14,11 +14,14 @@
 //! - [`value`]: the captured-value model, truncation and byte budgets.
 //! - [`action`]: what a client asks agents to do ([`ActionSpec`]) and action states.
 //! - [`catalog`]: the inspectable locations an agent publishes.
+//! - [`expr`]: the expression language of conditions, watches, log templates and metric
+//!   values (parse, check, evaluate; side-effect free by construction).
 //! - [`hit`]: what an agent sends when an action fires.
 //! - [`messages`]: [`AgentMessage`], [`BrokerMessage`], framing and protocol errors.
 
 pub mod action;
 pub mod catalog;
+pub mod expr;
 pub mod hit;
 pub mod ids;
 pub mod limits;
@@ -30,6 +33,7 @@ pub use action::{
     PauseReason, SnapshotSpec,
 };
 pub use catalog::{CatalogEntry, LocationKind};
+pub use expr::{Budget, EvalError, Expr, ParseError, Scope, SimpleScope, Template};
 pub use hit::{Hit, HitLocation, RedactionFinding, SpanFrame, ThreadInfo, WatchResult};
 pub use ids::{ActionId, AgentId, HitId, IdError, KeyId};
 pub use limits::{AgentQuotas, CaptureLimits, LimitError};
