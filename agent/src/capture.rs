@@ -167,7 +167,7 @@ impl fmt::Debug for RawHit {
 }
 
 /// Converts one raw value into the captured-value model, parsing `Debug` text.
-pub(crate) fn to_value(raw: &Raw, limits: &CaptureLimits) -> Value {
+pub(crate) fn to_value(raw: &Raw, limits: &CaptureLimits, summary: &mut TruncationSummary) -> Value {
     match raw {
         Raw::Bool(b) => Value::Bool(*b),
         Raw::I64(i) => Value::Int(*i),
@@ -186,7 +186,7 @@ pub(crate) fn to_value(raw: &Raw, limits: &CaptureLimits) -> Value {
             original_len: original.map(|n| n as u64).filter(|n| *n > s.chars().count() as u64),
         }),
         Raw::Debug(text, cut) => {
-            let mut value = crate::debug_parse::parse_debug(text, limits);
+            let mut value = crate::debug_parse::parse_debug_with_summary(text, limits, summary);
             if *cut {
                 // The text was cut on the application's thread: say so where it shows.
                 if let Value::Str(t) = &mut value {
@@ -198,13 +198,14 @@ pub(crate) fn to_value(raw: &Raw, limits: &CaptureLimits) -> Value {
     }
 }
 
-fn to_fields(raw: &[RawField], limits: &CaptureLimits) -> Vec<Field> {
-    raw.iter().map(|f| Field::new(f.name, to_value(&f.value, limits))).collect()
+fn to_fields(raw: &[RawField], limits: &CaptureLimits, summary: &mut TruncationSummary) -> Vec<Field> {
+    raw.iter().map(|f| Field::new(f.name, to_value(&f.value, limits, summary))).collect()
 }
 
 /// Builds the protocol hit from a raw hit (agent thread). Redaction and limit
 /// enforcement are applied by the caller.
 pub(crate) fn build_hit(raw: &RawHit, limits: &CaptureLimits) -> Hit {
+    let mut summary = TruncationSummary::default();
     let spans = raw
         .spans
         .iter()
@@ -215,7 +216,11 @@ pub(crate) fn build_hit(raw: &RawHit, limits: &CaptureLimits) -> Hit {
             target: Some(s.meta.target().to_owned()),
             file: s.meta.file().map(str::to_owned),
             line: s.meta.line(),
-            fields: if i < limits.frames_with_values as usize { to_fields(&s.fields, limits) } else { Vec::new() },
+            fields: if i < limits.frames_with_values as usize {
+                to_fields(&s.fields, limits, &mut summary)
+            } else {
+                Vec::new()
+            },
         })
         .collect();
     Hit {
@@ -229,11 +234,11 @@ pub(crate) fn build_hit(raw: &RawHit, limits: &CaptureLimits) -> Hit {
             name: Some(raw.meta.name().to_owned()),
         },
         thread: Some(raw.thread.clone()),
-        fields: to_fields(&raw.fields, limits),
+        fields: to_fields(&raw.fields, limits, &mut summary),
         spans,
         watches: Vec::new(),
         backtrace: raw.backtrace.as_ref().map(backtrace_lines),
-        truncation: TruncationSummary::default(),
+        truncation: summary,
         redactions: Vec::new(),
         rules_version: 0,
     }

@@ -372,7 +372,7 @@ impl Runner {
         let runnable: Vec<Arc<Installed>> = self
             .actions
             .values()
-            .filter(|a| !a.done.load(Ordering::Relaxed) && a.snapshot.is_some() && a.spec.condition.is_none())
+            .filter(|a| !a.done.load(Ordering::Relaxed) && a.snapshot.is_some() && a.compile_error.is_none())
             .cloned()
             .collect();
         let mut matched = self.shared.install(runnable, Arc::clone(&self.budgets), self.limits);
@@ -412,7 +412,7 @@ impl Runner {
         if self.shared.rebuild_needed.load(Ordering::Acquire) {
             let matched = self.install().await;
             for (action, callsites) in matched {
-                if callsites > 0 && action.snapshot.is_some() && action.spec.condition.is_none() {
+                if callsites > 0 && action.snapshot.is_some() && action.compile_error.is_none() {
                     let state = AgentActionState::Installed { callsites };
                     send(
                         socket,
@@ -441,6 +441,29 @@ impl Runner {
 
     async fn send_hit(&mut self, raw: &RawHit, socket: &mut Socket) -> Result<(), String> {
         let mut hit = build_hit(raw, &self.limits);
+        // Watches are evaluated here, off the host's thread, over the captured hit.
+        let watches: Vec<periscope_protocol::WatchResult> = raw
+            .action
+            .exprs
+            .watches
+            .iter()
+            .map(|w| {
+                let mut budget = periscope_protocol::Budget::default();
+                match w.eval(&hit, &mut budget) {
+                    Ok(value) => periscope_protocol::WatchResult {
+                        expression: w.source().to_owned(),
+                        value: Some(value),
+                        error: None,
+                    },
+                    Err(e) => periscope_protocol::WatchResult {
+                        expression: w.source().to_owned(),
+                        value: None,
+                        error: Some(e.to_string()),
+                    },
+                }
+            })
+            .collect();
+        hit.watches = watches;
         hit.enforce_limits(&self.limits);
         send(socket, &AgentMessage::Hit(Box::new(hit))).await?;
         self.shared.counters.hits_sent.fetch_add(1, Ordering::Relaxed);

@@ -187,6 +187,29 @@ impl ProbeLayer {
                 shared.counters.dropped_rate.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
+            if let Some(condition) = &action.exprs.condition {
+                let fields = fields.as_deref().unwrap_or_default();
+                let spans = if condition.roots().uses_spans() {
+                    Some(spans.get_or_insert_with(|| capture_spans(parent, table, ctx)).as_slice())
+                } else {
+                    None
+                };
+                let scope = HotScope::build(fields, spans, condition.roots(), &table.limits);
+                let mut steps = periscope_protocol::Budget::default();
+                match condition.eval_condition(&scope, &mut steps) {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => {
+                        if !action.eval_error_reported.swap(true, Ordering::Relaxed) {
+                            shared.report(
+                                &action.spec.id,
+                                AgentActionState::EvalError { reason: format!("condition: {e}") },
+                            );
+                        }
+                        continue;
+                    }
+                }
+            }
             if !action.rate.try_take(started, 1) || !budgets.snapshots.try_take(started, 1) {
                 if action.pause(PauseReason::RateLimited) {
                     shared.report(
@@ -240,6 +263,67 @@ impl ProbeLayer {
         drop(fields.take());
         let spent = shared.clock.now().saturating_sub(started);
         budgets.cpu.charge(started, spent);
+    }
+}
+
+/// The values a condition reads, converted from the raw capture on the host's thread.
+/// Only the fields the expression names are converted (parsing `Debug` text only for
+/// those), so a condition on a plain number costs little more than the comparison.
+struct HotScope {
+    fields: Vec<periscope_protocol::Field>,
+    spans: Vec<(&'static str, Vec<periscope_protocol::Field>)>,
+}
+
+impl HotScope {
+    fn build(
+        raw: &[crate::capture::RawField],
+        spans: Option<&[RawSpan]>,
+        roots: &periscope_protocol::expr::Roots,
+        limits: &periscope_protocol::CaptureLimits,
+    ) -> HotScope {
+        let convert = |f: &crate::capture::RawField| {
+            let mut summary = periscope_protocol::TruncationSummary::default();
+            periscope_protocol::Field::new(f.name, crate::capture::to_value(&f.value, limits, &mut summary))
+        };
+        let fields = raw.iter().filter(|f| roots.reads_field(f.name)).map(convert).collect();
+        let spans = spans
+            .map(|spans| {
+                spans
+                    .iter()
+                    .map(|s| {
+                        let fields = s
+                            .fields
+                            .iter()
+                            .filter(|f| roots.span_fields.iter().any(|n| n == f.name))
+                            .map(convert)
+                            .collect();
+                        (s.meta.name(), fields)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        HotScope { fields, spans }
+    }
+}
+
+impl periscope_protocol::Scope for HotScope {
+    fn field(&self, name: &str) -> Option<&periscope_protocol::Value> {
+        self.fields.iter().find(|f| f.name == name).map(|f| &f.value)
+    }
+
+    fn span_field(&self, span: Option<&str>, field: &str) -> Option<&periscope_protocol::Value> {
+        match span {
+            Some(name) => self
+                .spans
+                .iter()
+                .find(|(n, _)| *n == name)
+                .and_then(|(_, fields)| fields.iter().find(|f| f.name == field).map(|f| &f.value)),
+            None => self.spans.iter().find_map(|(_, fields)| fields.iter().find(|f| f.name == field).map(|f| &f.value)),
+        }
+    }
+
+    fn has_span(&self, name: &str) -> bool {
+        self.spans.iter().any(|(n, _)| *n == name)
     }
 }
 

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use periscope_protocol::expr::ActionExprs;
 use periscope_protocol::{
     ActionId, ActionKind, ActionSpec, AgentActionState, AgentQuotas, CaptureLimits, CatalogEntry, LocationKind,
     PauseReason, SnapshotSpec,
@@ -42,6 +43,12 @@ pub(crate) struct Installed {
     pub(crate) paused: AtomicU8,
     /// Reached its hit count or expired on this agent.
     pub(crate) done: AtomicBool,
+    /// Compiled condition and watches.
+    pub(crate) exprs: ActionExprs,
+    /// Why the action cannot run here (an expression this agent cannot compile).
+    pub(crate) compile_error: Option<String>,
+    /// Set once a run-time evaluation error has been reported, so it is reported once.
+    pub(crate) eval_error_reported: AtomicBool,
 }
 
 const PAUSE_NONE: u8 = 0;
@@ -54,7 +61,16 @@ impl Installed {
             ActionKind::Snapshot(s) => Some(s.clone()),
             _ => None,
         };
+        // The broker validated the expressions; a failure here means this agent speaks an
+        // older dialect, which is reported as the action's error.
+        let (exprs, compile_error) = match ActionExprs::compile(&spec) {
+            Ok(e) => (e, None),
+            Err(e) => (ActionExprs::default(), Some(e.to_string())),
+        };
         Installed {
+            exprs,
+            compile_error,
+            eval_error_reported: AtomicBool::new(false),
             spec,
             snapshot,
             taken: AtomicU32::new(0),

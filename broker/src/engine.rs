@@ -129,6 +129,10 @@ pub struct AgentActionView {
     /// Pause reason code (`quota_cpu`, `rate_limited`, ...), while paused.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pause_reason: Option<String>,
+    /// The run-time expression error this agent reported (once), kept whatever the
+    /// state is now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_error: Option<String>,
     /// When this state was reported (Unix ms).
     pub updated_at_ms: u64,
 }
@@ -464,20 +468,16 @@ impl Engine {
             ));
         }
         let (file, line) = validate_location(&req.file, req.line)?;
-        if req.condition.as_deref().is_some_and(|c| !c.trim().is_empty()) {
-            return Err(ApiError::new(
-                ErrorCode::NotAvailable,
-                "conditions are not available in this broker version yet; place the snapshot without `condition` \
-                 and filter the hits yourself",
-            ));
+        let condition = req.condition.as_deref().map(str::trim).filter(|c| !c.is_empty()).map(str::to_owned);
+        if req.watch.len() > action_bounds::MAX_WATCHES {
+            return Err(ApiError::invalid(format!(
+                "{} watch expressions given; at most {} are allowed",
+                req.watch.len(),
+                action_bounds::MAX_WATCHES
+            )));
         }
-        if !req.watch.is_empty() {
-            return Err(ApiError::new(
-                ErrorCode::NotAvailable,
-                "watch expressions are not available in this broker version yet; the hit's fields and span stack \
-                 already carry every value at the location",
-            ));
-        }
+        let watch: Vec<String> = req.watch.iter().map(|w| w.trim().to_owned()).collect();
+        check_expressions(condition.as_deref(), &watch)?;
         let target = self.resolve_target(&req.agent_ids, req.pool.as_deref(), &req.tags)?;
         let agents = self.matching_agents(&target);
         if agents.is_empty() {
@@ -516,9 +516,9 @@ impl Engine {
         let spec = ActionSpec {
             id: ActionId::generate(),
             location,
-            condition: None,
+            condition,
             expires_at_ms: now_ms() + expire * 1_000,
-            kind: ActionKind::Snapshot(SnapshotSpec { max_hits, watch: Vec::new(), backtrace: req.backtrace }),
+            kind: ActionKind::Snapshot(SnapshotSpec { max_hits, watch, backtrace: req.backtrace }),
         };
         self.insert(spec, target, caller, pending_note, agents)
     }
@@ -554,6 +554,7 @@ impl Engine {
                     state: "pending".into(),
                     detail: None,
                     pause_reason: None,
+                    eval_error: None,
                     updated_at_ms: now,
                 },
             );
@@ -732,6 +733,7 @@ impl Engine {
                 state: "pending".into(),
                 detail: None,
                 pause_reason: None,
+                eval_error: None,
                 updated_at_ms: now,
             });
             if entry.state == "offline" {
@@ -780,7 +782,10 @@ impl Engine {
             }
             AgentActionState::Resumed => ("installed", Some("resumed".into()), None),
             AgentActionState::Completed => ("completed", None, None),
-            AgentActionState::EvalError { reason } => ("eval_error", Some(truncate(&reason)), None),
+            AgentActionState::EvalError { reason } => {
+                entry.eval_error = Some(truncate(&reason));
+                ("eval_error", Some(truncate(&reason)), None)
+            }
         };
         entry.state = label.into();
         entry.detail = detail;
@@ -1016,6 +1021,30 @@ fn parse_action_id(raw: &str) -> Result<ActionId, ApiError> {
 
 fn truncate(s: &str) -> String {
     periscope_protocol::value::truncate_chars(s, 512).to_owned()
+}
+
+/// Parses the condition and watches so a bad expression is refused at placement, with
+/// its position, before any agent sees it.
+fn check_expressions(condition: Option<&str>, watch: &[String]) -> Result<(), ApiError> {
+    use periscope_protocol::expr::{parse_condition, parse_watch};
+    let fail = |field: String, src: &str, e: periscope_protocol::ParseError| {
+        ApiError::invalid(format!("{field}: {e}")).with_details(serde_json::json!({
+            "field": field,
+            "position": e.position,
+            "line": e.line,
+            "column": e.column,
+            "expected": e.expected,
+            "found": e.found,
+            "source": e.render(src),
+        }))
+    };
+    if let Some(c) = condition {
+        parse_condition(c).map_err(|e| fail("condition".into(), c, e))?;
+    }
+    for (i, w) in watch.iter().enumerate() {
+        parse_watch(w).map_err(|e| fail(format!("watch[{i}]"), w, e))?;
+    }
+    Ok(())
 }
 
 /// Longest file argument accepted.

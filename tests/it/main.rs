@@ -4,5 +4,6 @@
 
 mod support;
 
+mod conditions;
 mod core_loop;
 mod gateway_errors;

@@ -8,7 +8,7 @@ use super::{Expr, ParseError, Roots, Template, parse_condition, parse_numeric, p
 use crate::action::{ActionKind, ActionSpec, MetricKind};
 
 /// The compiled expressions of one action.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct ActionExprs {
     /// The snapshot, log or metric condition.
