@@ -254,8 +254,8 @@ impl AgentBuilder {
         if self.display_name.is_none() {
             self.display_name = var("PERISCOPE_DISPLAY_NAME");
         }
-        if self.queue_capacity.is_none() {
-            if let Some(v) = var("PERISCOPE_QUEUE_CAPACITY") {
+        if self.queue_capacity.is_none()
+            && let Some(v) = var("PERISCOPE_QUEUE_CAPACITY") {
                 match v.parse() {
                     Ok(n) => self.queue_capacity = Some(n),
                     Err(_) => {
@@ -266,9 +266,8 @@ impl AgentBuilder {
                     }
                 }
             }
-        }
-        if self.reconnect_initial.is_none() {
-            if let Some(v) = var("PERISCOPE_RECONNECT_INITIAL_MS") {
+        if self.reconnect_initial.is_none()
+            && let Some(v) = var("PERISCOPE_RECONNECT_INITIAL_MS") {
                 match v.parse() {
                     Ok(n) => self.reconnect_initial = Some(Duration::from_millis(n)),
                     Err(_) => {
@@ -279,7 +278,6 @@ impl AgentBuilder {
                     }
                 }
             }
-        }
         self
     }
 

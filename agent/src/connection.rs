@@ -319,7 +319,7 @@ impl Runner {
             }
             BrokerMessage::Error(err) => {
                 tracing::warn!(target: "periscope_agent", code = ?err.code, message = %err.message, "periscope broker reported an error");
-                err.fatal.then(|| SessionEnd::Retry(err.message))
+                err.fatal.then_some(SessionEnd::Retry(err.message))
             }
             BrokerMessage::Goodbye { reason } => Some(SessionEnd::Retry(format!("broker said goodbye: {reason}"))),
             BrokerMessage::Registered(_) => None,

@@ -318,11 +318,10 @@ impl Shared {
         } else {
             let mut changed: Vec<Identifier> = std::mem::take(unsent);
             for id in order.iter() {
-                if let Some(k) = known.get(id) {
-                    if k.hits.load(Ordering::Relaxed) != k.published_hits && !changed.contains(id) {
+                if let Some(k) = known.get(id)
+                    && k.hits.load(Ordering::Relaxed) != k.published_hits && !changed.contains(id) {
                         changed.push(id.clone());
                     }
-                }
             }
             for id in changed {
                 if let Some(k) = known.get_mut(&id) {

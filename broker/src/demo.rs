@@ -101,11 +101,13 @@ pub async fn run_demo(options: DemoOptions, shutdown: impl Future<Output = ()> +
         None => (generate_key("psk_"), "generated for this run; set PERISCOPE_API_KEY to choose one"),
     };
     let agent_key = generate_key("pak_");
-    let mut config = BrokerConfig::default();
-    config.listen = options.listen;
-    config.api_keys.push(ApiKeyConfig { name: "demo".into(), key: api_key.clone() });
-    config.agent_keys.push(AgentKeyConfig { key: agent_key.clone(), pools: vec!["*".into()] });
-    config.data_dir = options.data_dir.clone();
+    let config = BrokerConfig {
+        listen: options.listen,
+        api_keys: vec![ApiKeyConfig { name: "demo".into(), key: api_key.clone() }],
+        agent_keys: vec![AgentKeyConfig { key: agent_key.clone(), pools: vec!["*".into()] }],
+        data_dir: options.data_dir.clone(),
+        ..BrokerConfig::default()
+    };
     config.validate().context("the demo configuration")?;
 
     let listener = tokio::net::TcpListener::bind(options.listen).await.with_context(|| {

@@ -16,7 +16,7 @@ struct User {
 }
 
 fn emit(i: u64) {
-    let user = User { name: format!("user-{i}"), tier: if i % 3 == 0 { "gold" } else { "basic" } };
+    let user = User { name: format!("user-{i}"), tier: if i.is_multiple_of(3) { "gold" } else { "basic" } };
     tracing::info!(amount = i, user = ?user, "conditional event");
 }
 

@@ -2,6 +2,9 @@
 //! HTTP clients. One test binary; one module per capability; test names read as
 //! sentences.
 
+// Test code: a failed unwrap is a failed test, which is what we want.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 mod conditions;
