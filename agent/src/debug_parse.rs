@@ -117,6 +117,12 @@ struct Parser<'a> {
     max_fields: usize,
     max_string_len: usize,
     summary: TruncationSummary,
+    // Children of the containers being parsed, as stacks: each container pushes its
+    // children above its parent's and drains them into one exactly sized `Vec` when it
+    // closes, so a container costs one allocation however many children it has.
+    values: Vec<Value>,
+    fields: Vec<Field>,
+    entries: Vec<(Value, Value)>,
 }
 
 const TUPLE: &str = "tuple";
@@ -153,6 +159,9 @@ impl<'a> Parser<'a> {
             max_fields: to_usize(limits.max_fields),
             max_string_len: to_usize(limits.max_string_len),
             summary: TruncationSummary::default(),
+            values: Vec::new(),
+            fields: Vec::new(),
+            entries: Vec::new(),
         }
     }
 
@@ -234,6 +243,15 @@ impl<'a> Parser<'a> {
         }
         self.summary.strings_shortened += 1;
         Text { value: kept.to_owned(), original_len: Some(s.chars().count() as u64) }
+    }
+
+    /// The name of the positional field at `index` (`0`, `1`, ...).
+    fn position_name(&self, index: usize) -> String {
+        const SMALL: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+        match SMALL.get(index) {
+            Some(name) => self.name(name),
+            None => self.name(&index.to_string()),
+        }
     }
 
     /// A name (type, field) kept to `max_string_len` characters, as truncation does.
@@ -355,11 +373,16 @@ impl<'a> Parser<'a> {
     fn element(&mut self, level: u32, stop: Stop) -> Value {
         let start = self.pos;
         let saved = self.summary;
+        let stacks = (self.values.len(), self.fields.len(), self.entries.len());
         if let Some(value) = self.value(level)
             && self.at_element_end(stop)
         {
             return value;
         }
+        // Containers that failed inside this element left their children behind.
+        self.values.truncate(stacks.0);
+        self.fields.truncate(stacks.1);
+        self.entries.truncate(stacks.2);
         self.summary = saved;
         self.pos = start;
         self.scan_element(stop);
@@ -431,22 +454,23 @@ impl<'a> Parser<'a> {
 
     /// Items of a list or tuple, after the opener, through the closer.
     fn sequence(&mut self, level: u32) -> Option<(Vec<Value>, u64)> {
-        let mut items = Vec::new();
+        let base = self.values.len();
         let mut omitted = 0u64;
         loop {
             self.skip_ws();
             if is_closer(self.peek()?) {
                 self.pos += 1;
-                return Some((items, omitted));
+                return Some((self.values.drain(base..).collect(), omitted));
             }
             if self.at_dots() {
                 self.pos += 2;
-            } else if items.len() >= self.max_items {
+            } else if self.values.len() - base >= self.max_items {
                 self.scan_element(Stop::Item);
                 omitted += 1;
                 self.summary.items_omitted += 1;
             } else {
-                items.push(self.element(level + 1, Stop::Item));
+                let item = self.element(level + 1, Stop::Item);
+                self.values.push(item);
             }
             self.after_element()?;
         }
@@ -454,24 +478,24 @@ impl<'a> Parser<'a> {
 
     /// Fields `0`, `1`, ... of a tuple struct or variant, after the `(`.
     fn tuple_fields(&mut self, level: u32) -> Option<(Vec<Field>, u64)> {
-        let mut fields = Vec::new();
+        let base = self.fields.len();
         let mut omitted = 0u64;
         loop {
             self.skip_ws();
             if is_closer(self.peek()?) {
                 self.pos += 1;
-                return Some((fields, omitted));
+                return Some((self.fields.drain(base..).collect(), omitted));
             }
             if self.at_dots() {
                 self.pos += 2;
-            } else if fields.len() >= self.max_fields {
+            } else if self.fields.len() - base >= self.max_fields {
                 self.scan_element(Stop::Item);
                 omitted += 1;
                 self.summary.items_omitted += 1;
             } else {
-                let name = self.name(&fields.len().to_string());
+                let name = self.position_name(self.fields.len() - base);
                 let value = self.element(level + 1, Stop::Item);
-                fields.push(Field { name, value });
+                self.fields.push(Field { name, value });
             }
             self.after_element()?;
         }
@@ -502,17 +526,17 @@ impl<'a> Parser<'a> {
 
     /// Named fields, after the `{`.
     fn struct_fields(&mut self, level: u32) -> Option<(Vec<Field>, u64)> {
-        let mut fields = Vec::new();
+        let base = self.fields.len();
         let mut omitted = 0u64;
         loop {
             self.skip_ws();
             if is_closer(self.peek()?) {
                 self.pos += 1;
-                return Some((fields, omitted));
+                return Some((self.fields.drain(base..).collect(), omitted));
             }
             if self.at_dots() {
                 self.pos += 2;
-            } else if fields.len() >= self.max_fields {
+            } else if self.fields.len() - base >= self.max_fields {
                 self.scan_element(Stop::Item);
                 omitted += 1;
                 self.summary.items_omitted += 1;
@@ -530,10 +554,10 @@ impl<'a> Parser<'a> {
                     self.name(raw.strip_prefix("r#").unwrap_or(raw))
                 } else {
                     // Not `name: value`: keep the element as a value under its position.
-                    self.name(&fields.len().to_string())
+                    self.position_name(self.fields.len() - base)
                 };
                 let value = self.element(level + 1, Stop::Item);
-                fields.push(Field { name, value });
+                self.fields.push(Field { name, value });
             }
             self.after_element()?;
         }
@@ -541,8 +565,7 @@ impl<'a> Parser<'a> {
 
     /// A map or a set, after the `{`; which one is decided by the first element.
     fn braces(&mut self, level: u32, name: Option<&'a str>) -> Option<Value> {
-        let mut entries: Vec<(Value, Value)> = Vec::new();
-        let mut items: Vec<Value> = Vec::new();
+        let (entries_base, items_base) = (self.entries.len(), self.values.len());
         let mut is_map: Option<bool> = None;
         let mut omitted = 0u64;
         loop {
@@ -553,7 +576,7 @@ impl<'a> Parser<'a> {
             }
             if self.at_dots() {
                 self.pos += 2;
-            } else if entries.len() + items.len() >= self.max_items {
+            } else if (self.entries.len() - entries_base) + (self.values.len() - items_base) >= self.max_items {
                 let colon = self.scan_element(Stop::Item);
                 is_map.get_or_insert(colon);
                 omitted += 1;
@@ -567,24 +590,27 @@ impl<'a> Parser<'a> {
                         self.pos += 1;
                         self.skip_ws();
                         let value = self.element(level + 1, Stop::Item);
-                        entries.push((key, value));
+                        self.entries.push((key, value));
                     }
                     // A map element without `: value`: keep what there is.
-                    (true, false) => entries.push((key, Value::Null)),
-                    (false, false) => items.push(key),
+                    (true, false) => self.entries.push((key, Value::Null)),
+                    (false, false) => self.values.push(key),
                     // A set element that looks like an entry: keep its raw text.
                     (false, true) => {
                         self.summary = saved;
                         self.pos = start;
                         self.scan_element(Stop::Item);
                         let raw = self.text(start, self.pos).trim_end();
-                        items.push(Value::Str(self.short_text(raw)));
+                        let item = Value::Str(self.short_text(raw));
+                        self.values.push(item);
                     }
                 }
             }
             self.after_element()?;
         }
         let named = name.map(|n| self.name(n));
+        let items: Vec<Value> = self.values.drain(items_base..).collect();
+        let entries: Vec<(Value, Value)> = self.entries.drain(entries_base..).collect();
         Some(match is_map {
             Some(false) => Value::List(List { type_name: named.or_else(|| Some(SET.to_owned())), items, omitted }),
             _ => Value::Map(Map { type_name: named, entries, omitted }),
@@ -792,6 +818,24 @@ impl<'a> Parser<'a> {
 
     /// End of an identifier starting at `i` (`i` itself when there is none).
     fn ident_end(&self, i: usize) -> usize {
+        // Nearly every identifier is ASCII: check bytes, and decode only when a
+        // non-ASCII byte shows up.
+        let mut j = i;
+        while let Some(b) = self.byte_at(j) {
+            let ok = if j == i { b.is_ascii_alphabetic() || b == b'_' } else { b.is_ascii_alphanumeric() || b == b'_' };
+            if ok {
+                j += 1;
+            } else if b.is_ascii() {
+                return j;
+            } else {
+                return self.unicode_ident_end(i);
+            }
+        }
+        j
+    }
+
+    /// [`Parser::ident_end`] for identifiers with non-ASCII letters.
+    fn unicode_ident_end(&self, i: usize) -> usize {
         let Some(rest) = self.src.get(i..) else { return i };
         let mut end = i;
         for (k, c) in rest.char_indices() {

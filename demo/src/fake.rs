@@ -381,7 +381,7 @@ impl Faker {
             }
             Country::Fr => {
                 let mobile = if r.chance(0.5) { 6 } else { 7 };
-                let g: Vec<String> = (0..4).map(|_| r.digits(2)).collect();
+                let g: [String; 4] = std::array::from_fn(|_| r.digits(2));
                 if international {
                     format!("+33 {mobile} {} {} {} {}", g[0], g[1], g[2], g[3])
                 } else {
@@ -503,7 +503,7 @@ impl Faker {
         let (code, bban) = match country {
             Country::Fr => ("FR", format!("{}{}{}{}", r.digits(5), r.digits(5), r.digits(11), r.digits(2))),
             Country::Gb => {
-                let bank: String = ["NWBK", "BARC", "LOYD", "MIDL"][r.below(4) as usize].to_owned();
+                let bank = r.word(&["NWBK", "BARC", "LOYD", "MIDL"]);
                 ("GB", format!("{bank}{}{}", r.digits(6), r.digits(8)))
             }
             _ => ("DE", format!("{}{}", r.digits(8), r.digits(10))),

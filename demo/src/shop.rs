@@ -211,7 +211,7 @@ impl Shop {
                 let category = faker.category().to_owned();
                 Product {
                     id: i + 1,
-                    sku: format!("{}-{:05}", &category[..3].to_uppercase(), i + 1),
+                    sku: format!("{}-{:05}", category.get(..3).unwrap_or(&category).to_uppercase(), i + 1),
                     name: faker.product_name(),
                     category,
                     price_cents,
@@ -425,6 +425,9 @@ impl Shop {
     pub fn bulk_order(&self, user: &User, req: BulkOrderRequest, ctx: &RequestContext) -> Result<Order, ShopError> {
         if req.lines.is_empty() || req.lines.len() > MAX_BULK_LINES {
             return Err(ShopError::Invalid(format!("a bulk order has 1 to {MAX_BULK_LINES} lines")));
+        }
+        if req.lines.iter().any(|l| l.qty == 0 || l.qty > 99) {
+            return Err(ShopError::Invalid("qty must be between 1 and 99 on every line".into()));
         }
         let note =
             req.po_reference.map(|po| format!("purchase order {po}, invoice to {} ({})", user.email, user.phone));

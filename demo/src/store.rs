@@ -231,9 +231,9 @@ impl Store {
     pub fn take_stock(&self, lines: &[(u64, u32)]) -> Result<(), StoreError> {
         let mut inner = self.lock();
         for &(product_id, qty) in lines {
-            let wanted: u32 = lines.iter().filter(|(p, _)| *p == product_id).map(|(_, q)| *q).sum();
+            let wanted: u64 = lines.iter().filter(|(p, _)| *p == product_id).map(|(_, q)| u64::from(*q)).sum();
             let product = inner.products.iter().find(|p| p.id == product_id).ok_or(StoreError::NotFound("product"))?;
-            if product.stock < wanted.max(qty) {
+            if u64::from(product.stock) < wanted.max(u64::from(qty)) {
                 return Err(StoreError::OutOfStock { product_id, available: product.stock });
             }
         }

@@ -88,10 +88,7 @@ async fn failures_come_back_as_a_status_and_a_stable_code() {
     assert_eq!(shopper.pay_by_card(order.id, "4000 0000 0000 0002").await, StatusCode::PAYMENT_REQUIRED);
     assert_eq!(shopper.pay_by_card(order.id, "4111 1111 1111 1112").await, StatusCode::UNPROCESSABLE_ENTITY);
 
-    let expired = shopper.checkout(CheckoutRequest { discount_code: Some("SUMMER2019".into()), ..Default::default() });
-    // Checkout with an expired code is refused, so `checkout`'s own assertion fails;
-    // ask directly instead.
-    drop(expired);
+    // An expired discount code refuses the checkout.
     let cart: periscope_demo::model::Cart = shopper.post("/carts").send().await.unwrap().json().await.unwrap();
     let product = shopper.stocked_products().await.remove(0);
     shopper
