@@ -255,29 +255,31 @@ impl AgentBuilder {
             self.display_name = var("PERISCOPE_DISPLAY_NAME");
         }
         if self.queue_capacity.is_none()
-            && let Some(v) = var("PERISCOPE_QUEUE_CAPACITY") {
-                match v.parse() {
-                    Ok(n) => self.queue_capacity = Some(n),
-                    Err(_) => {
-                        self.env_error = Some(ConfigError::Invalid {
-                            setting: "PERISCOPE_QUEUE_CAPACITY",
-                            reason: format!("`{v}` is not a whole number"),
-                        })
-                    }
+            && let Some(v) = var("PERISCOPE_QUEUE_CAPACITY")
+        {
+            match v.parse() {
+                Ok(n) => self.queue_capacity = Some(n),
+                Err(_) => {
+                    self.env_error = Some(ConfigError::Invalid {
+                        setting: "PERISCOPE_QUEUE_CAPACITY",
+                        reason: format!("`{v}` is not a whole number"),
+                    })
                 }
             }
+        }
         if self.reconnect_initial.is_none()
-            && let Some(v) = var("PERISCOPE_RECONNECT_INITIAL_MS") {
-                match v.parse() {
-                    Ok(n) => self.reconnect_initial = Some(Duration::from_millis(n)),
-                    Err(_) => {
-                        self.env_error = Some(ConfigError::Invalid {
-                            setting: "PERISCOPE_RECONNECT_INITIAL_MS",
-                            reason: format!("`{v}` is not a whole number of milliseconds"),
-                        })
-                    }
+            && let Some(v) = var("PERISCOPE_RECONNECT_INITIAL_MS")
+        {
+            match v.parse() {
+                Ok(n) => self.reconnect_initial = Some(Duration::from_millis(n)),
+                Err(_) => {
+                    self.env_error = Some(ConfigError::Invalid {
+                        setting: "PERISCOPE_RECONNECT_INITIAL_MS",
+                        reason: format!("`{v}` is not a whole number of milliseconds"),
+                    })
                 }
             }
+        }
         self
     }
 

@@ -12,9 +12,9 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use periscope_protocol::messages::MAX_CATALOG_ENTRIES_PER_FRAME;
 use periscope_protocol::{
-    ActionId, ActionKind, ActionSpec, ActionStatusUpdate, AgentActionState, AgentId, AgentMessage, BrokerMessage,
-    CaptureLimits, CatalogUpdate, Heartbeat, MAX_FRAME_BYTES, PROTOCOL_VERSION, ProtocolErrorCode, Registered,
-    Registration, messages::decode_broker_message, messages::encode,
+    ActionId, ActionSpec, ActionStatusUpdate, AgentActionState, AgentId, AgentMessage, BrokerMessage, CaptureLimits,
+    CatalogUpdate, Heartbeat, LogDestination, LogLine, MAX_FRAME_BYTES, PROTOCOL_VERSION, ProtocolErrorCode,
+    Registered, Registration, messages::decode_broker_message, messages::encode,
 };
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
@@ -178,7 +178,12 @@ impl Runner {
                     }
                 }
                 Some(raw) = self.hits_rx.recv() => {
-                    if let Err(e) = self.send_hit(&raw, &mut socket).await {
+                    let sent = if raw.action.log.is_some() {
+                        self.send_log(&raw, &mut socket).await
+                    } else {
+                        self.send_hit(&raw, &mut socket).await
+                    };
+                    if let Err(e) = sent {
                         return SessionEnd::Retry(e);
                     }
                 }
@@ -200,6 +205,9 @@ impl Runner {
                     }
                 }
                 _ = housekeeping.tick() => {
+                    if let Err(e) = self.flush_metrics(&mut socket, false).await {
+                        return SessionEnd::Retry(e);
+                    }
                     self.prune_finished().await;
                 }
                 _ = self.shutdown.changed() => {
@@ -312,7 +320,13 @@ impl Runner {
             }
             BrokerMessage::ActionRemove { action_id, reason } => {
                 tracing::debug!(target: "periscope_agent", action = %action_id, %reason, "action removed");
-                if self.actions.remove(&action_id).is_some() {
+                if let Some(action) = self.actions.remove(&action_id) {
+                    // A metric's last partial interval still counts.
+                    if let Some(report) = metric_report(&action, crate::layer::unix_ms(), true) {
+                        if let Err(e) = send(socket, &AgentMessage::Metrics { reports: vec![report] }).await {
+                            return Some(SessionEnd::Retry(e));
+                        }
+                    }
                     self.install().await;
                 }
                 None
@@ -334,16 +348,7 @@ impl Runner {
             if only.is_some_and(|id| *id != action.spec.id) {
                 continue;
             }
-            let state = match &action.spec.kind {
-                ActionKind::Snapshot(_) if action.spec.condition.is_some() => {
-                    AgentActionState::Error { reason: "this agent version cannot evaluate conditions yet".into() }
-                }
-                ActionKind::Snapshot(_) if callsites > 0 => AgentActionState::Installed { callsites },
-                ActionKind::Snapshot(_) => AgentActionState::Pending,
-                other => AgentActionState::Error {
-                    reason: format!("this agent does not support `{}` actions yet", other.name()),
-                },
-            };
+            let state = status_of(&action, callsites);
             let msg = AgentMessage::ActionStatus(ActionStatusUpdate { action_id: action.spec.id.clone(), state });
             if let Err(e) = send(socket, &msg).await {
                 return Some(SessionEnd::Retry(e));
@@ -369,12 +374,8 @@ impl Runner {
 
     /// Swaps in a table for the current actions and rebuilds tracing's interest cache.
     async fn install(&mut self) -> Vec<(Arc<Installed>, u32)> {
-        let runnable: Vec<Arc<Installed>> = self
-            .actions
-            .values()
-            .filter(|a| !a.done.load(Ordering::Relaxed) && a.snapshot.is_some() && a.compile_error.is_none())
-            .cloned()
-            .collect();
+        let runnable: Vec<Arc<Installed>> =
+            self.actions.values().filter(|a| !a.done.load(Ordering::Relaxed) && a.runnable()).cloned().collect();
         let mut matched = self.shared.install(runnable, Arc::clone(&self.budgets), self.limits);
         // Report every action, including the ones not installed (for their error status).
         for action in self.actions.values() {
@@ -412,7 +413,7 @@ impl Runner {
         if self.shared.rebuild_needed.load(Ordering::Acquire) {
             let matched = self.install().await;
             for (action, callsites) in matched {
-                if callsites > 0 && action.snapshot.is_some() && action.compile_error.is_none() {
+                if callsites > 0 && action.runnable() {
                     let state = AgentActionState::Installed { callsites };
                     send(
                         socket,
@@ -437,6 +438,93 @@ impl Runner {
         if self.actions.len() != before {
             self.install().await;
         }
+    }
+
+    /// Sends the aggregates of metrics whose interval is over (all of them when `all`).
+    async fn flush_metrics(&mut self, socket: &mut Socket, all: bool) -> Result<(), String> {
+        let now = crate::layer::unix_ms();
+        let reports: Vec<_> = self.actions.values().filter_map(|a| metric_report(a, now, all)).collect();
+        for chunk in reports.chunks(periscope_protocol::telemetry::MAX_METRIC_REPORTS_PER_FRAME) {
+            send(socket, &AgentMessage::Metrics { reports: chunk.to_vec() }).await?;
+        }
+        Ok(())
+    }
+
+    /// Renders a dynamic log line off the host's thread, charges its bytes, and sends
+    /// it to the broker and/or the service's own log.
+    async fn send_log(&mut self, raw: &RawHit, socket: &mut Socket) -> Result<(), String> {
+        let (Some(log), Some(template)) = (&raw.action.log, &raw.action.exprs.template) else { return Ok(()) };
+        let hit = build_hit(raw, &self.limits);
+        let mut steps = periscope_protocol::Budget::default();
+        let rendered = match template.render(&hit, &mut steps, |_, _, _| {}) {
+            Ok(r) => r,
+            Err(e) => {
+                if !raw.action.eval_error_reported.swap(true, Ordering::Relaxed) {
+                    let state = AgentActionState::EvalError { reason: format!("template: {e}") };
+                    send(
+                        socket,
+                        &AgentMessage::ActionStatus(ActionStatusUpdate {
+                            action_id: raw.action.spec.id.clone(),
+                            state,
+                        }),
+                    )
+                    .await?;
+                }
+                return Ok(());
+            }
+        };
+        if let Some(first) = rendered.errors.first() {
+            if !raw.action.eval_error_reported.swap(true, Ordering::Relaxed) {
+                let state = AgentActionState::EvalError {
+                    reason: format!("template placeholder {}: {}", first.index, first.error),
+                };
+                send(
+                    socket,
+                    &AgentMessage::ActionStatus(ActionStatusUpdate { action_id: raw.action.spec.id.clone(), state }),
+                )
+                .await?;
+            }
+        }
+        let bytes = rendered.text.len() as u64;
+        let now = self.shared.clock.now();
+        if !log.byte_rate.try_take(now, bytes) || !self.budgets.log_bytes.try_take(now, bytes) {
+            let pause = self.budgets.quotas.pause_millis.max(100) * 1_000_000;
+            log.paused_until.store(now + pause, Ordering::Relaxed);
+            self.shared.counters.dropped_rate.fetch_add(1, Ordering::Relaxed);
+            if raw.action.pause(periscope_protocol::PauseReason::QuotaLog) {
+                let state = AgentActionState::Paused {
+                    reason: periscope_protocol::PauseReason::QuotaLog,
+                    message: format!(
+                        "dynamic log byte budget reached ({} bytes/s, burst x{}); lines are dropped until it recovers",
+                        self.budgets.quotas.log_bytes_per_sec, self.budgets.quotas.log_burst_factor
+                    ),
+                };
+                send(
+                    socket,
+                    &AgentMessage::ActionStatus(ActionStatusUpdate { action_id: raw.action.spec.id.clone(), state }),
+                )
+                .await?;
+            }
+            return Ok(());
+        }
+        let spec = &log.spec;
+        if matches!(spec.destination, LogDestination::App | LogDestination::Both) {
+            self.shared.emit_app_log(spec.level, &raw.action.spec.id, &rendered.text);
+        }
+        if matches!(spec.destination, LogDestination::Broker | LogDestination::Both) {
+            let line = LogLine {
+                action_id: raw.action.spec.id.clone(),
+                seq: raw.seq,
+                time_ms: raw.time_ms,
+                level: spec.level,
+                text: rendered.text,
+                thread: raw.thread.name.clone().or_else(|| Some(raw.thread.id.clone())),
+                redactions: Vec::new(),
+                rules_version: 0,
+            };
+            send(socket, &AgentMessage::LogLines { lines: vec![line] }).await?;
+        }
+        Ok(())
     }
 
     async fn send_hit(&mut self, raw: &RawHit, socket: &mut Socket) -> Result<(), String> {
@@ -491,6 +579,30 @@ async fn send(socket: &mut Socket, msg: &AgentMessage) -> Result<(), String> {
         return Ok(());
     }
     socket.send(Message::text(text)).await.map_err(|e| e.to_string())
+}
+
+/// The metric's report when its interval is over (or always, when `force`), with
+/// the aggregate reset.
+fn metric_report(action: &Installed, now_ms: u64, force: bool) -> Option<periscope_protocol::MetricReport> {
+    let metric = action.metric.as_ref()?;
+    let start = metric.window_start();
+    if !force && now_ms.saturating_sub(start) < metric.spec.report_interval_ms.clamp(1_000, 3_600_000) {
+        return None;
+    }
+    Some(metric.take(&action.spec.id, now_ms))
+}
+
+/// What to report for an action after installing it.
+fn status_of(action: &Installed, callsites: u32) -> AgentActionState {
+    if let Some(e) = &action.compile_error {
+        return AgentActionState::Error { reason: format!("this agent cannot run the action: {e}") };
+    }
+    if !action.runnable() {
+        return AgentActionState::Error {
+            reason: format!("this agent does not support `{}` actions", action.spec.kind.name()),
+        };
+    }
+    if callsites > 0 { AgentActionState::Installed { callsites } } else { AgentActionState::Pending }
 }
 
 /// Full jitter in [d/2, d]: spreads a fleet's reconnects after a broker restart.

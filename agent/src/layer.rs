@@ -17,14 +17,14 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use periscope_protocol::{AgentActionState, PauseReason, ThreadInfo};
+use periscope_protocol::{AgentActionState, MetricKind, PauseReason, ThreadInfo};
 use tracing_core::span::{Attributes, Id, Record};
 use tracing_core::subscriber::Interest;
 use tracing_core::{Event, LevelFilter, Metadata, Subscriber};
 use tracing_subscriber::layer::{Context, Filter, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
-use crate::capture::{FieldCollector, RawHit, RawSpan, SpanValues};
+use crate::capture::{FieldCollector, RawField, RawHit, RawSpan, SpanValues};
 use crate::state::{Shared, Table};
 
 thread_local! {
@@ -52,6 +52,9 @@ impl<S> Filter<S> for ProbeFilter {
     /// Runs once per callsite (and again on every interest rebuild): records the callsite
     /// in the catalog and says whether an installed action wants it.
     fn callsite_enabled(&self, meta: &'static Metadata<'static>) -> Interest {
+        if is_internal(meta) {
+            return Interest::never();
+        }
         let new = self.shared.register_callsite(meta);
         if !self.shared.active.load(Ordering::Acquire) {
             return Interest::never();
@@ -104,13 +107,16 @@ where
         let Some(span) = ctx.span(id) else { return };
         let mut values = FieldCollector::default();
         attrs.record(&mut values);
+        // Stored first, so that a duration started by this span can find it.
+        let fields = values.fields.clone();
+        span.extensions_mut().insert(SpanValues(values));
         let table = self.shared.table();
         if table.by_callsite.contains_key(&attrs.metadata().callsite()) {
-            // A snapshot on a span location fires when the span is created.
+            // Actions on a span location fire when the span is created.
             let parent = span.parent().map(|p| p.id());
-            self.fire(&table, attrs.metadata(), values.fields.clone(), parent.as_ref(), &ctx);
+            let site = Site { meta: attrs.metadata(), parent: parent.as_ref(), span: Some(id) };
+            self.fire(&table, site, fields, &ctx);
         }
-        span.extensions_mut().insert(SpanValues(values));
     }
 
     fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
@@ -132,137 +138,374 @@ where
             .parent()
             .cloned()
             .or_else(|| if event.is_contextual() { ctx.current_span().id().cloned() } else { None });
-        self.fire(&table, event.metadata(), values.fields, parent.as_ref(), &ctx);
+        let site = Site { meta: event.metadata(), parent: parent.as_ref(), span: None };
+        self.fire(&table, site, values.fields, &ctx);
+    }
+
+    /// A span closing ends the span-duration metrics it started.
+    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
+        if !self.shared.active.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(span) = ctx.span(&id) else { return };
+        let Some(clocks) = span.extensions_mut().remove::<Clocks>() else { return };
+        let now = self.shared.clock.now();
+        for (action, started) in clocks.0 {
+            if action.metric.as_ref().is_some_and(|m| m.spec.end_location.is_none()) {
+                record_duration(&action, now.saturating_sub(started));
+            }
+        }
+    }
+}
+
+/// Where an action fires: the callsite, the span it runs in, and (for span
+/// callsites) the span being created.
+#[derive(Clone, Copy)]
+struct Site<'a> {
+    meta: &'static Metadata<'static>,
+    parent: Option<&'a Id>,
+    span: Option<&'a Id>,
+}
+
+/// Clocks started in a span: the duration metric and its start (agent clock).
+#[derive(Default)]
+struct Clocks(Vec<(Arc<crate::state::Installed>, u64)>);
+
+thread_local! {
+    /// Tic-toc clocks started outside any span, per thread (bounded).
+    static THREAD_CLOCKS: std::cell::RefCell<Vec<(usize, u64)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Most tic-toc clocks a thread holds; the oldest are dropped beyond it.
+const MAX_THREAD_CLOCKS: usize = 64;
+
+fn record_duration(action: &crate::state::Installed, nanos: u64) {
+    if let Some(metric) = &action.metric {
+        let ms = nanos as f64 / 1e6;
+        metric.aggregate.lock().unwrap_or_else(|p| p.into_inner()).record(ms);
+    }
+}
+
+/// What one firing has captured so far, computed lazily and shared by the actions on
+/// the callsite.
+struct Firing<'a, S: for<'l> LookupSpan<'l>> {
+    table: &'a Table,
+    site: Site<'a>,
+    fields: Vec<RawField>,
+    spans: Option<Vec<RawSpan>>,
+    ctx: &'a Context<'a, S>,
+    now_ms: u64,
+    started: u64,
+}
+
+impl<S> Firing<'_, S>
+where
+    S: Subscriber + for<'l> LookupSpan<'l>,
+{
+    fn spans(&mut self) -> &[RawSpan] {
+        let (parent, table, ctx) = (self.site.parent, self.table, self.ctx);
+        self.spans.get_or_insert_with(|| capture_spans(parent, table, ctx))
+    }
+
+    fn scope(&mut self, roots: &periscope_protocol::expr::Roots) -> HotScope {
+        let limits = self.table.limits;
+        if roots.uses_spans() {
+            let spans =
+                self.spans().iter().map(|s| RawSpan { meta: s.meta, fields: s.fields.clone() }).collect::<Vec<_>>();
+            HotScope::build(&self.fields, Some(&spans), roots, &limits)
+        } else {
+            HotScope::build(&self.fields, None, roots, &limits)
+        }
     }
 }
 
 impl ProbeLayer {
-    /// Runs every action installed on the callsite: budgets, hit slots, capture, enqueue.
-    fn fire<S>(
-        &self,
-        table: &Table,
-        meta: &'static Metadata<'static>,
-        fields: Vec<crate::capture::RawField>,
-        parent: Option<&Id>,
-        ctx: &Context<'_, S>,
-    ) where
+    /// Runs every action installed on the callsite. Never blocks: budgets are atomics,
+    /// the queue is `try_send`, and the only lock is a metric's own uncontended mutex.
+    fn fire<S>(&self, table: &Table, site: Site<'_>, fields: Vec<RawField>, ctx: &Context<'_, S>)
+    where
         S: Subscriber + for<'a> LookupSpan<'a>,
     {
-        let Some(entry) = table.by_callsite.get(&meta.callsite()) else { return };
+        let Some(entry) = table.by_callsite.get(&site.meta.callsite()) else { return };
         entry.hits.fetch_add(1, Ordering::Relaxed);
         let shared = &self.shared;
         let started = shared.clock.now();
-        let budgets = &table.budgets;
-        let now_ms = unix_ms();
-        let mut fields = Some(fields);
-        let mut spans: Option<Vec<RawSpan>> = None;
+        let mut firing = Firing { table, site, fields, spans: None, ctx, now_ms: unix_ms(), started };
+        for action in &entry.ends {
+            self.stop_clock(action, &firing);
+        }
         for action in &entry.actions {
-            if action.done.load(Ordering::Relaxed) {
+            if !self.admit(action, &mut firing) {
                 continue;
             }
-            let Some(snapshot) = &action.snapshot else { continue };
-            if now_ms >= action.spec.expires_at_ms {
-                if !action.done.swap(true, Ordering::AcqRel) {
-                    shared.report(
-                        &action.spec.id,
-                        AgentActionState::Paused { reason: PauseReason::Expired, message: "the action expired".into() },
-                    );
-                }
-                continue;
+            if let Some(snapshot) = &action.snapshot {
+                self.snapshot(action, snapshot, &mut firing);
+            } else if let Some(log) = &action.log {
+                self.log(action, log, &mut firing);
+            } else if action.metric.is_some() {
+                self.metric(action, &mut firing);
             }
-            if !budgets.cpu.available(started) {
-                if action.pause(PauseReason::QuotaCpu) {
-                    let wait = budgets.cpu.recovers_at(started).saturating_sub(started) / 1_000_000;
-                    shared.report(
-                        &action.spec.id,
-                        AgentActionState::Paused {
-                            reason: PauseReason::QuotaCpu,
-                            message: format!(
-                                "the agent spent its CPU budget ({}% of a core); resuming in about {wait} ms",
-                                budgets.quotas.cpu_fraction * 100.0
-                            ),
-                        },
-                    );
-                }
-                shared.counters.dropped_rate.fetch_add(1, Ordering::Relaxed);
-                continue;
+        }
+        let spent = shared.clock.now().saturating_sub(started);
+        table.budgets.cpu.charge(started, spent);
+    }
+
+    /// The checks every kind shares: done, expiry, CPU budget, condition.
+    fn admit<S>(&self, action: &Arc<crate::state::Installed>, firing: &mut Firing<'_, S>) -> bool
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+    {
+        let shared = &self.shared;
+        if action.done.load(Ordering::Relaxed) {
+            return false;
+        }
+        if firing.now_ms >= action.spec.expires_at_ms {
+            if !action.done.swap(true, Ordering::AcqRel) {
+                shared.report(
+                    &action.spec.id,
+                    AgentActionState::Paused { reason: PauseReason::Expired, message: "the action expired".into() },
+                );
             }
-            if let Some(condition) = &action.exprs.condition {
-                let fields = fields.as_deref().unwrap_or_default();
-                let spans = if condition.roots().uses_spans() {
-                    Some(spans.get_or_insert_with(|| capture_spans(parent, table, ctx)).as_slice())
-                } else {
-                    None
-                };
-                let scope = HotScope::build(fields, spans, condition.roots(), &table.limits);
-                let mut steps = periscope_protocol::Budget::default();
-                match condition.eval_condition(&scope, &mut steps) {
-                    Ok(true) => {}
-                    Ok(false) => continue,
-                    Err(e) => {
-                        if !action.eval_error_reported.swap(true, Ordering::Relaxed) {
-                            shared.report(
-                                &action.spec.id,
-                                AgentActionState::EvalError { reason: format!("condition: {e}") },
-                            );
-                        }
-                        continue;
-                    }
-                }
+            return false;
+        }
+        let budgets = &firing.table.budgets;
+        if !budgets.cpu.available(firing.started) {
+            if action.pause(PauseReason::QuotaCpu) {
+                let wait = budgets.cpu.recovers_at(firing.started).saturating_sub(firing.started) / 1_000_000;
+                shared.report(
+                    &action.spec.id,
+                    AgentActionState::Paused {
+                        reason: PauseReason::QuotaCpu,
+                        message: format!(
+                            "the agent spent its CPU budget ({}% of a core); resuming in about {wait} ms",
+                            budgets.quotas.cpu_fraction * 100.0
+                        ),
+                    },
+                );
             }
-            if !action.rate.try_take(started, 1) || !budgets.snapshots.try_take(started, 1) {
-                if action.pause(PauseReason::RateLimited) {
-                    shared.report(
-                        &action.spec.id,
-                        AgentActionState::Paused {
-                            reason: PauseReason::RateLimited,
-                            message: format!(
-                                "hit rate limit reached ({}/s per action, {}/s per agent)",
-                                budgets.quotas.snapshot_hits_per_sec_per_action, budgets.quotas.snapshot_hits_per_sec
-                            ),
-                        },
-                    );
-                }
-                shared.counters.dropped_rate.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            let slot = action.taken.fetch_add(1, Ordering::AcqRel);
-            if slot >= snapshot.max_hits {
-                action.taken.fetch_sub(1, Ordering::AcqRel);
-                shared.complete(action);
-                continue;
-            }
-            if action.resume() {
-                shared.report(&action.spec.id, AgentActionState::Resumed);
-            }
-            let spans = spans.get_or_insert_with(|| capture_spans(parent, table, ctx));
-            let hit = Box::new(RawHit {
-                action: Arc::clone(action),
-                seq: action.seq.fetch_add(1, Ordering::Relaxed) + 1,
-                time_ms: now_ms,
-                meta,
-                thread: current_thread(),
-                // The last action on the callsite takes the fields; earlier ones clone.
-                fields: fields.clone().unwrap_or_default(),
-                spans: spans.iter().map(|s| RawSpan { meta: s.meta, fields: s.fields.clone() }).collect(),
-                backtrace: snapshot.backtrace.then(std::backtrace::Backtrace::force_capture),
-            });
-            match shared.hits_tx.try_send(hit) {
-                Ok(()) => {
-                    if slot + 1 >= snapshot.max_hits {
-                        shared.complete(action);
-                    }
-                }
-                Err(_) => {
-                    // Full (or the agent thread is gone): give the slot back, count the loss.
-                    action.taken.fetch_sub(1, Ordering::AcqRel);
-                    shared.counters.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
+            shared.counters.dropped_rate.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        if let Some(condition) = &action.exprs.condition {
+            let scope = firing.scope(condition.roots());
+            let mut steps = periscope_protocol::Budget::default();
+            match condition.eval_condition(&scope, &mut steps) {
+                Ok(true) => {}
+                Ok(false) => return false,
+                Err(e) => {
+                    self.eval_error(action, format!("condition: {e}"));
+                    return false;
                 }
             }
         }
-        drop(fields.take());
-        let spent = shared.clock.now().saturating_sub(started);
-        budgets.cpu.charge(started, spent);
+        true
+    }
+
+    fn eval_error(&self, action: &crate::state::Installed, reason: String) {
+        if !action.eval_error_reported.swap(true, Ordering::Relaxed) {
+            self.shared.report(&action.spec.id, AgentActionState::EvalError { reason });
+        }
+    }
+
+    fn enqueue(&self, hit: RawHit) -> bool {
+        match self.shared.hits_tx.try_send(Box::new(hit)) {
+            Ok(()) => true,
+            Err(_) => {
+                // Full (or the agent thread is gone): count the loss, never wait.
+                self.shared.counters.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    fn raw_hit<S>(&self, action: &Arc<crate::state::Installed>, firing: &mut Firing<'_, S>, backtrace: bool) -> RawHit
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+    {
+        let spans = firing.spans().iter().map(|s| RawSpan { meta: s.meta, fields: s.fields.clone() }).collect();
+        RawHit {
+            action: Arc::clone(action),
+            seq: action.seq.fetch_add(1, Ordering::Relaxed) + 1,
+            time_ms: firing.now_ms,
+            meta: firing.site.meta,
+            thread: current_thread(),
+            fields: firing.fields.clone(),
+            spans,
+            backtrace: backtrace.then(std::backtrace::Backtrace::force_capture),
+        }
+    }
+
+    fn snapshot<S>(
+        &self,
+        action: &Arc<crate::state::Installed>,
+        snapshot: &periscope_protocol::SnapshotSpec,
+        firing: &mut Firing<'_, S>,
+    ) where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+    {
+        let shared = &self.shared;
+        let budgets = &firing.table.budgets;
+        if !action.rate.try_take(firing.started, 1) || !budgets.snapshots.try_take(firing.started, 1) {
+            if action.pause(PauseReason::RateLimited) {
+                shared.report(
+                    &action.spec.id,
+                    AgentActionState::Paused {
+                        reason: PauseReason::RateLimited,
+                        message: format!(
+                            "hit rate limit reached ({}/s per action, {}/s per agent)",
+                            budgets.quotas.snapshot_hits_per_sec_per_action, budgets.quotas.snapshot_hits_per_sec
+                        ),
+                    },
+                );
+            }
+            shared.counters.dropped_rate.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let slot = action.taken.fetch_add(1, Ordering::AcqRel);
+        if slot >= snapshot.max_hits {
+            action.taken.fetch_sub(1, Ordering::AcqRel);
+            shared.complete(action);
+            return;
+        }
+        if action.resume() {
+            shared.report(&action.spec.id, AgentActionState::Resumed);
+        }
+        let hit = self.raw_hit(action, firing, snapshot.backtrace);
+        if self.enqueue(hit) {
+            if slot + 1 >= snapshot.max_hits {
+                shared.complete(action);
+            }
+        } else {
+            action.taken.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    fn log<S>(&self, action: &Arc<crate::state::Installed>, log: &crate::state::LogState, firing: &mut Firing<'_, S>)
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+    {
+        let shared = &self.shared;
+        let budgets = &firing.table.budgets;
+        if log.paused_until.load(Ordering::Relaxed) > firing.started {
+            shared.counters.dropped_rate.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if !log.line_rate.try_take(firing.started, 1) || !budgets.log_lines.try_take(firing.started, 1) {
+            if action.pause(PauseReason::QuotaLog) {
+                shared.report(
+                    &action.spec.id,
+                    AgentActionState::Paused {
+                        reason: PauseReason::QuotaLog,
+                        message: format!(
+                            "dynamic log line budget reached ({} lines/s, burst x{}); lines are dropped until it recovers",
+                            budgets.quotas.log_lines_per_sec, budgets.quotas.log_burst_factor
+                        ),
+                    },
+                );
+            }
+            shared.counters.dropped_rate.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if let Some(max) = log.spec.max_lines {
+            if log.lines.fetch_add(1, Ordering::AcqRel) >= max {
+                shared.complete(action);
+                return;
+            }
+        }
+        if action.resume() {
+            shared.report(&action.spec.id, AgentActionState::Resumed);
+        }
+        let hit = self.raw_hit(action, firing, false);
+        self.enqueue(hit);
+    }
+
+    fn metric<S>(&self, action: &Arc<crate::state::Installed>, firing: &mut Firing<'_, S>)
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+    {
+        let Some(metric) = &action.metric else { return };
+        match metric.spec.metric {
+            MetricKind::Counter => {
+                metric.hits.fetch_add(1, Ordering::Relaxed);
+            }
+            MetricKind::Value => {
+                let Some(expr) = &action.exprs.value else { return };
+                let scope = firing.scope(expr.roots());
+                let mut steps = periscope_protocol::Budget::default();
+                let mut agg = metric.aggregate.lock().unwrap_or_else(|p| p.into_inner());
+                match expr.eval_number(&scope, &mut steps) {
+                    Ok(Some(v)) => agg.record(v),
+                    Ok(None) => agg.skipped += 1,
+                    Err(e) => {
+                        agg.skipped += 1;
+                        drop(agg);
+                        self.eval_error(action, format!("expression: {e}"));
+                    }
+                }
+            }
+            MetricKind::Duration => self.start_clock(action, firing),
+        }
+    }
+
+    /// Starts a duration clock: in the span being created (span durations), else in the
+    /// innermost span, else on the thread (tic-toc outside spans).
+    fn start_clock<S>(&self, action: &Arc<crate::state::Installed>, firing: &Firing<'_, S>)
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+    {
+        let now = firing.started;
+        let holder = firing.site.span.or(firing.site.parent);
+        if let Some(span) = holder.and_then(|id| firing.ctx.span(id)) {
+            let mut ext = span.extensions_mut();
+            match ext.get_mut::<Clocks>() {
+                Some(clocks) => {
+                    clocks.0.retain(|(a, _)| !Arc::ptr_eq(a, action));
+                    clocks.0.push((Arc::clone(action), now));
+                }
+                None => ext.insert(Clocks(vec![(Arc::clone(action), now)])),
+            }
+            return;
+        }
+        let key = Arc::as_ptr(action) as usize;
+        THREAD_CLOCKS.with(|c| {
+            let mut c = c.borrow_mut();
+            c.retain(|(k, _)| *k != key);
+            if c.len() >= MAX_THREAD_CLOCKS {
+                c.remove(0);
+            }
+            c.push((key, now));
+        });
+    }
+
+    /// Stops a tic-toc clock started earlier in this span scope (or on this thread).
+    fn stop_clock<S>(&self, action: &Arc<crate::state::Installed>, firing: &Firing<'_, S>)
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+    {
+        let now = firing.started;
+        let holders = firing.site.span.into_iter().chain(firing.site.parent);
+        for id in holders {
+            let Some(scope) = firing.ctx.span_scope(id) else { continue };
+            for span in scope {
+                let mut ext = span.extensions_mut();
+                if let Some(clocks) = ext.get_mut::<Clocks>() {
+                    if let Some(i) = clocks.0.iter().position(|(a, _)| Arc::ptr_eq(a, action)) {
+                        let (_, started) = clocks.0.swap_remove(i);
+                        drop(ext);
+                        record_duration(action, now.saturating_sub(started));
+                        return;
+                    }
+                }
+            }
+        }
+        let key = Arc::as_ptr(action) as usize;
+        let started = THREAD_CLOCKS.with(|c| {
+            let mut c = c.borrow_mut();
+            c.iter().position(|(k, _)| *k == key).map(|i| c.swap_remove(i).1)
+        });
+        if let Some(started) = started {
+            record_duration(action, now.saturating_sub(started));
+        }
     }
 }
 
@@ -347,6 +590,13 @@ where
             RawSpan { meta: span.metadata(), fields }
         })
         .collect()
+}
+
+/// The agent's own callsites (and the dynamic log lines it emits) are neither
+/// inspectable nor captured.
+fn is_internal(meta: &Metadata<'_>) -> bool {
+    let target = meta.target();
+    target.starts_with("periscope_agent") || target.starts_with("periscope::")
 }
 
 fn current_thread() -> ThreadInfo {

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use periscope_protocol::expr::ActionExprs;
 use periscope_protocol::{
-    ActionId, ActionKind, ActionSpec, AgentActionState, AgentQuotas, CaptureLimits, CatalogEntry, LocationKind,
-    PauseReason, SnapshotSpec,
+    ActionId, ActionKind, ActionSpec, AgentActionState, AgentQuotas, CaptureLimits, CatalogEntry, Histogram,
+    LocationKind, LogSpec, MetricKind, MetricReport, MetricSpec, PauseReason, SnapshotSpec,
 };
 use tokio::sync::{Notify, mpsc};
 use tracing_core::callsite::Identifier;
@@ -27,12 +27,91 @@ use crate::capture::RawHit;
 /// is live; TRACE spans are left alone unless an action targets one.
 const SPAN_RECORD_LEVEL: Level = Level::DEBUG;
 
+/// A dynamic log's running state.
+#[derive(Debug)]
+pub(crate) struct LogState {
+    pub(crate) spec: LogSpec,
+    /// Lines produced so far (for `max_lines`).
+    pub(crate) lines: AtomicU64,
+    /// Per-action line rate.
+    pub(crate) line_rate: RateLimiter,
+    /// Per-action byte rate (charged on the agent thread, once the line is rendered).
+    pub(crate) byte_rate: RateLimiter,
+    /// Clock time until which the byte budget keeps the action paused.
+    pub(crate) paused_until: AtomicU64,
+}
+
+/// One interval's running aggregate of a metric.
+#[derive(Debug, Default)]
+pub(crate) struct Aggregate {
+    pub(crate) window_start_ms: u64,
+    pub(crate) count: u64,
+    pub(crate) sum: f64,
+    pub(crate) min: Option<f64>,
+    pub(crate) max: Option<f64>,
+    pub(crate) histogram: Histogram,
+    pub(crate) skipped: u64,
+}
+
+impl Aggregate {
+    pub(crate) fn record(&mut self, v: f64) {
+        if !v.is_finite() {
+            self.skipped += 1;
+            return;
+        }
+        self.count += 1;
+        self.sum += v;
+        self.min = Some(self.min.map_or(v, |m| m.min(v)));
+        self.max = Some(self.max.map_or(v, |m| m.max(v)));
+        self.histogram.record(v);
+    }
+}
+
+/// A dynamic metric's running state.
+#[derive(Debug)]
+pub(crate) struct MetricState {
+    pub(crate) spec: MetricSpec,
+    pub(crate) aggregate: Mutex<Aggregate>,
+    /// Counters count in an atomic, without the lock.
+    pub(crate) hits: AtomicU64,
+}
+
+impl MetricState {
+    /// When the current interval started (Unix ms).
+    pub(crate) fn window_start(&self) -> u64 {
+        self.aggregate.lock().unwrap_or_else(|p| p.into_inner()).window_start_ms
+    }
+
+    /// Takes the interval's aggregate, starting a new interval at `now_ms`.
+    pub(crate) fn take(&self, action_id: &ActionId, now_ms: u64) -> MetricReport {
+        let mut agg = self.aggregate.lock().unwrap_or_else(|p| p.into_inner());
+        let taken = std::mem::replace(&mut *agg, Aggregate { window_start_ms: now_ms, ..Aggregate::default() });
+        drop(agg);
+        let hits = self.hits.swap(0, Ordering::Relaxed);
+        MetricReport {
+            action_id: action_id.clone(),
+            window_start_ms: taken.window_start_ms,
+            window_end_ms: now_ms,
+            count: if self.spec.metric == MetricKind::Counter { hits } else { taken.count },
+            sum: taken.sum,
+            min: taken.min,
+            max: taken.max,
+            histogram: taken.histogram,
+            skipped: taken.skipped,
+        }
+    }
+}
+
 /// One action as installed in this process.
 #[derive(Debug)]
 pub(crate) struct Installed {
     pub(crate) spec: ActionSpec,
     /// The snapshot parameters, when the action is a snapshot.
     pub(crate) snapshot: Option<SnapshotSpec>,
+    /// The log state, when the action is a dynamic log.
+    pub(crate) log: Option<LogState>,
+    /// The metric state, when the action is a dynamic metric.
+    pub(crate) metric: Option<MetricState>,
     /// Hit slots taken so far (a slot is returned when its hit is dropped).
     pub(crate) taken: AtomicU32,
     /// Sequence numbers handed out, for gaps to be visible.
@@ -54,6 +133,7 @@ pub(crate) struct Installed {
 const PAUSE_NONE: u8 = 0;
 const PAUSE_RATE: u8 = 1;
 const PAUSE_CPU: u8 = 2;
+const PAUSE_LOG: u8 = 3;
 
 impl Installed {
     pub(crate) fn new(spec: ActionSpec, quotas: &AgentQuotas) -> Self {
@@ -67,7 +147,33 @@ impl Installed {
             Ok(e) => (e, None),
             Err(e) => (ActionExprs::default(), Some(e.to_string())),
         };
+        let log = match &spec.kind {
+            ActionKind::Log(l) => Some(LogState {
+                spec: l.clone(),
+                lines: AtomicU64::new(0),
+                line_rate: RateLimiter::new(
+                    quotas.log_lines_per_sec,
+                    quotas.log_lines_per_sec * quotas.log_burst_factor,
+                ),
+                byte_rate: RateLimiter::new(
+                    quotas.log_bytes_per_sec,
+                    quotas.log_bytes_per_sec * quotas.log_burst_factor,
+                ),
+                paused_until: AtomicU64::new(0),
+            }),
+            _ => None,
+        };
+        let metric = match &spec.kind {
+            ActionKind::Metric(m) => Some(MetricState {
+                spec: m.clone(),
+                aggregate: Mutex::new(Aggregate { window_start_ms: crate::layer::unix_ms(), ..Aggregate::default() }),
+                hits: AtomicU64::new(0),
+            }),
+            _ => None,
+        };
         Installed {
+            log,
+            metric,
             exprs,
             compile_error,
             eval_error_reported: AtomicBool::new(false),
@@ -86,6 +192,7 @@ impl Installed {
     pub(crate) fn pause(&self, reason: PauseReason) -> bool {
         let code = match reason {
             PauseReason::QuotaCpu => PAUSE_CPU,
+            PauseReason::QuotaLog => PAUSE_LOG,
             _ => PAUSE_RATE,
         };
         self.paused.swap(code, Ordering::Relaxed) != code
@@ -98,17 +205,34 @@ impl Installed {
     }
 
     pub(crate) fn matches(&self, meta: &Metadata<'_>) -> bool {
-        match (meta.file(), meta.line()) {
-            (Some(file), Some(line)) => line == self.spec.location.line && self.spec.location.file_matches(file),
-            _ => false,
-        }
+        at(&self.spec.location, meta)
+    }
+
+    /// Whether `meta` is where a tic-toc duration stops.
+    pub(crate) fn ends_at(&self, meta: &Metadata<'_>) -> bool {
+        self.metric.as_ref().and_then(|m| m.spec.end_location.as_ref()).is_some_and(|end| at(end, meta))
+    }
+
+    /// Whether this agent can run the action at all.
+    pub(crate) fn runnable(&self) -> bool {
+        self.compile_error.is_none() && (self.snapshot.is_some() || self.log.is_some() || self.metric.is_some())
+    }
+}
+
+fn at(location: &periscope_protocol::Location, meta: &Metadata<'_>) -> bool {
+    match (meta.file(), meta.line()) {
+        (Some(file), Some(line)) => line == location.line && location.file_matches(file),
+        _ => false,
     }
 }
 
 /// Actions on one callsite, with the callsite's hit counter.
 #[derive(Debug)]
 pub(crate) struct CallsiteActions {
+    /// Actions placed here.
     pub(crate) actions: Vec<Arc<Installed>>,
+    /// Tic-toc durations that stop here.
+    pub(crate) ends: Vec<Arc<Installed>>,
     pub(crate) hits: Arc<AtomicU64>,
 }
 
@@ -118,11 +242,17 @@ pub(crate) struct Budgets {
     pub(crate) quotas: AgentQuotas,
     pub(crate) snapshots: RateLimiter,
     pub(crate) cpu: CpuBudget,
+    /// Dynamic log lines per second across the agent.
+    pub(crate) log_lines: RateLimiter,
+    /// Dynamic log bytes per second across the agent.
+    pub(crate) log_bytes: RateLimiter,
 }
 
 impl Budgets {
     pub(crate) fn new(quotas: AgentQuotas) -> Self {
         Budgets {
+            log_lines: RateLimiter::new(quotas.log_lines_per_sec, quotas.log_lines_per_sec * quotas.log_burst_factor),
+            log_bytes: RateLimiter::new(quotas.log_bytes_per_sec, quotas.log_bytes_per_sec * quotas.log_burst_factor),
             snapshots: RateLimiter::new(quotas.snapshot_hits_per_sec, quotas.snapshot_hits_per_sec.max(1.0)),
             cpu: CpuBudget::new(quotas.cpu_fraction, Duration::from_micros(quotas.cpu_burst_micros)),
             quotas,
@@ -229,6 +359,25 @@ impl Shared {
         }
     }
 
+    /// Emits a dynamic log line through the host's own `tracing` subscriber (target
+    /// `periscope::dynamic_log`), so it lands wherever the service's logs go. Runs on the
+    /// agent thread, which our filter ignores, so the line is never captured again.
+    pub(crate) fn emit_app_log(&self, level: periscope_protocol::LogLevel, action_id: &ActionId, text: &str) {
+        use periscope_protocol::LogLevel;
+        let emit = || match level {
+            LogLevel::Trace => tracing::trace!(target: "periscope::dynamic_log", action_id = %action_id, "{text}"),
+            LogLevel::Debug => tracing::debug!(target: "periscope::dynamic_log", action_id = %action_id, "{text}"),
+            LogLevel::Info => tracing::info!(target: "periscope::dynamic_log", action_id = %action_id, "{text}"),
+            LogLevel::Warn => tracing::warn!(target: "periscope::dynamic_log", action_id = %action_id, "{text}"),
+            LogLevel::Error => tracing::error!(target: "periscope::dynamic_log", action_id = %action_id, "{text}"),
+        };
+        let dispatch = self.dispatches.lock().unwrap_or_else(|p| p.into_inner()).iter().find_map(|w| w.upgrade());
+        match dispatch {
+            Some(d) => tracing_core::dispatcher::with_default(&d, emit),
+            None => emit(),
+        }
+    }
+
     pub(crate) fn remember_dispatch(&self, dispatch: &tracing_core::Dispatch) {
         let mut d = self.dispatches.lock().unwrap_or_else(|p| p.into_inner());
         d.retain(|w| w.upgrade().is_some());
@@ -319,9 +468,11 @@ impl Shared {
             let mut changed: Vec<Identifier> = std::mem::take(unsent);
             for id in order.iter() {
                 if let Some(k) = known.get(id)
-                    && k.hits.load(Ordering::Relaxed) != k.published_hits && !changed.contains(id) {
-                        changed.push(id.clone());
-                    }
+                    && k.hits.load(Ordering::Relaxed) != k.published_hits
+                    && !changed.contains(id)
+                {
+                    changed.push(id.clone());
+                }
             }
             for id in changed {
                 if let Some(k) = known.get_mut(&id) {
@@ -350,20 +501,30 @@ impl Shared {
             let mut count = 0u32;
             for id in &catalog.order {
                 let Some(known) = catalog.known.get(id) else { continue };
-                if action.matches(known.meta) {
-                    count += 1;
+                let here = action.matches(known.meta);
+                let ends_here = action.ends_at(known.meta);
+                if here || ends_here {
                     max_level = max_level.max(LevelFilter::from_level(*known.meta.level()));
-                    by_callsite
-                        .entry(id.clone())
-                        .or_insert_with(|| CallsiteActions { actions: Vec::new(), hits: Arc::clone(&known.hits) })
-                        .actions
-                        .push(Arc::clone(action));
+                    let entry = by_callsite.entry(id.clone()).or_insert_with(|| CallsiteActions {
+                        actions: Vec::new(),
+                        ends: Vec::new(),
+                        hits: Arc::clone(&known.hits),
+                    });
+                    if here {
+                        count += 1;
+                        entry.actions.push(Arc::clone(action));
+                    }
+                    if ends_here {
+                        entry.ends.push(Arc::clone(action));
+                    }
                 }
             }
             matched.push((Arc::clone(action), count));
         }
         drop(catalog);
-        let record_spans = specs.iter().any(|a| a.snapshot.is_some());
+        // Spans are recorded while anything is live: snapshots report the span stack,
+        // logs and conditions may read span fields, durations time spans.
+        let record_spans = !specs.is_empty();
         if record_spans {
             max_level = max_level.max(LevelFilter::from_level(SPAN_RECORD_LEVEL));
         }
@@ -374,7 +535,7 @@ impl Shared {
 
     /// Whether a just-registered callsite matches an installed action.
     pub(crate) fn matches_installed(&self, meta: &Metadata<'_>) -> bool {
-        self.table().actions.values().any(|a| a.matches(meta))
+        self.table().actions.values().any(|a| a.matches(meta) || a.ends_at(meta))
     }
 
     /// Marks an action done on this agent and wakes the agent thread to drop it.

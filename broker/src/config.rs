@@ -237,12 +237,13 @@ impl BrokerConfig {
             }
         }
         if let Some(url) = &self.public_url
-            && !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(ConfigError::Invalid {
-                    key: "public_url".into(),
-                    message: format!("`{url}` must start with http:// or https://"),
-                });
-            }
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(ConfigError::Invalid {
+                key: "public_url".into(),
+                message: format!("`{url}` must start with http:// or https://"),
+            });
+        }
         Ok(())
     }
 

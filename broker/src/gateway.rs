@@ -290,6 +290,7 @@ fn handle(state: &AppState, agent_id: &AgentId, name: &str, msg: AgentMessage) -
             state.registry.count_hit(agent_id, accepted);
             None
         }
+        AgentMessage::LogLines { .. } | AgentMessage::Metrics { .. } => None,
         AgentMessage::Goodbye { .. } => None,
     }
 }

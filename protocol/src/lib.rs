@@ -17,6 +17,7 @@
 //! - [`expr`]: the expression language of conditions, watches, log templates and metric
 //!   values (parse, check, evaluate; side-effect free by construction).
 //! - [`hit`]: what an agent sends when an action fires.
+//! - [`telemetry`]: dynamic log lines and metric reports ([`telemetry::Histogram`]).
 //! - [`messages`]: [`AgentMessage`], [`BrokerMessage`], framing and protocol errors.
 
 pub mod action;
@@ -26,6 +27,7 @@ pub mod hit;
 pub mod ids;
 pub mod limits;
 pub mod messages;
+pub mod telemetry;
 pub mod value;
 
 pub use action::{
@@ -41,4 +43,5 @@ pub use messages::{
     ActionStatusUpdate, AgentMessage, BrokerMessage, CatalogUpdate, Heartbeat, MAX_FRAME_BYTES, PROTOCOL_VERSION,
     ProtocolError, ProtocolErrorBody, ProtocolErrorCode, Registered, Registration, SUPPORTED_VERSIONS,
 };
+pub use telemetry::{Histogram, LogLine, MetricReport};
 pub use value::{Cut, CutReason, Field, List, Map, Object, Text, TruncationSummary, Value};

@@ -25,6 +25,7 @@ use crate::catalog::CatalogEntry;
 use crate::hit::Hit;
 use crate::ids::{ActionId, AgentId};
 use crate::limits::{AgentQuotas, CaptureLimits};
+use crate::telemetry::{LogLine, MetricReport};
 
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -52,6 +53,16 @@ pub enum AgentMessage {
     ActionStatus(ActionStatusUpdate),
     /// An action fired.
     Hit(Box<Hit>),
+    /// Dynamic log lines, batched.
+    LogLines {
+        /// The lines, oldest first (at most [`crate::telemetry::MAX_LOG_LINES_PER_FRAME`]).
+        lines: Vec<LogLine>,
+    },
+    /// Metric aggregates for the last interval.
+    Metrics {
+        /// One report per metric action (at most [`crate::telemetry::MAX_METRIC_REPORTS_PER_FRAME`]).
+        reports: Vec<MetricReport>,
+    },
     /// The agent is closing on purpose (the host is shutting down).
     Goodbye {
         /// Why, for the broker's records.
@@ -68,6 +79,8 @@ impl AgentMessage {
             AgentMessage::Catalog(_) => "catalog",
             AgentMessage::ActionStatus(_) => "action_status",
             AgentMessage::Hit(_) => "hit",
+            AgentMessage::LogLines { .. } => "log_lines",
+            AgentMessage::Metrics { .. } => "metrics",
             AgentMessage::Goodbye { .. } => "goodbye",
         }
     }
