@@ -19,6 +19,19 @@ struct Cli {
 enum Command {
     /// Run the broker.
     Serve(ServeArgs),
+    /// Serve MCP on stdin/stdout for clients that only speak stdio, forwarding to a
+    /// broker's `/mcp` endpoint. Logs go to stderr.
+    Mcp(McpArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct McpArgs {
+    /// The broker's URL (`http://host:7070`, or its MCP endpoint `http://host:7070/mcp`).
+    #[arg(long, env = "PERISCOPE_URL")]
+    url: String,
+    /// An API key of that broker.
+    #[arg(long = "api-key", env = "PERISCOPE_API_KEY", hide_env_values = true)]
+    api_key: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -40,9 +53,9 @@ struct ServeArgs {
     agent_keys: Vec<String>,
 }
 
-fn init_logging() {
+fn init_logging(default: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("PERISCOPE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("PERISCOPE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
@@ -58,7 +71,7 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<BrokerConfig> {
         config.data_dir = Some(dir.clone());
     }
     for key in &args.api_keys {
-        config.api_keys.push(ApiKeyConfig { name: "cli".into(), key: key.clone() });
+        config.api_keys.push(ApiKeyConfig::new("cli", key.clone()));
     }
     for key in &args.agent_keys {
         config.agent_keys.push(AgentKeyConfig { key: key.clone(), pools: vec!["*".into()] });
@@ -72,7 +85,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     match cli.command {
         Command::Serve(args) => {
-            init_logging();
+            init_logging("info");
             let config = load_config(&args)?;
             if config.api_keys.is_empty() {
                 tracing::warn!("no API keys configured: REST and MCP callers will all be refused (use --api-key)");
@@ -86,6 +99,14 @@ fn main() -> anyhow::Result<()> {
                     .with_context(|| format!("cannot listen on {}", config.listen))?;
                 periscope_broker::run(listener, config, shutdown_signal()).await
             })
+        }
+        Command::Mcp(args) => {
+            // Standard output carries JSON-RPC only: every log line goes to stderr. The MCP
+            // library's own logs are off unless PERISCOPE_LOG asks for them: the proxy
+            // reports what matters (connected, refused, unreachable) itself.
+            init_logging("info,rmcp=off");
+            let options = periscope_broker::mcp::proxy::ProxyOptions { url: args.url, api_key: args.api_key };
+            runtime.block_on(periscope_broker::mcp::proxy::run_stdio(options))
         }
     }
 }

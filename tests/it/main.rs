@@ -6,3 +6,4 @@ mod support;
 
 mod core_loop;
 mod gateway_errors;
+mod mcp;
