@@ -329,13 +329,13 @@ impl BrokerConfig {
                 });
             }
         }
-        if let Some(url) = &self.public_url {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(ConfigError::Invalid {
-                    key: "public_url".into(),
-                    message: format!("`{url}` must start with http:// or https://"),
-                });
-            }
+        if let Some(url) = &self.public_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(ConfigError::Invalid {
+                key: "public_url".into(),
+                message: format!("`{url}` must start with http:// or https://"),
+            });
         }
         Ok(())
     }
@@ -422,8 +422,8 @@ mod tests {
 
     #[test]
     fn the_public_url_host_is_always_an_allowed_mcp_host() {
-        let mut c = BrokerConfig::default();
-        c.public_url = Some("https://periscope.example.com:8443/base".into());
+        let mut c =
+            BrokerConfig { public_url: Some("https://periscope.example.com:8443/base".into()), ..Default::default() };
         let hosts = c.mcp_allowed_hosts();
         assert!(hosts.contains(&"periscope.example.com:8443".to_owned()), "{hosts:?}");
         assert!(hosts.contains(&"localhost".to_owned()));

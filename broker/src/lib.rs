@@ -205,7 +205,7 @@ async fn housekeeping(state: AppState) {
         tick.tick().await;
         state.engine.expire_due();
         n += 1;
-        if n % 240 == 0 {
+        if n.is_multiple_of(240) {
             state.registry.expire_offline(state.config.agents.offline_retention_secs * 1_000);
         }
         if n % 14_400 == 1 {

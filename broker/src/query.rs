@@ -80,10 +80,11 @@ pub fn list_agents(
     limit: Option<usize>,
 ) -> Result<Page<AgentView>, ApiError> {
     let (offset, limit) = paging(cursor, limit)?;
-    if let Some(s) = filter.status.as_deref() {
-        if s != "online" && s != "offline" {
-            return Err(ApiError::invalid(format!("status `{}` must be `online` or `offline`", truncate(s))));
-        }
+    if let Some(s) = filter.status.as_deref()
+        && s != "online"
+        && s != "offline"
+    {
+        return Err(ApiError::invalid(format!("status `{}` must be `online` or `offline`", truncate(s))));
     }
     let text = filter.text.as_deref().map(str::to_lowercase);
     let mut agents = Vec::new();

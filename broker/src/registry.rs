@@ -205,12 +205,12 @@ impl Registry {
 
     /// Marks a session ended, if it is still the agent's current one.
     pub fn disconnect(&self, id: &AgentId, session: u64, reason: &str) {
-        if let Some(mut rec) = self.agents.get_mut(id) {
-            if rec.conn.as_ref().is_some_and(|c| c.session == session) {
-                rec.conn = None;
-                rec.offline_since_ms = Some(now_ms());
-                rec.disconnect_reason = Some(reason.to_owned());
-            }
+        if let Some(mut rec) = self.agents.get_mut(id)
+            && rec.conn.as_ref().is_some_and(|c| c.session == session)
+        {
+            rec.conn = None;
+            rec.offline_since_ms = Some(now_ms());
+            rec.disconnect_reason = Some(reason.to_owned());
         }
     }
 

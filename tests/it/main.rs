@@ -2,6 +2,9 @@
 //! HTTP clients. One test binary; one module per capability; test names read as
 //! sentences.
 
+// Helpers outside #[test] fns fail loudly on purpose: a test that cannot go on stops there.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 mod core_loop;
