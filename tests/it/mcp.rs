@@ -12,7 +12,7 @@ use periscope_broker::config::ApiKeyConfig;
 use rmcp::model::{
     CallToolRequestParams, CallToolResult, ClientCapabilities, ClientConfig, Implementation, ProgressNotificationParam,
 };
-use rmcp::service::{NotificationContext, RunningService};
+use rmcp::service::{ClientLifecycleMode, ClientServiceExt, NotificationContext, RunningService};
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use rmcp::{ClientHandler, RoleClient, ServiceExt};
@@ -318,6 +318,40 @@ async fn progress_notifications_arrive_while_a_snapshot_waits() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_tool_works_without_a_session_under_the_sessionless_protocol() {
+    let fx = Fixture::start(test_config()).await;
+    let recorder = Recorder::default();
+    let progress = recorder.progress.clone();
+    let config =
+        StreamableHttpClientTransportConfig::with_uri(format!("{}/mcp", fx.broker.http())).auth_header(API_KEY);
+    let lifecycle =
+        ClientLifecycleMode::Discover { preferred_versions: vec![rmcp::model::ProtocolVersion::V_2026_07_28] };
+    let client = recorder
+        .serve_with_lifecycle(StreamableHttpClientTransport::from_config(config), lifecycle)
+        .await
+        .expect("server/discover succeeds");
+    assert_eq!(client.peer_info().unwrap().protocol_version, rmcp::model::ProtocolVersion::V_2026_07_28);
+
+    // Each call stands alone: the key is checked and the caller known on every request.
+    let health = body(&call(&client, "system_health", json!({})).await);
+    assert_eq!(health["caller"]["name"], "tester", "{health}");
+    let line = event_line(&client).await;
+    let placed =
+        call(&client, "place_snapshot", json!({"pool": POOL, "file": "it/mcp.rs", "line": line, "max_hits": 2})).await;
+    assert_eq!(code(&placed), None, "{}", text(&placed));
+    let id = body(&placed)["action"]["action_id"].as_str().unwrap().to_owned();
+    let newer = body(&call(&client, "get_action", json!({"action_id": id, "since": 1})).await);
+    assert_eq!(newer["hits"][0]["index"], 2);
+    eventually(Duration::from_secs(5), "progress on the request's own stream", || {
+        let progress = progress.clone();
+        async move { progress.lock().unwrap().iter().any(|p| p.progress == 1.0).then_some(()) }
+    })
+    .await;
+    client.cancel().await.unwrap();
+    fx.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_error_a_model_can_act_on_comes_back_as_a_tool_result_with_its_code() {
     let mut config = test_config();
     config.api_keys.push(ApiKeyConfig {
@@ -427,6 +461,16 @@ async fn every_error_a_model_can_act_on_comes_back_as_a_tool_result_with_its_cod
     assert!(text(&r).contains("remove_action"), "{}", text(&r));
     let h = body(&call(&client, "system_health", json!({})).await);
     assert_eq!(h["quotas"]["live_actions"]["remaining"], 0);
+    // REST says the same, with a Retry-After header.
+    let rest = reqwest::Client::new()
+        .post(format!("{}/api/v1/actions", fx.broker.http()))
+        .bearer_auth(API_KEY)
+        .json(&snap(json!({"line": 1, "allow_pending": true})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rest.status(), 429);
+    assert!(rest.headers().get("retry-after").is_some());
 
     client.cancel().await.unwrap();
     fx.stop().await;
