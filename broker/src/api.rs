@@ -11,6 +11,10 @@
 //! | GET | `/actions/{action_id}` | one action with per-agent status |
 //! | DELETE | `/actions/{action_id}` | remove an action |
 //! | GET | `/actions/{action_id}/hits` | hits after `since`; `wait_seconds` long-polls for new ones |
+//!
+//! Each route needs the scope of the MCP tool that does the same thing (agents and
+//! sources: `mcp:agents:read`; placing and removing: `mcp:actions:write`; reading
+//! actions and hits: `mcp:hits:read`); without it the answer is 403 `insufficient_scope`.
 
 use std::time::Duration;
 

@@ -208,6 +208,33 @@ mod tests {
     }
 
     #[test]
+    fn the_endpoint_takes_its_guards_from_the_mcp_settings() {
+        let mut config = crate::BrokerConfig::default();
+        config.mcp.max_body_bytes = 65_536;
+        config.mcp.allowed_origins = vec!["https://console.example.com:443".into()];
+        config.public_url = Some("https://periscope.example.com".into());
+        let server = server();
+        let state = Arc::new(crate::BrokerState {
+            config,
+            registry: Arc::clone(&server.state.registry),
+            engine: crate::engine::Engine::new(
+                Arc::clone(&server.state.registry),
+                Default::default(),
+                10,
+                server.state.shutdown.clone(),
+            ),
+            shutdown: server.state.shutdown.clone(),
+            bound: "127.0.0.1:1".parse().unwrap(),
+            cancel: CancellationToken::new(),
+        });
+        let svc = service(state, CancellationToken::new());
+        assert_eq!(svc.config.max_request_body_bytes, 65_536);
+        assert!(svc.config.allowed_hosts.contains(&"periscope.example.com".to_owned()));
+        assert!(svc.config.allowed_hosts.contains(&"localhost".to_owned()));
+        assert_eq!(svc.config.allowed_origins, ["https://console.example.com:443"]);
+    }
+
+    #[test]
     fn snapshot_limits_and_defaults_are_in_the_schema() {
         let tools = server().tools();
         let snap = tools.iter().find(|t| t.name == "place_snapshot").unwrap();
