@@ -63,9 +63,7 @@ fn host_layer<S>() -> impl tracing_subscriber::Layer<S>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
-    tracing_subscriber::fmt::layer()
-        .with_writer(std::io::sink)
-        .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
+    tracing_subscriber::fmt::layer().with_writer(std::io::sink).with_filter(tracing_subscriber::filter::LevelFilter::INFO)
 }
 
 fn agent() -> periscope_agent::Agent {
