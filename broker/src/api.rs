@@ -11,32 +11,43 @@
 //! | GET | `/actions/{action_id}` | one action with per-agent status |
 //! | DELETE | `/actions/{action_id}` | remove an action |
 //! | GET | `/actions/{action_id}/hits` | hits after `since`; `wait_seconds` long-polls for new ones |
+//!
+//! Each route needs the scope of the MCP tool that does the same thing (agents and
+//! sources: `mcp:agents:read`; placing and removing: `mcp:actions:write`; reading
+//! actions and hits: `mcp:hits:read`); without it the answer is 403 `insufficient_scope`.
 
 use std::time::Duration;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Extension, Path, Query, State};
+use axum::handler::Handler as _;
+use axum::middleware::from_fn_with_state;
 use axum::routing::get;
 use axum::{Json, Router};
 use periscope_protocol::limits::action_bounds;
 use serde::Deserialize;
 
 use crate::AppState;
-use crate::auth::Principal;
+use crate::auth::{Principal, Scope, require_scope};
 use crate::engine::{ActionFilter, ActionStatus, ActionView, HitsPage, SnapshotRequest};
 use crate::error::ApiError;
 use crate::query::{self, AgentFilter, Page, SourceFilter, SourceView};
 use crate::registry::AgentView;
 
-/// The `/api/v1` router (authentication is layered on by the caller).
+/// The `/api/v1` router (authentication is layered on by the caller). Each route needs
+/// the same scope as the MCP tool that does the same thing; a key without it gets 403
+/// `insufficient_scope`.
 pub fn router() -> Router<AppState> {
+    let agents = || from_fn_with_state(Scope::AgentsRead, require_scope);
+    let write = || from_fn_with_state(Scope::ActionsWrite, require_scope);
+    let read = || from_fn_with_state(Scope::HitsRead, require_scope);
     Router::new()
-        .route("/agents", get(list_agents))
-        .route("/agents/{agent_id}", get(get_agent))
-        .route("/sources", get(list_sources))
-        .route("/actions", get(list_actions).post(place_action))
-        .route("/actions/{action_id}", get(get_action).delete(remove_action))
-        .route("/actions/{action_id}/hits", get(get_hits))
+        .route("/agents", get(list_agents.layer(agents())))
+        .route("/agents/{agent_id}", get(get_agent.layer(agents())))
+        .route("/sources", get(list_sources.layer(agents())))
+        .route("/actions", get(list_actions.layer(read())).post(place_action.layer(write())))
+        .route("/actions/{action_id}", get(get_action.layer(read())).delete(remove_action.layer(write())))
+        .route("/actions/{action_id}/hits", get(get_hits.layer(read())))
 }
 
 type ApiResult<T> = Result<Json<T>, ApiError>;

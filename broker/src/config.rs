@@ -47,6 +47,19 @@ pub struct ApiKeyConfig {
     pub name: String,
     /// The secret.
     pub key: String,
+    /// What the key may do (`mcp:system:read`, `mcp:agents:read`, `mcp:actions:write`,
+    /// `mcp:hits:read`, or `mcp:admin` for all of them); absent means the four `mcp:*`
+    /// scopes, so a key that says nothing can drive every tool. Checked on every tool
+    /// call and REST request, so a read-only key for dashboards is one line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<String>>,
+}
+
+impl ApiKeyConfig {
+    /// A key with the default scopes.
+    pub fn new(name: impl Into<String>, key: impl Into<String>) -> Self {
+        ApiKeyConfig { name: name.into(), key: key.into(), scopes: None }
+    }
 }
 
 /// A key agents register with.
@@ -118,6 +131,40 @@ impl Default for StoreSettings {
     }
 }
 
+/// The MCP endpoint (`/mcp`): who may reach it and how long idle sessions live.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct McpSettings {
+    /// `Host` header values `/mcp` answers (`name` or `name:port`; `"*"` for any). The
+    /// default, loopback names, blocks DNS-rebinding attacks from web pages against a
+    /// broker on a developer's machine; the host of `public_url` is always added.
+    pub allowed_hosts: Vec<String>,
+    /// Browser `Origin`s allowed to call `/mcp` (`scheme://host:port`, `:*` for any
+    /// port; `"*"` for any origin). Requests without an `Origin` (every non-browser MCP
+    /// client) are not affected; the default allows pages served from loopback only.
+    pub allowed_origins: Vec<String>,
+    /// Largest JSON-RPC request body accepted, in bytes (413 beyond it).
+    pub max_body_bytes: usize,
+    /// An MCP session with no traffic for this long is closed; clients reinitialize.
+    /// At least 660 s, so a `place_snapshot` that waits its longest (600 s) is never
+    /// cut off.
+    pub session_idle_timeout_secs: u64,
+}
+
+impl Default for McpSettings {
+    fn default() -> Self {
+        McpSettings {
+            allowed_hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            allowed_origins: vec!["http://localhost:*".into(), "http://127.0.0.1:*".into(), "http://[::1]:*".into()],
+            max_body_bytes: 256 * 1024,
+            session_idle_timeout_secs: 900,
+        }
+    }
+}
+
+/// Shortest idle timeout accepted for MCP sessions: the longest wait plus a minute.
+pub const MIN_MCP_SESSION_IDLE_SECS: u64 = periscope_protocol::limits::action_bounds::MAX_WAIT_SECS + 60;
+
 /// The whole broker configuration.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -139,6 +186,8 @@ pub struct BrokerConfig {
     pub agents: AgentSettings,
     /// Retention.
     pub store: StoreSettings,
+    /// The MCP endpoint.
+    pub mcp: McpSettings,
     /// Directory holding the database; without it nothing survives a restart.
     pub data_dir: Option<std::path::PathBuf>,
 }
@@ -154,6 +203,7 @@ impl Default for BrokerConfig {
             quotas: AgentQuotas::default(),
             agents: AgentSettings::default(),
             store: StoreSettings::default(),
+            mcp: McpSettings::default(),
             data_dir: None,
         }
     }
@@ -226,6 +276,17 @@ impl BrokerConfig {
                     message: "must not be empty".into(),
                 });
             }
+            for scope in k.scopes.iter().flatten() {
+                if crate::auth::Scope::parse(scope).is_none() {
+                    return Err(ConfigError::Invalid {
+                        key: format!("api_keys[{i}].scopes"),
+                        message: format!(
+                            "unknown scope `{scope}`; known scopes: {}",
+                            crate::auth::Scope::KNOWN.map(|s| s.as_str()).join(", ")
+                        ),
+                    });
+                }
+            }
         }
         for (i, k) in self.agent_keys.iter().enumerate() {
             check_secret(&format!("agent_keys[{i}].key"), &k.key)?;
@@ -233,6 +294,38 @@ impl BrokerConfig {
                 return Err(ConfigError::Invalid {
                     key: format!("agent_keys[{i}].pools"),
                     message: "must list at least one pool (or \"*\")".into(),
+                });
+            }
+        }
+        let m = &self.mcp;
+        if !(4_096..=16 * 1024 * 1024).contains(&m.max_body_bytes) {
+            return Err(ConfigError::Invalid {
+                key: "mcp.max_body_bytes".into(),
+                message: format!("{} is outside 4096..=16777216", m.max_body_bytes),
+            });
+        }
+        if !(MIN_MCP_SESSION_IDLE_SECS..=7 * 86_400).contains(&m.session_idle_timeout_secs) {
+            return Err(ConfigError::Invalid {
+                key: "mcp.session_idle_timeout_secs".into(),
+                message: format!(
+                    "{} is outside {MIN_MCP_SESSION_IDLE_SECS}..=604800 (a waiting place_snapshot may take 600 s)",
+                    m.session_idle_timeout_secs
+                ),
+            });
+        }
+        for (key, list) in [("mcp.allowed_hosts", &m.allowed_hosts), ("mcp.allowed_origins", &m.allowed_origins)] {
+            if list.iter().any(|h| h.trim().is_empty() || h.chars().any(|c| c.is_whitespace() || c.is_control())) {
+                return Err(ConfigError::Invalid {
+                    key: key.into(),
+                    message: "entries must be non-empty, without spaces".into(),
+                });
+            }
+        }
+        for origin in m.allowed_origins.iter().filter(|o| *o != "*" && *o != "null") {
+            if !(origin.starts_with("http://") || origin.starts_with("https://")) {
+                return Err(ConfigError::Invalid {
+                    key: "mcp.allowed_origins".into(),
+                    message: format!("`{origin}` must start with http:// or https:// (or be \"*\" or \"null\")"),
                 });
             }
         }
@@ -250,6 +343,25 @@ impl BrokerConfig {
     /// The URL clients reach the broker at.
     pub fn public_url(&self, bound: SocketAddr) -> String {
         self.public_url.clone().unwrap_or_else(|| format!("http://{bound}")).trim_end_matches('/').to_owned()
+    }
+
+    /// `Host` values `/mcp` answers: `mcp.allowed_hosts` plus the authority of
+    /// `public_url`, since clients told to use that URL must not be refused. Empty means
+    /// any host (`"*"` was configured).
+    pub fn mcp_allowed_hosts(&self) -> Vec<String> {
+        if self.mcp.allowed_hosts.iter().any(|h| h == "*") {
+            return Vec::new();
+        }
+        let mut hosts = self.mcp.allowed_hosts.clone();
+        if let Some(url) = &self.public_url {
+            let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+            let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+            let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+            if !authority.is_empty() && !hosts.iter().any(|h| h == authority) {
+                hosts.push(authority.to_owned());
+            }
+        }
+        hosts
     }
 
     /// Ping interval as a duration.
@@ -289,6 +401,34 @@ mod tests {
     fn short_secrets_are_refused() {
         let c = BrokerConfig::from_toml("[[api_keys]]\nname = \"a\"\nkey = \"short\"\n", "x").unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("api_keys[0].key"));
+    }
+
+    #[test]
+    fn unknown_scopes_are_refused_with_the_known_ones() {
+        let c = BrokerConfig::from_toml(
+            "[[api_keys]]\nname = \"a\"\nkey = \"0123456789abcdef\"\nscopes = [\"mcp:hits:write\"]\n",
+            "x",
+        )
+        .unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("api_keys[0].scopes") && err.contains("mcp:hits:read"), "{err}");
+    }
+
+    #[test]
+    fn an_idle_timeout_shorter_than_the_longest_wait_is_refused() {
+        let c = BrokerConfig::from_toml("[mcp]\nsession_idle_timeout_secs = 300\n", "x").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("mcp.session_idle_timeout_secs"));
+    }
+
+    #[test]
+    fn the_public_url_host_is_always_an_allowed_mcp_host() {
+        let mut c =
+            BrokerConfig { public_url: Some("https://periscope.example.com:8443/base".into()), ..Default::default() };
+        let hosts = c.mcp_allowed_hosts();
+        assert!(hosts.contains(&"periscope.example.com:8443".to_owned()), "{hosts:?}");
+        assert!(hosts.contains(&"localhost".to_owned()));
+        c.mcp.allowed_hosts = vec!["*".into()];
+        assert!(c.mcp_allowed_hosts().is_empty());
     }
 
     #[test]

@@ -103,7 +103,7 @@ pub async fn run_demo(options: DemoOptions, shutdown: impl Future<Output = ()> +
     let agent_key = generate_key("pak_");
     let config = BrokerConfig {
         listen: options.listen,
-        api_keys: vec![ApiKeyConfig { name: "demo".into(), key: api_key.clone() }],
+        api_keys: vec![ApiKeyConfig::new("demo", api_key.clone())],
         agent_keys: vec![AgentKeyConfig { key: agent_key.clone(), pools: vec!["*".into()] }],
         data_dir: options.data_dir.clone(),
         ..BrokerConfig::default()

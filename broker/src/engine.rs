@@ -533,16 +533,25 @@ impl Engine {
     ) -> Result<ActionView, ApiError> {
         let now = now_ms();
         let mut book = self.book();
-        let live = book.actions.values().filter(|a| a.status == ActionStatus::Active && a.created_by == caller).count();
+        let mine = || book.actions.values().filter(|a| a.status == ActionStatus::Active && a.created_by == caller);
+        let live = mine().count();
         if live >= MAX_LIVE_ACTIONS_PER_CALLER {
+            // When the caller's soonest action expires, a slot frees by itself.
+            let retry_after =
+                mine().map(|a| a.spec.expires_at_ms).min().unwrap_or(now).saturating_sub(now).div_ceil(1_000).max(1);
             return Err(ApiError::new(
                 ErrorCode::QuotaExceeded,
                 format!(
                     "you already have {live} live actions (the limit is {MAX_LIVE_ACTIONS_PER_CALLER}); remove one \
-                     with remove_action or wait for one to complete or expire"
+                     with remove_action (list_actions with status=active shows them), or retry in {retry_after} s \
+                     when the soonest one expires"
                 ),
             )
-            .with_details(serde_json::json!({ "quota": "live_actions", "limit": MAX_LIVE_ACTIONS_PER_CALLER })));
+            .with_details(serde_json::json!({
+                "quota": "live_actions",
+                "limit": MAX_LIVE_ACTIONS_PER_CALLER,
+                "retry_after_seconds": retry_after,
+            })));
         }
         let mut statuses = BTreeMap::new();
         for (agent_id, name) in &agents {

@@ -119,6 +119,10 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.code.status(), axum::Json(self.body())).into_response()
+        let mut response = (self.code.status(), axum::Json(self.body())).into_response();
+        if let Some(secs) = self.details.get("retry_after_seconds").and_then(serde_json::Value::as_u64) {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }

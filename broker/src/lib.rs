@@ -13,7 +13,8 @@
 //! - [`store`]: SQLite persistence of actions and hits under `--data-dir`.
 //! - [`query`]: listing agents and sources with filters and pagination.
 //! - [`api`]: the REST API under `/api/v1`.
-//! - [`auth`]: API-key authentication middleware.
+//! - [`mcp`]: the MCP server at `/mcp` (streamable HTTP) and `periscope mcp` (stdio).
+//! - [`auth`]: API-key authentication middleware and the per-call scope check.
 //! - [`error`]: the error codes callers see.
 //! - [`demo`]: `periscope demo` and its shop processes.
 
@@ -24,6 +25,7 @@ pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod gateway;
+pub mod mcp;
 pub mod query;
 pub mod registry;
 pub mod store;
@@ -39,10 +41,11 @@ use axum::routing::get;
 use axum::{Json, Router};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 pub use config::BrokerConfig;
 
-use crate::auth::{Principal, secret_eq};
+use crate::auth::{Principal, Scope, secret_eq};
 use crate::engine::Engine;
 use crate::registry::Registry;
 
@@ -59,6 +62,9 @@ pub struct BrokerState {
     pub shutdown: watch::Receiver<bool>,
     /// The address actually bound (port 0 resolved).
     pub bound: SocketAddr,
+    /// Cancelled when the broker shuts down: ends MCP sessions and their open streams,
+    /// which graceful shutdown would otherwise wait on.
+    pub cancel: CancellationToken,
 }
 
 /// Shared state as handlers receive it.
@@ -71,7 +77,11 @@ impl BrokerState {
         // Compare against every key so timing does not reveal which one matched.
         for k in &self.config.api_keys {
             if secret_eq(&k.key, token) {
-                found = Some(Principal { name: k.name.clone() });
+                let scopes = match &k.scopes {
+                    Some(names) => names.iter().filter_map(|n| Scope::parse(n)).collect(),
+                    None => Scope::DEFAULT.to_vec(),
+                };
+                found = Some(Principal { name: k.name.clone(), scopes });
             }
         }
         found
@@ -97,7 +107,11 @@ impl BrokerState {
 /// Builds the HTTP application.
 pub fn app(state: AppState) -> Router {
     let api = api::router().layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key));
+    let mcp = Router::new()
+        .route_service("/mcp", mcp::service(Arc::clone(&state), state.cancel.child_token()))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key));
     Router::new()
+        .merge(mcp)
         .route("/healthz", get(healthz))
         .route("/.well-known/oauth-protected-resource", get(protected_resource))
         .route("/.well-known/oauth-protected-resource/mcp", get(protected_resource))
@@ -148,7 +162,16 @@ pub async fn run(
         let (store, actions, hits) = store::Store::open(dir)?;
         engine = engine.with_store(store, actions, hits)?;
     }
-    let state = Arc::new(BrokerState { config, registry, engine, shutdown: stop_rx.clone(), bound });
+    if config.mcp_allowed_hosts().iter().all(|h| h != &bound.ip().to_string()) && !bound.ip().is_loopback() {
+        tracing::warn!(
+            listen = %bound,
+            "the broker listens beyond loopback but /mcp only answers the Host names in mcp.allowed_hosts \
+             (and public_url's); add the names clients use"
+        );
+    }
+    let cancel = CancellationToken::new();
+    let state =
+        Arc::new(BrokerState { config, registry, engine, shutdown: stop_rx.clone(), bound, cancel: cancel.clone() });
     let housekeeping = tokio::spawn(housekeeping(Arc::clone(&state)));
     let app = app(Arc::clone(&state));
     let mut serve_stop = stop_rx.clone();
@@ -163,6 +186,7 @@ pub async fn run(
     shutdown.await;
     tracing::info!("periscope broker shutting down");
     let _ = stop_tx.send(true);
+    cancel.cancel();
     housekeeping.abort();
     let served = match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
         Ok(Ok(result)) => result.map_err(anyhow::Error::from),

@@ -24,6 +24,19 @@ enum Command {
     /// One demo shop with its agent (started by `periscope demo`).
     #[command(hide = true)]
     ShopInstance(ShopInstanceArgs),
+    /// Serve MCP on stdin/stdout for clients that only speak stdio, forwarding to a
+    /// broker's `/mcp` endpoint. Logs go to stderr.
+    Mcp(McpArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct McpArgs {
+    /// The broker's URL (`http://host:7070`, or its MCP endpoint `http://host:7070/mcp`).
+    #[arg(long, env = "PERISCOPE_URL")]
+    url: String,
+    /// An API key of that broker.
+    #[arg(long = "api-key", env = "PERISCOPE_API_KEY", hide_env_values = true)]
+    api_key: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -84,15 +97,12 @@ struct ServeArgs {
     agent_keys: Vec<String>,
 }
 
-fn init_logging() {
-    init_logging_default("info");
-}
-
-/// Logs to stderr, filtered by `PERISCOPE_LOG` (default `default`).
-fn init_logging_default(default: &str) {
+fn init_logging(default: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("PERISCOPE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Colours only on a terminal: stdio MCP clients capture stderr into log files.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 }
 
 /// Resolves when standard input reaches its end (the parent closed it).
@@ -120,7 +130,7 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<BrokerConfig> {
         config.data_dir = Some(dir.clone());
     }
     for key in &args.api_keys {
-        config.api_keys.push(ApiKeyConfig { name: "cli".into(), key: key.clone() });
+        config.api_keys.push(ApiKeyConfig::new("cli", key.clone()));
     }
     for key in &args.agent_keys {
         config.agent_keys.push(AgentKeyConfig { key: key.clone(), pools: vec!["*".into()] });
@@ -134,7 +144,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     match cli.command {
         Command::Demo(args) => {
-            init_logging_default("warn");
+            init_logging("warn");
             let options = periscope_broker::demo::DemoOptions {
                 listen: args.listen,
                 instances: args.instances,
@@ -184,7 +194,7 @@ fn main() -> anyhow::Result<()> {
             result
         }
         Command::Serve(args) => {
-            init_logging();
+            init_logging("info");
             let config = load_config(&args)?;
             if config.api_keys.is_empty() {
                 tracing::warn!("no API keys configured: REST and MCP callers will all be refused (use --api-key)");
@@ -198,6 +208,14 @@ fn main() -> anyhow::Result<()> {
                     .with_context(|| format!("cannot listen on {}", config.listen))?;
                 periscope_broker::run(listener, config, shutdown_signal()).await
             })
+        }
+        Command::Mcp(args) => {
+            // Standard output carries JSON-RPC only: every log line goes to stderr. The MCP
+            // library's own logs are off unless PERISCOPE_LOG asks for them: the proxy
+            // reports what matters (connected, refused, unreachable) itself.
+            init_logging("info,rmcp=off");
+            let options = periscope_broker::mcp::proxy::ProxyOptions { url: args.url, api_key: args.api_key };
+            runtime.block_on(periscope_broker::mcp::proxy::run_stdio(options))
         }
     }
 }

@@ -10,3 +10,4 @@ mod support;
 mod conditions;
 mod core_loop;
 mod gateway_errors;
+mod mcp;

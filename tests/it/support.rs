@@ -29,7 +29,7 @@ pub struct TestBroker {
 
 pub fn test_config() -> BrokerConfig {
     let mut config = BrokerConfig::default();
-    config.api_keys.push(ApiKeyConfig { name: "tester".into(), key: API_KEY.into() });
+    config.api_keys.push(ApiKeyConfig::new("tester", API_KEY));
     config.agent_keys.push(AgentKeyConfig { key: AGENT_KEY.into(), pools: vec!["*".into()] });
     config.agents.heartbeat_interval_secs = 1;
     config

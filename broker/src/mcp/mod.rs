@@ -1,0 +1,252 @@
+//! The MCP server: every Periscope capability as tools an AI assistant can drive by
+//! itself, served over streamable HTTP at `/mcp` on the broker's listener (and over
+//! stdio by `periscope mcp`, see [`proxy`]).
+//!
+//! The tools are thin: they parse arguments, check the caller's scope, call the same
+//! engine and query functions as the REST API, and render the outcome twice, as a
+//! short text for the model and as `structuredContent` with the full JSON (the views
+//! REST returns). Nothing here re-implements placement, matching or paging.
+//!
+//! # Layout
+//!
+//! - this file: [`PeriscopeMcp`] (the handler), its tool and prompt routers, the
+//!   per-call preamble (who is calling, may they), and [`service`] (the tower service
+//!   mounted at `/mcp`, with host/origin checks, body limit and session timeout).
+//! - `system.rs`: `system_health`.
+//! - `agents.rs`: `list_agents`, `list_sources`.
+//! - `actions.rs`: `place_snapshot`, `place_log`, `place_metric`, `get_action`,
+//!   `list_actions`, `remove_action`.
+//! - `prompts.rs`: prompts that start an investigation.
+//! - `reply.rs`: the one place that turns an [`ApiError`] into an error tool result.
+//! - `render.rs`: the short texts.
+//! - [`proxy`]: `periscope mcp`, an MCP server on stdio forwarding to a remote `/mcp`.
+//!
+//! # Invariants
+//!
+//! - Every tool is usable without a session: state that spans calls travels as an
+//!   `action_id` and a `since` cursor, so any broker node can answer any call.
+//! - Authorization is evaluated on every tool call ([`crate::auth::authorize`]), never
+//!   per connection.
+//! - Errors a model can act on are tool results with `isError: true` and a stable
+//!   `code`; JSON-RPC errors are only for protocol faults.
+
+mod actions;
+mod agents;
+mod prompts;
+pub mod proxy;
+mod render;
+mod reply;
+mod system;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rmcp::handler::server::router::prompt::PromptRouter;
+use rmcp::handler::server::tool::ToolRouter;
+use rmcp::model::{CallToolResult, Implementation, JsonObject, ServerCapabilities, ServerConfig};
+use rmcp::service::RequestContext;
+use rmcp::transport::streamable_http_server::session::local::{LocalSessionManager, SessionConfig};
+use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService};
+use rmcp::{RoleServer, ServerHandler, prompt_handler, tool_handler};
+use tokio_util::sync::CancellationToken;
+
+use crate::AppState;
+use crate::auth::{Principal, Scope, authorize};
+use crate::error::{ApiError, ErrorCode};
+
+/// What the server tells a client about itself when it connects; a model reads it
+/// before any tool description.
+const INSTRUCTIONS: &str = "Periscope inspects running services without code changes or redeploys. \
+Typical flow: list_agents (what is connected) -> list_sources (find a file:line where the code you care about \
+runs, with its field names and how often it is hit) -> place_snapshot (waits for the next hit and returns the \
+captured values: fields, span stack, watches) -> get_action with `since` for more hits. Captured objects are cut \
+at depth 3 and PII/secrets are redacted; markers say where. Every error carries a stable `code` and says what to \
+do next. Each caller may hold 20 live actions; remove_action frees one.";
+
+/// The MCP handler. One is made per session (cheaply: the routers are shared).
+#[derive(Clone)]
+pub struct PeriscopeMcp {
+    state: AppState,
+    tool_router: Arc<ToolRouter<PeriscopeMcp>>,
+    prompt_router: Arc<PromptRouter<PeriscopeMcp>>,
+}
+
+impl std::fmt::Debug for PeriscopeMcp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeriscopeMcp").finish_non_exhaustive()
+    }
+}
+
+impl PeriscopeMcp {
+    /// A handler over the broker's state.
+    pub fn new(state: AppState) -> Self {
+        let tools = Self::system_router() + Self::agents_router() + Self::actions_router();
+        PeriscopeMcp { state, tool_router: Arc::new(tools), prompt_router: Arc::new(Self::prompt_router()) }
+    }
+
+    /// Every tool this server offers, as `tools/list` shows them.
+    pub fn tools(&self) -> Vec<rmcp::model::Tool> {
+        self.tool_router.list_all()
+    }
+
+    /// The per-call preamble: who is calling (from the HTTP request the bearer
+    /// middleware authenticated) and whether their key holds `scope` for `tool`.
+    fn begin(&self, ctx: &RequestContext<RoleServer>, scope: Scope, tool: &str) -> Result<Principal, ApiError> {
+        let principal = ctx
+            .extensions
+            .get::<axum::http::request::Parts>()
+            .and_then(|parts| parts.extensions.get::<Principal>())
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::Unauthorized,
+                    "this MCP connection carries no authenticated caller; connect over HTTP with \
+                     `Authorization: Bearer <API key>` (or through `periscope mcp --api-key`)",
+                )
+            })?;
+        authorize(&principal, scope, tool)?;
+        tracing::info!(tool, caller = %principal.name, "mcp tool call");
+        Ok(principal)
+    }
+}
+
+/// A tool's input schema from its argument type (root `type: object`, ranges and
+/// defaults from the type's attributes).
+fn input_schema<T: schemars::JsonSchema + 'static>() -> Arc<JsonObject> {
+    rmcp::handler::server::common::schema_for_input::<T>()
+        .unwrap_or_else(|_| rmcp::handler::server::common::schema_for_empty_input())
+}
+
+/// Runs a tool body that may fail with an [`ApiError`]; the one exit of every tool.
+fn finish(outcome: Result<CallToolResult, ApiError>) -> CallToolResult {
+    reply::respond(outcome)
+}
+
+#[tool_handler(router = self.tool_router)]
+#[prompt_handler(router = self.prompt_router)]
+impl ServerHandler for PeriscopeMcp {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().enable_prompts().build())
+            .with_server_info(
+                Implementation::new("periscope", env!("CARGO_PKG_VERSION"))
+                    .with_title("Periscope")
+                    .with_description("Live inspection of running services: snapshots at code locations"),
+            )
+            .with_instructions(INSTRUCTIONS)
+    }
+}
+
+/// The tower service mounted at `/mcp`, configured from `[mcp]`: allowed hosts and
+/// origins (DNS-rebinding protection), body limit, idle session timeout. `shutdown`
+/// ends every session and open stream when cancelled.
+pub fn service(
+    state: AppState,
+    shutdown: CancellationToken,
+) -> StreamableHttpService<PeriscopeMcp, LocalSessionManager> {
+    let settings = &state.config.mcp;
+    let mut session_config = SessionConfig::default();
+    session_config.keep_alive = Some(Duration::from_secs(settings.session_idle_timeout_secs));
+    let mut sessions = LocalSessionManager::default();
+    sessions.session_config = session_config;
+
+    let mut config = StreamableHttpServerConfig::default()
+        .with_cancellation_token(shutdown)
+        .with_max_request_body_bytes(settings.max_body_bytes);
+    let hosts = state.config.mcp_allowed_hosts();
+    config = if hosts.is_empty() { config.disable_allowed_hosts() } else { config.with_allowed_hosts(hosts) };
+    config = if settings.allowed_origins.iter().any(|o| o == "*") {
+        config.disable_allowed_origins()
+    } else {
+        config.with_allowed_origins(settings.allowed_origins.clone()).enforce_origin_validation()
+    };
+    let prototype = PeriscopeMcp::new(state);
+    StreamableHttpService::new(move || Ok(prototype.clone()), Arc::new(sessions), config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server() -> PeriscopeMcp {
+        let config = crate::BrokerConfig::default();
+        let registry = Arc::new(crate::registry::Registry::new(100));
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        let engine = crate::engine::Engine::new(Arc::clone(&registry), config.limits, 10, rx.clone());
+        let state = Arc::new(crate::BrokerState {
+            config,
+            registry,
+            engine,
+            shutdown: rx,
+            bound: "127.0.0.1:1".parse().unwrap(),
+            cancel: CancellationToken::new(),
+        });
+        PeriscopeMcp::new(state)
+    }
+
+    #[test]
+    fn every_contract_tool_is_listed_with_an_object_schema_and_a_description() {
+        let tools = server().tools();
+        let names: Vec<&str> = tools.iter().map(|t| t.name.as_ref()).collect();
+        for name in [
+            "system_health",
+            "list_agents",
+            "list_sources",
+            "place_snapshot",
+            "place_log",
+            "place_metric",
+            "get_action",
+            "list_actions",
+            "remove_action",
+        ] {
+            assert!(names.contains(&name), "{name} missing from {names:?}");
+        }
+        for t in &tools {
+            assert_eq!(t.input_schema.get("type").and_then(|v| v.as_str()), Some("object"), "{}", t.name);
+            let d = t.description.as_deref().unwrap_or_default();
+            assert!(d.len() > 80 && d.len() < 1_200, "{}: description of {} chars", t.name, d.len());
+        }
+    }
+
+    #[test]
+    fn the_endpoint_takes_its_guards_from_the_mcp_settings() {
+        let mut config = crate::BrokerConfig::default();
+        config.mcp.max_body_bytes = 65_536;
+        config.mcp.allowed_origins = vec!["https://console.example.com:443".into()];
+        config.public_url = Some("https://periscope.example.com".into());
+        let server = server();
+        let state = Arc::new(crate::BrokerState {
+            config,
+            registry: Arc::clone(&server.state.registry),
+            engine: crate::engine::Engine::new(
+                Arc::clone(&server.state.registry),
+                Default::default(),
+                10,
+                server.state.shutdown.clone(),
+            ),
+            shutdown: server.state.shutdown.clone(),
+            bound: "127.0.0.1:1".parse().unwrap(),
+            cancel: CancellationToken::new(),
+        });
+        let svc = service(state, CancellationToken::new());
+        assert_eq!(svc.config.max_request_body_bytes, 65_536);
+        assert!(svc.config.allowed_hosts.contains(&"periscope.example.com".to_owned()));
+        assert!(svc.config.allowed_hosts.contains(&"localhost".to_owned()));
+        assert_eq!(svc.config.allowed_origins, ["https://console.example.com:443"]);
+    }
+
+    #[test]
+    fn snapshot_limits_and_defaults_are_in_the_schema() {
+        let tools = server().tools();
+        let snap = tools.iter().find(|t| t.name == "place_snapshot").unwrap();
+        let props = &snap.input_schema["properties"];
+        assert_eq!(props["max_hits"]["minimum"], 1);
+        assert_eq!(props["max_hits"]["maximum"], 50);
+        assert_eq!(props["max_hits"]["default"], 1);
+        assert_eq!(props["timeout_seconds"]["maximum"], 600);
+        assert_eq!(props["timeout_seconds"]["default"], 60);
+        assert_eq!(props["wait"]["default"], true);
+        let required: Vec<&str> =
+            snap.input_schema["required"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
+        assert_eq!(required, ["file", "line"]);
+    }
+}
