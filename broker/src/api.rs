@@ -6,11 +6,14 @@
 //! | GET | `/agents` | agents (`pool`, `tag`, `service`, `language`, `status`, `q`, `cursor`, `limit`) |
 //! | GET | `/agents/{agent_id}` | one agent |
 //! | GET | `/sources` | inspectable locations (`agent_id`, `pool`, `tag`, `file`, `name`, `q`, `cursor`, `limit`) |
-//! | POST | `/actions` | place an action (body: [`PlaceBody`]) |
+//! | POST | `/actions` | place a snapshot (body: [`PlaceBody`]) |
+//! | POST | `/logs` | place a dynamic log (body: [`LogBody`], the `place_log` tool's arguments) |
+//! | POST | `/metrics` | place a dynamic metric (body: [`MetricBody`], the `place_metric` tool's arguments) |
 //! | GET | `/actions` | actions (`status`, `target`, `created_by`) |
 //! | GET | `/actions/{action_id}` | one action with per-agent status |
 //! | DELETE | `/actions/{action_id}` | remove an action |
 //! | GET | `/actions/{action_id}/hits` | hits after `since`; `wait_seconds` long-polls for new ones |
+//! | GET | `/actions/{action_id}/lines` | a log's lines after `since`; `wait_seconds` long-polls |
 //!
 //! Each route needs the scope of the MCP tool that does the same thing (agents and
 //! sources: `mcp:agents:read`; placing and removing: `mcp:actions:write`; reading
@@ -29,10 +32,11 @@ use serde::Deserialize;
 
 use crate::AppState;
 use crate::auth::{Principal, Scope, require_scope};
-use crate::engine::{ActionFilter, ActionStatus, ActionView, HitsPage, SnapshotRequest};
+use crate::engine::{ActionFilter, ActionStatus, ActionView, HitsPage, LogRequest, MetricRequest, SnapshotRequest};
 use crate::error::ApiError;
 use crate::query::{self, AgentFilter, Page, SourceFilter, SourceView};
 use crate::registry::AgentView;
+use crate::telemetry::LinesPage;
 
 /// The `/api/v1` router (authentication is layered on by the caller). Each route needs
 /// the same scope as the MCP tool that does the same thing; a key without it gets 403
@@ -48,6 +52,9 @@ pub fn router() -> Router<AppState> {
         .route("/actions", get(list_actions.layer(read())).post(place_action.layer(write())))
         .route("/actions/{action_id}", get(get_action.layer(read())).delete(remove_action.layer(write())))
         .route("/actions/{action_id}/hits", get(get_hits.layer(read())))
+        .route("/actions/{action_id}/lines", get(get_lines.layer(read())))
+        .route("/logs", axum::routing::post(place_log.layer(write())))
+        .route("/metrics", axum::routing::post(place_metric.layer(write())))
 }
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
@@ -174,14 +181,12 @@ async fn place_action(
     let Json(body) = body.map_err(|e| ApiError::invalid(format!("request body: {}", e.body_text())))?;
     match body.kind.as_str() {
         "snapshot" => {}
-        "log" | "metric" => {
-            return Err(ApiError::new(
-                crate::error::ErrorCode::NotAvailable,
-                format!("`{}` actions are not available in this broker version yet; snapshots are", body.kind),
-            ));
-        }
+        "log" => return Err(ApiError::invalid("place dynamic logs with POST /api/v1/logs")),
+        "metric" => return Err(ApiError::invalid("place dynamic metrics with POST /api/v1/metrics")),
         other => {
-            return Err(ApiError::invalid(format!("kind `{other}` must be one of snapshot, log, metric")));
+            return Err(ApiError::invalid(format!(
+                "kind `{other}` must be snapshot (logs and metrics have their own endpoints)"
+            )));
         }
     }
     let req = SnapshotRequest {
@@ -199,6 +204,141 @@ async fn place_action(
     };
     let view = state.engine.place_snapshot(req, &principal.name)?;
     Ok((axum::http::StatusCode::CREATED, Json(view)))
+}
+
+/// Body of `POST /api/v1/logs`: the `place_log` tool's arguments.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogBody {
+    /// Target agents by id.
+    #[serde(default)]
+    pub agent_ids: Vec<String>,
+    /// Target pool.
+    pub pool: Option<String>,
+    /// Target tags.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// File path or suffix.
+    pub file: String,
+    /// Line.
+    pub line: u32,
+    /// Text with `{expression}` placeholders.
+    pub template: String,
+    /// Level (default `info`).
+    pub level: Option<String>,
+    /// Condition expression.
+    pub condition: Option<String>,
+    /// `broker` (default), `app`, `both`.
+    pub destination: Option<String>,
+    /// Seconds the action stays live (default 3600, max 86400).
+    pub expire_seconds: Option<u64>,
+    /// Stop after this many lines.
+    pub max_lines: Option<u64>,
+    /// Accept a location no agent has reported yet.
+    #[serde(default)]
+    pub allow_pending: bool,
+}
+
+async fn place_log(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    body: Result<Json<LogBody>, JsonRejection>,
+) -> Result<(axum::http::StatusCode, Json<ActionView>), ApiError> {
+    let Json(b) = body.map_err(|e| ApiError::invalid(format!("request body: {}", e.body_text())))?;
+    let req = LogRequest {
+        agent_ids: b.agent_ids,
+        pool: b.pool,
+        tags: b.tags,
+        file: b.file,
+        line: b.line,
+        template: b.template,
+        level: b.level,
+        condition: b.condition,
+        destination: b.destination,
+        expire_seconds: b.expire_seconds,
+        max_lines: b.max_lines,
+        allow_pending: b.allow_pending,
+    };
+    Ok((axum::http::StatusCode::CREATED, Json(state.engine.place_log(req, &principal.name)?)))
+}
+
+/// Body of `POST /api/v1/metrics`: the `place_metric` tool's arguments.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricBody {
+    /// Target agents by id.
+    #[serde(default)]
+    pub agent_ids: Vec<String>,
+    /// Target pool.
+    pub pool: Option<String>,
+    /// Target tags.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// `counter`, `duration` or `value`.
+    pub kind: String,
+    /// File path or suffix.
+    pub file: String,
+    /// Line.
+    pub line: u32,
+    /// Where a tic-toc duration stops.
+    pub end_file: Option<String>,
+    /// Line where a tic-toc duration stops.
+    pub end_line: Option<u32>,
+    /// The numeric expression of a value metric.
+    pub expression: Option<String>,
+    /// Condition expression.
+    pub condition: Option<String>,
+    /// Seconds the action stays live (default 3600, max 86400).
+    pub expire_seconds: Option<u64>,
+    /// Accept a location no agent has reported yet.
+    #[serde(default)]
+    pub allow_pending: bool,
+}
+
+async fn place_metric(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    body: Result<Json<MetricBody>, JsonRejection>,
+) -> Result<(axum::http::StatusCode, Json<ActionView>), ApiError> {
+    let Json(b) = body.map_err(|e| ApiError::invalid(format!("request body: {}", e.body_text())))?;
+    let req = MetricRequest {
+        agent_ids: b.agent_ids,
+        pool: b.pool,
+        tags: b.tags,
+        kind: b.kind,
+        file: b.file,
+        line: b.line,
+        end_file: b.end_file,
+        end_line: b.end_line,
+        expression: b.expression,
+        condition: b.condition,
+        expire_seconds: b.expire_seconds,
+        allow_pending: b.allow_pending,
+    };
+    Ok((axum::http::StatusCode::CREATED, Json(state.engine.place_metric(req, &principal.name)?)))
+}
+
+async fn get_lines(
+    State(state): State<AppState>,
+    Path(action_id): Path<String>,
+    q: Result<Query<HitsQuery>, QueryRejection>,
+) -> ApiResult<LinesPage> {
+    let q = query_params(q)?;
+    let limit = q.limit.unwrap_or(query::MAX_PAGE);
+    if !(1..=query::MAX_PAGE).contains(&limit) {
+        return Err(ApiError::invalid(format!("limit is {limit}; allowed range is 1..={}", query::MAX_PAGE)));
+    }
+    let since = q.since.unwrap_or(0);
+    match q.wait_seconds {
+        None | Some(0) => Ok(Json(state.engine.lines(&action_id, since, limit)?)),
+        Some(w) if w <= action_bounds::MAX_WAIT_SECS => {
+            Ok(Json(state.engine.wait_lines(&action_id, since, limit, Duration::from_secs(w)).await?))
+        }
+        Some(w) => Err(ApiError::invalid(format!(
+            "wait_seconds is {w}; allowed range is 0..={}",
+            action_bounds::MAX_WAIT_SECS
+        ))),
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -100,6 +100,8 @@ pub struct AgentSettings {
     pub offline_retention_secs: u64,
     /// Catalog entries kept per agent; beyond this, new locations are ignored.
     pub max_catalog_entries: usize,
+    /// How often agents report dynamic metric aggregates, in milliseconds.
+    pub metric_report_interval_ms: u64,
 }
 
 impl Default for AgentSettings {
@@ -111,6 +113,7 @@ impl Default for AgentSettings {
             registration_timeout_secs: 5,
             offline_retention_secs: 3_600,
             max_catalog_entries: 20_000,
+            metric_report_interval_ms: 5_000,
         }
     }
 }
@@ -257,6 +260,7 @@ impl BrokerConfig {
             ("agents.ping_timeout_secs", a.ping_timeout_secs, 1, 120),
             ("agents.registration_timeout_secs", a.registration_timeout_secs, 1, 60),
             ("agents.offline_retention_secs", a.offline_retention_secs, 0, 30 * 86_400),
+            ("agents.metric_report_interval_ms", a.metric_report_interval_ms, 1_000, 3_600_000),
         ] {
             if v < min || v > max {
                 return Err(ConfigError::Invalid { key: key.into(), message: format!("{v} is outside {min}..={max}") });

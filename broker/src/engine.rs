@@ -5,20 +5,23 @@
 //! Callers that wait for hits take a `watch` receiver under the lock and wait outside.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use periscope_protocol::limits::action_bounds;
 use periscope_protocol::{
     ActionId, ActionKind, ActionSpec, AgentActionState, AgentId, BrokerMessage, CaptureLimits, CatalogEntry, Hit,
-    HitId, Location, SnapshotSpec,
+    HitId, Location, LocationKind, LogDestination, LogLevel, LogLine, LogSpec, MetricKind, MetricReport, MetricSpec,
+    SnapshotSpec,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::error::{ApiError, ErrorCode};
 use crate::registry::{AgentRecord, Registry};
-use crate::store::{ActionRow, HitRow, Store, StoreError};
+use crate::store::{ActionRow, HitRow, LineRow, Loaded, Store, StoreError};
+use crate::telemetry::{LineBook, LinesPage, MetricData, MetricView, StoredLine};
 use crate::time::now_ms;
 
 /// Live actions one caller may hold at once (keeps one runaway assistant from filling
@@ -75,6 +78,79 @@ pub struct SnapshotRequest {
     pub backtrace: bool,
     /// Accept a location no target agent has reported yet (code that has not run).
     pub allow_pending: bool,
+}
+
+/// A dynamic log as a caller asks for it.
+#[derive(Debug, Clone, Default)]
+pub struct LogRequest {
+    /// Agents by id.
+    pub agent_ids: Vec<String>,
+    /// Pool to target.
+    pub pool: Option<String>,
+    /// Tags to target.
+    pub tags: Vec<String>,
+    /// File path or suffix.
+    pub file: String,
+    /// Line.
+    pub line: u32,
+    /// Text with `{expression}` placeholders.
+    pub template: String,
+    /// `trace`, `debug`, `info` (default), `warn`, `error`.
+    pub level: Option<String>,
+    /// Condition expression.
+    pub condition: Option<String>,
+    /// `broker` (default), `app`, `both`.
+    pub destination: Option<String>,
+    /// Seconds the action stays live (default 3600, max 86400).
+    pub expire_seconds: Option<u64>,
+    /// Stop after this many lines.
+    pub max_lines: Option<u64>,
+    /// Accept a location no agent has reported yet.
+    pub allow_pending: bool,
+}
+
+/// A dynamic metric as a caller asks for it.
+#[derive(Debug, Clone, Default)]
+pub struct MetricRequest {
+    /// Agents by id.
+    pub agent_ids: Vec<String>,
+    /// Pool to target.
+    pub pool: Option<String>,
+    /// Tags to target.
+    pub tags: Vec<String>,
+    /// `counter`, `duration`, `value`.
+    pub kind: String,
+    /// File path or suffix.
+    pub file: String,
+    /// Line.
+    pub line: u32,
+    /// For tic-toc durations: where the clock stops.
+    pub end_file: Option<String>,
+    /// For tic-toc durations: the line where the clock stops.
+    pub end_line: Option<u32>,
+    /// For `value`: the numeric expression.
+    pub expression: Option<String>,
+    /// Condition expression.
+    pub condition: Option<String>,
+    /// Seconds the action stays live (default 3600, max 86400).
+    pub expire_seconds: Option<u64>,
+    /// Accept a location no agent has reported yet.
+    pub allow_pending: bool,
+}
+
+/// Most lines a log action may be capped at.
+pub const MAX_MAX_LINES: u64 = 1_000_000;
+
+/// What every placement shares: target, location, condition, expiry.
+struct Placement<'a> {
+    agent_ids: &'a [String],
+    pool: Option<&'a str>,
+    tags: &'a [String],
+    file: &'a str,
+    line: u32,
+    condition: Option<&'a str>,
+    expire_seconds: Option<u64>,
+    allow_pending: bool,
 }
 
 /// Where an action stands overall.
@@ -180,6 +256,10 @@ pub struct Action {
     pub hits_refused: u64,
     /// Set when it was placed on a location no agent had reported yet.
     pub pending_note: Option<String>,
+    /// A log action's lines.
+    pub lines: LineBook,
+    /// A metric action's figures.
+    pub metric: Option<MetricData>,
     changed: watch::Sender<u64>,
 }
 
@@ -216,6 +296,17 @@ impl Action {
             ActionKind::Snapshot(s) => (s.watch.clone(), s.backtrace),
             _ => (Vec::new(), false),
         };
+        let log = match &self.spec.kind {
+            ActionKind::Log(l) => Some(l.clone()),
+            _ => None,
+        };
+        let (metric, metric_figures) = match (&self.spec.kind, &self.metric) {
+            (ActionKind::Metric(m), data) => {
+                let names = self.agents.iter().map(|(id, a)| (id.clone(), a.display_name.clone())).collect();
+                (Some(m.clone()), Some(data.clone().unwrap_or_default().view(m.metric, &names)))
+            }
+            _ => (None, None),
+        };
         ActionView {
             action_id: self.spec.id.clone(),
             kind: self.spec.kind.name(),
@@ -235,6 +326,10 @@ impl Action {
             target: self.target.clone(),
             agents: self.agents.values().cloned().collect(),
             pending_note: self.pending_note.clone(),
+            log,
+            lines: self.lines.total,
+            metric,
+            figures: metric_figures,
         }
     }
 }
@@ -283,6 +378,17 @@ pub struct ActionView {
     /// Why the location is pending, when it is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pending_note: Option<String>,
+    /// A log's parameters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log: Option<LogSpec>,
+    /// Log lines received so far.
+    pub lines: u64,
+    /// A metric's parameters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metric: Option<MetricSpec>,
+    /// A metric's figures: totals, per agent, and a short time series.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub figures: Option<MetricView>,
 }
 
 /// A page of hits after a cursor.
@@ -314,9 +420,29 @@ struct Book {
     ended: VecDeque<ActionId>,
 }
 
+/// Counters the broker exports on `/metrics`.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Hits stored.
+    pub hits_accepted: AtomicU64,
+    /// Hits refused (unknown or ended action, over its count, not a target).
+    pub hits_refused: AtomicU64,
+    /// Dynamic log lines stored.
+    pub lines_accepted: AtomicU64,
+    /// Dynamic log lines refused.
+    pub lines_refused: AtomicU64,
+    /// Metric reports merged.
+    pub metric_reports: AtomicU64,
+    /// Quota pauses reported by agents, by reason.
+    pub quota_pauses: Mutex<BTreeMap<String, u64>>,
+}
+
 /// The action engine.
 #[derive(Debug)]
 pub struct Engine {
+    /// Counters for `/metrics`.
+    pub stats: EngineStats,
+    metric_interval_ms: u64,
     registry: Arc<Registry>,
     store: Option<Store>,
     shutdown: watch::Receiver<bool>,
@@ -327,8 +453,8 @@ pub struct Engine {
 
 /// What a location lookup over a set of agents found.
 enum LocationMatch {
-    /// At least one callsite at this file and line.
-    Found,
+    /// At least one callsite at this file and line, of these kinds.
+    Found(Vec<LocationKind>),
     /// The file is known but not the line; nearest known locations in it.
     Nearest(Vec<CatalogEntry>),
     /// No target agent has reported the file; some known files that look alike.
@@ -345,11 +471,27 @@ impl Engine {
         max_ended: usize,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
-        Engine { registry, store: None, shutdown, limits, max_ended, book: Mutex::new(Book::default()) }
+        Engine {
+            registry,
+            store: None,
+            shutdown,
+            limits,
+            max_ended,
+            book: Mutex::new(Book::default()),
+            stats: EngineStats::default(),
+            metric_interval_ms: 5_000,
+        }
+    }
+
+    /// Sets how often agents report metric aggregates.
+    pub fn with_metric_interval(mut self, ms: u64) -> Self {
+        self.metric_interval_ms = ms.clamp(1_000, 3_600_000);
+        self
     }
 
     /// Makes the engine durable: loads what `store` holds and writes every change to it.
-    pub fn with_store(mut self, store: Store, actions: Vec<ActionRow>, hits: Vec<HitRow>) -> Result<Self, StoreError> {
+    pub fn with_store(mut self, store: Store, loaded: Loaded) -> Result<Self, StoreError> {
+        let Loaded { actions, hits, lines, metrics } = loaded;
         let corrupt =
             |what: &'static str, detail: String| StoreError::Corrupt { path: store.path().to_owned(), what, detail };
         let mut book = Book::default();
@@ -375,9 +517,23 @@ impl Engine {
                     hits: Vec::new(),
                     hits_refused: row.hits_refused,
                     pending_note: row.pending_note,
+                    lines: LineBook::default(),
+                    metric: None,
                     changed: watch::channel(0).0,
                 },
             );
+        }
+        for row in lines {
+            let line: StoredLine = serde_json::from_str(&row.body).map_err(|e| corrupt("log line", e.to_string()))?;
+            if let Some(action) = ActionId::parse(&row.action_id).ok().and_then(|id| book.actions.get_mut(&id)) {
+                action.lines.restore(line);
+            }
+        }
+        for (id, body) in metrics {
+            let data: MetricData = serde_json::from_str(&body).map_err(|e| corrupt("metric", e.to_string()))?;
+            if let Some(action) = ActionId::parse(&id).ok().and_then(|id| book.actions.get_mut(&id)) {
+                action.metric = Some(data);
+            }
         }
         for row in hits {
             let hit: StoredHit = serde_json::from_str(&row.body).map_err(|e| corrupt("hit", e.to_string()))?;
@@ -456,7 +612,138 @@ impl Engine {
             ))
             .with_details(serde_json::json!({"field": "max_hits", "min": 1, "max": action_bounds::MAX_MAX_HITS})));
         }
-        let expire = req.expire_seconds.unwrap_or(action_bounds::DEFAULT_EXPIRE_SECS);
+        if req.watch.len() > action_bounds::MAX_WATCHES {
+            return Err(ApiError::invalid(format!(
+                "{} watch expressions given; at most {} are allowed",
+                req.watch.len(),
+                action_bounds::MAX_WATCHES
+            )));
+        }
+        let watch: Vec<String> = req.watch.iter().map(|w| w.trim().to_owned()).collect();
+        let kind = ActionKind::Snapshot(SnapshotSpec { max_hits, watch, backtrace: req.backtrace });
+        let placement = Placement {
+            agent_ids: &req.agent_ids,
+            pool: req.pool.as_deref(),
+            tags: &req.tags,
+            file: &req.file,
+            line: req.line,
+            condition: req.condition.as_deref(),
+            expire_seconds: req.expire_seconds,
+            allow_pending: req.allow_pending,
+        };
+        self.place(placement, kind, caller)
+    }
+
+    /// Validates and places a dynamic log; returns its view.
+    pub fn place_log(&self, req: LogRequest, caller: &str) -> Result<ActionView, ApiError> {
+        if req.template.trim().is_empty() {
+            return Err(ApiError::invalid(
+                "template must not be empty; write text with {expression} placeholders, e.g. \"user {user.id} paid {amount}\"",
+            ));
+        }
+        let level = match req.level.as_deref().map(str::trim).unwrap_or("info") {
+            "trace" => LogLevel::Trace,
+            "debug" => LogLevel::Debug,
+            "info" => LogLevel::Info,
+            "warn" | "warning" => LogLevel::Warn,
+            "error" => LogLevel::Error,
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "level `{}` must be one of trace, debug, info, warn, error",
+                    truncate(other)
+                )));
+            }
+        };
+        let destination = match req.destination.as_deref().map(str::trim).unwrap_or("broker") {
+            "broker" => LogDestination::Broker,
+            "app" => LogDestination::App,
+            "both" => LogDestination::Both,
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "destination `{}` must be broker (stored here), app (the service's own log) or both",
+                    truncate(other)
+                )));
+            }
+        };
+        if let Some(n) = req.max_lines
+            && !(1..=MAX_MAX_LINES).contains(&n)
+        {
+            return Err(ApiError::invalid(format!("max_lines is {n}; allowed range is 1..={MAX_MAX_LINES}")));
+        }
+        let kind =
+            ActionKind::Log(LogSpec { template: req.template.clone(), level, destination, max_lines: req.max_lines });
+        let placement = Placement {
+            agent_ids: &req.agent_ids,
+            pool: req.pool.as_deref(),
+            tags: &req.tags,
+            file: &req.file,
+            line: req.line,
+            condition: req.condition.as_deref(),
+            expire_seconds: req.expire_seconds,
+            allow_pending: req.allow_pending,
+        };
+        self.place(placement, kind, caller)
+    }
+
+    /// Validates and places a dynamic metric; returns its view.
+    pub fn place_metric(&self, req: MetricRequest, caller: &str) -> Result<ActionView, ApiError> {
+        let metric = match req.kind.trim() {
+            "counter" => MetricKind::Counter,
+            "duration" => MetricKind::Duration,
+            "value" => MetricKind::Value,
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "kind `{}` must be counter (hits at the location), duration (a span's open time, or from \
+                     file:line to end_file:end_line) or value (a numeric expression sampled at the location)",
+                    truncate(other)
+                )));
+            }
+        };
+        let end_location = match (&req.end_file, req.end_line) {
+            (None, None) => None,
+            (Some(file), Some(line)) => {
+                if metric != MetricKind::Duration {
+                    return Err(ApiError::invalid("end_file and end_line are only used by duration metrics"));
+                }
+                let (file, line) = validate_location(file, line)?;
+                Some(Location { file, line })
+            }
+            _ => return Err(ApiError::invalid("give both end_file and end_line (or neither)")),
+        };
+        let expression = req.expression.as_deref().map(str::trim).filter(|e| !e.is_empty()).map(str::to_owned);
+        match (metric, &expression) {
+            (MetricKind::Value, None) => {
+                return Err(ApiError::invalid(
+                    "a value metric needs an `expression`: the number to sample, e.g. `order.total_cents / 100`",
+                ));
+            }
+            (MetricKind::Counter | MetricKind::Duration, Some(_)) => {
+                return Err(ApiError::invalid("`expression` is only used by value metrics"));
+            }
+            _ => {}
+        }
+        let kind = ActionKind::Metric(MetricSpec {
+            metric,
+            expression,
+            end_location,
+            report_interval_ms: self.metric_interval_ms,
+        });
+        let placement = Placement {
+            agent_ids: &req.agent_ids,
+            pool: req.pool.as_deref(),
+            tags: &req.tags,
+            file: &req.file,
+            line: req.line,
+            condition: req.condition.as_deref(),
+            expire_seconds: req.expire_seconds,
+            allow_pending: req.allow_pending,
+        };
+        self.place(placement, kind, caller)
+    }
+
+    /// What every kind shares: bounds, expressions, target, location, then insertion.
+    fn place(&self, p: Placement<'_>, kind: ActionKind, caller: &str) -> Result<ActionView, ApiError> {
+        let expire = p.expire_seconds.unwrap_or(action_bounds::DEFAULT_EXPIRE_SECS);
         if !(1..=action_bounds::MAX_EXPIRE_SECS).contains(&expire) {
             return Err(ApiError::invalid(format!(
                 "expire_seconds is {expire}; allowed range is 1..={} (default {})",
@@ -467,60 +754,75 @@ impl Engine {
                 serde_json::json!({"field": "expire_seconds", "min": 1, "max": action_bounds::MAX_EXPIRE_SECS}),
             ));
         }
-        let (file, line) = validate_location(&req.file, req.line)?;
-        let condition = req.condition.as_deref().map(str::trim).filter(|c| !c.is_empty()).map(str::to_owned);
-        if req.watch.len() > action_bounds::MAX_WATCHES {
-            return Err(ApiError::invalid(format!(
-                "{} watch expressions given; at most {} are allowed",
-                req.watch.len(),
-                action_bounds::MAX_WATCHES
-            )));
-        }
-        let watch: Vec<String> = req.watch.iter().map(|w| w.trim().to_owned()).collect();
-        check_expressions(condition.as_deref(), &watch)?;
-        let target = self.resolve_target(&req.agent_ids, req.pool.as_deref(), &req.tags)?;
+        let (file, line) = validate_location(p.file, p.line)?;
+        let condition = p.condition.map(str::trim).filter(|c| !c.is_empty()).map(str::to_owned);
+        let spec = ActionSpec {
+            id: ActionId::generate(),
+            location: Location { file, line },
+            condition,
+            expires_at_ms: now_ms() + expire * 1_000,
+            kind,
+        };
+        check_expressions(&spec)?;
+        let target = self.resolve_target(p.agent_ids, p.pool, p.tags)?;
         let agents = self.matching_agents(&target);
         if agents.is_empty() {
             return Err(self.no_matching_agents(&target));
         }
-        let location = Location { file, line };
-        let pending_note = match self.find_location(&agents, &location) {
-            LocationMatch::Found => None,
-            LocationMatch::Ambiguous(files) => {
+        let what = spec.kind.name();
+        let mut pending_note = self.check_location(&agents, &spec.location, p.allow_pending, what)?;
+        if let ActionKind::Metric(m) = &spec.kind {
+            if let Some(end) = &m.end_location {
+                if let Some(note) = self.check_location(&agents, end, p.allow_pending, what)? {
+                    pending_note = Some(note);
+                }
+            } else if m.metric == MetricKind::Duration
+                && let LocationMatch::Found(kinds) = self.find_location(&agents, &spec.location)
+                && !kinds.contains(&LocationKind::Span)
+            {
                 return Err(ApiError::invalid(format!(
-                    "file `{}` matches several files: {}; give more of the path",
-                    location.file,
-                    files.join(", ")
-                ))
-                .with_details(serde_json::json!({ "candidates": files })));
+                    "{} is an event, which has no duration; place the duration on a span location (see \
+                             list_sources, kind span), or give end_file and end_line to time from this event to \
+                             another location",
+                    spec.location
+                )));
             }
-            LocationMatch::Nearest(nearest) if !req.allow_pending => {
-                return Err(no_such_location(&location, nearest));
-            }
-            LocationMatch::UnknownFile(files) if !req.allow_pending => {
-                return Err(ApiError::new(
-                    ErrorCode::NoSuchLocation,
-                    format!(
-                        "no target agent has reported any location in a file matching `{}`; use list_sources to \
-                         find inspectable locations, or pass allow_pending=true if that code has simply not run yet",
-                        location.file
-                    ),
-                )
-                .with_details(serde_json::json!({ "similar_files": files, "nearest": [] })));
-            }
-            LocationMatch::Nearest(_) | LocationMatch::UnknownFile(_) => Some(format!(
-                "no target agent has seen code run at {location} yet; the snapshot is armed and will fire once a \
-                 callsite there registers"
-            )),
-        };
-        let spec = ActionSpec {
-            id: ActionId::generate(),
-            location,
-            condition,
-            expires_at_ms: now_ms() + expire * 1_000,
-            kind: ActionKind::Snapshot(SnapshotSpec { max_hits, watch, backtrace: req.backtrace }),
-        };
+        }
         self.insert(spec, target, caller, pending_note, agents)
+    }
+
+    /// Checks a location against the target agents' catalogs: `Ok(None)` when known,
+    /// `Ok(Some(note))` when accepted as pending, the specific error otherwise.
+    fn check_location(
+        &self,
+        agents: &[(AgentId, String)],
+        location: &Location,
+        allow_pending: bool,
+        what: &str,
+    ) -> Result<Option<String>, ApiError> {
+        match self.find_location(agents, location) {
+            LocationMatch::Found(_) => Ok(None),
+            LocationMatch::Ambiguous(files) => Err(ApiError::invalid(format!(
+                "file `{}` matches several files: {}; give more of the path",
+                location.file,
+                files.join(", ")
+            ))
+            .with_details(serde_json::json!({ "candidates": files }))),
+            LocationMatch::Nearest(nearest) if !allow_pending => Err(no_such_location(location, nearest)),
+            LocationMatch::UnknownFile(files) if !allow_pending => Err(ApiError::new(
+                ErrorCode::NoSuchLocation,
+                format!(
+                    "no target agent has reported any location in a file matching `{}`; use list_sources to \
+                     find inspectable locations, or pass allow_pending=true if that code has simply not run yet",
+                    location.file
+                ),
+            )
+            .with_details(serde_json::json!({ "similar_files": files, "nearest": [] }))),
+            LocationMatch::Nearest(_) | LocationMatch::UnknownFile(_) => Ok(Some(format!(
+                "no target agent has seen code run at {location} yet; the {what} is armed and will start once a \
+                 callsite there registers"
+            ))),
+        }
     }
 
     fn insert(
@@ -580,6 +882,8 @@ impl Engine {
             hits: Vec::new(),
             hits_refused: 0,
             pending_note,
+            lines: LineBook::default(),
+            metric: matches!(spec.kind, ActionKind::Metric(_)).then(MetricData::default),
             changed: watch::channel(0).0,
         };
         let view = action.view();
@@ -665,31 +969,28 @@ impl Engine {
         let mut in_file: Vec<CatalogEntry> = Vec::new();
         let mut all_files: HashSet<String> = HashSet::new();
         for (id, _) in agents {
-            let found = self.registry.with(id, |rec| {
-                let mut hit = false;
+            self.registry.with(id, |rec| {
                 for e in rec.catalog.values() {
-                    all_files.insert(e.file.clone());
+                    if all_files.len() < 10_000 {
+                        all_files.insert(e.file.clone());
+                    }
                     if location.file_matches(&e.file) {
                         files.insert(e.file.clone());
-                        if e.line == location.line {
-                            hit = true;
-                        }
                         in_file.push(e.clone());
                     }
                 }
-                hit
             });
-            if found == Some(true) && files.len() <= 1 {
-                return LocationMatch::Found;
-            }
         }
         if files.len() > 1 {
             let mut files: Vec<String> = files.into_iter().collect();
             files.sort();
             return LocationMatch::Ambiguous(files);
         }
-        if in_file.iter().any(|e| e.line == location.line) {
-            return LocationMatch::Found;
+        let mut kinds: Vec<LocationKind> = in_file.iter().filter(|e| e.line == location.line).map(|e| e.kind).collect();
+        if !kinds.is_empty() {
+            kinds.sort();
+            kinds.dedup();
+            return LocationMatch::Found(kinds);
         }
         if !in_file.is_empty() {
             in_file.sort_by_key(|e| (e.line.abs_diff(location.line), e.line, e.kind));
@@ -787,6 +1088,8 @@ impl Engine {
             }
             AgentActionState::Error { reason } => ("error", Some(truncate(&reason)), None),
             AgentActionState::Paused { reason, message } => {
+                let mut pauses = self.stats.quota_pauses.lock().unwrap_or_else(|p| p.into_inner());
+                *pauses.entry(reason.as_str().to_owned()).or_insert(0) += 1;
                 ("paused", Some(truncate(&message)), Some(reason.as_str().to_owned()))
             }
             AgentActionState::Resumed => ("installed", Some("resumed".into()), None),
@@ -813,8 +1116,10 @@ impl Engine {
         let targeted = action.agents.contains_key(agent_id);
         if !targeted || action.status != ActionStatus::Active || action.hits.len() as u32 >= action.max_hits() {
             action.hits_refused += 1;
+            self.stats.hits_refused.fetch_add(1, Ordering::Relaxed);
             return false;
         }
+        self.stats.hits_accepted.fetch_add(1, Ordering::Relaxed);
         let index = action.hits.len() as u64 + 1;
         let stored = StoredHit {
             hit_id: HitId::generate(),
@@ -843,6 +1148,140 @@ impl Engine {
             action.bump();
         }
         true
+    }
+
+    /// Accepts dynamic log lines from an agent; returns how many were kept. Lines for
+    /// actions that are not this agent's live logs are refused.
+    pub fn ingest_lines(&self, agent_id: &AgentId, agent_name: &str, lines: Vec<LogLine>) -> usize {
+        let now = now_ms();
+        let mut kept = 0;
+        let mut completed = Vec::new();
+        let mut book = self.book();
+        for mut line in lines.into_iter().take(periscope_protocol::telemetry::MAX_LOG_LINES_PER_FRAME) {
+            let Some(action) = book.actions.get_mut(&line.action_id) else {
+                self.stats.lines_refused.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let max_lines = match &action.spec.kind {
+                ActionKind::Log(l) => l.max_lines,
+                _ => {
+                    self.stats.lines_refused.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            };
+            if action.status != ActionStatus::Active || !action.agents.contains_key(agent_id) {
+                self.stats.lines_refused.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let keep = periscope_protocol::value::truncate_chars(
+                &line.text,
+                periscope_protocol::telemetry::MAX_LOG_LINE_BYTES,
+            )
+            .len();
+            line.text.truncate(keep);
+            line.redactions.truncate(periscope_protocol::hit::MAX_FINDINGS_PER_HIT);
+            let stored = StoredLine {
+                index: 0,
+                agent_id: agent_id.clone(),
+                agent_name: agent_name.to_owned(),
+                received_at_ms: now,
+                line,
+            };
+            let index = action.lines.push(stored);
+            if let (Some(store), Some(last)) = (&self.store, action.lines.lines.back()) {
+                store.put_line(LineRow {
+                    action_id: action.spec.id.to_string(),
+                    idx: index,
+                    body: serde_json::to_string(last).unwrap_or_default(),
+                    received_at_ms: now,
+                });
+            }
+            kept += 1;
+            self.stats.lines_accepted.fetch_add(1, Ordering::Relaxed);
+            if max_lines.is_some_and(|m| action.lines.total >= m) {
+                completed.push(action.spec.id.clone());
+            } else {
+                action.bump();
+            }
+        }
+        let mut notify = Vec::new();
+        for id in completed {
+            if book.actions.get(&id).is_some_and(|a| a.status == ActionStatus::Active) {
+                let agents = self.end(&mut book, &id, ActionStatus::Completed, "reached its max_lines");
+                notify.push((id, agents));
+            }
+        }
+        drop(book);
+        for (id, agents) in notify {
+            self.notify_removed(&id, agents, "completed");
+        }
+        kept
+    }
+
+    /// Merges metric reports from an agent; returns how many were kept. Reports for a
+    /// metric that ended recently are still merged (an agent's last interval arrives
+    /// after the removal).
+    pub fn ingest_metrics(&self, agent_id: &AgentId, reports: Vec<MetricReport>) -> usize {
+        let mut kept = 0;
+        let mut book = self.book();
+        for mut report in reports.into_iter().take(periscope_protocol::telemetry::MAX_METRIC_REPORTS_PER_FRAME) {
+            let Some(action) = book.actions.get_mut(&report.action_id) else { continue };
+            if !action.agents.contains_key(agent_id) {
+                continue;
+            }
+            let Some(data) = action.metric.as_mut() else { continue };
+            crate::telemetry::sanitize(&mut report);
+            data.merge(agent_id, &report);
+            if let Some(store) = &self.store {
+                store.put_metric(action.spec.id.as_str(), serde_json::to_string(data).unwrap_or_default());
+            }
+            action.bump();
+            kept += 1;
+            self.stats.metric_reports.fetch_add(1, Ordering::Relaxed);
+        }
+        kept
+    }
+
+    /// Log lines after `since`, at most `limit`.
+    pub fn lines(&self, action_id: &str, since: u64, limit: usize) -> Result<LinesPage, ApiError> {
+        let id = parse_action_id(action_id)?;
+        let book = self.book();
+        let action = book.actions.get(&id).ok_or_else(|| ApiError::not_found(format!("no action `{id}`")))?;
+        Ok(action.lines.page(since, limit))
+    }
+
+    /// Waits until the action has a line after `since`, has ended, or `timeout` passes.
+    pub async fn wait_lines(
+        &self,
+        action_id: &str,
+        since: u64,
+        limit: usize,
+        timeout: Duration,
+    ) -> Result<LinesPage, ApiError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        self.wait_until(action_id, deadline, |a| a.lines.total > since).await?;
+        self.lines(action_id, since, limit)
+    }
+
+    /// Every metric action's figures (for `/metrics`): id, kind, pool, per-agent totals.
+    pub fn metric_snapshot(
+        &self,
+    ) -> Vec<(ActionId, MetricKind, Option<String>, MetricData, BTreeMap<AgentId, String>)> {
+        let book = self.book();
+        book.actions
+            .values()
+            .filter(|a| a.status == ActionStatus::Active)
+            .filter_map(|a| match (&a.spec.kind, &a.metric) {
+                (ActionKind::Metric(m), Some(data)) => Some((
+                    a.spec.id.clone(),
+                    m.metric,
+                    a.target.pool.clone(),
+                    data.clone(),
+                    a.agents.iter().map(|(id, v)| (id.clone(), v.display_name.clone())).collect(),
+                )),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Removes an action on a caller's request.
@@ -1032,28 +1471,33 @@ fn truncate(s: &str) -> String {
     periscope_protocol::value::truncate_chars(s, 512).to_owned()
 }
 
-/// Parses the condition and watches so a bad expression is refused at placement, with
-/// its position, before any agent sees it.
-fn check_expressions(condition: Option<&str>, watch: &[String]) -> Result<(), ApiError> {
-    use periscope_protocol::expr::{parse_condition, parse_watch};
-    let fail = |field: String, src: &str, e: periscope_protocol::ParseError| {
-        ApiError::invalid(format!("{field}: {e}")).with_details(serde_json::json!({
-            "field": field,
-            "position": e.position,
-            "line": e.line,
-            "column": e.column,
-            "expected": e.expected,
-            "found": e.found,
-            "source": e.render(src),
-        }))
+/// Parses every expression of the action (condition, watches, template, metric
+/// expression) so a bad one is refused at placement, with its position, before any agent
+/// sees it.
+fn check_expressions(spec: &ActionSpec) -> Result<(), ApiError> {
+    let Err(e) = periscope_protocol::expr::ActionExprs::compile(spec) else { return Ok(()) };
+    let source = match (e.field.as_str(), &spec.kind) {
+        ("condition", _) => spec.condition.clone().unwrap_or_default(),
+        ("template", ActionKind::Log(l)) => l.template.clone(),
+        ("expression", ActionKind::Metric(m)) => m.expression.clone().unwrap_or_default(),
+        (field, ActionKind::Snapshot(s)) => field
+            .strip_prefix("watch[")
+            .and_then(|i| i.strip_suffix(']'))
+            .and_then(|i| i.parse::<usize>().ok())
+            .and_then(|i| s.watch.get(i).cloned())
+            .unwrap_or_default(),
+        _ => String::new(),
     };
-    if let Some(c) = condition {
-        parse_condition(c).map_err(|e| fail("condition".into(), c, e))?;
-    }
-    for (i, w) in watch.iter().enumerate() {
-        parse_watch(w).map_err(|e| fail(format!("watch[{i}]"), w, e))?;
-    }
-    Ok(())
+    let pe = &e.error;
+    Err(ApiError::invalid(format!("{}: {}", e.field, pe)).with_details(serde_json::json!({
+        "field": e.field,
+        "position": pe.position,
+        "line": pe.line,
+        "column": pe.column,
+        "expected": pe.expected,
+        "found": pe.found,
+        "source": pe.render(&source),
+    })))
 }
 
 /// Longest file argument accepted.

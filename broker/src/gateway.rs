@@ -290,7 +290,14 @@ fn handle(state: &AppState, agent_id: &AgentId, name: &str, msg: AgentMessage) -
             state.registry.count_hit(agent_id, accepted);
             None
         }
-        AgentMessage::LogLines { .. } | AgentMessage::Metrics { .. } => None,
+        AgentMessage::LogLines { lines } => {
+            state.engine.ingest_lines(agent_id, name, lines);
+            None
+        }
+        AgentMessage::Metrics { reports } => {
+            state.engine.ingest_metrics(agent_id, reports);
+            None
+        }
         AgentMessage::Goodbye { .. } => None,
     }
 }

@@ -10,6 +10,7 @@
 //! - [`gateway`]: `GET /agents`, the agent WebSocket sessions.
 //! - [`registry`]: connected and recently gone agents, their catalogs.
 //! - [`engine`]: actions, hits, waiting, completion and expiry.
+//! - [`telemetry`]: dynamic log lines and metric figures kept by the broker.
 //! - [`store`]: SQLite persistence of actions and hits under `--data-dir`.
 //! - [`query`]: listing agents and sources with filters and pagination.
 //! - [`api`]: the REST API under `/api/v1`.
@@ -29,6 +30,7 @@ pub mod mcp;
 pub mod query;
 pub mod registry;
 pub mod store;
+pub mod telemetry;
 pub mod time;
 
 use std::future::Future;
@@ -113,6 +115,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(mcp)
         .route("/healthz", get(healthz))
+        .route("/metrics", get(prometheus))
         .route("/.well-known/oauth-protected-resource", get(protected_resource))
         .route("/.well-known/oauth-protected-resource/mcp", get(protected_resource))
         .route(periscope_protocol::messages::AGENT_GATEWAY_PATH, get(gateway::agents_ws))
@@ -128,6 +131,114 @@ async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
         "agents_online": state.registry.online_count(),
         "actions_live": state.engine.live_count(),
     }))
+}
+
+/// `GET /metrics`: live dynamic metrics and the broker's own counters in the Prometheus
+/// text exposition format (0.0.4), so they show up in Grafana with a scrape job.
+async fn prometheus(State(state): State<AppState>) -> impl axum::response::IntoResponse {
+    use std::fmt::Write as _;
+    use telemetry::{label, num};
+    let mut out = String::new();
+    let stats = &state.engine.stats;
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let mut agents: Vec<(String, String, u64, u64, u64)> = Vec::new();
+    let mut known = 0usize;
+    state.registry.for_each(|a| {
+        known += 1;
+        let s = &a.stats;
+        agents.push((
+            a.info.agent_id.to_string(),
+            a.info.pool.clone(),
+            s.hits_dropped_queue_full,
+            s.hits_dropped_rate,
+            s.hits_dropped_disconnected,
+        ));
+    });
+    agents.sort();
+    let _ = writeln!(out, "# HELP periscope_agents_connected Agents with a live session.");
+    let _ = writeln!(out, "# TYPE periscope_agents_connected gauge");
+    let _ = writeln!(out, "periscope_agents_connected {}", state.registry.online_count());
+    let _ = writeln!(out, "# HELP periscope_agents_known Agents listed, online or recently offline.");
+    let _ = writeln!(out, "# TYPE periscope_agents_known gauge");
+    let _ = writeln!(out, "periscope_agents_known {known}");
+    let _ = writeln!(out, "# HELP periscope_actions_live Actions collecting.");
+    let _ = writeln!(out, "# TYPE periscope_actions_live gauge");
+    let _ = writeln!(out, "periscope_actions_live {}", state.engine.live_count());
+    for (name, help, value) in [
+        ("periscope_hits_accepted_total", "Snapshot hits stored.", load(&stats.hits_accepted)),
+        (
+            "periscope_hits_refused_total",
+            "Snapshot hits refused (ended or unknown action, over its count).",
+            load(&stats.hits_refused),
+        ),
+        ("periscope_log_lines_accepted_total", "Dynamic log lines stored.", load(&stats.lines_accepted)),
+        ("periscope_log_lines_refused_total", "Dynamic log lines refused.", load(&stats.lines_refused)),
+        ("periscope_metric_reports_total", "Dynamic metric reports merged.", load(&stats.metric_reports)),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        let _ = writeln!(out, "{name} {value}");
+    }
+    let _ = writeln!(out, "# HELP periscope_agent_hits_dropped_total Hits agents dropped, by reason, as they report.");
+    let _ = writeln!(out, "# TYPE periscope_agent_hits_dropped_total counter");
+    for (agent, pool, queue, rate, disconnected) in &agents {
+        for (reason, n) in [("queue_full", queue), ("rate_limited", rate), ("disconnected", disconnected)] {
+            let _ = writeln!(
+                out,
+                "periscope_agent_hits_dropped_total{{agent=\"{}\",pool=\"{}\",reason=\"{reason}\"}} {n}",
+                label(agent),
+                label(pool)
+            );
+        }
+    }
+    let _ = writeln!(out, "# HELP periscope_quota_pauses_total Actions paused by a quota, by reason.");
+    let _ = writeln!(out, "# TYPE periscope_quota_pauses_total counter");
+    let pauses = stats.quota_pauses.lock().map(|p| p.clone()).unwrap_or_default();
+    for (reason, n) in pauses {
+        let _ = writeln!(out, "periscope_quota_pauses_total{{reason=\"{}\"}} {n}", label(&reason));
+    }
+
+    let metrics = state.engine.metric_snapshot();
+    let pool_of =
+        |id: &periscope_protocol::AgentId| state.registry.with(id, |a| a.info.pool.clone()).unwrap_or_default();
+    let _ = writeln!(out, "# HELP periscope_dynamic_hits_total Hits counted by counter metrics.");
+    let _ = writeln!(out, "# TYPE periscope_dynamic_hits_total counter");
+    for (action, kind, _, data, _) in &metrics {
+        if *kind != periscope_protocol::MetricKind::Counter {
+            continue;
+        }
+        for (agent, totals) in &data.per_agent {
+            let _ = writeln!(
+                out,
+                "periscope_dynamic_hits_total{{action=\"{action}\",pool=\"{}\",agent=\"{agent}\"}} {}",
+                label(&pool_of(agent)),
+                totals.count
+            );
+        }
+    }
+    let _ = writeln!(out, "# HELP periscope_dynamic_value Samples of duration (ms) and value metrics.");
+    let _ = writeln!(out, "# TYPE periscope_dynamic_value summary");
+    for (action, kind, _, data, _) in &metrics {
+        let kind_name = match kind {
+            periscope_protocol::MetricKind::Counter => continue,
+            periscope_protocol::MetricKind::Duration => "duration",
+            periscope_protocol::MetricKind::Value => "value",
+        };
+        for (agent, totals) in &data.per_agent {
+            let labels = format!(
+                "action=\"{action}\",pool=\"{}\",agent=\"{agent}\",kind=\"{kind_name}\"",
+                label(&pool_of(agent))
+            );
+            for q in [0.5, 0.9, 0.99] {
+                if let Some(v) = totals.histogram.quantile(q) {
+                    let _ = writeln!(out, "periscope_dynamic_value{{{labels},quantile=\"{q}\"}} {}", num(v));
+                }
+            }
+            let _ = writeln!(out, "periscope_dynamic_value_sum{{{labels}}} {}", num(totals.sum));
+            let _ = writeln!(out, "periscope_dynamic_value_count{{{labels}}} {}", totals.count);
+        }
+    }
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out)
 }
 
 /// RFC 9728 protected-resource metadata: tells clients this resource takes bearer
@@ -157,10 +268,11 @@ pub async fn run(
     let bound = listener.local_addr()?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let registry = Arc::new(Registry::new(config.agents.max_catalog_entries));
-    let mut engine = Engine::new(Arc::clone(&registry), config.limits, config.store.max_ended_actions, stop_rx.clone());
+    let mut engine = Engine::new(Arc::clone(&registry), config.limits, config.store.max_ended_actions, stop_rx.clone())
+        .with_metric_interval(config.agents.metric_report_interval_ms);
     if let Some(dir) = &config.data_dir {
-        let (store, actions, hits) = store::Store::open(dir)?;
-        engine = engine.with_store(store, actions, hits)?;
+        let (store, loaded) = store::Store::open(dir)?;
+        engine = engine.with_store(store, loaded)?;
     }
     if config.mcp_allowed_hosts().iter().all(|h| h != &bound.ip().to_string()) && !bound.ip().is_loopback() {
         tracing::warn!(

@@ -84,9 +84,37 @@ pub struct HitRow {
     pub received_at_ms: u64,
 }
 
+/// A dynamic log line row.
+#[derive(Debug, Clone)]
+pub struct LineRow {
+    /// The action.
+    pub action_id: String,
+    /// Position within the action.
+    pub idx: u64,
+    /// The `StoredLine` as JSON.
+    pub body: String,
+    /// When the broker accepted it (Unix ms).
+    pub received_at_ms: u64,
+}
+
+/// Everything the store holds, as loaded at start.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// Actions.
+    pub actions: Vec<ActionRow>,
+    /// Hits.
+    pub hits: Vec<HitRow>,
+    /// Log lines (the newest per action, up to the in-memory bound).
+    pub lines: Vec<LineRow>,
+    /// Metric figures: action id and `MetricData` as JSON.
+    pub metrics: Vec<(String, String)>,
+}
+
 enum Op {
     Action(ActionRow),
     Hit(HitRow),
+    Line(LineRow),
+    Metric(String, String),
     DeleteAction(String),
     PurgeBefore(u64),
     Flush(mpsc::Sender<()>),
@@ -105,6 +133,8 @@ impl std::fmt::Debug for Op {
         f.write_str(match self {
             Op::Action(_) => "Action",
             Op::Hit(_) => "Hit",
+            Op::Line(_) => "Line",
+            Op::Metric(..) => "Metric",
             Op::DeleteAction(_) => "DeleteAction",
             Op::PurgeBefore(_) => "PurgeBefore",
             Op::Flush(_) => "Flush",
@@ -133,6 +163,18 @@ CREATE TABLE IF NOT EXISTS hits (
     PRIMARY KEY (action_id, idx)
 );
 CREATE INDEX IF NOT EXISTS hits_received ON hits (received_at_ms);
+CREATE TABLE IF NOT EXISTS log_lines (
+    action_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    received_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (action_id, idx)
+);
+CREATE INDEX IF NOT EXISTS log_lines_received ON log_lines (received_at_ms);
+CREATE TABLE IF NOT EXISTS metrics (
+    action_id TEXT PRIMARY KEY,
+    body TEXT NOT NULL
+);
 ";
 
 fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
@@ -150,22 +192,26 @@ fn to_u64(v: i64) -> u64 {
 impl Store {
     /// Opens (creating if needed) `periscope.db` in `dir`; returns the store and what
     /// it holds.
-    pub fn open(dir: &Path) -> Result<(Store, Vec<ActionRow>, Vec<HitRow>), StoreError> {
+    pub fn open(dir: &Path) -> Result<(Store, Loaded), StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: dir.to_owned(), source })?;
         let path = dir.join("periscope.db");
         let conn = Connection::open(&path).map_err(sqlite(&path))?;
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
             .map_err(sqlite(&path))?;
         conn.execute_batch(SCHEMA).map_err(sqlite(&path))?;
-        let actions = load_actions(&conn).map_err(sqlite(&path))?;
-        let hits = load_hits(&conn).map_err(sqlite(&path))?;
+        let loaded = Loaded {
+            actions: load_actions(&conn).map_err(sqlite(&path))?,
+            hits: load_hits(&conn).map_err(sqlite(&path))?,
+            lines: load_lines(&conn).map_err(sqlite(&path))?,
+            metrics: load_metrics(&conn).map_err(sqlite(&path))?,
+        };
         let (tx, rx) = mpsc::channel();
         let writer_path = path.clone();
         let thread = std::thread::Builder::new()
             .name("periscope-store".into())
             .spawn(move || writer(conn, rx, &writer_path))
             .map_err(|source| StoreError::Dir { path: dir.to_owned(), source })?;
-        Ok((Store { tx, path, thread: Some(thread) }, actions, hits))
+        Ok((Store { tx, path, thread: Some(thread) }, loaded))
     }
 
     /// The database file.
@@ -181,6 +227,16 @@ impl Store {
     /// Persists a hit.
     pub fn put_hit(&self, row: HitRow) {
         let _ = self.tx.send(Op::Hit(row));
+    }
+
+    /// Persists a log line.
+    pub fn put_line(&self, row: LineRow) {
+        let _ = self.tx.send(Op::Line(row));
+    }
+
+    /// Persists a metric's figures (replacing the previous ones).
+    pub fn put_metric(&self, action_id: &str, body: String) {
+        let _ = self.tx.send(Op::Metric(action_id.to_owned(), body));
     }
 
     /// Forgets an action and its hits.
@@ -245,6 +301,26 @@ fn load_hits(conn: &Connection) -> rusqlite::Result<Vec<HitRow>> {
     rows.collect()
 }
 
+fn load_lines(conn: &Connection) -> rusqlite::Result<Vec<LineRow>> {
+    // Only the newest lines of each action come back into memory.
+    let mut stmt = conn.prepare(
+        "SELECT action_id, idx, body, received_at_ms FROM log_lines l WHERE idx > \
+         (SELECT COALESCE(MAX(idx), 0) FROM log_lines m WHERE m.action_id = l.action_id) - ?1 \
+         ORDER BY action_id, idx",
+    )?;
+    let keep = i64::try_from(crate::telemetry::MAX_STORED_LINES).unwrap_or(i64::MAX);
+    let rows = stmt.query_map(params![keep], |r| {
+        Ok(LineRow { action_id: r.get(0)?, idx: to_u64(r.get(1)?), body: r.get(2)?, received_at_ms: to_u64(r.get(3)?) })
+    })?;
+    rows.collect()
+}
+
+fn load_metrics(conn: &Connection) -> rusqlite::Result<Vec<(String, String)>> {
+    let mut stmt = conn.prepare("SELECT action_id, body FROM metrics")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
 fn apply(tx: &rusqlite::Transaction<'_>, op: Op, flushes: &mut Vec<mpsc::Sender<()>>) -> rusqlite::Result<()> {
     match op {
         Op::Action(a) => {
@@ -273,13 +349,33 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, flushes: &mut Vec<mpsc::Sender<
                 params![h.action_id, to_i64(h.idx), h.body, to_i64(h.received_at_ms)],
             )?;
         }
+        Op::Line(l) => {
+            tx.execute(
+                "INSERT OR REPLACE INTO log_lines (action_id, idx, body, received_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                params![l.action_id, to_i64(l.idx), l.body, to_i64(l.received_at_ms)],
+            )?;
+        }
+        Op::Metric(id, body) => {
+            tx.execute(
+                "INSERT INTO metrics (action_id, body) VALUES (?1, ?2) ON CONFLICT(action_id) DO UPDATE SET body = ?2",
+                params![id, body],
+            )?;
+        }
         Op::DeleteAction(id) => {
+            tx.execute("DELETE FROM log_lines WHERE action_id = ?1", params![id])?;
+            tx.execute("DELETE FROM metrics WHERE action_id = ?1", params![id])?;
             tx.execute("DELETE FROM hits WHERE action_id = ?1", params![id])?;
             tx.execute("DELETE FROM actions WHERE id = ?1", params![id])?;
         }
         Op::PurgeBefore(cutoff) => {
             let cutoff = to_i64(cutoff);
             tx.execute("DELETE FROM hits WHERE received_at_ms < ?1", params![cutoff])?;
+            tx.execute("DELETE FROM log_lines WHERE received_at_ms < ?1", params![cutoff])?;
+            tx.execute(
+                "DELETE FROM metrics WHERE action_id IN (SELECT id FROM actions WHERE status != 'active' \
+                 AND ended_at_ms IS NOT NULL AND ended_at_ms < ?1)",
+                params![cutoff],
+            )?;
             tx.execute(
                 "DELETE FROM actions WHERE status != 'active' AND ended_at_ms IS NOT NULL AND ended_at_ms < ?1",
                 params![cutoff],
@@ -339,8 +435,8 @@ mod tests {
     fn what_is_written_is_there_after_reopening() {
         let dir = std::env::temp_dir().join(format!("periscope-store-{}", periscope_protocol::ActionId::generate()));
         {
-            let (store, actions, hits) = Store::open(&dir).unwrap();
-            assert!(actions.is_empty() && hits.is_empty());
+            let (store, loaded) = Store::open(&dir).unwrap();
+            assert!(loaded.actions.is_empty() && loaded.hits.is_empty());
             store.put_action(row("act_a", "active"));
             store.put_action(row("act_b", "active"));
             store.put_hit(HitRow { action_id: "act_a".into(), idx: 1, body: "{}".into(), received_at_ms: 5 });
@@ -348,10 +444,10 @@ mod tests {
             store.delete_action("act_b");
             assert!(store.flush(Duration::from_secs(5)));
         }
-        let (_store, actions, hits) = Store::open(&dir).unwrap();
-        assert_eq!(actions.len(), 1);
-        assert_eq!(actions[0].status, "completed");
-        assert_eq!(hits.len(), 1);
+        let (_store, loaded) = Store::open(&dir).unwrap();
+        assert_eq!(loaded.actions.len(), 1);
+        assert_eq!(loaded.actions[0].status, "completed");
+        assert_eq!(loaded.hits.len(), 1);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -11,3 +11,4 @@ mod conditions;
 mod core_loop;
 mod gateway_errors;
 mod mcp;
+mod telemetry;

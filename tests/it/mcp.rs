@@ -177,7 +177,7 @@ async fn tools_list_returns_every_contract_tool_with_its_schema_and_the_prompts(
         assert!(metric["properties"].get(arg).is_some(), "place_metric lacks `{arg}`");
     }
     let log_tool = tools.iter().find(|t| t.name == "place_log").unwrap();
-    assert!(log_tool.description.as_deref().unwrap().contains("NOT AVAILABLE YET"));
+    assert!(log_tool.description.as_deref().unwrap().contains("destination"));
     assert!(schema("get_action")["properties"].get("since").is_some());
 
     let prompts = client.list_all_prompts().await.unwrap();
@@ -285,6 +285,43 @@ async fn an_assistant_finds_a_location_places_a_snapshot_and_reads_its_hits() {
     assert_eq!(body(&call(&client, "system_health", json!({})).await)["quotas"]["live_actions"]["used"], 0);
 
     client.cancel().await.unwrap();
+    fx.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assistant_places_a_dynamic_log_and_a_counter_and_reads_them_back() {
+    let mut config = test_config();
+    config.agents.metric_report_interval_ms = 1_000;
+    let fx = Fixture::start(config).await;
+    let client = connect(&fx.broker).await;
+    let line = event_line(&client).await;
+    let r = call(
+        &client,
+        "place_log",
+        json!({"pool": POOL, "file": "it/mcp.rs", "line": line, "template": "total {total_cents} for {basket.owner}",
+               "max_lines": 3}),
+    )
+    .await;
+    assert_eq!(code(&r), None, "{}", text(&r));
+    let log_id = body(&r)["action"]["action_id"].as_str().unwrap().to_owned();
+    assert!(text(&r).contains("get_action"), "{}", text(&r));
+    let r = call(&client, "get_action", json!({"action_id": log_id, "since": 0, "wait_seconds": 20})).await;
+    let lines = body(&r)["lines"].as_array().cloned().unwrap_or_default();
+    assert!(!lines.is_empty(), "{}", text(&r));
+    assert_eq!(lines[0]["text"], "total 4200 for Ada", "{}", text(&r));
+    assert!(text(&r).contains("total 4200 for Ada"), "{}", text(&r));
+
+    let r = call(&client, "place_metric", json!({"pool": POOL, "kind": "counter", "file": "it/mcp.rs", "line": line}))
+        .await;
+    assert_eq!(code(&r), None, "{}", text(&r));
+    let metric_id = body(&r)["action"]["action_id"].as_str().unwrap().to_owned();
+    let counted = eventually(Duration::from_secs(20), "a counter report", || async {
+        let r = call(&client, "get_action", json!({"action_id": metric_id})).await;
+        let count = body(&r)["action"]["figures"]["total"]["count"].as_u64().unwrap_or(0);
+        (count > 0).then(|| text(&r))
+    })
+    .await;
+    assert!(counted.contains("total: count="), "{counted}");
     fx.stop().await;
 }
 
@@ -410,17 +447,20 @@ async fn every_error_a_model_can_act_on_comes_back_as_a_tool_result_with_its_cod
     assert_eq!(code(&r).as_deref(), Some("expired"), "{}", text(&r));
     assert!(text(&r).contains("list_sources") && text(&r).contains("timeout_seconds"), "{}", text(&r));
 
-    // not_available for the tools whose engine support lands later; nothing placed.
+    // invalid_input for logs and metrics too: a bad template names its position; a
+    // duration on an event says what to do instead.
     let r = call(
         &client,
         "place_log",
-        json!({"pool": POOL, "file": "it/mcp.rs", "line": line, "template": "t {total_cents}"}),
+        json!({"pool": POOL, "file": "it/mcp.rs", "line": line, "template": "t {total_cents +}"}),
     )
     .await;
-    assert_eq!(code(&r).as_deref(), Some("not_available"));
-    let r = call(&client, "place_metric", json!({"pool": POOL, "kind": "counter", "file": "it/mcp.rs", "line": line}))
+    assert_eq!(code(&r).as_deref(), Some("invalid_input"), "{}", text(&r));
+    assert!(text(&r).contains("template: at column"), "{}", text(&r));
+    let r = call(&client, "place_metric", json!({"pool": POOL, "kind": "duration", "file": "it/mcp.rs", "line": line}))
         .await;
-    assert_eq!(code(&r).as_deref(), Some("not_available"));
+    assert_eq!(code(&r).as_deref(), Some("invalid_input"), "{}", text(&r));
+    assert!(text(&r).contains("end_file"), "{}", text(&r));
 
     // insufficient_scope, per call: the dashboard key reads but cannot place.
     let dash = connect_with(&fx.broker, "dashboard-key-0123456789").await.unwrap();

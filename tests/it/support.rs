@@ -127,9 +127,50 @@ pub struct TestAgent {
     pub dispatch: Dispatch,
 }
 
+/// The host's own log output, captured (an `fmt` layer's writer).
+#[derive(Clone, Default)]
+pub struct HostLog(pub Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl HostLog {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for HostLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for HostLog {
+    type Writer = HostLog;
+    fn make_writer(&'a self) -> HostLog {
+        self.clone()
+    }
+}
+
 impl TestAgent {
-    pub fn start(broker_ws: &str, pool: &str, tags: &[&str]) -> TestAgent {
-        let agent = periscope_agent::Agent::builder()
+    /// An agent whose host logs INFO and above into `log`.
+    pub fn start_logging(broker_ws: &str, pool: &str, tags: &[&str], log: HostLog) -> TestAgent {
+        let agent = Self::agent(broker_ws, pool, tags);
+        let subscriber = tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(log)
+                    .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
+            )
+            .with(agent.layer());
+        TestAgent { dispatch: Dispatch::new(subscriber), agent: Some(agent) }
+    }
+
+    fn agent(broker_ws: &str, pool: &str, tags: &[&str]) -> periscope_agent::Agent {
+        periscope_agent::Agent::builder()
             .broker_url(broker_ws)
             .agent_key(AGENT_KEY)
             .pool(pool)
@@ -138,7 +179,11 @@ impl TestAgent {
             .reconnect_initial(Duration::from_millis(100))
             .reconnect_max(Duration::from_millis(500))
             .start()
-            .expect("agent starts");
+            .expect("agent starts")
+    }
+
+    pub fn start(broker_ws: &str, pool: &str, tags: &[&str]) -> TestAgent {
+        let agent = Self::agent(broker_ws, pool, tags);
         let subscriber = tracing_subscriber::registry()
             .with(
                 tracing_subscriber::fmt::layer()
@@ -180,6 +225,41 @@ where
         assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Waits until `agent_id` reports the action installed.
+pub async fn wait_installed(api: &Api, action_id: &str, agent_id: &str) {
+    let api = api.clone();
+    let (action, agent) = (action_id.to_owned(), agent_id.to_owned());
+    eventually(Duration::from_secs(10), "the action installed on the agent", move || {
+        let api = api.clone();
+        let (action, agent) = (action.clone(), agent.clone());
+        async move {
+            let (_, a) = api.get(&format!("/actions/{action}")).await;
+            a["agents"]
+                .as_array()?
+                .iter()
+                .any(|x| x["agent_id"] == agent.as_str() && x["state"] == "installed")
+                .then_some(())
+        }
+    })
+    .await
+}
+
+/// Waits until the action's JSON satisfies `check`; returns it.
+pub async fn wait_action(api: &Api, action_id: &str, what: &str, check: impl Fn(&Json) -> bool + Clone) -> Json {
+    let api = api.clone();
+    let id = action_id.to_owned();
+    eventually(Duration::from_secs(30), what, move || {
+        let api = api.clone();
+        let id = id.clone();
+        let check = check.clone();
+        async move {
+            let (_, a) = api.get(&format!("/actions/{id}")).await;
+            check(&a).then_some(a)
+        }
+    })
+    .await
 }
 
 /// Waits until the broker lists `agent_id` online.

@@ -1,6 +1,6 @@
 //! Placing, reading and removing actions: `place_snapshot` (which can wait for its
-//! hits and report progress), `place_log` and `place_metric` (in the contract, not yet
-//! in the engine), `get_action`, `list_actions`, `remove_action`.
+//! hits and report progress), `place_log`, `place_metric`, `get_action`,
+//! `list_actions`, `remove_action`.
 //!
 //! A snapshot's `timeout_seconds` is both its expiry and how long a waiting call waits,
 //! so a model never leaves a snapshot armed behind a call that already gave up.
@@ -17,7 +17,9 @@ use serde::Deserialize;
 use super::reply::{in_range, parse_args, success};
 use super::{PeriscopeMcp, finish, input_schema, render};
 use crate::auth::Scope;
-use crate::engine::{Action, ActionFilter, ActionStatus, ActionView, HitsPage, SnapshotRequest};
+use crate::engine::{
+    Action, ActionFilter, ActionStatus, ActionView, HitsPage, LogRequest, MetricRequest, SnapshotRequest,
+};
 use crate::error::{ApiError, ErrorCode};
 use crate::query;
 use crate::time::now_ms;
@@ -76,7 +78,6 @@ fn yes() -> bool {
 /// Severity of a dynamic log line.
 #[derive(Debug, Clone, Copy, Default, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
-#[allow(dead_code)]
 enum LogLevel {
     Trace,
     Debug,
@@ -89,7 +90,6 @@ enum LogLevel {
 /// Where dynamic log lines go.
 #[derive(Debug, Clone, Copy, Default, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
-#[allow(dead_code)]
 enum LogDestination {
     /// Stored by the broker, read with get_action.
     #[default]
@@ -103,7 +103,6 @@ enum LogDestination {
 /// Arguments of `place_log` (the logs-and-metrics contract).
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)]
 struct PlaceLogArgs {
     /// Target these agents (ids from list_agents). Give either this or `pool`/`tags`.
     #[serde(default)]
@@ -133,8 +132,11 @@ struct PlaceLogArgs {
     #[schemars(range(min = 1, max = 86400))]
     expire_seconds: u64,
     /// Stop after this many lines.
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1000000))]
     max_lines: Option<u64>,
+    /// Accept a line no agent has reported yet (code that has not run since the agent started).
+    #[serde(default)]
+    allow_pending: bool,
 }
 
 fn default_expire() -> u64 {
@@ -144,7 +146,6 @@ fn default_expire() -> u64 {
 /// What a dynamic metric measures.
 #[derive(Debug, Clone, Copy, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
-#[allow(dead_code)]
 enum MetricKind {
     /// Times the location is hit.
     Counter,
@@ -157,7 +158,6 @@ enum MetricKind {
 /// Arguments of `place_metric` (the logs-and-metrics contract).
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)]
 struct PlaceMetricArgs {
     /// Target these agents (ids from list_agents). Give either this or `pool`/`tags`.
     #[serde(default)]
@@ -186,6 +186,41 @@ struct PlaceMetricArgs {
     #[serde(default = "default_expire")]
     #[schemars(range(min = 1, max = 86400))]
     expire_seconds: u64,
+    /// Accept a line no agent has reported yet (code that has not run since the agent started).
+    #[serde(default)]
+    allow_pending: bool,
+}
+
+impl LogLevel {
+    fn name(self) -> &'static str {
+        match self {
+            LogLevel::Trace => "trace",
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warn => "warn",
+            LogLevel::Error => "error",
+        }
+    }
+}
+
+impl LogDestination {
+    fn name(self) -> &'static str {
+        match self {
+            LogDestination::Broker => "broker",
+            LogDestination::App => "app",
+            LogDestination::Both => "both",
+        }
+    }
+}
+
+impl MetricKind {
+    fn name(self) -> &'static str {
+        match self {
+            MetricKind::Counter => "counter",
+            MetricKind::Duration => "duration",
+            MetricKind::Value => "value",
+        }
+    }
 }
 
 /// Arguments of `get_action`.
@@ -285,27 +320,35 @@ impl PeriscopeMcp {
     }
 
     #[tool(
-        description = "Add a dynamic log line at a code location: `template` with {expression} placeholders, \
-                       `level`, `condition`, `destination` (broker, app or both), `expire_seconds` (default 3600, \
-                       max 86400), `max_lines`. NOT AVAILABLE YET in this broker version: every call returns a \
-                       `not_available` error. Use place_snapshot (with max_hits up to 50) meanwhile.",
+        description = "Emit a log line every time a code location runs, without redeploying: `template` with \
+                       {expression} placeholders (values are redacted like snapshot values), `level` (default info), \
+                       optional `condition`, `destination` broker (default; read the lines with get_action), app \
+                       (the service's own log output) or both, `expire_seconds` (default 3600, max 86400), optional \
+                       `max_lines`. Rate-limited per agent (50 lines/s, 20 KiB/s); when the budget is spent the log \
+                       pauses and resumes by itself. Returns the action_id at once. Example: {\"pool\": \"shop\", \
+                       \"file\": \"src/shop.rs\", \"line\": 120, \"template\": \"order {order_id} total \
+                       {total_cents}\"}.",
         input_schema = input_schema::<PlaceLogArgs>(),
         annotations(read_only_hint = false, destructive_hint = false, open_world_hint = false)
     )]
     async fn place_log(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
-        finish(self.not_yet::<PlaceLogArgs>(&ctx, args, "place_log", "dynamic logs"))
+        finish(self.log(&ctx, args))
     }
 
     #[tool(
-        description = "Add a dynamic metric at a code location: `kind` counter (hits), duration (from file:line to \
-                       end_file:end_line) or value (a numeric `expression`), with `condition` and `expire_seconds` \
-                       (default 3600, max 86400). NOT AVAILABLE YET in this broker version: every call returns a \
-                       `not_available` error. Use place_snapshot meanwhile.",
+        description = "Measure a code location over time, without redeploying: `kind` counter (how often it runs), \
+                       duration (how long a span at file:line stays open, or the time from file:line to \
+                       end_file:end_line) or value (a numeric `expression` sampled each time it runs), optional \
+                       `condition`, `expire_seconds` (default 3600, max 86400). Agents aggregate locally and report \
+                       every few seconds; get_action returns count, sum, min, max, p50/p90/p99 (durations in ms), \
+                       per agent and in total, with a short time series; the broker's /metrics endpoint exports them \
+                       to Prometheus. Returns the action_id at once. Example: {\"pool\": \"shop\", \"kind\": \
+                       \"duration\", \"file\": \"src/shop.rs\", \"line\": 400}.",
         input_schema = input_schema::<PlaceMetricArgs>(),
         annotations(read_only_hint = false, destructive_hint = false, open_world_hint = false)
     )]
     async fn place_metric(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
-        finish(self.not_yet::<PlaceMetricArgs>(&ctx, args, "place_metric", "dynamic metrics"))
+        finish(self.metric(&ctx, args))
     }
 
     #[tool(
@@ -513,22 +556,78 @@ impl PeriscopeMcp {
         Ok(success(text, action_body(&view, &page)))
     }
 
-    fn not_yet<T: serde::de::DeserializeOwned>(
-        &self,
-        ctx: &RequestContext<RoleServer>,
-        args: JsonObject,
-        tool: &str,
-        what: &str,
-    ) -> Result<CallToolResult, ApiError> {
-        self.begin(ctx, Scope::ActionsWrite, tool)?;
-        let _: T = parse_args(tool, args)?;
-        Err(ApiError::new(
-            ErrorCode::NotAvailable,
-            format!(
-                "{what} are not available in this broker version yet; nothing was placed. Use place_snapshot to \
-                 capture values at the location instead"
-            ),
-        ))
+    fn log(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
+        let principal = self.begin(ctx, Scope::ActionsWrite, "place_log")?;
+        let a: PlaceLogArgs = parse_args("place_log", args)?;
+        in_range(
+            "expire_seconds",
+            a.expire_seconds,
+            1,
+            action_bounds::MAX_EXPIRE_SECS,
+            action_bounds::DEFAULT_EXPIRE_SECS,
+        )?;
+        let req = LogRequest {
+            agent_ids: a.agent_ids,
+            pool: a.pool,
+            tags: a.tags,
+            file: a.file,
+            line: a.line,
+            template: a.template,
+            level: Some(a.level.name().to_owned()),
+            condition: a.condition,
+            destination: Some(a.destination.name().to_owned()),
+            expire_seconds: Some(a.expire_seconds),
+            max_lines: a.max_lines,
+            allow_pending: a.allow_pending,
+        };
+        let view = self.state.engine.place_log(req, &principal.name)?;
+        let text = format!(
+            "Placed log {} at {}; it lives {} s. Read its lines with get_action {{\"action_id\": \"{}\", \
+             \"since\": 0, \"wait_seconds\": 10}}.\n{}",
+            view.action_id,
+            view.location,
+            a.expire_seconds,
+            view.action_id,
+            render::action_summary(&view, now_ms())
+        );
+        Ok(success(text, serde_json::json!({ "action": view, "lines": [], "next_cursor": 0, "has_more": false })))
+    }
+
+    fn metric(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
+        let principal = self.begin(ctx, Scope::ActionsWrite, "place_metric")?;
+        let a: PlaceMetricArgs = parse_args("place_metric", args)?;
+        in_range(
+            "expire_seconds",
+            a.expire_seconds,
+            1,
+            action_bounds::MAX_EXPIRE_SECS,
+            action_bounds::DEFAULT_EXPIRE_SECS,
+        )?;
+        let req = MetricRequest {
+            agent_ids: a.agent_ids,
+            pool: a.pool,
+            tags: a.tags,
+            kind: a.kind.name().to_owned(),
+            file: a.file,
+            line: a.line,
+            end_file: a.end_file,
+            end_line: a.end_line,
+            expression: a.expression,
+            condition: a.condition,
+            expire_seconds: Some(a.expire_seconds),
+            allow_pending: a.allow_pending,
+        };
+        let view = self.state.engine.place_metric(req, &principal.name)?;
+        let text = format!(
+            "Placed {} metric {} at {}; agents report every 5 s. Read its figures with get_action \
+             {{\"action_id\": \"{}\"}}.\n{}",
+            a.kind.name(),
+            view.action_id,
+            view.location,
+            view.action_id,
+            render::action_summary(&view, now_ms())
+        );
+        Ok(success(text, serde_json::json!({ "action": view })))
     }
 
     async fn action(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
@@ -538,7 +637,14 @@ impl PeriscopeMcp {
         in_range("wait_seconds", a.wait_seconds, 0, action_bounds::MAX_WAIT_SECS, 0)?;
         let engine = &self.state.engine;
         // The view first: its `not_found` says where to find action ids.
-        engine.get(&a.action_id)?;
+        let first = engine.get(&a.action_id)?;
+        if first.kind == "log" {
+            return self.log_lines(ctx, &a).await;
+        }
+        if first.kind == "metric" {
+            let text = format!("{}\n{}", render::action_summary(&first, now_ms()), render::figures(&first));
+            return Ok(success(text, serde_json::json!({ "action": first })));
+        }
         let page = if a.wait_seconds == 0 {
             engine.hits(&a.action_id, a.since, a.limit)?
         } else {
@@ -562,6 +668,41 @@ impl PeriscopeMcp {
             if page.has_more { " (more hits stored: call again with since=next_cursor)" } else { "" }
         ));
         Ok(success(text, action_body(&view, &page)))
+    }
+
+    /// `get_action` for a dynamic log: its lines after `since`.
+    async fn log_lines(&self, ctx: &RequestContext<RoleServer>, a: &GetActionArgs) -> Result<CallToolResult, ApiError> {
+        let engine = &self.state.engine;
+        let page = if a.wait_seconds == 0 {
+            engine.lines(&a.action_id, a.since, a.limit)?
+        } else {
+            tokio::select! {
+                r = engine.wait_lines(&a.action_id, a.since, a.limit, Duration::from_secs(a.wait_seconds)) => r?,
+                _ = ctx.ct.cancelled() => return Err(cancelled()),
+            }
+        };
+        let view = engine.get(&a.action_id)?;
+        let mut text = render::action_summary(&view, now_ms());
+        text.push('\n');
+        if page.lines.is_empty() {
+            text.push_str(&format!("No lines after cursor {}.", a.since));
+        } else {
+            text.push_str(&format!("{} line(s) after cursor {}:\n", page.lines.len(), a.since));
+            text.push_str(&render::log_lines(&page.lines));
+        }
+        text.push_str(&format!(
+            "\nnext_cursor={}{}",
+            page.next_cursor,
+            if page.has_more { " (more lines stored: call again with since=next_cursor)" } else { "" }
+        ));
+        let body = serde_json::json!({
+            "action": view,
+            "lines": page.lines,
+            "next_cursor": page.next_cursor,
+            "has_more": page.has_more,
+            "dropped": page.dropped,
+        });
+        Ok(success(text, body))
     }
 
     fn actions(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {

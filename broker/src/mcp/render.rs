@@ -53,6 +53,9 @@ pub(crate) fn action_summary(a: &ActionView, now_ms: u64) -> String {
     if a.kind == "snapshot" {
         let _ = write!(out, ", {}/{} hits", a.hits, a.max_hits);
     }
+    if a.kind == "log" {
+        let _ = write!(out, ", {} line(s)", a.lines);
+    }
     match a.ended_at_ms {
         Some(_) => {
             if let Some(reason) = &a.end_reason {
@@ -69,6 +72,55 @@ pub(crate) fn action_summary(a: &ActionView, now_ms: u64) -> String {
     }
     if let Some(note) = &a.pending_note {
         let _ = write!(out, "; note: {note}");
+    }
+    out
+}
+
+/// A metric's figures: totals, then per agent, then the recent series in one line.
+pub(crate) fn figures(a: &ActionView) -> String {
+    let Some(view) = &a.figures else { return String::new() };
+    let unit = if view.unit.is_empty() { String::new() } else { format!(" {}", view.unit) };
+    let one = |f: &crate::telemetry::Figures| {
+        let mut s = format!("count={}", f.count);
+        for (name, v) in
+            [("min", f.min), ("mean", f.mean), ("p50", f.p50), ("p90", f.p90), ("p99", f.p99), ("max", f.max)]
+        {
+            if let Some(v) = v {
+                let _ = write!(s, " {name}={v:.3}{unit}");
+            }
+        }
+        if f.skipped > 0 {
+            let _ = write!(s, " skipped={}", f.skipped);
+        }
+        s
+    };
+    let mut out = format!("total: {}", one(&view.total));
+    for agent in &view.per_agent {
+        let _ = write!(out, "\n  {}: {}", agent.display_name, one(&agent.figures));
+    }
+    if !view.series.is_empty() {
+        let counts: Vec<String> = view.series.iter().map(|p| p.figures.count.to_string()).collect();
+        let _ = write!(out, "\nlast {} x 10 s counts: {}", view.series.len(), counts.join(" "));
+    }
+    if view.total.count == 0 && view.per_agent.is_empty() {
+        out.push_str(" (no report yet: agents report every 5 s)");
+    }
+    out
+}
+
+/// One line per dynamic log line.
+pub(crate) fn log_lines(lines: &[crate::telemetry::StoredLine]) -> String {
+    let mut out = String::new();
+    for l in lines.iter().take(200) {
+        let _ = writeln!(
+            out,
+            "#{} {} {} {:?}: {}",
+            l.index,
+            timestamp(l.line.time_ms),
+            l.agent_name,
+            l.line.level,
+            truncate_chars(&l.line.text, 400)
+        );
     }
     out
 }
