@@ -1,0 +1,659 @@
+//! The built-in value detectors: one ASCII-mode pattern per shape, and the check that
+//! confirms a match and says which bytes to replace.
+//!
+//! All patterns are compiled together into one multi-pattern automaton (see
+//! [`crate::engine`]), in the order of [`BUILTINS`]: when two patterns match at the same
+//! position, the earlier one wins, so specific shapes (a PEM header, a vendor token, a
+//! JWT) come before general ones (an email, a number). A match is only a candidate: its
+//! [`Check`] validates it (Luhn, mod-97, SSA rules, a decodable JWT header, a
+//! checksum, the surrounding bytes) and returns the byte range to redact, which may be
+//! narrower than the match (the password inside `scheme://user:password@host`) or
+//! wider (a PEM body up to its `END` line).
+//!
+//! Patterns are ASCII-only and their matches start and end on ASCII bytes, so every
+//! range handed out lies on UTF-8 character boundaries.
+
+use std::ops::Range;
+
+use crate::validate;
+
+/// How a pattern's match is confirmed and narrowed or widened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Check {
+    /// An existing `[REDACTED:KIND]` marker: skipped, never redacted twice.
+    Marker,
+    /// A user's pattern: the match is the finding.
+    Custom,
+    /// A fixed-prefix token whose match is the finding.
+    Plain,
+    /// A token that must not run on into more token characters.
+    Bounded,
+    /// `-----BEGIN ... PRIVATE KEY-----`: redacted through the `END` line, or to the end
+    /// of a value cut short by truncation.
+    Pem,
+    /// Header decodes to JSON with `alg`.
+    Jwt,
+    /// AWS access key id, except the documentation's `...EXAMPLE` keys.
+    Aws,
+    /// GitHub or npm token with a valid CRC32 checksum.
+    GithubChecksum,
+    /// `scheme://user:password@`: the password.
+    UrlCredentials,
+    /// `Bearer <token>`: the token.
+    Bearer,
+    /// `Basic <base64 user:pass>`: the credential.
+    Basic,
+    /// `key = value` with a sensitive key: checked by the engine, which knows the key rules.
+    KeyValue,
+    /// `SSN 123456789`: the digits.
+    SsnKeyword,
+    /// `phone: 4155550123`: the digits.
+    PhoneKeyword,
+    Email,
+    Iban,
+    Card,
+    Ssn,
+    Mac,
+    Ipv6,
+    Ipv4,
+    Phone,
+}
+
+/// A built-in detector: rule id, marker kind, check and patterns.
+pub(crate) struct Builtin {
+    /// Stable rule id, as reported in findings and used in `disabled`.
+    pub id: &'static str,
+    /// What the marker says: `[REDACTED:<kind>]`.
+    pub kind: &'static str,
+    /// How matches are confirmed.
+    pub check: Check,
+    /// Its patterns, ASCII mode.
+    pub patterns: &'static [&'static str],
+}
+
+/// Marker pattern; always pattern 0 so existing markers are stepped over first.
+pub(crate) const MARKER_PATTERN: &str = r"\[REDACTED:[A-Za-z0-9_]{1,48}\]";
+
+/// Rule id of the `key = value` detector when the value is key material under a
+/// weakly secret-ish name (`signing`, `cache_key=8f3a...`).
+pub(crate) const GENERIC_SECRET: &str = "generic_secret";
+
+/// Names that are not sensitive by themselves but whose *generated-looking* values are
+/// (`hmac=`, `salt:`, `...key=` with a high-entropy value).
+pub(crate) const WEAK_KEY_WORDS: &[&str] = &["key", "keys", "signature", "sig", "hmac", "salt"];
+
+/// Built-in detectors, in priority order.
+pub(crate) const BUILTINS: &[Builtin] = &[
+    Builtin {
+        id: "pem_private_key",
+        kind: "PRIVATE_KEY",
+        check: Check::Pem,
+        patterns: &[r"-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----"],
+    },
+    Builtin { id: "age_secret_key", kind: "PRIVATE_KEY", check: Check::Plain, patterns: &[r"AGE-SECRET-KEY-1[QPZRY9X8GF2TVDW0S3JN54KHCE6MUA7L]{58}"] },
+    Builtin {
+        id: "jwt",
+        kind: "JWT",
+        check: Check::Jwt,
+        patterns: &[r"\bey[IJ][A-Za-z0-9_-]{8,}\.ey[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*"],
+    },
+    Builtin {
+        id: "aws_access_key",
+        kind: "AWS_ACCESS_KEY",
+        check: Check::Aws,
+        patterns: &[r"\b(?:A3T[A-Z0-9]|AKIA|ASIA|ABIA|ACCA)[A-Z2-7]{16}\b"],
+    },
+    Builtin {
+        id: "github_token",
+        kind: "GITHUB_TOKEN",
+        check: Check::GithubChecksum,
+        patterns: &[r"\bgh[pousr]_[A-Za-z0-9]{36}\b"],
+    },
+    Builtin {
+        id: "github_fine_grained_token",
+        kind: "GITHUB_TOKEN",
+        check: Check::Plain,
+        patterns: &[r"\bgithub_pat_[A-Za-z0-9]{22}_[A-Za-z0-9]{59}\b"],
+    },
+    Builtin {
+        id: "gitlab_token",
+        kind: "GITLAB_TOKEN",
+        check: Check::Bounded,
+        patterns: &[r"\bgl(?:pat|dt|ptt|rt|soat|ffct|cbt|imt|oas)-[A-Za-z0-9_-]{20,}", r"\bGR1348941[A-Za-z0-9_-]{20,}"],
+    },
+    Builtin {
+        id: "slack_token",
+        kind: "SLACK_TOKEN",
+        check: Check::Plain,
+        patterns: &[r"\bxox[abposre]-[A-Za-z0-9-]{10,250}", r"\bxapp-[0-9]-[A-Z0-9]+-[0-9]+-[a-z0-9]{32,}"],
+    },
+    Builtin {
+        id: "slack_webhook",
+        kind: "SLACK_WEBHOOK",
+        check: Check::Plain,
+        patterns: &[r"hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9+/_-]{20,}"],
+    },
+    Builtin {
+        id: "stripe_key",
+        kind: "STRIPE_KEY",
+        check: Check::Plain,
+        patterns: &[r"\b(?:sk|rk)_(?:test|live|prod)_[A-Za-z0-9]{10,247}\b", r"\bwhsec_[A-Za-z0-9]{24,}"],
+    },
+    Builtin { id: "google_api_key", kind: "GOOGLE_API_KEY", check: Check::Bounded, patterns: &[r"\bAIza[A-Za-z0-9_-]{35}"] },
+    Builtin { id: "google_oauth_token", kind: "GOOGLE_OAUTH_TOKEN", check: Check::Plain, patterns: &[r"\bya29\.[A-Za-z0-9_-]{20,}"] },
+    Builtin {
+        id: "anthropic_api_key",
+        kind: "ANTHROPIC_API_KEY",
+        check: Check::Plain,
+        patterns: &[r"\bsk-ant-(?:api|admin|oat|sid)[0-9]{2}-[A-Za-z0-9_-]{80,120}"],
+    },
+    Builtin {
+        id: "openai_api_key",
+        kind: "OPENAI_API_KEY",
+        check: Check::Plain,
+        patterns: &[
+            r"\bsk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}T3BlbkFJ[A-Za-z0-9_-]{20,}",
+            r"\bsk-(?:proj|svcacct|admin)-[A-Za-z0-9_-]{40,}",
+        ],
+    },
+    Builtin { id: "huggingface_token", kind: "HUGGINGFACE_TOKEN", check: Check::Plain, patterns: &[r"\bhf_[A-Za-z]{34}\b"] },
+    Builtin { id: "npm_token", kind: "NPM_TOKEN", check: Check::GithubChecksum, patterns: &[r"\bnpm_[A-Za-z0-9]{36}\b"] },
+    Builtin { id: "pypi_token", kind: "PYPI_TOKEN", check: Check::Plain, patterns: &[r"\bpypi-AgEIcHlwaS5vcmc[A-Za-z0-9_-]{50,}"] },
+    Builtin {
+        id: "sendgrid_key",
+        kind: "SENDGRID_KEY",
+        check: Check::Plain,
+        patterns: &[r"\bSG\.[A-Za-z0-9_-]{22}\.[A-Za-z0-9_-]{43}\b"],
+    },
+    Builtin { id: "twilio_key", kind: "TWILIO_KEY", check: Check::Plain, patterns: &[r"\bSK[0-9a-fA-F]{32}\b"] },
+    Builtin { id: "mailgun_key", kind: "MAILGUN_KEY", check: Check::Plain, patterns: &[r"\bkey-[0-9a-f]{32}\b"] },
+    Builtin {
+        id: "shopify_token",
+        kind: "SHOPIFY_TOKEN",
+        check: Check::Plain,
+        patterns: &[r"\bshp(?:at|ca|pa|ss)_[a-fA-F0-9]{32}\b"],
+    },
+    Builtin { id: "digitalocean_token", kind: "DIGITALOCEAN_TOKEN", check: Check::Plain, patterns: &[r"\bdo[opr]_v1_[a-f0-9]{64}\b"] },
+    Builtin { id: "databricks_token", kind: "DATABRICKS_TOKEN", check: Check::Plain, patterns: &[r"\bdapi[a-h0-9]{32}(?:-[0-9])?\b"] },
+    Builtin { id: "doppler_token", kind: "DOPPLER_TOKEN", check: Check::Plain, patterns: &[r"\bdp\.(?:pt|st|sa|ct|scim|audit)\.[A-Za-z0-9]{40,44}\b"] },
+    Builtin { id: "linear_api_key", kind: "LINEAR_API_KEY", check: Check::Plain, patterns: &[r"\blin_api_[A-Za-z0-9]{40}\b"] },
+    Builtin { id: "postman_api_key", kind: "POSTMAN_API_KEY", check: Check::Plain, patterns: &[r"\bPMAK-[a-f0-9]{24}-[a-f0-9]{34}\b"] },
+    Builtin {
+        id: "grafana_token",
+        kind: "GRAFANA_TOKEN",
+        check: Check::Plain,
+        patterns: &[r"\bglsa_[A-Za-z0-9]{32}_[A-Fa-f0-9]{8}\b", r"\bglc_[A-Za-z0-9+/]{32,400}={0,2}"],
+    },
+    Builtin { id: "vault_token", kind: "VAULT_TOKEN", check: Check::Plain, patterns: &[r"\bhv[sbr]\.[A-Za-z0-9_-]{24,}"] },
+    Builtin { id: "square_token", kind: "SQUARE_TOKEN", check: Check::Plain, patterns: &[r"\bsq0(?:atp|csp)-[A-Za-z0-9_-]{22,43}\b"] },
+    Builtin { id: "new_relic_key", kind: "NEW_RELIC_KEY", check: Check::Plain, patterns: &[r"\bNR(?:AK|II|AA)-[A-Za-z0-9]{27}\b"] },
+    Builtin {
+        id: "url_credentials",
+        kind: "URL_CREDENTIALS",
+        check: Check::UrlCredentials,
+        patterns: &[r"\b[A-Za-z][A-Za-z0-9+.-]{1,20}://[^\s:/?#@\[\]]{0,128}:[^\s/?#]{1,256}@"],
+    },
+    Builtin {
+        id: "bearer_token",
+        kind: "BEARER_TOKEN",
+        check: Check::Bearer,
+        patterns: &[r"\b(?i:bearer)[ ]{1,4}[A-Za-z0-9._~+/-]{8,}=*"],
+    },
+    Builtin {
+        id: "basic_auth",
+        kind: "BASIC_AUTH",
+        check: Check::Basic,
+        patterns: &[r"\b(?i:basic)[ ]{1,4}[A-Za-z0-9+/]{6,}={0,2}"],
+    },
+    // `key = value`: pattern built by the engine from the key rules; placeholder here so
+    // the rule has a priority slot and an id.
+    Builtin { id: "key_value", kind: "SECRET", check: Check::KeyValue, patterns: &[] },
+    Builtin {
+        id: "us_ssn",
+        kind: "SSN",
+        check: Check::SsnKeyword,
+        patterns: &[r"(?i:\bssn|\bsocial security(?: number| no\.?)?|\bss#)[ \t]{0,3}[:#=-]?[ \t]{0,3}[0-9]{9}\b"],
+    },
+    Builtin {
+        id: "phone",
+        kind: "PHONE",
+        check: Check::PhoneKeyword,
+        patterns: &[
+            r"(?:(?i:\bphone|\btel|\bmobile|\bcell|\bfax|\bsms|\bcall|\bwhatsapp|\bmsisdn)|Phone|Tel|Mobile|Cell|Fax)[A-Za-z_ ]{0,16}[ \t]{0,3}[:=#]?[ \t]{0,3}(?:\+|00)?[0-9]{7,15}\b",
+        ],
+    },
+    Builtin {
+        id: "email",
+        kind: "EMAIL",
+        check: Check::Email,
+        patterns: &[r"[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){0,8}\.[A-Za-z]{2,24}\b"],
+    },
+    Builtin {
+        id: "iban",
+        kind: "IBAN",
+        check: Check::Iban,
+        patterns: &[r"\b[A-Z]{2}[0-9]{2}(?:[A-Z0-9]{11,30}|(?: [A-Z0-9]{4}){2,7}(?: [A-Z0-9]{1,3})?)\b"],
+    },
+    Builtin {
+        id: "credit_card",
+        kind: "CREDIT_CARD",
+        check: Check::Card,
+        patterns: &[
+            r"\b(?:[0-9]{12,19}|[0-9]{4}(?:[ -][0-9]{4}){2}[ -][0-9]{1,7}|[0-9]{4}[ -][0-9]{6}[ -][0-9]{4,5}|[0-9]{4}(?:[ -][0-9]{4}){3}[ -][0-9]{1,3})\b",
+        ],
+    },
+    Builtin { id: "us_ssn", kind: "SSN", check: Check::Ssn, patterns: &[r"\b[0-9]{3}(?:-[0-9]{2}-|[ ][0-9]{2}[ ])[0-9]{4}\b"] },
+    Builtin {
+        id: "mac_address",
+        kind: "MAC_ADDRESS",
+        check: Check::Mac,
+        patterns: &[
+            r"\b[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}\b",
+            r"\b[0-9A-Fa-f]{2}(?:-[0-9A-Fa-f]{2}){5}\b",
+            r"\b[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4}\b",
+        ],
+    },
+    Builtin {
+        id: "ip_address",
+        kind: "IP_ADDRESS",
+        check: Check::Ipv6,
+        patterns: &[
+            r"(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}",
+            r"(?:[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){0,6})?::(?:[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){0,6})?",
+            r"(?:[0-9A-Fa-f]{1,4}:){6}[0-9]{1,3}(?:\.[0-9]{1,3}){3}",
+            r"(?:[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){0,4})?::(?:[0-9A-Fa-f]{1,4}:){0,5}[0-9]{1,3}(?:\.[0-9]{1,3}){3}",
+        ],
+    },
+    Builtin { id: "ip_address", kind: "IP_ADDRESS", check: Check::Ipv4, patterns: &[r"\b[0-9]{1,3}(?:\.[0-9]{1,3}){3}\b"] },
+    Builtin {
+        id: "phone",
+        kind: "PHONE",
+        check: Check::Phone,
+        patterns: &[
+            // International: +CC then groups, optional (0), optional extension.
+            r"\+[1-9][0-9]{0,3}(?:[ .-]?\(0\))?(?:[ .-]?\(?[0-9]{1,5}\)?){1,6}(?:[ ]?(?:x|ext\.?|#)[ ]?[0-9]{1,6})?\b",
+            // National with a parenthesised area code: (555)123-4567, 1 (786) 834-4978.
+            r"(?:\b[0-9]{1,3}[ .-]?)?\([0-9]{2,5}\)[ .-]?(?:[0-9]{1,5}[ .-]){0,4}[0-9]{2,8}(?:[ ]?(?:x|ext\.?|#)[ ]?[0-9]{1,6})?\b",
+            // National with separators: 555-123-4567, 06 12 34 56 78, 0837 783533.
+            r"\b[0-9]{1,5}[ .-](?:[0-9]{1,5}[ .-]){0,4}[0-9]{2,8}(?:[ ]?(?:x|ext\.?|#)[ ]?[0-9]{1,6})?\b",
+        ],
+    },
+];
+
+/// Rule ids of every built-in detector (deduplicated), for validating `disabled`.
+pub(crate) fn builtin_ids() -> impl Iterator<Item = &'static str> {
+    let mut seen: Vec<&'static str> = Vec::new();
+    BUILTINS.iter().filter_map(move |b| {
+        if seen.contains(&b.id) {
+            None
+        } else {
+            seen.push(b.id);
+            Some(b.id)
+        }
+    })
+}
+
+fn byte(hay: &[u8], i: usize) -> Option<u8> {
+    hay.get(i).copied()
+}
+
+fn prev(hay: &[u8], start: usize, back: usize) -> Option<u8> {
+    start.checked_sub(back).and_then(|i| byte(hay, i))
+}
+
+fn is_word(b: Option<u8>) -> bool {
+    b.is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+fn is_digit(b: Option<u8>) -> bool {
+    b.is_some_and(|b| b.is_ascii_digit())
+}
+
+/// Whether the digits at `r` continue a longer number or identifier (`1234 5678` in
+/// `1234 5678 9012 3456`, `2024-0001` in `ORD-2024-0001`): a word character right next
+/// to them, a separator from `seps` then a digit, or `-`, `.`, `/` then a letter.
+fn embedded(hay: &[u8], r: &Range<usize>, seps: &[u8]) -> bool {
+    let before = prev(hay, r.start, 1);
+    let before2 = prev(hay, r.start, 2);
+    let after = byte(hay, r.end);
+    let after2 = byte(hay, r.end + 1);
+    let sep = |b: Option<u8>| b.is_some_and(|b| seps.contains(&b));
+    let joiner = |b: Option<u8>| matches!(b, Some(b'-' | b'.' | b'/'));
+    is_word(before)
+        || is_word(after)
+        || (sep(before) && is_digit(before2))
+        || (sep(after) && is_digit(after2))
+        || (joiner(before) && is_word(before2))
+}
+
+/// Confirms a candidate; returns the byte range to redact.
+pub(crate) fn check(check: Check, text: &str, m: Range<usize>) -> Option<Range<usize>> {
+    let hay = text.as_bytes();
+    let s = text.get(m.clone())?;
+    match check {
+        Check::Marker | Check::KeyValue => None,
+        Check::Custom | Check::Plain => Some(m),
+        Check::Bounded => {
+            let next = byte(hay, m.end);
+            (!next.is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')).then_some(m)
+        }
+        Check::Pem => {
+            let rest = text.get(m.end..)?;
+            let end = match rest.find("-----END") {
+                Some(i) => {
+                    let after_end = m.end + i + "-----END".len();
+                    match text.get(after_end..).and_then(|t| t.find("-----")) {
+                        Some(j) if j <= 64 => after_end + j + 5,
+                        _ => text.len(),
+                    }
+                }
+                None => text.len(),
+            };
+            Some(m.start..end)
+        }
+        Check::Jwt => {
+            let header = s.split('.').next()?;
+            if !validate::jwt_header(header) {
+                return None;
+            }
+            // JWE has five segments: take any further `.segment`s too.
+            let mut end = m.end;
+            while end < hay.len() && (hay[end].is_ascii_alphanumeric() || matches!(hay[end], b'_' | b'-' | b'.')) {
+                end += 1;
+            }
+            Some(m.start..end)
+        }
+        Check::Aws => (!s.ends_with("EXAMPLE")).then_some(m),
+        Check::GithubChecksum => validate::github_checksum(s).then_some(m),
+        Check::UrlCredentials => {
+            let scheme_end = s.find("://")? + 3;
+            let colon = scheme_end + s.get(scheme_end..)?.find(':')?;
+            let at = s.rfind('@')?;
+            let password = s.get(colon + 1..at)?;
+            if password.is_empty() || password.starts_with("[REDACTED:") || password.bytes().all(|b| b == b'*') {
+                return None;
+            }
+            Some(m.start + colon + 1..m.start + at)
+        }
+        Check::Bearer => {
+            let token_at = s.find(' ')?;
+            let token = s.get(token_at..)?.trim_start();
+            let start = m.end - token.len();
+            let has_digit = token.bytes().any(|b| b.is_ascii_digit());
+            let has_special = token.bytes().any(|b| matches!(b, b'.' | b'_' | b'~' | b'+' | b'/' | b'-' | b'='));
+            let upper = token.bytes().filter(u8::is_ascii_uppercase).count();
+            let lower = token.bytes().filter(u8::is_ascii_lowercase).count();
+            (has_digit || has_special || (upper >= 2 && lower >= 2)).then_some(start..m.end)
+        }
+        Check::Basic => {
+            let token_at = s.find(' ')?;
+            let token = s.get(token_at..)?.trim_start();
+            validate::basic_credentials(token).then_some(m.end - token.len()..m.end)
+        }
+        Check::SsnKeyword => {
+            let digits = s.get(s.len().checked_sub(9)?..)?.as_bytes();
+            let n = |r: Range<usize>| digits.get(r).map(parse_u32).unwrap_or(0);
+            (validate::ssn(n(0..3), n(3..5), n(5..9)) && !is_digit(prev(hay, m.end, 10)))
+                .then_some(m.end - 9..m.end)
+        }
+        Check::PhoneKeyword => {
+            let start = m.end - s.bytes().rev().take_while(|b| b.is_ascii_digit() || *b == b'+').count();
+            let digits = hay.get(start..m.end)?.iter().filter(|b| b.is_ascii_digit()).count();
+            ((8..=15).contains(&digits) && !is_word(prev(hay, start, 1))).then_some(start..m.end)
+        }
+        Check::Email => email(text, m),
+        Check::Iban => {
+            let mut buf = [0u8; 34];
+            let mut n = 0;
+            for &b in s.as_bytes() {
+                if b != b' ' {
+                    *buf.get_mut(n)? = b;
+                    n += 1;
+                }
+            }
+            validate::iban(buf.get(..n)?).then_some(m)
+        }
+        Check::Card => card(hay, m),
+        Check::Ssn => {
+            let b = s.as_bytes();
+            if b.len() != 11 || b[3] != b[6] || embedded(hay, &m, b" -.") {
+                return None;
+            }
+            let area = parse_u32(b.get(0..3)?);
+            let group = parse_u32(b.get(4..6)?);
+            let serial = parse_u32(b.get(7..11)?);
+            // Two numbers famously printed in advertising are not anyone's SSN.
+            let famous = (area, group, serial) == (78, 5, 1120) || (area, group, serial) == (219, 9, 9999);
+            (validate::ssn(area, group, serial) && !famous).then_some(m)
+        }
+        Check::Mac => {
+            let b = s.as_bytes();
+            let hex: Vec<u8> = b.iter().copied().filter(u8::is_ascii_hexdigit).collect();
+            let all_same = hex.iter().all(|&h| h == b'0') || hex.iter().all(|&h| h == b'f' || h == b'F');
+            let sep = if b.get(2) == Some(&b':') { b':' } else { b.get(2).copied().unwrap_or(b'.') };
+            let before = prev(hay, m.start, 1);
+            let after = byte(hay, m.end);
+            let chained = before == Some(sep) || after == Some(sep) || before == Some(b'.') || after == Some(b'.');
+            (!all_same && !chained).then_some(m)
+        }
+        Check::Ipv6 => ipv6(text, m),
+        Check::Ipv4 => ipv4(text, m),
+        Check::Phone => phone(text, m),
+    }
+}
+
+fn parse_u32(b: &[u8]) -> u32 {
+    b.iter().fold(0u32, |acc, d| acc.saturating_mul(10).saturating_add(u32::from(d.wrapping_sub(b'0') % 10)))
+}
+
+/// File extensions that follow an `@` in asset names (`icon@2x.png`) and package
+/// specs, never in email domains.
+const NOT_TLDS: &[&str] = &[
+    "png", "jpg", "jpeg", "gif", "svg", "webp", "ico", "css", "js", "mjs", "json", "yaml", "yml", "xml", "html",
+    "htm", "txt", "log", "map", "lock", "toml", "java", "class", "jar", "kt", "swift", "tsx", "jsx", "vue",
+];
+
+fn email(text: &str, m: Range<usize>) -> Option<Range<usize>> {
+    let s = text.get(m.clone())?;
+    let lead = s.bytes().take_while(|&b| b == b'.' || b == b'-' || b == b'+').count();
+    let start = m.start + lead;
+    let at = s.find('@')?;
+    if lead >= at {
+        return None;
+    }
+    let tld = s.rsplit('.').next()?;
+    if NOT_TLDS.iter().any(|t| t.eq_ignore_ascii_case(tld)) {
+        return None;
+    }
+    Some(start..m.end)
+}
+
+fn card(hay: &[u8], m: Range<usize>) -> Option<Range<usize>> {
+    let s = hay.get(m.clone())?;
+    let mut digits = [0u8; 19];
+    let mut n = 0;
+    let mut sep: Option<u8> = None;
+    for &b in s {
+        if b.is_ascii_digit() {
+            *digits.get_mut(n)? = b;
+            n += 1;
+        } else {
+            match sep {
+                None => sep = Some(b),
+                Some(x) if x == b => {}
+                Some(_) => return None,
+            }
+        }
+    }
+    let digits = digits.get(..n)?;
+    if embedded(hay, &m, b" -.") {
+        return None;
+    }
+    (validate::card_network(digits) && validate::luhn(digits)).then_some(m)
+}
+
+fn ipv4(text: &str, m: Range<usize>) -> Option<Range<usize>> {
+    let hay = text.as_bytes();
+    let s = text.get(m.clone())?;
+    let mut octets = [0u32; 4];
+    for (i, part) in s.split('.').enumerate() {
+        if part.len() > 1 && part.starts_with('0') {
+            return None;
+        }
+        let v: u32 = part.parse().ok()?;
+        if v > 255 {
+            return None;
+        }
+        *octets.get_mut(i)? = v;
+    }
+    // Part of a longer dotted sequence: an OID or a long version string.
+    if (prev(hay, m.start, 1) == Some(b'.') && is_digit(prev(hay, m.start, 2)))
+        || (byte(hay, m.end) == Some(b'.') && is_digit(byte(hay, m.end + 1)))
+    {
+        return None;
+    }
+    // "version 1.0.0.0", "v=2.1.0.3": a four-part version.
+    let ctx_start = m.start.saturating_sub(12);
+    if let Some(ctx) = hay.get(ctx_start..m.start) {
+        let ctx: Vec<u8> = ctx.iter().map(u8::to_ascii_lowercase).collect();
+        let trimmed: &[u8] = {
+            let mut t = ctx.as_slice();
+            while let Some((&last, rest)) = t.split_last() {
+                if matches!(last, b' ' | b'=' | b':' | b'"' | b'\'') {
+                    t = rest;
+                } else {
+                    break;
+                }
+            }
+            t
+        };
+        if trimmed.ends_with(b"version") || trimmed.ends_with(b"ver") || trimmed.ends_with(b"v") {
+            return None;
+        }
+    }
+    let [a, b, c, d] = octets;
+    let not_identifying = a == 0
+        || a == 127
+        || (a == 255 && is_netmask(octets))
+        || (a, b, c, d) == (255, 255, 255, 255);
+    (!not_identifying).then_some(m)
+}
+
+fn is_netmask(octets: [u32; 4]) -> bool {
+    let v = octets.iter().fold(0u32, |acc, &o| (acc << 8) | o);
+    v.leading_ones() + v.trailing_zeros() == 32
+}
+
+fn ipv6(text: &str, m: Range<usize>) -> Option<Range<usize>> {
+    let hay = text.as_bytes();
+    let before = prev(hay, m.start, 1);
+    let after = byte(hay, m.end);
+    if before.is_some_and(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'.'))
+        || after.is_some_and(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_'))
+    {
+        return None;
+    }
+    let s = text.get(m.clone())?;
+    if !s.bytes().any(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let addr: std::net::Ipv6Addr = s.parse().ok()?;
+    if addr.is_unspecified() || addr.is_loopback() {
+        return None;
+    }
+    // A zone id (`fe80::1%eth0`) goes with the address.
+    let mut end = m.end;
+    if after == Some(b'%') {
+        end += 1;
+        while end < hay.len() && hay[end].is_ascii_alphanumeric() && end - m.end < 17 {
+            end += 1;
+        }
+    }
+    Some(m.start..end)
+}
+
+fn phone(text: &str, m: Range<usize>) -> Option<Range<usize>> {
+    let hay = text.as_bytes();
+    let s = text.get(m.clone())?;
+    // Split off an extension.
+    let lower_x = s.bytes().position(|b| b == b'x' || b == b'#' || b == b'e');
+    let main = match lower_x {
+        Some(i) => s.get(..i)?,
+        None => s,
+    };
+    let main_b = main.trim_end().as_bytes();
+    let digits = main_b.iter().filter(|b| b.is_ascii_digit()).count();
+    let international = main_b.first() == Some(&b'+');
+    if !(7..=15).contains(&digits) || (international && digits < 8) {
+        return None;
+    }
+    if embedded(hay, &m, b" .-/") || prev(hay, m.start, 1) == Some(b'+') {
+        return None;
+    }
+    // Group lengths and separators.
+    let mut groups = [0u8; 16];
+    let mut ng = 0usize;
+    let mut run = 0u8;
+    let mut seps_dot_only = true;
+    let mut has_dash = false;
+    for &b in main_b {
+        if b.is_ascii_digit() {
+            run = run.saturating_add(1);
+        } else {
+            if run > 0 {
+                *groups.get_mut(ng)? = run;
+                ng += 1;
+                run = 0;
+            }
+            if b != b'.' {
+                seps_dot_only = false;
+            }
+            if b == b'-' {
+                has_dash = true;
+            }
+        }
+    }
+    if run > 0 {
+        *groups.get_mut(ng)? = run;
+        ng += 1;
+    }
+    let groups = groups.get(..ng)?;
+    let paren = main_b.contains(&b'(');
+    if !international && !paren {
+        // Dates: 2024-01-15, 15.01.2024 (possibly followed by a time's hour).
+        let dateish = |g: &[u8]| matches!(g, [4, 2, 2, ..] | [2, 2, 4, ..] | [1, 2, 4, ..] | [2, 1, 4, ..]);
+        if dateish(groups) {
+            return None;
+        }
+        // SSN shape, decimals, dotted quads and versions.
+        if has_dash && groups == [3, 2, 4] {
+            return None;
+        }
+        if seps_dot_only && (ng <= 2 || groups.iter().all(|&g| g <= 3) && ng == 4) {
+            return None;
+        }
+    }
+    Some(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_builtin_has_a_unique_id_per_shape_and_ascii_patterns() {
+        for b in BUILTINS {
+            for p in b.patterns {
+                assert!(p.is_ascii(), "{}", b.id);
+            }
+            assert!(b.kind.bytes().all(|c| c.is_ascii_uppercase() || c == b'_'), "{}", b.kind);
+        }
+        assert!(builtin_ids().count() > 30);
+    }
+
+    #[test]
+    fn netmasks_are_recognised() {
+        assert!(is_netmask([255, 255, 255, 0]));
+        assert!(!is_netmask([255, 0, 255, 0]));
+    }
+}
