@@ -428,8 +428,9 @@ pub(crate) fn check(check: Check, text: &str, m: Range<usize>) -> Option<Range<u
         }
         Check::Mac => {
             let b = s.as_bytes();
-            let hex: Vec<u8> = b.iter().copied().filter(u8::is_ascii_hexdigit).collect();
-            let all_same = hex.iter().all(|&h| h == b'0') || hex.iter().all(|&h| h == b'f' || h == b'F');
+            let mut hex = b.iter().copied().filter(u8::is_ascii_hexdigit);
+            let all_same =
+                hex.clone().all(|h| h == b'0') || hex.all(|h| h == b'f' || h == b'F');
             let sep = if b.get(2) == Some(&b':') { b':' } else { b.get(2).copied().unwrap_or(b'.') };
             let before = prev(hay, m.start, 1);
             let after = byte(hay, m.end);
@@ -515,19 +516,16 @@ fn ipv4(text: &str, m: Range<usize>) -> Option<Range<usize>> {
     // "version 1.0.0.0", "v=2.1.0.3": a four-part version.
     let ctx_start = m.start.saturating_sub(12);
     if let Some(ctx) = hay.get(ctx_start..m.start) {
-        let ctx: Vec<u8> = ctx.iter().map(u8::to_ascii_lowercase).collect();
-        let trimmed: &[u8] = {
-            let mut t = ctx.as_slice();
-            while let Some((&last, rest)) = t.split_last() {
-                if matches!(last, b' ' | b'=' | b':' | b'"' | b'\'') {
-                    t = rest;
-                } else {
-                    break;
-                }
+        let mut t = ctx;
+        while let Some((&last, rest)) = t.split_last() {
+            if matches!(last, b' ' | b'=' | b':' | b'"' | b'\'') {
+                t = rest;
+            } else {
+                break;
             }
-            t
-        };
-        if trimmed.ends_with(b"version") || trimmed.ends_with(b"ver") || trimmed.ends_with(b"v") {
+        }
+        let ends_with = |w: &[u8]| t.len() >= w.len() && t[t.len() - w.len()..].eq_ignore_ascii_case(w);
+        if ends_with(b"version") || ends_with(b"ver") || ends_with(b"v") {
             return None;
         }
     }

@@ -60,8 +60,6 @@ pub(crate) struct Engine {
     keys: KeyRules,
     key_exclusions: HashSet<String>,
     value_exclusions: Option<Regex>,
-    /// Rules whose `key: value` in text runs to the end of the line (`Cookie: a=1; b=2`).
-    line_rules: Vec<RuleIx>,
     generic_rule: Option<RuleIx>,
     pub strict: bool,
     pub card_rule: Option<RuleIx>,
@@ -129,7 +127,6 @@ impl Engine {
 
         // Key-name rules first: the text scanner's `key = value` pattern is built from them.
         let mut keys = KeyRules::default();
-        let mut line_rules = Vec::new();
         if config.builtins.key_names {
             for (id, kind, names) in BUILTIN_KEY_RULES {
                 if disabled.contains(id) {
@@ -138,9 +135,6 @@ impl Engine {
                 let rule = add_rule(&mut rules, id, kind);
                 for name in *names {
                     keys.add(name, rule);
-                }
-                if matches!(*id, "key:authorization" | "key:cookie") {
-                    line_rules.push(rule);
                 }
             }
             for (word, id) in keys::glued_suffixes() {
@@ -245,7 +239,6 @@ impl Engine {
             keys,
             key_exclusions: config.exclusions.key_names.iter().map(|n| keys::normalize_name(n)).collect(),
             value_exclusions,
-            line_rules,
             generic_rule,
             strict: config.strict,
             card_rule,
@@ -386,7 +379,18 @@ impl Engine {
                 (generic, true)
             }
         };
-        let value = value_range(text, m.end, self.line_rules.contains(&rule))?;
+        // `auth::session` is a path and `token == x` a comparison, not assignments.
+        let sep_at = hay.get(..m.end)?.iter().rposition(|&b| b != b' ' && b != b'\t')?;
+        if matches!((hay.get(sep_at), hay.get(sep_at + 1)), (Some(b':'), Some(b':')) | (Some(b'='), Some(b'=')))
+            || (hay.get(sep_at) == Some(&b':') && sep_at > 0 && hay.get(sep_at - 1) == Some(&b':'))
+        {
+            return None;
+        }
+        let to_eol = keys::segments(key)
+            .filter(|s| !s.bytes().all(|b| b.is_ascii_digit()))
+            .last()
+            .is_some_and(|last| ["authorization", "cookie", "cookies"].iter().any(|w| last.eq_ignore_ascii_case(w)));
+        let value = value_range(text, m.end, to_eol)?;
         let v = text.get(value.clone())?;
         if is_placeholder(v) || (weak && !crate::validate::looks_generated(v)) {
             return None;
@@ -515,3 +519,4 @@ fn ceil_char_boundary(text: &str, i: usize) -> usize {
     }
     i
 }
+
