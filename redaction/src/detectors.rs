@@ -162,8 +162,8 @@ pub(crate) const BUILTINS: &[Builtin] = &[
     Builtin {
         id: "sendgrid_key",
         kind: "SENDGRID_KEY",
-        check: Check::Plain,
-        patterns: &[r"\bSG\.[A-Za-z0-9_-]{22}\.[A-Za-z0-9_-]{43}\b"],
+        check: Check::Bounded,
+        patterns: &[r"\bSG\.[A-Za-z0-9_-]{22}\.[A-Za-z0-9_-]{43}"],
     },
     Builtin { id: "twilio_key", kind: "TWILIO_KEY", check: Check::Plain, patterns: &[r"\bSK[0-9a-fA-F]{32}\b"] },
     Builtin { id: "mailgun_key", kind: "MAILGUN_KEY", check: Check::Plain, patterns: &[r"\bkey-[0-9a-f]{32}\b"] },
@@ -185,7 +185,7 @@ pub(crate) const BUILTINS: &[Builtin] = &[
         patterns: &[r"\bglsa_[A-Za-z0-9]{32}_[A-Fa-f0-9]{8}\b", r"\bglc_[A-Za-z0-9+/]{32,400}={0,2}"],
     },
     Builtin { id: "vault_token", kind: "VAULT_TOKEN", check: Check::Plain, patterns: &[r"\bhv[sbr]\.[A-Za-z0-9_-]{24,}"] },
-    Builtin { id: "square_token", kind: "SQUARE_TOKEN", check: Check::Plain, patterns: &[r"\bsq0(?:atp|csp)-[A-Za-z0-9_-]{22,43}\b"] },
+    Builtin { id: "square_token", kind: "SQUARE_TOKEN", check: Check::Bounded, patterns: &[r"\bsq0(?:atp|csp)-[A-Za-z0-9_-]{22,43}"] },
     Builtin { id: "new_relic_key", kind: "NEW_RELIC_KEY", check: Check::Plain, patterns: &[r"\bNR(?:AK|II|AA)-[A-Za-z0-9]{27}\b"] },
     Builtin {
         id: "url_credentials",
@@ -219,7 +219,7 @@ pub(crate) const BUILTINS: &[Builtin] = &[
         kind: "PHONE",
         check: Check::PhoneKeyword,
         patterns: &[
-            r"(?:(?i:\bphone|\btel|\bmobile|\bcell|\bfax|\bsms|\bcall|\bwhatsapp|\bmsisdn)|Phone|Tel|Mobile|Cell|Fax)[A-Za-z_ ]{0,16}[ \t]{0,3}[:=#]?[ \t]{0,3}(?:\+|00)?[0-9]{7,15}\b",
+            r"(?:(?i:\bphone|\btel|\bmobile|\bcell|\bfax|\bsms|\bcall|\bwhatsapp|\bmsisdn)|Phone|Tel|Mobile|Cell|Fax)[A-Za-z_ ]{0,16}[ \t]{0,3}[:=#.]?[ \t]{0,3}\+?[0-9][0-9 .-]{6,18}[0-9]\b",
         ],
     },
     Builtin {
@@ -239,7 +239,7 @@ pub(crate) const BUILTINS: &[Builtin] = &[
         kind: "CREDIT_CARD",
         check: Check::Card,
         patterns: &[
-            r"\b(?:[0-9]{12,19}|[0-9]{4}(?:[ -][0-9]{4}){2}[ -][0-9]{1,7}|[0-9]{4}[ -][0-9]{6}[ -][0-9]{4,5}|[0-9]{4}(?:[ -][0-9]{4}){3}[ -][0-9]{1,3})\b",
+            r"\b(?:[0-9]{12,19}|[0-9]{4}(?:[ -][0-9]{4}){3}[ -][0-9]{1,3}|[0-9]{4}(?:[ -][0-9]{4}){2}[ -][0-9]{1,7}|[0-9]{4}[ -][0-9]{6}[ -][0-9]{4,5})\b",
         ],
     },
     Builtin { id: "us_ssn", kind: "SSN", check: Check::Ssn, patterns: &[r"\b[0-9]{3}(?:-[0-9]{2}-|[ ][0-9]{2}[ ])[0-9]{4}\b"] },
@@ -397,9 +397,16 @@ pub(crate) fn check(check: Check, text: &str, m: Range<usize>) -> Option<Range<u
                 .then_some(m.end - 9..m.end)
         }
         Check::PhoneKeyword => {
-            let start = m.end - s.bytes().rev().take_while(|b| b.is_ascii_digit() || *b == b'+').count();
+            // The number is the tail of digits and separators; it must not start with
+            // a separator or run on into more digits.
+            let tail = s.bytes().rev().take_while(|b| b.is_ascii_digit() || matches!(b, b' ' | b'.' | b'-' | b'+')).count();
+            let mut start = m.end - tail;
+            while start < m.end && matches!(hay.get(start), Some(b' ' | b'.' | b'-')) {
+                start += 1;
+            }
             let digits = hay.get(start..m.end)?.iter().filter(|b| b.is_ascii_digit()).count();
-            ((8..=15).contains(&digits) && !is_word(prev(hay, start, 1))).then_some(start..m.end)
+            let after_sep_digit = matches!(byte(hay, m.end), Some(b' ' | b'.' | b'-')) && is_digit(byte(hay, m.end + 1));
+            ((8..=15).contains(&digits) && !is_word(prev(hay, start, 1)) && !after_sep_digit).then_some(start..m.end)
         }
         Check::Email => email(text, m),
         Check::Iban => {
@@ -524,7 +531,12 @@ fn ipv4(text: &str, m: Range<usize>) -> Option<Range<usize>> {
                 break;
             }
         }
-        let ends_with = |w: &[u8]| t.len() >= w.len() && t[t.len() - w.len()..].eq_ignore_ascii_case(w);
+        // The whole word before the address, not just its ending (`server` is no `ver`).
+        let ends_with = |w: &[u8]| {
+            t.len() >= w.len()
+                && t[t.len() - w.len()..].eq_ignore_ascii_case(w)
+                && !t.len().checked_sub(w.len() + 1).and_then(|i| t.get(i)).is_some_and(u8::is_ascii_alphabetic)
+        };
         if ends_with(b"version") || ends_with(b"ver") || ends_with(b"v") {
             return None;
         }
@@ -590,6 +602,8 @@ fn phone(text: &str, m: Range<usize>) -> Option<Range<usize>> {
     }
     // Group lengths and separators.
     let mut groups = [0u8; 16];
+    // The separator that ended each group.
+    let mut seps = [0u8; 16];
     let mut ng = 0usize;
     let mut run = 0u8;
     let mut seps_dot_only = true;
@@ -600,6 +614,7 @@ fn phone(text: &str, m: Range<usize>) -> Option<Range<usize>> {
         } else {
             if run > 0 {
                 *groups.get_mut(ng)? = run;
+                *seps.get_mut(ng)? = b;
                 ng += 1;
                 run = 0;
             }
@@ -618,17 +633,31 @@ fn phone(text: &str, m: Range<usize>) -> Option<Range<usize>> {
     let groups = groups.get(..ng)?;
     let paren = main_b.contains(&b'(');
     if !international && !paren {
-        // Dates: 2024-01-15, 15.01.2024 (possibly followed by a time's hour).
-        let dateish = |g: &[u8]| matches!(g, [4, 2, 2, ..] | [2, 2, 4, ..] | [1, 2, 4, ..] | [2, 1, 4, ..]);
-        if dateish(groups) {
+        // Dates: 2024-01-15, 15.01.2024 (possibly followed by a time's hour): the first
+        // three groups joined by one date separator, with a plausible year.
+        let same_date_sep = ng >= 3 && seps[0] == seps[1] && matches!(seps[0], b'-' | b'.' | b'/');
+        let year_first = groups.first() == Some(&4) && matches!(main_b.get(..2), Some(b"19" | b"20"));
+        let year_third = groups.get(2) == Some(&4)
+            && groups.first().is_some_and(|&g| g <= 2)
+            && groups.get(1).is_some_and(|&g| g <= 2);
+        if same_date_sep && (year_first || year_third) {
             return None;
         }
-        // SSN shape, decimals, dotted quads and versions.
+        // SSN shape.
         if has_dash && groups == [3, 2, 4] {
             return None;
         }
-        if seps_dot_only && (ng <= 2 || groups.iter().all(|&g| g <= 3) && ng == 4) {
-            return None;
+        // Dotted numbers are versions, decimals and addresses unless every group has
+        // two to four digits, there are at least three groups and eight digits, and it
+        // is not a dotted quad of small groups.
+        if seps_dot_only {
+            let plausible = ng >= 3
+                && digits >= 8
+                && groups.iter().all(|&g| (2..=4).contains(&g))
+                && !(ng == 4 && groups.iter().all(|&g| g <= 3));
+            if !plausible {
+                return None;
+            }
         }
     }
     Some(m)

@@ -478,16 +478,34 @@ fn value_range(text: &str, mut v: usize, to_eol: bool) -> Option<Range<usize>> {
             v..e
         }
         _ => {
-            let end = hay[v..]
-                .iter()
-                .position(|&b| {
-                    b.is_ascii_whitespace() || matches!(b, b',' | b';' | b'&' | b'"' | b'\'' | b')' | b'}' | b']' | b'<' | b'>')
-                })
-                .map_or(hay.len(), |i| v + i);
+            let mut end = v;
+            while end < hay.len() && !ends_unquoted_value(hay, end) {
+                end += 1;
+            }
             v..end
         }
     };
     Some(char_aligned(text, range))
+}
+
+/// Whether the byte at `i` ends an unquoted value. Passwords contain `&`, `)` and `]`
+/// often enough that those only end a value when what follows looks like structure: the
+/// next `name=` of a query string, or the end of the text, a space or another closer.
+fn ends_unquoted_value(hay: &[u8], i: usize) -> bool {
+    match hay[i] {
+        b if b.is_ascii_whitespace() => true,
+        b'"' | b'\'' | b',' | b';' | b'<' => true,
+        b'&' => {
+            let rest = &hay[i + 1..];
+            let name = rest.iter().take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')).count();
+            name > 0 && rest.get(name) == Some(&b'=')
+        }
+        b')' | b'}' | b']' | b'>' => match hay.get(i + 1) {
+            None => true,
+            Some(n) => n.is_ascii_whitespace() || matches!(n, b',' | b';' | b')' | b'}' | b']' | b'>' | b'&' | b'"' | b'\''),
+        },
+        _ => false,
+    }
 }
 
 /// Shrinks a region so it never swallows an existing marker (which would change it on

@@ -34,7 +34,7 @@ pub fn card_network(digits: &[u8]) -> bool {
     let prefix = |n: usize| -> u32 {
         digits.iter().take(n).fold(0u32, |acc, d| acc * 10 + u32::from(d.wrapping_sub(b'0') % 10))
     };
-    if len < 12 || len > 19 {
+    if !(13..=19).contains(&len) {
         return false;
     }
     let p1 = prefix(1);
@@ -43,12 +43,14 @@ pub fn card_network(digits: &[u8]) -> bool {
     let p4 = prefix(4);
     let p6 = prefix(6);
     match p1 {
+        // JCB's original 15-digit ranges.
+        1 | 2 if (p4 == 1800 || p4 == 2131) && len == 15 => true,
         // Visa: 13, 16 or 19 digits.
         4 => matches!(len, 13 | 16 | 19),
         // Mastercard 51-55, Maestro 50/56-59.
         5 => match p2 {
             51..=55 => len == 16,
-            50 | 56..=59 => (12..=19).contains(&len),
+            50 | 56..=59 => (13..=19).contains(&len),
             _ => false,
         },
         // Mastercard 2221-2720, Mir 2200-2204.
@@ -59,8 +61,8 @@ pub fn card_network(digits: &[u8]) -> bool {
             // Diners Club.
             36 | 38 | 39 => (14..=19).contains(&len),
             30 => (300..=305).contains(&p3) && (14..=19).contains(&len) || p3 == 309 && (14..=19).contains(&len),
-            // JCB 3528-3589.
-            35 => (3528..=3589).contains(&p4) && (16..=19).contains(&len),
+            // JCB: 3528-3589 are assigned; the whole 35 range is JCB's.
+            35 => (16..=19).contains(&len),
             _ => false,
         },
         6 => {
@@ -68,7 +70,7 @@ pub fn card_network(digits: &[u8]) -> bool {
             (p4 == 6011 || (644..=649).contains(&p3) || p2 == 65 || (622_126..=622_925).contains(&p6))
                 && (16..=19).contains(&len)
                 || p2 == 62 && (16..=19).contains(&len)
-                || matches!(p2, 60 | 61 | 63 | 66 | 67 | 68 | 69) && (12..=19).contains(&len)
+                || matches!(p2, 60 | 61 | 63 | 66 | 67 | 68 | 69) && (13..=19).contains(&len)
         }
         _ => false,
     }

@@ -1,0 +1,3 @@
+//! Integration tests for periscope-redaction, one binary.
+
+mod accuracy;
