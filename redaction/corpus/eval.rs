@@ -182,7 +182,12 @@ impl Scores {
         if !self.negative_rules.is_empty() {
             out.push_str("\nfalse positives by rule (share of all hard negatives):\n");
             for (rule, n) in &self.negative_rules {
-                out.push_str(&format!("  {:<20} {:>5} {:>7.2}%\n", rule, n, 100.0 * *n as f64 / total_neg.max(1) as f64));
+                out.push_str(&format!(
+                    "  {:<20} {:>5} {:>7.2}%\n",
+                    rule,
+                    n,
+                    100.0 * *n as f64 / total_neg.max(1) as f64
+                ));
             }
         }
         out.push_str(&format!(

@@ -217,10 +217,9 @@ impl RedactionConfig {
                 }
             }
         }
-        let config: RedactionConfig =
-            toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| ConfigError::Shape {
-                message: e.to_string().trim().to_owned(),
-            })?;
+        let config: RedactionConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Shape { message: e.to_string().trim().to_owned() })?;
         config.validate()?;
         Ok(config)
     }
@@ -262,9 +261,7 @@ impl RedactionConfig {
                     || kind.len() > MAX_KIND_LEN
                     || !kind.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
                 {
-                    return Err(bad(format!(
-                        "kind `{kind}` must be 1 to {MAX_KIND_LEN} letters, digits or `_`"
-                    )));
+                    return Err(bad(format!("kind `{kind}` must be 1 to {MAX_KIND_LEN} letters, digits or `_`")));
                 }
             }
             if p.regex.is_empty() {

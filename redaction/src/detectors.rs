@@ -67,8 +67,24 @@ pub(crate) struct Builtin {
     pub kind: &'static str,
     /// How matches are confirmed.
     pub check: Check,
+    /// Allowed match length in bytes, checked before `check`.
+    pub len: (usize, usize),
     /// Its patterns, ASCII mode.
     pub patterns: &'static [&'static str],
+}
+
+/// No length limit.
+pub(crate) const ANY: (usize, usize) = (0, usize::MAX);
+
+/// A fixed-prefix token: the match is the finding when its length is in `len` and it
+/// does not run on into more token characters.
+const fn token(
+    id: &'static str,
+    kind: &'static str,
+    len: (usize, usize),
+    patterns: &'static [&'static str],
+) -> Builtin {
+    Builtin { id, kind, check: Check::Bounded, len, patterns }
 }
 
 /// Marker pattern; always pattern 0 so existing markers are stepped over first.
@@ -84,169 +100,168 @@ pub(crate) const WEAK_KEY_WORDS: &[&str] = &["key", "keys", "signature", "sig", 
 
 /// Built-in detectors, in priority order.
 pub(crate) const BUILTINS: &[Builtin] = &[
+    // Token patterns use unbounded runs and check their length afterwards: exact counts
+    // like `{36}` multiply the automaton's states with every other pattern in progress.
     Builtin {
         id: "pem_private_key",
         kind: "PRIVATE_KEY",
         check: Check::Pem,
+        len: ANY,
         patterns: &[r"-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----"],
     },
-    Builtin { id: "age_secret_key", kind: "PRIVATE_KEY", check: Check::Plain, patterns: &[r"AGE-SECRET-KEY-1[QPZRY9X8GF2TVDW0S3JN54KHCE6MUA7L]{58}"] },
+    token("age_secret_key", "PRIVATE_KEY", (74, 74), &[r"AGE-SECRET-KEY-1[QPZRY9X8GF2TVDW0S3JN54KHCE6MUA7L]+"]),
     Builtin {
         id: "jwt",
         kind: "JWT",
         check: Check::Jwt,
-        patterns: &[r"\bey[IJ][A-Za-z0-9_-]{8,}\.ey[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*"],
+        len: (24, usize::MAX),
+        patterns: &[r"\bey[IJ][A-Za-z0-9_-]+\.ey[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"],
     },
     Builtin {
         id: "aws_access_key",
         kind: "AWS_ACCESS_KEY",
         check: Check::Aws,
-        patterns: &[r"\b(?:A3T[A-Z0-9]|AKIA|ASIA|ABIA|ACCA)[A-Z2-7]{16}\b"],
+        len: (20, 20),
+        patterns: &[r"\b(?:A3T[A-Z0-9]|AKIA|ASIA|ABIA|ACCA)[A-Z2-7]+\b"],
     },
     Builtin {
         id: "github_token",
         kind: "GITHUB_TOKEN",
         check: Check::GithubChecksum,
-        patterns: &[r"\bgh[pousr]_[A-Za-z0-9]{36}\b"],
+        len: (40, 40),
+        patterns: &[r"\bgh[pousr]_[A-Za-z0-9]+\b"],
     },
-    Builtin {
-        id: "github_fine_grained_token",
-        kind: "GITHUB_TOKEN",
-        check: Check::Plain,
-        patterns: &[r"\bgithub_pat_[A-Za-z0-9]{22}_[A-Za-z0-9]{59}\b"],
-    },
-    Builtin {
-        id: "gitlab_token",
-        kind: "GITLAB_TOKEN",
-        check: Check::Bounded,
-        patterns: &[r"\bgl(?:pat|dt|ptt|rt|soat|ffct|cbt|imt|oas)-[A-Za-z0-9_-]{20,}", r"\bGR1348941[A-Za-z0-9_-]{20,}"],
-    },
-    Builtin {
-        id: "slack_token",
-        kind: "SLACK_TOKEN",
-        check: Check::Plain,
-        patterns: &[r"\bxox[abposre]-[A-Za-z0-9-]{10,250}", r"\bxapp-[0-9]-[A-Z0-9]+-[0-9]+-[a-z0-9]{32,}"],
-    },
-    Builtin {
-        id: "slack_webhook",
-        kind: "SLACK_WEBHOOK",
-        check: Check::Plain,
-        patterns: &[r"hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9+/_-]{20,}"],
-    },
-    Builtin {
-        id: "stripe_key",
-        kind: "STRIPE_KEY",
-        check: Check::Plain,
-        patterns: &[r"\b(?:sk|rk)_(?:test|live|prod)_[A-Za-z0-9]{10,247}\b", r"\bwhsec_[A-Za-z0-9]{24,}"],
-    },
-    Builtin { id: "google_api_key", kind: "GOOGLE_API_KEY", check: Check::Bounded, patterns: &[r"\bAIza[A-Za-z0-9_-]{35}"] },
-    Builtin { id: "google_oauth_token", kind: "GOOGLE_OAUTH_TOKEN", check: Check::Plain, patterns: &[r"\bya29\.[A-Za-z0-9_-]{20,}"] },
-    Builtin {
-        id: "anthropic_api_key",
-        kind: "ANTHROPIC_API_KEY",
-        check: Check::Plain,
-        patterns: &[r"\bsk-ant-(?:api|admin|oat|sid)[0-9]{2}-[A-Za-z0-9_-]{80,120}"],
-    },
-    Builtin {
-        id: "openai_api_key",
-        kind: "OPENAI_API_KEY",
-        check: Check::Plain,
-        patterns: &[
-            r"\bsk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}T3BlbkFJ[A-Za-z0-9_-]{20,}",
-            r"\bsk-(?:proj|svcacct|admin)-[A-Za-z0-9_-]{40,}",
+    token("github_fine_grained_token", "GITHUB_TOKEN", (93, 93), &[r"\bgithub_pat_[A-Za-z0-9_]+\b"]),
+    token(
+        "gitlab_token",
+        "GITLAB_TOKEN",
+        (24, 512),
+        &[r"\bgl(?:pat|dt|ptt|rt|soat|ffct|cbt|imt|oas)-[A-Za-z0-9_-]+", r"\bGR1348941[A-Za-z0-9_-]+"],
+    ),
+    token("slack_token", "SLACK_TOKEN", (15, 512), &[r"\bxox[abposre]-[A-Za-z0-9-]+", r"\bxapp-[0-9]-[A-Za-z0-9-]+"]),
+    token(
+        "slack_webhook",
+        "SLACK_WEBHOOK",
+        (40, 512),
+        &[r"hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9+/_-]+"],
+    ),
+    token("stripe_key", "STRIPE_KEY", (18, 255), &[r"\b(?:sk|rk)_(?:test|live|prod)_[A-Za-z0-9]+\b"]),
+    token("stripe_key", "STRIPE_KEY", (30, 255), &[r"\bwhsec_[A-Za-z0-9]+"]),
+    token("google_api_key", "GOOGLE_API_KEY", (39, 39), &[r"\bAIza[A-Za-z0-9_-]+"]),
+    token("google_oauth_token", "GOOGLE_OAUTH_TOKEN", (25, 2048), &[r"\bya29\.[A-Za-z0-9_-]+"]),
+    token(
+        "anthropic_api_key",
+        "ANTHROPIC_API_KEY",
+        (90, 256),
+        &[r"\bsk-ant-(?:api|admin|oat|sid)[0-9]{2}-[A-Za-z0-9_-]+"],
+    ),
+    token(
+        "openai_api_key",
+        "OPENAI_API_KEY",
+        (40, 512),
+        &[
+            r"\bsk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]+T3BlbkFJ[A-Za-z0-9_-]+",
+            r"\bsk-(?:proj|svcacct|admin)-[A-Za-z0-9_-]+",
         ],
-    },
-    Builtin { id: "huggingface_token", kind: "HUGGINGFACE_TOKEN", check: Check::Plain, patterns: &[r"\bhf_[A-Za-z]{34}\b"] },
-    Builtin { id: "npm_token", kind: "NPM_TOKEN", check: Check::GithubChecksum, patterns: &[r"\bnpm_[A-Za-z0-9]{36}\b"] },
-    Builtin { id: "pypi_token", kind: "PYPI_TOKEN", check: Check::Plain, patterns: &[r"\bpypi-AgEIcHlwaS5vcmc[A-Za-z0-9_-]{50,}"] },
+    ),
+    token("huggingface_token", "HUGGINGFACE_TOKEN", (37, 37), &[r"\bhf_[A-Za-z]+\b"]),
     Builtin {
-        id: "sendgrid_key",
-        kind: "SENDGRID_KEY",
-        check: Check::Bounded,
-        patterns: &[r"\bSG\.[A-Za-z0-9_-]{22}\.[A-Za-z0-9_-]{43}"],
+        id: "npm_token",
+        kind: "NPM_TOKEN",
+        check: Check::GithubChecksum,
+        len: (40, 40),
+        patterns: &[r"\bnpm_[A-Za-z0-9]+\b"],
     },
-    Builtin { id: "twilio_key", kind: "TWILIO_KEY", check: Check::Plain, patterns: &[r"\bSK[0-9a-fA-F]{32}\b"] },
-    Builtin { id: "mailgun_key", kind: "MAILGUN_KEY", check: Check::Plain, patterns: &[r"\bkey-[0-9a-f]{32}\b"] },
-    Builtin {
-        id: "shopify_token",
-        kind: "SHOPIFY_TOKEN",
-        check: Check::Plain,
-        patterns: &[r"\bshp(?:at|ca|pa|ss)_[a-fA-F0-9]{32}\b"],
-    },
-    Builtin { id: "digitalocean_token", kind: "DIGITALOCEAN_TOKEN", check: Check::Plain, patterns: &[r"\bdo[opr]_v1_[a-f0-9]{64}\b"] },
-    Builtin { id: "databricks_token", kind: "DATABRICKS_TOKEN", check: Check::Plain, patterns: &[r"\bdapi[a-h0-9]{32}(?:-[0-9])?\b"] },
-    Builtin { id: "doppler_token", kind: "DOPPLER_TOKEN", check: Check::Plain, patterns: &[r"\bdp\.(?:pt|st|sa|ct|scim|audit)\.[A-Za-z0-9]{40,44}\b"] },
-    Builtin { id: "linear_api_key", kind: "LINEAR_API_KEY", check: Check::Plain, patterns: &[r"\blin_api_[A-Za-z0-9]{40}\b"] },
-    Builtin { id: "postman_api_key", kind: "POSTMAN_API_KEY", check: Check::Plain, patterns: &[r"\bPMAK-[a-f0-9]{24}-[a-f0-9]{34}\b"] },
-    Builtin {
-        id: "grafana_token",
-        kind: "GRAFANA_TOKEN",
-        check: Check::Plain,
-        patterns: &[r"\bglsa_[A-Za-z0-9]{32}_[A-Fa-f0-9]{8}\b", r"\bglc_[A-Za-z0-9+/]{32,400}={0,2}"],
-    },
-    Builtin { id: "vault_token", kind: "VAULT_TOKEN", check: Check::Plain, patterns: &[r"\bhv[sbr]\.[A-Za-z0-9_-]{24,}"] },
-    Builtin { id: "square_token", kind: "SQUARE_TOKEN", check: Check::Bounded, patterns: &[r"\bsq0(?:atp|csp)-[A-Za-z0-9_-]{22,43}"] },
-    Builtin { id: "new_relic_key", kind: "NEW_RELIC_KEY", check: Check::Plain, patterns: &[r"\bNR(?:AK|II|AA)-[A-Za-z0-9]{27}\b"] },
+    token("pypi_token", "PYPI_TOKEN", (70, 512), &[r"\bpypi-AgEIcHlwaS5vcmc[A-Za-z0-9_-]+"]),
+    token("sendgrid_key", "SENDGRID_KEY", (69, 69), &[r"\bSG\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+"]),
+    token("twilio_key", "TWILIO_KEY", (34, 34), &[r"\bSK[0-9a-fA-F]+\b"]),
+    token("mailgun_key", "MAILGUN_KEY", (36, 36), &[r"\bkey-[0-9a-f]+\b"]),
+    token("shopify_token", "SHOPIFY_TOKEN", (38, 38), &[r"\bshp(?:at|ca|pa|ss)_[a-fA-F0-9]+\b"]),
+    token("digitalocean_token", "DIGITALOCEAN_TOKEN", (71, 71), &[r"\bdo[opr]_v1_[a-f0-9]+\b"]),
+    token("databricks_token", "DATABRICKS_TOKEN", (36, 38), &[r"\bdapi[a-h0-9]+(?:-[0-9])?\b"]),
+    token("doppler_token", "DOPPLER_TOKEN", (44, 60), &[r"\bdp\.(?:pt|st|sa|ct|scim|audit)\.[A-Za-z0-9]+\b"]),
+    token("linear_api_key", "LINEAR_API_KEY", (48, 48), &[r"\blin_api_[A-Za-z0-9]+\b"]),
+    token("postman_api_key", "POSTMAN_API_KEY", (64, 64), &[r"\bPMAK-[a-f0-9]+-[a-f0-9]+\b"]),
+    token("grafana_token", "GRAFANA_TOKEN", (46, 46), &[r"\bglsa_[A-Za-z0-9]+_[A-Fa-f0-9]+\b"]),
+    token("grafana_token", "GRAFANA_TOKEN", (36, 1024), &[r"\bglc_[A-Za-z0-9+/]+={0,2}"]),
+    token("vault_token", "VAULT_TOKEN", (28, 512), &[r"\bhv[sbr]\.[A-Za-z0-9_-]+"]),
+    token("square_token", "SQUARE_TOKEN", (29, 50), &[r"\bsq0(?:atp|csp)-[A-Za-z0-9_-]+"]),
+    token("new_relic_key", "NEW_RELIC_KEY", (32, 32), &[r"\bNR(?:AK|II|AA)-[A-Za-z0-9]+\b"]),
     Builtin {
         id: "url_credentials",
         kind: "URL_CREDENTIALS",
         check: Check::UrlCredentials,
-        patterns: &[r"\b[A-Za-z][A-Za-z0-9+.-]{1,20}://[^\s:/?#@\[\]]{0,128}:[^\s/?#]{1,256}@"],
+        len: ANY,
+        patterns: &[r"\b[A-Za-z][A-Za-z0-9+.-]+://[^\s:/?#@\[\]]*:[^\s/?#]+@"],
     },
     Builtin {
         id: "bearer_token",
         kind: "BEARER_TOKEN",
         check: Check::Bearer,
-        patterns: &[r"\b(?i:bearer)[ ]{1,4}[A-Za-z0-9._~+/-]{8,}=*"],
+        len: ANY,
+        patterns: &[r"\b(?i:bearer)[ ]{1,4}[A-Za-z0-9._~+/-]+=*"],
     },
     Builtin {
         id: "basic_auth",
         kind: "BASIC_AUTH",
         check: Check::Basic,
-        patterns: &[r"\b(?i:basic)[ ]{1,4}[A-Za-z0-9+/]{6,}={0,2}"],
+        len: ANY,
+        patterns: &[r"\b(?i:basic)[ ]{1,4}[A-Za-z0-9+/]+={0,2}"],
     },
     // `key = value`: pattern built by the engine from the key rules; placeholder here so
     // the rule has a priority slot and an id.
-    Builtin { id: "key_value", kind: "SECRET", check: Check::KeyValue, patterns: &[] },
+    Builtin { id: "key_value", kind: "SECRET", check: Check::KeyValue, len: ANY, patterns: &[] },
     Builtin {
         id: "us_ssn",
         kind: "SSN",
         check: Check::SsnKeyword,
+        len: ANY,
         patterns: &[r"(?i:\bssn|\bsocial security(?: number| no\.?)?|\bss#)[ \t]{0,3}[:#=-]?[ \t]{0,3}[0-9]{9}\b"],
     },
     Builtin {
         id: "phone",
         kind: "PHONE",
         check: Check::PhoneKeyword,
+        len: ANY,
         patterns: &[
-            r"(?:(?i:\bphone|\btel|\bmobile|\bcell|\bfax|\bsms|\bcall|\bwhatsapp|\bmsisdn)|Phone|Tel|Mobile|Cell|Fax)[A-Za-z_ ]{0,16}[ \t]{0,3}[:=#.]?[ \t]{0,3}\+?[0-9][0-9 .-]{6,18}[0-9]\b",
+            r"(?:(?i:\bphone|\btel|\bmobile|\bcell|\bfax|\bsms|\bcall|\bwhatsapp|\bmsisdn)|Phone|Tel|Mobile|Cell|Fax)[A-Za-z_ ]*[ \t]{0,3}[:=#.]?[ \t]{0,3}\+?[0-9][0-9 .-]{6,}[0-9]\b",
         ],
     },
     Builtin {
         id: "email",
         kind: "EMAIL",
         check: Check::Email,
-        patterns: &[r"[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){0,8}\.[A-Za-z]{2,24}\b"],
+        len: ANY,
+        patterns: &[r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"],
     },
     Builtin {
         id: "iban",
         kind: "IBAN",
         check: Check::Iban,
-        patterns: &[r"\b[A-Z]{2}[0-9]{2}(?:[A-Z0-9]{11,30}|(?: [A-Z0-9]{4}){2,7}(?: [A-Z0-9]{1,3})?)\b"],
+        len: ANY,
+        patterns: &[r"\b[A-Z]{2}[0-9]{2}(?:[A-Z0-9]+|(?: [A-Z0-9]{4}){2,7}(?: [A-Z0-9]{1,3})?)\b"],
     },
     Builtin {
         id: "credit_card",
         kind: "CREDIT_CARD",
         check: Check::Card,
+        len: ANY,
         patterns: &[
-            r"\b(?:[0-9]{12,19}|[0-9]{4}(?:[ -][0-9]{4}){3}[ -][0-9]{1,3}|[0-9]{4}(?:[ -][0-9]{4}){2}[ -][0-9]{1,7}|[0-9]{4}[ -][0-9]{6}[ -][0-9]{4,5})\b",
+            r"\b(?:[0-9]{12,}|[0-9]{4}(?:[ -][0-9]{4}){3}[ -][0-9]{1,3}|[0-9]{4}(?:[ -][0-9]{4}){2}[ -][0-9]{1,7}|[0-9]{4}[ -][0-9]{6}[ -][0-9]{4,5})\b",
         ],
     },
-    Builtin { id: "us_ssn", kind: "SSN", check: Check::Ssn, patterns: &[r"\b[0-9]{3}(?:-[0-9]{2}-|[ ][0-9]{2}[ ])[0-9]{4}\b"] },
+    Builtin {
+        id: "us_ssn",
+        kind: "SSN",
+        check: Check::Ssn,
+        len: ANY,
+        patterns: &[r"\b[0-9]{3}(?:-[0-9]{2}-|[ ][0-9]{2}[ ])[0-9]{4}\b"],
+    },
     Builtin {
         id: "mac_address",
         kind: "MAC_ADDRESS",
         check: Check::Mac,
+        len: ANY,
         patterns: &[
             r"\b[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}\b",
             r"\b[0-9A-Fa-f]{2}(?:-[0-9A-Fa-f]{2}){5}\b",
@@ -257,25 +272,33 @@ pub(crate) const BUILTINS: &[Builtin] = &[
         id: "ip_address",
         kind: "IP_ADDRESS",
         check: Check::Ipv6,
+        len: ANY,
         patterns: &[
-            r"(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}",
-            r"(?:[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){0,6})?::(?:[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){0,6})?",
-            r"(?:[0-9A-Fa-f]{1,4}:){6}[0-9]{1,3}(?:\.[0-9]{1,3}){3}",
-            r"(?:[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){0,4})?::(?:[0-9A-Fa-f]{1,4}:){0,5}[0-9]{1,3}(?:\.[0-9]{1,3}){3}",
+            // Candidates only: a hex run around `::`, or eight groups; the parser decides.
+            r"[0-9A-Fa-f:]*::[0-9A-Fa-f:.]*",
+            r"[0-9A-Fa-f]+(?::[0-9A-Fa-f]+){7}",
+            r"[0-9A-Fa-f]+(?::[0-9A-Fa-f]+){6}:[0-9]+(?:\.[0-9]+){3}",
         ],
     },
-    Builtin { id: "ip_address", kind: "IP_ADDRESS", check: Check::Ipv4, patterns: &[r"\b[0-9]{1,3}(?:\.[0-9]{1,3}){3}\b"] },
+    Builtin {
+        id: "ip_address",
+        kind: "IP_ADDRESS",
+        check: Check::Ipv4,
+        len: ANY,
+        patterns: &[r"\b[0-9]{1,3}(?:\.[0-9]{1,3}){3}\b"],
+    },
     Builtin {
         id: "phone",
         kind: "PHONE",
         check: Check::Phone,
+        len: ANY,
         patterns: &[
             // International: +CC then groups, optional (0), optional extension.
-            r"\+[1-9][0-9]{0,3}(?:[ .-]?\(0\))?(?:[ .-]?\(?[0-9]{1,5}\)?){1,6}(?:[ ]?(?:x|ext\.?|#)[ ]?[0-9]{1,6})?\b",
+            r"\+[1-9][0-9]*(?:[ .-]?\(0\))?(?:[ .-]?\(?[0-9]+\)?)+(?:[ ]?(?:x|ext\.?|#)[ ]?[0-9]+)?\b",
             // National with a parenthesised area code: (555)123-4567, 1 (786) 834-4978.
-            r"(?:\b[0-9]{1,3}[ .-]?)?\([0-9]{2,5}\)[ .-]?(?:[0-9]{1,5}[ .-]){0,4}[0-9]{2,8}(?:[ ]?(?:x|ext\.?|#)[ ]?[0-9]{1,6})?\b",
+            r"(?:\b[0-9]{1,3}[ .-]?)?\([0-9]+\)[ .-]?(?:[0-9]+[ .-])*[0-9]+(?:[ ]?(?:x|ext\.?|#)[ ]?[0-9]+)?\b",
             // National with separators: 555-123-4567, 06 12 34 56 78, 0837 783533.
-            r"\b[0-9]{1,5}[ .-](?:[0-9]{1,5}[ .-]){0,4}[0-9]{2,8}(?:[ ]?(?:x|ext\.?|#)[ ]?[0-9]{1,6})?\b",
+            r"\b[0-9]+[ .-](?:[0-9]+[ .-])*[0-9]+(?:[ ]?(?:x|ext\.?|#)[ ]?[0-9]+)?\b",
         ],
     },
 ];
@@ -379,6 +402,9 @@ pub(crate) fn check(check: Check, text: &str, m: Range<usize>) -> Option<Range<u
             let token_at = s.find(' ')?;
             let token = s.get(token_at..)?.trim_start();
             let start = m.end - token.len();
+            if token.len() < 8 {
+                return None;
+            }
             let has_digit = token.bytes().any(|b| b.is_ascii_digit());
             let has_special = token.bytes().any(|b| matches!(b, b'.' | b'_' | b'~' | b'+' | b'/' | b'-' | b'='));
             let upper = token.bytes().filter(u8::is_ascii_uppercase).count();
@@ -393,19 +419,20 @@ pub(crate) fn check(check: Check, text: &str, m: Range<usize>) -> Option<Range<u
         Check::SsnKeyword => {
             let digits = s.get(s.len().checked_sub(9)?..)?.as_bytes();
             let n = |r: Range<usize>| digits.get(r).map(parse_u32).unwrap_or(0);
-            (validate::ssn(n(0..3), n(3..5), n(5..9)) && !is_digit(prev(hay, m.end, 10)))
-                .then_some(m.end - 9..m.end)
+            (validate::ssn(n(0..3), n(3..5), n(5..9)) && !is_digit(prev(hay, m.end, 10))).then_some(m.end - 9..m.end)
         }
         Check::PhoneKeyword => {
             // The number is the tail of digits and separators; it must not start with
             // a separator or run on into more digits.
-            let tail = s.bytes().rev().take_while(|b| b.is_ascii_digit() || matches!(b, b' ' | b'.' | b'-' | b'+')).count();
+            let tail =
+                s.bytes().rev().take_while(|b| b.is_ascii_digit() || matches!(b, b' ' | b'.' | b'-' | b'+')).count();
             let mut start = m.end - tail;
             while start < m.end && matches!(hay.get(start), Some(b' ' | b'.' | b'-')) {
                 start += 1;
             }
             let digits = hay.get(start..m.end)?.iter().filter(|b| b.is_ascii_digit()).count();
-            let after_sep_digit = matches!(byte(hay, m.end), Some(b' ' | b'.' | b'-')) && is_digit(byte(hay, m.end + 1));
+            let after_sep_digit =
+                matches!(byte(hay, m.end), Some(b' ' | b'.' | b'-')) && is_digit(byte(hay, m.end + 1));
             ((8..=15).contains(&digits) && !is_word(prev(hay, start, 1)) && !after_sep_digit).then_some(start..m.end)
         }
         Check::Email => email(text, m),
@@ -436,8 +463,7 @@ pub(crate) fn check(check: Check, text: &str, m: Range<usize>) -> Option<Range<u
         Check::Mac => {
             let b = s.as_bytes();
             let mut hex = b.iter().copied().filter(u8::is_ascii_hexdigit);
-            let all_same =
-                hex.clone().all(|h| h == b'0') || hex.all(|h| h == b'f' || h == b'F');
+            let all_same = hex.clone().all(|h| h == b'0') || hex.all(|h| h == b'f' || h == b'F');
             let sep = if b.get(2) == Some(&b':') { b':' } else { b.get(2).copied().unwrap_or(b'.') };
             let before = prev(hay, m.start, 1);
             let after = byte(hay, m.end);
@@ -457,8 +483,8 @@ fn parse_u32(b: &[u8]) -> u32 {
 /// File extensions that follow an `@` in asset names (`icon@2x.png`) and package
 /// specs, never in email domains.
 const NOT_TLDS: &[&str] = &[
-    "png", "jpg", "jpeg", "gif", "svg", "webp", "ico", "css", "js", "mjs", "json", "yaml", "yml", "xml", "html",
-    "htm", "txt", "log", "map", "lock", "toml", "java", "class", "jar", "kt", "swift", "tsx", "jsx", "vue",
+    "png", "jpg", "jpeg", "gif", "svg", "webp", "ico", "css", "js", "mjs", "json", "yaml", "yml", "xml", "html", "htm",
+    "txt", "log", "map", "lock", "toml", "java", "class", "jar", "kt", "swift", "tsx", "jsx", "vue",
 ];
 
 fn email(text: &str, m: Range<usize>) -> Option<Range<usize>> {
@@ -470,7 +496,7 @@ fn email(text: &str, m: Range<usize>) -> Option<Range<usize>> {
         return None;
     }
     let tld = s.rsplit('.').next()?;
-    if NOT_TLDS.iter().any(|t| t.eq_ignore_ascii_case(tld)) {
+    if at - lead > 64 || tld.len() > 24 || NOT_TLDS.iter().any(|t| t.eq_ignore_ascii_case(tld)) {
         return None;
     }
     Some(start..m.end)
@@ -542,10 +568,8 @@ fn ipv4(text: &str, m: Range<usize>) -> Option<Range<usize>> {
         }
     }
     let [a, b, c, d] = octets;
-    let not_identifying = a == 0
-        || a == 127
-        || (a == 255 && is_netmask(octets))
-        || (a, b, c, d) == (255, 255, 255, 255);
+    let not_identifying =
+        a == 0 || a == 127 || (a == 255 && is_netmask(octets)) || (a, b, c, d) == (255, 255, 255, 255);
     (!not_identifying).then_some(m)
 }
 
@@ -632,6 +656,13 @@ fn phone(text: &str, m: Range<usize>) -> Option<Range<usize>> {
     }
     let groups = groups.get(..ng)?;
     let paren = main_b.contains(&b'(');
+    if !international {
+        // National groups have at most five digits, the last at most eight.
+        let (last, rest) = groups.split_last()?;
+        if *last > 8 || rest.iter().any(|&g| g > 5) {
+            return None;
+        }
+    }
     if !international && !paren {
         // Dates: 2024-01-15, 15.01.2024 (possibly followed by a time's hour): the first
         // three groups joined by one date separator, with a plausible year.

@@ -41,6 +41,8 @@ pub(crate) struct RuleInfo {
 struct Pat {
     check: Check,
     rule: RuleIx,
+    /// Allowed match length.
+    len: (usize, usize),
 }
 
 /// A byte range to replace and the rule that asked for it.
@@ -96,7 +98,10 @@ pub(crate) fn check_user_pattern(pattern: &str) -> Result<(), String> {
 
 /// Marker kind for a custom rule: given, or the name in capitals.
 pub(crate) fn kind_for(name: &str) -> String {
-    name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).take(MAX_KIND_LEN).collect()
+    name.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+        .take(MAX_KIND_LEN)
+        .collect()
 }
 
 fn escape_word(word: &str) -> String {
@@ -153,12 +158,12 @@ impl Engine {
             .then(|| add_rule(&mut rules, GENERIC_SECRET, "SECRET"));
 
         let mut patterns: Vec<String> = vec![MARKER_PATTERN.to_owned()];
-        let mut pats = vec![Pat { check: Check::Marker, rule: STRICT_RULE }];
+        let mut pats = vec![Pat { check: Check::Marker, rule: STRICT_RULE, len: detectors::ANY }];
         for p in &config.patterns {
             let kind = p.kind.clone().unwrap_or_else(|| kind_for(&p.name));
             let rule = add_rule(&mut rules, &format!("custom:{}", p.name), &kind);
             patterns.push(p.regex.clone());
-            pats.push(Pat { check: Check::Custom, rule });
+            pats.push(Pat { check: Check::Custom, rule, len: detectors::ANY });
         }
         let key_value_on = !keys.is_empty() && !disabled.contains("key_value");
         let mut key_value_added = false;
@@ -172,10 +177,10 @@ impl Engine {
             // Longest first so the alternation prefers `passwords` to `password`.
             words.sort_by_key(|w| std::cmp::Reverse(w.len()));
             patterns.push(format!(
-                r#"(?i:{})[A-Za-z0-9_.$-]{{0,48}}["'`\]]{{0,2}}[ \t]{{0,3}}(?:=>|:=|[:=])[ \t]{{0,3}}"#,
+                r#"(?i:{})[A-Za-z0-9_.$-]*["'`\]]{{0,2}}[ \t]{{0,3}}(?:=>|:=|[:=])[ \t]{{0,3}}"#,
                 words.join("|")
             ));
-            pats.push(Pat { check: Check::KeyValue, rule: STRICT_RULE });
+            pats.push(Pat { check: Check::KeyValue, rule: STRICT_RULE, len: detectors::ANY });
         };
         let mut card_rule = None;
         let mut phone_rule = None;
@@ -199,7 +204,7 @@ impl Engine {
                 }
                 for p in b.patterns {
                     patterns.push((*p).to_owned());
-                    pats.push(Pat { check: b.check, rule });
+                    pats.push(Pat { check: b.check, rule, len: b.len });
                 }
             }
         }
@@ -287,11 +292,13 @@ impl Engine {
             let Some(&pat) = self.pats.get(m.pattern().as_usize()) else {
                 break;
             };
+            let fits = (pat.len.0..=pat.len.1).contains(&range.len());
             let verdict = match pat.check {
                 Check::Marker => {
                     at = range.end.max(at + 1);
                     continue;
                 }
+                _ if !fits => None,
                 Check::KeyValue => self.key_value(text, range.clone()),
                 check => detectors::check(check, text, range.clone()).map(|r| (r, pat.rule)),
             };
@@ -305,7 +312,9 @@ impl Engine {
                     out.push(Region { start: r.start, end: r.end, rule });
                     next
                 }
-                None if matches!(pat.check, Check::KeyValue | Check::Email) => range.end,
+                // A rejected `key =`, email or IPv6 candidate holds no other finding;
+                // resuming after it keeps long runs from being rescanned.
+                None if matches!(pat.check, Check::KeyValue | Check::Email | Check::Ipv6) => range.end,
                 None => range.start + 1,
             };
             at = ceil_char_boundary(text, next.max(at + 1));
@@ -502,7 +511,9 @@ fn ends_unquoted_value(hay: &[u8], i: usize) -> bool {
         }
         b')' | b'}' | b']' | b'>' => match hay.get(i + 1) {
             None => true,
-            Some(n) => n.is_ascii_whitespace() || matches!(n, b',' | b';' | b')' | b'}' | b']' | b'>' | b'&' | b'"' | b'\''),
+            Some(n) => {
+                n.is_ascii_whitespace() || matches!(n, b',' | b';' | b')' | b'}' | b']' | b'>' | b'&' | b'"' | b'\'')
+            }
         },
         _ => false,
     }
@@ -537,4 +548,3 @@ fn ceil_char_boundary(text: &str, i: usize) -> usize {
     }
     i
 }
-

@@ -208,11 +208,7 @@ pub(crate) const BUILTIN_KEY_RULES: &[(&str, &str, &[&str])] = &[
         &["connection string", "connstr", "conn str", "database url", "db url", "dsn"],
     ),
     ("key:ssn", "SSN", &["ssn", "social security number"]),
-    (
-        "key:card_number",
-        "CARD_NUMBER",
-        &["card number", "cc number", "credit card", "card num", "pan number"],
-    ),
+    ("key:card_number", "CARD_NUMBER", &["card number", "cc number", "credit card", "card num", "pan number"]),
     ("key:cvv", "CVV", &["cvv", "cvc", "cvv2", "cvc2", "security code", "card verification"]),
     ("key:pin", "PIN", &["pin", "pin code"]),
     ("key:otp", "OTP", &["otp", "totp", "hotp", "mfa code", "one time code"]),
@@ -371,9 +367,7 @@ fn lowercase<'b>(seg: &str, buf: &'b mut [u8; 48]) -> Option<&'b str> {
 
 fn ends_with_ignore_case(s: &str, suffix: &str) -> bool {
     s.len() >= suffix.len()
-        && s.as_bytes()
-            .get(s.len() - suffix.len()..)
-            .is_some_and(|tail| tail.eq_ignore_ascii_case(suffix.as_bytes()))
+        && s.as_bytes().get(s.len() - suffix.len()..).is_some_and(|tail| tail.eq_ignore_ascii_case(suffix.as_bytes()))
 }
 
 fn is_continuation(seg: &str) -> bool {

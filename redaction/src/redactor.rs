@@ -374,7 +374,8 @@ fn is_bare_phone(s: &str) -> bool {
     let t = s.trim();
     let body = t.strip_prefix('+').unwrap_or(t);
     let digits = body.bytes().filter(u8::is_ascii_digit).count();
-    (7..=15).contains(&digits) && body.bytes().all(|b| b.is_ascii_digit() || matches!(b, b' ' | b'.' | b'-' | b'(' | b')'))
+    (7..=15).contains(&digits)
+        && body.bytes().all(|b| b.is_ascii_digit() || matches!(b, b' ' | b'.' | b'-' | b'(' | b')'))
 }
 
 /// Merges an earlier pass's findings (sanitized: well-formed rule ids only) with this

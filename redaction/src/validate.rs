@@ -364,11 +364,7 @@ mod tests {
     fn github_checksums_round_trip() {
         let random = b"abcdefghijABCDEFGHIJ0123456789";
         let check = base62_checksum(crc32(random));
-        let token = format!(
-            "ghp_{}{}",
-            std::str::from_utf8(random).unwrap(),
-            std::str::from_utf8(&check).unwrap()
-        );
+        let token = format!("ghp_{}{}", std::str::from_utf8(random).unwrap(), std::str::from_utf8(&check).unwrap());
         assert!(github_checksum(&token));
         let mut bad = token.clone();
         bad.replace_range(4..5, "b");

@@ -67,9 +67,5 @@ fn the_default_rules_reach_the_recall_and_false_positive_targets_on_the_labelled
         let recall = k.redacted as f64 / k.total as f64;
         assert!(recall >= 0.99, "recall for {kind} is {:.2}% (< 99%)", recall * 100.0);
     }
-    assert!(
-        scores.touched_rate() <= 0.01,
-        "{:.2}% of hard negatives touched (> 1%)",
-        scores.touched_rate() * 100.0
-    );
+    assert!(scores.touched_rate() <= 0.01, "{:.2}% of hard negatives touched (> 1%)", scores.touched_rate() * 100.0);
 }
