@@ -115,7 +115,7 @@ pub fn score(redactor: &Redactor, samples: &[Sample]) -> Scores {
                 entry.redacted += 1;
             }
             let credited = report.findings().iter().any(|f| match &sample.rules {
-                Some(rules) => rules.iter().any(|r| *r == f.rule),
+                Some(rules) => rules.contains(&f.rule),
                 None => f.rule.starts_with("key:"),
             });
             if credited {
@@ -144,11 +144,6 @@ pub fn score(redactor: &Redactor, samples: &[Sample]) -> Scores {
 }
 
 impl Scores {
-    /// Lowest recall over all positive kinds.
-    pub fn min_recall(&self) -> f64 {
-        self.positives.values().map(|k| k.redacted as f64 / k.total.max(1) as f64).fold(1.0, f64::min)
-    }
-
     /// Share of hard negatives that were changed at all.
     pub fn touched_rate(&self) -> f64 {
         let (total, touched) = self.negatives.values().fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));

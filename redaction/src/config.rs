@@ -256,13 +256,12 @@ impl RedactionConfig {
                 return Err(bad("another pattern has the same name".into()));
             }
             names.push(&p.name);
-            if let Some(kind) = &p.kind {
-                if kind.is_empty()
+            if let Some(kind) = &p.kind
+                && (kind.is_empty()
                     || kind.len() > MAX_KIND_LEN
-                    || !kind.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-                {
-                    return Err(bad(format!("kind `{kind}` must be 1 to {MAX_KIND_LEN} letters, digits or `_`")));
-                }
+                    || !kind.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+            {
+                return Err(bad(format!("kind `{kind}` must be 1 to {MAX_KIND_LEN} letters, digits or `_`")));
             }
             if p.regex.is_empty() {
                 return Err(bad("the regex is empty".into()));

@@ -24,8 +24,6 @@ pub(crate) enum Check {
     Marker,
     /// A user's pattern: the match is the finding.
     Custom,
-    /// A fixed-prefix token whose match is the finding.
-    Plain,
     /// A token that must not run on into more token characters.
     Bounded,
     /// `-----BEGIN ... PRIVATE KEY-----`: redacted through the `END` line, or to the end
@@ -339,14 +337,20 @@ fn embedded(hay: &[u8], r: &Range<usize>, seps: &[u8]) -> bool {
     let before = prev(hay, r.start, 1);
     let before2 = prev(hay, r.start, 2);
     let after = byte(hay, r.end);
-    let after2 = byte(hay, r.end + 1);
     let sep = |b: Option<u8>| b.is_some_and(|b| seps.contains(&b));
     let joiner = |b: Option<u8>| matches!(b, Some(b'-' | b'.' | b'/'));
-    is_word(before)
-        || is_word(after)
-        || (sep(before) && is_digit(before2))
-        || (sep(after) && is_digit(after2))
-        || (joiner(before) && is_word(before2))
+    // The number before counts only when it stands alone (`12 ` but not `visa19 `).
+    let number_before = sep(before) && is_digit(before2) && {
+        let mut i = r.start.saturating_sub(2);
+        while i > 0 && is_digit(byte(hay, i - 1)) {
+            i -= 1;
+        }
+        !prev(hay, i, 1).is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+    };
+    // The number after counts when it is a group of three digits or more.
+    let number_after = sep(after)
+        && hay.get(r.end + 1..).is_some_and(|rest| rest.iter().take_while(|b| b.is_ascii_digit()).count() >= 3);
+    is_word(before) || is_word(after) || number_before || number_after || (joiner(before) && is_word(before2))
 }
 
 /// Confirms a candidate; returns the byte range to redact.
@@ -355,7 +359,7 @@ pub(crate) fn check(check: Check, text: &str, m: Range<usize>) -> Option<Range<u
     let s = text.get(m.clone())?;
     match check {
         Check::Marker | Check::KeyValue => None,
-        Check::Custom | Check::Plain => Some(m),
+        Check::Custom => Some(m),
         Check::Bounded => {
             let next = byte(hay, m.end);
             (!next.is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')).then_some(m)

@@ -519,15 +519,29 @@ fn ends_unquoted_value(hay: &[u8], i: usize) -> bool {
     }
 }
 
-/// Shrinks a region so it never swallows an existing marker (which would change it on
-/// a second pass); `None` when it starts on one.
+/// Drops a region that overlaps an existing marker: a marker only exists in text this
+/// crate already redacted, where its neighbourhood was judged in the first pass, so
+/// leaving it alone is what keeps a second pass from changing anything.
 fn stop_at_marker(text: &str, r: Range<usize>) -> Option<Range<usize>> {
     let s = text.get(r.clone())?;
-    match s.find(MARKER_PREFIX) {
-        None => Some(r),
-        Some(0) => None,
-        Some(i) => Some(r.start..r.start + i),
+    if s.contains(MARKER_PREFIX) {
+        return None;
     }
+    // Right after or right before a marker: what sits next to a marker was judged next
+    // to the original value, and must not be judged again now that its neighbour reads
+    // differently. (A candidate cannot start inside a marker: markers are pattern 0.)
+    let mut from = r.start.saturating_sub(MARKER_PREFIX.len() + MAX_KIND_LEN + 1);
+    while from > 0 && !text.is_char_boundary(from) {
+        from -= 1;
+    }
+    let back = text.get(from..r.start).unwrap_or("");
+    if back.rfind(MARKER_PREFIX).and_then(|i| back.get(i..)).is_some_and(crate::redactor::is_marker) {
+        return None;
+    }
+    if text.get(r.end..).is_some_and(|after| after.starts_with(MARKER_PREFIX)) {
+        return None;
+    }
+    Some(r)
 }
 
 /// Widens a byte range outwards to UTF-8 character boundaries (a no-op for the ASCII

@@ -268,10 +268,10 @@ impl KeyRules {
         };
         // The last word is in every name the rule matches (only continuations may
         // follow it), so it is the one keyword the text scanner needs.
-        if let Some(head) = words.iter().rev().find(|w| !w.bytes().all(|b| b.is_ascii_digit())) {
-            if !self.words.contains(head) {
-                self.words.push(head.clone());
-            }
+        if let Some(head) = words.iter().rev().find(|w| !w.bytes().all(|b| b.is_ascii_digit()))
+            && !self.words.contains(head)
+        {
+            self.words.push(head.clone());
         }
         if words.len() > 1 {
             let glued: String = words.concat();
@@ -335,10 +335,10 @@ impl KeyRules {
                         }
                     }
                 }
-                if i + 1 >= tail_ok {
-                    if let Some(&rule) = self.glued.get(lower) {
-                        return Some(rule);
-                    }
+                if i + 1 >= tail_ok
+                    && let Some(&rule) = self.glued.get(lower)
+                {
+                    return Some(rule);
                 }
             }
             if i + 1 >= tail_ok {

@@ -132,6 +132,11 @@ impl Redactor {
     }
 
     fn key_ctx(&self, name: &str) -> KeyCtx {
+        // A key that is (or holds) a marker was data redacted by an earlier pass; its
+        // value was judged under the original key then, so it says nothing now.
+        if name.contains(MARKER_PREFIX) {
+            return KeyCtx::default();
+        }
         KeyCtx { rule: self.engine.key_rule(name), phone: keys::is_phone_name(name) }
     }
 
@@ -151,13 +156,12 @@ impl Redactor {
             self.record(report, path, STRICT_RULE);
             return Cow::Owned(self.marker(STRICT_RULE).to_owned());
         }
-        if ctx.phone {
-            if let Some(rule) = self.engine.phone_rule {
-                if is_bare_phone(text) {
-                    self.record(report, path, rule);
-                    return Cow::Owned(self.marker(rule).to_owned());
-                }
-            }
+        if ctx.phone
+            && let Some(rule) = self.engine.phone_rule
+            && is_bare_phone(text)
+        {
+            self.record(report, path, rule);
+            return Cow::Owned(self.marker(rule).to_owned());
         }
         let mut regions = Vec::new();
         self.engine.scan(text, &mut regions);
