@@ -534,15 +534,30 @@ fn stop_at_marker(text: &str, r: Range<usize>) -> Option<Range<usize>> {
     while from > 0 && !text.is_char_boundary(from) {
         from -= 1;
     }
+    // Validators look up to two bytes around a candidate, so "next to" means within
+    // three bytes.
     let back = text.get(from..r.start).unwrap_or("");
-    if back.rfind(MARKER_PREFIX).and_then(|i| back.get(i..)).is_some_and(crate::redactor::is_marker) {
+    if let Some(i) = back.rfind(MARKER_PREFIX)
+        && let Some(close) = back.get(i..).and_then(|t| t.find(']'))
+        && back.get(i..i + close + 1).is_some_and(crate::redactor::is_marker)
+        && back.len() - (i + close + 1) <= NEIGHBOURHOOD
+    {
         return None;
     }
-    if text.get(r.end..).is_some_and(|after| after.starts_with(MARKER_PREFIX)) {
+    let ahead = text.get(r.end..).unwrap_or("");
+    let window = ahead.len().min(NEIGHBOURHOOD + MARKER_PREFIX.len());
+    if ahead
+        .as_bytes()
+        .get(..window)
+        .is_some_and(|w| w.windows(MARKER_PREFIX.len()).any(|x| x == MARKER_PREFIX.as_bytes()))
+    {
         return None;
     }
     Some(r)
 }
+
+/// Bytes around a candidate in which a marker makes it ineligible (see `stop_at_marker`).
+const NEIGHBOURHOOD: usize = 3;
 
 /// Widens a byte range outwards to UTF-8 character boundaries (a no-op for the ASCII
 /// matches of built-in patterns; user patterns may stop inside a character).
