@@ -87,13 +87,24 @@
 //! (a four-part version is only spared after `version`/`v`), ports and class names are
 //! left alone, and a 16-digit number is a card only when Luhn and the network agree.
 //!
+//! # Cost
+//!
+//! One lazy DFA over all patterns (ASCII mode), a search per candidate, validators only
+//! on candidates. Token patterns use unbounded runs with a length check afterwards:
+//! exact counts such as `{36}` multiply the automaton's states with every other pattern
+//! in progress and made the DFA cache thrash on varied input. Each thread that redacts
+//! holds a DFA cache of at most 8 MiB (filled lazily). `BENCHMARKS.md` has the numbers.
+//!
 //! # Modes and guarantees
 //!
 //! * **Strict mode** keeps numbers and booleans only: every other non-empty string
 //!   becomes `[REDACTED:STRICT]` (after key-name rules, which say more); numeric strings
 //!   are still scanned, so a card number in one is still caught.
-//! * **Idempotent**: markers are stepped over, so a second pass (the broker's) changes
-//!   nothing and reports nothing new.
+//! * **Idempotent**: markers are stepped over, and a candidate that overlaps a marker
+//!   or sits within three bytes of one is left alone (its surroundings were judged in
+//!   the first pass, next to the original value), so a second pass (the broker's)
+//!   changes nothing and reports nothing new. Property tests check this on arbitrary
+//!   text, value trees and JSON.
 //! * **Bounded output**: each redacted span (at least one byte) becomes one marker of at
 //!   most [`MAX_MARKER_LEN`] bytes, so output is at most `MAX_MARKER_LEN` times the
 //!   input, and it never grows on later passes.
