@@ -186,13 +186,6 @@ pub(crate) const BUILTINS: &[Builtin] = &[
     token("square_token", "SQUARE_TOKEN", (29, 50), &[r"\bsq0(?:atp|csp)-[A-Za-z0-9_-]+"]),
     token("new_relic_key", "NEW_RELIC_KEY", (32, 32), &[r"\bNR(?:AK|II|AA)-[A-Za-z0-9]+\b"]),
     Builtin {
-        id: "url_credentials",
-        kind: "URL_CREDENTIALS",
-        check: Check::UrlCredentials,
-        len: ANY,
-        patterns: &[r"\b[A-Za-z][A-Za-z0-9+.-]+://[^\s:/?#@\[\]]*:[^\s/?#]+@"],
-    },
-    Builtin {
         id: "bearer_token",
         kind: "BEARER_TOKEN",
         check: Check::Bearer,
@@ -222,15 +215,8 @@ pub(crate) const BUILTINS: &[Builtin] = &[
         check: Check::PhoneKeyword,
         len: ANY,
         patterns: &[
-            r"(?:(?i:\bphone|\btel|\bmobile|\bcell|\bfax|\bsms|\bcall|\bwhatsapp|\bmsisdn)|Phone|Tel|Mobile|Cell|Fax)[A-Za-z_ ]*[ \t]{0,3}[:=#.]?[ \t]{0,3}\+?[0-9][0-9 .-]{6,}[0-9]\b",
+            r"(?:(?i:\bphone|\btel|\bmobile|\bcell|\bfax|\bsms|\bcall|\bwhatsapp|\bmsisdn)|Phone|Tel|Mobile|Cell|Fax)[A-Za-z_ ]{0,24}[ \t]{0,3}[:=#.]?[ \t]{0,3}\+?[0-9][0-9 .-]{6,}[0-9]\b",
         ],
-    },
-    Builtin {
-        id: "email",
-        kind: "EMAIL",
-        check: Check::Email,
-        len: ANY,
-        patterns: &[r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"],
     },
     Builtin {
         id: "iban",
@@ -272,10 +258,12 @@ pub(crate) const BUILTINS: &[Builtin] = &[
         check: Check::Ipv6,
         len: ANY,
         patterns: &[
-            // Candidates only: a hex run around `::`, or eight groups; the parser decides.
-            r"[0-9A-Fa-f:]*::[0-9A-Fa-f:.]*",
-            r"[0-9A-Fa-f]+(?::[0-9A-Fa-f]+){7}",
-            r"[0-9A-Fa-f]+(?::[0-9A-Fa-f]+){6}:[0-9]+(?:\.[0-9]+){3}",
+            // Candidates only, the parser decides. The compressed form is found from its
+            // `::` and extended backwards by the check: a pattern starting with a hex run
+            // would stay alive across every hex-looking word.
+            r"::[0-9A-Fa-f:.]*",
+            r"[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){7}",
+            r"[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){6}:[0-9]{1,3}(?:\.[0-9]{1,3}){3}",
         ],
     },
     Builtin {
@@ -298,6 +286,23 @@ pub(crate) const BUILTINS: &[Builtin] = &[
             // National with separators: 555-123-4567, 06 12 34 56 78, 0837 783533.
             r"\b[0-9]+[ .-](?:[0-9]+[ .-])*[0-9]+(?:[ ]?(?:x|ext\.?|#)[ ]?[0-9]+)?\b",
         ],
+    },
+    // Last: their runs (a scheme, an email's local part) can stay alive across long
+    // stretches of text; at the lowest priority they never keep the automaton scanning
+    // past a higher-priority candidate (which would make rejections quadratic).
+    Builtin {
+        id: "url_credentials",
+        kind: "URL_CREDENTIALS",
+        check: Check::UrlCredentials,
+        len: ANY,
+        patterns: &[r"://[^\s:/?#@\[\]]*:[^\s/?#]+@"],
+    },
+    Builtin {
+        id: "email",
+        kind: "EMAIL",
+        check: Check::Email,
+        len: ANY,
+        patterns: &[r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"],
     },
 ];
 
@@ -393,6 +398,18 @@ pub(crate) fn check(check: Check, text: &str, m: Range<usize>) -> Option<Range<u
         Check::Aws => (!s.ends_with("EXAMPLE")).then_some(m),
         Check::GithubChecksum => validate::github_checksum(s).then_some(m),
         Check::UrlCredentials => {
+            // The match starts at `://` (a scheme run would stay alive across every
+            // word); a scheme of 2 to 20 characters must precede it.
+            let mut scheme = m.start;
+            while scheme > 0
+                && m.start - scheme < 20
+                && (hay[scheme - 1].is_ascii_alphanumeric() || matches!(hay[scheme - 1], b'+' | b'.' | b'-'))
+            {
+                scheme -= 1;
+            }
+            if m.start - scheme < 2 || !hay[scheme].is_ascii_alphabetic() {
+                return None;
+            }
             let scheme_end = s.find("://")? + 3;
             let colon = scheme_end + s.get(scheme_end..)?.find(':')?;
             let at = s.rfind('@')?;
@@ -491,16 +508,25 @@ const NOT_TLDS: &[&str] = &[
     "txt", "log", "map", "lock", "toml", "java", "class", "jar", "kt", "swift", "tsx", "jsx", "vue",
 ];
 
+/// The match is `@domain`; the local part is read backwards from the `@` (at most 64
+/// characters, RFC 5321), so the automaton never carries a local-part run along every
+/// word of the text.
 fn email(text: &str, m: Range<usize>) -> Option<Range<usize>> {
+    let hay = text.as_bytes();
     let s = text.get(m.clone())?;
-    let lead = s.bytes().take_while(|&b| b == b'.' || b == b'-' || b == b'+').count();
-    let start = m.start + lead;
-    let at = s.find('@')?;
-    if lead >= at {
+    let is_local = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'%' | b'+' | b'-');
+    let mut start = m.start;
+    while start > 0 && m.start - start < 64 && is_local(hay[start - 1]) {
+        start -= 1;
+    }
+    while start < m.start && matches!(hay[start], b'.' | b'-' | b'+') {
+        start += 1;
+    }
+    if start == m.start {
         return None;
     }
     let tld = s.rsplit('.').next()?;
-    if at - lead > 64 || tld.len() > 24 || NOT_TLDS.iter().any(|t| t.eq_ignore_ascii_case(tld)) {
+    if tld.len() > 24 || NOT_TLDS.iter().any(|t| t.eq_ignore_ascii_case(tld)) {
         return None;
     }
     Some(start..m.end)
@@ -584,6 +610,14 @@ fn is_netmask(octets: [u32; 4]) -> bool {
 
 fn ipv6(text: &str, m: Range<usize>) -> Option<Range<usize>> {
     let hay = text.as_bytes();
+    // `::...` candidates: take the groups before the `::` too.
+    let mut m = m;
+    if hay.get(m.start..m.start + 2) == Some(b"::") {
+        while m.start > 0 && m.end - m.start < 45 && (hay[m.start - 1].is_ascii_hexdigit() || hay[m.start - 1] == b':')
+        {
+            m.start -= 1;
+        }
+    }
     let before = prev(hay, m.start, 1);
     let after = byte(hay, m.end);
     if before.is_some_and(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'.'))

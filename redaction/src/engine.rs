@@ -22,6 +22,9 @@ use crate::detectors::{self, BUILTINS, Check, GENERIC_SECRET, MARKER_PATTERN, WE
 use crate::keys::{self, BUILTIN_KEY_RULES, KeyRules, RuleIx};
 use crate::report::Report;
 
+/// Longest value `validate::looks_generated` accepts.
+const MAX_GENERATED_LEN: usize = 512;
+
 /// Prefix of every marker this crate writes.
 pub(crate) const MARKER_PREFIX: &str = "[REDACTED:";
 
@@ -314,7 +317,9 @@ impl Engine {
                 }
                 // A rejected `key =`, email or IPv6 candidate holds no other finding;
                 // resuming after it keeps long runs from being rescanned.
-                None if matches!(pat.check, Check::KeyValue | Check::Email | Check::Ipv6) => range.end,
+                // So does a rejected phone candidate: any number starting inside it
+                // would continue the digits before it, which the phone check refuses.
+                None if matches!(pat.check, Check::KeyValue | Check::Email | Check::Ipv6 | Check::Phone) => range.end,
                 None => range.start + 1,
             };
             at = ceil_char_boundary(text, next.max(at + 1));
@@ -399,7 +404,12 @@ impl Engine {
             .filter(|s| !s.bytes().all(|b| b.is_ascii_digit()))
             .last()
             .is_some_and(|last| ["authorization", "cookie", "cookies"].iter().any(|w| last.eq_ignore_ascii_case(w)));
-        let value = value_range(text, m.end, to_eol)?;
+        // A weak name's value must look generated, which caps its length: stop looking
+        // there, so a run of rejected `key=` candidates cannot rescan the whole text.
+        let value = value_range(text, m.end, to_eol, if weak { MAX_GENERATED_LEN + 1 } else { usize::MAX })?;
+        if weak && value.len() > MAX_GENERATED_LEN {
+            return None;
+        }
         let v = text.get(value.clone())?;
         if is_placeholder(v) || (weak && !crate::validate::looks_generated(v)) {
             return None;
@@ -424,7 +434,7 @@ fn is_placeholder(v: &str) -> bool {
 /// Where the value after a `key =` starts and ends: inside quotes, a balanced `{...}` or
 /// `[...]`, to the end of the line for header-like keys, else up to a delimiter.
 /// Wrappers such as `Some("...")` or `Secret('...')` are looked through.
-fn value_range(text: &str, mut v: usize, to_eol: bool) -> Option<Range<usize>> {
+fn value_range(text: &str, mut v: usize, to_eol: bool, max_len: usize) -> Option<Range<usize>> {
     let hay = text.as_bytes();
     for _ in 0..2 {
         let mut p = v;
@@ -487,8 +497,9 @@ fn value_range(text: &str, mut v: usize, to_eol: bool) -> Option<Range<usize>> {
             v..e
         }
         _ => {
+            let limit = hay.len().min(v.saturating_add(max_len));
             let mut end = v;
-            while end < hay.len() && !ends_unquoted_value(hay, end) {
+            while end < limit && !ends_unquoted_value(hay, end) {
                 end += 1;
             }
             v..end
