@@ -254,13 +254,17 @@ impl Engine {
         })
     }
 
-    /// The key-name rule a name falls under, after exclusions.
-    pub(crate) fn key_rule(&self, name: &str) -> Option<RuleIx> {
-        let rule = self.keys.classify(name)?;
-        if !self.key_exclusions.is_empty() && self.key_exclusions.contains(&keys::normalize_name(name)) {
-            return None;
+    /// What a name says about its value: its key-name rule (after exclusions) and
+    /// whether it is a phone field.
+    pub(crate) fn describe_name(&self, name: &str) -> keys::NameInfo {
+        let mut info = self.keys.describe(name);
+        if info.rule.is_some()
+            && !self.key_exclusions.is_empty()
+            && self.key_exclusions.contains(&keys::normalize_name(name))
+        {
+            info.rule = None;
         }
-        Some(rule)
+        info
     }
 
     /// The marker text of a rule.

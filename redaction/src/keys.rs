@@ -246,17 +246,71 @@ struct SeqRule {
     rule: RuleIx,
 }
 
-/// The compiled key-name rules: built-in and custom, minus disabled ones.
+/// Everything known about one lowercase word, found with a single lookup.
 #[derive(Debug, Default)]
+struct WordInfo {
+    /// Rules whose first word this is, longest first.
+    starts: Vec<SeqRule>,
+    /// A multi-word rule glued into this one word (`apikey`).
+    glued: Option<RuleIx>,
+    /// May follow a sensitive word (`hash`, `id`, `value`, ...).
+    continuation: bool,
+    /// Names a phone field (`phone`, `mobile`, ...).
+    phone: bool,
+}
+
+/// FNV-1a: names are short and trusted to be ours, so a fast non-keyed hash is right.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
+        for &b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+type FnvBuild = std::hash::BuildHasherDefault<Fnv>;
+
+/// What a name says about its value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct NameInfo {
+    /// The key-name rule that makes the value sensitive.
+    pub rule: Option<RuleIx>,
+    /// The name is a phone field's.
+    pub phone: bool,
+}
+
+/// The compiled key-name rules: built-in and custom, minus disabled ones.
+#[derive(Debug)]
 pub(crate) struct KeyRules {
-    /// Rules by their first segment.
-    by_first: HashMap<Box<str>, Vec<SeqRule>>,
-    /// A single segment that equals a multi-word rule glued together (`apikey`).
-    glued: HashMap<Box<str>, RuleIx>,
+    words_table: HashMap<Box<str>, WordInfo, FnvBuild>,
     /// Long words matched at the end of a single glued segment.
     suffixes: Vec<(Box<str>, RuleIx)>,
     /// The last word of every rule, for building the text scanner's keyword list.
     words: Vec<Box<str>>,
+    /// Whether any rule was added.
+    any_rule: bool,
+}
+
+impl Default for KeyRules {
+    fn default() -> Self {
+        let mut words_table: HashMap<Box<str>, WordInfo, FnvBuild> = HashMap::default();
+        for w in CONTINUATIONS {
+            words_table.entry((*w).into()).or_default().continuation = true;
+        }
+        for w in PHONE_WORDS {
+            words_table.entry((*w).into()).or_default().phone = true;
+        }
+        KeyRules { words_table, suffixes: Vec::new(), words: Vec::new(), any_rule: false }
+    }
 }
 
 impl KeyRules {
@@ -266,6 +320,7 @@ impl KeyRules {
         let Some(first) = words.first().cloned() else {
             return;
         };
+        self.any_rule = true;
         // The last word is in every name the rule matches (only continuations may
         // follow it), so it is the one keyword the text scanner needs.
         if let Some(head) = words.iter().rev().find(|w| !w.bytes().all(|b| b.is_ascii_digit()))
@@ -275,16 +330,18 @@ impl KeyRules {
         }
         if words.len() > 1 {
             let glued: String = words.concat();
-            self.glued.entry(glued.into_boxed_str()).or_insert(rule);
+            let info = self.words_table.entry(glued.into_boxed_str()).or_default();
+            info.glued.get_or_insert(rule);
         }
-        let list = self.by_first.entry(first).or_default();
-        list.push(SeqRule { words, rule });
+        let starts = &mut self.words_table.entry(first).or_default().starts;
+        starts.push(SeqRule { words, rule });
         // Longest first, so `secret key` wins over `secret` for `secretKey`.
-        list.sort_by_key(|r| std::cmp::Reverse(r.words.len()));
+        starts.sort_by_key(|r| std::cmp::Reverse(r.words.len()));
     }
 
     /// Adds a glued suffix word.
     pub(crate) fn add_suffix(&mut self, word: &str, rule: RuleIx) {
+        self.any_rule = true;
         self.suffixes.push((word.into(), rule));
         if !self.words.iter().any(|w| &**w == word) {
             self.words.push(word.into());
@@ -293,7 +350,7 @@ impl KeyRules {
 
     /// Whether no rule was added.
     pub(crate) fn is_empty(&self) -> bool {
-        self.by_first.is_empty() && self.suffixes.is_empty()
+        !self.any_rule
     }
 
     /// Lowercase words the text scanner looks for before a `key=value` separator.
@@ -303,9 +360,11 @@ impl KeyRules {
 
     /// The rule a name falls under, if any (see the module docs for the matching rule).
     pub(crate) fn classify(&self, name: &str) -> Option<RuleIx> {
-        if self.is_empty() {
-            return None;
-        }
+        self.describe(name).rule
+    }
+
+    /// The rule a name falls under and whether it names a phone field, in one pass.
+    pub(crate) fn describe(&self, name: &str) -> NameInfo {
         let mut segs: [&str; MAX_SEGMENTS] = [""; MAX_SEGMENTS];
         let mut n = 0usize;
         for s in segments(name) {
@@ -317,42 +376,45 @@ impl KeyRules {
             n += 1;
         }
         let segs = &segs[..n];
+        let mut info = NameInfo::default();
         let mut buf = [0u8; 48];
         // Walk from the end: the match closest to the head noun decides.
         let mut tail_ok = n; // segs[tail_ok..] are all continuations
         for i in (0..n).rev() {
             let seg = segs[i];
-            if let Some(lower) = lowercase(seg, &mut buf) {
-                // Multi-segment and single-segment rules starting here.
-                if let Some(rules) = self.by_first.get(lower) {
-                    for r in rules {
+            let word = lowercase(seg, &mut buf).and_then(|l| self.words_table.get(l));
+            if let Some(word) = word {
+                info.phone |= word.phone;
+                if info.rule.is_none() {
+                    for r in &word.starts {
                         let end = i + r.words.len();
                         if end <= n
                             && end >= tail_ok
                             && r.words[1..].iter().zip(&segs[i + 1..end]).all(|(w, s)| s.eq_ignore_ascii_case(w))
                         {
-                            return Some(r.rule);
+                            info.rule = Some(r.rule);
+                            break;
                         }
                     }
-                }
-                if i + 1 >= tail_ok
-                    && let Some(&rule) = self.glued.get(lower)
-                {
-                    return Some(rule);
-                }
-            }
-            if i + 1 >= tail_ok {
-                for (suffix, rule) in &self.suffixes {
-                    if seg.len() > suffix.len() && ends_with_ignore_case(seg, suffix) {
-                        return Some(*rule);
+                    if info.rule.is_none() && i + 1 >= tail_ok {
+                        info.rule = word.glued;
                     }
                 }
             }
-            if i + 1 == tail_ok && is_continuation(seg) {
+            if info.rule.is_none() && i + 1 >= tail_ok {
+                for (suffix, rule) in &self.suffixes {
+                    if seg.len() > suffix.len() && ends_with_ignore_case(seg, suffix) {
+                        info.rule = Some(*rule);
+                        break;
+                    }
+                }
+            }
+            let numeric = seg.bytes().all(|b| b.is_ascii_digit());
+            if i + 1 == tail_ok && (numeric || word.is_some_and(|w| w.continuation)) {
                 tail_ok = i;
             }
         }
-        None
+        info
     }
 }
 
@@ -368,15 +430,6 @@ fn lowercase<'b>(seg: &str, buf: &'b mut [u8; 48]) -> Option<&'b str> {
 fn ends_with_ignore_case(s: &str, suffix: &str) -> bool {
     s.len() >= suffix.len()
         && s.as_bytes().get(s.len() - suffix.len()..).is_some_and(|tail| tail.eq_ignore_ascii_case(suffix.as_bytes()))
-}
-
-fn is_continuation(seg: &str) -> bool {
-    seg.bytes().all(|b| b.is_ascii_digit()) || CONTINUATIONS.iter().any(|c| seg.eq_ignore_ascii_case(c))
-}
-
-/// Whether a name conventionally holds a phone number (`phone`, `mobileNumber`, `tel`).
-pub(crate) fn is_phone_name(name: &str) -> bool {
-    segments(name).any(|s| PHONE_WORDS.iter().any(|w| s.eq_ignore_ascii_case(w)))
 }
 
 /// The glued suffix table, for the redactor to register.

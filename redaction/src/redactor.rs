@@ -137,7 +137,8 @@ impl Redactor {
         if name.contains(MARKER_PREFIX) {
             return KeyCtx::default();
         }
-        KeyCtx { rule: self.engine.key_rule(name), phone: keys::is_phone_name(name) }
+        let info = self.engine.describe_name(name);
+        KeyCtx { rule: info.rule, phone: info.phone }
     }
 
     fn marker(&self, rule: RuleIx) -> &str {
