@@ -193,8 +193,10 @@ fn check_keys(table: &toml::Table, prefix: &str, allowed: &[&str]) -> Result<(),
 
 /// Every rule id `builtins.disabled` accepts.
 pub fn builtin_rule_ids() -> Vec<&'static str> {
-    let mut ids: Vec<&'static str> = detectors::builtin_ids().collect();
+    let mut ids: Vec<&'static str> = detectors::builtin_ids().filter(|id| *id != "key_value").collect();
     ids.push(detectors::GENERIC_SECRET);
+    // `key = value` in text (the key-name rules applied to free text).
+    ids.push("key_value");
     ids.extend(keys::BUILTIN_KEY_RULES.iter().map(|(id, _, _)| *id));
     ids
 }
@@ -237,7 +239,7 @@ impl RedactionConfig {
 
         let known = builtin_rule_ids();
         for rule in &self.builtins.disabled {
-            if !known.contains(&rule.as_str()) && rule != "key_value" {
+            if !known.contains(&rule.as_str()) {
                 return Err(ConfigError::UnknownRule { rule: rule.clone(), known: known.join(", ") });
             }
         }

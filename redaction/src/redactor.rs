@@ -123,9 +123,9 @@ impl Redactor {
     }
 
     /// Redacts a JSON document structurally: object member names are key names (and
-    /// are themselves scanned for values such as emails), strings are scanned, and
-    /// integers are checked for card numbers. Paths are dotted member names from the
-    /// root, `[i]` for array items.
+    /// are themselves scanned for values such as emails, but kept in strict mode: they
+    /// are structure), strings are scanned, and integers are checked for card numbers.
+    /// Paths are dotted member names from the root, `[i]` for array items.
     pub fn redact_json(&self, doc: &mut serde_json::Value, report: &mut Report) {
         let mut path = String::new();
         self.walk_json(KeyCtx::default(), doc, &mut path, report);
