@@ -335,6 +335,22 @@ impl Runner {
                 tracing::warn!(target: "periscope_agent", code = ?err.code, message = %err.message, "periscope broker reported an error");
                 err.fatal.then_some(SessionEnd::Retry(err.message))
             }
+            BrokerMessage::RedactionRules { version, config } => {
+                let built = serde_json::from_value::<periscope_redaction::RedactionConfig>(config)
+                    .map_err(|e| e.to_string())
+                    .and_then(|mut c| {
+                        c.version = version;
+                        periscope_redaction::Redactor::new(&c).map_err(|e| e.to_string())
+                    });
+                match built {
+                    Ok(r) => self.shared.set_redactor(r),
+                    // Keep the rules we have (never fewer than the built-ins) and say why.
+                    Err(e) => {
+                        tracing::warn!(target: "periscope_agent", version, error = %e, "periscope agent kept its redaction rules: the new ones do not build")
+                    }
+                }
+                None
+            }
             BrokerMessage::Goodbye { reason } => Some(SessionEnd::Retry(format!("broker said goodbye: {reason}"))),
             BrokerMessage::Registered(_) => None,
         }
@@ -454,9 +470,14 @@ impl Runner {
     /// it to the broker and/or the service's own log.
     async fn send_log(&mut self, raw: &RawHit, socket: &mut Socket) -> Result<(), String> {
         let (Some(log), Some(template)) = (&raw.action.log, &raw.action.exprs.template) else { return Ok(()) };
-        let hit = build_hit(raw, &self.limits);
+        let hit = build_hit(raw, &redaction_limits(&self.limits));
         let mut steps = periscope_protocol::Budget::default();
-        let rendered = match template.render(&hit, &mut steps, |_, _, _| {}) {
+        let redactor = self.shared.redactor();
+        let mut report = periscope_redaction::Report::new();
+        // Each placeholder's value is redacted (by its field name too) before it is text.
+        let rendered = match template.render(&hit, &mut steps, |i, expr, value| {
+            redactor.redact_field(expr.field_name().unwrap_or(""), value, &format!("placeholders[{i}]"), &mut report);
+        }) {
             Ok(r) => r,
             Err(e) => {
                 if !raw.action.eval_error_reported.swap(true, Ordering::Relaxed) {
@@ -519,8 +540,8 @@ impl Runner {
                 level: spec.level,
                 text: rendered.text,
                 thread: raw.thread.name.clone().or_else(|| Some(raw.thread.id.clone())),
-                redactions: Vec::new(),
-                rules_version: 0,
+                redactions: report.into_findings().into_iter().map(Into::into).collect(),
+                rules_version: redactor.version(),
             };
             send(socket, &AgentMessage::LogLines { lines: vec![line] }).await?;
         }
@@ -528,7 +549,9 @@ impl Runner {
     }
 
     async fn send_hit(&mut self, raw: &RawHit, socket: &mut Socket) -> Result<(), String> {
-        let mut hit = build_hit(raw, &self.limits);
+        // Strings are kept longer than the limit until redaction has seen them whole, so
+        // a secret straddling the cut is still recognized; the limits apply after.
+        let mut hit = build_hit(raw, &redaction_limits(&self.limits));
         // Watches are evaluated here, off the host's thread, over the captured hit.
         let watches: Vec<periscope_protocol::WatchResult> = raw
             .action
@@ -552,6 +575,7 @@ impl Runner {
             })
             .collect();
         hit.watches = watches;
+        self.shared.redactor().redact_hit(&mut hit);
         hit.enforce_limits(&self.limits);
         send(socket, &AgentMessage::Hit(Box::new(hit))).await?;
         self.shared.counters.hits_sent.fetch_add(1, Ordering::Relaxed);
@@ -590,6 +614,15 @@ fn metric_report(action: &Installed, now_ms: u64, force: bool) -> Option<perisco
         return None;
     }
     Some(metric.take(&action.spec.id, now_ms))
+}
+
+/// Limits for capture before redaction: strings up to four times longer, so redaction
+/// sees secrets whole; [`periscope_protocol::Hit::enforce_limits`] cuts them after.
+fn redaction_limits(limits: &CaptureLimits) -> CaptureLimits {
+    CaptureLimits {
+        max_string_len: (limits.max_string_len.saturating_mul(4)).min(CaptureLimits::HARD_MAX.max_string_len),
+        ..*limits
+    }
 }
 
 /// What to report for an action after installing it.

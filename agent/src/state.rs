@@ -335,6 +335,8 @@ pub(crate) struct Shared {
     pub(crate) clock: Clock,
     /// The dispatchers our layer is part of.
     dispatches: Mutex<Vec<tracing_core::dispatcher::WeakDispatch>>,
+    /// The redaction rules in force (replaced when the broker pushes new ones).
+    redactor: RwLock<Arc<periscope_redaction::Redactor>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -356,6 +358,24 @@ impl Shared {
             counters: Counters::default(),
             clock: Clock::new(),
             dispatches: Mutex::new(Vec::new()),
+            redactor: RwLock::new(Arc::new(periscope_redaction::Redactor::default_rules())),
+        }
+    }
+
+    /// The redaction rules in force.
+    pub(crate) fn redactor(&self) -> Arc<periscope_redaction::Redactor> {
+        match self.redactor.read() {
+            Ok(r) => Arc::clone(&r),
+            Err(p) => Arc::clone(&p.into_inner()),
+        }
+    }
+
+    /// Installs new redaction rules.
+    pub(crate) fn set_redactor(&self, redactor: periscope_redaction::Redactor) {
+        let redactor = Arc::new(redactor);
+        match self.redactor.write() {
+            Ok(mut r) => *r = redactor,
+            Err(p) => *p.into_inner() = redactor,
         }
     }
 

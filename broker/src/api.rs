@@ -14,6 +14,8 @@
 //! | DELETE | `/actions/{action_id}` | remove an action |
 //! | GET | `/actions/{action_id}/hits` | hits after `since`; `wait_seconds` long-polls for new ones |
 //! | GET | `/actions/{action_id}/lines` | a log's lines after `since`; `wait_seconds` long-polls |
+//! | GET | `/redaction` | the redaction rules in force (`mcp:admin`) |
+//! | PUT | `/redaction` | replace them: TOML, or JSON with `Content-Type: application/json` (`mcp:admin`); pushed to every agent |
 //!
 //! Each route needs the scope of the MCP tool that does the same thing (agents and
 //! sources: `mcp:agents:read`; placing and removing: `mcp:actions:write`; reading
@@ -53,6 +55,11 @@ pub fn router() -> Router<AppState> {
         .route("/actions/{action_id}", get(get_action.layer(read())).delete(remove_action.layer(write())))
         .route("/actions/{action_id}/hits", get(get_hits.layer(read())))
         .route("/actions/{action_id}/lines", get(get_lines.layer(read())))
+        .route(
+            "/redaction",
+            get(get_redaction.layer(from_fn_with_state(Scope::Admin, require_scope)))
+                .put(put_redaction.layer(from_fn_with_state(Scope::Admin, require_scope))),
+        )
         .route("/logs", axum::routing::post(place_log.layer(write())))
         .route("/metrics", axum::routing::post(place_metric.layer(write())))
 }
@@ -204,6 +211,29 @@ async fn place_action(
     };
     let view = state.engine.place_snapshot(req, &principal.name)?;
     Ok((axum::http::StatusCode::CREATED, Json(view)))
+}
+
+async fn get_redaction(State(state): State<AppState>) -> Json<periscope_redaction::RedactionConfig> {
+    Json(state.engine.rules.config())
+}
+
+async fn put_redaction(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> ApiResult<periscope_redaction::RedactionConfig> {
+    let json = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let config = if json {
+        serde_json::from_str::<periscope_redaction::RedactionConfig>(&body)
+            .map_err(|e| ApiError::invalid(format!("redaction rules (JSON): {e}")))?
+    } else {
+        periscope_redaction::RedactionConfig::from_toml_str(&body)
+            .map_err(|e| ApiError::invalid(format!("redaction rules (TOML): {e}")))?
+    };
+    Ok(Json(state.engine.replace_rules(config)?))
 }
 
 /// Body of `POST /api/v1/logs`: the `place_log` tool's arguments.

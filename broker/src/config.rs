@@ -193,6 +193,8 @@ pub struct BrokerConfig {
     pub mcp: McpSettings,
     /// Directory holding the database; without it nothing survives a restart.
     pub data_dir: Option<std::path::PathBuf>,
+    /// Redaction rules (built-ins on by default); changeable at run time through the API.
+    pub redaction: periscope_redaction::RedactionConfig,
 }
 
 impl Default for BrokerConfig {
@@ -208,6 +210,7 @@ impl Default for BrokerConfig {
             store: StoreSettings::default(),
             mcp: McpSettings::default(),
             data_dir: None,
+            redaction: periscope_redaction::RedactionConfig::default(),
         }
     }
 }
@@ -266,6 +269,9 @@ impl BrokerConfig {
                 return Err(ConfigError::Invalid { key: key.into(), message: format!("{v} is outside {min}..={max}") });
             }
         }
+        self.redaction
+            .validate()
+            .map_err(|e| ConfigError::Invalid { key: "redaction".into(), message: e.to_string() })?;
         if !(1..=3_650).contains(&self.store.hit_retention_days) {
             return Err(ConfigError::Invalid {
                 key: "store.hit_retention_days".into(),

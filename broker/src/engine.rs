@@ -420,6 +420,17 @@ struct Book {
     ended: VecDeque<ActionId>,
 }
 
+/// One metric action's figures, as `/metrics` exports them.
+#[derive(Debug, Clone)]
+pub struct MetricExport {
+    /// The action.
+    pub action_id: ActionId,
+    /// What it measures.
+    pub kind: MetricKind,
+    /// Its figures, per agent.
+    pub data: MetricData,
+}
+
 /// Counters the broker exports on `/metrics`.
 #[derive(Debug, Default)]
 pub struct EngineStats {
@@ -442,6 +453,8 @@ pub struct EngineStats {
 pub struct Engine {
     /// Counters for `/metrics`.
     pub stats: EngineStats,
+    /// Redaction rules applied to everything agents send.
+    pub rules: Arc<crate::rules::Rules>,
     metric_interval_ms: u64,
     registry: Arc<Registry>,
     store: Option<Store>,
@@ -467,11 +480,13 @@ impl Engine {
     /// An engine over a registry.
     pub fn new(
         registry: Arc<Registry>,
+        rules: Arc<crate::rules::Rules>,
         limits: CaptureLimits,
         max_ended: usize,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Engine {
+            rules,
             registry,
             store: None,
             shutdown,
@@ -491,7 +506,7 @@ impl Engine {
 
     /// Makes the engine durable: loads what `store` holds and writes every change to it.
     pub fn with_store(mut self, store: Store, loaded: Loaded) -> Result<Self, StoreError> {
-        let Loaded { actions, hits, lines, metrics } = loaded;
+        let Loaded { actions, hits, lines, metrics, settings: _ } = loaded;
         let corrupt =
             |what: &'static str, detail: String| StoreError::Corrupt { path: store.path().to_owned(), what, detail };
         let mut book = Book::default();
@@ -581,6 +596,30 @@ impl Engine {
         if let Some(store) = &self.store {
             store.purge_before(cutoff_ms);
         }
+    }
+
+    /// Replaces the redaction rules: compiled, persisted, and pushed to every online
+    /// agent; hits after this carry the new version.
+    pub fn replace_rules(
+        &self,
+        config: periscope_redaction::RedactionConfig,
+    ) -> Result<periscope_redaction::RedactionConfig, ApiError> {
+        let config = self.rules.replace(config).map_err(|e| ApiError::invalid(format!("redaction rules: {e}")))?;
+        if let Some(store) = &self.store {
+            store.put_setting(crate::rules::SETTING_KEY, serde_json::to_string(&config).unwrap_or_default());
+        }
+        let message = self.rules.message();
+        let mut online = Vec::new();
+        self.registry.for_each(|a| {
+            if a.online() {
+                online.push(a.info.agent_id.clone());
+            }
+        });
+        for agent in online {
+            self.registry.send(&agent, message.clone());
+        }
+        tracing::info!(version = config.version, "redaction rules replaced");
+        Ok(config)
     }
 
     /// Waits until everything written so far is durable.
@@ -1109,7 +1148,9 @@ impl Engine {
     /// Accepts a hit from an agent: re-applies capture limits, stores it, and completes
     /// the action when it has its hits. Returns whether the hit was kept.
     pub fn ingest_hit(&self, agent_id: &AgentId, agent_name: &str, mut hit: Hit) -> bool {
-        // Never trust an agent: the same limits again (a no-op for honest agents).
+        // Never trust an agent: redaction and the same limits again (a no-op for honest
+        // agents). Keys are known here too, so a `password` field is caught by name.
+        self.rules.redactor().redact_hit(&mut hit);
         hit.enforce_limits(&self.limits);
         let mut book = self.book();
         let Some(action) = book.actions.get_mut(&hit.action_id) else { return false };
@@ -1179,7 +1220,15 @@ impl Engine {
             )
             .len();
             line.text.truncate(keep);
+            // The agent redacted each placeholder by name; the broker redacts the text again.
+            let redactor = self.rules.redactor();
+            let mut report = periscope_redaction::Report::new();
+            if let std::borrow::Cow::Owned(clean) = redactor.redact_text(&line.text, "text", &mut report) {
+                line.text = clean;
+            }
+            line.redactions.extend(report.into_findings().into_iter().map(Into::into));
             line.redactions.truncate(periscope_protocol::hit::MAX_FINDINGS_PER_HIT);
+            line.rules_version = line.rules_version.max(redactor.version());
             let stored = StoredLine {
                 index: 0,
                 agent_id: agent_id.clone(),
@@ -1263,22 +1312,16 @@ impl Engine {
         self.lines(action_id, since, limit)
     }
 
-    /// Every metric action's figures (for `/metrics`): id, kind, pool, per-agent totals.
-    pub fn metric_snapshot(
-        &self,
-    ) -> Vec<(ActionId, MetricKind, Option<String>, MetricData, BTreeMap<AgentId, String>)> {
+    /// Every live metric action's figures, for `/metrics`.
+    pub fn metric_snapshot(&self) -> Vec<MetricExport> {
         let book = self.book();
         book.actions
             .values()
             .filter(|a| a.status == ActionStatus::Active)
             .filter_map(|a| match (&a.spec.kind, &a.metric) {
-                (ActionKind::Metric(m), Some(data)) => Some((
-                    a.spec.id.clone(),
-                    m.metric,
-                    a.target.pool.clone(),
-                    data.clone(),
-                    a.agents.iter().map(|(id, v)| (id.clone(), v.display_name.clone())).collect(),
-                )),
+                (ActionKind::Metric(m), Some(data)) => {
+                    Some(MetricExport { action_id: a.spec.id.clone(), kind: m.metric, data: data.clone() })
+                }
                 _ => None,
             })
             .collect()

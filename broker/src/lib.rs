@@ -11,6 +11,7 @@
 //! - [`registry`]: connected and recently gone agents, their catalogs.
 //! - [`engine`]: actions, hits, waiting, completion and expiry.
 //! - [`telemetry`]: dynamic log lines and metric figures kept by the broker.
+//! - [`rules`]: the redaction rules in force, swapped and pushed at run time.
 //! - [`store`]: SQLite persistence of actions and hits under `--data-dir`.
 //! - [`query`]: listing agents and sources with filters and pagination.
 //! - [`api`]: the REST API under `/api/v1`.
@@ -29,6 +30,7 @@ pub mod gateway;
 pub mod mcp;
 pub mod query;
 pub mod registry;
+pub mod rules;
 pub mod store;
 pub mod telemetry;
 pub mod time;
@@ -203,8 +205,9 @@ async fn prometheus(State(state): State<AppState>) -> impl axum::response::IntoR
         |id: &periscope_protocol::AgentId| state.registry.with(id, |a| a.info.pool.clone()).unwrap_or_default();
     let _ = writeln!(out, "# HELP periscope_dynamic_hits_total Hits counted by counter metrics.");
     let _ = writeln!(out, "# TYPE periscope_dynamic_hits_total counter");
-    for (action, kind, _, data, _) in &metrics {
-        if *kind != periscope_protocol::MetricKind::Counter {
+    for m in &metrics {
+        let (action, kind, data) = (&m.action_id, m.kind, &m.data);
+        if kind != periscope_protocol::MetricKind::Counter {
             continue;
         }
         for (agent, totals) in &data.per_agent {
@@ -218,8 +221,9 @@ async fn prometheus(State(state): State<AppState>) -> impl axum::response::IntoR
     }
     let _ = writeln!(out, "# HELP periscope_dynamic_value Samples of duration (ms) and value metrics.");
     let _ = writeln!(out, "# TYPE periscope_dynamic_value summary");
-    for (action, kind, _, data, _) in &metrics {
-        let kind_name = match kind {
+    for m in &metrics {
+        let (action, data) = (&m.action_id, &m.data);
+        let kind_name = match m.kind {
             periscope_protocol::MetricKind::Counter => continue,
             periscope_protocol::MetricKind::Duration => "duration",
             periscope_protocol::MetricKind::Value => "value",
@@ -268,10 +272,32 @@ pub async fn run(
     let bound = listener.local_addr()?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let registry = Arc::new(Registry::new(config.agents.max_catalog_entries));
-    let mut engine = Engine::new(Arc::clone(&registry), config.limits, config.store.max_ended_actions, stop_rx.clone())
-        .with_metric_interval(config.agents.metric_report_interval_ms);
-    if let Some(dir) = &config.data_dir {
-        let (store, loaded) = store::Store::open(dir)?;
+    let mut redaction = config.redaction.clone();
+    let loaded = match &config.data_dir {
+        Some(dir) => {
+            let (store, loaded) = store::Store::open(dir)?;
+            // Rules changed at run time outlive a restart unless the file is newer.
+            if let Some((_, json)) = loaded.settings.iter().find(|(k, _)| k == rules::SETTING_KEY) {
+                match serde_json::from_str::<periscope_redaction::RedactionConfig>(json) {
+                    Ok(stored) if stored.version >= redaction.version => redaction = stored,
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "ignoring stored redaction rules that do not decode"),
+                }
+            }
+            Some((store, loaded))
+        }
+        None => None,
+    };
+    let rules = Arc::new(rules::Rules::new(redaction)?);
+    let mut engine = Engine::new(
+        Arc::clone(&registry),
+        Arc::clone(&rules),
+        config.limits,
+        config.store.max_ended_actions,
+        stop_rx.clone(),
+    )
+    .with_metric_interval(config.agents.metric_report_interval_ms);
+    if let Some((store, loaded)) = loaded {
         engine = engine.with_store(store, loaded)?;
     }
     if config.mcp_allowed_hosts().iter().all(|h| h != &bound.ip().to_string()) && !bound.ip().is_loopback() {

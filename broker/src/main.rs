@@ -27,6 +27,22 @@ enum Command {
     /// Serve MCP on stdin/stdout for clients that only speak stdio, forwarding to a
     /// broker's `/mcp` endpoint. Logs go to stderr.
     Mcp(McpArgs),
+    /// Redact standard input with the redaction rules, to try them on sample data.
+    Redact(RedactArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RedactArgs {
+    /// Redaction rules (TOML); the built-in rules when absent.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Read JSON documents (one or more, e.g. JSON lines) and redact them structurally:
+    /// member names are known, so `"password": "x"` is caught by name.
+    #[arg(long)]
+    json: bool,
+    /// Also write what fired, where (never the values), to standard error as JSON lines.
+    #[arg(long)]
+    report: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -118,6 +134,51 @@ async fn stdin_closed() {
     }
 }
 
+/// Most input `periscope redact` reads, so a stray pipe cannot exhaust memory.
+const MAX_REDACT_INPUT: u64 = 256 * 1024 * 1024;
+
+fn redact(args: &RedactArgs) -> anyhow::Result<()> {
+    use std::io::{Read as _, Write as _};
+    let config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            periscope_redaction::RedactionConfig::from_toml_str(&text).with_context(|| format!("{}", path.display()))?
+        }
+        None => periscope_redaction::RedactionConfig::default(),
+    };
+    let redactor = periscope_redaction::Redactor::new(&config)?;
+    let mut input = String::new();
+    std::io::stdin()
+        .take(MAX_REDACT_INPUT + 1)
+        .read_to_string(&mut input)
+        .context("reading standard input (it must be UTF-8)")?;
+    anyhow::ensure!(input.len() as u64 <= MAX_REDACT_INPUT, "standard input is larger than 256 MiB");
+    let mut report = periscope_redaction::Report::new();
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    if args.json {
+        for (i, doc) in serde_json::Deserializer::from_str(&input).into_iter::<serde_json::Value>().enumerate() {
+            let mut doc = doc.with_context(|| format!("JSON document {} does not parse", i + 1))?;
+            redactor.redact_json(&mut doc, &mut report);
+            serde_json::to_writer(&mut out, &doc)?;
+            writeln!(out)?;
+        }
+    } else {
+        for (i, line) in input.split_inclusive('\n').enumerate() {
+            out.write_all(redactor.redact_text(line, &format!("line {}", i + 1), &mut report).as_bytes())?;
+        }
+    }
+    out.flush()?;
+    if args.report {
+        let stderr = std::io::stderr();
+        let mut err = stderr.lock();
+        for f in report.findings() {
+            writeln!(err, "{}", serde_json::json!({ "path": f.path, "rule": f.rule }))?;
+        }
+    }
+    Ok(())
+}
+
 fn load_config(args: &ServeArgs) -> anyhow::Result<BrokerConfig> {
     let mut config = match &args.config {
         Some(path) => BrokerConfig::load(path)?,
@@ -193,6 +254,7 @@ fn main() -> anyhow::Result<()> {
             agent.shutdown(std::time::Duration::from_secs(2));
             result
         }
+        Command::Redact(args) => redact(&args),
         Command::Serve(args) => {
             init_logging("info");
             let config = load_config(&args)?;

@@ -108,6 +108,8 @@ pub struct Loaded {
     pub lines: Vec<LineRow>,
     /// Metric figures: action id and `MetricData` as JSON.
     pub metrics: Vec<(String, String)>,
+    /// Settings changed at run time (redaction rules), by key, as JSON.
+    pub settings: Vec<(String, String)>,
 }
 
 enum Op {
@@ -115,6 +117,7 @@ enum Op {
     Hit(HitRow),
     Line(LineRow),
     Metric(String, String),
+    Setting(String, String),
     DeleteAction(String),
     PurgeBefore(u64),
     Flush(mpsc::Sender<()>),
@@ -135,6 +138,7 @@ impl std::fmt::Debug for Op {
             Op::Hit(_) => "Hit",
             Op::Line(_) => "Line",
             Op::Metric(..) => "Metric",
+            Op::Setting(..) => "Setting",
             Op::DeleteAction(_) => "DeleteAction",
             Op::PurgeBefore(_) => "PurgeBefore",
             Op::Flush(_) => "Flush",
@@ -175,6 +179,10 @@ CREATE TABLE IF NOT EXISTS metrics (
     action_id TEXT PRIMARY KEY,
     body TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 ";
 
 fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
@@ -204,6 +212,7 @@ impl Store {
             hits: load_hits(&conn).map_err(sqlite(&path))?,
             lines: load_lines(&conn).map_err(sqlite(&path))?,
             metrics: load_metrics(&conn).map_err(sqlite(&path))?,
+            settings: load_settings(&conn).map_err(sqlite(&path))?,
         };
         let (tx, rx) = mpsc::channel();
         let writer_path = path.clone();
@@ -237,6 +246,11 @@ impl Store {
     /// Persists a metric's figures (replacing the previous ones).
     pub fn put_metric(&self, action_id: &str, body: String) {
         let _ = self.tx.send(Op::Metric(action_id.to_owned(), body));
+    }
+
+    /// Persists a setting changed at run time.
+    pub fn put_setting(&self, key: &str, value: String) {
+        let _ = self.tx.send(Op::Setting(key.to_owned(), value));
     }
 
     /// Forgets an action and its hits.
@@ -315,6 +329,12 @@ fn load_lines(conn: &Connection) -> rusqlite::Result<Vec<LineRow>> {
     rows.collect()
 }
 
+fn load_settings(conn: &Connection) -> rusqlite::Result<Vec<(String, String)>> {
+    let mut stmt = conn.prepare("SELECT key, value FROM settings")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
 fn load_metrics(conn: &Connection) -> rusqlite::Result<Vec<(String, String)>> {
     let mut stmt = conn.prepare("SELECT action_id, body FROM metrics")?;
     let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
@@ -359,6 +379,12 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, flushes: &mut Vec<mpsc::Sender<
             tx.execute(
                 "INSERT INTO metrics (action_id, body) VALUES (?1, ?2) ON CONFLICT(action_id) DO UPDATE SET body = ?2",
                 params![id, body],
+            )?;
+        }
+        Op::Setting(key, value) => {
+            tx.execute(
+                "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2",
+                params![key, value],
             )?;
         }
         Op::DeleteAction(id) => {

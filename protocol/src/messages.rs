@@ -110,6 +110,15 @@ pub enum BrokerMessage {
         /// Why (completed, removed, expired, quota), for the agent's logs.
         reason: String,
     },
+    /// The redaction rules to apply from now on (sent after registration and whenever
+    /// an operator changes them). Hits and lines say which version redacted them.
+    RedactionRules {
+        /// Monotonic rules version.
+        version: u64,
+        /// The rules (a `periscope_redaction::RedactionConfig` as JSON; kept opaque here
+        /// so the protocol crate does not depend on the engine).
+        config: serde_json::Value,
+    },
     /// Something the agent sent was refused. When `fatal`, the broker closes next.
     Error(ProtocolErrorBody),
     /// The broker is closing on purpose (shutdown); reconnect later.

@@ -88,6 +88,8 @@ async fn bad_agents_get_specific_errors_and_good_agents_keep_working() {
     let mut ws = connect(&broker.ws_url(), Some(AGENT_KEY)).await.unwrap();
     ws.send(Message::text(registration(1, "agt_rawgood").to_string())).await.unwrap();
     assert_eq!(next_json(&mut ws).await.unwrap()["type"], "registered");
+    let rules = next_json(&mut ws).await.unwrap();
+    assert_eq!(rules["type"], "redaction_rules", "{rules}");
     assert_eq!(next_json(&mut ws).await.unwrap()["type"], "action_sync");
     ws.send(Message::text(r#"{"type":"hit","action_id":"agt_wrongkind"}"#)).await.unwrap();
     let err = next_json(&mut ws).await.unwrap();

@@ -11,4 +11,5 @@ mod conditions;
 mod core_loop;
 mod gateway_errors;
 mod mcp;
+mod redaction;
 mod telemetry;

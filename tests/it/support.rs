@@ -17,6 +17,8 @@ use tracing::Dispatch;
 use tracing_subscriber::prelude::*;
 
 pub const API_KEY: &str = "test-api-key-0123456789";
+/// A key with `mcp:admin` (redaction rules, later keys and audit).
+pub const ADMIN_KEY: &str = "test-admin-key-0123456789";
 pub const AGENT_KEY: &str = "test-agent-key-0123456789";
 
 /// A broker running in this process on a loopback port.
@@ -30,6 +32,9 @@ pub struct TestBroker {
 pub fn test_config() -> BrokerConfig {
     let mut config = BrokerConfig::default();
     config.api_keys.push(ApiKeyConfig::new("tester", API_KEY));
+    config
+        .api_keys
+        .push(ApiKeyConfig { scopes: Some(vec!["mcp:admin".into()]), ..ApiKeyConfig::new("admin", ADMIN_KEY) });
     config.agent_keys.push(AgentKeyConfig { key: AGENT_KEY.into(), pools: vec!["*".into()] });
     config.agents.heartbeat_interval_secs = 1;
     config

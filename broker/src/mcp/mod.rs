@@ -171,7 +171,8 @@ mod tests {
         let config = crate::BrokerConfig::default();
         let registry = Arc::new(crate::registry::Registry::new(100));
         let (_tx, rx) = tokio::sync::watch::channel(false);
-        let engine = crate::engine::Engine::new(Arc::clone(&registry), config.limits, 10, rx.clone());
+        let engine =
+            crate::engine::Engine::new(Arc::clone(&registry), Default::default(), config.limits, 10, rx.clone());
         let state = Arc::new(crate::BrokerState {
             config,
             registry,
@@ -219,6 +220,7 @@ mod tests {
             registry: Arc::clone(&server.state.registry),
             engine: crate::engine::Engine::new(
                 Arc::clone(&server.state.registry),
+                Default::default(),
                 Default::default(),
                 10,
                 server.state.shutdown.clone(),
