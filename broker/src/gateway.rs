@@ -152,12 +152,15 @@ async fn session(state: AppState, mut socket: WebSocket, allowed_pools: Vec<Stri
         heartbeat_interval_ms: settings.heartbeat_interval_secs * 1_000,
     });
     let actions = state.engine.on_agent_registered(&agent_id);
-    let reason =
-        if send(&mut socket, &registered).await && send(&mut socket, &BrokerMessage::ActionSync { actions }).await {
-            run(&state, &mut socket, &agent_id, &name, rx).await
-        } else {
-            "the socket failed during registration".to_owned()
-        };
+    let rules = state.engine.rules.message();
+    let reason = if send(&mut socket, &registered).await
+        && send(&mut socket, &rules).await
+        && send(&mut socket, &BrokerMessage::ActionSync { actions }).await
+    {
+        run(&state, &mut socket, &agent_id, &name, rx).await
+    } else {
+        "the socket failed during registration".to_owned()
+    };
     tracing::info!(agent = %agent_id, %reason, "agent disconnected");
     state.registry.disconnect(&agent_id, session_no, &reason);
     state.engine.on_agent_disconnected(&agent_id);
