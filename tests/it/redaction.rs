@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -184,6 +184,14 @@ async fn the_broker_redacts_what_an_untrusted_agent_sends() {
     let register = json!({"type": "register", "protocol_version": 1, "agent_id": "agt_rawsender", "display_name": "raw",
                           "pool": "untrusted", "tags": [], "service": "raw", "language": "test", "agent_version": "0"});
     ws.send(Message::text(register.to_string())).await.unwrap();
+    // Registered before it is targeted.
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) if t.as_str().contains(r#""type":"registered""#) => break,
+            Some(Ok(_)) => {}
+            other => panic!("no registration: {other:?}"),
+        }
+    }
     let (status, action) = api
         .post("/actions", json!({"agent_ids": ["agt_rawsender", agent.id()], "file": "it/redaction.rs", "line": line}))
         .await;

@@ -174,7 +174,7 @@ async fn a_dynamic_log_over_its_quota_pauses_and_resumes_by_itself() {
     assert!(metrics.contains("periscope_quota_pauses_total{reason=\"quota_log\"}"), "{metrics}");
     // ...and resumed: lines keep coming, at the quota's pace rather than the workload's.
     let lines_then = paused["lines"].as_u64().unwrap();
-    let events_then = events.load(Ordering::Relaxed);
+    let since = std::time::Instant::now();
     let later = wait_action(&api, &id, "more lines after the pause", move |a| {
         a["lines"].as_u64().unwrap_or(0) >= lines_then + 5
     })
@@ -182,8 +182,11 @@ async fn a_dynamic_log_over_its_quota_pauses_and_resumes_by_itself() {
     stop.store(true, Ordering::Relaxed);
     work.join().unwrap();
     let line_delta = later["lines"].as_u64().unwrap() - lines_then;
-    let event_delta = events.load(Ordering::Relaxed) - events_then;
-    assert!(line_delta * 4 < event_delta, "{line_delta} lines for {event_delta} events: the quota held");
+    // At most the quota's pace plus its burst (and lines already in flight); the
+    // elapsed time is measured generously, so a slow machine only loosens the bound.
+    let allowed = 5.0 * since.elapsed().as_secs_f64() + 15.0;
+    assert!((line_delta as f64) <= allowed, "{line_delta} lines in {:?}: the quota held", since.elapsed());
+    assert!(events.load(Ordering::Relaxed) > later["lines"].as_u64().unwrap(), "the workload outpaced the log");
     agent.shutdown();
     broker.stop().await;
 }
