@@ -730,26 +730,16 @@ enum WireValue {
     Unknown,
 }
 
-impl<'de> Deserialize<'de> for Value {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Ok(match WireValue::deserialize(deserializer)? {
+impl WireValue {
+    fn into_value<E: de::Error>(self) -> Result<Value, E> {
+        Ok(match self {
             WireValue::Null => Value::Null,
             WireValue::Bool { value } => Value::Bool(value),
             WireValue::Int { value } => Value::Int(value),
             WireValue::Uint { value } => Value::UInt(value),
             WireValue::Float { value } => Value::Float(match value {
                 FloatRepr::Num(n) => n,
-                FloatRepr::Text(t) => match t.as_str() {
-                    "NaN" | "nan" => f64::NAN,
-                    "inf" | "+inf" | "Infinity" => f64::INFINITY,
-                    "-inf" | "-Infinity" => f64::NEG_INFINITY,
-                    other => {
-                        return Err(de::Error::custom(format!(
-                            "float value `{}` is neither a number nor NaN/inf/-inf",
-                            truncate_chars(other, 40)
-                        )));
-                    }
-                },
+                FloatRepr::Text(t) => float_word(&t)?,
             }),
             WireValue::String { value, original_len } => Value::Str(Text { value, original_len }),
             WireValue::List { type_name, items, omitted } => Value::List(List { type_name, items, omitted }),
@@ -762,6 +752,258 @@ impl<'de> Deserialize<'de> for Value {
             WireValue::Cut { reason, type_name, size } => Value::Cut(Cut { reason, type_name, size }),
             WireValue::Unknown => Value::Cut(Cut { reason: CutReason::Unsupported, type_name: None, size: None }),
         })
+    }
+}
+
+fn float_word<E: de::Error>(t: &str) -> Result<f64, E> {
+    match t {
+        "NaN" | "nan" => Ok(f64::NAN),
+        "inf" | "+inf" | "Infinity" => Ok(f64::INFINITY),
+        "-inf" | "-Infinity" => Ok(f64::NEG_INFINITY),
+        other => {
+            Err(E::custom(format!("float value `{}` is neither a number nor NaN/inf/-inf", truncate_chars(other, 40))))
+        }
+    }
+}
+
+/// The members a value object can have; matched without allocating.
+enum Key {
+    Type,
+    Value,
+    OriginalLen,
+    Items,
+    Entries,
+    Fields,
+    Omitted,
+    TypeName,
+    Reason,
+    Size,
+    Other(String),
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Key;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key, E> {
+                Ok(match v {
+                    "type" => Key::Type,
+                    "value" => Key::Value,
+                    "original_len" => Key::OriginalLen,
+                    "items" => Key::Items,
+                    "entries" => Key::Entries,
+                    "fields" => Key::Fields,
+                    "omitted" => Key::Omitted,
+                    "type_name" => Key::TypeName,
+                    "reason" => Key::Reason,
+                    "size" => Key::Size,
+                    other => Key::Other(truncate_chars(other, 64).to_owned()),
+                })
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// The `type` tag of a value object.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Null,
+    Bool,
+    Int,
+    Uint,
+    Float,
+    String,
+    List,
+    Map,
+    Object,
+    Cut,
+    Unknown,
+}
+
+impl<'de> Deserialize<'de> for Kind {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Kind;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a value kind")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Kind, E> {
+                Ok(match v {
+                    "null" => Kind::Null,
+                    "bool" => Kind::Bool,
+                    "int" => Kind::Int,
+                    "uint" => Kind::Uint,
+                    "float" => Kind::Float,
+                    "string" => Kind::String,
+                    "list" => Kind::List,
+                    "map" => Kind::Map,
+                    "object" => Kind::Object,
+                    "cut" => Kind::Cut,
+                    // Newer agents' kinds decode as an "unsupported" marker.
+                    _ => Kind::Unknown,
+                })
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A float given as a number or as one of the words for non-finite values.
+struct FloatDe(f64);
+
+impl<'de> Deserialize<'de> for FloatDe {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = FloatDe;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number, or NaN/inf/-inf")
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<FloatDe, E> {
+                Ok(FloatDe(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<FloatDe, E> {
+                Ok(FloatDe(v as f64))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<FloatDe, E> {
+                Ok(FloatDe(v as f64))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<FloatDe, E> {
+                float_word(v).map(FloatDe)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+struct ValueVisitor;
+
+impl<'de> Visitor<'de> for ValueVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a captured value: an object with a `type` member")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let first = map.next_key::<Key>()?;
+        match first {
+            Some(Key::Type) => typed(map.next_value::<Kind>()?, map),
+            None => Err(de::Error::missing_field("type")),
+            // Not written by Periscope (which puts `type` first): buffer, then decode.
+            Some(other) => {
+                let mut buffered = serde_json::Map::new();
+                buffered.insert(key_name(&other), map.next_value::<serde_json::Value>()?);
+                while let Some((k, v)) = map.next_entry::<String, serde_json::Value>()? {
+                    buffered.insert(k, v);
+                }
+                WireValue::deserialize(serde_json::Value::Object(buffered)).map_err(de::Error::custom)?.into_value()
+            }
+        }
+    }
+}
+
+fn key_name(k: &Key) -> String {
+    match k {
+        Key::Type => "type",
+        Key::Value => "value",
+        Key::OriginalLen => "original_len",
+        Key::Items => "items",
+        Key::Entries => "entries",
+        Key::Fields => "fields",
+        Key::Omitted => "omitted",
+        Key::TypeName => "type_name",
+        Key::Reason => "reason",
+        Key::Size => "size",
+        Key::Other(s) => s,
+    }
+    .to_owned()
+}
+
+/// Decodes the members after `type`, straight into the value: no buffering.
+fn typed<'de, A: MapAccess<'de>>(kind: Kind, mut map: A) -> Result<Value, A::Error> {
+    let mut value: Option<Value> = None;
+    let mut original_len = None;
+    let mut items = None;
+    let mut entries: Option<Vec<EntryDe>> = None;
+    let mut fields: Option<FieldsDe> = None;
+    let mut omitted = 0u64;
+    let mut type_name: Option<String> = None;
+    let mut reason = None;
+    let mut size = None;
+    while let Some(key) = map.next_key::<Key>()? {
+        match key {
+            Key::Value => {
+                value = Some(match kind {
+                    Kind::Bool => Value::Bool(map.next_value()?),
+                    Kind::Int => Value::Int(map.next_value()?),
+                    Kind::Uint => Value::UInt(map.next_value()?),
+                    Kind::Float => Value::Float(map.next_value::<FloatDe>()?.0),
+                    Kind::String => Value::str(map.next_value::<String>()?),
+                    _ => {
+                        map.next_value::<de::IgnoredAny>()?;
+                        continue;
+                    }
+                })
+            }
+            Key::OriginalLen => original_len = map.next_value::<Option<u64>>()?,
+            Key::Items => items = Some(map.next_value::<Vec<Value>>()?),
+            Key::Entries => entries = Some(map.next_value()?),
+            Key::Fields => fields = Some(map.next_value()?),
+            Key::Omitted => omitted = map.next_value()?,
+            Key::TypeName => type_name = map.next_value()?,
+            Key::Reason => reason = Some(map.next_value::<CutReason>()?),
+            Key::Size => size = map.next_value()?,
+            Key::Type => return Err(de::Error::duplicate_field("type")),
+            Key::Other(_) => {
+                map.next_value::<de::IgnoredAny>()?;
+            }
+        }
+    }
+    let need = |v: Option<Value>| v.ok_or_else(|| de::Error::missing_field("value"));
+    Ok(match kind {
+        Kind::Null => Value::Null,
+        Kind::Bool | Kind::Int | Kind::Uint | Kind::Float => need(value)?,
+        Kind::String => match need(value)? {
+            Value::Str(mut t) => {
+                t.original_len = original_len;
+                Value::Str(t)
+            }
+            other => other,
+        },
+        Kind::List => {
+            Value::List(List { type_name, items: items.ok_or_else(|| de::Error::missing_field("items"))?, omitted })
+        }
+        Kind::Map => Value::Map(Map {
+            type_name,
+            entries: entries
+                .ok_or_else(|| de::Error::missing_field("entries"))?
+                .into_iter()
+                .map(|e| (e.key, e.value))
+                .collect(),
+            omitted,
+        }),
+        Kind::Object => Value::Object(Object {
+            type_name: type_name.ok_or_else(|| de::Error::missing_field("type_name"))?,
+            fields: fields.ok_or_else(|| de::Error::missing_field("fields"))?.0,
+            omitted,
+        }),
+        Kind::Cut => {
+            Value::Cut(Cut { reason: reason.ok_or_else(|| de::Error::missing_field("reason"))?, type_name, size })
+        }
+        Kind::Unknown => Value::Cut(Cut { reason: CutReason::Unsupported, type_name: None, size: None }),
+    })
+}
+
+impl<'de> Deserialize<'de> for Value {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(ValueVisitor)
     }
 }
 
@@ -858,6 +1100,19 @@ mod tests {
         assert_eq!(v, Value::Int(3));
         let v: Value = serde_json::from_str(r#"{"type":"cut","reason":"gremlins"}"#).unwrap();
         assert!(matches!(v, Value::Cut(Cut { reason: CutReason::Unsupported, .. })));
+    }
+
+    #[test]
+    fn members_in_any_order_decode_the_same() {
+        let v: Value = serde_json::from_str(r#"{"value":"abc","original_len":9,"type":"string"}"#).unwrap();
+        assert_eq!(v, Value::Str(Text { value: "abc".into(), original_len: Some(9) }));
+        let v: Value =
+            serde_json::from_str(r#"{"fields":{"a":{"type":"int","value":1}},"type_name":"T","type":"object"}"#)
+                .unwrap();
+        assert_eq!(v.field("a"), Some(&Value::Int(1)));
+        assert!(serde_json::from_str::<Value>(r#"{"type":"int"}"#).unwrap_err().to_string().contains("value"));
+        assert!(serde_json::from_str::<Value>(r#"{"value":1}"#).is_err());
+        assert!(serde_json::from_str::<Value>(r#"{"type":"int","type":"int","value":1}"#).is_err());
     }
 
     #[test]
