@@ -110,6 +110,13 @@ impl Runner {
                 tokio::select! {
                     _ = tokio::time::sleep_until(wake_at) => break,
                     _ = self.shutdown.changed() => return,
+                    // Code that ran for the first time may match an action we hold: arm it
+                    // even while the broker is away.
+                    _ = self.shared.wake.notified() => {
+                        if self.shared.rebuild_needed.load(Ordering::Acquire) {
+                            self.install().await;
+                        }
+                    }
                     // Keep draining while disconnected: hold no stale hits, count them.
                     Some(_) = self.hits_rx.recv() => {
                         self.shared.counters.dropped_disconnected.fetch_add(1, Ordering::Relaxed);
