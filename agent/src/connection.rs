@@ -322,10 +322,10 @@ impl Runner {
                 tracing::debug!(target: "periscope_agent", action = %action_id, %reason, "action removed");
                 if let Some(action) = self.actions.remove(&action_id) {
                     // A metric's last partial interval still counts.
-                    if let Some(report) = metric_report(&action, crate::layer::unix_ms(), true) {
-                        if let Err(e) = send(socket, &AgentMessage::Metrics { reports: vec![report] }).await {
-                            return Some(SessionEnd::Retry(e));
-                        }
+                    if let Some(report) = metric_report(&action, crate::layer::unix_ms(), true)
+                        && let Err(e) = send(socket, &AgentMessage::Metrics { reports: vec![report] }).await
+                    {
+                        return Some(SessionEnd::Retry(e));
                     }
                     self.install().await;
                 }
@@ -473,17 +473,17 @@ impl Runner {
                 return Ok(());
             }
         };
-        if let Some(first) = rendered.errors.first() {
-            if !raw.action.eval_error_reported.swap(true, Ordering::Relaxed) {
-                let state = AgentActionState::EvalError {
-                    reason: format!("template placeholder {}: {}", first.index, first.error),
-                };
-                send(
-                    socket,
-                    &AgentMessage::ActionStatus(ActionStatusUpdate { action_id: raw.action.spec.id.clone(), state }),
-                )
-                .await?;
-            }
+        if let Some(first) = rendered.errors.first()
+            && !raw.action.eval_error_reported.swap(true, Ordering::Relaxed)
+        {
+            let state = AgentActionState::EvalError {
+                reason: format!("template placeholder {}: {}", first.index, first.error),
+            };
+            send(
+                socket,
+                &AgentMessage::ActionStatus(ActionStatusUpdate { action_id: raw.action.spec.id.clone(), state }),
+            )
+            .await?;
         }
         let bytes = rendered.text.len() as u64;
         let now = self.shared.clock.now();

@@ -406,11 +406,11 @@ impl ProbeLayer {
             shared.counters.dropped_rate.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        if let Some(max) = log.spec.max_lines {
-            if log.lines.fetch_add(1, Ordering::AcqRel) >= max {
-                shared.complete(action);
-                return;
-            }
+        if let Some(max) = log.spec.max_lines
+            && log.lines.fetch_add(1, Ordering::AcqRel) >= max
+        {
+            shared.complete(action);
+            return;
         }
         if action.resume() {
             shared.report(&action.spec.id, AgentActionState::Resumed);
@@ -488,13 +488,13 @@ impl ProbeLayer {
             let Some(scope) = firing.ctx.span_scope(id) else { continue };
             for span in scope {
                 let mut ext = span.extensions_mut();
-                if let Some(clocks) = ext.get_mut::<Clocks>() {
-                    if let Some(i) = clocks.0.iter().position(|(a, _)| Arc::ptr_eq(a, action)) {
-                        let (_, started) = clocks.0.swap_remove(i);
-                        drop(ext);
-                        record_duration(action, now.saturating_sub(started));
-                        return;
-                    }
+                if let Some(clocks) = ext.get_mut::<Clocks>()
+                    && let Some(i) = clocks.0.iter().position(|(a, _)| Arc::ptr_eq(a, action))
+                {
+                    let (_, started) = clocks.0.swap_remove(i);
+                    drop(ext);
+                    record_duration(action, now.saturating_sub(started));
+                    return;
                 }
             }
         }
