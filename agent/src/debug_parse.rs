@@ -30,7 +30,7 @@
 //! |---|---|
 //! | `Name { a: 1, b: "x" }`, `Name { a: 1, .. }` | object `Name` with fields `a`, `b` |
 //! | `Point(1, 2)`, `Some(5)` | object with fields `0`, `1` |
-//! | `None`, `Empty`, `Foo::Bar` | object with no fields (a lowercase word is a string) |
+//! | `None`, `Empty`, `Foo::Bar`, `ada` | string (a bare name may be a unit variant or `%display` text) |
 //! | `[1, 2]`, `Array [1]` | list (the second named `Array`) |
 //! | `(1, "a")`, `()` | list with type name `tuple` |
 //! | `{"k": 1}`, `Name {"k": 1}` | map |
@@ -136,8 +136,9 @@ fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\n' | b'\r' | b'\t')
 }
 
-/// Whether a bare path looks like a unit struct or variant: its last segment (before
-/// any generics) starts with an uppercase letter.
+/// Whether a path looks like a type name: its last segment (before any generics)
+/// starts with an uppercase letter. Only such a name may open a named list
+/// (`Array [1]`); a lowercase word before `[` is text.
 fn names_a_type(path: &str) -> bool {
     let base = path.split('<').next().unwrap_or(path);
     let last = base.rsplit("::").next().unwrap_or(base);
@@ -783,8 +784,9 @@ impl<'a> Parser<'a> {
         })
     }
 
-    /// A path-named value: a struct, tuple struct, unit struct or variant, or one of
-    /// the words `true`, `false`, `NaN`, `inf`.
+    /// A path-named value: a struct, tuple struct or variant with fields, one of the
+    /// words `true`, `false`, `NaN`, `inf`, or else a bare name (a unit struct or
+    /// variant, or `%display` text), which is a string.
     fn named(&mut self, level: u32) -> Option<Value> {
         let start = self.pos;
         let end = self.path_end(start);
@@ -809,10 +811,10 @@ impl<'a> Parser<'a> {
             "false" => Value::Bool(false),
             "NaN" => Value::Float(f64::NAN),
             "inf" => Value::Float(f64::INFINITY),
-            // Types and variants are UpperCamelCase; a bare lowercase word is text
-            // (a `%value` arrives through Debug too), not a unit struct.
-            _ if !names_a_type(name) => Value::Str(self.short_text(name)),
-            _ => Value::Object(Object { type_name: self.name(name), ..Object::default() }),
+            // A bare name, whether a unit variant (`Paid`, `None`) or a `%display` value
+            // (which arrives through Debug too, indistinguishably), is kept as text:
+            // conditions then compare it with a string (`status == "Paid"`).
+            _ => Value::Str(self.short_text(name)),
         })
     }
 

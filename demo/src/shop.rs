@@ -682,19 +682,22 @@ impl Shop {
         if slow {
             debug!(payment_id = payment.id, "processor is slow to answer");
         }
-        match tokio::time::timeout(config.payment_timeout, tokio::time::sleep(wait)).await {
-            Ok(()) => Ok(declined.then(|| reason.to_owned())),
-            Err(_) => {
-                let timeout_ms = config.payment_timeout.as_millis() as u64;
-                error!(
-                    order_id = payment.order_id,
-                    amount_cents = payment.amount_cents,
-                    timeout_ms,
-                    "payment processor timed out"
-                );
-                Err(ShopError::PaymentTimeout { timeout_ms })
-            }
+        // The simulated answer takes `wait`; whether it beats the timeout is decided from
+        // the two durations. Racing two timers (`timeout(t, sleep(wait))`) would let a
+        // runtime stalled past both deadlines see the answer first and miss the timeout.
+        if wait < config.payment_timeout {
+            tokio::time::sleep(wait).await;
+            return Ok(declined.then(|| reason.to_owned()));
         }
+        tokio::time::sleep(config.payment_timeout).await;
+        let timeout_ms = config.payment_timeout.as_millis() as u64;
+        error!(
+            order_id = payment.order_id,
+            amount_cents = payment.amount_cents,
+            timeout_ms,
+            "payment processor timed out"
+        );
+        Err(ShopError::PaymentTimeout { timeout_ms })
     }
 
     /// Sets up a SEPA direct debit.

@@ -12,11 +12,18 @@ use crate::support::{Api, TestAgent, TestBroker, eventually, wait_online};
 #[allow(dead_code)]
 struct User {
     name: String,
-    tier: &'static str,
+    tier: Tier,
+}
+
+/// A unit variant reaches conditions as its name, a string (`user.tier == "Basic"`).
+#[derive(Debug)]
+enum Tier {
+    Gold,
+    Basic,
 }
 
 fn emit(i: u64) {
-    let user = User { name: format!("user-{i}"), tier: if i.is_multiple_of(3) { "gold" } else { "basic" } };
+    let user = User { name: format!("user-{i}"), tier: if i.is_multiple_of(3) { Tier::Gold } else { Tier::Basic } };
     tracing::info!(amount = i, user = ?user, "conditional event");
 }
 
@@ -55,7 +62,7 @@ async fn a_conditional_snapshot_fires_only_on_matching_hits_and_evaluates_its_wa
         .post(
             "/actions",
             json!({"pool": "cond", "file": "conditions.rs", "line": line, "max_hits": 2,
-                   "condition": "amount % 5 == 0 && user.tier == \"basic\"",
+                   "condition": "amount % 5 == 0 && user.tier == \"Basic\"",
                    "watch": ["user.name", "amount * 2", "user.missing"]}),
         )
         .await;
@@ -83,6 +90,7 @@ async fn a_conditional_snapshot_fires_only_on_matching_hits_and_evaluates_its_wa
         let amount = hit["fields"]["amount"]["value"].as_i64().unwrap();
         assert_eq!(amount % 5, 0, "{hit}");
         assert_ne!(amount % 3, 0, "tier must be basic: {hit}");
+        assert_eq!(hit["fields"]["user"]["fields"]["tier"], json!({"type": "string", "value": "Basic"}), "{hit}");
         let watches = hit["watches"].as_array().unwrap();
         assert_eq!(watches[0]["expression"], "user.name");
         assert_eq!(watches[0]["value"]["value"], format!("user-{amount}"));

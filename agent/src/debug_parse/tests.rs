@@ -30,7 +30,9 @@ fn tuple_obj(name: &str, values: Vec<Value>) -> Value {
     })
 }
 
-fn unit(name: &str) -> Value {
+/// An object without fields, which the parser builds only from braces (`Foo { .. }`):
+/// a bare name is a string.
+fn fieldless(name: &str) -> Value {
     obj(name, vec![])
 }
 
@@ -82,21 +84,36 @@ fn tuple_structs_and_variants_get_positional_fields() {
 }
 
 #[test]
-fn unit_variants_and_unit_structs_are_objects_without_fields() {
-    assert_eq!(parse("None"), unit("None"));
-    assert_eq!(parse("Empty"), unit("Empty"));
-    assert_eq!(parse("Status::Pending"), unit("Status::Pending"));
-    assert_eq!(parse("PhantomData<alloc::vec::Vec<u8>>"), unit("PhantomData<alloc::vec::Vec<u8>>"));
+fn unit_variants_and_unit_structs_become_their_names_as_strings() {
+    // So that a condition compares them with a string: `status == "Pending"`.
+    assert_eq!(parse("None"), s("None"));
+    assert_eq!(parse("Empty"), s("Empty"));
+    assert_eq!(parse("Status::Pending"), s("Status::Pending"));
+    assert_eq!(parse("PhantomData<alloc::vec::Vec<u8>>"), s("PhantomData<alloc::vec::Vec<u8>>"));
+    assert_eq!(
+        parse("Order { status: Paid, refund: None, kind: Kind::Gift }"),
+        obj("Order", vec![("status", s("Paid")), ("refund", s("None")), ("kind", s("Kind::Gift"))])
+    );
+}
+
+#[test]
+fn a_bare_name_is_shortened_and_counted_like_any_string() {
+    let limits = CaptureLimits { max_string_len: 4, ..roomy() };
+    let mut summary = TruncationSummary::default();
+    let value = parse_debug_with_summary("[Pending, Paid]", &limits, &mut summary);
+    assert_eq!(value, list(vec![Value::Str(Text { value: "Pend".into(), original_len: Some(7) }), s("Paid")]));
+    assert_eq!(summary.strings_shortened, 1);
 }
 
 #[test]
 fn display_text_is_not_mistaken_for_unit_or_tuple_structs() {
     // `%value` fields arrive as Display text through the same Debug channel.
     assert_eq!(parse("expired_card"), s("expired_card"));
+    assert_eq!(parse("Ada"), s("Ada"));
     assert_eq!(parse("std::io::stdout"), s("std::io::stdout"));
     assert_eq!(parse("Failed (code 5)"), s("Failed (code 5)"));
-    assert_eq!(parse("[pending, Pending]"), list(vec![s("pending"), unit("Pending")]));
-    assert_eq!(parse("GET"), unit("GET"));
+    assert_eq!(parse("[pending, Pending]"), list(vec![s("pending"), s("Pending")]));
+    assert_eq!(parse("GET"), s("GET"));
 }
 
 #[test]
@@ -115,7 +132,7 @@ fn lists_tuples_maps_and_sets_keep_their_kind() {
     assert_eq!(parse(r#"{"k": 1, "j": [2]}"#), map(vec![(s("k"), Value::Int(1)), (s("j"), list(vec![Value::Int(2)]))]));
     assert_eq!(parse("{}"), map(vec![]));
     assert_eq!(parse("{1, 2}"), list_of(Some("set"), vec![Value::Int(1), Value::Int(2)]));
-    assert_eq!(parse("{Foo::A, Foo::B}"), list_of(Some("set"), vec![unit("Foo::A"), unit("Foo::B")]));
+    assert_eq!(parse("{Foo::A, Foo::B}"), list_of(Some("set"), vec![s("Foo::A"), s("Foo::B")]));
     assert_eq!(
         parse(r#"Headers {"host": "a"}"#),
         Value::Map(Map { type_name: Some("Headers".into()), entries: vec![(s("host"), s("a"))], omitted: 0 })
@@ -141,7 +158,7 @@ fn byte_strings_and_named_lists_from_common_crates_parse() {
             entries: vec![
                 (s("id"), tuple_obj("Number", vec![Value::Int(7)])),
                 (s("tags"), list_of(Some("Array"), vec![tuple_obj("String", vec![s("a")])])),
-                (s("none"), unit("Null")),
+                (s("none"), s("Null")),
             ],
             omitted: 0,
         })
@@ -206,7 +223,8 @@ fn pretty_output_with_newlines_and_trailing_commas_parses() {
 #[test]
 fn non_exhaustive_dots_are_ignored() {
     assert_eq!(parse("Foo { a: 1, .. }"), obj("Foo", vec![("a", Value::Int(1))]));
-    assert_eq!(parse("Foo { .. }"), unit("Foo"));
+    // A struct whose fields are all hidden is still a struct, not a bare name.
+    assert_eq!(parse("Foo { .. }"), fieldless("Foo"));
     assert_eq!(parse("Foo {\n    a: 1,\n    ..\n}"), obj("Foo", vec![("a", Value::Int(1))]));
     assert_eq!(parse("[1, ..]"), list(vec![Value::Int(1)]));
 }
@@ -453,7 +471,7 @@ fn expected_order() -> Value {
                                 vec![
                                     ("street", s("1 \"Quoted\" Lane, Flat {2}")),
                                     ("city", s("Zürich")),
-                                    ("postcode", unit("None")),
+                                    ("postcode", s("None")),
                                     (
                                         "geo",
                                         obj(
@@ -477,7 +495,7 @@ fn expected_order() -> Value {
             ),
             ("dims", list_of(Some("tuple"), vec![Value::Int(3), Value::Float(2.5), s("'")])),
             ("status", obj("Shipped", vec![("carrier", s("DHL")), ("eta_days", Value::Int(2))])),
-            ("history", list(vec![unit("Pending"), tuple_obj("Failed", vec![s("card\ndeclined"), Value::Int(-51)])])),
+            ("history", list(vec![s("Pending"), tuple_obj("Failed", vec![s("card\ndeclined"), Value::Int(-51)])])),
             ("meta", map(vec![(s("k\"ey"), list(vec![Value::Int(1), Value::Int(-2)]))])),
             ("flags", map(vec![(Value::Int(1), Value::Bool(true)), (Value::Int(2), Value::Bool(false))])),
             ("coupons", list_of(Some("set"), vec![s("SAVE10")])),
@@ -636,6 +654,34 @@ fn shorten_collection_names(value: &mut Value, max: usize) {
     }
 }
 
+/// What the parser reads back from a rendered value: `render` writes a field-less
+/// object as its bare name, and a bare name is a string.
+///
+/// Applied before `truncate`, so that a long name is shortened and counted as the
+/// string it becomes. Depth limits treat both alike: a field-less object is not a
+/// container, so it is never a depth cut, and neither is a string.
+fn as_parsed(value: &Value) -> Value {
+    fn bare_names_to_strings(value: &mut Value) {
+        match value {
+            Value::Object(o) if o.fields.is_empty() && o.omitted == 0 => {
+                *value = Value::str(std::mem::take(&mut o.type_name));
+            }
+            Value::Object(o) => o.fields.iter_mut().for_each(|f| bare_names_to_strings(&mut f.value)),
+            Value::List(l) => l.items.iter_mut().for_each(bare_names_to_strings),
+            Value::Map(m) => {
+                for (k, v) in &mut m.entries {
+                    bare_names_to_strings(k);
+                    bare_names_to_strings(v);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut value = value.clone();
+    bare_names_to_strings(&mut value);
+    value
+}
+
 fn rendered(value: &Value, pretty: bool) -> String {
     let mut out = String::new();
     render(value, pretty, 0, &mut out);
@@ -650,6 +696,11 @@ fn type_name() -> impl Strategy<Value = String> {
     .prop_filter("NaN is a float", |n| n != "NaN")
 }
 
+/// A lowercase word, as a `%display` value such as an error code prints.
+fn display_word() -> impl Strategy<Value = String> {
+    "[a-z][a-z0-9_]{0,9}".prop_filter("literals", |w| !matches!(w.as_str(), "true" | "false" | "inf"))
+}
+
 fn arb_value() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
         any::<i64>().prop_map(Value::Int),
@@ -658,7 +709,9 @@ fn arb_value() -> impl Strategy<Value = Value> {
         any::<bool>().prop_map(Value::Bool),
         prop::collection::vec(any::<char>(), 0..24).prop_map(|c| Value::str(c.into_iter().collect::<String>())),
         "[ -~]{0,12}".prop_map(Value::str),
-        type_name().prop_map(|n| unit(&n)),
+        // Rendered as bare names: unit structs and variants, `%display` text.
+        type_name().prop_map(|n| fieldless(&n)),
+        display_word().prop_map(|w| fieldless(&w)),
     ];
     leaf.prop_recursive(6, 128, 6, |inner| {
         prop_oneof![
@@ -716,7 +769,7 @@ proptest! {
 
     #[test]
     fn rendered_values_parse_back_to_themselves_truncated(value in arb_value(), limits in arb_limits()) {
-        let mut expected = value.clone();
+        let mut expected = as_parsed(&value);
         let mut expected_summary = TruncationSummary::default();
         truncate(&mut expected, &limits, &mut expected_summary);
         shorten_collection_names(&mut expected, limits.max_string_len as usize);
@@ -743,6 +796,6 @@ proptest! {
     #[test]
     fn rendered_values_parse_back_whole_under_roomy_limits(value in arb_value()) {
         let text = rendered(&value, false);
-        prop_assert!(parse(&text) == value, "text: {}", text);
+        prop_assert!(parse(&text) == as_parsed(&value), "text: {}", text);
     }
 }

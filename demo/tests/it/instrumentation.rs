@@ -3,18 +3,21 @@
 //! A tiny recording `Layer` stands in for the agent: it keeps every span's name and
 //! fields and every event's fields with the names of the spans around it. The tests
 //! run on a current-thread runtime so that the thread-local default subscriber sees
-//! the server's tasks too.
+//! the server's tasks too; [`keep_callsites_open`] keeps sibling tests, which run the
+//! shop on other threads without a subscriber, from switching those callsites off.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use periscope_agent::debug_parse::parse_debug;
 use periscope_demo::wire::CheckoutRequest;
 use periscope_protocol::{CaptureLimits, Value};
 use tracing::field::{Field, Visit};
+use tracing::level_filters::LevelFilter;
 use tracing::span::{Attributes, Id, Record};
-use tracing::{Event, Subscriber};
+use tracing::subscriber::{DefaultGuard, Interest};
+use tracing::{Dispatch, Event, Metadata, Subscriber};
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
@@ -99,6 +102,63 @@ impl Recorder {
     }
 }
 
+/// The recorded code's spans and events, with the recorder as this thread's default
+/// until the guard drops.
+fn record_this_thread() -> (Recorder, DefaultGuard) {
+    keep_callsites_open();
+    let recorder = Recorder::default();
+    let subscriber = tracing_subscriber::registry().with(recorder.clone());
+    let guard = tracing::subscriber::set_default(subscriber);
+    (recorder, guard)
+}
+
+/// Keeps tracing from caching "never" for callsites another thread reaches first.
+///
+/// tracing caches each callsite's interest for the whole process when the callsite is
+/// first reached. While exactly one dispatcher is registered in the process, which is
+/// the case whenever one recorder is alive, tracing-core 0.1 computes that interest
+/// from the default dispatcher of *the thread that reaches the callsite first*
+/// (tokio-rs/tracing#3611). When that is a sibling test's thread (the `serving` and
+/// `load` tests run the shop with no subscriber), `Interest::never` is cached and the
+/// recorder never sees those spans or events: `pay` went missing from an event's
+/// scope, or a `payment declined` event was never recorded.
+///
+/// A second dispatcher that lives as long as the process rules that out: with two,
+/// tracing always combines every live dispatcher's answer, and this one answers
+/// "sometimes" for every callsite, so the combination is never "never" and each span
+/// or event asks the dispatcher current on its own thread. It is created before the
+/// first recorder, while tracing's maximum level is still `OFF`, and its own level hint
+/// is `OFF`: no callsite registers until a recorder raises the level, and by then two
+/// dispatchers exist. It records nothing and enables nothing.
+fn keep_callsites_open() {
+    static OPEN: OnceLock<Dispatch> = OnceLock::new();
+    OPEN.get_or_init(|| Dispatch::new(AskEachTime));
+}
+
+/// A subscriber that wants nothing but never lets a callsite be cached as "never".
+struct AskEachTime;
+
+impl Subscriber for AskEachTime {
+    fn register_callsite(&self, _: &'static Metadata<'static>) -> Interest {
+        Interest::sometimes()
+    }
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Some(LevelFilter::OFF)
+    }
+    fn enabled(&self, _: &Metadata<'_>) -> bool {
+        false
+    }
+    fn new_span(&self, _: &Attributes<'_>) -> Id {
+        // Never called: `enabled` is false for everything.
+        Id::from_u64(1)
+    }
+    fn record(&self, _: &Id, _: &Record<'_>) {}
+    fn record_follows_from(&self, _: &Id, _: &Id) {}
+    fn event(&self, _: &Event<'_>) {}
+    fn enter(&self, _: &Id) {}
+    fn exit(&self, _: &Id) {}
+}
+
 fn roomy() -> CaptureLimits {
     CaptureLimits { max_depth: 8, max_items: 1_000, max_string_len: 8_192, max_fields: 200, ..CaptureLimits::default() }
 }
@@ -109,9 +169,7 @@ where
     F: FnOnce(String) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let recorder = Recorder::default();
-    let subscriber = tracing_subscriber::registry().with(recorder.clone());
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (recorder, _guard) = record_this_thread();
     let shop = TestShop::start(quiet_config("shop-eu-1")).await;
     scenario(shop.url.clone()).await;
     shop.stop().await.unwrap();
@@ -207,17 +265,37 @@ async fn secrets_and_personal_data_appear_under_sensitive_names_and_in_free_text
     assert!(welcome.message().contains('@'), "{}", welcome.message());
 
     let declined = recorder.events_saying("payment declined");
-    let declined = declined.first().expect("a `payment declined` event");
+    assert_eq!(declined.len(), 1, "one card payment, declined once: {declined:?}");
+    let declined = &declined[0];
     assert_eq!(declined.field("reason"), Some("generic_decline"));
     let payment = parse_debug(declined.field("payment").unwrap(), &roomy());
     let card = payment.field("method").and_then(|m| m.field("0")).expect("Card(..) inside the payment");
     assert_eq!(card.field("card_number"), Some(&Value::str("4000 0000 0000 0002")));
     assert_eq!(card.field("cvv"), Some(&Value::str("123")));
-    assert!(declined.scope.iter().any(|s| s == "charge_card") && declined.scope.iter().any(|s| s == "pay"));
+    for enclosing in ["charge_card", "pay", "request"] {
+        assert!(declined.scope.iter().any(|s| s == enclosing), "{enclosing} in {:?}", declined.scope);
+    }
 
     let authorizing = recorder.events_saying("authorizing card");
     assert!(authorizing.first().and_then(|e| e.field("cvv")).is_some());
 
     let gift = recorder.events_saying("gift message attached");
     assert!(gift.first().and_then(|e| e.field("gift_message")).is_some_and(|m| m.chars().count() > 255));
+}
+
+/// tokio-rs/tracing#3611: a callsite that a thread without a subscriber reaches first,
+/// while this test's recorder may be the only dispatcher in the process, still reaches
+/// the recorder on this thread.
+#[test]
+fn a_callsite_another_thread_reaches_first_still_reaches_the_recorder() {
+    fn probe() {
+        let _span = tracing::info_span!("probe_span").entered();
+        tracing::info!("probe event");
+    }
+    let (recorder, _guard) = record_this_thread();
+    std::thread::spawn(probe).join().unwrap();
+    probe();
+    let events = recorder.events_saying("probe event");
+    assert_eq!(events.len(), 1, "only this thread records");
+    assert_eq!(events[0].scope, ["probe_span"]);
 }
