@@ -155,6 +155,7 @@ async fn tools_list_returns_every_contract_tool_with_its_schema_and_the_prompts(
             "place_log",
             "place_metric",
             "place_snapshot",
+            "query_audit",
             "remove_action",
             "system_health"
         ]
@@ -392,9 +393,8 @@ async fn every_tool_works_without_a_session_under_the_sessionless_protocol() {
 async fn every_error_a_model_can_act_on_comes_back_as_a_tool_result_with_its_code() {
     let mut config = test_config();
     config.api_keys.push(ApiKeyConfig {
-        name: "dashboard".into(),
-        key: "dashboard-key-0123456789".into(),
         scopes: Some(vec!["mcp:agents:read".into(), "mcp:hits:read".into()]),
+        ..ApiKeyConfig::new("dashboard", "dashboard-key-0123456789")
     });
     let fx = Fixture::start(config).await;
     let client = connect(&fx.broker).await;
@@ -429,8 +429,13 @@ async fn every_error_a_model_can_act_on_comes_back_as_a_tool_result_with_its_cod
     assert_eq!(code(&r).as_deref(), Some("not_found"));
     assert!(text(&r).contains("list_actions"), "{}", text(&r));
 
-    // no_matching_agents, with the pools that are online.
+    // A pool nobody knows (or one outside the key's reach: the same answer) is not_found,
+    // with the pools that are online.
     let r = call(&client, "place_snapshot", snap(json!({"pool": "nowhere"}))).await;
+    assert_eq!(code(&r).as_deref(), Some("not_found"));
+    assert_eq!(body(&r)["error"]["details"]["online_pools"][0]["pool"], POOL);
+    // no_matching_agents: the pool exists but no online agent carries the tags.
+    let r = call(&client, "place_snapshot", snap(json!({"tags": ["env:nowhere"]}))).await;
     assert_eq!(code(&r).as_deref(), Some("no_matching_agents"));
     assert_eq!(body(&r)["error"]["details"]["online_pools"][0]["pool"], POOL);
 

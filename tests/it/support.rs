@@ -10,14 +10,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use periscope_broker::BrokerConfig;
+use periscope_broker::auth::Role;
 use periscope_broker::config::{AgentKeyConfig, ApiKeyConfig};
+use periscope_broker::quota::CallerQuotaOverrides;
 use serde_json::Value as Json;
 use tokio::sync::oneshot;
 use tracing::Dispatch;
 use tracing_subscriber::prelude::*;
 
+/// A `developer` of `default`.
 pub const API_KEY: &str = "test-api-key-0123456789";
-/// A key with `mcp:admin` (redaction rules, later keys and audit).
+/// A `company_admin` of `default` (keys, redaction rules, audit).
 pub const ADMIN_KEY: &str = "test-admin-key-0123456789";
 pub const AGENT_KEY: &str = "test-agent-key-0123456789";
 
@@ -29,13 +32,20 @@ pub struct TestBroker {
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
+/// Room for the harness's polling loops (every 50 ms): the tests that are about the
+/// call rate use keys of their own with small budgets.
+pub fn polling_quotas() -> Option<CallerQuotaOverrides> {
+    Some(CallerQuotaOverrides { calls_per_minute: Some(60_000), call_burst: Some(10_000), ..Default::default() })
+}
+
 pub fn test_config() -> BrokerConfig {
     let mut config = BrokerConfig::default();
-    config.api_keys.push(ApiKeyConfig::new("tester", API_KEY));
-    config
-        .api_keys
-        .push(ApiKeyConfig { scopes: Some(vec!["mcp:admin".into()]), ..ApiKeyConfig::new("admin", ADMIN_KEY) });
-    config.agent_keys.push(AgentKeyConfig { key: AGENT_KEY.into(), pools: vec!["*".into()] });
+    config.api_keys.push(ApiKeyConfig { quotas: polling_quotas(), ..ApiKeyConfig::new("tester", API_KEY) });
+    config.api_keys.push(ApiKeyConfig {
+        quotas: polling_quotas(),
+        ..ApiKeyConfig::new("admin", ADMIN_KEY).with_role(Role::CompanyAdmin)
+    });
+    config.agent_keys.push(AgentKeyConfig::any_pool(AGENT_KEY));
     config.agents.heartbeat_interval_secs = 1;
     config
 }
@@ -64,7 +74,12 @@ impl TestBroker {
     }
 
     pub fn api(&self) -> Api {
-        Api { client: reqwest::Client::new(), base: format!("{}/api/v1", self.http()), key: API_KEY.into() }
+        self.api_with(API_KEY)
+    }
+
+    /// A REST client with another key.
+    pub fn api_with(&self, key: &str) -> Api {
+        Api { client: reqwest::Client::new(), base: format!("{}/api/v1", self.http()), key: key.into() }
     }
 
     pub async fn stop(mut self) {
@@ -108,6 +123,13 @@ impl Api {
     pub async fn post(&self, path: &str, body: Json) -> (u16, Json) {
         let resp =
             self.client.post(format!("{}{path}", self.base)).bearer_auth(&self.key).json(&body).send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Json::Null))
+    }
+
+    pub async fn put(&self, path: &str, body: Json) -> (u16, Json) {
+        let resp =
+            self.client.put(format!("{}{path}", self.base)).bearer_auth(&self.key).json(&body).send().await.unwrap();
         let status = resp.status().as_u16();
         (status, resp.json().await.unwrap_or(Json::Null))
     }
