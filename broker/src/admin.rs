@@ -107,8 +107,9 @@ async fn create_key(
         quotas: b.quotas,
         expires_at_ms,
     };
-    keys::validate_new(&new)?;
+    // Authority first: a refusal says what the caller may not do, not what is malformed.
     keys::check_create(&by, &new)?;
+    keys::validate_new(&new)?;
     let keys = std::sync::Arc::clone(&state.keys);
     let actor = by.actor();
     let issued = tokio::task::spawn_blocking(move || keys.create(new, &actor))

@@ -326,6 +326,9 @@ pub struct ActionDrops {
     /// When the broker last dropped something (Unix ms).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_drop_ms: Option<u64>,
+    /// Set while the broker is dropping: from the first drop until it accepts again.
+    #[serde(skip)]
+    pub paused: bool,
 }
 
 /// An action's budgets: what it may still collect, what was dropped, what is paused.
@@ -425,11 +428,16 @@ impl Action {
                     |r| serde_json::json!({ "agent_id": a.agent_id, "reason": r, "by": "agent", "detail": a.detail }),
                 )
             })
-            .chain(self.dropped.last_drop_ms.filter(|t| now.saturating_sub(*t) < 5_000).map(|_| {
-                let reason = if matches!(self.spec.kind, ActionKind::Log(_)) { "quota_log" } else { "rate_limited" };
-                serde_json::json!({ "agent_id": null, "reason": reason, "by": "broker",
+            // Paused by the broker from a drop until it accepts again (a minute at most, for
+            // agents that stopped sending).
+            .chain(self.dropped.last_drop_ms.filter(|t| self.dropped.paused && now.saturating_sub(*t) < 60_000).map(
+                |_| {
+                    let reason =
+                        if matches!(self.spec.kind, ActionKind::Log(_)) { "quota_log" } else { "rate_limited" };
+                    serde_json::json!({ "agent_id": null, "reason": reason, "by": "broker",
                                     "detail": "the broker is dropping what exceeds this action's rate" })
-            }))
+                },
+            ))
             .collect();
         let (hits_remaining, lines_remaining) = match &self.spec.kind {
             ActionKind::Snapshot(s) => (Some(u64::from(s.max_hits).saturating_sub(self.hits.len() as u64)), None),
@@ -1585,6 +1593,7 @@ impl Engine {
         if rate.take(1).is_err() {
             action.dropped.snapshot_rate += 1;
             action.dropped.last_drop_ms = Some(now);
+            action.dropped.paused = true;
             self.stats.add(&from.org, |s| s.hits_rate_limited += 1);
             let data = serde_json::json!({
                 "reason": "rate_limited", "agent_id": from.id, "by": "broker",
@@ -1600,6 +1609,7 @@ impl Engine {
             return Ingested::RateLimited;
         }
         self.stats.add(&from.org, |s| s.hits_accepted += 1);
+        action.dropped.paused = false;
         for f in &hit.redactions {
             *action.rules_fired.entry(f.rule.clone()).or_insert(0) += 1;
         }
@@ -1673,6 +1683,7 @@ impl Engine {
             if !within {
                 action.dropped.log_rate += 1;
                 action.dropped.last_drop_ms = Some(now);
+                action.dropped.paused = true;
                 out.rate_limited += 1;
                 self.stats.add(&from.org, |s| s.lines_rate_limited += 1);
                 let data = serde_json::json!({
@@ -1683,6 +1694,7 @@ impl Engine {
                 audits.extend(Self::pause_episode(action, "quota_log", now, data));
                 continue;
             }
+            action.dropped.paused = false;
             // The agent redacted each placeholder by name; the broker redacts the text again.
             let mut report = periscope_redaction::Report::new();
             if let std::borrow::Cow::Owned(clean) = redactor.redact_text(&line.text, "text", &mut report) {

@@ -95,7 +95,8 @@ impl From<KeyError> for ApiError {
                 ApiError::invalid(format!("{field}: {message}")).with_details(serde_json::json!({ "field": field }))
             }
             KeyError::NotFound(m) => ApiError::not_found(m),
-            KeyError::Forbidden(m) => ApiError::new(ErrorCode::InsufficientScope, m),
+            KeyError::Forbidden(m) => ApiError::new(ErrorCode::InsufficientScope, m)
+                .with_details(serde_json::json!({ "required_scope": Scope::Admin.as_str() })),
             other => {
                 tracing::error!(error = %other, "key store failure");
                 ApiError::new(ErrorCode::Internal, "the key store failed; see the broker's log")

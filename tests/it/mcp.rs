@@ -50,7 +50,7 @@ fn workload(agent: &TestAgent, stop: Arc<AtomicBool>) -> std::thread::JoinHandle
 
 /// A client handler that records progress notifications.
 #[derive(Clone, Default)]
-struct Recorder {
+pub(crate) struct Recorder {
     progress: Arc<Mutex<Vec<ProgressNotificationParam>>>,
 }
 
@@ -64,9 +64,12 @@ impl ClientHandler for Recorder {
     }
 }
 
-type Client = RunningService<RoleClient, Recorder>;
+pub(crate) type Client = RunningService<RoleClient, Recorder>;
 
-async fn connect_with(broker: &TestBroker, key: &str) -> Result<Client, rmcp::service::ClientInitializeError> {
+pub(crate) async fn connect_with(
+    broker: &TestBroker,
+    key: &str,
+) -> Result<Client, rmcp::service::ClientInitializeError> {
     let config = StreamableHttpClientTransportConfig::with_uri(format!("{}/mcp", broker.http())).auth_header(key);
     Recorder::default().serve(StreamableHttpClientTransport::from_config(config)).await
 }
@@ -75,24 +78,29 @@ async fn connect(broker: &TestBroker) -> Client {
     connect_with(broker, API_KEY).await.expect("the MCP client connects")
 }
 
-async fn call(client: &Client, tool: &str, args: Value) -> CallToolResult {
+pub(crate) async fn call(client: &Client, tool: &str, args: Value) -> CallToolResult {
+    try_call(client, tool, args).await.expect("a tool result")
+}
+
+/// A tool call that may fail below the tool (HTTP 401 for a revoked key).
+pub(crate) async fn try_call(client: &Client, tool: &str, args: Value) -> Result<CallToolResult, rmcp::ServiceError> {
     let args = args.as_object().cloned().unwrap_or_default();
-    client.call_tool(CallToolRequestParams::new(tool.to_owned()).with_arguments(args)).await.expect("a tool result")
+    client.call_tool(CallToolRequestParams::new(tool.to_owned()).with_arguments(args)).await
 }
 
 /// The error code of an error result (None for a success).
-fn code(result: &CallToolResult) -> Option<String> {
+pub(crate) fn code(result: &CallToolResult) -> Option<String> {
     if result.is_error != Some(true) {
         return None;
     }
     Some(body(result)["error"]["code"].as_str().unwrap_or("<no code>").to_owned())
 }
 
-fn body(result: &CallToolResult) -> Value {
+pub(crate) fn body(result: &CallToolResult) -> Value {
     result.structured_content.clone().unwrap_or(Value::Null)
 }
 
-fn text(result: &CallToolResult) -> String {
+pub(crate) fn text(result: &CallToolResult) -> String {
     result.content.iter().filter_map(|c| c.as_text().map(|t| t.text.clone())).collect::<Vec<_>>().join("\n")
 }
 

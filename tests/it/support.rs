@@ -197,9 +197,13 @@ impl TestAgent {
     }
 
     fn agent(broker_ws: &str, pool: &str, tags: &[&str]) -> periscope_agent::Agent {
+        Self::agent_with_key(broker_ws, AGENT_KEY, pool, tags)
+    }
+
+    fn agent_with_key(broker_ws: &str, key: &str, pool: &str, tags: &[&str]) -> periscope_agent::Agent {
         periscope_agent::Agent::builder()
             .broker_url(broker_ws)
-            .agent_key(AGENT_KEY)
+            .agent_key(key)
             .pool(pool)
             .tags(tags.iter().copied())
             .service("it-service")
@@ -210,7 +214,12 @@ impl TestAgent {
     }
 
     pub fn start(broker_ws: &str, pool: &str, tags: &[&str]) -> TestAgent {
-        let agent = Self::agent(broker_ws, pool, tags);
+        Self::start_with_key(broker_ws, AGENT_KEY, pool, tags)
+    }
+
+    /// An agent registering with another agent key.
+    pub fn start_with_key(broker_ws: &str, key: &str, pool: &str, tags: &[&str]) -> TestAgent {
+        let agent = Self::agent_with_key(broker_ws, key, pool, tags);
         let subscriber = tracing_subscriber::registry()
             .with(
                 tracing_subscriber::fmt::layer()
@@ -302,6 +311,33 @@ pub async fn wait_online(api: &Api, agent_id: &str) {
         }
     })
     .await
+}
+
+/// A fresh data directory under the system's temporary directory.
+pub fn temp_dir(what: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("periscope-it-{what}-{}", periscope_protocol::ActionId::generate()))
+}
+
+/// Creates a key through `POST /api/v1/keys` with `api`'s key; returns (secret, key id).
+pub async fn create_key(api: &Api, body: Json) -> (String, String) {
+    let (status, v) = api.post("/keys", body.clone()).await;
+    assert_eq!(status, 201, "creating {body}: {v}");
+    (v["secret"].as_str().unwrap().to_owned(), v["key"]["key_id"].as_str().unwrap().to_owned())
+}
+
+/// The audit trail as `api`'s key sees it (every page).
+pub async fn audit(api: &Api, query: &str) -> Vec<Json> {
+    let mut out = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let (status, page) = api.get(&format!("/audit?limit=500{query}{cursor}")).await;
+        assert_eq!(status, 200, "{page}");
+        out.extend(page["items"].as_array().cloned().unwrap_or_default());
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => return out,
+        }
+    }
 }
 
 /// Shared flag to stop background workloads.
