@@ -347,6 +347,30 @@ impl BrokerConfig {
         }
         self.callers.validate().map_err(|(key, message)| ConfigError::Invalid { key, message })?;
         self.ingest.validate().map_err(|(key, message)| ConfigError::Invalid { key, message })?;
+        // The broker's copies of the agents' budgets must let an honest agent through.
+        for (key, broker, agent, agent_key) in [
+            (
+                "ingest.agent_hits_per_sec",
+                self.ingest.agent_hits_per_sec,
+                self.quotas.snapshot_hits_per_sec,
+                "quotas.snapshot_hits_per_sec",
+            ),
+            (
+                "ingest.action_hits_per_sec",
+                self.ingest.action_hits_per_sec,
+                self.quotas.snapshot_hits_per_sec_per_action,
+                "quotas.snapshot_hits_per_sec_per_action",
+            ),
+        ] {
+            if broker < agent {
+                return Err(ConfigError::Invalid {
+                    key: key.into(),
+                    message: format!(
+                        "{broker} is below {agent_key} ({agent}): the broker would drop what honest agents send"
+                    ),
+                });
+            }
+        }
         let mut secrets: Vec<(String, &str)> = Vec::new();
         for (i, k) in self.api_keys.iter().enumerate() {
             let at = format!("api_keys[{i}]");
@@ -511,13 +535,11 @@ fn check_tenancy_names(
             });
         }
     }
-    if let Some(pools) = pools {
-        if let Some(p) = pools.iter().find(|p| !crate::keys::valid_name(p, pool_max)) {
-            return Err(ConfigError::Invalid {
-                key: format!("{at}.pools"),
-                message: format!("`{p}` must be 1 to {pool_max} characters from A-Z a-z 0-9 . _ : -"),
-            });
-        }
+    if let Some(p) = pools.into_iter().flatten().find(|p| !crate::keys::valid_name(p, pool_max)) {
+        return Err(ConfigError::Invalid {
+            key: format!("{at}.pools"),
+            message: format!("`{p}` must be 1 to {pool_max} characters from A-Z a-z 0-9 . _ : -"),
+        });
     }
     Ok(())
 }

@@ -1483,10 +1483,10 @@ impl Engine {
                 entry.detail = None;
                 entry.updated_at_ms = now;
             }
-            if action.pools.insert(pool.clone()) {
-                if let Some(store) = &self.store {
-                    store.put_action(action.row());
-                }
+            if action.pools.insert(pool.clone())
+                && let Some(store) = &self.store
+            {
+                store.put_action(action.row());
             }
             action.bump();
         }

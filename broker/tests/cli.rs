@@ -155,7 +155,7 @@ fn keys_made_and_revoked_on_the_command_line_take_effect_on_a_running_broker() {
     assert!(ok, "{err}");
     assert!(out.contains("Secret (shown once"), "{out}");
     let ci_secret = out.split_whitespace().find(|w| w.starts_with("psk_")).unwrap().to_owned();
-    let ci_id = out.split(|c: char| c == '(' || c == ')').find(|w| w.starts_with("key_")).unwrap().to_owned();
+    let ci_id = out.split(['(', ')']).find(|w| w.starts_with("key_")).unwrap().to_owned();
     assert_eq!(get(&broker.base, "/agents", &ci_secret).0, 200);
     let (status, err) = get(&broker.base, "/health", &ci_secret);
     assert_eq!((status, err["error"]["details"]["required_scope"].as_str()), (403, Some("mcp:system:read")));
