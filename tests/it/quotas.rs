@@ -210,7 +210,9 @@ fn steady(n: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_agent_is_throttled_warned_then_disconnected_while_a_real_agent_keeps_working() {
     let mut config = test_config();
+    // The broker accepts 5 hits/s from an agent (and agents hold themselves to that).
     config.ingest.agent_hits_per_sec = 5.0;
+    config.quotas.snapshot_hits_per_sec = 5.0;
     config.ingest.burst_factor = 2.0;
     config.ingest.flood_warnings = 2;
     config.ingest.flood_cooldown_secs = 60;

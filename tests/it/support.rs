@@ -56,6 +56,10 @@ impl TestBroker {
     }
 
     pub async fn start_with(config: BrokerConfig, addr: SocketAddr) -> TestBroker {
+        // `run` validates too, but a refusal there only shows as a refused connection.
+        if let Err(e) = config.validate() {
+            panic!("the test configuration is invalid: {e}");
+        }
         let listener = tokio::net::TcpListener::bind(addr).await.expect("bind loopback");
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
