@@ -14,12 +14,19 @@
 //! | DELETE | `/actions/{action_id}` | remove an action |
 //! | GET | `/actions/{action_id}/hits` | hits after `since`; `wait_seconds` long-polls for new ones |
 //! | GET | `/actions/{action_id}/lines` | a log's lines after `since`; `wait_seconds` long-polls |
-//! | GET | `/redaction` | the redaction rules in force (`mcp:admin`) |
-//! | PUT | `/redaction` | replace them: TOML, or JSON with `Content-Type: application/json` (`mcp:admin`); pushed to every agent |
+//! | GET | `/health` | the `system_health` tool: caller, scopes, remaining quotas, pauses (`mcp:system:read`) |
+//! | GET | `/pools` | pools within the caller's reach, with their group (`mcp:agents:read`) |
+//! | GET | `/redaction` | the organization's redaction rules (`mcp:admin`, `company_admin`) |
+//! | PUT | `/redaction` | replace them: TOML, or JSON with `Content-Type: application/json` (`mcp:admin`, `company_admin`); pushed to the organization's agents |
+//!
+//! Keys, groups, pool assignments and the audit trail are in [`crate::admin`].
 //!
 //! Each route needs the scope of the MCP tool that does the same thing (agents and
 //! sources: `mcp:agents:read`; placing and removing: `mcp:actions:write`; reading
 //! actions and hits: `mcp:hits:read`); without it the answer is 403 `insufficient_scope`.
+//! Agents, pools and actions outside the key's reach are not listed, and naming them
+//! answers 404 `not_found`, exactly like names that do not exist. Long polls
+//! (`wait_seconds`) count against the key's concurrent waits.
 
 use std::time::Duration;
 
@@ -33,10 +40,10 @@ use periscope_protocol::limits::action_bounds;
 use serde::Deserialize;
 
 use crate::AppState;
-use crate::auth::{Principal, Scope, require_scope};
+use crate::auth::{CallCharge, Principal, Role, Scope, require_role, require_scope};
 use crate::engine::{ActionFilter, ActionStatus, ActionView, HitsPage, LogRequest, MetricRequest, SnapshotRequest};
 use crate::error::ApiError;
-use crate::query::{self, AgentFilter, Page, SourceFilter, SourceView};
+use crate::query::{self, AgentFilter, Page, PoolView, SourceFilter, SourceView};
 use crate::registry::AgentView;
 use crate::telemetry::LinesPage;
 
@@ -62,6 +69,77 @@ pub fn router() -> Router<AppState> {
         )
         .route("/logs", axum::routing::post(place_log.layer(write())))
         .route("/metrics", axum::routing::post(place_metric.layer(write())))
+        .route("/health", get(health.layer(from_fn_with_state(Scope::SystemRead, require_scope))))
+        .route("/pools", get(list_pools.layer(agents())))
+        .merge(crate::admin::router())
+}
+
+/// The `system_health` answer, shared by the tool and `GET /api/v1/health`: who the
+/// caller is, what it may do, its remaining budgets, and its paused actions.
+pub fn health_body(state: &AppState, p: &Principal, charge: Option<&CallCharge>) -> serde_json::Value {
+    let mine = state.engine.live_count_by_key(&p.key_id);
+    let q = p.quotas;
+    let calls = match charge.map(|c| &c.0) {
+        Some(Ok(b)) => {
+            serde_json::json!({ "limit_per_minute": b.limit_per_minute, "burst": b.burst, "remaining": b.remaining })
+        }
+        _ => serde_json::json!({ "limit_per_minute": q.calls_per_minute, "burst": q.call_burst }),
+    };
+    let waits = state.callers.waits_in_use(&p.key_id);
+    let agent_quotas = &state.config.quotas;
+    let ingest = &state.config.ingest;
+    serde_json::json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "authenticated": true,
+        "caller": {
+            "key_id": p.key_id,
+            "name": p.name,
+            "org": p.org(),
+            "role": p.role,
+            "group": p.reach.group,
+            "pools": p.reach.pools,
+            "scopes": p.scope_names(),
+        },
+        "agents_online": state.registry.online_count_in(p.org()),
+        "actions_live": state.engine.live_count_in(p.org()),
+        "quotas": {
+            "calls_per_minute": calls,
+            "concurrent_waits": { "in_use": waits, "limit": q.concurrent_waits,
+                                  "remaining": (q.concurrent_waits as usize).saturating_sub(waits) },
+            "live_actions": { "used": mine, "limit": q.live_actions,
+                              "remaining": (q.live_actions as usize).saturating_sub(mine) },
+            "agents": {
+                "snapshot_hits_per_sec_per_action": agent_quotas.snapshot_hits_per_sec_per_action,
+                "snapshot_hits_per_sec": agent_quotas.snapshot_hits_per_sec,
+                "log_lines_per_sec": agent_quotas.log_lines_per_sec,
+                "log_bytes_per_sec": agent_quotas.log_bytes_per_sec,
+                "log_burst_factor": agent_quotas.log_burst_factor,
+                "cpu_fraction": agent_quotas.cpu_fraction,
+                "cpu_burst_micros": agent_quotas.cpu_burst_micros,
+            },
+            "broker_ingest": ingest,
+        },
+        "paused_actions": state.engine.paused_for(p),
+        "limits": {
+            "max_hits": { "min": 1, "max": action_bounds::MAX_MAX_HITS, "default": action_bounds::DEFAULT_MAX_HITS },
+            "timeout_seconds": { "min": 1, "max": action_bounds::MAX_WAIT_SECS, "default": action_bounds::DEFAULT_WAIT_SECS },
+            "capture": state.engine.limits(),
+        },
+    })
+}
+
+async fn health(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    charge: Option<Extension<CallCharge>>,
+) -> Json<serde_json::Value> {
+    Json(health_body(&state, &principal, charge.as_ref().map(|c| &c.0)))
+}
+
+async fn list_pools(State(state): State<AppState>, Extension(principal): Extension<Principal>) -> Json<Page<PoolView>> {
+    let items = query::list_pools(&state.registry, &principal);
+    Json(Page { total: items.len(), has_more: false, next_cursor: None, items })
 }
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
@@ -90,6 +168,7 @@ struct AgentsQuery {
 
 async fn list_agents(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     q: Result<Query<AgentsQuery>, QueryRejection>,
 ) -> ApiResult<Page<AgentView>> {
     let q = query_params(q)?;
@@ -101,12 +180,15 @@ async fn list_agents(
         status: q.status,
         text: q.q,
     };
-    Ok(Json(query::list_agents(&state.registry, &filter, q.cursor.as_deref(), q.limit)?))
+    Ok(Json(query::list_agents(&state.registry, &filter, q.cursor.as_deref(), q.limit, &principal)?))
 }
 
-async fn get_agent(State(state): State<AppState>, Path(agent_id): Path<String>) -> ApiResult<AgentView> {
-    let id = periscope_protocol::AgentId::parse(&agent_id).map_err(|e| ApiError::invalid(format!("agent_id: {e}")))?;
-    state.registry.with(&id, |a| a.view()).map(Json).ok_or_else(|| ApiError::not_found(format!("no agent `{id}`")))
+async fn get_agent(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(agent_id): Path<String>,
+) -> ApiResult<AgentView> {
+    Ok(Json(query::get_agent(&state.registry, &agent_id, &principal)?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -125,6 +207,7 @@ struct SourcesQuery {
 
 async fn list_sources(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     q: Result<Query<SourcesQuery>, QueryRejection>,
 ) -> ApiResult<Page<SourceView>> {
     let q = query_params(q)?;
@@ -137,7 +220,7 @@ async fn list_sources(
         text: q.q,
         include_offline: q.include_offline.unwrap_or(false),
     };
-    Ok(Json(query::list_sources(&state.registry, &filter, q.cursor.as_deref(), q.limit)?))
+    Ok(Json(query::list_sources(&state.registry, &filter, q.cursor.as_deref(), q.limit, &principal)?))
 }
 
 /// Body of `POST /api/v1/actions`.
@@ -209,19 +292,25 @@ async fn place_action(
         backtrace: body.backtrace,
         allow_pending: body.allow_pending,
     };
-    let view = state.engine.place_snapshot(req, &principal.name)?;
+    let view = state.engine.place_snapshot(req, &principal)?;
     Ok((axum::http::StatusCode::CREATED, Json(view)))
 }
 
-async fn get_redaction(State(state): State<AppState>) -> Json<periscope_redaction::RedactionConfig> {
-    Json(state.engine.rules.config())
+async fn get_redaction(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> ApiResult<periscope_redaction::RedactionConfig> {
+    require_role(&principal, Role::CompanyAdmin, "GET /api/v1/redaction")?;
+    Ok(Json(state.engine.rules.config(principal.org())))
 }
 
 async fn put_redaction(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     headers: axum::http::HeaderMap,
     body: String,
 ) -> ApiResult<periscope_redaction::RedactionConfig> {
+    require_role(&principal, Role::CompanyAdmin, "PUT /api/v1/redaction")?;
     let json = headers
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -233,7 +322,7 @@ async fn put_redaction(
         periscope_redaction::RedactionConfig::from_toml_str(&body)
             .map_err(|e| ApiError::invalid(format!("redaction rules (TOML): {e}")))?
     };
-    Ok(Json(state.engine.replace_rules(config)?))
+    Ok(Json(state.engine.replace_rules(principal.org(), config, principal.actor())?))
 }
 
 /// Body of `POST /api/v1/logs`: the `place_log` tool's arguments.
@@ -289,7 +378,7 @@ async fn place_log(
         max_lines: b.max_lines,
         allow_pending: b.allow_pending,
     };
-    Ok((axum::http::StatusCode::CREATED, Json(state.engine.place_log(req, &principal.name)?)))
+    Ok((axum::http::StatusCode::CREATED, Json(state.engine.place_log(req, &principal)?)))
 }
 
 /// Body of `POST /api/v1/metrics`: the `place_metric` tool's arguments.
@@ -345,11 +434,12 @@ async fn place_metric(
         expire_seconds: b.expire_seconds,
         allow_pending: b.allow_pending,
     };
-    Ok((axum::http::StatusCode::CREATED, Json(state.engine.place_metric(req, &principal.name)?)))
+    Ok((axum::http::StatusCode::CREATED, Json(state.engine.place_metric(req, &principal)?)))
 }
 
 async fn get_lines(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(action_id): Path<String>,
     q: Result<Query<HitsQuery>, QueryRejection>,
 ) -> ApiResult<LinesPage> {
@@ -360,9 +450,14 @@ async fn get_lines(
     }
     let since = q.since.unwrap_or(0);
     match q.wait_seconds {
-        None | Some(0) => Ok(Json(state.engine.lines(&action_id, since, limit)?)),
+        None | Some(0) => Ok(Json(state.engine.lines(&action_id, since, limit, &principal)?)),
         Some(w) if w <= action_bounds::MAX_WAIT_SECS => {
-            Ok(Json(state.engine.wait_lines(&action_id, since, limit, Duration::from_secs(w)).await?))
+            let wait = Duration::from_secs(w);
+            let _slot =
+                state.callers.begin_wait(&principal.key_id, principal.quotas, tokio::time::Instant::now() + wait)?;
+            let page = state.engine.wait_lines(&action_id, since, limit, wait, &principal).await?;
+            state.recheck(&principal)?;
+            Ok(Json(page))
         }
         Some(w) => Err(ApiError::invalid(format!(
             "wait_seconds is {w}; allowed range is 0..={}",
@@ -381,6 +476,7 @@ struct ActionsQuery {
 
 async fn list_actions(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     q: Result<Query<ActionsQuery>, QueryRejection>,
 ) -> ApiResult<serde_json::Value> {
     let q = query_params(q)?;
@@ -390,16 +486,24 @@ async fn list_actions(
             ApiError::invalid(format!("status `{s}` must be one of active, completed, expired, removed"))
         })?),
     };
-    let actions = state.engine.list(&ActionFilter { status, target: q.target, created_by: q.created_by });
+    let actions = state.engine.list(&ActionFilter { status, target: q.target, created_by: q.created_by }, &principal);
     Ok(Json(serde_json::json!({ "items": actions })))
 }
 
-async fn get_action(State(state): State<AppState>, Path(action_id): Path<String>) -> ApiResult<ActionView> {
-    Ok(Json(state.engine.get(&action_id)?))
+async fn get_action(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(action_id): Path<String>,
+) -> ApiResult<ActionView> {
+    Ok(Json(state.engine.get(&action_id, &principal)?))
 }
 
-async fn remove_action(State(state): State<AppState>, Path(action_id): Path<String>) -> ApiResult<ActionView> {
-    Ok(Json(state.engine.remove(&action_id)?))
+async fn remove_action(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(action_id): Path<String>,
+) -> ApiResult<ActionView> {
+    Ok(Json(state.engine.remove(&action_id, &principal)?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -412,6 +516,7 @@ struct HitsQuery {
 
 async fn get_hits(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(action_id): Path<String>,
     q: Result<Query<HitsQuery>, QueryRejection>,
 ) -> ApiResult<HitsPage> {
@@ -422,9 +527,14 @@ async fn get_hits(
     }
     let since = q.since.unwrap_or(0);
     match q.wait_seconds {
-        None | Some(0) => Ok(Json(state.engine.hits(&action_id, since, limit)?)),
+        None | Some(0) => Ok(Json(state.engine.hits(&action_id, since, limit, &principal)?)),
         Some(w) if w <= action_bounds::MAX_WAIT_SECS => {
-            Ok(Json(state.engine.wait_hits(&action_id, since, limit, Duration::from_secs(w)).await?))
+            let wait = Duration::from_secs(w);
+            let _slot =
+                state.callers.begin_wait(&principal.key_id, principal.quotas, tokio::time::Instant::now() + wait)?;
+            let page = state.engine.wait_hits(&action_id, since, limit, wait, &principal).await?;
+            state.recheck(&principal)?;
+            Ok(Json(page))
         }
         Some(w) => Err(ApiError::invalid(format!(
             "wait_seconds is {w}; allowed range is 0..={}",

@@ -1,35 +1,48 @@
-//! Authentication and authorization of API callers: bearer API keys, checked by a
-//! middleware layer that puts the caller's [`Principal`] (name and [`Scope`]s) in the
-//! request extensions, and [`authorize`], the one place that decides whether a
-//! principal may use a tool or endpoint.
+//! Authentication and authorization of API callers.
+//!
+//! A bearer API key (from the key store or the configuration file, see
+//! [`crate::keys`]) becomes a [`Principal`]: its organization, [`Role`], [`Scope`]s,
+//! [`Reach`] (the pools it may see) and quotas. The middleware ([`require_api_key`])
+//! authenticates every REST request and every MCP message, charges it to the key's
+//! calls-per-minute budget, and puts the principal in the request extensions; each
+//! tool and endpoint then calls [`authorize`] (scope) and, for administration,
+//! [`require_role`]. Nothing is decided per connection: a key revoked or expired
+//! between two calls of one MCP session fails the second one.
 //!
 //! A request without a valid key gets HTTP 401 with a JSON error body and
 //! `WWW-Authenticate: Bearer resource_metadata="…"` pointing at the RFC 9728
 //! protected-resource metadata, so MCP clients can discover how to authenticate.
-//! Authorization is per call, never per connection: an MCP session opened with a key
-//! is checked again on every tool call.
 
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
 
 use crate::AppState;
+use crate::audit::Actor;
 use crate::error::{ApiError, ErrorCode};
+use crate::keys::Tenancy;
+use crate::quota::{CallBudget, CallerQuotas};
 
 /// What a key may do. Each MCP tool and REST endpoint needs exactly one scope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum Scope {
-    /// `system_health`.
+    /// `system_health`, `/metrics`.
     SystemRead,
-    /// Listing agents and their inspectable locations.
+    /// Listing agents, pools and their inspectable locations.
     AgentsRead,
     /// Placing and removing actions.
     ActionsWrite,
     /// Reading actions and their hits.
     HitsRead,
-    /// Everything (later also key management).
+    /// Administration: keys, groups and pools, redaction rules, the audit trail (what
+    /// of it a key may do also depends on its role).
     Admin,
 }
 
@@ -37,7 +50,7 @@ impl Scope {
     /// Every scope a key can name.
     pub const KNOWN: [Scope; 5] =
         [Scope::SystemRead, Scope::AgentsRead, Scope::ActionsWrite, Scope::HitsRead, Scope::Admin];
-    /// What a key gets when its configuration names no scopes.
+    /// What a developer key holds: every tool, no administration.
     pub const DEFAULT: [Scope; 4] = [Scope::SystemRead, Scope::AgentsRead, Scope::ActionsWrite, Scope::HitsRead];
 
     /// The scope's name in configuration, OAuth metadata and errors.
@@ -57,35 +70,145 @@ impl Scope {
     }
 }
 
-/// Who is calling.
-#[derive(Debug, Clone, PartialEq, Eq)]
+impl Serialize for Scope {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Scope {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Scope::parse(&s).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "unknown scope `{s}`; known scopes: {}",
+                Scope::KNOWN.map(|k| k.as_str()).join(", ")
+            ))
+        })
+    }
+}
+
+/// What a key is for. Roles are ordered: each can do what the one before it can.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Reads agents and sources, places and reads actions in the pools it may access.
+    Developer,
+    /// Also manages its group: which pools belong to it, and the developer and
+    /// group-admin keys (and agent keys) of the group.
+    GroupAdmin,
+    /// Everything in its organization: keys, groups, pools, redaction rules, the audit
+    /// trail.
+    CompanyAdmin,
+}
+
+impl Role {
+    /// Every role.
+    pub const ALL: [Role; 3] = [Role::Developer, Role::GroupAdmin, Role::CompanyAdmin];
+
+    /// The stable name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Role::Developer => "developer",
+            Role::GroupAdmin => "group_admin",
+            Role::CompanyAdmin => "company_admin",
+        }
+    }
+
+    /// Parses a role name.
+    pub fn parse(s: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str() == s.trim())
+    }
+
+    /// The scopes the role grants; a key may be narrowed to fewer.
+    pub fn scopes(&self) -> &'static [Scope] {
+        match self {
+            Role::Developer => &Scope::DEFAULT,
+            Role::GroupAdmin | Role::CompanyAdmin => &Scope::KNOWN,
+        }
+    }
+}
+
+/// Which agents (and so which pools, actions and hits) a key may see: one organization,
+/// optionally one group of it, optionally an explicit set of pools. Actions keep the
+/// reach of the key that placed them, so a pool-restricted key can never reach an
+/// agent outside its pools, even one that joins later.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reach {
+    /// The organization.
+    pub org: String,
+    /// Only pools assigned to this group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Only these pools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pools: Option<BTreeSet<String>>,
+}
+
+impl Reach {
+    /// Everything in `org`.
+    pub fn org(org: impl Into<String>) -> Reach {
+        Reach { org: org.into(), group: None, pools: None }
+    }
+
+    /// Whether a pool of an organization is within reach (with the pool-to-group
+    /// assignments of `tenancy`).
+    pub fn allows(&self, org: &str, pool: &str, tenancy: &Tenancy) -> bool {
+        org == self.org
+            && self.pools.as_ref().is_none_or(|p| p.contains(pool))
+            && self.group.as_deref().is_none_or(|g| tenancy.group_of(org, pool) == g)
+    }
+}
+
+/// Who is calling, resolved from an API key on each request.
+#[derive(Debug, Clone)]
 pub struct Principal {
+    /// The key's id (`key_…`): charged for quotas, named in the audit trail.
+    pub key_id: String,
     /// The key's name: shown as the creator of actions.
     pub name: String,
+    /// The key's role.
+    pub role: Role,
     /// What the key may do.
     pub scopes: Vec<Scope>,
+    /// What the key may see.
+    pub reach: Reach,
+    /// The key's quotas.
+    pub quotas: CallerQuotas,
+    /// The pool-to-group assignments when the key was checked.
+    pub tenancy: Arc<Tenancy>,
 }
 
 impl Principal {
-    /// A principal with the default scopes.
-    pub fn with_default_scopes(name: impl Into<String>) -> Self {
-        Principal { name: name.into(), scopes: Scope::DEFAULT.to_vec() }
+    /// The caller's organization.
+    pub fn org(&self) -> &str {
+        &self.reach.org
     }
 
-    /// Whether the principal holds `scope` (directly or through `mcp:admin`).
+    /// Whether the principal holds `scope`.
     pub fn has(&self, scope: Scope) -> bool {
-        self.scopes.iter().any(|s| *s == scope || *s == Scope::Admin)
+        self.scopes.contains(&scope)
     }
 
     /// The scope names, for callers to see.
     pub fn scope_names(&self) -> Vec<&'static str> {
         self.scopes.iter().map(Scope::as_str).collect()
     }
+
+    /// Whether a pool of an organization is within the caller's reach.
+    pub fn sees_pool(&self, org: &str, pool: &str) -> bool {
+        self.reach.allows(org, pool, &self.tenancy)
+    }
+
+    /// The caller as the audit trail names it.
+    pub fn actor(&self) -> Actor {
+        Actor::Key { id: self.key_id.clone(), name: self.name.clone() }
+    }
 }
 
 /// Decides whether `principal` may do `what` (a tool name or `METHOD /path`), which needs
-/// `scope`. The one authorization check for MCP tools and REST endpoints, evaluated on
-/// every call.
+/// `scope`. The one scope check for MCP tools and REST endpoints, evaluated on every
+/// call.
 pub fn authorize(principal: &Principal, scope: Scope, what: &str) -> Result<(), ApiError> {
     if principal.has(scope) {
         return Ok(());
@@ -93,8 +216,7 @@ pub fn authorize(principal: &Principal, scope: Scope, what: &str) -> Result<(), 
     Err(ApiError::new(
         ErrorCode::InsufficientScope,
         format!(
-            "the API key `{}` lacks the scope `{}`, which {what} needs; ask an operator to add it to the key's \
-             `scopes`, or use a key that has it",
+            "the API key `{}` lacks the scope `{}`, which {what} needs; ask an administrator for a key that has it",
             principal.name,
             scope.as_str()
         ),
@@ -102,6 +224,31 @@ pub fn authorize(principal: &Principal, scope: Scope, what: &str) -> Result<(), 
     .with_details(serde_json::json!({
         "required_scope": scope.as_str(),
         "granted_scopes": principal.scope_names(),
+        "role": principal.role.as_str(),
+    })))
+}
+
+/// Decides whether `principal`'s role allows `what` (administration needs
+/// `group_admin` or `company_admin` on top of `mcp:admin`). Answers
+/// `insufficient_scope` naming the role.
+pub fn require_role(principal: &Principal, role: Role, what: &str) -> Result<(), ApiError> {
+    authorize(principal, Scope::Admin, what)?;
+    if principal.role >= role {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        ErrorCode::InsufficientScope,
+        format!(
+            "the API key `{}` has the role `{}`; {what} needs the role `{}` (with the scope `mcp:admin`)",
+            principal.name,
+            principal.role.as_str(),
+            role.as_str()
+        ),
+    )
+    .with_details(serde_json::json!({
+        "required_scope": Scope::Admin.as_str(),
+        "required_role": role.as_str(),
+        "role": principal.role.as_str(),
     })))
 }
 
@@ -126,35 +273,130 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()).then(|| token.trim())
 }
 
-/// Compares secrets in time independent of where they differ.
-pub fn secret_eq(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff));
-    }
-    diff == 0
+/// Why a key did not authenticate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AuthFailure {
+    /// No key was sent.
+    Missing,
+    /// No such key (or a key of the other kind).
+    Unknown,
+    /// The key was revoked.
+    Revoked,
+    /// The key expired.
+    Expired,
+    /// The key store could not be read; refused rather than trusted.
+    Unavailable,
 }
 
-/// Middleware: authenticates the bearer API key or answers 401.
-pub async fn require_api_key(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let principal = bearer(req.headers()).and_then(|token| state.api_principal(token));
-    match principal {
-        Some(p) => {
-            req.extensions_mut().insert(p);
-            next.run(req).await
+/// The outcome of charging a request to its caller's calls-per-minute budget, left in
+/// the request extensions for MCP tools (which report `quota_exceeded` as a tool
+/// result rather than as HTTP 429).
+#[derive(Debug, Clone)]
+pub struct CallCharge(pub Result<CallBudget, ApiError>);
+
+/// Middleware: authenticates the bearer API key (401 otherwise), charges the call to
+/// the key's budget (429 with `Retry-After` when spent; MCP tool calls carry the
+/// verdict to the tool instead), and hands the [`Principal`] to the handler.
+pub async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let authenticated = match bearer(req.headers()) {
+        None => Err(AuthFailure::Missing),
+        Some(token) => state.keys.authenticate_api(token),
+    };
+    let principal = match authenticated {
+        Ok(p) => p,
+        Err(failure) => return unauthorized(&state, &failure),
+    };
+    let mcp_post = req.uri().path() == "/mcp" && req.method() == Method::POST;
+    let (mut req, messages) = if mcp_post {
+        let (parts, body) = req.into_parts();
+        let bytes = match axum::body::to_bytes(body, state.config.mcp.max_body_bytes).await {
+            Ok(b) => b,
+            Err(_) => {
+                return ApiError::invalid(format!(
+                    "the request body exceeds {} bytes (mcp.max_body_bytes) or could not be read",
+                    state.config.mcp.max_body_bytes
+                ))
+                .into_response_with(StatusCode::PAYLOAD_TOO_LARGE);
+            }
+        };
+        let messages = jsonrpc_messages(&bytes);
+        (Request::from_parts(parts, Body::from(bytes)), messages)
+    } else {
+        (req, Messages { tool_calls: 0, others: 1 })
+    };
+    // Every message is charged; a tool call over budget still reaches its tool, which
+    // answers `quota_exceeded` as a tool result a model can read.
+    let mut budget = None;
+    for _ in 0..messages.others {
+        match state.callers.charge_call(&principal.key_id, principal.quotas) {
+            Ok(b) => budget = Some(Ok(b)),
+            Err(e) => return e.into_response(),
         }
-        None => unauthorized(&state, bearer(req.headers()).is_some()),
+    }
+    for _ in 0..messages.tool_calls {
+        let c = state.callers.charge_call(&principal.key_id, principal.quotas);
+        if budget.as_ref().is_none_or(|b: &Result<CallBudget, ApiError>| b.is_ok()) {
+            budget = Some(c);
+        }
+    }
+    if let Some(b) = budget {
+        req.extensions_mut().insert(CallCharge(b));
+    }
+    req.extensions_mut().insert(principal);
+    next.run(req).await
+}
+
+/// How many JSON-RPC messages of each sort a request body holds.
+struct Messages {
+    tool_calls: usize,
+    others: usize,
+}
+
+#[derive(Deserialize)]
+struct JsonRpcMethod {
+    #[serde(default)]
+    method: Option<String>,
+}
+
+fn jsonrpc_messages(body: &[u8]) -> Messages {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    let methods: Vec<Option<String>> = if first == Some(&b'[') {
+        serde_json::from_slice::<Vec<JsonRpcMethod>>(body).map(|v| v.into_iter().map(|m| m.method).collect())
+    } else {
+        serde_json::from_slice::<JsonRpcMethod>(body).map(|m| vec![m.method])
+    }
+    .ok()
+    .filter(|m| !m.is_empty())
+    .unwrap_or_else(|| vec![None]);
+    let tool_calls = methods.iter().filter(|m| m.as_deref() == Some("tools/call")).count();
+    Messages { tool_calls, others: methods.len() - tool_calls }
+}
+
+trait WithStatus {
+    fn into_response_with(self, status: StatusCode) -> Response;
+}
+
+impl WithStatus for ApiError {
+    fn into_response_with(self, status: StatusCode) -> Response {
+        (status, axum::Json(self.body())).into_response()
     }
 }
 
 /// The 401 response, with the protected-resource metadata URL.
-pub fn unauthorized(state: &AppState, had_token: bool) -> Response {
+pub fn unauthorized(state: &AppState, failure: &AuthFailure) -> Response {
     let metadata = format!("{}/.well-known/oauth-protected-resource", state.public_url());
-    let (code, message) = if had_token {
-        ("invalid_token", "the API key is not valid")
-    } else {
-        ("missing_token", "send an API key as `Authorization: Bearer <key>`")
+    let (code, message) = match failure {
+        AuthFailure::Missing => ("missing_token", "send an API key as `Authorization: Bearer <key>`"),
+        AuthFailure::Unknown => ("invalid_token", "the API key is not valid"),
+        AuthFailure::Revoked => ("invalid_token", "the API key has been revoked; ask an administrator for a new one"),
+        AuthFailure::Expired => ("invalid_token", "the API key has expired; ask an administrator for a new one"),
+        AuthFailure::Unavailable => {
+            let body = ApiError::new(ErrorCode::Internal, "the key store cannot be read right now; retry shortly")
+                .with_details(serde_json::json!({ "retry_after_seconds": 5 }));
+            return (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "5")], axum::Json(body.body()))
+                .into_response();
+        }
     };
     let challenge = format!("Bearer resource_metadata=\"{metadata}\", error=\"{code}\"");
     let body = serde_json::json!({ "error": { "code": "unauthorized", "reason": code, "message": message } });
@@ -164,6 +406,18 @@ pub fn unauthorized(state: &AppState, had_token: bool) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn principal(role: Role, scopes: &[Scope]) -> Principal {
+        Principal {
+            key_id: "key_x".into(),
+            name: "dash".into(),
+            role,
+            scopes: scopes.to_vec(),
+            reach: Reach::org("default"),
+            quotas: CallerQuotas::default(),
+            tenancy: Arc::new(Tenancy::default()),
+        }
+    }
 
     #[test]
     fn bearer_tokens_are_read_case_insensitively() {
@@ -176,28 +430,49 @@ mod tests {
 
     #[test]
     fn a_key_without_a_scope_is_refused_naming_the_scope() {
-        let p = Principal { name: "dash".into(), scopes: vec![Scope::AgentsRead, Scope::HitsRead] };
+        let p = principal(Role::Developer, &[Scope::AgentsRead, Scope::HitsRead]);
         assert!(authorize(&p, Scope::AgentsRead, "list_agents").is_ok());
         let err = authorize(&p, Scope::ActionsWrite, "place_snapshot").unwrap_err();
         assert_eq!(err.code, ErrorCode::InsufficientScope);
         assert!(err.message.contains("mcp:actions:write") && err.message.contains("place_snapshot"), "{err}");
-        let admin = Principal { name: "root".into(), scopes: vec![Scope::Admin] };
-        assert!(authorize(&admin, Scope::ActionsWrite, "place_snapshot").is_ok());
+        let admin_only = principal(Role::CompanyAdmin, &[Scope::Admin]);
+        assert!(authorize(&admin_only, Scope::ActionsWrite, "place_snapshot").is_err(), "scopes are literal");
     }
 
     #[test]
-    fn scope_names_round_trip() {
+    fn administration_needs_the_role_as_well_as_the_scope() {
+        let group = principal(Role::GroupAdmin, Role::GroupAdmin.scopes());
+        assert!(require_role(&group, Role::GroupAdmin, "POST /api/v1/keys").is_ok());
+        let err = require_role(&group, Role::CompanyAdmin, "GET /api/v1/audit").unwrap_err();
+        assert_eq!(err.code, ErrorCode::InsufficientScope);
+        assert_eq!(err.details["required_role"], "company_admin");
+        let narrowed = principal(Role::CompanyAdmin, &Scope::DEFAULT);
+        assert_eq!(
+            require_role(&narrowed, Role::CompanyAdmin, "GET /api/v1/audit").unwrap_err().details["required_scope"],
+            "mcp:admin"
+        );
+    }
+
+    #[test]
+    fn scope_and_role_names_round_trip() {
         for s in Scope::KNOWN {
             assert_eq!(Scope::parse(s.as_str()), Some(s));
         }
         assert_eq!(Scope::parse("mcp:hits:write"), None);
+        for r in Role::ALL {
+            assert_eq!(Role::parse(r.as_str()), Some(r));
+        }
     }
 
     #[test]
-    fn secrets_compare_by_value() {
-        assert!(secret_eq("abcdef", "abcdef"));
-        assert!(!secret_eq("abcdef", "abcdeg"));
-        assert!(!secret_eq("abc", "abcdef"));
-        assert!(!secret_eq("", "a"));
+    fn tool_calls_are_told_apart_from_other_mcp_messages() {
+        let m = jsonrpc_messages(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{}}"#);
+        assert_eq!((m.tool_calls, m.others), (1, 0));
+        let m = jsonrpc_messages(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
+        assert_eq!((m.tool_calls, m.others), (0, 1));
+        let m = jsonrpc_messages(br#"[{"method":"tools/call"},{"method":"tools/list"}]"#);
+        assert_eq!((m.tool_calls, m.others), (1, 1));
+        let m = jsonrpc_messages(b"not json");
+        assert_eq!((m.tool_calls, m.others), (0, 1));
     }
 }

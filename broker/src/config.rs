@@ -8,6 +8,9 @@ use std::time::Duration;
 use periscope_protocol::{AgentQuotas, CaptureLimits};
 use serde::{Deserialize, Serialize};
 
+use crate::auth::{Role, Scope};
+use crate::quota::{CallerQuotaOverrides, CallerSettings, IngestSettings};
+
 /// Why a configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -38,8 +41,9 @@ pub enum ConfigError {
     },
 }
 
-/// An API key accepted on the REST API and the MCP endpoint (until the key store lands,
-/// keys come from here and from `periscope demo`).
+/// An API key accepted on the REST API and the MCP endpoint, defined in the file (keys
+/// made with `periscope keys create` live in the data directory instead). Its secret
+/// is hashed at start; it cannot be revoked except by removing it here.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKeyConfig {
@@ -47,18 +51,62 @@ pub struct ApiKeyConfig {
     pub name: String,
     /// The secret.
     pub key: String,
-    /// What the key may do (`mcp:system:read`, `mcp:agents:read`, `mcp:actions:write`,
-    /// `mcp:hits:read`, or `mcp:admin` for all of them); absent means the four `mcp:*`
-    /// scopes, so a key that says nothing can drive every tool. Checked on every tool
-    /// call and REST request, so a read-only key for dashboards is one line.
+    /// `developer` (the default), `group_admin` (needs `group`) or `company_admin`.
+    /// A key that names no role but lists `mcp:admin` among its scopes is a
+    /// `company_admin`, as before roles existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    /// Narrower scopes than the role's (`mcp:system:read`, `mcp:agents:read`,
+    /// `mcp:actions:write`, `mcp:hits:read`, `mcp:admin`); absent means all of the
+    /// role's. Checked on every tool call and REST request, so a read-only key for
+    /// dashboards is one line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scopes: Option<Vec<String>>,
+    /// The organization (default `default`; created when missing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org: Option<String>,
+    /// The group: the one a `group_admin` administers, and the pools a `developer` of a
+    /// group may reach (created when missing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Only these pools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pools: Option<Vec<String>>,
+    /// Quota overrides for this key (`calls_per_minute`, `call_burst`,
+    /// `concurrent_waits`, `live_actions`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quotas: Option<CallerQuotaOverrides>,
 }
 
 impl ApiKeyConfig {
-    /// A key with the default scopes.
+    /// A `developer` key of the `default` organization.
     pub fn new(name: impl Into<String>, key: impl Into<String>) -> Self {
-        ApiKeyConfig { name: name.into(), key: key.into(), scopes: None }
+        ApiKeyConfig {
+            name: name.into(),
+            key: key.into(),
+            role: None,
+            scopes: None,
+            org: None,
+            group: None,
+            pools: None,
+            quotas: None,
+        }
+    }
+
+    /// The same key with another role.
+    pub fn with_role(mut self, role: Role) -> Self {
+        self.role = Some(role);
+        self
+    }
+
+    /// The key's role: the one it names, else `company_admin` when its scopes list
+    /// `mcp:admin` (configurations from before roles), else `developer`.
+    pub fn role_or_default(&self) -> Role {
+        match self.role {
+            Some(r) => r,
+            None if self.scopes.iter().flatten().any(|s| s.trim() == Scope::Admin.as_str()) => Role::CompanyAdmin,
+            None => Role::Developer,
+        }
     }
 }
 
@@ -71,6 +119,9 @@ pub struct AgentKeyConfig {
     /// Pools the key may register into; `["*"]` (the default) for any.
     #[serde(default = "any_pool")]
     pub pools: Vec<String>,
+    /// The organization its agents join (default `default`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org: Option<String>,
 }
 
 fn any_pool() -> Vec<String> {
@@ -78,6 +129,11 @@ fn any_pool() -> Vec<String> {
 }
 
 impl AgentKeyConfig {
+    /// A key for any pool of the `default` organization.
+    pub fn any_pool(key: impl Into<String>) -> Self {
+        AgentKeyConfig { key: key.into(), pools: any_pool(), org: None }
+    }
+
     /// Whether the key lets an agent register into `pool`.
     pub fn allows_pool(&self, pool: &str) -> bool {
         self.pools.iter().any(|p| p == "*" || p == pool)
@@ -126,11 +182,14 @@ pub struct StoreSettings {
     pub max_ended_actions: usize,
     /// How long hits (and ended actions) are kept, in days.
     pub hit_retention_days: u64,
+    /// How long audit entries are kept, in days (an audit trail usually outlives the
+    /// data it describes).
+    pub audit_retention_days: u64,
 }
 
 impl Default for StoreSettings {
     fn default() -> Self {
-        StoreSettings { max_ended_actions: 1_000, hit_retention_days: 10 }
+        StoreSettings { max_ended_actions: 1_000, hit_retention_days: 10, audit_retention_days: 90 }
     }
 }
 
@@ -185,6 +244,10 @@ pub struct BrokerConfig {
     pub limits: CaptureLimits,
     /// Budgets sent to agents.
     pub quotas: AgentQuotas,
+    /// Per-caller (per API key) quotas.
+    pub callers: CallerSettings,
+    /// What the broker accepts from each agent and for each action.
+    pub ingest: IngestSettings,
     /// Agent connection settings.
     pub agents: AgentSettings,
     /// Retention.
@@ -206,6 +269,8 @@ impl Default for BrokerConfig {
             agent_keys: Vec::new(),
             limits: CaptureLimits::default(),
             quotas: AgentQuotas::default(),
+            callers: CallerSettings::default(),
+            ingest: IngestSettings::default(),
             agents: AgentSettings::default(),
             store: StoreSettings::default(),
             mcp: McpSettings::default(),
@@ -272,38 +337,110 @@ impl BrokerConfig {
         self.redaction
             .validate()
             .map_err(|e| ConfigError::Invalid { key: "redaction".into(), message: e.to_string() })?;
-        if !(1..=3_650).contains(&self.store.hit_retention_days) {
-            return Err(ConfigError::Invalid {
-                key: "store.hit_retention_days".into(),
-                message: format!("{} is outside 1..=3650", self.store.hit_retention_days),
-            });
+        for (key, range) in [
+            ("store.hit_retention_days", self.store.hit_retention_days),
+            ("store.audit_retention_days", self.store.audit_retention_days),
+        ] {
+            if !(1..=3_650).contains(&range) {
+                return Err(ConfigError::Invalid { key: key.into(), message: format!("{range} is outside 1..=3650") });
+            }
         }
-        for (i, k) in self.api_keys.iter().enumerate() {
-            check_secret(&format!("api_keys[{i}].key"), &k.key)?;
-            if k.name.is_empty() {
+        self.callers.validate().map_err(|(key, message)| ConfigError::Invalid { key, message })?;
+        self.ingest.validate().map_err(|(key, message)| ConfigError::Invalid { key, message })?;
+        // The broker's copies of the agents' budgets must let an honest agent through.
+        for (key, broker, agent, agent_key) in [
+            (
+                "ingest.agent_hits_per_sec",
+                self.ingest.agent_hits_per_sec,
+                self.quotas.snapshot_hits_per_sec,
+                "quotas.snapshot_hits_per_sec",
+            ),
+            (
+                "ingest.action_hits_per_sec",
+                self.ingest.action_hits_per_sec,
+                self.quotas.snapshot_hits_per_sec_per_action,
+                "quotas.snapshot_hits_per_sec_per_action",
+            ),
+        ] {
+            if broker < agent {
                 return Err(ConfigError::Invalid {
-                    key: format!("api_keys[{i}].name"),
-                    message: "must not be empty".into(),
+                    key: key.into(),
+                    message: format!(
+                        "{broker} is below {agent_key} ({agent}): the broker would drop what honest agents send"
+                    ),
                 });
             }
+        }
+        let mut secrets: Vec<(String, &str)> = Vec::new();
+        for (i, k) in self.api_keys.iter().enumerate() {
+            let at = format!("api_keys[{i}]");
+            check_secret(&format!("{at}.key"), &k.key)?;
+            if k.name.trim().is_empty() || k.name.len() > crate::keys::MAX_KEY_NAME {
+                return Err(ConfigError::Invalid {
+                    key: format!("{at}.name"),
+                    message: format!("must be 1 to {} characters", crate::keys::MAX_KEY_NAME),
+                });
+            }
+            let role = k.role_or_default();
             for scope in k.scopes.iter().flatten() {
-                if crate::auth::Scope::parse(scope).is_none() {
+                let Some(parsed) = Scope::parse(scope) else {
                     return Err(ConfigError::Invalid {
-                        key: format!("api_keys[{i}].scopes"),
+                        key: format!("{at}.scopes"),
                         message: format!(
                             "unknown scope `{scope}`; known scopes: {}",
-                            crate::auth::Scope::KNOWN.map(|s| s.as_str()).join(", ")
+                            Scope::KNOWN.map(|s| s.as_str()).join(", ")
                         ),
+                    });
+                };
+                if !role.scopes().contains(&parsed) {
+                    return Err(ConfigError::Invalid {
+                        key: format!("{at}.scopes"),
+                        message: format!("`{scope}` is beyond the role `{}`", role.as_str()),
                     });
                 }
             }
+            if k.scopes.as_ref().is_some_and(Vec::is_empty) {
+                return Err(ConfigError::Invalid {
+                    key: format!("{at}.scopes"),
+                    message: "must list at least one scope (or be left out for the role's)".into(),
+                });
+            }
+            check_tenancy_names(&at, k.org.as_deref(), k.group.as_deref(), k.pools.as_deref())?;
+            if role == Role::GroupAdmin && k.group.is_none() {
+                return Err(ConfigError::Invalid {
+                    key: format!("{at}.group"),
+                    message: "a group_admin key needs the group it administers".into(),
+                });
+            }
+            if k.pools.as_ref().is_some_and(Vec::is_empty) {
+                return Err(ConfigError::Invalid {
+                    key: format!("{at}.pools"),
+                    message: "must list at least one pool (or be left out for no restriction)".into(),
+                });
+            }
+            if let Some(q) = &k.quotas {
+                q.validate(&format!("{at}.quotas.")).map_err(|(key, message)| ConfigError::Invalid { key, message })?;
+            }
+            secrets.push((at, &k.key));
         }
         for (i, k) in self.agent_keys.iter().enumerate() {
-            check_secret(&format!("agent_keys[{i}].key"), &k.key)?;
+            let at = format!("agent_keys[{i}]");
+            check_secret(&format!("{at}.key"), &k.key)?;
             if k.pools.is_empty() {
                 return Err(ConfigError::Invalid {
-                    key: format!("agent_keys[{i}].pools"),
+                    key: format!("{at}.pools"),
                     message: "must list at least one pool (or \"*\")".into(),
+                });
+            }
+            let named: Vec<String> = k.pools.iter().filter(|p| *p != "*").cloned().collect();
+            check_tenancy_names(&at, k.org.as_deref(), None, Some(&named))?;
+            secrets.push((at, &k.key));
+        }
+        for (i, (at, secret)) in secrets.iter().enumerate() {
+            if let Some((first, _)) = secrets.iter().take(i).find(|(_, s)| s == secret) {
+                return Err(ConfigError::Invalid {
+                    key: format!("{at}.key"),
+                    message: format!("repeats the secret of {first}; every key needs its own"),
                 });
             }
         }
@@ -378,6 +515,33 @@ impl BrokerConfig {
     pub fn ping_interval(&self) -> Duration {
         Duration::from_secs(self.agents.ping_interval_secs)
     }
+}
+
+fn check_tenancy_names(
+    at: &str,
+    org: Option<&str>,
+    group: Option<&str>,
+    pools: Option<&[String]>,
+) -> Result<(), ConfigError> {
+    let max = crate::keys::MAX_ORG_NAME;
+    let pool_max = periscope_protocol::messages::registration_bounds::MAX_NAME_LEN;
+    for (field, value, max) in [("org", org, max), ("group", group, max)] {
+        if let Some(v) = value
+            && !crate::keys::valid_name(v, max)
+        {
+            return Err(ConfigError::Invalid {
+                key: format!("{at}.{field}"),
+                message: format!("`{v}` must be 1 to {max} characters from A-Z a-z 0-9 . _ : -"),
+            });
+        }
+    }
+    if let Some(p) = pools.into_iter().flatten().find(|p| !crate::keys::valid_name(p, pool_max)) {
+        return Err(ConfigError::Invalid {
+            key: format!("{at}.pools"),
+            message: format!("`{p}` must be 1 to {pool_max} characters from A-Z a-z 0-9 . _ : -"),
+        });
+    }
+    Ok(())
 }
 
 fn check_secret(key: &str, secret: &str) -> Result<(), ConfigError> {

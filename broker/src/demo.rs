@@ -103,8 +103,17 @@ pub async fn run_demo(options: DemoOptions, shutdown: impl Future<Output = ()> +
     let agent_key = generate_key("pak_");
     let config = BrokerConfig {
         listen: options.listen,
-        api_keys: vec![ApiKeyConfig::new("demo", api_key.clone())],
-        agent_keys: vec![AgentKeyConfig { key: agent_key.clone(), pools: vec!["*".into()] }],
+        // The demo's key administers the demo: company_admin of `default`, with room for
+        // the demo's own start-up polling on top of a user's calls.
+        api_keys: vec![ApiKeyConfig {
+            quotas: Some(crate::quota::CallerQuotaOverrides {
+                calls_per_minute: Some(600),
+                call_burst: Some(100),
+                ..Default::default()
+            }),
+            ..ApiKeyConfig::new("demo", api_key.clone()).with_role(crate::auth::Role::CompanyAdmin)
+        }],
+        agent_keys: vec![AgentKeyConfig::any_pool(agent_key.clone())],
         data_dir: options.data_dir.clone(),
         ..BrokerConfig::default()
     };
@@ -226,7 +235,7 @@ async fn wait_ready(api: &str, key: &str, instances: usize, fleet: &mut Fleet) -
         if tokio::time::Instant::now() > deadline {
             bail!("the shops did not come online with their catalogs within 60 s ({online}/{instances} agents online)");
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

@@ -3,9 +3,16 @@
 //!
 //! All action state lives in one mutex-protected book, never held across an `.await`.
 //! Callers that wait for hits take a `watch` receiver under the lock and wait outside.
+//!
+//! Every action belongs to the organization of the key that placed it and keeps that
+//! key's [`Reach`]: it only ever reaches agents of its organization within that reach,
+//! including agents that join later. Callers only see actions whose pools they may see
+//! (others answer `not_found`, exactly like actions that do not exist). The engine
+//! charges the live-action quota of the placing key, re-applies the per-action rates
+//! agents enforce (snapshot hits per agent, log lines and bytes), and writes the audit
+//! trail of every placement, removal, completion, expiry and quota pause.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -18,15 +25,41 @@ use periscope_protocol::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::audit::{Actor, AuditEntry, AuditKind, Expressions};
+use crate::auth::{Principal, Reach};
 use crate::error::{ApiError, ErrorCode};
+use crate::keys::{KeyStore, Tenancy};
+use crate::quota::{IngestSettings, Rate};
 use crate::registry::{AgentRecord, Registry};
 use crate::store::{ActionRow, HitRow, LineRow, Loaded, Store, StoreError};
 use crate::telemetry::{LineBook, LinesPage, MetricData, MetricView, StoredLine};
 use crate::time::now_ms;
 
-/// Live actions one caller may hold at once (keeps one runaway assistant from filling
-/// every agent).
-pub const MAX_LIVE_ACTIONS_PER_CALLER: usize = 20;
+/// Quota pauses of one action for one reason closer together than this are one
+/// episode, audited once.
+pub const PAUSE_EPISODE_GAP_MS: u64 = 60_000;
+
+/// The agent a frame came from, as the gateway authenticated it.
+#[derive(Debug, Clone)]
+pub struct Sender {
+    /// Its id.
+    pub id: AgentId,
+    /// Its display name.
+    pub name: String,
+    /// Its organization.
+    pub org: String,
+}
+
+/// What became of a hit an agent sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ingested {
+    /// Stored.
+    Accepted,
+    /// Refused: unknown or ended action, not a target, over its hit count.
+    Refused,
+    /// Dropped: over the action's per-agent rate.
+    RateLimited,
+}
 
 /// Whom an action is aimed at, as the caller said it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -191,12 +224,15 @@ impl ActionStatus {
 }
 
 /// One agent's view of an action.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentActionView {
     /// The agent.
     pub agent_id: AgentId,
     /// Its display name.
     pub display_name: String,
+    /// Its pool.
+    #[serde(default)]
+    pub pool: String,
     /// `pending`, `installed`, `error`, `paused`, `completed`, `eval_error`, `offline`.
     pub state: String,
     /// Why (errors, pauses), or what (callsites installed).
@@ -260,7 +296,61 @@ pub struct Action {
     pub lines: LineBook,
     /// A metric action's figures.
     pub metric: Option<MetricData>,
+    /// The organization it belongs to.
+    pub org: String,
+    /// The placing key's reach: the agents it may ever reach.
+    pub reach: Reach,
+    /// Pools it was aimed at or reached; a caller sees the action if it sees all of them.
+    pub pools: BTreeSet<String>,
+    /// Id of the key that placed it (its live-action quota is charged).
+    pub created_by_key: String,
+    /// Redaction rules that fired in what it collected, with counts.
+    pub rules_fired: BTreeMap<String, u64>,
+    /// Quota pauses reported, by reason.
+    pub pauses: BTreeMap<String, u64>,
+    /// What the broker dropped for it, over its own rates.
+    pub dropped: ActionDrops,
+    pause_last_ms: HashMap<String, u64>,
+    hit_rates: HashMap<AgentId, Rate>,
+    log_rates: Option<(Rate, Rate)>,
     changed: watch::Sender<u64>,
+}
+
+/// What the broker dropped for one action over its per-action rates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ActionDrops {
+    /// Snapshot hits over the per-agent rate of the action.
+    pub snapshot_rate: u64,
+    /// Log lines over the action's line or byte rate.
+    pub log_rate: u64,
+    /// When the broker last dropped something (Unix ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_drop_ms: Option<u64>,
+    /// Set while the broker is dropping: from the first drop until it accepts again.
+    #[serde(skip)]
+    pub paused: bool,
+}
+
+/// An action's budgets: what it may still collect, what was dropped, what is paused.
+#[derive(Debug, Clone, Serialize)]
+pub struct ActionQuotaView {
+    /// Snapshot hits it may still collect.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hits_remaining: Option<u64>,
+    /// Log lines it may still collect (when capped).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lines_remaining: Option<u64>,
+    /// Milliseconds until it expires (0 once ended).
+    pub expires_in_ms: u64,
+    /// Agents paused now, with the reason (`quota_cpu`, `quota_log`, `rate_limited`,
+    /// `expired`).
+    pub paused: Vec<serde_json::Value>,
+    /// Quota pauses reported so far, by reason.
+    pub pauses: BTreeMap<String, u64>,
+    /// What the broker dropped over its own per-action rates.
+    pub broker_dropped: ActionDrops,
+    /// The rates in force for this action.
+    pub limits: serde_json::Value,
 }
 
 impl Action {
@@ -280,6 +370,104 @@ impl Action {
             end_reason: self.end_reason.clone(),
             pending_note: self.pending_note.clone(),
             hits_refused: self.hits_refused,
+            org: self.org.clone(),
+            created_by_key: self.created_by_key.clone(),
+            reach: serde_json::to_string(&self.reach).ok(),
+            pools: serde_json::to_string(&self.pools).ok(),
+        }
+    }
+
+    /// The expressions, for the audit trail.
+    fn expressions(&self) -> Expressions {
+        let mut e = Expressions { condition: self.spec.condition.clone(), ..Expressions::default() };
+        match &self.spec.kind {
+            ActionKind::Snapshot(s) => e.watch = s.watch.clone(),
+            ActionKind::Log(l) => e.template = Some(l.template.clone()),
+            ActionKind::Metric(m) => e.expression = m.expression.clone(),
+            _ => {}
+        }
+        e
+    }
+
+    /// An audit entry about this action.
+    fn audit(&self, actor: Actor, kind: AuditKind) -> AuditEntry {
+        let mut entry = AuditEntry::new(self.org.clone(), actor, kind)
+            .target(serde_json::to_value(&self.target).unwrap_or_default());
+        entry.action_id = Some(self.spec.id.to_string());
+        entry.action_kind = Some(self.spec.kind.name().to_owned());
+        entry.location = Some(self.spec.location.clone());
+        entry.expressions = self.expressions();
+        match &self.spec.kind {
+            ActionKind::Snapshot(_) => entry.hits = Some(self.hits.len() as u64),
+            ActionKind::Log(_) => entry.lines = Some(self.lines.total),
+            _ => {}
+        }
+        entry.redaction_rules = self.rules_fired.clone();
+        entry
+    }
+
+    /// Whether `p` may see this action: same organization, and every pool it was aimed
+    /// at or reached is within `p`'s reach (an action that has reached no pool yet is
+    /// visible to organization-wide keys only).
+    pub fn visible_to(&self, p: &Principal) -> bool {
+        if self.org != p.org() {
+            return false;
+        }
+        if self.pools.is_empty() {
+            return p.reach.group.is_none() && p.reach.pools.is_none();
+        }
+        self.pools.iter().all(|pool| p.sees_pool(&self.org, pool))
+    }
+
+    fn quota_view(&self, now: u64, ingest: &IngestSettings) -> ActionQuotaView {
+        let paused = self
+            .agents
+            .values()
+            .filter_map(|a| {
+                a.pause_reason.as_ref().map(
+                    |r| serde_json::json!({ "agent_id": a.agent_id, "reason": r, "by": "agent", "detail": a.detail }),
+                )
+            })
+            // Paused by the broker from a drop until it accepts again (a minute at most, for
+            // agents that stopped sending).
+            .chain(self.dropped.last_drop_ms.filter(|t| self.dropped.paused && now.saturating_sub(*t) < 60_000).map(
+                |_| {
+                    let reason =
+                        if matches!(self.spec.kind, ActionKind::Log(_)) { "quota_log" } else { "rate_limited" };
+                    serde_json::json!({ "agent_id": null, "reason": reason, "by": "broker",
+                                    "detail": "the broker is dropping what exceeds this action's rate" })
+                },
+            ))
+            .collect();
+        let (hits_remaining, lines_remaining) = match &self.spec.kind {
+            ActionKind::Snapshot(s) => (Some(u64::from(s.max_hits).saturating_sub(self.hits.len() as u64)), None),
+            ActionKind::Log(l) => (None, l.max_lines.map(|m| m.saturating_sub(self.lines.total))),
+            _ => (None, None),
+        };
+        let limits = match &self.spec.kind {
+            ActionKind::Snapshot(_) => serde_json::json!({
+                "broker_hits_per_sec_per_agent": ingest.action_hits_per_sec,
+                "burst_factor": ingest.burst_factor,
+            }),
+            ActionKind::Log(_) => serde_json::json!({
+                "broker_lines_per_sec": ingest.action_log_lines_per_sec,
+                "broker_bytes_per_sec": ingest.action_log_bytes_per_sec,
+                "burst_factor": ingest.burst_factor,
+            }),
+            _ => serde_json::Value::Null,
+        };
+        ActionQuotaView {
+            hits_remaining,
+            lines_remaining,
+            expires_in_ms: if self.status == ActionStatus::Active {
+                self.spec.expires_at_ms.saturating_sub(now)
+            } else {
+                0
+            },
+            paused,
+            pauses: self.pauses.clone(),
+            broker_dropped: self.dropped,
+            limits,
         }
     }
 
@@ -330,6 +518,9 @@ impl Action {
             lines: self.lines.total,
             metric,
             figures: metric_figures,
+            created_by_key: self.created_by_key.clone(),
+            redaction_rules_fired: self.rules_fired.clone(),
+            quota: None,
         }
     }
 }
@@ -389,6 +580,14 @@ pub struct ActionView {
     /// A metric's figures: totals, per agent, and a short time series.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub figures: Option<MetricView>,
+    /// Id of the key that placed it.
+    pub created_by_key: String,
+    /// Redaction rules that fired in what it collected, with counts (never values).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub redaction_rules_fired: BTreeMap<String, u64>,
+    /// Remaining budgets, pauses and drops (in `get_action` and `GET /actions/{id}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quota: Option<ActionQuotaView>,
 }
 
 /// A page of hits after a cursor.
@@ -429,23 +628,63 @@ pub struct MetricExport {
     pub kind: MetricKind,
     /// Its figures, per agent.
     pub data: MetricData,
+    /// The organization.
+    pub org: String,
+    /// Its pools (callers see it if they see all of them).
+    pub pools: BTreeSet<String>,
 }
 
-/// Counters the broker exports on `/metrics`.
+/// Counters the broker exports on `/metrics`, per organization.
 #[derive(Debug, Default)]
 pub struct EngineStats {
+    orgs: Mutex<BTreeMap<String, OrgStats>>,
+}
+
+/// One organization's counters.
+#[derive(Debug, Clone, Default)]
+pub struct OrgStats {
     /// Hits stored.
-    pub hits_accepted: AtomicU64,
+    pub hits_accepted: u64,
     /// Hits refused (unknown or ended action, over its count, not a target).
-    pub hits_refused: AtomicU64,
+    pub hits_refused: u64,
+    /// Hits dropped over an action's per-agent rate.
+    pub hits_rate_limited: u64,
     /// Dynamic log lines stored.
-    pub lines_accepted: AtomicU64,
-    /// Dynamic log lines refused.
-    pub lines_refused: AtomicU64,
+    pub lines_accepted: u64,
+    /// Dynamic log lines refused (unknown or ended action, not a target).
+    pub lines_refused: u64,
+    /// Dynamic log lines dropped over an action's rates.
+    pub lines_rate_limited: u64,
     /// Metric reports merged.
-    pub metric_reports: AtomicU64,
+    pub metric_reports: u64,
     /// Quota pauses reported by agents, by reason.
-    pub quota_pauses: Mutex<BTreeMap<String, u64>>,
+    pub quota_pauses: BTreeMap<String, u64>,
+}
+
+impl EngineStats {
+    /// Updates an organization's counters.
+    pub fn add(&self, org: &str, f: impl FnOnce(&mut OrgStats)) {
+        let mut orgs = self.orgs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = orgs.get_mut(org) {
+            f(s);
+        } else {
+            f(orgs.entry(org.to_owned()).or_default());
+        }
+    }
+
+    /// An organization's counters.
+    pub fn org(&self, org: &str) -> OrgStats {
+        self.orgs.lock().unwrap_or_else(|p| p.into_inner()).get(org).cloned().unwrap_or_default()
+    }
+}
+
+/// What became of a frame of log lines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinesIngested {
+    /// Lines stored.
+    pub kept: usize,
+    /// Lines dropped over their action's rates.
+    pub rate_limited: usize,
 }
 
 /// The action engine.
@@ -458,6 +697,8 @@ pub struct Engine {
     metric_interval_ms: u64,
     registry: Arc<Registry>,
     store: Option<Store>,
+    keys: Option<Arc<KeyStore>>,
+    ingest: IngestSettings,
     shutdown: watch::Receiver<bool>,
     limits: CaptureLimits,
     max_ended: usize,
@@ -489,12 +730,53 @@ impl Engine {
             rules,
             registry,
             store: None,
+            keys: None,
+            ingest: IngestSettings::default(),
             shutdown,
             limits,
             max_ended,
             book: Mutex::new(Book::default()),
             stats: EngineStats::default(),
             metric_interval_ms: 5_000,
+        }
+    }
+
+    /// Uses the key directory's pool-to-group assignments when deciding which agents an
+    /// action placed by a group-restricted key reaches.
+    pub fn with_keys(mut self, keys: Arc<KeyStore>) -> Self {
+        self.keys = Some(keys);
+        self
+    }
+
+    /// Sets the per-action rates the broker enforces on what agents send.
+    pub fn with_ingest(mut self, ingest: IngestSettings) -> Self {
+        self.ingest = ingest;
+        self
+    }
+
+    /// The per-action and per-agent rates in force.
+    pub fn ingest(&self) -> &IngestSettings {
+        &self.ingest
+    }
+
+    fn tenancy(&self) -> Arc<Tenancy> {
+        self.keys.as_ref().map_or_else(|| Arc::new(Tenancy::default()), |k| Arc::clone(&k.current().tenancy))
+    }
+
+    /// Appends an entry to the audit trail (through the store's writer; dropped, with a
+    /// log line, when the broker runs without a store).
+    pub fn audit(&self, entry: AuditEntry) {
+        tracing::info!(
+            target: "periscope::audit",
+            org = %entry.org,
+            actor = %entry.actor.name(),
+            kind = entry.kind.as_str(),
+            action = entry.action_id.as_deref().unwrap_or(""),
+            detail = %entry.detail,
+            "audit"
+        );
+        if let Some(store) = &self.store {
+            store.put_audit(entry.row());
         }
     }
 
@@ -518,9 +800,28 @@ impl Engine {
             if status != ActionStatus::Active {
                 book.ended.push_back(spec.id.clone());
             }
+            let reach = match row.reach.as_deref() {
+                Some(r) => serde_json::from_str(r).map_err(|e| corrupt("action reach", e.to_string()))?,
+                None => Reach::org(row.org.clone()),
+            };
+            let mut pools: BTreeSet<String> =
+                row.pools.as_deref().and_then(|p| serde_json::from_str(p).ok()).unwrap_or_default();
+            pools.extend(target.pool.clone());
+            let log_rates = matches!(spec.kind, ActionKind::Log(_))
+                .then(|| (self.ingest.action_lines(), self.ingest.action_log_bytes()));
             book.actions.insert(
                 spec.id.clone(),
                 Action {
+                    org: row.org,
+                    reach,
+                    pools,
+                    created_by_key: row.created_by_key,
+                    rules_fired: BTreeMap::new(),
+                    pauses: BTreeMap::new(),
+                    dropped: ActionDrops::default(),
+                    pause_last_ms: HashMap::new(),
+                    hit_rates: HashMap::new(),
+                    log_rates,
                     spec,
                     target,
                     created_by: row.created_by,
@@ -541,6 +842,9 @@ impl Engine {
         for row in lines {
             let line: StoredLine = serde_json::from_str(&row.body).map_err(|e| corrupt("log line", e.to_string()))?;
             if let Some(action) = ActionId::parse(&row.action_id).ok().and_then(|id| book.actions.get_mut(&id)) {
+                for f in &line.line.redactions {
+                    *action.rules_fired.entry(f.rule.clone()).or_insert(0) += 1;
+                }
                 action.lines.restore(line);
             }
         }
@@ -553,6 +857,9 @@ impl Engine {
         for row in hits {
             let hit: StoredHit = serde_json::from_str(&row.body).map_err(|e| corrupt("hit", e.to_string()))?;
             if let Some(action) = ActionId::parse(&row.action_id).ok().and_then(|id| book.actions.get_mut(&id)) {
+                for f in &hit.hit.redactions {
+                    *action.rules_fired.entry(f.rule.clone()).or_insert(0) += 1;
+                }
                 action.hits.push(hit);
             }
         }
@@ -598,27 +905,54 @@ impl Engine {
         }
     }
 
-    /// Replaces the redaction rules: compiled, persisted, and pushed to every online
-    /// agent; hits after this carry the new version.
+    /// Deletes audit entries older than `cutoff_ms` (the audit trail's own retention).
+    pub fn purge_audit_before(&self, cutoff_ms: u64) {
+        if let Some(store) = &self.store {
+            store.purge_audit_before(cutoff_ms);
+        }
+    }
+
+    /// Replaces an organization's redaction rules: compiled, persisted, pushed to every
+    /// online agent of the organization, and audited; hits after this carry the new
+    /// version.
     pub fn replace_rules(
         &self,
+        org: &str,
         config: periscope_redaction::RedactionConfig,
+        actor: Actor,
     ) -> Result<periscope_redaction::RedactionConfig, ApiError> {
-        let config = self.rules.replace(config).map_err(|e| ApiError::invalid(format!("redaction rules: {e}")))?;
+        let config = self.rules.replace(org, config).map_err(|e| ApiError::invalid(format!("redaction rules: {e}")))?;
         if let Some(store) = &self.store {
-            store.put_setting(crate::rules::SETTING_KEY, serde_json::to_string(&config).unwrap_or_default());
+            store.put_setting(&crate::rules::setting_key(org), serde_json::to_string(&config).unwrap_or_default());
         }
-        let message = self.rules.message();
+        let message = self.rules.message(org);
         let mut online = Vec::new();
         self.registry.for_each(|a| {
-            if a.online() {
+            if a.online() && a.org == org {
                 online.push(a.info.agent_id.clone());
             }
         });
         for agent in online {
             self.registry.send(&agent, message.clone());
         }
-        tracing::info!(version = config.version, "redaction rules replaced");
+        // What changed, never what the rules match: names and counts.
+        let summary = serde_json::json!({
+            "version": config.version,
+            "strict": config.strict,
+            "builtin_detectors": config.builtins.detectors,
+            "builtin_key_names": config.builtins.key_names,
+            "disabled": config.builtins.disabled,
+            "custom_patterns": config.patterns.iter().map(|p| p.name.clone()).collect::<Vec<_>>(),
+            "key_names": config.key_names.len(),
+            "excluded_key_names": config.exclusions.key_names.len(),
+            "excluded_values": config.exclusions.values.len(),
+        });
+        self.audit(
+            AuditEntry::new(org, actor, AuditKind::RedactionRulesChanged)
+                .detail(format!("replaced the redaction rules (version {})", config.version))
+                .data(summary),
+        );
+        tracing::info!(org, version = config.version, "redaction rules replaced");
         Ok(config)
     }
 
@@ -641,7 +975,7 @@ impl Engine {
     }
 
     /// Validates and places a snapshot; returns its view.
-    pub fn place_snapshot(&self, req: SnapshotRequest, caller: &str) -> Result<ActionView, ApiError> {
+    pub fn place_snapshot(&self, req: SnapshotRequest, caller: &Principal) -> Result<ActionView, ApiError> {
         let max_hits = req.max_hits.unwrap_or(action_bounds::DEFAULT_MAX_HITS);
         if !(1..=action_bounds::MAX_MAX_HITS).contains(&max_hits) {
             return Err(ApiError::invalid(format!(
@@ -674,7 +1008,7 @@ impl Engine {
     }
 
     /// Validates and places a dynamic log; returns its view.
-    pub fn place_log(&self, req: LogRequest, caller: &str) -> Result<ActionView, ApiError> {
+    pub fn place_log(&self, req: LogRequest, caller: &Principal) -> Result<ActionView, ApiError> {
         if req.template.trim().is_empty() {
             return Err(ApiError::invalid(
                 "template must not be empty; write text with {expression} placeholders, e.g. \"user {user.id} paid {amount}\"",
@@ -725,7 +1059,7 @@ impl Engine {
     }
 
     /// Validates and places a dynamic metric; returns its view.
-    pub fn place_metric(&self, req: MetricRequest, caller: &str) -> Result<ActionView, ApiError> {
+    pub fn place_metric(&self, req: MetricRequest, caller: &Principal) -> Result<ActionView, ApiError> {
         let metric = match req.kind.trim() {
             "counter" => MetricKind::Counter,
             "duration" => MetricKind::Duration,
@@ -781,7 +1115,7 @@ impl Engine {
     }
 
     /// What every kind shares: bounds, expressions, target, location, then insertion.
-    fn place(&self, p: Placement<'_>, kind: ActionKind, caller: &str) -> Result<ActionView, ApiError> {
+    fn place(&self, p: Placement<'_>, kind: ActionKind, caller: &Principal) -> Result<ActionView, ApiError> {
         let expire = p.expire_seconds.unwrap_or(action_bounds::DEFAULT_EXPIRE_SECS);
         if !(1..=action_bounds::MAX_EXPIRE_SECS).contains(&expire) {
             return Err(ApiError::invalid(format!(
@@ -803,10 +1137,11 @@ impl Engine {
             kind,
         };
         check_expressions(&spec)?;
-        let target = self.resolve_target(p.agent_ids, p.pool, p.tags)?;
-        let agents = self.matching_agents(&target);
+        let target = self.resolve_target(p.agent_ids, p.pool, p.tags, caller)?;
+        let tenancy = Arc::clone(&caller.tenancy);
+        let agents = self.matching_agents(&target, &caller.reach, &tenancy);
         if agents.is_empty() {
-            return Err(self.no_matching_agents(&target));
+            return Err(self.no_matching_agents(&target, caller));
         }
         let what = spec.kind.name();
         let mut pending_note = self.check_location(&agents, &spec.location, p.allow_pending, what)?;
@@ -834,7 +1169,7 @@ impl Engine {
     /// `Ok(Some(note))` when accepted as pending, the specific error otherwise.
     fn check_location(
         &self,
-        agents: &[(AgentId, String)],
+        agents: &[(AgentId, String, String)],
         location: &Location,
         allow_pending: bool,
         what: &str,
@@ -868,39 +1203,44 @@ impl Engine {
         &self,
         spec: ActionSpec,
         target: Target,
-        caller: &str,
+        caller: &Principal,
         pending_note: Option<String>,
-        agents: Vec<(AgentId, String)>,
+        agents: Vec<(AgentId, String, String)>,
     ) -> Result<ActionView, ApiError> {
         let now = now_ms();
         let mut book = self.book();
-        let mine = || book.actions.values().filter(|a| a.status == ActionStatus::Active && a.created_by == caller);
+        let limit = caller.quotas.live_actions as usize;
+        let mine =
+            || book.actions.values().filter(|a| a.status == ActionStatus::Active && a.created_by_key == caller.key_id);
         let live = mine().count();
-        if live >= MAX_LIVE_ACTIONS_PER_CALLER {
+        if live >= limit {
             // When the caller's soonest action expires, a slot frees by itself.
             let retry_after =
                 mine().map(|a| a.spec.expires_at_ms).min().unwrap_or(now).saturating_sub(now).div_ceil(1_000).max(1);
             return Err(ApiError::new(
                 ErrorCode::QuotaExceeded,
                 format!(
-                    "you already have {live} live actions (the limit is {MAX_LIVE_ACTIONS_PER_CALLER}); remove one \
-                     with remove_action (list_actions with status=active shows them), or retry in {retry_after} s \
-                     when the soonest one expires"
+                    "you already have {live} live actions (the limit is {limit}); remove one with remove_action \
+                     (list_actions with status=active shows them), or retry in {retry_after} s when the soonest one \
+                     expires"
                 ),
             )
             .with_details(serde_json::json!({
                 "quota": "live_actions",
-                "limit": MAX_LIVE_ACTIONS_PER_CALLER,
+                "limit": limit,
                 "retry_after_seconds": retry_after,
             })));
         }
         let mut statuses = BTreeMap::new();
-        for (agent_id, name) in &agents {
+        let mut pools: BTreeSet<String> = target.pool.iter().cloned().collect();
+        for (agent_id, name, pool) in &agents {
+            pools.insert(pool.clone());
             statuses.insert(
                 agent_id.clone(),
                 AgentActionView {
                     agent_id: agent_id.clone(),
                     display_name: name.clone(),
+                    pool: pool.clone(),
                     state: "pending".into(),
                     detail: None,
                     pause_reason: None,
@@ -910,9 +1250,20 @@ impl Engine {
             );
         }
         let action = Action {
+            org: caller.org().to_owned(),
+            reach: caller.reach.clone(),
+            pools,
+            created_by_key: caller.key_id.clone(),
+            rules_fired: BTreeMap::new(),
+            pauses: BTreeMap::new(),
+            dropped: ActionDrops::default(),
+            pause_last_ms: HashMap::new(),
+            hit_rates: HashMap::new(),
+            log_rates: matches!(spec.kind, ActionKind::Log(_))
+                .then(|| (self.ingest.action_lines(), self.ingest.action_log_bytes())),
             spec: spec.clone(),
             target,
-            created_by: caller.to_owned(),
+            created_by: caller.name.clone(),
             created_at_ms: now,
             status: ActionStatus::Active,
             ended_at_ms: None,
@@ -927,16 +1278,33 @@ impl Engine {
         };
         let view = action.view();
         self.persist(&action);
+        let mut entry = action.audit(caller.actor(), AuditKind::ActionPlaced);
+        entry.hits = None;
+        entry.lines = None;
+        entry.detail = format!("placed a {} at {}", action.spec.kind.name(), action.spec.location);
+        entry.data = serde_json::json!({
+            "agents": agents.iter().map(|(id, _, _)| id).collect::<Vec<_>>(),
+            "expires_at_ms": action.spec.expires_at_ms,
+            "max_hits": action.max_hits(),
+            "pending": action.pending_note.is_some(),
+        });
         book.actions.insert(spec.id.clone(), action);
         drop(book);
-        for (agent_id, _) in agents {
+        self.audit(entry);
+        for (agent_id, _, _) in agents {
             self.registry.send(&agent_id, BrokerMessage::ActionAdd { action: spec.clone() });
         }
-        tracing::info!(action = %spec.id, location = %spec.location, caller, "action placed");
+        tracing::info!(action = %spec.id, location = %spec.location, caller = %caller.name, "action placed");
         Ok(view)
     }
 
-    fn resolve_target(&self, agent_ids: &[String], pool: Option<&str>, tags: &[String]) -> Result<Target, ApiError> {
+    fn resolve_target(
+        &self,
+        agent_ids: &[String],
+        pool: Option<&str>,
+        tags: &[String],
+        caller: &Principal,
+    ) -> Result<Target, ApiError> {
         let pool = pool.map(str::trim).filter(|p| !p.is_empty());
         if agent_ids.is_empty() && pool.is_none() && tags.is_empty() {
             return Err(ApiError::invalid(
@@ -953,43 +1321,64 @@ impl Engine {
         let mut ids = Vec::with_capacity(agent_ids.len());
         for raw in agent_ids {
             let id = AgentId::parse(raw.trim()).map_err(|e| ApiError::invalid(format!("agent_ids: {e}")))?;
-            if self.registry.with(&id, |_| ()).is_none() {
+            // An agent out of the caller's reach answers exactly like one that does not exist.
+            let visible = self.registry.with(&id, |a| caller.sees_pool(&a.org, &a.info.pool)).unwrap_or(false);
+            if !visible {
                 return Err(ApiError::not_found(format!("no agent `{id}` is known; list_agents shows the agents")));
             }
             if !ids.contains(&id) {
                 ids.push(id);
             }
         }
+        if let Some(p) = pool {
+            let mut known = caller.tenancy.assigned_pools(caller.org()).contains_key(p);
+            if !known {
+                self.registry.for_each(|a| known |= a.org == caller.org() && a.info.pool == p);
+            }
+            if !known || !caller.sees_pool(caller.org(), p) {
+                return Err(ApiError::not_found(format!(
+                    "no pool `{}` is known to your key; list_agents shows the pools you can use",
+                    truncate(p)
+                ))
+                .with_details(serde_json::json!({ "online_pools": self.online_pools(caller) })));
+            }
+        }
         Ok(Target { agent_ids: ids, pool: pool.map(str::to_owned), tags: tags.to_vec() })
     }
 
-    /// Online agents the target includes, with display names.
-    fn matching_agents(&self, target: &Target) -> Vec<(AgentId, String)> {
+    /// Online agents of the caller's organization the target includes within `reach`,
+    /// with display names and pools.
+    fn matching_agents(&self, target: &Target, reach: &Reach, tenancy: &Tenancy) -> Vec<(AgentId, String, String)> {
         let mut out = Vec::new();
         self.registry.for_each(|a| {
-            if a.online() && target.includes(a) {
-                out.push((a.info.agent_id.clone(), a.info.display_name.clone()));
+            if a.online() && target.includes(a) && reach.allows(&a.org, &a.info.pool, tenancy) {
+                out.push((a.info.agent_id.clone(), a.info.display_name.clone(), a.info.pool.clone()));
             }
         });
         out.sort();
         out
     }
 
-    fn no_matching_agents(&self, target: &Target) -> ApiError {
+    /// Pools with agents online that the caller can see, with their tags.
+    fn online_pools(&self, caller: &Principal) -> Vec<serde_json::Value> {
         let mut pools: BTreeMap<String, HashSet<String>> = BTreeMap::new();
         self.registry.for_each(|a| {
-            if a.online() {
+            if a.online() && caller.sees_pool(&a.org, &a.info.pool) {
                 pools.entry(a.info.pool.clone()).or_default().extend(a.info.tags.iter().cloned());
             }
         });
-        let available: Vec<serde_json::Value> = pools
+        pools
             .into_iter()
             .map(|(pool, tags)| {
                 let mut tags: Vec<String> = tags.into_iter().collect();
                 tags.sort();
                 serde_json::json!({ "pool": pool, "tags": tags })
             })
-            .collect();
+            .collect()
+    }
+
+    fn no_matching_agents(&self, target: &Target, caller: &Principal) -> ApiError {
+        let available = self.online_pools(caller);
         let what = if !target.agent_ids.is_empty() {
             "none of the given agents is online".to_owned()
         } else {
@@ -1003,11 +1392,11 @@ impl Engine {
             .with_details(serde_json::json!({ "online_pools": available }))
     }
 
-    fn find_location(&self, agents: &[(AgentId, String)], location: &Location) -> LocationMatch {
+    fn find_location(&self, agents: &[(AgentId, String, String)], location: &Location) -> LocationMatch {
         let mut files: HashSet<String> = HashSet::new();
         let mut in_file: Vec<CatalogEntry> = Vec::new();
         let mut all_files: HashSet<String> = HashSet::new();
-        for (id, _) in agents {
+        for (id, _, _) in agents {
             self.registry.with(id, |rec| {
                 for e in rec.catalog.values() {
                     if all_files.len() < 10_000 {
@@ -1052,18 +1441,21 @@ impl Engine {
     }
 
     /// Live actions an agent should run: sent as an `ActionSync` when it registers. Pool
-    /// and tag targets reach agents that joined after the action was placed.
+    /// and tag targets reach agents that joined after the action was placed, within the
+    /// action's organization and reach.
     pub fn on_agent_registered(&self, agent_id: &AgentId) -> Vec<ActionSpec> {
-        let Some((pool, tags, name)) =
-            self.registry.with(agent_id, |r| (r.info.pool.clone(), r.info.tags.clone(), r.info.display_name.clone()))
+        let Some((pool, tags, name, org)) = self
+            .registry
+            .with(agent_id, |r| (r.info.pool.clone(), r.info.tags.clone(), r.info.display_name.clone(), r.org.clone()))
         else {
             return Vec::new();
         };
+        let tenancy = self.tenancy();
         let now = now_ms();
         let mut book = self.book();
         let mut specs = Vec::new();
         for action in book.actions.values_mut() {
-            if action.status != ActionStatus::Active {
+            if action.status != ActionStatus::Active || action.org != org {
                 continue;
             }
             let included = if action.target.agent_ids.is_empty() {
@@ -1072,13 +1464,14 @@ impl Engine {
             } else {
                 action.target.agent_ids.contains(agent_id)
             };
-            if !included {
+            if !included || !action.reach.allows(&org, &pool, &tenancy) {
                 continue;
             }
             specs.push(action.spec.clone());
             let entry = action.agents.entry(agent_id.clone()).or_insert_with(|| AgentActionView {
                 agent_id: agent_id.clone(),
                 display_name: name.clone(),
+                pool: pool.clone(),
                 state: "pending".into(),
                 detail: None,
                 pause_reason: None,
@@ -1089,6 +1482,11 @@ impl Engine {
                 entry.state = "pending".into();
                 entry.detail = None;
                 entry.updated_at_ms = now;
+            }
+            if action.pools.insert(pool.clone())
+                && let Some(store) = &self.store
+            {
+                store.put_action(action.row());
             }
             action.bump();
         }
@@ -1112,12 +1510,14 @@ impl Engine {
         }
     }
 
-    /// Records an action state reported by an agent.
+    /// Records an action state reported by an agent. A quota pause is counted, and the
+    /// first pause of an episode (per action and reason) goes to the audit trail.
     pub fn on_status(&self, agent_id: &AgentId, action_id: &ActionId, state: AgentActionState) {
         let now = now_ms();
         let mut book = self.book();
         let Some(action) = book.actions.get_mut(action_id) else { return };
         let Some(entry) = action.agents.get_mut(agent_id) else { return };
+        let mut paused = None;
         let (label, detail, pause) = match state {
             AgentActionState::Installed { callsites } => {
                 ("installed", Some(format!("armed on {callsites} callsite(s)")), None)
@@ -1127,9 +1527,10 @@ impl Engine {
             }
             AgentActionState::Error { reason } => ("error", Some(truncate(&reason)), None),
             AgentActionState::Paused { reason, message } => {
-                let mut pauses = self.stats.quota_pauses.lock().unwrap_or_else(|p| p.into_inner());
-                *pauses.entry(reason.as_str().to_owned()).or_insert(0) += 1;
-                ("paused", Some(truncate(&message)), Some(reason.as_str().to_owned()))
+                let reason = reason.as_str().to_owned();
+                self.stats.add(&action.org, |s| *s.quota_pauses.entry(reason.clone()).or_insert(0) += 1);
+                paused = Some((reason.clone(), truncate(&message)));
+                ("paused", Some(truncate(&message)), Some(reason))
             }
             AgentActionState::Resumed => ("installed", Some("resumed".into()), None),
             AgentActionState::Completed => ("completed", None, None),
@@ -1142,32 +1543,83 @@ impl Engine {
         entry.detail = detail;
         entry.pause_reason = pause;
         entry.updated_at_ms = now;
+        let audit = paused.and_then(|(reason, message)| {
+            let data = serde_json::json!({ "reason": reason, "agent_id": agent_id, "by": "agent", "message": message });
+            Self::pause_episode(action, &reason, now, data)
+        });
         action.bump();
+        drop(book);
+        if let Some(entry) = audit {
+            self.audit(entry);
+        }
     }
 
-    /// Accepts a hit from an agent: re-applies capture limits, stores it, and completes
-    /// the action when it has its hits. Returns whether the hit was kept.
-    pub fn ingest_hit(&self, agent_id: &AgentId, agent_name: &str, mut hit: Hit) -> bool {
+    /// Counts a quota pause of an action; returns the audit entry when it starts a new
+    /// episode (no pause for the same reason in the last [`PAUSE_EPISODE_GAP_MS`]).
+    fn pause_episode(action: &mut Action, reason: &str, now: u64, data: serde_json::Value) -> Option<AuditEntry> {
+        *action.pauses.entry(reason.to_owned()).or_insert(0) += 1;
+        let last = action.pause_last_ms.insert(reason.to_owned(), now);
+        if last.is_some_and(|t| now.saturating_sub(t) < PAUSE_EPISODE_GAP_MS) {
+            return None;
+        }
+        let mut entry = action.audit(Actor::System, AuditKind::ActionPaused);
+        entry.detail = format!("paused by a quota ({reason})");
+        entry.data = data;
+        Some(entry)
+    }
+
+    /// Accepts a hit from an agent: re-applies redaction and capture limits, enforces
+    /// the action's per-agent rate, stores it, and completes the action when it has its
+    /// hits.
+    pub fn ingest_hit(&self, from: &Sender, mut hit: Hit) -> Ingested {
         // Never trust an agent: redaction and the same limits again (a no-op for honest
         // agents). Keys are known here too, so a `password` field is caught by name.
-        self.rules.redactor().redact_hit(&mut hit);
+        self.rules.redactor(&from.org).redact_hit(&mut hit);
         hit.enforce_limits(&self.limits);
+        let now = now_ms();
         let mut book = self.book();
-        let Some(action) = book.actions.get_mut(&hit.action_id) else { return false };
-        let targeted = action.agents.contains_key(agent_id);
+        let Some(action) = book.actions.get_mut(&hit.action_id) else {
+            self.stats.add(&from.org, |s| s.hits_refused += 1);
+            return Ingested::Refused;
+        };
+        let targeted = action.org == from.org && action.agents.contains_key(&from.id);
         if !targeted || action.status != ActionStatus::Active || action.hits.len() as u32 >= action.max_hits() {
             action.hits_refused += 1;
-            self.stats.hits_refused.fetch_add(1, Ordering::Relaxed);
-            return false;
+            self.stats.add(&from.org, |s| s.hits_refused += 1);
+            return Ingested::Refused;
         }
-        self.stats.hits_accepted.fetch_add(1, Ordering::Relaxed);
+        let ingest = &self.ingest;
+        let rate = action.hit_rates.entry(from.id.clone()).or_insert_with(|| ingest.action_hits());
+        if rate.take(1).is_err() {
+            action.dropped.snapshot_rate += 1;
+            action.dropped.last_drop_ms = Some(now);
+            action.dropped.paused = true;
+            self.stats.add(&from.org, |s| s.hits_rate_limited += 1);
+            let data = serde_json::json!({
+                "reason": "rate_limited", "agent_id": from.id, "by": "broker",
+                "message": format!("the broker dropped hits above {}/s for this action from this agent",
+                                   self.ingest.action_hits_per_sec),
+            });
+            let audit = Self::pause_episode(action, "rate_limited", now, data);
+            action.bump();
+            drop(book);
+            if let Some(e) = audit {
+                self.audit(e);
+            }
+            return Ingested::RateLimited;
+        }
+        self.stats.add(&from.org, |s| s.hits_accepted += 1);
+        action.dropped.paused = false;
+        for f in &hit.redactions {
+            *action.rules_fired.entry(f.rule.clone()).or_insert(0) += 1;
+        }
         let index = action.hits.len() as u64 + 1;
         let stored = StoredHit {
             hit_id: HitId::generate(),
             index,
-            agent_id: agent_id.clone(),
-            agent_name: agent_name.to_owned(),
-            received_at_ms: now_ms(),
+            agent_id: from.id.clone(),
+            agent_name: from.name.clone(),
+            received_at_ms: now,
             hit,
         };
         if let Some(store) = &self.store {
@@ -1182,36 +1634,39 @@ impl Engine {
         let complete = action.hits.len() as u32 >= action.max_hits();
         let id = action.spec.id.clone();
         if complete {
-            let agents = self.end(&mut book, &id, ActionStatus::Completed, "collected all its hits");
+            let ended = self.end(&mut book, &id, ActionStatus::Completed, "collected all its hits", Actor::System);
             drop(book);
-            self.notify_removed(&id, agents, "completed");
+            self.after_end(&id, ended, "completed");
         } else {
             action.bump();
         }
-        true
+        Ingested::Accepted
     }
 
     /// Accepts dynamic log lines from an agent; returns how many were kept. Lines for
     /// actions that are not this agent's live logs are refused.
-    pub fn ingest_lines(&self, agent_id: &AgentId, agent_name: &str, lines: Vec<LogLine>) -> usize {
+    pub fn ingest_lines(&self, from: &Sender, lines: Vec<LogLine>) -> LinesIngested {
         let now = now_ms();
-        let mut kept = 0;
+        let mut out = LinesIngested::default();
         let mut completed = Vec::new();
+        let mut audits = Vec::new();
+        let redactor = self.rules.redactor(&from.org);
         let mut book = self.book();
         for mut line in lines.into_iter().take(periscope_protocol::telemetry::MAX_LOG_LINES_PER_FRAME) {
             let Some(action) = book.actions.get_mut(&line.action_id) else {
-                self.stats.lines_refused.fetch_add(1, Ordering::Relaxed);
+                self.stats.add(&from.org, |s| s.lines_refused += 1);
                 continue;
             };
             let max_lines = match &action.spec.kind {
                 ActionKind::Log(l) => l.max_lines,
                 _ => {
-                    self.stats.lines_refused.fetch_add(1, Ordering::Relaxed);
+                    self.stats.add(&from.org, |s| s.lines_refused += 1);
                     continue;
                 }
             };
-            if action.status != ActionStatus::Active || !action.agents.contains_key(agent_id) {
-                self.stats.lines_refused.fetch_add(1, Ordering::Relaxed);
+            if action.status != ActionStatus::Active || action.org != from.org || !action.agents.contains_key(&from.id)
+            {
+                self.stats.add(&from.org, |s| s.lines_refused += 1);
                 continue;
             }
             let keep = periscope_protocol::value::truncate_chars(
@@ -1220,8 +1675,27 @@ impl Engine {
             )
             .len();
             line.text.truncate(keep);
+            // The action's own budgets, whatever the agents' budgets let through.
+            let within = action.log_rates.as_ref().is_none_or(|(lines, bytes)| {
+                let size = u32::try_from(line.text.len().max(1)).unwrap_or(u32::MAX);
+                lines.take(1).is_ok() && bytes.take(size).is_ok()
+            });
+            if !within {
+                action.dropped.log_rate += 1;
+                action.dropped.last_drop_ms = Some(now);
+                action.dropped.paused = true;
+                out.rate_limited += 1;
+                self.stats.add(&from.org, |s| s.lines_rate_limited += 1);
+                let data = serde_json::json!({
+                    "reason": "quota_log", "agent_id": from.id, "by": "broker",
+                    "message": format!("the broker dropped lines above {} lines/s or {} B/s for this log",
+                                       self.ingest.action_log_lines_per_sec, self.ingest.action_log_bytes_per_sec),
+                });
+                audits.extend(Self::pause_episode(action, "quota_log", now, data));
+                continue;
+            }
+            action.dropped.paused = false;
             // The agent redacted each placeholder by name; the broker redacts the text again.
-            let redactor = self.rules.redactor();
             let mut report = periscope_redaction::Report::new();
             if let std::borrow::Cow::Owned(clean) = redactor.redact_text(&line.text, "text", &mut report) {
                 line.text = clean;
@@ -1229,10 +1703,13 @@ impl Engine {
             line.redactions.extend(report.into_findings().into_iter().map(Into::into));
             line.redactions.truncate(periscope_protocol::hit::MAX_FINDINGS_PER_HIT);
             line.rules_version = line.rules_version.max(redactor.version());
+            for f in &line.redactions {
+                *action.rules_fired.entry(f.rule.clone()).or_insert(0) += 1;
+            }
             let stored = StoredLine {
                 index: 0,
-                agent_id: agent_id.clone(),
-                agent_name: agent_name.to_owned(),
+                agent_id: from.id.clone(),
+                agent_name: from.name.clone(),
                 received_at_ms: now,
                 line,
             };
@@ -1245,8 +1722,8 @@ impl Engine {
                     received_at_ms: now,
                 });
             }
-            kept += 1;
-            self.stats.lines_accepted.fetch_add(1, Ordering::Relaxed);
+            out.kept += 1;
+            self.stats.add(&from.org, |s| s.lines_accepted += 1);
             if max_lines.is_some_and(|m| action.lines.total >= m) {
                 completed.push(action.spec.id.clone());
             } else {
@@ -1256,26 +1733,30 @@ impl Engine {
         let mut notify = Vec::new();
         for id in completed {
             if book.actions.get(&id).is_some_and(|a| a.status == ActionStatus::Active) {
-                let agents = self.end(&mut book, &id, ActionStatus::Completed, "reached its max_lines");
-                notify.push((id, agents));
+                let ended = self.end(&mut book, &id, ActionStatus::Completed, "reached its max_lines", Actor::System);
+                notify.push((id, ended));
             }
         }
         drop(book);
-        for (id, agents) in notify {
-            self.notify_removed(&id, agents, "completed");
+        for entry in audits {
+            self.audit(entry);
         }
-        kept
+        for (id, ended) in notify {
+            self.after_end(&id, ended, "completed");
+        }
+        out
     }
 
     /// Merges metric reports from an agent; returns how many were kept. Reports for a
     /// metric that ended recently are still merged (an agent's last interval arrives
     /// after the removal).
-    pub fn ingest_metrics(&self, agent_id: &AgentId, reports: Vec<MetricReport>) -> usize {
+    pub fn ingest_metrics(&self, from: &Sender, reports: Vec<MetricReport>) -> usize {
+        let agent_id = &from.id;
         let mut kept = 0;
         let mut book = self.book();
         for mut report in reports.into_iter().take(periscope_protocol::telemetry::MAX_METRIC_REPORTS_PER_FRAME) {
             let Some(action) = book.actions.get_mut(&report.action_id) else { continue };
-            if !action.agents.contains_key(agent_id) {
+            if action.org != from.org || !action.agents.contains_key(agent_id) {
                 continue;
             }
             let Some(data) = action.metric.as_mut() else { continue };
@@ -1286,17 +1767,25 @@ impl Engine {
             }
             action.bump();
             kept += 1;
-            self.stats.metric_reports.fetch_add(1, Ordering::Relaxed);
+            self.stats.add(&from.org, |s| s.metric_reports += 1);
         }
         kept
     }
 
+    /// The action `action_id` names, if the caller may see it; `not_found` otherwise,
+    /// the same answer as for an action that does not exist.
+    fn visible<'b>(book: &'b Book, id: &ActionId, caller: &Principal) -> Result<&'b Action, ApiError> {
+        book.actions
+            .get(id)
+            .filter(|a| a.visible_to(caller))
+            .ok_or_else(|| ApiError::not_found(format!("no action `{id}`; list_actions shows the actions")))
+    }
+
     /// Log lines after `since`, at most `limit`.
-    pub fn lines(&self, action_id: &str, since: u64, limit: usize) -> Result<LinesPage, ApiError> {
+    pub fn lines(&self, action_id: &str, since: u64, limit: usize, caller: &Principal) -> Result<LinesPage, ApiError> {
         let id = parse_action_id(action_id)?;
         let book = self.book();
-        let action = book.actions.get(&id).ok_or_else(|| ApiError::not_found(format!("no action `{id}`")))?;
-        Ok(action.lines.page(since, limit))
+        Ok(Self::visible(&book, &id, caller)?.lines.page(since, limit))
     }
 
     /// Waits until the action has a line after `since`, has ended, or `timeout` passes.
@@ -1306,10 +1795,11 @@ impl Engine {
         since: u64,
         limit: usize,
         timeout: Duration,
+        caller: &Principal,
     ) -> Result<LinesPage, ApiError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        self.wait_until(action_id, deadline, |a| a.lines.total > since).await?;
-        self.lines(action_id, since, limit)
+        self.wait_until(action_id, deadline, caller, |a| a.lines.total > since).await?;
+        self.lines(action_id, since, limit, caller)
     }
 
     /// Every live metric action's figures, for `/metrics`.
@@ -1319,28 +1809,30 @@ impl Engine {
             .values()
             .filter(|a| a.status == ActionStatus::Active)
             .filter_map(|a| match (&a.spec.kind, &a.metric) {
-                (ActionKind::Metric(m), Some(data)) => {
-                    Some(MetricExport { action_id: a.spec.id.clone(), kind: m.metric, data: data.clone() })
-                }
+                (ActionKind::Metric(m), Some(data)) => Some(MetricExport {
+                    action_id: a.spec.id.clone(),
+                    kind: m.metric,
+                    data: data.clone(),
+                    org: a.org.clone(),
+                    pools: a.pools.clone(),
+                }),
                 _ => None,
             })
             .collect()
     }
 
     /// Removes an action on a caller's request.
-    pub fn remove(&self, action_id: &str) -> Result<ActionView, ApiError> {
+    pub fn remove(&self, action_id: &str, caller: &Principal) -> Result<ActionView, ApiError> {
         let id = parse_action_id(action_id)?;
         let mut book = self.book();
-        let Some(action) = book.actions.get(&id) else {
-            return Err(ApiError::not_found(format!("no action `{id}`; list_actions shows the actions")));
-        };
+        let action = Self::visible(&book, &id, caller)?;
         if action.status != ActionStatus::Active {
             return Ok(action.view());
         }
-        let agents = self.end(&mut book, &id, ActionStatus::Removed, "removed by a caller");
+        let ended = self.end(&mut book, &id, ActionStatus::Removed, "removed by a caller", caller.actor());
         let view = book.actions.get(&id).map(Action::view);
         drop(book);
-        self.notify_removed(&id, agents, "removed");
+        self.after_end(&id, ended, "removed");
         view.ok_or_else(|| ApiError::not_found(format!("no action `{id}`")))
     }
 
@@ -1356,23 +1848,40 @@ impl Engine {
             .collect();
         let mut notify = Vec::new();
         for id in due {
-            let agents = self.end(&mut book, &id, ActionStatus::Expired, "reached its expiry");
-            notify.push((id, agents));
+            let ended = self.end(&mut book, &id, ActionStatus::Expired, "reached its expiry", Actor::System);
+            notify.push((id, ended));
         }
         drop(book);
-        for (id, agents) in notify {
-            self.notify_removed(&id, agents, "expired");
+        for (id, ended) in notify {
+            self.after_end(&id, ended, "expired");
         }
     }
 
-    /// Ends an action; returns the agents to tell.
-    fn end(&self, book: &mut Book, id: &ActionId, status: ActionStatus, reason: &str) -> Vec<AgentId> {
-        let Some(action) = book.actions.get_mut(id) else { return Vec::new() };
+    /// Ends an action; returns the agents to tell and the audit entry to write (both
+    /// after the book is unlocked).
+    fn end(&self, book: &mut Book, id: &ActionId, status: ActionStatus, reason: &str, actor: Actor) -> Ended {
+        let Some(action) = book.actions.get_mut(id) else { return Ended::default() };
         action.status = status;
         action.ended_at_ms = Some(now_ms());
         action.end_reason = Some(reason.to_owned());
         action.bump();
         self.persist(action);
+        let kind = match status {
+            ActionStatus::Completed => AuditKind::ActionCompleted,
+            ActionStatus::Expired => AuditKind::ActionExpired,
+            _ => AuditKind::ActionRemoved,
+        };
+        let mut entry = action.audit(actor, kind);
+        entry.detail = format!("the {} at {} {reason}", action.spec.kind.name(), action.spec.location);
+        entry.data = serde_json::json!({
+            "created_by": action.created_by,
+            "created_by_key": action.created_by_key,
+            "created_at_ms": action.created_at_ms,
+            "agents": action.agents.len(),
+            "pauses": action.pauses,
+            "broker_dropped": action.dropped,
+            "hits_refused": action.hits_refused,
+        });
         let agents = action.agents.keys().cloned().collect();
         book.ended.push_back(id.clone());
         while book.ended.len() > self.max_ended {
@@ -1383,31 +1892,34 @@ impl Engine {
                 }
             }
         }
-        agents
+        Ended { agents, audit: Some(entry) }
     }
 
-    fn notify_removed(&self, id: &ActionId, agents: Vec<AgentId>, reason: &str) {
-        for agent in agents {
+    /// Tells the agents an action ended and records it.
+    fn after_end(&self, id: &ActionId, ended: Ended, reason: &str) {
+        if let Some(entry) = ended.audit {
+            self.audit(entry);
+        }
+        for agent in ended.agents {
             self.registry.send(&agent, BrokerMessage::ActionRemove { action_id: id.clone(), reason: reason.into() });
         }
     }
 
-    /// One action's view.
-    pub fn get(&self, action_id: &str) -> Result<ActionView, ApiError> {
+    /// One action's view, with its budgets.
+    pub fn get(&self, action_id: &str, caller: &Principal) -> Result<ActionView, ApiError> {
         let id = parse_action_id(action_id)?;
-        self.book()
-            .actions
-            .get(&id)
-            .map(Action::view)
-            .ok_or_else(|| ApiError::not_found(format!("no action `{id}`; list_actions shows the actions")))
+        let book = self.book();
+        let action = Self::visible(&book, &id, caller)?;
+        let mut view = action.view();
+        view.quota = Some(action.quota_view(now_ms(), &self.ingest));
+        Ok(view)
     }
 
     /// Hits after `since`, at most `limit`.
-    pub fn hits(&self, action_id: &str, since: u64, limit: usize) -> Result<HitsPage, ApiError> {
+    pub fn hits(&self, action_id: &str, since: u64, limit: usize, caller: &Principal) -> Result<HitsPage, ApiError> {
         let id = parse_action_id(action_id)?;
         let book = self.book();
-        let action = book.actions.get(&id).ok_or_else(|| ApiError::not_found(format!("no action `{id}`")))?;
-        Ok(page(action, since, limit))
+        Ok(page(Self::visible(&book, &id, caller)?, since, limit))
     }
 
     /// Waits until the action has a hit after `since`, has ended, or `timeout` passes;
@@ -1418,28 +1930,31 @@ impl Engine {
         since: u64,
         limit: usize,
         timeout: Duration,
+        caller: &Principal,
     ) -> Result<HitsPage, ApiError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        self.wait_until(action_id, deadline, |a| a.hits.len() as u64 > since).await?;
-        self.hits(action_id, since, limit)
+        self.wait_until(action_id, deadline, caller, |a| a.hits.len() as u64 > since).await?;
+        self.hits(action_id, since, limit, caller)
     }
 
-    /// Waits until `done(action)` holds, the action ends, or `deadline` passes; calls
-    /// `progress(hits, max_hits)` whenever the action changes.
+    /// Waits until `done(action)` holds, the action ends, or `deadline` passes.
     pub async fn wait_until(
         &self,
         action_id: &str,
         deadline: tokio::time::Instant,
+        caller: &Principal,
         done: impl Fn(&Action) -> bool,
     ) -> Result<(), ApiError> {
-        self.wait_with_progress(action_id, deadline, done, |_, _| {}).await
+        self.wait_with_progress(action_id, deadline, caller, done, |_, _| {}).await
     }
 
-    /// [`Engine::wait_until`] with a progress callback.
+    /// [`Engine::wait_until`] with a progress callback, called with `(hits, max_hits)`
+    /// whenever the action changes.
     pub async fn wait_with_progress(
         &self,
         action_id: &str,
         deadline: tokio::time::Instant,
+        caller: &Principal,
         done: impl Fn(&Action) -> bool,
         mut progress: impl FnMut(u64, u32),
     ) -> Result<(), ApiError> {
@@ -1449,7 +1964,7 @@ impl Engine {
         loop {
             let mut rx = {
                 let book = self.book();
-                let action = book.actions.get(&id).ok_or_else(|| ApiError::not_found(format!("no action `{id}`")))?;
+                let action = Self::visible(&book, &id, caller)?;
                 let hits = action.hits.len() as u64;
                 if hits != last_hits {
                     progress(hits, action.max_hits());
@@ -1471,14 +1986,15 @@ impl Engine {
         }
     }
 
-    /// Actions matching a filter, newest first.
-    pub fn list(&self, filter: &ActionFilter) -> Vec<ActionView> {
+    /// Actions the caller may see matching a filter, newest first.
+    pub fn list(&self, filter: &ActionFilter, caller: &Principal) -> Vec<ActionView> {
         let book = self.book();
         let mut out: Vec<ActionView> = book
             .actions
             .values()
+            .filter(|a| a.visible_to(caller))
             .filter(|a| filter.status.is_none_or(|s| a.status == s))
-            .filter(|a| filter.created_by.as_deref().is_none_or(|c| a.created_by == c))
+            .filter(|a| filter.created_by.as_deref().is_none_or(|c| a.created_by == c || a.created_by_key == c))
             .filter(|a| {
                 filter.target.as_deref().is_none_or(|t| {
                     a.target.pool.as_deref() == Some(t)
@@ -1493,10 +2009,45 @@ impl Engine {
         out
     }
 
+    /// Live actions placed by one key (its live-action quota in use).
+    pub fn live_count_by_key(&self, key_id: &str) -> usize {
+        self.book().actions.values().filter(|a| a.status == ActionStatus::Active && a.created_by_key == key_id).count()
+    }
+
+    /// Live actions of an organization.
+    pub fn live_count_in(&self, org: &str) -> usize {
+        self.book().actions.values().filter(|a| a.status == ActionStatus::Active && a.org == org).count()
+    }
+
     /// Number of live actions.
     pub fn live_count(&self) -> usize {
         self.book().actions.values().filter(|a| a.status == ActionStatus::Active).count()
     }
+
+    /// Live actions of the caller's that some agent (or the broker) is pausing now, with
+    /// the reasons.
+    pub fn paused_for(&self, caller: &Principal) -> Vec<serde_json::Value> {
+        let now = now_ms();
+        let book = self.book();
+        let mut out = Vec::new();
+        for a in book.actions.values() {
+            if a.status != ActionStatus::Active || !a.visible_to(caller) {
+                continue;
+            }
+            let q = a.quota_view(now, &self.ingest);
+            for p in q.paused {
+                out.push(serde_json::json!({ "action_id": a.spec.id, "pause": p }));
+            }
+        }
+        out
+    }
+}
+
+/// An action that just ended: who to tell, what to audit.
+#[derive(Debug, Default)]
+struct Ended {
+    agents: Vec<AgentId>,
+    audit: Option<AuditEntry>,
 }
 
 fn page(action: &Action, since: u64, limit: usize) -> HitsPage {

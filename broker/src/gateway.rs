@@ -1,11 +1,21 @@
 //! The agent gateway: `GET /agents`, upgraded to a WebSocket.
 //!
 //! The agent key is checked on the HTTP request, before the upgrade (401 with a JSON
-//! body when missing or wrong). After the upgrade the first frame must be a
-//! registration, within `registration_timeout_secs`; then one task per agent owns the
-//! socket and `select!`s over frames from the agent, messages queued for it, pings and
-//! shutdown. A bad frame gets an error frame naming what was wrong; only protocol
-//! violations that leave the session meaningless close it.
+//! body when missing, wrong, revoked or expired). After the upgrade the first frame must
+//! be a registration, within `registration_timeout_secs`, into a pool the key allows
+//! and under an agent id no other process or organization holds (both misuses are
+//! refused and audited); then one task per agent owns the socket and `select!`s over
+//! frames from the agent, messages queued for it, pings, key changes and shutdown. A
+//! bad frame gets an error frame naming what was wrong; only protocol violations that
+//! leave the session meaningless close it.
+//!
+//! Every frame is charged to the agent's budgets before it is decoded
+//! ([`crate::quota::IngestSettings`]: bytes per second, and hits per second for hit
+//! frames). What exceeds them is dropped and counted; the agent gets a `rate_limited`
+//! warning (at most one a second); an agent still flooding after
+//! `ingest.flood_warnings` warnings is disconnected, audited, and refused for
+//! `ingest.flood_cooldown_secs`. Other agents never notice. When the agent's key is
+//! revoked or expires, its session ends.
 
 use std::time::Duration;
 
@@ -21,7 +31,12 @@ use periscope_protocol::{
 use tokio::sync::mpsc;
 
 use crate::AppState;
-use crate::registry::{AGENT_QUEUE, RegisterRefusal};
+use crate::audit::{Actor, AuditEntry, AuditKind};
+use crate::auth::AuthFailure;
+use crate::engine::{Ingested, Sender};
+use crate::keys::AgentCredentials;
+use crate::quota::Rate;
+use crate::registry::{AGENT_QUEUE, DropReason, RegisterRefusal};
 
 /// Malformed frames tolerated per session before the broker gives up on an agent.
 const MAX_BAD_FRAMES: u32 = 20;
@@ -31,15 +46,22 @@ pub async fn agents_ws(State(state): State<AppState>, headers: HeaderMap, ws: We
     let Some(key) = crate::auth::bearer(&headers) else {
         return unauthorized("agents must send their agent key as `Authorization: Bearer <agent key>`");
     };
-    let Some(allowed_pools) = state.agent_pools(key) else {
-        return unauthorized("the agent key is not recognized");
+    let credentials = match state.keys.authenticate_agent(key) {
+        Ok(c) => c,
+        Err(AuthFailure::Revoked) => return unauthorized("the agent key has been revoked"),
+        Err(AuthFailure::Expired) => return unauthorized("the agent key has expired"),
+        Err(AuthFailure::Unavailable) => {
+            let body = serde_json::json!({ "error": { "code": "internal", "message": "the key store cannot be read right now" } });
+            return (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "5")], axum::Json(body)).into_response();
+        }
+        Err(_) => return unauthorized("the agent key is not recognized"),
     };
     ws.read_buffer_size(8 * 1024)
         .write_buffer_size(0)
         .max_write_buffer_size(4 * MAX_FRAME_BYTES)
         .max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
-        .on_upgrade(move |socket| async move { session(state, socket, allowed_pools).await })
+        .on_upgrade(move |socket| async move { session(state, socket, credentials).await })
 }
 
 fn unauthorized(message: &str) -> Response {
@@ -112,7 +134,11 @@ fn frame_error(e: &axum::Error) -> ProtocolErrorBody {
     }
 }
 
-async fn session(state: AppState, mut socket: WebSocket, allowed_pools: Vec<String>) {
+fn agent_actor(agent_id: &AgentId, credentials: &AgentCredentials) -> Actor {
+    Actor::Agent { id: agent_id.to_string(), key_id: Some(credentials.key_id.clone()) }
+}
+
+async fn session(state: AppState, mut socket: WebSocket, credentials: AgentCredentials) {
     let settings = state.config.agents.clone();
     let timeout = Duration::from_secs(settings.registration_timeout_secs);
     let registration = match tokio::time::timeout(timeout, read_registration(&mut socket)).await {
@@ -128,18 +154,67 @@ async fn session(state: AppState, mut socket: WebSocket, allowed_pools: Vec<Stri
     if let Err(e) = registration.validate() {
         return refuse(&mut socket, e.to_body(true)).await;
     }
-    if !allowed_pools.iter().any(|p| p == "*" || *p == registration.pool) {
+    let agent_id = registration.agent_id.clone();
+    if !credentials.allows_pool(&registration.pool) {
         let msg = format!("this agent key may not register into pool `{}`", registration.pool);
+        state.engine.audit(
+            AuditEntry::new(credentials.org.clone(), agent_actor(&agent_id, &credentials), AuditKind::AgentRefused)
+                .target(serde_json::json!({ "pool": registration.pool, "agent_id": agent_id }))
+                .detail(format!("an agent key for pools {:?} was used to register into pool `{}`", credentials.pools.clone().unwrap_or_default(), registration.pool))
+                .data(serde_json::json!({ "host": registration.host, "pid": registration.pid, "service": registration.service })),
+        );
         return refuse(&mut socket, error_body(ProtocolErrorCode::Unauthorized, msg, true)).await;
     }
-    let agent_id = registration.agent_id.clone();
     let name = registration.display_name.clone();
+    let (pool, host, pid) = (registration.pool.clone(), registration.host.clone(), registration.pid);
     let (tx, rx) = mpsc::channel(AGENT_QUEUE);
-    let session_no = match state.registry.register(registration, tx) {
+    let session_no = match state.registry.register(registration, &credentials.org, &credentials.key_id, tx) {
         Ok(s) => s,
         Err(RegisterRefusal::Duplicate) => {
             let msg = format!("agent id `{agent_id}` is already online from another process");
+            state.engine.audit(
+                AuditEntry::new(
+                    credentials.org.clone(),
+                    agent_actor(&agent_id, &credentials),
+                    AuditKind::AgentImpersonation,
+                )
+                .target(serde_json::json!({ "agent_id": agent_id, "pool": pool }))
+                .detail(format!("a second process tried to register as the online agent `{agent_id}`"))
+                .data(serde_json::json!({ "host": host, "pid": pid })),
+            );
             return refuse(&mut socket, error_body(ProtocolErrorCode::DuplicateAgent, msg, true)).await;
+        }
+        Err(RegisterRefusal::OtherOrg(owner)) => {
+            // Both organizations learn of it; neither learns the other's name.
+            state.engine.audit(
+                AuditEntry::new(
+                    credentials.org.clone(),
+                    agent_actor(&agent_id, &credentials),
+                    AuditKind::AgentImpersonation,
+                )
+                .target(serde_json::json!({ "agent_id": agent_id, "pool": pool }))
+                .detail(format!(
+                    "an agent of this organization tried to register as `{agent_id}`, an id another organization holds"
+                ))
+                .data(serde_json::json!({ "host": host, "pid": pid })),
+            );
+            state.engine.audit(
+                AuditEntry::new(
+                    owner,
+                    Actor::Agent { id: agent_id.to_string(), key_id: None },
+                    AuditKind::AgentImpersonation,
+                )
+                .target(serde_json::json!({ "agent_id": agent_id }))
+                .detail(format!("a process with another organization's agent key tried to register as `{agent_id}`")),
+            );
+            let msg = format!("agent id `{agent_id}` is already online from another process");
+            return refuse(&mut socket, error_body(ProtocolErrorCode::DuplicateAgent, msg, true)).await;
+        }
+        Err(RegisterRefusal::CoolingDown(until)) => {
+            let secs = until.saturating_sub(crate::time::now_ms()).div_ceil(1_000).max(1);
+            let msg =
+                format!("agent `{agent_id}` was disconnected for sending more than its budget; retry in {secs} s");
+            return refuse(&mut socket, error_body(ProtocolErrorCode::RateLimited, msg, true)).await;
         }
     };
     tracing::info!(agent = %agent_id, name = %name, "agent registered");
@@ -152,12 +227,13 @@ async fn session(state: AppState, mut socket: WebSocket, allowed_pools: Vec<Stri
         heartbeat_interval_ms: settings.heartbeat_interval_secs * 1_000,
     });
     let actions = state.engine.on_agent_registered(&agent_id);
-    let rules = state.engine.rules.message();
+    let rules = state.engine.rules.message(&credentials.org);
+    let sender = Sender { id: agent_id.clone(), name: name.clone(), org: credentials.org.clone() };
     let reason = if send(&mut socket, &registered).await
         && send(&mut socket, &rules).await
         && send(&mut socket, &BrokerMessage::ActionSync { actions }).await
     {
-        run(&state, &mut socket, &agent_id, &name, rx).await
+        run(&state, &mut socket, &sender, &credentials, rx).await
     } else {
         "the socket failed during registration".to_owned()
     };
@@ -166,14 +242,85 @@ async fn session(state: AppState, mut socket: WebSocket, allowed_pools: Vec<Stri
     state.engine.on_agent_disconnected(&agent_id);
 }
 
+/// An agent's budgets in the broker, and how it has been told about them.
+struct Ingest {
+    hits: Rate,
+    bytes: Rate,
+    warnings_sent: u32,
+    last_warning: Option<tokio::time::Instant>,
+    last_drop: Option<tokio::time::Instant>,
+    dropped_since_warning: u64,
+}
+
+/// How long without drops before an agent's warnings are forgiven.
+const FLOOD_FORGET: Duration = Duration::from_secs(10);
+
+/// What to do after a drop.
+enum Verdict {
+    Quiet,
+    Warn(ProtocolErrorBody),
+    Disconnect(ProtocolErrorBody),
+}
+
+impl Ingest {
+    fn new(state: &AppState) -> Ingest {
+        Ingest {
+            hits: state.config.ingest.agent_hits(),
+            bytes: state.config.ingest.agent_bytes(),
+            warnings_sent: 0,
+            last_warning: None,
+            last_drop: None,
+            dropped_since_warning: 0,
+        }
+    }
+
+    /// Notes a drop; at most once a second, a warning, and after the configured number
+    /// of warnings, the end of the session.
+    fn dropped(&mut self, state: &AppState, what: &str) -> Verdict {
+        let now = tokio::time::Instant::now();
+        if self.last_drop.is_some_and(|t| now.duration_since(t) > FLOOD_FORGET) {
+            self.warnings_sent = 0;
+        }
+        self.last_drop = Some(now);
+        self.dropped_since_warning += 1;
+        if self.last_warning.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+            return Verdict::Quiet;
+        }
+        let i = &state.config.ingest;
+        if self.warnings_sent >= i.flood_warnings {
+            let msg = format!(
+                "still sending more than the broker accepts ({} hits/s, {} bytes/s) after {} warnings; disconnected for \
+                 {} s",
+                i.agent_hits_per_sec, i.agent_bytes_per_sec, self.warnings_sent, i.flood_cooldown_secs
+            );
+            return Verdict::Disconnect(error_body(ProtocolErrorCode::RateLimited, msg, true));
+        }
+        self.warnings_sent += 1;
+        self.last_warning = Some(now);
+        let msg = format!(
+            "{} frame(s) dropped: {what} over the broker's budget ({} hits/s, {} bytes/s, burst x{}); warning {} of {} \
+             before disconnection",
+            self.dropped_since_warning,
+            i.agent_hits_per_sec,
+            i.agent_bytes_per_sec,
+            i.burst_factor,
+            self.warnings_sent,
+            i.flood_warnings
+        );
+        self.dropped_since_warning = 0;
+        Verdict::Warn(error_body(ProtocolErrorCode::RateLimited, msg, false))
+    }
+}
+
 /// The session loop; returns why it ended.
 async fn run(
     state: &AppState,
     socket: &mut WebSocket,
-    agent_id: &AgentId,
-    name: &str,
+    sender: &Sender,
+    credentials: &AgentCredentials,
     mut rx: mpsc::Receiver<BrokerMessage>,
 ) -> String {
+    let agent_id = &sender.id;
     let ping_every = state.config.ping_interval();
     let ping_timeout = Duration::from_secs(state.config.agents.ping_timeout_secs);
     let mut ping = tokio::time::interval(ping_every);
@@ -181,6 +328,8 @@ async fn run(
     let mut last_heard = tokio::time::Instant::now();
     let mut bad_frames = 0u32;
     let mut shutdown = state.shutdown.clone();
+    let mut key_changes = state.keys.subscribe();
+    let mut ingest = Ingest::new(state);
     loop {
         tokio::select! {
             frame = socket.recv() => {
@@ -188,24 +337,60 @@ async fn run(
                 match frame {
                     Some(Ok(Message::Text(text))) => {
                         state.registry.touch(agent_id);
-                        match decode_agent_message(text.as_str()) {
-                            Ok(AgentMessage::Goodbye { reason }) => {
-                                return format!("agent said goodbye: {}", periscope_protocol::value::truncate_chars(&reason, 200));
-                            }
-                            Ok(msg) => {
-                                if let Some(err) = handle(state, agent_id, name, msg) {
+                        // Charged before decoding: a flood costs the broker a length check.
+                        let size = u32::try_from(text.len()).unwrap_or(u32::MAX);
+                        let mut verdict = None;
+                        if ingest.bytes.take(size).is_err() {
+                            state.registry.count_drop(agent_id, DropReason::BytesRate, 1);
+                            verdict = Some(ingest.dropped(state, "bytes"));
+                        } else {
+                            match decode_agent_message(text.as_str()) {
+                                Ok(AgentMessage::Goodbye { reason }) => {
+                                    return format!("agent said goodbye: {}", periscope_protocol::value::truncate_chars(&reason, 200));
+                                }
+                                Ok(AgentMessage::Hit(_)) if ingest.hits.take(1).is_err() => {
+                                    state.registry.count_drop(agent_id, DropReason::HitsRate, 1);
+                                    verdict = Some(ingest.dropped(state, "hits"));
+                                }
+                                Ok(msg) => {
+                                    if let Some(err) = handle(state, sender, msg) {
+                                        bad_frames += 1;
+                                        if !send(socket, &BrokerMessage::Error(err)).await {
+                                            return "the socket failed".into();
+                                        }
+                                    }
+                                }
+                                Err(e) => {
                                     bad_frames += 1;
-                                    if !send(socket, &BrokerMessage::Error(err)).await {
+                                    tracing::debug!(agent = %agent_id, error = %e, "malformed frame from agent");
+                                    if !send(socket, &BrokerMessage::Error(e.to_body(false))).await {
                                         return "the socket failed".into();
                                     }
                                 }
                             }
-                            Err(e) => {
-                                bad_frames += 1;
-                                tracing::debug!(agent = %agent_id, error = %e, "malformed frame from agent");
-                                if !send(socket, &BrokerMessage::Error(e.to_body(false))).await {
+                        }
+                        match verdict {
+                            None | Some(Verdict::Quiet) => {}
+                            Some(Verdict::Warn(body)) => {
+                                state.registry.count_warning(agent_id);
+                                tracing::warn!(agent = %agent_id, "agent over its budget: {}", body.message);
+                                if !send(socket, &BrokerMessage::Error(body)).await {
                                     return "the socket failed".into();
                                 }
+                            }
+                            Some(Verdict::Disconnect(body)) => {
+                                let reason = format!("disconnected for flooding: {}", body.message);
+                                let cooldown = state.config.ingest.flood_cooldown_secs * 1_000;
+                                state.registry.cool_down(agent_id, crate::time::now_ms() + cooldown);
+                                let dropped = state.registry.with(agent_id, |a| a.dropped).unwrap_or_default();
+                                state.engine.audit(
+                                    AuditEntry::new(sender.org.clone(), agent_actor(agent_id, credentials), AuditKind::AgentFlooding)
+                                        .target(serde_json::json!({ "agent_id": agent_id }))
+                                        .detail(reason.clone())
+                                        .data(serde_json::to_value(dropped).unwrap_or_default()),
+                                );
+                                refuse(socket, body).await;
+                                return reason;
                             }
                         }
                     }
@@ -240,7 +425,19 @@ async fn run(
                     }
                 }
             }
+            _ = key_changes.changed() => {
+                if !state.keys.key_active(&credentials.key_id) {
+                    let msg = "the agent key was revoked or expired; the session is closed".to_owned();
+                    refuse(socket, error_body(ProtocolErrorCode::Unauthorized, msg.clone(), true)).await;
+                    return msg;
+                }
+            }
             _ = ping.tick() => {
+                if !state.keys.key_active(&credentials.key_id) {
+                    let msg = "the agent key was revoked or expired; the session is closed".to_owned();
+                    refuse(socket, error_body(ProtocolErrorCode::Unauthorized, msg.clone(), true)).await;
+                    return msg;
+                }
                 if last_heard.elapsed() > ping_every + ping_timeout {
                     let _ = socket.send(Message::Close(Some(CloseFrame { code: close_code::AWAY, reason: "ping timeout".into() }))).await;
                     return format!("no answer to ping within {} s", ping_timeout.as_secs());
@@ -260,7 +457,8 @@ async fn run(
 
 /// Applies one message; returns an error frame for messages that are well-formed but
 /// wrong in context.
-fn handle(state: &AppState, agent_id: &AgentId, name: &str, msg: AgentMessage) -> Option<ProtocolErrorBody> {
+fn handle(state: &AppState, from: &Sender, msg: AgentMessage) -> Option<ProtocolErrorBody> {
+    let agent_id = &from.id;
     match msg {
         AgentMessage::Register(_) => Some(error_body(
             ProtocolErrorCode::UnexpectedMessage,
@@ -289,16 +487,22 @@ fn handle(state: &AppState, agent_id: &AgentId, name: &str, msg: AgentMessage) -
             None
         }
         AgentMessage::Hit(hit) => {
-            let accepted = state.engine.ingest_hit(agent_id, name, *hit);
-            state.registry.count_hit(agent_id, accepted);
+            match state.engine.ingest_hit(from, *hit) {
+                Ingested::Accepted => state.registry.count_hit(agent_id, true),
+                Ingested::Refused => state.registry.count_hit(agent_id, false),
+                Ingested::RateLimited => state.registry.count_drop(agent_id, DropReason::ActionRate, 1),
+            }
             None
         }
         AgentMessage::LogLines { lines } => {
-            state.engine.ingest_lines(agent_id, name, lines);
+            let outcome = state.engine.ingest_lines(from, lines);
+            if outcome.rate_limited > 0 {
+                state.registry.count_drop(agent_id, DropReason::LogRate, outcome.rate_limited as u64);
+            }
             None
         }
         AgentMessage::Metrics { reports } => {
-            state.engine.ingest_metrics(agent_id, reports);
+            state.engine.ingest_metrics(from, reports);
             None
         }
         AgentMessage::Goodbye { .. } => None,

@@ -6,29 +6,42 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: [`BrokerConfig`] from TOML and flags, validated.
-//! - [`gateway`]: `GET /agents`, the agent WebSocket sessions.
+//! - [`config`]: [`BrokerConfig`] from TOML, flags and environment, validated.
+//! - [`gateway`]: `GET /agents`, the agent WebSocket sessions and their ingest budgets.
 //! - [`registry`]: connected and recently gone agents, their catalogs.
 //! - [`engine`]: actions, hits, waiting, completion and expiry.
 //! - [`telemetry`]: dynamic log lines and metric figures kept by the broker.
-//! - [`rules`]: the redaction rules in force, swapped and pushed at run time.
-//! - [`store`]: SQLite persistence of actions and hits under `--data-dir`.
+//! - [`rules`]: the redaction rules in force per organization, swapped and pushed at
+//!   run time.
+//! - [`store`]: the SQLite database under `--data-dir` (actions, hits, settings, audit,
+//!   keys).
+//! - [`keys`]: API and agent keys, organizations, groups and pools; freshness across
+//!   processes.
+//! - [`auth`]: roles, scopes, reach; the authentication middleware.
+//! - [`quota`]: per-caller, per-agent and per-action quotas (`governor`).
+//! - [`audit`]: the audit trail: entries, queries, exports.
 //! - [`query`]: listing agents and sources with filters and pagination.
 //! - [`api`]: the REST API under `/api/v1`.
+//! - [`admin`]: the administration endpoints (keys, groups, pools, audit).
 //! - [`mcp`]: the MCP server at `/mcp` (streamable HTTP) and `periscope mcp` (stdio).
-//! - [`auth`]: API-key authentication middleware and the per-call scope check.
+//! - [`cli`]: `periscope keys`, `periscope audit export`, `periscope config check`.
 //! - [`error`]: the error codes callers see.
 //! - [`demo`]: `periscope demo` and its shop processes.
 
+pub mod admin;
 pub mod api;
+pub mod audit;
 pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod gateway;
+pub mod keys;
 pub mod mcp;
 pub mod query;
+pub mod quota;
 pub mod registry;
 pub mod rules;
 pub mod store;
@@ -49,8 +62,10 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::BrokerConfig;
 
-use crate::auth::{Principal, Scope, secret_eq};
+use crate::auth::{Principal, Scope};
 use crate::engine::Engine;
+use crate::keys::KeyStore;
+use crate::quota::CallerLimits;
 use crate::registry::Registry;
 
 /// Everything request handlers share.
@@ -69,37 +84,37 @@ pub struct BrokerState {
     /// Cancelled when the broker shuts down: ends MCP sessions and their open streams,
     /// which graceful shutdown would otherwise wait on.
     pub cancel: CancellationToken,
+    /// API and agent keys, organizations, groups, pools.
+    pub keys: Arc<KeyStore>,
+    /// Per-caller rate and wait limits.
+    pub callers: CallerLimits,
+    /// The database directory: the data directory, or a scratch directory removed when
+    /// the broker stops.
+    pub data_dir: std::path::PathBuf,
+    /// The scratch directory of a broker without `--data-dir` (removed when dropped).
+    pub scratch: Option<store::ScratchDir>,
 }
 
 /// Shared state as handlers receive it.
 pub type AppState = Arc<BrokerState>;
 
 impl BrokerState {
-    /// The principal an API key belongs to.
-    pub fn api_principal(&self, token: &str) -> Option<Principal> {
-        let mut found = None;
-        // Compare against every key so timing does not reveal which one matched.
-        for k in &self.config.api_keys {
-            if secret_eq(&k.key, token) {
-                let scopes = match &k.scopes {
-                    Some(names) => names.iter().filter_map(|n| Scope::parse(n)).collect(),
-                    None => Scope::DEFAULT.to_vec(),
-                };
-                found = Some(Principal { name: k.name.clone(), scopes });
-            }
+    /// Checks again, after a long wait, that the caller's key still works: a key
+    /// revoked while its call waited gets no result.
+    pub fn recheck(&self, principal: &Principal) -> Result<(), error::ApiError> {
+        let active = self
+            .keys
+            .refresh()
+            .ok()
+            .and_then(|d| d.key(&principal.key_id).map(|k| k.status(time::now_ms()) == keys::KeyStatus::Active));
+        if active == Some(true) {
+            Ok(())
+        } else {
+            Err(error::ApiError::new(
+                error::ErrorCode::Unauthorized,
+                "the API key was revoked or expired while the call waited; nothing is returned",
+            ))
         }
-        found
-    }
-
-    /// Pools an agent key may register into.
-    pub fn agent_pools(&self, token: &str) -> Option<Vec<String>> {
-        let mut found = None;
-        for k in &self.config.agent_keys {
-            if secret_eq(&k.key, token) {
-                found = Some(k.pools.clone());
-            }
-        }
-        found
     }
 
     /// Base URL clients use.
@@ -114,10 +129,16 @@ pub fn app(state: AppState) -> Router {
     let mcp = Router::new()
         .route_service("/mcp", mcp::service(Arc::clone(&state), state.cancel.child_token()))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key));
+    let metrics = Router::new()
+        .route(
+            "/metrics",
+            get(prometheus).layer(axum::middleware::from_fn_with_state(Scope::SystemRead, auth::require_scope)),
+        )
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key));
     Router::new()
         .merge(mcp)
+        .merge(metrics)
         .route("/healthz", get(healthz))
-        .route("/metrics", get(prometheus))
         .route("/.well-known/oauth-protected-resource", get(protected_resource))
         .route("/.well-known/oauth-protected-resource/mcp", get(protected_resource))
         .route(periscope_protocol::messages::AGENT_GATEWAY_PATH, get(gateway::agents_ws))
@@ -126,56 +147,63 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({
-        "status": "ok",
-        "version": env!("CARGO_PKG_VERSION"),
-        "agents_online": state.registry.online_count(),
-        "actions_live": state.engine.live_count(),
-    }))
+/// `GET /healthz`: up or not, for load balancers; says nothing about any tenant.
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
 }
 
-/// `GET /metrics`: live dynamic metrics and the broker's own counters in the Prometheus
-/// text exposition format (0.0.4), so they show up in Grafana with a scrape job.
-async fn prometheus(State(state): State<AppState>) -> impl axum::response::IntoResponse {
+/// `GET /metrics` (an API key with `mcp:system:read`; Prometheus sends it as a bearer
+/// token): live dynamic metrics and the broker's counters in the Prometheus text
+/// exposition format (0.0.4), limited to what the key may see: its organization's
+/// counters, and the agents and actions of the pools within its reach.
+async fn prometheus(
+    State(state): State<AppState>,
+    axum::extract::Extension(caller): axum::extract::Extension<Principal>,
+) -> impl axum::response::IntoResponse {
     use std::fmt::Write as _;
     use telemetry::{label, num};
     let mut out = String::new();
-    let stats = &state.engine.stats;
-    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-    let mut agents: Vec<(String, String, u64, u64, u64)> = Vec::new();
-    let mut known = 0usize;
+    let stats = state.engine.stats.org(caller.org());
+    let mut agents: Vec<(String, String, periscope_protocol::Heartbeat, registry::IngestDrops)> = Vec::new();
+    let (mut known, mut online) = (0usize, 0usize);
     state.registry.for_each(|a| {
+        if !caller.sees_pool(&a.org, &a.info.pool) {
+            return;
+        }
         known += 1;
-        let s = &a.stats;
-        agents.push((
-            a.info.agent_id.to_string(),
-            a.info.pool.clone(),
-            s.hits_dropped_queue_full,
-            s.hits_dropped_rate,
-            s.hits_dropped_disconnected,
-        ));
+        online += usize::from(a.online());
+        agents.push((a.info.agent_id.to_string(), a.info.pool.clone(), a.stats.clone(), a.dropped));
     });
-    agents.sort();
+    agents.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
     let _ = writeln!(out, "# HELP periscope_agents_connected Agents with a live session.");
     let _ = writeln!(out, "# TYPE periscope_agents_connected gauge");
-    let _ = writeln!(out, "periscope_agents_connected {}", state.registry.online_count());
+    let _ = writeln!(out, "periscope_agents_connected {online}");
     let _ = writeln!(out, "# HELP periscope_agents_known Agents listed, online or recently offline.");
     let _ = writeln!(out, "# TYPE periscope_agents_known gauge");
     let _ = writeln!(out, "periscope_agents_known {known}");
     let _ = writeln!(out, "# HELP periscope_actions_live Actions collecting.");
     let _ = writeln!(out, "# TYPE periscope_actions_live gauge");
-    let _ = writeln!(out, "periscope_actions_live {}", state.engine.live_count());
+    let _ = writeln!(out, "periscope_actions_live {}", state.engine.live_count_in(caller.org()));
     for (name, help, value) in [
-        ("periscope_hits_accepted_total", "Snapshot hits stored.", load(&stats.hits_accepted)),
+        ("periscope_hits_accepted_total", "Snapshot hits stored.", stats.hits_accepted),
         (
             "periscope_hits_refused_total",
             "Snapshot hits refused (ended or unknown action, over its count).",
-            load(&stats.hits_refused),
+            stats.hits_refused,
         ),
-        ("periscope_log_lines_accepted_total", "Dynamic log lines stored.", load(&stats.lines_accepted)),
-        ("periscope_log_lines_refused_total", "Dynamic log lines refused.", load(&stats.lines_refused)),
-        ("periscope_metric_reports_total", "Dynamic metric reports merged.", load(&stats.metric_reports)),
+        (
+            "periscope_hits_rate_limited_total",
+            "Snapshot hits the broker dropped over an action's per-agent rate.",
+            stats.hits_rate_limited,
+        ),
+        ("periscope_log_lines_accepted_total", "Dynamic log lines stored.", stats.lines_accepted),
+        ("periscope_log_lines_refused_total", "Dynamic log lines refused.", stats.lines_refused),
+        (
+            "periscope_log_lines_rate_limited_total",
+            "Dynamic log lines the broker dropped over an action's rates.",
+            stats.lines_rate_limited,
+        ),
+        ("periscope_metric_reports_total", "Dynamic metric reports merged.", stats.metric_reports),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} counter");
@@ -183,8 +211,12 @@ async fn prometheus(State(state): State<AppState>) -> impl axum::response::IntoR
     }
     let _ = writeln!(out, "# HELP periscope_agent_hits_dropped_total Hits agents dropped, by reason, as they report.");
     let _ = writeln!(out, "# TYPE periscope_agent_hits_dropped_total counter");
-    for (agent, pool, queue, rate, disconnected) in &agents {
-        for (reason, n) in [("queue_full", queue), ("rate_limited", rate), ("disconnected", disconnected)] {
+    for (agent, pool, hb, _) in &agents {
+        for (reason, n) in [
+            ("queue_full", hb.hits_dropped_queue_full),
+            ("rate_limited", hb.hits_dropped_rate),
+            ("disconnected", hb.hits_dropped_disconnected),
+        ] {
             let _ = writeln!(
                 out,
                 "periscope_agent_hits_dropped_total{{agent=\"{}\",pool=\"{}\",reason=\"{reason}\"}} {n}",
@@ -193,14 +225,49 @@ async fn prometheus(State(state): State<AppState>) -> impl axum::response::IntoR
             );
         }
     }
+    let _ = writeln!(
+        out,
+        "# HELP periscope_broker_dropped_total What the broker dropped from each agent over its budgets, by reason."
+    );
+    let _ = writeln!(out, "# TYPE periscope_broker_dropped_total counter");
+    for (agent, pool, _, d) in &agents {
+        for (reason, n) in [
+            ("hits_rate", d.hits_rate),
+            ("bytes_rate", d.bytes_rate),
+            ("action_rate", d.action_rate),
+            ("log_rate", d.log_rate),
+        ] {
+            let _ = writeln!(
+                out,
+                "periscope_broker_dropped_total{{agent=\"{}\",pool=\"{}\",reason=\"{reason}\"}} {n}",
+                label(agent),
+                label(pool)
+            );
+        }
+    }
+    let _ = writeln!(out, "# HELP periscope_agent_warnings_total Rate-limit warnings the broker sent each agent.");
+    let _ = writeln!(out, "# TYPE periscope_agent_warnings_total counter");
+    for (agent, pool, _, d) in &agents {
+        let _ = writeln!(
+            out,
+            "periscope_agent_warnings_total{{agent=\"{}\",pool=\"{}\"}} {}",
+            label(agent),
+            label(pool),
+            d.warnings
+        );
+    }
     let _ = writeln!(out, "# HELP periscope_quota_pauses_total Actions paused by a quota, by reason.");
     let _ = writeln!(out, "# TYPE periscope_quota_pauses_total counter");
-    let pauses = stats.quota_pauses.lock().map(|p| p.clone()).unwrap_or_default();
-    for (reason, n) in pauses {
-        let _ = writeln!(out, "periscope_quota_pauses_total{{reason=\"{}\"}} {n}", label(&reason));
+    for (reason, n) in &stats.quota_pauses {
+        let _ = writeln!(out, "periscope_quota_pauses_total{{reason=\"{}\"}} {n}", label(reason));
     }
 
-    let metrics = state.engine.metric_snapshot();
+    let metrics: Vec<_> = state
+        .engine
+        .metric_snapshot()
+        .into_iter()
+        .filter(|m| m.org == caller.org() && m.pools.iter().all(|p| caller.sees_pool(&m.org, p)))
+        .collect();
     let pool_of =
         |id: &periscope_protocol::AgentId| state.registry.with(id, |a| a.info.pool.clone()).unwrap_or_default();
     let _ = writeln!(out, "# HELP periscope_dynamic_hits_total Hits counted by counter metrics.");
@@ -272,34 +339,55 @@ pub async fn run(
     let bound = listener.local_addr()?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let registry = Arc::new(Registry::new(config.agents.max_catalog_entries));
-    let mut redaction = config.redaction.clone();
-    let loaded = match &config.data_dir {
-        Some(dir) => {
-            let (store, loaded) = store::Store::open(dir)?;
-            // Rules changed at run time outlive a restart unless the file is newer.
-            if let Some((_, json)) = loaded.settings.iter().find(|(k, _)| k == rules::SETTING_KEY) {
-                match serde_json::from_str::<periscope_redaction::RedactionConfig>(json) {
-                    Ok(stored) if stored.version >= redaction.version => redaction = stored,
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "ignoring stored redaction rules that do not decode"),
-                }
-            }
-            Some((store, loaded))
-        }
-        None => None,
+    // Without a data directory the same database lives in a scratch directory that
+    // goes away with the broker: one code path, nothing survives.
+    let scratch = match &config.data_dir {
+        Some(_) => None,
+        None => Some(store::ScratchDir::new()?),
     };
-    let rules = Arc::new(rules::Rules::new(redaction)?);
-    let mut engine = Engine::new(
+    let dir = match (&config.data_dir, &scratch) {
+        (Some(d), _) => d.clone(),
+        (None, Some(s)) => s.path().to_owned(),
+        (None, None) => anyhow::bail!("no data directory"),
+    };
+    let keys = Arc::new(KeyStore::open(&dir, &config.api_keys, &config.agent_keys, config.callers.clone())?);
+    if let Some(issued) = keys.bootstrap(config.api_keys.len())? {
+        print_bootstrap_key(&issued, config.data_dir.is_some());
+    } else if config.api_keys.is_empty()
+        && !keys
+            .current()
+            .keys()
+            .any(|k| k.kind == keys::KeyKind::Api && k.status(time::now_ms()) == keys::KeyStatus::Active)
+    {
+        tracing::warn!(
+            data_dir = %dir.display(),
+            "no API key works on this broker; create one with `periscope keys create --data-dir {} --name NAME \
+             --role company_admin`",
+            dir.display()
+        );
+    }
+    let (store, loaded) = store::Store::open(&dir)?;
+    let rules = rules::Rules::new(config.redaction.clone())?;
+    // Rules changed at run time outlive a restart unless the file's are newer.
+    for (key, json) in &loaded.settings {
+        let Some(org) = rules::org_of_setting(key) else { continue };
+        match serde_json::from_str::<periscope_redaction::RedactionConfig>(json) {
+            Ok(stored) => rules.restore(org, stored),
+            Err(e) => tracing::warn!(org, error = %e, "ignoring stored redaction rules that do not decode"),
+        }
+    }
+    let rules = Arc::new(rules);
+    let engine = Engine::new(
         Arc::clone(&registry),
         Arc::clone(&rules),
         config.limits,
         config.store.max_ended_actions,
         stop_rx.clone(),
     )
-    .with_metric_interval(config.agents.metric_report_interval_ms);
-    if let Some((store, loaded)) = loaded {
-        engine = engine.with_store(store, loaded)?;
-    }
+    .with_metric_interval(config.agents.metric_report_interval_ms)
+    .with_keys(Arc::clone(&keys))
+    .with_ingest(config.ingest.clone())
+    .with_store(store, loaded)?;
     if config.mcp_allowed_hosts().iter().all(|h| h != &bound.ip().to_string()) && !bound.ip().is_loopback() {
         tracing::warn!(
             listen = %bound,
@@ -308,8 +396,18 @@ pub async fn run(
         );
     }
     let cancel = CancellationToken::new();
-    let state =
-        Arc::new(BrokerState { config, registry, engine, shutdown: stop_rx.clone(), bound, cancel: cancel.clone() });
+    let state = Arc::new(BrokerState {
+        config,
+        registry,
+        engine,
+        shutdown: stop_rx.clone(),
+        bound,
+        cancel: cancel.clone(),
+        keys,
+        callers: CallerLimits::default(),
+        data_dir: dir,
+        scratch,
+    });
     let housekeeping = tokio::spawn(housekeeping(Arc::clone(&state)));
     let app = app(Arc::clone(&state));
     let mut serve_stop = stop_rx.clone();
@@ -338,12 +436,37 @@ pub async fn run(
     served
 }
 
+/// Prints the one-time bootstrap key to standard error, where an operator starting the
+/// broker sees it (and a log collector keeps it only if the operator lets it).
+fn print_bootstrap_key(issued: &keys::IssuedKey, persistent: bool) {
+    let rule = "=".repeat(78);
+    eprintln!("{rule}");
+    eprintln!("PERISCOPE BOOTSTRAP KEY (shown once; it is not stored and will not be shown again)");
+    eprintln!();
+    eprintln!("  {}", issued.secret);
+    eprintln!();
+    eprintln!(
+        "  id {}, role company_admin, organization default. Use it to create the keys people and",
+        issued.key.key_id
+    );
+    eprintln!("  assistants use (POST /api/v1/keys or `periscope keys create`), then revoke it.");
+    if !persistent {
+        eprintln!("  (No --data-dir: this broker keeps nothing, so the next start issues another one.)");
+    }
+    eprintln!("{rule}");
+}
+
 async fn housekeeping(state: AppState) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut n = 0u64;
     loop {
         tick.tick().await;
         state.engine.expire_due();
+        // Notices key changes made by other processes (`periscope keys revoke`) even
+        // with no API traffic, so agent sessions on a revoked agent key end promptly.
+        if let Err(e) = state.keys.refresh() {
+            tracing::warn!(error = %e, "cannot read the key store");
+        }
         n += 1;
         if n.is_multiple_of(240) {
             state.registry.expire_offline(state.config.agents.offline_retention_secs * 1_000);
@@ -351,6 +474,12 @@ async fn housekeeping(state: AppState) {
         if n % 14_400 == 1 {
             let retention_ms = state.config.store.hit_retention_days * 86_400_000;
             state.engine.purge_before(time::now_ms().saturating_sub(retention_ms));
+            let audit_ms = state.config.store.audit_retention_days * 86_400_000;
+            state.engine.purge_audit_before(time::now_ms().saturating_sub(audit_ms));
+            let directory = state.keys.current();
+            state
+                .callers
+                .retain(|id| directory.key(id).is_some_and(|k| k.status(time::now_ms()) == keys::KeyStatus::Active));
         }
     }
 }

@@ -5,8 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use periscope_broker::BrokerConfig;
-use periscope_broker::config::{AgentKeyConfig, ApiKeyConfig};
+use periscope_broker::cli;
 
 #[derive(Debug, Parser)]
 #[command(name = "periscope", version, about = "Live inspection of running services: broker, MCP server and tools")]
@@ -29,6 +28,131 @@ enum Command {
     Mcp(McpArgs),
     /// Redact standard input with the redaction rules, to try them on sample data.
     Redact(RedactArgs),
+    /// Create, list and revoke API keys and agent keys in a data directory (the broker
+    /// may be running on it: its next call sees the change).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Read the audit trail of a data directory.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Check a configuration file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Create a key and print its secret (once; only its hash is stored).
+    Create(KeysCreateArgs),
+    /// List keys (never their secrets).
+    List(KeysListArgs),
+    /// Revoke a key: it stops working on the broker's next call.
+    Revoke(KeysRevokeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DataDirArg {
+    /// The broker's data directory.
+    #[arg(long, env = "PERISCOPE_DATA_DIR")]
+    data_dir: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+struct KeysCreateArgs {
+    #[command(flatten)]
+    dir: DataDirArg,
+    /// Who or what uses the key (a person, a CI job, an assistant).
+    #[arg(long)]
+    name: Option<String>,
+    /// An agent key (for agents registering into `--pools`) instead of an API key.
+    #[arg(long)]
+    agent: bool,
+    /// developer (default), group_admin (needs --group) or company_admin.
+    #[arg(long)]
+    role: Option<String>,
+    /// Narrower scopes than the role's, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    scopes: Vec<String>,
+    /// Only these pools (agent keys: the pools it may register into; `*` for any).
+    #[arg(long, alias = "pool", value_delimiter = ',')]
+    pools: Vec<String>,
+    /// The group (created when missing).
+    #[arg(long)]
+    group: Option<String>,
+    /// The organization [default: default] (created when missing).
+    #[arg(long)]
+    org: Option<String>,
+    /// Expires after this long: 90s, 30m, 12h, 30d, 2w.
+    #[arg(long)]
+    expires_in: Option<String>,
+    /// Expires at this time: 2026-12-31 or 2026-12-31T23:59:59Z.
+    #[arg(long)]
+    expires_at: Option<String>,
+    /// Print the key as JSON (with its secret) instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct KeysListArgs {
+    #[command(flatten)]
+    dir: DataDirArg,
+    /// Only this organization.
+    #[arg(long)]
+    org: Option<String>,
+    /// Also list revoked and expired keys.
+    #[arg(long)]
+    all: bool,
+    /// JSON lines instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct KeysRevokeArgs {
+    #[command(flatten)]
+    dir: DataDirArg,
+    /// The key's id (`key_…`, from `keys list`).
+    key_id: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Write audit entries as JSON lines to standard output, oldest first.
+    Export(AuditExportArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct AuditExportArgs {
+    #[command(flatten)]
+    dir: DataDirArg,
+    /// Only this organization.
+    #[arg(long)]
+    org: Option<String>,
+    /// From this time (Unix ms, 2026-12-31 or RFC 3339).
+    #[arg(long)]
+    since: Option<String>,
+    /// Before this time.
+    #[arg(long)]
+    until: Option<String>,
+    /// Only this actor (key id, key name, agent:<id>, system, cli).
+    #[arg(long)]
+    actor: Option<String>,
+    /// Only this kind (action_placed, key_revoked, ...).
+    #[arg(long)]
+    kind: Option<String>,
+    /// Only this action.
+    #[arg(long)]
+    action_id: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate a configuration file without starting anything; errors name the key.
+    Check {
+        /// The TOML file.
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -95,21 +219,26 @@ struct ShopInstanceArgs {
 }
 
 #[derive(Debug, clap::Args)]
+#[command(after_help = "Environment (flags win over it; it wins over the file): PERISCOPE_CONFIG, PERISCOPE_LISTEN, \
+PERISCOPE_PUBLIC_URL, PERISCOPE_DATA_DIR, PERISCOPE_API_KEY, PERISCOPE_AGENT_KEY, PERISCOPE_HIT_RETENTION_DAYS, \
+PERISCOPE_AUDIT_RETENTION_DAYS, PERISCOPE_LOG.")]
 struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:7070, or `listen` from the config file].
-    #[arg(long, env = "PERISCOPE_LISTEN")]
+    #[arg(long)]
     listen: Option<SocketAddr>,
     /// TOML configuration file.
-    #[arg(long, env = "PERISCOPE_CONFIG")]
+    #[arg(long)]
     config: Option<PathBuf>,
-    /// An API key for REST and MCP callers (repeatable); named `cli`.
-    #[arg(long = "api-key", env = "PERISCOPE_API_KEY", value_delimiter = ',')]
+    /// An API key for REST and MCP callers (repeatable): a company_admin of `default`
+    /// named `cli`.
+    #[arg(long = "api-key", value_delimiter = ',')]
     api_keys: Vec<String>,
-    /// Directory for the database (actions, hits); without it nothing survives a restart.
-    #[arg(long, env = "PERISCOPE_DATA_DIR")]
+    /// Directory for the database (keys, actions, hits, audit); without it nothing
+    /// survives a restart.
+    #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// An agent key accepted for every pool (repeatable).
-    #[arg(long = "agent-key", env = "PERISCOPE_AGENT_KEY", value_delimiter = ',')]
+    /// An agent key accepted for every pool of `default` (repeatable).
+    #[arg(long = "agent-key", value_delimiter = ',')]
     agent_keys: Vec<String>,
 }
 
@@ -179,25 +308,58 @@ fn redact(args: &RedactArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn load_config(args: &ServeArgs) -> anyhow::Result<BrokerConfig> {
-    let mut config = match &args.config {
-        Some(path) => BrokerConfig::load(path)?,
-        None => BrokerConfig::default(),
+fn load_config(args: &ServeArgs) -> anyhow::Result<periscope_broker::BrokerConfig> {
+    let flags = cli::ServeFlags {
+        config: args.config.clone(),
+        listen: args.listen,
+        data_dir: args.data_dir.clone(),
+        api_keys: args.api_keys.clone(),
+        agent_keys: args.agent_keys.clone(),
     };
-    if let Some(listen) = args.listen {
-        config.listen = listen;
+    cli::serve_config(&flags, |name| std::env::var(name).ok())
+}
+
+fn keys(command: KeysCommand) -> anyhow::Result<()> {
+    match command {
+        KeysCommand::Create(a) => {
+            let request = cli::CreateKey {
+                name: a.name,
+                agent: a.agent,
+                role: a.role,
+                scopes: a.scopes,
+                pools: a.pools,
+                group: a.group,
+                org: a.org,
+                expires_in: a.expires_in,
+                expires_at: a.expires_at,
+            };
+            let issued = cli::create_key(&a.dir.data_dir, &request)?;
+            if a.json {
+                println!("{}", serde_json::to_string(&issued)?);
+            } else {
+                print!("{}", cli::describe_issued(&issued));
+            }
+        }
+        KeysCommand::List(a) => {
+            let items = cli::list_keys(&a.dir.data_dir, a.org.as_deref(), a.all)?;
+            if a.json {
+                for k in items {
+                    println!("{k}");
+                }
+            } else {
+                print!("{}", cli::key_table(&items));
+            }
+        }
+        KeysCommand::Revoke(a) => {
+            let key = cli::revoke_key(&a.dir.data_dir, &a.key_id)?;
+            println!(
+                "Revoked {} (`{}`); it fails from the broker's next call on.",
+                a.key_id,
+                key["name"].as_str().unwrap_or("")
+            );
+        }
     }
-    if let Some(dir) = &args.data_dir {
-        config.data_dir = Some(dir.clone());
-    }
-    for key in &args.api_keys {
-        config.api_keys.push(ApiKeyConfig::new("cli", key.clone()));
-    }
-    for key in &args.agent_keys {
-        config.agent_keys.push(AgentKeyConfig { key: key.clone(), pools: vec!["*".into()] });
-    }
-    config.validate()?;
-    Ok(config)
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -255,14 +417,33 @@ fn main() -> anyhow::Result<()> {
             result
         }
         Command::Redact(args) => redact(&args),
+        Command::Keys(command) => keys(command),
+        Command::Audit(AuditCommand::Export(a)) => {
+            let filter = cli::AuditFilter {
+                org: a.org,
+                since: a.since,
+                until: a.until,
+                actor: a.actor,
+                kind: a.kind,
+                action_id: a.action_id,
+            };
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let n = cli::export_audit(&a.dir.data_dir, &filter, &mut out)?;
+            eprintln!("{n} audit entr{} exported", if n == 1 { "y" } else { "ies" });
+            Ok(())
+        }
+        Command::Config(ConfigCommand::Check { file }) => {
+            print!("{}", cli::check_config(&file)?);
+            Ok(())
+        }
         Command::Serve(args) => {
             init_logging("info");
             let config = load_config(&args)?;
-            if config.api_keys.is_empty() {
-                tracing::warn!("no API keys configured: REST and MCP callers will all be refused (use --api-key)");
-            }
             if config.agent_keys.is_empty() {
-                tracing::warn!("no agent keys configured: agents will all be refused (use --agent-key)");
+                tracing::warn!(
+                    "no agent keys configured: only agent keys made with `periscope keys create --agent` will be accepted"
+                );
             }
             runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::bind(config.listen)

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use periscope_protocol::{AgentId, CatalogEntry, LocationKind};
 use serde::Serialize;
 
+use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::registry::{AgentView, Registry};
 
@@ -55,6 +56,51 @@ fn truncate(s: &str) -> &str {
     periscope_protocol::value::truncate_chars(s, 64)
 }
 
+/// One agent, if the caller may see it (`not_found` otherwise, as for an unknown id).
+pub fn get_agent(registry: &Registry, raw: &str, caller: &Principal) -> Result<AgentView, ApiError> {
+    let id = AgentId::parse(raw.trim()).map_err(|e| ApiError::invalid(format!("agent_id: {e}")))?;
+    registry
+        .with(&id, |a| caller.sees_pool(&a.org, &a.info.pool).then(|| a.view()))
+        .flatten()
+        .ok_or_else(|| ApiError::not_found(format!("no agent `{id}`; list_agents shows the agents")))
+}
+
+/// A pool of the caller's organization within its reach.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolView {
+    /// The pool.
+    pub pool: String,
+    /// The group it belongs to.
+    pub group: String,
+    /// Agents online in it.
+    pub agents_online: usize,
+    /// Agents listed in it (online or recently offline).
+    pub agents_known: usize,
+}
+
+/// The pools the caller may see: assigned ones and those with agents.
+pub fn list_pools(registry: &Registry, caller: &Principal) -> Vec<PoolView> {
+    let org = caller.org();
+    let mut pools: BTreeMap<String, PoolView> = BTreeMap::new();
+    let view = |pool: &str| PoolView {
+        pool: pool.to_owned(),
+        group: caller.tenancy.group_of(org, pool).to_owned(),
+        agents_online: 0,
+        agents_known: 0,
+    };
+    for pool in caller.tenancy.assigned_pools(org).keys() {
+        pools.entry(pool.clone()).or_insert_with(|| view(pool));
+    }
+    registry.for_each(|a| {
+        if a.org == org {
+            let v = pools.entry(a.info.pool.clone()).or_insert_with(|| view(&a.info.pool));
+            v.agents_known += 1;
+            v.agents_online += usize::from(a.online());
+        }
+    });
+    pools.into_values().filter(|p| caller.sees_pool(org, &p.pool)).collect()
+}
+
 /// Filters for listing agents.
 #[derive(Debug, Clone, Default)]
 pub struct AgentFilter {
@@ -72,12 +118,13 @@ pub struct AgentFilter {
     pub text: Option<String>,
 }
 
-/// Agents matching a filter, sorted by pool, service, name.
+/// Agents the caller may see matching a filter, sorted by pool, service, name.
 pub fn list_agents(
     registry: &Registry,
     filter: &AgentFilter,
     cursor: Option<&str>,
     limit: Option<usize>,
+    caller: &Principal,
 ) -> Result<Page<AgentView>, ApiError> {
     let (offset, limit) = paging(cursor, limit)?;
     if let Some(s) = filter.status.as_deref()
@@ -90,7 +137,8 @@ pub fn list_agents(
     let mut agents = Vec::new();
     registry.for_each(|a| {
         let i = &a.info;
-        let ok = filter.pool.as_deref().is_none_or(|p| i.pool == p)
+        let ok = caller.sees_pool(&a.org, &i.pool)
+            && filter.pool.as_deref().is_none_or(|p| i.pool == p)
             && filter.tags.iter().all(|t| i.tags.contains(t))
             && filter.service.as_deref().is_none_or(|s| i.service == s)
             && filter.language.as_deref().is_none_or(|l| i.language.eq_ignore_ascii_case(l))
@@ -163,18 +211,20 @@ pub struct SourceView {
     pub agent_ids: Vec<AgentId>,
 }
 
-/// Inspectable locations matching a filter, sorted by file and line.
+/// Inspectable locations of agents the caller may see, matching a filter, sorted by
+/// file and line.
 pub fn list_sources(
     registry: &Registry,
     filter: &SourceFilter,
     cursor: Option<&str>,
     limit: Option<usize>,
+    caller: &Principal,
 ) -> Result<Page<SourceView>, ApiError> {
     let (offset, limit) = paging(cursor, limit)?;
     let agent_id = match filter.agent_id.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
         Some(raw) => {
             let id = AgentId::parse(raw).map_err(|e| ApiError::invalid(format!("agent_id: {e}")))?;
-            if registry.with(&id, |_| ()).is_none() {
+            if registry.with(&id, |a| caller.sees_pool(&a.org, &a.info.pool)) != Some(true) {
                 return Err(ApiError::not_found(format!("no agent `{id}`; list_agents shows the agents")));
             }
             Some(id)
@@ -186,7 +236,7 @@ pub fn list_sources(
     let text = filter.text.as_deref().map(str::to_lowercase);
     let mut merged: BTreeMap<(String, u32, LocationKind, String), SourceView> = BTreeMap::new();
     registry.for_each(|a| {
-        if agent_id.as_ref().is_some_and(|id| *id != a.info.agent_id) {
+        if agent_id.as_ref().is_some_and(|id| *id != a.info.agent_id) || !caller.sees_pool(&a.org, &a.info.pool) {
             return;
         }
         if !a.matches(filter.pool.as_deref(), &filter.tags) || (!filter.include_offline && !a.online()) {

@@ -3,6 +3,9 @@
 //!
 //! Agents are keyed by their [`AgentId`]. An agent that disconnects stays listed as
 //! offline for `offline_retention_secs`, so a user can see that it went away and why.
+//! Each agent belongs to the organization of the agent key it registered with; an id
+//! held by one organization (online or recently offline) cannot be claimed by
+//! another, and a live id cannot be taken over by another process or another key.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,6 +53,55 @@ pub struct AgentRecord {
     pub hits_accepted: u64,
     /// Hits refused from this agent (unknown action, over the hit count, malformed).
     pub hits_refused: u64,
+    /// The organization (of the agent key it registered with).
+    pub org: String,
+    /// The agent key it registered with.
+    pub key_id: String,
+    /// What the broker dropped from this agent for exceeding its budgets.
+    pub dropped: IngestDrops,
+    /// Refused until then (Unix ms) after being disconnected for flooding.
+    pub cooldown_until_ms: Option<u64>,
+}
+
+/// What the broker dropped from one agent, by reason (the agent's own drops are in its
+/// heartbeat [`stats`](AgentView::stats)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct IngestDrops {
+    /// Hit frames over the agent's hits-per-second budget.
+    pub hits_rate: u64,
+    /// Frames over the agent's bytes-per-second budget.
+    pub bytes_rate: u64,
+    /// Hits over an action's per-agent rate.
+    pub action_rate: u64,
+    /// Log lines over an action's line or byte budget.
+    pub log_rate: u64,
+    /// Warnings sent to the agent about it.
+    pub warnings: u64,
+}
+
+/// Why the broker dropped something an agent sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// The agent's hits per second.
+    HitsRate,
+    /// The agent's bytes per second.
+    BytesRate,
+    /// An action's per-agent hit rate.
+    ActionRate,
+    /// An action's log line or byte rate.
+    LogRate,
+}
+
+impl DropReason {
+    /// The label on `/metrics`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DropReason::HitsRate => "hits_rate",
+            DropReason::BytesRate => "bytes_rate",
+            DropReason::ActionRate => "action_rate",
+            DropReason::LogRate => "log_rate",
+        }
+    }
 }
 
 /// A serializable view of an agent for API callers.
@@ -99,6 +151,8 @@ pub struct AgentView {
     pub hits_accepted: u64,
     /// Hits the broker refused from it.
     pub hits_refused: u64,
+    /// What the broker dropped from it for exceeding its budgets.
+    pub broker_dropped: IngestDrops,
 }
 
 impl AgentRecord {
@@ -132,6 +186,7 @@ impl AgentRecord {
             stats: self.stats.clone(),
             hits_accepted: self.hits_accepted,
             hits_refused: self.hits_refused,
+            broker_dropped: self.dropped,
         }
     }
 
@@ -144,8 +199,13 @@ impl AgentRecord {
 /// Why a registration was refused by the registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RegisterRefusal {
-    /// Another live session holds the id and does not look like the same process.
+    /// Another live session holds the id and does not look like the same process (or
+    /// registered with another agent key).
     Duplicate,
+    /// Another organization holds the id; names that organization for the audit trail.
+    OtherOrg(String),
+    /// The agent was disconnected for flooding; refused until this time (Unix ms).
+    CoolingDown(u64),
 }
 
 /// All agents.
@@ -162,22 +222,40 @@ impl Registry {
         Registry { agents: DashMap::new(), sessions: AtomicU64::new(1), max_catalog_entries }
     }
 
-    /// Registers a session; returns its session number. A reconnect of the same process
-    /// (same pool, host and pid) replaces a session the broker still thinks is live; any
-    /// other claim on a live id is refused.
-    pub fn register(&self, info: Registration, tx: mpsc::Sender<BrokerMessage>) -> Result<u64, RegisterRefusal> {
+    /// Registers a session of an agent of `org` authenticated by the agent key `key_id`;
+    /// returns its session number. A reconnect of the same process (same pool, host,
+    /// pid and key) replaces a session the broker still thinks is live; any other claim
+    /// on a live id is refused, and so is any claim on an id another organization holds.
+    pub fn register(
+        &self,
+        info: Registration,
+        org: &str,
+        key_id: &str,
+        tx: mpsc::Sender<BrokerMessage>,
+    ) -> Result<u64, RegisterRefusal> {
         let session = self.sessions.fetch_add(1, Ordering::Relaxed);
         let now = now_ms();
         let conn = Connection { session, tx };
         match self.agents.entry(info.agent_id.clone()) {
             dashmap::Entry::Occupied(mut e) => {
                 let rec = e.get_mut();
+                if rec.org != org {
+                    return Err(RegisterRefusal::OtherOrg(rec.org.clone()));
+                }
+                if let Some(until) = rec.cooldown_until_ms.filter(|t| *t > now) {
+                    return Err(RegisterRefusal::CoolingDown(until));
+                }
                 if rec.online()
-                    && (rec.info.pool != info.pool || rec.info.host != info.host || rec.info.pid != info.pid)
+                    && (rec.info.pool != info.pool
+                        || rec.info.host != info.host
+                        || rec.info.pid != info.pid
+                        || rec.key_id != key_id)
                 {
                     return Err(RegisterRefusal::Duplicate);
                 }
                 // Same process: keep the catalog (it will be resent in full anyway).
+                rec.key_id = key_id.to_owned();
+                rec.cooldown_until_ms = None;
                 rec.info = info;
                 rec.conn = Some(conn);
                 rec.connected_at_ms = now;
@@ -197,6 +275,10 @@ impl Registry {
                     stats: Heartbeat::default(),
                     hits_accepted: 0,
                     hits_refused: 0,
+                    org: org.to_owned(),
+                    key_id: key_id.to_owned(),
+                    dropped: IngestDrops::default(),
+                    cooldown_until_ms: None,
                 });
             }
         }
@@ -258,6 +340,33 @@ impl Registry {
         }
     }
 
+    /// Counts something the broker dropped from an agent.
+    pub fn count_drop(&self, id: &AgentId, reason: DropReason, n: u64) {
+        if let Some(mut rec) = self.agents.get_mut(id) {
+            let d = &mut rec.dropped;
+            match reason {
+                DropReason::HitsRate => d.hits_rate += n,
+                DropReason::BytesRate => d.bytes_rate += n,
+                DropReason::ActionRate => d.action_rate += n,
+                DropReason::LogRate => d.log_rate += n,
+            }
+        }
+    }
+
+    /// Counts a warning sent to an agent.
+    pub fn count_warning(&self, id: &AgentId) {
+        if let Some(mut rec) = self.agents.get_mut(id) {
+            rec.dropped.warnings += 1;
+        }
+    }
+
+    /// Refuses the agent's registrations until `until_ms` (after flooding).
+    pub fn cool_down(&self, id: &AgentId, until_ms: u64) {
+        if let Some(mut rec) = self.agents.get_mut(id) {
+            rec.cooldown_until_ms = Some(until_ms);
+        }
+    }
+
     /// Runs `f` on one agent.
     pub fn with<R>(&self, id: &AgentId, f: impl FnOnce(&AgentRecord) -> R) -> Option<R> {
         self.agents.get(id).map(|r| f(&r))
@@ -291,14 +400,22 @@ impl Registry {
         }
     }
 
-    /// Forgets agents offline for longer than `retention_ms`.
+    /// Forgets agents offline for longer than `retention_ms` (and out of any cool-down).
     pub fn expire_offline(&self, retention_ms: u64) {
         let now = now_ms();
-        self.agents.retain(|_, r| r.offline_since_ms.is_none_or(|t| now.saturating_sub(t) < retention_ms));
+        self.agents.retain(|_, r| {
+            r.offline_since_ms.is_none_or(|t| now.saturating_sub(t) < retention_ms)
+                || r.cooldown_until_ms.is_some_and(|t| t > now)
+        });
     }
 
     /// Number of agents online.
     pub fn online_count(&self) -> usize {
         self.agents.iter().filter(|r| r.online()).count()
+    }
+
+    /// Number of agents of an organization online.
+    pub fn online_count_in(&self, org: &str) -> usize {
+        self.agents.iter().filter(|r| r.online() && r.org == org).count()
     }
 }

@@ -1,10 +1,18 @@
-//! Durable state: actions and hits in an embedded SQLite database under the data
-//! directory, so a broker restart loses no action definition and no stored hit (live
-//! actions are re-sent to agents when they reconnect).
+//! Durable state: one embedded SQLite database (`periscope.db`) under the data
+//! directory holding actions, hits, log lines, metric figures, settings (redaction
+//! rules), the audit trail, and the key directory (API and agent keys, organizations,
+//! groups, pool assignments), so a broker restart loses none of them (live actions are
+//! re-sent to agents when they reconnect).
 //!
-//! Writes go through a channel to one writer thread that batches them into
-//! transactions: the async request path never waits on the disk. Reads happen once, at
-//! start, to rebuild the in-memory book.
+//! Action data and audit entries go through a channel to one writer thread that batches
+//! them into transactions: the async request path never waits on the disk. Reads of
+//! action data happen once, at start, to rebuild the in-memory book. The key directory
+//! ([`crate::keys`]) and audit queries ([`crate::audit`]) use connections of their own;
+//! WAL mode lets them read while the writer writes, and lets `periscope keys` change
+//! keys from another process while the broker runs.
+//!
+//! Without `--data-dir` the same database lives in a private scratch directory that is
+//! removed when the broker stops ([`ScratchDir`]): one code path, nothing survives.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -45,6 +53,113 @@ pub enum StoreError {
     },
 }
 
+/// The database file inside a data directory.
+pub fn db_path(dir: &Path) -> PathBuf {
+    dir.join(DB_FILE)
+}
+
+/// Name of the database file in the data directory.
+pub const DB_FILE: &str = "periscope.db";
+
+/// How long a connection waits for another one's write lock before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Creates the data directory (owner-only on Unix: it holds key hashes and captured
+/// values) and opens the database in it, creating or upgrading the schema.
+pub fn open_connection(dir: &Path) -> Result<Connection, StoreError> {
+    let existed = dir.exists();
+    std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: dir.to_owned(), source })?;
+    #[cfg(unix)]
+    if !existed {
+        use std::os::unix::fs::PermissionsExt as _;
+        // A directory the operator made beforehand keeps the permissions they chose.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|source| StoreError::Dir { path: dir.to_owned(), source })?;
+    }
+    #[cfg(not(unix))]
+    let _ = existed;
+    let path = db_path(dir);
+    let conn = Connection::open(&path).map_err(sqlite(&path))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(sqlite(&path))?;
+    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
+        .map_err(sqlite(&path))?;
+    conn.execute_batch(SCHEMA).map_err(sqlite(&path))?;
+    migrate(&conn).map_err(sqlite(&path))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    }
+    Ok(conn)
+}
+
+/// Opens an existing database read-only (audit queries and exports), without
+/// touching the schema.
+pub fn open_reader(dir: &Path) -> Result<Connection, StoreError> {
+    let path = db_path(dir);
+    let conn = Connection::open_with_flags(
+        &path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(sqlite(&path))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(sqlite(&path))?;
+    Ok(conn)
+}
+
+/// Columns added after the first release, added in place to older databases.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('actions')")?;
+    let columns: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+    for (column, ddl) in [
+        ("org", "ALTER TABLE actions ADD COLUMN org TEXT NOT NULL DEFAULT 'default'"),
+        ("created_by_key", "ALTER TABLE actions ADD COLUMN created_by_key TEXT NOT NULL DEFAULT ''"),
+        ("reach", "ALTER TABLE actions ADD COLUMN reach TEXT"),
+        ("pools", "ALTER TABLE actions ADD COLUMN pools TEXT"),
+    ] {
+        if !columns.iter().any(|c| c == column) {
+            conn.execute_batch(ddl)?;
+        }
+    }
+    Ok(())
+}
+
+/// A private directory for a broker started without `--data-dir`, removed when
+/// dropped.
+#[derive(Debug)]
+pub struct ScratchDir {
+    path: PathBuf,
+}
+
+impl ScratchDir {
+    /// Creates a fresh owner-only directory under the system's temporary directory.
+    pub fn new() -> Result<ScratchDir, StoreError> {
+        let path = std::env::temp_dir().join(format!(
+            "periscope-scratch-{}-{}",
+            std::process::id(),
+            periscope_protocol::ActionId::generate()
+        ));
+        std::fs::create_dir_all(&path).map_err(|source| StoreError::Dir { path: path.clone(), source })?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))
+                .map_err(|source| StoreError::Dir { path: path.clone(), source })?;
+        }
+        Ok(ScratchDir { path })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
 /// An action row, as the engine persists it (JSON columns keep the schema stable while
 /// the wire types grow optional fields).
 #[derive(Debug, Clone)]
@@ -69,6 +184,35 @@ pub struct ActionRow {
     pub pending_note: Option<String>,
     /// Refused hit count.
     pub hits_refused: u64,
+    /// The organization it belongs to.
+    pub org: String,
+    /// Id of the key that placed it (charged for its live-action quota).
+    pub created_by_key: String,
+    /// The placing key's reach as JSON (which agents the action may ever reach).
+    pub reach: Option<String>,
+    /// Pools the action was aimed at or reached, as a JSON array.
+    pub pools: Option<String>,
+}
+
+/// An audit entry row: indexed columns for the filters, the whole entry as JSON.
+#[derive(Debug, Clone)]
+pub struct AuditRow {
+    /// `aud_…`.
+    pub id: String,
+    /// When (Unix ms).
+    pub at_ms: u64,
+    /// The organization it belongs to.
+    pub org: String,
+    /// Who: a key id, `agent:<id>`, `system` or `cli`.
+    pub actor: String,
+    /// The actor's name (a key's name).
+    pub actor_name: String,
+    /// What happened (`action_placed`, `key_revoked`, ...).
+    pub kind: String,
+    /// The action concerned, if any.
+    pub action_id: Option<String>,
+    /// The entry as JSON.
+    pub body: String,
 }
 
 /// A hit row.
@@ -118,8 +262,10 @@ enum Op {
     Line(LineRow),
     Metric(String, String),
     Setting(String, String),
+    Audit(AuditRow),
     DeleteAction(String),
     PurgeBefore(u64),
+    PurgeAuditBefore(u64),
     Flush(mpsc::Sender<()>),
 }
 
@@ -139,8 +285,10 @@ impl std::fmt::Debug for Op {
             Op::Line(_) => "Line",
             Op::Metric(..) => "Metric",
             Op::Setting(..) => "Setting",
+            Op::Audit(_) => "Audit",
             Op::DeleteAction(_) => "DeleteAction",
             Op::PurgeBefore(_) => "PurgeBefore",
+            Op::PurgeAuditBefore(_) => "PurgeAuditBefore",
             Op::Flush(_) => "Flush",
         })
     }
@@ -183,17 +331,71 @@ CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS orgs (
+    name TEXT PRIMARY KEY,
+    created_at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS groups (
+    org TEXT NOT NULL,
+    name TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (org, name)
+);
+CREATE TABLE IF NOT EXISTS pools (
+    org TEXT NOT NULL,
+    name TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    updated_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (org, name)
+);
+CREATE TABLE IF NOT EXISTS keys (
+    id TEXT PRIMARY KEY,
+    hash TEXT NOT NULL UNIQUE,
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    org TEXT NOT NULL,
+    role TEXT,
+    grp TEXT,
+    scopes TEXT,
+    pools TEXT,
+    quotas TEXT,
+    hint TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    created_by TEXT NOT NULL,
+    expires_at_ms INTEGER,
+    revoked_at_ms INTEGER,
+    revoked_by TEXT
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    at_ms INTEGER NOT NULL,
+    org TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    actor_name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    action_id TEXT,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_org_seq ON audit (org, seq);
+CREATE INDEX IF NOT EXISTS audit_at ON audit (at_ms);
 ";
 
-fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+pub(crate) fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
     move |source| StoreError::Sqlite { path: path.to_owned(), source }
 }
 
-fn to_i64(v: u64) -> i64 {
+/// A `u64` as SQLite stores it (saturating).
+pub fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-fn to_u64(v: i64) -> u64 {
+/// A stored integer back as `u64` (negative values read as 0).
+pub fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
@@ -201,12 +403,8 @@ impl Store {
     /// Opens (creating if needed) `periscope.db` in `dir`; returns the store and what
     /// it holds.
     pub fn open(dir: &Path) -> Result<(Store, Loaded), StoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: dir.to_owned(), source })?;
-        let path = dir.join("periscope.db");
-        let conn = Connection::open(&path).map_err(sqlite(&path))?;
-        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
-            .map_err(sqlite(&path))?;
-        conn.execute_batch(SCHEMA).map_err(sqlite(&path))?;
+        let conn = open_connection(dir)?;
+        let path = db_path(dir);
         let loaded = Loaded {
             actions: load_actions(&conn).map_err(sqlite(&path))?,
             hits: load_hits(&conn).map_err(sqlite(&path))?,
@@ -226,6 +424,16 @@ impl Store {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Appends an audit entry.
+    pub fn put_audit(&self, row: AuditRow) {
+        let _ = self.tx.send(Op::Audit(row));
+    }
+
+    /// Deletes audit entries older than `cutoff_ms` (retention).
+    pub fn purge_audit_before(&self, cutoff_ms: u64) {
+        let _ = self.tx.send(Op::PurgeAuditBefore(cutoff_ms));
     }
 
     /// Persists an action (insert or update).
@@ -288,7 +496,7 @@ impl Drop for Store {
 fn load_actions(conn: &Connection) -> rusqlite::Result<Vec<ActionRow>> {
     let mut stmt = conn.prepare(
         "SELECT id, spec, target, created_by, created_at_ms, status, ended_at_ms, end_reason, pending_note, \
-         hits_refused FROM actions ORDER BY created_at_ms",
+         hits_refused, org, created_by_key, reach, pools FROM actions ORDER BY created_at_ms",
     )?;
     let rows = stmt.query_map([], |r| {
         Ok(ActionRow {
@@ -302,6 +510,10 @@ fn load_actions(conn: &Connection) -> rusqlite::Result<Vec<ActionRow>> {
             end_reason: r.get(7)?,
             pending_note: r.get(8)?,
             hits_refused: to_u64(r.get(9)?),
+            org: r.get(10)?,
+            created_by_key: r.get(11)?,
+            reach: r.get(12)?,
+            pools: r.get(13)?,
         })
     })?;
     rows.collect()
@@ -346,9 +558,10 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, flushes: &mut Vec<mpsc::Sender<
         Op::Action(a) => {
             tx.execute(
                 "INSERT INTO actions (id, spec, target, created_by, created_at_ms, status, ended_at_ms, end_reason, \
-                 pending_note, hits_refused) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+                 pending_note, hits_refused, org, created_by_key, reach, pools) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, \
+                 ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
                  ON CONFLICT(id) DO UPDATE SET spec = ?2, target = ?3, status = ?6, ended_at_ms = ?7, \
-                 end_reason = ?8, pending_note = ?9, hits_refused = ?10",
+                 end_reason = ?8, pending_note = ?9, hits_refused = ?10, pools = ?14",
                 params![
                     a.id,
                     a.spec,
@@ -359,7 +572,11 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, flushes: &mut Vec<mpsc::Sender<
                     a.ended_at_ms.map(to_i64),
                     a.end_reason,
                     a.pending_note,
-                    to_i64(a.hits_refused)
+                    to_i64(a.hits_refused),
+                    a.org,
+                    a.created_by_key,
+                    a.reach,
+                    a.pools
                 ],
             )?;
         }
@@ -386,6 +603,16 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, flushes: &mut Vec<mpsc::Sender<
                 "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2",
                 params![key, value],
             )?;
+        }
+        Op::Audit(a) => {
+            tx.execute(
+                "INSERT OR IGNORE INTO audit (id, at_ms, org, actor, actor_name, kind, action_id, body) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![a.id, to_i64(a.at_ms), a.org, a.actor, a.actor_name, a.kind, a.action_id, a.body],
+            )?;
+        }
+        Op::PurgeAuditBefore(cutoff) => {
+            tx.execute("DELETE FROM audit WHERE at_ms < ?1", params![to_i64(cutoff)])?;
         }
         Op::DeleteAction(id) => {
             tx.execute("DELETE FROM log_lines WHERE action_id = ?1", params![id])?;
@@ -454,6 +681,10 @@ mod tests {
             end_reason: None,
             pending_note: None,
             hits_refused: 0,
+            org: "default".into(),
+            created_by_key: "key_x".into(),
+            reach: None,
+            pools: None,
         }
     }
 

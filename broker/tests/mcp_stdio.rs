@@ -44,8 +44,16 @@ struct Broker {
 impl Broker {
     async fn start() -> Broker {
         let mut config = BrokerConfig::default();
-        config.api_keys.push(ApiKeyConfig::new("stdio-tester", API_KEY));
-        config.agent_keys.push(AgentKeyConfig { key: AGENT_KEY.into(), pools: vec!["*".into()] });
+        // Room for this test's polling loop (the call-rate quota has its own tests).
+        config.api_keys.push(ApiKeyConfig {
+            quotas: Some(periscope_broker::quota::CallerQuotaOverrides {
+                calls_per_minute: Some(60_000),
+                call_burst: Some(10_000),
+                ..Default::default()
+            }),
+            ..ApiKeyConfig::new("stdio-tester", API_KEY)
+        });
+        config.agent_keys.push(AgentKeyConfig::any_pool(AGENT_KEY));
         config.agents.heartbeat_interval_secs = 1;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
         let addr = listener.local_addr().expect("bound address");
@@ -191,7 +199,7 @@ async fn the_whole_flow_works_through_periscope_mcp_on_stdio() {
     );
     let direct = ().serve(http).await.unwrap();
     let over_http = direct.list_all_tools().await.unwrap();
-    assert_eq!(over_stdio.len(), 9);
+    assert_eq!(over_stdio.len(), 10);
     assert_eq!(serde_json::to_value(&over_stdio).unwrap(), serde_json::to_value(&over_http).unwrap());
     direct.cancel().await.unwrap();
     assert!(client.list_all_prompts().await.unwrap().iter().any(|p| p.name == "investigate"));

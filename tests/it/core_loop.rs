@@ -236,9 +236,14 @@ async fn an_unknown_location_answers_with_the_nearest_known_locations() {
     assert_eq!(err["error"]["code"], "invalid_input");
     assert!(err["error"]["message"].as_str().unwrap().contains("1..=50"));
     let (status, err) =
-        api.post("/actions", json!({"pool": "nobody-here", "file": "core_loop.rs", "line": line})).await;
+        api.post("/actions", json!({"pool": "near", "tags": ["env:none"], "file": "core_loop.rs", "line": line})).await;
     assert_eq!(status, 422);
     assert_eq!(err["error"]["code"], "no_matching_agents");
+    // A pool nobody knows is not found (as one outside the key's reach would be).
+    let (status, err) =
+        api.post("/actions", json!({"pool": "nobody-here", "file": "core_loop.rs", "line": line})).await;
+    assert_eq!(status, 404, "{err}");
+    assert_eq!(err["error"]["code"], "not_found");
     agent.shutdown();
     broker.stop().await;
 }

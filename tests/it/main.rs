@@ -7,9 +7,12 @@
 
 mod support;
 
+mod access;
 mod conditions;
 mod core_loop;
 mod gateway_errors;
+mod keys;
 mod mcp;
+mod quotas;
 mod redaction;
 mod telemetry;

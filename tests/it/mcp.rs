@@ -50,7 +50,7 @@ fn workload(agent: &TestAgent, stop: Arc<AtomicBool>) -> std::thread::JoinHandle
 
 /// A client handler that records progress notifications.
 #[derive(Clone, Default)]
-struct Recorder {
+pub(crate) struct Recorder {
     progress: Arc<Mutex<Vec<ProgressNotificationParam>>>,
 }
 
@@ -64,9 +64,12 @@ impl ClientHandler for Recorder {
     }
 }
 
-type Client = RunningService<RoleClient, Recorder>;
+pub(crate) type Client = RunningService<RoleClient, Recorder>;
 
-async fn connect_with(broker: &TestBroker, key: &str) -> Result<Client, rmcp::service::ClientInitializeError> {
+pub(crate) async fn connect_with(
+    broker: &TestBroker,
+    key: &str,
+) -> Result<Client, rmcp::service::ClientInitializeError> {
     let config = StreamableHttpClientTransportConfig::with_uri(format!("{}/mcp", broker.http())).auth_header(key);
     Recorder::default().serve(StreamableHttpClientTransport::from_config(config)).await
 }
@@ -75,24 +78,29 @@ async fn connect(broker: &TestBroker) -> Client {
     connect_with(broker, API_KEY).await.expect("the MCP client connects")
 }
 
-async fn call(client: &Client, tool: &str, args: Value) -> CallToolResult {
+pub(crate) async fn call(client: &Client, tool: &str, args: Value) -> CallToolResult {
+    try_call(client, tool, args).await.expect("a tool result")
+}
+
+/// A tool call that may fail below the tool (HTTP 401 for a revoked key).
+pub(crate) async fn try_call(client: &Client, tool: &str, args: Value) -> Result<CallToolResult, rmcp::ServiceError> {
     let args = args.as_object().cloned().unwrap_or_default();
-    client.call_tool(CallToolRequestParams::new(tool.to_owned()).with_arguments(args)).await.expect("a tool result")
+    client.call_tool(CallToolRequestParams::new(tool.to_owned()).with_arguments(args)).await
 }
 
 /// The error code of an error result (None for a success).
-fn code(result: &CallToolResult) -> Option<String> {
+pub(crate) fn code(result: &CallToolResult) -> Option<String> {
     if result.is_error != Some(true) {
         return None;
     }
     Some(body(result)["error"]["code"].as_str().unwrap_or("<no code>").to_owned())
 }
 
-fn body(result: &CallToolResult) -> Value {
+pub(crate) fn body(result: &CallToolResult) -> Value {
     result.structured_content.clone().unwrap_or(Value::Null)
 }
 
-fn text(result: &CallToolResult) -> String {
+pub(crate) fn text(result: &CallToolResult) -> String {
     result.content.iter().filter_map(|c| c.as_text().map(|t| t.text.clone())).collect::<Vec<_>>().join("\n")
 }
 
@@ -155,6 +163,7 @@ async fn tools_list_returns_every_contract_tool_with_its_schema_and_the_prompts(
             "place_log",
             "place_metric",
             "place_snapshot",
+            "query_audit",
             "remove_action",
             "system_health"
         ]
@@ -392,9 +401,8 @@ async fn every_tool_works_without_a_session_under_the_sessionless_protocol() {
 async fn every_error_a_model_can_act_on_comes_back_as_a_tool_result_with_its_code() {
     let mut config = test_config();
     config.api_keys.push(ApiKeyConfig {
-        name: "dashboard".into(),
-        key: "dashboard-key-0123456789".into(),
         scopes: Some(vec!["mcp:agents:read".into(), "mcp:hits:read".into()]),
+        ..ApiKeyConfig::new("dashboard", "dashboard-key-0123456789")
     });
     let fx = Fixture::start(config).await;
     let client = connect(&fx.broker).await;
@@ -429,8 +437,13 @@ async fn every_error_a_model_can_act_on_comes_back_as_a_tool_result_with_its_cod
     assert_eq!(code(&r).as_deref(), Some("not_found"));
     assert!(text(&r).contains("list_actions"), "{}", text(&r));
 
-    // no_matching_agents, with the pools that are online.
+    // A pool nobody knows (or one outside the key's reach: the same answer) is not_found,
+    // with the pools that are online.
     let r = call(&client, "place_snapshot", snap(json!({"pool": "nowhere"}))).await;
+    assert_eq!(code(&r).as_deref(), Some("not_found"));
+    assert_eq!(body(&r)["error"]["details"]["online_pools"][0]["pool"], POOL);
+    // no_matching_agents: the pool exists but no online agent carries the tags.
+    let r = call(&client, "place_snapshot", snap(json!({"tags": ["env:nowhere"]}))).await;
     assert_eq!(code(&r).as_deref(), Some("no_matching_agents"));
     assert_eq!(body(&r)["error"]["details"]["online_pools"][0]["pool"], POOL);
 

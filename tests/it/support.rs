@@ -10,14 +10,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use periscope_broker::BrokerConfig;
+use periscope_broker::auth::Role;
 use periscope_broker::config::{AgentKeyConfig, ApiKeyConfig};
+use periscope_broker::quota::CallerQuotaOverrides;
 use serde_json::Value as Json;
 use tokio::sync::oneshot;
 use tracing::Dispatch;
 use tracing_subscriber::prelude::*;
 
+/// A `developer` of `default`.
 pub const API_KEY: &str = "test-api-key-0123456789";
-/// A key with `mcp:admin` (redaction rules, later keys and audit).
+/// A `company_admin` of `default` (keys, redaction rules, audit).
 pub const ADMIN_KEY: &str = "test-admin-key-0123456789";
 pub const AGENT_KEY: &str = "test-agent-key-0123456789";
 
@@ -29,13 +32,20 @@ pub struct TestBroker {
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
+/// Room for the harness's polling loops (every 50 ms): the tests that are about the
+/// call rate use keys of their own with small budgets.
+pub fn polling_quotas() -> Option<CallerQuotaOverrides> {
+    Some(CallerQuotaOverrides { calls_per_minute: Some(60_000), call_burst: Some(10_000), ..Default::default() })
+}
+
 pub fn test_config() -> BrokerConfig {
     let mut config = BrokerConfig::default();
-    config.api_keys.push(ApiKeyConfig::new("tester", API_KEY));
-    config
-        .api_keys
-        .push(ApiKeyConfig { scopes: Some(vec!["mcp:admin".into()]), ..ApiKeyConfig::new("admin", ADMIN_KEY) });
-    config.agent_keys.push(AgentKeyConfig { key: AGENT_KEY.into(), pools: vec!["*".into()] });
+    config.api_keys.push(ApiKeyConfig { quotas: polling_quotas(), ..ApiKeyConfig::new("tester", API_KEY) });
+    config.api_keys.push(ApiKeyConfig {
+        quotas: polling_quotas(),
+        ..ApiKeyConfig::new("admin", ADMIN_KEY).with_role(Role::CompanyAdmin)
+    });
+    config.agent_keys.push(AgentKeyConfig::any_pool(AGENT_KEY));
     config.agents.heartbeat_interval_secs = 1;
     config
 }
@@ -46,6 +56,10 @@ impl TestBroker {
     }
 
     pub async fn start_with(config: BrokerConfig, addr: SocketAddr) -> TestBroker {
+        // `run` validates too, but a refusal there only shows as a refused connection.
+        if let Err(e) = config.validate() {
+            panic!("the test configuration is invalid: {e}");
+        }
         let listener = tokio::net::TcpListener::bind(addr).await.expect("bind loopback");
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -64,7 +78,12 @@ impl TestBroker {
     }
 
     pub fn api(&self) -> Api {
-        Api { client: reqwest::Client::new(), base: format!("{}/api/v1", self.http()), key: API_KEY.into() }
+        self.api_with(API_KEY)
+    }
+
+    /// A REST client with another key.
+    pub fn api_with(&self, key: &str) -> Api {
+        Api { client: reqwest::Client::new(), base: format!("{}/api/v1", self.http()), key: key.into() }
     }
 
     pub async fn stop(mut self) {
@@ -108,6 +127,13 @@ impl Api {
     pub async fn post(&self, path: &str, body: Json) -> (u16, Json) {
         let resp =
             self.client.post(format!("{}{path}", self.base)).bearer_auth(&self.key).json(&body).send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Json::Null))
+    }
+
+    pub async fn put(&self, path: &str, body: Json) -> (u16, Json) {
+        let resp =
+            self.client.put(format!("{}{path}", self.base)).bearer_auth(&self.key).json(&body).send().await.unwrap();
         let status = resp.status().as_u16();
         (status, resp.json().await.unwrap_or(Json::Null))
     }
@@ -175,9 +201,13 @@ impl TestAgent {
     }
 
     fn agent(broker_ws: &str, pool: &str, tags: &[&str]) -> periscope_agent::Agent {
+        Self::agent_with_key(broker_ws, AGENT_KEY, pool, tags)
+    }
+
+    fn agent_with_key(broker_ws: &str, key: &str, pool: &str, tags: &[&str]) -> periscope_agent::Agent {
         periscope_agent::Agent::builder()
             .broker_url(broker_ws)
-            .agent_key(AGENT_KEY)
+            .agent_key(key)
             .pool(pool)
             .tags(tags.iter().copied())
             .service("it-service")
@@ -188,7 +218,12 @@ impl TestAgent {
     }
 
     pub fn start(broker_ws: &str, pool: &str, tags: &[&str]) -> TestAgent {
-        let agent = Self::agent(broker_ws, pool, tags);
+        Self::start_with_key(broker_ws, AGENT_KEY, pool, tags)
+    }
+
+    /// An agent registering with another agent key.
+    pub fn start_with_key(broker_ws: &str, key: &str, pool: &str, tags: &[&str]) -> TestAgent {
+        let agent = Self::agent_with_key(broker_ws, key, pool, tags);
         let subscriber = tracing_subscriber::registry()
             .with(
                 tracing_subscriber::fmt::layer()
@@ -280,6 +315,33 @@ pub async fn wait_online(api: &Api, agent_id: &str) {
         }
     })
     .await
+}
+
+/// A fresh data directory under the system's temporary directory.
+pub fn temp_dir(what: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("periscope-it-{what}-{}", periscope_protocol::ActionId::generate()))
+}
+
+/// Creates a key through `POST /api/v1/keys` with `api`'s key; returns (secret, key id).
+pub async fn create_key(api: &Api, body: Json) -> (String, String) {
+    let (status, v) = api.post("/keys", body.clone()).await;
+    assert_eq!(status, 201, "creating {body}: {v}");
+    (v["secret"].as_str().unwrap().to_owned(), v["key"]["key_id"].as_str().unwrap().to_owned())
+}
+
+/// The audit trail as `api`'s key sees it (every page).
+pub async fn audit(api: &Api, query: &str) -> Vec<Json> {
+    let mut out = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let (status, page) = api.get(&format!("/audit?limit=500{query}{cursor}")).await;
+        assert_eq!(status, 200, "{page}");
+        out.extend(page["items"].as_array().cloned().unwrap_or_default());
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => return out,
+        }
+    }
 }
 
 /// Shared flag to stop background workloads.

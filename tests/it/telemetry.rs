@@ -164,6 +164,7 @@ async fn a_dynamic_log_over_its_quota_pauses_and_resumes_by_itself() {
     let (_, metrics) = api
         .client
         .get(format!("{}/metrics", broker.http()))
+        .bearer_auth(&api.key)
         .send()
         .await
         .unwrap()
@@ -328,7 +329,10 @@ async fn the_metrics_endpoint_parses_as_prometheus_exposition() {
     wait_action(&api, &counter, "3 ticks", |a| figures(a)["count"] == 3).await;
     wait_action(&api, &duration, "3 durations", |a| figures(a)["count"] == 3).await;
 
-    let resp = reqwest::get(format!("{}/metrics", broker.http())).await.unwrap();
+    // Prometheus scrapes with a bearer key; without one the endpoint is closed.
+    let anonymous = reqwest::get(format!("{}/metrics", broker.http())).await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let resp = api.client.get(format!("{}/metrics", broker.http())).bearer_auth(&api.key).send().await.unwrap();
     assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/plain; version=0.0.4"));
     let text = resp.text().await.unwrap();
     let file = std::env::temp_dir().join(format!("periscope-metrics-{}.txt", periscope_protocol::ActionId::generate()));

@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use super::reply::{in_range, parse_args, success};
 use super::{PeriscopeMcp, finish, input_schema, render};
-use crate::auth::Scope;
+use crate::auth::{Principal, Scope};
 use crate::engine::{
     Action, ActionFilter, ActionStatus, ActionView, HitsPage, LogRequest, MetricRequest, SnapshotRequest,
 };
@@ -352,8 +352,9 @@ impl PeriscopeMcp {
     }
 
     #[tool(
-        description = "Read one action: its status and each agent's state (pending, installed, error, paused, \
-                       offline, completed) and its hits after `since` (0 for all). Pass the returned `next_cursor` \
+        description = "Read one action: its status, each agent's state (pending, installed, error, offline, \
+                       completed, or paused with a reason: quota_cpu, quota_log, rate_limited, expired), its remaining \
+                       budgets (`quota`), and its hits after `since` (0 for all). Pass the returned `next_cursor` \
                        as `since` next time to get only new hits; `wait_seconds` (0-600, default 0) waits for a new \
                        hit before answering. Hits carry agent, time, location, fields, span stack, watches, \
                        truncation markers and which redaction rules fired where. Example: {\"action_id\": \
@@ -368,8 +369,8 @@ impl PeriscopeMcp {
     #[tool(
         description = "List actions, newest first, filtered by `status` (active, completed, expired, removed), \
                        `target` (an agent id, pool or tag) and `created_by` (a key name; yours is in \
-                       system_health). Use it to find an action_id again, or to see what holds your quota (20 live \
-                       actions per caller). Paginated: pass `next_cursor` as `cursor` while `has_more`. Example: \
+                       system_health). Use it to find an action_id again, or to see what holds your live-action quota \
+                       (20 per key by default). Paginated: pass `next_cursor` as `cursor` while `has_more`. Example: \
                        {\"status\": \"active\"}.",
         input_schema = input_schema::<ListActionsArgs>(),
         annotations(read_only_hint = true, open_world_hint = false)
@@ -428,7 +429,19 @@ impl PeriscopeMcp {
             allow_pending: a.allow_pending,
         };
         let engine = &self.state.engine;
-        let placed = engine.place_snapshot(req, &principal.name)?;
+        // A blocking call holds one of the key's wait slots from before placement (a
+        // refusal places nothing) until it answers.
+        let wait_for = Duration::from_secs(a.timeout_seconds);
+        let _slot = if a.wait {
+            Some(self.state.callers.begin_wait(
+                &principal.key_id,
+                principal.quotas,
+                tokio::time::Instant::now() + wait_for,
+            )?)
+        } else {
+            None
+        };
+        let placed = engine.place_snapshot(req, &principal)?;
         let id = placed.action_id.to_string();
         if !a.wait {
             let text = format!(
@@ -444,13 +457,13 @@ impl PeriscopeMcp {
             ));
         }
 
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(a.timeout_seconds);
+        let deadline = tokio::time::Instant::now() + wait_for;
         let max_hits = u64::from(a.max_hits);
         let done = move |act: &Action| act.hits.len() as u64 >= max_hits || all_agents_failed(act);
         let waited = match ctx.meta.get_progress_token() {
             None => {
                 tokio::select! {
-                    r = engine.wait_until(&id, deadline, done) => r,
+                    r = engine.wait_until(&id, deadline, &principal, done) => r,
                     _ = ctx.ct.cancelled() => return Err(cancelled()),
                 }
             }
@@ -458,7 +471,7 @@ impl PeriscopeMcp {
                 // The engine reports progress synchronously, under no lock we may await in;
                 // a small channel carries it to the task that sends notifications.
                 let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, u32)>(action_bounds::MAX_MAX_HITS as usize + 2);
-                let wait = engine.wait_with_progress(&id, deadline, done, move |hits, max| {
+                let wait = engine.wait_with_progress(&id, deadline, &principal, done, move |hits, max| {
                     let _ = tx.try_send((hits, max));
                 });
                 let peer = ctx.peer.clone();
@@ -479,17 +492,24 @@ impl PeriscopeMcp {
             }
         };
         waited?;
-        self.after_wait(&id, a.max_hits, a.timeout_seconds)
+        self.state.recheck(&principal)?;
+        self.after_wait(&id, a.max_hits, a.timeout_seconds, &principal)
     }
 
     /// What a waiting `place_snapshot` answers once its wait ends.
-    fn after_wait(&self, id: &str, max_hits: u32, timeout: u64) -> Result<CallToolResult, ApiError> {
+    fn after_wait(
+        &self,
+        id: &str,
+        max_hits: u32,
+        timeout: u64,
+        principal: &Principal,
+    ) -> Result<CallToolResult, ApiError> {
         let engine = &self.state.engine;
         // The wait ends when the snapshot's life does: end it now rather than at the next
         // housekeeping tick, so the answer and the caller's quota agree.
         engine.expire_due();
-        let view = engine.get(id)?;
-        let page = engine.hits(id, 0, action_bounds::MAX_MAX_HITS as usize)?;
+        let view = engine.get(id, principal)?;
+        let page = engine.hits(id, 0, action_bounds::MAX_MAX_HITS as usize, principal)?;
         let got = page.hits.len();
         if got == 0 {
             let failed: Vec<serde_json::Value> = view
@@ -504,7 +524,7 @@ impl PeriscopeMcp {
                     .iter()
                     .map(|s| format!("{}: {}", s.display_name, s.detail.as_deref().unwrap_or("no reason given")))
                     .collect();
-                let view = engine.remove(id).unwrap_or(view);
+                let view = engine.remove(id, principal).unwrap_or(view);
                 return Err(ApiError::new(
                     ErrorCode::AgentError,
                     format!(
@@ -580,7 +600,7 @@ impl PeriscopeMcp {
             max_lines: a.max_lines,
             allow_pending: a.allow_pending,
         };
-        let view = self.state.engine.place_log(req, &principal.name)?;
+        let view = self.state.engine.place_log(req, &principal)?;
         let text = format!(
             "Placed log {} at {}; it lives {} s. Read its lines with get_action {{\"action_id\": \"{}\", \
              \"since\": 0, \"wait_seconds\": 10}}.\n{}",
@@ -617,7 +637,7 @@ impl PeriscopeMcp {
             expire_seconds: Some(a.expire_seconds),
             allow_pending: a.allow_pending,
         };
-        let view = self.state.engine.place_metric(req, &principal.name)?;
+        let view = self.state.engine.place_metric(req, &principal)?;
         let text = format!(
             "Placed {} metric {} at {}; agents report every 5 s. Read its figures with get_action \
              {{\"action_id\": \"{}\"}}.\n{}",
@@ -631,29 +651,41 @@ impl PeriscopeMcp {
     }
 
     async fn action(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
-        self.begin(ctx, Scope::HitsRead, "get_action")?;
+        let principal = self.begin(ctx, Scope::HitsRead, "get_action")?;
         let a: GetActionArgs = parse_args("get_action", args)?;
         in_range("limit", a.limit as u64, 1, query::MAX_PAGE as u64, action_bounds::MAX_MAX_HITS.into())?;
         in_range("wait_seconds", a.wait_seconds, 0, action_bounds::MAX_WAIT_SECS, 0)?;
         let engine = &self.state.engine;
         // The view first: its `not_found` says where to find action ids.
-        let first = engine.get(&a.action_id)?;
+        let first = engine.get(&a.action_id, &principal)?;
+        let _slot = if a.wait_seconds > 0 && first.kind != "metric" {
+            Some(self.state.callers.begin_wait(
+                &principal.key_id,
+                principal.quotas,
+                tokio::time::Instant::now() + Duration::from_secs(a.wait_seconds),
+            )?)
+        } else {
+            None
+        };
         if first.kind == "log" {
-            return self.log_lines(ctx, &a).await;
+            return self.log_lines(ctx, &a, &principal).await;
         }
         if first.kind == "metric" {
             let text = format!("{}\n{}", render::action_summary(&first, now_ms()), render::figures(&first));
             return Ok(success(text, serde_json::json!({ "action": first })));
         }
         let page = if a.wait_seconds == 0 {
-            engine.hits(&a.action_id, a.since, a.limit)?
+            engine.hits(&a.action_id, a.since, a.limit, &principal)?
         } else {
-            tokio::select! {
-                r = engine.wait_hits(&a.action_id, a.since, a.limit, Duration::from_secs(a.wait_seconds)) => r?,
+            let wait = Duration::from_secs(a.wait_seconds);
+            let page = tokio::select! {
+                r = engine.wait_hits(&a.action_id, a.since, a.limit, wait, &principal) => r?,
                 _ = ctx.ct.cancelled() => return Err(cancelled()),
-            }
+            };
+            self.state.recheck(&principal)?;
+            page
         };
-        let view = engine.get(&a.action_id)?;
+        let view = engine.get(&a.action_id, &principal)?;
         let mut text = render::action_summary(&view, now_ms());
         text.push('\n');
         if page.hits.is_empty() {
@@ -671,17 +703,25 @@ impl PeriscopeMcp {
     }
 
     /// `get_action` for a dynamic log: its lines after `since`.
-    async fn log_lines(&self, ctx: &RequestContext<RoleServer>, a: &GetActionArgs) -> Result<CallToolResult, ApiError> {
+    async fn log_lines(
+        &self,
+        ctx: &RequestContext<RoleServer>,
+        a: &GetActionArgs,
+        principal: &Principal,
+    ) -> Result<CallToolResult, ApiError> {
         let engine = &self.state.engine;
         let page = if a.wait_seconds == 0 {
-            engine.lines(&a.action_id, a.since, a.limit)?
+            engine.lines(&a.action_id, a.since, a.limit, principal)?
         } else {
-            tokio::select! {
-                r = engine.wait_lines(&a.action_id, a.since, a.limit, Duration::from_secs(a.wait_seconds)) => r?,
+            let wait = Duration::from_secs(a.wait_seconds);
+            let page = tokio::select! {
+                r = engine.wait_lines(&a.action_id, a.since, a.limit, wait, principal) => r?,
                 _ = ctx.ct.cancelled() => return Err(cancelled()),
-            }
+            };
+            self.state.recheck(principal)?;
+            page
         };
-        let view = engine.get(&a.action_id)?;
+        let view = engine.get(&a.action_id, principal)?;
         let mut text = render::action_summary(&view, now_ms());
         text.push('\n');
         if page.lines.is_empty() {
@@ -706,14 +746,13 @@ impl PeriscopeMcp {
     }
 
     fn actions(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
-        self.begin(ctx, Scope::HitsRead, "list_actions")?;
+        let principal = self.begin(ctx, Scope::HitsRead, "list_actions")?;
         let a: ListActionsArgs = parse_args("list_actions", args)?;
         let (offset, limit) = query::paging(a.cursor.as_deref(), Some(a.limit))?;
-        let all = self.state.engine.list(&ActionFilter {
-            status: a.status.map(ActionStatus::from),
-            target: a.target,
-            created_by: a.created_by,
-        });
+        let all = self.state.engine.list(
+            &ActionFilter { status: a.status.map(ActionStatus::from), target: a.target, created_by: a.created_by },
+            &principal,
+        );
         let total = all.len();
         let end = offset.saturating_add(limit).min(total);
         let items: Vec<ActionView> = all.into_iter().skip(offset).take(limit).collect();
@@ -745,9 +784,9 @@ impl PeriscopeMcp {
     }
 
     fn remove(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
-        self.begin(ctx, Scope::ActionsWrite, "remove_action")?;
+        let principal = self.begin(ctx, Scope::ActionsWrite, "remove_action")?;
         let a: RemoveActionArgs = parse_args("remove_action", args)?;
-        let view = self.state.engine.remove(&a.action_id)?;
+        let view = self.state.engine.remove(&a.action_id, &principal)?;
         let text = format!("Removed. {}", render::action_summary(&view, now_ms()));
         Ok(success(text, serde_json::json!({ "action": view })))
     }

@@ -140,7 +140,7 @@ impl PeriscopeMcp {
 
 impl PeriscopeMcp {
     fn agents(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
-        self.begin(ctx, Scope::AgentsRead, "list_agents")?;
+        let principal = self.begin(ctx, Scope::AgentsRead, "list_agents")?;
         let a: ListAgentsArgs = parse_args("list_agents", args)?;
         let filter = AgentFilter {
             pool: a.pool,
@@ -150,13 +150,13 @@ impl PeriscopeMcp {
             status: a.status.map(|s| s.as_str().to_owned()),
             text: a.query,
         };
-        let page = query::list_agents(&self.state.registry, &filter, a.cursor.as_deref(), Some(a.limit))?;
+        let page = query::list_agents(&self.state.registry, &filter, a.cursor.as_deref(), Some(a.limit), &principal)?;
         let text = page_text("agents", &page, render::agent_line, "Loosen the filters, or check system_health.");
         Ok(success(text, serde_json::to_value(&page).unwrap_or_default()))
     }
 
     fn sources(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
-        self.begin(ctx, Scope::AgentsRead, "list_sources")?;
+        let principal = self.begin(ctx, Scope::AgentsRead, "list_sources")?;
         let a: ListSourcesArgs = parse_args("list_sources", args)?;
         let filter = SourceFilter {
             agent_id: a.agent_id,
@@ -167,7 +167,7 @@ impl PeriscopeMcp {
             text: a.query,
             include_offline: a.include_offline,
         };
-        let page = query::list_sources(&self.state.registry, &filter, a.cursor.as_deref(), Some(a.limit))?;
+        let page = query::list_sources(&self.state.registry, &filter, a.cursor.as_deref(), Some(a.limit), &principal)?;
         let text = page_text(
             "inspectable locations",
             &page,

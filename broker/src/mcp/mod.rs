@@ -16,6 +16,7 @@
 //! - `agents.rs`: `list_agents`, `list_sources`.
 //! - `actions.rs`: `place_snapshot`, `place_log`, `place_metric`, `get_action`,
 //!   `list_actions`, `remove_action`.
+//! - `admin.rs`: `query_audit` (company admins).
 //! - `prompts.rs`: prompts that start an investigation.
 //! - `reply.rs`: the one place that turns an [`ApiError`] into an error tool result.
 //! - `render.rs`: the short texts.
@@ -26,11 +27,14 @@
 //! - Every tool is usable without a session: state that spans calls travels as an
 //!   `action_id` and a `since` cursor, so any broker node can answer any call.
 //! - Authorization is evaluated on every tool call ([`crate::auth::authorize`]), never
-//!   per connection.
+//!   per connection; so are the caller's calls-per-minute budget (charged by the HTTP
+//!   middleware, reported here as `quota_exceeded`) and, for blocking calls, its
+//!   concurrent waits.
 //! - Errors a model can act on are tool results with `isError: true` and a stable
 //!   `code`; JSON-RPC errors are only for protocol faults.
 
 mod actions;
+mod admin;
 mod agents;
 mod prompts;
 pub mod proxy;
@@ -51,7 +55,7 @@ use rmcp::{RoleServer, ServerHandler, prompt_handler, tool_handler};
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
-use crate::auth::{Principal, Scope, authorize};
+use crate::auth::{CallCharge, Principal, Scope, authorize};
 use crate::error::{ApiError, ErrorCode};
 
 /// What the server tells a client about itself when it connects; a model reads it
@@ -61,7 +65,8 @@ Typical flow: list_agents (what is connected) -> list_sources (find a file:line 
 runs, with its field names and how often it is hit) -> place_snapshot (waits for the next hit and returns the \
 captured values: fields, span stack, watches) -> get_action with `since` for more hits. Captured objects are cut \
 at depth 3 and PII/secrets are redacted; markers say where. Every error carries a stable `code` and says what to \
-do next. Each caller may hold 20 live actions; remove_action frees one.";
+do next. Each key has quotas (calls per minute, blocking calls at once, live actions; system_health shows what is \
+left) and sees only the pools its key may reach; remove_action frees a live action.";
 
 /// The MCP handler. One is made per session (cheaply: the routers are shared).
 #[derive(Clone)]
@@ -80,7 +85,7 @@ impl std::fmt::Debug for PeriscopeMcp {
 impl PeriscopeMcp {
     /// A handler over the broker's state.
     pub fn new(state: AppState) -> Self {
-        let tools = Self::system_router() + Self::agents_router() + Self::actions_router();
+        let tools = Self::system_router() + Self::agents_router() + Self::actions_router() + Self::admin_router();
         PeriscopeMcp { state, tool_router: Arc::new(tools), prompt_router: Arc::new(Self::prompt_router()) }
     }
 
@@ -92,21 +97,25 @@ impl PeriscopeMcp {
     /// The per-call preamble: who is calling (from the HTTP request the bearer
     /// middleware authenticated) and whether their key holds `scope` for `tool`.
     fn begin(&self, ctx: &RequestContext<RoleServer>, scope: Scope, tool: &str) -> Result<Principal, ApiError> {
-        let principal = ctx
-            .extensions
-            .get::<axum::http::request::Parts>()
-            .and_then(|parts| parts.extensions.get::<Principal>())
-            .cloned()
-            .ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::Unauthorized,
-                    "this MCP connection carries no authenticated caller; connect over HTTP with \
+        let parts = ctx.extensions.get::<axum::http::request::Parts>();
+        let principal = parts.and_then(|parts| parts.extensions.get::<Principal>()).cloned().ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::Unauthorized,
+                "this MCP connection carries no authenticated caller; connect over HTTP with \
                      `Authorization: Bearer <API key>` (or through `periscope mcp --api-key`)",
-                )
-            })?;
+            )
+        })?;
         authorize(&principal, scope, tool)?;
-        tracing::info!(tool, caller = %principal.name, "mcp tool call");
+        if let Some(CallCharge(Err(e))) = parts.and_then(|p| p.extensions.get::<CallCharge>()) {
+            return Err(e.clone());
+        }
+        tracing::info!(tool, caller = %principal.name, key = %principal.key_id, "mcp tool call");
         Ok(principal)
+    }
+
+    /// What this call left of the caller's calls-per-minute budget.
+    fn charge<'c>(&self, ctx: &'c RequestContext<RoleServer>) -> Option<&'c CallCharge> {
+        ctx.extensions.get::<axum::http::request::Parts>().and_then(|p| p.extensions.get::<CallCharge>())
     }
 }
 
@@ -167,21 +176,29 @@ pub fn service(
 mod tests {
     use super::*;
 
-    fn server() -> PeriscopeMcp {
-        let config = crate::BrokerConfig::default();
+    fn state(config: crate::BrokerConfig) -> AppState {
         let registry = Arc::new(crate::registry::Registry::new(100));
         let (_tx, rx) = tokio::sync::watch::channel(false);
         let engine =
             crate::engine::Engine::new(Arc::clone(&registry), Default::default(), config.limits, 10, rx.clone());
-        let state = Arc::new(crate::BrokerState {
+        let scratch = crate::store::ScratchDir::new().unwrap();
+        let keys = Arc::new(crate::keys::KeyStore::open_cli(scratch.path()).unwrap());
+        Arc::new(crate::BrokerState {
             config,
             registry,
             engine,
             shutdown: rx,
             bound: "127.0.0.1:1".parse().unwrap(),
             cancel: CancellationToken::new(),
-        });
-        PeriscopeMcp::new(state)
+            keys,
+            callers: Default::default(),
+            data_dir: scratch.path().to_owned(),
+            scratch: Some(scratch),
+        })
+    }
+
+    fn server() -> PeriscopeMcp {
+        PeriscopeMcp::new(state(crate::BrokerConfig::default()))
     }
 
     #[test]
@@ -198,6 +215,7 @@ mod tests {
             "get_action",
             "list_actions",
             "remove_action",
+            "query_audit",
         ] {
             assert!(names.contains(&name), "{name} missing from {names:?}");
         }
@@ -214,22 +232,7 @@ mod tests {
         config.mcp.max_body_bytes = 65_536;
         config.mcp.allowed_origins = vec!["https://console.example.com:443".into()];
         config.public_url = Some("https://periscope.example.com".into());
-        let server = server();
-        let state = Arc::new(crate::BrokerState {
-            config,
-            registry: Arc::clone(&server.state.registry),
-            engine: crate::engine::Engine::new(
-                Arc::clone(&server.state.registry),
-                Default::default(),
-                Default::default(),
-                10,
-                server.state.shutdown.clone(),
-            ),
-            shutdown: server.state.shutdown.clone(),
-            bound: "127.0.0.1:1".parse().unwrap(),
-            cancel: CancellationToken::new(),
-        });
-        let svc = service(state, CancellationToken::new());
+        let svc = service(state(config), CancellationToken::new());
         assert_eq!(svc.config.max_request_body_bytes, 65_536);
         assert!(svc.config.allowed_hosts.contains(&"periscope.example.com".to_owned()));
         assert!(svc.config.allowed_hosts.contains(&"localhost".to_owned()));

@@ -1,7 +1,6 @@
 //! `system_health`: is Periscope reachable, does the key work, what may the caller
 //! still do. The first call a model makes when something fails unexpectedly.
 
-use periscope_protocol::limits::action_bounds;
 use rmcp::model::{CallToolResult, JsonObject};
 use rmcp::service::RequestContext;
 use rmcp::{RoleServer, tool, tool_router};
@@ -11,7 +10,6 @@ use serde::Deserialize;
 use super::reply::{parse_args, success};
 use super::{PeriscopeMcp, finish, input_schema};
 use crate::auth::Scope;
-use crate::engine::{ActionFilter, ActionStatus, MAX_LIVE_ACTIONS_PER_CALLER};
 use crate::error::ApiError;
 
 /// `system_health` takes no arguments.
@@ -23,8 +21,9 @@ struct HealthArgs {}
 impl PeriscopeMcp {
     #[tool(
         description = "Check that Periscope is reachable and your API key works. Returns the broker version, agents \
-                       online, live actions, your identity and scopes, and your remaining quotas (each caller may \
-                       hold 20 live actions), plus the limits tools enforce. Call it first, and whenever a call \
+                       online, live actions, your identity (key, role, organization, scopes) and your remaining \
+                       quotas (calls per minute, blocking calls, live actions), actions paused by a quota and why \
+                       (quota_cpu, quota_log, rate_limited, expired), plus the limits tools enforce. Call it first, and whenever a call \
                        fails unexpectedly. Example: {}.",
         input_schema = input_schema::<HealthArgs>(),
         annotations(read_only_hint = true, open_world_hint = false)
@@ -38,41 +37,27 @@ impl PeriscopeMcp {
     fn health(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
         let principal = self.begin(ctx, Scope::SystemRead, "system_health")?;
         let HealthArgs {} = parse_args("system_health", args)?;
-        let state = &self.state;
-        let mine = state
-            .engine
-            .list(&ActionFilter {
-                status: Some(ActionStatus::Active),
-                target: None,
-                created_by: Some(principal.name.clone()),
-            })
-            .len();
-        let remaining = MAX_LIVE_ACTIONS_PER_CALLER.saturating_sub(mine);
-        let agents_online = state.registry.online_count();
-        let actions_live = state.engine.live_count();
-        let body = serde_json::json!({
-            "status": "ok",
-            "version": env!("CARGO_PKG_VERSION"),
-            "authenticated": true,
-            "caller": { "name": principal.name, "scopes": principal.scope_names() },
-            "agents_online": agents_online,
-            "actions_live": actions_live,
-            "quotas": {
-                "live_actions": { "used": mine, "limit": MAX_LIVE_ACTIONS_PER_CALLER, "remaining": remaining },
-                "calls_per_minute": { "enforced": false, "note": "per-caller call rate limits arrive in a later version" },
-            },
-            "limits": {
-                "max_hits": { "min": 1, "max": action_bounds::MAX_MAX_HITS, "default": action_bounds::DEFAULT_MAX_HITS },
-                "timeout_seconds": { "min": 1, "max": action_bounds::MAX_WAIT_SECS, "default": action_bounds::DEFAULT_WAIT_SECS },
-                "capture": state.engine.limits(),
-            },
-        });
+        let body = crate::api::health_body(&self.state, &principal, self.charge(ctx));
+        let q = &body["quotas"];
+        let paused = body["paused_actions"].as_array().map_or(0, Vec::len);
         let text = format!(
-            "Periscope {} is up. You are `{}` (scopes: {}). {agents_online} agent(s) online, {actions_live} live \
-             action(s) in all; you hold {mine} of your {MAX_LIVE_ACTIONS_PER_CALLER} live actions ({remaining} left).",
+            "Periscope {} is up. You are `{}` ({} of organization `{}`; scopes: {}). {} agent(s) online, {} live \
+             action(s) in your organization; you hold {} of your {} live actions. Calls left right now: {} (of {} \
+             per minute); blocking calls in progress: {} of {}.{}",
             env!("CARGO_PKG_VERSION"),
             principal.name,
+            principal.role.as_str(),
+            principal.org(),
             principal.scope_names().join(", "),
+            body["agents_online"],
+            body["actions_live"],
+            q["live_actions"]["used"],
+            q["live_actions"]["limit"],
+            q["calls_per_minute"]["remaining"],
+            q["calls_per_minute"]["limit_per_minute"],
+            q["concurrent_waits"]["in_use"],
+            q["concurrent_waits"]["limit"],
+            if paused > 0 { format!(" {paused} pause(s) in force: see paused_actions.") } else { String::new() },
         );
         Ok(success(text, body))
     }

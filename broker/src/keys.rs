@@ -1,0 +1,1331 @@
+//! The key directory: API keys and agent keys, organizations, groups, and which group
+//! each pool belongs to, kept in the store's database and shared by the broker and the
+//! `periscope keys` command (which may run against the same data directory while the
+//! broker serves).
+//!
+//! # Keys
+//!
+//! A key is a random secret (`psk_…` for API keys, `pak_…` for agent keys; 160 bits)
+//! shown once, when it is created. The database keeps its SHA-256 (enough for
+//! high-entropy secrets: there is nothing to brute-force), a public id (`key_…`),
+//! a name, its organization, a role, optional narrower scopes, an optional pool
+//! restriction, an optional group, optional quota overrides, who created it and when,
+//! an optional expiry, and when and by whom it was revoked. Keys from the
+//! configuration file (`[[api_keys]]`, `[[agent_keys]]`) are hashed at start and
+//! looked up the same way; they cannot be revoked here (the file is their source).
+//!
+//! # Freshness
+//!
+//! Every check reads the in-memory [`Directory`], after asking SQLite whether anything
+//! changed: `PRAGMA data_version` on the directory's own connection (a few
+//! microseconds, no I/O) tells whether any other connection committed; only then is the
+//! `auth_epoch` counter read, and only when that moved (every key, group or pool
+//! change bumps it in the same transaction) is the directory reloaded. So a key revoked
+//! by `periscope keys revoke` in another process fails on the broker's very next call,
+//! and the common case costs one pragma.
+//!
+//! # Tenancy
+//!
+//! Organizations own groups, groups own pools: [`Tenancy`]. Every organization has a
+//! group `default`, which owns every pool not assigned elsewhere. A self-hosted broker
+//! has one organization, `default`. Who may do what to keys, groups and pools is decided
+//! here ([`check_create`], [`visible_key`], [`check_assign`]), next to the data.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+use tokio::sync::watch;
+
+use crate::audit::{self, Actor, AuditEntry, AuditKind};
+use crate::auth::{AuthFailure, Principal, Reach, Role, Scope};
+use crate::config::{AgentKeyConfig, ApiKeyConfig};
+use crate::error::{ApiError, ErrorCode};
+use crate::quota::{CallerQuotaOverrides, CallerSettings};
+use crate::store::{StoreError, to_i64, to_u64};
+use crate::time::now_ms;
+
+/// The organization of a self-hosted broker, and of keys that name none.
+pub const DEFAULT_ORG: &str = "default";
+/// The group every organization has, owning every pool not assigned elsewhere.
+pub const DEFAULT_GROUP: &str = "default";
+/// Longest key name.
+pub const MAX_KEY_NAME: usize = 100;
+/// Longest organization or group name.
+pub const MAX_ORG_NAME: usize = 64;
+/// Longest lifetime a key may be given.
+pub const MAX_KEY_LIFETIME_MS: u64 = 10 * 366 * 86_400_000;
+
+/// Why a key operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The database could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// SQLite refused.
+    #[error("key store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// An argument is wrong; `field` names it.
+    #[error("`{field}`: {message}")]
+    Invalid {
+        /// The argument.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// No such key, group or organization (or not one the caller may see).
+    #[error("{0}")]
+    NotFound(String),
+    /// The caller may not do this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The operating system gave no randomness; no key is made without it.
+    #[error("no secure randomness available to generate a key")]
+    Randomness,
+}
+
+impl From<KeyError> for ApiError {
+    fn from(e: KeyError) -> ApiError {
+        match e {
+            KeyError::Invalid { field, message } => {
+                ApiError::invalid(format!("{field}: {message}")).with_details(serde_json::json!({ "field": field }))
+            }
+            KeyError::NotFound(m) => ApiError::not_found(m),
+            KeyError::Forbidden(m) => ApiError::new(ErrorCode::InsufficientScope, m)
+                .with_details(serde_json::json!({ "required_scope": Scope::Admin.as_str() })),
+            other => {
+                tracing::error!(error = %other, "key store failure");
+                ApiError::new(ErrorCode::Internal, "the key store failed; see the broker's log")
+            }
+        }
+    }
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> KeyError {
+    KeyError::Invalid { field: field.into(), message: message.into() }
+}
+
+/// API key or agent key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyKind {
+    /// For REST and MCP callers.
+    Api,
+    /// For agents registering into pools.
+    Agent,
+}
+
+impl KeyKind {
+    /// The stable name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            KeyKind::Api => "api",
+            KeyKind::Agent => "agent",
+        }
+    }
+
+    fn prefix(&self) -> &'static str {
+        match self {
+            KeyKind::Api => "psk_",
+            KeyKind::Agent => "pak_",
+        }
+    }
+}
+
+/// Where a key is defined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeySource {
+    /// The key store (created by `periscope keys`, the API, or the bootstrap).
+    Store,
+    /// The configuration file.
+    Config,
+}
+
+/// A key as the directory knows it. Never holds the secret.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyRecord {
+    /// Public id (`key_…`).
+    pub key_id: String,
+    /// API or agent key.
+    pub kind: KeyKind,
+    /// Who or what uses it.
+    pub name: String,
+    /// Its organization.
+    pub org: String,
+    /// API keys: the role.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    /// The group it belongs to (a group admin's group; a developer's reach).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// API keys: narrower scopes than the role's (absent: the role's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<Scope>>,
+    /// The pools it is restricted to (absent: no restriction beyond org and group; for
+    /// agent keys `*` means any pool of the organization).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pools: Option<Vec<String>>,
+    /// Quota overrides.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quotas: Option<CallerQuotaOverrides>,
+    /// The first characters of the secret, to recognize it.
+    pub hint: String,
+    /// When it was created (Unix ms).
+    pub created_at_ms: u64,
+    /// Who created it.
+    pub created_by: String,
+    /// When it stops working (Unix ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<u64>,
+    /// When it was revoked (Unix ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revoked_at_ms: Option<u64>,
+    /// Who revoked it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revoked_by: Option<String>,
+    /// Where it is defined.
+    pub source: KeySource,
+    #[serde(skip)]
+    hash: [u8; 32],
+}
+
+/// Whether a key works.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyStatus {
+    /// It authenticates.
+    Active,
+    /// It was revoked.
+    Revoked,
+    /// It passed its expiry.
+    Expired,
+}
+
+impl KeyRecord {
+    /// Whether the key works at `now_ms`.
+    pub fn status(&self, now_ms: u64) -> KeyStatus {
+        if self.revoked_at_ms.is_some() {
+            KeyStatus::Revoked
+        } else if self.expires_at_ms.is_some_and(|t| t <= now_ms) {
+            KeyStatus::Expired
+        } else {
+            KeyStatus::Active
+        }
+    }
+
+    /// The record with its status, as listings show it.
+    pub fn view(&self, now_ms: u64) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        v["status"] = serde_json::to_value(self.status(now_ms)).unwrap_or_default();
+        v
+    }
+
+    /// The effective scopes of an API key.
+    pub fn effective_scopes(&self) -> Vec<Scope> {
+        let role = self.role.unwrap_or(Role::Developer);
+        match &self.scopes {
+            Some(s) => role.scopes().iter().copied().filter(|r| s.contains(r)).collect(),
+            None => role.scopes().to_vec(),
+        }
+    }
+
+    /// An agent key's permission to register into `pool`.
+    pub fn allows_pool(&self, pool: &str) -> bool {
+        self.pools.as_ref().is_none_or(|p| p.iter().any(|x| x == "*" || x == pool))
+    }
+}
+
+/// A key just created: the only time its secret exists outside its holder.
+#[derive(Debug, Clone, Serialize)]
+pub struct IssuedKey {
+    /// The secret; shown once, stored nowhere.
+    pub secret: String,
+    /// The record.
+    pub key: KeyRecord,
+}
+
+/// What an agent key lets an agent do.
+#[derive(Debug, Clone)]
+pub struct AgentCredentials {
+    /// The key's id.
+    pub key_id: String,
+    /// The organization the agent joins.
+    pub org: String,
+    /// Pools it may register into (`*`: any).
+    pub pools: Option<Vec<String>>,
+}
+
+impl AgentCredentials {
+    /// Whether the key lets an agent register into `pool`.
+    pub fn allows_pool(&self, pool: &str) -> bool {
+        self.pools.as_ref().is_none_or(|p| p.iter().any(|x| x == "*" || x == pool))
+    }
+}
+
+/// Organizations, their groups, and which group each assigned pool belongs to.
+#[derive(Debug, Clone, Default)]
+pub struct Tenancy {
+    orgs: BTreeMap<String, OrgTenancy>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct OrgTenancy {
+    groups: BTreeSet<String>,
+    pools: BTreeMap<String, String>,
+}
+
+impl Tenancy {
+    /// The group `pool` of `org` belongs to (`default` when unassigned).
+    pub fn group_of<'a>(&'a self, org: &str, pool: &str) -> &'a str {
+        self.orgs.get(org).and_then(|o| o.pools.get(pool)).map_or(DEFAULT_GROUP, String::as_str)
+    }
+
+    /// Whether the organization exists.
+    pub fn has_org(&self, org: &str) -> bool {
+        self.orgs.contains_key(org)
+    }
+
+    /// Whether the group exists in the organization.
+    pub fn has_group(&self, org: &str, group: &str) -> bool {
+        group == DEFAULT_GROUP || self.orgs.get(org).is_some_and(|o| o.groups.contains(group))
+    }
+
+    /// The organization's groups.
+    pub fn groups(&self, org: &str) -> Vec<String> {
+        let mut g: BTreeSet<String> = self.orgs.get(org).map(|o| o.groups.clone()).unwrap_or_default();
+        g.insert(DEFAULT_GROUP.into());
+        g.into_iter().collect()
+    }
+
+    /// The organization's explicit pool assignments.
+    pub fn assigned_pools(&self, org: &str) -> BTreeMap<String, String> {
+        self.orgs.get(org).map(|o| o.pools.clone()).unwrap_or_default()
+    }
+
+    /// Every organization.
+    pub fn orgs(&self) -> Vec<String> {
+        self.orgs.keys().cloned().collect()
+    }
+}
+
+/// A consistent snapshot of keys and tenancy.
+#[derive(Debug, Default)]
+pub struct Directory {
+    by_hash: HashMap<[u8; 32], Arc<KeyRecord>>,
+    by_id: BTreeMap<String, Arc<KeyRecord>>,
+    /// Organizations, groups and pool assignments.
+    pub tenancy: Arc<Tenancy>,
+}
+
+impl Directory {
+    /// A key by id.
+    pub fn key(&self, key_id: &str) -> Option<&Arc<KeyRecord>> {
+        self.by_id.get(key_id)
+    }
+
+    /// Every key, store and configuration, by id.
+    pub fn keys(&self) -> impl Iterator<Item = &Arc<KeyRecord>> {
+        self.by_id.values()
+    }
+}
+
+/// The request to create a key.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    /// API or agent key.
+    pub kind: KeyKind,
+    /// Who or what uses it.
+    pub name: String,
+    /// Its organization.
+    pub org: String,
+    /// API keys: the role (default `developer`).
+    pub role: Option<Role>,
+    /// The group (required for `group_admin`).
+    pub group: Option<String>,
+    /// API keys: narrower scopes.
+    pub scopes: Option<Vec<Scope>>,
+    /// A pool restriction (required for agent keys; `*` for any pool).
+    pub pools: Option<Vec<String>>,
+    /// Quota overrides (API keys).
+    pub quotas: Option<CallerQuotaOverrides>,
+    /// When it stops working (Unix ms).
+    pub expires_at_ms: Option<u64>,
+}
+
+struct Db {
+    conn: Connection,
+    data_version: i64,
+    epoch: i64,
+}
+
+/// The key directory over the store's database.
+#[derive(Debug)]
+pub struct KeyStore {
+    dir: PathBuf,
+    db: Mutex<Db>,
+    current: RwLock<Arc<Directory>>,
+    config_keys: Vec<Arc<KeyRecord>>,
+    callers: CallerSettings,
+    generation: watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db").field("data_version", &self.data_version).field("epoch", &self.epoch).finish()
+    }
+}
+
+/// SHA-256 of a secret.
+fn hash(secret: &str) -> [u8; 32] {
+    sha2::Sha256::digest(secret.as_bytes()).into()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if s.len() != 64 {
+        return None;
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(i * 2..i * 2 + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// A new secret: `prefix` and 32 base32 characters (160 random bits).
+pub fn new_secret(prefix: &str) -> Result<String, KeyError> {
+    const ALPHABET: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
+    let mut bytes = [0u8; 20];
+    getrandom::fill(&mut bytes).map_err(|_| KeyError::Randomness)?;
+    let mut out = String::with_capacity(prefix.len() + 32);
+    out.push_str(prefix);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for b in bytes {
+        acc = (acc << 8) | u32::from(b);
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(char::from(ALPHABET[((acc >> bits) & 31) as usize]));
+        }
+    }
+    Ok(out)
+}
+
+/// Whether `s` is a valid organization, group or pool name.
+pub fn valid_name(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+fn check_name(field: &str, s: &str, max: usize) -> Result<(), KeyError> {
+    if valid_name(s, max) {
+        Ok(())
+    } else {
+        Err(invalid(field, format!("`{}` must be 1 to {max} characters from A-Z a-z 0-9 . _ : -", short(s))))
+    }
+}
+
+fn short(s: &str) -> &str {
+    periscope_protocol::value::truncate_chars(s, 80)
+}
+
+fn json_opt<T: Serialize>(v: &Option<T>) -> Option<String> {
+    v.as_ref().and_then(|v| serde_json::to_string(v).ok())
+}
+
+fn bump_epoch(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES ('auth_epoch', '1') ON CONFLICT(key) DO UPDATE SET \
+         value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)",
+        [],
+    )?;
+    Ok(())
+}
+
+fn read_epoch(conn: &Connection) -> rusqlite::Result<i64> {
+    Ok(conn
+        .query_row("SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'auth_epoch'", [], |r| r.get::<_, i64>(0))
+        .optional()?
+        .unwrap_or(0))
+}
+
+fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("PRAGMA data_version", [], |r| r.get(0))
+}
+
+fn ensure_org_tx(tx: &rusqlite::Transaction<'_>, org: &str) -> rusqlite::Result<bool> {
+    let now = to_i64(now_ms());
+    let created = tx.execute("INSERT OR IGNORE INTO orgs (name, created_at_ms) VALUES (?1, ?2)", params![org, now])?;
+    tx.execute(
+        "INSERT OR IGNORE INTO groups (org, name, created_at_ms) VALUES (?1, ?2, ?3)",
+        params![org, DEFAULT_GROUP, now],
+    )?;
+    Ok(created > 0)
+}
+
+fn ensure_group_tx(tx: &rusqlite::Transaction<'_>, org: &str, group: &str) -> rusqlite::Result<bool> {
+    ensure_org_tx(tx, org)?;
+    Ok(tx.execute(
+        "INSERT OR IGNORE INTO groups (org, name, created_at_ms) VALUES (?1, ?2, ?3)",
+        params![org, group, to_i64(now_ms())],
+    )? > 0)
+}
+
+fn parse_list<T: serde::de::DeserializeOwned>(raw: Option<String>) -> Option<T> {
+    raw.and_then(|s| serde_json::from_str(&s).ok())
+}
+
+fn load(conn: &Connection, config_keys: &[Arc<KeyRecord>]) -> rusqlite::Result<(Directory, i64)> {
+    let tx = conn.unchecked_transaction()?;
+    let epoch = read_epoch(&tx)?;
+    let mut tenancy = Tenancy::default();
+    {
+        let mut stmt = tx.prepare("SELECT name FROM orgs")?;
+        for org in stmt.query_map([], |r| r.get::<_, String>(0))? {
+            tenancy.orgs.entry(org?).or_default();
+        }
+        let mut stmt = tx.prepare("SELECT org, name FROM groups")?;
+        for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
+            let (org, name) = row?;
+            tenancy.orgs.entry(org).or_default().groups.insert(name);
+        }
+        let mut stmt = tx.prepare("SELECT org, name, grp FROM pools")?;
+        for row in
+            stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?
+        {
+            let (org, pool, group) = row?;
+            tenancy.orgs.entry(org).or_default().pools.insert(pool, group);
+        }
+    }
+    let mut dir = Directory::default();
+    {
+        let mut stmt = tx.prepare(
+            "SELECT id, hash, kind, name, org, role, grp, scopes, pools, quotas, hint, created_at_ms, created_by, \
+             expires_at_ms, revoked_at_ms, revoked_by FROM keys",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, Option<String>>(5)?,
+                r.get::<_, Option<String>>(6)?,
+                r.get::<_, Option<String>>(7)?,
+                r.get::<_, Option<String>>(8)?,
+                r.get::<_, Option<String>>(9)?,
+                r.get::<_, String>(10)?,
+                r.get::<_, i64>(11)?,
+                r.get::<_, String>(12)?,
+                r.get::<_, Option<i64>>(13)?,
+                r.get::<_, Option<i64>>(14)?,
+                r.get::<_, Option<String>>(15)?,
+            ))
+        })?;
+        for row in rows {
+            let (
+                id,
+                hash_hex,
+                kind,
+                name,
+                org,
+                role,
+                group,
+                scopes,
+                pools,
+                quotas,
+                hint,
+                created,
+                by,
+                exp,
+                rev,
+                rev_by,
+            ) = row?;
+            let Some(hash) = unhex(&hash_hex) else {
+                tracing::warn!(key = %id, "skipping a stored key with a malformed hash");
+                continue;
+            };
+            let kind = if kind == "agent" { KeyKind::Agent } else { KeyKind::Api };
+            let role = role.as_deref().and_then(Role::parse);
+            if kind == KeyKind::Api && role.is_none() {
+                tracing::warn!(key = %id, "skipping a stored API key without a known role");
+                continue;
+            }
+            let record = Arc::new(KeyRecord {
+                key_id: id.clone(),
+                kind,
+                name,
+                org,
+                role,
+                group,
+                scopes: parse_list(scopes),
+                pools: parse_list(pools),
+                quotas: parse_list(quotas),
+                hint,
+                created_at_ms: to_u64(created),
+                created_by: by,
+                expires_at_ms: exp.map(to_u64),
+                revoked_at_ms: rev.map(to_u64),
+                revoked_by: rev_by,
+                source: KeySource::Store,
+                hash,
+            });
+            dir.by_hash.insert(hash, Arc::clone(&record));
+            dir.by_id.insert(id, record);
+        }
+    }
+    tx.finish()?;
+    for k in config_keys {
+        dir.by_hash.insert(k.hash, Arc::clone(k));
+        dir.by_id.insert(k.key_id.clone(), Arc::clone(k));
+    }
+    dir.tenancy = Arc::new(tenancy);
+    Ok((dir, epoch))
+}
+
+/// The records of the configuration file's keys (ids `key_config_<n>` and
+/// `key_config_agent_<n>`, stable while the file keeps its order).
+fn config_records(api: &[ApiKeyConfig], agent: &[AgentKeyConfig]) -> Vec<Arc<KeyRecord>> {
+    let mut out = Vec::new();
+    for (i, k) in api.iter().enumerate() {
+        out.push(Arc::new(KeyRecord {
+            key_id: format!("key_config_{i}"),
+            kind: KeyKind::Api,
+            name: k.name.clone(),
+            org: k.org.clone().unwrap_or_else(|| DEFAULT_ORG.into()),
+            role: Some(k.role_or_default()),
+            group: k.group.clone(),
+            scopes: k.scopes.as_ref().map(|s| s.iter().filter_map(|n| Scope::parse(n)).collect()),
+            pools: k.pools.clone(),
+            quotas: k.quotas,
+            hint: "(configuration file)".into(),
+            created_at_ms: 0,
+            created_by: "configuration file".into(),
+            expires_at_ms: None,
+            revoked_at_ms: None,
+            revoked_by: None,
+            source: KeySource::Config,
+            hash: hash(&k.key),
+        }));
+    }
+    for (i, k) in agent.iter().enumerate() {
+        out.push(Arc::new(KeyRecord {
+            key_id: format!("key_config_agent_{i}"),
+            kind: KeyKind::Agent,
+            name: format!("agent key {i} (configuration file)"),
+            org: k.org.clone().unwrap_or_else(|| DEFAULT_ORG.into()),
+            role: None,
+            group: None,
+            scopes: None,
+            pools: Some(k.pools.clone()),
+            quotas: None,
+            hint: "(configuration file)".into(),
+            created_at_ms: 0,
+            created_by: "configuration file".into(),
+            expires_at_ms: None,
+            revoked_at_ms: None,
+            revoked_by: None,
+            source: KeySource::Config,
+            hash: hash(&k.key),
+        }));
+    }
+    out
+}
+
+impl KeyStore {
+    /// Opens the directory in `dir` for a broker with these configuration keys and
+    /// caller quotas (creating the database, the `default` organization and the
+    /// organizations and groups the configuration keys name).
+    pub fn open(
+        dir: &Path,
+        api_keys: &[ApiKeyConfig],
+        agent_keys: &[AgentKeyConfig],
+        callers: CallerSettings,
+    ) -> Result<KeyStore, KeyError> {
+        let mut conn = crate::store::open_connection(dir)?;
+        let config_keys = config_records(api_keys, agent_keys);
+        {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut changed = ensure_org_tx(&tx, DEFAULT_ORG)?;
+            for k in &config_keys {
+                changed |= ensure_org_tx(&tx, &k.org)?;
+                if let Some(g) = &k.group {
+                    changed |= ensure_group_tx(&tx, &k.org, g)?;
+                }
+            }
+            if changed {
+                bump_epoch(&tx)?;
+            }
+            tx.commit()?;
+        }
+        let version = data_version(&conn)?;
+        let (directory, epoch) = load(&conn, &config_keys)?;
+        Ok(KeyStore {
+            dir: dir.to_owned(),
+            db: Mutex::new(Db { conn, data_version: version, epoch }),
+            current: RwLock::new(Arc::new(directory)),
+            config_keys,
+            callers,
+            generation: watch::channel(0).0,
+        })
+    }
+
+    /// Opens the directory for the command line (no configuration keys).
+    pub fn open_cli(dir: &Path) -> Result<KeyStore, KeyError> {
+        Self::open(dir, &[], &[], CallerSettings::default())
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn db(&self) -> std::sync::MutexGuard<'_, Db> {
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The last directory loaded, without checking the database (for decisions where a
+    /// second of staleness is harmless, like which new agent an action reaches).
+    pub fn current(&self) -> Arc<Directory> {
+        match self.current.read() {
+            Ok(c) => Arc::clone(&c),
+            Err(p) => Arc::clone(&p.into_inner()),
+        }
+    }
+
+    /// The directory, reloaded first if anything changed it (in this process or
+    /// another).
+    pub fn refresh(&self) -> Result<Arc<Directory>, KeyError> {
+        let mut db = self.db();
+        let version = data_version(&db.conn)?;
+        if version == db.data_version {
+            return Ok(self.current());
+        }
+        let epoch = read_epoch(&db.conn)?;
+        db.data_version = version;
+        if epoch == db.epoch {
+            return Ok(self.current());
+        }
+        self.reload_locked(&mut db)
+    }
+
+    fn reload_locked(&self, db: &mut Db) -> Result<Arc<Directory>, KeyError> {
+        let (directory, epoch) = load(&db.conn, &self.config_keys)?;
+        db.epoch = epoch;
+        let directory = Arc::new(directory);
+        match self.current.write() {
+            Ok(mut c) => *c = Arc::clone(&directory),
+            Err(p) => *p.into_inner() = Arc::clone(&directory),
+        }
+        self.generation.send_modify(|g| *g += 1);
+        Ok(directory)
+    }
+
+    /// Ticks each time the directory is reloaded (agent sessions re-check their key).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    fn lookup(&self, token: &str, kind: KeyKind) -> Result<(Arc<KeyRecord>, Arc<Tenancy>), AuthFailure> {
+        let dir = self.refresh().map_err(|e| {
+            tracing::error!(error = %e, "cannot read the key store; refusing the call");
+            AuthFailure::Unavailable
+        })?;
+        let Some(record) = dir.by_hash.get(&hash(token)).filter(|r| r.kind == kind) else {
+            return Err(AuthFailure::Unknown);
+        };
+        match record.status(now_ms()) {
+            KeyStatus::Active => Ok((Arc::clone(record), Arc::clone(&dir.tenancy))),
+            KeyStatus::Revoked => Err(AuthFailure::Revoked),
+            KeyStatus::Expired => Err(AuthFailure::Expired),
+        }
+    }
+
+    /// The caller an API key belongs to, checked against the freshest directory.
+    pub fn authenticate_api(&self, token: &str) -> Result<Principal, AuthFailure> {
+        let (record, tenancy) = self.lookup(token, KeyKind::Api)?;
+        Ok(self.principal(&record, tenancy))
+    }
+
+    /// The principal of a record (which must be an API key).
+    pub fn principal(&self, record: &KeyRecord, tenancy: Arc<Tenancy>) -> Principal {
+        let role = record.role.unwrap_or(Role::Developer);
+        Principal {
+            key_id: record.key_id.clone(),
+            name: record.name.clone(),
+            role,
+            scopes: record.effective_scopes(),
+            reach: Reach {
+                org: record.org.clone(),
+                group: record.group.clone(),
+                pools: record.pools.as_ref().map(|p| p.iter().cloned().collect()),
+            },
+            quotas: self.callers.resolve(role, record.quotas.as_ref()),
+            tenancy,
+        }
+    }
+
+    /// What an agent key allows.
+    pub fn authenticate_agent(&self, token: &str) -> Result<AgentCredentials, AuthFailure> {
+        let (record, _) = self.lookup(token, KeyKind::Agent)?;
+        Ok(AgentCredentials { key_id: record.key_id.clone(), org: record.org.clone(), pools: record.pools.clone() })
+    }
+
+    /// Whether a key still works (after the last reload).
+    pub fn key_active(&self, key_id: &str) -> bool {
+        self.current().key(key_id).is_some_and(|k| k.status(now_ms()) == KeyStatus::Active)
+    }
+
+    /// Creates a key and records it in the audit trail, in one transaction. The
+    /// organization (and, from the command line, the group) is created when missing;
+    /// through the API the caller's authority was checked with [`check_create`].
+    pub fn create(&self, new: NewKey, actor: &Actor) -> Result<IssuedKey, KeyError> {
+        validate_new(&new)?;
+        let secret = new_secret(new.kind.prefix())?;
+        let now = now_ms();
+        let record = KeyRecord {
+            key_id: periscope_protocol::KeyId::generate().to_string(),
+            kind: new.kind,
+            name: new.name.trim().to_owned(),
+            org: new.org.clone(),
+            role: match new.kind {
+                KeyKind::Api => Some(new.role.unwrap_or(Role::Developer)),
+                KeyKind::Agent => None,
+            },
+            group: new.group.clone(),
+            scopes: new.scopes.clone(),
+            pools: new.pools.clone(),
+            quotas: new.quotas,
+            hint: format!("{}…", secret.get(..8).unwrap_or(&secret)),
+            created_at_ms: now,
+            created_by: actor.name(),
+            expires_at_ms: new.expires_at_ms,
+            revoked_at_ms: None,
+            revoked_by: None,
+            source: KeySource::Store,
+            hash: hash(&secret),
+        };
+        let mut db = self.db();
+        {
+            let tx = db.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let cli = matches!(actor, Actor::Cli { .. } | Actor::System);
+            let org_known: bool =
+                tx.query_row("SELECT COUNT(*) FROM orgs WHERE name = ?1", params![record.org], |r| r.get::<_, i64>(0))?
+                    > 0;
+            if !org_known && !cli {
+                return Err(KeyError::NotFound(format!("no organization `{}`", record.org)));
+            }
+            ensure_org_tx(&tx, &record.org)?;
+            if let Some(g) = &record.group {
+                let known: bool = tx.query_row(
+                    "SELECT COUNT(*) FROM groups WHERE org = ?1 AND name = ?2",
+                    params![record.org, g],
+                    |r| r.get::<_, i64>(0),
+                )? > 0;
+                if !known {
+                    if !cli {
+                        return Err(invalid(
+                            "group",
+                            format!("no group `{g}` in organization `{}`; create it first", record.org),
+                        ));
+                    }
+                    ensure_group_tx(&tx, &record.org, g)?;
+                }
+            }
+            tx.execute(
+                "INSERT INTO keys (id, hash, kind, name, org, role, grp, scopes, pools, quotas, hint, created_at_ms, \
+                 created_by, expires_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                params![
+                    record.key_id,
+                    hex(&record.hash),
+                    record.kind.as_str(),
+                    record.name,
+                    record.org,
+                    record.role.map(|r| r.as_str()),
+                    record.group,
+                    json_opt(&record.scopes),
+                    json_opt(&record.pools),
+                    json_opt(&record.quotas),
+                    record.hint,
+                    to_i64(record.created_at_ms),
+                    record.created_by,
+                    record.expires_at_ms.map(to_i64),
+                ],
+            )?;
+            let role = record.role.map_or("agent key".to_owned(), |r| format!("{} key", r.as_str()));
+            let entry = AuditEntry::new(record.org.clone(), actor.clone(), AuditKind::KeyCreated)
+                .target(serde_json::json!({ "key_id": record.key_id, "kind": record.kind }))
+                .detail(format!("created {role} `{}`", record.name))
+                .data(serde_json::json!({
+                    "name": record.name,
+                    "role": record.role,
+                    "group": record.group,
+                    "scopes": record.scopes,
+                    "pools": record.pools,
+                    "quotas": record.quotas,
+                    "expires_at_ms": record.expires_at_ms,
+                }));
+            audit::insert(&tx, &entry)?;
+            bump_epoch(&tx)?;
+            tx.commit()?;
+        }
+        self.reload_locked(&mut db)?;
+        Ok(IssuedKey { secret, key: record })
+    }
+
+    /// Revokes a key (it fails from the next call on) and records it. Revoking a
+    /// revoked key changes nothing and returns it.
+    pub fn revoke(&self, key_id: &str, actor: &Actor) -> Result<KeyRecord, KeyError> {
+        let dir = self.refresh()?;
+        let Some(record) = dir.key(key_id.trim()).cloned() else {
+            return Err(KeyError::NotFound(format!("no key `{}`; `keys list` shows the keys", short(key_id))));
+        };
+        if record.source == KeySource::Config {
+            return Err(invalid(
+                "key_id",
+                format!("`{key_id}` is defined in the configuration file; remove it there and restart the broker"),
+            ));
+        }
+        if record.revoked_at_ms.is_some() {
+            return Ok((*record).clone());
+        }
+        let now = now_ms();
+        let mut db = self.db();
+        {
+            let tx = db.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "UPDATE keys SET revoked_at_ms = ?2, revoked_by = ?3 WHERE id = ?1 AND revoked_at_ms IS NULL",
+                params![record.key_id, to_i64(now), actor.name()],
+            )?;
+            let entry = AuditEntry::new(record.org.clone(), actor.clone(), AuditKind::KeyRevoked)
+                .target(serde_json::json!({ "key_id": record.key_id, "kind": record.kind }))
+                .detail(format!("revoked {} key `{}`", record.kind.as_str(), record.name))
+                .data(serde_json::json!({ "name": record.name, "role": record.role, "group": record.group }));
+            audit::insert(&tx, &entry)?;
+            bump_epoch(&tx)?;
+            tx.commit()?;
+        }
+        let dir = self.reload_locked(&mut db)?;
+        Ok(dir.key(&record.key_id).map_or_else(|| (*record).clone(), |k| (**k).clone()))
+    }
+
+    /// Creates a group in an organization.
+    pub fn create_group(&self, org: &str, group: &str, actor: &Actor) -> Result<(), KeyError> {
+        check_name("name", group, MAX_ORG_NAME)?;
+        let mut db = self.db();
+        {
+            let tx = db.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if !ensure_group_tx(&tx, org, group)? {
+                return Err(invalid("name", format!("group `{group}` already exists")));
+            }
+            let entry = AuditEntry::new(org, actor.clone(), AuditKind::GroupCreated)
+                .target(serde_json::json!({ "group": group }))
+                .detail(format!("created group `{group}`"));
+            audit::insert(&tx, &entry)?;
+            bump_epoch(&tx)?;
+            tx.commit()?;
+        }
+        self.reload_locked(&mut db)?;
+        Ok(())
+    }
+
+    /// Assigns a pool of an organization to a group (`default` releases it).
+    pub fn assign_pool(&self, org: &str, pool: &str, group: &str, actor: &Actor) -> Result<(), KeyError> {
+        check_name("pool", pool, periscope_protocol::messages::registration_bounds::MAX_NAME_LEN)?;
+        let mut db = self.db();
+        {
+            let tx = db.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let known: bool = group == DEFAULT_GROUP
+                || tx.query_row(
+                    "SELECT COUNT(*) FROM groups WHERE org = ?1 AND name = ?2",
+                    params![org, group],
+                    |r| r.get::<_, i64>(0),
+                )? > 0;
+            if !known {
+                return Err(KeyError::NotFound(format!("no group `{group}`; create it first")));
+            }
+            let before: Option<String> = tx
+                .query_row("SELECT grp FROM pools WHERE org = ?1 AND name = ?2", params![org, pool], |r| r.get(0))
+                .optional()?;
+            if group == DEFAULT_GROUP {
+                tx.execute("DELETE FROM pools WHERE org = ?1 AND name = ?2", params![org, pool])?;
+            } else {
+                tx.execute(
+                    "INSERT INTO pools (org, name, grp, updated_at_ms) VALUES (?1, ?2, ?3, ?4) \
+                     ON CONFLICT(org, name) DO UPDATE SET grp = ?3, updated_at_ms = ?4",
+                    params![org, pool, group, to_i64(now_ms())],
+                )?;
+            }
+            let from = before.unwrap_or_else(|| DEFAULT_GROUP.into());
+            let entry = AuditEntry::new(org, actor.clone(), AuditKind::PoolAssigned)
+                .target(serde_json::json!({ "pool": pool }))
+                .detail(format!("moved pool `{pool}` from group `{from}` to group `{group}`"))
+                .data(serde_json::json!({ "from": from, "to": group }));
+            audit::insert(&tx, &entry)?;
+            bump_epoch(&tx)?;
+            tx.commit()?;
+        }
+        self.reload_locked(&mut db)?;
+        Ok(())
+    }
+
+    /// On a fresh store (no API key ever stored, none configured, no bootstrap key
+    /// issued before), creates a `company_admin` key of `default` and remembers that it
+    /// did, so it happens once per data directory. The caller prints the secret.
+    pub fn bootstrap(&self, configured_api_keys: usize) -> Result<Option<IssuedKey>, KeyError> {
+        let (issued, stored_keys) = {
+            let db = self.db();
+            let issued: Option<String> = db
+                .conn
+                .query_row("SELECT value FROM meta WHERE key = 'bootstrap_issued_at_ms'", [], |r| r.get(0))
+                .optional()?;
+            let stored: i64 = db.conn.query_row("SELECT COUNT(*) FROM keys WHERE kind = 'api'", [], |r| r.get(0))?;
+            (issued.is_some(), stored)
+        };
+        if issued || stored_keys > 0 || configured_api_keys > 0 {
+            return Ok(None);
+        }
+        let key = self.create(
+            NewKey {
+                kind: KeyKind::Api,
+                name: "bootstrap".into(),
+                org: DEFAULT_ORG.into(),
+                role: Some(Role::CompanyAdmin),
+                group: None,
+                scopes: None,
+                pools: None,
+                quotas: None,
+                expires_at_ms: None,
+            },
+            &Actor::System,
+        )?;
+        let db = self.db();
+        db.conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('bootstrap_issued_at_ms', ?1)",
+            params![now_ms().to_string()],
+        )?;
+        Ok(Some(key))
+    }
+
+    /// Whether the bootstrap key was issued on this data directory.
+    pub fn bootstrap_issued(&self) -> Result<bool, KeyError> {
+        let db = self.db();
+        Ok(db
+            .conn
+            .query_row("SELECT COUNT(*) FROM meta WHERE key = 'bootstrap_issued_at_ms'", [], |r| r.get::<_, i64>(0))?
+            > 0)
+    }
+}
+
+/// Checks a key request on its own (names, role and group, scopes, pools, expiry).
+pub fn validate_new(new: &NewKey) -> Result<(), KeyError> {
+    let name = new.name.trim();
+    if name.is_empty() || name.len() > MAX_KEY_NAME || name.chars().any(char::is_control) {
+        return Err(invalid("name", format!("must be 1 to {MAX_KEY_NAME} printable characters")));
+    }
+    check_name("org", &new.org, MAX_ORG_NAME)?;
+    if let Some(g) = &new.group {
+        check_name("group", g, MAX_ORG_NAME)?;
+    }
+    match new.kind {
+        KeyKind::Api => {
+            let role = new.role.unwrap_or(Role::Developer);
+            if role == Role::GroupAdmin && new.group.is_none() {
+                return Err(invalid("group", "a group_admin key needs the group it administers"));
+            }
+            if role == Role::CompanyAdmin && new.group.is_some() {
+                return Err(invalid("group", "a company_admin key covers the whole organization; give no group"));
+            }
+            if let Some(scopes) = &new.scopes {
+                if scopes.is_empty() {
+                    return Err(invalid("scopes", "give at least one scope (or none at all for the role's)"));
+                }
+                if let Some(extra) = scopes.iter().find(|s| !role.scopes().contains(s)) {
+                    return Err(invalid(
+                        "scopes",
+                        format!(
+                            "`{}` is beyond the role `{}`, which grants {}",
+                            extra.as_str(),
+                            role.as_str(),
+                            role.scopes().iter().map(Scope::as_str).collect::<Vec<_>>().join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        KeyKind::Agent => {
+            if new.role.is_some() || new.scopes.is_some() || new.quotas.is_some() {
+                return Err(invalid("role", "agent keys have no role, scopes or caller quotas; give pools"));
+            }
+            if new.pools.as_ref().is_none_or(Vec::is_empty) {
+                return Err(invalid("pools", "an agent key needs the pools it may register into (or `*`)"));
+            }
+        }
+    }
+    if let Some(pools) = &new.pools {
+        if pools.is_empty() {
+            return Err(invalid("pools", "give at least one pool, or no restriction at all"));
+        }
+        if pools.len() > 1_000 {
+            return Err(invalid("pools", "at most 1000 pools"));
+        }
+        for p in pools {
+            if !(p == "*" && new.kind == KeyKind::Agent) {
+                check_name("pools", p, periscope_protocol::messages::registration_bounds::MAX_NAME_LEN)?;
+            }
+        }
+    }
+    if let Some(q) = &new.quotas {
+        q.validate("quotas.").map_err(|(field, message)| invalid(&field, message))?;
+    }
+    if let Some(t) = new.expires_at_ms {
+        let now = now_ms();
+        if t <= now {
+            return Err(invalid("expires_at", "is in the past"));
+        }
+        if t - now > MAX_KEY_LIFETIME_MS {
+            return Err(invalid("expires_at", "is more than 10 years away"));
+        }
+    }
+    Ok(())
+}
+
+fn forbidden(message: impl Into<String>) -> KeyError {
+    KeyError::Forbidden(message.into())
+}
+
+/// Whether `by` may create `new` (which must be in `by`'s organization). A key never
+/// gets more than its creator holds: no higher role, no scope the creator lacks, no
+/// pool beyond the creator's reach; group admins create keys of their own group only;
+/// quota overrides are for company admins.
+pub fn check_create(by: &Principal, new: &NewKey) -> Result<(), KeyError> {
+    if new.org != by.org() {
+        return Err(KeyError::NotFound(format!("no organization `{}`", new.org)));
+    }
+    if by.role < Role::GroupAdmin || !by.has(Scope::Admin) {
+        return Err(forbidden("creating keys needs the role group_admin or company_admin with the scope mcp:admin"));
+    }
+    if let Some(role) = new.role
+        && role > by.role
+    {
+        return Err(forbidden(format!("a {} key cannot create a {} key", by.role.as_str(), role.as_str())));
+    }
+    if new.kind == KeyKind::Api {
+        let role = new.role.unwrap_or(Role::Developer);
+        let wanted = new.scopes.clone().unwrap_or_else(|| role.scopes().to_vec());
+        if let Some(s) = wanted.iter().find(|s| !by.has(**s)) {
+            return Err(forbidden(format!(
+                "the new key would hold `{}`, which your key lacks; give `scopes` you hold",
+                s.as_str()
+            )));
+        }
+    }
+    if new.quotas.is_some() && by.role < Role::CompanyAdmin {
+        return Err(forbidden("only a company_admin key may set quota overrides"));
+    }
+    if by.role == Role::GroupAdmin {
+        let Some(own) = by.reach.group.as_deref() else {
+            return Err(forbidden("this group_admin key names no group"));
+        };
+        if new.kind == KeyKind::Api && new.group.as_deref() != Some(own) {
+            return Err(forbidden(format!("a group_admin of `{own}` creates keys of group `{own}` only")));
+        }
+        if new.kind == KeyKind::Agent {
+            let pools = new.pools.as_deref().unwrap_or_default();
+            if let Some(p) = pools.iter().find(|p| *p == "*" || by.tenancy.group_of(by.org(), p) != own) {
+                return Err(forbidden(format!(
+                    "pool `{p}` is not in group `{own}`; assign it to the group first (PUT /api/v1/pools/{p})"
+                )));
+            }
+        }
+    }
+    if let Some(mine) = &by.reach.pools {
+        let theirs = new.pools.as_deref().unwrap_or_default();
+        if theirs.is_empty() || theirs.iter().any(|p| !mine.contains(p)) {
+            return Err(forbidden(format!(
+                "your key is limited to the pools {}; the new key must be limited to some of them",
+                mine.iter().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+    }
+    if let Some(pools) = &new.pools
+        && let Some(p) = pools.iter().find(|p| *p != "*" && !by.sees_pool(by.org(), p))
+    {
+        return Err(forbidden(format!("pool `{p}` is outside your key's reach")));
+    }
+    Ok(())
+}
+
+/// Whether `by` may see (list, revoke) `key`: company admins every key of their
+/// organization, group admins the keys of their group (API keys of the group, agent
+/// keys whose pools all belong to it).
+pub fn visible_key(by: &Principal, key: &KeyRecord) -> bool {
+    if key.org != by.org() || !by.has(Scope::Admin) {
+        return false;
+    }
+    match by.role {
+        Role::CompanyAdmin => true,
+        Role::GroupAdmin => {
+            let Some(own) = by.reach.group.as_deref() else { return false };
+            match key.kind {
+                KeyKind::Api => key.group.as_deref() == Some(own) && key.role != Some(Role::CompanyAdmin),
+                KeyKind::Agent => key.pools.as_ref().is_some_and(|p| {
+                    !p.is_empty() && p.iter().all(|x| x != "*" && by.tenancy.group_of(by.org(), x) == own)
+                }),
+            }
+        }
+        Role::Developer => false,
+    }
+}
+
+/// Whether `by` may move `pool` to `group`: company admins any pool of their
+/// organization to any of its groups; group admins may take a pool that belongs to no
+/// group (it is in `default`) into their group, and give one of theirs back.
+pub fn check_assign(by: &Principal, pool: &str, group: &str) -> Result<(), KeyError> {
+    if by.role < Role::GroupAdmin || !by.has(Scope::Admin) {
+        return Err(forbidden("assigning pools needs the role group_admin or company_admin with the scope mcp:admin"));
+    }
+    if by.reach.pools.as_ref().is_some_and(|p| !p.contains(pool)) {
+        return Err(KeyError::NotFound(format!("no pool `{pool}` in your reach")));
+    }
+    if by.role == Role::CompanyAdmin {
+        return Ok(());
+    }
+    let Some(own) = by.reach.group.as_deref() else {
+        return Err(forbidden("this group_admin key names no group"));
+    };
+    let from = by.tenancy.group_of(by.org(), pool);
+    let assigned = by.tenancy.assigned_pools(by.org()).contains_key(pool);
+    let from_ok = from == own || (!assigned && from == DEFAULT_GROUP);
+    let to_ok = group == own || group == DEFAULT_GROUP;
+    if from_ok && to_ok {
+        Ok(())
+    } else {
+        Err(forbidden(format!(
+            "a group_admin of `{own}` may take unassigned pools into `{own}` and give its pools back to `default`; \
+             pool `{pool}` is in `{from}`"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (crate::store::ScratchDir, KeyStore) {
+        let dir = crate::store::ScratchDir::new().unwrap();
+        let keys = KeyStore::open_cli(dir.path()).unwrap();
+        (dir, keys)
+    }
+
+    fn api(name: &str, role: Role) -> NewKey {
+        NewKey {
+            kind: KeyKind::Api,
+            name: name.into(),
+            org: DEFAULT_ORG.into(),
+            role: Some(role),
+            group: None,
+            scopes: None,
+            pools: None,
+            quotas: None,
+            expires_at_ms: None,
+        }
+    }
+
+    #[test]
+    fn secrets_are_long_random_and_never_stored() {
+        let (dir, keys) = store();
+        let issued = keys.create(api("alice", Role::Developer), &Actor::cli()).unwrap();
+        assert!(issued.secret.starts_with("psk_") && issued.secret.len() == 36, "{}", issued.secret);
+        assert!(issued.key.key_id.starts_with("key_"));
+        let db = std::fs::read(crate::store::db_path(dir.path())).unwrap();
+        let text = String::from_utf8_lossy(&db);
+        assert!(!text.contains(&issued.secret), "the secret is not in the database");
+        let p = keys.authenticate_api(&issued.secret).unwrap();
+        assert_eq!((p.name.as_str(), p.org(), p.role), ("alice", "default", Role::Developer));
+        assert_eq!(keys.authenticate_api("psk_wrong").unwrap_err(), AuthFailure::Unknown);
+    }
+
+    #[test]
+    fn a_revocation_by_another_process_is_seen_on_the_next_check() {
+        let (dir, broker) = store();
+        let issued = broker.create(api("bob", Role::Developer), &Actor::cli()).unwrap();
+        assert!(broker.authenticate_api(&issued.secret).is_ok());
+        // Another connection (as `periscope keys revoke` would be).
+        let cli = KeyStore::open_cli(dir.path()).unwrap();
+        cli.revoke(&issued.key.key_id, &Actor::cli()).unwrap();
+        assert_eq!(broker.authenticate_api(&issued.secret).unwrap_err(), AuthFailure::Revoked);
+        // And a key created elsewhere works at once.
+        let other = cli.create(api("carol", Role::Developer), &Actor::cli()).unwrap();
+        assert!(broker.authenticate_api(&other.secret).is_ok());
+    }
+
+    #[test]
+    fn roles_bound_what_a_key_can_create() {
+        let (_dir, keys) = store();
+        keys.create_group(DEFAULT_ORG, "payments", &Actor::cli()).unwrap();
+        let g = keys
+            .create(NewKey { group: Some("payments".into()), ..api("gadmin", Role::GroupAdmin) }, &Actor::cli())
+            .unwrap();
+        let gadmin = keys.authenticate_api(&g.secret).unwrap();
+        let err = check_create(&gadmin, &api("boss", Role::CompanyAdmin)).unwrap_err();
+        assert!(matches!(err, KeyError::Forbidden(_)), "{err}");
+        let err = check_create(&gadmin, &api("dev", Role::Developer)).unwrap_err();
+        assert!(err.to_string().contains("group `payments`"), "{err}");
+        check_create(&gadmin, &NewKey { group: Some("payments".into()), ..api("dev", Role::Developer) }).unwrap();
+        let dev = keys.create(api("dev", Role::Developer), &Actor::cli()).unwrap();
+        let dev = keys.authenticate_api(&dev.secret).unwrap();
+        assert!(check_create(&dev, &api("x", Role::Developer)).is_err());
+    }
+
+    #[test]
+    fn group_admins_take_unassigned_pools_but_not_other_groups_pools() {
+        let (_dir, keys) = store();
+        keys.create_group(DEFAULT_ORG, "a", &Actor::cli()).unwrap();
+        keys.create_group(DEFAULT_ORG, "b", &Actor::cli()).unwrap();
+        keys.assign_pool(DEFAULT_ORG, "billing", "b", &Actor::cli()).unwrap();
+        let g = keys.create(NewKey { group: Some("a".into()), ..api("ga", Role::GroupAdmin) }, &Actor::cli()).unwrap();
+        let ga = keys.authenticate_api(&g.secret).unwrap();
+        check_assign(&ga, "shop", "a").unwrap();
+        assert!(check_assign(&ga, "billing", "a").is_err());
+        assert!(!ga.sees_pool(DEFAULT_ORG, "billing") && !ga.sees_pool(DEFAULT_ORG, "shop"));
+        keys.assign_pool(DEFAULT_ORG, "shop", "a", &ga.actor()).unwrap();
+        let ga = keys.authenticate_api(&g.secret).unwrap();
+        assert!(ga.sees_pool(DEFAULT_ORG, "shop"));
+    }
+
+    #[test]
+    fn the_bootstrap_key_is_issued_once_per_data_directory() {
+        let (dir, keys) = store();
+        let first = keys.bootstrap(0).unwrap().expect("a fresh store issues one");
+        assert_eq!(first.key.role, Some(Role::CompanyAdmin));
+        keys.revoke(&first.key.key_id, &Actor::cli()).unwrap();
+        assert!(keys.bootstrap(0).unwrap().is_none());
+        let again = KeyStore::open_cli(dir.path()).unwrap();
+        assert!(again.bootstrap(0).unwrap().is_none());
+        let (_d, fresh) = store();
+        assert!(fresh.bootstrap(1).unwrap().is_none(), "configured keys: no bootstrap");
+    }
+
+    #[test]
+    fn scopes_beyond_the_role_and_past_expiry_are_refused() {
+        let mut k = api("x", Role::Developer);
+        k.scopes = Some(vec![Scope::Admin]);
+        assert!(validate_new(&k).unwrap_err().to_string().contains("scopes"));
+        let mut k = api("x", Role::Developer);
+        k.expires_at_ms = Some(1);
+        assert!(validate_new(&k).unwrap_err().to_string().contains("expires_at"));
+        let agent = NewKey { kind: KeyKind::Agent, role: None, ..api("a", Role::Developer) };
+        assert!(validate_new(&agent).unwrap_err().to_string().contains("pools"));
+    }
+}

@@ -1,0 +1,551 @@
+//! Quotas the broker enforces, whatever callers and agents do: the part of "nobody can
+//! bypass a quota" that lives on this side of the wire.
+//!
+//! - Per caller (per API key): calls per minute (every REST request and every MCP
+//!   message counts; tool calls report `quota_exceeded` as a tool result), concurrent
+//!   waits (blocking `place_snapshot` calls and long polls), and live actions (counted
+//!   by the engine). Defaults come from `[callers]`, per-role overrides from
+//!   `[callers.<role>]`, per-key overrides from the key ([`CallerQuotaOverrides`]).
+//! - Per agent, in the gateway: hits and bytes per second accepted ([`AgentIngest`]);
+//!   excess frames are dropped and counted, the agent is warned, and an agent that
+//!   keeps flooding is disconnected and kept out for a cool-down.
+//! - Per action, in the engine: snapshot hits per second per agent (the agent enforces
+//!   the same rate; the broker checks again) and log lines and bytes per second.
+//!
+//! Every limit is a GCRA from the `governor` crate. Each has a floor and a ceiling in
+//! configuration (a 0 or an absurd value is a configuration error): there is no value,
+//! role, parameter or header that switches a quota off.
+
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use governor::clock::{Clock as _, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::{DefaultDirectRateLimiter, Quota};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ApiError, ErrorCode};
+
+/// One GCRA: `per_second` cells per second with a burst of `burst` cells.
+pub struct Rate {
+    limiter: DefaultDirectRateLimiter<StateInformationMiddleware>,
+    clock: DefaultClock,
+    burst: u32,
+}
+
+impl std::fmt::Debug for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rate").field("burst", &self.burst).finish_non_exhaustive()
+    }
+}
+
+impl Rate {
+    /// A rate of `per_second` cells (any positive number; nonsense becomes one cell per
+    /// hour rather than unlimited) with a burst of `burst` cells (at least 1).
+    pub fn per_second(per_second: f64, burst: f64) -> Rate {
+        let per_second = if per_second.is_finite() && per_second > 0.0 { per_second } else { 1.0 / 3_600.0 };
+        let period = Duration::from_secs_f64((1.0 / per_second).min(86_400.0)).max(Duration::from_nanos(1));
+        let burst = if burst.is_finite() { burst.clamp(1.0, f64::from(u32::MAX)) as u32 } else { 1 };
+        Self::with_period(period, burst)
+    }
+
+    /// `per_minute` cells per minute with a burst of `burst`.
+    pub fn per_minute(per_minute: u32, burst: u32) -> Rate {
+        let period = Duration::from_secs(60) / per_minute.max(1);
+        Self::with_period(period.max(Duration::from_nanos(1)), burst)
+    }
+
+    fn with_period(period: Duration, burst: u32) -> Rate {
+        let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+        let quota = Quota::with_period(period).unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX)).allow_burst(burst);
+        let clock = DefaultClock::default();
+        let limiter = governor::RateLimiter::direct_with_clock(quota, clock.clone())
+            .with_middleware::<StateInformationMiddleware>();
+        Rate { limiter, clock, burst: burst.get() }
+    }
+
+    /// Takes `n` cells: `Ok(cells left in the burst)`, or `Err(how long until they
+    /// would fit)`. More cells than the burst never fit (`Err(Duration::MAX)`).
+    pub fn take(&self, n: u32) -> Result<u32, Duration> {
+        let Some(n) = NonZeroU32::new(n) else { return Ok(self.burst) };
+        match self.limiter.check_n(n) {
+            Ok(Ok(snapshot)) => Ok(snapshot.remaining_burst_capacity()),
+            Ok(Err(not_until)) => Err(not_until.wait_time_from(self.clock.now())),
+            Err(_) => Err(Duration::MAX),
+        }
+    }
+
+    /// The burst size.
+    pub fn burst(&self) -> u32 {
+        self.burst
+    }
+}
+
+/// Whole seconds to wait, for `retry_after_seconds` and `Retry-After` (at least 1).
+pub fn retry_secs(wait: Duration) -> u64 {
+    if wait == Duration::MAX { 3_600 } else { wait.as_secs() + u64::from(wait.subsec_nanos() > 0) }.max(1)
+}
+
+/// What one API key may do, resolved from the defaults, its role and the key itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CallerQuotas {
+    /// REST requests and MCP messages per minute.
+    pub calls_per_minute: u32,
+    /// Calls allowed at once above the steady rate.
+    pub call_burst: u32,
+    /// Blocking calls (waiting `place_snapshot`, long polls) at once.
+    pub concurrent_waits: u32,
+    /// Live actions at once.
+    pub live_actions: u32,
+}
+
+impl Default for CallerQuotas {
+    fn default() -> Self {
+        CallerQuotas {
+            calls_per_minute: DEFAULT_CALLS_PER_MINUTE,
+            call_burst: DEFAULT_CALL_BURST,
+            concurrent_waits: DEFAULT_CONCURRENT_WAITS,
+            live_actions: DEFAULT_LIVE_ACTIONS,
+        }
+    }
+}
+
+/// Calls per minute per caller (GitHub allows ~83/min per user; an assistant loops
+/// faster than a person).
+pub const DEFAULT_CALLS_PER_MINUTE: u32 = 120;
+/// Burst of calls per caller.
+pub const DEFAULT_CALL_BURST: u32 = 30;
+/// Blocking calls per caller at once.
+pub const DEFAULT_CONCURRENT_WAITS: u32 = 4;
+/// Live actions per caller (keeps one runaway assistant from filling every agent).
+pub const DEFAULT_LIVE_ACTIONS: u32 = 20;
+
+/// Allowed ranges of the caller quotas: a quota can be tightened or loosened, never
+/// switched off.
+pub const CALLER_BOUNDS: [(&str, u32, u32); 4] = [
+    ("calls_per_minute", 1, 60_000),
+    ("call_burst", 1, 10_000),
+    ("concurrent_waits", 1, 1_000),
+    ("live_actions", 1, 1_000),
+];
+
+/// Per-role or per-key overrides of [`CallerQuotas`]; absent fields inherit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CallerQuotaOverrides {
+    /// Overrides `calls_per_minute`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calls_per_minute: Option<u32>,
+    /// Overrides `call_burst`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub call_burst: Option<u32>,
+    /// Overrides `concurrent_waits`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub concurrent_waits: Option<u32>,
+    /// Overrides `live_actions`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live_actions: Option<u32>,
+}
+
+impl CallerQuotaOverrides {
+    /// `base` with these overrides applied.
+    pub fn apply(&self, base: CallerQuotas) -> CallerQuotas {
+        CallerQuotas {
+            calls_per_minute: self.calls_per_minute.unwrap_or(base.calls_per_minute),
+            call_burst: self.call_burst.unwrap_or(base.call_burst),
+            concurrent_waits: self.concurrent_waits.unwrap_or(base.concurrent_waits),
+            live_actions: self.live_actions.unwrap_or(base.live_actions),
+        }
+    }
+
+    /// Checks every value given is within [`CALLER_BOUNDS`]; the error names the field
+    /// (under `prefix`) and the range.
+    pub fn validate(&self, prefix: &str) -> Result<(), (String, String)> {
+        let values = [self.calls_per_minute, self.call_burst, self.concurrent_waits, self.live_actions];
+        for ((name, min, max), value) in CALLER_BOUNDS.iter().zip(values) {
+            if let Some(v) = value
+                && !(*min..=*max).contains(&v)
+            {
+                return Err((
+                    format!("{prefix}{name}"),
+                    format!("{v} is outside {min}..={max} (quotas can be changed, not switched off)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `[callers]`: the caller quotas, with per-role overrides in `[callers.<role>]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CallerSettings {
+    /// Calls per minute per key (default 120).
+    pub calls_per_minute: u32,
+    /// Burst of calls per key (default 30).
+    pub call_burst: u32,
+    /// Blocking calls at once per key (default 4).
+    pub concurrent_waits: u32,
+    /// Live actions per key (default 20).
+    pub live_actions: u32,
+    /// Overrides for `developer` keys.
+    pub developer: CallerQuotaOverrides,
+    /// Overrides for `group_admin` keys.
+    pub group_admin: CallerQuotaOverrides,
+    /// Overrides for `company_admin` keys.
+    pub company_admin: CallerQuotaOverrides,
+}
+
+impl Default for CallerSettings {
+    fn default() -> Self {
+        let d = CallerQuotas::default();
+        CallerSettings {
+            calls_per_minute: d.calls_per_minute,
+            call_burst: d.call_burst,
+            concurrent_waits: d.concurrent_waits,
+            live_actions: d.live_actions,
+            developer: CallerQuotaOverrides::default(),
+            group_admin: CallerQuotaOverrides::default(),
+            company_admin: CallerQuotaOverrides::default(),
+        }
+    }
+}
+
+impl CallerSettings {
+    /// The quotas of a key of `role`, with the key's own overrides.
+    pub fn resolve(&self, role: crate::auth::Role, key: Option<&CallerQuotaOverrides>) -> CallerQuotas {
+        let base = CallerQuotas {
+            calls_per_minute: self.calls_per_minute,
+            call_burst: self.call_burst,
+            concurrent_waits: self.concurrent_waits,
+            live_actions: self.live_actions,
+        };
+        let by_role = match role {
+            crate::auth::Role::Developer => &self.developer,
+            crate::auth::Role::GroupAdmin => &self.group_admin,
+            crate::auth::Role::CompanyAdmin => &self.company_admin,
+        };
+        let q = by_role.apply(base);
+        key.map_or(q, |k| k.apply(q))
+    }
+
+    /// Checks every value; the error names the key (`callers.…`) and the range.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        CallerQuotaOverrides {
+            calls_per_minute: Some(self.calls_per_minute),
+            call_burst: Some(self.call_burst),
+            concurrent_waits: Some(self.concurrent_waits),
+            live_actions: Some(self.live_actions),
+        }
+        .validate("callers.")?;
+        self.developer.validate("callers.developer.")?;
+        self.group_admin.validate("callers.group_admin.")?;
+        self.company_admin.validate("callers.company_admin.")
+    }
+}
+
+/// `[ingest]`: what the broker accepts from each agent and for each action, whatever the
+/// agent does. The defaults sit above what an honest agent sends under its own budgets
+/// (25 snapshot hits/s, 50 log lines/s and 20 KiB/s), so only a broken or hostile
+/// agent meets them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestSettings {
+    /// Snapshot hits per second accepted from one agent.
+    pub agent_hits_per_sec: f64,
+    /// Bytes per second accepted from one agent (every frame counts).
+    pub agent_bytes_per_sec: u64,
+    /// Bursts allowed, as a multiple of one second's budget.
+    pub burst_factor: f64,
+    /// Snapshot hits per second accepted for one action from one agent (the agent's own
+    /// limit is `quotas.snapshot_hits_per_sec_per_action`).
+    pub action_hits_per_sec: f64,
+    /// Log lines per second accepted for one log action (all agents together).
+    pub action_log_lines_per_sec: f64,
+    /// Log bytes per second accepted for one log action (all agents together).
+    pub action_log_bytes_per_sec: u64,
+    /// Warnings an agent gets (at most one per second) while its frames are dropped,
+    /// before it is disconnected.
+    pub flood_warnings: u32,
+    /// How long an agent disconnected for flooding is refused when it comes back.
+    pub flood_cooldown_secs: u64,
+}
+
+impl Default for IngestSettings {
+    fn default() -> Self {
+        IngestSettings {
+            agent_hits_per_sec: 50.0,
+            agent_bytes_per_sec: 2 * 1024 * 1024,
+            burst_factor: 2.0,
+            action_hits_per_sec: 1.0,
+            action_log_lines_per_sec: 100.0,
+            action_log_bytes_per_sec: 40 * 1024,
+            flood_warnings: 3,
+            flood_cooldown_secs: 30,
+        }
+    }
+}
+
+impl IngestSettings {
+    /// Checks every value; the error names the key (`ingest.…`) and the range.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let frame = periscope_protocol::MAX_FRAME_BYTES as f64;
+        let line = periscope_protocol::telemetry::MAX_LOG_LINE_BYTES as f64;
+        for (key, v, min, max) in [
+            ("ingest.agent_hits_per_sec", self.agent_hits_per_sec, 0.01, 100_000.0),
+            ("ingest.agent_bytes_per_sec", self.agent_bytes_per_sec as f64, 1_024.0, 1024.0 * 1024.0 * 1024.0),
+            ("ingest.burst_factor", self.burst_factor, 1.0, 100.0),
+            ("ingest.action_hits_per_sec", self.action_hits_per_sec, 0.01, 10_000.0),
+            ("ingest.action_log_lines_per_sec", self.action_log_lines_per_sec, 0.01, 1_000_000.0),
+            ("ingest.action_log_bytes_per_sec", self.action_log_bytes_per_sec as f64, 64.0, 1024.0 * 1024.0 * 1024.0),
+            ("ingest.flood_warnings", f64::from(self.flood_warnings), 1.0, 1_000.0),
+            ("ingest.flood_cooldown_secs", self.flood_cooldown_secs as f64, 1.0, 86_400.0),
+        ] {
+            if !(v.is_finite() && v >= min && v <= max) {
+                return Err((
+                    key.into(),
+                    format!("{v} is outside {min}..={max} (quotas can be changed, not switched off)"),
+                ));
+            }
+        }
+        if (self.agent_bytes_per_sec as f64) * self.burst_factor < frame {
+            return Err((
+                "ingest.agent_bytes_per_sec".into(),
+                format!(
+                    "{} B/s with burst_factor {} cannot take one {frame} B frame; raise one of them",
+                    self.agent_bytes_per_sec, self.burst_factor
+                ),
+            ));
+        }
+        if (self.action_log_bytes_per_sec as f64) * self.burst_factor < line {
+            return Err((
+                "ingest.action_log_bytes_per_sec".into(),
+                format!("with burst_factor {} it cannot take one {line} B log line", self.burst_factor),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The per-agent hit limiter.
+    pub fn agent_hits(&self) -> Rate {
+        Rate::per_second(self.agent_hits_per_sec, self.agent_hits_per_sec * self.burst_factor)
+    }
+
+    /// The per-agent byte limiter.
+    pub fn agent_bytes(&self) -> Rate {
+        let rate = self.agent_bytes_per_sec as f64;
+        Rate::per_second(rate, rate * self.burst_factor)
+    }
+
+    /// A per-action, per-agent snapshot hit limiter (a burst of at least 2 absorbs
+    /// network jitter between hits an honest agent spaced out).
+    pub fn action_hits(&self) -> Rate {
+        Rate::per_second(self.action_hits_per_sec, (self.action_hits_per_sec * self.burst_factor).max(2.0))
+    }
+
+    /// A per-action log line limiter.
+    pub fn action_lines(&self) -> Rate {
+        Rate::per_second(self.action_log_lines_per_sec, self.action_log_lines_per_sec * self.burst_factor)
+    }
+
+    /// A per-action log byte limiter.
+    pub fn action_log_bytes(&self) -> Rate {
+        let rate = self.action_log_bytes_per_sec as f64;
+        Rate::per_second(rate, rate * self.burst_factor)
+    }
+}
+
+/// A caller's budget after a call was charged, for `system_health` and headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct CallBudget {
+    /// Calls per minute allowed.
+    pub limit_per_minute: u32,
+    /// Burst allowed.
+    pub burst: u32,
+    /// Calls that may still be made right now.
+    pub remaining: u32,
+}
+
+/// One caller's limiters.
+#[derive(Debug)]
+struct CallerState {
+    quotas: CallerQuotas,
+    calls: Rate,
+    /// Deadlines of the blocking calls in progress.
+    waits: Mutex<Vec<(u64, tokio::time::Instant)>>,
+    next_wait: std::sync::atomic::AtomicU64,
+}
+
+/// The per-caller limiters, by key id.
+#[derive(Debug, Default)]
+pub struct CallerLimits {
+    callers: DashMap<String, Arc<CallerState>>,
+}
+
+impl CallerLimits {
+    fn state(&self, key_id: &str, quotas: CallerQuotas) -> Arc<CallerState> {
+        if let Some(s) = self.callers.get(key_id)
+            && s.quotas == quotas
+        {
+            return Arc::clone(&s);
+        }
+        // New key, or its quotas changed: fresh limiters (the wait list carries over).
+        let waits = self.callers.get(key_id).map(|s| s.waits.lock().map(|w| w.clone()).unwrap_or_default());
+        let state = Arc::new(CallerState {
+            quotas,
+            calls: Rate::per_minute(quotas.calls_per_minute, quotas.call_burst),
+            waits: Mutex::new(waits.unwrap_or_default()),
+            next_wait: std::sync::atomic::AtomicU64::new(1),
+        });
+        self.callers.insert(key_id.to_owned(), Arc::clone(&state));
+        state
+    }
+
+    /// Charges one call to `key_id`; `quota_exceeded` (with when to retry) when its
+    /// budget is spent.
+    pub fn charge_call(&self, key_id: &str, quotas: CallerQuotas) -> Result<CallBudget, ApiError> {
+        let state = self.state(key_id, quotas);
+        match state.calls.take(1) {
+            Ok(remaining) => {
+                Ok(CallBudget { limit_per_minute: quotas.calls_per_minute, burst: quotas.call_burst, remaining })
+            }
+            Err(wait) => {
+                let retry = retry_secs(wait);
+                Err(ApiError::new(
+                    ErrorCode::QuotaExceeded,
+                    format!(
+                        "this key made more than its {} calls per minute (burst {}); retry in {retry} s",
+                        quotas.calls_per_minute, quotas.call_burst
+                    ),
+                )
+                .with_details(serde_json::json!({
+                    "quota": "calls_per_minute",
+                    "limit": quotas.calls_per_minute,
+                    "burst": quotas.call_burst,
+                    "retry_after_seconds": retry,
+                })))
+            }
+        }
+    }
+
+    /// Starts a blocking call that may last until `deadline`; `quota_exceeded` when the
+    /// key already has `concurrent_waits` of them (retry when the soonest one ends).
+    /// The slot is freed when the returned guard drops.
+    pub fn begin_wait(
+        &self,
+        key_id: &str,
+        quotas: CallerQuotas,
+        deadline: tokio::time::Instant,
+    ) -> Result<WaitSlot, ApiError> {
+        let state = self.state(key_id, quotas);
+        let mut waits = state.waits.lock().unwrap_or_else(|p| p.into_inner());
+        let now = tokio::time::Instant::now();
+        // Slots of waits past their deadline (their call ended without dropping, which
+        // should not happen) are reclaimed rather than held forever.
+        waits.retain(|(_, d)| *d + Duration::from_secs(5) > now);
+        let limit = quotas.concurrent_waits as usize;
+        if waits.len() >= limit {
+            let soonest = waits.iter().map(|(_, d)| *d).min().unwrap_or(now);
+            let retry = retry_secs(soonest.saturating_duration_since(now));
+            return Err(ApiError::new(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "this key already has {} blocking calls in progress (the limit is {limit}); call with wait=false \
+                     (or wait_seconds=0) and poll, or retry in {retry} s when one ends",
+                    waits.len()
+                ),
+            )
+            .with_details(serde_json::json!({
+                "quota": "concurrent_waits",
+                "limit": limit,
+                "retry_after_seconds": retry,
+            })));
+        }
+        let id = state.next_wait.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        waits.push((id, deadline));
+        drop(waits);
+        Ok(WaitSlot { state, id })
+    }
+
+    /// Blocking calls `key_id` has in progress.
+    pub fn waits_in_use(&self, key_id: &str) -> usize {
+        self.callers.get(key_id).map_or(0, |s| s.waits.lock().map(|w| w.len()).unwrap_or(0))
+    }
+
+    /// Forgets callers whose keys no longer authenticate.
+    pub fn retain(&self, mut keep: impl FnMut(&str) -> bool) {
+        self.callers.retain(|k, s| keep(k) || s.waits.lock().map(|w| !w.is_empty()).unwrap_or(false));
+    }
+}
+
+/// A blocking call's slot; dropping it frees the slot.
+#[derive(Debug)]
+pub struct WaitSlot {
+    state: Arc<CallerState>,
+    id: u64,
+}
+
+impl Drop for WaitSlot {
+    fn drop(&mut self) {
+        let mut waits = self.state.waits.lock().unwrap_or_else(|p| p.into_inner());
+        waits.retain(|(id, _)| *id != self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_allows_its_burst_then_says_when_to_retry() {
+        let r = Rate::per_second(1.0, 2.0);
+        assert_eq!(r.take(1), Ok(1));
+        assert_eq!(r.take(1), Ok(0));
+        let wait = r.take(1).unwrap_err();
+        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1), "{wait:?}");
+        assert_eq!(r.take(3), Err(Duration::MAX), "more than the burst never fits");
+        assert_eq!(retry_secs(Duration::from_millis(1_200)), 2);
+        assert_eq!(retry_secs(Duration::ZERO), 1);
+    }
+
+    #[test]
+    fn calls_beyond_the_burst_are_quota_exceeded_with_a_retry_time() {
+        let limits = CallerLimits::default();
+        let q = CallerQuotas { calls_per_minute: 60, call_burst: 2, ..CallerQuotas::default() };
+        assert_eq!(limits.charge_call("key_a", q).unwrap().remaining, 1);
+        limits.charge_call("key_a", q).unwrap();
+        let err = limits.charge_call("key_a", q).unwrap_err();
+        assert_eq!(err.code, ErrorCode::QuotaExceeded);
+        assert_eq!(err.details["retry_after_seconds"], 1);
+        assert!(limits.charge_call("key_b", q).is_ok(), "keys have their own budgets");
+    }
+
+    #[tokio::test]
+    async fn waits_beyond_the_limit_are_refused_until_one_ends() {
+        let limits = CallerLimits::default();
+        let q = CallerQuotas { concurrent_waits: 1, ..CallerQuotas::default() };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let slot = limits.begin_wait("key_a", q, deadline).unwrap();
+        let err = limits.begin_wait("key_a", q, deadline).unwrap_err();
+        assert_eq!(err.details["quota"], "concurrent_waits");
+        assert!(err.details["retry_after_seconds"].as_u64().unwrap() >= 29);
+        drop(slot);
+        assert_eq!(limits.waits_in_use("key_a"), 0);
+        assert!(limits.begin_wait("key_a", q, deadline).is_ok());
+    }
+
+    #[test]
+    fn zero_and_absurd_quotas_are_configuration_errors() {
+        let mut c = CallerSettings { calls_per_minute: 0, ..CallerSettings::default() };
+        assert_eq!(c.validate().unwrap_err().0, "callers.calls_per_minute");
+        c.calls_per_minute = 120;
+        c.developer.concurrent_waits = Some(1_000_000);
+        assert_eq!(c.validate().unwrap_err().0, "callers.developer.concurrent_waits");
+        let i = IngestSettings { agent_hits_per_sec: f64::INFINITY, ..IngestSettings::default() };
+        assert_eq!(i.validate().unwrap_err().0, "ingest.agent_hits_per_sec");
+        IngestSettings::default().validate().unwrap();
+    }
+}
