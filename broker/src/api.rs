@@ -7,8 +7,8 @@
 //! | GET | `/agents/{agent_id}` | one agent |
 //! | GET | `/sources` | inspectable locations (`agent_id`, `pool`, `tag`, `file`, `name`, `q`, `cursor`, `limit`) |
 //! | POST | `/actions` | place a snapshot (body: [`PlaceBody`]) |
-//! | POST | `/logs` | place a dynamic log (body: [`LogBody`], the `place_log` tool's arguments) |
-//! | POST | `/metrics` | place a dynamic metric (body: [`MetricBody`], the `place_metric` tool's arguments) |
+//! | POST | `/logs` | place a dynamic log (body: [`LogRequest`], the `place_log` tool's arguments) |
+//! | POST | `/metrics` | place a dynamic metric (body: [`MetricRequest`], the `place_metric` tool's arguments) |
 //! | GET | `/actions` | actions (`status`, `target`, `created_by`) |
 //! | GET | `/actions/{action_id}` | one action with per-agent status |
 //! | DELETE | `/actions/{action_id}` | remove an action |
@@ -325,115 +325,21 @@ async fn put_redaction(
     Ok(Json(state.engine.replace_rules(principal.org(), config, principal.actor())?))
 }
 
-/// Body of `POST /api/v1/logs`: the `place_log` tool's arguments.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LogBody {
-    /// Target agents by id.
-    #[serde(default)]
-    pub agent_ids: Vec<String>,
-    /// Target pool.
-    pub pool: Option<String>,
-    /// Target tags.
-    #[serde(default)]
-    pub tags: Vec<String>,
-    /// File path or suffix.
-    pub file: String,
-    /// Line.
-    pub line: u32,
-    /// Text with `{expression}` placeholders.
-    pub template: String,
-    /// Level (default `info`).
-    pub level: Option<String>,
-    /// Condition expression.
-    pub condition: Option<String>,
-    /// `broker` (default), `app`, `both`.
-    pub destination: Option<String>,
-    /// Seconds the action stays live (default 3600, max 86400).
-    pub expire_seconds: Option<u64>,
-    /// Stop after this many lines.
-    pub max_lines: Option<u64>,
-    /// Accept a location no agent has reported yet.
-    #[serde(default)]
-    pub allow_pending: bool,
-}
-
 async fn place_log(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-    body: Result<Json<LogBody>, JsonRejection>,
+    body: Result<Json<LogRequest>, JsonRejection>,
 ) -> Result<(axum::http::StatusCode, Json<ActionView>), ApiError> {
-    let Json(b) = body.map_err(|e| ApiError::invalid(format!("request body: {}", e.body_text())))?;
-    let req = LogRequest {
-        agent_ids: b.agent_ids,
-        pool: b.pool,
-        tags: b.tags,
-        file: b.file,
-        line: b.line,
-        template: b.template,
-        level: b.level,
-        condition: b.condition,
-        destination: b.destination,
-        expire_seconds: b.expire_seconds,
-        max_lines: b.max_lines,
-        allow_pending: b.allow_pending,
-    };
+    let Json(req) = body.map_err(|e| ApiError::invalid(format!("request body: {}", e.body_text())))?;
     Ok((axum::http::StatusCode::CREATED, Json(state.engine.place_log(req, &principal)?)))
-}
-
-/// Body of `POST /api/v1/metrics`: the `place_metric` tool's arguments.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetricBody {
-    /// Target agents by id.
-    #[serde(default)]
-    pub agent_ids: Vec<String>,
-    /// Target pool.
-    pub pool: Option<String>,
-    /// Target tags.
-    #[serde(default)]
-    pub tags: Vec<String>,
-    /// `counter`, `duration` or `value`.
-    pub kind: String,
-    /// File path or suffix.
-    pub file: String,
-    /// Line.
-    pub line: u32,
-    /// Where a tic-toc duration stops.
-    pub end_file: Option<String>,
-    /// Line where a tic-toc duration stops.
-    pub end_line: Option<u32>,
-    /// The numeric expression of a value metric.
-    pub expression: Option<String>,
-    /// Condition expression.
-    pub condition: Option<String>,
-    /// Seconds the action stays live (default 3600, max 86400).
-    pub expire_seconds: Option<u64>,
-    /// Accept a location no agent has reported yet.
-    #[serde(default)]
-    pub allow_pending: bool,
 }
 
 async fn place_metric(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-    body: Result<Json<MetricBody>, JsonRejection>,
+    body: Result<Json<MetricRequest>, JsonRejection>,
 ) -> Result<(axum::http::StatusCode, Json<ActionView>), ApiError> {
-    let Json(b) = body.map_err(|e| ApiError::invalid(format!("request body: {}", e.body_text())))?;
-    let req = MetricRequest {
-        agent_ids: b.agent_ids,
-        pool: b.pool,
-        tags: b.tags,
-        kind: b.kind,
-        file: b.file,
-        line: b.line,
-        end_file: b.end_file,
-        end_line: b.end_line,
-        expression: b.expression,
-        condition: b.condition,
-        expire_seconds: b.expire_seconds,
-        allow_pending: b.allow_pending,
-    };
+    let Json(req) = body.map_err(|e| ApiError::invalid(format!("request body: {}", e.body_text())))?;
     Ok((axum::http::StatusCode::CREATED, Json(state.engine.place_metric(req, &principal)?)))
 }
 

@@ -113,8 +113,10 @@ pub struct SnapshotRequest {
     pub allow_pending: bool,
 }
 
-/// A dynamic log as a caller asks for it.
-#[derive(Debug, Clone, Default)]
+/// A dynamic log as a caller asks for it; also the body of `POST /api/v1/logs` (the
+/// `place_log` tool's arguments).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LogRequest {
     /// Agents by id.
     pub agent_ids: Vec<String>,
@@ -142,8 +144,10 @@ pub struct LogRequest {
     pub allow_pending: bool,
 }
 
-/// A dynamic metric as a caller asks for it.
-#[derive(Debug, Clone, Default)]
+/// A dynamic metric as a caller asks for it; also the body of `POST /api/v1/metrics`
+/// (the `place_metric` tool's arguments).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct MetricRequest {
     /// Agents by id.
     pub agent_ids: Vec<String>,
