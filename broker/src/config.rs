@@ -158,6 +158,10 @@ pub struct AgentSettings {
     pub max_catalog_entries: usize,
     /// How often agents report dynamic metric aggregates, in milliseconds.
     pub metric_report_interval_ms: u64,
+    /// Agents one organization may have listed (online or recently offline); when full,
+    /// the one offline the longest is forgotten, and with none offline a new one is
+    /// refused. Bounds the memory one agent key can claim.
+    pub max_agents_per_org: u64,
 }
 
 impl Default for AgentSettings {
@@ -170,6 +174,7 @@ impl Default for AgentSettings {
             offline_retention_secs: 3_600,
             max_catalog_entries: 20_000,
             metric_report_interval_ms: 5_000,
+            max_agents_per_org: 10_000,
         }
     }
 }
@@ -329,6 +334,7 @@ impl BrokerConfig {
             ("agents.registration_timeout_secs", a.registration_timeout_secs, 1, 60),
             ("agents.offline_retention_secs", a.offline_retention_secs, 0, 30 * 86_400),
             ("agents.metric_report_interval_ms", a.metric_report_interval_ms, 1_000, 3_600_000),
+            ("agents.max_agents_per_org", a.max_agents_per_org, 1, 1_000_000),
         ] {
             if v < min || v > max {
                 return Err(ConfigError::Invalid { key: key.into(), message: format!("{v} is outside {min}..={max}") });

@@ -210,6 +210,13 @@ async fn session(state: AppState, mut socket: WebSocket, credentials: AgentCrede
             let msg = format!("agent id `{agent_id}` is already online from another process");
             return refuse(&mut socket, error_body(ProtocolErrorCode::DuplicateAgent, msg, true)).await;
         }
+        Err(RegisterRefusal::Full(max)) => {
+            let msg = format!(
+                "this organization already has {max} agents listed, all online (agents.max_agents_per_org); \
+                 retry when one goes away"
+            );
+            return refuse(&mut socket, error_body(ProtocolErrorCode::RateLimited, msg, true)).await;
+        }
         Err(RegisterRefusal::CoolingDown(until)) => {
             let secs = until.saturating_sub(crate::time::now_ms()).div_ceil(1_000).max(1);
             let msg =

@@ -338,7 +338,8 @@ pub async fn run(
     config.validate()?;
     let bound = listener.local_addr()?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let registry = Arc::new(Registry::new(config.agents.max_catalog_entries));
+    let registry =
+        Arc::new(Registry::new(config.agents.max_catalog_entries).with_max_per_org(config.agents.max_agents_per_org));
     // Without a data directory the same database lives in a scratch directory that
     // goes away with the broker: one code path, nothing survives.
     let scratch = match &config.data_dir {

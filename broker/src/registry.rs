@@ -206,6 +206,8 @@ pub enum RegisterRefusal {
     OtherOrg(String),
     /// The agent was disconnected for flooding; refused until this time (Unix ms).
     CoolingDown(u64),
+    /// The organization has this many agents listed, all online.
+    Full(usize),
 }
 
 /// All agents.
@@ -214,12 +216,44 @@ pub struct Registry {
     agents: DashMap<AgentId, AgentRecord>,
     sessions: AtomicU64,
     max_catalog_entries: usize,
+    max_per_org: usize,
 }
 
 impl Registry {
     /// An empty registry.
     pub fn new(max_catalog_entries: usize) -> Self {
-        Registry { agents: DashMap::new(), sessions: AtomicU64::new(1), max_catalog_entries }
+        Registry { agents: DashMap::new(), sessions: AtomicU64::new(1), max_catalog_entries, max_per_org: 10_000 }
+    }
+
+    /// Sets how many agents one organization may have listed.
+    pub fn with_max_per_org(mut self, max: u64) -> Self {
+        self.max_per_org = usize::try_from(max).unwrap_or(usize::MAX).max(1);
+        self
+    }
+
+    /// Makes room for a new agent of `org`: forgets the agent offline the longest when
+    /// the organization is at its limit; false when every listed agent is online.
+    fn make_room(&self, org: &str) -> bool {
+        let mut count = 0usize;
+        let mut oldest_offline: Option<(u64, AgentId)> = None;
+        for r in self.agents.iter().filter(|r| r.org == org) {
+            count += 1;
+            if let Some(since) = r.offline_since_ms {
+                if oldest_offline.as_ref().is_none_or(|(t, _)| since < *t) {
+                    oldest_offline = Some((since, r.info.agent_id.clone()));
+                }
+            }
+        }
+        if count < self.max_per_org {
+            return true;
+        }
+        match oldest_offline {
+            Some((_, id)) => {
+                self.agents.remove(&id);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Registers a session of an agent of `org` authenticated by the agent key `key_id`;
@@ -233,6 +267,11 @@ impl Registry {
         key_id: &str,
         tx: mpsc::Sender<BrokerMessage>,
     ) -> Result<u64, RegisterRefusal> {
+        // Counted before taking the entry: iterating while holding a shard lock would
+        // deadlock. A race can overshoot the limit by the registrations in flight.
+        if !self.agents.contains_key(&info.agent_id) && !self.make_room(org) {
+            return Err(RegisterRefusal::Full(self.max_per_org));
+        }
         let session = self.sessions.fetch_add(1, Ordering::Relaxed);
         let now = now_ms();
         let conn = Connection { session, tx };

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::support::{AGENT_KEY, TestAgent, TestBroker, test_config, wait_online};
+use crate::support::{AGENT_KEY, TestAgent, TestBroker, eventually, test_config, wait_online};
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -135,5 +135,45 @@ async fn the_rest_api_refuses_calls_without_a_valid_key() {
     assert_eq!(resp.unwrap().status(), 401);
     let resp = client.get(format!("{}/healthz", broker.http())).send().await.unwrap();
     assert_eq!(resp.status(), 200);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_organization_at_its_agent_limit_forgets_offline_agents_first_then_refuses() {
+    let mut config = test_config();
+    config.agents.max_agents_per_org = 2;
+    let broker = TestBroker::start_with(config, "127.0.0.1:0".parse().unwrap()).await;
+    let register = |id: &'static str| {
+        let url = broker.ws_url();
+        async move {
+            let mut ws = connect(&url, Some(AGENT_KEY)).await.unwrap();
+            ws.send(Message::text(registration(1, id).to_string())).await.unwrap();
+            let first = next_json(&mut ws).await.unwrap();
+            (ws, first)
+        }
+    };
+    let (mut a, first) = register("agt_limita").await;
+    assert_eq!(first["type"], "registered");
+    let (_b, first) = register("agt_limitb").await;
+    assert_eq!(first["type"], "registered");
+    // Full, and everyone is online: refused, with the reason and the setting to change.
+    let (_c, first) = register("agt_limitc").await;
+    assert_eq!(first["code"], "rate_limited", "{first}");
+    assert!(first["message"].as_str().unwrap().contains("max_agents_per_org"), "{first}");
+    // One goes away: the next one takes its place.
+    a.close(None).await.unwrap();
+    let api = broker.api();
+    eventually(Duration::from_secs(10), "agent a offline", || {
+        let api = api.clone();
+        async move {
+            let (_, v) = api.get("/agents/agt_limita").await;
+            (v["status"] == "offline").then_some(())
+        }
+    })
+    .await;
+    let (_d, first) = register("agt_limitd").await;
+    assert_eq!(first["type"], "registered", "{first}");
+    let (status, _) = api.get("/agents/agt_limita").await;
+    assert_eq!(status, 404, "the agent offline the longest was forgotten");
     broker.stop().await;
 }
