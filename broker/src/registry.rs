@@ -238,10 +238,10 @@ impl Registry {
         let mut oldest_offline: Option<(u64, AgentId)> = None;
         for r in self.agents.iter().filter(|r| r.org == org) {
             count += 1;
-            if let Some(since) = r.offline_since_ms {
-                if oldest_offline.as_ref().is_none_or(|(t, _)| since < *t) {
-                    oldest_offline = Some((since, r.info.agent_id.clone()));
-                }
+            if let Some(since) = r.offline_since_ms
+                && oldest_offline.as_ref().is_none_or(|(t, _)| since < *t)
+            {
+                oldest_offline = Some((since, r.info.agent_id.clone()));
             }
         }
         if count < self.max_per_org {
