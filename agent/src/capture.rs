@@ -266,15 +266,25 @@ fn backtrace_lines(bt: &Backtrace) -> Vec<String> {
             None => symbol.to_owned(),
         });
     }
-    let skip = frames
-        .iter()
-        .position(|f| {
-            !(f.contains("periscope_agent::")
-                || f.contains("tracing_subscriber::")
-                || f.contains("tracing_core::")
-                || f.contains("tracing::")
-                || f.contains("std::backtrace"))
-        })
-        .unwrap_or(0);
+    let skip = frames.iter().position(|f| !is_machinery(f)).unwrap_or(0);
     frames.into_iter().skip(skip).collect()
+}
+
+/// Frames of the capture itself: the agent, tracing's dispatch, std and core glue, and
+/// the closures tracing's macros expand to (located in tracing's own sources).
+fn is_machinery(frame: &str) -> bool {
+    let (symbol, location) = frame.split_once(" at ").unwrap_or((frame, ""));
+    let symbol = symbol.trim_start_matches('<');
+    const CRATES: [&str; 8] = [
+        "periscope_agent::",
+        "tracing_core::",
+        "tracing_subscriber::",
+        "tracing::",
+        "std::",
+        "core::",
+        "alloc::",
+        "__rust",
+    ];
+    CRATES.iter().any(|c| symbol.starts_with(c))
+        || ["/tracing-0.", "/tracing-core-", "/tracing-subscriber-"].iter().any(|c| location.contains(c))
 }

@@ -310,3 +310,28 @@ async fn after_a_broker_restart_the_agent_reconnects_and_the_live_action_keeps_w
     broker.stop().await;
     let _ = std::fs::remove_dir_all(&data_dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_can_carry_the_native_backtrace_when_asked() {
+    let broker = TestBroker::start().await;
+    let api = broker.api();
+    let agent = TestAgent::start(&broker.ws_url(), "bt", &[]);
+    wait_online(&api, &agent.id()).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let work = workload(&agent, Arc::clone(&stop), Arc::new(AtomicU64::new(0)));
+    let line = placed_line(&api).await;
+    let (status, action) =
+        api.post("/actions", json!({"pool": "bt", "file": "core_loop.rs", "line": line, "backtrace": true})).await;
+    assert_eq!(status, 201, "{action}");
+    let id = action["action_id"].as_str().unwrap().to_owned();
+    let (_, page) = api.get(&format!("/actions/{id}/hits?wait_seconds=20")).await;
+    stop.store(true, Ordering::Relaxed);
+    work.join().unwrap();
+    let frames = page["hits"][0]["backtrace"].as_array().unwrap_or_else(|| panic!("{page}"));
+    assert!(!frames.is_empty());
+    // The first frames are the application's, not the agent's or tracing's.
+    assert!(!frames[0].as_str().unwrap().contains("periscope_agent::"), "{frames:?}");
+    assert!(frames.iter().take(8).any(|f| f.as_str().unwrap().contains("core_loop::place")), "{frames:?}");
+    agent.shutdown();
+    broker.stop().await;
+}

@@ -61,6 +61,10 @@ struct PlaceSnapshotArgs {
     /// Accept a line no agent has reported yet (code that has not run since the agent started).
     #[serde(default)]
     allow_pending: bool,
+    /// Also capture the native call stack (function names and source lines) at each hit.
+    /// Costs more on the service's thread: ask only when the span stack is not enough.
+    #[serde(default)]
+    backtrace: bool,
 }
 
 fn default_max_hits() -> u32 {
@@ -425,7 +429,7 @@ impl PeriscopeMcp {
             watch: a.watch,
             max_hits: Some(a.max_hits),
             expire_seconds: Some(a.timeout_seconds),
-            backtrace: false,
+            backtrace: a.backtrace,
             allow_pending: a.allow_pending,
         };
         let engine = &self.state.engine;
