@@ -1,5 +1,6 @@
 //! Serialization and truncation of the wire types: the work every hit costs the agent's
-//! thread (encode, enforce limits) and the broker (decode, enforce limits again).
+//! thread (encode, enforce limits) and the broker (decode, enforce limits again), and the
+//! broker's whole per-hit ingest pipeline (decode, redact, enforce limits).
 //!
 //! Run: `cargo bench -p periscope-benches --bench protocol`
 
@@ -100,6 +101,21 @@ fn bench_protocol(c: &mut Criterion) {
     // The broker re-applies limits to an honest agent's hit: a no-op that must be cheap.
     g.bench_function("enforce_limits_again", |b| {
         b.iter_batched(|| truncated.clone(), |mut h| h.enforce_limits(&limits), criterion::BatchSize::SmallInput)
+    });
+    g.finish();
+
+    // What the broker does with every hit frame before storing it.
+    let redactor = periscope_redaction::Redactor::default_rules();
+    let mut g = c.benchmark_group("broker_ingest");
+    g.throughput(Throughput::Bytes(frame.len() as u64));
+    g.bench_function("decode_redact_enforce", |b| {
+        b.iter(|| {
+            if let Ok(AgentMessage::Hit(mut hit)) = decode_agent_message(black_box(&frame)) {
+                redactor.redact_hit(&mut hit);
+                hit.enforce_limits(&limits);
+                black_box(hit);
+            }
+        })
     });
     g.finish();
 
