@@ -54,6 +54,9 @@ pub struct AgentConfig {
     pub reconnect_max: Duration,
     /// Give up a connection attempt (TCP + WebSocket handshake + registration) after this.
     pub connect_timeout: Duration,
+    /// Extra certificate authorities (PEM) trusted for `wss://` brokers, beside the
+    /// public web roots: for brokers behind a private CA.
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 impl AgentConfig {
@@ -73,7 +76,7 @@ impl AgentConfig {
     /// `PERISCOPE_BROKER_URL`, `PERISCOPE_AGENT_KEY`, `PERISCOPE_POOL`,
     /// `PERISCOPE_TAGS` (comma-separated), `PERISCOPE_SERVICE`,
     /// `PERISCOPE_SERVICE_VERSION`, `PERISCOPE_DISPLAY_NAME`,
-    /// `PERISCOPE_QUEUE_CAPACITY`, `PERISCOPE_RECONNECT_INITIAL_MS`.
+    /// `PERISCOPE_QUEUE_CAPACITY`, `PERISCOPE_RECONNECT_INITIAL_MS`, `PERISCOPE_CA_CERT`.
     pub fn from_env() -> Result<AgentConfig, ConfigError> {
         AgentBuilder::new().env_defaults().build_config()
     }
@@ -123,6 +126,9 @@ impl AgentConfig {
                 reason: format!("{} is outside 1..=65536", self.queue_capacity),
             });
         }
+        if let Some(path) = &self.ca_cert {
+            crate::tls::load_ca(path).map_err(|reason| ConfigError::Invalid { setting: "ca_cert", reason })?;
+        }
         if self.reconnect_initial.is_zero() || self.reconnect_max < self.reconnect_initial {
             return Err(ConfigError::Invalid {
                 setting: "reconnect_initial",
@@ -148,6 +154,7 @@ pub struct AgentBuilder {
     reconnect_initial: Option<Duration>,
     reconnect_max: Option<Duration>,
     connect_timeout: Option<Duration>,
+    ca_cert: Option<std::path::PathBuf>,
     env_error: Option<ConfigError>,
 }
 
@@ -228,6 +235,13 @@ impl AgentBuilder {
         self
     }
 
+    /// A PEM file of certificate authorities to trust for a `wss://` broker, beside the
+    /// public web roots (default none).
+    pub fn ca_cert(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.ca_cert = Some(path.into());
+        self
+    }
+
     /// Fills every setting not yet set from its `PERISCOPE_*` environment variable
     /// (see [`AgentConfig::from_env`]).
     pub fn env_defaults(mut self) -> Self {
@@ -253,6 +267,9 @@ impl AgentBuilder {
         }
         if self.display_name.is_none() {
             self.display_name = var("PERISCOPE_DISPLAY_NAME");
+        }
+        if self.ca_cert.is_none() {
+            self.ca_cert = var("PERISCOPE_CA_CERT").map(Into::into);
         }
         if self.queue_capacity.is_none()
             && let Some(v) = var("PERISCOPE_QUEUE_CAPACITY")
@@ -305,6 +322,7 @@ impl AgentBuilder {
             reconnect_initial: self.reconnect_initial.unwrap_or(AgentConfig::DEFAULT_RECONNECT_INITIAL),
             reconnect_max: self.reconnect_max.unwrap_or(AgentConfig::DEFAULT_RECONNECT_MAX),
             connect_timeout: self.connect_timeout.unwrap_or(AgentConfig::DEFAULT_CONNECT_TIMEOUT),
+            ca_cert: self.ca_cert,
         }
         .validate()
     }

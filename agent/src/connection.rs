@@ -242,16 +242,23 @@ impl Runner {
             .max_write_buffer_size(4 * MAX_FRAME_BYTES)
             .max_message_size(Some(MAX_FRAME_BYTES))
             .max_frame_size(Some(MAX_FRAME_BYTES));
-        let (mut socket, _) = tokio_tungstenite::connect_async_with_config(request, Some(ws_config), true)
-            .await
-            .map_err(|e| match e {
-                tungstenite::Error::Http(resp) if resp.status() == 401 || resp.status() == 403 => {
-                    let body =
-                        resp.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
-                    SessionEnd::Refused(format!("agent key rejected ({}): {body}", resp.status()))
-                }
-                other => SessionEnd::Retry(other.to_string()),
-            })?;
+        let connector = if self.config.broker_url.starts_with("wss://") {
+            let tls = crate::tls::client_config(self.config.ca_cert.as_deref()).map_err(SessionEnd::Refused)?;
+            Some(tokio_tungstenite::Connector::Rustls(tls))
+        } else {
+            None
+        };
+        let (mut socket, _) =
+            tokio_tungstenite::connect_async_tls_with_config(request, Some(ws_config), true, connector).await.map_err(
+                |e| match e {
+                    tungstenite::Error::Http(resp) if resp.status() == 401 || resp.status() == 403 => {
+                        let body =
+                            resp.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+                        SessionEnd::Refused(format!("agent key rejected ({}): {body}", resp.status()))
+                    }
+                    other => SessionEnd::Retry(other.to_string()),
+                },
+            )?;
         let registration = self.registration();
         send(&mut socket, &AgentMessage::Register(Box::new(registration))).await.map_err(SessionEnd::Retry)?;
         loop {

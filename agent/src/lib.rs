@@ -50,6 +50,7 @@
 //! - `capture`: raw captures on the host's thread, protocol hits on the agent's.
 //! - `budget`: lock-free rate and CPU budgets.
 //! - `connection`: the agent thread (WebSocket session, sync, backoff).
+//! - `tls`: rustls for `wss://` brokers (public roots plus an optional private CA).
 
 pub mod config;
 
@@ -59,6 +60,7 @@ mod connection;
 pub mod debug_parse;
 mod layer;
 mod state;
+mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;

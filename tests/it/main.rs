@@ -16,3 +16,4 @@ mod mcp;
 mod quotas;
 mod redaction;
 mod telemetry;
+mod tls;
