@@ -125,11 +125,13 @@ impl PeriscopeMcp {
 
     #[tool(
         description = "Find code locations you can snapshot: the inspectable locations (file, line, function/span or \
-                       event name, the field names available there, and how often each was hit) of online agents. \
-                       Filter by `agent_id` or `pool`/`tags`, `file` (path substring), `name` (function/span/event \
-                       name substring) and free-text `query` (also matches field names). Use it before \
-                       place_snapshot, and prefer a location whose `hits` count is rising. Paginated like \
-                       list_agents. Example: {\"pool\": \"shop\", \"query\": \"checkout\"}.",
+                       event name, the field names available there) of online agents. Every listed location has run \
+                       at least once since its agent started (code registers when it first runs); `hits` counts the \
+                       runs seen while an action observed it (to measure how often a location runs, place_metric \
+                       kind counter on it). Filter by `agent_id` or `pool`/`tags`, `file` (path substring), `name` \
+                       (function/span/event name substring) and free-text `query` (also matches field names). Use it \
+                       before place_snapshot. Paginated like list_agents. Example: {\"pool\": \"shop\", \"query\": \
+                       \"checkout\"}.",
         input_schema = input_schema::<ListSourcesArgs>(),
         annotations(read_only_hint = true, open_world_hint = false)
     )]

@@ -37,7 +37,7 @@ pub(crate) fn source_line(s: &SourceView) -> String {
         periscope_protocol::LocationKind::Event => "event",
     };
     format!(
-        "{}:{} {kind} `{}` fields [{}] hits={} agents={}",
+        "{}:{} {kind} `{}` fields [{}] observed_hits={} agents={}",
         s.file,
         s.line,
         truncate_chars(&s.name, 80),
