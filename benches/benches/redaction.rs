@@ -184,6 +184,12 @@ fn debug_output(n_bytes: usize) -> String {
     out
 }
 
+/// Mostly clean service logs with one line in ten carrying PII or a secret: what a
+/// typical mixed workload looks like.
+fn mixed_line(g: &mut Lcg) -> String {
+    if g.num(0, 9) == 0 { pii_line(g) } else { clean_line(g) }
+}
+
 fn bench(c: &mut Criterion) {
     let redactor = Redactor::default_rules();
     let mut group = c.benchmark_group("redaction");
@@ -191,6 +197,7 @@ fn bench(c: &mut Criterion) {
     for (name, text) in [
         ("clean_log_lines", lines(256 * 1024, clean_line)),
         ("pii_dense_log_lines", lines(256 * 1024, pii_line)),
+        ("mixed_log_lines", lines(256 * 1024, mixed_line)),
         ("debug_output", debug_output(256 * 1024)),
     ] {
         group.throughput(Throughput::Bytes(text.len() as u64));
