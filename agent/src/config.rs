@@ -28,8 +28,9 @@ pub enum ConfigError {
     },
 }
 
-/// Everything an agent needs to know before it starts.
-#[derive(Debug, Clone)]
+/// Everything an agent needs to know before it starts. Its `Debug` output leaves the
+/// agent key out, so logging a configuration never logs a secret.
+#[derive(Clone)]
 pub struct AgentConfig {
     /// Broker WebSocket URL, e.g. `ws://127.0.0.1:7070/agents`. A URL without a path gets
     /// `/agents` appended.
@@ -57,6 +58,25 @@ pub struct AgentConfig {
     /// Extra certificate authorities (PEM) trusted for `wss://` brokers, beside the
     /// public web roots: for brokers behind a private CA.
     pub ca_cert: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("broker_url", &self.broker_url)
+            .field("agent_key", &"<redacted>")
+            .field("pool", &self.pool)
+            .field("tags", &self.tags)
+            .field("service", &self.service)
+            .field("service_version", &self.service_version)
+            .field("display_name", &self.display_name)
+            .field("queue_capacity", &self.queue_capacity)
+            .field("reconnect_initial", &self.reconnect_initial)
+            .field("reconnect_max", &self.reconnect_max)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("ca_cert", &self.ca_cert)
+            .finish()
+    }
 }
 
 impl AgentConfig {
@@ -120,6 +140,17 @@ impl AgentConfig {
         if self.service.is_empty() || self.service.len() > registration_bounds::MAX_NAME_LEN {
             return Err(ConfigError::Invalid { setting: "service", reason: "must be 1 to 128 bytes".into() });
         }
+        for (setting, value) in [
+            ("display_name", self.display_name.as_deref().unwrap_or_default()),
+            ("service_version", self.service_version.as_str()),
+        ] {
+            if value.len() > registration_bounds::MAX_NAME_LEN || value.chars().any(char::is_control) {
+                return Err(ConfigError::Invalid {
+                    setting,
+                    reason: format!("must be at most {} bytes of printable text", registration_bounds::MAX_NAME_LEN),
+                });
+            }
+        }
         if self.queue_capacity == 0 || self.queue_capacity > 1 << 16 {
             return Err(ConfigError::Invalid {
                 setting: "queue_capacity",
@@ -141,7 +172,7 @@ impl AgentConfig {
 
 /// Builds an [`Agent`](crate::Agent): set what you know in code, let the environment
 /// fill the rest with [`AgentBuilder::env_defaults`].
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct AgentBuilder {
     broker_url: Option<String>,
     agent_key: Option<String>,
@@ -156,6 +187,18 @@ pub struct AgentBuilder {
     connect_timeout: Option<Duration>,
     ca_cert: Option<std::path::PathBuf>,
     env_error: Option<ConfigError>,
+}
+
+impl std::fmt::Debug for AgentBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentBuilder")
+            .field("broker_url", &self.broker_url)
+            .field("agent_key", &self.agent_key.as_ref().map(|_| "<redacted>"))
+            .field("pool", &self.pool)
+            .field("tags", &self.tags)
+            .field("service", &self.service)
+            .finish_non_exhaustive()
+    }
 }
 
 impl AgentBuilder {
@@ -350,6 +393,20 @@ mod tests {
         let c = AgentBuilder::new().broker_url("ws://127.0.0.1:7070").agent_key("k").build_config().unwrap();
         assert_eq!(c.broker_url, "ws://127.0.0.1:7070/agents");
         assert_eq!(c.pool, "default");
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_agent_key() {
+        let b = AgentBuilder::new().broker_url("ws://x").agent_key("pak_secret_value");
+        assert!(!format!("{b:?}").contains("pak_secret_value"));
+        let c = b.build_config().unwrap();
+        assert!(!format!("{c:?}").contains("pak_secret_value"));
+    }
+
+    #[test]
+    fn a_long_display_name_is_refused_by_name() {
+        let err = AgentBuilder::new().broker_url("ws://x").agent_key("k").display_name("n".repeat(200)).build_config();
+        assert!(err.unwrap_err().to_string().starts_with("display_name"));
     }
 
     #[test]

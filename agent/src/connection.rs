@@ -118,9 +118,7 @@ impl Runner {
                         }
                     }
                     // Keep draining while disconnected: hold no stale hits, count them.
-                    Some(_) = self.hits_rx.recv() => {
-                        self.shared.counters.dropped_disconnected.fetch_add(1, Ordering::Relaxed);
-                    }
+                    Some(raw) = self.hits_rx.recv() => self.drop_disconnected(&raw),
                 }
             }
         }
@@ -128,12 +126,18 @@ impl Runner {
 
     /// Hits captured while no broker was there are stale by the time one is: drop and count.
     fn drop_queued_while_disconnected(&mut self) {
-        let mut dropped = 0u64;
-        while self.hits_rx.try_recv().is_ok() {
-            dropped += 1;
+        while let Ok(raw) = self.hits_rx.try_recv() {
+            self.drop_disconnected(&raw);
         }
-        if dropped > 0 {
-            self.shared.counters.dropped_disconnected.fetch_add(dropped, Ordering::Relaxed);
+    }
+
+    /// Counts a hit lost to a missing broker and gives its slot back, so a snapshot
+    /// that was waiting for that hit fires again once the broker is back.
+    fn drop_disconnected(&self, raw: &RawHit) {
+        self.shared.counters.dropped_disconnected.fetch_add(1, Ordering::Relaxed);
+        if raw.action.snapshot.is_some() {
+            let _ = raw.action.taken.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| t.checked_sub(1));
+            raw.action.done.store(false, Ordering::Release);
         }
     }
 
@@ -295,11 +299,16 @@ impl Runner {
         Registration {
             protocol_version: PROTOCOL_VERSION,
             agent_id: self.agent_id.clone(),
-            display_name: self
-                .config
-                .display_name
-                .clone()
-                .unwrap_or_else(|| format!("{}@{host}#{pid}", self.config.service)),
+            display_name: self.config.display_name.clone().unwrap_or_else(|| {
+                // A derived name is clipped (in bytes) to what the broker accepts.
+                let mut name = format!("{}@{host}#{pid}", self.config.service);
+                let mut end = name.len().min(periscope_protocol::messages::registration_bounds::MAX_NAME_LEN);
+                while !name.is_char_boundary(end) {
+                    end -= 1;
+                }
+                name.truncate(end);
+                name
+            }),
             pool: self.config.pool.clone(),
             tags: self.config.tags.clone(),
             service: self.config.service.clone(),
@@ -404,6 +413,9 @@ impl Runner {
 
     /// Swaps in a table for the current actions and rebuilds tracing's interest cache.
     async fn install(&mut self) -> Vec<(Arc<Installed>, u32)> {
+        // Cleared before the catalog is read: a callsite that registers from here on
+        // sets it again and gets its own rebuild.
+        self.shared.rebuild_needed.store(false, Ordering::Release);
         let runnable: Vec<Arc<Installed>> =
             self.actions.values().filter(|a| !a.done.load(Ordering::Relaxed) && a.runnable()).cloned().collect();
         let mut matched = self.shared.install(runnable, Arc::clone(&self.budgets), self.limits);
@@ -413,7 +425,6 @@ impl Runner {
                 matched.push((Arc::clone(action), 0));
             }
         }
-        self.shared.rebuild_needed.store(false, Ordering::Release);
         // Interest rebuilds take tracing's global callsite lock and call back into our
         // filter; run it off the runtime so that a host thread registering a callsite
         // at the same moment never waits on our runtime.
@@ -484,9 +495,12 @@ impl Runner {
     /// it to the broker and/or the service's own log.
     async fn send_log(&mut self, raw: &RawHit, socket: &mut Socket) -> Result<(), String> {
         let (Some(log), Some(template)) = (&raw.action.log, &raw.action.exprs.template) else { return Ok(()) };
-        let hit = build_hit(raw, &redaction_limits(&self.limits));
-        let mut steps = periscope_protocol::Budget::default();
+        let mut hit = build_hit(raw, &redaction_limits(&self.limits));
         let redactor = self.shared.redactor();
+        // Redacted before any placeholder reads it, whatever the expression does with a
+        // value; each placeholder is then redacted again by its own name below.
+        redactor.redact_hit(&mut hit);
+        let mut steps = periscope_protocol::Budget::default();
         let mut report = periscope_redaction::Report::new();
         // Each placeholder's value is redacted (by its field name too) before it is text.
         let rendered = match template.render(&hit, &mut steps, |i, expr, value| {
@@ -554,7 +568,7 @@ impl Runner {
                 level: spec.level,
                 text: rendered.text,
                 thread: raw.thread.name.clone().or_else(|| Some(raw.thread.id.clone())),
-                redactions: report.into_findings().into_iter().map(Into::into).collect(),
+                redactions: line_findings(&hit, template, report),
                 rules_version: redactor.version(),
             };
             send(socket, &AgentMessage::LogLines { lines: vec![line] }).await?;
@@ -566,7 +580,11 @@ impl Runner {
         // Strings are kept longer than the limit until redaction has seen them whole, so
         // a secret straddling the cut is still recognized; the limits apply after.
         let mut hit = build_hit(raw, &redaction_limits(&self.limits));
-        // Watches are evaluated here, off the host's thread, over the captured hit.
+        // Redacted before the watches read it: an expression (`user.password + "x"`,
+        // `[user.password]`) must not carry a secret out from under its name.
+        let redactor = self.shared.redactor();
+        redactor.redact_hit(&mut hit);
+        // Watches are evaluated here, off the host's thread, over the redacted hit.
         let watches: Vec<periscope_protocol::WatchResult> = raw
             .action
             .exprs
@@ -589,7 +607,8 @@ impl Runner {
             })
             .collect();
         hit.watches = watches;
-        self.shared.redactor().redact_hit(&mut hit);
+        // Again, for the watch values (a second pass leaves the fields as they are).
+        redactor.redact_hit(&mut hit);
         hit.enforce_limits(&self.limits);
         send(socket, &AgentMessage::Hit(Box::new(hit))).await?;
         self.shared.counters.hits_sent.fetch_add(1, Ordering::Relaxed);
@@ -628,6 +647,31 @@ fn metric_report(action: &Installed, now_ms: u64, force: bool) -> Option<perisco
         return None;
     }
     Some(metric.take(&action.spec.id, now_ms))
+}
+
+/// A log line's findings: the placeholders' own, plus what the first pass redacted in
+/// the fields and spans the template reads (so a value redacted before a placeholder
+/// transformed it is still reported).
+fn line_findings(
+    hit: &periscope_protocol::Hit,
+    template: &periscope_protocol::Template,
+    report: periscope_redaction::Report,
+) -> Vec<periscope_protocol::RedactionFinding> {
+    let roots = template.roots();
+    let mut out: Vec<periscope_protocol::RedactionFinding> =
+        report.into_findings().into_iter().map(Into::into).collect();
+    for f in &hit.redactions {
+        let read = f
+            .path
+            .strip_prefix("fields.")
+            .map(|rest| rest.split(['.', '[']).next().is_some_and(|root| roots.reads_field(root)))
+            .unwrap_or_else(|| f.path.starts_with("spans[") && roots.uses_spans());
+        if read && !out.contains(f) {
+            out.push(f.clone());
+        }
+    }
+    out.truncate(periscope_protocol::hit::MAX_FINDINGS_PER_HIT);
+    out
 }
 
 /// Limits for capture before redaction: strings up to four times longer, so redaction

@@ -63,15 +63,18 @@ impl<S> Filter<S> for ProbeFilter {
             return Interest::never();
         }
         let table = self.shared.table();
-        if table.wants(meta) {
-            return Interest::always();
-        }
-        if new && self.shared.matches_installed(meta) {
-            // Code that had not run yet when its action was placed: ask the agent thread
-            // to rebuild the table with it. Until then, `enabled` is asked per event.
+        // First: code that had not run yet when its action was placed (a pending
+        // action). Checked before `wants`, which says yes to every span while anything is
+        // live and would hide that this callsite still needs to join the table.
+        if new && !table.by_callsite.contains_key(&meta.callsite()) && self.shared.matches_installed(meta) {
+            // Ask the agent thread to rebuild the table with it; until then `enabled` is
+            // asked per event.
             self.shared.rebuild_needed.store(true, Ordering::Release);
             self.shared.wake.notify_one();
             return Interest::sometimes();
+        }
+        if table.wants(meta) {
+            return Interest::always();
         }
         Interest::never()
     }
@@ -435,8 +438,10 @@ impl ProbeLayer {
                 let Some(expr) = &action.exprs.value else { return };
                 let scope = firing.scope(expr.roots());
                 let mut steps = periscope_protocol::Budget::default();
+                // Evaluated first; the lock covers only the update.
+                let result = expr.eval_number(&scope, &mut steps);
                 let mut agg = metric.aggregate.lock().unwrap_or_else(|p| p.into_inner());
-                match expr.eval_number(&scope, &mut steps) {
+                match result {
                     Ok(Some(v)) => agg.record(v),
                     Ok(None) => agg.skipped += 1,
                     Err(e) => {

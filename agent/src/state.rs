@@ -548,6 +548,11 @@ impl Shared {
         if record_spans {
             max_level = max_level.max(LevelFilter::from_level(SPAN_RECORD_LEVEL));
         }
+        // An action whose code has not run yet (or runs below the host's level) needs its
+        // callsite to register when it runs: let every level through while one is pending.
+        if matched.iter().any(|(_, n)| *n == 0) {
+            max_level = LevelFilter::TRACE;
+        }
         let actions = specs.into_iter().map(|a| (a.spec.id.clone(), a)).collect();
         self.set_table(Table { actions, by_callsite, record_spans, max_level, budgets, limits });
         matched

@@ -335,3 +335,56 @@ async fn a_snapshot_can_carry_the_native_backtrace_when_asked() {
     agent.shutdown();
     broker.stop().await;
 }
+
+const PENDING_SPAN_LINE: u32 = line!() + 3;
+
+fn code_that_has_not_run_yet(n: u64) {
+    let span = tracing::info_span!("pending_span", n);
+    let _entered = span.enter();
+    tracing::info!(n, "inside the pending span");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_snapshot_on_a_span_arms_when_its_code_first_runs_while_other_actions_are_live() {
+    let broker = TestBroker::start().await;
+    let api = broker.api();
+    let agent = TestAgent::start(&broker.ws_url(), "pending", &[]);
+    wait_online(&api, &agent.id()).await;
+    // Another live action: spans are being recorded, the case that used to hide the
+    // pending callsite from the table.
+    agent.run(|| checkout(&order(1))).join().unwrap();
+    let line = placed_line(&api).await;
+    let (status, other) =
+        api.post("/actions", json!({"pool": "pending", "file": "core_loop.rs", "line": line, "max_hits": 1})).await;
+    assert_eq!(status, 201, "{other}");
+    let (status, action) = api
+        .post(
+            "/actions",
+            json!({"pool": "pending", "file": "it/core_loop.rs", "line": PENDING_SPAN_LINE, "allow_pending": true}),
+        )
+        .await;
+    assert_eq!(status, 201, "{action}");
+    assert!(action["pending_note"].is_string(), "{action}");
+    let id = action["action_id"].as_str().unwrap().to_owned();
+    crate::support::wait_action(&api, &id, "the agent's pending state", |a| a["agents"][0]["state"] == "pending").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let work = {
+        let stop = Arc::clone(&stop);
+        agent.run(move || {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                code_that_has_not_run_yet(n);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let (_, page) = api.get(&format!("/actions/{id}/hits?wait_seconds=20")).await;
+    stop.store(true, Ordering::Relaxed);
+    work.join().unwrap();
+    let hit = &page["hits"][0];
+    assert_eq!(hit["location"]["line"], PENDING_SPAN_LINE, "{page}");
+    assert!(hit["fields"]["n"]["value"].as_i64().unwrap() >= 1, "the span's own fields: {hit}");
+    agent.shutdown();
+    broker.stop().await;
+}

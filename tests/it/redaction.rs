@@ -85,6 +85,22 @@ async fn captured_secrets_and_pii_never_reach_a_client_and_the_hit_says_what_fir
     assert!(findings.iter().all(|f| f.as_object().unwrap().len() == 2), "path and rule only, never values");
     assert!(hit["rules_version"].is_u64());
 
+    // An expression cannot carry a secret out from under its name: the fields are
+    // redacted before watches read them.
+    let (status, action) = api
+        .post(
+            "/actions",
+            json!({"pool": "red", "file": "it/redaction.rs", "line": line,
+                   "watch": ["password + \"!\"", "[password, customer.card_number]"]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{action}");
+    let id = action["action_id"].as_str().unwrap();
+    let (_, page) = api.get(&format!("/actions/{id}/hits?wait_seconds=20")).await;
+    let watched = &page["hits"][0]["watches"];
+    assert!(!watched.to_string().contains("hunter2") && !watched.to_string().contains("4111"), "{watched}");
+    assert!(watched[0]["value"]["value"].as_str().unwrap().starts_with("[REDACTED:PASSWORD]"), "{watched}");
+
     // Rules changed at run time reach the agent and stamp later hits.
     let resp = api
         .client
