@@ -1,6 +1,6 @@
 //! Errors a caller can act on, shared by the REST API and the MCP tools.
 //!
-//! Each has a stable `code` (part of the public contract, see DESIGN.md), a sentence
+//! Each has a stable `code` (part of the public contract, see `docs/design.md`), a sentence
 //! that says what to do next, and optional structured details (the nearest locations,
 //! when to retry). REST maps them to HTTP statuses; MCP returns them as tool results
 //! with `isError: true`.

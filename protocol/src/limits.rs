@@ -4,7 +4,7 @@
 //! [`Registered`](crate::BrokerMessage::Registered), and re-applies the same limits to
 //! every hit it receives, because an agent cannot be trusted to have done so. The
 //! defaults come from the public behaviour of the products Periscope is measured
-//! against (see `DESIGN.md`); the hard maxima are what no configuration may exceed.
+//! against (see `docs/design.md`); the hard maxima are what no configuration may exceed.
 
 use serde::{Deserialize, Serialize};
 
