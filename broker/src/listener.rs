@@ -39,6 +39,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::ConnectInfo;
 use axum::http::{Request, StatusCode};
 use dashmap::DashMap;
+use futures_util::task::AtomicWaker;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -71,6 +72,18 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 pub struct BodyTimeout {
     /// The deadline, in seconds.
     pub secs: u64,
+}
+
+/// The [`BodyTimeout`] behind a failure to read a request body, if that was the cause.
+pub fn body_timeout<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e BodyTimeout> {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(late) = c.downcast_ref::<BodyTimeout>() {
+            return Some(late);
+        }
+        cause = c.source();
+    }
+    None
 }
 
 /// Serves `app` on `listener` until `stop` is cancelled, then lets open connections
@@ -386,6 +399,9 @@ struct Conn {
     head_from: AtomicU64,
     /// Milliseconds since `opened` of the last byte read or written.
     last_io: AtomicU64,
+    /// The task waiting to read, woken when a request ends: its read deadline, none
+    /// while the request was in progress, now applies.
+    reader: AtomicWaker,
 }
 
 impl Conn {
@@ -397,6 +413,7 @@ impl Conn {
             upgraded: AtomicBool::new(false),
             head_from: AtomicU64::new(1),
             last_io: AtomicU64::new(0),
+            reader: AtomicWaker::new(),
         }
     }
 
@@ -443,6 +460,7 @@ impl Conn {
     fn request_ended(&self) {
         self.last_io.store(self.ms(Instant::now()), Ordering::Relaxed);
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.reader.wake();
     }
 }
 
@@ -517,12 +535,15 @@ impl AsyncRead for Guarded {
                 }
                 Poll::Ready(Ok(()))
             }
-            Poll::Pending => match this.conn.read_deadline(&this.slot.shared) {
-                Some((at, why)) if expired(&mut this.read_timer, at, cx) => {
-                    Poll::Ready(Err(this.slot.shared.cut(why)))
+            Poll::Pending => {
+                this.conn.reader.register(cx.waker());
+                match this.conn.read_deadline(&this.slot.shared) {
+                    Some((at, why)) if expired(&mut this.read_timer, at, cx) => {
+                        Poll::Ready(Err(this.slot.shared.cut(why)))
+                    }
+                    _ => Poll::Pending,
                 }
-                _ => Poll::Pending,
-            },
+            }
             failed => failed,
         }
     }
@@ -623,6 +644,42 @@ impl HttpBody for InFlightBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_is_cut_off_and_its_slots_are_given_back() {
+        let settings = HttpSettings { idle_timeout_secs: 1, max_connections: 16, ..Default::default() };
+        let shared = Arc::new(Shared::new(&settings));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, peer) = listener.accept().await.unwrap();
+        let mut io = shared.admit(server, peer).unwrap();
+        assert_eq!((shared.slots.available_permits(), shared.per_ip.len()), (15, 1));
+        // Upgraded, like an agent's WebSocket: no read deadline, but writes must progress.
+        io.conn.upgraded.store(true, Ordering::Relaxed);
+        let chunk = vec![0u8; 64 * 1024];
+        let written = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                io.write_all(&chunk).await?;
+            }
+            #[allow(unreachable_code)]
+            io::Result::Ok(())
+        })
+        .await
+        .expect("the stalled write fails within 30 s");
+        assert_eq!(written.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        assert_eq!(shared.stats.write_stalls.load(Ordering::Relaxed), 1);
+        drop(io);
+        assert_eq!((shared.slots.available_permits(), shared.per_ip.len()), (16, 0));
+        drop(client);
+    }
+
+    #[test]
+    fn a_late_body_is_recognized_behind_the_errors_that_wrap_it() {
+        let late: axum::BoxError = Box::new(BodyTimeout { secs: 3 });
+        let wrapped = axum::Error::new(axum::Error::new(late));
+        assert_eq!(body_timeout(&wrapped).map(|t| t.secs), Some(3));
+        assert!(body_timeout(&axum::Error::new(io::Error::other("reset"))).is_none());
+    }
 
     #[test]
     fn ipv6_clients_are_counted_per_64_and_mapped_ipv4_as_ipv4() {
