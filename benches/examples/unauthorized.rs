@@ -8,9 +8,10 @@
 //! - `cargo run --release -p periscope-benches --example unauthorized -- refresh <n>`: `n`
 //!   freshness checks of that directory (what a lookup cost before it stopped
 //!   consulting the database for keys it does not know).
-//! - `cargo run --release -p periscope-benches --example unauthorized -- http <secs> <connections>`:
+//! - `cargo run --release -p periscope-benches --example unauthorized -- http <secs> <connections> [busy]`:
 //!   requests with unknown keys on that many keep-alive connections for `secs` seconds;
-//!   prints 401s per second.
+//!   prints 401s per second. With `busy`, another connection commits to the broker's
+//!   database every millisecond, as the store's writer does while hits flow in.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -31,7 +32,8 @@ fn main() -> anyhow::Result<()> {
         "lookup" | "refresh" => lookups(mode, n),
         "http" => {
             let conns: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(4);
-            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(http(n, conns))
+            let busy = args.get(4).is_some_and(|a| a == "busy");
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(http(n, conns, busy))
         }
         other => anyhow::bail!("unknown mode `{other}`: lookup, refresh or http"),
     }
@@ -82,15 +84,33 @@ fn lookups(mode: &str, n: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn http(secs: u64, conns: usize) -> anyhow::Result<()> {
+async fn http(secs: u64, conns: usize, busy: bool) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
+    let dir = periscope_broker::store::ScratchDir::new()?;
     let mut config = BrokerConfig::default();
+    config.data_dir = Some(dir.path().to_owned());
     config.api_keys.push(ApiKeyConfig::new("configured", "bench-key-0123456789"));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let broker = tokio::spawn(periscope_broker::run(listener, config, async move {
         let _ = stopped.await;
     }));
+    let stop_writing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = busy.then(|| {
+        let (path, stop) = (dir.path().to_owned(), Arc::clone(&stop_writing));
+        std::thread::spawn(move || -> anyhow::Result<u64> {
+            // Wait for the broker to create its database.
+            std::thread::sleep(Duration::from_millis(500));
+            let conn = periscope_broker::store::open_connection(&path)?;
+            let mut commits = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('bench', ?1)", [commits.to_string()])?;
+                commits += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(commits)
+        })
+    });
     let url = format!("http://{addr}/api/v1/agents");
     let done = Arc::new(AtomicU64::new(0));
     let until = Instant::now() + Duration::from_secs(secs);
@@ -114,7 +134,15 @@ async fn http(secs: u64, conns: usize) -> anyhow::Result<()> {
         t.await?;
     }
     let n = done.load(Ordering::Relaxed);
-    println!("{n} responses 401 in {secs} s on {conns} connections: {:.0} per second", n as f64 / secs as f64);
+    stop_writing.store(true, Ordering::Relaxed);
+    let commits = match writer {
+        Some(w) => w.join().map_err(|_| anyhow::anyhow!("the writer panicked"))??,
+        None => 0,
+    };
+    println!(
+        "{n} responses 401 in {secs} s on {conns} connections ({commits} commits by another connection): {:.0} per second",
+        n as f64 / secs as f64
+    );
     let _ = stop.send(());
     broker.await??;
     Ok(())
