@@ -16,13 +16,17 @@
 //!
 //! # Freshness
 //!
-//! Every check reads the in-memory [`Directory`], after asking SQLite whether anything
-//! changed: `PRAGMA data_version` on the directory's own connection (a few
-//! microseconds, no I/O) tells whether any other connection committed; only then is the
-//! `auth_epoch` counter read, and only when that moved (every key, group or pool
-//! change bumps it in the same transaction) is the directory reloaded. So a key revoked
-//! by `periscope keys revoke` in another process fails on the broker's very next call,
-//! and the common case costs one pragma.
+//! Every check reads the in-memory [`Directory`]. A key it holds active is checked
+//! again after asking SQLite whether anything changed: `PRAGMA data_version` on the
+//! directory's own connection (a few microseconds, no I/O) tells whether any other
+//! connection committed; only then is the `auth_epoch` counter read, and only when that
+//! moved (every key, group or pool change bumps it in the same transaction) is the
+//! directory reloaded. So a key revoked by `periscope keys revoke` in another process
+//! fails on the broker's very next call, and the common case costs one pragma. A token
+//! the directory does not know, or holds revoked or expired, is refused from memory
+//! alone, without the lock or the database: refusals stay cheap under a flood, and a key
+//! created by another process works once the broker next looks (its housekeeping does
+//! every quarter second).
 //!
 //! # Tenancy
 //!
