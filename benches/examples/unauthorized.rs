@@ -88,8 +88,7 @@ async fn http(secs: u64, conns: usize, busy: bool) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let dir = periscope_broker::store::ScratchDir::new()?;
-    let mut config = BrokerConfig::default();
-    config.data_dir = Some(dir.path().to_owned());
+    let mut config = BrokerConfig { data_dir: Some(dir.path().to_owned()), ..Default::default() };
     config.api_keys.push(ApiKeyConfig::new("configured", "bench-key-0123456789"));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let broker = tokio::spawn(periscope_broker::run(listener, config, async move {

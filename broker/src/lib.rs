@@ -421,13 +421,8 @@ pub async fn run(
     let housekeeping = tokio::spawn(housekeeping(Arc::clone(&state)));
     let app = app(Arc::clone(&state));
     let serve_stop = CancellationToken::new();
-    let server = tokio::spawn(listener::serve(
-        listener,
-        app,
-        state.config.http.clone(),
-        serve_stop.clone(),
-        SHUTDOWN_GRACE,
-    ));
+    let server =
+        tokio::spawn(listener::serve(listener, app, state.config.http.clone(), serve_stop.clone(), SHUTDOWN_GRACE));
     tracing::info!(listen = %bound, "periscope broker listening");
     shutdown.await;
     tracing::info!("periscope broker shutting down");

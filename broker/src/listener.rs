@@ -66,9 +66,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Reading a request body failed: it did not arrive within `http.body_read_timeout_secs`.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error(
-    "the request body did not arrive within {secs} s (http.body_read_timeout_secs); the request is refused"
-)]
+#[error("the request body did not arrive within {secs} s (http.body_read_timeout_secs); the request is refused")]
 pub struct BodyTimeout {
     /// The deadline, in seconds.
     pub secs: u64,
@@ -88,7 +86,13 @@ pub fn body_timeout<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e 
 
 /// Serves `app` on `listener` until `stop` is cancelled, then lets open connections
 /// finish for up to `grace` and closes what is left.
-pub async fn serve(listener: TcpListener, app: Router, settings: HttpSettings, stop: CancellationToken, grace: Duration) {
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    settings: HttpSettings,
+    stop: CancellationToken,
+    grace: Duration,
+) {
     let shared = Arc::new(Shared::new(&settings));
     // Every connection task holds a clone; when all are gone, `recv` answers `None`.
     let (running, mut all_done) = mpsc::channel::<()>(1);
@@ -231,10 +235,7 @@ impl Shared {
     fn new(s: &HttpSettings) -> Shared {
         let over_total = refusal(
             StatusCode::SERVICE_UNAVAILABLE,
-            &format!(
-                "the broker has {} connections open (http.max_connections); retry shortly",
-                s.max_connections
-            ),
+            &format!("the broker has {} connections open (http.max_connections); retry shortly", s.max_connections),
         );
         let over_per_ip = refusal(
             StatusCode::TOO_MANY_REQUESTS,
@@ -308,7 +309,9 @@ impl Shared {
 
     fn cut(&self, why: Cut) -> io::Error {
         let (counter, message) = match why {
-            Cut::Header => (&self.stats.header_timeouts, "request head not received in time (http.header_read_timeout_secs)"),
+            Cut::Header => {
+                (&self.stats.header_timeouts, "request head not received in time (http.header_read_timeout_secs)")
+            }
             Cut::Idle => (&self.stats.idle_timeouts, "connection idle (http.idle_timeout_secs)"),
             Cut::WriteStall => (&self.stats.write_stalls, "the peer stopped reading (http.idle_timeout_secs)"),
         };

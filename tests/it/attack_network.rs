@@ -338,7 +338,8 @@ impl Mcp {
 
     /// A tool call in a session: the HTTP status and the SSE text.
     async fn call(&self, key: &str, session: &str, id: u64, tool: &str) -> (u16, String) {
-        let call = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": {}}});
+        let call =
+            json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": {}}});
         let resp = self.request(reqwest::Method::POST, key, Some(session)).json(&call).send().await.unwrap();
         (resp.status().as_u16(), resp.text().await.unwrap_or_default())
     }

@@ -106,8 +106,11 @@ impl SessionOwners {
     }
 
     fn bind(&self, id: SessionId, principal: &Principal) {
-        let owner =
-            Owner { key_id: principal.key_id.clone(), key_name: principal.name.clone(), org: principal.org().to_owned() };
+        let owner = Owner {
+            key_id: principal.key_id.clone(),
+            key_name: principal.name.clone(),
+            org: principal.org().to_owned(),
+        };
         self.owners.insert(id, owner);
     }
 
