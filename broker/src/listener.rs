@@ -36,7 +36,6 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::ConnectInfo;
 use axum::http::{Request, StatusCode};
 use dashmap::DashMap;
 use futures_util::task::AtomicWaker;
@@ -104,7 +103,7 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let Some(io) = shared.admit(stream, peer) else { continue };
-                    let service = service(app.clone(), Arc::clone(&io.conn), Arc::clone(&shared), peer);
+                    let service = service(app.clone(), Arc::clone(&io.conn), Arc::clone(&shared));
                     tokio::spawn(serve_connection(io, service, stop.clone(), abort.clone(), running.clone()));
                 }
                 Err(e) if is_peer_error(&e) => {}
@@ -164,13 +163,11 @@ async fn serve_connection<S>(
 }
 
 /// The application as hyper calls it on one connection: marks requests in progress
-/// (idle deadlines pause), bounds the body's arrival, notes upgrades, and tells handlers
-/// who is connected ([`ConnectInfo`]).
+/// (idle deadlines pause), bounds the body's arrival, and notes upgrades.
 fn service(
     app: Router,
     conn: Arc<Conn>,
     shared: Arc<Shared>,
-    peer: SocketAddr,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = axum::response::Response,
@@ -183,8 +180,7 @@ fn service(
         let in_flight = InFlight(Arc::clone(&conn));
         let deadline = Instant::now() + shared.body;
         let shared = Arc::clone(&shared);
-        let mut req = req.map(|inner| Body::new(TimedBody { inner, deadline, timer: None, shared }));
-        req.extensions_mut().insert(ConnectInfo(peer));
+        let req = req.map(|inner| Body::new(TimedBody { inner, deadline, timer: None, shared }));
         let response = hyper::service::Service::call(&app, req);
         async move {
             let response = response.await?;

@@ -89,7 +89,7 @@ const HEALTHZ: &str = "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: c
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_connections_trickling_header_bytes_are_closed_while_a_legitimate_client_is_served() {
     let mut config = test_config();
-    config.http.header_read_timeout_secs = 1;
+    config.http.header_read_timeout_secs = 2;
     config.http.max_connections_per_ip = 64;
     let broker = TestBroker::start_with(config, "127.0.0.1:0".parse().unwrap()).await;
     let mut attackers = tokio::task::JoinSet::new();

@@ -26,7 +26,7 @@ use std::time::Duration;
 use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use dashmap::DashMap;
 use futures_util::Stream;
 use rmcp::model::{ClientJsonRpcMessage, ServerJsonRpcMessage};
@@ -84,27 +84,14 @@ fn fingerprint(id: &str) -> String {
     digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
 }
 
-/// What rmcp answers for a session it does not know, byte for byte.
+/// What rmcp answers for a session it does not know, byte for byte (no content type).
 fn unknown_session() -> Response {
-    (StatusCode::NOT_FOUND, "Not Found: Session not found").into_response()
+    let mut response = Response::new(axum::body::Body::from("Not Found: Session not found"));
+    *response.status_mut() = StatusCode::NOT_FOUND;
+    response
 }
 
 impl SessionOwners {
-    /// Sessions open.
-    pub fn len(&self) -> usize {
-        self.owners.len()
-    }
-
-    /// Whether no session is open.
-    pub fn is_empty(&self) -> bool {
-        self.owners.is_empty()
-    }
-
-    /// Sessions open for one key.
-    pub fn sessions_of(&self, key_id: &str) -> usize {
-        self.owners.iter().filter(|o| o.key_id == key_id).count()
-    }
-
     fn bind(&self, id: SessionId, principal: &Principal) {
         let owner = Owner {
             key_id: principal.key_id.clone(),
@@ -123,12 +110,11 @@ impl SessionOwners {
         self.attempts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Notes an attempt by `by` on `owner`'s session `id`; the first of a run is audited
-    /// at once, the rest by [`Self::flush`].
-    fn attempted(&self, engine: &Engine, by: &Principal, id: &str, owner: Owner, method: &Method) {
+    /// Notes an attempt by `by` on `owner`'s session `id` at `now`; returns the entries
+    /// to write: the first attempt of a run at once, the rest by [`Self::due`].
+    fn attempted(&self, by: &Principal, id: &str, owner: Owner, method: &Method, now: Instant) -> Vec<AuditEntry> {
         let session = fingerprint(id);
         let key = (by.key_id.clone(), session.clone());
-        let now = Instant::now();
         let mut attempts = self.lock();
         if let Some(a) = attempts.get_mut(&key) {
             a.pending += 1;
@@ -136,11 +122,11 @@ impl SessionOwners {
             if a.methods.len() < 8 {
                 a.methods.insert(method.as_str().to_owned());
             }
-            return;
+            return Vec::new();
         }
         if attempts.len() >= MAX_TRACKED_ATTEMPTS {
             tracing::warn!(key = %by.key_id, "a key presented another key's MCP session id (too many to audit each pair)");
-            return;
+            return Vec::new();
         }
         let attacker = Owner { key_id: by.key_id.clone(), key_name: by.name.clone(), org: by.org().to_owned() };
         let mut a = Attempts {
@@ -152,37 +138,46 @@ impl SessionOwners {
             total: 1,
             methods: BTreeSet::from([method.as_str().to_owned()]),
         };
-        audit(engine, &mut a);
+        let entries = entries(&mut a, now);
         attempts.insert(key, a);
+        entries
     }
 
-    /// Writes the attempts summed over the last window, and forgets runs that ended.
-    /// Called by the broker's housekeeping.
-    pub fn flush(&self, engine: &Engine) {
-        let now = Instant::now();
-        let mut attempts = self.lock();
-        attempts.retain(|_, a| {
-            if now.duration_since(a.written) < AUDIT_WINDOW {
+    /// The entries for attempts summed over a window that has ended by `now`; runs that
+    /// ended are forgotten.
+    fn due(&self, now: Instant) -> Vec<AuditEntry> {
+        let mut out = Vec::new();
+        self.lock().retain(|_, a| {
+            if now.saturating_duration_since(a.written) < AUDIT_WINDOW {
                 return true;
             }
             if a.pending == 0 {
                 return false;
             }
-            audit(engine, a);
+            out.extend(entries(a, now));
             true
         });
+        out
+    }
+
+    /// Writes the attempts summed over the last window. Called by the broker's
+    /// housekeeping.
+    pub fn flush(&self, engine: &Engine) {
+        for entry in self.due(Instant::now()) {
+            engine.audit(entry);
+        }
     }
 }
 
-/// Writes the pending attempts of `a` to the audit trail of both organizations (once
-/// when they are the same), each seeing only its own key's name.
-fn audit(engine: &Engine, a: &mut Attempts) {
+/// The entries for the pending attempts of `a`, in both organizations (one entry when
+/// they are the same), each naming only its own key; `a` then starts a new window.
+fn entries(a: &mut Attempts, now: Instant) -> Vec<AuditEntry> {
     let methods: Vec<&str> = a.methods.iter().map(String::as_str).collect();
     let data = serde_json::json!({ "attempts": a.pending, "attempts_total": a.total, "methods": methods });
     let target = serde_json::json!({ "session": a.session, "owner_key_id": a.owner.key_id });
     let attacker = Actor::Key { id: a.attacker.key_id.clone(), name: a.attacker.key_name.clone() };
-    if a.attacker.org == a.owner.org {
-        engine.audit(
+    let out = if a.attacker.org == a.owner.org {
+        vec![
             AuditEntry::new(a.attacker.org.clone(), attacker, AuditKind::McpSessionRefused)
                 .target(target)
                 .detail(format!(
@@ -194,9 +189,9 @@ fn audit(engine: &Engine, a: &mut Attempts) {
                     methods.join(", ")
                 ))
                 .data(data),
-        );
+        ]
     } else {
-        engine.audit(
+        vec![
             AuditEntry::new(a.attacker.org.clone(), attacker, AuditKind::McpSessionRefused)
                 .target(serde_json::json!({ "session": a.session }))
                 .detail(format!(
@@ -207,8 +202,6 @@ fn audit(engine: &Engine, a: &mut Attempts) {
                     methods.join(", ")
                 ))
                 .data(data.clone()),
-        );
-        engine.audit(
             AuditEntry::new(a.owner.org.clone(), Actor::System, AuditKind::McpSessionRefused)
                 .target(target)
                 .detail(format!(
@@ -219,10 +212,11 @@ fn audit(engine: &Engine, a: &mut Attempts) {
                     methods.join(", ")
                 ))
                 .data(data),
-        );
-    }
+        ]
+    };
     a.pending = 0;
-    a.written = Instant::now();
+    a.written = now;
+    out
 }
 
 /// Middleware on `/mcp`, inside the authentication: lets a request that names a session
@@ -246,7 +240,9 @@ pub async fn bind_sessions(State(state): State<AppState>, req: Request, next: Ne
     match owner {
         Some(owner) if owner.key_id == principal.key_id => next.run(req).await,
         Some(owner) => {
-            owners.attempted(&state.engine, &principal, &id, owner, req.method());
+            for entry in owners.attempted(&principal, &id, owner, req.method(), Instant::now()) {
+                state.engine.audit(entry);
+            }
             unknown_session()
         }
         None => unknown_session(),
@@ -341,6 +337,64 @@ impl SessionManager for OwnedSessions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn principal(key_id: &str, name: &str, org: &str) -> Principal {
+        Principal {
+            key_id: key_id.into(),
+            name: name.into(),
+            role: crate::auth::Role::Developer,
+            scopes: crate::auth::Scope::DEFAULT.to_vec(),
+            reach: crate::auth::Reach::org(org),
+            quotas: crate::quota::CallerQuotas::default(),
+            tenancy: Arc::default(),
+        }
+    }
+
+    fn owner(p: &Principal) -> Owner {
+        Owner { key_id: p.key_id.clone(), key_name: p.name.clone(), org: p.org().to_owned() }
+    }
+
+    #[test]
+    fn repeated_attempts_are_one_entry_then_one_a_minute_with_their_count() {
+        let sessions = SessionOwners::default();
+        let alice = principal("key_alice", "alice", "default");
+        let bob = principal("key_bob", "bob", "default");
+        let id = "5b0e7c3a-8d2f-4c61-a9e4-0f3b2d1c7e68";
+        let t0 = Instant::now();
+        let first = sessions.attempted(&bob, id, owner(&alice), &Method::GET, t0);
+        assert_eq!(first.len(), 1, "one organization: one entry");
+        assert_eq!(first[0].data["attempts"], 1);
+        assert!(first[0].detail.contains("bob") && first[0].detail.contains("alice"), "{}", first[0].detail);
+        assert!(!serde_json::to_string(&first[0]).unwrap().contains(id), "never the session id");
+        for method in [Method::POST, Method::DELETE] {
+            assert!(sessions.attempted(&bob, id, owner(&alice), &method, t0 + Duration::from_secs(1)).is_empty());
+        }
+        assert!(sessions.due(t0 + Duration::from_secs(30)).is_empty(), "within the window");
+        let later = sessions.due(t0 + AUDIT_WINDOW + Duration::from_secs(1));
+        assert_eq!(later.len(), 1);
+        assert_eq!(later[0].data["attempts"], 2);
+        assert_eq!(later[0].data["attempts_total"], 3);
+        assert_eq!(later[0].data["methods"], serde_json::json!(["DELETE", "GET", "POST"]));
+        // A quiet window ends the run; the next attempt starts a new one, audited at once.
+        assert!(sessions.due(t0 + 2 * AUDIT_WINDOW + Duration::from_secs(2)).is_empty());
+        assert!(sessions.lock().is_empty());
+        let again = sessions.attempted(&bob, id, owner(&alice), &Method::GET, t0 + 3 * AUDIT_WINDOW);
+        assert_eq!(again.len(), 1);
+    }
+
+    #[test]
+    fn each_organization_learns_of_an_attempt_without_the_other_ones_key_name() {
+        let sessions = SessionOwners::default();
+        let alice = principal("key_alice", "alice", "default");
+        let mallory = principal("key_mallory", "mallory", "globex");
+        let entries = sessions.attempted(&mallory, "0c5d-not-a-real-id", owner(&alice), &Method::GET, Instant::now());
+        let (theirs, ours) = (&entries[0], &entries[1]);
+        assert_eq!((theirs.org.as_str(), ours.org.as_str()), ("globex", "default"));
+        assert_eq!(ours.actor, Actor::System);
+        assert!(!serde_json::to_string(ours).unwrap().contains("mallory"));
+        assert!(!serde_json::to_string(theirs).unwrap().contains("alice"));
+        assert_eq!(ours.target["owner_key_id"], "key_alice");
+    }
 
     #[test]
     fn a_fingerprint_names_a_session_without_revealing_its_id() {
