@@ -98,6 +98,7 @@ pub async fn serve(
     let abort = CancellationToken::new();
     let mut report = tokio::time::interval(REPORT_EVERY);
     report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_accept_warning = None;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -108,7 +109,11 @@ pub async fn serve(
                 }
                 Err(e) if is_peer_error(&e) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot accept connections (out of file descriptors?); retrying");
+                    // Once per report period at most: this repeats while it lasts.
+                    if last_accept_warning.is_none_or(|t: Instant| t.elapsed() >= REPORT_EVERY) {
+                        tracing::warn!(error = %e, "cannot accept connections (out of file descriptors?); retrying");
+                        last_accept_warning = Some(Instant::now());
+                    }
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
             },
