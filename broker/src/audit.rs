@@ -111,11 +111,14 @@ pub enum AuditKind {
     AgentImpersonation,
     /// An agent was disconnected for sending more than its budget.
     AgentFlooding,
+    /// A key presented the id of an MCP session another key created, and was answered
+    /// as if the session did not exist (repeats aggregated).
+    McpSessionRefused,
 }
 
 impl AuditKind {
     /// Every kind, for error messages.
-    pub const ALL: [AuditKind; 13] = [
+    pub const ALL: [AuditKind; 14] = [
         AuditKind::ActionPlaced,
         AuditKind::ActionRemoved,
         AuditKind::ActionCompleted,
@@ -129,6 +132,7 @@ impl AuditKind {
         AuditKind::AgentRefused,
         AuditKind::AgentImpersonation,
         AuditKind::AgentFlooding,
+        AuditKind::McpSessionRefused,
     ];
 
     /// The stable name.
@@ -147,6 +151,7 @@ impl AuditKind {
             AuditKind::AgentRefused => "agent_refused",
             AuditKind::AgentImpersonation => "agent_impersonation",
             AuditKind::AgentFlooding => "agent_flooding",
+            AuditKind::McpSessionRefused => "mcp_session_refused",
         }
     }
 

@@ -312,7 +312,10 @@ pub async fn require_api_key(State(state): State<AppState>, req: Request, next: 
         let (parts, body) = req.into_parts();
         let bytes = match axum::body::to_bytes(body, state.config.mcp.max_body_bytes).await {
             Ok(b) => b,
-            Err(_) => {
+            Err(e) => {
+                if let Some(late) = crate::listener::body_timeout(&e) {
+                    return ApiError::invalid(late.to_string()).into_response_with(StatusCode::REQUEST_TIMEOUT);
+                }
                 return ApiError::invalid(format!(
                     "the request body exceeds {} bytes (mcp.max_body_bytes) or could not be read",
                     state.config.mcp.max_body_bytes

@@ -250,7 +250,7 @@ pub fn check_config(path: &Path) -> anyhow::Result<String> {
             format!("{} ({}, org {})", k.name, k.role_or_default().as_str(), k.org.as_deref().unwrap_or(DEFAULT_ORG))
         })
         .collect();
-    Ok(format!(
+    let mut summary = format!(
         "{}: ok\n  listen {}\n  data_dir {}\n  {} API key(s){}\n  {} agent key(s)\n  callers: {} calls/min (burst {}), {} \
          concurrent waits, {} live actions\n  ingest per agent: {} hits/s, {} bytes/s (burst x{})\n  retention: hits {} \
          days, audit {} days\n",
@@ -269,7 +269,17 @@ pub fn check_config(path: &Path) -> anyhow::Result<String> {
         c.ingest.burst_factor,
         c.store.hit_retention_days,
         c.store.audit_retention_days,
-    ))
+    );
+    let h = &c.http;
+    summary.push_str(&format!(
+        "  connections: {} ({} per address); request head within {} s, body within {} s; idle closed after {} s\n",
+        h.max_connections,
+        h.max_connections_per_ip,
+        h.header_read_timeout_secs,
+        h.body_read_timeout_secs,
+        h.idle_timeout_secs
+    ));
+    Ok(summary)
 }
 
 /// Environment variables `periscope serve` reads (flags win over them; they win over

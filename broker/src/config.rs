@@ -229,6 +229,73 @@ impl Default for McpSettings {
     }
 }
 
+/// `[http]`: what one connection may hold of the listener, for every client (REST, MCP
+/// and the agents' WebSockets alike). Slow or silent peers are closed on a deadline,
+/// and no address can take more than its share of the connections.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    /// A request's head (request line and headers) must arrive whole within this many
+    /// seconds of its first byte (for a new connection, of its opening). Trickling a
+    /// header byte at a time does not extend it.
+    pub header_read_timeout_secs: u64,
+    /// A request's body must arrive whole within this many seconds of its head; the
+    /// request then fails with a clear error.
+    pub body_read_timeout_secs: u64,
+    /// A connection with no request in progress and no byte moving for this long is
+    /// closed, and so is one whose writes make no progress for this long (the client
+    /// stopped reading). Calls that wait (`place_snapshot`, long polls) are requests in
+    /// progress and are not cut off; upgraded WebSockets are governed by the gateway's
+    /// registration timeout and pings instead.
+    pub idle_timeout_secs: u64,
+    /// Connections open at once (agents' WebSockets included); beyond it a new one is
+    /// answered 503 and closed.
+    pub max_connections: u32,
+    /// Connections open at once from one client address (IPv6: one /64); beyond it a
+    /// new one is answered 429 and closed. Behind a reverse proxy or NAT every client
+    /// shares one address: raise it up to `max_connections`.
+    pub max_connections_per_ip: u32,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            header_read_timeout_secs: 10,
+            body_read_timeout_secs: 30,
+            idle_timeout_secs: 60,
+            max_connections: 4_096,
+            max_connections_per_ip: 512,
+        }
+    }
+}
+
+impl HttpSettings {
+    /// Checks every key against its floor and ceiling.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, v, min, max) in [
+            ("http.header_read_timeout_secs", self.header_read_timeout_secs, 1, 300),
+            ("http.body_read_timeout_secs", self.body_read_timeout_secs, 1, 3_600),
+            ("http.idle_timeout_secs", self.idle_timeout_secs, 1, 3_600),
+            ("http.max_connections", u64::from(self.max_connections), 16, 1_000_000),
+            ("http.max_connections_per_ip", u64::from(self.max_connections_per_ip), 1, 1_000_000),
+        ] {
+            if v < min || v > max {
+                return Err(ConfigError::Invalid { key: key.into(), message: format!("{v} is outside {min}..={max}") });
+            }
+        }
+        if self.max_connections_per_ip > self.max_connections {
+            return Err(ConfigError::Invalid {
+                key: "http.max_connections_per_ip".into(),
+                message: format!(
+                    "{} is above http.max_connections ({})",
+                    self.max_connections_per_ip, self.max_connections
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Shortest idle timeout accepted for MCP sessions: the longest wait plus a minute.
 pub const MIN_MCP_SESSION_IDLE_SECS: u64 = periscope_protocol::limits::action_bounds::MAX_WAIT_SECS + 60;
 
@@ -259,6 +326,8 @@ pub struct BrokerConfig {
     pub store: StoreSettings,
     /// The MCP endpoint.
     pub mcp: McpSettings,
+    /// Connection caps and timeouts of the listener.
+    pub http: HttpSettings,
     /// Directory holding the database; without it nothing survives a restart.
     pub data_dir: Option<std::path::PathBuf>,
     /// Redaction rules (built-ins on by default); changeable at run time through the API.
@@ -279,6 +348,7 @@ impl Default for BrokerConfig {
             agents: AgentSettings::default(),
             store: StoreSettings::default(),
             mcp: McpSettings::default(),
+            http: HttpSettings::default(),
             data_dir: None,
             redaction: periscope_redaction::RedactionConfig::default(),
         }
@@ -450,6 +520,7 @@ impl BrokerConfig {
                 });
             }
         }
+        self.http.validate()?;
         let m = &self.mcp;
         if !(4_096..=16 * 1024 * 1024).contains(&m.max_body_bytes) {
             return Err(ConfigError::Invalid {
@@ -551,7 +622,7 @@ fn check_tenancy_names(
 }
 
 fn check_secret(key: &str, secret: &str) -> Result<(), ConfigError> {
-    if secret.len() < 16 || secret.len() > 256 || !secret.bytes().all(|b| b.is_ascii_graphic()) {
+    if !crate::keys::plausible_secret(secret) {
         return Err(ConfigError::Invalid {
             key: key.into(),
             message: "must be 16 to 256 printable ASCII characters without spaces".into(),
@@ -609,6 +680,22 @@ mod tests {
         assert!(hosts.contains(&"localhost".to_owned()));
         c.mcp.allowed_hosts = vec!["*".into()];
         assert!(c.mcp_allowed_hosts().is_empty());
+    }
+
+    #[test]
+    fn http_timeouts_and_caps_have_floors_and_ceilings() {
+        for (toml, key) in [
+            ("[http]\nheader_read_timeout_secs = 0\n", "http.header_read_timeout_secs"),
+            ("[http]\nidle_timeout_secs = 100000\n", "http.idle_timeout_secs"),
+            ("[http]\nbody_read_timeout_secs = 0\n", "http.body_read_timeout_secs"),
+            ("[http]\nmax_connections = 2\n", "http.max_connections"),
+            ("[http]\nmax_connections = 100\nmax_connections_per_ip = 200\n", "http.max_connections_per_ip"),
+        ] {
+            let err = BrokerConfig::from_toml(toml, "x").unwrap().validate().unwrap_err().to_string();
+            assert!(err.starts_with(&format!("`{key}`")), "{toml}: {err}");
+        }
+        let c = BrokerConfig::from_toml("[http]\nmax_connections = 64\nmax_connections_per_ip = 64\n", "x").unwrap();
+        c.validate().unwrap();
     }
 
     #[test]

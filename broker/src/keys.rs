@@ -16,13 +16,17 @@
 //!
 //! # Freshness
 //!
-//! Every check reads the in-memory [`Directory`], after asking SQLite whether anything
-//! changed: `PRAGMA data_version` on the directory's own connection (a few
-//! microseconds, no I/O) tells whether any other connection committed; only then is the
-//! `auth_epoch` counter read, and only when that moved (every key, group or pool
-//! change bumps it in the same transaction) is the directory reloaded. So a key revoked
-//! by `periscope keys revoke` in another process fails on the broker's very next call,
-//! and the common case costs one pragma.
+//! Every check reads the in-memory [`Directory`]. A key it holds active is checked
+//! again after asking SQLite whether anything changed: `PRAGMA data_version` on the
+//! directory's own connection (a few microseconds, no I/O) tells whether any other
+//! connection committed; only then is the `auth_epoch` counter read, and only when that
+//! moved (every key, group or pool change bumps it in the same transaction) is the
+//! directory reloaded. So a key revoked by `periscope keys revoke` in another process
+//! fails on the broker's very next call, and the common case costs one pragma. A token
+//! the directory does not know, or holds revoked or expired, is refused from memory
+//! alone, without the lock or the database: refusals stay cheap under a flood, and a key
+//! created by another process works once the broker next looks (its housekeeping does
+//! every quarter second).
 //!
 //! # Tenancy
 //!
@@ -419,6 +423,13 @@ pub fn new_secret(prefix: &str) -> Result<String, KeyError> {
     Ok(out)
 }
 
+/// Whether `s` could be a key at all: 16 to 256 printable ASCII characters without
+/// spaces (what the configuration file accepts; generated keys are 36). Anything else is
+/// refused before it is hashed or looked up.
+pub fn plausible_secret(s: &str) -> bool {
+    (16..=256).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// Whether `s` is a valid organization, group or pool name.
 pub fn valid_name(s: &str, max: usize) -> bool {
     !s.is_empty()
@@ -737,11 +748,28 @@ impl KeyStore {
     }
 
     fn lookup(&self, token: &str, kind: KeyKind) -> Result<(Arc<KeyRecord>, Arc<Tenancy>), AuthFailure> {
+        // A refusal costs no lock and no database (a flood of bad keys must not queue
+        // behind, or slow, the key store): what cannot be a key is refused unhashed, and
+        // the last loaded directory decides for tokens it does not know and for keys it
+        // holds revoked or expired (neither comes back). A key created by another
+        // process works once the broker next looks (housekeeping does every quarter
+        // second). Only a key the directory holds active is checked for freshness, so a
+        // revocation anywhere holds on that key's very next call.
+        if !plausible_secret(token) {
+            return Err(AuthFailure::Unknown);
+        }
+        let digest = hash(token);
+        match self.current().by_hash.get(&digest).filter(|r| r.kind == kind).map(|r| r.status(now_ms())) {
+            None => return Err(AuthFailure::Unknown),
+            Some(KeyStatus::Revoked) => return Err(AuthFailure::Revoked),
+            Some(KeyStatus::Expired) => return Err(AuthFailure::Expired),
+            Some(KeyStatus::Active) => {}
+        }
         let dir = self.refresh().map_err(|e| {
             tracing::error!(error = %e, "cannot read the key store; refusing the call");
             AuthFailure::Unavailable
         })?;
-        let Some(record) = dir.by_hash.get(&hash(token)).filter(|r| r.kind == kind) else {
+        let Some(record) = dir.by_hash.get(&digest).filter(|r| r.kind == kind) else {
             return Err(AuthFailure::Unknown);
         };
         match record.status(now_ms()) {
@@ -1265,9 +1293,50 @@ mod tests {
         let cli = KeyStore::open_cli(dir.path()).unwrap();
         cli.revoke(&issued.key.key_id, &Actor::cli()).unwrap();
         assert_eq!(broker.authenticate_api(&issued.secret).unwrap_err(), AuthFailure::Revoked);
-        // And a key created elsewhere works at once.
+        // A key created elsewhere works once the broker looks again (housekeeping does
+        // every quarter second): an unknown key alone never makes it read the database.
         let other = cli.create(api("carol", Role::Developer), &Actor::cli()).unwrap();
+        assert_eq!(broker.authenticate_api(&other.secret).unwrap_err(), AuthFailure::Unknown);
+        broker.refresh().unwrap();
         assert!(broker.authenticate_api(&other.secret).is_ok());
+    }
+
+    #[test]
+    fn a_refused_key_takes_no_lock_and_reads_no_database() {
+        let (_dir, keys) = store();
+        let revoked = keys.create(api("gone", Role::Developer), &Actor::cli()).unwrap();
+        keys.revoke(&revoked.key.key_id, &Actor::cli()).unwrap();
+        let good = keys.create(api("good", Role::Developer), &Actor::cli()).unwrap();
+        let keys = Arc::new(keys);
+        // Every database access goes through this lock: while a thread holds it, a
+        // lookup that wanted the database would hang.
+        let held = keys.db();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let worker = {
+            let keys = Arc::clone(&keys);
+            let secret = revoked.secret.clone();
+            std::thread::spawn(move || {
+                let outcomes = [
+                    keys.authenticate_api("psk_00000000000000000000000000000000"),
+                    keys.authenticate_api("short"),
+                    keys.authenticate_api(&"x".repeat(10_000)),
+                    keys.authenticate_api("psk_with spaces and\u{1}controls"),
+                    keys.authenticate_api(&secret),
+                ]
+                .map(|r| r.map(|p| p.key_id).unwrap_err());
+                let agent = keys.authenticate_agent("pak_00000000000000000000000000000000").map(|a| a.key_id);
+                let _ = tx.send((outcomes, agent.unwrap_err()));
+            })
+        };
+        let got = rx.recv_timeout(std::time::Duration::from_secs(10));
+        drop(held);
+        worker.join().unwrap();
+        let (outcomes, agent) = got.expect("refusals were decided without waiting for the key store's lock");
+        use AuthFailure::{Revoked, Unknown};
+        assert_eq!(outcomes, [Unknown, Unknown, Unknown, Unknown, Revoked]);
+        assert_eq!(agent, Unknown);
+        // A key the directory holds active is still checked against the database.
+        assert!(keys.authenticate_api(&good.secret).is_ok());
     }
 
     #[test]

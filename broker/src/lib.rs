@@ -7,6 +7,9 @@
 //! # Layout
 //!
 //! - [`config`]: [`BrokerConfig`] from TOML, flags and environment, validated.
+//! - [`listener`]: accepts connections and holds each to the caps and timeouts of
+//!   `[http]`.
+//! - [`logging`]: the log filter (session ids and secrets stay out of info logs).
 //! - [`gateway`]: `GET /agents`, the agent WebSocket sessions and their ingest budgets.
 //! - [`registry`]: connected and recently gone agents, their catalogs.
 //! - [`engine`]: actions, hits, waiting, completion and expiry.
@@ -39,6 +42,8 @@ pub mod engine;
 pub mod error;
 pub mod gateway;
 pub mod keys;
+pub mod listener;
+pub mod logging;
 pub mod mcp;
 pub mod query;
 pub mod quota;
@@ -88,6 +93,8 @@ pub struct BrokerState {
     pub keys: Arc<KeyStore>,
     /// Per-caller rate and wait limits.
     pub callers: CallerLimits,
+    /// Which key owns each MCP session.
+    pub mcp_sessions: Arc<mcp::sessions::SessionOwners>,
     /// The database directory: the data directory, or a scratch directory removed when
     /// the broker stops.
     pub data_dir: std::path::PathBuf,
@@ -128,6 +135,7 @@ pub fn app(state: AppState) -> Router {
     let api = api::router().layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key));
     let mcp = Router::new()
         .route_service("/mcp", mcp::service(Arc::clone(&state), state.cancel.child_token()))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), mcp::sessions::bind_sessions))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key));
     let metrics = Router::new()
         .route(
@@ -406,33 +414,32 @@ pub async fn run(
         cancel: cancel.clone(),
         keys,
         callers: CallerLimits::default(),
+        mcp_sessions: Arc::default(),
         data_dir: dir,
         scratch,
     });
     let housekeeping = tokio::spawn(housekeeping(Arc::clone(&state)));
     let app = app(Arc::clone(&state));
-    let mut serve_stop = stop_rx.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = serve_stop.wait_for(|s| *s).await;
-            })
-            .await
-    });
+    let serve_stop = CancellationToken::new();
+    let server =
+        tokio::spawn(listener::serve(listener, app, state.config.http.clone(), serve_stop.clone(), SHUTDOWN_GRACE));
     tracing::info!(listen = %bound, "periscope broker listening");
     shutdown.await;
     tracing::info!("periscope broker shutting down");
     let _ = stop_tx.send(true);
     cancel.cancel();
     housekeeping.abort();
-    let served = match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
-        Ok(Ok(result)) => result.map_err(anyhow::Error::from),
+    serve_stop.cancel();
+    // The listener closes what is still open after the grace period itself.
+    let served = match tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), server).await {
+        Ok(Ok(())) => Ok(()),
         Ok(Err(join)) => Err(anyhow::anyhow!("server task failed: {join}")),
         Err(_) => {
-            tracing::warn!("connections still open after the grace period; closing them");
+            tracing::warn!("the listener did not stop after the grace period");
             Ok(())
         }
     };
+    state.mcp_sessions.flush(&state.engine);
     state.engine.flush();
     served
 }
@@ -463,6 +470,7 @@ async fn housekeeping(state: AppState) {
     loop {
         tick.tick().await;
         state.engine.expire_due();
+        state.mcp_sessions.flush(&state.engine);
         // Notices key changes made by other processes (`periscope keys revoke`) even
         // with no API traffic, so agent sessions on a revoked agent key end promptly.
         if let Err(e) = state.keys.refresh() {

@@ -243,8 +243,7 @@ struct ServeArgs {
 }
 
 fn init_logging(default: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("PERISCOPE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let filter = periscope_broker::logging::filter(default);
     // Colours only on a terminal: stdio MCP clients capture stderr into log files.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();

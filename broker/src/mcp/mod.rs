@@ -19,6 +19,7 @@
 //! - `admin.rs`: `query_audit` (company admins).
 //! - `prompts.rs`: prompts that start an investigation.
 //! - `reply.rs`: the one place that turns an [`ApiError`] into an error tool result.
+//! - [`sessions`]: every session bound to the key that created it; other keys get 404.
 //! - `render.rs`: the short texts.
 //! - [`proxy`]: `periscope mcp`, an MCP server on stdio forwarding to a remote `/mcp`.
 //!
@@ -40,6 +41,7 @@ mod prompts;
 pub mod proxy;
 mod render;
 mod reply;
+pub mod sessions;
 mod system;
 
 use std::sync::Arc;
@@ -146,12 +148,13 @@ impl ServerHandler for PeriscopeMcp {
 }
 
 /// The tower service mounted at `/mcp`, configured from `[mcp]`: allowed hosts and
-/// origins (DNS-rebinding protection), body limit, idle session timeout. `shutdown`
-/// ends every session and open stream when cancelled.
+/// origins (DNS-rebinding protection), body limit, idle session timeout; sessions are
+/// bound to their keys ([`sessions`]). `shutdown` ends every session and open stream
+/// when cancelled.
 pub fn service(
     state: AppState,
     shutdown: CancellationToken,
-) -> StreamableHttpService<PeriscopeMcp, LocalSessionManager> {
+) -> StreamableHttpService<PeriscopeMcp, sessions::OwnedSessions> {
     let settings = &state.config.mcp;
     let mut session_config = SessionConfig::default();
     session_config.keep_alive = Some(Duration::from_secs(settings.session_idle_timeout_secs));
@@ -168,6 +171,7 @@ pub fn service(
     } else {
         config.with_allowed_origins(settings.allowed_origins.clone()).enforce_origin_validation()
     };
+    let sessions = sessions::OwnedSessions::new(sessions, Arc::clone(&state.mcp_sessions));
     let prototype = PeriscopeMcp::new(state);
     StreamableHttpService::new(move || Ok(prototype.clone()), Arc::new(sessions), config)
 }
@@ -192,6 +196,7 @@ mod tests {
             cancel: CancellationToken::new(),
             keys,
             callers: Default::default(),
+            mcp_sessions: Default::default(),
             data_dir: scratch.path().to_owned(),
             scratch: Some(scratch),
         })
