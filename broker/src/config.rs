@@ -9,7 +9,7 @@ use periscope_protocol::{AgentQuotas, CaptureLimits};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{Role, Scope};
-use crate::quota::{CallerQuotaOverrides, CallerSettings, IngestSettings};
+use crate::quota::{CallerQuotaOverrides, CallerSettings, IngestSettings, OrgQuotas};
 
 /// Why a configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -183,9 +183,15 @@ impl Default for AgentSettings {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSettings {
-    /// Ended actions kept (with their hits) before the oldest are forgotten.
-    pub max_ended_actions: usize,
-    /// How long hits (and ended actions) are kept, in days.
+    /// Ended actions kept (with their hits, lines and figures) per organization. Over
+    /// it, the key of the organization holding the most ended actions gives up its
+    /// oldest: one key's churn never deletes another key's or another organization's
+    /// results. (`max_ended_actions`, its name before it was per organization, is read
+    /// too.)
+    #[serde(alias = "max_ended_actions")]
+    pub max_ended_actions_per_org: usize,
+    /// How long an ended action (with its hits, lines and figures) is kept after it
+    /// ended, in days.
     pub hit_retention_days: u64,
     /// How long audit entries are kept, in days (an audit trail usually outlives the
     /// data it describes).
@@ -194,7 +200,7 @@ pub struct StoreSettings {
 
 impl Default for StoreSettings {
     fn default() -> Self {
-        StoreSettings { max_ended_actions: 1_000, hit_retention_days: 10, audit_retention_days: 90 }
+        StoreSettings { max_ended_actions_per_org: 1_000, hit_retention_days: 10, audit_retention_days: 90 }
     }
 }
 
@@ -229,6 +235,9 @@ impl Default for McpSettings {
     }
 }
 
+/// Fewest ended actions an organization keeps.
+pub const MIN_ENDED_PER_ORG: usize = 10;
+
 /// Shortest idle timeout accepted for MCP sessions: the longest wait plus a minute.
 pub const MIN_MCP_SESSION_IDLE_SECS: u64 = periscope_protocol::limits::action_bounds::MAX_WAIT_SECS + 60;
 
@@ -251,6 +260,8 @@ pub struct BrokerConfig {
     pub quotas: AgentQuotas,
     /// Per-caller (per API key) quotas.
     pub callers: CallerSettings,
+    /// Ceilings per organization, above every key's own quotas.
+    pub org_quotas: OrgQuotas,
     /// What the broker accepts from each agent and for each action.
     pub ingest: IngestSettings,
     /// Agent connection settings.
@@ -275,6 +286,7 @@ impl Default for BrokerConfig {
             limits: CaptureLimits::default(),
             quotas: AgentQuotas::default(),
             callers: CallerSettings::default(),
+            org_quotas: OrgQuotas::default(),
             ingest: IngestSettings::default(),
             agents: AgentSettings::default(),
             store: StoreSettings::default(),
@@ -351,7 +363,17 @@ impl BrokerConfig {
                 return Err(ConfigError::Invalid { key: key.into(), message: format!("{range} is outside 1..=3650") });
             }
         }
+        if !(MIN_ENDED_PER_ORG..=1_000_000).contains(&self.store.max_ended_actions_per_org) {
+            return Err(ConfigError::Invalid {
+                key: "store.max_ended_actions_per_org".into(),
+                message: format!(
+                    "{} is outside {MIN_ENDED_PER_ORG}..=1000000 (results must stay long enough to be read)",
+                    self.store.max_ended_actions_per_org
+                ),
+            });
+        }
         self.callers.validate().map_err(|(key, message)| ConfigError::Invalid { key, message })?;
+        self.org_quotas.validate(&self.callers).map_err(|(key, message)| ConfigError::Invalid { key, message })?;
         self.ingest.validate().map_err(|(key, message)| ConfigError::Invalid { key, message })?;
         // The broker's copies of the agents' budgets must let an honest agent through.
         for (key, broker, agent, agent_key) in [

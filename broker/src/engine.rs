@@ -12,7 +12,7 @@
 //! agents enforce (snapshot hits per agent, log lines and bytes), and writes the audit
 //! trail of every placement, removal, completion, expiry and quota pause.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -25,12 +25,14 @@ use periscope_protocol::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::action_index::LiveIndex;
 use crate::audit::{Actor, AuditEntry, AuditKind, Expressions};
 use crate::auth::{Principal, Reach};
 use crate::error::{ApiError, ErrorCode};
 use crate::keys::{KeyStore, Tenancy};
-use crate::quota::{IngestSettings, Rate};
+use crate::quota::{IngestSettings, OrgQuotas, Rate};
 use crate::registry::{AgentRecord, Registry};
+use crate::retention::Retention;
 use crate::store::{ActionRow, HitRow, LineRow, Loaded, Store, StoreError};
 use crate::telemetry::{LineBook, LinesPage, MetricData, MetricView, StoredLine};
 use crate::time::now_ms;
@@ -48,6 +50,9 @@ pub struct Sender {
     pub name: String,
     /// Its organization.
     pub org: String,
+    /// The pool it registered into (counters are kept per pool, so a pool-restricted
+    /// key sees only its pools' counts).
+    pub pool: String,
 }
 
 /// What became of a hit an agent sent.
@@ -616,11 +621,19 @@ pub struct ActionFilter {
     pub created_by: Option<String>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Book {
     actions: HashMap<ActionId, Action>,
-    /// Ended actions, oldest first, for bounded retention.
-    ended: VecDeque<ActionId>,
+    /// Live actions by expiry, key and organization.
+    live: LiveIndex,
+    /// Which ended actions are kept (per organization, fair per key, by age).
+    retention: Retention,
+}
+
+impl Book {
+    fn new(max_ended_per_org: usize) -> Book {
+        Book { actions: HashMap::new(), live: LiveIndex::default(), retention: Retention::new(max_ended_per_org) }
+    }
 }
 
 /// One metric action's figures, as `/metrics` exports them.
@@ -638,10 +651,10 @@ pub struct MetricExport {
     pub pools: BTreeSet<String>,
 }
 
-/// Counters the broker exports on `/metrics`, per organization.
+/// Counters the broker exports on `/metrics`, per organization and pool.
 #[derive(Debug, Default)]
 pub struct EngineStats {
-    orgs: Mutex<BTreeMap<String, OrgStats>>,
+    orgs: Mutex<BTreeMap<String, BTreeMap<String, OrgStats>>>,
 }
 
 /// One organization's counters.
@@ -665,20 +678,42 @@ pub struct OrgStats {
     pub quota_pauses: BTreeMap<String, u64>,
 }
 
+impl OrgStats {
+    fn absorb(&mut self, other: &OrgStats) {
+        self.hits_accepted += other.hits_accepted;
+        self.hits_refused += other.hits_refused;
+        self.hits_rate_limited += other.hits_rate_limited;
+        self.lines_accepted += other.lines_accepted;
+        self.lines_refused += other.lines_refused;
+        self.lines_rate_limited += other.lines_rate_limited;
+        self.metric_reports += other.metric_reports;
+        for (reason, n) in &other.quota_pauses {
+            *self.quota_pauses.entry(reason.clone()).or_insert(0) += n;
+        }
+    }
+}
+
 impl EngineStats {
-    /// Updates an organization's counters.
-    pub fn add(&self, org: &str, f: impl FnOnce(&mut OrgStats)) {
+    /// Updates the counters of the agent's organization and pool.
+    pub fn add(&self, from: &Sender, f: impl FnOnce(&mut OrgStats)) {
         let mut orgs = self.orgs.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = orgs.get_mut(org) {
-            f(s);
-        } else {
-            f(orgs.entry(org.to_owned()).or_default());
+        match orgs.get_mut(&from.org).and_then(|o| o.get_mut(&from.pool)) {
+            Some(s) => f(s),
+            None => f(orgs.entry(from.org.clone()).or_default().entry(from.pool.clone()).or_default()),
         }
     }
 
-    /// An organization's counters.
-    pub fn org(&self, org: &str) -> OrgStats {
-        self.orgs.lock().unwrap_or_else(|p| p.into_inner()).get(org).cloned().unwrap_or_default()
+    /// The counters of the pools `caller` may see, added up: the whole organization for
+    /// an organization-wide key, its pools' alone for a restricted one.
+    pub fn visible_to(&self, caller: &Principal) -> OrgStats {
+        let orgs = self.orgs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = OrgStats::default();
+        for (pool, stats) in orgs.get(caller.org()).into_iter().flatten() {
+            if caller.sees_pool(caller.org(), pool) {
+                out.absorb(stats);
+            }
+        }
+        out
     }
 }
 
@@ -706,6 +741,7 @@ pub struct Engine {
     shutdown: watch::Receiver<bool>,
     limits: CaptureLimits,
     max_ended: usize,
+    org_quotas: OrgQuotas,
     book: Mutex<Book>,
 }
 
@@ -739,7 +775,8 @@ impl Engine {
             shutdown,
             limits,
             max_ended,
-            book: Mutex::new(Book::default()),
+            org_quotas: OrgQuotas::default(),
+            book: Mutex::new(Book::new(max_ended)),
             stats: EngineStats::default(),
             metric_interval_ms: 5_000,
         }
@@ -755,6 +792,12 @@ impl Engine {
     /// Sets the per-action rates the broker enforces on what agents send.
     pub fn with_ingest(mut self, ingest: IngestSettings) -> Self {
         self.ingest = ingest;
+        self
+    }
+
+    /// Sets the organization ceilings (live actions per organization).
+    pub fn with_org_quotas(mut self, quotas: OrgQuotas) -> Self {
+        self.org_quotas = quotas;
         self
     }
 
@@ -795,14 +838,22 @@ impl Engine {
         let Loaded { actions, hits, lines, metrics, settings: _ } = loaded;
         let corrupt =
             |what: &'static str, detail: String| StoreError::Corrupt { path: store.path().to_owned(), what, detail };
-        let mut book = Book::default();
+        let mut book = Book::new(self.max_ended);
+        let mut forget = Vec::new();
         for row in actions {
             let spec: ActionSpec = serde_json::from_str(&row.spec).map_err(|e| corrupt("action", e.to_string()))?;
             let target: Target = serde_json::from_str(&row.target).map_err(|e| corrupt("target", e.to_string()))?;
             let status =
                 ActionStatus::parse(&row.status).ok_or_else(|| corrupt("action status", row.status.clone()))?;
-            if status != ActionStatus::Active {
-                book.ended.push_back(spec.id.clone());
+            let key = row.created_by_key.clone();
+            match (status, row.ended_at_ms) {
+                (ActionStatus::Active, _) => book.live.insert(&row.org, &key, spec.expires_at_ms, spec.id.clone()),
+                (_, ended) => {
+                    // Rows come oldest first: a bound lowered since they were written
+                    // forgets the oldest ones of whoever holds the most.
+                    let ended = ended.unwrap_or(row.created_at_ms);
+                    forget.extend(book.retention.keep(&row.org, &key, ended, spec.id.clone()));
+                }
             }
             let reach = match row.reach.as_deref() {
                 Some(r) => serde_json::from_str(r).map_err(|e| corrupt("action reach", e.to_string()))?,
@@ -843,6 +894,10 @@ impl Engine {
                 },
             );
         }
+        for id in &forget {
+            book.actions.remove(id);
+            store.delete_action(id.as_str());
+        }
         for row in lines {
             let line: StoredLine = serde_json::from_str(&row.body).map_err(|e| corrupt("log line", e.to_string()))?;
             if let Some(action) = ActionId::parse(&row.action_id).ok().and_then(|id| book.actions.get_mut(&id)) {
@@ -872,7 +927,8 @@ impl Engine {
         }
         tracing::info!(
             actions = book.actions.len(),
-            live = book.actions.values().filter(|a| a.status == ActionStatus::Active).count(),
+            live = book.live.len(),
+            forgotten = forget.len(),
             db = %store.path().display(),
             "restored actions from the store"
         );
@@ -887,25 +943,24 @@ impl Engine {
         }
     }
 
-    /// Deletes stored hits and ended actions older than `cutoff_ms` (retention).
+    /// Forgets ended actions (with their hits, lines and figures) that ended before
+    /// `cutoff_ms`, in memory and in the store (`store.hit_retention_days`).
     pub fn purge_before(&self, cutoff_ms: u64) {
         let mut book = self.book();
-        let old: Vec<ActionId> = book
-            .actions
-            .values()
-            .filter(|a| a.status != ActionStatus::Active && a.ended_at_ms.is_some_and(|t| t < cutoff_ms))
-            .map(|a| a.spec.id.clone())
-            .collect();
+        let old = book.retention.expire_before(cutoff_ms);
         for id in &old {
             book.actions.remove(id);
         }
-        book.ended.retain(|id| !old.contains(id));
-        for action in book.actions.values_mut() {
-            action.hits.retain(|h| h.received_at_ms >= cutoff_ms);
-        }
         drop(book);
         if let Some(store) = &self.store {
+            for id in &old {
+                store.delete_action(id.as_str());
+            }
+            // And whatever the store holds that memory no longer does.
             store.purge_before(cutoff_ms);
+        }
+        if !old.is_empty() {
+            tracing::info!(actions = old.len(), "forgot ended actions past their retention");
         }
     }
 
@@ -1213,14 +1268,14 @@ impl Engine {
     ) -> Result<ActionView, ApiError> {
         let now = now_ms();
         let mut book = self.book();
+        // The key's quota and its organization's ceiling, checked together under the
+        // book's lock: concurrent placements cannot both take the last slot.
+        let retry = |soonest: Option<u64>| soonest.unwrap_or(now).saturating_sub(now).div_ceil(1_000).max(1);
         let limit = caller.quotas.live_actions as usize;
-        let mine =
-            || book.actions.values().filter(|a| a.status == ActionStatus::Active && a.created_by_key == caller.key_id);
-        let live = mine().count();
+        let live = book.live.count_key(&caller.key_id);
         if live >= limit {
             // When the caller's soonest action expires, a slot frees by itself.
-            let retry_after =
-                mine().map(|a| a.spec.expires_at_ms).min().unwrap_or(now).saturating_sub(now).div_ceil(1_000).max(1);
+            let retry_after = retry(book.live.soonest_key(&caller.key_id));
             return Err(ApiError::new(
                 ErrorCode::QuotaExceeded,
                 format!(
@@ -1232,6 +1287,23 @@ impl Engine {
             .with_details(serde_json::json!({
                 "quota": "live_actions",
                 "limit": limit,
+                "retry_after_seconds": retry_after,
+            })));
+        }
+        let org_limit = self.org_quotas.live_actions as usize;
+        let org_live = book.live.count_org(caller.org());
+        if org_live >= org_limit {
+            let retry_after = retry(book.live.soonest_org(caller.org()));
+            return Err(ApiError::new(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "your organization already has {org_live} live actions, its ceiling over all keys \
+                     (org_quotas.live_actions); remove one, or retry in {retry_after} s when the soonest one expires"
+                ),
+            )
+            .with_details(serde_json::json!({
+                "quota": "org_live_actions",
+                "limit": org_limit,
                 "retry_after_seconds": retry_after,
             })));
         }
@@ -1292,6 +1364,7 @@ impl Engine {
             "max_hits": action.max_hits(),
             "pending": action.pending_note.is_some(),
         });
+        book.live.insert(caller.org(), &caller.key_id, spec.expires_at_ms, spec.id.clone());
         book.actions.insert(spec.id.clone(), action);
         drop(book);
         self.audit(entry);
@@ -1458,7 +1531,9 @@ impl Engine {
         let now = now_ms();
         let mut book = self.book();
         let mut specs = Vec::new();
-        for action in book.actions.values_mut() {
+        let live: Vec<ActionId> = book.live.ids_in_org(&org).cloned().collect();
+        for id in live {
+            let Some(action) = book.actions.get_mut(&id) else { continue };
             if action.status != ActionStatus::Active || action.org != org {
                 continue;
             }
@@ -1497,15 +1572,17 @@ impl Engine {
         specs
     }
 
-    /// Marks the agent offline in the actions it runs.
-    pub fn on_agent_disconnected(&self, agent_id: &AgentId) {
+    /// Marks the agent offline in the live actions of its organization it runs.
+    pub fn on_agent_disconnected(&self, from: &Sender) {
         let now = now_ms();
         let mut book = self.book();
-        for action in book.actions.values_mut() {
-            if action.status != ActionStatus::Active {
+        let live: Vec<ActionId> = book.live.ids_in_org(&from.org).cloned().collect();
+        for id in live {
+            let Some(action) = book.actions.get_mut(&id) else { continue };
+            if action.status != ActionStatus::Active || action.org != from.org {
                 continue;
             }
-            if let Some(a) = action.agents.get_mut(agent_id) {
+            if let Some(a) = action.agents.get_mut(&from.id) {
                 a.state = "offline".into();
                 a.detail = Some("the agent disconnected; the action resumes when it reconnects".into());
                 a.updated_at_ms = now;
@@ -1514,12 +1591,14 @@ impl Engine {
         }
     }
 
-    /// Records an action state reported by an agent. A quota pause is counted, and the
-    /// first pause of an episode (per action and reason) goes to the audit trail.
-    pub fn on_status(&self, agent_id: &AgentId, action_id: &ActionId, state: AgentActionState) {
+    /// Records an action state reported by an agent (of the action's organization, and
+    /// one the action runs on; anything else is ignored). A quota pause is counted, and
+    /// the first pause of an episode (per action and reason) goes to the audit trail.
+    pub fn on_status(&self, from: &Sender, action_id: &ActionId, state: AgentActionState) {
         let now = now_ms();
+        let agent_id = &from.id;
         let mut book = self.book();
-        let Some(action) = book.actions.get_mut(action_id) else { return };
+        let Some(action) = book.actions.get_mut(action_id).filter(|a| a.org == from.org) else { return };
         let Some(entry) = action.agents.get_mut(agent_id) else { return };
         let mut paused = None;
         let (label, detail, pause) = match state {
@@ -1532,7 +1611,7 @@ impl Engine {
             AgentActionState::Error { reason } => ("error", Some(truncate(&reason)), None),
             AgentActionState::Paused { reason, message } => {
                 let reason = reason.as_str().to_owned();
-                self.stats.add(&action.org, |s| *s.quota_pauses.entry(reason.clone()).or_insert(0) += 1);
+                self.stats.add(from, |s| *s.quota_pauses.entry(reason.clone()).or_insert(0) += 1);
                 paused = Some((reason.clone(), truncate(&message)));
                 ("paused", Some(truncate(&message)), Some(reason))
             }
@@ -1583,13 +1662,13 @@ impl Engine {
         let now = now_ms();
         let mut book = self.book();
         let Some(action) = book.actions.get_mut(&hit.action_id) else {
-            self.stats.add(&from.org, |s| s.hits_refused += 1);
+            self.stats.add(from, |s| s.hits_refused += 1);
             return Ingested::Refused;
         };
         let targeted = action.org == from.org && action.agents.contains_key(&from.id);
         if !targeted || action.status != ActionStatus::Active || action.hits.len() as u32 >= action.max_hits() {
             action.hits_refused += 1;
-            self.stats.add(&from.org, |s| s.hits_refused += 1);
+            self.stats.add(from, |s| s.hits_refused += 1);
             return Ingested::Refused;
         }
         let ingest = &self.ingest;
@@ -1598,7 +1677,7 @@ impl Engine {
             action.dropped.snapshot_rate += 1;
             action.dropped.last_drop_ms = Some(now);
             action.dropped.paused = true;
-            self.stats.add(&from.org, |s| s.hits_rate_limited += 1);
+            self.stats.add(from, |s| s.hits_rate_limited += 1);
             let data = serde_json::json!({
                 "reason": "rate_limited", "agent_id": from.id, "by": "broker",
                 "message": format!("the broker dropped hits above {}/s for this action from this agent",
@@ -1612,7 +1691,7 @@ impl Engine {
             }
             return Ingested::RateLimited;
         }
-        self.stats.add(&from.org, |s| s.hits_accepted += 1);
+        self.stats.add(from, |s| s.hits_accepted += 1);
         action.dropped.paused = false;
         for f in &hit.redactions {
             *action.rules_fired.entry(f.rule.clone()).or_insert(0) += 1;
@@ -1658,19 +1737,19 @@ impl Engine {
         let mut book = self.book();
         for mut line in lines.into_iter().take(periscope_protocol::telemetry::MAX_LOG_LINES_PER_FRAME) {
             let Some(action) = book.actions.get_mut(&line.action_id) else {
-                self.stats.add(&from.org, |s| s.lines_refused += 1);
+                self.stats.add(from, |s| s.lines_refused += 1);
                 continue;
             };
             let max_lines = match &action.spec.kind {
                 ActionKind::Log(l) => l.max_lines,
                 _ => {
-                    self.stats.add(&from.org, |s| s.lines_refused += 1);
+                    self.stats.add(from, |s| s.lines_refused += 1);
                     continue;
                 }
             };
             if action.status != ActionStatus::Active || action.org != from.org || !action.agents.contains_key(&from.id)
             {
-                self.stats.add(&from.org, |s| s.lines_refused += 1);
+                self.stats.add(from, |s| s.lines_refused += 1);
                 continue;
             }
             let keep = periscope_protocol::value::truncate_chars(
@@ -1689,7 +1768,7 @@ impl Engine {
                 action.dropped.last_drop_ms = Some(now);
                 action.dropped.paused = true;
                 out.rate_limited += 1;
-                self.stats.add(&from.org, |s| s.lines_rate_limited += 1);
+                self.stats.add(from, |s| s.lines_rate_limited += 1);
                 let data = serde_json::json!({
                     "reason": "quota_log", "agent_id": from.id, "by": "broker",
                     "message": format!("the broker dropped lines above {} lines/s or {} B/s for this log",
@@ -1727,7 +1806,7 @@ impl Engine {
                 });
             }
             out.kept += 1;
-            self.stats.add(&from.org, |s| s.lines_accepted += 1);
+            self.stats.add(from, |s| s.lines_accepted += 1);
             if max_lines.is_some_and(|m| action.lines.total >= m) {
                 completed.push(action.spec.id.clone());
             } else {
@@ -1771,7 +1850,7 @@ impl Engine {
             }
             action.bump();
             kept += 1;
-            self.stats.add(&from.org, |s| s.metric_reports += 1);
+            self.stats.add(from, |s| s.metric_reports += 1);
         }
         kept
     }
@@ -1833,23 +1912,29 @@ impl Engine {
         if action.status != ActionStatus::Active {
             return Ok(action.view());
         }
+        // Its own retention bound may forget it at once (one ended action per key of a
+        // crowded organization): answer with what it was.
+        let mut before = action.view();
         let ended = self.end(&mut book, &id, ActionStatus::Removed, "removed by a caller", caller.actor());
-        let view = book.actions.get(&id).map(Action::view);
+        let view = book.actions.get(&id).map_or_else(
+            || {
+                before.status = ActionStatus::Removed;
+                before.ended_at_ms = Some(now_ms());
+                before.end_reason = Some("removed by a caller".into());
+                before
+            },
+            Action::view,
+        );
         drop(book);
         self.after_end(&id, ended, "removed");
-        view.ok_or_else(|| ApiError::not_found(format!("no action `{id}`")))
+        Ok(view)
     }
 
     /// Ends actions past their expiry; run periodically.
     pub fn expire_due(&self) {
         let now = now_ms();
         let mut book = self.book();
-        let due: Vec<ActionId> = book
-            .actions
-            .values()
-            .filter(|a| a.status == ActionStatus::Active && a.spec.expires_at_ms <= now)
-            .map(|a| a.spec.id.clone())
-            .collect();
+        let due = book.live.due(now);
         let mut notify = Vec::new();
         for id in due {
             let ended = self.end(&mut book, &id, ActionStatus::Expired, "reached its expiry", Actor::System);
@@ -1864,9 +1949,12 @@ impl Engine {
     /// Ends an action; returns the agents to tell and the audit entry to write (both
     /// after the book is unlocked).
     fn end(&self, book: &mut Book, id: &ActionId, status: ActionStatus, reason: &str, actor: Actor) -> Ended {
-        let Some(action) = book.actions.get_mut(id) else { return Ended::default() };
+        let Some(action) = book.actions.get_mut(id).filter(|a| a.status == ActionStatus::Active) else {
+            return Ended::default();
+        };
+        let now = now_ms();
         action.status = status;
-        action.ended_at_ms = Some(now_ms());
+        action.ended_at_ms = Some(now);
         action.end_reason = Some(reason.to_owned());
         action.bump();
         self.persist(action);
@@ -1887,13 +1975,12 @@ impl Engine {
             "hits_refused": action.hits_refused,
         });
         let agents = action.agents.keys().cloned().collect();
-        book.ended.push_back(id.clone());
-        while book.ended.len() > self.max_ended {
-            if let Some(old) = book.ended.pop_front() {
-                book.actions.remove(&old);
-                if let Some(store) = &self.store {
-                    store.delete_action(old.as_str());
-                }
+        let (org, key, expires) = (action.org.clone(), action.created_by_key.clone(), action.spec.expires_at_ms);
+        book.live.remove(&org, &key, expires, id);
+        for old in book.retention.keep(&org, &key, now, id.clone()) {
+            book.actions.remove(&old);
+            if let Some(store) = &self.store {
+                store.delete_action(old.as_str());
             }
         }
         Ended { agents, audit: Some(entry) }
@@ -2015,17 +2102,28 @@ impl Engine {
 
     /// Live actions placed by one key (its live-action quota in use).
     pub fn live_count_by_key(&self, key_id: &str) -> usize {
-        self.book().actions.values().filter(|a| a.status == ActionStatus::Active && a.created_by_key == key_id).count()
+        self.book().live.count_key(key_id)
     }
 
-    /// Live actions of an organization.
-    pub fn live_count_in(&self, org: &str) -> usize {
-        self.book().actions.values().filter(|a| a.status == ActionStatus::Active && a.org == org).count()
+    /// Live actions the caller may see: its organization's, within its reach (a
+    /// pool-restricted key counts only what it could list).
+    pub fn live_count_visible(&self, caller: &Principal) -> usize {
+        let book = self.book();
+        book.live
+            .ids_in_org(caller.org())
+            .filter(|id| book.actions.get(*id).is_some_and(|a| a.visible_to(caller)))
+            .count()
     }
 
     /// Number of live actions.
     pub fn live_count(&self) -> usize {
-        self.book().actions.values().filter(|a| a.status == ActionStatus::Active).count()
+        self.book().live.len()
+    }
+
+    /// Ended actions kept for an organization (bounded by
+    /// `store.max_ended_actions_per_org`).
+    pub fn ended_count_in(&self, org: &str) -> usize {
+        self.book().retention.count_in(org)
     }
 
     /// Live actions of the caller's that some agent (or the broker) is pausing now, with

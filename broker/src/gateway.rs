@@ -235,7 +235,7 @@ async fn session(state: AppState, mut socket: WebSocket, credentials: AgentCrede
     });
     let actions = state.engine.on_agent_registered(&agent_id);
     let rules = state.engine.rules.message(&credentials.org);
-    let sender = Sender { id: agent_id.clone(), name: name.clone(), org: credentials.org.clone() };
+    let sender = Sender { id: agent_id.clone(), name: name.clone(), org: credentials.org.clone(), pool: pool.clone() };
     let reason = if send(&mut socket, &registered).await
         && send(&mut socket, &rules).await
         && send(&mut socket, &BrokerMessage::ActionSync { actions }).await
@@ -246,7 +246,7 @@ async fn session(state: AppState, mut socket: WebSocket, credentials: AgentCrede
     };
     tracing::info!(agent = %agent_id, %reason, "agent disconnected");
     state.registry.disconnect(&agent_id, session_no, &reason);
-    state.engine.on_agent_disconnected(&agent_id);
+    state.engine.on_agent_disconnected(&sender);
 }
 
 /// An agent's budgets in the broker, and how it has been told about them.
@@ -490,7 +490,7 @@ fn handle(state: &AppState, from: &Sender, msg: AgentMessage) -> Option<Protocol
             })
         }
         AgentMessage::ActionStatus(update) => {
-            state.engine.on_status(agent_id, &update.action_id, update.state);
+            state.engine.on_status(from, &update.action_id, update.state);
             None
         }
         AgentMessage::Hit(hit) => {

@@ -28,6 +28,7 @@
 //! - [`error`]: the error codes callers see.
 //! - [`demo`]: `periscope demo` and its shop processes.
 
+pub mod action_index;
 pub mod admin;
 pub mod api;
 pub mod audit;
@@ -43,6 +44,7 @@ pub mod mcp;
 pub mod query;
 pub mod quota;
 pub mod registry;
+pub mod retention;
 pub mod rules;
 pub mod store;
 pub mod telemetry;
@@ -163,7 +165,7 @@ async fn prometheus(
     use std::fmt::Write as _;
     use telemetry::{label, num};
     let mut out = String::new();
-    let stats = state.engine.stats.org(caller.org());
+    let stats = state.engine.stats.visible_to(&caller);
     let mut agents: Vec<(String, String, periscope_protocol::Heartbeat, registry::IngestDrops)> = Vec::new();
     let (mut known, mut online) = (0usize, 0usize);
     state.registry.for_each(|a| {
@@ -183,7 +185,7 @@ async fn prometheus(
     let _ = writeln!(out, "periscope_agents_known {known}");
     let _ = writeln!(out, "# HELP periscope_actions_live Actions collecting.");
     let _ = writeln!(out, "# TYPE periscope_actions_live gauge");
-    let _ = writeln!(out, "periscope_actions_live {}", state.engine.live_count_in(caller.org()));
+    let _ = writeln!(out, "periscope_actions_live {}", state.engine.live_count_visible(&caller));
     for (name, help, value) in [
         ("periscope_hits_accepted_total", "Snapshot hits stored.", stats.hits_accepted),
         (
@@ -382,12 +384,13 @@ pub async fn run(
         Arc::clone(&registry),
         Arc::clone(&rules),
         config.limits,
-        config.store.max_ended_actions,
+        config.store.max_ended_actions_per_org,
         stop_rx.clone(),
     )
     .with_metric_interval(config.agents.metric_report_interval_ms)
     .with_keys(Arc::clone(&keys))
     .with_ingest(config.ingest.clone())
+    .with_org_quotas(config.org_quotas)
     .with_store(store, loaded)?;
     if config.mcp_allowed_hosts().iter().all(|h| h != &bound.ip().to_string()) && !bound.ip().is_loopback() {
         tracing::warn!(
@@ -397,6 +400,7 @@ pub async fn run(
         );
     }
     let cancel = CancellationToken::new();
+    let org_quotas = config.org_quotas;
     let state = Arc::new(BrokerState {
         config,
         registry,
@@ -405,7 +409,7 @@ pub async fn run(
         bound,
         cancel: cancel.clone(),
         keys,
-        callers: CallerLimits::default(),
+        callers: CallerLimits::new(org_quotas),
         data_dir: dir,
         scratch,
     });

@@ -450,11 +450,11 @@ impl Registry {
 
     /// Number of agents online.
     pub fn online_count(&self) -> usize {
-        self.agents.iter().filter(|r| r.online()).count()
+        self.count(AgentRecord::online)
     }
 
-    /// Number of agents of an organization online.
-    pub fn online_count_in(&self, org: &str) -> usize {
-        self.agents.iter().filter(|r| r.online() && r.org == org).count()
+    /// Number of agents for which `f` holds.
+    pub fn count(&self, f: impl Fn(&AgentRecord) -> bool) -> usize {
+        self.agents.iter().filter(|r| f(r)).count()
     }
 }

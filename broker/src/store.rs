@@ -108,14 +108,15 @@ pub fn open_reader(dir: &Path) -> Result<Connection, StoreError> {
 
 /// Columns added after the first release, added in place to older databases.
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('actions')")?;
-    let columns: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
-    for (column, ddl) in [
-        ("org", "ALTER TABLE actions ADD COLUMN org TEXT NOT NULL DEFAULT 'default'"),
-        ("created_by_key", "ALTER TABLE actions ADD COLUMN created_by_key TEXT NOT NULL DEFAULT ''"),
-        ("reach", "ALTER TABLE actions ADD COLUMN reach TEXT"),
-        ("pools", "ALTER TABLE actions ADD COLUMN pools TEXT"),
+    for (table, column, ddl) in [
+        ("actions", "org", "ALTER TABLE actions ADD COLUMN org TEXT NOT NULL DEFAULT 'default'"),
+        ("actions", "created_by_key", "ALTER TABLE actions ADD COLUMN created_by_key TEXT NOT NULL DEFAULT ''"),
+        ("actions", "reach", "ALTER TABLE actions ADD COLUMN reach TEXT"),
+        ("actions", "pools", "ALTER TABLE actions ADD COLUMN pools TEXT"),
+        ("keys", "created_by_key", "ALTER TABLE keys ADD COLUMN created_by_key TEXT"),
     ] {
+        let mut stmt = conn.prepare("SELECT name FROM pragma_table_info(?1)")?;
+        let columns: Vec<String> = stmt.query_map([table], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
         if !columns.iter().any(|c| c == column) {
             conn.execute_batch(ddl)?;
         }
@@ -466,7 +467,8 @@ impl Store {
         let _ = self.tx.send(Op::DeleteAction(id.to_owned()));
     }
 
-    /// Deletes hits received before `cutoff_ms`, and ended actions that ended before it.
+    /// Deletes ended actions that ended before `cutoff_ms` with their hits, lines and
+    /// figures, and rows of actions no longer stored.
     pub fn purge_before(&self, cutoff_ms: u64) {
         let _ = self.tx.send(Op::PurgeBefore(cutoff_ms));
     }
@@ -621,14 +623,16 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, flushes: &mut Vec<mpsc::Sender<
             tx.execute("DELETE FROM actions WHERE id = ?1", params![id])?;
         }
         Op::PurgeBefore(cutoff) => {
+            // The engine forgets ended actions by the time they ended and deletes each
+            // one it forgets; this sweeps what it no longer holds (rows of an older
+            // version, rows left by a crash between two writes).
             let cutoff = to_i64(cutoff);
-            tx.execute("DELETE FROM hits WHERE received_at_ms < ?1", params![cutoff])?;
-            tx.execute("DELETE FROM log_lines WHERE received_at_ms < ?1", params![cutoff])?;
-            tx.execute(
-                "DELETE FROM metrics WHERE action_id IN (SELECT id FROM actions WHERE status != 'active' \
-                 AND ended_at_ms IS NOT NULL AND ended_at_ms < ?1)",
-                params![cutoff],
-            )?;
+            let ended =
+                "SELECT id FROM actions WHERE status != 'active' AND ended_at_ms IS NOT NULL AND ended_at_ms < ?1";
+            for table in ["hits", "log_lines", "metrics"] {
+                tx.execute(&format!("DELETE FROM {table} WHERE action_id IN ({ended})"), params![cutoff])?;
+                tx.execute(&format!("DELETE FROM {table} WHERE action_id NOT IN (SELECT id FROM actions)"), [])?;
+            }
             tx.execute(
                 "DELETE FROM actions WHERE status != 'active' AND ended_at_ms IS NOT NULL AND ended_at_ms < ?1",
                 params![cutoff],
