@@ -162,6 +162,19 @@ pub struct AgentSettings {
     /// the one offline the longest is forgotten, and with none offline a new one is
     /// refused. Bounds the memory one agent key can claim.
     pub max_agents_per_org: u64,
+    /// Bytes one agent's catalog may hold (strings counted with their overhead); beyond
+    /// it new locations are ignored and counted, like beyond `max_catalog_entries`.
+    pub max_catalog_bytes: u64,
+    /// Sessions one agent key may hold open at once (counted from the upgrade, so
+    /// sockets that never register count too).
+    pub max_sessions_per_key: u64,
+    /// How long an agent id stays bound to the agent key and pool that registered it
+    /// first, after it was last connected (across restarts). At least a day, the
+    /// longest an action can live, and at least `offline_retention_secs`.
+    pub identity_retention_secs: u64,
+    /// Identity bindings kept per organization; over it, the agent key holding the most
+    /// gives up its binding offline the longest. At least `max_agents_per_org`.
+    pub max_identities_per_org: u64,
 }
 
 impl Default for AgentSettings {
@@ -175,6 +188,10 @@ impl Default for AgentSettings {
             max_catalog_entries: 20_000,
             metric_report_interval_ms: 5_000,
             max_agents_per_org: 10_000,
+            max_catalog_bytes: 4 * 1024 * 1024,
+            max_sessions_per_key: 1_000,
+            identity_retention_secs: 7 * 86_400,
+            max_identities_per_org: 100_000,
         }
     }
 }
@@ -234,6 +251,10 @@ impl Default for McpSettings {
         }
     }
 }
+
+/// Shortest identity retention: an action aimed at an agent id lives at most this long,
+/// so no live action can outlast the binding of an id it names.
+pub const MIN_IDENTITY_RETENTION_SECS: u64 = periscope_protocol::limits::action_bounds::MAX_EXPIRE_SECS;
 
 /// Fewest ended actions an organization keeps.
 pub const MIN_ENDED_PER_ORG: usize = 10;
@@ -347,6 +368,16 @@ impl BrokerConfig {
             ("agents.offline_retention_secs", a.offline_retention_secs, 0, 30 * 86_400),
             ("agents.metric_report_interval_ms", a.metric_report_interval_ms, 1_000, 3_600_000),
             ("agents.max_agents_per_org", a.max_agents_per_org, 1, 1_000_000),
+            ("agents.max_catalog_entries", a.max_catalog_entries as u64, 100, 1_000_000),
+            ("agents.max_catalog_bytes", a.max_catalog_bytes, 64 * 1024, 256 * 1024 * 1024),
+            ("agents.max_sessions_per_key", a.max_sessions_per_key, 1, 1_000_000),
+            (
+                "agents.identity_retention_secs",
+                a.identity_retention_secs,
+                MIN_IDENTITY_RETENTION_SECS.max(a.offline_retention_secs),
+                365 * 86_400,
+            ),
+            ("agents.max_identities_per_org", a.max_identities_per_org, a.max_agents_per_org, 10_000_000),
         ] {
             if v < min || v > max {
                 return Err(ConfigError::Invalid { key: key.into(), message: format!("{v} is outside {min}..={max}") });

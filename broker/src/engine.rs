@@ -27,6 +27,7 @@ use tokio::sync::watch;
 
 use crate::action_index::LiveIndex;
 use crate::audit::{Actor, AuditEntry, AuditKind, Expressions};
+use crate::audit_repeats::Repeats;
 use crate::auth::{Principal, Reach};
 use crate::error::{ApiError, ErrorCode};
 use crate::keys::{KeyStore, Tenancy};
@@ -742,6 +743,7 @@ pub struct Engine {
     limits: CaptureLimits,
     max_ended: usize,
     org_quotas: OrgQuotas,
+    repeats: Repeats,
     book: Mutex<Book>,
 }
 
@@ -776,6 +778,7 @@ impl Engine {
             limits,
             max_ended,
             org_quotas: OrgQuotas::default(),
+            repeats: Repeats::default(),
             book: Mutex::new(Book::new(max_ended)),
             stats: EngineStats::default(),
             metric_interval_ms: 5_000,
@@ -827,6 +830,22 @@ impl Engine {
         }
     }
 
+    /// Appends an entry an outsider can cause at will (a refused registration, a flood)
+    /// through [`Repeats`]: the first of its kind for `key_id` and `reason` at once, the
+    /// repeats of the next minute as one summary.
+    pub fn audit_repeated(&self, entry: AuditEntry, key_id: &str, reason: &'static str) {
+        for e in self.repeats.note(entry, key_id, reason) {
+            self.audit(e);
+        }
+    }
+
+    /// Writes the summaries of repeat windows that ended (housekeeping).
+    pub fn flush_repeats(&self) {
+        for e in self.repeats.flush(now_ms()) {
+            self.audit(e);
+        }
+    }
+
     /// Sets how often agents report metric aggregates.
     pub fn with_metric_interval(mut self, ms: u64) -> Self {
         self.metric_interval_ms = ms.clamp(1_000, 3_600_000);
@@ -835,7 +854,7 @@ impl Engine {
 
     /// Makes the engine durable: loads what `store` holds and writes every change to it.
     pub fn with_store(mut self, store: Store, loaded: Loaded) -> Result<Self, StoreError> {
-        let Loaded { actions, hits, lines, metrics, settings: _ } = loaded;
+        let Loaded { actions, hits, lines, metrics, settings: _, identities: _ } = loaded;
         let corrupt =
             |what: &'static str, detail: String| StoreError::Corrupt { path: store.path().to_owned(), what, detail };
         let mut book = Book::new(self.max_ended);
@@ -1655,9 +1674,12 @@ impl Engine {
     /// the action's per-agent rate, stores it, and completes the action when it has its
     /// hits.
     pub fn ingest_hit(&self, from: &Sender, mut hit: Hit) -> Ingested {
-        // Never trust an agent: redaction and the same limits again (a no-op for honest
-        // agents). Keys are known here too, so a `password` field is caught by name.
-        self.rules.redactor(&from.org).redact_hit(&mut hit);
+        // Never trust an agent: its findings must name rules the broker knows, and
+        // redaction and the same limits again (a no-op for honest agents). Keys are
+        // known here too, so a `password` field is caught by name.
+        let redactor = self.rules.redactor(&from.org);
+        self.count_unknown_rules(from, keep_known_findings(&redactor, &mut hit.redactions));
+        redactor.redact_hit(&mut hit);
         hit.enforce_limits(&self.limits);
         let now = now_ms();
         let mut book = self.book();
@@ -1726,6 +1748,15 @@ impl Engine {
         Ingested::Accepted
     }
 
+    /// Counts findings dropped for naming unknown rules as the agent's
+    /// `unknown_redaction_rule` drops (never under the book's lock).
+    fn count_unknown_rules(&self, from: &Sender, unknown: usize) {
+        if unknown > 0 {
+            self.registry.count_drop(&from.id, crate::registry::DropReason::UnknownRule, unknown as u64);
+            tracing::debug!(agent = %from.id, unknown, "dropped findings naming unknown redaction rules");
+        }
+    }
+
     /// Accepts dynamic log lines from an agent; returns how many were kept. Lines for
     /// actions that are not this agent's live logs are refused.
     pub fn ingest_lines(&self, from: &Sender, lines: Vec<LogLine>) -> LinesIngested {
@@ -1733,6 +1764,7 @@ impl Engine {
         let mut out = LinesIngested::default();
         let mut completed = Vec::new();
         let mut audits = Vec::new();
+        let mut unknown_rules = 0;
         let redactor = self.rules.redactor(&from.org);
         let mut book = self.book();
         for mut line in lines.into_iter().take(periscope_protocol::telemetry::MAX_LOG_LINES_PER_FRAME) {
@@ -1752,15 +1784,11 @@ impl Engine {
                 self.stats.add(from, |s| s.lines_refused += 1);
                 continue;
             }
-            let keep = periscope_protocol::value::truncate_chars(
-                &line.text,
-                periscope_protocol::telemetry::MAX_LOG_LINE_BYTES,
-            )
-            .len();
-            line.text.truncate(keep);
-            // The action's own budgets, whatever the agents' budgets let through.
+            // Every field bounded; every byte of it charged (thread name and findings
+            // included), whatever the agents' budgets let through.
+            line.sanitize();
             let within = action.log_rates.as_ref().is_none_or(|(lines, bytes)| {
-                let size = u32::try_from(line.text.len().max(1)).unwrap_or(u32::MAX);
+                let size = u32::try_from(line.cost()).unwrap_or(u32::MAX);
                 lines.take(1).is_ok() && bytes.take(size).is_ok()
             });
             if !within {
@@ -1778,7 +1806,9 @@ impl Engine {
                 continue;
             }
             action.dropped.paused = false;
-            // The agent redacted each placeholder by name; the broker redacts the text again.
+            // The agent redacted each placeholder by name (its findings must name rules
+            // the broker knows); the broker redacts the text again.
+            unknown_rules += keep_known_findings(&redactor, &mut line.redactions);
             let mut report = periscope_redaction::Report::new();
             if let std::borrow::Cow::Owned(clean) = redactor.redact_text(&line.text, "text", &mut report) {
                 line.text = clean;
@@ -1821,6 +1851,7 @@ impl Engine {
             }
         }
         drop(book);
+        self.count_unknown_rules(from, unknown_rules);
         for entry in audits {
             self.audit(entry);
         }
@@ -2157,6 +2188,21 @@ fn page(action: &Action, since: u64, limit: usize) -> HitsPage {
     let end = start.saturating_add(limit.max(1)).min(action.hits.len());
     let hits = action.hits[start..end].to_vec();
     HitsPage { next_cursor: end as u64, has_more: end < action.hits.len(), hits }
+}
+
+/// Keeps the findings an agent reported under rule ids its organization's rules have
+/// (anything else would be shown in `redaction_rules_fired` and the audit trail);
+/// returns how many it dropped.
+fn keep_known_findings(
+    redactor: &periscope_redaction::Redactor,
+    findings: &mut Vec<periscope_protocol::RedactionFinding>,
+) -> usize {
+    if findings.is_empty() {
+        return 0;
+    }
+    let before = findings.len();
+    findings.retain(|f| redactor.has_rule(&f.rule));
+    before - findings.len()
 }
 
 fn parse_action_id(raw: &str) -> Result<ActionId, ApiError> {

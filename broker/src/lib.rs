@@ -30,8 +30,10 @@
 
 pub mod action_index;
 pub mod admin;
+pub mod agent_limits;
 pub mod api;
 pub mod audit;
+pub mod audit_repeats;
 pub mod auth;
 pub mod cli;
 pub mod config;
@@ -39,6 +41,7 @@ pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod gateway;
+pub mod identity;
 pub mod keys;
 pub mod mcp;
 pub mod query;
@@ -90,6 +93,8 @@ pub struct BrokerState {
     pub keys: Arc<KeyStore>,
     /// Per-caller rate and wait limits.
     pub callers: CallerLimits,
+    /// Per-agent-key and per-organization ingest budgets, cool-downs, session slots.
+    pub agent_limits: agent_limits::AgentLimits,
     /// The database directory: the data directory, or a scratch directory removed when
     /// the broker stops.
     pub data_dir: std::path::PathBuf,
@@ -238,6 +243,10 @@ async fn prometheus(
             ("bytes_rate", d.bytes_rate),
             ("action_rate", d.action_rate),
             ("log_rate", d.log_rate),
+            ("key_rate", d.key_rate),
+            ("org_rate", d.org_rate),
+            ("unknown_redaction_rule", d.unknown_rules),
+            ("catalog", d.catalog),
         ] {
             let _ = writeln!(
                 out,
@@ -340,8 +349,16 @@ pub async fn run(
     config.validate()?;
     let bound = listener.local_addr()?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let registry =
-        Arc::new(Registry::new(config.agents.max_catalog_entries).with_max_per_org(config.agents.max_agents_per_org));
+    let a = &config.agents;
+    let registry = Arc::new(
+        Registry::new(a.max_catalog_entries)
+            .with_max_per_org(a.max_agents_per_org)
+            .with_max_catalog_bytes(a.max_catalog_bytes)
+            .with_identities(identity::Identities::new(
+                a.identity_retention_secs.saturating_mul(1_000),
+                usize::try_from(a.max_identities_per_org).unwrap_or(usize::MAX),
+            )),
+    );
     // Without a data directory the same database lives in a scratch directory that
     // goes away with the broker: one code path, nothing survives.
     let scratch = match &config.data_dir {
@@ -369,7 +386,9 @@ pub async fn run(
             dir.display()
         );
     }
-    let (store, loaded) = store::Store::open(&dir)?;
+    let (store, mut loaded) = store::Store::open(&dir)?;
+    // Agent ids stay bound to their keys across restarts.
+    registry.identities().restore(std::mem::take(&mut loaded.identities), store.handle());
     let rules = rules::Rules::new(config.redaction.clone())?;
     // Rules changed at run time outlive a restart unless the file's are newer.
     for (key, json) in &loaded.settings {
@@ -401,6 +420,10 @@ pub async fn run(
     }
     let cancel = CancellationToken::new();
     let org_quotas = config.org_quotas;
+    let agent_limits = agent_limits::AgentLimits::new(
+        config.ingest.clone(),
+        usize::try_from(config.agents.max_sessions_per_key).unwrap_or(usize::MAX),
+    );
     let state = Arc::new(BrokerState {
         config,
         registry,
@@ -410,6 +433,7 @@ pub async fn run(
         cancel: cancel.clone(),
         keys,
         callers: CallerLimits::new(org_quotas),
+        agent_limits,
         data_dir: dir,
         scratch,
     });
@@ -473,8 +497,12 @@ async fn housekeeping(state: AppState) {
             tracing::warn!(error = %e, "cannot read the key store");
         }
         n += 1;
+        if n.is_multiple_of(4) {
+            state.engine.flush_repeats();
+        }
         if n.is_multiple_of(240) {
             state.registry.expire_offline(state.config.agents.offline_retention_secs * 1_000);
+            state.registry.identities().expire();
         }
         if n % 14_400 == 1 {
             let retention_ms = state.config.store.hit_retention_days * 86_400_000;
@@ -482,9 +510,10 @@ async fn housekeeping(state: AppState) {
             let audit_ms = state.config.store.audit_retention_days * 86_400_000;
             state.engine.purge_audit_before(time::now_ms().saturating_sub(audit_ms));
             let directory = state.keys.current();
-            state
-                .callers
-                .retain(|id| directory.key(id).is_some_and(|k| k.status(time::now_ms()) == keys::KeyStatus::Active));
+            let active =
+                |id: &str| directory.key(id).is_some_and(|k| k.status(time::now_ms()) == keys::KeyStatus::Active);
+            state.callers.retain(active);
+            state.agent_limits.retain(active);
         }
     }
 }

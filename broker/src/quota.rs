@@ -367,8 +367,20 @@ pub struct IngestSettings {
     /// Warnings an agent gets (at most one per second) while its frames are dropped,
     /// before it is disconnected.
     pub flood_warnings: u32,
-    /// How long an agent disconnected for flooding is refused when it comes back.
+    /// How long an agent disconnected for flooding (and its agent key, under any agent
+    /// id) is refused when it comes back.
     pub flood_cooldown_secs: u64,
+    /// Snapshot hits per second accepted from all agents of one agent key together.
+    pub key_hits_per_sec: f64,
+    /// Bytes per second accepted from all agents of one agent key together.
+    pub key_bytes_per_sec: u64,
+    /// Snapshot hits per second accepted from all agents of one organization together.
+    pub org_hits_per_sec: f64,
+    /// Bytes per second accepted from all agents of one organization together.
+    pub org_bytes_per_sec: u64,
+    /// Agent keys of one organization cooling down at once that make the whole
+    /// organization's new registrations wait the cool-down too.
+    pub org_flood_keys: u32,
 }
 
 impl Default for IngestSettings {
@@ -382,6 +394,11 @@ impl Default for IngestSettings {
             action_log_bytes_per_sec: 40 * 1024,
             flood_warnings: 3,
             flood_cooldown_secs: 30,
+            key_hits_per_sec: 1_000.0,
+            key_bytes_per_sec: 32 * 1024 * 1024,
+            org_hits_per_sec: 5_000.0,
+            org_bytes_per_sec: 128 * 1024 * 1024,
+            org_flood_keys: 3,
         }
     }
 }
@@ -400,6 +417,11 @@ impl IngestSettings {
             ("ingest.action_log_bytes_per_sec", self.action_log_bytes_per_sec as f64, 64.0, 1024.0 * 1024.0 * 1024.0),
             ("ingest.flood_warnings", f64::from(self.flood_warnings), 1.0, 1_000.0),
             ("ingest.flood_cooldown_secs", self.flood_cooldown_secs as f64, 1.0, 86_400.0),
+            ("ingest.key_hits_per_sec", self.key_hits_per_sec, 0.01, 1_000_000.0),
+            ("ingest.key_bytes_per_sec", self.key_bytes_per_sec as f64, 1_024.0, 64.0 * 1024.0 * 1024.0 * 1024.0),
+            ("ingest.org_hits_per_sec", self.org_hits_per_sec, 0.01, 10_000_000.0),
+            ("ingest.org_bytes_per_sec", self.org_bytes_per_sec as f64, 1_024.0, 1024.0 * 1024.0 * 1024.0 * 1024.0),
+            ("ingest.org_flood_keys", f64::from(self.org_flood_keys), 1.0, 100_000.0),
         ] {
             if !(v.is_finite() && v >= min && v <= max) {
                 return Err((
@@ -416,6 +438,28 @@ impl IngestSettings {
                     self.agent_bytes_per_sec, self.burst_factor
                 ),
             ));
+        }
+        // Wider budgets sit above narrower ones: an agent's budget fits in its key's, a
+        // key's in its organization's.
+        for (key, wide, narrow, narrow_key) in [
+            ("ingest.key_hits_per_sec", self.key_hits_per_sec, self.agent_hits_per_sec, "ingest.agent_hits_per_sec"),
+            (
+                "ingest.key_bytes_per_sec",
+                self.key_bytes_per_sec as f64,
+                self.agent_bytes_per_sec as f64,
+                "ingest.agent_bytes_per_sec",
+            ),
+            ("ingest.org_hits_per_sec", self.org_hits_per_sec, self.key_hits_per_sec, "ingest.key_hits_per_sec"),
+            (
+                "ingest.org_bytes_per_sec",
+                self.org_bytes_per_sec as f64,
+                self.key_bytes_per_sec as f64,
+                "ingest.key_bytes_per_sec",
+            ),
+        ] {
+            if wide < narrow {
+                return Err((key.into(), format!("{wide} is below {narrow_key} ({narrow}); it must sit above it")));
+            }
         }
         if (self.action_log_bytes_per_sec as f64) * self.burst_factor < line {
             return Err((

@@ -373,6 +373,20 @@ pub fn truncate_chars(s: &str, max: usize) -> &str {
     }
 }
 
+/// Clips `s` to `max` characters and replaces control characters (newlines included)
+/// with U+FFFD, for text a peer sends that is shown back on one line (a file name in a
+/// list, a thread name). Returns whether it changed anything; allocates only then.
+pub fn clip_printable(s: &mut String, max: usize) -> bool {
+    let keep = truncate_chars(s, max).len();
+    let clipped = keep < s.len();
+    s.truncate(keep);
+    if s.chars().any(char::is_control) {
+        *s = s.chars().map(|c| if c.is_control() { char::REPLACEMENT_CHARACTER } else { c }).collect();
+        return true;
+    }
+    clipped
+}
+
 /// Keeps values, in order, while they fit in `budget` bytes of JSON; a value that does
 /// not fit is entered and its children kept while they fit, and whatever still does not
 /// fit is replaced by a [`CutReason::Size`] marker carrying its encoded size.

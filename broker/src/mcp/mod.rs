@@ -192,6 +192,7 @@ mod tests {
             cancel: CancellationToken::new(),
             keys,
             callers: Default::default(),
+            agent_limits: crate::agent_limits::AgentLimits::new(Default::default(), 10),
             data_dir: scratch.path().to_owned(),
             scratch: Some(scratch),
         })
