@@ -349,9 +349,11 @@ async fn session(state: AppState, mut socket: WebSocket, credentials: AgentCrede
         "the socket failed during registration".to_owned()
     };
     tracing::info!(agent = %agent_id, %reason, "agent disconnected");
+    // The key's session slot and the id's claim are released before the agent shows
+    // offline: whoever sees it offline may take its place.
+    drop((budget, claim));
     state.registry.disconnect(&agent_id, session_no, &reason);
     state.engine.on_agent_disconnected(&sender);
-    drop(claim);
 }
 
 /// The session loop; returns why it ended.

@@ -8,6 +8,8 @@
 mod support;
 
 mod access;
+mod attack_agents;
+mod attack_tenancy;
 mod conditions;
 mod core_loop;
 mod gateway_errors;
