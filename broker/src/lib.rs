@@ -478,7 +478,8 @@ fn print_bootstrap_key(issued: &keys::IssuedKey, persistent: bool) {
         "  id {}, role company_admin, organization default. Use it to create the keys people and",
         issued.key.key_id
     );
-    eprintln!("  assistants use (POST /api/v1/keys or `periscope keys create`), then revoke it.");
+    eprintln!("  assistants use, then revoke it. Keys it creates through the API are revoked with it; create");
+    eprintln!("  lasting admin keys with `periscope keys create`, which belong to no other key.");
     if !persistent {
         eprintln!("  (No --data-dir: this broker keeps nothing, so the next start issues another one.)");
     }
