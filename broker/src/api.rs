@@ -120,6 +120,9 @@ pub fn health_body(state: &AppState, p: &Principal, charge: Option<&CallCharge>)
                 "cpu_burst_micros": agent_quotas.cpu_burst_micros,
             },
             "broker_ingest": ingest,
+            // The ceilings over all of the organization's keys (limits only: what other
+            // keys use is not this key's to see).
+            "organization": state.callers.org_quotas(),
         },
         "paused_actions": state.engine.paused_for(p),
         "limits": {

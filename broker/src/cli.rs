@@ -252,8 +252,9 @@ pub fn check_config(path: &Path) -> anyhow::Result<String> {
         .collect();
     Ok(format!(
         "{}: ok\n  listen {}\n  data_dir {}\n  {} API key(s){}\n  {} agent key(s)\n  callers: {} calls/min (burst {}), {} \
-         concurrent waits, {} live actions\n  ingest per agent: {} hits/s, {} bytes/s (burst x{})\n  retention: hits {} \
-         days, audit {} days\n",
+         concurrent waits, {} live actions\n  organization ceilings: {} calls/min, {} concurrent waits, {} live \
+         actions, {} MCP sessions\n  ingest per agent: {} hits/s, {} bytes/s (burst x{})\n  retention: ended actions \
+         {} days (at most {} per organization), audit {} days\n",
         path.display(),
         c.listen,
         c.data_dir.as_ref().map_or("(none: nothing survives a restart)".to_owned(), |d| d.display().to_string()),
@@ -264,10 +265,15 @@ pub fn check_config(path: &Path) -> anyhow::Result<String> {
         c.callers.call_burst,
         c.callers.concurrent_waits,
         c.callers.live_actions,
+        c.org_quotas.calls_per_minute,
+        c.org_quotas.concurrent_waits,
+        c.org_quotas.live_actions,
+        c.org_quotas.mcp_sessions,
         c.ingest.agent_hits_per_sec,
         c.ingest.agent_bytes_per_sec,
         c.ingest.burst_factor,
         c.store.hit_retention_days,
+        c.store.max_ended_actions_per_org,
         c.store.audit_retention_days,
     ))
 }

@@ -2192,8 +2192,9 @@ fn page(action: &Action, since: u64, limit: usize) -> HitsPage {
 
 /// Keeps the findings an agent reported under rule ids its organization's rules have
 /// (anything else would be shown in `redaction_rules_fired` and the audit trail);
-/// returns how many it dropped.
-fn keep_known_findings(
+/// returns how many it dropped. Public for the ingest instruction count
+/// (`benches/examples/ingest_cost.rs`).
+pub fn keep_known_findings(
     redactor: &periscope_redaction::Redactor,
     findings: &mut Vec<periscope_protocol::RedactionFinding>,
 ) -> usize {
