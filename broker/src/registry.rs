@@ -291,24 +291,34 @@ impl Registry {
         self
     }
 
-    /// Makes room for a new agent of `org`: forgets the agent offline the longest when
-    /// the organization is at its limit; false when every listed agent is online.
+    /// Makes room for a new agent of `org`: when the organization is at its limit,
+    /// forgets the agent offline the longest of the agent key listing the most agents
+    /// (so one key registering fresh ids forgets its own, not another key's); false
+    /// when every listed agent is online.
     fn make_room(&self, org: &str) -> bool {
         let mut count = 0usize;
-        let mut oldest_offline: Option<(u64, AgentId)> = None;
+        // Per key: agents listed, and its agent offline the longest.
+        let mut keys: HashMap<String, (usize, Option<(u64, AgentId)>)> = HashMap::new();
         for r in self.agents.iter().filter(|r| r.org == org) {
             count += 1;
+            let k = keys.entry(r.key_id.clone()).or_default();
+            k.0 += 1;
             if let Some(since) = r.offline_since_ms
-                && oldest_offline.as_ref().is_none_or(|(t, _)| since < *t)
+                && k.1.as_ref().is_none_or(|(t, _)| since < *t)
             {
-                oldest_offline = Some((since, r.info.agent_id.clone()));
+                k.1 = Some((since, r.info.agent_id.clone()));
             }
         }
         if count < self.max_per_org {
             return true;
         }
-        match oldest_offline {
-            Some((_, id)) => {
+        let victim = keys
+            .into_iter()
+            .filter_map(|(key, (n, oldest))| oldest.map(|o| (n, key, o)))
+            .max_by(|a, b| a.0.cmp(&b.0).then_with(|| b.2.0.cmp(&a.2.0)))
+            .map(|(_, _, (_, id))| id);
+        match victim {
+            Some(id) => {
                 self.agents.remove(&id);
                 true
             }
