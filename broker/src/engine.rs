@@ -1627,18 +1627,18 @@ impl Engine {
             AgentActionState::Pending => {
                 ("pending", Some("armed; waiting for code at the location to run for the first time".into()), None)
             }
-            AgentActionState::Error { reason } => ("error", Some(truncate(&reason)), None),
+            AgentActionState::Error { reason } => ("error", Some(agent_text(&reason)), None),
             AgentActionState::Paused { reason, message } => {
                 let reason = reason.as_str().to_owned();
                 self.stats.add(from, |s| *s.quota_pauses.entry(reason.clone()).or_insert(0) += 1);
-                paused = Some((reason.clone(), truncate(&message)));
-                ("paused", Some(truncate(&message)), Some(reason))
+                paused = Some((reason.clone(), agent_text(&message)));
+                ("paused", Some(agent_text(&message)), Some(reason))
             }
             AgentActionState::Resumed => ("installed", Some("resumed".into()), None),
             AgentActionState::Completed => ("completed", None, None),
             AgentActionState::EvalError { reason } => {
-                entry.eval_error = Some(truncate(&reason));
-                ("eval_error", Some(truncate(&reason)), None)
+                entry.eval_error = Some(agent_text(&reason));
+                ("eval_error", Some(agent_text(&reason)), None)
             }
         };
         entry.state = label.into();
@@ -2212,6 +2212,13 @@ fn parse_action_id(raw: &str) -> Result<ActionId, ApiError> {
 
 fn truncate(s: &str) -> String {
     periscope_protocol::value::truncate_chars(s, 512).to_owned()
+}
+
+/// Text an agent sent that callers are shown (a status reason): bounded, one line.
+fn agent_text(s: &str) -> String {
+    let mut out = truncate(s);
+    periscope_protocol::value::clip_printable(&mut out, 512);
+    out
 }
 
 /// Parses every expression of the action (condition, watches, template, metric

@@ -389,7 +389,9 @@ async fn run(
                         } else {
                             match decode_agent_message(text.as_str()) {
                                 Ok(AgentMessage::Goodbye { reason }) => {
-                                    return format!("agent said goodbye: {}", periscope_protocol::value::truncate_chars(&reason, 200));
+                                    let mut reason = reason;
+                                    periscope_protocol::value::clip_printable(&mut reason, 200);
+                                    return format!("agent said goodbye: {reason}");
                                 }
                                 Ok(msg) => {
                                     let over = matches!(msg, AgentMessage::Hit(_)).then(|| budget.charge_hit().err()).flatten();

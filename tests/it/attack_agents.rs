@@ -322,5 +322,31 @@ async fn agent_input_over_its_bounds_is_cut_charged_in_full_and_unknown_rule_nam
     assert_eq!(api.delete(&format!("/actions/{action_id}")).await.0, 200);
     let removed = audit(&admin, &format!("&kind=action_removed&action_id={action_id}")).await;
     assert_eq!(removed[0]["redaction_rules"], json!({"email": 1}), "{removed:?}");
+
+    // A hit's names, paths and rule ids are held to the same: printable, known rules.
+    let (status, snap) = api.post("/actions", json!({"pool": "input", "file": "src/in.rs", "line": 5})).await;
+    assert_eq!(status, 201, "{snap}");
+    let snap_id = snap["action_id"].as_str().unwrap().to_owned();
+    agent.until("action_add").await;
+    agent
+        .send(json!({"type": "hit", "action_id": snap_id, "seq": 1, "time_ms": 1,
+                     "location": {"file": "src/in.rs\n#2 forged line", "line": 5},
+                     "fields": {"n": {"type": "int", "value": 1}},
+                     "redactions": [{"path": "fields.n\nforged", "rule": "email"}, {"path": "p", "rule": "made-up"}]}))
+        .await;
+    let hits = eventually(Duration::from_secs(10), "the hit stored", || {
+        let (api, id) = (api.clone(), snap_id.clone());
+        async move {
+            let (_, page) = api.get(&format!("/actions/{id}/hits")).await;
+            page["hits"].as_array().filter(|h| !h.is_empty()).cloned()
+        }
+    })
+    .await;
+    let hit = &hits[0];
+    assert!(!hit["location"]["file"].as_str().unwrap().contains('\n'), "{hit}");
+    let findings = hit["redactions"].as_array().unwrap();
+    assert!(findings.iter().all(|f| f["rule"] != "made-up" && !f["path"].as_str().unwrap().contains('\n')), "{hit}");
+    let (_, view) = api.get(&format!("/agents/{id}")).await;
+    assert_eq!(view["broker_dropped"]["unknown_rules"], 3, "{view}");
     broker.stop().await;
 }
