@@ -250,6 +250,7 @@ pub fn check_config(path: &Path) -> anyhow::Result<String> {
             format!("{} ({}, org {})", k.name, k.role_or_default().as_str(), k.org.as_deref().unwrap_or(DEFAULT_ORG))
         })
         .collect();
+    let org = c.org_quotas.resolve(&c.callers);
     Ok(format!(
         "{}: ok\n  listen {}\n  data_dir {}\n  {} API key(s){}\n  {} agent key(s)\n  callers: {} calls/min (burst {}), {} \
          concurrent waits, {} live actions\n  organization ceilings: {} calls/min, {} concurrent waits, {} live \
@@ -265,10 +266,10 @@ pub fn check_config(path: &Path) -> anyhow::Result<String> {
         c.callers.call_burst,
         c.callers.concurrent_waits,
         c.callers.live_actions,
-        c.org_quotas.calls_per_minute,
-        c.org_quotas.concurrent_waits,
-        c.org_quotas.live_actions,
-        c.org_quotas.mcp_sessions,
+        org.calls_per_minute,
+        org.concurrent_waits,
+        org.live_actions,
+        org.mcp_sessions,
         c.ingest.agent_hits_per_sec,
         c.ingest.agent_bytes_per_sec,
         c.ingest.burst_factor,

@@ -31,7 +31,7 @@ use crate::audit_repeats::Repeats;
 use crate::auth::{Principal, Reach};
 use crate::error::{ApiError, ErrorCode};
 use crate::keys::{KeyStore, Tenancy};
-use crate::quota::{IngestSettings, OrgQuotas, Rate};
+use crate::quota::{IngestSettings, OrgCeilings, Rate};
 use crate::registry::{AgentRecord, Registry};
 use crate::retention::Retention;
 use crate::store::{ActionRow, HitRow, LineRow, Loaded, Store, StoreError};
@@ -742,7 +742,7 @@ pub struct Engine {
     shutdown: watch::Receiver<bool>,
     limits: CaptureLimits,
     max_ended: usize,
-    org_quotas: OrgQuotas,
+    org_quotas: OrgCeilings,
     repeats: Repeats,
     book: Mutex<Book>,
 }
@@ -777,7 +777,7 @@ impl Engine {
             shutdown,
             limits,
             max_ended,
-            org_quotas: OrgQuotas::default(),
+            org_quotas: OrgCeilings::default(),
             repeats: Repeats::default(),
             book: Mutex::new(Book::new(max_ended)),
             stats: EngineStats::default(),
@@ -799,7 +799,7 @@ impl Engine {
     }
 
     /// Sets the organization ceilings (live actions per organization).
-    pub fn with_org_quotas(mut self, quotas: OrgQuotas) -> Self {
+    pub fn with_org_quotas(mut self, quotas: OrgCeilings) -> Self {
         self.org_quotas = quotas;
         self
     }

@@ -409,7 +409,7 @@ pub async fn run(
     .with_metric_interval(config.agents.metric_report_interval_ms)
     .with_keys(Arc::clone(&keys))
     .with_ingest(config.ingest.clone())
-    .with_org_quotas(config.org_quotas)
+    .with_org_quotas(config.org_quotas.resolve(&config.callers))
     .with_store(store, loaded)?;
     if config.mcp_allowed_hosts().iter().all(|h| h != &bound.ip().to_string()) && !bound.ip().is_loopback() {
         tracing::warn!(
@@ -419,7 +419,7 @@ pub async fn run(
         );
     }
     let cancel = CancellationToken::new();
-    let org_quotas = config.org_quotas;
+    let org_quotas = config.org_quotas.resolve(&config.callers);
     let agent_limits = agent_limits::AgentLimits::new(
         config.ingest.clone(),
         usize::try_from(config.agents.max_sessions_per_key).unwrap_or(usize::MAX),

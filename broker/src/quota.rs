@@ -271,11 +271,33 @@ impl CallerSettings {
 }
 
 /// `[org_quotas]`: ceilings per organization above every key's own quotas. However many
-/// keys an organization mints, together they never exceed these.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// keys an organization mints, together they never exceed these. A value left out is ten
+/// times the per-key quota of `[callers]` ([`OrgQuotas::resolve`]), so raising a key's
+/// quota never makes a configuration invalid.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OrgQuotas {
     /// Calls per minute, all keys of the organization together.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calls_per_minute: Option<u32>,
+    /// Burst of calls, all keys together.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub call_burst: Option<u32>,
+    /// Blocking calls at once, all keys together.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub concurrent_waits: Option<u32>,
+    /// Live actions at once, all keys together.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live_actions: Option<u32>,
+    /// MCP sessions open at once, all keys together.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mcp_sessions: Option<u32>,
+}
+
+/// The organization ceilings in force (every value resolved).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct OrgCeilings {
+    /// Calls per minute, all keys together.
     pub calls_per_minute: u32,
     /// Burst of calls, all keys together.
     pub call_burst: u32,
@@ -287,15 +309,9 @@ pub struct OrgQuotas {
     pub mcp_sessions: u32,
 }
 
-impl Default for OrgQuotas {
+impl Default for OrgCeilings {
     fn default() -> Self {
-        OrgQuotas {
-            calls_per_minute: 1_200,
-            call_burst: 300,
-            concurrent_waits: 40,
-            live_actions: 200,
-            mcp_sessions: 200,
-        }
+        OrgQuotas::default().resolve(&CallerSettings::default())
     }
 }
 
@@ -308,23 +324,42 @@ pub const ORG_BOUNDS: [(&str, u32, u32); 5] = [
     ("mcp_sessions", 1, 100_000),
 ];
 
+/// What a ceiling left out is, in multiples of the per-key quota.
+pub const ORG_DEFAULT_FACTOR: u32 = 10;
+
+fn per_key(callers: &CallerSettings) -> [u32; 5] {
+    [callers.calls_per_minute, callers.call_burst, callers.concurrent_waits, callers.live_actions, callers.mcp_sessions]
+}
+
 impl OrgQuotas {
-    fn values(&self) -> [u32; 5] {
+    fn values(&self) -> [Option<u32>; 5] {
         [self.calls_per_minute, self.call_burst, self.concurrent_waits, self.live_actions, self.mcp_sessions]
     }
 
-    /// Checks every value is within [`ORG_BOUNDS`] and at least the per-key default of
-    /// `[callers]` (a ceiling sits above what one key may do); the error names the key
-    /// (`org_quotas.…`).
+    /// The ceilings in force: each value given, or ten times the per-key quota (within
+    /// the bounds).
+    pub fn resolve(&self, callers: &CallerSettings) -> OrgCeilings {
+        let mut v = [0u32; 5];
+        for (i, ((given, key), (_, _, max))) in
+            self.values().into_iter().zip(per_key(callers)).zip(ORG_BOUNDS).enumerate()
+        {
+            v[i] = given.unwrap_or_else(|| key.saturating_mul(ORG_DEFAULT_FACTOR).min(max));
+        }
+        OrgCeilings {
+            calls_per_minute: v[0],
+            call_burst: v[1],
+            concurrent_waits: v[2],
+            live_actions: v[3],
+            mcp_sessions: v[4],
+        }
+    }
+
+    /// Checks every value given is within [`ORG_BOUNDS`] and at least the per-key quota
+    /// of `[callers]` (a ceiling sits above what one key may do); the error names the
+    /// key (`org_quotas.…`).
     pub fn validate(&self, callers: &CallerSettings) -> Result<(), (String, String)> {
-        let per_key = [
-            callers.calls_per_minute,
-            callers.call_burst,
-            callers.concurrent_waits,
-            callers.live_actions,
-            callers.mcp_sessions,
-        ];
-        for (((name, min, max), v), key) in ORG_BOUNDS.iter().zip(self.values()).zip(per_key) {
+        for (((name, min, max), v), key) in ORG_BOUNDS.iter().zip(self.values()).zip(per_key(callers)) {
+            let Some(v) = v else { continue };
             if !(*min..=*max).contains(&v) {
                 return Err((
                     format!("org_quotas.{name}"),
@@ -525,7 +560,7 @@ struct CallerState {
 /// One organization's limiters: the ceilings above its keys.
 #[derive(Debug)]
 struct OrgState {
-    quotas: OrgQuotas,
+    quotas: OrgCeilings,
     calls: Rate,
     waits: Arc<Waits>,
     sessions: Arc<Mutex<usize>>,
@@ -534,7 +569,7 @@ struct OrgState {
 /// The per-caller limiters, by key id, and the ceilings of each organization.
 #[derive(Debug, Default)]
 pub struct CallerLimits {
-    org_quotas: OrgQuotas,
+    org_quotas: OrgCeilings,
     callers: DashMap<String, Arc<CallerState>>,
     orgs: DashMap<String, Arc<OrgState>>,
     next_slot: std::sync::atomic::AtomicU64,
@@ -546,12 +581,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl CallerLimits {
     /// Limiters under these organization ceilings.
-    pub fn new(org_quotas: OrgQuotas) -> Self {
+    pub fn new(org_quotas: OrgCeilings) -> Self {
         CallerLimits { org_quotas, ..Default::default() }
     }
 
     /// The organization ceilings in force.
-    pub fn org_quotas(&self) -> OrgQuotas {
+    pub fn org_quotas(&self) -> OrgCeilings {
         self.org_quotas
     }
 
@@ -815,7 +850,7 @@ mod tests {
 
     #[test]
     fn minted_keys_share_their_organizations_call_ceiling_and_other_organizations_do_not_notice() {
-        let limits = CallerLimits::new(OrgQuotas { calls_per_minute: 60, call_burst: 3, ..OrgQuotas::default() });
+        let limits = CallerLimits::new(OrgCeilings { calls_per_minute: 60, call_burst: 3, ..OrgCeilings::default() });
         let q = CallerQuotas { calls_per_minute: 60, call_burst: 2, ..CallerQuotas::default() };
         limits.charge_call(&caller("key_a", "acme", q)).unwrap();
         limits.charge_call(&caller("key_b", "acme", q)).unwrap();
@@ -825,7 +860,7 @@ mod tests {
         assert!(err.details["retry_after_seconds"].as_u64().unwrap() >= 1);
         assert!(limits.charge_call(&caller("key_e", "other", q)).is_ok());
         // A key over its own budget does not spend its organization's.
-        let solo = CallerLimits::new(OrgQuotas { calls_per_minute: 60, call_burst: 3, ..OrgQuotas::default() });
+        let solo = CallerLimits::new(OrgCeilings { calls_per_minute: 60, call_burst: 3, ..OrgCeilings::default() });
         let small = CallerQuotas { calls_per_minute: 60, call_burst: 1, ..CallerQuotas::default() };
         solo.charge_call(&caller("key_a", "acme", small)).unwrap();
         for _ in 0..5 {
@@ -855,7 +890,7 @@ mod tests {
 
     #[tokio::test]
     async fn waits_and_sessions_of_many_keys_stop_at_the_organizations_ceiling() {
-        let limits = CallerLimits::new(OrgQuotas { concurrent_waits: 2, mcp_sessions: 2, ..OrgQuotas::default() });
+        let limits = CallerLimits::new(OrgCeilings { concurrent_waits: 2, mcp_sessions: 2, ..OrgCeilings::default() });
         let q = CallerQuotas::default();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         let w1 = limits.begin_wait(&caller("key_a", "acme", q), deadline).unwrap();
@@ -891,9 +926,14 @@ mod tests {
         IngestSettings::default().validate().unwrap();
         let callers = CallerSettings::default();
         OrgQuotas::default().validate(&callers).unwrap();
-        let low = OrgQuotas { live_actions: 5, ..OrgQuotas::default() };
+        let low = OrgQuotas { live_actions: Some(5), ..OrgQuotas::default() };
         assert_eq!(low.validate(&callers).unwrap_err().0, "org_quotas.live_actions");
-        let zero = OrgQuotas { calls_per_minute: 0, ..OrgQuotas::default() };
+        let zero = OrgQuotas { calls_per_minute: Some(0), ..OrgQuotas::default() };
         assert_eq!(zero.validate(&callers).unwrap_err().0, "org_quotas.calls_per_minute");
+        // Left out, a ceiling follows the per-key quota: raising that never breaks a file.
+        let busy = CallerSettings { calls_per_minute: 5_000, ..CallerSettings::default() };
+        OrgQuotas::default().validate(&busy).unwrap();
+        assert_eq!(OrgQuotas::default().resolve(&busy).calls_per_minute, 50_000);
+        assert_eq!(OrgCeilings::default().live_actions, 200);
     }
 }

@@ -183,11 +183,11 @@ async fn a_minted_key_never_outlives_its_creator_and_is_revoked_with_it() {
 async fn minting_keys_does_not_multiply_an_organizations_live_actions_or_calls() {
     let mut config = two_tenants();
     config.callers.live_actions = 2;
-    config.org_quotas.live_actions = 3;
+    config.org_quotas.live_actions = Some(3);
     // As much as one key may do: every other call of the organization makes it the
     // first limit the minted keys meet.
-    config.org_quotas.calls_per_minute = 120;
-    config.org_quotas.call_burst = 30;
+    config.org_quotas.calls_per_minute = Some(120);
+    config.org_quotas.call_burst = Some(30);
     let broker = TestBroker::start_with(config, "127.0.0.1:0".parse().unwrap()).await;
     let admin = broker.api_with(ADMIN_KEY);
     let (one, _) = create_key(&admin, json!({"name": "minted one"})).await;

@@ -49,8 +49,8 @@ pub fn test_config() -> BrokerConfig {
     config.agents.heartbeat_interval_secs = 1;
     // The harness's keys poll fast (`polling_quotas`); their organization's ceiling
     // sits above them. Tests about the ceiling lower it.
-    config.org_quotas.calls_per_minute = 600_000;
-    config.org_quotas.call_burst = 100_000;
+    config.org_quotas.calls_per_minute = Some(600_000);
+    config.org_quotas.call_burst = Some(100_000);
     config
 }
 
