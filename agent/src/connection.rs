@@ -274,7 +274,8 @@ impl Runner {
                         return Err(match err.code {
                             ProtocolErrorCode::UnsupportedVersion
                             | ProtocolErrorCode::Unauthorized
-                            | ProtocolErrorCode::InvalidRegistration => SessionEnd::Refused(text),
+                            | ProtocolErrorCode::InvalidRegistration
+                            | ProtocolErrorCode::IdentityBound => SessionEnd::Refused(text),
                             _ => SessionEnd::Retry(text),
                         });
                     }

@@ -101,8 +101,9 @@ pub fn health_body(state: &AppState, p: &Principal, charge: Option<&CallCharge>)
             "pools": p.reach.pools,
             "scopes": p.scope_names(),
         },
-        "agents_online": state.registry.online_count_in(p.org()),
-        "actions_live": state.engine.live_count_in(p.org()),
+        // Within the key's reach: a pool-restricted key learns nothing of other pools.
+        "agents_online": state.registry.count(|a| a.online() && p.sees_pool(&a.org, &a.info.pool)),
+        "actions_live": state.engine.live_count_visible(p),
         "quotas": {
             "calls_per_minute": calls,
             "concurrent_waits": { "in_use": waits, "limit": q.concurrent_waits,
@@ -119,6 +120,9 @@ pub fn health_body(state: &AppState, p: &Principal, charge: Option<&CallCharge>)
                 "cpu_burst_micros": agent_quotas.cpu_burst_micros,
             },
             "broker_ingest": ingest,
+            // The ceilings over all of the organization's keys (limits only: what other
+            // keys use is not this key's to see).
+            "organization": state.callers.org_quotas(),
         },
         "paused_actions": state.engine.paused_for(p),
         "limits": {
@@ -322,7 +326,12 @@ async fn put_redaction(
         periscope_redaction::RedactionConfig::from_toml_str(&body)
             .map_err(|e| ApiError::invalid(format!("redaction rules (TOML): {e}")))?
     };
-    Ok(Json(state.engine.replace_rules(principal.org(), config, principal.actor())?))
+    // Compiling user patterns is CPU work: off the async workers.
+    let replaced =
+        tokio::task::spawn_blocking(move || state.engine.replace_rules(principal.org(), config, principal.actor()))
+            .await
+            .map_err(|e| ApiError::new(crate::error::ErrorCode::Internal, format!("replacing the rules: {e}")))??;
+    Ok(Json(replaced))
 }
 
 async fn place_log(
@@ -359,8 +368,7 @@ async fn get_lines(
         None | Some(0) => Ok(Json(state.engine.lines(&action_id, since, limit, &principal)?)),
         Some(w) if w <= action_bounds::MAX_WAIT_SECS => {
             let wait = Duration::from_secs(w);
-            let _slot =
-                state.callers.begin_wait(&principal.key_id, principal.quotas, tokio::time::Instant::now() + wait)?;
+            let _slot = state.callers.begin_wait(&principal, tokio::time::Instant::now() + wait)?;
             let page = state.engine.wait_lines(&action_id, since, limit, wait, &principal).await?;
             state.recheck(&principal)?;
             Ok(Json(page))
@@ -436,8 +444,7 @@ async fn get_hits(
         None | Some(0) => Ok(Json(state.engine.hits(&action_id, since, limit, &principal)?)),
         Some(w) if w <= action_bounds::MAX_WAIT_SECS => {
             let wait = Duration::from_secs(w);
-            let _slot =
-                state.callers.begin_wait(&principal.key_id, principal.quotas, tokio::time::Instant::now() + wait)?;
+            let _slot = state.callers.begin_wait(&principal, tokio::time::Instant::now() + wait)?;
             let page = state.engine.wait_hits(&action_id, since, limit, wait, &principal).await?;
             state.recheck(&principal)?;
             Ok(Json(page))

@@ -250,10 +250,12 @@ pub fn check_config(path: &Path) -> anyhow::Result<String> {
             format!("{} ({}, org {})", k.name, k.role_or_default().as_str(), k.org.as_deref().unwrap_or(DEFAULT_ORG))
         })
         .collect();
+    let org = c.org_quotas.resolve(&c.callers);
     let mut summary = format!(
         "{}: ok\n  listen {}\n  data_dir {}\n  {} API key(s){}\n  {} agent key(s)\n  callers: {} calls/min (burst {}), {} \
-         concurrent waits, {} live actions\n  ingest per agent: {} hits/s, {} bytes/s (burst x{})\n  retention: hits {} \
-         days, audit {} days\n",
+         concurrent waits, {} live actions\n  organization ceilings: {} calls/min, {} concurrent waits, {} live \
+         actions, {} MCP sessions\n  ingest per agent: {} hits/s, {} bytes/s (burst x{})\n  retention: ended actions \
+         {} days (at most {} per organization), audit {} days\n",
         path.display(),
         c.listen,
         c.data_dir.as_ref().map_or("(none: nothing survives a restart)".to_owned(), |d| d.display().to_string()),
@@ -264,10 +266,15 @@ pub fn check_config(path: &Path) -> anyhow::Result<String> {
         c.callers.call_burst,
         c.callers.concurrent_waits,
         c.callers.live_actions,
+        org.calls_per_minute,
+        org.concurrent_waits,
+        org.live_actions,
+        org.mcp_sessions,
         c.ingest.agent_hits_per_sec,
         c.ingest.agent_bytes_per_sec,
         c.ingest.burst_factor,
         c.store.hit_retention_days,
+        c.store.max_ended_actions_per_org,
         c.store.audit_retention_days,
     );
     let h = &c.http;

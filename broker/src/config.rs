@@ -9,7 +9,7 @@ use periscope_protocol::{AgentQuotas, CaptureLimits};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{Role, Scope};
-use crate::quota::{CallerQuotaOverrides, CallerSettings, IngestSettings};
+use crate::quota::{CallerQuotaOverrides, CallerSettings, IngestSettings, OrgQuotas};
 
 /// Why a configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +162,19 @@ pub struct AgentSettings {
     /// the one offline the longest is forgotten, and with none offline a new one is
     /// refused. Bounds the memory one agent key can claim.
     pub max_agents_per_org: u64,
+    /// Bytes one agent's catalog may hold (strings counted with their overhead); beyond
+    /// it new locations are ignored and counted, like beyond `max_catalog_entries`.
+    pub max_catalog_bytes: u64,
+    /// Sessions one agent key may hold open at once (counted from the upgrade, so
+    /// sockets that never register count too).
+    pub max_sessions_per_key: u64,
+    /// How long an agent id stays bound to the agent key and pool that registered it
+    /// first, after it was last connected (across restarts). At least a day, the
+    /// longest an action can live, and at least `offline_retention_secs`.
+    pub identity_retention_secs: u64,
+    /// Identity bindings kept per organization; over it, the agent key holding the most
+    /// gives up its binding offline the longest. At least `max_agents_per_org`.
+    pub max_identities_per_org: u64,
 }
 
 impl Default for AgentSettings {
@@ -175,6 +188,10 @@ impl Default for AgentSettings {
             max_catalog_entries: 20_000,
             metric_report_interval_ms: 5_000,
             max_agents_per_org: 10_000,
+            max_catalog_bytes: 4 * 1024 * 1024,
+            max_sessions_per_key: 1_000,
+            identity_retention_secs: 7 * 86_400,
+            max_identities_per_org: 100_000,
         }
     }
 }
@@ -183,9 +200,15 @@ impl Default for AgentSettings {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSettings {
-    /// Ended actions kept (with their hits) before the oldest are forgotten.
-    pub max_ended_actions: usize,
-    /// How long hits (and ended actions) are kept, in days.
+    /// Ended actions kept (with their hits, lines and figures) per organization. Over
+    /// it, the key of the organization holding the most ended actions gives up its
+    /// oldest: one key's churn never deletes another key's or another organization's
+    /// results. (`max_ended_actions`, its name before it was per organization, is read
+    /// too.)
+    #[serde(alias = "max_ended_actions")]
+    pub max_ended_actions_per_org: usize,
+    /// How long an ended action (with its hits, lines and figures) is kept after it
+    /// ended, in days.
     pub hit_retention_days: u64,
     /// How long audit entries are kept, in days (an audit trail usually outlives the
     /// data it describes).
@@ -194,7 +217,7 @@ pub struct StoreSettings {
 
 impl Default for StoreSettings {
     fn default() -> Self {
-        StoreSettings { max_ended_actions: 1_000, hit_retention_days: 10, audit_retention_days: 90 }
+        StoreSettings { max_ended_actions_per_org: 1_000, hit_retention_days: 10, audit_retention_days: 90 }
     }
 }
 
@@ -295,6 +318,12 @@ impl HttpSettings {
         Ok(())
     }
 }
+/// Shortest identity retention: an action aimed at an agent id lives at most this long,
+/// so no live action can outlast the binding of an id it names.
+pub const MIN_IDENTITY_RETENTION_SECS: u64 = periscope_protocol::limits::action_bounds::MAX_EXPIRE_SECS;
+
+/// Fewest ended actions an organization keeps.
+pub const MIN_ENDED_PER_ORG: usize = 10;
 
 /// Shortest idle timeout accepted for MCP sessions: the longest wait plus a minute.
 pub const MIN_MCP_SESSION_IDLE_SECS: u64 = periscope_protocol::limits::action_bounds::MAX_WAIT_SECS + 60;
@@ -318,6 +347,8 @@ pub struct BrokerConfig {
     pub quotas: AgentQuotas,
     /// Per-caller (per API key) quotas.
     pub callers: CallerSettings,
+    /// Ceilings per organization, above every key's own quotas.
+    pub org_quotas: OrgQuotas,
     /// What the broker accepts from each agent and for each action.
     pub ingest: IngestSettings,
     /// Agent connection settings.
@@ -344,6 +375,7 @@ impl Default for BrokerConfig {
             limits: CaptureLimits::default(),
             quotas: AgentQuotas::default(),
             callers: CallerSettings::default(),
+            org_quotas: OrgQuotas::default(),
             ingest: IngestSettings::default(),
             agents: AgentSettings::default(),
             store: StoreSettings::default(),
@@ -405,6 +437,16 @@ impl BrokerConfig {
             ("agents.offline_retention_secs", a.offline_retention_secs, 0, 30 * 86_400),
             ("agents.metric_report_interval_ms", a.metric_report_interval_ms, 1_000, 3_600_000),
             ("agents.max_agents_per_org", a.max_agents_per_org, 1, 1_000_000),
+            ("agents.max_catalog_entries", a.max_catalog_entries as u64, 100, 1_000_000),
+            ("agents.max_catalog_bytes", a.max_catalog_bytes, 64 * 1024, 256 * 1024 * 1024),
+            ("agents.max_sessions_per_key", a.max_sessions_per_key, 1, 1_000_000),
+            (
+                "agents.identity_retention_secs",
+                a.identity_retention_secs,
+                MIN_IDENTITY_RETENTION_SECS.max(a.offline_retention_secs),
+                365 * 86_400,
+            ),
+            ("agents.max_identities_per_org", a.max_identities_per_org, a.max_agents_per_org, 10_000_000),
         ] {
             if v < min || v > max {
                 return Err(ConfigError::Invalid { key: key.into(), message: format!("{v} is outside {min}..={max}") });
@@ -421,7 +463,17 @@ impl BrokerConfig {
                 return Err(ConfigError::Invalid { key: key.into(), message: format!("{range} is outside 1..=3650") });
             }
         }
+        if !(MIN_ENDED_PER_ORG..=1_000_000).contains(&self.store.max_ended_actions_per_org) {
+            return Err(ConfigError::Invalid {
+                key: "store.max_ended_actions_per_org".into(),
+                message: format!(
+                    "{} is outside {MIN_ENDED_PER_ORG}..=1000000 (results must stay long enough to be read)",
+                    self.store.max_ended_actions_per_org
+                ),
+            });
+        }
         self.callers.validate().map_err(|(key, message)| ConfigError::Invalid { key, message })?;
+        self.org_quotas.validate(&self.callers).map_err(|(key, message)| ConfigError::Invalid { key, message })?;
         self.ingest.validate().map_err(|(key, message)| ConfigError::Invalid { key, message })?;
         // The broker's copies of the agents' budgets must let an honest agent through.
         for (key, broker, agent, agent_key) in [

@@ -12,7 +12,7 @@
 //! agents enforce (snapshot hits per agent, log lines and bytes), and writes the audit
 //! trail of every placement, removal, completion, expiry and quota pause.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -25,12 +25,15 @@ use periscope_protocol::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::action_index::LiveIndex;
 use crate::audit::{Actor, AuditEntry, AuditKind, Expressions};
+use crate::audit_repeats::Repeats;
 use crate::auth::{Principal, Reach};
 use crate::error::{ApiError, ErrorCode};
 use crate::keys::{KeyStore, Tenancy};
-use crate::quota::{IngestSettings, Rate};
+use crate::quota::{IngestSettings, OrgCeilings, Rate};
 use crate::registry::{AgentRecord, Registry};
+use crate::retention::Retention;
 use crate::store::{ActionRow, HitRow, LineRow, Loaded, Store, StoreError};
 use crate::telemetry::{LineBook, LinesPage, MetricData, MetricView, StoredLine};
 use crate::time::now_ms;
@@ -48,6 +51,9 @@ pub struct Sender {
     pub name: String,
     /// Its organization.
     pub org: String,
+    /// The pool it registered into (counters are kept per pool, so a pool-restricted
+    /// key sees only its pools' counts).
+    pub pool: String,
 }
 
 /// What became of a hit an agent sent.
@@ -616,11 +622,19 @@ pub struct ActionFilter {
     pub created_by: Option<String>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Book {
     actions: HashMap<ActionId, Action>,
-    /// Ended actions, oldest first, for bounded retention.
-    ended: VecDeque<ActionId>,
+    /// Live actions by expiry, key and organization.
+    live: LiveIndex,
+    /// Which ended actions are kept (per organization, fair per key, by age).
+    retention: Retention,
+}
+
+impl Book {
+    fn new(max_ended_per_org: usize) -> Book {
+        Book { actions: HashMap::new(), live: LiveIndex::default(), retention: Retention::new(max_ended_per_org) }
+    }
 }
 
 /// One metric action's figures, as `/metrics` exports them.
@@ -638,10 +652,10 @@ pub struct MetricExport {
     pub pools: BTreeSet<String>,
 }
 
-/// Counters the broker exports on `/metrics`, per organization.
+/// Counters the broker exports on `/metrics`, per organization and pool.
 #[derive(Debug, Default)]
 pub struct EngineStats {
-    orgs: Mutex<BTreeMap<String, OrgStats>>,
+    orgs: Mutex<BTreeMap<String, BTreeMap<String, OrgStats>>>,
 }
 
 /// One organization's counters.
@@ -665,20 +679,42 @@ pub struct OrgStats {
     pub quota_pauses: BTreeMap<String, u64>,
 }
 
+impl OrgStats {
+    fn absorb(&mut self, other: &OrgStats) {
+        self.hits_accepted += other.hits_accepted;
+        self.hits_refused += other.hits_refused;
+        self.hits_rate_limited += other.hits_rate_limited;
+        self.lines_accepted += other.lines_accepted;
+        self.lines_refused += other.lines_refused;
+        self.lines_rate_limited += other.lines_rate_limited;
+        self.metric_reports += other.metric_reports;
+        for (reason, n) in &other.quota_pauses {
+            *self.quota_pauses.entry(reason.clone()).or_insert(0) += n;
+        }
+    }
+}
+
 impl EngineStats {
-    /// Updates an organization's counters.
-    pub fn add(&self, org: &str, f: impl FnOnce(&mut OrgStats)) {
+    /// Updates the counters of the agent's organization and pool.
+    pub fn add(&self, from: &Sender, f: impl FnOnce(&mut OrgStats)) {
         let mut orgs = self.orgs.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = orgs.get_mut(org) {
-            f(s);
-        } else {
-            f(orgs.entry(org.to_owned()).or_default());
+        match orgs.get_mut(&from.org).and_then(|o| o.get_mut(&from.pool)) {
+            Some(s) => f(s),
+            None => f(orgs.entry(from.org.clone()).or_default().entry(from.pool.clone()).or_default()),
         }
     }
 
-    /// An organization's counters.
-    pub fn org(&self, org: &str) -> OrgStats {
-        self.orgs.lock().unwrap_or_else(|p| p.into_inner()).get(org).cloned().unwrap_or_default()
+    /// The counters of the pools `caller` may see, added up: the whole organization for
+    /// an organization-wide key, its pools' alone for a restricted one.
+    pub fn visible_to(&self, caller: &Principal) -> OrgStats {
+        let orgs = self.orgs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = OrgStats::default();
+        for (pool, stats) in orgs.get(caller.org()).into_iter().flatten() {
+            if caller.sees_pool(caller.org(), pool) {
+                out.absorb(stats);
+            }
+        }
+        out
     }
 }
 
@@ -706,6 +742,8 @@ pub struct Engine {
     shutdown: watch::Receiver<bool>,
     limits: CaptureLimits,
     max_ended: usize,
+    org_quotas: OrgCeilings,
+    repeats: Repeats,
     book: Mutex<Book>,
 }
 
@@ -739,7 +777,9 @@ impl Engine {
             shutdown,
             limits,
             max_ended,
-            book: Mutex::new(Book::default()),
+            org_quotas: OrgCeilings::default(),
+            repeats: Repeats::default(),
+            book: Mutex::new(Book::new(max_ended)),
             stats: EngineStats::default(),
             metric_interval_ms: 5_000,
         }
@@ -755,6 +795,12 @@ impl Engine {
     /// Sets the per-action rates the broker enforces on what agents send.
     pub fn with_ingest(mut self, ingest: IngestSettings) -> Self {
         self.ingest = ingest;
+        self
+    }
+
+    /// Sets the organization ceilings (live actions per organization).
+    pub fn with_org_quotas(mut self, quotas: OrgCeilings) -> Self {
+        self.org_quotas = quotas;
         self
     }
 
@@ -784,6 +830,22 @@ impl Engine {
         }
     }
 
+    /// Appends an entry an outsider can cause at will (a refused registration, a flood)
+    /// through [`Repeats`]: the first of its kind for `key_id` and `reason` at once, the
+    /// repeats of the next minute as one summary.
+    pub fn audit_repeated(&self, entry: AuditEntry, key_id: &str, reason: &'static str) {
+        for e in self.repeats.note(entry, key_id, reason) {
+            self.audit(e);
+        }
+    }
+
+    /// Writes the summaries of repeat windows that ended (housekeeping).
+    pub fn flush_repeats(&self) {
+        for e in self.repeats.flush(now_ms()) {
+            self.audit(e);
+        }
+    }
+
     /// Sets how often agents report metric aggregates.
     pub fn with_metric_interval(mut self, ms: u64) -> Self {
         self.metric_interval_ms = ms.clamp(1_000, 3_600_000);
@@ -792,17 +854,25 @@ impl Engine {
 
     /// Makes the engine durable: loads what `store` holds and writes every change to it.
     pub fn with_store(mut self, store: Store, loaded: Loaded) -> Result<Self, StoreError> {
-        let Loaded { actions, hits, lines, metrics, settings: _ } = loaded;
+        let Loaded { actions, hits, lines, metrics, settings: _, identities: _ } = loaded;
         let corrupt =
             |what: &'static str, detail: String| StoreError::Corrupt { path: store.path().to_owned(), what, detail };
-        let mut book = Book::default();
+        let mut book = Book::new(self.max_ended);
+        let mut forget = Vec::new();
         for row in actions {
             let spec: ActionSpec = serde_json::from_str(&row.spec).map_err(|e| corrupt("action", e.to_string()))?;
             let target: Target = serde_json::from_str(&row.target).map_err(|e| corrupt("target", e.to_string()))?;
             let status =
                 ActionStatus::parse(&row.status).ok_or_else(|| corrupt("action status", row.status.clone()))?;
-            if status != ActionStatus::Active {
-                book.ended.push_back(spec.id.clone());
+            let key = row.created_by_key.clone();
+            match (status, row.ended_at_ms) {
+                (ActionStatus::Active, _) => book.live.insert(&row.org, &key, spec.expires_at_ms, spec.id.clone()),
+                (_, ended) => {
+                    // Rows come oldest first: a bound lowered since they were written
+                    // forgets the oldest ones of whoever holds the most.
+                    let ended = ended.unwrap_or(row.created_at_ms);
+                    forget.extend(book.retention.keep(&row.org, &key, ended, spec.id.clone()));
+                }
             }
             let reach = match row.reach.as_deref() {
                 Some(r) => serde_json::from_str(r).map_err(|e| corrupt("action reach", e.to_string()))?,
@@ -843,6 +913,10 @@ impl Engine {
                 },
             );
         }
+        for id in &forget {
+            book.actions.remove(id);
+            store.delete_action(id.as_str());
+        }
         for row in lines {
             let line: StoredLine = serde_json::from_str(&row.body).map_err(|e| corrupt("log line", e.to_string()))?;
             if let Some(action) = ActionId::parse(&row.action_id).ok().and_then(|id| book.actions.get_mut(&id)) {
@@ -872,7 +946,8 @@ impl Engine {
         }
         tracing::info!(
             actions = book.actions.len(),
-            live = book.actions.values().filter(|a| a.status == ActionStatus::Active).count(),
+            live = book.live.len(),
+            forgotten = forget.len(),
             db = %store.path().display(),
             "restored actions from the store"
         );
@@ -887,25 +962,24 @@ impl Engine {
         }
     }
 
-    /// Deletes stored hits and ended actions older than `cutoff_ms` (retention).
+    /// Forgets ended actions (with their hits, lines and figures) that ended before
+    /// `cutoff_ms`, in memory and in the store (`store.hit_retention_days`).
     pub fn purge_before(&self, cutoff_ms: u64) {
         let mut book = self.book();
-        let old: Vec<ActionId> = book
-            .actions
-            .values()
-            .filter(|a| a.status != ActionStatus::Active && a.ended_at_ms.is_some_and(|t| t < cutoff_ms))
-            .map(|a| a.spec.id.clone())
-            .collect();
+        let old = book.retention.expire_before(cutoff_ms);
         for id in &old {
             book.actions.remove(id);
         }
-        book.ended.retain(|id| !old.contains(id));
-        for action in book.actions.values_mut() {
-            action.hits.retain(|h| h.received_at_ms >= cutoff_ms);
-        }
         drop(book);
         if let Some(store) = &self.store {
+            for id in &old {
+                store.delete_action(id.as_str());
+            }
+            // And whatever the store holds that memory no longer does.
             store.purge_before(cutoff_ms);
+        }
+        if !old.is_empty() {
+            tracing::info!(actions = old.len(), "forgot ended actions past their retention");
         }
     }
 
@@ -1213,14 +1287,14 @@ impl Engine {
     ) -> Result<ActionView, ApiError> {
         let now = now_ms();
         let mut book = self.book();
+        // The key's quota and its organization's ceiling, checked together under the
+        // book's lock: concurrent placements cannot both take the last slot.
+        let retry = |soonest: Option<u64>| soonest.unwrap_or(now).saturating_sub(now).div_ceil(1_000).max(1);
         let limit = caller.quotas.live_actions as usize;
-        let mine =
-            || book.actions.values().filter(|a| a.status == ActionStatus::Active && a.created_by_key == caller.key_id);
-        let live = mine().count();
+        let live = book.live.count_key(&caller.key_id);
         if live >= limit {
             // When the caller's soonest action expires, a slot frees by itself.
-            let retry_after =
-                mine().map(|a| a.spec.expires_at_ms).min().unwrap_or(now).saturating_sub(now).div_ceil(1_000).max(1);
+            let retry_after = retry(book.live.soonest_key(&caller.key_id));
             return Err(ApiError::new(
                 ErrorCode::QuotaExceeded,
                 format!(
@@ -1232,6 +1306,23 @@ impl Engine {
             .with_details(serde_json::json!({
                 "quota": "live_actions",
                 "limit": limit,
+                "retry_after_seconds": retry_after,
+            })));
+        }
+        let org_limit = self.org_quotas.live_actions as usize;
+        let org_live = book.live.count_org(caller.org());
+        if org_live >= org_limit {
+            let retry_after = retry(book.live.soonest_org(caller.org()));
+            return Err(ApiError::new(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "your organization already has {org_live} live actions, its ceiling over all keys \
+                     (org_quotas.live_actions); remove one, or retry in {retry_after} s when the soonest one expires"
+                ),
+            )
+            .with_details(serde_json::json!({
+                "quota": "org_live_actions",
+                "limit": org_limit,
                 "retry_after_seconds": retry_after,
             })));
         }
@@ -1292,6 +1383,7 @@ impl Engine {
             "max_hits": action.max_hits(),
             "pending": action.pending_note.is_some(),
         });
+        book.live.insert(caller.org(), &caller.key_id, spec.expires_at_ms, spec.id.clone());
         book.actions.insert(spec.id.clone(), action);
         drop(book);
         self.audit(entry);
@@ -1458,7 +1550,9 @@ impl Engine {
         let now = now_ms();
         let mut book = self.book();
         let mut specs = Vec::new();
-        for action in book.actions.values_mut() {
+        let live: Vec<ActionId> = book.live.ids_in_org(&org).cloned().collect();
+        for id in live {
+            let Some(action) = book.actions.get_mut(&id) else { continue };
             if action.status != ActionStatus::Active || action.org != org {
                 continue;
             }
@@ -1497,15 +1591,17 @@ impl Engine {
         specs
     }
 
-    /// Marks the agent offline in the actions it runs.
-    pub fn on_agent_disconnected(&self, agent_id: &AgentId) {
+    /// Marks the agent offline in the live actions of its organization it runs.
+    pub fn on_agent_disconnected(&self, from: &Sender) {
         let now = now_ms();
         let mut book = self.book();
-        for action in book.actions.values_mut() {
-            if action.status != ActionStatus::Active {
+        let live: Vec<ActionId> = book.live.ids_in_org(&from.org).cloned().collect();
+        for id in live {
+            let Some(action) = book.actions.get_mut(&id) else { continue };
+            if action.status != ActionStatus::Active || action.org != from.org {
                 continue;
             }
-            if let Some(a) = action.agents.get_mut(agent_id) {
+            if let Some(a) = action.agents.get_mut(&from.id) {
                 a.state = "offline".into();
                 a.detail = Some("the agent disconnected; the action resumes when it reconnects".into());
                 a.updated_at_ms = now;
@@ -1514,12 +1610,14 @@ impl Engine {
         }
     }
 
-    /// Records an action state reported by an agent. A quota pause is counted, and the
-    /// first pause of an episode (per action and reason) goes to the audit trail.
-    pub fn on_status(&self, agent_id: &AgentId, action_id: &ActionId, state: AgentActionState) {
+    /// Records an action state reported by an agent (of the action's organization, and
+    /// one the action runs on; anything else is ignored). A quota pause is counted, and
+    /// the first pause of an episode (per action and reason) goes to the audit trail.
+    pub fn on_status(&self, from: &Sender, action_id: &ActionId, state: AgentActionState) {
         let now = now_ms();
+        let agent_id = &from.id;
         let mut book = self.book();
-        let Some(action) = book.actions.get_mut(action_id) else { return };
+        let Some(action) = book.actions.get_mut(action_id).filter(|a| a.org == from.org) else { return };
         let Some(entry) = action.agents.get_mut(agent_id) else { return };
         let mut paused = None;
         let (label, detail, pause) = match state {
@@ -1529,18 +1627,18 @@ impl Engine {
             AgentActionState::Pending => {
                 ("pending", Some("armed; waiting for code at the location to run for the first time".into()), None)
             }
-            AgentActionState::Error { reason } => ("error", Some(truncate(&reason)), None),
+            AgentActionState::Error { reason } => ("error", Some(agent_text(&reason)), None),
             AgentActionState::Paused { reason, message } => {
                 let reason = reason.as_str().to_owned();
-                self.stats.add(&action.org, |s| *s.quota_pauses.entry(reason.clone()).or_insert(0) += 1);
-                paused = Some((reason.clone(), truncate(&message)));
-                ("paused", Some(truncate(&message)), Some(reason))
+                self.stats.add(from, |s| *s.quota_pauses.entry(reason.clone()).or_insert(0) += 1);
+                paused = Some((reason.clone(), agent_text(&message)));
+                ("paused", Some(agent_text(&message)), Some(reason))
             }
             AgentActionState::Resumed => ("installed", Some("resumed".into()), None),
             AgentActionState::Completed => ("completed", None, None),
             AgentActionState::EvalError { reason } => {
-                entry.eval_error = Some(truncate(&reason));
-                ("eval_error", Some(truncate(&reason)), None)
+                entry.eval_error = Some(agent_text(&reason));
+                ("eval_error", Some(agent_text(&reason)), None)
             }
         };
         entry.state = label.into();
@@ -1576,20 +1674,23 @@ impl Engine {
     /// the action's per-agent rate, stores it, and completes the action when it has its
     /// hits.
     pub fn ingest_hit(&self, from: &Sender, mut hit: Hit) -> Ingested {
-        // Never trust an agent: redaction and the same limits again (a no-op for honest
-        // agents). Keys are known here too, so a `password` field is caught by name.
-        self.rules.redactor(&from.org).redact_hit(&mut hit);
+        // Never trust an agent: its findings must name rules the broker knows, and
+        // redaction and the same limits again (a no-op for honest agents). Keys are
+        // known here too, so a `password` field is caught by name.
+        let redactor = self.rules.redactor(&from.org);
+        self.count_unknown_rules(from, keep_known_findings(&redactor, &mut hit.redactions));
+        redactor.redact_hit(&mut hit);
         hit.enforce_limits(&self.limits);
         let now = now_ms();
         let mut book = self.book();
         let Some(action) = book.actions.get_mut(&hit.action_id) else {
-            self.stats.add(&from.org, |s| s.hits_refused += 1);
+            self.stats.add(from, |s| s.hits_refused += 1);
             return Ingested::Refused;
         };
         let targeted = action.org == from.org && action.agents.contains_key(&from.id);
         if !targeted || action.status != ActionStatus::Active || action.hits.len() as u32 >= action.max_hits() {
             action.hits_refused += 1;
-            self.stats.add(&from.org, |s| s.hits_refused += 1);
+            self.stats.add(from, |s| s.hits_refused += 1);
             return Ingested::Refused;
         }
         let ingest = &self.ingest;
@@ -1598,7 +1699,7 @@ impl Engine {
             action.dropped.snapshot_rate += 1;
             action.dropped.last_drop_ms = Some(now);
             action.dropped.paused = true;
-            self.stats.add(&from.org, |s| s.hits_rate_limited += 1);
+            self.stats.add(from, |s| s.hits_rate_limited += 1);
             let data = serde_json::json!({
                 "reason": "rate_limited", "agent_id": from.id, "by": "broker",
                 "message": format!("the broker dropped hits above {}/s for this action from this agent",
@@ -1612,7 +1713,7 @@ impl Engine {
             }
             return Ingested::RateLimited;
         }
-        self.stats.add(&from.org, |s| s.hits_accepted += 1);
+        self.stats.add(from, |s| s.hits_accepted += 1);
         action.dropped.paused = false;
         for f in &hit.redactions {
             *action.rules_fired.entry(f.rule.clone()).or_insert(0) += 1;
@@ -1647,6 +1748,15 @@ impl Engine {
         Ingested::Accepted
     }
 
+    /// Counts findings dropped for naming unknown rules as the agent's
+    /// `unknown_redaction_rule` drops (never under the book's lock).
+    fn count_unknown_rules(&self, from: &Sender, unknown: usize) {
+        if unknown > 0 {
+            self.registry.count_drop(&from.id, crate::registry::DropReason::UnknownRule, unknown as u64);
+            tracing::debug!(agent = %from.id, unknown, "dropped findings naming unknown redaction rules");
+        }
+    }
+
     /// Accepts dynamic log lines from an agent; returns how many were kept. Lines for
     /// actions that are not this agent's live logs are refused.
     pub fn ingest_lines(&self, from: &Sender, lines: Vec<LogLine>) -> LinesIngested {
@@ -1654,34 +1764,31 @@ impl Engine {
         let mut out = LinesIngested::default();
         let mut completed = Vec::new();
         let mut audits = Vec::new();
+        let mut unknown_rules = 0;
         let redactor = self.rules.redactor(&from.org);
         let mut book = self.book();
         for mut line in lines.into_iter().take(periscope_protocol::telemetry::MAX_LOG_LINES_PER_FRAME) {
             let Some(action) = book.actions.get_mut(&line.action_id) else {
-                self.stats.add(&from.org, |s| s.lines_refused += 1);
+                self.stats.add(from, |s| s.lines_refused += 1);
                 continue;
             };
             let max_lines = match &action.spec.kind {
                 ActionKind::Log(l) => l.max_lines,
                 _ => {
-                    self.stats.add(&from.org, |s| s.lines_refused += 1);
+                    self.stats.add(from, |s| s.lines_refused += 1);
                     continue;
                 }
             };
             if action.status != ActionStatus::Active || action.org != from.org || !action.agents.contains_key(&from.id)
             {
-                self.stats.add(&from.org, |s| s.lines_refused += 1);
+                self.stats.add(from, |s| s.lines_refused += 1);
                 continue;
             }
-            let keep = periscope_protocol::value::truncate_chars(
-                &line.text,
-                periscope_protocol::telemetry::MAX_LOG_LINE_BYTES,
-            )
-            .len();
-            line.text.truncate(keep);
-            // The action's own budgets, whatever the agents' budgets let through.
+            // Every field bounded; every byte of it charged (thread name and findings
+            // included), whatever the agents' budgets let through.
+            line.sanitize();
             let within = action.log_rates.as_ref().is_none_or(|(lines, bytes)| {
-                let size = u32::try_from(line.text.len().max(1)).unwrap_or(u32::MAX);
+                let size = u32::try_from(line.cost()).unwrap_or(u32::MAX);
                 lines.take(1).is_ok() && bytes.take(size).is_ok()
             });
             if !within {
@@ -1689,7 +1796,7 @@ impl Engine {
                 action.dropped.last_drop_ms = Some(now);
                 action.dropped.paused = true;
                 out.rate_limited += 1;
-                self.stats.add(&from.org, |s| s.lines_rate_limited += 1);
+                self.stats.add(from, |s| s.lines_rate_limited += 1);
                 let data = serde_json::json!({
                     "reason": "quota_log", "agent_id": from.id, "by": "broker",
                     "message": format!("the broker dropped lines above {} lines/s or {} B/s for this log",
@@ -1699,7 +1806,9 @@ impl Engine {
                 continue;
             }
             action.dropped.paused = false;
-            // The agent redacted each placeholder by name; the broker redacts the text again.
+            // The agent redacted each placeholder by name (its findings must name rules
+            // the broker knows); the broker redacts the text again.
+            unknown_rules += keep_known_findings(&redactor, &mut line.redactions);
             let mut report = periscope_redaction::Report::new();
             if let std::borrow::Cow::Owned(clean) = redactor.redact_text(&line.text, "text", &mut report) {
                 line.text = clean;
@@ -1727,7 +1836,7 @@ impl Engine {
                 });
             }
             out.kept += 1;
-            self.stats.add(&from.org, |s| s.lines_accepted += 1);
+            self.stats.add(from, |s| s.lines_accepted += 1);
             if max_lines.is_some_and(|m| action.lines.total >= m) {
                 completed.push(action.spec.id.clone());
             } else {
@@ -1742,6 +1851,7 @@ impl Engine {
             }
         }
         drop(book);
+        self.count_unknown_rules(from, unknown_rules);
         for entry in audits {
             self.audit(entry);
         }
@@ -1771,7 +1881,7 @@ impl Engine {
             }
             action.bump();
             kept += 1;
-            self.stats.add(&from.org, |s| s.metric_reports += 1);
+            self.stats.add(from, |s| s.metric_reports += 1);
         }
         kept
     }
@@ -1833,23 +1943,29 @@ impl Engine {
         if action.status != ActionStatus::Active {
             return Ok(action.view());
         }
+        // Its own retention bound may forget it at once (one ended action per key of a
+        // crowded organization): answer with what it was.
+        let mut before = action.view();
         let ended = self.end(&mut book, &id, ActionStatus::Removed, "removed by a caller", caller.actor());
-        let view = book.actions.get(&id).map(Action::view);
+        let view = book.actions.get(&id).map_or_else(
+            || {
+                before.status = ActionStatus::Removed;
+                before.ended_at_ms = Some(now_ms());
+                before.end_reason = Some("removed by a caller".into());
+                before
+            },
+            Action::view,
+        );
         drop(book);
         self.after_end(&id, ended, "removed");
-        view.ok_or_else(|| ApiError::not_found(format!("no action `{id}`")))
+        Ok(view)
     }
 
     /// Ends actions past their expiry; run periodically.
     pub fn expire_due(&self) {
         let now = now_ms();
         let mut book = self.book();
-        let due: Vec<ActionId> = book
-            .actions
-            .values()
-            .filter(|a| a.status == ActionStatus::Active && a.spec.expires_at_ms <= now)
-            .map(|a| a.spec.id.clone())
-            .collect();
+        let due = book.live.due(now);
         let mut notify = Vec::new();
         for id in due {
             let ended = self.end(&mut book, &id, ActionStatus::Expired, "reached its expiry", Actor::System);
@@ -1864,9 +1980,12 @@ impl Engine {
     /// Ends an action; returns the agents to tell and the audit entry to write (both
     /// after the book is unlocked).
     fn end(&self, book: &mut Book, id: &ActionId, status: ActionStatus, reason: &str, actor: Actor) -> Ended {
-        let Some(action) = book.actions.get_mut(id) else { return Ended::default() };
+        let Some(action) = book.actions.get_mut(id).filter(|a| a.status == ActionStatus::Active) else {
+            return Ended::default();
+        };
+        let now = now_ms();
         action.status = status;
-        action.ended_at_ms = Some(now_ms());
+        action.ended_at_ms = Some(now);
         action.end_reason = Some(reason.to_owned());
         action.bump();
         self.persist(action);
@@ -1887,13 +2006,12 @@ impl Engine {
             "hits_refused": action.hits_refused,
         });
         let agents = action.agents.keys().cloned().collect();
-        book.ended.push_back(id.clone());
-        while book.ended.len() > self.max_ended {
-            if let Some(old) = book.ended.pop_front() {
-                book.actions.remove(&old);
-                if let Some(store) = &self.store {
-                    store.delete_action(old.as_str());
-                }
+        let (org, key, expires) = (action.org.clone(), action.created_by_key.clone(), action.spec.expires_at_ms);
+        book.live.remove(&org, &key, expires, id);
+        for old in book.retention.keep(&org, &key, now, id.clone()) {
+            book.actions.remove(&old);
+            if let Some(store) = &self.store {
+                store.delete_action(old.as_str());
             }
         }
         Ended { agents, audit: Some(entry) }
@@ -2015,17 +2133,28 @@ impl Engine {
 
     /// Live actions placed by one key (its live-action quota in use).
     pub fn live_count_by_key(&self, key_id: &str) -> usize {
-        self.book().actions.values().filter(|a| a.status == ActionStatus::Active && a.created_by_key == key_id).count()
+        self.book().live.count_key(key_id)
     }
 
-    /// Live actions of an organization.
-    pub fn live_count_in(&self, org: &str) -> usize {
-        self.book().actions.values().filter(|a| a.status == ActionStatus::Active && a.org == org).count()
+    /// Live actions the caller may see: its organization's, within its reach (a
+    /// pool-restricted key counts only what it could list).
+    pub fn live_count_visible(&self, caller: &Principal) -> usize {
+        let book = self.book();
+        book.live
+            .ids_in_org(caller.org())
+            .filter(|id| book.actions.get(*id).is_some_and(|a| a.visible_to(caller)))
+            .count()
     }
 
     /// Number of live actions.
     pub fn live_count(&self) -> usize {
-        self.book().actions.values().filter(|a| a.status == ActionStatus::Active).count()
+        self.book().live.len()
+    }
+
+    /// Ended actions kept for an organization (bounded by
+    /// `store.max_ended_actions_per_org`).
+    pub fn ended_count_in(&self, org: &str) -> usize {
+        self.book().retention.count_in(org)
     }
 
     /// Live actions of the caller's that some agent (or the broker) is pausing now, with
@@ -2061,12 +2190,35 @@ fn page(action: &Action, since: u64, limit: usize) -> HitsPage {
     HitsPage { next_cursor: end as u64, has_more: end < action.hits.len(), hits }
 }
 
+/// Keeps the findings an agent reported under rule ids its organization's rules have
+/// (anything else would be shown in `redaction_rules_fired` and the audit trail);
+/// returns how many it dropped. Public for the ingest instruction count
+/// (`benches/examples/ingest_cost.rs`).
+pub fn keep_known_findings(
+    redactor: &periscope_redaction::Redactor,
+    findings: &mut Vec<periscope_protocol::RedactionFinding>,
+) -> usize {
+    if findings.is_empty() {
+        return 0;
+    }
+    let before = findings.len();
+    findings.retain(|f| redactor.has_rule(&f.rule));
+    before - findings.len()
+}
+
 fn parse_action_id(raw: &str) -> Result<ActionId, ApiError> {
     ActionId::parse(raw.trim()).map_err(|e| ApiError::invalid(format!("action_id: {e}")))
 }
 
 fn truncate(s: &str) -> String {
     periscope_protocol::value::truncate_chars(s, 512).to_owned()
+}
+
+/// Text an agent sent that callers are shown (a status reason): bounded, one line.
+fn agent_text(s: &str) -> String {
+    let mut out = truncate(s);
+    periscope_protocol::value::clip_printable(&mut out, 512);
+    out
 }
 
 /// Parses every expression of the action (condition, watches, template, metric

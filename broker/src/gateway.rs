@@ -1,22 +1,26 @@
 //! The agent gateway: `GET /agents`, upgraded to a WebSocket.
 //!
 //! The agent key is checked on the HTTP request, before the upgrade (401 with a JSON
-//! body when missing, wrong, revoked or expired). After the upgrade the first frame must
-//! be a registration, within `registration_timeout_secs`, into a pool the key allows
-//! and under an agent id no other process or organization holds (both misuses are
-//! refused and audited); then one task per agent owns the socket and `select!`s over
-//! frames from the agent, messages queued for it, pings, key changes and shutdown. A
-//! bad frame gets an error frame naming what was wrong; only protocol violations that
-//! leave the session meaningless close it.
+//! body when missing, wrong, revoked or expired). After the upgrade the session holds
+//! one of its key's session slots ([`crate::agent_limits`]); the first frame must be a
+//! registration, within `registration_timeout_secs`, into a pool the key allows, from
+//! a key (and organization) not cooling down after a flood, under an agent id bound to
+//! this key and pool or to nobody yet ([`crate::identity`]) and held by no other live
+//! process. Each refusal says why and is audited (repeats aggregated per key and
+//! reason). Then one task per agent owns the socket and `select!`s over frames from the
+//! agent, messages queued for it, pings, key changes and shutdown. A bad frame gets an
+//! error frame naming what was wrong; only protocol violations that leave the session
+//! meaningless close it.
 //!
-//! Every frame is charged to the agent's budgets before it is decoded
-//! ([`crate::quota::IngestSettings`]: bytes per second, and hits per second for hit
-//! frames). What exceeds them is dropped and counted; the agent gets a `rate_limited`
-//! warning (at most one a second); an agent still flooding after
-//! `ingest.flood_warnings` warnings is disconnected, audited, and refused for
-//! `ingest.flood_cooldown_secs`. Other agents never notice. When the agent's key is
+//! Every frame is charged, before it is decoded, to the session's, its key's and its
+//! organization's byte budgets (and, once decoded as a hit, their hit budgets). What
+//! exceeds one is dropped and counted; the agent gets a `rate_limited` warning (at
+//! most one a second); an agent still flooding after `ingest.flood_warnings` warnings
+//! is disconnected, audited, and its id and key refused for
+//! `ingest.flood_cooldown_secs`. Other keys never notice. When the agent's key is
 //! revoked or expires, its session ends.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -31,11 +35,12 @@ use periscope_protocol::{
 use tokio::sync::mpsc;
 
 use crate::AppState;
+use crate::agent_limits::{Cooling, Over, SessionBudget, Verdict};
 use crate::audit::{Actor, AuditEntry, AuditKind};
 use crate::auth::AuthFailure;
 use crate::engine::{Ingested, Sender};
+use crate::identity::Mismatch;
 use crate::keys::AgentCredentials;
-use crate::quota::Rate;
 use crate::registry::{AGENT_QUEUE, DropReason, RegisterRefusal};
 
 /// Malformed frames tolerated per session before the broker gives up on an agent.
@@ -74,7 +79,9 @@ async fn send(socket: &mut WebSocket, msg: &BrokerMessage) -> bool {
 }
 
 async fn refuse(socket: &mut WebSocket, body: ProtocolErrorBody) {
-    tracing::info!(code = ?body.code, message = %body.message, "agent refused");
+    // Debug only: refusals are audited (aggregated), and a log line each would let a
+    // misbehaving agent fill the log.
+    tracing::debug!(code = ?body.code, message = %body.message, "agent refused");
     let _ = send(socket, &BrokerMessage::Error(body.clone())).await;
     let reason = periscope_protocol::value::truncate_chars(&body.message, 120).to_owned();
     let _ = socket.send(Message::Close(Some(CloseFrame { code: close_code::POLICY, reason: reason.into() }))).await;
@@ -138,7 +145,100 @@ fn agent_actor(agent_id: &AgentId, credentials: &AgentCredentials) -> Actor {
     Actor::Agent { id: agent_id.to_string(), key_id: Some(credentials.key_id.clone()) }
 }
 
+/// Audits a refused registration (aggregated per key and reason: an agent key retrying
+/// in a loop writes one entry and, a minute later, a count).
+fn audit_refusal(
+    state: &AppState,
+    credentials: &AgentCredentials,
+    actor: Actor,
+    kind: AuditKind,
+    reason: &'static str,
+    target: serde_json::Value,
+    detail: String,
+) {
+    let entry = AuditEntry::new(credentials.org.clone(), actor, kind).target(target).detail(detail);
+    state.engine.audit_repeated(entry, &credentials.key_id, reason);
+}
+
+/// Refuses a registration for an identity conflict: audited (in both organizations when
+/// another one holds the id; neither learns the other's name) and answered
+/// `identity_bound`.
+async fn refuse_bound(
+    state: &AppState,
+    socket: &mut WebSocket,
+    credentials: &AgentCredentials,
+    registration: &Registration,
+    mismatch: Mismatch,
+) {
+    let agent_id = &registration.agent_id;
+    let target = serde_json::json!({ "agent_id": agent_id, "pool": registration.pool });
+    let (detail, msg) = match &mismatch {
+        Mismatch::OtherOrg(_) => (
+            format!(
+                "an agent of this organization tried to register as `{agent_id}`, an id another organization holds"
+            ),
+            format!("agent id `{agent_id}` belongs to another agent; each agent generates its own id"),
+        ),
+        Mismatch::OtherKey => (
+            format!(
+                "an agent tried to register as `{agent_id}`, an id bound to another agent key of this organization"
+            ),
+            format!(
+                "agent id `{agent_id}` is bound to the agent key that registered it first; each agent generates its \
+                 own id"
+            ),
+        ),
+        Mismatch::OtherPool(bound) => (
+            format!(
+                "an agent tried to register `{agent_id}` into pool `{}`; the id is bound to pool `{bound}`",
+                registration.pool
+            ),
+            format!("agent id `{agent_id}` is bound to pool `{bound}`, where it registered first"),
+        ),
+    };
+    audit_refusal(
+        state,
+        credentials,
+        agent_actor(agent_id, credentials),
+        AuditKind::AgentImpersonation,
+        mismatch.reason(),
+        target,
+        detail,
+    );
+    if let Mismatch::OtherOrg(owner) = mismatch {
+        let entry = AuditEntry::new(
+            owner,
+            Actor::Agent { id: agent_id.to_string(), key_id: None },
+            AuditKind::AgentImpersonation,
+        )
+        .target(serde_json::json!({ "agent_id": agent_id }))
+        .detail(format!("a process with another organization's agent key tried to register as `{agent_id}`"));
+        // Aggregated under the intruding key, in the owner's trail.
+        state.engine.audit_repeated(entry, &credentials.key_id, "claimed_by_other_organization");
+    }
+    refuse(socket, error_body(ProtocolErrorCode::IdentityBound, msg, true)).await;
+}
+
 async fn session(state: AppState, mut socket: WebSocket, credentials: AgentCredentials) {
+    // One of the key's session slots, from the upgrade on: a key cannot hold more
+    // sockets than `agents.max_sessions_per_key`, registered or not.
+    let mut budget = match state.agent_limits.open_session(&credentials.key_id, &credentials.org) {
+        Ok(b) => b,
+        Err(body) => {
+            let actor = Actor::Agent { id: "unregistered".into(), key_id: Some(credentials.key_id.clone()) };
+            let detail = format!("an agent key over its session limit: {}", body.message);
+            audit_refusal(
+                &state,
+                &credentials,
+                actor,
+                AuditKind::AgentRefused,
+                "sessions_per_key",
+                serde_json::Value::Null,
+                detail,
+            );
+            return refuse(&mut socket, body).await;
+        }
+    };
     let settings = state.config.agents.clone();
     let timeout = Duration::from_secs(settings.registration_timeout_secs);
     let registration = match tokio::time::timeout(timeout, read_registration(&mut socket)).await {
@@ -155,75 +255,79 @@ async fn session(state: AppState, mut socket: WebSocket, credentials: AgentCrede
         return refuse(&mut socket, e.to_body(true)).await;
     }
     let agent_id = registration.agent_id.clone();
+    let target = serde_json::json!({ "pool": registration.pool, "agent_id": agent_id });
     if !credentials.allows_pool(&registration.pool) {
         let msg = format!("this agent key may not register into pool `{}`", registration.pool);
-        state.engine.audit(
-            AuditEntry::new(credentials.org.clone(), agent_actor(&agent_id, &credentials), AuditKind::AgentRefused)
-                .target(serde_json::json!({ "pool": registration.pool, "agent_id": agent_id }))
-                .detail(format!("an agent key for pools {:?} was used to register into pool `{}`", credentials.pools.clone().unwrap_or_default(), registration.pool))
-                .data(serde_json::json!({ "host": registration.host, "pid": registration.pid, "service": registration.service })),
+        let detail = format!(
+            "an agent key for pools {:?} was used to register into pool `{}`",
+            credentials.pools.clone().unwrap_or_default(),
+            registration.pool
         );
+        let actor = agent_actor(&agent_id, &credentials);
+        audit_refusal(&state, &credentials, actor, AuditKind::AgentRefused, "pool_not_allowed", target, detail);
         return refuse(&mut socket, error_body(ProtocolErrorCode::Unauthorized, msg, true)).await;
     }
+    // A flood cools down the key (and with enough flooding keys, the organization), not
+    // only the id the flooding agent chose.
+    if let Some(cooling) = state.agent_limits.cooling_down(&credentials.key_id, &credentials.org) {
+        let (whose, until, reason) = match cooling {
+            Cooling::Key(t) => ("this agent key", t, "key_cooling_down"),
+            Cooling::Org(t) => ("this organization's agents", t, "org_cooling_down"),
+        };
+        let secs = until.saturating_sub(crate::time::now_ms()).div_ceil(1_000).max(1);
+        let msg = format!("{whose} flooded the broker and may not register for {secs} s more; retry then");
+        let actor = agent_actor(&agent_id, &credentials);
+        audit_refusal(&state, &credentials, actor, AuditKind::AgentRefused, reason, target, msg.clone());
+        return refuse(&mut socket, error_body(ProtocolErrorCode::RateLimited, msg, true)).await;
+    }
+    let identities = Arc::clone(state.registry.identities());
+    let mut claim = match identities.claim(&agent_id, &credentials.org, &credentials.key_id, &registration.pool) {
+        Ok(c) => c,
+        Err(mismatch) => return refuse_bound(&state, &mut socket, &credentials, &registration, mismatch).await,
+    };
     let name = registration.display_name.clone();
     let (pool, host, pid) = (registration.pool.clone(), registration.host.clone(), registration.pid);
     let (tx, rx) = mpsc::channel(AGENT_QUEUE);
-    let session_no = match state.registry.register(registration, &credentials.org, &credentials.key_id, tx) {
+    let session_no = match state.registry.register(registration.clone(), &credentials.org, &credentials.key_id, tx) {
         Ok(s) => s,
         Err(RegisterRefusal::Duplicate) => {
             let msg = format!("agent id `{agent_id}` is already online from another process");
-            state.engine.audit(
-                AuditEntry::new(
-                    credentials.org.clone(),
-                    agent_actor(&agent_id, &credentials),
-                    AuditKind::AgentImpersonation,
-                )
-                .target(serde_json::json!({ "agent_id": agent_id, "pool": pool }))
-                .detail(format!("a second process tried to register as the online agent `{agent_id}`"))
-                .data(serde_json::json!({ "host": host, "pid": pid })),
-            );
+            let detail = format!("a second process tried to register as the online agent `{agent_id}`");
+            let target = serde_json::json!({ "agent_id": agent_id, "pool": pool, "host": host, "pid": pid });
+            let actor = agent_actor(&agent_id, &credentials);
+            audit_refusal(&state, &credentials, actor, AuditKind::AgentImpersonation, "duplicate", target, detail);
             return refuse(&mut socket, error_body(ProtocolErrorCode::DuplicateAgent, msg, true)).await;
         }
-        Err(RegisterRefusal::OtherOrg(owner)) => {
-            // Both organizations learn of it; neither learns the other's name.
-            state.engine.audit(
-                AuditEntry::new(
-                    credentials.org.clone(),
-                    agent_actor(&agent_id, &credentials),
-                    AuditKind::AgentImpersonation,
-                )
-                .target(serde_json::json!({ "agent_id": agent_id, "pool": pool }))
-                .detail(format!(
-                    "an agent of this organization tried to register as `{agent_id}`, an id another organization holds"
-                ))
-                .data(serde_json::json!({ "host": host, "pid": pid })),
-            );
-            state.engine.audit(
-                AuditEntry::new(
-                    owner,
-                    Actor::Agent { id: agent_id.to_string(), key_id: None },
-                    AuditKind::AgentImpersonation,
-                )
-                .target(serde_json::json!({ "agent_id": agent_id }))
-                .detail(format!("a process with another organization's agent key tried to register as `{agent_id}`")),
-            );
-            let msg = format!("agent id `{agent_id}` is already online from another process");
-            return refuse(&mut socket, error_body(ProtocolErrorCode::DuplicateAgent, msg, true)).await;
+        Err(RegisterRefusal::Bound(mismatch)) => {
+            return refuse_bound(&state, &mut socket, &credentials, &registration, mismatch).await;
         }
         Err(RegisterRefusal::Full(max)) => {
             let msg = format!(
                 "this organization already has {max} agents listed, all online (agents.max_agents_per_org); \
                  retry when one goes away"
             );
+            let actor = agent_actor(&agent_id, &credentials);
+            audit_refusal(&state, &credentials, actor, AuditKind::AgentRefused, "org_full", target, msg.clone());
             return refuse(&mut socket, error_body(ProtocolErrorCode::RateLimited, msg, true)).await;
         }
         Err(RegisterRefusal::CoolingDown(until)) => {
             let secs = until.saturating_sub(crate::time::now_ms()).div_ceil(1_000).max(1);
             let msg =
                 format!("agent `{agent_id}` was disconnected for sending more than its budget; retry in {secs} s");
+            let actor = agent_actor(&agent_id, &credentials);
+            audit_refusal(
+                &state,
+                &credentials,
+                actor,
+                AuditKind::AgentRefused,
+                "agent_cooling_down",
+                target,
+                msg.clone(),
+            );
             return refuse(&mut socket, error_body(ProtocolErrorCode::RateLimited, msg, true)).await;
         }
     };
+    claim.registered();
     tracing::info!(agent = %agent_id, name = %name, "agent registered");
     let registered = BrokerMessage::Registered(Registered {
         agent_id: agent_id.clone(),
@@ -235,88 +339,21 @@ async fn session(state: AppState, mut socket: WebSocket, credentials: AgentCrede
     });
     let actions = state.engine.on_agent_registered(&agent_id);
     let rules = state.engine.rules.message(&credentials.org);
-    let sender = Sender { id: agent_id.clone(), name: name.clone(), org: credentials.org.clone() };
+    let sender = Sender { id: agent_id.clone(), name: name.clone(), org: credentials.org.clone(), pool: pool.clone() };
     let reason = if send(&mut socket, &registered).await
         && send(&mut socket, &rules).await
         && send(&mut socket, &BrokerMessage::ActionSync { actions }).await
     {
-        run(&state, &mut socket, &sender, &credentials, rx).await
+        run(&state, &mut socket, &sender, &credentials, rx, &mut budget).await
     } else {
         "the socket failed during registration".to_owned()
     };
     tracing::info!(agent = %agent_id, %reason, "agent disconnected");
+    // The key's session slot and the id's claim are released before the agent shows
+    // offline: whoever sees it offline may take its place.
+    drop((budget, claim));
     state.registry.disconnect(&agent_id, session_no, &reason);
-    state.engine.on_agent_disconnected(&agent_id);
-}
-
-/// An agent's budgets in the broker, and how it has been told about them.
-struct Ingest {
-    hits: Rate,
-    bytes: Rate,
-    warnings_sent: u32,
-    last_warning: Option<tokio::time::Instant>,
-    last_drop: Option<tokio::time::Instant>,
-    dropped_since_warning: u64,
-}
-
-/// How long without drops before an agent's warnings are forgiven.
-const FLOOD_FORGET: Duration = Duration::from_secs(10);
-
-/// What to do after a drop.
-enum Verdict {
-    Quiet,
-    Warn(ProtocolErrorBody),
-    Disconnect(ProtocolErrorBody),
-}
-
-impl Ingest {
-    fn new(state: &AppState) -> Ingest {
-        Ingest {
-            hits: state.config.ingest.agent_hits(),
-            bytes: state.config.ingest.agent_bytes(),
-            warnings_sent: 0,
-            last_warning: None,
-            last_drop: None,
-            dropped_since_warning: 0,
-        }
-    }
-
-    /// Notes a drop; at most once a second, a warning, and after the configured number
-    /// of warnings, the end of the session.
-    fn dropped(&mut self, state: &AppState, what: &str) -> Verdict {
-        let now = tokio::time::Instant::now();
-        if self.last_drop.is_some_and(|t| now.duration_since(t) > FLOOD_FORGET) {
-            self.warnings_sent = 0;
-        }
-        self.last_drop = Some(now);
-        self.dropped_since_warning += 1;
-        if self.last_warning.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
-            return Verdict::Quiet;
-        }
-        let i = &state.config.ingest;
-        if self.warnings_sent >= i.flood_warnings {
-            let msg = format!(
-                "still sending more than the broker accepts ({} hits/s, {} bytes/s) after {} warnings; disconnected for \
-                 {} s",
-                i.agent_hits_per_sec, i.agent_bytes_per_sec, self.warnings_sent, i.flood_cooldown_secs
-            );
-            return Verdict::Disconnect(error_body(ProtocolErrorCode::RateLimited, msg, true));
-        }
-        self.warnings_sent += 1;
-        self.last_warning = Some(now);
-        let msg = format!(
-            "{} frame(s) dropped: {what} over the broker's budget ({} hits/s, {} bytes/s, burst x{}); warning {} of {} \
-             before disconnection",
-            self.dropped_since_warning,
-            i.agent_hits_per_sec,
-            i.agent_bytes_per_sec,
-            i.burst_factor,
-            self.warnings_sent,
-            i.flood_warnings
-        );
-        self.dropped_since_warning = 0;
-        Verdict::Warn(error_body(ProtocolErrorCode::RateLimited, msg, false))
-    }
+    state.engine.on_agent_disconnected(&sender);
 }
 
 /// The session loop; returns why it ended.
@@ -326,6 +363,7 @@ async fn run(
     sender: &Sender,
     credentials: &AgentCredentials,
     mut rx: mpsc::Receiver<BrokerMessage>,
+    budget: &mut SessionBudget,
 ) -> String {
     let agent_id = &sender.id;
     let ping_every = state.config.ping_interval();
@@ -336,7 +374,6 @@ async fn run(
     let mut bad_frames = 0u32;
     let mut shutdown = state.shutdown.clone();
     let mut key_changes = state.keys.subscribe();
-    let mut ingest = Ingest::new(state);
     loop {
         tokio::select! {
             frame = socket.recv() => {
@@ -347,20 +384,20 @@ async fn run(
                         // Charged before decoding: a flood costs the broker a length check.
                         let size = u32::try_from(text.len()).unwrap_or(u32::MAX);
                         let mut verdict = None;
-                        if ingest.bytes.take(size).is_err() {
-                            state.registry.count_drop(agent_id, DropReason::BytesRate, 1);
-                            verdict = Some(ingest.dropped(state, "bytes"));
+                        if let Err(over) = budget.charge_bytes(size) {
+                            verdict = Some(dropped(state, budget, agent_id, over, DropReason::BytesRate, "bytes"));
                         } else {
                             match decode_agent_message(text.as_str()) {
                                 Ok(AgentMessage::Goodbye { reason }) => {
-                                    return format!("agent said goodbye: {}", periscope_protocol::value::truncate_chars(&reason, 200));
-                                }
-                                Ok(AgentMessage::Hit(_)) if ingest.hits.take(1).is_err() => {
-                                    state.registry.count_drop(agent_id, DropReason::HitsRate, 1);
-                                    verdict = Some(ingest.dropped(state, "hits"));
+                                    let mut reason = reason;
+                                    periscope_protocol::value::clip_printable(&mut reason, 200);
+                                    return format!("agent said goodbye: {reason}");
                                 }
                                 Ok(msg) => {
-                                    if let Some(err) = handle(state, sender, msg) {
+                                    let over = matches!(msg, AgentMessage::Hit(_)).then(|| budget.charge_hit().err()).flatten();
+                                    if let Some(over) = over {
+                                        verdict = Some(dropped(state, budget, agent_id, over, DropReason::HitsRate, "hits"));
+                                    } else if let Some(err) = handle(state, sender, msg) {
                                         bad_frames += 1;
                                         if !send(socket, &BrokerMessage::Error(err)).await {
                                             return "the socket failed".into();
@@ -389,12 +426,18 @@ async fn run(
                                 let reason = format!("disconnected for flooding: {}", body.message);
                                 let cooldown = state.config.ingest.flood_cooldown_secs * 1_000;
                                 state.registry.cool_down(agent_id, crate::time::now_ms() + cooldown);
+                                let org_too = state.agent_limits.flooded(&credentials.key_id, &credentials.org);
                                 let dropped = state.registry.with(agent_id, |a| a.dropped).unwrap_or_default();
-                                state.engine.audit(
+                                let mut data = serde_json::to_value(dropped).unwrap_or_default();
+                                data["key_cooling_down_secs"] = state.config.ingest.flood_cooldown_secs.into();
+                                data["organization_cooling_down"] = org_too.into();
+                                state.engine.audit_repeated(
                                     AuditEntry::new(sender.org.clone(), agent_actor(agent_id, credentials), AuditKind::AgentFlooding)
                                         .target(serde_json::json!({ "agent_id": agent_id }))
                                         .detail(reason.clone())
-                                        .data(serde_json::to_value(dropped).unwrap_or_default()),
+                                        .data(data),
+                                    &credentials.key_id,
+                                    "flooding",
                                 );
                                 refuse(socket, body).await;
                                 return reason;
@@ -462,6 +505,25 @@ async fn run(
     }
 }
 
+/// Counts a dropped frame (under `own` when it was over the session's own budget, else
+/// under the key's or the organization's) and says what to do about it.
+fn dropped(
+    state: &AppState,
+    budget: &mut SessionBudget,
+    agent_id: &AgentId,
+    over: Over,
+    own: DropReason,
+    what: &str,
+) -> Verdict {
+    let reason = match over {
+        Over::Agent => own,
+        Over::Key => DropReason::KeyRate,
+        Over::Org => DropReason::OrgRate,
+    };
+    state.registry.count_drop(agent_id, reason, 1);
+    budget.dropped(&state.config.ingest, over, what)
+}
+
 /// Applies one message; returns an error frame for messages that are well-formed but
 /// wrong in context.
 fn handle(state: &AppState, from: &Sender, msg: AgentMessage) -> Option<ProtocolErrorBody> {
@@ -477,20 +539,25 @@ fn handle(state: &AppState, from: &Sender, msg: AgentMessage) -> Option<Protocol
             None
         }
         AgentMessage::Catalog(update) => {
-            let ignored = state.registry.update_catalog(agent_id, update.full, update.entries);
-            (ignored > 0).then(|| {
+            let outcome = state.registry.update_catalog(agent_id, update.full, update.entries);
+            (outcome.ignored > 0).then(|| {
+                let a = &state.config.agents;
                 error_body(
                     ProtocolErrorCode::RateLimited,
                     format!(
-                        "catalog is full ({} entries); {ignored} new locations ignored",
-                        state.config.agents.max_catalog_entries
+                        "catalog is full ({} entries or {} bytes at most, {} entries per frame); {} new locations \
+                         ignored",
+                        a.max_catalog_entries,
+                        a.max_catalog_bytes,
+                        periscope_protocol::messages::MAX_CATALOG_ENTRIES_PER_FRAME,
+                        outcome.ignored
                     ),
                     false,
                 )
             })
         }
         AgentMessage::ActionStatus(update) => {
-            state.engine.on_status(agent_id, &update.action_id, update.state);
+            state.engine.on_status(from, &update.action_id, update.state);
             None
         }
         AgentMessage::Hit(hit) => {

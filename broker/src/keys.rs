@@ -194,6 +194,20 @@ pub struct KeyRecord {
     pub revoked_by: Option<String>,
     /// Where it is defined.
     pub source: KeySource,
+    /// The key that minted this one through the API. Revoking or expiring that key
+    /// ends this one too (and everything this one minted): see [`KeyRecord::status`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created_by_key: Option<String>,
+    /// Why the key stopped working with a key it descends from (revoked, expired, gone),
+    /// when it did; worked out when the directory loads.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended_by: Option<String>,
+    /// The earliest expiry of the key and the keys it descends from.
+    #[serde(skip)]
+    effective_expires_at_ms: Option<u64>,
+    /// Whether a key it descends from was revoked or no longer exists.
+    #[serde(skip)]
+    ancestor_revoked: bool,
     #[serde(skip)]
     hash: [u8; 32],
 }
@@ -213,19 +227,29 @@ pub enum KeyStatus {
 impl KeyRecord {
     /// Whether the key works at `now_ms`.
     pub fn status(&self, now_ms: u64) -> KeyStatus {
-        if self.revoked_at_ms.is_some() {
+        if self.revoked_at_ms.is_some() || self.ancestor_revoked {
             KeyStatus::Revoked
-        } else if self.expires_at_ms.is_some_and(|t| t <= now_ms) {
+        } else if self.effective_expires_at_ms.or(self.expires_at_ms).is_some_and(|t| t <= now_ms) {
             KeyStatus::Expired
         } else {
             KeyStatus::Active
         }
     }
 
+    /// When the key stops working by time: its own expiry or an earlier one of a key it
+    /// descends from.
+    pub fn effective_expires_at_ms(&self) -> Option<u64> {
+        self.effective_expires_at_ms.or(self.expires_at_ms)
+    }
+
     /// The record with its status, as listings show it.
     pub fn view(&self, now_ms: u64) -> serde_json::Value {
         let mut v = serde_json::to_value(self).unwrap_or_default();
         v["status"] = serde_json::to_value(self.status(now_ms)).unwrap_or_default();
+        if self.effective_expires_at_ms() != self.expires_at_ms {
+            // It expires earlier, with the key that minted it.
+            v["effective_expires_at_ms"] = serde_json::json!(self.effective_expires_at_ms());
+        }
         v
     }
 
@@ -491,8 +515,50 @@ fn ensure_group_tx(tx: &rusqlite::Transaction<'_>, org: &str, group: &str) -> ru
     )? > 0)
 }
 
-fn parse_list<T: serde::de::DeserializeOwned>(raw: Option<String>) -> Option<T> {
-    raw.and_then(|s| serde_json::from_str(&s).ok())
+/// A JSON column: absent is `None`; present but undecodable is an error (the caller
+/// fails closed).
+fn decode<T: serde::de::DeserializeOwned>(raw: Option<String>) -> Result<Option<T>, serde_json::Error> {
+    raw.map(|s| serde_json::from_str(&s)).transpose()
+}
+
+/// Longest chain of minting followed; deeper (or circular) chains end the key.
+const MAX_MINT_DEPTH: usize = 64;
+
+/// Works out, for every stored key, what it inherits from the keys it descends from:
+/// the earliest expiry, and whether one of them was revoked or no longer exists (then
+/// the key is revoked too: a key never outlives the key that minted it).
+fn inherit(records: &mut BTreeMap<String, KeyRecord>, config: &BTreeMap<&str, &KeyRecord>) {
+    let mut inherited: Vec<(String, Option<u64>, Option<String>)> = Vec::new();
+    for (id, record) in records.iter() {
+        let mut expiry = record.expires_at_ms;
+        let mut ended = None;
+        let mut parent = record.created_by_key.clone();
+        let mut depth = 0;
+        while let Some(p) = parent {
+            depth += 1;
+            let found = records.get(&p).or_else(|| config.get(p.as_str()).copied());
+            let Some(up) = found.filter(|_| depth <= MAX_MINT_DEPTH) else {
+                ended = Some(format!("the key that minted it (`{p}`) no longer exists"));
+                break;
+            };
+            if let Some(t) = up.expires_at_ms {
+                expiry = Some(expiry.map_or(t, |e| e.min(t)));
+            }
+            if up.revoked_at_ms.is_some() {
+                ended = Some(format!("revoked with `{}` ({p}), the key that minted it", up.name));
+                break;
+            }
+            parent = up.created_by_key.clone();
+        }
+        inherited.push((id.clone(), expiry, ended));
+    }
+    for (id, expiry, ended) in inherited {
+        if let Some(r) = records.get_mut(&id) {
+            r.effective_expires_at_ms = expiry;
+            r.ancestor_revoked = ended.is_some();
+            r.ended_by = ended;
+        }
+    }
 }
 
 fn load(conn: &Connection, config_keys: &[Arc<KeyRecord>]) -> rusqlite::Result<(Directory, i64)> {
@@ -521,7 +587,7 @@ fn load(conn: &Connection, config_keys: &[Arc<KeyRecord>]) -> rusqlite::Result<(
     {
         let mut stmt = tx.prepare(
             "SELECT id, hash, kind, name, org, role, grp, scopes, pools, quotas, hint, created_at_ms, created_by, \
-             expires_at_ms, revoked_at_ms, revoked_by FROM keys",
+             expires_at_ms, revoked_at_ms, revoked_by, created_by_key FROM keys",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok((
@@ -541,8 +607,10 @@ fn load(conn: &Connection, config_keys: &[Arc<KeyRecord>]) -> rusqlite::Result<(
                 r.get::<_, Option<i64>>(13)?,
                 r.get::<_, Option<i64>>(14)?,
                 r.get::<_, Option<String>>(15)?,
+                r.get::<_, Option<String>>(16)?,
             ))
         })?;
+        let mut records: BTreeMap<String, KeyRecord> = BTreeMap::new();
         for row in rows {
             let (
                 id,
@@ -561,6 +629,7 @@ fn load(conn: &Connection, config_keys: &[Arc<KeyRecord>]) -> rusqlite::Result<(
                 exp,
                 rev,
                 rev_by,
+                parent,
             ) = row?;
             let Some(hash) = unhex(&hash_hex) else {
                 tracing::warn!(key = %id, "skipping a stored key with a malformed hash");
@@ -572,26 +641,44 @@ fn load(conn: &Connection, config_keys: &[Arc<KeyRecord>]) -> rusqlite::Result<(
                 tracing::warn!(key = %id, "skipping a stored API key without a known role");
                 continue;
             }
-            let record = Arc::new(KeyRecord {
-                key_id: id.clone(),
-                kind,
-                name,
-                org,
-                role,
-                group,
-                scopes: parse_list(scopes),
-                pools: parse_list(pools),
-                quotas: parse_list(quotas),
-                hint,
-                created_at_ms: to_u64(created),
-                created_by: by,
-                expires_at_ms: exp.map(to_u64),
-                revoked_at_ms: rev.map(to_u64),
-                revoked_by: rev_by,
-                source: KeySource::Store,
-                hash,
-            });
-            dir.by_hash.insert(hash, Arc::clone(&record));
+            // A restriction that does not decode is no restriction we can apply: the key
+            // is left out (it does not authenticate) rather than given the role's reach.
+            let (Ok(scopes), Ok(pools), Ok(quotas)) = (decode(scopes), decode(pools), decode(quotas)) else {
+                tracing::error!(key = %id, "skipping a stored key whose scopes, pools or quotas do not decode");
+                continue;
+            };
+            records.insert(
+                id.clone(),
+                KeyRecord {
+                    key_id: id,
+                    kind,
+                    name,
+                    org,
+                    role,
+                    group,
+                    scopes,
+                    pools,
+                    quotas,
+                    hint,
+                    created_at_ms: to_u64(created),
+                    created_by: by,
+                    expires_at_ms: exp.map(to_u64),
+                    revoked_at_ms: rev.map(to_u64),
+                    revoked_by: rev_by,
+                    source: KeySource::Store,
+                    created_by_key: parent,
+                    ended_by: None,
+                    effective_expires_at_ms: None,
+                    ancestor_revoked: false,
+                    hash,
+                },
+            );
+        }
+        let config: BTreeMap<&str, &KeyRecord> = config_keys.iter().map(|k| (k.key_id.as_str(), &**k)).collect();
+        inherit(&mut records, &config);
+        for (id, record) in records {
+            let record = Arc::new(record);
+            dir.by_hash.insert(record.hash, Arc::clone(&record));
             dir.by_id.insert(id, record);
         }
     }
@@ -626,6 +713,10 @@ fn config_records(api: &[ApiKeyConfig], agent: &[AgentKeyConfig]) -> Vec<Arc<Key
             revoked_at_ms: None,
             revoked_by: None,
             source: KeySource::Config,
+            created_by_key: None,
+            ended_by: None,
+            effective_expires_at_ms: None,
+            ancestor_revoked: false,
             hash: hash(&k.key),
         }));
     }
@@ -647,6 +738,10 @@ fn config_records(api: &[ApiKeyConfig], agent: &[AgentKeyConfig]) -> Vec<Arc<Key
             revoked_at_ms: None,
             revoked_by: None,
             source: KeySource::Config,
+            created_by_key: None,
+            ended_by: None,
+            effective_expires_at_ms: None,
+            ancestor_revoked: false,
             hash: hash(&k.key),
         }));
     }
@@ -817,8 +912,38 @@ impl KeyStore {
     /// Creates a key and records it in the audit trail, in one transaction. The
     /// organization (and, from the command line, the group) is created when missing;
     /// through the API the caller's authority was checked with [`check_create`].
-    pub fn create(&self, new: NewKey, actor: &Actor) -> Result<IssuedKey, KeyError> {
+    ///
+    /// A key created by another key (an API caller) is minted by it: it never outlives
+    /// its creator. With no expiry given it expires when the creator does; an expiry
+    /// after the creator's is refused. Revoking the creator revokes it
+    /// ([`KeyStore::revoke`]). Keys made on the command line belong to no other key.
+    pub fn create(&self, mut new: NewKey, actor: &Actor) -> Result<IssuedKey, KeyError> {
         validate_new(&new)?;
+        let parent = match actor {
+            Actor::Key { id, .. } => {
+                let dir = self.refresh()?;
+                let Some(creator) = dir.key(id).filter(|k| k.status(now_ms()) == KeyStatus::Active).cloned() else {
+                    return Err(forbidden("the key making this request is no longer active"));
+                };
+                if let Some(limit) = creator.effective_expires_at_ms() {
+                    match new.expires_at_ms {
+                        None => new.expires_at_ms = Some(limit),
+                        Some(t) if t > limit => {
+                            return Err(invalid(
+                                "expires_at",
+                                format!(
+                                    "is after the expiry of the key creating it ({limit} Unix ms); a minted key never \
+                                     outlives its creator: give an earlier expiry, or none to expire with it"
+                                ),
+                            ));
+                        }
+                        Some(_) => {}
+                    }
+                }
+                Some(creator.key_id.clone())
+            }
+            _ => None,
+        };
         let secret = new_secret(new.kind.prefix())?;
         let now = now_ms();
         let record = KeyRecord {
@@ -841,6 +966,10 @@ impl KeyStore {
             revoked_at_ms: None,
             revoked_by: None,
             source: KeySource::Store,
+            created_by_key: parent,
+            ended_by: None,
+            effective_expires_at_ms: None,
+            ancestor_revoked: false,
             hash: hash(&secret),
         };
         let mut db = self.db();
@@ -872,7 +1001,8 @@ impl KeyStore {
             }
             tx.execute(
                 "INSERT INTO keys (id, hash, kind, name, org, role, grp, scopes, pools, quotas, hint, created_at_ms, \
-                 created_by, expires_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                 created_by, expires_at_ms, created_by_key) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, \
+                 ?13, ?14, ?15)",
                 params![
                     record.key_id,
                     hex(&record.hash),
@@ -888,6 +1018,7 @@ impl KeyStore {
                     to_i64(record.created_at_ms),
                     record.created_by,
                     record.expires_at_ms.map(to_i64),
+                    record.created_by_key,
                 ],
             )?;
             let role = record.role.map_or("agent key".to_owned(), |r| format!("{} key", r.as_str()));
@@ -902,6 +1033,7 @@ impl KeyStore {
                     "pools": record.pools,
                     "quotas": record.quotas,
                     "expires_at_ms": record.expires_at_ms,
+                    "created_by_key": record.created_by_key,
                 }));
             audit::insert(&tx, &entry)?;
             bump_epoch(&tx)?;
@@ -911,8 +1043,10 @@ impl KeyStore {
         Ok(IssuedKey { secret, key: record })
     }
 
-    /// Revokes a key (it fails from the next call on) and records it. Revoking a
-    /// revoked key changes nothing and returns it.
+    /// Revokes a key (it fails from the next call on) and records it, together with
+    /// every key it minted, and every key those minted, in one transaction: a key never
+    /// outlives the key that minted it. Each is a `key_revoked` entry naming the key
+    /// revoked first. Revoking a revoked key changes nothing and returns it.
     pub fn revoke(&self, key_id: &str, actor: &Actor) -> Result<KeyRecord, KeyError> {
         let dir = self.refresh()?;
         let Some(record) = dir.key(key_id.trim()).cloned() else {
@@ -927,19 +1061,40 @@ impl KeyStore {
         if record.revoked_at_ms.is_some() {
             return Ok((*record).clone());
         }
+        let minted = descendants(&dir, &record.key_id);
         let now = now_ms();
         let mut db = self.db();
         {
             let tx = db.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.execute(
-                "UPDATE keys SET revoked_at_ms = ?2, revoked_by = ?3 WHERE id = ?1 AND revoked_at_ms IS NULL",
-                params![record.key_id, to_i64(now), actor.name()],
-            )?;
-            let entry = AuditEntry::new(record.org.clone(), actor.clone(), AuditKind::KeyRevoked)
-                .target(serde_json::json!({ "key_id": record.key_id, "kind": record.kind }))
-                .detail(format!("revoked {} key `{}`", record.kind.as_str(), record.name))
-                .data(serde_json::json!({ "name": record.name, "role": record.role, "group": record.group }));
-            audit::insert(&tx, &entry)?;
+            for (i, key) in std::iter::once(&record).chain(minted.iter()).enumerate() {
+                let changed = tx.execute(
+                    "UPDATE keys SET revoked_at_ms = ?2, revoked_by = ?3 WHERE id = ?1 AND revoked_at_ms IS NULL",
+                    params![key.key_id, to_i64(now), actor.name()],
+                )?;
+                if changed == 0 {
+                    continue;
+                }
+                let detail = if i == 0 {
+                    format!("revoked {} key `{}`", key.kind.as_str(), key.name)
+                } else {
+                    format!(
+                        "revoked {} key `{}` with `{}` ({}), which minted it",
+                        key.kind.as_str(),
+                        key.name,
+                        record.name,
+                        record.key_id
+                    )
+                };
+                let entry = AuditEntry::new(key.org.clone(), actor.clone(), AuditKind::KeyRevoked)
+                    .target(serde_json::json!({ "key_id": key.key_id, "kind": key.kind }))
+                    .detail(detail)
+                    .data(serde_json::json!({
+                        "name": key.name, "role": key.role, "group": key.group,
+                        "cascade_from": (i > 0).then_some(&record.key_id),
+                        "minted_keys_revoked": (i == 0).then_some(minted.len()),
+                    }));
+                audit::insert(&tx, &entry)?;
+            }
             bump_epoch(&tx)?;
             tx.commit()?;
         }
@@ -1053,6 +1208,28 @@ impl KeyStore {
             .query_row("SELECT COUNT(*) FROM meta WHERE key = 'bootstrap_issued_at_ms'", [], |r| r.get::<_, i64>(0))?
             > 0)
     }
+}
+
+/// Every key minted, directly or not, by `root`, nearest first.
+fn descendants(dir: &Directory, root: &str) -> Vec<Arc<KeyRecord>> {
+    let mut children: BTreeMap<&str, Vec<&Arc<KeyRecord>>> = BTreeMap::new();
+    for k in dir.keys() {
+        if let Some(p) = &k.created_by_key {
+            children.entry(p.as_str()).or_default().push(k);
+        }
+    }
+    let mut out: Vec<Arc<KeyRecord>> = Vec::new();
+    let mut seen: BTreeSet<&str> = BTreeSet::from([root]);
+    let mut queue = std::collections::VecDeque::from([root]);
+    while let Some(id) = queue.pop_front() {
+        for child in children.get(id).into_iter().flatten() {
+            if seen.insert(&child.key_id) {
+                out.push(Arc::clone(child));
+                queue.push_back(&child.key_id);
+            }
+        }
+    }
+    out
 }
 
 /// Checks a key request on its own (names, role and group, scopes, pools, expiry).
@@ -1384,6 +1561,82 @@ mod tests {
         assert!(again.bootstrap(0).unwrap().is_none());
         let (_d, fresh) = store();
         assert!(fresh.bootstrap(1).unwrap().is_none(), "configured keys: no bootstrap");
+    }
+
+    fn minted_by(issued: &IssuedKey) -> Actor {
+        Actor::Key { id: issued.key.key_id.clone(), name: issued.key.name.clone() }
+    }
+
+    #[test]
+    fn a_minted_key_never_outlives_the_key_that_minted_it() {
+        let (_dir, keys) = store();
+        let expiry = now_ms() + 3_600_000;
+        let admin = keys
+            .create(NewKey { expires_at_ms: Some(expiry), ..api("admin", Role::CompanyAdmin) }, &Actor::cli())
+            .unwrap();
+        // No expiry given: it expires with its creator.
+        let dev = keys.create(api("dev", Role::Developer), &minted_by(&admin)).unwrap();
+        assert_eq!(dev.key.expires_at_ms, Some(expiry));
+        assert_eq!(dev.key.created_by_key.as_deref(), Some(admin.key.key_id.as_str()));
+        // A later expiry is refused, naming the rule.
+        let err = keys
+            .create(NewKey { expires_at_ms: Some(expiry + 1), ..api("late", Role::Developer) }, &minted_by(&admin))
+            .unwrap_err();
+        assert!(err.to_string().contains("never outlives its creator"), "{err}");
+        // An earlier one is kept.
+        let early = keys
+            .create(NewKey { expires_at_ms: Some(expiry - 1_000), ..api("early", Role::Developer) }, &minted_by(&admin))
+            .unwrap();
+        assert_eq!(early.key.expires_at_ms, Some(expiry - 1_000));
+    }
+
+    #[test]
+    fn revoking_a_key_revokes_every_key_it_minted_down_the_line() {
+        let (dir, keys) = store();
+        let admin = keys.create(api("admin", Role::CompanyAdmin), &Actor::cli()).unwrap();
+        let child = keys.create(api("child", Role::CompanyAdmin), &minted_by(&admin)).unwrap();
+        let grandchild = keys.create(api("grandchild", Role::Developer), &minted_by(&child)).unwrap();
+        let other = keys.create(api("other", Role::Developer), &Actor::cli()).unwrap();
+        keys.revoke(&admin.key.key_id, &Actor::cli()).unwrap();
+        for k in [&admin, &child, &grandchild] {
+            assert_eq!(keys.authenticate_api(&k.secret).unwrap_err(), AuthFailure::Revoked, "{}", k.key.name);
+            assert!(keys.current().key(&k.key.key_id).unwrap().revoked_at_ms.is_some(), "stored as revoked");
+        }
+        assert!(keys.authenticate_api(&other.secret).is_ok(), "keys it did not mint keep working");
+        // A child whose creator was revoked by an older broker (no cascade in the rows)
+        // still fails: what a key inherits is worked out when the directory loads.
+        let a2 = keys.create(api("a2", Role::CompanyAdmin), &Actor::cli()).unwrap();
+        let c2 = keys.create(api("c2", Role::Developer), &minted_by(&a2)).unwrap();
+        let conn = crate::store::open_connection(dir.path()).unwrap();
+        conn.execute("UPDATE keys SET revoked_at_ms = 1 WHERE id = ?1", params![a2.key.key_id]).unwrap();
+        conn.execute("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'auth_epoch'", [])
+            .unwrap();
+        assert_eq!(keys.authenticate_api(&c2.secret).unwrap_err(), AuthFailure::Revoked);
+        let record = keys.current().key(&c2.key.key_id).cloned().unwrap();
+        assert!(record.ended_by.as_deref().unwrap_or("").contains("a2"), "{record:?}");
+    }
+
+    #[test]
+    fn a_stored_key_whose_restrictions_do_not_decode_does_not_authenticate() {
+        let (dir, keys) = store();
+        let narrow = keys
+            .create(NewKey { pools: Some(vec!["shop".into()]), ..api("narrow", Role::Developer) }, &Actor::cli())
+            .unwrap();
+        assert!(keys.authenticate_api(&narrow.secret).is_ok());
+        let conn = crate::store::open_connection(dir.path()).unwrap();
+        for column in ["pools", "scopes", "quotas"] {
+            conn.execute(&format!("UPDATE keys SET {column} = '{{broken' WHERE id = ?1"), params![narrow.key.key_id])
+                .unwrap();
+            conn.execute(
+                "UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'auth_epoch'",
+                [],
+            )
+            .unwrap();
+            // Fail closed: not the role's full reach, no access at all.
+            assert_eq!(keys.authenticate_api(&narrow.secret).unwrap_err(), AuthFailure::Unknown, "{column}");
+            conn.execute(&format!("UPDATE keys SET {column} = NULL WHERE id = ?1"), params![narrow.key.key_id])
+                .unwrap();
+        }
     }
 
     #[test]

@@ -31,9 +31,12 @@
 //! - [`error`]: the error codes callers see.
 //! - [`demo`]: `periscope demo` and its shop processes.
 
+pub mod action_index;
 pub mod admin;
+pub mod agent_limits;
 pub mod api;
 pub mod audit;
+pub mod audit_repeats;
 pub mod auth;
 pub mod cli;
 pub mod config;
@@ -41,6 +44,7 @@ pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod gateway;
+pub mod identity;
 pub mod keys;
 pub mod listener;
 pub mod logging;
@@ -48,6 +52,7 @@ pub mod mcp;
 pub mod query;
 pub mod quota;
 pub mod registry;
+pub mod retention;
 pub mod rules;
 pub mod store;
 pub mod telemetry;
@@ -95,6 +100,8 @@ pub struct BrokerState {
     pub callers: CallerLimits,
     /// Which key owns each MCP session.
     pub mcp_sessions: Arc<mcp::sessions::SessionOwners>,
+    /// Per-agent-key and per-organization ingest budgets, cool-downs, session slots.
+    pub agent_limits: agent_limits::AgentLimits,
     /// The database directory: the data directory, or a scratch directory removed when
     /// the broker stops.
     pub data_dir: std::path::PathBuf,
@@ -171,7 +178,7 @@ async fn prometheus(
     use std::fmt::Write as _;
     use telemetry::{label, num};
     let mut out = String::new();
-    let stats = state.engine.stats.org(caller.org());
+    let stats = state.engine.stats.visible_to(&caller);
     let mut agents: Vec<(String, String, periscope_protocol::Heartbeat, registry::IngestDrops)> = Vec::new();
     let (mut known, mut online) = (0usize, 0usize);
     state.registry.for_each(|a| {
@@ -191,7 +198,7 @@ async fn prometheus(
     let _ = writeln!(out, "periscope_agents_known {known}");
     let _ = writeln!(out, "# HELP periscope_actions_live Actions collecting.");
     let _ = writeln!(out, "# TYPE periscope_actions_live gauge");
-    let _ = writeln!(out, "periscope_actions_live {}", state.engine.live_count_in(caller.org()));
+    let _ = writeln!(out, "periscope_actions_live {}", state.engine.live_count_visible(&caller));
     for (name, help, value) in [
         ("periscope_hits_accepted_total", "Snapshot hits stored.", stats.hits_accepted),
         (
@@ -244,6 +251,10 @@ async fn prometheus(
             ("bytes_rate", d.bytes_rate),
             ("action_rate", d.action_rate),
             ("log_rate", d.log_rate),
+            ("key_rate", d.key_rate),
+            ("org_rate", d.org_rate),
+            ("unknown_redaction_rule", d.unknown_rules),
+            ("catalog", d.catalog),
         ] {
             let _ = writeln!(
                 out,
@@ -346,8 +357,16 @@ pub async fn run(
     config.validate()?;
     let bound = listener.local_addr()?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let registry =
-        Arc::new(Registry::new(config.agents.max_catalog_entries).with_max_per_org(config.agents.max_agents_per_org));
+    let a = &config.agents;
+    let registry = Arc::new(
+        Registry::new(a.max_catalog_entries)
+            .with_max_per_org(a.max_agents_per_org)
+            .with_max_catalog_bytes(a.max_catalog_bytes)
+            .with_identities(identity::Identities::new(
+                a.identity_retention_secs.saturating_mul(1_000),
+                usize::try_from(a.max_identities_per_org).unwrap_or(usize::MAX),
+            )),
+    );
     // Without a data directory the same database lives in a scratch directory that
     // goes away with the broker: one code path, nothing survives.
     let scratch = match &config.data_dir {
@@ -375,7 +394,9 @@ pub async fn run(
             dir.display()
         );
     }
-    let (store, loaded) = store::Store::open(&dir)?;
+    let (store, mut loaded) = store::Store::open(&dir)?;
+    // Agent ids stay bound to their keys across restarts.
+    registry.identities().restore(std::mem::take(&mut loaded.identities), store.handle());
     let rules = rules::Rules::new(config.redaction.clone())?;
     // Rules changed at run time outlive a restart unless the file's are newer.
     for (key, json) in &loaded.settings {
@@ -390,12 +411,13 @@ pub async fn run(
         Arc::clone(&registry),
         Arc::clone(&rules),
         config.limits,
-        config.store.max_ended_actions,
+        config.store.max_ended_actions_per_org,
         stop_rx.clone(),
     )
     .with_metric_interval(config.agents.metric_report_interval_ms)
     .with_keys(Arc::clone(&keys))
     .with_ingest(config.ingest.clone())
+    .with_org_quotas(config.org_quotas.resolve(&config.callers))
     .with_store(store, loaded)?;
     if config.mcp_allowed_hosts().iter().all(|h| h != &bound.ip().to_string()) && !bound.ip().is_loopback() {
         tracing::warn!(
@@ -405,6 +427,11 @@ pub async fn run(
         );
     }
     let cancel = CancellationToken::new();
+    let org_quotas = config.org_quotas.resolve(&config.callers);
+    let agent_limits = agent_limits::AgentLimits::new(
+        config.ingest.clone(),
+        usize::try_from(config.agents.max_sessions_per_key).unwrap_or(usize::MAX),
+    );
     let state = Arc::new(BrokerState {
         config,
         registry,
@@ -413,8 +440,9 @@ pub async fn run(
         bound,
         cancel: cancel.clone(),
         keys,
-        callers: CallerLimits::default(),
         mcp_sessions: Arc::default(),
+        callers: CallerLimits::new(org_quotas),
+        agent_limits,
         data_dir: dir,
         scratch,
     });
@@ -457,7 +485,8 @@ fn print_bootstrap_key(issued: &keys::IssuedKey, persistent: bool) {
         "  id {}, role company_admin, organization default. Use it to create the keys people and",
         issued.key.key_id
     );
-    eprintln!("  assistants use (POST /api/v1/keys or `periscope keys create`), then revoke it.");
+    eprintln!("  assistants use, then revoke it. Keys it creates through the API are revoked with it; create");
+    eprintln!("  lasting admin keys with `periscope keys create`, which belong to no other key.");
     if !persistent {
         eprintln!("  (No --data-dir: this broker keeps nothing, so the next start issues another one.)");
     }
@@ -477,8 +506,12 @@ async fn housekeeping(state: AppState) {
             tracing::warn!(error = %e, "cannot read the key store");
         }
         n += 1;
+        if n.is_multiple_of(4) {
+            state.engine.flush_repeats();
+        }
         if n.is_multiple_of(240) {
             state.registry.expire_offline(state.config.agents.offline_retention_secs * 1_000);
+            state.registry.identities().expire();
         }
         if n % 14_400 == 1 {
             let retention_ms = state.config.store.hit_retention_days * 86_400_000;
@@ -486,9 +519,10 @@ async fn housekeeping(state: AppState) {
             let audit_ms = state.config.store.audit_retention_days * 86_400_000;
             state.engine.purge_audit_before(time::now_ms().saturating_sub(audit_ms));
             let directory = state.keys.current();
-            state
-                .callers
-                .retain(|id| directory.key(id).is_some_and(|k| k.status(time::now_ms()) == keys::KeyStatus::Active));
+            let active =
+                |id: &str| directory.key(id).is_some_and(|k| k.status(time::now_ms()) == keys::KeyStatus::Active);
+            state.callers.retain(active);
+            state.agent_limits.retain(active);
         }
     }
 }

@@ -3,9 +3,15 @@
 //!
 //! - Per caller (per API key): calls per minute (every REST request and every MCP
 //!   message counts; tool calls report `quota_exceeded` as a tool result), concurrent
-//!   waits (blocking `place_snapshot` calls and long polls), and live actions (counted
-//!   by the engine). Defaults come from `[callers]`, per-role overrides from
-//!   `[callers.<role>]`, per-key overrides from the key ([`CallerQuotaOverrides`]).
+//!   waits (blocking `place_snapshot` calls and long polls), MCP sessions, and live
+//!   actions (counted by the engine). Defaults come from `[callers]`, per-role
+//!   overrides from `[callers.<role>]`, per-key overrides from the key
+//!   ([`CallerQuotaOverrides`]).
+//! - Per organization ([`OrgQuotas`], `[org_quotas]`): a ceiling above every key's own
+//!   quotas for the same four, so minting keys never multiplies what an organization
+//!   may do. A call is charged to its key first, then to its organization (a key over
+//!   its own budget never spends its organization's); waits and sessions take both
+//!   slots under one lock or neither.
 //! - Per agent, in the gateway: hits and bytes per second accepted ([`AgentIngest`]);
 //!   excess frames are dropped and counted, the agent is warned, and an agent that
 //!   keeps flooding is disconnected and kept out for a cool-down.
@@ -26,6 +32,7 @@ use governor::middleware::StateInformationMiddleware;
 use governor::{DefaultDirectRateLimiter, Quota};
 use serde::{Deserialize, Serialize};
 
+use crate::auth::Principal;
 use crate::error::{ApiError, ErrorCode};
 
 /// One GCRA: `per_second` cells per second with a burst of `burst` cells.
@@ -100,6 +107,8 @@ pub struct CallerQuotas {
     pub concurrent_waits: u32,
     /// Live actions at once.
     pub live_actions: u32,
+    /// MCP sessions open at once.
+    pub mcp_sessions: u32,
 }
 
 impl Default for CallerQuotas {
@@ -109,6 +118,7 @@ impl Default for CallerQuotas {
             call_burst: DEFAULT_CALL_BURST,
             concurrent_waits: DEFAULT_CONCURRENT_WAITS,
             live_actions: DEFAULT_LIVE_ACTIONS,
+            mcp_sessions: DEFAULT_MCP_SESSIONS,
         }
     }
 }
@@ -122,14 +132,17 @@ pub const DEFAULT_CALL_BURST: u32 = 30;
 pub const DEFAULT_CONCURRENT_WAITS: u32 = 4;
 /// Live actions per caller (keeps one runaway assistant from filling every agent).
 pub const DEFAULT_LIVE_ACTIONS: u32 = 20;
+/// MCP sessions per caller open at once (an assistant opens one per conversation).
+pub const DEFAULT_MCP_SESSIONS: u32 = 16;
 
 /// Allowed ranges of the caller quotas: a quota can be tightened or loosened, never
 /// switched off.
-pub const CALLER_BOUNDS: [(&str, u32, u32); 4] = [
+pub const CALLER_BOUNDS: [(&str, u32, u32); 5] = [
     ("calls_per_minute", 1, 60_000),
     ("call_burst", 1, 10_000),
     ("concurrent_waits", 1, 1_000),
     ("live_actions", 1, 1_000),
+    ("mcp_sessions", 1, 10_000),
 ];
 
 /// Per-role or per-key overrides of [`CallerQuotas`]; absent fields inherit.
@@ -148,6 +161,9 @@ pub struct CallerQuotaOverrides {
     /// Overrides `live_actions`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub live_actions: Option<u32>,
+    /// Overrides `mcp_sessions`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mcp_sessions: Option<u32>,
 }
 
 impl CallerQuotaOverrides {
@@ -158,13 +174,15 @@ impl CallerQuotaOverrides {
             call_burst: self.call_burst.unwrap_or(base.call_burst),
             concurrent_waits: self.concurrent_waits.unwrap_or(base.concurrent_waits),
             live_actions: self.live_actions.unwrap_or(base.live_actions),
+            mcp_sessions: self.mcp_sessions.unwrap_or(base.mcp_sessions),
         }
     }
 
     /// Checks every value given is within [`CALLER_BOUNDS`]; the error names the field
     /// (under `prefix`) and the range.
     pub fn validate(&self, prefix: &str) -> Result<(), (String, String)> {
-        let values = [self.calls_per_minute, self.call_burst, self.concurrent_waits, self.live_actions];
+        let values =
+            [self.calls_per_minute, self.call_burst, self.concurrent_waits, self.live_actions, self.mcp_sessions];
         for ((name, min, max), value) in CALLER_BOUNDS.iter().zip(values) {
             if let Some(v) = value
                 && !(*min..=*max).contains(&v)
@@ -191,6 +209,8 @@ pub struct CallerSettings {
     pub concurrent_waits: u32,
     /// Live actions per key (default 20).
     pub live_actions: u32,
+    /// MCP sessions open at once per key (default 16).
+    pub mcp_sessions: u32,
     /// Overrides for `developer` keys.
     pub developer: CallerQuotaOverrides,
     /// Overrides for `group_admin` keys.
@@ -207,6 +227,7 @@ impl Default for CallerSettings {
             call_burst: d.call_burst,
             concurrent_waits: d.concurrent_waits,
             live_actions: d.live_actions,
+            mcp_sessions: d.mcp_sessions,
             developer: CallerQuotaOverrides::default(),
             group_admin: CallerQuotaOverrides::default(),
             company_admin: CallerQuotaOverrides::default(),
@@ -222,6 +243,7 @@ impl CallerSettings {
             call_burst: self.call_burst,
             concurrent_waits: self.concurrent_waits,
             live_actions: self.live_actions,
+            mcp_sessions: self.mcp_sessions,
         };
         let by_role = match role {
             crate::auth::Role::Developer => &self.developer,
@@ -239,11 +261,121 @@ impl CallerSettings {
             call_burst: Some(self.call_burst),
             concurrent_waits: Some(self.concurrent_waits),
             live_actions: Some(self.live_actions),
+            mcp_sessions: Some(self.mcp_sessions),
         }
         .validate("callers.")?;
         self.developer.validate("callers.developer.")?;
         self.group_admin.validate("callers.group_admin.")?;
         self.company_admin.validate("callers.company_admin.")
+    }
+}
+
+/// `[org_quotas]`: ceilings per organization above every key's own quotas. However many
+/// keys an organization mints, together they never exceed these. A value left out is ten
+/// times the per-key quota of `[callers]` ([`OrgQuotas::resolve`]), so raising a key's
+/// quota never makes a configuration invalid.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OrgQuotas {
+    /// Calls per minute, all keys of the organization together.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calls_per_minute: Option<u32>,
+    /// Burst of calls, all keys together.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub call_burst: Option<u32>,
+    /// Blocking calls at once, all keys together.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub concurrent_waits: Option<u32>,
+    /// Live actions at once, all keys together.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live_actions: Option<u32>,
+    /// MCP sessions open at once, all keys together.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mcp_sessions: Option<u32>,
+}
+
+/// The organization ceilings in force (every value resolved).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct OrgCeilings {
+    /// Calls per minute, all keys together.
+    pub calls_per_minute: u32,
+    /// Burst of calls, all keys together.
+    pub call_burst: u32,
+    /// Blocking calls at once, all keys together.
+    pub concurrent_waits: u32,
+    /// Live actions at once, all keys together.
+    pub live_actions: u32,
+    /// MCP sessions open at once, all keys together.
+    pub mcp_sessions: u32,
+}
+
+impl Default for OrgCeilings {
+    fn default() -> Self {
+        OrgQuotas::default().resolve(&CallerSettings::default())
+    }
+}
+
+/// Allowed ranges of the organization ceilings.
+pub const ORG_BOUNDS: [(&str, u32, u32); 5] = [
+    ("calls_per_minute", 1, 600_000),
+    ("call_burst", 1, 100_000),
+    ("concurrent_waits", 1, 100_000),
+    ("live_actions", 1, 100_000),
+    ("mcp_sessions", 1, 100_000),
+];
+
+/// What a ceiling left out is, in multiples of the per-key quota.
+pub const ORG_DEFAULT_FACTOR: u32 = 10;
+
+fn per_key(callers: &CallerSettings) -> [u32; 5] {
+    [callers.calls_per_minute, callers.call_burst, callers.concurrent_waits, callers.live_actions, callers.mcp_sessions]
+}
+
+impl OrgQuotas {
+    fn values(&self) -> [Option<u32>; 5] {
+        [self.calls_per_minute, self.call_burst, self.concurrent_waits, self.live_actions, self.mcp_sessions]
+    }
+
+    /// The ceilings in force: each value given, or ten times the per-key quota (within
+    /// the bounds).
+    pub fn resolve(&self, callers: &CallerSettings) -> OrgCeilings {
+        let mut v = [0u32; 5];
+        for (i, ((given, key), (_, _, max))) in
+            self.values().into_iter().zip(per_key(callers)).zip(ORG_BOUNDS).enumerate()
+        {
+            v[i] = given.unwrap_or_else(|| key.saturating_mul(ORG_DEFAULT_FACTOR).min(max));
+        }
+        OrgCeilings {
+            calls_per_minute: v[0],
+            call_burst: v[1],
+            concurrent_waits: v[2],
+            live_actions: v[3],
+            mcp_sessions: v[4],
+        }
+    }
+
+    /// Checks every value given is within [`ORG_BOUNDS`] and at least the per-key quota
+    /// of `[callers]` (a ceiling sits above what one key may do); the error names the
+    /// key (`org_quotas.…`).
+    pub fn validate(&self, callers: &CallerSettings) -> Result<(), (String, String)> {
+        for (((name, min, max), v), key) in ORG_BOUNDS.iter().zip(self.values()).zip(per_key(callers)) {
+            let Some(v) = v else { continue };
+            if !(*min..=*max).contains(&v) {
+                return Err((
+                    format!("org_quotas.{name}"),
+                    format!("{v} is outside {min}..={max} (quotas can be changed, not switched off)"),
+                ));
+            }
+            if v < key {
+                return Err((
+                    format!("org_quotas.{name}"),
+                    format!(
+                        "{v} is below callers.{name} ({key}): the organization's ceiling must sit above one key's quota"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -270,8 +402,20 @@ pub struct IngestSettings {
     /// Warnings an agent gets (at most one per second) while its frames are dropped,
     /// before it is disconnected.
     pub flood_warnings: u32,
-    /// How long an agent disconnected for flooding is refused when it comes back.
+    /// How long an agent disconnected for flooding (and its agent key, under any agent
+    /// id) is refused when it comes back.
     pub flood_cooldown_secs: u64,
+    /// Snapshot hits per second accepted from all agents of one agent key together.
+    pub key_hits_per_sec: f64,
+    /// Bytes per second accepted from all agents of one agent key together.
+    pub key_bytes_per_sec: u64,
+    /// Snapshot hits per second accepted from all agents of one organization together.
+    pub org_hits_per_sec: f64,
+    /// Bytes per second accepted from all agents of one organization together.
+    pub org_bytes_per_sec: u64,
+    /// Agent keys of one organization cooling down at once that make the whole
+    /// organization's new registrations wait the cool-down too.
+    pub org_flood_keys: u32,
 }
 
 impl Default for IngestSettings {
@@ -285,6 +429,11 @@ impl Default for IngestSettings {
             action_log_bytes_per_sec: 40 * 1024,
             flood_warnings: 3,
             flood_cooldown_secs: 30,
+            key_hits_per_sec: 1_000.0,
+            key_bytes_per_sec: 32 * 1024 * 1024,
+            org_hits_per_sec: 5_000.0,
+            org_bytes_per_sec: 128 * 1024 * 1024,
+            org_flood_keys: 3,
         }
     }
 }
@@ -303,6 +452,11 @@ impl IngestSettings {
             ("ingest.action_log_bytes_per_sec", self.action_log_bytes_per_sec as f64, 64.0, 1024.0 * 1024.0 * 1024.0),
             ("ingest.flood_warnings", f64::from(self.flood_warnings), 1.0, 1_000.0),
             ("ingest.flood_cooldown_secs", self.flood_cooldown_secs as f64, 1.0, 86_400.0),
+            ("ingest.key_hits_per_sec", self.key_hits_per_sec, 0.01, 1_000_000.0),
+            ("ingest.key_bytes_per_sec", self.key_bytes_per_sec as f64, 1_024.0, 64.0 * 1024.0 * 1024.0 * 1024.0),
+            ("ingest.org_hits_per_sec", self.org_hits_per_sec, 0.01, 10_000_000.0),
+            ("ingest.org_bytes_per_sec", self.org_bytes_per_sec as f64, 1_024.0, 1024.0 * 1024.0 * 1024.0 * 1024.0),
+            ("ingest.org_flood_keys", f64::from(self.org_flood_keys), 1.0, 100_000.0),
         ] {
             if !(v.is_finite() && v >= min && v <= max) {
                 return Err((
@@ -319,6 +473,28 @@ impl IngestSettings {
                     self.agent_bytes_per_sec, self.burst_factor
                 ),
             ));
+        }
+        // Wider budgets sit above narrower ones: an agent's budget fits in its key's, a
+        // key's in its organization's.
+        for (key, wide, narrow, narrow_key) in [
+            ("ingest.key_hits_per_sec", self.key_hits_per_sec, self.agent_hits_per_sec, "ingest.agent_hits_per_sec"),
+            (
+                "ingest.key_bytes_per_sec",
+                self.key_bytes_per_sec as f64,
+                self.agent_bytes_per_sec as f64,
+                "ingest.agent_bytes_per_sec",
+            ),
+            ("ingest.org_hits_per_sec", self.org_hits_per_sec, self.key_hits_per_sec, "ingest.key_hits_per_sec"),
+            (
+                "ingest.org_bytes_per_sec",
+                self.org_bytes_per_sec as f64,
+                self.key_bytes_per_sec as f64,
+                "ingest.key_bytes_per_sec",
+            ),
+        ] {
+            if wide < narrow {
+                return Err((key.into(), format!("{wide} is below {narrow_key} ({narrow}); it must sit above it")));
+            }
         }
         if (self.action_log_bytes_per_sec as f64) * self.burst_factor < line {
             return Err((
@@ -369,52 +545,97 @@ pub struct CallBudget {
     pub remaining: u32,
 }
 
+/// Deadlines of the blocking calls in progress, by slot id.
+type Waits = Mutex<Vec<(u64, tokio::time::Instant)>>;
+
 /// One caller's limiters.
 #[derive(Debug)]
 struct CallerState {
     quotas: CallerQuotas,
     calls: Rate,
-    /// Deadlines of the blocking calls in progress.
-    waits: Mutex<Vec<(u64, tokio::time::Instant)>>,
-    next_wait: std::sync::atomic::AtomicU64,
+    waits: Arc<Waits>,
+    sessions: Arc<Mutex<usize>>,
 }
 
-/// The per-caller limiters, by key id.
+/// One organization's limiters: the ceilings above its keys.
+#[derive(Debug)]
+struct OrgState {
+    quotas: OrgCeilings,
+    calls: Rate,
+    waits: Arc<Waits>,
+    sessions: Arc<Mutex<usize>>,
+}
+
+/// The per-caller limiters, by key id, and the ceilings of each organization.
 #[derive(Debug, Default)]
 pub struct CallerLimits {
+    org_quotas: OrgCeilings,
     callers: DashMap<String, Arc<CallerState>>,
+    orgs: DashMap<String, Arc<OrgState>>,
+    next_slot: std::sync::atomic::AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl CallerLimits {
+    /// Limiters under these organization ceilings.
+    pub fn new(org_quotas: OrgCeilings) -> Self {
+        CallerLimits { org_quotas, ..Default::default() }
+    }
+
+    /// The organization ceilings in force.
+    pub fn org_quotas(&self) -> OrgCeilings {
+        self.org_quotas
+    }
+
     fn state(&self, key_id: &str, quotas: CallerQuotas) -> Arc<CallerState> {
         if let Some(s) = self.callers.get(key_id)
             && s.quotas == quotas
         {
             return Arc::clone(&s);
         }
-        // New key, or its quotas changed: fresh limiters (the wait list carries over).
-        let waits = self.callers.get(key_id).map(|s| s.waits.lock().map(|w| w.clone()).unwrap_or_default());
+        // New key, or its quotas changed: a fresh rate (waits and sessions carry over).
+        let old = self.callers.get(key_id).map(|s| (Arc::clone(&s.waits), Arc::clone(&s.sessions)));
+        let (waits, sessions) = old.unwrap_or_default();
         let state = Arc::new(CallerState {
             quotas,
             calls: Rate::per_minute(quotas.calls_per_minute, quotas.call_burst),
-            waits: Mutex::new(waits.unwrap_or_default()),
-            next_wait: std::sync::atomic::AtomicU64::new(1),
+            waits,
+            sessions,
         });
         self.callers.insert(key_id.to_owned(), Arc::clone(&state));
         state
     }
 
-    /// Charges one call to `key_id`; `quota_exceeded` (with when to retry) when its
-    /// budget is spent.
-    pub fn charge_call(&self, key_id: &str, quotas: CallerQuotas) -> Result<CallBudget, ApiError> {
-        let state = self.state(key_id, quotas);
-        match state.calls.take(1) {
-            Ok(remaining) => {
-                Ok(CallBudget { limit_per_minute: quotas.calls_per_minute, burst: quotas.call_burst, remaining })
-            }
+    fn org(&self, org: &str) -> Arc<OrgState> {
+        if let Some(s) = self.orgs.get(org) {
+            return Arc::clone(&s);
+        }
+        let q = self.org_quotas;
+        let entry = self.orgs.entry(org.to_owned()).or_insert_with(|| {
+            Arc::new(OrgState {
+                quotas: q,
+                calls: Rate::per_minute(q.calls_per_minute, q.call_burst),
+                waits: Arc::default(),
+                sessions: Arc::default(),
+            })
+        });
+        Arc::clone(&entry)
+    }
+
+    /// Charges one call to the caller's key, then to its organization; `quota_exceeded`
+    /// (with when to retry) when either budget is spent. The key is charged first, so a
+    /// key over its own budget never spends its organization's.
+    pub fn charge_call(&self, caller: &Principal) -> Result<CallBudget, ApiError> {
+        let quotas = caller.quotas;
+        let state = self.state(&caller.key_id, quotas);
+        let remaining = match state.calls.take(1) {
+            Ok(remaining) => remaining,
             Err(wait) => {
                 let retry = retry_secs(wait);
-                Err(ApiError::new(
+                return Err(ApiError::new(
                     ErrorCode::QuotaExceeded,
                     format!(
                         "this key made more than its {} calls per minute (burst {}); retry in {retry} s",
@@ -426,72 +647,163 @@ impl CallerLimits {
                     "limit": quotas.calls_per_minute,
                     "burst": quotas.call_burst,
                     "retry_after_seconds": retry,
+                })));
+            }
+        };
+        let org = self.org(caller.org());
+        match org.calls.take(1) {
+            Ok(org_remaining) => Ok(CallBudget {
+                limit_per_minute: quotas.calls_per_minute,
+                burst: quotas.call_burst,
+                remaining: remaining.min(org_remaining),
+            }),
+            Err(wait) => {
+                let retry = retry_secs(wait);
+                let q = org.quotas;
+                Err(ApiError::new(
+                    ErrorCode::QuotaExceeded,
+                    format!(
+                        "your organization's keys together made more than its {} calls per minute (burst {}, \
+                         org_quotas.calls_per_minute); retry in {retry} s",
+                        q.calls_per_minute, q.call_burst
+                    ),
+                )
+                .with_details(serde_json::json!({
+                    "quota": "org_calls_per_minute",
+                    "limit": q.calls_per_minute,
+                    "burst": q.call_burst,
+                    "retry_after_seconds": retry,
                 })))
             }
         }
     }
 
     /// Starts a blocking call that may last until `deadline`; `quota_exceeded` when the
-    /// key already has `concurrent_waits` of them (retry when the soonest one ends).
-    /// The slot is freed when the returned guard drops.
-    pub fn begin_wait(
-        &self,
-        key_id: &str,
-        quotas: CallerQuotas,
-        deadline: tokio::time::Instant,
-    ) -> Result<WaitSlot, ApiError> {
-        let state = self.state(key_id, quotas);
-        let mut waits = state.waits.lock().unwrap_or_else(|p| p.into_inner());
+    /// key already has `concurrent_waits` of them, or its organization has its ceiling
+    /// (retry when the soonest one ends). Both slots are taken together or neither. The
+    /// slots are freed when the returned guard drops.
+    pub fn begin_wait(&self, caller: &Principal, deadline: tokio::time::Instant) -> Result<WaitSlot, ApiError> {
+        let quotas = caller.quotas;
+        let state = self.state(&caller.key_id, quotas);
+        let org = self.org(caller.org());
+        // Organization before key, always: one lock order.
+        let mut org_waits = lock(&org.waits);
+        let mut waits = lock(&state.waits);
         let now = tokio::time::Instant::now();
         // Slots of waits past their deadline (their call ended without dropping, which
         // should not happen) are reclaimed rather than held forever.
-        waits.retain(|(_, d)| *d + Duration::from_secs(5) > now);
-        let limit = quotas.concurrent_waits as usize;
-        if waits.len() >= limit {
-            let soonest = waits.iter().map(|(_, d)| *d).min().unwrap_or(now);
+        let stale = |(_, d): &(u64, tokio::time::Instant)| *d + Duration::from_secs(5) > now;
+        org_waits.retain(stale);
+        waits.retain(stale);
+        let refuse = |list: &[(u64, tokio::time::Instant)], limit: usize, quota: &str, whose: &str| {
+            let soonest = list.iter().map(|(_, d)| *d).min().unwrap_or(now);
             let retry = retry_secs(soonest.saturating_duration_since(now));
-            return Err(ApiError::new(
+            ApiError::new(
                 ErrorCode::QuotaExceeded,
                 format!(
-                    "this key already has {} blocking calls in progress (the limit is {limit}); call with wait=false \
+                    "{whose} already has {} blocking calls in progress (the limit is {limit}); call with wait=false \
                      (or wait_seconds=0) and poll, or retry in {retry} s when one ends",
-                    waits.len()
+                    list.len()
                 ),
             )
-            .with_details(serde_json::json!({
-                "quota": "concurrent_waits",
-                "limit": limit,
-                "retry_after_seconds": retry,
-            })));
+            .with_details(serde_json::json!({ "quota": quota, "limit": limit, "retry_after_seconds": retry }))
+        };
+        let limit = quotas.concurrent_waits as usize;
+        if waits.len() >= limit {
+            return Err(refuse(&waits, limit, "concurrent_waits", "this key"));
         }
-        let id = state.next_wait.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let org_limit = org.quotas.concurrent_waits as usize;
+        if org_waits.len() >= org_limit {
+            return Err(refuse(&org_waits, org_limit, "org_concurrent_waits", "your organization"));
+        }
+        let id = self.next_slot.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         waits.push((id, deadline));
-        drop(waits);
-        Ok(WaitSlot { state, id })
+        org_waits.push((id, deadline));
+        drop((waits, org_waits));
+        Ok(WaitSlot { key: Arc::clone(&state.waits), org: Arc::clone(&org.waits), id })
+    }
+
+    /// Opens an MCP session for the caller; `quota_exceeded` when its key already has
+    /// `mcp_sessions` open, or its organization has its ceiling. The slots are freed
+    /// when the returned guard drops (the session ended or expired).
+    pub fn begin_session(&self, caller: &Principal) -> Result<SessionSlot, ApiError> {
+        let quotas = caller.quotas;
+        let state = self.state(&caller.key_id, quotas);
+        let org = self.org(caller.org());
+        let mut org_open = lock(&org.sessions);
+        let mut open = lock(&state.sessions);
+        let refusal = |n: usize, limit: u32, quota: &str, whose: &str| {
+            ApiError::new(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "{whose} already has {n} MCP sessions open (the limit is {limit}); end one (HTTP DELETE with its \
+                     Mcp-Session-Id) or let an idle one expire; every tool also works without a session"
+                ),
+            )
+            .with_details(serde_json::json!({ "quota": quota, "limit": limit, "retry_after_seconds": 60 }))
+        };
+        if *open >= quotas.mcp_sessions as usize {
+            return Err(refusal(*open, quotas.mcp_sessions, "mcp_sessions", "this key"));
+        }
+        if *org_open >= org.quotas.mcp_sessions as usize {
+            return Err(refusal(*org_open, org.quotas.mcp_sessions, "org_mcp_sessions", "your organization"));
+        }
+        *open += 1;
+        *org_open += 1;
+        Ok(SessionSlot { key: Arc::clone(&state.sessions), org: Arc::clone(&org.sessions) })
     }
 
     /// Blocking calls `key_id` has in progress.
     pub fn waits_in_use(&self, key_id: &str) -> usize {
-        self.callers.get(key_id).map_or(0, |s| s.waits.lock().map(|w| w.len()).unwrap_or(0))
+        self.callers.get(key_id).map_or(0, |s| lock(&s.waits).len())
     }
 
-    /// Forgets callers whose keys no longer authenticate.
+    /// Blocking calls an organization has in progress.
+    pub fn org_waits_in_use(&self, org: &str) -> usize {
+        self.orgs.get(org).map_or(0, |s| lock(&s.waits).len())
+    }
+
+    /// MCP sessions `key_id` has open.
+    pub fn sessions_open(&self, key_id: &str) -> usize {
+        self.callers.get(key_id).map_or(0, |s| *lock(&s.sessions))
+    }
+
+    /// Forgets callers whose keys no longer authenticate (unless they still hold slots).
     pub fn retain(&self, mut keep: impl FnMut(&str) -> bool) {
-        self.callers.retain(|k, s| keep(k) || s.waits.lock().map(|w| !w.is_empty()).unwrap_or(false));
+        self.callers.retain(|k, s| keep(k) || !lock(&s.waits).is_empty() || *lock(&s.sessions) > 0);
     }
 }
 
-/// A blocking call's slot; dropping it frees the slot.
+/// A blocking call's slots (its key's and its organization's); dropping it frees them.
 #[derive(Debug)]
 pub struct WaitSlot {
-    state: Arc<CallerState>,
+    key: Arc<Waits>,
+    org: Arc<Waits>,
     id: u64,
 }
 
 impl Drop for WaitSlot {
     fn drop(&mut self) {
-        let mut waits = self.state.waits.lock().unwrap_or_else(|p| p.into_inner());
-        waits.retain(|(id, _)| *id != self.id);
+        let id = self.id;
+        lock(&self.org).retain(|(w, _)| *w != id);
+        lock(&self.key).retain(|(w, _)| *w != id);
+    }
+}
+
+/// An MCP session's slots (its key's and its organization's); dropping it frees them.
+#[derive(Debug)]
+pub struct SessionSlot {
+    key: Arc<Mutex<usize>>,
+    org: Arc<Mutex<usize>>,
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        let mut org = lock(&self.org);
+        *org = org.saturating_sub(1);
+        drop(org);
+        let mut key = lock(&self.key);
+        *key = key.saturating_sub(1);
     }
 }
 
@@ -511,30 +823,95 @@ mod tests {
         assert_eq!(retry_secs(Duration::ZERO), 1);
     }
 
+    fn caller(key: &str, org: &str, quotas: CallerQuotas) -> Principal {
+        Principal {
+            key_id: key.into(),
+            name: key.into(),
+            role: crate::auth::Role::Developer,
+            scopes: crate::auth::Scope::DEFAULT.to_vec(),
+            reach: crate::auth::Reach::org(org),
+            quotas,
+            tenancy: Arc::default(),
+        }
+    }
+
     #[test]
     fn calls_beyond_the_burst_are_quota_exceeded_with_a_retry_time() {
         let limits = CallerLimits::default();
         let q = CallerQuotas { calls_per_minute: 60, call_burst: 2, ..CallerQuotas::default() };
-        assert_eq!(limits.charge_call("key_a", q).unwrap().remaining, 1);
-        limits.charge_call("key_a", q).unwrap();
-        let err = limits.charge_call("key_a", q).unwrap_err();
+        let a = caller("key_a", "default", q);
+        assert_eq!(limits.charge_call(&a).unwrap().remaining, 1);
+        limits.charge_call(&a).unwrap();
+        let err = limits.charge_call(&a).unwrap_err();
         assert_eq!(err.code, ErrorCode::QuotaExceeded);
         assert_eq!(err.details["retry_after_seconds"], 1);
-        assert!(limits.charge_call("key_b", q).is_ok(), "keys have their own budgets");
+        assert!(limits.charge_call(&caller("key_b", "default", q)).is_ok(), "keys have their own budgets");
+    }
+
+    #[test]
+    fn minted_keys_share_their_organizations_call_ceiling_and_other_organizations_do_not_notice() {
+        let limits = CallerLimits::new(OrgCeilings { calls_per_minute: 60, call_burst: 3, ..OrgCeilings::default() });
+        let q = CallerQuotas { calls_per_minute: 60, call_burst: 2, ..CallerQuotas::default() };
+        limits.charge_call(&caller("key_a", "acme", q)).unwrap();
+        limits.charge_call(&caller("key_b", "acme", q)).unwrap();
+        limits.charge_call(&caller("key_c", "acme", q)).unwrap();
+        let err = limits.charge_call(&caller("key_d", "acme", q)).unwrap_err();
+        assert_eq!(err.details["quota"], "org_calls_per_minute", "{err:?}");
+        assert!(err.details["retry_after_seconds"].as_u64().unwrap() >= 1);
+        assert!(limits.charge_call(&caller("key_e", "other", q)).is_ok());
+        // A key over its own budget does not spend its organization's.
+        let solo = CallerLimits::new(OrgCeilings { calls_per_minute: 60, call_burst: 3, ..OrgCeilings::default() });
+        let small = CallerQuotas { calls_per_minute: 60, call_burst: 1, ..CallerQuotas::default() };
+        solo.charge_call(&caller("key_a", "acme", small)).unwrap();
+        for _ in 0..5 {
+            assert_eq!(
+                solo.charge_call(&caller("key_a", "acme", small)).unwrap_err().details["quota"],
+                "calls_per_minute"
+            );
+        }
+        solo.charge_call(&caller("key_b", "acme", q)).unwrap();
+        solo.charge_call(&caller("key_b", "acme", q)).unwrap();
     }
 
     #[tokio::test]
     async fn waits_beyond_the_limit_are_refused_until_one_ends() {
         let limits = CallerLimits::default();
         let q = CallerQuotas { concurrent_waits: 1, ..CallerQuotas::default() };
+        let a = caller("key_a", "default", q);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let slot = limits.begin_wait("key_a", q, deadline).unwrap();
-        let err = limits.begin_wait("key_a", q, deadline).unwrap_err();
+        let slot = limits.begin_wait(&a, deadline).unwrap();
+        let err = limits.begin_wait(&a, deadline).unwrap_err();
         assert_eq!(err.details["quota"], "concurrent_waits");
         assert!(err.details["retry_after_seconds"].as_u64().unwrap() >= 29);
         drop(slot);
         assert_eq!(limits.waits_in_use("key_a"), 0);
-        assert!(limits.begin_wait("key_a", q, deadline).is_ok());
+        assert!(limits.begin_wait(&a, deadline).is_ok());
+    }
+
+    #[tokio::test]
+    async fn waits_and_sessions_of_many_keys_stop_at_the_organizations_ceiling() {
+        let limits = CallerLimits::new(OrgCeilings { concurrent_waits: 2, mcp_sessions: 2, ..OrgCeilings::default() });
+        let q = CallerQuotas::default();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let w1 = limits.begin_wait(&caller("key_a", "acme", q), deadline).unwrap();
+        let _w2 = limits.begin_wait(&caller("key_b", "acme", q), deadline).unwrap();
+        let err = limits.begin_wait(&caller("key_c", "acme", q), deadline).unwrap_err();
+        assert_eq!(err.details["quota"], "org_concurrent_waits");
+        assert_eq!(limits.waits_in_use("key_c"), 0, "a refused wait holds no slot of its key");
+        drop(w1);
+        assert_eq!(limits.org_waits_in_use("acme"), 1);
+        assert!(limits.begin_wait(&caller("key_c", "acme", q), deadline).is_ok());
+
+        let s1 = limits.begin_session(&caller("key_a", "acme", q)).unwrap();
+        let _s2 = limits.begin_session(&caller("key_b", "acme", q)).unwrap();
+        assert_eq!(limits.begin_session(&caller("key_c", "acme", q)).unwrap_err().details["quota"], "org_mcp_sessions");
+        assert!(limits.begin_session(&caller("key_c", "other", q)).is_ok());
+        drop(s1);
+        assert_eq!(limits.sessions_open("key_a"), 0);
+        assert!(limits.begin_session(&caller("key_c", "acme", q)).is_ok());
+        let one = CallerQuotas { mcp_sessions: 1, ..q };
+        let _mine = limits.begin_session(&caller("key_z", "third", one)).unwrap();
+        assert_eq!(limits.begin_session(&caller("key_z", "third", one)).unwrap_err().details["quota"], "mcp_sessions");
     }
 
     #[test]
@@ -547,5 +924,16 @@ mod tests {
         let i = IngestSettings { agent_hits_per_sec: f64::INFINITY, ..IngestSettings::default() };
         assert_eq!(i.validate().unwrap_err().0, "ingest.agent_hits_per_sec");
         IngestSettings::default().validate().unwrap();
+        let callers = CallerSettings::default();
+        OrgQuotas::default().validate(&callers).unwrap();
+        let low = OrgQuotas { live_actions: Some(5), ..OrgQuotas::default() };
+        assert_eq!(low.validate(&callers).unwrap_err().0, "org_quotas.live_actions");
+        let zero = OrgQuotas { calls_per_minute: Some(0), ..OrgQuotas::default() };
+        assert_eq!(zero.validate(&callers).unwrap_err().0, "org_quotas.calls_per_minute");
+        // Left out, a ceiling follows the per-key quota: raising that never breaks a file.
+        let busy = CallerSettings { calls_per_minute: 5_000, ..CallerSettings::default() };
+        OrgQuotas::default().validate(&busy).unwrap();
+        assert_eq!(OrgQuotas::default().resolve(&busy).calls_per_minute, 50_000);
+        assert_eq!(OrgCeilings::default().live_actions, 200);
     }
 }

@@ -3,11 +3,14 @@
 //!
 //! Agents are keyed by their [`AgentId`]. An agent that disconnects stays listed as
 //! offline for `offline_retention_secs`, so a user can see that it went away and why.
-//! Each agent belongs to the organization of the agent key it registered with; an id
-//! held by one organization (online or recently offline) cannot be claimed by
-//! another, and a live id cannot be taken over by another process or another key.
+//! Each agent belongs to the organization of the agent key it registered with, and its
+//! id to that key and pool ([`crate::identity`], which remembers the binding longer
+//! than this list and across restarts); a live id cannot be taken over by another
+//! process either. Catalogs are bounded in entries and in bytes, every entry cut to
+//! the protocol's bounds on receipt.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
@@ -15,6 +18,7 @@ use periscope_protocol::{AgentId, BrokerMessage, CatalogEntry, Heartbeat, Locati
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+use crate::identity::{Identities, Mismatch, check_binding};
 use crate::time::now_ms;
 
 /// Messages queued for one agent's socket. Bounded: an agent that cannot keep up is
@@ -47,6 +51,8 @@ pub struct AgentRecord {
     pub disconnect_reason: Option<String>,
     /// Inspectable locations by identity.
     pub catalog: HashMap<(String, u32, LocationKind, String), CatalogEntry>,
+    /// The memory the catalog holds ([`CatalogEntry::footprint`]).
+    pub catalog_bytes: usize,
     /// Counters from the last heartbeat.
     pub stats: Heartbeat,
     /// Hits accepted from this agent.
@@ -75,6 +81,14 @@ pub struct IngestDrops {
     pub action_rate: u64,
     /// Log lines over an action's line or byte budget.
     pub log_rate: u64,
+    /// Frames over its agent key's budget (all the key's agents together).
+    pub key_rate: u64,
+    /// Frames over its organization's budget (all the organization's agents together).
+    pub org_rate: u64,
+    /// Redaction findings naming a rule the broker does not know (dropped).
+    pub unknown_rules: u64,
+    /// Catalog entries ignored (over the entry or byte bound) or cut to their bounds.
+    pub catalog: u64,
     /// Warnings sent to the agent about it.
     pub warnings: u64,
 }
@@ -90,6 +104,14 @@ pub enum DropReason {
     ActionRate,
     /// An action's log line or byte rate.
     LogRate,
+    /// The agent key's budget.
+    KeyRate,
+    /// The organization's budget.
+    OrgRate,
+    /// A redaction finding naming an unknown rule.
+    UnknownRule,
+    /// A catalog entry over its bounds.
+    Catalog,
 }
 
 impl DropReason {
@@ -100,6 +122,10 @@ impl DropReason {
             DropReason::BytesRate => "bytes_rate",
             DropReason::ActionRate => "action_rate",
             DropReason::LogRate => "log_rate",
+            DropReason::KeyRate => "key_rate",
+            DropReason::OrgRate => "org_rate",
+            DropReason::UnknownRule => "unknown_redaction_rule",
+            DropReason::Catalog => "catalog",
         }
     }
 }
@@ -199,15 +225,23 @@ impl AgentRecord {
 /// Why a registration was refused by the registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RegisterRefusal {
-    /// Another live session holds the id and does not look like the same process (or
-    /// registered with another agent key).
+    /// Another live session holds the id and does not look like the same process.
     Duplicate,
-    /// Another organization holds the id; names that organization for the audit trail.
-    OtherOrg(String),
+    /// The id is listed under another organization, agent key or pool.
+    Bound(Mismatch),
     /// The agent was disconnected for flooding; refused until this time (Unix ms).
     CoolingDown(u64),
     /// The organization has this many agents listed, all online.
     Full(usize),
+}
+
+/// What became of a catalog update.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CatalogOutcome {
+    /// Entries not kept (over the entry or byte bound, or beyond one frame's share).
+    pub ignored: usize,
+    /// Entries kept but cut to their bounds.
+    pub cut: usize,
 }
 
 /// All agents.
@@ -216,13 +250,39 @@ pub struct Registry {
     agents: DashMap<AgentId, AgentRecord>,
     sessions: AtomicU64,
     max_catalog_entries: usize,
+    max_catalog_bytes: usize,
     max_per_org: usize,
+    identities: Arc<Identities>,
 }
 
 impl Registry {
-    /// An empty registry.
+    /// An empty registry (identity bindings held a week, 100,000 per organization).
     pub fn new(max_catalog_entries: usize) -> Self {
-        Registry { agents: DashMap::new(), sessions: AtomicU64::new(1), max_catalog_entries, max_per_org: 10_000 }
+        Registry {
+            agents: DashMap::new(),
+            sessions: AtomicU64::new(1),
+            max_catalog_entries,
+            max_catalog_bytes: 4 * 1024 * 1024,
+            max_per_org: 10_000,
+            identities: Arc::new(Identities::new(7 * 86_400_000, 100_000)),
+        }
+    }
+
+    /// Sets how much memory one agent's catalog may hold.
+    pub fn with_max_catalog_bytes(mut self, max: u64) -> Self {
+        self.max_catalog_bytes = usize::try_from(max).unwrap_or(usize::MAX).max(1);
+        self
+    }
+
+    /// Sets how long and how many agent identity bindings are kept.
+    pub fn with_identities(mut self, identities: Identities) -> Self {
+        self.identities = Arc::new(identities);
+        self
+    }
+
+    /// Which agent key and pool each agent id belongs to.
+    pub fn identities(&self) -> &Arc<Identities> {
+        &self.identities
     }
 
     /// Sets how many agents one organization may have listed.
@@ -231,24 +291,34 @@ impl Registry {
         self
     }
 
-    /// Makes room for a new agent of `org`: forgets the agent offline the longest when
-    /// the organization is at its limit; false when every listed agent is online.
+    /// Makes room for a new agent of `org`: when the organization is at its limit,
+    /// forgets the agent offline the longest of the agent key listing the most agents
+    /// (so one key registering fresh ids forgets its own, not another key's); false
+    /// when every listed agent is online.
     fn make_room(&self, org: &str) -> bool {
         let mut count = 0usize;
-        let mut oldest_offline: Option<(u64, AgentId)> = None;
+        // Per key: agents listed, and its agent offline the longest.
+        let mut keys: HashMap<String, (usize, Option<(u64, AgentId)>)> = HashMap::new();
         for r in self.agents.iter().filter(|r| r.org == org) {
             count += 1;
+            let k = keys.entry(r.key_id.clone()).or_default();
+            k.0 += 1;
             if let Some(since) = r.offline_since_ms
-                && oldest_offline.as_ref().is_none_or(|(t, _)| since < *t)
+                && k.1.as_ref().is_none_or(|(t, _)| since < *t)
             {
-                oldest_offline = Some((since, r.info.agent_id.clone()));
+                k.1 = Some((since, r.info.agent_id.clone()));
             }
         }
         if count < self.max_per_org {
             return true;
         }
-        match oldest_offline {
-            Some((_, id)) => {
+        let victim = keys
+            .into_iter()
+            .filter_map(|(key, (n, oldest))| oldest.map(|o| (n, key, o)))
+            .max_by(|a, b| a.0.cmp(&b.0).then_with(|| b.2.0.cmp(&a.2.0)))
+            .map(|(_, _, (_, id))| id);
+        match victim {
+            Some(id) => {
                 self.agents.remove(&id);
                 true
             }
@@ -257,9 +327,10 @@ impl Registry {
     }
 
     /// Registers a session of an agent of `org` authenticated by the agent key `key_id`;
-    /// returns its session number. A reconnect of the same process (same pool, host,
-    /// pid and key) replaces a session the broker still thinks is live; any other claim
-    /// on a live id is refused, and so is any claim on an id another organization holds.
+    /// returns its session number. A listed id is only ever taken up again by the
+    /// organization, key and pool it was listed under; a reconnect of the same process
+    /// (same host and pid too) replaces a session the broker still thinks is live, and
+    /// any other claim on a live id is refused.
     pub fn register(
         &self,
         info: Registration,
@@ -278,22 +349,15 @@ impl Registry {
         match self.agents.entry(info.agent_id.clone()) {
             dashmap::Entry::Occupied(mut e) => {
                 let rec = e.get_mut();
-                if rec.org != org {
-                    return Err(RegisterRefusal::OtherOrg(rec.org.clone()));
-                }
+                check_binding((&rec.org, &rec.key_id, &rec.info.pool), (org, key_id, &info.pool))
+                    .map_err(RegisterRefusal::Bound)?;
                 if let Some(until) = rec.cooldown_until_ms.filter(|t| *t > now) {
                     return Err(RegisterRefusal::CoolingDown(until));
                 }
-                if rec.online()
-                    && (rec.info.pool != info.pool
-                        || rec.info.host != info.host
-                        || rec.info.pid != info.pid
-                        || rec.key_id != key_id)
-                {
+                if rec.online() && (rec.info.host != info.host || rec.info.pid != info.pid) {
                     return Err(RegisterRefusal::Duplicate);
                 }
-                // Same process: keep the catalog (it will be resent in full anyway).
-                rec.key_id = key_id.to_owned();
+                // Same key and pool: keep the catalog (it will be resent in full anyway).
                 rec.cooldown_until_ms = None;
                 rec.info = info;
                 rec.conn = Some(conn);
@@ -311,6 +375,7 @@ impl Registry {
                     offline_since_ms: None,
                     disconnect_reason: None,
                     catalog: HashMap::new(),
+                    catalog_bytes: 0,
                     stats: Heartbeat::default(),
                     hits_accepted: 0,
                     hits_refused: 0,
@@ -349,23 +414,40 @@ impl Registry {
         }
     }
 
-    /// Merges catalog entries; a full update replaces the catalog. Entries beyond the
-    /// per-agent cap are ignored and counted in the return value.
-    pub fn update_catalog(&self, id: &AgentId, full: bool, entries: Vec<CatalogEntry>) -> usize {
-        let Some(mut rec) = self.agents.get_mut(id) else { return entries.len() };
+    /// Merges catalog entries; a full update replaces the catalog. Each entry is cut
+    /// to the protocol's bounds first; entries beyond the per-agent caps (entries,
+    /// bytes) or beyond one frame's share are ignored. Returns how many entries were
+    /// ignored and how many cut (both also counted as the agent's `catalog` drops).
+    pub fn update_catalog(&self, id: &AgentId, full: bool, entries: Vec<CatalogEntry>) -> CatalogOutcome {
+        let Some(mut rec) = self.agents.get_mut(id) else {
+            return CatalogOutcome { ignored: entries.len(), cut: 0 };
+        };
+        let rec = &mut *rec;
         if full {
             rec.catalog.clear();
+            rec.catalog_bytes = 0;
         }
-        let mut ignored = 0;
-        for e in entries {
+        let mut out = CatalogOutcome::default();
+        let per_frame = periscope_protocol::messages::MAX_CATALOG_ENTRIES_PER_FRAME;
+        out.ignored += entries.len().saturating_sub(per_frame);
+        for mut e in entries.into_iter().take(per_frame) {
+            if e.sanitize() {
+                out.cut += 1;
+            }
             let key = (e.file.clone(), e.line, e.kind, e.name.clone());
-            if rec.catalog.len() >= self.max_catalog_entries && !rec.catalog.contains_key(&key) {
-                ignored += 1;
+            let size = e.footprint();
+            let replaced = rec.catalog.get(&key).map_or(0, CatalogEntry::footprint);
+            let bytes_after = rec.catalog_bytes - replaced + size;
+            let full_entries = rec.catalog.len() >= self.max_catalog_entries && replaced == 0;
+            if full_entries || bytes_after > self.max_catalog_bytes {
+                out.ignored += 1;
                 continue;
             }
+            rec.catalog_bytes = bytes_after;
             rec.catalog.insert(key, e);
         }
-        ignored
+        rec.dropped.catalog += (out.ignored + out.cut) as u64;
+        out
     }
 
     /// Counts a hit as accepted or refused.
@@ -388,6 +470,10 @@ impl Registry {
                 DropReason::BytesRate => d.bytes_rate += n,
                 DropReason::ActionRate => d.action_rate += n,
                 DropReason::LogRate => d.log_rate += n,
+                DropReason::KeyRate => d.key_rate += n,
+                DropReason::OrgRate => d.org_rate += n,
+                DropReason::UnknownRule => d.unknown_rules += n,
+                DropReason::Catalog => d.catalog += n,
             }
         }
     }
@@ -450,11 +536,11 @@ impl Registry {
 
     /// Number of agents online.
     pub fn online_count(&self) -> usize {
-        self.agents.iter().filter(|r| r.online()).count()
+        self.count(AgentRecord::online)
     }
 
-    /// Number of agents of an organization online.
-    pub fn online_count_in(&self, org: &str) -> usize {
-        self.agents.iter().filter(|r| r.online() && r.org == org).count()
+    /// Number of agents for which `f` holds.
+    pub fn count(&self, f: impl Fn(&AgentRecord) -> bool) -> usize {
+        self.agents.iter().filter(|r| f(r)).count()
     }
 }

@@ -8,7 +8,7 @@
 //! change never weakens (or reveals) another's.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use periscope_protocol::BrokerMessage;
 use periscope_redaction::{ConfigError, RedactionConfig, Redactor};
@@ -34,12 +34,18 @@ type Compiled = (Arc<Redactor>, RedactionConfig);
 pub struct Rules {
     base: Compiled,
     orgs: RwLock<HashMap<String, Compiled>>,
+    /// Serializes replacements (versions stay consecutive) without blocking readers.
+    writer: Mutex<()>,
 }
 
 impl Default for Rules {
     /// The built-in rules, version 0, for everyone.
     fn default() -> Self {
-        Rules { base: (Arc::new(Redactor::default_rules()), RedactionConfig::default()), orgs: RwLock::default() }
+        Rules {
+            base: (Arc::new(Redactor::default_rules()), RedactionConfig::default()),
+            orgs: RwLock::default(),
+            writer: Mutex::new(()),
+        }
     }
 }
 
@@ -47,7 +53,7 @@ impl Rules {
     /// Compiles `config`, the rules of every organization that has not changed its own.
     pub fn new(config: RedactionConfig) -> Result<Rules, ConfigError> {
         let redactor = Redactor::new(&config)?;
-        Ok(Rules { base: (Arc::new(redactor), config), orgs: RwLock::default() })
+        Ok(Rules { base: (Arc::new(redactor), config), orgs: RwLock::default(), writer: Mutex::new(()) })
     }
 
     fn get(&self, org: &str) -> Compiled {
@@ -57,7 +63,9 @@ impl Rules {
 
     /// The compiled rules of an organization, to redact with.
     pub fn redactor(&self, org: &str) -> Arc<Redactor> {
-        self.get(org).0
+        // Only the pointer is copied: this runs for every hit and log frame.
+        let orgs = self.orgs.read().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(orgs.get(org).map_or(&self.base.0, |c| &c.0))
     }
 
     /// The configuration in force for an organization.
@@ -83,12 +91,28 @@ impl Rules {
 
     /// Replaces an organization's rules; the new version is one more than its current
     /// one. The old rules stay in force when the new ones do not compile.
-    pub fn replace(&self, org: &str, mut config: RedactionConfig) -> Result<RedactionConfig, ConfigError> {
+    ///
+    /// User patterns are compiled before any lock is taken (a large set takes long
+    /// enough to stall ingest if readers had to wait): replacements are serialized by a
+    /// lock of their own, which readers never touch, and the swap under the readers'
+    /// lock is a pointer store.
+    pub fn replace(&self, org: &str, config: RedactionConfig) -> Result<RedactionConfig, ConfigError> {
+        self.replace_with(org, config, Redactor::new)
+    }
+
+    /// [`Rules::replace`] with the compile step given (tests observe what is locked
+    /// while it runs).
+    fn replace_with(
+        &self,
+        org: &str,
+        mut config: RedactionConfig,
+        compile: impl FnOnce(&RedactionConfig) -> Result<Redactor, ConfigError>,
+    ) -> Result<RedactionConfig, ConfigError> {
+        let _one_writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        config.version = self.get(org).1.version + 1;
+        let redactor = Arc::new(compile(&config)?);
         let mut orgs = self.orgs.write().unwrap_or_else(|p| p.into_inner());
-        let current = orgs.get(org).map_or(self.base.1.version, |c| c.1.version);
-        config.version = current + 1;
-        let redactor = Redactor::new(&config)?;
-        orgs.insert(org.to_owned(), (Arc::new(redactor), config.clone()));
+        orgs.insert(org.to_owned(), (redactor, config.clone()));
         Ok(config)
     }
 
@@ -118,5 +142,27 @@ mod tests {
         assert_eq!(setting_key("acme"), "redaction:acme");
         assert_eq!(org_of_setting("redaction"), Some("default"));
         assert_eq!(org_of_setting("redaction:acme"), Some("acme"));
+    }
+
+    #[test]
+    fn compiling_one_organizations_rules_never_holds_the_lock_every_ingest_reads() {
+        let rules = Arc::new(Rules::default());
+        let reader = Arc::clone(&rules);
+        let config = rules
+            .replace_with("acme", RedactionConfig::default(), move |c| {
+                // While the new rules compile, another organization's ingest reads its
+                // rules (and even acme's current ones) on another thread. Were the lock
+                // held here, that thread could not finish and the receive would time out.
+                let (tx, rx) = std::sync::mpsc::channel();
+                std::thread::spawn(move || {
+                    let _ = tx.send((reader.redactor("other").version(), reader.config("acme").version));
+                });
+                let seen = rx.recv_timeout(std::time::Duration::from_secs(30));
+                assert_eq!(seen, Ok((0, 0)), "readers were blocked while the rules compiled");
+                Redactor::new(c)
+            })
+            .unwrap();
+        assert_eq!(config.version, 1);
+        assert_eq!(rules.redactor("acme").version(), 1);
     }
 }

@@ -108,14 +108,15 @@ pub fn open_reader(dir: &Path) -> Result<Connection, StoreError> {
 
 /// Columns added after the first release, added in place to older databases.
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('actions')")?;
-    let columns: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
-    for (column, ddl) in [
-        ("org", "ALTER TABLE actions ADD COLUMN org TEXT NOT NULL DEFAULT 'default'"),
-        ("created_by_key", "ALTER TABLE actions ADD COLUMN created_by_key TEXT NOT NULL DEFAULT ''"),
-        ("reach", "ALTER TABLE actions ADD COLUMN reach TEXT"),
-        ("pools", "ALTER TABLE actions ADD COLUMN pools TEXT"),
+    for (table, column, ddl) in [
+        ("actions", "org", "ALTER TABLE actions ADD COLUMN org TEXT NOT NULL DEFAULT 'default'"),
+        ("actions", "created_by_key", "ALTER TABLE actions ADD COLUMN created_by_key TEXT NOT NULL DEFAULT ''"),
+        ("actions", "reach", "ALTER TABLE actions ADD COLUMN reach TEXT"),
+        ("actions", "pools", "ALTER TABLE actions ADD COLUMN pools TEXT"),
+        ("keys", "created_by_key", "ALTER TABLE keys ADD COLUMN created_by_key TEXT"),
     ] {
+        let mut stmt = conn.prepare("SELECT name FROM pragma_table_info(?1)")?;
+        let columns: Vec<String> = stmt.query_map([table], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
         if !columns.iter().any(|c| c == column) {
             conn.execute_batch(ddl)?;
         }
@@ -241,6 +242,23 @@ pub struct LineRow {
     pub received_at_ms: u64,
 }
 
+/// An agent identity binding row ([`crate::identity`]).
+#[derive(Debug, Clone)]
+pub struct IdentityRow {
+    /// `agt_…`.
+    pub agent_id: String,
+    /// The organization of the agent key.
+    pub org: String,
+    /// The agent key that registered it first.
+    pub key_id: String,
+    /// The pool it registered into.
+    pub pool: String,
+    /// When the binding was made (Unix ms).
+    pub bound_at_ms: u64,
+    /// When the id was last connected (Unix ms).
+    pub last_seen_ms: u64,
+}
+
 /// Everything the store holds, as loaded at start.
 #[derive(Debug, Default)]
 pub struct Loaded {
@@ -254,6 +272,8 @@ pub struct Loaded {
     pub metrics: Vec<(String, String)>,
     /// Settings changed at run time (redaction rules), by key, as JSON.
     pub settings: Vec<(String, String)>,
+    /// Agent identity bindings.
+    pub identities: Vec<IdentityRow>,
 }
 
 enum Op {
@@ -264,9 +284,12 @@ enum Op {
     Setting(String, String),
     Audit(AuditRow),
     DeleteAction(String),
+    Identity(IdentityRow),
+    DeleteIdentity(String),
     PurgeBefore(u64),
     PurgeAuditBefore(u64),
     Flush(mpsc::Sender<()>),
+    Stop,
 }
 
 /// Handle to the writer thread.
@@ -287,9 +310,12 @@ impl std::fmt::Debug for Op {
             Op::Setting(..) => "Setting",
             Op::Audit(_) => "Audit",
             Op::DeleteAction(_) => "DeleteAction",
+            Op::Identity(_) => "Identity",
+            Op::DeleteIdentity(_) => "DeleteIdentity",
             Op::PurgeBefore(_) => "PurgeBefore",
             Op::PurgeAuditBefore(_) => "PurgeAuditBefore",
             Op::Flush(_) => "Flush",
+            Op::Stop => "Stop",
         })
     }
 }
@@ -382,6 +408,14 @@ CREATE TABLE IF NOT EXISTS audit (
     body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_org_seq ON audit (org, seq);
+CREATE TABLE IF NOT EXISTS agent_identities (
+    agent_id TEXT PRIMARY KEY,
+    org TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    pool TEXT NOT NULL,
+    bound_at_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL
+);
 CREATE INDEX IF NOT EXISTS audit_at ON audit (at_ms);
 ";
 
@@ -411,6 +445,7 @@ impl Store {
             lines: load_lines(&conn).map_err(sqlite(&path))?,
             metrics: load_metrics(&conn).map_err(sqlite(&path))?,
             settings: load_settings(&conn).map_err(sqlite(&path))?,
+            identities: load_identities(&conn).map_err(sqlite(&path))?,
         };
         let (tx, rx) = mpsc::channel();
         let writer_path = path.clone();
@@ -424,6 +459,11 @@ impl Store {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// A handle other parts of the broker write through (the same writer thread).
+    pub fn handle(&self) -> StoreHandle {
+        StoreHandle { tx: self.tx.clone() }
     }
 
     /// Appends an audit entry.
@@ -466,7 +506,8 @@ impl Store {
         let _ = self.tx.send(Op::DeleteAction(id.to_owned()));
     }
 
-    /// Deletes hits received before `cutoff_ms`, and ended actions that ended before it.
+    /// Deletes ended actions that ended before `cutoff_ms` with their hits, lines and
+    /// figures, and rows of actions no longer stored.
     pub fn purge_before(&self, cutoff_ms: u64) {
         let _ = self.tx.send(Op::PurgeBefore(cutoff_ms));
     }
@@ -481,12 +522,31 @@ impl Store {
     }
 }
 
+/// A cloneable way to write through the store's writer thread, for parts of the broker
+/// other than the engine (agent identities).
+#[derive(Debug, Clone)]
+pub struct StoreHandle {
+    tx: mpsc::Sender<Op>,
+}
+
+impl StoreHandle {
+    /// Persists an identity binding (insert, or a new last-seen time).
+    pub fn put_identity(&self, row: IdentityRow) {
+        let _ = self.tx.send(Op::Identity(row));
+    }
+
+    /// Forgets an identity binding.
+    pub fn delete_identity(&self, agent_id: &str) {
+        let _ = self.tx.send(Op::DeleteIdentity(agent_id.to_owned()));
+    }
+}
+
 impl Drop for Store {
     fn drop(&mut self) {
         self.flush(Duration::from_secs(5));
-        // Replacing the sender closes the channel; the writer drains and exits.
-        let (tx, _) = mpsc::channel();
-        self.tx = tx;
+        // Handles may outlive the store (and keep the channel open): the writer is told
+        // to stop; what they send afterwards is dropped.
+        let _ = self.tx.send(Op::Stop);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -537,6 +597,22 @@ fn load_lines(conn: &Connection) -> rusqlite::Result<Vec<LineRow>> {
     let keep = i64::try_from(crate::telemetry::MAX_STORED_LINES).unwrap_or(i64::MAX);
     let rows = stmt.query_map(params![keep], |r| {
         Ok(LineRow { action_id: r.get(0)?, idx: to_u64(r.get(1)?), body: r.get(2)?, received_at_ms: to_u64(r.get(3)?) })
+    })?;
+    rows.collect()
+}
+
+fn load_identities(conn: &Connection) -> rusqlite::Result<Vec<IdentityRow>> {
+    let mut stmt =
+        conn.prepare("SELECT agent_id, org, key_id, pool, bound_at_ms, last_seen_ms FROM agent_identities")?;
+    let rows = stmt.query_map([], |r| {
+        Ok(IdentityRow {
+            agent_id: r.get(0)?,
+            org: r.get(1)?,
+            key_id: r.get(2)?,
+            pool: r.get(3)?,
+            bound_at_ms: to_u64(r.get(4)?),
+            last_seen_ms: to_u64(r.get(5)?),
+        })
     })?;
     rows.collect()
 }
@@ -620,39 +696,58 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, flushes: &mut Vec<mpsc::Sender<
             tx.execute("DELETE FROM hits WHERE action_id = ?1", params![id])?;
             tx.execute("DELETE FROM actions WHERE id = ?1", params![id])?;
         }
-        Op::PurgeBefore(cutoff) => {
-            let cutoff = to_i64(cutoff);
-            tx.execute("DELETE FROM hits WHERE received_at_ms < ?1", params![cutoff])?;
-            tx.execute("DELETE FROM log_lines WHERE received_at_ms < ?1", params![cutoff])?;
+        Op::Identity(i) => {
             tx.execute(
-                "DELETE FROM metrics WHERE action_id IN (SELECT id FROM actions WHERE status != 'active' \
-                 AND ended_at_ms IS NOT NULL AND ended_at_ms < ?1)",
-                params![cutoff],
+                "INSERT INTO agent_identities (agent_id, org, key_id, pool, bound_at_ms, last_seen_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT(agent_id) DO UPDATE SET last_seen_ms = ?6",
+                params![i.agent_id, i.org, i.key_id, i.pool, to_i64(i.bound_at_ms), to_i64(i.last_seen_ms)],
             )?;
+        }
+        Op::DeleteIdentity(id) => {
+            tx.execute("DELETE FROM agent_identities WHERE agent_id = ?1", params![id])?;
+        }
+        Op::PurgeBefore(cutoff) => {
+            // The engine forgets ended actions by the time they ended and deletes each
+            // one it forgets; this sweeps what it no longer holds (rows of an older
+            // version, rows left by a crash between two writes).
+            let cutoff = to_i64(cutoff);
+            let ended =
+                "SELECT id FROM actions WHERE status != 'active' AND ended_at_ms IS NOT NULL AND ended_at_ms < ?1";
+            for table in ["hits", "log_lines", "metrics"] {
+                tx.execute(&format!("DELETE FROM {table} WHERE action_id IN ({ended})"), params![cutoff])?;
+                tx.execute(&format!("DELETE FROM {table} WHERE action_id NOT IN (SELECT id FROM actions)"), [])?;
+            }
             tx.execute(
                 "DELETE FROM actions WHERE status != 'active' AND ended_at_ms IS NOT NULL AND ended_at_ms < ?1",
                 params![cutoff],
             )?;
         }
         Op::Flush(done) => flushes.push(done),
+        // Handled by the writer loop.
+        Op::Stop => {}
     }
     Ok(())
 }
 
 /// Batches whatever is queued into one transaction per wake-up.
 fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, path: &Path) {
-    while let Ok(first) = rx.recv() {
+    let mut stop = false;
+    while !stop && let Ok(first) = rx.recv() {
         let mut flushes = Vec::new();
         let result = (|| -> rusqlite::Result<()> {
             let tx = conn.transaction()?;
-            apply(&tx, first, &mut flushes)?;
-            let mut n = 1;
-            while n < 1_000 {
-                match rx.try_recv() {
-                    Ok(op) => apply(&tx, op, &mut flushes)?,
-                    Err(_) => break,
+            let mut next = Some(first);
+            let mut n = 0;
+            while let Some(op) = next.take() {
+                if matches!(op, Op::Stop) {
+                    stop = true;
+                    break;
                 }
+                apply(&tx, op, &mut flushes)?;
                 n += 1;
+                if n < 1_000 {
+                    next = rx.try_recv().ok();
+                }
             }
             tx.commit()
         })();

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::ActionId;
 use crate::limits::CaptureLimits;
-use crate::value::{Field, TruncationSummary, Value, fields_as_object, fit_to_budget, truncate, truncate_chars};
+use crate::value::{Field, TruncationSummary, Value, clip_printable, fields_as_object, fit_to_budget, truncate};
 
 /// One firing of a snapshot action: the values at the location and how they were cut
 /// and redacted.
@@ -209,9 +209,10 @@ impl Hit {
     }
 }
 
+/// Cuts a name, path or message of the hit (never a captured value) to `max`
+/// characters and makes it printable: they are shown on one line.
 fn clip(s: &mut String, max: usize) {
-    let keep = truncate_chars(s, max).len();
-    s.truncate(keep);
+    clip_printable(s, max);
 }
 
 #[cfg(test)]

@@ -308,6 +308,9 @@ pub enum ProtocolErrorCode {
     Unauthorized,
     /// Another live session already holds this agent id.
     DuplicateAgent,
+    /// The agent id belongs to another agent key or pool: the one that registered it
+    /// first, which it stays bound to while the broker remembers it.
+    IdentityBound,
     /// A message arrived out of order (anything before `register`, or a second `register`).
     UnexpectedMessage,
     /// The agent exceeded its budgets too often.

@@ -40,6 +40,48 @@ pub struct LogLine {
 /// Most lines per `log_lines` frame.
 pub const MAX_LOG_LINES_PER_FRAME: usize = 200;
 
+/// Longest thread name kept on a log line, in characters.
+pub const MAX_THREAD_LEN: usize = 128;
+
+/// Longest redaction finding path kept on a log line, in characters.
+pub const MAX_FINDING_PATH_LEN: usize = 256;
+
+/// Longest redaction rule id, in characters (the rule ids the engine writes are short).
+pub const MAX_RULE_ID_LEN: usize = 64;
+
+impl LogLine {
+    /// Cuts the line's text, thread name and findings to their bounds, making the thread
+    /// name and findings printable; returns whether anything changed. Which rule ids are
+    /// real is for the receiver to check against its rules.
+    pub fn sanitize(&mut self) -> bool {
+        let keep = crate::value::truncate_chars(&self.text, MAX_LOG_LINE_BYTES).len();
+        let mut changed = keep < self.text.len();
+        self.text.truncate(keep);
+        if let Some(t) = &mut self.thread {
+            changed |= crate::value::clip_printable(t, MAX_THREAD_LEN);
+        }
+        if self.redactions.len() > crate::hit::MAX_FINDINGS_PER_HIT {
+            self.redactions.truncate(crate::hit::MAX_FINDINGS_PER_HIT);
+            changed = true;
+        }
+        for f in &mut self.redactions {
+            changed |= crate::value::clip_printable(&mut f.path, MAX_FINDING_PATH_LEN);
+            changed |= crate::value::clip_printable(&mut f.rule, MAX_RULE_ID_LEN);
+        }
+        changed
+    }
+
+    /// What the line costs a byte budget: its text, thread name and findings, and a
+    /// fixed share for its envelope, so no field rides for free.
+    pub fn cost(&self) -> usize {
+        const ENVELOPE: usize = 16;
+        ENVELOPE
+            + self.text.len()
+            + self.thread.as_deref().map_or(0, str::len)
+            + self.redactions.iter().map(|f| f.path.len() + f.rule.len() + 16).sum::<usize>()
+    }
+}
+
 /// Longest line accepted, in bytes (the template renderer stops at 4 KiB).
 pub const MAX_LOG_LINE_BYTES: usize = 4 * 1024 + 16;
 

@@ -373,6 +373,24 @@ pub fn truncate_chars(s: &str, max: usize) -> &str {
     }
 }
 
+/// Clips `s` to `max` characters and replaces control characters (newlines included)
+/// with U+FFFD, for text a peer sends that is shown back on one line (a file name in a
+/// list, a thread name). Returns whether it changed anything; allocates only then.
+pub fn clip_printable(s: &mut String, max: usize) -> bool {
+    let keep = truncate_chars(s, max).len();
+    let clipped = keep < s.len();
+    s.truncate(keep);
+    // Control characters are U+0000..=U+001F and U+007F..=U+009F: single bytes below
+    // 0x20 or 0x7F, or 0xC2 followed by 0x80..=0x9F. A byte scan rules almost every
+    // string out; only a suspect one is decoded.
+    let suspect = s.bytes().any(|b| b < 0x20 || b == 0x7f || b == 0xc2);
+    if suspect && s.chars().any(char::is_control) {
+        *s = s.chars().map(|c| if c.is_control() { char::REPLACEMENT_CHARACTER } else { c }).collect();
+        return true;
+    }
+    clipped
+}
+
 /// Keeps values, in order, while they fit in `budget` bytes of JSON; a value that does
 /// not fit is entered and its children kept while they fit, and whatever still does not
 /// fit is replaced by a [`CutReason::Size`] marker carrying its encoded size.
@@ -1044,6 +1062,18 @@ impl From<String> for Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn printable_text_is_clipped_by_characters_and_loses_its_control_characters() {
+        let mut s = "a\u{7}b\u{85}c\u{a9}é\nd".to_owned();
+        assert!(clip_printable(&mut s, 100));
+        assert_eq!(s, "a\u{fffd}b\u{fffd}c\u{a9}é\u{fffd}d");
+        let mut plain = "© café".to_owned();
+        assert!(!clip_printable(&mut plain, 100), "no control character, nothing to do");
+        let mut long = "é".repeat(10);
+        assert!(clip_printable(&mut long, 3));
+        assert_eq!(long, "ééé");
+    }
 
     fn obj(name: &str, fields: Vec<(&str, Value)>) -> Value {
         Value::Object(Object {

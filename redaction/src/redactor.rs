@@ -65,6 +65,13 @@ impl Redactor {
         self.version
     }
 
+    /// Whether `rule` is the id of one of these rules (or of the summary finding that
+    /// stands for findings beyond the per-hit cap): what a receiver keeps of the rule
+    /// ids a peer reports.
+    pub fn has_rule(&self, rule: &str) -> bool {
+        rule == FINDINGS_TRUNCATED_RULE || self.engine.rules.iter().any(|r| &*r.id == rule)
+    }
+
     /// Redacts a plain string (a log line, a `Debug` dump); findings are recorded under
     /// `path`. Returns the input unchanged, without copying, when nothing fired.
     pub fn redact_text<'a>(&self, text: &'a str, path: &str, report: &mut Report) -> Cow<'a, str> {
@@ -414,4 +421,16 @@ fn merge_findings(existing: Vec<RedactionFinding>, report: Report) -> Vec<Redact
         merged.push(RedactionFinding { path: format!("+{more} more"), rule: FINDINGS_TRUNCATED_RULE.into() });
     }
     merged
+}
+
+#[cfg(test)]
+mod known_rules_tests {
+    use super::*;
+
+    #[test]
+    fn the_rules_it_knows_are_the_ones_it_reports() {
+        let r = Redactor::default_rules();
+        assert!(r.has_rule("email") && r.has_rule("key:password") && r.has_rule(FINDINGS_TRUNCATED_RULE));
+        assert!(!r.has_rule("made-up") && !r.has_rule("") && !r.has_rule("custom:nope"));
+    }
 }

@@ -414,7 +414,10 @@ async fn two_organizations_see_nothing_of_each_other() {
             other => panic!("no refusal: {other:?}"),
         }
     };
-    assert_eq!(refusal["code"], "duplicate_agent", "{refusal}");
+    // The id is bound to our agent key: another organization's key is told so, without
+    // learning whose it is.
+    assert_eq!(refusal["code"], "identity_bound", "{refusal}");
+    assert!(!refusal.to_string().contains("default"), "{refusal}");
     let (_, agent) = ours.get(&format!("/agents/{}", our_agent.id())).await;
     assert_eq!(agent["status"], "online", "our agent was not displaced");
 

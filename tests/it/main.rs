@@ -8,7 +8,9 @@
 mod support;
 
 mod access;
+mod attack_agents;
 mod attack_network;
+mod attack_tenancy;
 mod conditions;
 mod core_loop;
 mod gateway_errors;

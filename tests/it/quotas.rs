@@ -100,6 +100,7 @@ async fn blocking_calls_beyond_a_keys_limit_are_refused_until_one_ends() {
             live_actions: Some(2),
             calls_per_minute: Some(6_000),
             call_burst: Some(1_000),
+            ..Default::default()
         },
     ));
     let broker = TestBroker::start_with(config, "127.0.0.1:0".parse().unwrap()).await;

@@ -47,6 +47,10 @@ pub fn test_config() -> BrokerConfig {
     });
     config.agent_keys.push(AgentKeyConfig::any_pool(AGENT_KEY));
     config.agents.heartbeat_interval_secs = 1;
+    // The harness's keys poll fast (`polling_quotas`); their organization's ceiling
+    // sits above them. Tests about the ceiling lower it.
+    config.org_quotas.calls_per_minute = Some(600_000);
+    config.org_quotas.call_burst = Some(100_000);
     config
 }
 
@@ -346,3 +350,91 @@ pub async fn audit(api: &Api, query: &str) -> Vec<Json> {
 
 /// Shared flag to stop background workloads.
 pub type Stop = Arc<std::sync::atomic::AtomicBool>;
+
+/// A WebSocket agent driven frame by frame (what a hostile or broken agent can send).
+pub struct RawAgent {
+    pub ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+}
+
+/// A registration frame for a raw agent.
+pub fn registration(agent_id: &str, pool: &str) -> Json {
+    serde_json::json!({"type": "register", "protocol_version": 1, "agent_id": agent_id, "display_name": agent_id,
+                       "pool": pool, "tags": [], "service": "raw", "language": "test", "agent_version": "0",
+                       "host": "raw-host", "pid": 1})
+}
+
+impl RawAgent {
+    /// Opens a socket with `key`; the HTTP status when the upgrade is refused.
+    pub async fn connect(broker: &TestBroker, key: &str) -> Result<RawAgent, u16> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+        let mut req = broker.ws_url().into_client_request().unwrap();
+        req.headers_mut().insert("authorization", format!("Bearer {key}").parse().unwrap());
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((ws, _)) => Ok(RawAgent { ws }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Connects and registers; returns the agent and the broker's first answer
+    /// (`registered`, or the error frame refusing it).
+    pub async fn register(broker: &TestBroker, key: &str, agent_id: &str, pool: &str) -> (RawAgent, Json) {
+        let mut agent = Self::connect(broker, key).await.unwrap_or_else(|s| panic!("upgrade refused: {s}"));
+        agent.send(registration(agent_id, pool)).await;
+        let first = agent.next().await.unwrap_or(Json::Null);
+        (agent, first)
+    }
+
+    /// Registers and expects to be accepted; reads up to the `action_sync`, returns it.
+    pub async fn registered(broker: &TestBroker, key: &str, agent_id: &str, pool: &str) -> (RawAgent, Json) {
+        let (mut agent, first) = Self::register(broker, key, agent_id, pool).await;
+        assert_eq!(first["type"], "registered", "{agent_id} refused: {first}");
+        let sync = agent.until("action_sync").await;
+        (agent, sync)
+    }
+
+    pub async fn send(&mut self, frame: Json) {
+        use futures_util::SinkExt as _;
+        let _ = self.ws.send(tokio_tungstenite::tungstenite::Message::text(frame.to_string())).await;
+    }
+
+    /// The next text frame as JSON (skipping pings), or None once the socket closed.
+    pub async fn next(&mut self) -> Option<Json> {
+        use futures_util::StreamExt as _;
+        use tokio_tungstenite::tungstenite::Message;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), self.ws.next()).await.expect("a frame within 10 s") {
+                Some(Ok(Message::Text(t))) => return Some(serde_json::from_str(t.as_str()).unwrap()),
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// Frames until one of type `kind` (panics if the socket closes first).
+    pub async fn until(&mut self, kind: &str) -> Json {
+        loop {
+            match self.next().await {
+                Some(v) if v["type"] == kind => return v,
+                Some(_) => {}
+                None => panic!("closed before a `{kind}` frame"),
+            }
+        }
+    }
+
+    /// Publishes one catalog entry (an event at `file`:`line` with `fields`).
+    pub async fn publish(&mut self, file: &str, line: u32, fields: &[&str]) {
+        self.send(serde_json::json!({"type": "catalog", "full": false, "entries": [
+            {"file": file, "line": line, "kind": "event", "name": format!("event {file}:{line}"), "fields": fields}
+        ]}))
+        .await;
+    }
+
+    /// Sends one hit for `action_id`.
+    pub async fn hit(&mut self, action_id: &str, file: &str, line: u32, seq: u64) {
+        self.send(serde_json::json!({"type": "hit", "action_id": action_id, "seq": seq, "time_ms": 1,
+                                     "location": {"file": file, "line": line},
+                                     "fields": {"n": {"type": "int", "value": seq}}}))
+            .await;
+    }
+}

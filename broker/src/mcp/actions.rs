@@ -437,11 +437,7 @@ impl PeriscopeMcp {
         // refusal places nothing) until it answers.
         let wait_for = Duration::from_secs(a.timeout_seconds);
         let _slot = if a.wait {
-            Some(self.state.callers.begin_wait(
-                &principal.key_id,
-                principal.quotas,
-                tokio::time::Instant::now() + wait_for,
-            )?)
+            Some(self.state.callers.begin_wait(&principal, tokio::time::Instant::now() + wait_for)?)
         } else {
             None
         };
@@ -663,11 +659,11 @@ impl PeriscopeMcp {
         // The view first: its `not_found` says where to find action ids.
         let first = engine.get(&a.action_id, &principal)?;
         let _slot = if a.wait_seconds > 0 && first.kind != "metric" {
-            Some(self.state.callers.begin_wait(
-                &principal.key_id,
-                principal.quotas,
-                tokio::time::Instant::now() + Duration::from_secs(a.wait_seconds),
-            )?)
+            Some(
+                self.state
+                    .callers
+                    .begin_wait(&principal, tokio::time::Instant::now() + Duration::from_secs(a.wait_seconds))?,
+            )
         } else {
             None
         };

@@ -197,6 +197,7 @@ mod tests {
             keys,
             callers: Default::default(),
             mcp_sessions: Default::default(),
+            agent_limits: crate::agent_limits::AgentLimits::new(Default::default(), 10),
             data_dir: scratch.path().to_owned(),
             scratch: Some(scratch),
         })

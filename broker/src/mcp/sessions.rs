@@ -54,6 +54,9 @@ struct Owner {
     key_id: String,
     key_name: String,
     org: String,
+    /// The session's place in its key's and organization's `mcp_sessions` quotas, freed
+    /// when the binding is forgotten (the session ended).
+    _slot: Option<Arc<crate::quota::SessionSlot>>,
 }
 
 /// Attempts by one key on another's session, not yet in the audit trail.
@@ -92,11 +95,12 @@ fn unknown_session() -> Response {
 }
 
 impl SessionOwners {
-    fn bind(&self, id: SessionId, principal: &Principal) {
+    fn bind(&self, id: SessionId, principal: &Principal, slot: crate::quota::SessionSlot) {
         let owner = Owner {
             key_id: principal.key_id.clone(),
             key_name: principal.name.clone(),
             org: principal.org().to_owned(),
+            _slot: Some(Arc::new(slot)),
         };
         self.owners.insert(id, owner);
     }
@@ -128,7 +132,8 @@ impl SessionOwners {
             tracing::warn!(key = %by.key_id, "a key presented another key's MCP session id (too many to audit each pair)");
             return Vec::new();
         }
-        let attacker = Owner { key_id: by.key_id.clone(), key_name: by.name.clone(), org: by.org().to_owned() };
+        let attacker =
+            Owner { key_id: by.key_id.clone(), key_name: by.name.clone(), org: by.org().to_owned(), _slot: None };
         let mut a = Attempts {
             attacker,
             owner,
@@ -230,9 +235,15 @@ pub async fn bind_sessions(State(state): State<AppState>, req: Request, next: Ne
     // rmcp reads the header the same way: one that is not text is no session id.
     let presented = req.headers().get(HEADER_SESSION_ID).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let Some(id) = presented else {
+        // A request without a session may open one: it takes a place in the key's and the
+        // organization's session quotas first, kept by the binding if a session results.
+        let slot = match state.callers.begin_session(&principal) {
+            Ok(slot) => slot,
+            Err(e) => return axum::response::IntoResponse::into_response(e),
+        };
         let response = next.run(req).await;
         if let Some(id) = response.headers().get(HEADER_SESSION_ID).and_then(|v| v.to_str().ok()) {
-            owners.bind(id.into(), &principal);
+            owners.bind(id.into(), &principal, slot);
         }
         return response;
     };
@@ -351,7 +362,7 @@ mod tests {
     }
 
     fn owner(p: &Principal) -> Owner {
-        Owner { key_id: p.key_id.clone(), key_name: p.name.clone(), org: p.org().to_owned() }
+        Owner { key_id: p.key_id.clone(), key_name: p.name.clone(), org: p.org().to_owned(), _slot: None }
     }
 
     #[test]

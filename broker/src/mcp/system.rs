@@ -42,7 +42,7 @@ impl PeriscopeMcp {
         let paused = body["paused_actions"].as_array().map_or(0, Vec::len);
         let text = format!(
             "Periscope {} is up. You are `{}` ({} of organization `{}`; scopes: {}). {} agent(s) online, {} live \
-             action(s) in your organization; you hold {} of your {} live actions. Calls left right now: {} (of {} \
+             action(s) within your reach; you hold {} of your {} live actions. Calls left right now: {} (of {} \
              per minute); blocking calls in progress: {} of {}.{}",
             env!("CARGO_PKG_VERSION"),
             principal.name,
