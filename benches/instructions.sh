@@ -18,14 +18,21 @@ count() {
   rm -f "$out"
   echo "$total"
 }
-printf '%-10s %-8s %14s\n' event agent 'instr/event'
+printf '%-10s %-14s %14s\n' event agent 'instr/event'
+row() {
+  local a b
+  a=$(count "$2" "$n" "$1")
+  b=$(count "$2" $((2 * n)) "$1")
+  echo "$1 $2 $a $b $n" | awk '{ printf "%-10s %-14s %14.1f\n", $1, $2, ($4 - $3) / $5 }'
+}
 for which in filtered logged; do
   for mode in none idle; do
-    a=$(count "$mode" "$n" "$which")
-    b=$(count "$mode" $((2 * n)) "$which")
-    echo "$which $mode $a $b $n" | awk '{ printf "%-10s %-8s %14.1f\n", $1, $2, ($4 - $3) / $5 }'
+    row "$which" "$mode"
   done
 done
-a=$(count capture "$n" logged)
-b=$(count capture $((2 * n)) logged)
-echo "logged capture $a $b $n" | awk '{ printf "%-10s %-8s %14.1f\n", $1, $2, ($4 - $3) / $5 }'
+row logged capture
+# A false condition: on a plain field, and on a field that redaction hides.
+row logged cond_plain
+row login idle
+row login cond_plain
+row login cond_redacted
