@@ -497,6 +497,16 @@ pub(crate) fn check(check: Check, text: &str, m: Range<usize>) -> Option<Range<u
     }
 }
 
+/// A bare phone number as stored in a phone field: optional `+`, 7 to 15 digits, and
+/// only spaces, dots, dashes and parentheses between them.
+pub(crate) fn is_bare_phone(s: &str) -> bool {
+    let t = s.trim();
+    let body = t.strip_prefix('+').unwrap_or(t);
+    let digits = body.bytes().filter(u8::is_ascii_digit).count();
+    (7..=15).contains(&digits)
+        && body.bytes().all(|b| b.is_ascii_digit() || matches!(b, b' ' | b'.' | b'-' | b'(' | b')'))
+}
+
 fn parse_u32(b: &[u8]) -> u32 {
     b.iter().fold(0u32, |acc, d| acc.saturating_mul(10).saturating_add(u32::from(d.wrapping_sub(b'0') % 10)))
 }
