@@ -240,6 +240,19 @@ pub enum EvalError {
         /// The comparison, quoted.
         expr: String,
     },
+    /// The expression used a value that redaction hid (a whole `[REDACTED:KIND]`
+    /// marker) for something other than showing it or comparing it with `null`: an
+    /// expression sees what a client sees, and may learn nothing more about it.
+    #[error(
+        "{expr} reads a value that redaction hides ({marker}); an expression may show a redacted value or compare it with null, nothing else"
+    )]
+    Redacted {
+        /// The sub-expression that used the redacted value, quoted.
+        expr: String,
+        /// The marker standing for the value (`[REDACTED:PASSWORD]`): the kind of what
+        /// was hidden, never the value.
+        marker: String,
+    },
     /// A condition produced something other than true, false or null.
     #[error("condition must be true or false, got {found}")]
     NotBoolean {
@@ -269,6 +282,7 @@ impl EvalError {
             EvalError::TooDeep { .. } => "too_deep",
             EvalError::NotBoolean { .. } => "not_boolean",
             EvalError::NotNumber { .. } => "not_number",
+            EvalError::Redacted { .. } => "redacted",
         }
     }
 }
