@@ -126,8 +126,9 @@ pub(crate) struct Installed {
     pub(crate) exprs: ActionExprs,
     /// Why the action cannot run here (an expression this agent cannot compile).
     pub(crate) compile_error: Option<String>,
-    /// Set once a run-time evaluation error has been reported, so it is reported once.
-    pub(crate) eval_error_reported: AtomicBool,
+    /// The kinds of run-time evaluation error already reported (one bit per
+    /// [`periscope_protocol::EvalError::code`]), so each kind is reported once.
+    eval_errors_reported: AtomicU32,
 }
 
 const PAUSE_NONE: u8 = 0;
@@ -176,7 +177,7 @@ impl Installed {
             metric,
             exprs,
             compile_error,
-            eval_error_reported: AtomicBool::new(false),
+            eval_errors_reported: AtomicU32::new(0),
             spec,
             snapshot,
             taken: AtomicU32::new(0),
@@ -185,6 +186,24 @@ impl Installed {
             paused: AtomicU8::new(PAUSE_NONE),
             done: AtomicBool::new(false),
         }
+    }
+
+    /// The status to report for an evaluation error in `context` (`condition`,
+    /// `expression`, `template`...): `Some` the first time this kind of error is seen for
+    /// the action, so a kind is reported once while others still get through (a
+    /// `redacted` error after a `type_mismatch`, say).
+    pub(crate) fn eval_error_status(
+        &self,
+        context: &str,
+        error: &periscope_protocol::EvalError,
+    ) -> Option<AgentActionState> {
+        let code = error.code();
+        let index = periscope_protocol::EvalError::CODES.iter().position(|c| *c == code).unwrap_or(31).min(31);
+        let bit = 1u32 << index;
+        if self.eval_errors_reported.fetch_or(bit, Ordering::Relaxed) & bit != 0 {
+            return None;
+        }
+        Some(AgentActionState::EvalError { reason: format!("{context}: {error}"), code: Some(code.to_owned()) })
     }
 
     /// Marks the action paused for `reason`; true when this is a change of state, so the

@@ -111,11 +111,15 @@ pub enum AuditKind {
     AgentImpersonation,
     /// An agent was disconnected for sending more than its budget.
     AgentFlooding,
+    /// An expression of an action (condition, metric value, watch, template) tried to
+    /// read a value that redaction hides, and the agent refused it; once per action,
+    /// attributed to the key that placed it.
+    RedactedReadRefused,
 }
 
 impl AuditKind {
     /// Every kind, for error messages.
-    pub const ALL: [AuditKind; 13] = [
+    pub const ALL: [AuditKind; 14] = [
         AuditKind::ActionPlaced,
         AuditKind::ActionRemoved,
         AuditKind::ActionCompleted,
@@ -129,6 +133,7 @@ impl AuditKind {
         AuditKind::AgentRefused,
         AuditKind::AgentImpersonation,
         AuditKind::AgentFlooding,
+        AuditKind::RedactedReadRefused,
     ];
 
     /// The stable name.
@@ -147,6 +152,7 @@ impl AuditKind {
             AuditKind::AgentRefused => "agent_refused",
             AuditKind::AgentImpersonation => "agent_impersonation",
             AuditKind::AgentFlooding => "agent_flooding",
+            AuditKind::RedactedReadRefused => "redacted_read_refused",
         }
     }
 

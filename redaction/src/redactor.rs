@@ -78,6 +78,14 @@ impl Redactor {
         self.walk(self.key_ctx(name), value, &mut buf, report);
     }
 
+    /// Redacts a named captured value in place without recording findings: for a value
+    /// an expression is about to read, where only the result matters. Allocates nothing
+    /// for a scalar that nothing fires on.
+    pub fn redact_value(&self, name: &str, value: &mut Value) {
+        let mut path = String::new();
+        self.walk(self.key_ctx(name), value, &mut path, &mut Report::new());
+    }
+
     /// Redacts a whole hit in place: fields, span fields, watch values and errors,
     /// backtrace lines. Sets `redactions` (the agent's findings, sanitized, plus this
     /// pass's, deduplicated and capped) and `rules_version`. Redacting an already

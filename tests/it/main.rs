@@ -8,6 +8,7 @@
 mod support;
 
 mod access;
+mod attack_expressions;
 mod conditions;
 mod core_loop;
 mod gateway_errors;

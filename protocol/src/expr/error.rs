@@ -268,6 +268,21 @@ pub enum EvalError {
 }
 
 impl EvalError {
+    /// Every [`EvalError::code`], for agents that keep one flag per kind.
+    pub const CODES: [&'static str; 11] = [
+        "type_mismatch",
+        "bad_operand",
+        "bad_argument",
+        "truncated",
+        "budget_exceeded",
+        "division_by_zero",
+        "overflow",
+        "too_deep",
+        "not_boolean",
+        "not_number",
+        "redacted",
+    ];
+
     /// A stable, short code for the kind of failure, so an agent can report each kind
     /// once per action and count repeats.
     pub fn code(&self) -> &'static str {

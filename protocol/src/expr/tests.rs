@@ -899,3 +899,22 @@ fn a_template_shows_a_redacted_value_as_its_marker_and_reports_any_other_use() {
     assert_eq!(out.errors.len(), 1);
     assert_eq!(out.errors[0].error.code(), "redacted");
 }
+
+#[test]
+fn every_eval_error_code_is_listed() {
+    let errors = [
+        EvalError::TypeMismatch { op: "+", left: "int", right: "string", expr: String::new() },
+        EvalError::BadOperand { op: "!", operand: "int", expr: String::new() },
+        EvalError::BadArgument { function: "len", expected: "a string", found: "int", expr: String::new() },
+        EvalError::Truncated { path: String::new(), depth: None, detail: String::new() },
+        EvalError::BudgetExceeded { limit: 1 },
+        EvalError::DivisionByZero { expr: String::new() },
+        EvalError::Overflow { op: "+", expr: String::new() },
+        EvalError::TooDeep { expr: String::new() },
+        EvalError::NotBoolean { found: "int" },
+        EvalError::NotNumber { found: "string" },
+        EvalError::Redacted { expr: String::new(), marker: String::new() },
+    ];
+    let codes: Vec<&str> = errors.iter().map(EvalError::code).collect();
+    assert_eq!(codes, EvalError::CODES);
+}
