@@ -407,7 +407,13 @@ pub(crate) fn check(check: Check, text: &str, m: Range<usize>) -> Option<Range<u
             {
                 scheme -= 1;
             }
-            if m.start - scheme < 2 || !hay[scheme].is_ascii_alphabetic() {
+            // A scheme starts with a letter (RFC 3986): `--END://` has the scheme `END`,
+            // whatever precedes it (and a second pass, which may see a marker there,
+            // judges the same scheme).
+            while scheme < m.start && !hay[scheme].is_ascii_alphabetic() {
+                scheme += 1;
+            }
+            if m.start - scheme < 2 {
                 return None;
             }
             let scheme_end = s.find("://")? + 3;
