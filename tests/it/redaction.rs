@@ -100,8 +100,8 @@ async fn captured_secrets_and_pii_never_reach_a_client_and_the_hit_says_what_fir
     let watched = &page["hits"][0]["watches"];
     assert!(!watched.to_string().contains("hunter2") && !watched.to_string().contains("4111"), "{watched}");
     assert!(watched[0]["error"].as_str().unwrap().contains("redaction hides ([REDACTED:PASSWORD])"), "{watched}");
-    assert_eq!(watched[1]["value"]["items"][0]["value"], "[REDACTED:PASSWORD]", "{watched}");
-    assert_eq!(watched[1]["value"]["items"][1]["value"], "[REDACTED:CARD_NUMBER]", "{watched}");
+    // A watch value is also judged by the watch's last name, here the whole list.
+    assert_eq!(watched[1]["value"]["value"], "[REDACTED:CARD_NUMBER]", "{watched}");
 
     // Rules changed at run time reach the agent and stamp later hits.
     let resp = api
