@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use periscope_protocol::value::{Text, truncate, truncate_chars};
 use periscope_protocol::{CaptureLimits, Field, Hit, HitLocation, SpanFrame, ThreadInfo, TruncationSummary, Value};
-use periscope_redaction::Redactor;
+use periscope_redaction::{NameRule, Redactor};
 use tracing_core::Metadata;
 use tracing_core::field::{Field as TracingField, Visit};
 
@@ -226,10 +226,13 @@ pub(crate) fn redaction_limits(limits: &CaptureLimits) -> CaptureLimits {
 /// for the name and every name inside, value detectors, the organization's own rules),
 /// then cut to the capture limits. This is what expressions read on the host's thread,
 /// built only for the values they read.
-pub(crate) fn client_value(field: &RawField, limits: &CaptureLimits, redactor: &Redactor) -> Value {
+///
+/// `rule` is what `redactor` makes of the field's name (`Redactor::name_rule`), worked
+/// out once per callsite.
+pub(crate) fn client_value(field: &RawField, limits: &CaptureLimits, redactor: &Redactor, rule: NameRule) -> Value {
     let mut summary = TruncationSummary::default();
     let mut value = to_value(&field.value, &redaction_limits(limits), &mut summary);
-    redactor.redact_value(field.name, &mut value);
+    redactor.redact_named(rule, &mut value);
     truncate(&mut value, limits, &mut summary);
     value
 }
@@ -337,6 +340,10 @@ mod tests {
 
     fn field(name: &'static str, value: Raw) -> RawField {
         RawField { name, value }
+    }
+
+    fn client_value(field: &RawField, limits: &CaptureLimits, r: &Redactor) -> Value {
+        super::client_value(field, limits, r, r.name_rule(field.name))
     }
 
     #[test]

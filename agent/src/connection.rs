@@ -366,7 +366,11 @@ impl Runner {
                         periscope_redaction::Redactor::new(&c).map_err(|e| e.to_string())
                     });
                 match built {
-                    Ok(r) => self.shared.set_redactor(r),
+                    Ok(r) => {
+                        self.shared.set_redactor(r);
+                        // Expressions on the host's threads read through the table's rules.
+                        self.install().await;
+                    }
                     // Keep the rules we have (never fewer than the built-ins) and say why.
                     Err(e) => {
                         tracing::warn!(target: "periscope_agent", version, error = %e, "periscope agent kept its redaction rules: the new ones do not build")

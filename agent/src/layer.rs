@@ -211,10 +211,11 @@ struct Firing<'a, S: for<'l> LookupSpan<'l>> {
 /// capture limits) the first time any expression reads it and then shared by every
 /// action on the callsite: a condition that reads one field costs one field.
 struct Views<'a> {
-    shared: &'a Shared,
     limits: periscope_protocol::CaptureLimits,
-    /// The rules in force, fetched on the first value built.
-    redactor: OnceCell<Arc<periscope_redaction::Redactor>>,
+    /// The table's redaction rules.
+    redactor: &'a periscope_redaction::Redactor,
+    /// What they make of the callsite's field names.
+    names: &'a [(&'static str, periscope_redaction::NameRule)],
     /// One per event field, in order; empty until an expression runs.
     fields: Vec<OnceCell<periscope_protocol::Value>>,
     /// One list per captured span, in order; empty until an expression reads spans.
@@ -223,8 +224,12 @@ struct Views<'a> {
 
 impl Views<'_> {
     fn build(&self, raw: &RawField) -> periscope_protocol::Value {
-        let redactor = self.redactor.get_or_init(|| self.shared.redactor());
-        crate::capture::client_value(raw, &self.limits, redactor)
+        // A span's fields belong to another callsite: their names are worked out here.
+        let rule = match self.names.iter().find(|(n, _)| *n == raw.name) {
+            Some((_, rule)) => *rule,
+            None => self.redactor.name_rule(raw.name),
+        };
+        crate::capture::client_value(raw, &self.limits, self.redactor, rule)
     }
 }
 
@@ -263,8 +268,13 @@ impl ProbeLayer {
         entry.hits.fetch_add(1, Ordering::Relaxed);
         let shared = &self.shared;
         let started = shared.clock.now();
-        let views =
-            Views { shared, limits: table.limits, redactor: OnceCell::new(), fields: Vec::new(), spans: Vec::new() };
+        let views = Views {
+            limits: table.limits,
+            redactor: &table.redactor,
+            names: &entry.names,
+            fields: Vec::new(),
+            spans: Vec::new(),
+        };
         let mut firing = Firing { table, site, fields, spans: None, ctx, now_ms: unix_ms(), started, views };
         for action in &entry.ends {
             self.stop_clock(action, &firing);

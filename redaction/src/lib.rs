@@ -136,7 +136,7 @@ pub mod report;
 pub mod validate;
 
 pub use config::{Builtins, ConfigError, CustomPattern, Exclusions, RedactionConfig, builtin_rule_ids};
-pub use redactor::{FINDINGS_TRUNCATED_RULE, Redactor};
+pub use redactor::{FINDINGS_TRUNCATED_RULE, NameRule, Redactor};
 pub use report::{Finding, Report};
 
 /// Longest marker this crate writes: `[REDACTED:` + a kind of at most 40 characters + `]`.

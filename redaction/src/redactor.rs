@@ -36,8 +36,12 @@ pub struct Redactor {
     version: u64,
 }
 
+/// What a [`Redactor`]'s rules make of a name (see [`Redactor::name_rule`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NameRule(KeyCtx);
+
 /// What the name of a value says about it.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct KeyCtx {
     /// A key-name rule that replaces the value whole.
     rule: Option<RuleIx>,
@@ -78,12 +82,19 @@ impl Redactor {
         self.walk(self.key_ctx(name), value, &mut buf, report);
     }
 
-    /// Redacts a named captured value in place without recording findings: for a value
-    /// an expression is about to read, where only the result matters. Allocates nothing
-    /// for a scalar that nothing fires on.
-    pub fn redact_value(&self, name: &str, value: &mut Value) {
+    /// What these rules make of a name, computed once for a name whose values are
+    /// redacted often (a callsite's field names) and handed to [`Redactor::redact_named`].
+    /// Only meaningful with the redactor that made it.
+    pub fn name_rule(&self, name: &str) -> NameRule {
+        NameRule(self.key_ctx(name))
+    }
+
+    /// Redacts a captured value named by `rule` in place without recording findings: for
+    /// a value an expression is about to read, where only the result matters. Allocates
+    /// nothing for a scalar that nothing fires on.
+    pub fn redact_named(&self, rule: NameRule, value: &mut Value) {
         let mut path = String::new();
-        self.walk(self.key_ctx(name), value, &mut path, &mut Report::new());
+        self.walk(rule.0, value, &mut path, &mut Report::discarding());
     }
 
     /// Redacts a whole hit in place: fields, span fields, watch values and errors,

@@ -153,11 +153,17 @@ pub(crate) fn line_col(source: &str, position: usize) -> (u32, u32) {
 pub(crate) fn quote(text: &str) -> String {
     let short = truncate_chars(text, MAX_QUOTED_CHARS);
     let ell = if short.len() < text.len() { "…" } else { "" };
-    let mut out = String::with_capacity(short.len() + 2);
-    for c in short.chars() {
-        out.push(printable(c));
+    // One allocation: an error may be built at every hit (and dropped once reported).
+    let mut out = String::with_capacity(short.len() + ell.len() + 2);
+    out.push('`');
+    if short.bytes().all(|b| b.is_ascii() && !b.is_ascii_control()) {
+        out.push_str(short);
+    } else {
+        out.extend(short.chars().map(printable));
     }
-    format!("`{out}{ell}`")
+    out.push_str(ell);
+    out.push('`');
+    out
 }
 
 /// Why evaluating an expression at one hit failed.
