@@ -10,8 +10,9 @@ use std::backtrace::Backtrace;
 use std::fmt::{self, Write as _};
 use std::sync::Arc;
 
-use periscope_protocol::value::{Text, truncate_chars};
+use periscope_protocol::value::{Text, truncate, truncate_chars};
 use periscope_protocol::{CaptureLimits, Field, Hit, HitLocation, SpanFrame, ThreadInfo, TruncationSummary, Value};
+use periscope_redaction::{NameRule, Redactor};
 use tracing_core::Metadata;
 use tracing_core::field::{Field as TracingField, Visit};
 
@@ -181,10 +182,19 @@ pub(crate) fn to_value(raw: &Raw, limits: &CaptureLimits, summary: &mut Truncati
             Err(_) => Value::str(u.to_string()),
         },
         Raw::F64(f) => Value::Float(*f),
-        Raw::Str(s, original) => Value::Str(Text {
-            value: s.clone(),
-            original_len: original.map(|n| n as u64).filter(|n| *n > s.chars().count() as u64),
-        }),
+        Raw::Str(s, original) => {
+            // Cut here as `Debug` text is cut while parsing; counted once, when the hit's
+            // limits are enforced.
+            let kept = truncate_chars(s, limits.max_string_len as usize);
+            // The full length is known when the text was cut on the host's thread.
+            let full = original.map(|n| n as u64);
+            let original_len = if kept.len() < s.len() {
+                Some(full.unwrap_or_else(|| s.chars().count() as u64))
+            } else {
+                full.filter(|n| *n > s.chars().count() as u64)
+            };
+            Value::Str(Text { value: kept.to_owned(), original_len })
+        }
         Raw::Debug(text, cut) => {
             let mut value = crate::debug_parse::parse_debug_with_summary(text, limits, summary);
             if *cut {
@@ -202,9 +212,44 @@ fn to_fields(raw: &[RawField], limits: &CaptureLimits, summary: &mut TruncationS
     raw.iter().map(|f| Field::new(f.name, to_value(&f.value, limits, summary))).collect()
 }
 
+/// Limits for capture before redaction: strings up to four times longer, so redaction
+/// sees secrets whole; the capture limits cut them after.
+pub(crate) fn redaction_limits(limits: &CaptureLimits) -> CaptureLimits {
+    CaptureLimits {
+        max_string_len: (limits.max_string_len.saturating_mul(4)).min(CaptureLimits::HARD_MAX.max_string_len),
+        ..*limits
+    }
+}
+
+/// One captured value exactly as a client will see it: parsed with room for redaction
+/// to see secrets whole, redacted under its name by the rules in force (key-name rules
+/// for the name and every name inside, value detectors, the organization's own rules),
+/// then cut to the capture limits. This is what expressions read on the host's thread,
+/// built only for the values they read.
+///
+/// `rule` is what `redactor` makes of the field's name (`Redactor::name_rule`), worked
+/// out once per callsite.
+pub(crate) fn client_value(field: &RawField, limits: &CaptureLimits, redactor: &Redactor, rule: NameRule) -> Value {
+    let mut summary = TruncationSummary::default();
+    let mut value = to_value(&field.value, &redaction_limits(limits), &mut summary);
+    redactor.redact_named(rule, &mut value);
+    truncate(&mut value, limits, &mut summary);
+    value
+}
+
+/// A hit exactly as a client will see it (before watches are added): built with room
+/// for redaction, redacted, then cut to the capture limits. Watches and log templates
+/// read this, as conditions read [`client_value`]s.
+pub(crate) fn client_hit(raw: &RawHit, limits: &CaptureLimits, redactor: &Redactor) -> Hit {
+    let mut hit = build_hit(raw, &redaction_limits(limits));
+    redactor.redact_hit(&mut hit);
+    hit.enforce_limits(limits);
+    hit
+}
+
 /// Builds the protocol hit from a raw hit (agent thread). Redaction and limit
 /// enforcement are applied by the caller.
-pub(crate) fn build_hit(raw: &RawHit, limits: &CaptureLimits) -> Hit {
+fn build_hit(raw: &RawHit, limits: &CaptureLimits) -> Hit {
     let mut summary = TruncationSummary::default();
     let spans = raw
         .spans
@@ -287,4 +332,50 @@ fn is_machinery(frame: &str) -> bool {
     ];
     CRATES.iter().any(|c| symbol.starts_with(c))
         || ["/tracing-0.", "/tracing-core-", "/tracing-subscriber-"].iter().any(|c| location.contains(c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field(name: &'static str, value: Raw) -> RawField {
+        RawField { name, value }
+    }
+
+    fn client_value(field: &RawField, limits: &CaptureLimits, r: &Redactor) -> Value {
+        super::client_value(field, limits, r, r.name_rule(field.name))
+    }
+
+    #[test]
+    fn a_value_an_expression_reads_is_redacted_by_its_name_by_the_names_inside_and_by_its_shape() {
+        let limits = CaptureLimits::default();
+        let r = Redactor::default_rules();
+        let v = client_value(&field("api_token", Raw::Str("a1b2c3".into(), None)), &limits, &r);
+        assert_eq!(v, Value::str("[REDACTED:TOKEN]"));
+        let v = client_value(&field("cvv", Raw::U64(737)), &limits, &r);
+        assert_eq!(v, Value::str("[REDACTED:CVV]"), "an integer under a sensitive name too");
+        let v = client_value(&field("user.password", Raw::Str("hunter2".into(), None)), &limits, &r);
+        assert_eq!(v, Value::str("[REDACTED:PASSWORD]"), "a dotted name is judged by its parts");
+        let account = r#"Account { name: "Ada", password: "hunter2", email: "ada@example.com" }"#;
+        let v = client_value(&field("account", Raw::Debug(account.into(), false)), &limits, &r);
+        assert_eq!(v.field("name"), Some(&Value::str("Ada")));
+        assert_eq!(v.field("password"), Some(&Value::str("[REDACTED:PASSWORD]")));
+        assert_eq!(v.field("email"), Some(&Value::str("[REDACTED:EMAIL]")));
+        let v = client_value(&field("amount", Raw::I64(1500)), &limits, &r);
+        assert_eq!(v, Value::Int(1500));
+    }
+
+    #[test]
+    fn a_secret_across_the_string_limit_is_redacted_before_the_cut() {
+        let limits = CaptureLimits::default();
+        let r = Redactor::default_rules();
+        // A card number straddling character 255: cut first, its visible half would
+        // pass every detector.
+        let text = format!("{}4111 1111 1111 1111 tail", "x ".repeat(123));
+        let v = client_value(&field("note", Raw::Str(text.clone(), None)), &limits, &r);
+        let Value::Str(t) = v else { panic!("{v:?}") };
+        assert!(!t.value.contains("4111"), "{}", t.value);
+        assert!(t.value.ends_with(" [REDACTED"), "cut after redaction: {}", t.value);
+        assert!(t.original_len.is_some());
+    }
 }

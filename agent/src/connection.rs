@@ -24,7 +24,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::capture::{RawHit, build_hit};
+use crate::capture::{RawHit, client_hit};
 use crate::config::AgentConfig;
 use crate::state::{Budgets, Installed, Shared};
 
@@ -367,7 +367,11 @@ impl Runner {
                         periscope_redaction::Redactor::new(&c).map_err(|e| e.to_string())
                     });
                 match built {
-                    Ok(r) => self.shared.set_redactor(r),
+                    Ok(r) => {
+                        self.shared.set_redactor(r);
+                        // Expressions on the host's threads read through the table's rules.
+                        self.install().await;
+                    }
                     // Keep the rules we have (never fewer than the built-ins) and say why.
                     Err(e) => {
                         tracing::warn!(target: "periscope_agent", version, error = %e, "periscope agent kept its redaction rules: the new ones do not build")
@@ -496,11 +500,11 @@ impl Runner {
     /// it to the broker and/or the service's own log.
     async fn send_log(&mut self, raw: &RawHit, socket: &mut Socket) -> Result<(), String> {
         let (Some(log), Some(template)) = (&raw.action.log, &raw.action.exprs.template) else { return Ok(()) };
-        let mut hit = build_hit(raw, &redaction_limits(&self.limits));
         let redactor = self.shared.redactor();
-        // Redacted before any placeholder reads it, whatever the expression does with a
-        // value; each placeholder is then redacted again by its own name below.
-        redactor.redact_hit(&mut hit);
+        // Placeholders read what a client would see (redacted, cut), whatever the
+        // expression does with a value; each placeholder's result is then redacted again
+        // by its own name below.
+        let hit = client_hit(raw, &self.limits, &redactor);
         let mut steps = periscope_protocol::Budget::default();
         let mut report = periscope_redaction::Report::new();
         // Each placeholder's value is redacted (by its field name too) before it is text.
@@ -509,31 +513,12 @@ impl Runner {
         }) {
             Ok(r) => r,
             Err(e) => {
-                if !raw.action.eval_error_reported.swap(true, Ordering::Relaxed) {
-                    let state = AgentActionState::EvalError { reason: format!("template: {e}") };
-                    send(
-                        socket,
-                        &AgentMessage::ActionStatus(ActionStatusUpdate {
-                            action_id: raw.action.spec.id.clone(),
-                            state,
-                        }),
-                    )
-                    .await?;
-                }
-                return Ok(());
+                return report_eval_error(socket, &raw.action, "template", &e).await;
             }
         };
-        if let Some(first) = rendered.errors.first()
-            && !raw.action.eval_error_reported.swap(true, Ordering::Relaxed)
-        {
-            let state = AgentActionState::EvalError {
-                reason: format!("template placeholder {}: {}", first.index, first.error),
-            };
-            send(
-                socket,
-                &AgentMessage::ActionStatus(ActionStatusUpdate { action_id: raw.action.spec.id.clone(), state }),
-            )
-            .await?;
+        for failed in &rendered.errors {
+            let context = format!("template placeholder {}", failed.index);
+            report_eval_error(socket, &raw.action, &context, &failed.error).await?;
         }
         let bytes = rendered.text.len() as u64;
         let now = self.shared.clock.now();
@@ -578,35 +563,33 @@ impl Runner {
     }
 
     async fn send_hit(&mut self, raw: &RawHit, socket: &mut Socket) -> Result<(), String> {
-        // Strings are kept longer than the limit until redaction has seen them whole, so
-        // a secret straddling the cut is still recognized; the limits apply after.
-        let mut hit = build_hit(raw, &redaction_limits(&self.limits));
-        // Redacted before the watches read it: an expression (`user.password + "x"`,
-        // `[user.password]`) must not carry a secret out from under its name.
+        // Watches read the hit exactly as a client will see it: strings kept longer than
+        // the limit until redaction has seen them whole (so a secret straddling the cut
+        // is still recognized), redacted, then cut. An expression (`len(user.password)`,
+        // `user.password + "x"`) cannot carry a secret out from under its name.
         let redactor = self.shared.redactor();
-        redactor.redact_hit(&mut hit);
-        // Watches are evaluated here, off the host's thread, over the redacted hit.
-        let watches: Vec<periscope_protocol::WatchResult> = raw
-            .action
-            .exprs
-            .watches
-            .iter()
-            .map(|w| {
-                let mut budget = periscope_protocol::Budget::default();
-                match w.eval(&hit, &mut budget) {
-                    Ok(value) => periscope_protocol::WatchResult {
-                        expression: w.source().to_owned(),
-                        value: Some(value),
-                        error: None,
-                    },
-                    Err(e) => periscope_protocol::WatchResult {
+        let mut hit = client_hit(raw, &self.limits, &redactor);
+        // Watches are evaluated here, off the host's thread.
+        let mut watches = Vec::with_capacity(raw.action.exprs.watches.len());
+        for (i, w) in raw.action.exprs.watches.iter().enumerate() {
+            let mut budget = periscope_protocol::Budget::default();
+            let result = match w.eval(&hit, &mut budget) {
+                Ok(value) => periscope_protocol::WatchResult {
+                    expression: w.source().to_owned(),
+                    value: Some(value),
+                    error: None,
+                },
+                Err(e) => {
+                    report_eval_error(socket, &raw.action, &format!("watch[{i}]"), &e).await?;
+                    periscope_protocol::WatchResult {
                         expression: w.source().to_owned(),
                         value: None,
                         error: Some(e.to_string()),
-                    },
+                    }
                 }
-            })
-            .collect();
+            };
+            watches.push(result);
+        }
         hit.watches = watches;
         // Again, for the watch values (a second pass leaves the fields as they are).
         redactor.redact_hit(&mut hit);
@@ -675,12 +658,19 @@ fn line_findings(
     out
 }
 
-/// Limits for capture before redaction: strings up to four times longer, so redaction
-/// sees secrets whole; [`periscope_protocol::Hit::enforce_limits`] cuts them after.
-fn redaction_limits(limits: &CaptureLimits) -> CaptureLimits {
-    CaptureLimits {
-        max_string_len: (limits.max_string_len.saturating_mul(4)).min(CaptureLimits::HARD_MAX.max_string_len),
-        ..*limits
+/// Reports an evaluation error as the action's status, once per action and kind.
+async fn report_eval_error(
+    socket: &mut Socket,
+    action: &Installed,
+    context: &str,
+    error: &periscope_protocol::EvalError,
+) -> Result<(), String> {
+    match action.eval_error_status(context, error) {
+        Some(state) => {
+            let update = ActionStatusUpdate { action_id: action.spec.id.clone(), state };
+            send(socket, &AgentMessage::ActionStatus(update)).await
+        }
+        None => Ok(()),
     }
 }
 

@@ -17,6 +17,7 @@
 //! - A hit: budget checks, copying the fields (bounded), a `try_send` on a bounded
 //!   queue. Never a lock held across user code, never an await, never a block.
 
+use std::cell::OnceCell;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -202,6 +203,34 @@ struct Firing<'a, S: for<'l> LookupSpan<'l>> {
     ctx: &'a Context<'a, S>,
     now_ms: u64,
     started: u64,
+    /// What expressions have read so far, as a client will see it.
+    views: Views<'a>,
+}
+
+/// The values expressions read at one firing, each built (parsed, redacted, cut to the
+/// capture limits) the first time any expression reads it and then shared by every
+/// action on the callsite: a condition that reads one field costs one field.
+struct Views<'a> {
+    limits: periscope_protocol::CaptureLimits,
+    /// The table's redaction rules.
+    redactor: &'a periscope_redaction::Redactor,
+    /// What they make of the callsite's field names.
+    names: &'a [(&'static str, periscope_redaction::NameRule)],
+    /// One per event field, in order; empty until an expression runs.
+    fields: Vec<OnceCell<periscope_protocol::Value>>,
+    /// One list per captured span, in order; empty until an expression reads spans.
+    spans: Vec<Vec<OnceCell<periscope_protocol::Value>>>,
+}
+
+impl Views<'_> {
+    fn build(&self, raw: &RawField) -> periscope_protocol::Value {
+        // A span's fields belong to another callsite: their names are worked out here.
+        let rule = match self.names.iter().find(|(n, _)| *n == raw.name) {
+            Some((_, rule)) => *rule,
+            None => self.redactor.name_rule(raw.name),
+        };
+        crate::capture::client_value(raw, &self.limits, self.redactor, rule)
+    }
 }
 
 impl<S> Firing<'_, S>
@@ -213,15 +242,18 @@ where
         self.spans.get_or_insert_with(|| capture_spans(parent, table, ctx))
     }
 
-    fn scope(&mut self, roots: &periscope_protocol::expr::Roots) -> HotScope {
-        let limits = self.table.limits;
-        if roots.uses_spans() {
-            let spans =
-                self.spans().iter().map(|s| RawSpan { meta: s.meta, fields: s.fields.clone() }).collect::<Vec<_>>();
-            HotScope::build(&self.fields, Some(&spans), roots, &limits)
-        } else {
-            HotScope::build(&self.fields, None, roots, &limits)
+    /// What `roots` may read at this firing: nothing is built until it is read.
+    fn scope(&mut self, roots: &periscope_protocol::expr::Roots) -> HotScope<'_> {
+        if self.views.fields.len() != self.fields.len() {
+            self.views.fields = std::iter::repeat_with(OnceCell::new).take(self.fields.len()).collect();
         }
+        if roots.uses_spans() && self.views.spans.is_empty() {
+            let spans = self.spans();
+            let views = spans.iter().map(|s| std::iter::repeat_with(OnceCell::new).take(s.fields.len()).collect());
+            self.views.spans = views.collect();
+        }
+        let spans = if self.views.spans.is_empty() { &[][..] } else { self.spans.as_deref().unwrap_or_default() };
+        HotScope { fields: &self.fields, spans, views: &self.views }
     }
 }
 
@@ -236,7 +268,14 @@ impl ProbeLayer {
         entry.hits.fetch_add(1, Ordering::Relaxed);
         let shared = &self.shared;
         let started = shared.clock.now();
-        let mut firing = Firing { table, site, fields, spans: None, ctx, now_ms: unix_ms(), started };
+        let views = Views {
+            limits: table.limits,
+            redactor: &table.redactor,
+            names: &entry.names,
+            fields: Vec::new(),
+            spans: Vec::new(),
+        };
+        let mut firing = Firing { table, site, fields, spans: None, ctx, now_ms: unix_ms(), started, views };
         for action in &entry.ends {
             self.stop_clock(action, &firing);
         }
@@ -299,7 +338,7 @@ impl ProbeLayer {
                 Ok(true) => {}
                 Ok(false) => return false,
                 Err(e) => {
-                    self.eval_error(action, format!("condition: {e}"));
+                    self.eval_error(action, "condition", &e);
                     return false;
                 }
             }
@@ -307,9 +346,12 @@ impl ProbeLayer {
         true
     }
 
-    fn eval_error(&self, action: &crate::state::Installed, reason: String) {
-        if !action.eval_error_reported.swap(true, Ordering::Relaxed) {
-            self.shared.report(&action.spec.id, AgentActionState::EvalError { reason });
+    /// Reports an evaluation error once per action and kind (the action's status says
+    /// why it never fires, or why a metric skips samples).
+    #[cold]
+    fn eval_error(&self, action: &crate::state::Installed, context: &str, error: &periscope_protocol::EvalError) {
+        if let Some(state) = action.eval_error_status(context, error) {
+            self.shared.report(&action.spec.id, state);
         }
     }
 
@@ -447,7 +489,7 @@ impl ProbeLayer {
                     Err(e) => {
                         agg.skipped += 1;
                         drop(agg);
-                        self.eval_error(action, format!("expression: {e}"));
+                        self.eval_error(action, "expression", &e);
                     }
                 }
             }
@@ -517,64 +559,43 @@ impl ProbeLayer {
     }
 }
 
-/// The values a condition reads, converted from the raw capture on the host's thread.
-/// Only the fields the expression names are converted (parsing `Debug` text only for
-/// those), so a condition on a plain number costs little more than the comparison.
-struct HotScope {
-    fields: Vec<periscope_protocol::Field>,
-    spans: Vec<(&'static str, Vec<periscope_protocol::Field>)>,
+/// What a condition or a metric value reads on the host's thread: the firing's fields
+/// and spans, each turned into the value a client will see (parsed, redacted, cut) the
+/// first time it is read. A field no expression reads is never parsed or redacted.
+struct HotScope<'f> {
+    fields: &'f [RawField],
+    spans: &'f [RawSpan],
+    views: &'f Views<'f>,
 }
 
-impl HotScope {
-    fn build(
-        raw: &[crate::capture::RawField],
-        spans: Option<&[RawSpan]>,
-        roots: &periscope_protocol::expr::Roots,
-        limits: &periscope_protocol::CaptureLimits,
-    ) -> HotScope {
-        let convert = |f: &crate::capture::RawField| {
-            let mut summary = periscope_protocol::TruncationSummary::default();
-            periscope_protocol::Field::new(f.name, crate::capture::to_value(&f.value, limits, &mut summary))
-        };
-        let fields = raw.iter().filter(|f| roots.reads_field(f.name)).map(convert).collect();
-        let spans = spans
-            .map(|spans| {
-                spans
-                    .iter()
-                    .map(|s| {
-                        let fields = s
-                            .fields
-                            .iter()
-                            .filter(|f| roots.span_fields.iter().any(|n| n == f.name))
-                            .map(convert)
-                            .collect();
-                        (s.meta.name(), fields)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        HotScope { fields, spans }
+impl HotScope<'_> {
+    fn span_value(&self, span: usize, field: usize) -> Option<&periscope_protocol::Value> {
+        let raw = self.spans.get(span)?.fields.get(field)?;
+        Some(self.views.spans.get(span)?.get(field)?.get_or_init(|| self.views.build(raw)))
     }
 }
 
-impl periscope_protocol::Scope for HotScope {
+impl periscope_protocol::Scope for HotScope<'_> {
     fn field(&self, name: &str) -> Option<&periscope_protocol::Value> {
-        self.fields.iter().find(|f| f.name == name).map(|f| &f.value)
+        let i = self.fields.iter().position(|f| f.name == name)?;
+        let raw = self.fields.get(i)?;
+        Some(self.views.fields.get(i)?.get_or_init(|| self.views.build(raw)))
     }
 
     fn span_field(&self, span: Option<&str>, field: &str) -> Option<&periscope_protocol::Value> {
-        match span {
-            Some(name) => self
-                .spans
-                .iter()
-                .find(|(n, _)| *n == name)
-                .and_then(|(_, fields)| fields.iter().find(|f| f.name == field).map(|f| &f.value)),
-            None => self.spans.iter().find_map(|(_, fields)| fields.iter().find(|f| f.name == field).map(|f| &f.value)),
-        }
+        let find = |s: &RawSpan| s.fields.iter().position(|f| f.name == field);
+        let (i, j) = match span {
+            Some(name) => {
+                let i = self.spans.iter().position(|s| s.meta.name() == name)?;
+                (i, find(self.spans.get(i)?)?)
+            }
+            None => self.spans.iter().enumerate().find_map(|(i, s)| find(s).map(|j| (i, j)))?,
+        };
+        self.span_value(i, j)
     }
 
     fn has_span(&self, name: &str) -> bool {
-        self.spans.iter().any(|(n, _)| *n == name)
+        self.spans.iter().any(|s| s.meta.name() == name)
     }
 }
 

@@ -146,16 +146,23 @@ impl Agent {
         c.dropped_queue_full.load(Ordering::Relaxed) + c.dropped_disconnected.load(Ordering::Relaxed)
     }
 
-    /// Benchmarks only: installs a snapshot at `file:line` directly, with `quotas`,
-    /// bypassing the broker and its bounds (so a bench can measure the capture path on
-    /// an unbounded number of hits). Real deployments receive actions from a broker.
+    /// Benchmarks only: installs a snapshot at `file:line` directly, with `quotas` and
+    /// an optional `condition`, bypassing the broker and its bounds (so a bench can
+    /// measure the capture path, or a condition's cost, on an unbounded number of
+    /// events). Real deployments receive actions from a broker.
     #[doc(hidden)]
-    pub fn install_for_bench(&self, file: &str, line: u32, quotas: periscope_protocol::AgentQuotas) {
+    pub fn install_for_bench(
+        &self,
+        file: &str,
+        line: u32,
+        condition: Option<&str>,
+        quotas: periscope_protocol::AgentQuotas,
+    ) {
         use periscope_protocol::{ActionId, ActionKind, ActionSpec, CaptureLimits, Location, SnapshotSpec};
         let spec = ActionSpec {
             id: ActionId::generate(),
             location: Location { file: file.into(), line },
-            condition: None,
+            condition: condition.map(str::to_owned),
             expires_at_ms: u64::MAX,
             kind: ActionKind::Snapshot(SnapshotSpec { max_hits: u32::MAX, watch: Vec::new(), backtrace: false }),
         };

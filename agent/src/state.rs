@@ -126,8 +126,9 @@ pub(crate) struct Installed {
     pub(crate) exprs: ActionExprs,
     /// Why the action cannot run here (an expression this agent cannot compile).
     pub(crate) compile_error: Option<String>,
-    /// Set once a run-time evaluation error has been reported, so it is reported once.
-    pub(crate) eval_error_reported: AtomicBool,
+    /// The kinds of run-time evaluation error already reported (one bit per
+    /// [`periscope_protocol::EvalError::code`]), so each kind is reported once.
+    eval_errors_reported: AtomicU32,
 }
 
 const PAUSE_NONE: u8 = 0;
@@ -176,7 +177,7 @@ impl Installed {
             metric,
             exprs,
             compile_error,
-            eval_error_reported: AtomicBool::new(false),
+            eval_errors_reported: AtomicU32::new(0),
             spec,
             snapshot,
             taken: AtomicU32::new(0),
@@ -185,6 +186,24 @@ impl Installed {
             paused: AtomicU8::new(PAUSE_NONE),
             done: AtomicBool::new(false),
         }
+    }
+
+    /// The status to report for an evaluation error in `context` (`condition`,
+    /// `expression`, `template`...): `Some` the first time this kind of error is seen for
+    /// the action, so a kind is reported once while others still get through (a
+    /// `redacted` error after a `type_mismatch`, say).
+    pub(crate) fn eval_error_status(
+        &self,
+        context: &str,
+        error: &periscope_protocol::EvalError,
+    ) -> Option<AgentActionState> {
+        let code = error.code();
+        let index = periscope_protocol::EvalError::CODES.iter().position(|c| *c == code).unwrap_or(31).min(31);
+        let bit = 1u32 << index;
+        if self.eval_errors_reported.fetch_or(bit, Ordering::Relaxed) & bit != 0 {
+            return None;
+        }
+        Some(AgentActionState::EvalError { reason: format!("{context}: {error}"), code: Some(code.to_owned()) })
     }
 
     /// Marks the action paused for `reason`; true when this is a change of state, so the
@@ -234,6 +253,9 @@ pub(crate) struct CallsiteActions {
     /// Tic-toc durations that stop here.
     pub(crate) ends: Vec<Arc<Installed>>,
     pub(crate) hits: Arc<AtomicU64>,
+    /// What the table's redaction rules make of each of the callsite's field names,
+    /// worked out once here rather than at every value an expression reads.
+    pub(crate) names: Vec<(&'static str, periscope_redaction::NameRule)>,
 }
 
 /// Agent-wide budgets, replaced when the broker sends new quotas.
@@ -271,10 +293,13 @@ pub(crate) struct Table {
     pub(crate) max_level: LevelFilter,
     pub(crate) budgets: Arc<Budgets>,
     pub(crate) limits: CaptureLimits,
+    /// The redaction rules expressions read values through (the agent's rules when the
+    /// table was built; a change of rules builds a new table).
+    pub(crate) redactor: Arc<periscope_redaction::Redactor>,
 }
 
 impl Table {
-    fn empty() -> Self {
+    fn empty(redactor: Arc<periscope_redaction::Redactor>) -> Self {
         Table {
             actions: HashMap::new(),
             by_callsite: HashMap::new(),
@@ -282,6 +307,7 @@ impl Table {
             max_level: LevelFilter::OFF,
             budgets: Arc::new(Budgets::new(AgentQuotas::default())),
             limits: CaptureLimits::default(),
+            redactor,
         }
     }
 
@@ -347,9 +373,10 @@ impl std::fmt::Debug for Shared {
 
 impl Shared {
     pub(crate) fn new(hits_tx: mpsc::Sender<Box<RawHit>>) -> Self {
+        let redactor = Arc::new(periscope_redaction::Redactor::default_rules());
         Shared {
             active: AtomicBool::new(false),
-            table: RwLock::new(Arc::new(Table::empty())),
+            table: RwLock::new(Arc::new(Table::empty(Arc::clone(&redactor)))),
             catalog: Mutex::new(Catalog::default()),
             statuses: Mutex::new(Vec::new()),
             wake: Notify::new(),
@@ -358,7 +385,7 @@ impl Shared {
             counters: Counters::default(),
             clock: Clock::new(),
             dispatches: Mutex::new(Vec::new()),
-            redactor: RwLock::new(Arc::new(periscope_redaction::Redactor::default_rules())),
+            redactor: RwLock::new(redactor),
         }
     }
 
@@ -370,7 +397,8 @@ impl Shared {
         }
     }
 
-    /// Installs new redaction rules.
+    /// Installs new redaction rules (the agent thread then rebuilds the table, so that
+    /// expressions read through them too).
     pub(crate) fn set_redactor(&self, redactor: periscope_redaction::Redactor) {
         let redactor = Arc::new(redactor);
         match self.redactor.write() {
@@ -513,6 +541,7 @@ impl Shared {
         budgets: Arc<Budgets>,
         limits: CaptureLimits,
     ) -> Vec<(Arc<Installed>, u32)> {
+        let redactor = self.redactor();
         let catalog = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
         let mut by_callsite: HashMap<Identifier, CallsiteActions> = HashMap::new();
         let mut matched = Vec::with_capacity(specs.len());
@@ -529,6 +558,7 @@ impl Shared {
                         actions: Vec::new(),
                         ends: Vec::new(),
                         hits: Arc::clone(&known.hits),
+                        names: known.meta.fields().iter().map(|f| (f.name(), redactor.name_rule(f.name()))).collect(),
                     });
                     if here {
                         count += 1;
@@ -554,7 +584,7 @@ impl Shared {
             max_level = LevelFilter::TRACE;
         }
         let actions = specs.into_iter().map(|a| (a.spec.id.clone(), a)).collect();
-        self.set_table(Table { actions, by_callsite, record_spans, max_level, budgets, limits });
+        self.set_table(Table { actions, by_callsite, record_spans, max_level, budgets, limits, redactor });
         matched
     }
 

@@ -13,6 +13,12 @@
 //!   quotas raised so that every event is a hit: the cost on the host's thread of one
 //!   captured hit (fields, Debug text of a nested struct, span stack, enqueue). The
 //!   agent's own thread parses, truncates, redacts and sends off the hot path.
+//! - `condition/false_plain_field`: a snapshot on the INFO event whose condition
+//!   (`order_id == 7`) is false: the cost of deciding not to capture.
+//! - `condition/false_redacted_field`: a snapshot on a login event whose condition
+//!   reads its `password` field (`password == "hunter2"`), which redaction hides: the
+//!   value is redacted on the host's thread before the condition reads it, and the
+//!   condition fails (counted as false).
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -52,6 +58,14 @@ const LOGGED_LINE: u32 = line!() + 4;
 #[inline(never)]
 fn logged(order: &Order) {
     tracing::info!(order_id = order.id, order = ?order, total_cents = 4548u64, "order placed");
+}
+
+/// Line of the login event, for the redacted-condition case.
+const LOGIN_LINE: u32 = line!() + 4;
+
+#[inline(never)]
+fn login(order: &Order) {
+    tracing::info!(user_id = order.id, password = "correct horse battery staple", "login attempt");
 }
 
 #[inline(never)]
@@ -108,7 +122,13 @@ fn bench_agent(c: &mut Criterion) {
         cpu_burst_micros: 60_000_000,
         ..AgentQuotas::default()
     };
-    idle.install_for_bench(file!(), LOGGED_LINE, quotas);
+    idle.install_for_bench(file!(), LOGGED_LINE, Some("order_id == 7"), quotas);
+    run_in_span(&with_agent, c, "condition/false_plain_field", logged);
+    // The login callsite registers on its first event.
+    tracing::dispatcher::with_default(&with_agent, || login(&order()));
+    idle.install_for_bench(file!(), LOGIN_LINE, Some(r#"password == "hunter2""#), quotas);
+    run_in_span(&with_agent, c, "condition/false_redacted_field", login);
+    idle.install_for_bench(file!(), LOGGED_LINE, None, quotas);
     run_in_span(&with_agent, c, "capture/one_snapshot_hit", logged);
     let dropped = idle.dropped_hits();
     eprintln!("capture bench: {dropped} hits were dropped by the agent thread (no broker), as expected");

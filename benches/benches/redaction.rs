@@ -14,192 +14,15 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use periscope_protocol::{Field, List, Map, Object, Value};
+use periscope_benches::{redaction_snapshots, redaction_text_cases};
+use periscope_protocol::Value;
 use periscope_redaction::{Redactor, Report};
-
-/// A tiny deterministic generator, so every run measures the same bytes.
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[(self.next() as usize) % items.len()]
-    }
-    fn hex(&mut self, n: usize) -> String {
-        (0..n).map(|_| char::from(b"0123456789abcdef"[(self.next() % 16) as usize])).collect()
-    }
-    fn num(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo)
-    }
-}
-
-const MODULES: &[&str] = &[
-    "orders::service",
-    "payments::gateway",
-    "http::server",
-    "db::pool",
-    "auth::session_cache",
-    "inventory::sync",
-    "tokio_postgres::connection",
-];
-const WORDS: &[&str] = &[
-    "request completed",
-    "cache miss for key",
-    "retrying after backoff",
-    "connection established",
-    "processing batch",
-    "scheduled job finished",
-    "slow query detected",
-    "user lookup",
-    "rate limit checked",
-    "handler returned",
-];
-const PATHS: &[&str] = &["/api/v2/orders", "/healthz", "/api/v2/users/search", "/metrics", "/api/v2/carts/checkout"];
-
-fn clean_line(g: &mut Lcg) -> String {
-    let uuid = format!("{}-{}-4{}-a{}-{}", g.hex(8), g.hex(4), g.hex(3), g.hex(3), g.hex(12));
-    format!(
-        "2024-06-{:02}T{:02}:{:02}:{:02}.{:03}Z INFO {} {}: method=GET path={} status={} duration_ms={} request_id={} \
-         order_id=ORD-{} version=v1.{}.{} commit={} retries={} host=web-{:02}.prod port={}\n",
-        g.num(1, 29),
-        g.num(0, 24),
-        g.num(0, 60),
-        g.num(0, 60),
-        g.num(0, 1000),
-        g.pick(MODULES),
-        g.pick(WORDS),
-        g.pick(PATHS),
-        g.pick(&["200", "201", "204", "304", "404", "500"]),
-        g.num(1, 2000),
-        uuid,
-        g.num(100_000, 999_999),
-        g.num(0, 30),
-        g.num(0, 10),
-        g.hex(12),
-        g.num(0, 4),
-        g.num(1, 40),
-        g.pick(&["8080", "443", "5432", "6379"]),
-    )
-}
-
-fn pii_line(g: &mut Lcg) -> String {
-    let pii = match g.next() % 8 {
-        0 => format!("user=jane.doe{}@example.com", g.num(1, 999)),
-        1 => format!("phone=+1-415-555-{:04}", g.num(0, 10_000)),
-        2 => "card=4111 1111 1111 1111".to_owned(),
-        3 => format!("client_ip=203.0.113.{}", g.num(1, 255)),
-        4 => format!("password={}", g.hex(12)),
-        5 => format!("auth=Bearer {}", g.hex(40)),
-        6 => "iban=GB82WEST12345698765432".to_owned(),
-        _ => format!("ssn={:03}-{:02}-{:04}", g.num(100, 600), g.num(10, 99), g.num(1000, 9999)),
-    };
-    format!(
-        "2024-06-{:02}T{:02}:{:02}:{:02}Z WARN {} {}: {} status={} duration_ms={}\n",
-        g.num(1, 29),
-        g.num(0, 24),
-        g.num(0, 60),
-        g.num(0, 60),
-        g.pick(MODULES),
-        g.pick(WORDS),
-        pii,
-        g.pick(&["200", "401", "500"]),
-        g.num(1, 2000),
-    )
-}
-
-fn lines(n_bytes: usize, f: fn(&mut Lcg) -> String) -> String {
-    let mut g = Lcg(42);
-    let mut out = String::with_capacity(n_bytes + 256);
-    while out.len() < n_bytes {
-        out.push_str(&f(&mut g));
-    }
-    out
-}
-
-fn obj(name: &str, fields: Vec<(&str, Value)>) -> Value {
-    Value::Object(Object {
-        type_name: name.into(),
-        fields: fields.into_iter().map(|(n, v)| Field::new(n, v)).collect(),
-        omitted: 0,
-    })
-}
-
-fn snapshot(g: &mut Lcg) -> Value {
-    let items = (0..12)
-        .map(|i| {
-            obj(
-                "LineItem",
-                vec![
-                    ("sku", Value::str(format!("SKU-{}", g.num(10_000, 99_999)))),
-                    ("name", Value::str(g.pick(&["Blue mug", "Desk lamp", "USB-C cable", "Notebook, A5"]))),
-                    ("quantity", Value::Int(i + 1)),
-                    ("unit_price_cents", Value::Int(g.num(100, 10_000) as i64)),
-                ],
-            )
-        })
-        .collect();
-    let headers = Value::Map(Map {
-        type_name: Some("HeaderMap".into()),
-        entries: vec![
-            (Value::str("content-type"), Value::str("application/json")),
-            (Value::str("user-agent"), Value::str("Mozilla/5.0 (X11; Linux x86_64) Firefox/126.0")),
-            (Value::str("x-request-id"), Value::str(g.hex(32))),
-            (Value::str("accept-language"), Value::str("en-US,en;q=0.9")),
-        ],
-        omitted: 0,
-    });
-    obj(
-        "CheckoutRequest",
-        vec![
-            ("order_id", Value::str(format!("ORD-{}", g.num(100_000, 999_999)))),
-            ("customer_id", Value::Int(g.num(1, 1_000_000) as i64)),
-            ("currency", Value::str("EUR")),
-            ("items", Value::List(List { type_name: Some("Vec".into()), items, omitted: 0 })),
-            ("headers", headers),
-            ("note", Value::str("Please leave the parcel at the back door if nobody answers, thanks!")),
-            ("created_at", Value::str("2024-06-12T09:41:07.123Z")),
-            ("trace_id", Value::str(g.hex(32))),
-        ],
-    )
-}
-
-fn debug_output(n_bytes: usize) -> String {
-    let mut g = Lcg(7);
-    let mut out = String::new();
-    while out.len() < n_bytes {
-        out.push_str(&format!(
-            "Request {{\n    method: GET,\n    uri: /api/v2/orders/{}?expand=items,\n    version: HTTP/1.1,\n    \
-             headers: {{\n        \"host\": \"shop.internal:8080\",\n        \"accept\": \"application/json\",\n        \
-             \"x-request-id\": \"{}\",\n    }},\n    body: OrderQuery {{\n        id: {},\n        include_items: true,\n        \
-             since: Some(2024-06-{:02}T00:00:00Z),\n        tags: [\"priority\", \"eu-west-1\"],\n    }},\n}}\n",
-            g.num(1, 1_000_000),
-            g.hex(32),
-            g.num(1, 1_000_000),
-            g.num(1, 29)
-        ));
-    }
-    out
-}
-
-/// Mostly clean service logs with one line in ten carrying PII or a secret: what a
-/// typical mixed workload looks like.
-fn mixed_line(g: &mut Lcg) -> String {
-    if g.num(0, 9) == 0 { pii_line(g) } else { clean_line(g) }
-}
 
 fn bench(c: &mut Criterion) {
     let redactor = Redactor::default_rules();
     let mut group = c.benchmark_group("redaction");
 
-    for (name, text) in [
-        ("clean_log_lines", lines(256 * 1024, clean_line)),
-        ("pii_dense_log_lines", lines(256 * 1024, pii_line)),
-        ("mixed_log_lines", lines(256 * 1024, mixed_line)),
-        ("debug_output", debug_output(256 * 1024)),
-    ] {
+    for (name, text) in redaction_text_cases() {
         group.throughput(Throughput::Bytes(text.len() as u64));
         group.bench_function(name, |b| {
             let mut report = Report::new();
@@ -214,8 +37,7 @@ fn bench(c: &mut Criterion) {
         });
     }
 
-    let mut g = Lcg(3);
-    let snapshots: Vec<Value> = (0..64).map(|_| snapshot(&mut g)).collect();
+    let snapshots = redaction_snapshots();
     let bytes: usize = snapshots.iter().map(Value::encoded_len).sum();
     group.throughput(Throughput::Bytes(bytes as u64));
     group.bench_function("json_snapshot_value", |b| {

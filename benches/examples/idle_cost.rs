@@ -2,7 +2,12 @@
 //! `benches/instructions.sh` can count the instructions each costs under callgrind: a
 //! measure that, unlike time, does not move with the load of a shared machine.
 //!
-//! Run: `cargo run --release -p periscope-benches --example idle_cost -- <none|idle|capture> <events> <logged|filtered>`
+//! Run: `cargo run --release -p periscope-benches --example idle_cost -- <mode> <events> <logged|filtered|login>`
+//!
+//! Modes: `none` (no agent), `idle` (an agent with nothing installed), `capture` (a
+//! snapshot on the logged event, every event a hit), `cond_plain` (a snapshot whose
+//! condition on a plain field of the event is false), `cond_redacted` (a snapshot on
+//! the login event whose condition reads its `password` field, which redaction hides).
 
 use std::hint::black_box;
 
@@ -27,6 +32,13 @@ fn logged(order: &Order) {
 #[inline(never)]
 fn filtered(order: &Order) {
     tracing::debug!(order_id = order.id, order = ?order, "order details");
+}
+
+const LOGIN_LINE: u32 = line!() + 4;
+
+#[inline(never)]
+fn login(order: &Order) {
+    tracing::info!(user_id = order.id, password = "correct horse battery staple", "login attempt");
 }
 
 fn main() {
@@ -57,8 +69,9 @@ fn main() {
     tracing::dispatcher::with_default(&dispatch, || {
         logged(&order);
         filtered(&order);
+        login(&order);
     });
-    if let (Some(a), "capture") = (&agent, mode.as_str()) {
+    if let Some(a) = &agent {
         let quotas = periscope_protocol::AgentQuotas {
             snapshot_hits_per_sec_per_action: 1e12,
             snapshot_hits_per_sec: 1e12,
@@ -66,9 +79,21 @@ fn main() {
             cpu_burst_micros: u64::MAX / 4_000,
             ..Default::default()
         };
-        a.install_for_bench(file!(), LOGGED_LINE, quotas);
+        let line = if which == "login" { LOGIN_LINE } else { LOGGED_LINE };
+        // False at every event: `order.id` is 42.
+        let plain = if which == "login" { "user_id == 7" } else { "order_id == 7" };
+        match mode.as_str() {
+            "capture" => a.install_for_bench(file!(), LOGGED_LINE, None, quotas),
+            "cond_plain" => a.install_for_bench(file!(), line, Some(plain), quotas),
+            "cond_redacted" => a.install_for_bench(file!(), LOGIN_LINE, Some(r#"password == "hunter2""#), quotas),
+            _ => {}
+        }
     }
-    let f: fn(&Order) = if which == "filtered" { filtered } else { logged };
+    let f: fn(&Order) = match which.as_str() {
+        "filtered" => filtered,
+        "login" => login,
+        _ => logged,
+    };
     tracing::dispatcher::with_default(&dispatch, || {
         let span = tracing::info_span!("checkout", user_id = 7u64);
         let _enter = span.enter();

@@ -114,11 +114,15 @@ pub enum AuditKind {
     /// A key presented the id of an MCP session another key created, and was answered
     /// as if the session did not exist (repeats aggregated).
     McpSessionRefused,
+    /// An expression of an action (condition, metric value, watch, template) tried to
+    /// read a value that redaction hides, and the agent refused it; once per action,
+    /// attributed to the key that placed it.
+    RedactedReadRefused,
 }
 
 impl AuditKind {
     /// Every kind, for error messages.
-    pub const ALL: [AuditKind; 14] = [
+    pub const ALL: [AuditKind; 15] = [
         AuditKind::ActionPlaced,
         AuditKind::ActionRemoved,
         AuditKind::ActionCompleted,
@@ -133,6 +137,7 @@ impl AuditKind {
         AuditKind::AgentImpersonation,
         AuditKind::AgentFlooding,
         AuditKind::McpSessionRefused,
+        AuditKind::RedactedReadRefused,
     ];
 
     /// The stable name.
@@ -152,6 +157,7 @@ impl AuditKind {
             AuditKind::AgentImpersonation => "agent_impersonation",
             AuditKind::AgentFlooding => "agent_flooding",
             AuditKind::McpSessionRefused => "mcp_session_refused",
+            AuditKind::RedactedReadRefused => "redacted_read_refused",
         }
     }
 

@@ -321,6 +321,9 @@ pub struct Action {
     /// What the broker dropped for it, over its own rates.
     pub dropped: ActionDrops,
     pause_last_ms: HashMap<String, u64>,
+    /// Agents that refused one of its expressions a read of a redacted value; the first
+    /// goes to the audit trail.
+    redacted_reads: u64,
     hit_rates: HashMap<AgentId, Rate>,
     log_rates: Option<(Rate, Rate)>,
     changed: watch::Sender<u64>,
@@ -894,6 +897,7 @@ impl Engine {
                     pauses: BTreeMap::new(),
                     dropped: ActionDrops::default(),
                     pause_last_ms: HashMap::new(),
+                    redacted_reads: 0,
                     hit_rates: HashMap::new(),
                     log_rates,
                     spec,
@@ -1353,6 +1357,7 @@ impl Engine {
             pauses: BTreeMap::new(),
             dropped: ActionDrops::default(),
             pause_last_ms: HashMap::new(),
+            redacted_reads: 0,
             hit_rates: HashMap::new(),
             log_rates: matches!(spec.kind, ActionKind::Log(_))
                 .then(|| (self.ingest.action_lines(), self.ingest.action_log_bytes())),
@@ -1612,7 +1617,8 @@ impl Engine {
 
     /// Records an action state reported by an agent (of the action's organization, and
     /// one the action runs on; anything else is ignored). A quota pause is counted, and
-    /// the first pause of an episode (per action and reason) goes to the audit trail.
+    /// the first pause of an episode (per action and reason) goes to the audit trail, as
+    /// does the first expression refused a read of a redacted value (per action).
     pub fn on_status(&self, from: &Sender, action_id: &ActionId, state: AgentActionState) {
         let now = now_ms();
         let agent_id = &from.id;
@@ -1620,6 +1626,7 @@ impl Engine {
         let Some(action) = book.actions.get_mut(action_id).filter(|a| a.org == from.org) else { return };
         let Some(entry) = action.agents.get_mut(agent_id) else { return };
         let mut paused = None;
+        let mut redacted_read = None;
         let (label, detail, pause) = match state {
             AgentActionState::Installed { callsites } => {
                 ("installed", Some(format!("armed on {callsites} callsite(s)")), None)
@@ -1636,7 +1643,10 @@ impl Engine {
             }
             AgentActionState::Resumed => ("installed", Some("resumed".into()), None),
             AgentActionState::Completed => ("completed", None, None),
-            AgentActionState::EvalError { reason } => {
+            AgentActionState::EvalError { reason, code } => {
+                if code.as_deref() == Some("redacted") {
+                    redacted_read = Some(agent_text(&reason));
+                }
                 entry.eval_error = Some(agent_text(&reason));
                 ("eval_error", Some(agent_text(&reason)), None)
             }
@@ -1645,10 +1655,23 @@ impl Engine {
         entry.detail = detail;
         entry.pause_reason = pause;
         entry.updated_at_ms = now;
-        let audit = paused.and_then(|(reason, message)| {
+        let mut audit = paused.and_then(|(reason, message)| {
             let data = serde_json::json!({ "reason": reason, "agent_id": agent_id, "by": "agent", "message": message });
             Self::pause_episode(action, &reason, now, data)
         });
+        if let Some(reason) = redacted_read {
+            action.redacted_reads += 1;
+            if action.redacted_reads == 1 {
+                // Whoever placed the action wrote the expression.
+                let actor = Actor::Key { id: action.created_by_key.clone(), name: action.created_by.clone() };
+                let mut entry = action.audit(actor, AuditKind::RedactedReadRefused);
+                entry.detail = "an expression of the action tried to read a value that redaction hides; the agent \
+                                refused it"
+                    .into();
+                entry.data = serde_json::json!({ "agent_id": agent_id, "reason": reason });
+                audit = Some(entry);
+            }
+        }
         action.bump();
         drop(book);
         if let Some(entry) = audit {

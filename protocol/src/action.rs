@@ -219,10 +219,14 @@ pub enum AgentActionState {
     Resumed,
     /// Done on this agent (hit count or line cap reached).
     Completed,
-    /// Expression evaluation failed at run time (reported once per action).
+    /// Expression evaluation failed at run time (reported once per action and kind).
     EvalError {
         /// What went wrong, e.g. a type mismatch.
         reason: String,
+        /// The error's stable code (`type_mismatch`, `redacted`, ...; see
+        /// `expr::EvalError::code`); absent from older agents.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<String>,
     },
 }
 
@@ -270,6 +274,16 @@ mod tests {
         assert!(!file_matches("op.rs", "demo/src/shop.rs"));
         assert!(!file_matches("", "demo/src/shop.rs"));
         assert!(!file_matches("demo/src/shop.rs", "shop.rs"));
+    }
+
+    #[test]
+    fn an_eval_error_status_carries_its_code_and_older_ones_without_it_still_decode() {
+        let old: AgentActionState = serde_json::from_str(r#"{"state":"eval_error","reason":"x"}"#).unwrap();
+        assert_eq!(old, AgentActionState::EvalError { reason: "x".into(), code: None });
+        let new = AgentActionState::EvalError { reason: "y".into(), code: Some("redacted".into()) };
+        let text = serde_json::to_string(&new).unwrap();
+        assert_eq!(text, r#"{"state":"eval_error","reason":"y","code":"redacted"}"#);
+        assert_eq!(serde_json::from_str::<AgentActionState>(&text).unwrap(), new);
     }
 
     #[test]

@@ -362,6 +362,27 @@ fn shorten_name(name: &mut String, max: usize) {
     name.truncate(keep);
 }
 
+/// How every redaction marker starts: a value that a redaction rule hid reads
+/// `[REDACTED:KIND]` (`[REDACTED:PASSWORD]`, `[REDACTED:EMAIL]`), on the wire and to
+/// expressions alike.
+pub const REDACTION_MARKER_PREFIX: &str = "[REDACTED:";
+
+/// Longest kind a redaction marker carries.
+pub const MAX_REDACTION_KIND_LEN: usize = 48;
+
+/// Whether a whole string is one redaction marker (`[REDACTED:` + 1 to 48 ASCII letters,
+/// digits or `_` + `]`). Expressions treat such a string as a redacted value: they may
+/// show it or compare it with `null`, nothing else (see `docs/expressions.md`).
+#[inline]
+pub fn is_redaction_marker(s: &str) -> bool {
+    // The first byte rules out almost every string at once.
+    s.as_bytes().first() == Some(&b'[')
+        && s.len() <= REDACTION_MARKER_PREFIX.len() + MAX_REDACTION_KIND_LEN + 1
+        && s.strip_prefix(REDACTION_MARKER_PREFIX)
+            .and_then(|rest| rest.strip_suffix(']'))
+            .is_some_and(|kind| !kind.is_empty() && kind.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+}
+
 /// The longest prefix of `s` with at most `max` characters.
 pub fn truncate_chars(s: &str, max: usize) -> &str {
     if s.len() <= max {

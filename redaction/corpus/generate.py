@@ -180,6 +180,7 @@ def kv_value(g):
 
 
 def kv_text(g, name, value):
+    """A value under a name, in the text shapes logs and object dumps use."""
     forms = [
         f"{name}={value}",
         f'"{name}": "{value}"',
@@ -187,6 +188,19 @@ def kv_text(g, name, value):
         f'{name}: "{value}"',
         f"Config {{ host: \"db.internal\", {name}: Some(\"{value}\"), port: 5432 }}",
         f"'{name}' => '{value}'",
+        # Quoted assignments, JSON inside a log line and inside a JSON string.
+        f"{name} = '{value}'",
+        f"{name}='{value}'",
+        f'payload {{"id": 7, "{name}": "{value}", "ok": true}}',
+        f'{{"message": "update {{\\"{name}\\":\\"{value}\\"}}"}}',
+        # Rust, Python, Java and Go object dumps, Ruby/PHP arrows, XML.
+        f'User {{ id: 7, {name}: "{value}", active: true }}',
+        f"User(id=7, {name}='{value}', active=True)",
+        f"User(id=7, {name}=b'{value}')",
+        f"User{{id=7, {name}='{value}', active=true}}",
+        f"{{Id:7 {name}:{value} Active:true}}",
+        f"{name} => '{value}'",
+        f"<user><{name}>{value}</{name}></user>",
     ]
     return g.r.choice(forms)
 
@@ -218,9 +232,14 @@ def positive(g, kind):
         bare = all(p.isdigit() for p in groups) and len(groups) <= 2 and "-" not in v
         context = ["phone: {v}", "sending SMS to {v}", "call back on {v}", "mobile={v}", "Tel. {v}"]
         if bare:
-            if r.random() < 0.5:
+            if r.random() < 0.4:
                 return "json", json.dumps({r.choice(PHONE_KEYS): v}), v, ["phone"]
+            if r.random() < 0.5:
+                # Under a phone field's name in any text shape (issue 9).
+                return "text", g.log(kv_text(g, r.choice(PHONE_KEYS), v)), v, ["phone"]
             return "text", g.log(ctx(v, context)), v, ["phone"]
+        if r.random() < 0.2:
+            return "text", g.log(kv_text(g, r.choice(PHONE_KEYS), v)), v, ["phone"]
         return text_or_json(g, v, context + ["reach me at {v} after 5pm", "{v}", "customer {v} (home)"], ["phone"], PHONE_KEYS + NEUTRAL_KEYS)
     if kind == "ipv4":
         v = g.fk.ipv4_public()
@@ -264,7 +283,8 @@ def positive(g, kind):
         name = r.choice(SECRET_NAMES)
         v = kv_value(g)
         if r.random() < 0.5:
-            return "json", json.dumps({"user": g.fk.user_name(), name: v, "retries": 3}), v, None
+            # A user id, not a name: a name could share six letters with the value by chance.
+            return "json", json.dumps({"user_id": g.r.randrange(1, 10**6), name: v, "retries": 3}), v, None
         return "text", g.log(kv_text(g, name, v)), v, None
     if kind == "generic_secret":
         name = r.choice(WEAK_NAMES)
@@ -391,6 +411,14 @@ NEGATIVES = {
             "api_key: ********",
             "password_min_length=12",
             "private_key_path=/etc/ssl/private/server.key",
+            # Names that only contain a phone word, types and markup around secret words.
+            "telemetry_interval=30000000",
+            "hotel_id: 48741009",
+            "mobile_app_version=4.12.0",
+            "phone_verified=true cell_count=12",
+            "<token_type>Bearer</token_type>",
+            "parsed Option<Token> from header",
+            "if password > 5 { retry }",
         ]
     ),
     "numbers": lambda g: g.r.choice(

@@ -407,7 +407,13 @@ pub(crate) fn check(check: Check, text: &str, m: Range<usize>) -> Option<Range<u
             {
                 scheme -= 1;
             }
-            if m.start - scheme < 2 || !hay[scheme].is_ascii_alphabetic() {
+            // A scheme starts with a letter (RFC 3986): `--END://` has the scheme `END`,
+            // whatever precedes it (and a second pass, which may see a marker there,
+            // judges the same scheme).
+            while scheme < m.start && !hay[scheme].is_ascii_alphabetic() {
+                scheme += 1;
+            }
+            if m.start - scheme < 2 {
                 return None;
             }
             let scheme_end = s.find("://")? + 3;
@@ -495,6 +501,16 @@ pub(crate) fn check(check: Check, text: &str, m: Range<usize>) -> Option<Range<u
         Check::Ipv4 => ipv4(text, m),
         Check::Phone => phone(text, m),
     }
+}
+
+/// A bare phone number as stored in a phone field: optional `+`, 7 to 15 digits, and
+/// only spaces, dots, dashes and parentheses between them.
+pub(crate) fn is_bare_phone(s: &str) -> bool {
+    let t = s.trim();
+    let body = t.strip_prefix('+').unwrap_or(t);
+    let digits = body.bytes().filter(u8::is_ascii_digit).count();
+    (7..=15).contains(&digits)
+        && body.bytes().all(|b| b.is_ascii_digit() || matches!(b, b' ' | b'.' | b'-' | b'(' | b')'))
 }
 
 fn parse_u32(b: &[u8]) -> u32 {

@@ -25,8 +25,9 @@ use crate::report::Report;
 /// Longest value `validate::looks_generated` accepts.
 const MAX_GENERATED_LEN: usize = 512;
 
-/// Prefix of every marker this crate writes.
-pub(crate) const MARKER_PREFIX: &str = "[REDACTED:";
+/// Prefix of every marker this crate writes (the protocol's, which expressions and
+/// readers recognise).
+pub(crate) const MARKER_PREFIX: &str = periscope_protocol::value::REDACTION_MARKER_PREFIX;
 
 /// Longest marker kind; longer custom kinds are refused by validation.
 pub(crate) const MAX_KIND_LEN: usize = 40;
@@ -168,19 +169,28 @@ impl Engine {
             patterns.push(p.regex.clone());
             pats.push(Pat { check: Check::Custom, rule, len: detectors::ANY });
         }
-        let key_value_on = !keys.is_empty() && !disabled.contains("key_value");
+        // A phone field's value is a phone number in text too (`phone = '4155550123'`),
+        // whatever shape holds it: the `key = value` scanner looks for phone names.
+        let phone_names = config.builtins.detectors && !disabled.contains("phone");
+        let key_value_on = (!keys.is_empty() || phone_names) && !disabled.contains("key_value");
         let mut key_value_added = false;
         let add_key_value = |patterns: &mut Vec<String>, pats: &mut Vec<Pat>| {
             let mut words: Vec<String> = keys.words().iter().map(|w| escape_word(w)).collect();
             if generic_rule.is_some() {
                 words.extend(WEAK_KEY_WORDS.iter().map(|w| escape_word(w)));
             }
+            if phone_names {
+                words.extend(keys::PHONE_WORDS.iter().map(|w| escape_word(w)));
+            }
             words.sort();
             words.dedup();
             // Longest first so the alternation prefers `passwords` to `password`.
             words.sort_by_key(|w| std::cmp::Reverse(w.len()));
+            // The key, its closing quote or bracket (also escaped, for JSON inside a JSON
+            // string: `\"password\":`), the separator (`=`, `:`, `=>`, `:=`, or the `>` of
+            // an XML element), spaces.
             patterns.push(format!(
-                r#"(?i:{})[A-Za-z0-9_.$-]*["'`\]]{{0,2}}[ \t]{{0,3}}(?:=>|:=|[:=])[ \t]{{0,3}}"#,
+                r#"(?i:{})[A-Za-z0-9_.$-]*(?:\\?["'`]|\]){{0,2}}[ \t]{{0,3}}(?:=>|:=|[:=>])[ \t]{{0,3}}"#,
                 words.join("|")
             ));
             pats.push(Pat { check: Check::KeyValue, rule: STRICT_RULE, len: detectors::ANY });
@@ -369,7 +379,10 @@ impl Engine {
     }
 
     /// `key = value` in text: the whole key around the keyword decides, through the same
-    /// key-name rules as structured fields.
+    /// name rules as structured fields: a sensitive name hides its value whatever it is,
+    /// a phone field's name hides a bare phone number, a weakly secret-ish name hides a
+    /// generated-looking value. The value is read in every common shape (see
+    /// [`value_range`]), and in an XML element (`<password>...</password>`).
     fn key_value(&self, text: &str, m: Range<usize>) -> Option<(Range<usize>, RuleIx)> {
         let hay = text.as_bytes();
         let mut ks = m.start;
@@ -381,20 +394,24 @@ impl Engine {
             ke += 1;
         }
         let key = text.get(ks..ke)?;
-        let (rule, weak) = match self.keys.classify(key) {
+        let info = self.keys.describe(key);
+        let (rule, kind) = match info.rule {
             Some(rule) => {
                 if !self.key_exclusions.is_empty() && self.key_exclusions.contains(&keys::normalize_name(key)) {
                     return None;
                 }
-                (rule, false)
+                (rule, ValueKind::Any)
             }
+            // Exclusions exempt names from name rules; a phone field stays one, as in
+            // structured values.
+            None if info.phone && self.phone_rule.is_some() => (self.phone_rule?, ValueKind::Phone),
             None => {
                 let generic = self.generic_rule?;
                 let last = keys::segments(key).filter(|s| !s.bytes().all(|b| b.is_ascii_digit())).last()?;
                 if !WEAK_KEY_WORDS.iter().any(|w| last.eq_ignore_ascii_case(w)) {
                     return None;
                 }
-                (generic, true)
+                (generic, ValueKind::Generated)
             }
         };
         // `auth::session` is a path and `token == x` a comparison, not assignments.
@@ -404,22 +421,124 @@ impl Engine {
         {
             return None;
         }
-        let to_eol = keys::segments(key)
-            .filter(|s| !s.bytes().all(|b| b.is_ascii_digit()))
-            .last()
-            .is_some_and(|last| ["authorization", "cookie", "cookies"].iter().any(|w| last.eq_ignore_ascii_case(w)));
-        // A weak name's value must look generated, which caps its length: stop looking
-        // there, so a run of rejected `key=` candidates cannot rescan the whole text.
-        let value = value_range(text, m.end, to_eol, if weak { MAX_GENERATED_LEN + 1 } else { usize::MAX })?;
-        if weak && value.len() > MAX_GENERATED_LEN {
-            return None;
-        }
+        let value = if hay.get(sep_at) == Some(&b'>') && sep_at > 0 && hay.get(sep_at - 1) != Some(&b'=') {
+            // `<password>value</password>`: an element, not `a > b` or `Vec<Token>`.
+            if ks == 0 || hay.get(ks - 1) != Some(&b'<') {
+                return None;
+            }
+            xml_value(text, sep_at + 1, key)?
+        } else {
+            let to_eol =
+                keys::segments(key).filter(|s| !s.bytes().all(|b| b.is_ascii_digit())).last().is_some_and(|last| {
+                    ["authorization", "cookie", "cookies"].iter().any(|w| last.eq_ignore_ascii_case(w))
+                });
+            // A weak name's value must look generated, and a phone number is short, which
+            // caps their length: stop looking there, so a run of rejected `key=`
+            // candidates cannot rescan the whole text.
+            let max_len = match kind {
+                ValueKind::Any => usize::MAX,
+                ValueKind::Generated => MAX_GENERATED_LEN + 1,
+                ValueKind::Phone => MAX_PHONE_LEN + 1,
+            };
+            match kind {
+                // An unquoted number runs on across its separators: `+49(0)2626 034982`.
+                ValueKind::Phone if hay.get(m.end).is_some_and(|&b| b.is_ascii_digit() || b == b'+' || b == b'(') => {
+                    phone_run(hay, m.end)
+                }
+                _ => value_range(text, m.end, to_eol, max_len)?,
+            }
+        };
         let v = text.get(value.clone())?;
-        if is_placeholder(v) || (weak && !crate::validate::looks_generated(v)) {
-            return None;
-        }
-        Some((value, rule))
+        let accepted = match kind {
+            ValueKind::Any => !is_placeholder(v),
+            ValueKind::Generated => {
+                value.len() <= MAX_GENERATED_LEN && !is_placeholder(v) && crate::validate::looks_generated(v)
+            }
+            ValueKind::Phone => value.len() <= MAX_PHONE_LEN + 10 && detectors::is_bare_phone(without_extension(v)),
+        };
+        accepted.then_some((value, rule))
     }
+}
+
+/// What a name says its value must look like to be hidden.
+#[derive(Debug, Clone, Copy)]
+enum ValueKind {
+    /// Anything but a placeholder: the name says it is a secret.
+    Any,
+    /// Generated-looking (long, mixed, high entropy): a weakly secret-ish name.
+    Generated,
+    /// A bare phone number: a phone field's name.
+    Phone,
+}
+
+/// Longest phone number value read after a phone field's name.
+const MAX_PHONE_LEN: usize = 32;
+
+/// Digits and phone separators from `start`, ending on a digit (ASCII, so the range
+/// lies on character boundaries).
+fn phone_run(hay: &[u8], start: usize) -> Range<usize> {
+    let limit = hay.len().min(start + MAX_PHONE_LEN + 1);
+    let mut end = start;
+    let mut last_digit = start;
+    while end < limit && (hay[end].is_ascii_digit() || matches!(hay[end], b'+' | b' ' | b'.' | b'(' | b')' | b'-')) {
+        if hay[end].is_ascii_digit() {
+            last_digit = end + 1;
+        }
+        end += 1;
+    }
+    // An extension goes with the number: `x82406`, ` ext. 12`, `#7`.
+    let rest = hay.get(last_digit..).unwrap_or_default();
+    let mut p = usize::from(rest.first() == Some(&b' '));
+    let word = [&b"ext."[..], b"ext", b"x", b"#"].into_iter().find(|w| rest.get(p..p + w.len()) == Some(*w));
+    if let Some(w) = word {
+        p += w.len();
+        p += usize::from(rest.get(p) == Some(&b' '));
+        let digits = rest.get(p..).unwrap_or_default().iter().take_while(|b| b.is_ascii_digit()).count();
+        if (1..=6).contains(&digits) {
+            return start..last_digit + p + digits;
+        }
+    }
+    start..last_digit
+}
+
+/// A phone number without its extension (`x82406`, ` ext. 12`, `#7`).
+fn without_extension(v: &str) -> &str {
+    let digits = v.bytes().rev().take_while(u8::is_ascii_digit).count();
+    let head = v[..v.len() - digits].trim_end_matches(' ');
+    for w in ["ext.", "ext", "x", "#"] {
+        if digits > 0 && head.len() < v.len() && head.ends_with(w) {
+            return head[..head.len() - w.len()].trim_end_matches(' ');
+        }
+    }
+    v
+}
+
+/// The content of an XML element whose opening tag ends at `start`: up to its closing
+/// tag `</key>` (within 4 KiB), trimmed.
+fn xml_value(text: &str, start: usize, key: &str) -> Option<Range<usize>> {
+    let hay = text.as_bytes();
+    let limit = hay.len().min(start.saturating_add(4096));
+    let mut p = start;
+    while p < limit {
+        let lt = p + hay.get(p..limit)?.iter().position(|&b| b == b'<')?;
+        let name_at = lt + 2;
+        if hay.get(lt + 1) == Some(&b'/')
+            && hay.get(name_at..name_at + key.len()).is_some_and(|n| n.eq_ignore_ascii_case(key.as_bytes()))
+            && hay.get(name_at + key.len()) == Some(&b'>')
+        {
+            let mut s = start;
+            let mut e = lt;
+            while s < e && hay[s].is_ascii_whitespace() {
+                s += 1;
+            }
+            while e > s && hay[e - 1].is_ascii_whitespace() {
+                e -= 1;
+            }
+            return Some(char_aligned(text, s..e));
+        }
+        p = lt + 1;
+    }
+    None
 }
 
 fn is_key_byte(b: u8) -> bool {
@@ -435,9 +554,11 @@ fn is_placeholder(v: &str) -> bool {
         || t.bytes().all(|b| b == b'*')
 }
 
-/// Where the value after a `key =` starts and ends: inside quotes, a balanced `{...}` or
-/// `[...]`, to the end of the line for header-like keys, else up to a delimiter.
-/// Wrappers such as `Some("...")` or `Secret('...')` are looked through.
+/// Where the value after a `key =` starts and ends: inside quotes (also escaped quotes,
+/// `\"...\"`, of JSON inside a JSON string), a balanced `{...}` or `[...]`, to the end
+/// of the line for header-like keys, else up to a delimiter. Wrappers such as
+/// `Some("...")`, `Secret('...')` or `Some(4155550123)`, and Python's string prefixes
+/// (`b'...'`, `rb"..."`) are looked through.
 fn value_range(text: &str, mut v: usize, to_eol: bool, max_len: usize) -> Option<Range<usize>> {
     let hay = text.as_bytes();
     for _ in 0..2 {
@@ -445,13 +566,30 @@ fn value_range(text: &str, mut v: usize, to_eol: bool, max_len: usize) -> Option
         while p < hay.len() && (hay[p].is_ascii_alphanumeric() || matches!(hay[p], b'_' | b':')) && p - v < 32 {
             p += 1;
         }
-        if p > v && hay.get(p) == Some(&b'(') && matches!(hay.get(p + 1), Some(b'"' | b'\'' | b'{' | b'[')) {
+        if p > v && hay.get(p) == Some(&b'(') && (opens_quoted(hay, p + 1) || wraps_number(hay, v, p)) {
             v = p + 1;
         } else {
             break;
         }
     }
+    // Python's `b'...'`, `u"..."`, `rb'...'`.
+    let prefix = hay.get(v..).map_or(0, |rest| {
+        rest.iter().take(2).take_while(|b| matches!(b, b'b' | b'B' | b'r' | b'R' | b'u' | b'U' | b'f' | b'F')).count()
+    });
+    if prefix > 0 && matches!(hay.get(v + prefix), Some(b'"' | b'\'')) {
+        v += prefix;
+    }
     let first = *hay.get(v)?;
+    if first == b'\\'
+        && let Some(&quote) = hay.get(v + 1).filter(|q| matches!(q, b'"' | b'\''))
+    {
+        // `\"value\"`: up to the next escaped quote of the same kind.
+        let mut p = v + 2;
+        while p + 1 < hay.len() && !(hay[p] == b'\\' && hay[p + 1] == quote) {
+            p += if hay[p] == b'\\' { 2 } else { 1 };
+        }
+        return Some(char_aligned(text, v + 2..p.min(hay.len())));
+    }
     let range = match first {
         b'"' | b'\'' | b'`' => {
             let mut p = v + 1;
@@ -510,6 +648,25 @@ fn value_range(text: &str, mut v: usize, to_eol: bool, max_len: usize) -> Option
         }
     };
     Some(char_aligned(text, range))
+}
+
+/// Whether a quoted, braced or bracketed value starts at `i` (inside a wrapper's `(`).
+fn opens_quoted(hay: &[u8], i: usize) -> bool {
+    matches!(hay.get(i), Some(b'"' | b'\'' | b'{' | b'['))
+}
+
+/// Whether `hay[name..open]` followed by `(` wraps a bare number: `Some(4155550123)`.
+/// The wrapper must read like a type (a capital, then letters) and the parentheses hold
+/// only digits and phone separators, so a password such as `Ab1(+x(` is not taken for
+/// one and cut in two.
+fn wraps_number(hay: &[u8], name: usize, open: usize) -> bool {
+    let word = hay.get(name..open).unwrap_or_default();
+    let inside = hay.get(open + 1..).unwrap_or_default();
+    let body = inside.iter().take_while(|b| b.is_ascii_digit() || matches!(b, b'+' | b' ' | b'.' | b'-')).count();
+    word.first().is_some_and(u8::is_ascii_uppercase)
+        && word.iter().all(u8::is_ascii_alphabetic)
+        && body > 0
+        && inside.get(body) == Some(&b')')
 }
 
 /// Whether the byte at `i` ends an unquoted value. Passwords contain `&`, `)` and `]`

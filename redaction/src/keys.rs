@@ -235,7 +235,8 @@ const GLUED_SUFFIXES: &[(&str, &str)] = &[
 
 /// Names of fields that conventionally hold phone numbers: a bare run of digits under
 /// such a name is a phone number, elsewhere it is just a number.
-const PHONE_WORDS: &[&str] = &["phone", "tel", "telephone", "mobile", "cell", "fax", "msisdn", "sms", "whatsapp"];
+pub(crate) const PHONE_WORDS: &[&str] =
+    &["phone", "tel", "telephone", "mobile", "cell", "fax", "msisdn", "sms", "whatsapp"];
 
 /// Index of a rule in the redactor's rule table.
 pub(crate) type RuleIx = u32;
@@ -356,11 +357,6 @@ impl KeyRules {
     /// Lowercase words the text scanner looks for before a `key=value` separator.
     pub(crate) fn words(&self) -> &[Box<str>] {
         &self.words
-    }
-
-    /// The rule a name falls under, if any (see the module docs for the matching rule).
-    pub(crate) fn classify(&self, name: &str) -> Option<RuleIx> {
-        self.describe(name).rule
     }
 
     /// The rule a name falls under and whether it names a phone field, in one pass.

@@ -32,10 +32,16 @@
 //! the public gitleaks catalog (AWS access key ids except `...EXAMPLE`, GitHub and npm
 //! tokens with their CRC32 checksum, GitLab, Slack, Stripe, Google, OpenAI, Anthropic,
 //! Hugging Face, SendGrid, Twilio, Shopify, DigitalOcean, Vault and more; see
-//! [`builtin_rule_ids`]). In text, `key = value`, `"key": "value"`, `key: value` and
-//! `Key: Some("value")` are read too: the key goes through the key-name rules below,
-//! and values that look generated (long, mixed, high entropy) under weakly secret-ish
-//! names (`...key`, `signature`, `hmac`, `salt`) are reported as `generic_secret`.
+//! [`builtin_rule_ids`]). In text, a value under a name is read in every common shape:
+//! `key = value`, `key: value`, `key='value'`, `"key": "value"` (JSON inside a log line,
+//! and `\"key\":\"value\"` inside a JSON string), Rust `Debug` (`Key { key: Some("v") }`),
+//! Python and Java dumps (`User(key='v')`, `key=b'v'`, `User{key='v'}`), Go's `%+v`
+//! (`{Key:v}`), `key => 'v'` and `[key] => v`, and XML elements (`<key>v</key>`). The key
+//! goes through the same name rules as a structured field's name: a sensitive name hides
+//! the value whatever it is, a phone field's name (`phone`, `mobile`, `contactPhone`)
+//! hides a bare phone number, and values that look generated (long, mixed, high
+//! entropy) under weakly secret-ish names (`...key`, `signature`, `hmac`, `salt`) are
+//! reported as `generic_secret`.
 //!
 //! # The key-name rule
 //!
@@ -77,7 +83,9 @@
 //! | `key`, `cache_key` | only with a generated-looking value | too common a word to redact on its own |
 //!
 //! A value under a sensitive name is replaced whole, containers included; `null`,
-//! booleans, empty strings and truncation markers are left (they hide nothing).
+//! booleans, empty strings and truncation markers are left (they hide nothing). Under a
+//! phone field's name, a bare run of 7 to 15 digits is a phone number, whether it is
+//! text or an integer.
 //!
 //! # Deliberately not detected
 //!
@@ -128,7 +136,7 @@ pub mod report;
 pub mod validate;
 
 pub use config::{Builtins, ConfigError, CustomPattern, Exclusions, RedactionConfig, builtin_rule_ids};
-pub use redactor::{FINDINGS_TRUNCATED_RULE, Redactor};
+pub use redactor::{FINDINGS_TRUNCATED_RULE, NameRule, Redactor};
 pub use report::{Finding, Report};
 
 /// Longest marker this crate writes: `[REDACTED:` + a kind of at most 40 characters + `]`.

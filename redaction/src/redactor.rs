@@ -36,8 +36,12 @@ pub struct Redactor {
     version: u64,
 }
 
+/// What a [`Redactor`]'s rules make of a name (see [`Redactor::name_rule`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NameRule(KeyCtx);
+
 /// What the name of a value says about it.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct KeyCtx {
     /// A key-name rule that replaces the value whole.
     rule: Option<RuleIx>,
@@ -83,6 +87,21 @@ impl Redactor {
         let mut buf = String::with_capacity(path.len() + 32);
         buf.push_str(path);
         self.walk(self.key_ctx(name), value, &mut buf, report);
+    }
+
+    /// What these rules make of a name, computed once for a name whose values are
+    /// redacted often (a callsite's field names) and handed to [`Redactor::redact_named`].
+    /// Only meaningful with the redactor that made it.
+    pub fn name_rule(&self, name: &str) -> NameRule {
+        NameRule(self.key_ctx(name))
+    }
+
+    /// Redacts a captured value named by `rule` in place without recording findings: for
+    /// a value an expression is about to read, where only the result matters. Allocates
+    /// nothing for a scalar that nothing fires on.
+    pub fn redact_named(&self, rule: NameRule, value: &mut Value) {
+        let mut path = String::new();
+        self.walk(rule.0, value, &mut path, &mut Report::discarding());
     }
 
     /// Redacts a whole hit in place: fields, span fields, watch values and errors,
@@ -166,7 +185,7 @@ impl Redactor {
         }
         if ctx.phone
             && let Some(rule) = self.engine.phone_rule
-            && is_bare_phone(text)
+            && crate::detectors::is_bare_phone(text)
         {
             self.record(report, path, rule);
             return Cow::Owned(self.marker(rule).to_owned());
@@ -174,6 +193,15 @@ impl Redactor {
         let mut regions = Vec::new();
         self.engine.scan(text, &mut regions);
         self.engine.apply(text, &mut regions, path, report)
+    }
+
+    /// The rule that hides an integer: a valid card number anywhere, or a number of 7 to
+    /// 15 digits under a phone field's name (as its text would be).
+    fn integer_rule(&self, ctx: KeyCtx, n: u64) -> Option<RuleIx> {
+        if ctx.phone && (1_000_000..1_000_000_000_000_000).contains(&n) {
+            return self.engine.phone_rule.or_else(|| self.card_in_integer(n));
+        }
+        self.card_in_integer(n)
     }
 
     /// The card rule, when an integer is a valid card number.
@@ -205,13 +233,13 @@ impl Redactor {
                 }
             }
             Value::Int(i) => {
-                if let Some(rule) = u64::try_from(*i).ok().and_then(|n| self.card_in_integer(n)) {
+                if let Some(rule) = u64::try_from(*i).ok().and_then(|n| self.integer_rule(ctx, n)) {
                     *value = Value::str(self.marker(rule));
                     self.record(report, path, rule);
                 }
             }
             Value::UInt(n) => {
-                if let Some(rule) = self.card_in_integer(*n) {
+                if let Some(rule) = self.integer_rule(ctx, *n) {
                     *value = Value::str(self.marker(rule));
                     self.record(report, path, rule);
                 }
@@ -281,7 +309,7 @@ impl Redactor {
                 }
             }
             J::Number(n) => {
-                if let Some(rule) = n.as_u64().and_then(|n| self.card_in_integer(n)) {
+                if let Some(rule) = n.as_u64().and_then(|n| self.integer_rule(ctx, n)) {
                     *value = J::String(self.marker(rule).to_owned());
                     self.record(report, path, rule);
                 }
@@ -366,28 +394,16 @@ fn replace_whole(value: &mut Value, marker: &str) -> bool {
     }
 }
 
-/// Whether a whole string is one marker this crate wrote.
+/// Whether a whole string is one marker (the protocol's definition, which expressions
+/// use to treat a redacted value as opaque).
 pub(crate) fn is_marker(s: &str) -> bool {
-    s.len() <= MARKER_PREFIX.len() + 49
-        && s.strip_prefix(MARKER_PREFIX)
-            .and_then(|rest| rest.strip_suffix(']'))
-            .is_some_and(|kind| !kind.is_empty() && kind.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+    periscope_protocol::value::is_redaction_marker(s)
 }
 
 /// What strict mode keeps: a number or a boolean written as text.
 fn is_number_or_bool(s: &str) -> bool {
     let t = s.trim();
     t.eq_ignore_ascii_case("true") || t.eq_ignore_ascii_case("false") || (t.len() <= 64 && t.parse::<f64>().is_ok())
-}
-
-/// A bare phone number as stored in a phone field: optional `+`, 7 to 15 digits, and
-/// only spaces, dots, dashes and parentheses between them.
-fn is_bare_phone(s: &str) -> bool {
-    let t = s.trim();
-    let body = t.strip_prefix('+').unwrap_or(t);
-    let digits = body.bytes().filter(u8::is_ascii_digit).count();
-    (7..=15).contains(&digits)
-        && body.bytes().all(|b| b.is_ascii_digit() || matches!(b, b' ' | b'.' | b'-' | b'(' | b')'))
 }
 
 /// Merges an earlier pass's findings (sanitized: well-formed rule ids only) with this

@@ -28,6 +28,8 @@ impl From<Finding> for periscope_protocol::RedactionFinding {
 pub struct Report {
     findings: Vec<Finding>,
     omitted: u64,
+    /// Record nothing: for a pass whose findings nobody reads.
+    discard: bool,
 }
 
 impl Report {
@@ -42,6 +44,12 @@ impl Report {
     /// An empty report.
     pub fn new() -> Report {
         Report::default()
+    }
+
+    /// A report that keeps nothing, so a pass whose findings nobody reads (a value an
+    /// expression reads) allocates nothing for them.
+    pub(crate) fn discarding() -> Report {
+        Report { discard: true, ..Report::default() }
     }
 
     /// Forgets every finding, keeping the allocation.
@@ -81,6 +89,9 @@ impl Report {
     }
 
     pub(crate) fn record(&mut self, path: &str, rule: &str) {
+        if self.discard {
+            return;
+        }
         let recent = self.findings.len().saturating_sub(Self::DEDUP_WINDOW);
         if self.findings.get(recent..).is_some_and(|w| w.iter().any(|f| f.path == path && f.rule == rule)) {
             return;

@@ -9,6 +9,7 @@ mod support;
 
 mod access;
 mod attack_agents;
+mod attack_expressions;
 mod attack_network;
 mod attack_tenancy;
 mod conditions;

@@ -153,11 +153,17 @@ pub(crate) fn line_col(source: &str, position: usize) -> (u32, u32) {
 pub(crate) fn quote(text: &str) -> String {
     let short = truncate_chars(text, MAX_QUOTED_CHARS);
     let ell = if short.len() < text.len() { "…" } else { "" };
-    let mut out = String::with_capacity(short.len() + 2);
-    for c in short.chars() {
-        out.push(printable(c));
+    // One allocation: an error may be built at every hit (and dropped once reported).
+    let mut out = String::with_capacity(short.len() + ell.len() + 2);
+    out.push('`');
+    if short.bytes().all(|b| b.is_ascii() && !b.is_ascii_control()) {
+        out.push_str(short);
+    } else {
+        out.extend(short.chars().map(printable));
     }
-    format!("`{out}{ell}`")
+    out.push_str(ell);
+    out.push('`');
+    out
 }
 
 /// Why evaluating an expression at one hit failed.
@@ -240,6 +246,19 @@ pub enum EvalError {
         /// The comparison, quoted.
         expr: String,
     },
+    /// The expression used a value that redaction hid (a whole `[REDACTED:KIND]`
+    /// marker) for something other than showing it or comparing it with `null`: an
+    /// expression sees what a client sees, and may learn nothing more about it.
+    #[error(
+        "{expr} reads a value that redaction hides ({marker}); an expression may show a redacted value or compare it with null, nothing else"
+    )]
+    Redacted {
+        /// The sub-expression that used the redacted value, quoted.
+        expr: String,
+        /// The marker standing for the value (`[REDACTED:PASSWORD]`): the kind of what
+        /// was hidden, never the value.
+        marker: String,
+    },
     /// A condition produced something other than true, false or null.
     #[error("condition must be true or false, got {found}")]
     NotBoolean {
@@ -255,6 +274,21 @@ pub enum EvalError {
 }
 
 impl EvalError {
+    /// Every [`EvalError::code`], for agents that keep one flag per kind.
+    pub const CODES: [&'static str; 11] = [
+        "type_mismatch",
+        "bad_operand",
+        "bad_argument",
+        "truncated",
+        "budget_exceeded",
+        "division_by_zero",
+        "overflow",
+        "too_deep",
+        "not_boolean",
+        "not_number",
+        "redacted",
+    ];
+
     /// A stable, short code for the kind of failure, so an agent can report each kind
     /// once per action and count repeats.
     pub fn code(&self) -> &'static str {
@@ -269,6 +303,7 @@ impl EvalError {
             EvalError::TooDeep { .. } => "too_deep",
             EvalError::NotBoolean { .. } => "not_boolean",
             EvalError::NotNumber { .. } => "not_number",
+            EvalError::Redacted { .. } => "redacted",
         }
     }
 }

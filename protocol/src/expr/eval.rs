@@ -11,6 +11,11 @@
 //! [`EvalError::Truncated`] whenever the answer depends on what was cut; ordering
 //! comparisons involving `null` are false; arithmetic with `null` is `null`; `null` is
 //! false where true or false is needed.
+//!
+//! A string that is a whole redaction marker (`[REDACTED:PASSWORD]`) is a *redacted
+//! value*: it can be shown (a watch, a template placeholder) and compared with `null`,
+//! and any other use fails with [`EvalError::Redacted`], so no operator, function or
+//! path can learn anything about what redaction hid.
 
 use std::borrow::Cow;
 use std::cmp::Ordering;
@@ -18,7 +23,7 @@ use std::cmp::Ordering;
 use super::ast::{ArithOp, Base, CmpOp, Func, Kind, NameRun, Node, Path, SegKind};
 use super::error::{EvalError, quote};
 use super::scope::{Budget, Scope};
-use crate::value::{Cut, CutReason, List, Map, Object, Text, Value};
+use crate::value::{Cut, CutReason, List, Map, Object, Text, Value, is_redaction_marker};
 
 /// Deepest nesting of values compared structurally (`==` on lists, maps, objects).
 const MAX_COMPARE_DEPTH: u32 = 32;
@@ -33,6 +38,8 @@ pub(crate) enum Val<'a> {
     Float(f64),
     /// Text and, when it was shortened by capture limits, its original length in chars.
     Str(Cow<'a, str>, Option<u64>),
+    /// A redaction marker standing for a value redaction hid (the marker's text).
+    Redacted(&'a str),
     /// A captured list, map or object.
     Ref(&'a Value),
     /// A capture-limit marker, and its nesting level when reached through a path.
@@ -50,6 +57,7 @@ impl<'a> Val<'a> {
             Value::Int(i) => Val::Int(*i),
             Value::UInt(u) => Val::UInt(*u),
             Value::Float(f) => Val::Float(*f),
+            Value::Str(t) if is_redaction_marker(&t.value) => Val::Redacted(&t.value),
             Value::Str(t) => Val::Str(Cow::Borrowed(&t.value), t.original_len),
             Value::Cut(c) => Val::Cut(c, depth),
             Value::List(_) | Value::Map(_) | Value::Object(_) => Val::Ref(v),
@@ -65,6 +73,7 @@ impl<'a> Val<'a> {
             Val::UInt(u) => View::Num(Num::I(i128::from(*u))),
             Val::Float(f) => View::Num(Num::F(*f)),
             Val::Str(s, t) => View::Str(s, *t),
+            Val::Redacted(m) => View::Redacted(m),
             Val::Ref(v) => View::of(v),
             Val::Cut(c, _) => View::Cut(c),
             Val::Owned(v) => View::of(v),
@@ -83,6 +92,7 @@ impl<'a> Val<'a> {
             Val::UInt(u) => Value::UInt(u),
             Val::Float(f) => Value::Float(f),
             Val::Str(s, original_len) => Value::Str(Text { value: s.into_owned(), original_len }),
+            Val::Redacted(m) => Value::str(m),
             Val::Ref(v) => v.clone(),
             Val::Cut(c, _) => Value::Cut(c.clone()),
             Val::Owned(v) => *v,
@@ -139,6 +149,8 @@ enum View<'v> {
     Map(&'v Map),
     Object(&'v Object),
     Cut(&'v Cut),
+    /// A redaction marker (its text).
+    Redacted(&'v str),
 }
 
 impl<'v> View<'v> {
@@ -149,6 +161,7 @@ impl<'v> View<'v> {
             Value::Int(i) => View::Num(Num::I(i128::from(*i))),
             Value::UInt(u) => View::Num(Num::I(i128::from(*u))),
             Value::Float(f) => View::Num(Num::F(*f)),
+            Value::Str(t) if is_redaction_marker(&t.value) => View::Redacted(&t.value),
             Value::Str(t) => View::Str(&t.value, t.original_len),
             Value::List(l) => View::List(l),
             Value::Map(m) => View::Map(m),
@@ -168,6 +181,7 @@ impl<'v> View<'v> {
             View::Map(_) => "map",
             View::Object(_) => "object",
             View::Cut(_) => "truncated value",
+            View::Redacted(_) => "redacted value",
         }
     }
 }
@@ -222,11 +236,23 @@ impl<S: ?Sized> Cx<'_, S> {
         }
     }
 
+    /// The error for a redacted value (`marker`) used by `n` in any way but showing it or
+    /// comparing it with null.
+    #[cold]
+    fn redacted(&self, n: &Node, marker: &str) -> EvalError {
+        EvalError::Redacted { expr: self.snippet(n), marker: truncate_marker(marker) }
+    }
+
     /// The error for an answer that depends on a part of a value capture limits removed.
     #[cold]
     fn unknown(&self, n: &Node, detail: &str) -> EvalError {
         EvalError::Truncated { path: self.snippet(n), depth: None, detail: detail.to_owned() }
     }
+}
+
+/// A marker's text for an error message (markers are short; this only bounds it).
+fn truncate_marker(marker: &str) -> String {
+    crate::value::truncate_chars(marker, 64).to_owned()
 }
 
 fn describe_cut(c: &Cut) -> String {
@@ -260,6 +286,7 @@ pub(crate) fn eval<'a, S: Scope + ?Sized>(n: &'a Node, cx: &Cx<'a, S>, b: &mut B
                 View::Num(Num::F(f)) => Ok(Val::Float(-f)),
                 View::Null => Ok(Val::Null),
                 View::Cut(_) => Err(cx.cut_operand(&v, x, "\"-\"")),
+                View::Redacted(m) => Err(cx.redacted(n, m)),
                 other => Err(cx.bad_operand("-", other, n)),
             }
         }
@@ -324,6 +351,7 @@ fn logic<'a, S: Scope + ?Sized>(n: &'a Node, cx: &Cx<'a, S>, b: &mut Budget) -> 
             Err(v) => match v.view() {
                 View::Null => Ok(true),
                 View::Cut(_) => Err(cx.cut_operand(&v, x, "\"!\"")),
+                View::Redacted(m) => Err(cx.redacted(n, m)),
                 other => Err(cx.bad_operand("!", other, n)),
             },
         },
@@ -373,6 +401,7 @@ fn truthy<S: ?Sized>(t: Result<bool, Val<'_>>, n: &Node, op: &'static str, cx: &
         View::Bool(t) => Ok(t),
         View::Null => Ok(false),
         View::Cut(_) => Err(cx.cut_operand(&v, n, &format!("\"{op}\""))),
+        View::Redacted(m) => Err(cx.redacted(n, m)),
         other => Err(EvalError::BadOperand { op, operand: other.kind(), expr: cx.snippet(n) }),
     }
 }
@@ -516,6 +545,7 @@ fn eval_path<'a, S: Scope + ?Sized>(
             return match eval(base, cx, b)? {
                 Val::Ref(v) => walk(v, p, 0, 1, base.end, n, cx, b),
                 Val::Owned(v) => walk(&v, p, 0, 1, base.end, n, cx, b).map(Val::into_static),
+                Val::Redacted(m) if !p.tail.is_empty() => Err(cx.redacted(n, m)),
                 Val::Cut(c, depth) if !p.tail.is_empty() => Err(EvalError::Truncated {
                     path: cx.snippet(base),
                     depth,
@@ -570,6 +600,7 @@ fn walk<'v, 'a: 'v, S: Scope + ?Sized>(
                     Val::UInt(u) => Key::UIndex(*u),
                     Val::Str(s, None) => Key::Name(s),
                     Val::Null => return Ok(Val::Null),
+                    Val::Redacted(m) => return Err(cx.redacted(node, m)),
                     Val::Str(_, Some(_)) => return Err(cx.cut_operand(&index, node, "an index")),
                     other => return Err(cx.bad_operand("[]", other.view(), node)),
                 }
@@ -601,6 +632,11 @@ fn advance<'v, S: ?Sized>(
     b.charge(1)?;
     match cur {
         Value::Null => return Ok(None),
+        // Looking inside a redacted value (a field of a redacted object, a character of
+        // a redacted string) would tell something about it.
+        Value::Str(t) if is_redaction_marker(&t.value) => {
+            return Err(EvalError::Redacted { expr: cx.snippet_to(n, seg_end), marker: truncate_marker(&t.value) });
+        }
         Value::Cut(c) => {
             return Err(EvalError::Truncated {
                 path: cx.snippet_to(n, end),
@@ -627,7 +663,7 @@ fn advance<'v, S: ?Sized>(
 // Comparisons
 
 /// The answer to "are these equal?".
-enum Eq3 {
+enum Eq3<'v> {
     Yes,
     No,
     /// The types cannot be compared.
@@ -635,10 +671,12 @@ enum Eq3 {
     /// The answer depends on a part that capture limits removed.
     Unknown,
     TooDeep,
+    /// One side is or holds a redacted value (this marker): no answer may be given.
+    Redacted(&'v str),
 }
 
-impl Eq3 {
-    fn from_bool(b: bool) -> Eq3 {
+impl Eq3<'_> {
+    fn from_bool(b: bool) -> Self {
         if b { Eq3::Yes } else { Eq3::No }
     }
 }
@@ -674,7 +712,7 @@ fn char_len(s: &str, original: Option<u64>) -> u64 {
     original.unwrap_or_else(|| s.chars().count() as u64)
 }
 
-fn str_eq(x: &str, tx: Option<u64>, y: &str, ty: Option<u64>, b: &mut Budget) -> Result<Eq3, EvalError> {
+fn str_eq(x: &str, tx: Option<u64>, y: &str, ty: Option<u64>, b: &mut Budget) -> Result<Eq3<'static>, EvalError> {
     b.charge_text(x.len().min(y.len()))?;
     if tx.is_none() && ty.is_none() {
         return Ok(Eq3::from_bool(x == y));
@@ -712,7 +750,7 @@ fn str_cmp(x: &str, tx: Option<u64>, y: &str, ty: Option<u64>, b: &mut Budget) -
     })
 }
 
-fn equal(a: View<'_>, c: View<'_>, b: &mut Budget, depth: u32) -> Result<Eq3, EvalError> {
+fn equal<'v>(a: View<'v>, c: View<'v>, b: &mut Budget, depth: u32) -> Result<Eq3<'v>, EvalError> {
     b.charge(1)?;
     if depth > MAX_COMPARE_DEPTH {
         return Ok(Eq3::TooDeep);
@@ -720,6 +758,7 @@ fn equal(a: View<'_>, c: View<'_>, b: &mut Budget, depth: u32) -> Result<Eq3, Ev
     Ok(match (a, c) {
         (View::Null, View::Null) => Eq3::Yes,
         (View::Null, _) | (_, View::Null) => Eq3::No,
+        (View::Redacted(m), _) | (_, View::Redacted(m)) => Eq3::Redacted(m),
         (View::Cut(_), _) | (_, View::Cut(_)) => Eq3::Unknown,
         (View::Bool(x), View::Bool(y)) => Eq3::from_bool(x == y),
         (View::Num(x), View::Num(y)) => Eq3::from_bool(num_cmp(x, y) == Some(Ordering::Equal)),
@@ -748,7 +787,7 @@ fn equal(a: View<'_>, c: View<'_>, b: &mut Budget, depth: u32) -> Result<Eq3, Ev
                 match equal(View::of(k), View::of(k2), b, depth + 1)? {
                     Eq3::Yes => {}
                     Eq3::Unknown => keys_unknown = true,
-                    Eq3::TooDeep => return Ok(Eq3::TooDeep),
+                    stop @ (Eq3::TooDeep | Eq3::Redacted(_)) => return Ok(stop),
                     Eq3::No | Eq3::Mismatch => {
                         same_order = false;
                         break;
@@ -773,7 +812,7 @@ fn equal(a: View<'_>, c: View<'_>, b: &mut Budget, depth: u32) -> Result<Eq3, Ev
                             break;
                         }
                         Eq3::Unknown => maybe = true,
-                        Eq3::TooDeep => return Ok(Eq3::TooDeep),
+                        stop @ (Eq3::TooDeep | Eq3::Redacted(_)) => return Ok(stop),
                         Eq3::No | Eq3::Mismatch => {}
                     }
                 }
@@ -781,7 +820,7 @@ fn equal(a: View<'_>, c: View<'_>, b: &mut Budget, depth: u32) -> Result<Eq3, Ev
                     Some(v2) => match equal(View::of(v), View::of(v2), b, depth + 1)? {
                         Eq3::Yes => {}
                         Eq3::Unknown => unknown = true,
-                        Eq3::TooDeep => return Ok(Eq3::TooDeep),
+                        stop @ (Eq3::TooDeep | Eq3::Redacted(_)) => return Ok(stop),
                         Eq3::No | Eq3::Mismatch => return Ok(Eq3::No),
                     },
                     None if maybe || y.omitted > 0 => unknown = true,
@@ -813,7 +852,7 @@ fn all_equal<'p>(
     omitted: u64,
     b: &mut Budget,
     depth: u32,
-) -> Result<Eq3, EvalError> {
+) -> Result<Eq3<'p>, EvalError> {
     if len_a != len_b {
         return Ok(Eq3::No);
     }
@@ -822,7 +861,7 @@ fn all_equal<'p>(
         match equal(p, q, b, depth + 1)? {
             Eq3::Yes => {}
             Eq3::Unknown => unknown = true,
-            Eq3::TooDeep => return Ok(Eq3::TooDeep),
+            stop @ (Eq3::TooDeep | Eq3::Redacted(_)) => return Ok(stop),
             // Items of different types make the lists different; only the top-level
             // comparison insists on comparable types.
             Eq3::No | Eq3::Mismatch => return Ok(Eq3::No),
@@ -846,9 +885,12 @@ fn compare<S: ?Sized>(
     let what = || format!("\"{}\"", op.symbol());
     match (va, vc) {
         // A cut value is something, so it is not null; anything else about it is unknown.
-        (View::Cut(_), View::Null) | (View::Null, View::Cut(_)) if matches!(op, CmpOp::Eq | CmpOp::Ne) => {
+        (View::Cut(_) | View::Redacted(_), View::Null) | (View::Null, View::Cut(_) | View::Redacted(_))
+            if matches!(op, CmpOp::Eq | CmpOp::Ne) =>
+        {
             return Ok(op == CmpOp::Ne);
         }
+        (View::Redacted(m), _) | (_, View::Redacted(m)) => return Err(cx.redacted(n, m)),
         (View::Cut(_), _) => return Err(cx.cut_operand(a, l, &what())),
         (_, View::Cut(_)) => return Err(cx.cut_operand(c, r, &what())),
         _ => {}
@@ -863,6 +905,7 @@ fn compare<S: ?Sized>(
                 &format!("compares values that capture limits shortened, so {} cannot be decided", what()),
             )),
             Eq3::TooDeep => Err(EvalError::TooDeep { expr: cx.snippet(n) }),
+            Eq3::Redacted(m) => Err(cx.redacted(n, m)),
         },
         _ => {
             let ordering = match (va, vc) {
@@ -906,6 +949,9 @@ fn membership<S: ?Sized>(
 ) -> Result<bool, EvalError> {
     let (vn, vh) = (needle.view(), hay.view());
     let what = || format!("\"{op}\"");
+    if let (View::Redacted(m), _) | (_, View::Redacted(m)) = (vn, vh) {
+        return Err(cx.redacted(n, m));
+    }
     if let View::Cut(_) = vh {
         return Err(cx.cut_operand(hay, hay_node, &what()));
     }
@@ -946,6 +992,7 @@ fn membership<S: ?Sized>(
                     Eq3::Yes => return Ok(true),
                     Eq3::Unknown => unknown = true,
                     Eq3::TooDeep => return Err(EvalError::TooDeep { expr: cx.snippet(n) }),
+                    Eq3::Redacted(m) => return Err(cx.redacted(n, m)),
                     // Items of another type are simply not the one looked for.
                     Eq3::No | Eq3::Mismatch => {}
                 }
@@ -960,6 +1007,7 @@ fn membership<S: ?Sized>(
                     Eq3::Yes => return Ok(true),
                     Eq3::Unknown => unknown = true,
                     Eq3::TooDeep => return Err(EvalError::TooDeep { expr: cx.snippet(n) }),
+                    Eq3::Redacted(m) => return Err(cx.redacted(n, m)),
                     Eq3::No | Eq3::Mismatch => {}
                 }
             }
@@ -980,7 +1028,7 @@ fn membership<S: ?Sized>(
             View::Null => Ok(false),
             other => Err(cx.mismatch(op, other, vh, n)),
         },
-        View::Bool(_) | View::Num(_) | View::Cut(_) => Err(cx.mismatch(op, vn, vh, n)),
+        View::Bool(_) | View::Num(_) | View::Cut(_) | View::Redacted(_) => Err(cx.mismatch(op, vn, vh, n)),
     }
 }
 
@@ -1002,6 +1050,7 @@ fn arith<'a, S: ?Sized>(
     let what = || format!("\"{sym}\"");
     let (va, vc) = (a.view(), c.view());
     let (x, y) = match (va, vc) {
+        (View::Redacted(m), _) | (_, View::Redacted(m)) => return Err(cx.redacted(n, m)),
         (View::Cut(_), _) => return Err(cx.cut_operand(&a, l, &what())),
         (_, View::Cut(_)) => return Err(cx.cut_operand(&c, r, &what())),
         (View::Null, _) | (_, View::Null) => return Ok(Val::Null),
@@ -1075,6 +1124,7 @@ fn call<'a, S: Scope + ?Sized>(
             let Some(second) = second else { return Ok(Val::Null) };
             let p = eval(second, cx, b)?;
             let (s, ts, pat, tp) = match (v.view(), p.view()) {
+                (View::Redacted(m), _) | (_, View::Redacted(m)) => return Err(cx.redacted(n, m)),
                 (View::Cut(_), _) => return Err(cx.cut_operand(&v, first, &format!("\"{}\"", func.name()))),
                 (_, View::Cut(_)) => return Err(cx.cut_operand(&p, second, &format!("\"{}\"", func.name()))),
                 (View::Null, _) | (_, View::Null) => return Ok(Val::Bool(false)),
@@ -1111,6 +1161,7 @@ fn call<'a, S: Scope + ?Sized>(
             View::Map(m) => Ok(count((m.entries.len() as u64).saturating_add(m.omitted))),
             View::Object(o) => Ok(count((o.fields.len() as u64).saturating_add(o.omitted))),
             View::Null => Ok(Val::Null),
+            View::Redacted(m) => Err(cx.redacted(n, m)),
             // A depth cut records how many children the value had.
             View::Cut(Cut { reason: CutReason::Depth, size: Some(n), .. }) => Ok(count(*n)),
             View::Cut(_) => Err(cx.cut_operand(&v, first, "\"len\"")),
@@ -1126,6 +1177,7 @@ fn call<'a, S: Scope + ?Sized>(
                 }
             }
             Val::Null => Ok(Val::Null),
+            Val::Redacted(m) => Err(cx.redacted(n, m)),
             Val::Cut(..) => Err(cx.cut_operand(&v, first, "\"lower\"")),
             other => Err(cx.bad_argument(func, "a string", other.view(), n)),
         },

@@ -259,6 +259,7 @@ impl Expr {
         match eval::test(&self.inner.root, &cx, budget)? {
             Ok(b) => Ok(b),
             Err(Val::Null) => Ok(false),
+            Err(Val::Redacted(marker)) => Err(redacted_result(&self.inner.source, marker)),
             Err(other) => Err(EvalError::NotBoolean { found: other.kind() }),
         }
     }
@@ -269,9 +270,17 @@ impl Expr {
         let v = self.eval_val(scope, budget)?;
         match v {
             Val::Null => Ok(None),
+            Val::Redacted(marker) => Err(redacted_result(&self.inner.source, marker)),
             ref num => num.as_f64().map(Some).ok_or(EvalError::NotNumber { found: v.kind() }),
         }
     }
+}
+
+/// A condition or metric value that is itself a redacted value: using it as true/false
+/// or as a number would read it.
+#[cold]
+fn redacted_result(source: &str, marker: &str) -> EvalError {
+    EvalError::Redacted { expr: error::quote(source), marker: crate::value::truncate_chars(marker, 64).to_owned() }
 }
 
 fn purpose_error(src: &str, wanted: &str, ty: Ty) -> ParseError {

@@ -773,3 +773,148 @@ fn errors_quote_parenthesized_operands_whole() {
     let err = eval("(amount + 1) / (amount - 1500)").unwrap_err();
     assert_eq!(err.to_string(), "division by zero (in `(amount + 1) / (amount - 1500)`)");
 }
+
+/// A scope as the agent builds it after redaction: `api_token`, `password` and `cvv`
+/// were hidden whole by key-name rules, `email` by a value rule, `note` only in part,
+/// `user.credentials` (an object) whole.
+fn redacted_scope() -> SimpleScope {
+    SimpleScope::new()
+        .with_field("api_token", "[REDACTED:TOKEN]")
+        .with_field("password", "[REDACTED:PASSWORD]")
+        .with_field("cvv", "[REDACTED:CVV]")
+        .with_field("email", "[REDACTED:EMAIL]")
+        .with_field("note", "call [REDACTED:PHONE] after 5pm")
+        .with_field("amount", 12_i64)
+        .with_field(
+            "user",
+            obj(
+                "User",
+                vec![
+                    ("name", Value::str("Ada")),
+                    ("credentials", Value::str("[REDACTED:CREDENTIALS]")),
+                    ("cards", list(vec![Value::str("[REDACTED:CREDIT_CARD]")])),
+                ],
+            ),
+        )
+        .with_span("request", vec![Field::new("session", Value::str("[REDACTED:SESSION]"))])
+}
+
+fn on_redacted(src: &str) -> Result<Value, EvalError> {
+    Expr::parse(src).unwrap_or_else(|e| panic!("{src}: {e}")).eval(&redacted_scope(), &mut Budget::default())
+}
+
+#[test]
+fn a_redacted_value_can_be_shown_and_compared_with_null_and_nothing_else() {
+    // Shown as its marker, as a client sees it.
+    assert_eq!(on_redacted("password").unwrap(), Value::str("[REDACTED:PASSWORD]"));
+    assert_eq!(
+        on_redacted("[password, amount]").unwrap(),
+        list(vec![Value::str("[REDACTED:PASSWORD]"), Value::Int(12)])
+    );
+    assert_eq!(on_redacted("password != null").unwrap(), Value::Bool(true));
+    assert_eq!(on_redacted("null == span.session").unwrap(), Value::Bool(false));
+    assert_eq!(on_redacted("\"credentials\" in user").unwrap(), Value::Bool(true), "field names are structure");
+    assert_eq!(on_redacted("len(user.cards)").unwrap(), Value::Int(1), "counting items reads no item");
+    // Every attack shape fails the same way, naming the marker and never the value.
+    for src in [
+        "len(api_token)",
+        "api_token.len()",
+        "starts_with(api_token, \"a\")",
+        "api_token.ends_with(\"z\")",
+        "contains(api_token, \"a\")",
+        "\"a\" in api_token",
+        "api_token in [\"x\", \"y\"]",
+        "password == \"hunter2\"",
+        "password != \"hunter2\"",
+        "\"hunter2\" == password",
+        "password == \"[REDACTED:PASSWORD]\"",
+        "password < \"m\"",
+        "password >= \"m\"",
+        "cvv + 0",
+        "0 + cvv",
+        "cvv * 1",
+        "-cvv",
+        "!cvv",
+        "cvv && true",
+        "password + \"\"",
+        "lower(password)",
+        "password[0]",
+        "password.x",
+        "user.credentials.user",
+        "user.cards[0] == \"4111111111111111\"",
+        "\"4111111111111111\" in user.cards",
+        "user == user",
+        "[password] == [\"hunter2\"]",
+        "amount[password]",
+        "starts_with(email, \"a\")",
+        "span.session == \"s\"",
+        "span.request.session.len()",
+    ] {
+        match on_redacted(src) {
+            Err(EvalError::Redacted { marker, .. }) => assert!(marker.starts_with("[REDACTED:"), "{src}: {marker}"),
+            other => panic!("{src} must fail as redacted, got {other:?}"),
+        }
+    }
+    let err = on_redacted("len(api_token)").unwrap_err();
+    assert_eq!(err.code(), "redacted");
+    assert_eq!(
+        err.to_string(),
+        "`len(api_token)` reads a value that redaction hides ([REDACTED:TOKEN]); an expression may show a \
+         redacted value or compare it with null, nothing else"
+    );
+}
+
+#[test]
+fn a_condition_or_metric_that_is_a_redacted_value_fails_rather_than_reading_it() {
+    let scope = redacted_scope();
+    let err = Expr::parse("password").unwrap().eval_condition(&scope, &mut Budget::default()).unwrap_err();
+    assert_eq!(err.code(), "redacted");
+    let err = Expr::parse("cvv").unwrap().eval_number(&scope, &mut Budget::default()).unwrap_err();
+    assert_eq!(err.code(), "redacted");
+    let err = parse_numeric("cvv + 0").unwrap().eval_number(&scope, &mut Budget::default()).unwrap_err();
+    assert_eq!(err.code(), "redacted");
+    // A false clause before it decides without reading it.
+    assert!(
+        !parse_condition("amount > 100 && password == \"x\"")
+            .unwrap()
+            .eval_condition(&scope, &mut Budget::default())
+            .unwrap()
+    );
+}
+
+#[test]
+fn text_redacted_in_part_reads_as_the_client_sees_it() {
+    assert_eq!(on_redacted("contains(note, \"after\")").unwrap(), Value::Bool(true));
+    assert_eq!(on_redacted("contains(note, \"555\")").unwrap(), Value::Bool(false));
+    assert_eq!(on_redacted("len(note)").unwrap(), Value::Int("call [REDACTED:PHONE] after 5pm".len() as i64));
+}
+
+#[test]
+fn a_template_shows_a_redacted_value_as_its_marker_and_reports_any_other_use() {
+    let out = Template::parse("pw={password} len={len(password)}")
+        .unwrap()
+        .render(&redacted_scope(), &mut Budget::default(), |_, _, _| {})
+        .unwrap();
+    assert!(out.text.starts_with("pw=[REDACTED:PASSWORD] len={len(password): "), "{}", out.text);
+    assert_eq!(out.errors.len(), 1);
+    assert_eq!(out.errors[0].error.code(), "redacted");
+}
+
+#[test]
+fn every_eval_error_code_is_listed() {
+    let errors = [
+        EvalError::TypeMismatch { op: "+", left: "int", right: "string", expr: String::new() },
+        EvalError::BadOperand { op: "!", operand: "int", expr: String::new() },
+        EvalError::BadArgument { function: "len", expected: "a string", found: "int", expr: String::new() },
+        EvalError::Truncated { path: String::new(), depth: None, detail: String::new() },
+        EvalError::BudgetExceeded { limit: 1 },
+        EvalError::DivisionByZero { expr: String::new() },
+        EvalError::Overflow { op: "+", expr: String::new() },
+        EvalError::TooDeep { expr: String::new() },
+        EvalError::NotBoolean { found: "int" },
+        EvalError::NotNumber { found: "string" },
+        EvalError::Redacted { expr: String::new(), marker: String::new() },
+    ];
+    let codes: Vec<&str> = errors.iter().map(EvalError::code).collect();
+    assert_eq!(codes, EvalError::CODES);
+}

@@ -193,6 +193,67 @@ fn key_value_pairs_in_text_are_caught_by_their_key_name() {
     }
 }
 
+/// Issue 9: a value under a sensitive name is hidden in every common text shape, for
+/// every name rule (phone field names included), not only in `key: value`.
+#[test]
+fn a_value_under_a_sensitive_name_is_redacted_in_every_common_text_shape() {
+    type Shape = fn(&str, &str) -> String;
+    let shapes: [Shape; 19] = [
+        |k, v| format!("{k}: {v}"),
+        |k, v| format!("{k}={v}"),
+        |k, v| format!("{k} = '{v}'"),
+        |k, v| format!("{k}='{v}'"),
+        |k, v| format!("{k}=\"{v}\""),
+        |k, v| format!("login failed {{\"user\": \"ada\", \"{k}\": \"{v}\", \"n\": 3}}"),
+        |k, v| format!("{{\"message\": \"payload {{\\\"{k}\\\":\\\"{v}\\\"}}\"}}"),
+        |k, v| format!("User {{ id: 7, {k}: \"{v}\", name: \"Ada\" }}"),
+        |k, v| format!("User {{ id: 7, {k}: Some(\"{v}\") }}"),
+        |k, v| format!("User(id=7, {k}='{v}', name='Ada')"),
+        |k, v| format!("User(id=7, {k}=b'{v}')"),
+        |k, v| format!("{{'id': 7, '{k}': '{v}'}}"),
+        |k, v| format!("User{{id=7, {k}='{v}', name='Ada'}}"),
+        |k, v| format!("User(id=7, {k}={v}, name=Ada)"),
+        |k, v| format!("{k} => '{v}'"),
+        |k, v| format!("{{:{k} => \"{v}\"}}"),
+        |k, v| format!("[{k}] => {v}"),
+        |k, v| format!("{{Id:7 {k}:{v} Name:Ada}}"),
+        |k, v| format!("<user><{k}>{v}</{k}></user>"),
+    ];
+    let names = [
+        ("phone", "4874100930", "phone"),
+        ("mobile", "4874100930", "phone"),
+        ("contactPhone", "4874100930", "phone"),
+        ("phone_number", "6853.8387", "phone"),
+        ("password", "hunter2-x", "key:password"),
+        ("api_key", "zq81-k3y", "key:api_key"),
+        ("sessionId", "s3ss10n", "key:session"),
+        ("cvv", "8141", "key:cvv"),
+    ];
+    for shape in shapes {
+        for (key, value, rule) in names {
+            caught(&shape(key, value), value, rule);
+        }
+    }
+}
+
+/// The shapes above must not make lookalikes sensitive: a name that only contains a
+/// phone word, a generic type parameter, a comparison, a closing tag.
+#[test]
+fn sensitive_names_in_code_and_markup_that_hold_no_value_are_left_alone() {
+    for text in [
+        "telemetry=12345678 hotel_id: 48741009 cell_count=12 phone_verified=true",
+        "phone: unknown, mobile='n/a'",
+        "Option<Token> value",
+        "a->password->x",
+        "if password > 5 {",
+        "<token_type>Bearer</token_type>",
+        "<password>",
+        "</password> done",
+    ] {
+        left_alone(text);
+    }
+}
+
 #[test]
 fn key_value_lookalikes_are_left_alone() {
     for text in [

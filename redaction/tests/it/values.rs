@@ -132,6 +132,26 @@ fn bare_digits_are_a_phone_number_only_under_a_phone_name() {
 }
 
 #[test]
+fn an_integer_under_a_phone_name_is_a_phone_number_in_values_and_json() {
+    let r = Redactor::default_rules();
+    let mut report = Report::new();
+    let mut v = obj(
+        "User",
+        vec![("phone", Value::Int(4874100930)), ("mobile", Value::UInt(4874100930)), ("age", Value::Int(36))],
+    );
+    r.redact_field("user", &mut v, "fields.user", &mut report);
+    assert_eq!(v.field("phone"), Some(&Value::str("[REDACTED:PHONE]")));
+    assert_eq!(v.field("mobile"), Some(&Value::str("[REDACTED:PHONE]")));
+    assert_eq!(v.field("age"), Some(&Value::Int(36)));
+    let mut short = Value::Int(12);
+    r.redact_field("phone_count", &mut short, "n", &mut report);
+    assert_eq!(short, Value::Int(12), "too short to be a phone number");
+    let mut doc: serde_json::Value = serde_json::json!({"phone": 4874100930_u64, "order_id": 4874100930_u64});
+    r.redact_json(&mut doc, &mut report);
+    assert_eq!(doc, serde_json::json!({"phone": "[REDACTED:PHONE]", "order_id": 4874100930_u64}));
+}
+
+#[test]
 fn map_keys_that_are_values_are_scanned_too() {
     let r = Redactor::default_rules();
     let mut v = map(vec![(Value::str("jane@example.com"), Value::Int(3))]);
