@@ -272,7 +272,7 @@ async fn place_action(
     Extension(principal): Extension<Principal>,
     body: Result<Json<PlaceBody>, JsonRejection>,
 ) -> Result<(axum::http::StatusCode, Json<ActionView>), ApiError> {
-    let Json(body) = body.map_err(|e| ApiError::invalid(format!("request body: {}", e.body_text())))?;
+    let Json(body) = body.map_err(|e| ApiError::body_rejected(&e))?;
     match body.kind.as_str() {
         "snapshot" => {}
         "log" => return Err(ApiError::invalid("place dynamic logs with POST /api/v1/logs")),
@@ -315,6 +315,14 @@ async fn put_redaction(
     body: String,
 ) -> ApiResult<periscope_redaction::RedactionConfig> {
     require_role(&principal, Role::CompanyAdmin, "PUT /api/v1/redaction")?;
+    // An empty document parses as the defaults: it would silently drop every custom
+    // rule and exclusion the organization has. Replacing rules takes a document.
+    if body.trim().is_empty() {
+        return Err(ApiError::invalid(
+            "redaction rules: the body is empty; send the whole configuration (TOML, or JSON with \
+             Content-Type: application/json), e.g. `strict = false` for the built-in rules alone",
+        ));
+    }
     let json = headers
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -339,7 +347,7 @@ async fn place_log(
     Extension(principal): Extension<Principal>,
     body: Result<Json<LogRequest>, JsonRejection>,
 ) -> Result<(axum::http::StatusCode, Json<ActionView>), ApiError> {
-    let Json(req) = body.map_err(|e| ApiError::invalid(format!("request body: {}", e.body_text())))?;
+    let Json(req) = body.map_err(|e| ApiError::body_rejected(&e))?;
     Ok((axum::http::StatusCode::CREATED, Json(state.engine.place_log(req, &principal)?)))
 }
 
@@ -348,7 +356,7 @@ async fn place_metric(
     Extension(principal): Extension<Principal>,
     body: Result<Json<MetricRequest>, JsonRejection>,
 ) -> Result<(axum::http::StatusCode, Json<ActionView>), ApiError> {
-    let Json(req) = body.map_err(|e| ApiError::invalid(format!("request body: {}", e.body_text())))?;
+    let Json(req) = body.map_err(|e| ApiError::body_rejected(&e))?;
     Ok((axum::http::StatusCode::CREATED, Json(state.engine.place_metric(req, &principal)?)))
 }
 
