@@ -695,10 +695,7 @@ fn ends_unquoted_value(hay: &[u8], i: usize) -> bool {
 /// crate already redacted, where its neighbourhood was judged in the first pass, so
 /// leaving it alone is what keeps a second pass from changing anything.
 fn stop_at_marker(text: &str, r: Range<usize>) -> Option<Range<usize>> {
-    let s = text.get(r.clone())?;
-    if s.contains(MARKER_PREFIX) {
-        return None;
-    }
+    text.get(r.clone())?;
     // Right after or right before a marker: what sits next to a marker was judged next
     // to the original value, and must not be judged again now that its neighbour reads
     // differently. (A candidate cannot start inside a marker: markers are pattern 0.)
@@ -716,13 +713,12 @@ fn stop_at_marker(text: &str, r: Range<usize>) -> Option<Range<usize>> {
     {
         return None;
     }
-    let ahead = text.get(r.end..).unwrap_or("");
-    let window = ahead.len().min(NEIGHBOURHOOD + MARKER_PREFIX.len());
-    if ahead
-        .as_bytes()
-        .get(..window)
-        .is_some_and(|w| w.windows(MARKER_PREFIX.len()).any(|x| x == MARKER_PREFIX.as_bytes()))
-    {
+    // A marker that starts anywhere from the candidate's first byte to three bytes past
+    // its end: inside it (whole, or only its first bytes: a user pattern such as
+    // `[^a-z]{3}` can run from the text before a marker into it), or just after it.
+    let ahead = text.as_bytes().get(r.start..).unwrap_or_default();
+    let window = ahead.len().min(r.len() + NEIGHBOURHOOD + MARKER_PREFIX.len());
+    if ahead.get(..window).is_some_and(|w| w.windows(MARKER_PREFIX.len()).any(|x| x == MARKER_PREFIX.as_bytes())) {
         return None;
     }
     Some(r)

@@ -179,3 +179,28 @@ proptest! {
         prop_assert_eq!(doc, once);
     }
 }
+
+/// Found by the `redaction` fuzz target: `-8c::` became `-[REDACTED:IP_ADDRESS]`, and a
+/// second pass let a custom pattern (`[^a-z]{3}`) match `-[R`, from the text before the
+/// marker into it, and cut the marker apart.
+#[test]
+fn a_custom_pattern_that_runs_into_a_marker_leaves_it_alone() {
+    let config = RedactionConfig {
+        patterns: vec![CustomPattern { name: "wide".into(), regex: r"[^a-z]{3}".into(), kind: None }],
+        ..Default::default()
+    };
+    let r = Redactor::new(&config).unwrap();
+    let mut report = Report::new();
+    let once = r.redact_text("-8c::", "t", &mut report).into_owned();
+    assert_eq!(once, "-[REDACTED:IP_ADDRESS]");
+    let mut again = Report::new();
+    assert_eq!(r.redact_text(&once, "t", &mut again), once);
+    assert!(again.is_empty(), "{:?}", again.findings());
+    // Any run of the pattern's characters up to a marker, and one that ends inside it.
+    for text in ["x--[REDACTED:EMAIL]", "--[REDACTED:EMAIL]y", "12[REDACTED:IP_ADDRESS]9", "é-[REDACTED:SSN]"] {
+        let mut report = Report::new();
+        let out = r.redact_text(text, "t", &mut report);
+        assert!(out.contains("[REDACTED:EMAIL]") || out.contains("[REDACTED:IP_ADDRESS]") || out.contains("[REDACTED:SSN]"), "{text} -> {out}");
+        check_text(&r, text).unwrap();
+    }
+}
