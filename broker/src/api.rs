@@ -328,7 +328,14 @@ async fn put_redaction(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
     let config = if json {
-        serde_json::from_str::<periscope_redaction::RedactionConfig>(&body)
+        // An object only: serde would also read a struct from an array, and `[]` would
+        // then be the defaults (found by schemathesis).
+        let doc: serde_json::Value =
+            serde_json::from_str(&body).map_err(|e| ApiError::invalid(format!("redaction rules (JSON): {e}")))?;
+        if !doc.is_object() {
+            return Err(ApiError::invalid("redaction rules (JSON): the body must be a JSON object"));
+        }
+        serde_json::from_value::<periscope_redaction::RedactionConfig>(doc)
             .map_err(|e| ApiError::invalid(format!("redaction rules (JSON): {e}")))?
     } else {
         periscope_redaction::RedactionConfig::from_toml_str(&body)

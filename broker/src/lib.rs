@@ -144,6 +144,7 @@ pub fn app(state: AppState) -> Router {
     let api = api::router()
         .fallback(openapi::unknown_route)
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), committed))
         .layer(axum::middleware::from_fn(openapi::json_errors));
     let mcp = Router::new()
         .route_service("/mcp", mcp::service(Arc::clone(&state), state.cancel.child_token()))
@@ -167,6 +168,20 @@ pub fn app(state: AppState) -> Router {
         .fallback(openapi::unknown_route)
         .layer(axum::extract::DefaultBodyLimit::max(256 * 1024))
         .with_state(state)
+}
+
+/// Holds every REST answer until what the broker queued for the store before it is
+/// committed: a caller told that an action, a key's use, a hit, a line or an audit
+/// entry exists can count on it surviving a crash right after (see
+/// [`store::Store::barrier`]; MCP tools do the same on their way out).
+async fn committed(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let response = next.run(request).await;
+    state.engine.committed().await;
+    response
 }
 
 /// `GET /healthz`: up or not, for load balancers; says nothing about any tenant.
@@ -262,6 +277,9 @@ async fn prometheus(
             ("org_rate", d.org_rate),
             ("unknown_redaction_rule", d.unknown_rules),
             ("catalog", d.catalog),
+            ("bad_frame", d.bad_frames),
+            ("protocol_error", d.protocol_errors),
+            ("ping_timeout", d.ping_timeouts),
         ] {
             let _ = writeln!(
                 out,

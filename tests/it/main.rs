@@ -14,6 +14,7 @@ mod attack_network;
 mod attack_tenancy;
 mod conditions;
 mod core_loop;
+mod faults;
 mod gateway_errors;
 mod keys;
 mod mcp;

@@ -217,8 +217,8 @@ async fn schemathesis_finds_no_server_error_hang_or_undocumented_answer_in_any_o
     broker.stop().await;
 }
 
-/// Found by schemathesis: an empty body parsed as the default rules and silently
-/// replaced the organization's own.
+/// Found by schemathesis: an empty body (TOML) and an empty array (JSON) parsed as the
+/// default rules and silently replaced the organization's own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_body_does_not_reset_the_redaction_rules() {
     let broker = TestBroker::start().await;
@@ -230,6 +230,18 @@ async fn an_empty_body_does_not_reset_the_redaction_rules() {
         assert_eq!(resp.status(), 400);
         let err: Json = resp.json().await.unwrap();
         assert_eq!(err["error"]["code"], "invalid_input", "{err}");
+    }
+    for body in ["[]", "[false, {}]", "\"strict\""] {
+        let resp = admin
+            .client
+            .put(format!("{}/redaction", admin.base))
+            .bearer_auth(ADMIN_KEY)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{body}");
     }
     let (_, now) = admin.get("/redaction").await;
     assert_eq!(now["key_names"], serde_json::json!(["order_ref"]), "{now}");
