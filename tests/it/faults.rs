@@ -210,3 +210,169 @@ async fn agents_that_break_the_protocol_are_handled_and_counted_and_never_slow_a
     good.shutdown();
     broker.stop().await;
 }
+
+const WAITER_KEY: &str = "test-waiter-key-0123456789";
+const WAITS: u32 = 16;
+
+async fn health(api: &Api) -> Value {
+    let (status, h) = api.get("/health").await;
+    assert_eq!(status, 200, "{h}");
+    h
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crowds_of_waiting_callers_that_hang_up_while_agents_come_and_go_leak_no_wait_or_slot() {
+    use periscope_broker::config::ApiKeyConfig;
+    use periscope_broker::quota::CallerQuotaOverrides;
+    let mut config = test_config();
+    config.api_keys.push(ApiKeyConfig {
+        quotas: Some(CallerQuotaOverrides {
+            concurrent_waits: Some(WAITS),
+            ..crate::support::polling_quotas().unwrap()
+        }),
+        ..ApiKeyConfig::new("waiter", WAITER_KEY)
+    });
+    let broker = TestBroker::start_with(config, "127.0.0.1:0".parse().unwrap()).await;
+    let api = broker.api_with(WAITER_KEY);
+    let stop = Arc::new(AtomicBool::new(false));
+    let first = TestAgent::start(&broker.ws_url(), "waits", &[]);
+    let second = TestAgent::start(&broker.ws_url(), "waits", &[]);
+    wait_online(&api, &first.id()).await;
+    wait_online(&api, &second.id()).await;
+    let mut work = vec![workload(&first, Arc::clone(&stop)), workload(&second, Arc::clone(&stop))];
+    let line = callsite(&api).await;
+    let place = |body: Value| {
+        let api = api.clone();
+        async move {
+            let (status, a) = api.post("/actions", body).await;
+            assert_eq!(status, 201, "{a}");
+            a["action_id"].as_str().unwrap().to_owned()
+        }
+    };
+    // An agent of the late pool makes the pool known, then leaves.
+    let early = TestAgent::start(&broker.ws_url(), "waits-late", &[]);
+    wait_online(&api, &early.id()).await;
+    // One action many wait on, two only a late agent (gone now) will serve.
+    let shared = place(json!({"pool": "waits", "file": "faults.rs", "line": line, "max_hits": 50,
+                              "expire_seconds": 600}))
+    .await;
+    let late: Vec<String> = vec![
+        place(json!({"pool": "waits-late", "file": "faults.rs", "line": line, "max_hits": 50,
+                     "expire_seconds": 600, "allow_pending": true}))
+        .await,
+        place(json!({"pool": "waits-late", "file": "faults.rs", "line": line, "max_hits": 50,
+                     "expire_seconds": 600, "allow_pending": true}))
+        .await,
+    ];
+
+    early.shutdown();
+    let mut tasks = tokio::task::JoinSet::new();
+    // REST callers waiting on the shared action and on the late ones.
+    for i in 0..10 {
+        let api = api.clone();
+        let action = if i < 6 { shared.clone() } else { late[i % 2].clone() };
+        tasks.spawn(async move {
+            let (status, page) = api.get(&format!("/actions/{action}/hits?since=0&wait_seconds=3")).await;
+            assert!(status == 200 || status == 429, "{status} {page}");
+        });
+    }
+    // REST callers that hang up mid-wait.
+    for i in 0..4 {
+        let api = api.clone();
+        let action = if i % 2 == 0 { shared.clone() } else { late[0].clone() };
+        tasks.spawn(async move {
+            let client = reqwest::Client::builder().timeout(Duration::from_millis(300)).build().unwrap();
+            let r = client
+                .get(format!("{}/actions/{action}/hits?since=100&wait_seconds=30", api.base))
+                .bearer_auth(&api.key)
+                .send()
+                .await;
+            assert!(r.is_err() || r.is_ok_and(|r| r.status() == 429), "the caller hung up before an answer");
+        });
+    }
+    // MCP callers waiting, and one that hangs up mid-wait.
+    for i in 0..3 {
+        let broker_http = broker.http();
+        let action = if i == 0 { shared.clone() } else { late[1].clone() };
+        tasks.spawn(async move {
+            let client = crate::mcp::connect_to(&broker_http, WAITER_KEY).await.expect("MCP connects");
+            let call = crate::mcp::try_call(&client, "get_action", json!({"action_id": action, "since": 100,
+                                                                           "wait_seconds": if i == 2 { 30 } else { 3 }}));
+            if i == 2 {
+                // Hang up: the call is abandoned and the client closed under it.
+                let _ = tokio::time::timeout(Duration::from_millis(500), call).await;
+                let _ = client.cancel().await;
+            } else {
+                let result = call.await.expect("a tool result");
+                let code = crate::mcp::code(&result);
+                assert!(code.is_none() || code.as_deref() == Some("quota_exceeded"), "{code:?}");
+                let _ = client.cancel().await;
+            }
+        });
+    }
+    // The waits are really held (the test would prove nothing otherwise)...
+    {
+        let api = api.clone();
+        eventually(Duration::from_secs(10), "waits in progress", move || {
+            let api = api.clone();
+            async move { (health(&api).await["quotas"]["concurrent_waits"]["in_use"].as_u64()? > 0).then_some(()) }
+        })
+        .await;
+    }
+    // ...while agents come and go: one leaves, a late one arrives and serves the late
+    // actions.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in work.drain(..) {
+        w.join().unwrap();
+    }
+    first.shutdown();
+    stop.store(false, Ordering::Relaxed);
+    work.push(workload(&second, Arc::clone(&stop)));
+    let newcomer = TestAgent::start(&broker.ws_url(), "waits-late", &[]);
+    work.push(workload(&newcomer, Arc::clone(&stop)));
+    wait_online(&api, &newcomer.id()).await;
+    wait_installed(&api, &late[0], &newcomer.id()).await;
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+
+    // No wait outlives its caller, and every live action is counted once.
+    let h = {
+        let api = api.clone();
+        eventually(Duration::from_secs(20), "every wait slot back", move || {
+            let api = api.clone();
+            async move {
+                let h = health(&api).await;
+                (h["quotas"]["concurrent_waits"]["in_use"] == 0).then_some(h)
+            }
+        })
+        .await
+    };
+    assert_eq!(h["quotas"]["concurrent_waits"]["remaining"], WAITS, "{h}");
+    assert_eq!(h["quotas"]["live_actions"]["used"], 3, "{h}");
+    // The whole quota is usable again: as many waits at once as the key may hold.
+    let mut again = tokio::task::JoinSet::new();
+    for _ in 0..WAITS {
+        let api = api.clone();
+        let action = late[1].clone();
+        again.spawn(async move { api.get(&format!("/actions/{action}/hits?since=100000&wait_seconds=1")).await.0 });
+    }
+    while let Some(status) = again.join_next().await {
+        assert_eq!(status.unwrap(), 200, "a wait refused after the storm: a slot leaked");
+    }
+    for action in std::iter::once(&shared).chain(&late) {
+        assert_eq!(api.delete(&format!("/actions/{action}")).await.0, 200);
+    }
+    let h = health(&api).await;
+    assert_eq!(h["quotas"]["live_actions"]["used"], 0, "{h}");
+    assert_eq!(h["quotas"]["concurrent_waits"]["in_use"], 0, "{h}");
+
+    stop.store(true, Ordering::Relaxed);
+    for w in work {
+        w.join().unwrap();
+    }
+    second.shutdown();
+    newcomer.shutdown();
+    broker.stop().await;
+}
