@@ -316,7 +316,12 @@ impl Engine {
                     continue;
                 }
                 _ if !fits => None,
-                Check::KeyValue => self.key_value(text, range.clone()),
+                // A key never reaches back into a region already found: that region
+                // becomes a marker, and a second pass reads the key as starting after it.
+                Check::KeyValue => {
+                    let floor = out.last().map_or(0, |r| r.end).min(range.start);
+                    self.key_value(text, range.clone(), floor)
+                }
                 check => detectors::check(check, text, range.clone()).map(|r| (r, pat.rule)),
             };
             let accepted = verdict
@@ -383,10 +388,10 @@ impl Engine {
     /// a phone field's name hides a bare phone number, a weakly secret-ish name hides a
     /// generated-looking value. The value is read in every common shape (see
     /// [`value_range`]), and in an XML element (`<password>...</password>`).
-    fn key_value(&self, text: &str, m: Range<usize>) -> Option<(Range<usize>, RuleIx)> {
+    fn key_value(&self, text: &str, m: Range<usize>, floor: usize) -> Option<(Range<usize>, RuleIx)> {
         let hay = text.as_bytes();
         let mut ks = m.start;
-        while ks > 0 && is_key_byte(hay[ks - 1]) && m.start - ks < 64 {
+        while ks > floor && is_key_byte(hay[ks - 1]) && m.start - ks < 64 {
             ks -= 1;
         }
         let mut ke = m.start;

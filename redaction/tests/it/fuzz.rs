@@ -204,3 +204,21 @@ fn a_custom_pattern_that_runs_into_a_marker_leaves_it_alone() {
         check_text(&r, text).unwrap();
     }
 }
+
+/// Found by the `redaction` fuzz target: in `::Eotp:E` a custom pattern took `::E`, and
+/// the key was read as `Eotp` (not sensitive), but after the first pass it reads `otp`
+/// (after the marker), so a second pass redacted the value. A key now starts after any
+/// region already found, as it will after that region becomes a marker.
+#[test]
+fn a_key_never_reaches_back_into_a_region_already_redacted() {
+    let config = RedactionConfig {
+        patterns: vec![CustomPattern { name: "wide".into(), regex: r"[^a-z]{3}".into(), kind: None }],
+        ..Default::default()
+    };
+    let r = Redactor::new(&config).unwrap();
+    let mut report = Report::new();
+    let once = r.redact_text("::Eotp:E", "t", &mut report).into_owned();
+    assert_eq!(once, "[REDACTED:WIDE]otp:[REDACTED:OTP]");
+    check_text(&r, "::Eotp:E").unwrap();
+    check_text(&r, "::Xpassword=hunter2").unwrap();
+}
