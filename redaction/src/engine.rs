@@ -721,10 +721,24 @@ fn stop_at_marker(text: &str, r: Range<usize>) -> Option<Range<usize>> {
     // A marker that starts anywhere from the candidate's first byte to three bytes past
     // its end: inside it (whole, or only its first bytes: a user pattern such as
     // `[^a-z]{3}` can run from the text before a marker into it), or just after it.
-    let ahead = text.as_bytes().get(r.start..).unwrap_or_default();
-    let window = ahead.len().min(r.len() + NEIGHBOURHOOD + MARKER_PREFIX.len());
-    if ahead.get(..window).is_some_and(|w| w.windows(MARKER_PREFIX.len()).any(|x| x == MARKER_PREFIX.as_bytes())) {
-        return None;
+    // Only a whole marker counts, as behind: text that merely starts like one is
+    // redacted like any other text, and must not shelter its neighbours in the first
+    // pass only.
+    // Bounded: markers starting before `r.end + NEIGHBOURHOOD`, each at most
+    // `MAX_MARKER_LEN` long, so a candidate costs its own length plus a constant.
+    let bytes = text.as_bytes();
+    let starts = bytes.get(r.start..(r.end + NEIGHBOURHOOD + MARKER_PREFIX.len()).min(bytes.len())).unwrap_or_default();
+    for (i, w) in starts.windows(MARKER_PREFIX.len()).enumerate() {
+        if w != MARKER_PREFIX.as_bytes() {
+            continue;
+        }
+        let p = r.start + i;
+        let tail = bytes.get(p..(p + crate::MAX_MARKER_LEN).min(bytes.len())).unwrap_or_default();
+        if let Some(close) = tail.iter().position(|&b| b == b']')
+            && text.get(p..p + close + 1).is_some_and(crate::redactor::is_marker)
+        {
+            return None;
+        }
     }
     Some(r)
 }

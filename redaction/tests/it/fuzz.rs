@@ -222,3 +222,18 @@ fn a_key_never_reaches_back_into_a_region_already_redacted() {
     check_text(&r, "::Eotp:E").unwrap();
     check_text(&r, "::Xpassword=hunter2").unwrap();
 }
+
+/// Found by the `redaction` fuzz target: `[0.s].[REDACTED:` (text that only starts like
+/// a marker) sheltered `[0.` from a custom pattern in the first pass, was itself
+/// redacted, and so no longer sheltered it in the second.
+#[test]
+fn text_that_only_starts_like_a_marker_shelters_nothing() {
+    let config = RedactionConfig {
+        patterns: vec![CustomPattern { name: "wide".into(), regex: r"[^a-z]{3}".into(), kind: None }],
+        ..Default::default()
+    };
+    let r = Redactor::new(&config).unwrap();
+    for text in ["[0.s].[REDACTED:", "[0.s].[REDACTED:EMAIL", "12.[REDACTED:x]"] {
+        check_text(&r, text).unwrap();
+    }
+}
