@@ -92,7 +92,10 @@ fn main() -> anyhow::Result<()> {
         ("hit-compact", format!("{sample:?}")),
         ("hit-pretty", format!("{sample:#?}")),
         ("order-compact", format!("{:?}", order(2))),
-        ("vec-tuple-map", format!("{:?}", (vec![1u8, 2], Some("a\n\"b\""), std::collections::BTreeMap::from([(1, 'c')])))),
+        (
+            "vec-tuple-map",
+            format!("{:?}", (vec![1u8, 2], Some("a\n\"b\""), std::collections::BTreeMap::from([(1, 'c')]))),
+        ),
     ] {
         write(&dir, "debug_parse", name, text.as_bytes())?;
     }

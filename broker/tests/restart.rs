@@ -163,14 +163,20 @@ async fn a_broker_killed_and_restarted_loses_nothing_it_acknowledged_and_its_age
     let survivor = created["secret"].as_str().unwrap().to_owned();
     let one_agent = agents[0].id().to_string();
     let (status, snap) = api
-        .post("/actions", json!({"agent_ids": [one_agent], "file": "restart.rs", "line": line, "max_hits": 50,
-                                 "expire_seconds": 600}))
+        .post(
+            "/actions",
+            json!({"agent_ids": [one_agent], "file": "restart.rs", "line": line, "max_hits": 50,
+                                 "expire_seconds": 600}),
+        )
         .await;
     assert_eq!(status, 201, "{snap}");
     let snap_id = snap["action_id"].as_str().unwrap().to_owned();
     let (status, log) = api
-        .post("/logs", json!({"pool": "fleet", "tags": ["n:1"], "file": "restart.rs", "line": line,
-                              "template": "tick {n}", "expire_seconds": 600}))
+        .post(
+            "/logs",
+            json!({"pool": "fleet", "tags": ["n:1"], "file": "restart.rs", "line": line,
+                              "template": "tick {n}", "expire_seconds": 600}),
+        )
         .await;
     assert_eq!(status, 201, "{log}");
     let log_id = log["action_id"].as_str().unwrap().to_owned();
@@ -192,8 +198,11 @@ async fn a_broker_killed_and_restarted_loses_nothing_it_acknowledged_and_its_age
     assert!(audit_before.iter().any(|e| e["action_id"] == log_id.as_str()), "{audit_before:?}");
     // The last thing before the kill: an action acknowledged an instant before it.
     let (status, last) = api
-        .post("/actions", json!({"pool": "fleet", "file": "restart.rs", "line": line, "max_hits": 50,
-                                 "expire_seconds": 600}))
+        .post(
+            "/actions",
+            json!({"pool": "fleet", "file": "restart.rs", "line": line, "max_hits": 50,
+                                 "expire_seconds": 600}),
+        )
         .await;
     assert_eq!(status, 201, "{last}");
     let last_id = last["action_id"].as_str().unwrap().to_owned();
@@ -213,7 +222,10 @@ async fn a_broker_killed_and_restarted_loses_nothing_it_acknowledged_and_its_age
     assert!(spread >= BACKOFF / 4, "{AGENTS} agents reconnected within {spread:?} of each other: a thundering herd");
     let window = (BACKOFF / 10).as_millis() as u64;
     let crowd = connected.iter().map(|&t| connected.iter().filter(|&&u| u >= t && u < t + window).count()).max();
-    assert!(crowd.unwrap() <= AGENTS * 3 / 4, "{crowd:?} of {AGENTS} agents reconnected within {window} ms: {connected:?}");
+    assert!(
+        crowd.unwrap() <= AGENTS * 3 / 4,
+        "{crowd:?} of {AGENTS} agents reconnected within {window} ms: {connected:?}"
+    );
 
     // Nothing acknowledged was lost.
     let survivor_api = Client { http: reqwest::Client::new(), base: base.clone(), key: survivor };

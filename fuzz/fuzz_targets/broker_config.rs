@@ -31,7 +31,8 @@ fn build(config: &BrokerConfig) {
             usize::try_from(a.max_identities_per_org).unwrap_or(usize::MAX),
         ));
     let _callers = CallerLimits::new(config.org_quotas.resolve(&config.callers));
-    let _agents = AgentLimits::new(config.ingest.clone(), usize::try_from(a.max_sessions_per_key).unwrap_or(usize::MAX));
+    let _agents =
+        AgentLimits::new(config.ingest.clone(), usize::try_from(a.max_sessions_per_key).unwrap_or(usize::MAX));
     for rate in [
         config.ingest.agent_hits(),
         config.ingest.agent_bytes(),

@@ -33,7 +33,11 @@ pub fn value(u: &mut Unstructured, depth: u32) -> Result<Value> {
         7 => {
             let n = u.int_in_range(0..=6)?;
             let items = (0..n).map(|_| value(u, depth - 1)).collect::<Result<_>>()?;
-            Value::List(List { type_name: u.arbitrary::<Option<&str>>()?.map(str::to_owned), items, omitted: u.arbitrary()? })
+            Value::List(List {
+                type_name: u.arbitrary::<Option<&str>>()?.map(str::to_owned),
+                items,
+                omitted: u.arbitrary()?,
+            })
         }
         8 => {
             let n = u.int_in_range(0..=4)?;

@@ -20,7 +20,12 @@ fn check_error(frame: &str, err: &ProtocolError) {
     let body = err.to_body(false);
     assert_eq!(body.code, err.code());
     // The sentence goes back to the agent in an error frame: it must fit one.
-    assert!(body.message.len() <= 4 * 1024 + 256, "a {}-byte error for a {}-byte frame", body.message.len(), frame.len());
+    assert!(
+        body.message.len() <= 4 * 1024 + 256,
+        "a {}-byte error for a {}-byte frame",
+        body.message.len(),
+        frame.len()
+    );
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -37,7 +42,17 @@ fuzz_target!(|data: &[u8]| {
                 }
                 AgentMessage::Hit(mut hit) => {
                     let redactor = Redactor::default_rules();
-                    for limits in [CaptureLimits::default(), CaptureLimits { max_depth: 1, max_items: 2, max_string_len: 4, max_fields: 2, max_hit_bytes: 512, ..CaptureLimits::default() }] {
+                    for limits in [
+                        CaptureLimits::default(),
+                        CaptureLimits {
+                            max_depth: 1,
+                            max_items: 2,
+                            max_string_len: 4,
+                            max_fields: 2,
+                            max_hit_bytes: 512,
+                            ..CaptureLimits::default()
+                        },
+                    ] {
                         redactor.redact_hit(&mut hit);
                         hit.enforce_limits(&limits);
                         let first = common::json(&hit);

@@ -81,8 +81,11 @@ async fn agents_that_break_the_protocol_are_handled_and_counted_and_never_slow_a
     let work = workload(&good, Arc::clone(&stop));
     let line = callsite(&api).await;
     let (status, action) = api
-        .post("/actions", json!({"agent_ids": [good.id()], "file": "faults.rs", "line": line, "max_hits": 50,
-                                 "expire_seconds": 600}))
+        .post(
+            "/actions",
+            json!({"agent_ids": [good.id()], "file": "faults.rs", "line": line, "max_hits": 50,
+                                 "expire_seconds": 600}),
+        )
         .await;
     assert_eq!(status, 201, "{action}");
     let id = action["action_id"].as_str().unwrap().to_owned();

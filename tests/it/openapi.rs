@@ -82,8 +82,11 @@ async fn the_openapi_document_describes_exactly_the_routes_the_router_serves() {
     // handler, any other method is 405, both in the JSON error shape when refused.
     let client = reqwest::Client::new();
     for (path, methods) in &documented {
-        let concrete = path.replace("{agent_id}", "agt_nosuch").replace("{action_id}", "act_nosuch")
-            .replace("{key_id}", "key_nosuch").replace("{pool}", "nosuch");
+        let concrete = path
+            .replace("{agent_id}", "agt_nosuch")
+            .replace("{action_id}", "act_nosuch")
+            .replace("{key_id}", "key_nosuch")
+            .replace("{pool}", "nosuch");
         for m in METHODS {
             let method = reqwest::Method::from_bytes(m.to_uppercase().as_bytes()).unwrap();
             let resp = client
@@ -115,7 +118,10 @@ async fn the_openapi_document_describes_exactly_the_routes_the_router_serves() {
                 }
             }
             if status >= 400 {
-                assert!(body["error"]["code"].is_string() && body["error"]["message"].is_string(), "{m} {path}: {body}");
+                assert!(
+                    body["error"]["code"].is_string() && body["error"]["message"].is_string(),
+                    "{m} {path}: {body}"
+                );
             }
         }
     }
@@ -133,7 +139,11 @@ async fn unknown_routes_bad_paths_and_oversized_bodies_answer_in_the_documented_
         (client.get(format!("{base}/")), 404, "not_found"),
         (client.get(format!("{base}/agents/%FF%FE")), 400, "invalid_input"),
         (client.get(format!("{base}/actions/%C0/hits")), 400, "invalid_input"),
-        (client.post(format!("{base}/actions")).header("content-type", "application/json").body(big.clone()), 413, "invalid_input"),
+        (
+            client.post(format!("{base}/actions")).header("content-type", "application/json").body(big.clone()),
+            413,
+            "invalid_input",
+        ),
         (client.put(format!("{base}/redaction")).body(big.clone()), 413, "invalid_input"),
         (client.put(format!("{base}/redaction")).body(vec![0xFFu8, 0xFE, 0x00]), 400, "invalid_input"),
         (client.post(format!("{base}/keys")).header("content-type", "text/plain").body("{}"), 415, "invalid_input"),
@@ -226,7 +236,14 @@ async fn an_empty_body_does_not_reset_the_redaction_rules() {
     let (status, set) = admin.put("/redaction", serde_json::json!({"key_names": ["order_ref"]})).await;
     assert_eq!(status, 200, "{set}");
     for body in ["", "  \n"] {
-        let resp = admin.client.put(format!("{}/redaction", admin.base)).bearer_auth(ADMIN_KEY).body(body).send().await.unwrap();
+        let resp = admin
+            .client
+            .put(format!("{}/redaction", admin.base))
+            .bearer_auth(ADMIN_KEY)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 400);
         let err: Json = resp.json().await.unwrap();
         assert_eq!(err["error"]["code"], "invalid_input", "{err}");

@@ -287,7 +287,10 @@ pub async fn wait_installed(api: &Api, action_id: &str, agent_id: &str) {
         a["agents"].as_array().is_some_and(|agents| {
             agents.iter().any(|x| {
                 x["agent_id"] == agent.as_str()
-                    && matches!(x["state"].as_str(), Some("installed" | "paused" | "resumed" | "completed" | "eval_error"))
+                    && matches!(
+                        x["state"].as_str(),
+                        Some("installed" | "paused" | "resumed" | "completed" | "eval_error")
+                    )
             })
         })
     })
@@ -305,7 +308,10 @@ pub async fn wait_action(api: &Api, action_id: &str, what: &str, check: impl Fn(
         }
         // The last answer is in the message: the state the action was left in says why
         // it never got there.
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}; the action:\n{a:#}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}; the action:\n{a:#}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -84,4 +84,3 @@ impl Drop for Served {
         let _ = self.child.kill();
     }
 }
-

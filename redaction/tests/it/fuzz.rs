@@ -200,7 +200,10 @@ fn a_custom_pattern_that_runs_into_a_marker_leaves_it_alone() {
     for text in ["x--[REDACTED:EMAIL]", "--[REDACTED:EMAIL]y", "12[REDACTED:IP_ADDRESS]9", "é-[REDACTED:SSN]"] {
         let mut report = Report::new();
         let out = r.redact_text(text, "t", &mut report);
-        assert!(out.contains("[REDACTED:EMAIL]") || out.contains("[REDACTED:IP_ADDRESS]") || out.contains("[REDACTED:SSN]"), "{text} -> {out}");
+        assert!(
+            out.contains("[REDACTED:EMAIL]") || out.contains("[REDACTED:IP_ADDRESS]") || out.contains("[REDACTED:SSN]"),
+            "{text} -> {out}"
+        );
         check_text(&r, text).unwrap();
     }
 }
