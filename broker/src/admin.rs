@@ -47,7 +47,7 @@ pub fn router() -> Router<AppState> {
 }
 
 fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    b.map(|Json(b)| b).map_err(|e| ApiError::invalid(format!("request body: {}", e.body_text())))
+    b.map(|Json(b)| b).map_err(|e| ApiError::body_rejected(&e))
 }
 
 fn query_params<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {

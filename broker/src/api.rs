@@ -272,7 +272,7 @@ async fn place_action(
     Extension(principal): Extension<Principal>,
     body: Result<Json<PlaceBody>, JsonRejection>,
 ) -> Result<(axum::http::StatusCode, Json<ActionView>), ApiError> {
-    let Json(body) = body.map_err(|e| ApiError::invalid(format!("request body: {}", e.body_text())))?;
+    let Json(body) = body.map_err(|e| ApiError::body_rejected(&e))?;
     match body.kind.as_str() {
         "snapshot" => {}
         "log" => return Err(ApiError::invalid("place dynamic logs with POST /api/v1/logs")),
@@ -315,12 +315,27 @@ async fn put_redaction(
     body: String,
 ) -> ApiResult<periscope_redaction::RedactionConfig> {
     require_role(&principal, Role::CompanyAdmin, "PUT /api/v1/redaction")?;
+    // An empty document parses as the defaults: it would silently drop every custom
+    // rule and exclusion the organization has. Replacing rules takes a document.
+    if body.trim().is_empty() {
+        return Err(ApiError::invalid(
+            "redaction rules: the body is empty; send the whole configuration (TOML, or JSON with \
+             Content-Type: application/json), e.g. `strict = false` for the built-in rules alone",
+        ));
+    }
     let json = headers
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
     let config = if json {
-        serde_json::from_str::<periscope_redaction::RedactionConfig>(&body)
+        // An object only: serde would also read a struct from an array, and `[]` would
+        // then be the defaults (found by schemathesis).
+        let doc: serde_json::Value =
+            serde_json::from_str(&body).map_err(|e| ApiError::invalid(format!("redaction rules (JSON): {e}")))?;
+        if !doc.is_object() {
+            return Err(ApiError::invalid("redaction rules (JSON): the body must be a JSON object"));
+        }
+        serde_json::from_value::<periscope_redaction::RedactionConfig>(doc)
             .map_err(|e| ApiError::invalid(format!("redaction rules (JSON): {e}")))?
     } else {
         periscope_redaction::RedactionConfig::from_toml_str(&body)
@@ -339,7 +354,7 @@ async fn place_log(
     Extension(principal): Extension<Principal>,
     body: Result<Json<LogRequest>, JsonRejection>,
 ) -> Result<(axum::http::StatusCode, Json<ActionView>), ApiError> {
-    let Json(req) = body.map_err(|e| ApiError::invalid(format!("request body: {}", e.body_text())))?;
+    let Json(req) = body.map_err(|e| ApiError::body_rejected(&e))?;
     Ok((axum::http::StatusCode::CREATED, Json(state.engine.place_log(req, &principal)?)))
 }
 
@@ -348,7 +363,7 @@ async fn place_metric(
     Extension(principal): Extension<Principal>,
     body: Result<Json<MetricRequest>, JsonRejection>,
 ) -> Result<(axum::http::StatusCode, Json<ActionView>), ApiError> {
-    let Json(req) = body.map_err(|e| ApiError::invalid(format!("request body: {}", e.body_text())))?;
+    let Json(req) = body.map_err(|e| ApiError::body_rejected(&e))?;
     Ok((axum::http::StatusCode::CREATED, Json(state.engine.place_metric(req, &principal)?)))
 }
 

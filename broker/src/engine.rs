@@ -855,6 +855,19 @@ impl Engine {
         self
     }
 
+    /// Resolves once everything this engine queued for the store so far is committed:
+    /// what a caller is told (an action placed, a hit or line returned, an audit entry)
+    /// survives the broker being killed right after it answers. Immediate without a
+    /// store.
+    pub fn committed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let barrier = self.store.as_ref().map(Store::barrier);
+        async move {
+            if let Some(b) = barrier {
+                b.await;
+            }
+        }
+    }
+
     /// Makes the engine durable: loads what `store` holds and writes every change to it.
     pub fn with_store(mut self, store: Store, loaded: Loaded) -> Result<Self, StoreError> {
         let Loaded { actions, hits, lines, metrics, settings: _, identities: _ } = loaded;

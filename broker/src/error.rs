@@ -83,12 +83,16 @@ pub struct ApiError {
     /// Structured details (nearest locations, retry time, allowed range).
     #[serde(skip_serializing_if = "serde_json::Value::is_null")]
     pub details: serde_json::Value,
+    /// The HTTP status when it is not the code's own (a body too large is 413, one of
+    /// the wrong media type 415, both `invalid_input`).
+    #[serde(skip)]
+    pub status: Option<StatusCode>,
 }
 
 impl ApiError {
     /// An error without details.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiError { code, message: message.into(), details: serde_json::Value::Null }
+        ApiError { code, message: message.into(), details: serde_json::Value::Null, status: None }
     }
 
     /// Adds structured details.
@@ -100,6 +104,18 @@ impl ApiError {
     /// `invalid_input`.
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::InvalidInput, message)
+    }
+
+    /// A request body axum refused before the handler could read it: `invalid_input`,
+    /// with the rejection's own status when it says more than 400 (413 too large, 415
+    /// not JSON).
+    pub fn body_rejected(rejection: &axum::extract::rejection::JsonRejection) -> Self {
+        let status = rejection.status();
+        let mut e = Self::invalid(format!("request body: {}", rejection.body_text()));
+        if matches!(status, StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE) {
+            e.status = Some(status);
+        }
+        e
     }
 
     /// `not_found`.
@@ -119,7 +135,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.code.status(), axum::Json(self.body())).into_response();
+        let mut response = (self.status.unwrap_or(self.code.status()), axum::Json(self.body())).into_response();
         if let Some(secs) = self.details.get("retry_after_seconds").and_then(serde_json::Value::as_u64) {
             response.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());
         }

@@ -399,6 +399,7 @@ async fn run(
                                         verdict = Some(dropped(state, budget, agent_id, over, DropReason::HitsRate, "hits"));
                                     } else if let Some(err) = handle(state, sender, msg) {
                                         bad_frames += 1;
+                                        state.registry.count_drop(agent_id, DropReason::BadFrame, 1);
                                         if !send(socket, &BrokerMessage::Error(err)).await {
                                             return "the socket failed".into();
                                         }
@@ -406,6 +407,7 @@ async fn run(
                                 }
                                 Err(e) => {
                                     bad_frames += 1;
+                                    state.registry.count_drop(agent_id, DropReason::BadFrame, 1);
                                     tracing::debug!(agent = %agent_id, error = %e, "malformed frame from agent");
                                     if !send(socket, &BrokerMessage::Error(e.to_body(false))).await {
                                         return "the socket failed".into();
@@ -446,6 +448,7 @@ async fn run(
                     }
                     Some(Ok(Message::Binary(_))) => {
                         bad_frames += 1;
+                        state.registry.count_drop(agent_id, DropReason::BadFrame, 1);
                         if !send(socket, &BrokerMessage::Error(ProtocolError::BinaryFrame.to_body(false))).await {
                             return "the socket failed".into();
                         }
@@ -453,6 +456,7 @@ async fn run(
                     Some(Ok(Message::Close(_))) | None => return "the agent closed the connection".into(),
                     Some(Ok(_)) => {}
                     Some(Err(e)) => {
+                        state.registry.count_drop(agent_id, DropReason::ProtocolError, 1);
                         let body = frame_error(&e);
                         let reason = body.message.clone();
                         refuse(socket, body).await;
@@ -489,6 +493,7 @@ async fn run(
                     return msg;
                 }
                 if last_heard.elapsed() > ping_every + ping_timeout {
+                    state.registry.count_drop(agent_id, DropReason::PingTimeout, 1);
                     let _ = socket.send(Message::Close(Some(CloseFrame { code: close_code::AWAY, reason: "ping timeout".into() }))).await;
                     return format!("no answer to ping within {} s", ping_timeout.as_secs());
                 }

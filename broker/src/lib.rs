@@ -26,6 +26,7 @@
 //! - [`query`]: listing agents and sources with filters and pagination.
 //! - [`api`]: the REST API under `/api/v1`.
 //! - [`admin`]: the administration endpoints (keys, groups, pools, audit).
+//! - [`openapi`]: the REST API's OpenAPI document and the JSON shape of every error.
 //! - [`mcp`]: the MCP server at `/mcp` (streamable HTTP) and `periscope mcp` (stdio).
 //! - [`cli`]: `periscope keys`, `periscope audit export`, `periscope config check`.
 //! - [`error`]: the error codes callers see.
@@ -49,6 +50,7 @@ pub mod keys;
 pub mod listener;
 pub mod logging;
 pub mod mcp;
+pub mod openapi;
 pub mod query;
 pub mod quota;
 pub mod registry;
@@ -139,7 +141,11 @@ impl BrokerState {
 
 /// Builds the HTTP application.
 pub fn app(state: AppState) -> Router {
-    let api = api::router().layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key));
+    let api = api::router()
+        .fallback(openapi::unknown_route)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), committed))
+        .layer(axum::middleware::from_fn(openapi::json_errors));
     let mcp = Router::new()
         .route_service("/mcp", mcp::service(Arc::clone(&state), state.cancel.child_token()))
         .layer(axum::middleware::from_fn_with_state(state.clone(), mcp::sessions::bind_sessions))
@@ -157,9 +163,25 @@ pub fn app(state: AppState) -> Router {
         .route("/.well-known/oauth-protected-resource", get(protected_resource))
         .route("/.well-known/oauth-protected-resource/mcp", get(protected_resource))
         .route(periscope_protocol::messages::AGENT_GATEWAY_PATH, get(gateway::agents_ws))
+        .route("/api/v1/openapi.json", get(openapi::document))
         .nest("/api/v1", api)
+        .fallback(openapi::unknown_route)
         .layer(axum::extract::DefaultBodyLimit::max(256 * 1024))
         .with_state(state)
+}
+
+/// Holds every REST answer until what the broker queued for the store before it is
+/// committed: a caller told that an action, a key's use, a hit, a line or an audit
+/// entry exists can count on it surviving a crash right after (see
+/// [`store::Store::barrier`]; MCP tools do the same on their way out).
+async fn committed(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let response = next.run(request).await;
+    state.engine.committed().await;
+    response
 }
 
 /// `GET /healthz`: up or not, for load balancers; says nothing about any tenant.
@@ -255,6 +277,9 @@ async fn prometheus(
             ("org_rate", d.org_rate),
             ("unknown_redaction_rule", d.unknown_rules),
             ("catalog", d.catalog),
+            ("bad_frame", d.bad_frames),
+            ("protocol_error", d.protocol_errors),
+            ("ping_timeout", d.ping_timeouts),
         ] {
             let _ = writeln!(
                 out,

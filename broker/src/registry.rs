@@ -91,6 +91,14 @@ pub struct IngestDrops {
     pub catalog: u64,
     /// Warnings sent to the agent about it.
     pub warnings: u64,
+    /// Frames that were not a message of the protocol (malformed JSON, unknown types,
+    /// binary frames), each answered with an error frame.
+    pub bad_frames: u64,
+    /// Sessions that ended on a broken frame (the agent vanished mid-frame, sent half
+    /// a frame or an invalid one at the WebSocket level).
+    pub protocol_errors: u64,
+    /// Sessions closed because the agent stopped answering pings.
+    pub ping_timeouts: u64,
 }
 
 /// Why the broker dropped something an agent sent.
@@ -112,6 +120,12 @@ pub enum DropReason {
     UnknownRule,
     /// A catalog entry over its bounds.
     Catalog,
+    /// A frame that is not a protocol message.
+    BadFrame,
+    /// A session ended on a broken WebSocket frame.
+    ProtocolError,
+    /// A session closed for not answering pings.
+    PingTimeout,
 }
 
 impl DropReason {
@@ -126,6 +140,9 @@ impl DropReason {
             DropReason::OrgRate => "org_rate",
             DropReason::UnknownRule => "unknown_redaction_rule",
             DropReason::Catalog => "catalog",
+            DropReason::BadFrame => "bad_frame",
+            DropReason::ProtocolError => "protocol_error",
+            DropReason::PingTimeout => "ping_timeout",
         }
     }
 }
@@ -474,6 +491,9 @@ impl Registry {
                 DropReason::OrgRate => d.org_rate += n,
                 DropReason::UnknownRule => d.unknown_rules += n,
                 DropReason::Catalog => d.catalog += n,
+                DropReason::BadFrame => d.bad_frames += n,
+                DropReason::ProtocolError => d.protocol_errors += n,
+                DropReason::PingTimeout => d.ping_timeouts += n,
             }
         }
     }

@@ -289,6 +289,7 @@ enum Op {
     PurgeBefore(u64),
     PurgeAuditBefore(u64),
     Flush(mpsc::Sender<()>),
+    Barrier(tokio::sync::oneshot::Sender<()>),
     Stop,
 }
 
@@ -315,6 +316,7 @@ impl std::fmt::Debug for Op {
             Op::PurgeBefore(_) => "PurgeBefore",
             Op::PurgeAuditBefore(_) => "PurgeAuditBefore",
             Op::Flush(_) => "Flush",
+            Op::Barrier(_) => "Barrier",
             Op::Stop => "Stop",
         })
     }
@@ -522,6 +524,23 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Resolves once every write queued before the call is committed to the database
+    /// (in SQLite's WAL, which survives the broker being killed: `synchronous = NORMAL`
+    /// leaves only an operating-system crash or power loss to lose the last commits).
+    /// Callers are told something is stored only after this: the writer batches, so
+    /// concurrent barriers share one commit, and the request path never blocks a thread.
+    pub fn barrier(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let sent = self.tx.send(Op::Barrier(done_tx)).is_ok();
+        async move {
+            if sent {
+                let _ = done_rx.await;
+            }
+        }
+    }
+}
+
 /// A cloneable way to write through the store's writer thread, for parts of the broker
 /// other than the engine (agent identities).
 #[derive(Debug, Clone)]
@@ -629,7 +648,13 @@ fn load_metrics(conn: &Connection) -> rusqlite::Result<Vec<(String, String)>> {
     rows.collect()
 }
 
-fn apply(tx: &rusqlite::Transaction<'_>, op: Op, flushes: &mut Vec<mpsc::Sender<()>>) -> rusqlite::Result<()> {
+/// Who waits for a batch to be committed.
+enum Done {
+    Blocking(mpsc::Sender<()>),
+    Async(tokio::sync::oneshot::Sender<()>),
+}
+
+fn apply(tx: &rusqlite::Transaction<'_>, op: Op, flushes: &mut Vec<Done>) -> rusqlite::Result<()> {
     match op {
         Op::Action(a) => {
             tx.execute(
@@ -722,7 +747,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, flushes: &mut Vec<mpsc::Sender<
                 params![cutoff],
             )?;
         }
-        Op::Flush(done) => flushes.push(done),
+        Op::Flush(done) => flushes.push(Done::Blocking(done)),
+        Op::Barrier(done) => flushes.push(Done::Async(done)),
         // Handled by the writer loop.
         Op::Stop => {}
     }
@@ -754,8 +780,17 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, path: &Path) {
         if let Err(e) = result {
             tracing::error!(db = %path.display(), error = %e, "writing to the store failed");
         }
+        // Only once the batch is committed (or failed, and was logged): a barrier
+        // promises nothing queued before it is still only in memory.
         for done in flushes {
-            let _ = done.send(());
+            match done {
+                Done::Blocking(tx) => {
+                    let _ = tx.send(());
+                }
+                Done::Async(tx) => {
+                    let _ = tx.send(());
+                }
+            }
         }
     }
 }

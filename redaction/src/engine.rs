@@ -316,7 +316,12 @@ impl Engine {
                     continue;
                 }
                 _ if !fits => None,
-                Check::KeyValue => self.key_value(text, range.clone()),
+                // A key never reaches back into a region already found: that region
+                // becomes a marker, and a second pass reads the key as starting after it.
+                Check::KeyValue => {
+                    let floor = out.last().map_or(0, |r| r.end).min(range.start);
+                    self.key_value(text, range.clone(), floor)
+                }
                 check => detectors::check(check, text, range.clone()).map(|r| (r, pat.rule)),
             };
             let accepted = verdict
@@ -383,10 +388,10 @@ impl Engine {
     /// a phone field's name hides a bare phone number, a weakly secret-ish name hides a
     /// generated-looking value. The value is read in every common shape (see
     /// [`value_range`]), and in an XML element (`<password>...</password>`).
-    fn key_value(&self, text: &str, m: Range<usize>) -> Option<(Range<usize>, RuleIx)> {
+    fn key_value(&self, text: &str, m: Range<usize>, floor: usize) -> Option<(Range<usize>, RuleIx)> {
         let hay = text.as_bytes();
         let mut ks = m.start;
-        while ks > 0 && is_key_byte(hay[ks - 1]) && m.start - ks < 64 {
+        while ks > floor && is_key_byte(hay[ks - 1]) && m.start - ks < 64 {
             ks -= 1;
         }
         let mut ke = m.start;
@@ -695,10 +700,7 @@ fn ends_unquoted_value(hay: &[u8], i: usize) -> bool {
 /// crate already redacted, where its neighbourhood was judged in the first pass, so
 /// leaving it alone is what keeps a second pass from changing anything.
 fn stop_at_marker(text: &str, r: Range<usize>) -> Option<Range<usize>> {
-    let s = text.get(r.clone())?;
-    if s.contains(MARKER_PREFIX) {
-        return None;
-    }
+    text.get(r.clone())?;
     // Right after or right before a marker: what sits next to a marker was judged next
     // to the original value, and must not be judged again now that its neighbour reads
     // differently. (A candidate cannot start inside a marker: markers are pattern 0.)
@@ -716,14 +718,27 @@ fn stop_at_marker(text: &str, r: Range<usize>) -> Option<Range<usize>> {
     {
         return None;
     }
-    let ahead = text.get(r.end..).unwrap_or("");
-    let window = ahead.len().min(NEIGHBOURHOOD + MARKER_PREFIX.len());
-    if ahead
-        .as_bytes()
-        .get(..window)
-        .is_some_and(|w| w.windows(MARKER_PREFIX.len()).any(|x| x == MARKER_PREFIX.as_bytes()))
-    {
-        return None;
+    // A marker that starts anywhere from the candidate's first byte to three bytes past
+    // its end: inside it (whole, or only its first bytes: a user pattern such as
+    // `[^a-z]{3}` can run from the text before a marker into it), or just after it.
+    // Only a whole marker counts, as behind: text that merely starts like one is
+    // redacted like any other text, and must not shelter its neighbours in the first
+    // pass only.
+    // Bounded: markers starting before `r.end + NEIGHBOURHOOD`, each at most
+    // `MAX_MARKER_LEN` long, so a candidate costs its own length plus a constant.
+    let bytes = text.as_bytes();
+    let starts = bytes.get(r.start..(r.end + NEIGHBOURHOOD + MARKER_PREFIX.len()).min(bytes.len())).unwrap_or_default();
+    for (i, w) in starts.windows(MARKER_PREFIX.len()).enumerate() {
+        if w != MARKER_PREFIX.as_bytes() {
+            continue;
+        }
+        let p = r.start + i;
+        let tail = bytes.get(p..(p + crate::MAX_MARKER_LEN).min(bytes.len())).unwrap_or_default();
+        if let Some(close) = tail.iter().position(|&b| b == b']')
+            && text.get(p..p + close + 1).is_some_and(crate::redactor::is_marker)
+        {
+            return None;
+        }
     }
     Some(r)
 }

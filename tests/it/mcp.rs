@@ -70,7 +70,13 @@ pub(crate) async fn connect_with(
     broker: &TestBroker,
     key: &str,
 ) -> Result<Client, rmcp::service::ClientInitializeError> {
-    let config = StreamableHttpClientTransportConfig::with_uri(format!("{}/mcp", broker.http())).auth_header(key);
+    connect_to(&broker.http(), key).await
+}
+
+/// A client of the broker at `http` (`http://host:port`), from a task that does not hold
+/// the [`TestBroker`].
+pub(crate) async fn connect_to(http: &str, key: &str) -> Result<Client, rmcp::service::ClientInitializeError> {
+    let config = StreamableHttpClientTransportConfig::with_uri(format!("{http}/mcp")).auth_header(key);
     Recorder::default().serve(StreamableHttpClientTransport::from_config(config)).await
 }
 

@@ -15,7 +15,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 use super::reply::{in_range, parse_args, success};
-use super::{PeriscopeMcp, finish, input_schema, render};
+use super::{PeriscopeMcp, input_schema, render};
 use crate::auth::{Principal, Scope};
 use crate::engine::{
     Action, ActionFilter, ActionStatus, ActionView, HitsPage, LogRequest, MetricRequest, SnapshotRequest,
@@ -320,7 +320,7 @@ impl PeriscopeMcp {
         annotations(read_only_hint = false, destructive_hint = false, idempotent_hint = false, open_world_hint = false)
     )]
     async fn place_snapshot(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
-        finish(self.snapshot(&ctx, args).await)
+        self.finish(self.snapshot(&ctx, args).await).await
     }
 
     #[tool(
@@ -336,7 +336,7 @@ impl PeriscopeMcp {
         annotations(read_only_hint = false, destructive_hint = false, open_world_hint = false)
     )]
     async fn place_log(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
-        finish(self.log(&ctx, args))
+        self.finish(self.log(&ctx, args)).await
     }
 
     #[tool(
@@ -352,7 +352,7 @@ impl PeriscopeMcp {
         annotations(read_only_hint = false, destructive_hint = false, open_world_hint = false)
     )]
     async fn place_metric(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
-        finish(self.metric(&ctx, args))
+        self.finish(self.metric(&ctx, args)).await
     }
 
     #[tool(
@@ -367,7 +367,7 @@ impl PeriscopeMcp {
         annotations(read_only_hint = true, open_world_hint = false)
     )]
     async fn get_action(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
-        finish(self.action(&ctx, args).await)
+        self.finish(self.action(&ctx, args).await).await
     }
 
     #[tool(
@@ -380,7 +380,7 @@ impl PeriscopeMcp {
         annotations(read_only_hint = true, open_world_hint = false)
     )]
     async fn list_actions(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
-        finish(self.actions(&ctx, args))
+        self.finish(self.actions(&ctx, args)).await
     }
 
     #[tool(
@@ -391,7 +391,7 @@ impl PeriscopeMcp {
         annotations(read_only_hint = false, destructive_hint = true, idempotent_hint = true, open_world_hint = false)
     )]
     async fn remove_action(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
-        finish(self.remove(&ctx, args))
+        self.finish(self.remove(&ctx, args)).await
     }
 }
 

@@ -9,7 +9,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 use super::reply::{parse_args, success};
-use super::{PeriscopeMcp, finish, input_schema};
+use super::{PeriscopeMcp, input_schema};
 use crate::admin::{AuditParams, audit_page};
 use crate::auth::{Role, Scope, require_role};
 use crate::error::ApiError;
@@ -52,7 +52,7 @@ impl PeriscopeMcp {
         annotations(read_only_hint = true, open_world_hint = false)
     )]
     async fn query_audit(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
-        finish(self.audit(&ctx, args).await)
+        self.finish(self.audit(&ctx, args).await).await
     }
 }
 

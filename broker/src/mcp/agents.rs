@@ -8,7 +8,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 use super::reply::{parse_args, success};
-use super::{PeriscopeMcp, finish, input_schema, render};
+use super::{PeriscopeMcp, input_schema, render};
 use crate::auth::Scope;
 use crate::error::ApiError;
 use crate::query::{self, AgentFilter, Page, SourceFilter};
@@ -120,7 +120,7 @@ impl PeriscopeMcp {
         annotations(read_only_hint = true, open_world_hint = false)
     )]
     async fn list_agents(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
-        finish(self.agents(&ctx, args))
+        self.finish(self.agents(&ctx, args)).await
     }
 
     #[tool(
@@ -136,7 +136,7 @@ impl PeriscopeMcp {
         annotations(read_only_hint = true, open_world_hint = false)
     )]
     async fn list_sources(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
-        finish(self.sources(&ctx, args))
+        self.finish(self.sources(&ctx, args)).await
     }
 }
 

@@ -128,9 +128,13 @@ fn input_schema<T: schemars::JsonSchema + 'static>() -> Arc<JsonObject> {
         .unwrap_or_else(|_| rmcp::handler::server::common::schema_for_empty_input())
 }
 
-/// Runs a tool body that may fail with an [`ApiError`]; the one exit of every tool.
-fn finish(outcome: Result<CallToolResult, ApiError>) -> CallToolResult {
-    reply::respond(outcome)
+impl PeriscopeMcp {
+    /// The one exit of every tool: a body that may fail with an [`ApiError`] becomes a
+    /// tool result once what it stored (or read) is committed, as over REST.
+    async fn finish(&self, outcome: Result<CallToolResult, ApiError>) -> CallToolResult {
+        self.state.engine.committed().await;
+        reply::respond(outcome)
+    }
 }
 
 #[tool_handler(router = self.tool_router)]

@@ -8,7 +8,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 use super::reply::{parse_args, success};
-use super::{PeriscopeMcp, finish, input_schema};
+use super::{PeriscopeMcp, input_schema};
 use crate::auth::Scope;
 use crate::error::ApiError;
 
@@ -29,7 +29,7 @@ impl PeriscopeMcp {
         annotations(read_only_hint = true, open_world_hint = false)
     )]
     async fn system_health(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
-        finish(self.health(&ctx, args))
+        self.finish(self.health(&ctx, args)).await
     }
 }
 

@@ -179,3 +179,64 @@ proptest! {
         prop_assert_eq!(doc, once);
     }
 }
+
+/// Found by the `redaction` fuzz target: `-8c::` became `-[REDACTED:IP_ADDRESS]`, and a
+/// second pass let a custom pattern (`[^a-z]{3}`) match `-[R`, from the text before the
+/// marker into it, and cut the marker apart.
+#[test]
+fn a_custom_pattern_that_runs_into_a_marker_leaves_it_alone() {
+    let config = RedactionConfig {
+        patterns: vec![CustomPattern { name: "wide".into(), regex: r"[^a-z]{3}".into(), kind: None }],
+        ..Default::default()
+    };
+    let r = Redactor::new(&config).unwrap();
+    let mut report = Report::new();
+    let once = r.redact_text("-8c::", "t", &mut report).into_owned();
+    assert_eq!(once, "-[REDACTED:IP_ADDRESS]");
+    let mut again = Report::new();
+    assert_eq!(r.redact_text(&once, "t", &mut again), once);
+    assert!(again.is_empty(), "{:?}", again.findings());
+    // Any run of the pattern's characters up to a marker, and one that ends inside it.
+    for text in ["x--[REDACTED:EMAIL]", "--[REDACTED:EMAIL]y", "12[REDACTED:IP_ADDRESS]9", "é-[REDACTED:SSN]"] {
+        let mut report = Report::new();
+        let out = r.redact_text(text, "t", &mut report);
+        assert!(
+            out.contains("[REDACTED:EMAIL]") || out.contains("[REDACTED:IP_ADDRESS]") || out.contains("[REDACTED:SSN]"),
+            "{text} -> {out}"
+        );
+        check_text(&r, text).unwrap();
+    }
+}
+
+/// Found by the `redaction` fuzz target: in `::Eotp:E` a custom pattern took `::E`, and
+/// the key was read as `Eotp` (not sensitive), but after the first pass it reads `otp`
+/// (after the marker), so a second pass redacted the value. A key now starts after any
+/// region already found, as it will after that region becomes a marker.
+#[test]
+fn a_key_never_reaches_back_into_a_region_already_redacted() {
+    let config = RedactionConfig {
+        patterns: vec![CustomPattern { name: "wide".into(), regex: r"[^a-z]{3}".into(), kind: None }],
+        ..Default::default()
+    };
+    let r = Redactor::new(&config).unwrap();
+    let mut report = Report::new();
+    let once = r.redact_text("::Eotp:E", "t", &mut report).into_owned();
+    assert_eq!(once, "[REDACTED:WIDE]otp:[REDACTED:OTP]");
+    check_text(&r, "::Eotp:E").unwrap();
+    check_text(&r, "::Xpassword=hunter2").unwrap();
+}
+
+/// Found by the `redaction` fuzz target: `[0.s].[REDACTED:` (text that only starts like
+/// a marker) sheltered `[0.` from a custom pattern in the first pass, was itself
+/// redacted, and so no longer sheltered it in the second.
+#[test]
+fn text_that_only_starts_like_a_marker_shelters_nothing() {
+    let config = RedactionConfig {
+        patterns: vec![CustomPattern { name: "wide".into(), regex: r"[^a-z]{3}".into(), kind: None }],
+        ..Default::default()
+    };
+    let r = Redactor::new(&config).unwrap();
+    for text in ["[0.s].[REDACTED:", "[0.s].[REDACTED:EMAIL", "12.[REDACTED:x]"] {
+        check_text(&r, text).unwrap();
+    }
+}
