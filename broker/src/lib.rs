@@ -1,5 +1,5 @@
 //! Periscope's broker: the agent gateway, the action engine, the REST API (and the
-//! MCP server), and the `periscope` command.
+//! MCP server). The `periscope` command is the `periscope` crate (`cli/`).
 //!
 //! [`run`] serves everything on one listener until a shutdown future resolves; the
 //! binary and the tests both call it (tests on `127.0.0.1:0`).
@@ -9,7 +9,6 @@
 //! - [`config`]: [`BrokerConfig`] from TOML, flags and environment, validated.
 //! - [`listener`]: accepts connections and holds each to the caps and timeouts of
 //!   `[http]`.
-//! - [`logging`]: the log filter (session ids and secrets stay out of info logs).
 //! - [`gateway`]: `GET /agents`, the agent WebSocket sessions and their ingest budgets.
 //! - [`registry`]: connected and recently gone agents, their catalogs.
 //! - [`engine`]: actions, hits, waiting, completion and expiry.
@@ -27,9 +26,7 @@
 //! - [`api`]: the REST API under `/api/v1`.
 //! - [`admin`]: the administration endpoints (keys, groups, pools, audit).
 //! - [`mcp`]: the MCP server at `/mcp` (streamable HTTP) and `periscope mcp` (stdio).
-//! - [`cli`]: `periscope keys`, `periscope audit export`, `periscope config check`.
 //! - [`error`]: the error codes callers see.
-//! - [`demo`]: `periscope demo` and its shop processes.
 
 pub mod action_index;
 pub mod admin;
@@ -38,16 +35,13 @@ pub mod api;
 pub mod audit;
 pub mod audit_repeats;
 pub mod auth;
-pub mod cli;
 pub mod config;
-pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod gateway;
 pub mod identity;
 pub mod keys;
 pub mod listener;
-pub mod logging;
 pub mod mcp;
 pub mod query;
 pub mod quota;

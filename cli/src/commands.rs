@@ -12,12 +12,12 @@ use std::path::Path;
 
 use anyhow::Context as _;
 
-use crate::BrokerConfig;
-use crate::audit::{self, Actor, AuditKind, AuditQuery};
-use crate::auth::{Role, Scope};
-use crate::config::{AgentKeyConfig, ApiKeyConfig};
-use crate::keys::{DEFAULT_ORG, IssuedKey, KeyKind, KeyStatus, KeyStore, NewKey};
-use crate::time::{format_datetime, now_ms, parse_datetime, parse_duration};
+use periscope_broker::BrokerConfig;
+use periscope_broker::audit::{self, Actor, AuditKind, AuditQuery};
+use periscope_broker::auth::{Role, Scope};
+use periscope_broker::config::{AgentKeyConfig, ApiKeyConfig};
+use periscope_broker::keys::{DEFAULT_ORG, IssuedKey, KeyKind, KeyStatus, KeyStore, NewKey};
+use periscope_broker::time::{format_datetime, now_ms, parse_datetime, parse_duration};
 
 /// What `periscope keys create` was asked for.
 #[derive(Debug, Clone, Default)]
@@ -227,14 +227,15 @@ pub fn export_audit(data_dir: &Path, f: &AuditFilter, out: &mut impl Write) -> a
         limit: audit::MAX_PAGE,
     };
     anyhow::ensure!(
-        crate::store::db_path(data_dir).exists(),
+        periscope_broker::store::db_path(data_dir).exists(),
         "{} holds no Periscope database (is it the broker's --data-dir?)",
         data_dir.display()
     );
-    let conn = crate::store::open_reader(data_dir)?;
+    let conn = periscope_broker::store::open_reader(data_dir)?;
     let n = audit::export(&conn, &q, |line| out.write_all(line.as_bytes())).map_err(|e| match e {
         audit::ExportError::Sqlite(e) => anyhow::anyhow!("reading the audit trail: {e}"),
         audit::ExportError::Sink(e) => anyhow::anyhow!("writing the export: {e}"),
+        _ => anyhow::anyhow!("exporting the audit trail failed"),
     })?;
     out.flush()?;
     Ok(n)
@@ -288,20 +289,6 @@ pub fn check_config(path: &Path) -> anyhow::Result<String> {
     ));
     Ok(summary)
 }
-
-/// Environment variables `periscope serve` reads (flags win over them; they win over
-/// the configuration file).
-pub const SERVE_ENV: [(&str, &str); 9] = [
-    ("PERISCOPE_CONFIG", "the TOML configuration file"),
-    ("PERISCOPE_LISTEN", "address to listen on, e.g. 0.0.0.0:7070"),
-    ("PERISCOPE_PUBLIC_URL", "the URL clients reach the broker at"),
-    ("PERISCOPE_DATA_DIR", "directory of the database"),
-    ("PERISCOPE_API_KEY", "API keys (comma-separated), company admins of `default`"),
-    ("PERISCOPE_AGENT_KEY", "agent keys (comma-separated) for any pool of `default`"),
-    ("PERISCOPE_HIT_RETENTION_DAYS", "days hits are kept"),
-    ("PERISCOPE_AUDIT_RETENTION_DAYS", "days audit entries are kept"),
-    ("PERISCOPE_LOG", "log filter (tracing's EnvFilter syntax)"),
-];
 
 /// Settings given as flags to `periscope serve`.
 #[derive(Debug, Clone, Default)]

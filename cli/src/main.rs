@@ -1,11 +1,24 @@
-//! The `periscope` command: parse arguments, set up logging, hand over to the library.
+//! The `periscope` command: parse arguments, set up logging, hand over to the broker
+//! library (or to the demo and the administrative commands in this crate).
+//!
+//! # Layout
+//!
+//! - this file: the command line and its dispatch.
+//! - [`commands`]: `keys`, `audit export`, `config check`, and the environment `serve`
+//!   reads.
+//! - [`demo`]: `periscope demo` and its shop processes.
+//! - [`logging`]: the log filter every command uses.
+
+mod commands;
+mod demo;
+mod logging;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use periscope_broker::cli;
+use commands as cli;
 
 #[derive(Debug, Parser)]
 #[command(name = "periscope", version, about = "Live inspection of running services: broker, MCP server and tools")]
@@ -243,7 +256,7 @@ struct ServeArgs {
 }
 
 fn init_logging(default: &str) {
-    let filter = periscope_broker::logging::filter(default);
+    let filter = logging::filter(default);
     // Colours only on a terminal: stdio MCP clients capture stderr into log files.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
@@ -367,14 +380,14 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Demo(args) => {
             init_logging("warn");
-            let options = periscope_broker::demo::DemoOptions {
+            let options = demo::DemoOptions {
                 listen: args.listen,
                 instances: args.instances,
                 requests_per_second: args.rps,
                 api_key: args.api_key,
                 data_dir: args.data_dir,
             };
-            runtime.block_on(periscope_broker::demo::run_demo(options, shutdown_signal()))
+            runtime.block_on(demo::run_demo(options, shutdown_signal()))
         }
         Command::ShopInstance(args) => {
             use tracing_subscriber::prelude::*;
@@ -396,17 +409,14 @@ fn main() -> anyhow::Result<()> {
                 )
                 .with(agent.layer())
                 .init();
-            let options = periscope_broker::demo::ShopInstanceOptions {
-                broker_url: args.broker_url,
-                agent_key: args.agent_key,
+            let options = demo::ShopInstanceOptions {
                 pool: args.pool,
-                tags: args.tags,
                 instance: args.instance,
                 region: args.region,
                 seed: args.seed,
                 requests_per_second: args.rps,
             };
-            let result = runtime.block_on(periscope_broker::demo::run_shop_instance(options, async {
+            let result = runtime.block_on(demo::run_shop_instance(options, async {
                 tokio::select! {
                     _ = shutdown_signal() => {}
                     _ = stdin_closed() => {}
