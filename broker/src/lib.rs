@@ -9,6 +9,7 @@
 //! - [`config`]: [`BrokerConfig`] from TOML, flags and environment, validated.
 //! - [`listener`]: accepts connections and holds each to the caps and timeouts of
 //!   `[http]`.
+//! - [`logging`]: the log filter (session ids and secrets stay out of info logs).
 //! - [`gateway`]: `GET /agents`, the agent WebSocket sessions and their ingest budgets.
 //! - [`registry`]: connected and recently gone agents, their catalogs.
 //! - [`engine`]: actions, hits, waiting, completion and expiry.
@@ -42,6 +43,7 @@ pub mod gateway;
 pub mod identity;
 pub mod keys;
 pub mod listener;
+pub mod logging;
 pub mod mcp;
 pub mod query;
 pub mod quota;

@@ -7,11 +7,9 @@
 //! - [`commands`]: `keys`, `audit export`, `config check`, and the environment `serve`
 //!   reads.
 //! - [`demo`]: `periscope demo` and its shop processes.
-//! - [`logging`]: the log filter every command uses.
 
 mod commands;
 mod demo;
-mod logging;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -256,7 +254,7 @@ struct ServeArgs {
 }
 
 fn init_logging(default: &str) {
-    let filter = logging::filter(default);
+    let filter = periscope_broker::logging::filter(default);
     // Colours only on a terminal: stdio MCP clients capture stderr into log files.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();

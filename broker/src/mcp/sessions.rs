@@ -16,7 +16,7 @@
 //! through its `close_session`.
 //!
 //! Session ids are bearer secrets: they are never logged (rmcp's own logs that name
-//! them are kept below the broker's info level, see the `periscope` command's logging), and the audit
+//! them are kept below the broker's info level, see [`crate::logging`]), and the audit
 //! trail names a session by a fingerprint that cannot be turned back into its id.
 
 use std::collections::{BTreeSet, HashMap};

@@ -4,7 +4,7 @@
 //! or the command's default, with one rule added unless the directives name `rmcp`
 //! themselves: the MCP library is held to warnings. It logs each new session's id at
 //! info level and carries it in the span of everything that session does, and session
-//! ids are bearer secrets (see `periscope_broker::mcp::sessions`).
+//! ids are bearer secrets (see [`crate::mcp::sessions`]).
 
 use tracing_subscriber::EnvFilter;
 
