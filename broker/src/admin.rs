@@ -316,22 +316,9 @@ impl AuditParams {
     }
 }
 
-/// Reads a page of the audit trail on a connection of its own (off the async threads),
-/// after the entries queued so far are written.
+/// Reads a page of the audit trail (entries written before the call are in it).
 pub async fn audit_page(state: &AppState, q: AuditQuery) -> Result<AuditPage, ApiError> {
-    let state = std::sync::Arc::clone(state);
-    tokio::task::spawn_blocking(move || {
-        state.engine.flush();
-        let conn = crate::store::open_reader(&state.data_dir).map_err(|e| e.to_string())?;
-        audit::query(&conn, &q).map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| e.to_string())
-    .and_then(|r| r)
-    .map_err(|e| {
-        tracing::error!(error = %e, "reading the audit trail failed");
-        ApiError::new(crate::error::ErrorCode::Internal, "reading the audit trail failed; see the broker's log")
-    })
+    Ok(state.audit.page(q).await?)
 }
 
 async fn query_audit(
@@ -352,33 +339,11 @@ async fn export_audit(
     let q = query_params(q)?;
     require_role(&by, Role::CompanyAdmin, "GET /api/v1/audit/export")?;
     let q = q.query(by.org())?;
-    let st = std::sync::Arc::clone(&state);
     let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
-    tokio::task::spawn_blocking(move || {
-        st.engine.flush();
-        let conn = match crate::store::open_reader(&st.data_dir) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %e, "audit export: cannot open the store");
-                return;
-            }
-        };
-        let mut chunk = Vec::with_capacity(64 * 1024);
-        let result = audit::export(&conn, &q, |line| {
-            chunk.extend_from_slice(line.as_bytes());
-            if chunk.len() >= 64 * 1024 {
-                // The client went away: stop reading.
-                tx.blocking_send(std::mem::take(&mut chunk)).map_err(|_| ())?;
-            }
-            Ok::<(), ()>(())
-        });
-        match result {
-            Ok(_) if !chunk.is_empty() => {
-                let _ = tx.blocking_send(chunk);
-            }
-            Ok(_) => {}
-            Err(audit::ExportError::Sqlite(e)) => tracing::error!(error = %e, "audit export failed"),
-            Err(_) => {}
+    let reader = std::sync::Arc::clone(&state.audit);
+    tokio::spawn(async move {
+        if let Err(e) = reader.export(q, tx).await {
+            tracing::error!(error = %e, "audit export failed");
         }
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {

@@ -41,6 +41,7 @@ use serde::Deserialize;
 
 use crate::AppState;
 use crate::auth::{CallCharge, Principal, Role, Scope, require_role, require_scope};
+use crate::engine::requests::{check_limit, check_wait_seconds};
 use crate::engine::{ActionFilter, ActionStatus, ActionView, HitsPage, LogRequest, MetricRequest, SnapshotRequest};
 use crate::error::ApiError;
 use crate::query::{self, AgentFilter, Page, PoolView, SourceFilter, SourceView};
@@ -76,8 +77,14 @@ pub fn router() -> Router<AppState> {
 
 /// The `system_health` answer, shared by the tool and `GET /api/v1/health`: who the
 /// caller is, what it may do, its remaining budgets, and its paused actions.
-pub fn health_body(state: &AppState, p: &Principal, charge: Option<&CallCharge>) -> serde_json::Value {
-    let mine = state.engine.live_count_by_key(&p.key_id);
+pub async fn health_body(
+    state: &AppState,
+    p: &Principal,
+    charge: Option<&CallCharge>,
+) -> Result<serde_json::Value, ApiError> {
+    let mine = state.engine.live_count_by_key(p).await?;
+    let actions_live = state.engine.live_count_visible(p).await?;
+    let paused = state.engine.paused_for(p).await?;
     let q = p.quotas;
     let calls = match charge.map(|c| &c.0) {
         Some(Ok(b)) => {
@@ -88,7 +95,7 @@ pub fn health_body(state: &AppState, p: &Principal, charge: Option<&CallCharge>)
     let waits = state.callers.waits_in_use(&p.key_id);
     let agent_quotas = &state.config.quotas;
     let ingest = &state.config.ingest;
-    serde_json::json!({
+    Ok(serde_json::json!({
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),
         "authenticated": true,
@@ -103,7 +110,7 @@ pub fn health_body(state: &AppState, p: &Principal, charge: Option<&CallCharge>)
         },
         // Within the key's reach: a pool-restricted key learns nothing of other pools.
         "agents_online": state.registry.count(|a| a.online() && p.sees_pool(&a.org, &a.info.pool)),
-        "actions_live": state.engine.live_count_visible(p),
+        "actions_live": actions_live,
         "quotas": {
             "calls_per_minute": calls,
             "concurrent_waits": { "in_use": waits, "limit": q.concurrent_waits,
@@ -124,21 +131,21 @@ pub fn health_body(state: &AppState, p: &Principal, charge: Option<&CallCharge>)
             // keys use is not this key's to see).
             "organization": state.callers.org_quotas(),
         },
-        "paused_actions": state.engine.paused_for(p),
+        "paused_actions": paused,
         "limits": {
             "max_hits": { "min": 1, "max": action_bounds::MAX_MAX_HITS, "default": action_bounds::DEFAULT_MAX_HITS },
             "timeout_seconds": { "min": 1, "max": action_bounds::MAX_WAIT_SECS, "default": action_bounds::DEFAULT_WAIT_SECS },
             "capture": state.engine.limits(),
         },
-    })
+    }))
 }
 
 async fn health(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     charge: Option<Extension<CallCharge>>,
-) -> Json<serde_json::Value> {
-    Json(health_body(&state, &principal, charge.as_ref().map(|c| &c.0)))
+) -> ApiResult<serde_json::Value> {
+    Ok(Json(health_body(&state, &principal, charge.as_ref().map(|c| &c.0)).await?))
 }
 
 async fn list_pools(State(state): State<AppState>, Extension(principal): Extension<Principal>) -> Json<Page<PoolView>> {
@@ -296,7 +303,7 @@ async fn place_action(
         backtrace: body.backtrace,
         allow_pending: body.allow_pending,
     };
-    let view = state.engine.place_snapshot(req, &principal)?;
+    let view = state.engine.place_snapshot(req, &principal).await?;
     Ok((axum::http::StatusCode::CREATED, Json(view)))
 }
 
@@ -326,12 +333,7 @@ async fn put_redaction(
         periscope_redaction::RedactionConfig::from_toml_str(&body)
             .map_err(|e| ApiError::invalid(format!("redaction rules (TOML): {e}")))?
     };
-    // Compiling user patterns is CPU work: off the async workers.
-    let replaced =
-        tokio::task::spawn_blocking(move || state.engine.replace_rules(principal.org(), config, principal.actor()))
-            .await
-            .map_err(|e| ApiError::new(crate::error::ErrorCode::Internal, format!("replacing the rules: {e}")))??;
-    Ok(Json(replaced))
+    Ok(Json(state.engine.replace_rules(principal.org(), config, principal.actor()).await?))
 }
 
 async fn place_log(
@@ -340,7 +342,7 @@ async fn place_log(
     body: Result<Json<LogRequest>, JsonRejection>,
 ) -> Result<(axum::http::StatusCode, Json<ActionView>), ApiError> {
     let Json(req) = body.map_err(|e| ApiError::invalid(format!("request body: {}", e.body_text())))?;
-    Ok((axum::http::StatusCode::CREATED, Json(state.engine.place_log(req, &principal)?)))
+    Ok((axum::http::StatusCode::CREATED, Json(state.engine.place_log(req, &principal).await?)))
 }
 
 async fn place_metric(
@@ -349,7 +351,7 @@ async fn place_metric(
     body: Result<Json<MetricRequest>, JsonRejection>,
 ) -> Result<(axum::http::StatusCode, Json<ActionView>), ApiError> {
     let Json(req) = body.map_err(|e| ApiError::invalid(format!("request body: {}", e.body_text())))?;
-    Ok((axum::http::StatusCode::CREATED, Json(state.engine.place_metric(req, &principal)?)))
+    Ok((axum::http::StatusCode::CREATED, Json(state.engine.place_metric(req, &principal).await?)))
 }
 
 async fn get_lines(
@@ -360,24 +362,18 @@ async fn get_lines(
 ) -> ApiResult<LinesPage> {
     let q = query_params(q)?;
     let limit = q.limit.unwrap_or(query::MAX_PAGE);
-    if !(1..=query::MAX_PAGE).contains(&limit) {
-        return Err(ApiError::invalid(format!("limit is {limit}; allowed range is 1..={}", query::MAX_PAGE)));
-    }
+    check_limit(limit, query::MAX_PAGE, query::MAX_PAGE)?;
     let since = q.since.unwrap_or(0);
-    match q.wait_seconds {
-        None | Some(0) => Ok(Json(state.engine.lines(&action_id, since, limit, &principal)?)),
-        Some(w) if w <= action_bounds::MAX_WAIT_SECS => {
-            let wait = Duration::from_secs(w);
-            let _slot = state.callers.begin_wait(&principal, tokio::time::Instant::now() + wait)?;
-            let page = state.engine.wait_lines(&action_id, since, limit, wait, &principal).await?;
-            state.recheck(&principal)?;
-            Ok(Json(page))
-        }
-        Some(w) => Err(ApiError::invalid(format!(
-            "wait_seconds is {w}; allowed range is 0..={}",
-            action_bounds::MAX_WAIT_SECS
-        ))),
+    let w = q.wait_seconds.unwrap_or(0);
+    check_wait_seconds("wait_seconds", w)?;
+    if w == 0 {
+        return Ok(Json(state.engine.lines(&action_id, since, limit, &principal).await?));
     }
+    let wait = Duration::from_secs(w);
+    let _slot = state.callers.begin_wait(&principal, tokio::time::Instant::now() + wait)?;
+    let page = state.engine.wait_lines(&action_id, since, limit, wait, &principal).await?;
+    state.recheck(&principal)?;
+    Ok(Json(page))
 }
 
 #[derive(Debug, Deserialize)]
@@ -400,7 +396,8 @@ async fn list_actions(
             ApiError::invalid(format!("status `{s}` must be one of active, completed, expired, removed"))
         })?),
     };
-    let actions = state.engine.list(&ActionFilter { status, target: q.target, created_by: q.created_by }, &principal);
+    let filter = ActionFilter { status, target: q.target, created_by: q.created_by };
+    let actions = state.engine.list(&filter, &principal).await?;
     Ok(Json(serde_json::json!({ "items": actions })))
 }
 
@@ -409,7 +406,7 @@ async fn get_action(
     Extension(principal): Extension<Principal>,
     Path(action_id): Path<String>,
 ) -> ApiResult<ActionView> {
-    Ok(Json(state.engine.get(&action_id, &principal)?))
+    Ok(Json(state.engine.get(&action_id, &principal).await?))
 }
 
 async fn remove_action(
@@ -417,7 +414,7 @@ async fn remove_action(
     Extension(principal): Extension<Principal>,
     Path(action_id): Path<String>,
 ) -> ApiResult<ActionView> {
-    Ok(Json(state.engine.remove(&action_id, &principal)?))
+    Ok(Json(state.engine.remove(&action_id, &principal).await?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -436,22 +433,16 @@ async fn get_hits(
 ) -> ApiResult<HitsPage> {
     let q = query_params(q)?;
     let limit = q.limit.unwrap_or(action_bounds::MAX_MAX_HITS as usize);
-    if !(1..=query::MAX_PAGE).contains(&limit) {
-        return Err(ApiError::invalid(format!("limit is {limit}; allowed range is 1..={}", query::MAX_PAGE)));
-    }
+    check_limit(limit, query::MAX_PAGE, action_bounds::MAX_MAX_HITS as usize)?;
     let since = q.since.unwrap_or(0);
-    match q.wait_seconds {
-        None | Some(0) => Ok(Json(state.engine.hits(&action_id, since, limit, &principal)?)),
-        Some(w) if w <= action_bounds::MAX_WAIT_SECS => {
-            let wait = Duration::from_secs(w);
-            let _slot = state.callers.begin_wait(&principal, tokio::time::Instant::now() + wait)?;
-            let page = state.engine.wait_hits(&action_id, since, limit, wait, &principal).await?;
-            state.recheck(&principal)?;
-            Ok(Json(page))
-        }
-        Some(w) => Err(ApiError::invalid(format!(
-            "wait_seconds is {w}; allowed range is 0..={}",
-            action_bounds::MAX_WAIT_SECS
-        ))),
+    let w = q.wait_seconds.unwrap_or(0);
+    check_wait_seconds("wait_seconds", w)?;
+    if w == 0 {
+        return Ok(Json(state.engine.hits(&action_id, since, limit, &principal).await?));
     }
+    let wait = Duration::from_secs(w);
+    let _slot = state.callers.begin_wait(&principal, tokio::time::Instant::now() + wait)?;
+    let page = state.engine.wait_hits(&action_id, since, limit, wait, &principal).await?;
+    state.recheck(&principal)?;
+    Ok(Json(page))
 }

@@ -337,7 +337,7 @@ async fn session(state: AppState, mut socket: WebSocket, credentials: AgentCrede
         quotas: state.config.quotas,
         heartbeat_interval_ms: settings.heartbeat_interval_secs * 1_000,
     });
-    let actions = state.engine.on_agent_registered(&agent_id);
+    let actions = state.engine.on_agent_registered(&agent_id).await;
     let rules = state.engine.rules.message(&credentials.org);
     let sender = Sender { id: agent_id.clone(), name: name.clone(), org: credentials.org.clone(), pool: pool.clone() };
     let reason = if send(&mut socket, &registered).await
@@ -353,7 +353,7 @@ async fn session(state: AppState, mut socket: WebSocket, credentials: AgentCrede
     // offline: whoever sees it offline may take its place.
     drop((budget, claim));
     state.registry.disconnect(&agent_id, session_no, &reason);
-    state.engine.on_agent_disconnected(&sender);
+    state.engine.on_agent_disconnected(&sender).await;
 }
 
 /// The session loop; returns why it ended.
@@ -397,7 +397,7 @@ async fn run(
                                     let over = matches!(msg, AgentMessage::Hit(_)).then(|| budget.charge_hit().err()).flatten();
                                     if let Some(over) = over {
                                         verdict = Some(dropped(state, budget, agent_id, over, DropReason::HitsRate, "hits"));
-                                    } else if let Some(err) = handle(state, sender, msg) {
+                                    } else if let Some(err) = handle(state, sender, msg).await {
                                         bad_frames += 1;
                                         if !send(socket, &BrokerMessage::Error(err)).await {
                                             return "the socket failed".into();
@@ -526,7 +526,7 @@ fn dropped(
 
 /// Applies one message; returns an error frame for messages that are well-formed but
 /// wrong in context.
-fn handle(state: &AppState, from: &Sender, msg: AgentMessage) -> Option<ProtocolErrorBody> {
+async fn handle(state: &AppState, from: &Sender, msg: AgentMessage) -> Option<ProtocolErrorBody> {
     let agent_id = &from.id;
     match msg {
         AgentMessage::Register(_) => Some(error_body(
@@ -557,26 +557,27 @@ fn handle(state: &AppState, from: &Sender, msg: AgentMessage) -> Option<Protocol
             })
         }
         AgentMessage::ActionStatus(update) => {
-            state.engine.on_status(from, &update.action_id, update.state);
+            state.engine.on_status(from, &update.action_id, update.state).await;
             None
         }
         AgentMessage::Hit(hit) => {
-            match state.engine.ingest_hit(from, *hit) {
+            match state.engine.ingest_hit(from, *hit).await {
                 Ingested::Accepted => state.registry.count_hit(agent_id, true),
                 Ingested::Refused => state.registry.count_hit(agent_id, false),
                 Ingested::RateLimited => state.registry.count_drop(agent_id, DropReason::ActionRate, 1),
+                Ingested::Unavailable => state.registry.count_drop(agent_id, DropReason::Unavailable, 1),
             }
             None
         }
         AgentMessage::LogLines { lines } => {
-            let outcome = state.engine.ingest_lines(from, lines);
+            let outcome = state.engine.ingest_lines(from, lines).await;
             if outcome.rate_limited > 0 {
                 state.registry.count_drop(agent_id, DropReason::LogRate, outcome.rate_limited as u64);
             }
             None
         }
         AgentMessage::Metrics { reports } => {
-            state.engine.ingest_metrics(from, reports);
+            state.engine.ingest_metrics(from, reports).await;
             None
         }
         AgentMessage::Goodbye { .. } => None,

@@ -13,6 +13,8 @@
 //! - [`gateway`]: `GET /agents`, the agent WebSocket sessions and their ingest budgets.
 //! - [`registry`]: connected and recently gone agents, their catalogs.
 //! - [`engine`]: actions, hits, waiting, completion and expiry.
+//! - [`backend`]: the seams to where the shared state lives, and the single-node
+//!   implementations (memory and SQLite).
 //! - [`telemetry`]: dynamic log lines and metric figures kept by the broker.
 //! - [`rules`]: the redaction rules in force per organization, swapped and pushed at
 //!   run time.
@@ -29,13 +31,13 @@
 //! - [`mcp`]: the MCP server at `/mcp` (streamable HTTP) and `periscope mcp` (stdio).
 //! - [`error`]: the error codes callers see.
 
-pub mod action_index;
 pub mod admin;
 pub mod agent_limits;
 pub mod api;
 pub mod audit;
 pub mod audit_repeats;
 pub mod auth;
+pub mod backend;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -48,7 +50,6 @@ pub mod mcp;
 pub mod query;
 pub mod quota;
 pub mod registry;
-pub mod retention;
 pub mod rules;
 pub mod store;
 pub mod telemetry;
@@ -101,6 +102,10 @@ pub struct BrokerState {
     /// The database directory: the data directory, or a scratch directory removed when
     /// the broker stops.
     pub data_dir: std::path::PathBuf,
+    /// Reads the audit trail.
+    pub audit: Arc<dyn backend::AuditReader>,
+    /// The database writer (flushed and stopped when the state is dropped).
+    pub durable: Option<store::Store>,
     /// The scratch directory of a broker without `--data-dir` (removed when dropped).
     pub scratch: Option<store::ScratchDir>,
 }
@@ -194,7 +199,8 @@ async fn prometheus(
     let _ = writeln!(out, "periscope_agents_known {known}");
     let _ = writeln!(out, "# HELP periscope_actions_live Actions collecting.");
     let _ = writeln!(out, "# TYPE periscope_actions_live gauge");
-    let _ = writeln!(out, "periscope_actions_live {}", state.engine.live_count_visible(&caller));
+    let live = state.engine.live_count_visible(&caller).await.unwrap_or(0);
+    let _ = writeln!(out, "periscope_actions_live {live}");
     for (name, help, value) in [
         ("periscope_hits_accepted_total", "Snapshot hits stored.", stats.hits_accepted),
         (
@@ -251,6 +257,7 @@ async fn prometheus(
             ("org_rate", d.org_rate),
             ("unknown_redaction_rule", d.unknown_rules),
             ("catalog", d.catalog),
+            ("unavailable", d.unavailable),
         ] {
             let _ = writeln!(
                 out,
@@ -279,9 +286,11 @@ async fn prometheus(
 
     let metrics: Vec<_> = state
         .engine
-        .metric_snapshot()
+        .metric_snapshot(caller.org())
+        .await
+        .unwrap_or_default()
         .into_iter()
-        .filter(|m| m.org == caller.org() && m.pools.iter().all(|p| caller.sees_pool(&m.org, p)))
+        .filter(|m| m.pools.iter().all(|p| caller.sees_pool(&m.org, p)))
         .collect();
     let pool_of =
         |id: &periscope_protocol::AgentId| state.registry.with(id, |a| a.info.pool.clone()).unwrap_or_default();
@@ -393,6 +402,7 @@ pub async fn run(
     let (store, mut loaded) = store::Store::open(&dir)?;
     // Agent ids stay bound to their keys across restarts.
     registry.identities().restore(std::mem::take(&mut loaded.identities), store.handle());
+    let audit: Arc<dyn backend::AuditReader> = Arc::new(backend::local::SqliteAudit::new(store.handle(), dir.clone()));
     let rules = rules::Rules::new(config.redaction.clone())?;
     // Rules changed at run time outlive a restart unless the file's are newer.
     for (key, json) in &loaded.settings {
@@ -414,7 +424,7 @@ pub async fn run(
     .with_keys(Arc::clone(&keys))
     .with_ingest(config.ingest.clone())
     .with_org_quotas(config.org_quotas.resolve(&config.callers))
-    .with_store(store, loaded)?;
+    .with_store(&store, dir.clone(), loaded, config.store.max_ended_actions_per_org)?;
     if config.mcp_allowed_hosts().iter().all(|h| h != &bound.ip().to_string()) && !bound.ip().is_loopback() {
         tracing::warn!(
             listen = %bound,
@@ -440,6 +450,8 @@ pub async fn run(
         callers: CallerLimits::new(org_quotas),
         agent_limits,
         data_dir: dir,
+        audit,
+        durable: Some(store),
         scratch,
     });
     let housekeeping = tokio::spawn(housekeeping(Arc::clone(&state)));
@@ -494,7 +506,7 @@ async fn housekeeping(state: AppState) {
     let mut n = 0u64;
     loop {
         tick.tick().await;
-        state.engine.expire_due();
+        state.engine.expire_due().await;
         state.mcp_sessions.flush(&state.engine);
         // Notices key changes made by other processes (`periscope keys revoke`) even
         // with no API traffic, so agent sessions on a revoked agent key end promptly.
@@ -511,7 +523,7 @@ async fn housekeeping(state: AppState) {
         }
         if n % 14_400 == 1 {
             let retention_ms = state.config.store.hit_retention_days * 86_400_000;
-            state.engine.purge_before(time::now_ms().saturating_sub(retention_ms));
+            state.engine.purge_before(time::now_ms().saturating_sub(retention_ms)).await;
             let audit_ms = state.config.store.audit_retention_days * 86_400_000;
             state.engine.purge_audit_before(time::now_ms().saturating_sub(audit_ms));
             let directory = state.keys.current();

@@ -89,6 +89,8 @@ pub struct IngestDrops {
     pub unknown_rules: u64,
     /// Catalog entries ignored (over the entry or byte bound) or cut to their bounds.
     pub catalog: u64,
+    /// Hits and lines that could not be stored because the shared state was unreachable.
+    pub unavailable: u64,
     /// Warnings sent to the agent about it.
     pub warnings: u64,
 }
@@ -112,6 +114,8 @@ pub enum DropReason {
     UnknownRule,
     /// A catalog entry over its bounds.
     Catalog,
+    /// The shared state could not be reached to store it.
+    Unavailable,
 }
 
 impl DropReason {
@@ -126,6 +130,7 @@ impl DropReason {
             DropReason::OrgRate => "org_rate",
             DropReason::UnknownRule => "unknown_redaction_rule",
             DropReason::Catalog => "catalog",
+            DropReason::Unavailable => "unavailable",
         }
     }
 }
@@ -474,6 +479,7 @@ impl Registry {
                 DropReason::OrgRate => d.org_rate += n,
                 DropReason::UnknownRule => d.unknown_rules += n,
                 DropReason::Catalog => d.catalog += n,
+                DropReason::Unavailable => d.unavailable += n,
             }
         }
     }

@@ -199,6 +199,11 @@ mod tests {
             mcp_sessions: Default::default(),
             agent_limits: crate::agent_limits::AgentLimits::new(Default::default(), 10),
             data_dir: scratch.path().to_owned(),
+            audit: Arc::new(crate::backend::local::SqliteAudit::new(
+                crate::store::Store::open(scratch.path()).unwrap().0.handle(),
+                scratch.path().to_owned(),
+            )),
+            durable: None,
             scratch: Some(scratch),
         })
     }

@@ -29,15 +29,15 @@ impl PeriscopeMcp {
         annotations(read_only_hint = true, open_world_hint = false)
     )]
     async fn system_health(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
-        finish(self.health(&ctx, args))
+        finish(self.health(&ctx, args).await)
     }
 }
 
 impl PeriscopeMcp {
-    fn health(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
+    async fn health(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
         let principal = self.begin(ctx, Scope::SystemRead, "system_health")?;
         let HealthArgs {} = parse_args("system_health", args)?;
-        let body = crate::api::health_body(&self.state, &principal, self.charge(ctx));
+        let body = crate::api::health_body(&self.state, &principal, self.charge(ctx)).await?;
         let q = &body["quotas"];
         let paused = body["paused_actions"].as_array().map_or(0, Vec::len);
         let text = format!(

@@ -1,0 +1,37 @@
+//! The single-node backend: the broker's state in this process's memory, persisted to
+//! SQLite under `--data-dir` (or a scratch directory).
+//!
+//! - [`actions`]: [`MemoryActions`], the [`crate::backend::ActionStore`].
+//! - [`live_index`]: live actions by expiry, key and organization.
+//! - [`retention`]: which ended actions are kept, per organization and fair per key.
+//! - [`events`]: [`LocalEvents`], the [`crate::backend::ActionEvents`].
+//! - [`audit`]: [`SqliteAudit`], the audit sink and reader.
+//! - [`rules`]: [`SqliteRules`], the [`crate::backend::RuleStore`].
+
+pub mod actions;
+pub mod audit;
+pub mod events;
+pub mod live_index;
+pub mod retention;
+pub mod rules;
+
+pub use actions::MemoryActions;
+pub use audit::SqliteAudit;
+pub use events::LocalEvents;
+pub use rules::SqliteRules;
+
+#[cfg(test)]
+mod conformance {
+    use std::sync::Arc;
+
+    use crate::backend::conformance::{Backend, conformance_suite};
+
+    async fn memory() -> Backend {
+        Backend {
+            actions: Arc::new(super::MemoryActions::new(3, None)),
+            events: Arc::new(super::LocalEvents::default()),
+        }
+    }
+
+    conformance_suite!(memory);
+}
