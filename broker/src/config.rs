@@ -8,7 +8,7 @@ use std::time::Duration;
 use periscope_protocol::{AgentQuotas, CaptureLimits};
 use serde::{Deserialize, Serialize};
 
-use crate::auth::{Role, Scope};
+use crate::access::{MAX_KEY_NAME, MAX_ORG_NAME, Role, Scope, plausible_secret, valid_name};
 use crate::quota::{CallerQuotaOverrides, CallerSettings, IngestSettings, OrgQuotas};
 
 /// Why a configuration cannot be used.
@@ -503,10 +503,10 @@ impl BrokerConfig {
         for (i, k) in self.api_keys.iter().enumerate() {
             let at = format!("api_keys[{i}]");
             check_secret(&format!("{at}.key"), &k.key)?;
-            if k.name.trim().is_empty() || k.name.len() > crate::keys::MAX_KEY_NAME {
+            if k.name.trim().is_empty() || k.name.len() > MAX_KEY_NAME {
                 return Err(ConfigError::Invalid {
                     key: format!("{at}.name"),
-                    message: format!("must be 1 to {} characters", crate::keys::MAX_KEY_NAME),
+                    message: format!("must be 1 to {} characters", MAX_KEY_NAME),
                 });
             }
             let role = k.role_or_default();
@@ -652,11 +652,11 @@ fn check_tenancy_names(
     group: Option<&str>,
     pools: Option<&[String]>,
 ) -> Result<(), ConfigError> {
-    let max = crate::keys::MAX_ORG_NAME;
+    let max = MAX_ORG_NAME;
     let pool_max = periscope_protocol::messages::registration_bounds::MAX_NAME_LEN;
     for (field, value, max) in [("org", org, max), ("group", group, max)] {
         if let Some(v) = value
-            && !crate::keys::valid_name(v, max)
+            && !valid_name(v, max)
         {
             return Err(ConfigError::Invalid {
                 key: format!("{at}.{field}"),
@@ -664,7 +664,7 @@ fn check_tenancy_names(
             });
         }
     }
-    if let Some(p) = pools.into_iter().flatten().find(|p| !crate::keys::valid_name(p, pool_max)) {
+    if let Some(p) = pools.into_iter().flatten().find(|p| !valid_name(p, pool_max)) {
         return Err(ConfigError::Invalid {
             key: format!("{at}.pools"),
             message: format!("`{p}` must be 1 to {pool_max} characters from A-Z a-z 0-9 . _ : -"),
@@ -674,7 +674,7 @@ fn check_tenancy_names(
 }
 
 fn check_secret(key: &str, secret: &str) -> Result<(), ConfigError> {
-    if !crate::keys::plausible_secret(secret) {
+    if !plausible_secret(secret) {
         return Err(ConfigError::Invalid {
             key: key.into(),
             message: "must be 16 to 256 printable ASCII characters without spaces".into(),

@@ -44,22 +44,18 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 use tokio::sync::watch;
 
+pub use crate::access::{
+    DEFAULT_GROUP, DEFAULT_ORG, MAX_KEY_NAME, MAX_ORG_NAME, Tenancy, plausible_secret, valid_name,
+};
+use crate::access::{Reach, Role, Scope};
 use crate::audit::{self, Actor, AuditEntry, AuditKind};
-use crate::auth::{AuthFailure, Principal, Reach, Role, Scope};
+use crate::auth::{AuthFailure, Principal};
 use crate::config::{AgentKeyConfig, ApiKeyConfig};
 use crate::error::{ApiError, ErrorCode};
 use crate::quota::{CallerQuotaOverrides, CallerSettings};
 use crate::store::{StoreError, to_i64, to_u64};
 use crate::time::now_ms;
 
-/// The organization of a self-hosted broker, and of keys that name none.
-pub const DEFAULT_ORG: &str = "default";
-/// The group every organization has, owning every pool not assigned elsewhere.
-pub const DEFAULT_GROUP: &str = "default";
-/// Longest key name.
-pub const MAX_KEY_NAME: usize = 100;
-/// Longest organization or group name.
-pub const MAX_ORG_NAME: usize = 64;
 /// Longest lifetime a key may be given.
 pub const MAX_KEY_LIFETIME_MS: u64 = 10 * 366 * 86_400_000;
 
@@ -295,52 +291,6 @@ impl AgentCredentials {
     }
 }
 
-/// Organizations, their groups, and which group each assigned pool belongs to.
-#[derive(Debug, Clone, Default)]
-pub struct Tenancy {
-    orgs: BTreeMap<String, OrgTenancy>,
-}
-
-#[derive(Debug, Clone, Default)]
-struct OrgTenancy {
-    groups: BTreeSet<String>,
-    pools: BTreeMap<String, String>,
-}
-
-impl Tenancy {
-    /// The group `pool` of `org` belongs to (`default` when unassigned).
-    pub fn group_of<'a>(&'a self, org: &str, pool: &str) -> &'a str {
-        self.orgs.get(org).and_then(|o| o.pools.get(pool)).map_or(DEFAULT_GROUP, String::as_str)
-    }
-
-    /// Whether the organization exists.
-    pub fn has_org(&self, org: &str) -> bool {
-        self.orgs.contains_key(org)
-    }
-
-    /// Whether the group exists in the organization.
-    pub fn has_group(&self, org: &str, group: &str) -> bool {
-        group == DEFAULT_GROUP || self.orgs.get(org).is_some_and(|o| o.groups.contains(group))
-    }
-
-    /// The organization's groups.
-    pub fn groups(&self, org: &str) -> Vec<String> {
-        let mut g: BTreeSet<String> = self.orgs.get(org).map(|o| o.groups.clone()).unwrap_or_default();
-        g.insert(DEFAULT_GROUP.into());
-        g.into_iter().collect()
-    }
-
-    /// The organization's explicit pool assignments.
-    pub fn assigned_pools(&self, org: &str) -> BTreeMap<String, String> {
-        self.orgs.get(org).map(|o| o.pools.clone()).unwrap_or_default()
-    }
-
-    /// Every organization.
-    pub fn orgs(&self) -> Vec<String> {
-        self.orgs.keys().cloned().collect()
-    }
-}
-
 /// A consistent snapshot of keys and tenancy.
 #[derive(Debug, Default)]
 pub struct Directory {
@@ -445,20 +395,6 @@ pub fn new_secret(prefix: &str) -> Result<String, KeyError> {
         }
     }
     Ok(out)
-}
-
-/// Whether `s` could be a key at all: 16 to 256 printable ASCII characters without
-/// spaces (what the configuration file accepts; generated keys are 36). Anything else is
-/// refused before it is hashed or looked up.
-pub fn plausible_secret(s: &str) -> bool {
-    (16..=256).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic())
-}
-
-/// Whether `s` is a valid organization, group or pool name.
-pub fn valid_name(s: &str, max: usize) -> bool {
-    !s.is_empty()
-        && s.len() <= max
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
 fn check_name(field: &str, s: &str, max: usize) -> Result<(), KeyError> {
@@ -568,19 +504,19 @@ fn load(conn: &Connection, config_keys: &[Arc<KeyRecord>]) -> rusqlite::Result<(
     {
         let mut stmt = tx.prepare("SELECT name FROM orgs")?;
         for org in stmt.query_map([], |r| r.get::<_, String>(0))? {
-            tenancy.orgs.entry(org?).or_default();
+            tenancy.add_org(&org?);
         }
         let mut stmt = tx.prepare("SELECT org, name FROM groups")?;
         for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
             let (org, name) = row?;
-            tenancy.orgs.entry(org).or_default().groups.insert(name);
+            tenancy.add_group(&org, &name);
         }
         let mut stmt = tx.prepare("SELECT org, name, grp FROM pools")?;
         for row in
             stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?
         {
             let (org, pool, group) = row?;
-            tenancy.orgs.entry(org).or_default().pools.insert(pool, group);
+            tenancy.assign(&org, &pool, &group);
         }
     }
     let mut dir = Directory::default();

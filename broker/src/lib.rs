@@ -22,7 +22,8 @@
 //!   keys).
 //! - [`keys`]: API and agent keys, organizations, groups and pools; freshness across
 //!   processes.
-//! - [`auth`]: roles, scopes, reach; the authentication middleware.
+//! - [`access`]: roles, scopes, reach, tenancy: who may see and do what, as plain data.
+//! - [`auth`]: principals, scope and role checks; the authentication middleware.
 //! - [`quota`]: per-caller, per-agent and per-action quotas (`governor`).
 //! - [`audit`]: the audit trail: entries, queries, exports.
 //! - [`query`]: listing agents and sources with filters and pagination.
@@ -31,6 +32,7 @@
 //! - [`mcp`]: the MCP server at `/mcp` (streamable HTTP) and `periscope mcp` (stdio).
 //! - [`error`]: the error codes callers see.
 
+pub mod access;
 pub mod admin;
 pub mod agent_limits;
 pub mod api;

@@ -32,8 +32,19 @@ use governor::middleware::StateInformationMiddleware;
 use governor::{DefaultDirectRateLimiter, Quota};
 use serde::{Deserialize, Serialize};
 
-use crate::auth::Principal;
+use crate::access::Role;
 use crate::error::{ApiError, ErrorCode};
+
+/// Whom a call, a wait or a session is charged to: a key of an organization, with its
+/// quotas (an authenticated [`crate::auth::Principal`]).
+pub trait Charged {
+    /// The key's id.
+    fn key_id(&self) -> &str;
+    /// Its organization.
+    fn org(&self) -> &str;
+    /// Its quotas.
+    fn quotas(&self) -> CallerQuotas;
+}
 
 /// One GCRA: `per_second` cells per second with a burst of `burst` cells.
 pub struct Rate {
@@ -237,7 +248,7 @@ impl Default for CallerSettings {
 
 impl CallerSettings {
     /// The quotas of a key of `role`, with the key's own overrides.
-    pub fn resolve(&self, role: crate::auth::Role, key: Option<&CallerQuotaOverrides>) -> CallerQuotas {
+    pub fn resolve(&self, role: Role, key: Option<&CallerQuotaOverrides>) -> CallerQuotas {
         let base = CallerQuotas {
             calls_per_minute: self.calls_per_minute,
             call_burst: self.call_burst,
@@ -246,9 +257,9 @@ impl CallerSettings {
             mcp_sessions: self.mcp_sessions,
         };
         let by_role = match role {
-            crate::auth::Role::Developer => &self.developer,
-            crate::auth::Role::GroupAdmin => &self.group_admin,
-            crate::auth::Role::CompanyAdmin => &self.company_admin,
+            Role::Developer => &self.developer,
+            Role::GroupAdmin => &self.group_admin,
+            Role::CompanyAdmin => &self.company_admin,
         };
         let q = by_role.apply(base);
         key.map_or(q, |k| k.apply(q))
@@ -628,9 +639,9 @@ impl CallerLimits {
     /// Charges one call to the caller's key, then to its organization; `quota_exceeded`
     /// (with when to retry) when either budget is spent. The key is charged first, so a
     /// key over its own budget never spends its organization's.
-    pub fn charge_call(&self, caller: &Principal) -> Result<CallBudget, ApiError> {
-        let quotas = caller.quotas;
-        let state = self.state(&caller.key_id, quotas);
+    pub fn charge_call(&self, caller: &impl Charged) -> Result<CallBudget, ApiError> {
+        let quotas = caller.quotas();
+        let state = self.state(caller.key_id(), quotas);
         let remaining = match state.calls.take(1) {
             Ok(remaining) => remaining,
             Err(wait) => {
@@ -682,9 +693,9 @@ impl CallerLimits {
     /// key already has `concurrent_waits` of them, or its organization has its ceiling
     /// (retry when the soonest one ends). Both slots are taken together or neither. The
     /// slots are freed when the returned guard drops.
-    pub fn begin_wait(&self, caller: &Principal, deadline: tokio::time::Instant) -> Result<WaitSlot, ApiError> {
-        let quotas = caller.quotas;
-        let state = self.state(&caller.key_id, quotas);
+    pub fn begin_wait(&self, caller: &impl Charged, deadline: tokio::time::Instant) -> Result<WaitSlot, ApiError> {
+        let quotas = caller.quotas();
+        let state = self.state(caller.key_id(), quotas);
         let org = self.org(caller.org());
         // Organization before key, always: one lock order.
         let mut org_waits = lock(&org.waits);
@@ -726,9 +737,9 @@ impl CallerLimits {
     /// Opens an MCP session for the caller; `quota_exceeded` when its key already has
     /// `mcp_sessions` open, or its organization has its ceiling. The slots are freed
     /// when the returned guard drops (the session ended or expired).
-    pub fn begin_session(&self, caller: &Principal) -> Result<SessionSlot, ApiError> {
-        let quotas = caller.quotas;
-        let state = self.state(&caller.key_id, quotas);
+    pub fn begin_session(&self, caller: &impl Charged) -> Result<SessionSlot, ApiError> {
+        let quotas = caller.quotas();
+        let state = self.state(caller.key_id(), quotas);
         let org = self.org(caller.org());
         let mut org_open = lock(&org.sessions);
         let mut open = lock(&state.sessions);
@@ -823,13 +834,13 @@ mod tests {
         assert_eq!(retry_secs(Duration::ZERO), 1);
     }
 
-    fn caller(key: &str, org: &str, quotas: CallerQuotas) -> Principal {
-        Principal {
+    fn caller(key: &str, org: &str, quotas: CallerQuotas) -> crate::auth::Principal {
+        crate::auth::Principal {
             key_id: key.into(),
             name: key.into(),
-            role: crate::auth::Role::Developer,
-            scopes: crate::auth::Scope::DEFAULT.to_vec(),
-            reach: crate::auth::Reach::org(org),
+            role: Role::Developer,
+            scopes: crate::access::Scope::DEFAULT.to_vec(),
+            reach: crate::access::Reach::org(org),
             quotas,
             tenancy: Arc::default(),
         }
