@@ -339,7 +339,8 @@ async fn session(state: AppState, mut socket: WebSocket, credentials: AgentCrede
     });
     let actions = state.engine.on_agent_registered(&agent_id).await;
     let rules = state.engine.rules.message(&credentials.org);
-    let sender = Sender { id: agent_id.clone(), name: name.clone(), org: credentials.org.clone(), pool: pool.clone() };
+    let sender =
+        Sender { id: agent_id.clone(), name: name.clone(), org: credentials.org.clone(), pool: pool.clone(), epoch: 0 };
     let reason = if send(&mut socket, &registered).await
         && send(&mut socket, &rules).await
         && send(&mut socket, &BrokerMessage::ActionSync { actions }).await
@@ -566,6 +567,7 @@ async fn handle(state: &AppState, from: &Sender, msg: AgentMessage) -> Option<Pr
                 Ingested::Refused => state.registry.count_hit(agent_id, false),
                 Ingested::RateLimited => state.registry.count_drop(agent_id, DropReason::ActionRate, 1),
                 Ingested::Unavailable => state.registry.count_drop(agent_id, DropReason::Unavailable, 1),
+                Ingested::LeaseLost => state.registry.count_drop(agent_id, DropReason::LeaseLost, 1),
             }
             None
         }

@@ -260,6 +260,7 @@ async fn prometheus(
             ("unknown_redaction_rule", d.unknown_rules),
             ("catalog", d.catalog),
             ("unavailable", d.unavailable),
+            ("lease_lost", d.lease_lost),
         ] {
             let _ = writeln!(
                 out,

@@ -91,6 +91,8 @@ pub struct IngestDrops {
     pub catalog: u64,
     /// Hits and lines that could not be stored because the shared state was unreachable.
     pub unavailable: u64,
+    /// Hits refused because the agent's lease had moved to another node.
+    pub lease_lost: u64,
     /// Warnings sent to the agent about it.
     pub warnings: u64,
 }
@@ -116,6 +118,8 @@ pub enum DropReason {
     Catalog,
     /// The shared state could not be reached to store it.
     Unavailable,
+    /// The agent's lease moved to another node.
+    LeaseLost,
 }
 
 impl DropReason {
@@ -131,6 +135,7 @@ impl DropReason {
             DropReason::UnknownRule => "unknown_redaction_rule",
             DropReason::Catalog => "catalog",
             DropReason::Unavailable => "unavailable",
+            DropReason::LeaseLost => "lease_lost",
         }
     }
 }
@@ -480,6 +485,7 @@ impl Registry {
                 DropReason::UnknownRule => d.unknown_rules += n,
                 DropReason::Catalog => d.catalog += n,
                 DropReason::Unavailable => d.unavailable += n,
+                DropReason::LeaseLost => d.lease_lost += n,
             }
         }
     }

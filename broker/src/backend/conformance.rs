@@ -22,6 +22,8 @@ pub(crate) struct Backend {
     pub actions: Arc<dyn ActionStore>,
     /// Its action events.
     pub events: Arc<dyn ActionEvents>,
+    /// Whatever must live as long as the test (a server, a stop signal).
+    pub _keep: Box<dyn std::any::Any + Send>,
 }
 
 /// Runs every conformance test against the backends `$make` builds (an async fn
@@ -54,7 +56,7 @@ macro_rules! conformance_suite {
 pub(crate) use conformance_suite;
 
 fn sender(org: &str) -> Sender {
-    Sender { id: AgentId::generate(), name: "agent".into(), org: org.into(), pool: "shop".into() }
+    Sender { id: AgentId::generate(), name: "agent".into(), org: org.into(), pool: "shop".into(), epoch: 0 }
 }
 
 fn record(org: &str, key: &str, kind: ActionKind, agents: &[&Sender], expires_at_ms: u64) -> ActionRecord {

@@ -21,6 +21,7 @@
 //! before it had seams.
 
 pub mod local;
+pub mod redis;
 
 #[cfg(test)]
 pub(crate) mod conformance;
@@ -132,6 +133,8 @@ pub enum HitOutcome {
     Refused,
     /// Over the action's per-agent rate.
     RateLimited,
+    /// The agent's lease moved to another node: this node may no longer write for it.
+    LeaseLost,
 }
 
 /// What became of a frame's log lines for one action.

@@ -77,6 +77,7 @@ impl Engine {
                 self.broker_pause(&id, from, "rate_limited", message, now, |r| r.dropped.snapshot_rate += 1).await;
                 Ingested::RateLimited
             }
+            HitOutcome::LeaseLost => Ingested::LeaseLost,
             HitOutcome::Accepted { complete, .. } => {
                 self.stats.add(from, |s| s.hits_accepted += 1);
                 self.events.changed(&id);

@@ -80,6 +80,9 @@ pub struct Sender {
     /// The pool it registered into (counters are kept per pool, so a pool-restricted
     /// key sees only its pools' counts).
     pub pool: String,
+    /// The epoch of this node's lease on the agent (0: no leases, a single node). A store
+    /// shared by several nodes refuses what a node writes under an epoch that moved on.
+    pub epoch: u64,
 }
 
 /// What became of a hit an agent sent.
@@ -93,6 +96,8 @@ pub enum Ingested {
     RateLimited,
     /// Not stored: the shared state could not be reached (counted as a drop).
     Unavailable,
+    /// Not stored: the agent is held by another node now; this session must end.
+    LeaseLost,
 }
 
 /// What became of a frame of log lines.

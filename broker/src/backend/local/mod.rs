@@ -30,6 +30,7 @@ mod conformance {
         Backend {
             actions: Arc::new(super::MemoryActions::new(3, None)),
             events: Arc::new(super::LocalEvents::default()),
+            _keep: Box::new(()),
         }
     }
 
