@@ -363,6 +363,49 @@ pub struct BrokerConfig {
     pub data_dir: Option<std::path::PathBuf>,
     /// Redaction rules (built-ins on by default); changeable at run time through the API.
     pub redaction: periscope_redaction::RedactionConfig,
+    /// Cluster mode: several nodes sharing one Redis.
+    pub cluster: ClusterSettings,
+}
+
+/// `[cluster]`: run this broker as one node of several that share their state in one
+/// Redis (`redis_url`); without it the broker is a single node keeping its state in
+/// SQLite under `data_dir`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// `redis://[user:password@]host:port/db` of the shared Redis (a primary, with
+    /// `appendonly yes` and `maxmemory-policy noeviction`).
+    pub redis_url: Option<String>,
+    /// This node's name, unique in the cluster (default: the host name and the port it
+    /// listens on).
+    pub node_name: Option<String>,
+    /// Prefix of every key this deployment keeps in Redis (several may share one).
+    pub key_prefix: String,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings { redis_url: None, node_name: None, key_prefix: "periscope:".into() }
+    }
+}
+
+impl ClusterSettings {
+    /// Whether the broker runs as a cluster node.
+    pub fn enabled(&self) -> bool {
+        self.redis_url.is_some()
+    }
+
+    /// This node's name: the configured one, or `<host name>:<port>`.
+    pub fn node_name(&self, bound: SocketAddr) -> String {
+        self.node_name.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| crate::access::valid_name(h, 64))
+                .unwrap_or_else(|| "node".into());
+            format!("{host}:{}", bound.port())
+        })
+    }
 }
 
 impl Default for BrokerConfig {
@@ -383,6 +426,7 @@ impl Default for BrokerConfig {
             http: HttpSettings::default(),
             data_dir: None,
             redaction: periscope_redaction::RedactionConfig::default(),
+            cluster: ClusterSettings::default(),
         }
     }
 }
@@ -604,6 +648,32 @@ impl BrokerConfig {
                     message: format!("`{origin}` must start with http:// or https:// (or be \"*\" or \"null\")"),
                 });
             }
+        }
+        if let Some(url) = &self.cluster.redis_url
+            && !url.starts_with("redis://")
+        {
+            return Err(ConfigError::Invalid {
+                key: "cluster.redis_url".into(),
+                message: format!(
+                    "`{}` must start with redis:// (redis://host:6379/0; TLS is not supported)",
+                    crate::backend::redis::redact_url(url)
+                ),
+            });
+        }
+        if let Some(name) = &self.cluster.node_name
+            && !valid_name(name, 64)
+        {
+            return Err(ConfigError::Invalid {
+                key: "cluster.node_name".into(),
+                message: format!("`{name}` must be 1 to 64 characters from A-Z a-z 0-9 . _ : -"),
+            });
+        }
+        let prefix = &self.cluster.key_prefix;
+        if prefix.is_empty() || prefix.len() > 64 || prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(ConfigError::Invalid {
+                key: "cluster.key_prefix".into(),
+                message: "must be 1 to 64 characters without spaces".into(),
+            });
         }
         if let Some(url) = &self.public_url
             && !(url.starts_with("http://") || url.starts_with("https://"))

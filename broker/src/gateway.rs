@@ -327,8 +327,32 @@ async fn session(state: AppState, mut socket: WebSocket, credentials: AgentCrede
             return refuse(&mut socket, error_body(ProtocolErrorCode::RateLimited, msg, true)).await;
         }
     };
+    // The id's lease: one node holds an agent at a time, and what it writes for the
+    // agent carries the lease's epoch (a node the agent left can write no more).
+    let epoch = match state.directory.acquire(&agent_id, &host, pid).await {
+        Ok(Ok(epoch)) => epoch,
+        Ok(Err(held)) => {
+            state.registry.lease_lost(&agent_id);
+            let msg = format!("agent id `{agent_id}` is already online from another process");
+            let detail = format!(
+                "a second process tried to register as the online agent `{agent_id}` (held by node `{}`)",
+                held.node
+            );
+            let target = serde_json::json!({ "agent_id": agent_id, "pool": pool, "host": host, "pid": pid });
+            let actor = agent_actor(&agent_id, &credentials);
+            audit_refusal(&state, &credentials, actor, AuditKind::AgentImpersonation, "duplicate", target, detail);
+            return refuse(&mut socket, error_body(ProtocolErrorCode::DuplicateAgent, msg, true)).await;
+        }
+        Err(e) => {
+            state.registry.lease_lost(&agent_id);
+            tracing::warn!(agent = %agent_id, error = %e, "cannot take an agent's lease; refusing its registration");
+            let msg = "the broker cannot reach its shared state right now; retry shortly".to_owned();
+            return refuse(&mut socket, error_body(ProtocolErrorCode::RateLimited, msg, false)).await;
+        }
+    };
+    state.registry.set_epoch(&agent_id, session_no, epoch);
     claim.registered();
-    tracing::info!(agent = %agent_id, name = %name, "agent registered");
+    tracing::info!(agent = %agent_id, name = %name, epoch, "agent registered");
     let registered = BrokerMessage::Registered(Registered {
         agent_id: agent_id.clone(),
         protocol_version: PROTOCOL_VERSION,
@@ -354,7 +378,13 @@ async fn session(state: AppState, mut socket: WebSocket, credentials: AgentCrede
     // offline: whoever sees it offline may take its place.
     drop((budget, claim));
     state.registry.disconnect(&agent_id, session_no, &reason);
-    state.engine.on_agent_disconnected(&sender).await;
+    if let Err(e) = state.directory.release(&agent_id, epoch).await {
+        tracing::debug!(agent = %agent_id, error = %e, "cannot release an agent's lease (it expires by itself)");
+    }
+    // An agent that moved to another node is online there: its actions stay as they are.
+    if state.registry.with(&agent_id, |r| r.remote.is_none()).unwrap_or(true) {
+        state.engine.on_agent_disconnected(&sender).await;
+    }
 }
 
 /// The session loop; returns why it ended.

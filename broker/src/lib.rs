@@ -40,6 +40,7 @@ pub mod audit;
 pub mod audit_repeats;
 pub mod auth;
 pub mod backend;
+pub mod cluster;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -108,6 +109,15 @@ pub struct BrokerState {
     pub audit: Arc<dyn backend::AuditReader>,
     /// The database writer (flushed and stopped when the state is dropped).
     pub durable: Option<store::Store>,
+    /// Which node holds each agent, and the bus between nodes (one node: the local
+    /// directory).
+    pub directory: Arc<dyn backend::AgentDirectory>,
+    /// The shared Redis, in cluster mode.
+    pub redis: Option<backend::redis::Redis>,
+    /// Where organizations' redaction rules changed at run time are kept.
+    pub rule_store: Option<Arc<dyn backend::RuleStore>>,
+    /// When this node started (Unix ms).
+    pub started_at_ms: u64,
     /// The scratch directory of a broker without `--data-dir` (removed when dropped).
     pub scratch: Option<store::ScratchDir>,
 }
@@ -165,9 +175,27 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// `GET /healthz`: up or not, for load balancers; says nothing about any tenant.
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
+/// `GET /healthz`: ready or not, for load balancers; says nothing about any tenant. A
+/// cluster node that cannot reach Redis is not ready (503): it keeps its agents
+/// connected but refuses new placements.
+async fn healthz(State(state): State<AppState>) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let node = state.directory.node().to_owned();
+    match &state.redis {
+        Some(r) if !r.is_up() => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            [(axum::http::header::RETRY_AFTER, "5")],
+            Json(serde_json::json!({
+                "status": "not_ready", "version": env!("CARGO_PKG_VERSION"), "node": node, "redis": "unreachable",
+            })),
+        )
+            .into_response(),
+        Some(_) => Json(serde_json::json!({
+            "status": "ok", "version": env!("CARGO_PKG_VERSION"), "node": node, "redis": "up",
+        }))
+        .into_response(),
+        None => Json(serde_json::json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") })).into_response(),
+    }
 }
 
 /// `GET /metrics` (an API key with `mcp:system:read`; Prometheus sends it as a bearer
@@ -366,15 +394,19 @@ pub async fn run(
     let bound = listener.local_addr()?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let a = &config.agents;
-    let registry = Arc::new(
-        Registry::new(a.max_catalog_entries)
-            .with_max_per_org(a.max_agents_per_org)
-            .with_max_catalog_bytes(a.max_catalog_bytes)
-            .with_identities(identity::Identities::new(
-                a.identity_retention_secs.saturating_mul(1_000),
-                usize::try_from(a.max_identities_per_org).unwrap_or(usize::MAX),
-            )),
-    );
+    let node_name = config.cluster.node_name(bound);
+    let (bus_tx, bus_rx) = tokio::sync::mpsc::channel(16_384);
+    let mut registry = Registry::new(a.max_catalog_entries)
+        .with_max_per_org(a.max_agents_per_org)
+        .with_max_catalog_bytes(a.max_catalog_bytes)
+        .with_identities(identity::Identities::new(
+            a.identity_retention_secs.saturating_mul(1_000),
+            usize::try_from(a.max_identities_per_org).unwrap_or(usize::MAX),
+        ));
+    if config.cluster.enabled() {
+        registry = registry.with_cluster(node_name.clone(), bus_tx);
+    }
+    let registry = Arc::new(registry);
     // Without a data directory the same database lives in a scratch directory that
     // goes away with the broker: one code path, nothing survives.
     let scratch = match &config.data_dir {
@@ -405,20 +437,10 @@ pub async fn run(
     let (store, mut loaded) = store::Store::open(&dir)?;
     // Agent ids stay bound to their keys across restarts.
     registry.identities().restore(std::mem::take(&mut loaded.identities), store.handle());
-    let audit: Arc<dyn backend::AuditReader> = Arc::new(backend::local::SqliteAudit::new(store.handle(), dir.clone()));
     let rules = rules::Rules::new(config.redaction.clone())?;
-    // Rules changed at run time outlive a restart unless the file's are newer.
-    for (key, json) in &loaded.settings {
-        let Some(org) = rules::org_of_setting(key) else { continue };
-        match serde_json::from_str::<periscope_redaction::RedactionConfig>(json) {
-            Ok(stored) => rules.restore(org, stored),
-            Err(e) => tracing::warn!(org, error = %e, "ignoring stored redaction rules that do not decode"),
-        }
-    }
-    let rules = Arc::new(rules);
     let engine = Engine::new(
         Arc::clone(&registry),
-        Arc::clone(&rules),
+        Arc::new(rules),
         config.limits,
         config.store.max_ended_actions_per_org,
         stop_rx.clone(),
@@ -426,8 +448,50 @@ pub async fn run(
     .with_metric_interval(config.agents.metric_report_interval_ms)
     .with_keys(Arc::clone(&keys))
     .with_ingest(config.ingest.clone())
-    .with_org_quotas(config.org_quotas.resolve(&config.callers))
-    .with_store(&store, dir.clone(), loaded, config.store.max_ended_actions_per_org)?;
+    .with_org_quotas(config.org_quotas.resolve(&config.callers));
+    let (engine, audit, directory, redis, rule_store): (
+        Engine,
+        Arc<dyn backend::AuditReader>,
+        Arc<dyn backend::AgentDirectory>,
+        Option<backend::redis::Redis>,
+        Arc<dyn backend::RuleStore>,
+    ) = match &config.cluster.redis_url {
+        None => {
+            let audit = Arc::new(backend::local::SqliteAudit::new(store.handle(), dir.clone()));
+            let rule_store = Arc::new(backend::local::SqliteRules::new(Some(store.handle()), loaded.settings.clone()));
+            let engine = engine.with_store(&store, dir.clone(), loaded, config.store.max_ended_actions_per_org)?;
+            (engine, audit, Arc::new(backend::local::LocalDirectory::new(node_name.clone())), None, rule_store)
+        }
+        Some(url) => {
+            let redis = backend::redis::Redis::connect(url, &config.cluster.key_prefix)
+                .await
+                .map_err(|e| anyhow::anyhow!("cluster.redis_url ({}): {e}", backend::redis::redact_url(url)))?;
+            tracing::info!(node = %node_name, redis = %backend::redis::redact_url(url), "cluster node");
+            let audit = Arc::new(backend::redis::RedisAudit::start(redis.clone()));
+            let rule_store = Arc::new(backend::redis::RedisRules::new(redis.clone(), node_name.clone()));
+            let engine = engine
+                .with_backend(
+                    Arc::new(backend::redis::RedisActions::new(redis.clone(), config.store.max_ended_actions_per_org)),
+                    backend::redis::RedisEvents::start(redis.clone(), stop_rx.clone()),
+                )
+                .with_audit(audit.clone())
+                .with_rule_store(rule_store.clone());
+            let directory = backend::redis::RedisDirectory::start(redis.clone(), node_name.clone(), stop_rx.clone());
+            (engine, audit, directory, Some(redis), rule_store)
+        }
+    };
+    // Rules changed at run time outlive a restart unless the file's are newer.
+    match rule_store.load_all().await {
+        Ok(stored) => {
+            for (org, json) in stored {
+                match serde_json::from_str::<periscope_redaction::RedactionConfig>(&json) {
+                    Ok(config) => engine.rules.restore(&org, config),
+                    Err(e) => tracing::warn!(org, error = %e, "ignoring stored redaction rules that do not decode"),
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read the stored redaction rules"),
+    }
     if config.mcp_allowed_hosts().iter().all(|h| h != &bound.ip().to_string()) && !bound.ip().is_loopback() {
         tracing::warn!(
             listen = %bound,
@@ -455,9 +519,14 @@ pub async fn run(
         data_dir: dir,
         audit,
         durable: Some(store),
+        directory,
+        redis,
+        rule_store: Some(rule_store),
+        started_at_ms: time::now_ms(),
         scratch,
     });
     let housekeeping = tokio::spawn(housekeeping(Arc::clone(&state)));
+    let node_tasks = cluster::spawn(Arc::clone(&state), bus_rx);
     let app = app(Arc::clone(&state));
     let serve_stop = CancellationToken::new();
     let server =
@@ -468,6 +537,9 @@ pub async fn run(
     let _ = stop_tx.send(true);
     cancel.cancel();
     housekeeping.abort();
+    for t in node_tasks {
+        t.abort();
+    }
     serve_stop.cancel();
     // The listener closes what is still open after the grace period itself.
     let served = match tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), server).await {

@@ -303,6 +303,10 @@ pub struct ServeFlags {
     pub api_keys: Vec<String>,
     /// `--agent-key` (repeatable).
     pub agent_keys: Vec<String>,
+    /// `--redis`: run as a node of the cluster sharing this Redis.
+    pub redis: Option<String>,
+    /// `--node-name`.
+    pub node_name: Option<String>,
 }
 
 /// The broker's configuration from flags, environment (`env` looks a variable up) and
@@ -331,6 +335,18 @@ pub fn serve_config(flags: &ServeFlags, env: impl Fn(&str) -> Option<String>) ->
     }
     if let Some(v) = var("PERISCOPE_DATA_DIR") {
         config.data_dir = Some(v.into());
+    }
+    if let Some(v) = var("PERISCOPE_REDIS_URL") {
+        config.cluster.redis_url = Some(v);
+    }
+    if let Some(v) = var("PERISCOPE_NODE_NAME") {
+        config.cluster.node_name = Some(v);
+    }
+    if let Some(url) = &flags.redis {
+        config.cluster.redis_url = Some(url.clone());
+    }
+    if let Some(name) = &flags.node_name {
+        config.cluster.node_name = Some(name.clone());
     }
     for (name, slot) in [
         ("PERISCOPE_HIT_RETENTION_DAYS", &mut config.store.hit_retention_days),

@@ -231,8 +231,8 @@ struct ShopInstanceArgs {
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Environment (flags win over it; it wins over the file): PERISCOPE_CONFIG, PERISCOPE_LISTEN, \
-PERISCOPE_PUBLIC_URL, PERISCOPE_DATA_DIR, PERISCOPE_API_KEY, PERISCOPE_AGENT_KEY, PERISCOPE_HIT_RETENTION_DAYS, \
-PERISCOPE_AUDIT_RETENTION_DAYS, PERISCOPE_LOG.")]
+PERISCOPE_PUBLIC_URL, PERISCOPE_DATA_DIR, PERISCOPE_REDIS_URL, PERISCOPE_NODE_NAME, PERISCOPE_API_KEY, \
+PERISCOPE_AGENT_KEY, PERISCOPE_HIT_RETENTION_DAYS, PERISCOPE_AUDIT_RETENTION_DAYS, PERISCOPE_LOG.")]
 struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:7070, or `listen` from the config file].
     #[arg(long)]
@@ -251,6 +251,12 @@ struct ServeArgs {
     /// An agent key accepted for every pool of `default` (repeatable).
     #[arg(long = "agent-key", value_delimiter = ',')]
     agent_keys: Vec<String>,
+    /// Run as a node of the cluster sharing this Redis (`redis://host:6379/0`).
+    #[arg(long)]
+    redis: Option<String>,
+    /// This node's name in the cluster [default: host name and port].
+    #[arg(long)]
+    node_name: Option<String>,
 }
 
 fn init_logging(default: &str) {
@@ -325,6 +331,8 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<periscope_broker::BrokerConfi
         data_dir: args.data_dir.clone(),
         api_keys: args.api_keys.clone(),
         agent_keys: args.agent_keys.clone(),
+        redis: args.redis.clone(),
+        node_name: args.node_name.clone(),
     };
     cli::serve_config(&flags, |name| std::env::var(name).ok())
 }

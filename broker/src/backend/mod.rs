@@ -15,6 +15,8 @@
 //! - [`ActionEvents`]: "this action changed", for callers waiting on it.
 //! - [`AuditSink`] and [`AuditReader`]: the audit trail.
 //! - [`RuleStore`]: the redaction rules each organization changed at run time.
+//! - [`AgentDirectory`]: which node holds each agent (a lease with an epoch), what
+//!   every node knows of it, and the bus that carries messages to the node holding it.
 //!
 //! Calls that may reach another process are async and return a [`BackendFuture`];
 //! the local implementations answer at once, under a short lock, as the broker did
@@ -32,6 +34,7 @@ use periscope_protocol::{ActionId, Hit, LogLine, MetricReport};
 use crate::audit::{AuditEntry, AuditPage, AuditQuery};
 use crate::engine::{ActionRecord, ActionStatus, HitsPage, Sender};
 use crate::error::{ApiError, ErrorCode};
+use crate::registry::AgentSnapshot;
 use crate::telemetry::{LinesPage, MetricData};
 
 /// A backend call in flight.
@@ -276,4 +279,103 @@ pub trait RuleStore: Send + Sync + std::fmt::Debug {
     fn save<'a>(&'a self, org: &'a str, json: String) -> BackendFuture<'a, ()>;
     /// Every organization's stored rules.
     fn load_all(&self) -> BackendFuture<'_, Vec<(String, String)>>;
+}
+
+/// Another process holds the agent id (a live lease from another host or pid).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseHeld {
+    /// The node holding it.
+    pub node: String,
+}
+
+/// What a node hears from the others.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClusterEvent {
+    /// An agent's record changed (held by another node, or gone offline there).
+    Agent(periscope_protocol::AgentId),
+    /// A message for an agent this node holds.
+    Message(periscope_protocol::AgentId, periscope_protocol::BrokerMessage),
+    /// An organization's redaction rules changed.
+    Rules(String),
+    /// The key directory changed.
+    Keys,
+    /// Events may have been missed (a subscription was lost and is back).
+    Resync,
+}
+
+/// Which node holds each agent, what every node knows of each agent, and the bus to the
+/// node holding one.
+///
+/// An agent id is held by one node at a time, under a lease with an epoch: the node
+/// that registers the agent takes the lease (over a live one only when the same process,
+/// host and pid, reconnects: it moved), renews it while the session lasts, and releases
+/// it at the end. Writes for the agent carry the epoch, and a store shared by several
+/// nodes refuses them once the lease moved on ([`HitOutcome::LeaseLost`]).
+pub trait AgentDirectory: Send + Sync + std::fmt::Debug {
+    /// This node's name.
+    fn node(&self) -> &str;
+
+    /// Takes the lease on `agent` for a session of process `pid` on `host`; its epoch.
+    fn acquire<'a>(
+        &'a self,
+        agent: &'a periscope_protocol::AgentId,
+        host: &'a str,
+        pid: u32,
+    ) -> BackendFuture<'a, Result<u64, LeaseHeld>>;
+
+    /// Keeps leases alive; returns the agents whose lease moved to another epoch.
+    fn renew(
+        &self,
+        leases: Vec<(periscope_protocol::AgentId, u64)>,
+    ) -> BackendFuture<'_, Vec<periscope_protocol::AgentId>>;
+
+    /// Gives a lease up (the session ended), if it is still at `epoch`.
+    fn release<'a>(&'a self, agent: &'a periscope_protocol::AgentId, epoch: u64) -> BackendFuture<'a, ()>;
+
+    /// The epoch of the lease on `agent` now, if any.
+    fn lease<'a>(&'a self, agent: &'a periscope_protocol::AgentId) -> BackendFuture<'a, Option<u64>>;
+
+    /// Tells the other nodes what this node knows of an agent it holds (and its catalog,
+    /// when it changed).
+    fn publish(
+        &self,
+        record: AgentSnapshot,
+        catalog: Option<Vec<periscope_protocol::CatalogEntry>>,
+    ) -> BackendFuture<'_, ()>;
+
+    /// What the nodes published of an agent.
+    fn get<'a>(&'a self, agent: &'a periscope_protocol::AgentId) -> BackendFuture<'a, Option<AgentSnapshot>>;
+
+    /// Everything the nodes published.
+    fn all(&self) -> BackendFuture<'_, Vec<AgentSnapshot>>;
+
+    /// An agent's catalog as its node published it.
+    fn catalog<'a>(
+        &'a self,
+        agent: &'a periscope_protocol::AgentId,
+    ) -> BackendFuture<'a, Vec<periscope_protocol::CatalogEntry>>;
+
+    /// Forgets an agent (offline beyond its retention).
+    fn forget<'a>(&'a self, agent: &'a periscope_protocol::AgentId) -> BackendFuture<'a, ()>;
+
+    /// Sends a message to an agent held by `node`.
+    fn send<'a>(
+        &'a self,
+        node: &'a str,
+        agent: &'a periscope_protocol::AgentId,
+        msg: &'a periscope_protocol::BrokerMessage,
+    ) -> BackendFuture<'a, ()>;
+
+    /// Tells every node something changed that is not an agent (rules, keys).
+    fn broadcast(&self, event: ClusterEvent) -> BackendFuture<'_, ()>;
+
+    /// This node is alive and serves `load` (agents, connections, ...): called every
+    /// second; a node silent for a few seconds is taken for gone.
+    fn heartbeat(&self, load: serde_json::Value) -> BackendFuture<'_, ()>;
+
+    /// The nodes alive now, with what each said of its load.
+    fn nodes(&self) -> BackendFuture<'_, Vec<(String, serde_json::Value)>>;
+
+    /// What the other nodes say, from now on.
+    fn subscribe(&self) -> tokio::sync::mpsc::Receiver<ClusterEvent>;
 }

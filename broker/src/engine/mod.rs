@@ -167,6 +167,18 @@ impl OrgStats {
 }
 
 impl EngineStats {
+    /// Every organization's counters added up (this node's load).
+    pub fn totals(&self) -> OrgStats {
+        let orgs = self.orgs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = OrgStats::default();
+        for pools in orgs.values() {
+            for stats in pools.values() {
+                out.absorb(stats);
+            }
+        }
+        out
+    }
+
     /// Updates the counters of the agent's organization and pool.
     pub fn add(&self, from: &Sender, f: impl FnOnce(&mut OrgStats)) {
         let mut orgs = self.orgs.lock().unwrap_or_else(|p| p.into_inner());

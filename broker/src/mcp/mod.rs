@@ -204,6 +204,10 @@ mod tests {
                 scratch.path().to_owned(),
             )),
             durable: None,
+            directory: Arc::new(crate::backend::local::LocalDirectory::new("test")),
+            redis: None,
+            rule_store: None,
+            started_at_ms: 0,
             scratch: Some(scratch),
         })
     }

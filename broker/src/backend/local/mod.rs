@@ -7,9 +7,11 @@
 //! - [`events`]: [`LocalEvents`], the [`crate::backend::ActionEvents`].
 //! - [`audit`]: [`SqliteAudit`], the audit sink and reader.
 //! - [`rules`]: [`SqliteRules`], the [`crate::backend::RuleStore`].
+//! - [`directory`]: [`LocalDirectory`], the [`crate::backend::AgentDirectory`] of one node.
 
 pub mod actions;
 pub mod audit;
+pub mod directory;
 pub mod events;
 pub mod live_index;
 pub mod retention;
@@ -17,6 +19,7 @@ pub mod rules;
 
 pub use actions::MemoryActions;
 pub use audit::SqliteAudit;
+pub use directory::LocalDirectory;
 pub use events::LocalEvents;
 pub use rules::SqliteRules;
 

@@ -6,15 +6,21 @@
 //! - [`actions`]: [`RedisActions`], the [`crate::backend::ActionStore`]: records in
 //!   hashes, hits and lines in lists whose index every node shares, live and ended
 //!   actions in sorted sets, each change one Lua script (atomic).
+//! - [`cluster`]: [`RedisDirectory`], which node holds each agent (leases with an
+//!   epoch), what every node knows of each agent, the bus between nodes, the nodes.
 //! - [`events`]: [`RedisEvents`], action events over pub/sub to every node's waiters.
+//! - [`shared`]: [`RedisAudit`] (the audit trail) and [`RedisRules`] (redaction rules
+//!   changed at run time, announced to every node).
 //! - [`server`]: a private `redis-server` for tests and benches.
 //!
 //! Every write a caller is told about is acknowledged by Redis first; with
 //! `appendonly yes` a Redis restart loses none of them.
 
 pub mod actions;
+pub mod cluster;
 pub mod events;
 pub mod server;
+pub mod shared;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,7 +29,9 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 pub use actions::RedisActions;
+pub use cluster::RedisDirectory;
 pub use events::RedisEvents;
+pub use shared::{RedisAudit, RedisRules};
 
 use crate::backend::BackendError;
 

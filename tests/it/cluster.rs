@@ -1,0 +1,141 @@
+//! Cluster mode: three broker nodes sharing one Redis behave as one system. An agent
+//! connects to one node, callers talk to any node, and every call answers the same.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde_json::{Value as Json, json};
+
+use crate::support::{Api, TestAgent, TestCluster, eventually, wait_online};
+
+#[tracing::instrument(fields(order_id = id))]
+fn cluster_checkout(id: u64) {
+    tracing::info!(order_id = id, total_cents = 2500u64, "cluster order placed");
+}
+
+/// Runs the workload every few milliseconds until stopped.
+fn workload(agent: &TestAgent, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    agent.run(move || {
+        let mut id = 0;
+        while !stop.load(Ordering::Relaxed) {
+            id += 1;
+            cluster_checkout(id);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    })
+}
+
+async fn agent_ids(api: &Api) -> Vec<(String, String)> {
+    let (status, page) = api.get("/agents").await;
+    assert_eq!(status, 200, "{page}");
+    let mut out: Vec<(String, String)> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["agent_id"].as_str().unwrap().to_owned(), a["status"].as_str().unwrap().to_owned()))
+        .collect();
+    out.sort();
+    out
+}
+
+async fn line_of(api: &Api) -> u64 {
+    let api = api.clone();
+    let source = eventually(Duration::from_secs(15), "the callsite in the cluster's catalog", move || {
+        let api = api.clone();
+        async move { api.find_source("cluster.rs", "total_cents").await }
+    })
+    .await;
+    source["line"].as_u64().unwrap()
+}
+
+fn id(v: &Json) -> String {
+    v["action_id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_on_one_node_is_placed_on_through_another_and_read_on_a_third() {
+    let cluster = TestCluster::start_with(3, |c| c.agents.metric_report_interval_ms = 1_000).await;
+    let (a, b, c) = (cluster.node(0).api(), cluster.node(1).api(), cluster.node(2).api());
+    let agent = TestAgent::start(&cluster.node(1).ws_url(), "shop", &["env:test"]);
+    wait_online(&a, &agent.id()).await;
+    wait_online(&c, &agent.id()).await;
+    // Every node lists the same agents.
+    let on_b = agent_ids(&b).await;
+    assert_eq!(agent_ids(&a).await, on_b);
+    assert_eq!(agent_ids(&c).await, on_b);
+    let (_, via_a) = a.get(&format!("/agents/{}", agent.id())).await;
+    assert_eq!(via_a["node"], "b", "{via_a}");
+
+    // The callsite runs once so that it is in the catalog every node sees.
+    agent.run(|| cluster_checkout(0)).join().unwrap();
+    let line = line_of(&a).await;
+
+    // A snapshot placed through A, waited for on C: the hit is ingested on B.
+    let (status, snap) =
+        a.post("/actions", json!({"pool": "shop", "file": "it/cluster.rs", "line": line, "max_hits": 2})).await;
+    assert_eq!(status, 201, "{snap}");
+    let snap = id(&snap);
+    let waiter = {
+        let c = c.clone();
+        let snap = snap.clone();
+        tokio::spawn(async move { c.get(&format!("/actions/{snap}/hits?since=0&wait_seconds=30")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let work = workload(&agent, Arc::clone(&stop));
+    let (status, page) = waiter.await.unwrap();
+    assert_eq!(status, 200, "{page}");
+    let hits = page["hits"].as_array().unwrap();
+    assert!(!hits.is_empty(), "{page}");
+    assert_eq!(hits[0]["index"], 1);
+    assert_eq!(hits[0]["agent_id"], agent.id().as_str());
+    assert_eq!(hits[0]["fields"]["total_cents"]["value"], 2500);
+
+    // A log placed through A, read on C.
+    let (status, log) = a
+        .post(
+            "/logs",
+            json!({"pool": "shop", "file": "it/cluster.rs", "line": line, "template": "order {order_id}", "max_lines": 3}),
+        )
+        .await;
+    assert_eq!(status, 201, "{log}");
+    let (status, lines) = c.get(&format!("/actions/{}/lines?since=0&wait_seconds=30", id(&log))).await;
+    assert_eq!(status, 200, "{lines}");
+    let first = &lines["lines"][0];
+    assert!(first["text"].as_str().unwrap().starts_with("order "), "{lines}");
+    assert_eq!(first["index"], 1);
+
+    // A counter placed through A counts on B and reads on C.
+    let (status, counter) =
+        a.post("/metrics", json!({"pool": "shop", "kind": "counter", "file": "it/cluster.rs", "line": line})).await;
+    assert_eq!(status, 201, "{counter}");
+    let counter = id(&counter);
+    let c2 = c.clone();
+    eventually(Duration::from_secs(20), "the counter's figures on C", move || {
+        let c = c2.clone();
+        let counter = counter.clone();
+        async move {
+            let (_, v) = c.get(&format!("/actions/{counter}")).await;
+            (v["figures"]["total"]["count"].as_u64().unwrap_or(0) > 0).then_some(())
+        }
+    })
+    .await;
+
+    // The snapshot completed with its two hits, seen alike from every node.
+    let c3 = c.clone();
+    let done = eventually(Duration::from_secs(20), "the snapshot completed", move || {
+        let c = c3.clone();
+        let snap = snap.clone();
+        async move {
+            let (_, v) = c.get(&format!("/actions/{snap}")).await;
+            (v["status"] == "completed").then_some(v)
+        }
+    })
+    .await;
+    assert_eq!(done["hits"], 2, "{done}");
+    stop.store(true, Ordering::Relaxed);
+    work.join().unwrap();
+    agent.shutdown();
+    cluster.stop().await;
+}
