@@ -184,7 +184,7 @@ pub struct CallCharge(pub Result<CallBudget, ApiError>);
 pub async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let authenticated = match bearer(req.headers()) {
         None => Err(AuthFailure::Missing),
-        Some(token) => state.keys.authenticate_api(token),
+        Some(token) => state.keys.authenticate_api(token).await,
     };
     let principal = match authenticated {
         Ok(p) => p,

@@ -62,7 +62,7 @@ async fn listen(state: AppState) {
             }
             ClusterEvent::Rules(org) => reload_rules(&state, Some(&org)).await,
             ClusterEvent::Keys => {
-                if let Err(e) = state.keys.refresh() {
+                if let Err(e) = state.keys.refresh().await {
                     tracing::warn!(error = %e, "cannot read the key directory");
                 }
             }
@@ -102,7 +102,7 @@ async fn resync(state: &AppState) {
         Err(e) => tracing::debug!(error = %e, "cannot read the agent directory"),
     }
     reload_rules(state, None).await;
-    let _ = state.keys.refresh();
+    let _ = state.keys.refresh().await;
 }
 
 /// Takes an organization's rules (or every organization's) from the rule store, and

@@ -51,7 +51,7 @@ pub async fn agents_ws(State(state): State<AppState>, headers: HeaderMap, ws: We
     let Some(key) = crate::auth::bearer(&headers) else {
         return unauthorized("agents must send their agent key as `Authorization: Bearer <agent key>`");
     };
-    let credentials = match state.keys.authenticate_agent(key) {
+    let credentials = match state.keys.authenticate_agent(key).await {
         Ok(c) => c,
         Err(AuthFailure::Revoked) => return unauthorized("the agent key has been revoked"),
         Err(AuthFailure::Expired) => return unauthorized("the agent key has expired"),

@@ -128,10 +128,11 @@ pub type AppState = Arc<BrokerState>;
 impl BrokerState {
     /// Checks again, after a long wait, that the caller's key still works: a key
     /// revoked while its call waited gets no result.
-    pub fn recheck(&self, principal: &Principal) -> Result<(), error::ApiError> {
+    pub async fn recheck(&self, principal: &Principal) -> Result<(), error::ApiError> {
         let active = self
             .keys
             .refresh()
+            .await
             .ok()
             .and_then(|d| d.key(&principal.key_id).map(|k| k.status(time::now_ms()) == keys::KeyStatus::Active));
         if active == Some(true) {
@@ -418,8 +419,22 @@ pub async fn run(
         (None, Some(s)) => s.path().to_owned(),
         (None, None) => anyhow::bail!("no data directory"),
     };
-    let keys = Arc::new(KeyStore::open(&dir, &config.api_keys, &config.agent_keys, config.callers.clone())?);
-    if let Some(issued) = keys.bootstrap(config.api_keys.len())? {
+    // In a cluster the key directory, like the rest of the shared state, is in Redis.
+    let redis = match &config.cluster.redis_url {
+        None => None,
+        Some(url) => Some(
+            backend::redis::Redis::connect(url, &config.cluster.key_prefix)
+                .await
+                .map_err(|e| anyhow::anyhow!("cluster.redis_url ({}): {e}", backend::redis::redact_url(url)))?,
+        ),
+    };
+    let key_backend: Arc<dyn backend::KeyBackend> = match &redis {
+        None => Arc::new(backend::local::SqliteKeys::open(&dir)?),
+        Some(r) => Arc::new(backend::redis::RedisKeys::new(r.clone(), node_name.clone())),
+    };
+    let keys =
+        Arc::new(KeyStore::open(key_backend, &config.api_keys, &config.agent_keys, config.callers.clone()).await?);
+    if let Some(issued) = keys.bootstrap(config.api_keys.len()).await? {
         print_bootstrap_key(&issued, config.data_dir.is_some());
     } else if config.api_keys.is_empty()
         && !keys
@@ -585,7 +600,7 @@ async fn housekeeping(state: AppState) {
         state.mcp_sessions.flush(&state.engine);
         // Notices key changes made by other processes (`periscope keys revoke`) even
         // with no API traffic, so agent sessions on a revoked agent key end promptly.
-        if let Err(e) = state.keys.refresh() {
+        if let Err(e) = state.keys.refresh().await {
             tracing::warn!(error = %e, "cannot read the key store");
         }
         n += 1;

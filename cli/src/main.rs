@@ -63,9 +63,21 @@ enum KeysCommand {
 
 #[derive(Debug, clap::Args)]
 struct DataDirArg {
-    /// The broker's data directory.
+    /// The broker's data directory (a single node).
     #[arg(long, env = "PERISCOPE_DATA_DIR")]
-    data_dir: PathBuf,
+    data_dir: Option<PathBuf>,
+    /// The cluster's Redis (`redis://host:6379/0`), instead of a data directory.
+    #[arg(long, env = "PERISCOPE_REDIS_URL")]
+    redis: Option<String>,
+    /// The cluster's key prefix in Redis.
+    #[arg(long, default_value = "periscope:")]
+    key_prefix: String,
+}
+
+impl DataDirArg {
+    fn target(&self) -> anyhow::Result<cli::Target> {
+        cli::Target::from_flags(self.data_dir.clone(), self.redis.clone(), self.key_prefix.clone())
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -337,7 +349,7 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<periscope_broker::BrokerConfi
     cli::serve_config(&flags, |name| std::env::var(name).ok())
 }
 
-fn keys(command: KeysCommand) -> anyhow::Result<()> {
+async fn keys(command: KeysCommand) -> anyhow::Result<()> {
     match command {
         KeysCommand::Create(a) => {
             let request = cli::CreateKey {
@@ -351,7 +363,7 @@ fn keys(command: KeysCommand) -> anyhow::Result<()> {
                 expires_in: a.expires_in,
                 expires_at: a.expires_at,
             };
-            let issued = cli::create_key(&a.dir.data_dir, &request)?;
+            let issued = cli::create_key(&a.dir.target()?, &request).await?;
             if a.json {
                 println!("{}", serde_json::to_string(&issued)?);
             } else {
@@ -359,7 +371,7 @@ fn keys(command: KeysCommand) -> anyhow::Result<()> {
             }
         }
         KeysCommand::List(a) => {
-            let items = cli::list_keys(&a.dir.data_dir, a.org.as_deref(), a.all)?;
+            let items = cli::list_keys(&a.dir.target()?, a.org.as_deref(), a.all).await?;
             if a.json {
                 for k in items {
                     println!("{k}");
@@ -369,7 +381,7 @@ fn keys(command: KeysCommand) -> anyhow::Result<()> {
             }
         }
         KeysCommand::Revoke(a) => {
-            let key = cli::revoke_key(&a.dir.data_dir, &a.key_id)?;
+            let key = cli::revoke_key(&a.dir.target()?, &a.key_id).await?;
             println!(
                 "Revoked {} (`{}`); it fails from the broker's next call on.",
                 a.key_id,
@@ -432,7 +444,7 @@ fn main() -> anyhow::Result<()> {
             result
         }
         Command::Redact(args) => redact(&args),
-        Command::Keys(command) => keys(command),
+        Command::Keys(command) => runtime.block_on(keys(command)),
         Command::Audit(AuditCommand::Export(a)) => {
             let filter = cli::AuditFilter {
                 org: a.org,
@@ -444,7 +456,7 @@ fn main() -> anyhow::Result<()> {
             };
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            let n = cli::export_audit(&a.dir.data_dir, &filter, &mut out)?;
+            let n = runtime.block_on(cli::export_audit(&a.dir.target()?, &filter, &mut out))?;
             eprintln!("{n} audit entr{} exported", if n == 1 { "y" } else { "ies" });
             Ok(())
         }

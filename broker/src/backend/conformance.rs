@@ -12,8 +12,12 @@ use periscope_protocol::{
     MetricReport, MetricSpec, SnapshotSpec,
 };
 
+use crate::audit::{Actor, AuditEntry, AuditKind};
 use crate::auth::Reach;
-use crate::backend::{ActionEvents, ActionStore, HitOutcome, LiveLimits, LiveRefusal, RateSpec};
+use crate::backend::{
+    ActionEvents, ActionStore, AgentDirectory, HitOutcome, KeyBackend, KeyRefusal, KeyRow, LiveLimits, LiveRefusal,
+    RateSpec,
+};
 use crate::engine::{ActionRecord, ActionStatus, AgentActionView, Sender, Target};
 
 /// A fresh, empty backend under test.
@@ -22,6 +26,10 @@ pub(crate) struct Backend {
     pub actions: Arc<dyn ActionStore>,
     /// Its action events.
     pub events: Arc<dyn ActionEvents>,
+    /// Its key directory.
+    pub keys: Arc<dyn KeyBackend>,
+    /// Its agent directory (node `n1`).
+    pub directory: Arc<dyn AgentDirectory>,
     /// Whatever must live as long as the test (a server, a stop signal).
     pub _keep: Box<dyn std::any::Any + Send>,
 }
@@ -42,7 +50,11 @@ macro_rules! conformance_suite {
             log_lines_are_admitted_within_the_actions_rates_and_complete_at_max_lines,
             metric_reports_merge_from_the_agents_the_action_targets,
             a_waiter_subscribed_before_a_change_is_woken,
-            purging_forgets_actions_that_ended_before_the_cutoff);
+            purging_forgets_actions_that_ended_before_the_cutoff,
+            a_key_is_stored_with_its_audit_entry_and_moves_the_epoch,
+            revoking_twice_writes_one_entry,
+            groups_and_pool_assignments_refuse_what_does_not_exist,
+            a_lease_is_taken_over_only_by_the_same_process_with_a_newer_epoch);
     };
     (@tests $make:path; $($name:ident),*) => {
         $(
@@ -374,4 +386,115 @@ pub(crate) async fn purging_forgets_actions_that_ended_before_the_cutoff(b: Back
     assert!(b.actions.load(&old.spec.id).await.unwrap().is_none());
     assert!(b.actions.load(&new.spec.id).await.unwrap().is_some());
     assert_eq!(b.actions.list("acme").await.unwrap().len(), 1);
+}
+
+fn key_row(id: &str, org: &str, group: Option<&str>) -> KeyRow {
+    KeyRow {
+        id: id.into(),
+        hash: format!("{:0>64}", id.bytes().map(|b| format!("{b:02x}")).collect::<String>()),
+        kind: "api".into(),
+        name: id.into(),
+        org: org.into(),
+        role: Some("developer".into()),
+        group: group.map(Into::into),
+        scopes: None,
+        pools: None,
+        quotas: None,
+        hint: "psk_…".into(),
+        created_at_ms: 1,
+        created_by: "test".into(),
+        expires_at_ms: None,
+        revoked_at_ms: None,
+        revoked_by: None,
+        created_by_key: None,
+    }
+}
+
+fn entry(org: &str, kind: AuditKind) -> AuditEntry {
+    AuditEntry::new(org, Actor::cli(), kind)
+}
+
+pub(crate) async fn a_key_is_stored_with_its_audit_entry_and_moves_the_epoch(b: Backend) {
+    b.keys.ensure(vec![("acme".into(), Some("payments".into()))]).await.unwrap();
+    let before = b.keys.epoch().await.unwrap();
+    let refused =
+        b.keys.insert(key_row("key_a", "nowhere", None), entry("nowhere", AuditKind::KeyCreated), false).await;
+    assert_eq!(refused.unwrap(), Err(KeyRefusal::NoOrg("nowhere".into())));
+    let refused = b.keys.insert(key_row("key_a", "acme", Some("ghosts")), entry("acme", AuditKind::KeyCreated), false);
+    assert_eq!(refused.await.unwrap(), Err(KeyRefusal::NoGroup("ghosts".into())));
+    b.keys
+        .insert(key_row("key_a", "acme", Some("payments")), entry("acme", AuditKind::KeyCreated), false)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(b.keys.epoch().await.unwrap() > before, "every change moves the epoch");
+    let rows = b.keys.load().await.unwrap();
+    assert_eq!(rows.keys.len(), 1);
+    assert_eq!(rows.keys[0].group.as_deref(), Some("payments"));
+    assert!(rows.orgs.contains(&"acme".to_owned()) && rows.orgs.contains(&"default".to_owned()));
+    assert!(rows.groups.contains(&("acme".to_owned(), "payments".to_owned())));
+    // The command line creates what is missing.
+    b.keys
+        .insert(key_row("key_b", "globex", Some("ops")), entry("globex", AuditKind::KeyCreated), true)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(b.keys.load().await.unwrap().groups.contains(&("globex".to_owned(), "ops".to_owned())));
+}
+
+pub(crate) async fn revoking_twice_writes_one_entry(b: Backend) {
+    b.keys.ensure(vec![]).await.unwrap();
+    b.keys
+        .insert(key_row("key_a", "default", None), entry("default", AuditKind::KeyCreated), false)
+        .await
+        .unwrap()
+        .unwrap();
+    b.keys.revoke(vec![("key_a".into(), entry("default", AuditKind::KeyRevoked))], 42, "alice".into()).await.unwrap();
+    b.keys.revoke(vec![("key_a".into(), entry("default", AuditKind::KeyRevoked))], 99, "bob".into()).await.unwrap();
+    let rows = b.keys.load().await.unwrap();
+    assert_eq!((rows.keys[0].revoked_at_ms, rows.keys[0].revoked_by.as_deref()), (Some(42), Some("alice")));
+}
+
+pub(crate) async fn groups_and_pool_assignments_refuse_what_does_not_exist(b: Backend) {
+    b.keys.ensure(vec![]).await.unwrap();
+    b.keys
+        .create_group("default".into(), "ops".into(), entry("default", AuditKind::GroupCreated))
+        .await
+        .unwrap()
+        .unwrap();
+    let again = b.keys.create_group("default".into(), "ops".into(), entry("default", AuditKind::GroupCreated)).await;
+    assert_eq!(again.unwrap(), Err(KeyRefusal::GroupExists("ops".into())));
+    let audit = |from: &str| entry("default", AuditKind::PoolAssigned).detail(format!("from {from}"));
+    let nowhere = b.keys.assign_pool("default".into(), "shop".into(), "ghosts".into(), Box::new(audit)).await;
+    assert_eq!(nowhere.unwrap(), Err(KeyRefusal::NoGroup("ghosts".into())));
+    b.keys.assign_pool("default".into(), "shop".into(), "ops".into(), Box::new(audit)).await.unwrap().unwrap();
+    assert_eq!(b.keys.load().await.unwrap().pools, vec![("default".into(), "shop".into(), "ops".into())]);
+    b.keys.assign_pool("default".into(), "shop".into(), "default".into(), Box::new(audit)).await.unwrap().unwrap();
+    assert!(b.keys.load().await.unwrap().pools.is_empty(), "back to default: no assignment");
+}
+
+pub(crate) async fn a_lease_is_taken_over_only_by_the_same_process_with_a_newer_epoch(b: Backend) {
+    let agent = AgentId::generate();
+    let first = b.directory.acquire(&agent, "host-1", 10).await.unwrap().unwrap();
+    let held = b.directory.acquire(&agent, "host-2", 10).await.unwrap();
+    assert!(held.is_err(), "another process may not take a live lease");
+    let second = b.directory.acquire(&agent, "host-1", 10).await.unwrap().unwrap();
+    assert!(second > first, "the same process reconnecting takes it over, newer");
+    assert_eq!(b.directory.lease(&agent).await.unwrap(), Some(second));
+    assert_eq!(b.directory.renew(vec![(agent.clone(), first)]).await.unwrap(), vec![agent.clone()], "moved on");
+    assert!(b.directory.renew(vec![(agent.clone(), second)]).await.unwrap().is_empty());
+    b.directory.release(&agent, first).await.unwrap();
+    assert_eq!(b.directory.lease(&agent).await.unwrap(), Some(second), "a stale epoch releases nothing");
+    b.directory.release(&agent, second).await.unwrap();
+    assert!(b.directory.acquire(&agent, "host-2", 11).await.unwrap().is_ok(), "released: anyone may take it");
+}
+
+/// A live snapshot targeting `from` (for backend-specific tests).
+pub(crate) fn record_for(from: &Sender, max_hits: u32) -> ActionRecord {
+    record(&from.org, "key_a", snapshot(max_hits), &[from], FAR)
+}
+
+/// A hit for `action` (for backend-specific tests).
+pub(crate) fn hit_for(action: &ActionId, seq: u64) -> Hit {
+    hit(action, seq)
 }

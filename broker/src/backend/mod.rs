@@ -15,6 +15,9 @@
 //! - [`ActionEvents`]: "this action changed", for callers waiting on it.
 //! - [`AuditSink`] and [`AuditReader`]: the audit trail.
 //! - [`RuleStore`]: the redaction rules each organization changed at run time.
+//! - [`KeyBackend`]: where the key directory (keys, organizations, groups, pool
+//!   assignments) is kept; the broker keeps it in memory and re-reads it whenever its
+//!   epoch moved.
 //! - [`AgentDirectory`]: which node holds each agent (a lease with an epoch), what
 //!   every node knows of it, and the bus that carries messages to the node holding it.
 //!
@@ -378,4 +381,106 @@ pub trait AgentDirectory: Send + Sync + std::fmt::Debug {
 
     /// What the other nodes say, from now on.
     fn subscribe(&self) -> tokio::sync::mpsc::Receiver<ClusterEvent>;
+}
+
+/// A stored key, as the key directory keeps it (JSON columns for what may grow).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeyRow {
+    /// `key_…`.
+    pub id: String,
+    /// SHA-256 of the secret, hex.
+    pub hash: String,
+    /// `api` or `agent`.
+    pub kind: String,
+    /// Who or what uses it.
+    pub name: String,
+    /// Its organization.
+    pub org: String,
+    /// API keys: the role.
+    pub role: Option<String>,
+    /// The group.
+    pub group: Option<String>,
+    /// Narrower scopes, JSON.
+    pub scopes: Option<String>,
+    /// Pool restriction, JSON.
+    pub pools: Option<String>,
+    /// Quota overrides, JSON.
+    pub quotas: Option<String>,
+    /// The first characters of the secret.
+    pub hint: String,
+    /// When (Unix ms).
+    pub created_at_ms: u64,
+    /// Who created it.
+    pub created_by: String,
+    /// When it stops working.
+    pub expires_at_ms: Option<u64>,
+    /// When it was revoked.
+    pub revoked_at_ms: Option<u64>,
+    /// Who revoked it.
+    pub revoked_by: Option<String>,
+    /// The key that minted it.
+    pub created_by_key: Option<String>,
+}
+
+/// Everything the key directory holds, with the epoch it was read at.
+#[derive(Debug, Clone, Default)]
+pub struct KeyRows {
+    /// The stored keys.
+    pub keys: Vec<KeyRow>,
+    /// Organizations.
+    pub orgs: Vec<String>,
+    /// Groups: (organization, group).
+    pub groups: Vec<(String, String)>,
+    /// Pool assignments: (organization, pool, group).
+    pub pools: Vec<(String, String, String)>,
+    /// Bumped by every change.
+    pub epoch: i64,
+}
+
+/// Why a change to the key directory was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyRefusal {
+    /// No such organization.
+    NoOrg(String),
+    /// No such group in the organization.
+    NoGroup(String),
+    /// The group exists already.
+    GroupExists(String),
+}
+
+/// Builds a pool assignment's audit entry from the group the pool leaves.
+pub type AssignAudit = Box<dyn Fn(&str) -> AuditEntry + Send + Sync>;
+
+/// Where the key directory is kept. Every change is atomic with the audit entries that
+/// record it, and bumps the directory's epoch, so every broker process (or node) reading
+/// the directory sees it at its next check.
+pub trait KeyBackend: Send + Sync + std::fmt::Debug {
+    /// Everything, consistently.
+    fn load(&self) -> BackendFuture<'_, KeyRows>;
+    /// The epoch now (cheap: checked on every authenticated call).
+    fn epoch(&self) -> BackendFuture<'_, i64>;
+    /// Creates missing organizations and groups (`None`: just the organization).
+    fn ensure(&self, orgs: Vec<(String, Option<String>)>) -> BackendFuture<'_, ()>;
+    /// Stores a new key with its audit entry; missing organization and group are
+    /// created when `create_missing`, refused otherwise.
+    fn insert(&self, row: KeyRow, audit: AuditEntry, create_missing: bool)
+    -> BackendFuture<'_, Result<(), KeyRefusal>>;
+    /// Revokes the keys (each with its audit entry, written only if it was not revoked
+    /// already) at `at_ms` by `by`.
+    fn revoke(&self, keys: Vec<(String, AuditEntry)>, at_ms: u64, by: String) -> BackendFuture<'_, ()>;
+    /// Creates a group.
+    fn create_group(&self, org: String, group: String, audit: AuditEntry) -> BackendFuture<'_, Result<(), KeyRefusal>>;
+    /// Assigns a pool to a group (`default` releases it); the audit entry names the group
+    /// it leaves.
+    fn assign_pool(
+        &self,
+        org: String,
+        pool: String,
+        group: String,
+        audit: AssignAudit,
+    ) -> BackendFuture<'_, Result<(), KeyRefusal>>;
+    /// Whether the bootstrap key was issued, and how many API keys are stored.
+    fn bootstrap_state(&self) -> BackendFuture<'_, (bool, usize)>;
+    /// Records that the bootstrap key was issued.
+    fn mark_bootstrap(&self, at_ms: u64) -> BackendFuture<'_, ()>;
 }

@@ -483,7 +483,7 @@ impl PeriscopeMcp {
             }
         };
         waited?;
-        self.state.recheck(&principal)?;
+        self.state.recheck(&principal).await?;
         self.after_wait(&id, a.max_hits, a.timeout_seconds, &principal).await
     }
 
@@ -659,7 +659,7 @@ impl PeriscopeMcp {
                 r = engine.wait_hits(&a.action_id, a.since, a.limit, wait, &principal) => r?,
                 _ = ctx.ct.cancelled() => return Err(cancelled()),
             };
-            self.state.recheck(&principal)?;
+            self.state.recheck(&principal).await?;
             page
         };
         let view = engine.get(&a.action_id, &principal).await?;
@@ -695,7 +695,7 @@ impl PeriscopeMcp {
                 r = engine.wait_lines(&a.action_id, a.since, a.limit, wait, principal) => r?,
                 _ = ctx.ct.cancelled() => return Err(cancelled()),
             };
-            self.state.recheck(principal)?;
+            self.state.recheck(principal).await?;
             page
         };
         let view = engine.get(&a.action_id, principal).await?;

@@ -186,7 +186,8 @@ mod tests {
         let engine =
             crate::engine::Engine::new(Arc::clone(&registry), Default::default(), config.limits, 10, rx.clone());
         let scratch = crate::store::ScratchDir::new().unwrap();
-        let keys = Arc::new(crate::keys::KeyStore::open_cli(scratch.path()).unwrap());
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let keys = Arc::new(rt.block_on(crate::keys::KeyStore::open_cli(scratch.path())).unwrap());
         Arc::new(crate::BrokerState {
             config,
             registry,

@@ -9,6 +9,7 @@
 //! - [`cluster`]: [`RedisDirectory`], which node holds each agent (leases with an
 //!   epoch), what every node knows of each agent, the bus between nodes, the nodes.
 //! - [`events`]: [`RedisEvents`], action events over pub/sub to every node's waiters.
+//! - [`keys`]: [`RedisKeys`], the key directory (keys, organizations, groups, pools).
 //! - [`shared`]: [`RedisAudit`] (the audit trail) and [`RedisRules`] (redaction rules
 //!   changed at run time, announced to every node).
 //! - [`server`]: a private `redis-server` for tests and benches.
@@ -19,6 +20,7 @@
 pub mod actions;
 pub mod cluster;
 pub mod events;
+pub mod keys;
 pub mod server;
 pub mod shared;
 
@@ -31,6 +33,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 pub use actions::RedisActions;
 pub use cluster::RedisDirectory;
 pub use events::RedisEvents;
+pub use keys::RedisKeys;
 pub use shared::{RedisAudit, RedisRules};
 
 use crate::backend::BackendError;
@@ -192,10 +195,61 @@ mod conformance {
         let (stop_tx, stop) = tokio::sync::watch::channel(false);
         Backend {
             actions: Arc::new(super::RedisActions::new(redis.clone(), 3)),
-            events: super::RedisEvents::start(redis, stop),
+            events: super::RedisEvents::start(redis.clone(), stop.clone()),
+            keys: Arc::new(super::RedisKeys::new(redis.clone(), "n1")),
+            directory: super::RedisDirectory::start(redis, "n1".into(), stop),
             _keep: Box::new((server, stop_tx)),
         }
     }
 
     conformance_suite!(shared);
+}
+
+#[cfg(test)]
+mod fencing {
+    use std::sync::Arc;
+
+    use periscope_protocol::AgentId;
+
+    use crate::backend::{ActionStore, AgentDirectory, HitOutcome, LiveLimits, RateSpec};
+
+    #[tokio::test]
+    async fn a_node_whose_lease_moved_cannot_write_hits_for_the_agent() {
+        let server = super::server::RedisServer::start().expect("redis-server starts");
+        let redis = super::Redis::connect(&server.url(), "periscope:").await.unwrap();
+        let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+        let actions = super::RedisActions::new(redis.clone(), 3);
+        let (a, b) = (
+            super::RedisDirectory::start(redis.clone(), "a".into(), stop.clone()),
+            super::RedisDirectory::start(redis.clone(), "b".into(), stop),
+        );
+        let agent = AgentId::generate();
+        let on_a = a.acquire(&agent, "host", 7).await.unwrap().unwrap();
+        let mut from = crate::engine::Sender {
+            id: agent.clone(),
+            name: "x".into(),
+            org: "acme".into(),
+            pool: "shop".into(),
+            epoch: on_a,
+        };
+        let record = crate::backend::conformance::record_for(&from, 5);
+        let id = record.spec.id.clone();
+        actions.insert(record, LiveLimits { per_key: 9, per_org: 9 }).await.unwrap().unwrap();
+        let rate = RateSpec { per_sec: 100.0, burst: 100.0 };
+        let hit = crate::backend::conformance::hit_for(&id, 1);
+        assert!(matches!(
+            actions.append_hit(&id, &from, hit.clone(), 1, rate).await.unwrap(),
+            HitOutcome::Accepted { .. }
+        ));
+        // The agent reconnects to node B: B takes the lease over.
+        let on_b = b.acquire(&agent, "host", 7).await.unwrap().unwrap();
+        assert_eq!(actions.append_hit(&id, &from, hit.clone(), 2, rate).await.unwrap(), HitOutcome::LeaseLost);
+        from.epoch = on_b;
+        assert!(matches!(
+            actions.append_hit(&id, &from, hit, 3, rate).await.unwrap(),
+            HitOutcome::Accepted { index: 2, .. }
+        ));
+        assert_eq!(a.renew(vec![(agent.clone(), on_a)]).await.unwrap(), vec![agent], "A learns it lost the lease");
+        let _ = Arc::new(());
+    }
 }

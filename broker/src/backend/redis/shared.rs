@@ -71,6 +71,11 @@ impl RedisAudit {
         RedisAudit { redis, queue: tx, dropped: Arc::default() }
     }
 
+    /// The organizations that have audit entries.
+    pub async fn orgs(&self) -> Result<Vec<String>, BackendError> {
+        self.redis.query(redis::cmd("SMEMBERS").arg(self.redis.key("audit:orgs"))).await
+    }
+
     /// Entries dropped because the queue to Redis was full.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
