@@ -92,7 +92,7 @@ pub async fn health_body(
         }
         _ => serde_json::json!({ "limit_per_minute": q.calls_per_minute, "burst": q.call_burst }),
     };
-    let waits = state.callers.waits_in_use(&p.key_id);
+    let waits = state.callers.waits_in_use(&p.key_id).await;
     let agent_quotas = &state.config.quotas;
     let ingest = &state.config.ingest;
     Ok(serde_json::json!({
@@ -370,7 +370,7 @@ async fn get_lines(
         return Ok(Json(state.engine.lines(&action_id, since, limit, &principal).await?));
     }
     let wait = Duration::from_secs(w);
-    let _slot = state.callers.begin_wait(&principal, tokio::time::Instant::now() + wait)?;
+    let _slot = state.callers.begin_wait(&principal, tokio::time::Instant::now() + wait).await?;
     let page = state.engine.wait_lines(&action_id, since, limit, wait, &principal).await?;
     state.recheck(&principal).await?;
     Ok(Json(page))
@@ -441,7 +441,7 @@ async fn get_hits(
         return Ok(Json(state.engine.hits(&action_id, since, limit, &principal).await?));
     }
     let wait = Duration::from_secs(w);
-    let _slot = state.callers.begin_wait(&principal, tokio::time::Instant::now() + wait)?;
+    let _slot = state.callers.begin_wait(&principal, tokio::time::Instant::now() + wait).await?;
     let page = state.engine.wait_hits(&action_id, since, limit, wait, &principal).await?;
     state.recheck(&principal).await?;
     Ok(Json(page))

@@ -215,13 +215,13 @@ pub async fn require_api_key(State(state): State<AppState>, req: Request, next: 
     // answers `quota_exceeded` as a tool result a model can read.
     let mut budget = None;
     for _ in 0..messages.others {
-        match state.callers.charge_call(&principal) {
+        match state.callers.charge_call(&principal).await {
             Ok(b) => budget = Some(Ok(b)),
             Err(e) => return e.into_response(),
         }
     }
     for _ in 0..messages.tool_calls {
-        let c = state.callers.charge_call(&principal);
+        let c = state.callers.charge_call(&principal).await;
         if budget.as_ref().is_none_or(|b: &Result<CallBudget, ApiError>| b.is_ok()) {
             budget = Some(c);
         }

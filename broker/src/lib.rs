@@ -529,7 +529,10 @@ pub async fn run(
         cancel: cancel.clone(),
         keys,
         mcp_sessions: Arc::default(),
-        callers: CallerLimits::new(org_quotas),
+        callers: match &redis {
+            Some(r) => CallerLimits::with_budgets(org_quotas, Arc::new(backend::redis::RedisBudgets::new(r.clone()))),
+            None => CallerLimits::new(org_quotas),
+        },
         agent_limits,
         data_dir: dir,
         audit,

@@ -139,3 +139,70 @@ async fn an_agent_on_one_node_is_placed_on_through_another_and_read_on_a_third()
     agent.shutdown();
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_revoked_on_one_node_fails_on_another_and_rules_changed_on_a_third_reach_an_agent_on_the_second() {
+    use crate::support::{ADMIN_KEY, RawAgent, create_key};
+    let cluster = TestCluster::start(3).await;
+    let admin_a = cluster.node(0).api_with(ADMIN_KEY);
+    let (secret, key_id) = create_key(&admin_a, json!({"name": "temp", "role": "developer"})).await;
+    let on_c = cluster.node(2).api_with(&secret);
+    let (status, _) = on_c.get("/agents").await;
+    assert_eq!(status, 200, "a key created on A works on C");
+    let (status, v) = admin_a.delete(&format!("/keys/{key_id}")).await;
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = on_c.get("/agents").await;
+    assert_eq!(status, 401, "revoked on A, refused on C at its next call: {v}");
+
+    // An agent on B is told of rules changed through C.
+    let (mut raw, first) = RawAgent::register(cluster.node(1), crate::support::AGENT_KEY, "agt_rulesonb", "raw").await;
+    assert_eq!(first["type"], "registered", "{first}");
+    let initial = raw.until("redaction_rules").await;
+    let resp = reqwest::Client::new()
+        .put(format!("{}/api/v1/redaction", cluster.node(2).http()))
+        .bearer_auth(ADMIN_KEY)
+        .body("[[patterns]]\nname = \"order\"\nregex = 'ORD-[0-9]{6}'\nkind = \"ORDER_ID\"\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let rules: Json = resp.json().await.unwrap();
+    let pushed = raw.until("redaction_rules").await;
+    assert_eq!(pushed["version"], rules["version"], "{pushed}");
+    assert!(pushed["version"].as_u64() > initial["version"].as_u64());
+    assert!(pushed.to_string().contains("ORD-"), "the agent got the new pattern");
+    // And node A answers with them too.
+    let (_, on_a) = admin_a.get("/redaction").await;
+    assert_eq!(on_a["version"], rules["version"]);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_key_calling_every_node_meets_one_budget_not_one_per_node() {
+    use periscope_broker::config::ApiKeyConfig;
+    use periscope_broker::quota::CallerQuotaOverrides;
+    const FLOOD_KEY: &str = "flood-key-0123456789abcdef";
+    let cluster = TestCluster::start_with(3, |c| {
+        // One call a minute after a burst of 5: the test ends long before a refill.
+        c.api_keys.push(ApiKeyConfig {
+            quotas: Some(CallerQuotaOverrides { calls_per_minute: Some(1), call_burst: Some(5), ..Default::default() }),
+            ..ApiKeyConfig::new("flooder", FLOOD_KEY)
+        });
+    })
+    .await;
+    let mut accepted = 0;
+    let mut refused = 0;
+    for i in 0..30 {
+        let (status, body) = cluster.node(i % 3).api_with(FLOOD_KEY).get("/agents").await;
+        match status {
+            200 => accepted += 1,
+            429 => {
+                refused += 1;
+                assert_eq!(body["error"]["code"], "quota_exceeded", "{body}");
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!((accepted, refused), (5, 25), "the burst is the key's, whichever node it calls");
+    cluster.stop().await;
+}

@@ -28,6 +28,8 @@ pub(crate) struct Backend {
     pub events: Arc<dyn ActionEvents>,
     /// Its key directory.
     pub keys: Arc<dyn KeyBackend>,
+    /// Its callers' budgets.
+    pub budgets: Arc<dyn crate::quota::Budgets>,
     /// Its agent directory (node `n1`).
     pub directory: Arc<dyn AgentDirectory>,
     /// Whatever must live as long as the test (a server, a stop signal).
@@ -54,7 +56,9 @@ macro_rules! conformance_suite {
             a_key_is_stored_with_its_audit_entry_and_moves_the_epoch,
             revoking_twice_writes_one_entry,
             groups_and_pool_assignments_refuse_what_does_not_exist,
-            a_lease_is_taken_over_only_by_the_same_process_with_a_newer_epoch);
+            a_lease_is_taken_over_only_by_the_same_process_with_a_newer_epoch,
+            a_budget_allows_its_burst_then_says_when_to_retry,
+            slots_are_taken_for_the_key_and_its_organization_together_or_not_at_all);
     };
     (@tests $make:path; $($name:ident),*) => {
         $(
@@ -497,4 +501,37 @@ pub(crate) fn record_for(from: &Sender, max_hits: u32) -> ActionRecord {
 /// A hit for `action` (for backend-specific tests).
 pub(crate) fn hit_for(action: &ActionId, seq: u64) -> Hit {
     hit(action, seq)
+}
+
+pub(crate) async fn a_budget_allows_its_burst_then_says_when_to_retry(b: Backend) {
+    let name = "call:key:key_a".to_owned();
+    let mut left = Vec::new();
+    for _ in 0..3 {
+        left.push(b.budgets.take(name.clone(), 1, 3).await.unwrap().unwrap());
+    }
+    assert_eq!(left, [2, 1, 0]);
+    let wait = b.budgets.take(name.clone(), 1, 3).await.unwrap().unwrap_err();
+    assert!(wait > Duration::from_secs(50) && wait <= Duration::from_secs(60), "{wait:?}");
+    assert!(b.budgets.take("call:key:key_b".into(), 1, 3).await.unwrap().is_ok(), "another budget is its own");
+}
+
+pub(crate) async fn slots_are_taken_for_the_key_and_its_organization_together_or_not_at_all(b: Backend) {
+    let deadline = crate::time::now_ms() + 60_000;
+    let hold = |key: &str, id: &str| {
+        b.budgets.hold(format!("wait:key:{key}"), 1, "wait:org:acme".into(), 2, id.into(), deadline)
+    };
+    hold("a", "1").await.unwrap().unwrap();
+    let full = hold("a", "2").await.unwrap().unwrap_err();
+    assert_eq!((full.whose, full.held, full.soonest_ms), (crate::quota::Whose::Key, 1, Some(deadline)));
+    hold("b", "3").await.unwrap().unwrap();
+    let full = hold("c", "4").await.unwrap().unwrap_err();
+    assert_eq!(full.whose, crate::quota::Whose::Org);
+    assert_eq!(b.budgets.held("wait:key:c".into()).await.unwrap(), 0, "a refused slot holds nothing");
+    b.budgets.release("wait:key:a".into(), "wait:org:acme".into(), "1".into()).await.unwrap();
+    assert_eq!(b.budgets.held("wait:org:acme".into()).await.unwrap(), 1);
+    hold("c", "5").await.unwrap().unwrap();
+    // A slot past its deadline (and the grace) no longer counts.
+    let past = crate::time::now_ms().saturating_sub(10_000);
+    b.budgets.hold("wait:key:d".into(), 1, "wait:org:old".into(), 1, "6".into(), past).await.unwrap().unwrap();
+    b.budgets.hold("wait:key:d".into(), 1, "wait:org:old".into(), 1, "7".into(), deadline).await.unwrap().unwrap();
 }

@@ -428,7 +428,7 @@ impl PeriscopeMcp {
         // refusal places nothing) until it answers.
         let wait_for = Duration::from_secs(a.timeout_seconds);
         let _slot = if a.wait {
-            Some(self.state.callers.begin_wait(&principal, tokio::time::Instant::now() + wait_for)?)
+            Some(self.state.callers.begin_wait(&principal, tokio::time::Instant::now() + wait_for).await?)
         } else {
             None
         };
@@ -639,7 +639,8 @@ impl PeriscopeMcp {
             Some(
                 self.state
                     .callers
-                    .begin_wait(&principal, tokio::time::Instant::now() + Duration::from_secs(a.wait_seconds))?,
+                    .begin_wait(&principal, tokio::time::Instant::now() + Duration::from_secs(a.wait_seconds))
+                    .await?,
             )
         } else {
             None

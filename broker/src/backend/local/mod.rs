@@ -39,6 +39,7 @@ mod conformance {
             actions: Arc::new(super::MemoryActions::new(3, None)),
             events: Arc::new(super::LocalEvents::default()),
             keys,
+            budgets: Arc::new(crate::quota::LocalBudgets::default()),
             directory: Arc::new(super::LocalDirectory::new("n1")),
             _keep: Box::new(dir),
         }

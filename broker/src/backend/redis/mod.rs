@@ -6,6 +6,8 @@
 //! - [`actions`]: [`RedisActions`], the [`crate::backend::ActionStore`]: records in
 //!   hashes, hits and lines in lists whose index every node shares, live and ended
 //!   actions in sorted sets, each change one Lua script (atomic).
+//! - [`budgets`]: [`RedisBudgets`], callers' calls per minute and blocking calls at
+//!   once, one budget per key and organization across nodes.
 //! - [`cluster`]: [`RedisDirectory`], which node holds each agent (leases with an
 //!   epoch), what every node knows of each agent, the bus between nodes, the nodes.
 //! - [`events`]: [`RedisEvents`], action events over pub/sub to every node's waiters.
@@ -18,6 +20,7 @@
 //! `appendonly yes` a Redis restart loses none of them.
 
 pub mod actions;
+pub mod budgets;
 pub mod cluster;
 pub mod events;
 pub mod keys;
@@ -31,6 +34,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 pub use actions::RedisActions;
+pub use budgets::RedisBudgets;
 pub use cluster::RedisDirectory;
 pub use events::RedisEvents;
 pub use keys::RedisKeys;
@@ -197,6 +201,7 @@ mod conformance {
             actions: Arc::new(super::RedisActions::new(redis.clone(), 3)),
             events: super::RedisEvents::start(redis.clone(), stop.clone()),
             keys: Arc::new(super::RedisKeys::new(redis.clone(), "n1")),
+            budgets: Arc::new(super::RedisBudgets::new(redis.clone())),
             directory: super::RedisDirectory::start(redis, "n1".into(), stop),
             _keep: Box::new((server, stop_tx)),
         }
