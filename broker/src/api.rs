@@ -16,6 +16,7 @@
 //! | GET | `/actions/{action_id}/lines` | a log's lines after `since`; `wait_seconds` long-polls |
 //! | GET | `/health` | the `system_health` tool: caller, scopes, remaining quotas, pauses (`mcp:system:read`) |
 //! | GET | `/pools` | pools within the caller's reach, with their group (`mcp:agents:read`) |
+//! | GET | `/cluster` | the nodes, their agents and their load, and whether Redis answers (`mcp:admin`, `company_admin`) |
 //! | GET | `/redaction` | the organization's redaction rules (`mcp:admin`, `company_admin`) |
 //! | PUT | `/redaction` | replace them: TOML, or JSON with `Content-Type: application/json` (`mcp:admin`, `company_admin`); pushed to the organization's agents |
 //!
@@ -72,6 +73,7 @@ pub fn router() -> Router<AppState> {
         .route("/metrics", axum::routing::post(place_metric.layer(write())))
         .route("/health", get(health.layer(from_fn_with_state(Scope::SystemRead, require_scope))))
         .route("/pools", get(list_pools.layer(agents())))
+        .route("/cluster", get(cluster.layer(from_fn_with_state(Scope::Admin, require_scope))))
         .merge(crate::admin::router())
 }
 
@@ -82,9 +84,11 @@ pub async fn health_body(
     p: &Principal,
     charge: Option<&CallCharge>,
 ) -> Result<serde_json::Value, ApiError> {
-    let mine = state.engine.live_count_by_key(p).await?;
-    let actions_live = state.engine.live_count_visible(p).await?;
-    let paused = state.engine.paused_for(p).await?;
+    // Counts kept in the shared state are left out (null) while it is out of reach: the
+    // answer then says so rather than failing.
+    let mine = state.engine.live_count_by_key(p).await.ok();
+    let actions_live = state.engine.live_count_visible(p).await.ok();
+    let paused = state.engine.paused_for(p).await.ok();
     let q = p.quotas;
     let calls = match charge.map(|c| &c.0) {
         Some(Ok(b)) => {
@@ -95,8 +99,11 @@ pub async fn health_body(
     let waits = state.callers.waits_in_use(&p.key_id).await;
     let agent_quotas = &state.config.quotas;
     let ingest = &state.config.ingest;
+    let cluster = cluster_view(state).await;
+    let status = if state.redis.as_ref().is_some_and(|r| !r.is_up()) { "degraded" } else { "ok" };
     Ok(serde_json::json!({
-        "status": "ok",
+        "status": status,
+        "cluster": cluster,
         "version": env!("CARGO_PKG_VERSION"),
         "authenticated": true,
         "caller": {
@@ -116,7 +123,7 @@ pub async fn health_body(
             "concurrent_waits": { "in_use": waits, "limit": q.concurrent_waits,
                                   "remaining": (q.concurrent_waits as usize).saturating_sub(waits) },
             "live_actions": { "used": mine, "limit": q.live_actions,
-                              "remaining": (q.live_actions as usize).saturating_sub(mine) },
+                              "remaining": mine.map(|m| (q.live_actions as usize).saturating_sub(m)) },
             "agents": {
                 "snapshot_hits_per_sec_per_action": agent_quotas.snapshot_hits_per_sec_per_action,
                 "snapshot_hits_per_sec": agent_quotas.snapshot_hits_per_sec,
@@ -138,6 +145,34 @@ pub async fn health_body(
             "capture": state.engine.limits(),
         },
     }))
+}
+
+/// The nodes of the cluster this broker belongs to (itself alone on a single node), with
+/// each one's load, and whether the shared Redis answers.
+pub async fn cluster_view(state: &AppState) -> serde_json::Value {
+    let here = crate::cluster::load(state);
+    let Some(redis) = &state.redis else {
+        return serde_json::json!({ "mode": "single", "node": state.directory.node(), "nodes": [here] });
+    };
+    let nodes = if redis.is_up() {
+        state.directory.nodes().await.map(|n| n.into_iter().map(|(_, load)| load).collect::<Vec<_>>()).ok()
+    } else {
+        None
+    };
+    serde_json::json!({
+        "mode": "cluster",
+        "node": state.directory.node(),
+        "redis": if redis.is_up() { "up" } else { "unreachable" },
+        "nodes": nodes.unwrap_or_else(|| vec![here]),
+    })
+}
+
+async fn cluster(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> ApiResult<serde_json::Value> {
+    require_role(&principal, Role::CompanyAdmin, "GET /api/v1/cluster")?;
+    Ok(Json(cluster_view(&state).await))
 }
 
 async fn health(

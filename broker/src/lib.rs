@@ -231,6 +231,12 @@ async fn prometheus(
     let _ = writeln!(out, "# HELP periscope_actions_live Actions collecting.");
     let _ = writeln!(out, "# TYPE periscope_actions_live gauge");
     let live = state.engine.live_count_visible(&caller).await.unwrap_or(0);
+    if let Some(redis) = &state.redis {
+        let _ =
+            writeln!(out, "# HELP periscope_redis_up Whether this node reaches the cluster's Redis (1) or not (0).");
+        let _ = writeln!(out, "# TYPE periscope_redis_up gauge");
+        let _ = writeln!(out, "periscope_redis_up {}", u8::from(redis.is_up()));
+    }
     let _ = writeln!(out, "periscope_actions_live {live}");
     for (name, help, value) in [
         ("periscope_hits_accepted_total", "Snapshot hits stored.", stats.hits_accepted),

@@ -567,6 +567,9 @@ type Sessions = Arc<Mutex<usize>>;
 pub struct CallerLimits {
     org_quotas: OrgCeilings,
     budgets: Arc<dyn Budgets>,
+    /// Charged instead while `budgets` cannot be reached (a cluster node cut off from
+    /// Redis holds its callers to its own share of the budget meanwhile).
+    fallback: Arc<LocalBudgets>,
     sessions: DashMap<String, Sessions>,
     org_sessions: DashMap<String, Sessions>,
     next_slot: std::sync::atomic::AtomicU64,
@@ -731,6 +734,7 @@ impl CallerLimits {
         CallerLimits {
             org_quotas,
             budgets,
+            fallback: Arc::default(),
             sessions: DashMap::new(),
             org_sessions: DashMap::new(),
             next_slot: std::sync::atomic::AtomicU64::new(1),
@@ -742,36 +746,43 @@ impl CallerLimits {
         self.org_quotas
     }
 
+    async fn take(&self, name: String, per_minute: u32, burst: u32) -> Result<Result<u32, Duration>, ApiError> {
+        match self.budgets.take(name.clone(), per_minute, burst).await {
+            Err(crate::backend::BackendError::Unavailable(_)) => {
+                Ok(self.fallback.take(name, per_minute, burst).await?)
+            }
+            other => Ok(other?),
+        }
+    }
+
     /// Charges one call to the caller's key, then to its organization; `quota_exceeded`
     /// (with when to retry) when either budget is spent. The key is charged first, so a
     /// key over its own budget never spends its organization's.
     pub async fn charge_call(&self, caller: &impl Charged) -> Result<CallBudget, ApiError> {
         let quotas = caller.quotas();
-        let remaining = match self
-            .budgets
-            .take(format!("call:key:{}", caller.key_id()), quotas.calls_per_minute, quotas.call_burst)
-            .await?
-        {
-            Ok(remaining) => remaining,
-            Err(wait) => {
-                let retry = retry_secs(wait);
-                return Err(ApiError::new(
-                    ErrorCode::QuotaExceeded,
-                    format!(
-                        "this key made more than its {} calls per minute (burst {}); retry in {retry} s",
-                        quotas.calls_per_minute, quotas.call_burst
-                    ),
-                )
-                .with_details(serde_json::json!({
-                    "quota": "calls_per_minute",
-                    "limit": quotas.calls_per_minute,
-                    "burst": quotas.call_burst,
-                    "retry_after_seconds": retry,
-                })));
-            }
-        };
+        let remaining =
+            match self.take(format!("call:key:{}", caller.key_id()), quotas.calls_per_minute, quotas.call_burst).await?
+            {
+                Ok(remaining) => remaining,
+                Err(wait) => {
+                    let retry = retry_secs(wait);
+                    return Err(ApiError::new(
+                        ErrorCode::QuotaExceeded,
+                        format!(
+                            "this key made more than its {} calls per minute (burst {}); retry in {retry} s",
+                            quotas.calls_per_minute, quotas.call_burst
+                        ),
+                    )
+                    .with_details(serde_json::json!({
+                        "quota": "calls_per_minute",
+                        "limit": quotas.calls_per_minute,
+                        "burst": quotas.call_burst,
+                        "retry_after_seconds": retry,
+                    })));
+                }
+            };
         let q = self.org_quotas;
-        match self.budgets.take(format!("call:org:{}", caller.org()), q.calls_per_minute, q.call_burst).await? {
+        match self.take(format!("call:org:{}", caller.org()), q.calls_per_minute, q.call_burst).await? {
             Ok(org_remaining) => Ok(CallBudget {
                 limit_per_minute: quotas.calls_per_minute,
                 burst: quotas.call_burst,
@@ -813,8 +824,14 @@ impl CallerLimits {
             format!("{}-{}", std::process::id(), self.next_slot.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         let (key, org) = (format!("wait:key:{}", caller.key_id()), format!("wait:org:{}", caller.org()));
         let (limit, org_limit) = (quotas.concurrent_waits as usize, self.org_quotas.concurrent_waits as usize);
-        match self.budgets.hold(key.clone(), limit, org.clone(), org_limit, id.clone(), deadline_ms).await? {
-            Ok(()) => Ok(WaitSlot { budgets: Arc::clone(&self.budgets), key, org, id }),
+        let mut budgets = Arc::clone(&self.budgets);
+        let mut held = budgets.hold(key.clone(), limit, org.clone(), org_limit, id.clone(), deadline_ms).await;
+        if let Err(crate::backend::BackendError::Unavailable(_)) = held {
+            budgets = self.fallback.clone();
+            held = budgets.hold(key.clone(), limit, org.clone(), org_limit, id.clone(), deadline_ms).await;
+        }
+        match held? {
+            Ok(()) => Ok(WaitSlot { budgets, key, org, id }),
             Err(full) => {
                 let (limit, quota, whose) = match full.whose {
                     Whose::Key => (limit, "concurrent_waits", "this key"),

@@ -206,3 +206,141 @@ async fn one_key_calling_every_node_meets_one_budget_not_one_per_node() {
     assert_eq!((accepted, refused), (5, 25), "the burst is the key's, whichever node it calls");
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_mcp_client_needs_no_session_and_any_node_answers_it() {
+    use crate::mcp::{body, call, code, connect_with};
+    let cluster = TestCluster::start(3).await;
+    let agent = TestAgent::start(&cluster.node(1).ws_url(), "mcp-shop", &[]);
+    let a = cluster.node(0).api();
+    wait_online(&a, &agent.id()).await;
+    agent.run(|| cluster_checkout(0)).join().unwrap();
+    let line = line_of(&a).await;
+    // A stateless server: no session id for the client to stick to a node with.
+    let resp = reqwest::Client::new()
+        .post(format!("{}/mcp", cluster.node(0).http()))
+        .bearer_auth(crate::support::API_KEY)
+        .header("accept", "application/json, text/event-stream")
+        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("mcp-session-id").is_none(), "no session to stick to");
+
+    let on_a = connect_with(cluster.node(0), crate::support::API_KEY).await.expect("connects to A");
+    let placed = call(
+        &on_a,
+        "place_snapshot",
+        json!({"pool": "mcp-shop", "file": "it/cluster.rs", "line": line,
+                                                       "max_hits": 1, "wait": false}),
+    )
+    .await;
+    assert_eq!(code(&placed), None, "{:?}", body(&placed));
+    let id = body(&placed)["action"]["action_id"].as_str().unwrap().to_owned();
+    let stop = Arc::new(AtomicBool::new(false));
+    let work = workload(&agent, Arc::clone(&stop));
+    // The follow-up goes to another node: the action id and the cursor are all it needs.
+    let on_c = connect_with(cluster.node(2), crate::support::API_KEY).await.expect("connects to C");
+    let got = call(&on_c, "get_action", json!({"action_id": id, "since": 0, "wait_seconds": 30})).await;
+    assert_eq!(code(&got), None, "{:?}", body(&got));
+    assert_eq!(body(&got)["hits"].as_array().map(Vec::len), Some(1), "{:?}", body(&got));
+    let health = call(&on_c, "system_health", json!({})).await;
+    let nodes = body(&health)["cluster"]["nodes"].as_array().cloned().unwrap_or_default();
+    assert_eq!(nodes.len(), 3, "{:?}", body(&health));
+    stop.store(true, Ordering::Relaxed);
+    work.join().unwrap();
+    let _ = on_a.cancel().await;
+    let _ = on_c.cancel().await;
+    agent.shutdown();
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_say_when_redis_is_away_refuse_placements_meanwhile_and_recover_by_themselves() {
+    let mut cluster = TestCluster::start(2).await;
+    let (a, b) = (cluster.node(0).api(), cluster.node(1).api());
+    let agent = TestAgent::start(&cluster.node(1).ws_url(), "outage", &[]);
+    wait_online(&a, &agent.id()).await;
+    agent.run(|| cluster_checkout(0)).join().unwrap();
+    let line = line_of(&a).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let work = workload(&agent, Arc::clone(&stop));
+    let place = |api: Api| async move {
+        api.post("/actions", json!({"pool": "outage", "file": "it/cluster.rs", "line": line, "max_hits": 1})).await
+    };
+    let (status, snap) = place(a.clone()).await;
+    assert_eq!(status, 201, "{snap}");
+    let snap = id(&snap);
+    let (_, page) = a.get(&format!("/actions/{snap}/hits?wait_seconds=30")).await;
+    assert_eq!(page["hits"].as_array().map(Vec::len), Some(1), "{page}");
+
+    cluster.redis.kill();
+    let http = reqwest::Client::new();
+    for node in &cluster.nodes {
+        let url = format!("{}/healthz", node.http());
+        let http = http.clone();
+        eventually(Duration::from_secs(15), "the node not ready without redis", move || {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                let r = http.get(&url).send().await.ok()?;
+                let status = r.status().as_u16();
+                let v: Json = r.json().await.ok()?;
+                (status == 503 && v["redis"] == "unreachable").then_some(())
+            }
+        })
+        .await;
+    }
+    let (status, refused) = place(a.clone()).await;
+    assert_eq!((status, refused["error"]["code"].as_str()), (503, Some("not_available")), "{refused}");
+    let (status, health) = b.get("/health").await;
+    assert_eq!(status, 200, "{health}");
+    assert_eq!(health["cluster"]["redis"], "unreachable", "{health}");
+    assert_eq!(health["status"], "degraded");
+    let metrics = http
+        .get(format!("{}/metrics", cluster.node(0).http()))
+        .bearer_auth(crate::support::API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("periscope_redis_up 0"), "{metrics}");
+    // The agent stays connected meanwhile.
+    let (_, me) = b.get(&format!("/agents/{}", agent.id())).await;
+    assert_eq!(me["status"], "online", "{me}");
+
+    cluster.redis.restart().expect("redis comes back");
+    for node in &cluster.nodes {
+        let url = format!("{}/healthz", node.http());
+        let http = http.clone();
+        eventually(Duration::from_secs(20), "the node ready again", move || {
+            let (http, url) = (http.clone(), url.clone());
+            async move { (http.get(&url).send().await.ok()?.status() == 200).then_some(()) }
+        })
+        .await;
+    }
+    // What was stored before is still there (Redis replayed its append-only file).
+    let (status, kept) = a.get(&format!("/actions/{snap}/hits")).await;
+    assert_eq!(status, 200, "{kept}");
+    assert_eq!(kept["hits"][0]["index"], 1, "{kept}");
+    let placed = {
+        let a = a.clone();
+        eventually(Duration::from_secs(20), "placements accepted again", move || {
+            let a = a.clone();
+            async move {
+                let (status, v) = place(a).await;
+                (status == 201).then_some(v)
+            }
+        })
+        .await
+    };
+    let (_, page) = a.get(&format!("/actions/{}/hits?wait_seconds=30", id(&placed))).await;
+    assert_eq!(page["hits"].as_array().map(Vec::len), Some(1), "{page}");
+    stop.store(true, Ordering::Relaxed);
+    work.join().unwrap();
+    agent.shutdown();
+    cluster.stop().await;
+}

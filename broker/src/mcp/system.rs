@@ -41,10 +41,15 @@ impl PeriscopeMcp {
         let q = &body["quotas"];
         let paused = body["paused_actions"].as_array().map_or(0, Vec::len);
         let text = format!(
-            "Periscope {} is up. You are `{}` ({} of organization `{}`; scopes: {}). {} agent(s) online, {} live \
+            "Periscope {} is {}. You are `{}` ({} of organization `{}`; scopes: {}). {} agent(s) online, {} live \
              action(s) within your reach; you hold {} of your {} live actions. Calls left right now: {} (of {} \
              per minute); blocking calls in progress: {} of {}.{}",
             env!("CARGO_PKG_VERSION"),
+            match body["cluster"]["redis"].as_str() {
+                Some("unreachable") =>
+                    "degraded: this node cannot reach the cluster's Redis, so placements are refused",
+                _ => "up",
+            },
             principal.name,
             principal.role.as_str(),
             principal.org(),
