@@ -33,7 +33,9 @@ pub enum ConfigError {
 #[derive(Clone)]
 pub struct AgentConfig {
     /// Broker WebSocket URL, e.g. `ws://127.0.0.1:7070/agents`. A URL without a path gets
-    /// `/agents` appended.
+    /// `/agents` appended. Several, comma-separated, are the nodes of a cluster: the agent
+    /// connects to one and moves to the next when it goes away (one load-balanced URL
+    /// does the same).
     pub broker_url: String,
     /// Secret that lets the agent register into its pool.
     pub agent_key: String,
@@ -97,25 +99,37 @@ impl AgentConfig {
     /// `PERISCOPE_TAGS` (comma-separated), `PERISCOPE_SERVICE`,
     /// `PERISCOPE_SERVICE_VERSION`, `PERISCOPE_DISPLAY_NAME`,
     /// `PERISCOPE_QUEUE_CAPACITY`, `PERISCOPE_RECONNECT_INITIAL_MS`, `PERISCOPE_CA_CERT`.
+    /// `PERISCOPE_BROKER_URL` may list a cluster's nodes, comma-separated.
     pub fn from_env() -> Result<AgentConfig, ConfigError> {
         AgentBuilder::new().env_defaults().build_config()
     }
 
+    /// The broker URLs, in the order they are tried.
+    pub fn broker_urls(&self) -> Vec<&str> {
+        self.broker_url.split(',').collect()
+    }
+
     /// Checks every setting and fills derived defaults.
     pub(crate) fn validate(mut self) -> Result<AgentConfig, ConfigError> {
-        let url = self.broker_url.trim().to_owned();
-        if !(url.starts_with("ws://") || url.starts_with("wss://")) {
-            return Err(ConfigError::Invalid {
-                setting: "broker_url",
-                reason: format!("`{url}` must start with ws:// or wss://"),
+        let mut urls = Vec::new();
+        for url in self.broker_url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+            if !(url.starts_with("ws://") || url.starts_with("wss://")) {
+                return Err(ConfigError::Invalid {
+                    setting: "broker_url",
+                    reason: format!("`{url}` must start with ws:// or wss://"),
+                });
+            }
+            let after_scheme = url.split_once("://").map(|(_, rest)| rest).unwrap_or_default();
+            urls.push(if after_scheme.contains('/') {
+                url.to_owned()
+            } else {
+                format!("{url}{}", periscope_protocol::messages::AGENT_GATEWAY_PATH)
             });
         }
-        let after_scheme = url.split_once("://").map(|(_, rest)| rest).unwrap_or_default();
-        self.broker_url = if after_scheme.contains('/') {
-            url
-        } else {
-            format!("{url}{}", periscope_protocol::messages::AGENT_GATEWAY_PATH)
-        };
+        if urls.is_empty() {
+            return Err(ConfigError::Invalid { setting: "broker_url", reason: "no URL given".into() });
+        }
+        self.broker_url = urls.join(",");
         if self.agent_key.is_empty() {
             return Err(ConfigError::Missing { setting: "agent_key", env: "PERISCOPE_AGENT_KEY" });
         }
@@ -387,6 +401,14 @@ fn default_service_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn several_urls_are_the_nodes_of_a_cluster_each_with_the_gateway_path() {
+        let c =
+            AgentBuilder::new().broker_url("ws://a:7070, ws://b:7070/agents").agent_key("k").build_config().unwrap();
+        assert_eq!(c.broker_urls(), ["ws://a:7070/agents", "ws://b:7070/agents"]);
+        assert!(AgentBuilder::new().broker_url("ws://a, http://b").agent_key("k").build_config().is_err());
+    }
 
     #[test]
     fn a_url_without_a_path_gets_the_gateway_path() {

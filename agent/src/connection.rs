@@ -54,6 +54,8 @@ pub(crate) struct Runner {
     limits: CaptureLimits,
     budgets: Arc<Budgets>,
     heartbeat: Duration,
+    /// Which of the broker URLs to try next (a cluster's nodes, in turn).
+    next_url: usize,
 }
 
 impl Runner {
@@ -74,6 +76,7 @@ impl Runner {
             limits: CaptureLimits::default(),
             budgets: Arc::new(Budgets::new(Default::default())),
             heartbeat: Duration::from_secs(30),
+            next_url: 0,
         }
     }
 
@@ -86,10 +89,14 @@ impl Runner {
             }
             let started = tokio::time::Instant::now();
             let end = self.session().await;
+            // A session that ended moves the agent to the next node (with one URL, the
+            // same one again: a load balancer picks a live node).
+            let broker = self.url().to_owned();
+            self.next_url = self.next_url.wrapping_add(1);
             let pause = match end {
                 SessionEnd::Shutdown => return,
                 SessionEnd::Retry(why) => {
-                    tracing::warn!(target: "periscope_agent", broker = %self.config.broker_url, reason = %why, "periscope agent disconnected; will reconnect");
+                    tracing::warn!(target: "periscope_agent", %broker, reason = %why, "periscope agent disconnected; will reconnect");
                     // A session that lasted a while resets the backoff.
                     if started.elapsed() > Duration::from_secs(60) {
                         delay = self.config.reconnect_initial;
@@ -99,7 +106,7 @@ impl Runner {
                     d
                 }
                 SessionEnd::Refused(why) => {
-                    tracing::error!(target: "periscope_agent", broker = %self.config.broker_url, reason = %why, "periscope broker refused this agent");
+                    tracing::error!(target: "periscope_agent", %broker, reason = %why, "periscope broker refused this agent");
                     delay = self.config.reconnect_max;
                     jitter(delay)
                 }
@@ -152,7 +159,7 @@ impl Runner {
             },
             _ = shutdown.changed() => return SessionEnd::Shutdown,
         };
-        tracing::info!(target: "periscope_agent", broker = %self.config.broker_url, agent_id = %self.agent_id, "periscope agent connected");
+        tracing::info!(target: "periscope_agent", broker = %self.url(), agent_id = %self.agent_id, "periscope agent connected");
         self.limits = registered.limits;
         self.budgets = Arc::new(Budgets::new(registered.quotas));
         self.heartbeat = Duration::from_millis(registered.heartbeat_interval_ms.clamp(1_000, 300_000));
@@ -230,13 +237,15 @@ impl Runner {
         }
     }
 
+    /// The broker URL this session uses.
+    fn url(&self) -> &str {
+        let urls = self.config.broker_urls();
+        urls[self.next_url % urls.len()]
+    }
+
     async fn connect_and_register(&self) -> Result<(Socket, Registered), SessionEnd> {
-        let mut request = self
-            .config
-            .broker_url
-            .as_str()
-            .into_client_request()
-            .map_err(|e| SessionEnd::Refused(format!("bad broker URL: {e}")))?;
+        let mut request =
+            self.url().into_client_request().map_err(|e| SessionEnd::Refused(format!("bad broker URL: {e}")))?;
         let auth = HeaderValue::from_str(&format!("Bearer {}", self.config.agent_key))
             .map_err(|_| SessionEnd::Refused("the agent key contains characters not allowed in a header".into()))?;
         request.headers_mut().insert("authorization", auth);
@@ -246,7 +255,7 @@ impl Runner {
             .max_write_buffer_size(4 * MAX_FRAME_BYTES)
             .max_message_size(Some(MAX_FRAME_BYTES))
             .max_frame_size(Some(MAX_FRAME_BYTES));
-        let connector = if self.config.broker_url.starts_with("wss://") {
+        let connector = if self.url().starts_with("wss://") {
             let tls = crate::tls::client_config(self.config.ca_cert.as_deref()).map_err(SessionEnd::Refused)?;
             Some(tokio_tungstenite::Connector::Rustls(tls))
         } else {

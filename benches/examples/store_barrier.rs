@@ -32,6 +32,7 @@ async fn main() -> anyhow::Result<()> {
     let n: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(2_000);
     let dir = std::env::temp_dir().join(format!("periscope-barrier-{}", std::process::id()));
     let (store, _) = Store::open(&dir)?;
+    let store = store.handle();
     let mut next = 0;
     // Rounds alternate so that the machine's load falls on all three alike.
     let (mut queued, mut durable, mut idle) = (0f64, 0f64, 0f64);

@@ -29,7 +29,7 @@ fn main() -> anyhow::Result<()> {
     let mode = args.get(1).map(String::as_str).unwrap_or("lookup");
     let n: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(100_000);
     match mode {
-        "lookup" | "refresh" => lookups(mode, n),
+        "lookup" | "refresh" => tokio::runtime::Builder::new_current_thread().build()?.block_on(lookups(mode, n)),
         "http" => {
             let conns: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(4);
             let busy = args.get(4).is_some_and(|a| a == "busy");
@@ -44,14 +44,16 @@ fn unknown_key(i: u64) -> String {
     format!("psk_{:032x}", i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
 }
 
-fn lookups(mode: &str, n: u64) -> anyhow::Result<()> {
+async fn lookups(mode: &str, n: u64) -> anyhow::Result<()> {
     let dir = periscope_broker::store::ScratchDir::new()?;
+    let backend = std::sync::Arc::new(periscope_broker::backend::local::SqliteKeys::open(dir.path())?);
     let keys = KeyStore::open(
-        dir.path(),
+        backend,
         &[ApiKeyConfig::new("configured", "bench-key-0123456789")],
         &[],
         CallerSettings::default(),
-    )?;
+    )
+    .await?;
     for i in 0..50 {
         keys.create(
             NewKey {
@@ -66,7 +68,8 @@ fn lookups(mode: &str, n: u64) -> anyhow::Result<()> {
                 expires_at_ms: None,
             },
             &Actor::cli(),
-        )?;
+        )
+        .await?;
     }
     let tokens: Vec<String> = (0..1024).map(unknown_key).collect();
     let start = Instant::now();
@@ -74,8 +77,8 @@ fn lookups(mode: &str, n: u64) -> anyhow::Result<()> {
     for i in 0..n {
         let token = &tokens[(i % 1024) as usize];
         if mode == "refresh" {
-            black_box(keys.refresh().is_ok());
-        } else if keys.authenticate_api(black_box(token)).is_err() {
+            black_box(keys.refresh().await.is_ok());
+        } else if keys.authenticate_api(black_box(token)).await.is_err() {
             refused += 1;
         }
     }

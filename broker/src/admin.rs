@@ -110,11 +110,7 @@ async fn create_key(
     // Authority first: a refusal says what the caller may not do, not what is malformed.
     keys::check_create(&by, &new)?;
     keys::validate_new(&new)?;
-    let keys = std::sync::Arc::clone(&state.keys);
-    let actor = by.actor();
-    let issued = tokio::task::spawn_blocking(move || keys.create(new, &actor))
-        .await
-        .map_err(|e| ApiError::new(crate::error::ErrorCode::Internal, format!("creating the key: {e}")))??;
+    let issued = state.keys.create(new, &by.actor()).await?;
     Ok((
         StatusCode::CREATED,
         Json(serde_json::json!({
@@ -140,7 +136,7 @@ async fn list_keys(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let q = query_params(q)?;
     require_role(&by, Role::GroupAdmin, "GET /api/v1/keys")?;
-    let dir = state.keys.refresh()?;
+    let dir = state.keys.refresh().await?;
     let now = now_ms();
     let items: Vec<serde_json::Value> = dir
         .keys()
@@ -158,7 +154,7 @@ async fn get_key(
     Path(key_id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     require_role(&by, Role::GroupAdmin, "GET /api/v1/keys/{key_id}")?;
-    let dir = state.keys.refresh()?;
+    let dir = state.keys.refresh().await?;
     dir.key(key_id.trim())
         .filter(|k| keys::visible_key(&by, k))
         .map(|k| Json(k.view(now_ms())))
@@ -171,16 +167,11 @@ async fn revoke_key(
     Path(key_id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     require_role(&by, Role::GroupAdmin, "DELETE /api/v1/keys/{key_id}")?;
-    let dir = state.keys.refresh()?;
+    let dir = state.keys.refresh().await?;
     if !dir.key(key_id.trim()).is_some_and(|k| keys::visible_key(&by, k)) {
         return Err(ApiError::not_found(format!("no key `{}`; GET /api/v1/keys lists them", short(&key_id))));
     }
-    let keys = std::sync::Arc::clone(&state.keys);
-    let actor = by.actor();
-    let id = key_id.trim().to_owned();
-    let record = tokio::task::spawn_blocking(move || keys.revoke(&id, &actor))
-        .await
-        .map_err(|e| ApiError::new(crate::error::ErrorCode::Internal, format!("revoking the key: {e}")))??;
+    let record = state.keys.revoke(key_id.trim(), &by.actor()).await?;
     Ok(Json(record.view(now_ms())))
 }
 
@@ -193,7 +184,7 @@ async fn list_groups(
     Extension(by): Extension<Principal>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     require_role(&by, Role::GroupAdmin, "GET /api/v1/groups")?;
-    let dir = state.keys.refresh()?;
+    let dir = state.keys.refresh().await?;
     let t = &dir.tenancy;
     let org = by.org();
     let assigned = t.assigned_pools(org);
@@ -223,12 +214,8 @@ async fn create_group(
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let b = body(b)?;
     require_role(&by, Role::CompanyAdmin, "POST /api/v1/groups")?;
-    let keys = std::sync::Arc::clone(&state.keys);
-    let (org, actor, name) = (by.org().to_owned(), by.actor(), b.name.trim().to_owned());
-    let created = name.clone();
-    tokio::task::spawn_blocking(move || keys.create_group(&org, &name, &actor))
-        .await
-        .map_err(|e| ApiError::new(crate::error::ErrorCode::Internal, format!("creating the group: {e}")))??;
+    let created = b.name.trim().to_owned();
+    state.keys.create_group(by.org(), &created, &by.actor()).await?;
     Ok((StatusCode::CREATED, Json(serde_json::json!({ "group": created, "org": by.org() }))))
 }
 
@@ -247,11 +234,7 @@ async fn assign_pool(
     let b = body(b)?;
     require_role(&by, Role::GroupAdmin, "PUT /api/v1/pools/{pool}")?;
     keys::check_assign(&by, &pool, b.group.trim())?;
-    let keys = std::sync::Arc::clone(&state.keys);
-    let (org, actor, group, p) = (by.org().to_owned(), by.actor(), b.group.trim().to_owned(), pool.clone());
-    tokio::task::spawn_blocking(move || keys.assign_pool(&org, &p, &group, &actor))
-        .await
-        .map_err(|e| ApiError::new(crate::error::ErrorCode::Internal, format!("assigning the pool: {e}")))??;
+    state.keys.assign_pool(by.org(), &pool, b.group.trim(), &by.actor()).await?;
     Ok(Json(serde_json::json!({ "pool": pool, "group": b.group.trim() })))
 }
 
@@ -316,22 +299,9 @@ impl AuditParams {
     }
 }
 
-/// Reads a page of the audit trail on a connection of its own (off the async threads),
-/// after the entries queued so far are written.
+/// Reads a page of the audit trail (entries written before the call are in it).
 pub async fn audit_page(state: &AppState, q: AuditQuery) -> Result<AuditPage, ApiError> {
-    let state = std::sync::Arc::clone(state);
-    tokio::task::spawn_blocking(move || {
-        state.engine.flush();
-        let conn = crate::store::open_reader(&state.data_dir).map_err(|e| e.to_string())?;
-        audit::query(&conn, &q).map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| e.to_string())
-    .and_then(|r| r)
-    .map_err(|e| {
-        tracing::error!(error = %e, "reading the audit trail failed");
-        ApiError::new(crate::error::ErrorCode::Internal, "reading the audit trail failed; see the broker's log")
-    })
+    Ok(state.audit.page(q).await?)
 }
 
 async fn query_audit(
@@ -352,33 +322,11 @@ async fn export_audit(
     let q = query_params(q)?;
     require_role(&by, Role::CompanyAdmin, "GET /api/v1/audit/export")?;
     let q = q.query(by.org())?;
-    let st = std::sync::Arc::clone(&state);
     let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
-    tokio::task::spawn_blocking(move || {
-        st.engine.flush();
-        let conn = match crate::store::open_reader(&st.data_dir) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %e, "audit export: cannot open the store");
-                return;
-            }
-        };
-        let mut chunk = Vec::with_capacity(64 * 1024);
-        let result = audit::export(&conn, &q, |line| {
-            chunk.extend_from_slice(line.as_bytes());
-            if chunk.len() >= 64 * 1024 {
-                // The client went away: stop reading.
-                tx.blocking_send(std::mem::take(&mut chunk)).map_err(|_| ())?;
-            }
-            Ok::<(), ()>(())
-        });
-        match result {
-            Ok(_) if !chunk.is_empty() => {
-                let _ = tx.blocking_send(chunk);
-            }
-            Ok(_) => {}
-            Err(audit::ExportError::Sqlite(e)) => tracing::error!(error = %e, "audit export failed"),
-            Err(_) => {}
+    let reader = std::sync::Arc::clone(&state.audit);
+    tokio::spawn(async move {
+        if let Err(e) = reader.export(q, tx).await {
+            tracing::error!(error = %e, "audit export failed");
         }
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {

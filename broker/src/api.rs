@@ -16,6 +16,7 @@
 //! | GET | `/actions/{action_id}/lines` | a log's lines after `since`; `wait_seconds` long-polls |
 //! | GET | `/health` | the `system_health` tool: caller, scopes, remaining quotas, pauses (`mcp:system:read`) |
 //! | GET | `/pools` | pools within the caller's reach, with their group (`mcp:agents:read`) |
+//! | GET | `/cluster` | the nodes, their agents and their load, and whether Redis answers (`mcp:admin`, `company_admin`) |
 //! | GET | `/redaction` | the organization's redaction rules (`mcp:admin`, `company_admin`) |
 //! | PUT | `/redaction` | replace them: TOML, or JSON with `Content-Type: application/json` (`mcp:admin`, `company_admin`); pushed to the organization's agents |
 //!
@@ -41,6 +42,7 @@ use serde::Deserialize;
 
 use crate::AppState;
 use crate::auth::{CallCharge, Principal, Role, Scope, require_role, require_scope};
+use crate::engine::requests::{check_limit, check_wait_seconds};
 use crate::engine::{ActionFilter, ActionStatus, ActionView, HitsPage, LogRequest, MetricRequest, SnapshotRequest};
 use crate::error::ApiError;
 use crate::query::{self, AgentFilter, Page, PoolView, SourceFilter, SourceView};
@@ -71,13 +73,22 @@ pub fn router() -> Router<AppState> {
         .route("/metrics", axum::routing::post(place_metric.layer(write())))
         .route("/health", get(health.layer(from_fn_with_state(Scope::SystemRead, require_scope))))
         .route("/pools", get(list_pools.layer(agents())))
+        .route("/cluster", get(cluster.layer(from_fn_with_state(Scope::Admin, require_scope))))
         .merge(crate::admin::router())
 }
 
 /// The `system_health` answer, shared by the tool and `GET /api/v1/health`: who the
 /// caller is, what it may do, its remaining budgets, and its paused actions.
-pub fn health_body(state: &AppState, p: &Principal, charge: Option<&CallCharge>) -> serde_json::Value {
-    let mine = state.engine.live_count_by_key(&p.key_id);
+pub async fn health_body(
+    state: &AppState,
+    p: &Principal,
+    charge: Option<&CallCharge>,
+) -> Result<serde_json::Value, ApiError> {
+    // Counts kept in the shared state are left out (null) while it is out of reach: the
+    // answer then says so rather than failing.
+    let mine = state.engine.live_count_by_key(p).await.ok();
+    let actions_live = state.engine.live_count_visible(p).await.ok();
+    let paused = state.engine.paused_for(p).await.ok();
     let q = p.quotas;
     let calls = match charge.map(|c| &c.0) {
         Some(Ok(b)) => {
@@ -85,11 +96,14 @@ pub fn health_body(state: &AppState, p: &Principal, charge: Option<&CallCharge>)
         }
         _ => serde_json::json!({ "limit_per_minute": q.calls_per_minute, "burst": q.call_burst }),
     };
-    let waits = state.callers.waits_in_use(&p.key_id);
+    let waits = state.callers.waits_in_use(&p.key_id).await;
     let agent_quotas = &state.config.quotas;
     let ingest = &state.config.ingest;
-    serde_json::json!({
-        "status": "ok",
+    let cluster = cluster_view(state).await;
+    let status = if state.redis.as_ref().is_some_and(|r| !r.is_up()) { "degraded" } else { "ok" };
+    Ok(serde_json::json!({
+        "status": status,
+        "cluster": cluster,
         "version": env!("CARGO_PKG_VERSION"),
         "authenticated": true,
         "caller": {
@@ -103,13 +117,13 @@ pub fn health_body(state: &AppState, p: &Principal, charge: Option<&CallCharge>)
         },
         // Within the key's reach: a pool-restricted key learns nothing of other pools.
         "agents_online": state.registry.count(|a| a.online() && p.sees_pool(&a.org, &a.info.pool)),
-        "actions_live": state.engine.live_count_visible(p),
+        "actions_live": actions_live,
         "quotas": {
             "calls_per_minute": calls,
             "concurrent_waits": { "in_use": waits, "limit": q.concurrent_waits,
                                   "remaining": (q.concurrent_waits as usize).saturating_sub(waits) },
             "live_actions": { "used": mine, "limit": q.live_actions,
-                              "remaining": (q.live_actions as usize).saturating_sub(mine) },
+                              "remaining": mine.map(|m| (q.live_actions as usize).saturating_sub(m)) },
             "agents": {
                 "snapshot_hits_per_sec_per_action": agent_quotas.snapshot_hits_per_sec_per_action,
                 "snapshot_hits_per_sec": agent_quotas.snapshot_hits_per_sec,
@@ -124,21 +138,49 @@ pub fn health_body(state: &AppState, p: &Principal, charge: Option<&CallCharge>)
             // keys use is not this key's to see).
             "organization": state.callers.org_quotas(),
         },
-        "paused_actions": state.engine.paused_for(p),
+        "paused_actions": paused,
         "limits": {
             "max_hits": { "min": 1, "max": action_bounds::MAX_MAX_HITS, "default": action_bounds::DEFAULT_MAX_HITS },
             "timeout_seconds": { "min": 1, "max": action_bounds::MAX_WAIT_SECS, "default": action_bounds::DEFAULT_WAIT_SECS },
             "capture": state.engine.limits(),
         },
+    }))
+}
+
+/// The nodes of the cluster this broker belongs to (itself alone on a single node), with
+/// each one's load, and whether the shared Redis answers.
+pub async fn cluster_view(state: &AppState) -> serde_json::Value {
+    let here = crate::cluster::load(state);
+    let Some(redis) = &state.redis else {
+        return serde_json::json!({ "mode": "single", "node": state.directory.node(), "nodes": [here] });
+    };
+    let nodes = if redis.is_up() {
+        state.directory.nodes().await.map(|n| n.into_iter().map(|(_, load)| load).collect::<Vec<_>>()).ok()
+    } else {
+        None
+    };
+    serde_json::json!({
+        "mode": "cluster",
+        "node": state.directory.node(),
+        "redis": if redis.is_up() { "up" } else { "unreachable" },
+        "nodes": nodes.unwrap_or_else(|| vec![here]),
     })
+}
+
+async fn cluster(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> ApiResult<serde_json::Value> {
+    require_role(&principal, Role::CompanyAdmin, "GET /api/v1/cluster")?;
+    Ok(Json(cluster_view(&state).await))
 }
 
 async fn health(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     charge: Option<Extension<CallCharge>>,
-) -> Json<serde_json::Value> {
-    Json(health_body(&state, &principal, charge.as_ref().map(|c| &c.0)))
+) -> ApiResult<serde_json::Value> {
+    Ok(Json(health_body(&state, &principal, charge.as_ref().map(|c| &c.0)).await?))
 }
 
 async fn list_pools(State(state): State<AppState>, Extension(principal): Extension<Principal>) -> Json<Page<PoolView>> {
@@ -296,7 +338,7 @@ async fn place_action(
         backtrace: body.backtrace,
         allow_pending: body.allow_pending,
     };
-    let view = state.engine.place_snapshot(req, &principal)?;
+    let view = state.engine.place_snapshot(req, &principal).await?;
     Ok((axum::http::StatusCode::CREATED, Json(view)))
 }
 
@@ -341,12 +383,7 @@ async fn put_redaction(
         periscope_redaction::RedactionConfig::from_toml_str(&body)
             .map_err(|e| ApiError::invalid(format!("redaction rules (TOML): {e}")))?
     };
-    // Compiling user patterns is CPU work: off the async workers.
-    let replaced =
-        tokio::task::spawn_blocking(move || state.engine.replace_rules(principal.org(), config, principal.actor()))
-            .await
-            .map_err(|e| ApiError::new(crate::error::ErrorCode::Internal, format!("replacing the rules: {e}")))??;
-    Ok(Json(replaced))
+    Ok(Json(state.engine.replace_rules(principal.org(), config, principal.actor()).await?))
 }
 
 async fn place_log(
@@ -355,7 +392,7 @@ async fn place_log(
     body: Result<Json<LogRequest>, JsonRejection>,
 ) -> Result<(axum::http::StatusCode, Json<ActionView>), ApiError> {
     let Json(req) = body.map_err(|e| ApiError::body_rejected(&e))?;
-    Ok((axum::http::StatusCode::CREATED, Json(state.engine.place_log(req, &principal)?)))
+    Ok((axum::http::StatusCode::CREATED, Json(state.engine.place_log(req, &principal).await?)))
 }
 
 async fn place_metric(
@@ -364,7 +401,7 @@ async fn place_metric(
     body: Result<Json<MetricRequest>, JsonRejection>,
 ) -> Result<(axum::http::StatusCode, Json<ActionView>), ApiError> {
     let Json(req) = body.map_err(|e| ApiError::body_rejected(&e))?;
-    Ok((axum::http::StatusCode::CREATED, Json(state.engine.place_metric(req, &principal)?)))
+    Ok((axum::http::StatusCode::CREATED, Json(state.engine.place_metric(req, &principal).await?)))
 }
 
 async fn get_lines(
@@ -375,24 +412,18 @@ async fn get_lines(
 ) -> ApiResult<LinesPage> {
     let q = query_params(q)?;
     let limit = q.limit.unwrap_or(query::MAX_PAGE);
-    if !(1..=query::MAX_PAGE).contains(&limit) {
-        return Err(ApiError::invalid(format!("limit is {limit}; allowed range is 1..={}", query::MAX_PAGE)));
-    }
+    check_limit(limit, query::MAX_PAGE, query::MAX_PAGE)?;
     let since = q.since.unwrap_or(0);
-    match q.wait_seconds {
-        None | Some(0) => Ok(Json(state.engine.lines(&action_id, since, limit, &principal)?)),
-        Some(w) if w <= action_bounds::MAX_WAIT_SECS => {
-            let wait = Duration::from_secs(w);
-            let _slot = state.callers.begin_wait(&principal, tokio::time::Instant::now() + wait)?;
-            let page = state.engine.wait_lines(&action_id, since, limit, wait, &principal).await?;
-            state.recheck(&principal)?;
-            Ok(Json(page))
-        }
-        Some(w) => Err(ApiError::invalid(format!(
-            "wait_seconds is {w}; allowed range is 0..={}",
-            action_bounds::MAX_WAIT_SECS
-        ))),
+    let w = q.wait_seconds.unwrap_or(0);
+    check_wait_seconds("wait_seconds", w)?;
+    if w == 0 {
+        return Ok(Json(state.engine.lines(&action_id, since, limit, &principal).await?));
     }
+    let wait = Duration::from_secs(w);
+    let _slot = state.callers.begin_wait(&principal, tokio::time::Instant::now() + wait).await?;
+    let page = state.engine.wait_lines(&action_id, since, limit, wait, &principal).await?;
+    state.recheck(&principal).await?;
+    Ok(Json(page))
 }
 
 #[derive(Debug, Deserialize)]
@@ -415,7 +446,8 @@ async fn list_actions(
             ApiError::invalid(format!("status `{s}` must be one of active, completed, expired, removed"))
         })?),
     };
-    let actions = state.engine.list(&ActionFilter { status, target: q.target, created_by: q.created_by }, &principal);
+    let filter = ActionFilter { status, target: q.target, created_by: q.created_by };
+    let actions = state.engine.list(&filter, &principal).await?;
     Ok(Json(serde_json::json!({ "items": actions })))
 }
 
@@ -424,7 +456,7 @@ async fn get_action(
     Extension(principal): Extension<Principal>,
     Path(action_id): Path<String>,
 ) -> ApiResult<ActionView> {
-    Ok(Json(state.engine.get(&action_id, &principal)?))
+    Ok(Json(state.engine.get(&action_id, &principal).await?))
 }
 
 async fn remove_action(
@@ -432,7 +464,7 @@ async fn remove_action(
     Extension(principal): Extension<Principal>,
     Path(action_id): Path<String>,
 ) -> ApiResult<ActionView> {
-    Ok(Json(state.engine.remove(&action_id, &principal)?))
+    Ok(Json(state.engine.remove(&action_id, &principal).await?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -451,22 +483,16 @@ async fn get_hits(
 ) -> ApiResult<HitsPage> {
     let q = query_params(q)?;
     let limit = q.limit.unwrap_or(action_bounds::MAX_MAX_HITS as usize);
-    if !(1..=query::MAX_PAGE).contains(&limit) {
-        return Err(ApiError::invalid(format!("limit is {limit}; allowed range is 1..={}", query::MAX_PAGE)));
-    }
+    check_limit(limit, query::MAX_PAGE, action_bounds::MAX_MAX_HITS as usize)?;
     let since = q.since.unwrap_or(0);
-    match q.wait_seconds {
-        None | Some(0) => Ok(Json(state.engine.hits(&action_id, since, limit, &principal)?)),
-        Some(w) if w <= action_bounds::MAX_WAIT_SECS => {
-            let wait = Duration::from_secs(w);
-            let _slot = state.callers.begin_wait(&principal, tokio::time::Instant::now() + wait)?;
-            let page = state.engine.wait_hits(&action_id, since, limit, wait, &principal).await?;
-            state.recheck(&principal)?;
-            Ok(Json(page))
-        }
-        Some(w) => Err(ApiError::invalid(format!(
-            "wait_seconds is {w}; allowed range is 0..={}",
-            action_bounds::MAX_WAIT_SECS
-        ))),
+    let w = q.wait_seconds.unwrap_or(0);
+    check_wait_seconds("wait_seconds", w)?;
+    if w == 0 {
+        return Ok(Json(state.engine.hits(&action_id, since, limit, &principal).await?));
     }
+    let wait = Duration::from_secs(w);
+    let _slot = state.callers.begin_wait(&principal, tokio::time::Instant::now() + wait).await?;
+    let page = state.engine.wait_hits(&action_id, since, limit, wait, &principal).await?;
+    state.recheck(&principal).await?;
+    Ok(Json(page))
 }

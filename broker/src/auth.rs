@@ -13,7 +13,6 @@
 //! `WWW-Authenticate: Bearer resource_metadata="…"` pointing at the RFC 9728
 //! protected-resource metadata, so MCP clients can discover how to authenticate.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -21,144 +20,14 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::AppState;
+use crate::access::Tenancy;
+pub use crate::access::{Reach, Role, Scope};
 use crate::audit::Actor;
 use crate::error::{ApiError, ErrorCode};
-use crate::keys::Tenancy;
-use crate::quota::{CallBudget, CallerQuotas};
-
-/// What a key may do. Each MCP tool and REST endpoint needs exactly one scope.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[non_exhaustive]
-pub enum Scope {
-    /// `system_health`, `/metrics`.
-    SystemRead,
-    /// Listing agents, pools and their inspectable locations.
-    AgentsRead,
-    /// Placing and removing actions.
-    ActionsWrite,
-    /// Reading actions and their hits.
-    HitsRead,
-    /// Administration: keys, groups and pools, redaction rules, the audit trail (what
-    /// of it a key may do also depends on its role).
-    Admin,
-}
-
-impl Scope {
-    /// Every scope a key can name.
-    pub const KNOWN: [Scope; 5] =
-        [Scope::SystemRead, Scope::AgentsRead, Scope::ActionsWrite, Scope::HitsRead, Scope::Admin];
-    /// What a developer key holds: every tool, no administration.
-    pub const DEFAULT: [Scope; 4] = [Scope::SystemRead, Scope::AgentsRead, Scope::ActionsWrite, Scope::HitsRead];
-
-    /// The scope's name in configuration, OAuth metadata and errors.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Scope::SystemRead => "mcp:system:read",
-            Scope::AgentsRead => "mcp:agents:read",
-            Scope::ActionsWrite => "mcp:actions:write",
-            Scope::HitsRead => "mcp:hits:read",
-            Scope::Admin => "mcp:admin",
-        }
-    }
-
-    /// Parses a scope name.
-    pub fn parse(s: &str) -> Option<Scope> {
-        Scope::KNOWN.into_iter().find(|k| k.as_str() == s.trim())
-    }
-}
-
-impl Serialize for Scope {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
-impl<'de> Deserialize<'de> for Scope {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        Scope::parse(&s).ok_or_else(|| {
-            serde::de::Error::custom(format!(
-                "unknown scope `{s}`; known scopes: {}",
-                Scope::KNOWN.map(|k| k.as_str()).join(", ")
-            ))
-        })
-    }
-}
-
-/// What a key is for. Roles are ordered: each can do what the one before it can.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// Reads agents and sources, places and reads actions in the pools it may access.
-    Developer,
-    /// Also manages its group: which pools belong to it, and the developer and
-    /// group-admin keys (and agent keys) of the group.
-    GroupAdmin,
-    /// Everything in its organization: keys, groups, pools, redaction rules, the audit
-    /// trail.
-    CompanyAdmin,
-}
-
-impl Role {
-    /// Every role.
-    pub const ALL: [Role; 3] = [Role::Developer, Role::GroupAdmin, Role::CompanyAdmin];
-
-    /// The stable name.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Role::Developer => "developer",
-            Role::GroupAdmin => "group_admin",
-            Role::CompanyAdmin => "company_admin",
-        }
-    }
-
-    /// Parses a role name.
-    pub fn parse(s: &str) -> Option<Role> {
-        Role::ALL.into_iter().find(|r| r.as_str() == s.trim())
-    }
-
-    /// The scopes the role grants; a key may be narrowed to fewer.
-    pub fn scopes(&self) -> &'static [Scope] {
-        match self {
-            Role::Developer => &Scope::DEFAULT,
-            Role::GroupAdmin | Role::CompanyAdmin => &Scope::KNOWN,
-        }
-    }
-}
-
-/// Which agents (and so which pools, actions and hits) a key may see: one organization,
-/// optionally one group of it, optionally an explicit set of pools. Actions keep the
-/// reach of the key that placed them, so a pool-restricted key can never reach an
-/// agent outside its pools, even one that joins later.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Reach {
-    /// The organization.
-    pub org: String,
-    /// Only pools assigned to this group.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub group: Option<String>,
-    /// Only these pools.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pools: Option<BTreeSet<String>>,
-}
-
-impl Reach {
-    /// Everything in `org`.
-    pub fn org(org: impl Into<String>) -> Reach {
-        Reach { org: org.into(), group: None, pools: None }
-    }
-
-    /// Whether a pool of an organization is within reach (with the pool-to-group
-    /// assignments of `tenancy`).
-    pub fn allows(&self, org: &str, pool: &str, tenancy: &Tenancy) -> bool {
-        org == self.org
-            && self.pools.as_ref().is_none_or(|p| p.contains(pool))
-            && self.group.as_deref().is_none_or(|g| tenancy.group_of(org, pool) == g)
-    }
-}
+use crate::quota::{CallBudget, CallerQuotas, Charged};
 
 /// Who is calling, resolved from an API key on each request.
 #[derive(Debug, Clone)]
@@ -203,6 +72,20 @@ impl Principal {
     /// The caller as the audit trail names it.
     pub fn actor(&self) -> Actor {
         Actor::Key { id: self.key_id.clone(), name: self.name.clone() }
+    }
+}
+
+impl Charged for Principal {
+    fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    fn org(&self) -> &str {
+        &self.reach.org
+    }
+
+    fn quotas(&self) -> CallerQuotas {
+        self.quotas
     }
 }
 
@@ -301,7 +184,7 @@ pub struct CallCharge(pub Result<CallBudget, ApiError>);
 pub async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let authenticated = match bearer(req.headers()) {
         None => Err(AuthFailure::Missing),
-        Some(token) => state.keys.authenticate_api(token),
+        Some(token) => state.keys.authenticate_api(token).await,
     };
     let principal = match authenticated {
         Ok(p) => p,
@@ -332,13 +215,13 @@ pub async fn require_api_key(State(state): State<AppState>, req: Request, next: 
     // answers `quota_exceeded` as a tool result a model can read.
     let mut budget = None;
     for _ in 0..messages.others {
-        match state.callers.charge_call(&principal) {
+        match state.callers.charge_call(&principal).await {
             Ok(b) => budget = Some(Ok(b)),
             Err(e) => return e.into_response(),
         }
     }
     for _ in 0..messages.tool_calls {
-        let c = state.callers.charge_call(&principal);
+        let c = state.callers.charge_call(&principal).await;
         if budget.as_ref().is_none_or(|b: &Result<CallBudget, ApiError>| b.is_ok()) {
             budget = Some(c);
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use periscope_protocol::{AgentQuotas, CaptureLimits};
 use serde::{Deserialize, Serialize};
 
-use crate::auth::{Role, Scope};
+use crate::access::{MAX_KEY_NAME, MAX_ORG_NAME, Role, Scope, plausible_secret, valid_name};
 use crate::quota::{CallerQuotaOverrides, CallerSettings, IngestSettings, OrgQuotas};
 
 /// Why a configuration cannot be used.
@@ -363,6 +363,49 @@ pub struct BrokerConfig {
     pub data_dir: Option<std::path::PathBuf>,
     /// Redaction rules (built-ins on by default); changeable at run time through the API.
     pub redaction: periscope_redaction::RedactionConfig,
+    /// Cluster mode: several nodes sharing one Redis.
+    pub cluster: ClusterSettings,
+}
+
+/// `[cluster]`: run this broker as one node of several that share their state in one
+/// Redis (`redis_url`); without it the broker is a single node keeping its state in
+/// SQLite under `data_dir`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// `redis://[user:password@]host:port/db` of the shared Redis (a primary, with
+    /// `appendonly yes` and `maxmemory-policy noeviction`).
+    pub redis_url: Option<String>,
+    /// This node's name, unique in the cluster (default: the host name and the port it
+    /// listens on).
+    pub node_name: Option<String>,
+    /// Prefix of every key this deployment keeps in Redis (several may share one).
+    pub key_prefix: String,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings { redis_url: None, node_name: None, key_prefix: "periscope:".into() }
+    }
+}
+
+impl ClusterSettings {
+    /// Whether the broker runs as a cluster node.
+    pub fn enabled(&self) -> bool {
+        self.redis_url.is_some()
+    }
+
+    /// This node's name: the configured one, or `<host name>:<port>`.
+    pub fn node_name(&self, bound: SocketAddr) -> String {
+        self.node_name.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| crate::access::valid_name(h, 64))
+                .unwrap_or_else(|| "node".into());
+            format!("{host}:{}", bound.port())
+        })
+    }
 }
 
 impl Default for BrokerConfig {
@@ -383,6 +426,7 @@ impl Default for BrokerConfig {
             http: HttpSettings::default(),
             data_dir: None,
             redaction: periscope_redaction::RedactionConfig::default(),
+            cluster: ClusterSettings::default(),
         }
     }
 }
@@ -503,10 +547,10 @@ impl BrokerConfig {
         for (i, k) in self.api_keys.iter().enumerate() {
             let at = format!("api_keys[{i}]");
             check_secret(&format!("{at}.key"), &k.key)?;
-            if k.name.trim().is_empty() || k.name.len() > crate::keys::MAX_KEY_NAME {
+            if k.name.trim().is_empty() || k.name.len() > MAX_KEY_NAME {
                 return Err(ConfigError::Invalid {
                     key: format!("{at}.name"),
-                    message: format!("must be 1 to {} characters", crate::keys::MAX_KEY_NAME),
+                    message: format!("must be 1 to {} characters", MAX_KEY_NAME),
                 });
             }
             let role = k.role_or_default();
@@ -605,6 +649,32 @@ impl BrokerConfig {
                 });
             }
         }
+        if let Some(url) = &self.cluster.redis_url
+            && !url.starts_with("redis://")
+        {
+            return Err(ConfigError::Invalid {
+                key: "cluster.redis_url".into(),
+                message: format!(
+                    "`{}` must start with redis:// (redis://host:6379/0; TLS is not supported)",
+                    crate::backend::redis::redact_url(url)
+                ),
+            });
+        }
+        if let Some(name) = &self.cluster.node_name
+            && !valid_name(name, 64)
+        {
+            return Err(ConfigError::Invalid {
+                key: "cluster.node_name".into(),
+                message: format!("`{name}` must be 1 to 64 characters from A-Z a-z 0-9 . _ : -"),
+            });
+        }
+        let prefix = &self.cluster.key_prefix;
+        if prefix.is_empty() || prefix.len() > 64 || prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(ConfigError::Invalid {
+                key: "cluster.key_prefix".into(),
+                message: "must be 1 to 64 characters without spaces".into(),
+            });
+        }
         if let Some(url) = &self.public_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
@@ -652,11 +722,11 @@ fn check_tenancy_names(
     group: Option<&str>,
     pools: Option<&[String]>,
 ) -> Result<(), ConfigError> {
-    let max = crate::keys::MAX_ORG_NAME;
+    let max = MAX_ORG_NAME;
     let pool_max = periscope_protocol::messages::registration_bounds::MAX_NAME_LEN;
     for (field, value, max) in [("org", org, max), ("group", group, max)] {
         if let Some(v) = value
-            && !crate::keys::valid_name(v, max)
+            && !valid_name(v, max)
         {
             return Err(ConfigError::Invalid {
                 key: format!("{at}.{field}"),
@@ -664,7 +734,7 @@ fn check_tenancy_names(
             });
         }
     }
-    if let Some(p) = pools.into_iter().flatten().find(|p| !crate::keys::valid_name(p, pool_max)) {
+    if let Some(p) = pools.into_iter().flatten().find(|p| !valid_name(p, pool_max)) {
         return Err(ConfigError::Invalid {
             key: format!("{at}.pools"),
             message: format!("`{p}` must be 1 to {pool_max} characters from A-Z a-z 0-9 . _ : -"),
@@ -674,7 +744,7 @@ fn check_tenancy_names(
 }
 
 fn check_secret(key: &str, secret: &str) -> Result<(), ConfigError> {
-    if !crate::keys::plausible_secret(secret) {
+    if !plausible_secret(secret) {
         return Err(ConfigError::Invalid {
             key: key.into(),
             message: "must be 16 to 256 printable ASCII characters without spaces".into(),

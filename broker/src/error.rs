@@ -32,7 +32,8 @@ pub enum ErrorCode {
     AgentError,
     /// Missing or bad credentials.
     Unauthorized,
-    /// The capability exists in the contract but is not available in this build.
+    /// The broker cannot do it right now (a cluster node that cannot reach its Redis);
+    /// retry shortly, or through another node.
     NotAvailable,
     /// Something broke inside the broker.
     Internal,
@@ -66,7 +67,7 @@ impl ErrorCode {
             ErrorCode::Expired => StatusCode::GONE,
             ErrorCode::AgentError => StatusCode::BAD_GATEWAY,
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
-            ErrorCode::NotAvailable => StatusCode::NOT_IMPLEMENTED,
+            ErrorCode::NotAvailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -51,7 +51,7 @@ pub async fn agents_ws(State(state): State<AppState>, headers: HeaderMap, ws: We
     let Some(key) = crate::auth::bearer(&headers) else {
         return unauthorized("agents must send their agent key as `Authorization: Bearer <agent key>`");
     };
-    let credentials = match state.keys.authenticate_agent(key) {
+    let credentials = match state.keys.authenticate_agent(key).await {
         Ok(c) => c,
         Err(AuthFailure::Revoked) => return unauthorized("the agent key has been revoked"),
         Err(AuthFailure::Expired) => return unauthorized("the agent key has expired"),
@@ -327,8 +327,32 @@ async fn session(state: AppState, mut socket: WebSocket, credentials: AgentCrede
             return refuse(&mut socket, error_body(ProtocolErrorCode::RateLimited, msg, true)).await;
         }
     };
+    // The id's lease: one node holds an agent at a time, and what it writes for the
+    // agent carries the lease's epoch (a node the agent left can write no more).
+    let epoch = match state.directory.acquire(&agent_id, &host, pid).await {
+        Ok(Ok(epoch)) => epoch,
+        Ok(Err(held)) => {
+            state.registry.lease_lost(&agent_id);
+            let msg = format!("agent id `{agent_id}` is already online from another process");
+            let detail = format!(
+                "a second process tried to register as the online agent `{agent_id}` (held by node `{}`)",
+                held.node
+            );
+            let target = serde_json::json!({ "agent_id": agent_id, "pool": pool, "host": host, "pid": pid });
+            let actor = agent_actor(&agent_id, &credentials);
+            audit_refusal(&state, &credentials, actor, AuditKind::AgentImpersonation, "duplicate", target, detail);
+            return refuse(&mut socket, error_body(ProtocolErrorCode::DuplicateAgent, msg, true)).await;
+        }
+        Err(e) => {
+            state.registry.lease_lost(&agent_id);
+            tracing::warn!(agent = %agent_id, error = %e, "cannot take an agent's lease; refusing its registration");
+            let msg = "the broker cannot reach its shared state right now; retry shortly".to_owned();
+            return refuse(&mut socket, error_body(ProtocolErrorCode::RateLimited, msg, false)).await;
+        }
+    };
+    state.registry.set_epoch(&agent_id, session_no, epoch);
     claim.registered();
-    tracing::info!(agent = %agent_id, name = %name, "agent registered");
+    tracing::info!(agent = %agent_id, name = %name, epoch, "agent registered");
     let registered = BrokerMessage::Registered(Registered {
         agent_id: agent_id.clone(),
         protocol_version: PROTOCOL_VERSION,
@@ -337,9 +361,10 @@ async fn session(state: AppState, mut socket: WebSocket, credentials: AgentCrede
         quotas: state.config.quotas,
         heartbeat_interval_ms: settings.heartbeat_interval_secs * 1_000,
     });
-    let actions = state.engine.on_agent_registered(&agent_id);
+    let actions = state.engine.on_agent_registered(&agent_id).await;
     let rules = state.engine.rules.message(&credentials.org);
-    let sender = Sender { id: agent_id.clone(), name: name.clone(), org: credentials.org.clone(), pool: pool.clone() };
+    let sender =
+        Sender { id: agent_id.clone(), name: name.clone(), org: credentials.org.clone(), pool: pool.clone(), epoch: 0 };
     let reason = if send(&mut socket, &registered).await
         && send(&mut socket, &rules).await
         && send(&mut socket, &BrokerMessage::ActionSync { actions }).await
@@ -353,7 +378,13 @@ async fn session(state: AppState, mut socket: WebSocket, credentials: AgentCrede
     // offline: whoever sees it offline may take its place.
     drop((budget, claim));
     state.registry.disconnect(&agent_id, session_no, &reason);
-    state.engine.on_agent_disconnected(&sender);
+    if let Err(e) = state.directory.release(&agent_id, epoch).await {
+        tracing::debug!(agent = %agent_id, error = %e, "cannot release an agent's lease (it expires by itself)");
+    }
+    // An agent that moved to another node is online there: its actions stay as they are.
+    if state.registry.with(&agent_id, |r| r.remote.is_none()).unwrap_or(true) {
+        state.engine.on_agent_disconnected(&sender).await;
+    }
 }
 
 /// The session loop; returns why it ended.
@@ -397,7 +428,7 @@ async fn run(
                                     let over = matches!(msg, AgentMessage::Hit(_)).then(|| budget.charge_hit().err()).flatten();
                                     if let Some(over) = over {
                                         verdict = Some(dropped(state, budget, agent_id, over, DropReason::HitsRate, "hits"));
-                                    } else if let Some(err) = handle(state, sender, msg) {
+                                    } else if let Some(err) = handle(state, sender, msg).await {
                                         bad_frames += 1;
                                         state.registry.count_drop(agent_id, DropReason::BadFrame, 1);
                                         if !send(socket, &BrokerMessage::Error(err)).await {
@@ -531,7 +562,7 @@ fn dropped(
 
 /// Applies one message; returns an error frame for messages that are well-formed but
 /// wrong in context.
-fn handle(state: &AppState, from: &Sender, msg: AgentMessage) -> Option<ProtocolErrorBody> {
+async fn handle(state: &AppState, from: &Sender, msg: AgentMessage) -> Option<ProtocolErrorBody> {
     let agent_id = &from.id;
     match msg {
         AgentMessage::Register(_) => Some(error_body(
@@ -562,26 +593,28 @@ fn handle(state: &AppState, from: &Sender, msg: AgentMessage) -> Option<Protocol
             })
         }
         AgentMessage::ActionStatus(update) => {
-            state.engine.on_status(from, &update.action_id, update.state);
+            state.engine.on_status(from, &update.action_id, update.state).await;
             None
         }
         AgentMessage::Hit(hit) => {
-            match state.engine.ingest_hit(from, *hit) {
+            match state.engine.ingest_hit(from, *hit).await {
                 Ingested::Accepted => state.registry.count_hit(agent_id, true),
                 Ingested::Refused => state.registry.count_hit(agent_id, false),
                 Ingested::RateLimited => state.registry.count_drop(agent_id, DropReason::ActionRate, 1),
+                Ingested::Unavailable => state.registry.count_drop(agent_id, DropReason::Unavailable, 1),
+                Ingested::LeaseLost => state.registry.count_drop(agent_id, DropReason::LeaseLost, 1),
             }
             None
         }
         AgentMessage::LogLines { lines } => {
-            let outcome = state.engine.ingest_lines(from, lines);
+            let outcome = state.engine.ingest_lines(from, lines).await;
             if outcome.rate_limited > 0 {
                 state.registry.count_drop(agent_id, DropReason::LogRate, outcome.rate_limited as u64);
             }
             None
         }
         AgentMessage::Metrics { reports } => {
-            state.engine.ingest_metrics(from, reports);
+            state.engine.ingest_metrics(from, reports).await;
             None
         }
         AgentMessage::Goodbye { .. } => None,

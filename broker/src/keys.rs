@@ -36,30 +36,26 @@
 //! here ([`check_create`], [`visible_key`], [`check_assign`]), next to the data.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
 
-use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 use tokio::sync::watch;
 
-use crate::audit::{self, Actor, AuditEntry, AuditKind};
-use crate::auth::{AuthFailure, Principal, Reach, Role, Scope};
+pub use crate::access::{
+    DEFAULT_GROUP, DEFAULT_ORG, MAX_KEY_NAME, MAX_ORG_NAME, Tenancy, plausible_secret, valid_name,
+};
+use crate::access::{Reach, Role, Scope};
+use crate::audit::{Actor, AuditEntry, AuditKind};
+use crate::auth::{AuthFailure, Principal};
+use crate::backend::{BackendError, KeyBackend, KeyRefusal, KeyRow, KeyRows};
 use crate::config::{AgentKeyConfig, ApiKeyConfig};
 use crate::error::{ApiError, ErrorCode};
 use crate::quota::{CallerQuotaOverrides, CallerSettings};
-use crate::store::{StoreError, to_i64, to_u64};
+use crate::store::StoreError;
 use crate::time::now_ms;
 
-/// The organization of a self-hosted broker, and of keys that name none.
-pub const DEFAULT_ORG: &str = "default";
-/// The group every organization has, owning every pool not assigned elsewhere.
-pub const DEFAULT_GROUP: &str = "default";
-/// Longest key name.
-pub const MAX_KEY_NAME: usize = 100;
-/// Longest organization or group name.
-pub const MAX_ORG_NAME: usize = 64;
 /// Longest lifetime a key may be given.
 pub const MAX_KEY_LIFETIME_MS: u64 = 10 * 366 * 86_400_000;
 
@@ -70,9 +66,9 @@ pub enum KeyError {
     /// The database could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// SQLite refused.
+    /// The key directory's backend failed.
     #[error("key store: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Backend(#[from] BackendError),
     /// An argument is wrong; `field` names it.
     #[error("`{field}`: {message}")]
     Invalid {
@@ -295,52 +291,6 @@ impl AgentCredentials {
     }
 }
 
-/// Organizations, their groups, and which group each assigned pool belongs to.
-#[derive(Debug, Clone, Default)]
-pub struct Tenancy {
-    orgs: BTreeMap<String, OrgTenancy>,
-}
-
-#[derive(Debug, Clone, Default)]
-struct OrgTenancy {
-    groups: BTreeSet<String>,
-    pools: BTreeMap<String, String>,
-}
-
-impl Tenancy {
-    /// The group `pool` of `org` belongs to (`default` when unassigned).
-    pub fn group_of<'a>(&'a self, org: &str, pool: &str) -> &'a str {
-        self.orgs.get(org).and_then(|o| o.pools.get(pool)).map_or(DEFAULT_GROUP, String::as_str)
-    }
-
-    /// Whether the organization exists.
-    pub fn has_org(&self, org: &str) -> bool {
-        self.orgs.contains_key(org)
-    }
-
-    /// Whether the group exists in the organization.
-    pub fn has_group(&self, org: &str, group: &str) -> bool {
-        group == DEFAULT_GROUP || self.orgs.get(org).is_some_and(|o| o.groups.contains(group))
-    }
-
-    /// The organization's groups.
-    pub fn groups(&self, org: &str) -> Vec<String> {
-        let mut g: BTreeSet<String> = self.orgs.get(org).map(|o| o.groups.clone()).unwrap_or_default();
-        g.insert(DEFAULT_GROUP.into());
-        g.into_iter().collect()
-    }
-
-    /// The organization's explicit pool assignments.
-    pub fn assigned_pools(&self, org: &str) -> BTreeMap<String, String> {
-        self.orgs.get(org).map(|o| o.pools.clone()).unwrap_or_default()
-    }
-
-    /// Every organization.
-    pub fn orgs(&self) -> Vec<String> {
-        self.orgs.keys().cloned().collect()
-    }
-}
-
 /// A consistent snapshot of keys and tenancy.
 #[derive(Debug, Default)]
 pub struct Directory {
@@ -385,26 +335,22 @@ pub struct NewKey {
     pub expires_at_ms: Option<u64>,
 }
 
-struct Db {
-    conn: Connection,
-    data_version: i64,
-    epoch: i64,
-}
-
-/// The key directory over the store's database.
-#[derive(Debug)]
+/// The key directory: the last [`Directory`] read from its [`KeyBackend`], re-read
+/// whenever the backend's epoch moved.
 pub struct KeyStore {
-    dir: PathBuf,
-    db: Mutex<Db>,
+    backend: Arc<dyn KeyBackend>,
+    /// The epoch the current directory was read at (held while reloading, so concurrent
+    /// checks reload once).
+    loaded: tokio::sync::Mutex<i64>,
     current: RwLock<Arc<Directory>>,
     config_keys: Vec<Arc<KeyRecord>>,
     callers: CallerSettings,
     generation: watch::Sender<u64>,
 }
 
-impl std::fmt::Debug for Db {
+impl std::fmt::Debug for KeyStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Db").field("data_version", &self.data_version).field("epoch", &self.epoch).finish()
+        f.debug_struct("KeyStore").field("backend", &self.backend).finish_non_exhaustive()
     }
 }
 
@@ -447,20 +393,6 @@ pub fn new_secret(prefix: &str) -> Result<String, KeyError> {
     Ok(out)
 }
 
-/// Whether `s` could be a key at all: 16 to 256 printable ASCII characters without
-/// spaces (what the configuration file accepts; generated keys are 36). Anything else is
-/// refused before it is hashed or looked up.
-pub fn plausible_secret(s: &str) -> bool {
-    (16..=256).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic())
-}
-
-/// Whether `s` is a valid organization, group or pool name.
-pub fn valid_name(s: &str, max: usize) -> bool {
-    !s.is_empty()
-        && s.len() <= max
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
-}
-
 fn check_name(field: &str, s: &str, max: usize) -> Result<(), KeyError> {
     if valid_name(s, max) {
         Ok(())
@@ -475,44 +407,6 @@ fn short(s: &str) -> &str {
 
 fn json_opt<T: Serialize>(v: &Option<T>) -> Option<String> {
     v.as_ref().and_then(|v| serde_json::to_string(v).ok())
-}
-
-fn bump_epoch(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
-    tx.execute(
-        "INSERT INTO meta (key, value) VALUES ('auth_epoch', '1') ON CONFLICT(key) DO UPDATE SET \
-         value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)",
-        [],
-    )?;
-    Ok(())
-}
-
-fn read_epoch(conn: &Connection) -> rusqlite::Result<i64> {
-    Ok(conn
-        .query_row("SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'auth_epoch'", [], |r| r.get::<_, i64>(0))
-        .optional()?
-        .unwrap_or(0))
-}
-
-fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.query_row("PRAGMA data_version", [], |r| r.get(0))
-}
-
-fn ensure_org_tx(tx: &rusqlite::Transaction<'_>, org: &str) -> rusqlite::Result<bool> {
-    let now = to_i64(now_ms());
-    let created = tx.execute("INSERT OR IGNORE INTO orgs (name, created_at_ms) VALUES (?1, ?2)", params![org, now])?;
-    tx.execute(
-        "INSERT OR IGNORE INTO groups (org, name, created_at_ms) VALUES (?1, ?2, ?3)",
-        params![org, DEFAULT_GROUP, now],
-    )?;
-    Ok(created > 0)
-}
-
-fn ensure_group_tx(tx: &rusqlite::Transaction<'_>, org: &str, group: &str) -> rusqlite::Result<bool> {
-    ensure_org_tx(tx, org)?;
-    Ok(tx.execute(
-        "INSERT OR IGNORE INTO groups (org, name, created_at_ms) VALUES (?1, ?2, ?3)",
-        params![org, group, to_i64(now_ms())],
-    )? > 0)
 }
 
 /// A JSON column: absent is `None`; present but undecodable is an error (the caller
@@ -561,134 +455,78 @@ fn inherit(records: &mut BTreeMap<String, KeyRecord>, config: &BTreeMap<&str, &K
     }
 }
 
-fn load(conn: &Connection, config_keys: &[Arc<KeyRecord>]) -> rusqlite::Result<(Directory, i64)> {
-    let tx = conn.unchecked_transaction()?;
-    let epoch = read_epoch(&tx)?;
+/// The directory from what the backend holds and the configuration file's keys.
+fn build(rows: KeyRows, config_keys: &[Arc<KeyRecord>]) -> Directory {
     let mut tenancy = Tenancy::default();
-    {
-        let mut stmt = tx.prepare("SELECT name FROM orgs")?;
-        for org in stmt.query_map([], |r| r.get::<_, String>(0))? {
-            tenancy.orgs.entry(org?).or_default();
-        }
-        let mut stmt = tx.prepare("SELECT org, name FROM groups")?;
-        for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
-            let (org, name) = row?;
-            tenancy.orgs.entry(org).or_default().groups.insert(name);
-        }
-        let mut stmt = tx.prepare("SELECT org, name, grp FROM pools")?;
-        for row in
-            stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?
-        {
-            let (org, pool, group) = row?;
-            tenancy.orgs.entry(org).or_default().pools.insert(pool, group);
-        }
+    for org in &rows.orgs {
+        tenancy.add_org(org);
     }
-    let mut dir = Directory::default();
-    {
-        let mut stmt = tx.prepare(
-            "SELECT id, hash, kind, name, org, role, grp, scopes, pools, quotas, hint, created_at_ms, created_by, \
-             expires_at_ms, revoked_at_ms, revoked_by, created_by_key FROM keys",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, Option<String>>(5)?,
-                r.get::<_, Option<String>>(6)?,
-                r.get::<_, Option<String>>(7)?,
-                r.get::<_, Option<String>>(8)?,
-                r.get::<_, Option<String>>(9)?,
-                r.get::<_, String>(10)?,
-                r.get::<_, i64>(11)?,
-                r.get::<_, String>(12)?,
-                r.get::<_, Option<i64>>(13)?,
-                r.get::<_, Option<i64>>(14)?,
-                r.get::<_, Option<String>>(15)?,
-                r.get::<_, Option<String>>(16)?,
-            ))
-        })?;
-        let mut records: BTreeMap<String, KeyRecord> = BTreeMap::new();
-        for row in rows {
-            let (
-                id,
-                hash_hex,
+    for (org, group) in &rows.groups {
+        tenancy.add_group(org, group);
+    }
+    for (org, pool, group) in &rows.pools {
+        tenancy.assign(org, pool, group);
+    }
+    let mut records: BTreeMap<String, KeyRecord> = BTreeMap::new();
+    for row in rows.keys {
+        let id = row.id.clone();
+        let Some(hash) = unhex(&row.hash) else {
+            tracing::warn!(key = %id, "skipping a stored key with a malformed hash");
+            continue;
+        };
+        let kind = if row.kind == "agent" { KeyKind::Agent } else { KeyKind::Api };
+        let role = row.role.as_deref().and_then(Role::parse);
+        if kind == KeyKind::Api && role.is_none() {
+            tracing::warn!(key = %id, "skipping a stored API key without a known role");
+            continue;
+        }
+        // A restriction that does not decode is no restriction we can apply: the key is
+        // left out (it does not authenticate) rather than given the role's reach.
+        let (Ok(scopes), Ok(pools), Ok(quotas)) = (decode(row.scopes), decode(row.pools), decode(row.quotas)) else {
+            tracing::error!(key = %id, "skipping a stored key whose scopes, pools or quotas do not decode");
+            continue;
+        };
+        records.insert(
+            id.clone(),
+            KeyRecord {
+                key_id: id,
                 kind,
-                name,
-                org,
+                name: row.name,
+                org: row.org,
                 role,
-                group,
+                group: row.group,
                 scopes,
                 pools,
                 quotas,
-                hint,
-                created,
-                by,
-                exp,
-                rev,
-                rev_by,
-                parent,
-            ) = row?;
-            let Some(hash) = unhex(&hash_hex) else {
-                tracing::warn!(key = %id, "skipping a stored key with a malformed hash");
-                continue;
-            };
-            let kind = if kind == "agent" { KeyKind::Agent } else { KeyKind::Api };
-            let role = role.as_deref().and_then(Role::parse);
-            if kind == KeyKind::Api && role.is_none() {
-                tracing::warn!(key = %id, "skipping a stored API key without a known role");
-                continue;
-            }
-            // A restriction that does not decode is no restriction we can apply: the key
-            // is left out (it does not authenticate) rather than given the role's reach.
-            let (Ok(scopes), Ok(pools), Ok(quotas)) = (decode(scopes), decode(pools), decode(quotas)) else {
-                tracing::error!(key = %id, "skipping a stored key whose scopes, pools or quotas do not decode");
-                continue;
-            };
-            records.insert(
-                id.clone(),
-                KeyRecord {
-                    key_id: id,
-                    kind,
-                    name,
-                    org,
-                    role,
-                    group,
-                    scopes,
-                    pools,
-                    quotas,
-                    hint,
-                    created_at_ms: to_u64(created),
-                    created_by: by,
-                    expires_at_ms: exp.map(to_u64),
-                    revoked_at_ms: rev.map(to_u64),
-                    revoked_by: rev_by,
-                    source: KeySource::Store,
-                    created_by_key: parent,
-                    ended_by: None,
-                    effective_expires_at_ms: None,
-                    ancestor_revoked: false,
-                    hash,
-                },
-            );
-        }
-        let config: BTreeMap<&str, &KeyRecord> = config_keys.iter().map(|k| (k.key_id.as_str(), &**k)).collect();
-        inherit(&mut records, &config);
-        for (id, record) in records {
-            let record = Arc::new(record);
-            dir.by_hash.insert(record.hash, Arc::clone(&record));
-            dir.by_id.insert(id, record);
-        }
+                hint: row.hint,
+                created_at_ms: row.created_at_ms,
+                created_by: row.created_by,
+                expires_at_ms: row.expires_at_ms,
+                revoked_at_ms: row.revoked_at_ms,
+                revoked_by: row.revoked_by,
+                source: KeySource::Store,
+                created_by_key: row.created_by_key,
+                ended_by: None,
+                effective_expires_at_ms: None,
+                ancestor_revoked: false,
+                hash,
+            },
+        );
     }
-    tx.finish()?;
+    let config: BTreeMap<&str, &KeyRecord> = config_keys.iter().map(|k| (k.key_id.as_str(), &**k)).collect();
+    inherit(&mut records, &config);
+    let mut dir = Directory::default();
+    for (id, record) in records {
+        let record = Arc::new(record);
+        dir.by_hash.insert(record.hash, Arc::clone(&record));
+        dir.by_id.insert(id, record);
+    }
     for k in config_keys {
         dir.by_hash.insert(k.hash, Arc::clone(k));
         dir.by_id.insert(k.key_id.clone(), Arc::clone(k));
     }
     dir.tenancy = Arc::new(tenancy);
-    Ok((dir, epoch))
+    dir
 }
 
 /// The records of the configuration file's keys (ids `key_config_<n>` and
@@ -748,37 +586,33 @@ fn config_records(api: &[ApiKeyConfig], agent: &[AgentKeyConfig]) -> Vec<Arc<Key
     out
 }
 
+fn refused(r: KeyRefusal) -> KeyError {
+    match r {
+        KeyRefusal::NoOrg(org) => KeyError::NotFound(format!("no organization `{org}`")),
+        KeyRefusal::NoGroup(g) => invalid("group", format!("no group `{g}`; create it first")),
+        KeyRefusal::GroupExists(g) => invalid("name", format!("group `{g}` already exists")),
+    }
+}
+
 impl KeyStore {
-    /// Opens the directory in `dir` for a broker with these configuration keys and
-    /// caller quotas (creating the database, the `default` organization and the
-    /// organizations and groups the configuration keys name).
-    pub fn open(
-        dir: &Path,
+    /// The directory `backend` keeps, for a broker with these configuration keys and
+    /// caller quotas (creating the `default` organization and the organizations and
+    /// groups the configuration keys name).
+    pub async fn open(
+        backend: Arc<dyn KeyBackend>,
         api_keys: &[ApiKeyConfig],
         agent_keys: &[AgentKeyConfig],
         callers: CallerSettings,
     ) -> Result<KeyStore, KeyError> {
-        let mut conn = crate::store::open_connection(dir)?;
         let config_keys = config_records(api_keys, agent_keys);
-        {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let mut changed = ensure_org_tx(&tx, DEFAULT_ORG)?;
-            for k in &config_keys {
-                changed |= ensure_org_tx(&tx, &k.org)?;
-                if let Some(g) = &k.group {
-                    changed |= ensure_group_tx(&tx, &k.org, g)?;
-                }
-            }
-            if changed {
-                bump_epoch(&tx)?;
-            }
-            tx.commit()?;
-        }
-        let version = data_version(&conn)?;
-        let (directory, epoch) = load(&conn, &config_keys)?;
+        let orgs = config_keys.iter().map(|k| (k.org.clone(), k.group.clone())).collect();
+        backend.ensure(orgs).await?;
+        let rows = backend.load().await?;
+        let epoch = rows.epoch;
+        let directory = build(rows, &config_keys);
         Ok(KeyStore {
-            dir: dir.to_owned(),
-            db: Mutex::new(Db { conn, data_version: version, epoch }),
+            backend,
+            loaded: tokio::sync::Mutex::new(epoch),
             current: RwLock::new(Arc::new(directory)),
             config_keys,
             callers,
@@ -786,21 +620,19 @@ impl KeyStore {
         })
     }
 
-    /// Opens the directory for the command line (no configuration keys).
-    pub fn open_cli(dir: &Path) -> Result<KeyStore, KeyError> {
-        Self::open(dir, &[], &[], CallerSettings::default())
+    /// The directory of the database in `dir`, for the command line (no configuration
+    /// keys).
+    pub async fn open_cli(dir: &Path) -> Result<KeyStore, KeyError> {
+        let backend = crate::backend::local::SqliteKeys::open(dir)?;
+        Self::open(Arc::new(backend), &[], &[], CallerSettings::default()).await
     }
 
-    /// The data directory.
-    pub fn data_dir(&self) -> &Path {
-        &self.dir
+    /// Where the directory is kept.
+    pub fn backend(&self) -> &Arc<dyn KeyBackend> {
+        &self.backend
     }
 
-    fn db(&self) -> std::sync::MutexGuard<'_, Db> {
-        self.db.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The last directory loaded, without checking the database (for decisions where a
+    /// The last directory loaded, without checking the backend (for decisions where a
     /// second of staleness is harmless, like which new agent an action reaches).
     pub fn current(&self) -> Arc<Directory> {
         match self.current.read() {
@@ -809,26 +641,21 @@ impl KeyStore {
         }
     }
 
-    /// The directory, reloaded first if anything changed it (in this process or
-    /// another).
-    pub fn refresh(&self) -> Result<Arc<Directory>, KeyError> {
-        let mut db = self.db();
-        let version = data_version(&db.conn)?;
-        if version == db.data_version {
+    /// The directory, reloaded first if anything changed it (in this process, another
+    /// one on the same database, or another node).
+    pub async fn refresh(&self) -> Result<Arc<Directory>, KeyError> {
+        let epoch = self.backend.epoch().await?;
+        let mut loaded = self.loaded.lock().await;
+        if epoch == *loaded {
             return Ok(self.current());
         }
-        let epoch = read_epoch(&db.conn)?;
-        db.data_version = version;
-        if epoch == db.epoch {
-            return Ok(self.current());
-        }
-        self.reload_locked(&mut db)
+        self.reload(&mut loaded).await
     }
 
-    fn reload_locked(&self, db: &mut Db) -> Result<Arc<Directory>, KeyError> {
-        let (directory, epoch) = load(&db.conn, &self.config_keys)?;
-        db.epoch = epoch;
-        let directory = Arc::new(directory);
+    async fn reload(&self, loaded: &mut i64) -> Result<Arc<Directory>, KeyError> {
+        let rows = self.backend.load().await?;
+        *loaded = rows.epoch;
+        let directory = Arc::new(build(rows, &self.config_keys));
         match self.current.write() {
             Ok(mut c) => *c = Arc::clone(&directory),
             Err(p) => *p.into_inner() = Arc::clone(&directory),
@@ -837,12 +664,18 @@ impl KeyStore {
         Ok(directory)
     }
 
+    /// Reloads now, whatever the epoch says (after a change this process made).
+    async fn reload_now(&self) -> Result<Arc<Directory>, KeyError> {
+        let mut loaded = self.loaded.lock().await;
+        self.reload(&mut loaded).await
+    }
+
     /// Ticks each time the directory is reloaded (agent sessions re-check their key).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()
     }
 
-    fn lookup(&self, token: &str, kind: KeyKind) -> Result<(Arc<KeyRecord>, Arc<Tenancy>), AuthFailure> {
+    async fn lookup(&self, token: &str, kind: KeyKind) -> Result<(Arc<KeyRecord>, Arc<Tenancy>), AuthFailure> {
         // A refusal costs no lock and no database (a flood of bad keys must not queue
         // behind, or slow, the key store): what cannot be a key is refused unhashed, and
         // the last loaded directory decides for tokens it does not know and for keys it
@@ -860,10 +693,19 @@ impl KeyStore {
             Some(KeyStatus::Expired) => return Err(AuthFailure::Expired),
             Some(KeyStatus::Active) => {}
         }
-        let dir = self.refresh().map_err(|e| {
-            tracing::error!(error = %e, "cannot read the key store; refusing the call");
-            AuthFailure::Unavailable
-        })?;
+        let dir = match self.refresh().await {
+            Ok(dir) => dir,
+            // A shared directory out of reach: nothing can be revoked there either, so the
+            // last directory read still holds.
+            Err(KeyError::Backend(BackendError::Unavailable(e))) => {
+                tracing::debug!(error = %e, "the key directory is out of reach; using the last one read");
+                self.current()
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the key store; refusing the call");
+                return Err(AuthFailure::Unavailable);
+            }
+        };
         let Some(record) = dir.by_hash.get(&digest).filter(|r| r.kind == kind) else {
             return Err(AuthFailure::Unknown);
         };
@@ -875,8 +717,8 @@ impl KeyStore {
     }
 
     /// The caller an API key belongs to, checked against the freshest directory.
-    pub fn authenticate_api(&self, token: &str) -> Result<Principal, AuthFailure> {
-        let (record, tenancy) = self.lookup(token, KeyKind::Api)?;
+    pub async fn authenticate_api(&self, token: &str) -> Result<Principal, AuthFailure> {
+        let (record, tenancy) = self.lookup(token, KeyKind::Api).await?;
         Ok(self.principal(&record, tenancy))
     }
 
@@ -899,8 +741,8 @@ impl KeyStore {
     }
 
     /// What an agent key allows.
-    pub fn authenticate_agent(&self, token: &str) -> Result<AgentCredentials, AuthFailure> {
-        let (record, _) = self.lookup(token, KeyKind::Agent)?;
+    pub async fn authenticate_agent(&self, token: &str) -> Result<AgentCredentials, AuthFailure> {
+        let (record, _) = self.lookup(token, KeyKind::Agent).await?;
         Ok(AgentCredentials { key_id: record.key_id.clone(), org: record.org.clone(), pools: record.pools.clone() })
     }
 
@@ -917,11 +759,11 @@ impl KeyStore {
     /// its creator. With no expiry given it expires when the creator does; an expiry
     /// after the creator's is refused. Revoking the creator revokes it
     /// ([`KeyStore::revoke`]). Keys made on the command line belong to no other key.
-    pub fn create(&self, mut new: NewKey, actor: &Actor) -> Result<IssuedKey, KeyError> {
+    pub async fn create(&self, mut new: NewKey, actor: &Actor) -> Result<IssuedKey, KeyError> {
         validate_new(&new)?;
         let parent = match actor {
             Actor::Key { id, .. } => {
-                let dir = self.refresh()?;
+                let dir = self.refresh().await?;
                 let Some(creator) = dir.key(id).filter(|k| k.status(now_ms()) == KeyStatus::Active).cloned() else {
                     return Err(forbidden("the key making this request is no longer active"));
                 };
@@ -972,74 +814,44 @@ impl KeyStore {
             ancestor_revoked: false,
             hash: hash(&secret),
         };
-        let mut db = self.db();
-        {
-            let tx = db.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let cli = matches!(actor, Actor::Cli { .. } | Actor::System);
-            let org_known: bool =
-                tx.query_row("SELECT COUNT(*) FROM orgs WHERE name = ?1", params![record.org], |r| r.get::<_, i64>(0))?
-                    > 0;
-            if !org_known && !cli {
-                return Err(KeyError::NotFound(format!("no organization `{}`", record.org)));
-            }
-            ensure_org_tx(&tx, &record.org)?;
-            if let Some(g) = &record.group {
-                let known: bool = tx.query_row(
-                    "SELECT COUNT(*) FROM groups WHERE org = ?1 AND name = ?2",
-                    params![record.org, g],
-                    |r| r.get::<_, i64>(0),
-                )? > 0;
-                if !known {
-                    if !cli {
-                        return Err(invalid(
-                            "group",
-                            format!("no group `{g}` in organization `{}`; create it first", record.org),
-                        ));
-                    }
-                    ensure_group_tx(&tx, &record.org, g)?;
-                }
-            }
-            tx.execute(
-                "INSERT INTO keys (id, hash, kind, name, org, role, grp, scopes, pools, quotas, hint, created_at_ms, \
-                 created_by, expires_at_ms, created_by_key) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, \
-                 ?13, ?14, ?15)",
-                params![
-                    record.key_id,
-                    hex(&record.hash),
-                    record.kind.as_str(),
-                    record.name,
-                    record.org,
-                    record.role.map(|r| r.as_str()),
-                    record.group,
-                    json_opt(&record.scopes),
-                    json_opt(&record.pools),
-                    json_opt(&record.quotas),
-                    record.hint,
-                    to_i64(record.created_at_ms),
-                    record.created_by,
-                    record.expires_at_ms.map(to_i64),
-                    record.created_by_key,
-                ],
-            )?;
-            let role = record.role.map_or("agent key".to_owned(), |r| format!("{} key", r.as_str()));
-            let entry = AuditEntry::new(record.org.clone(), actor.clone(), AuditKind::KeyCreated)
-                .target(serde_json::json!({ "key_id": record.key_id, "kind": record.kind }))
-                .detail(format!("created {role} `{}`", record.name))
-                .data(serde_json::json!({
-                    "name": record.name,
-                    "role": record.role,
-                    "group": record.group,
-                    "scopes": record.scopes,
-                    "pools": record.pools,
-                    "quotas": record.quotas,
-                    "expires_at_ms": record.expires_at_ms,
-                    "created_by_key": record.created_by_key,
-                }));
-            audit::insert(&tx, &entry)?;
-            bump_epoch(&tx)?;
-            tx.commit()?;
-        }
-        self.reload_locked(&mut db)?;
+        let row = KeyRow {
+            id: record.key_id.clone(),
+            hash: hex(&record.hash),
+            kind: record.kind.as_str().to_owned(),
+            name: record.name.clone(),
+            org: record.org.clone(),
+            role: record.role.map(|r| r.as_str().to_owned()),
+            group: record.group.clone(),
+            scopes: json_opt(&record.scopes),
+            pools: json_opt(&record.pools),
+            quotas: json_opt(&record.quotas),
+            hint: record.hint.clone(),
+            created_at_ms: record.created_at_ms,
+            created_by: record.created_by.clone(),
+            expires_at_ms: record.expires_at_ms,
+            revoked_at_ms: None,
+            revoked_by: None,
+            created_by_key: record.created_by_key.clone(),
+        };
+        let role = record.role.map_or("agent key".to_owned(), |r| format!("{} key", r.as_str()));
+        let entry = AuditEntry::new(record.org.clone(), actor.clone(), AuditKind::KeyCreated)
+            .target(serde_json::json!({ "key_id": record.key_id, "kind": record.kind }))
+            .detail(format!("created {role} `{}`", record.name))
+            .data(serde_json::json!({
+                "name": record.name,
+                "role": record.role,
+                "group": record.group,
+                "scopes": record.scopes,
+                "pools": record.pools,
+                "quotas": record.quotas,
+                "expires_at_ms": record.expires_at_ms,
+                "created_by_key": record.created_by_key,
+            }));
+        // Through the API the organization and group must exist; the command line and
+        // the bootstrap create them.
+        let cli = matches!(actor, Actor::Cli { .. } | Actor::System);
+        self.backend.insert(row, entry, cli).await?.map_err(refused)?;
+        self.reload_now().await?;
         Ok(IssuedKey { secret, key: record })
     }
 
@@ -1047,8 +859,8 @@ impl KeyStore {
     /// every key it minted, and every key those minted, in one transaction: a key never
     /// outlives the key that minted it. Each is a `key_revoked` entry naming the key
     /// revoked first. Revoking a revoked key changes nothing and returns it.
-    pub fn revoke(&self, key_id: &str, actor: &Actor) -> Result<KeyRecord, KeyError> {
-        let dir = self.refresh()?;
+    pub async fn revoke(&self, key_id: &str, actor: &Actor) -> Result<KeyRecord, KeyError> {
+        let dir = self.refresh().await?;
         let Some(record) = dir.key(key_id.trim()).cloned() else {
             return Err(KeyError::NotFound(format!("no key `{}`; `keys list` shows the keys", short(key_id))));
         };
@@ -1063,150 +875,96 @@ impl KeyStore {
         }
         let minted = descendants(&dir, &record.key_id);
         let now = now_ms();
-        let mut db = self.db();
-        {
-            let tx = db.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            for (i, key) in std::iter::once(&record).chain(minted.iter()).enumerate() {
-                let changed = tx.execute(
-                    "UPDATE keys SET revoked_at_ms = ?2, revoked_by = ?3 WHERE id = ?1 AND revoked_at_ms IS NULL",
-                    params![key.key_id, to_i64(now), actor.name()],
-                )?;
-                if changed == 0 {
-                    continue;
-                }
-                let detail = if i == 0 {
-                    format!("revoked {} key `{}`", key.kind.as_str(), key.name)
-                } else {
-                    format!(
-                        "revoked {} key `{}` with `{}` ({}), which minted it",
-                        key.kind.as_str(),
-                        key.name,
-                        record.name,
-                        record.key_id
-                    )
-                };
-                let entry = AuditEntry::new(key.org.clone(), actor.clone(), AuditKind::KeyRevoked)
-                    .target(serde_json::json!({ "key_id": key.key_id, "kind": key.kind }))
-                    .detail(detail)
-                    .data(serde_json::json!({
-                        "name": key.name, "role": key.role, "group": key.group,
-                        "cascade_from": (i > 0).then_some(&record.key_id),
-                        "minted_keys_revoked": (i == 0).then_some(minted.len()),
-                    }));
-                audit::insert(&tx, &entry)?;
-            }
-            bump_epoch(&tx)?;
-            tx.commit()?;
+        let mut changes = Vec::new();
+        for (i, key) in std::iter::once(&record).chain(minted.iter()).enumerate() {
+            let detail = if i == 0 {
+                format!("revoked {} key `{}`", key.kind.as_str(), key.name)
+            } else {
+                format!(
+                    "revoked {} key `{}` with `{}` ({}), which minted it",
+                    key.kind.as_str(),
+                    key.name,
+                    record.name,
+                    record.key_id
+                )
+            };
+            let entry = AuditEntry::new(key.org.clone(), actor.clone(), AuditKind::KeyRevoked)
+                .target(serde_json::json!({ "key_id": key.key_id, "kind": key.kind }))
+                .detail(detail)
+                .data(serde_json::json!({
+                    "name": key.name, "role": key.role, "group": key.group,
+                    "cascade_from": (i > 0).then_some(&record.key_id),
+                    "minted_keys_revoked": (i == 0).then_some(minted.len()),
+                }));
+            changes.push((key.key_id.clone(), entry));
         }
-        let dir = self.reload_locked(&mut db)?;
+        self.backend.revoke(changes, now, actor.name()).await?;
+        let dir = self.reload_now().await?;
         Ok(dir.key(&record.key_id).map_or_else(|| (*record).clone(), |k| (**k).clone()))
     }
 
     /// Creates a group in an organization.
-    pub fn create_group(&self, org: &str, group: &str, actor: &Actor) -> Result<(), KeyError> {
+    pub async fn create_group(&self, org: &str, group: &str, actor: &Actor) -> Result<(), KeyError> {
         check_name("name", group, MAX_ORG_NAME)?;
-        let mut db = self.db();
-        {
-            let tx = db.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            if !ensure_group_tx(&tx, org, group)? {
-                return Err(invalid("name", format!("group `{group}` already exists")));
-            }
-            let entry = AuditEntry::new(org, actor.clone(), AuditKind::GroupCreated)
-                .target(serde_json::json!({ "group": group }))
-                .detail(format!("created group `{group}`"));
-            audit::insert(&tx, &entry)?;
-            bump_epoch(&tx)?;
-            tx.commit()?;
-        }
-        self.reload_locked(&mut db)?;
+        let entry = AuditEntry::new(org, actor.clone(), AuditKind::GroupCreated)
+            .target(serde_json::json!({ "group": group }))
+            .detail(format!("created group `{group}`"));
+        self.backend.create_group(org.to_owned(), group.to_owned(), entry).await?.map_err(refused)?;
+        self.reload_now().await?;
         Ok(())
     }
 
     /// Assigns a pool of an organization to a group (`default` releases it).
-    pub fn assign_pool(&self, org: &str, pool: &str, group: &str, actor: &Actor) -> Result<(), KeyError> {
+    pub async fn assign_pool(&self, org: &str, pool: &str, group: &str, actor: &Actor) -> Result<(), KeyError> {
         check_name("pool", pool, periscope_protocol::messages::registration_bounds::MAX_NAME_LEN)?;
-        let mut db = self.db();
-        {
-            let tx = db.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let known: bool = group == DEFAULT_GROUP
-                || tx.query_row(
-                    "SELECT COUNT(*) FROM groups WHERE org = ?1 AND name = ?2",
-                    params![org, group],
-                    |r| r.get::<_, i64>(0),
-                )? > 0;
-            if !known {
-                return Err(KeyError::NotFound(format!("no group `{group}`; create it first")));
-            }
-            let before: Option<String> = tx
-                .query_row("SELECT grp FROM pools WHERE org = ?1 AND name = ?2", params![org, pool], |r| r.get(0))
-                .optional()?;
-            if group == DEFAULT_GROUP {
-                tx.execute("DELETE FROM pools WHERE org = ?1 AND name = ?2", params![org, pool])?;
-            } else {
-                tx.execute(
-                    "INSERT INTO pools (org, name, grp, updated_at_ms) VALUES (?1, ?2, ?3, ?4) \
-                     ON CONFLICT(org, name) DO UPDATE SET grp = ?3, updated_at_ms = ?4",
-                    params![org, pool, group, to_i64(now_ms())],
-                )?;
-            }
-            let from = before.unwrap_or_else(|| DEFAULT_GROUP.into());
-            let entry = AuditEntry::new(org, actor.clone(), AuditKind::PoolAssigned)
-                .target(serde_json::json!({ "pool": pool }))
-                .detail(format!("moved pool `{pool}` from group `{from}` to group `{group}`"))
-                .data(serde_json::json!({ "from": from, "to": group }));
-            audit::insert(&tx, &entry)?;
-            bump_epoch(&tx)?;
-            tx.commit()?;
-        }
-        self.reload_locked(&mut db)?;
+        let (o, p, g, a) = (org.to_owned(), pool.to_owned(), group.to_owned(), actor.clone());
+        let audit: crate::backend::AssignAudit = Box::new(move |from: &str| {
+            AuditEntry::new(o.clone(), a.clone(), AuditKind::PoolAssigned)
+                .target(serde_json::json!({ "pool": p }))
+                .detail(format!("moved pool `{p}` from group `{from}` to group `{g}`"))
+                .data(serde_json::json!({ "from": from, "to": g }))
+        });
+        self.backend.assign_pool(org.to_owned(), pool.to_owned(), group.to_owned(), audit).await?.map_err(
+            |r| match r {
+                KeyRefusal::NoGroup(g) => KeyError::NotFound(format!("no group `{g}`; create it first")),
+                other => refused(other),
+            },
+        )?;
+        self.reload_now().await?;
         Ok(())
     }
 
     /// On a fresh store (no API key ever stored, none configured, no bootstrap key
     /// issued before), creates a `company_admin` key of `default` and remembers that it
     /// did, so it happens once per data directory. The caller prints the secret.
-    pub fn bootstrap(&self, configured_api_keys: usize) -> Result<Option<IssuedKey>, KeyError> {
-        let (issued, stored_keys) = {
-            let db = self.db();
-            let issued: Option<String> = db
-                .conn
-                .query_row("SELECT value FROM meta WHERE key = 'bootstrap_issued_at_ms'", [], |r| r.get(0))
-                .optional()?;
-            let stored: i64 = db.conn.query_row("SELECT COUNT(*) FROM keys WHERE kind = 'api'", [], |r| r.get(0))?;
-            (issued.is_some(), stored)
-        };
+    pub async fn bootstrap(&self, configured_api_keys: usize) -> Result<Option<IssuedKey>, KeyError> {
+        let (issued, stored_keys) = self.backend.bootstrap_state().await?;
         if issued || stored_keys > 0 || configured_api_keys > 0 {
             return Ok(None);
         }
-        let key = self.create(
-            NewKey {
-                kind: KeyKind::Api,
-                name: "bootstrap".into(),
-                org: DEFAULT_ORG.into(),
-                role: Some(Role::CompanyAdmin),
-                group: None,
-                scopes: None,
-                pools: None,
-                quotas: None,
-                expires_at_ms: None,
-            },
-            &Actor::System,
-        )?;
-        let db = self.db();
-        db.conn.execute(
-            "INSERT OR REPLACE INTO meta (key, value) VALUES ('bootstrap_issued_at_ms', ?1)",
-            params![now_ms().to_string()],
-        )?;
+        let key = self
+            .create(
+                NewKey {
+                    kind: KeyKind::Api,
+                    name: "bootstrap".into(),
+                    org: DEFAULT_ORG.into(),
+                    role: Some(Role::CompanyAdmin),
+                    group: None,
+                    scopes: None,
+                    pools: None,
+                    quotas: None,
+                    expires_at_ms: None,
+                },
+                &Actor::System,
+            )
+            .await?;
+        self.backend.mark_bootstrap(now_ms()).await?;
         Ok(Some(key))
     }
 
-    /// Whether the bootstrap key was issued on this data directory.
-    pub fn bootstrap_issued(&self) -> Result<bool, KeyError> {
-        let db = self.db();
-        Ok(db
-            .conn
-            .query_row("SELECT COUNT(*) FROM meta WHERE key = 'bootstrap_issued_at_ms'", [], |r| r.get::<_, i64>(0))?
-            > 0)
+    /// Whether the bootstrap key was issued on this directory.
+    pub async fn bootstrap_issued(&self) -> Result<bool, KeyError> {
+        Ok(self.backend.bootstrap_state().await?.0)
     }
 }
 
@@ -1426,10 +1184,11 @@ pub fn check_assign(by: &Principal, pool: &str, group: &str) -> Result<(), KeyEr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rusqlite::params;
 
-    fn store() -> (crate::store::ScratchDir, KeyStore) {
+    async fn store() -> (crate::store::ScratchDir, KeyStore) {
         let dir = crate::store::ScratchDir::new().unwrap();
-        let keys = KeyStore::open_cli(dir.path()).unwrap();
+        let keys = KeyStore::open_cli(dir.path()).await.unwrap();
         (dir, keys)
     }
 
@@ -1447,182 +1206,198 @@ mod tests {
         }
     }
 
-    #[test]
-    fn secrets_are_long_random_and_never_stored() {
-        let (dir, keys) = store();
-        let issued = keys.create(api("alice", Role::Developer), &Actor::cli()).unwrap();
+    #[tokio::test]
+    async fn secrets_are_long_random_and_never_stored() {
+        let (dir, keys) = store().await;
+        let issued = keys.create(api("alice", Role::Developer), &Actor::cli()).await.unwrap();
         assert!(issued.secret.starts_with("psk_") && issued.secret.len() == 36, "{}", issued.secret);
         assert!(issued.key.key_id.starts_with("key_"));
         let db = std::fs::read(crate::store::db_path(dir.path())).unwrap();
         let text = String::from_utf8_lossy(&db);
         assert!(!text.contains(&issued.secret), "the secret is not in the database");
-        let p = keys.authenticate_api(&issued.secret).unwrap();
+        let p = keys.authenticate_api(&issued.secret).await.unwrap();
         assert_eq!((p.name.as_str(), p.org(), p.role), ("alice", "default", Role::Developer));
-        assert_eq!(keys.authenticate_api("psk_wrong").unwrap_err(), AuthFailure::Unknown);
+        assert_eq!(keys.authenticate_api("psk_wrong").await.unwrap_err(), AuthFailure::Unknown);
     }
 
-    #[test]
-    fn a_revocation_by_another_process_is_seen_on_the_next_check() {
-        let (dir, broker) = store();
-        let issued = broker.create(api("bob", Role::Developer), &Actor::cli()).unwrap();
-        assert!(broker.authenticate_api(&issued.secret).is_ok());
+    #[tokio::test]
+    async fn a_revocation_by_another_process_is_seen_on_the_next_check() {
+        let (dir, broker) = store().await;
+        let issued = broker.create(api("bob", Role::Developer), &Actor::cli()).await.unwrap();
+        assert!(broker.authenticate_api(&issued.secret).await.is_ok());
         // Another connection (as `periscope keys revoke` would be).
-        let cli = KeyStore::open_cli(dir.path()).unwrap();
-        cli.revoke(&issued.key.key_id, &Actor::cli()).unwrap();
-        assert_eq!(broker.authenticate_api(&issued.secret).unwrap_err(), AuthFailure::Revoked);
+        let cli = KeyStore::open_cli(dir.path()).await.unwrap();
+        cli.revoke(&issued.key.key_id, &Actor::cli()).await.unwrap();
+        assert_eq!(broker.authenticate_api(&issued.secret).await.unwrap_err(), AuthFailure::Revoked);
         // A key created elsewhere works once the broker looks again (housekeeping does
         // every quarter second): an unknown key alone never makes it read the database.
-        let other = cli.create(api("carol", Role::Developer), &Actor::cli()).unwrap();
-        assert_eq!(broker.authenticate_api(&other.secret).unwrap_err(), AuthFailure::Unknown);
-        broker.refresh().unwrap();
-        assert!(broker.authenticate_api(&other.secret).is_ok());
+        let other = cli.create(api("carol", Role::Developer), &Actor::cli()).await.unwrap();
+        assert_eq!(broker.authenticate_api(&other.secret).await.unwrap_err(), AuthFailure::Unknown);
+        broker.refresh().await.unwrap();
+        assert!(broker.authenticate_api(&other.secret).await.is_ok());
     }
 
-    #[test]
-    fn a_refused_key_takes_no_lock_and_reads_no_database() {
-        let (_dir, keys) = store();
-        let revoked = keys.create(api("gone", Role::Developer), &Actor::cli()).unwrap();
-        keys.revoke(&revoked.key.key_id, &Actor::cli()).unwrap();
-        let good = keys.create(api("good", Role::Developer), &Actor::cli()).unwrap();
+    #[tokio::test]
+    async fn a_refused_key_takes_no_lock_and_reads_no_database() {
+        let dir = crate::store::ScratchDir::new().unwrap();
+        let backend = Arc::new(crate::backend::local::SqliteKeys::open(dir.path()).unwrap());
+        let keys = KeyStore::open(backend.clone(), &[], &[], CallerSettings::default()).await.unwrap();
+        let revoked = keys.create(api("gone", Role::Developer), &Actor::cli()).await.unwrap();
+        keys.revoke(&revoked.key.key_id, &Actor::cli()).await.unwrap();
+        let good = keys.create(api("good", Role::Developer), &Actor::cli()).await.unwrap();
         let keys = Arc::new(keys);
         // Every database access goes through this lock: while a thread holds it, a
         // lookup that wanted the database would hang.
-        let held = keys.db();
+        let held = backend.lock();
         let (tx, rx) = std::sync::mpsc::channel();
         let worker = {
             let keys = Arc::clone(&keys);
             let secret = revoked.secret.clone();
             std::thread::spawn(move || {
-                let outcomes = [
-                    keys.authenticate_api("psk_00000000000000000000000000000000"),
-                    keys.authenticate_api("short"),
-                    keys.authenticate_api(&"x".repeat(10_000)),
-                    keys.authenticate_api("psk_with spaces and\u{1}controls"),
-                    keys.authenticate_api(&secret),
-                ]
-                .map(|r| r.map(|p| p.key_id).unwrap_err());
-                let agent = keys.authenticate_agent("pak_00000000000000000000000000000000").map(|a| a.key_id);
-                let _ = tx.send((outcomes, agent.unwrap_err()));
+                let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+                rt.block_on(async {
+                    let mut outcomes = Vec::new();
+                    for token in [
+                        "psk_00000000000000000000000000000000",
+                        "short",
+                        &"x".repeat(10_000),
+                        "psk_with spaces and\u{1}controls",
+                        &secret,
+                    ] {
+                        outcomes.push(keys.authenticate_api(token).await.map(|p| p.key_id).unwrap_err());
+                    }
+                    let agent = keys.authenticate_agent("pak_00000000000000000000000000000000").await.map(|a| a.key_id);
+                    let _ = tx.send((outcomes, agent.unwrap_err()));
+                })
             })
         };
-        let got = rx.recv_timeout(std::time::Duration::from_secs(10));
+        let got =
+            tokio::task::spawn_blocking(move || rx.recv_timeout(std::time::Duration::from_secs(10))).await.unwrap();
         drop(held);
-        worker.join().unwrap();
+        tokio::task::spawn_blocking(move || worker.join().unwrap()).await.unwrap();
         let (outcomes, agent) = got.expect("refusals were decided without waiting for the key store's lock");
         use AuthFailure::{Revoked, Unknown};
         assert_eq!(outcomes, [Unknown, Unknown, Unknown, Unknown, Revoked]);
         assert_eq!(agent, Unknown);
         // A key the directory holds active is still checked against the database.
-        assert!(keys.authenticate_api(&good.secret).is_ok());
+        assert!(keys.authenticate_api(&good.secret).await.is_ok());
     }
 
-    #[test]
-    fn roles_bound_what_a_key_can_create() {
-        let (_dir, keys) = store();
-        keys.create_group(DEFAULT_ORG, "payments", &Actor::cli()).unwrap();
+    #[tokio::test]
+    async fn roles_bound_what_a_key_can_create() {
+        let (_dir, keys) = store().await;
+        keys.create_group(DEFAULT_ORG, "payments", &Actor::cli()).await.unwrap();
         let g = keys
             .create(NewKey { group: Some("payments".into()), ..api("gadmin", Role::GroupAdmin) }, &Actor::cli())
+            .await
             .unwrap();
-        let gadmin = keys.authenticate_api(&g.secret).unwrap();
+        let gadmin = keys.authenticate_api(&g.secret).await.unwrap();
         let err = check_create(&gadmin, &api("boss", Role::CompanyAdmin)).unwrap_err();
         assert!(matches!(err, KeyError::Forbidden(_)), "{err}");
         let err = check_create(&gadmin, &api("dev", Role::Developer)).unwrap_err();
         assert!(err.to_string().contains("group `payments`"), "{err}");
         check_create(&gadmin, &NewKey { group: Some("payments".into()), ..api("dev", Role::Developer) }).unwrap();
-        let dev = keys.create(api("dev", Role::Developer), &Actor::cli()).unwrap();
-        let dev = keys.authenticate_api(&dev.secret).unwrap();
+        let dev = keys.create(api("dev", Role::Developer), &Actor::cli()).await.unwrap();
+        let dev = keys.authenticate_api(&dev.secret).await.unwrap();
         assert!(check_create(&dev, &api("x", Role::Developer)).is_err());
     }
 
-    #[test]
-    fn group_admins_take_unassigned_pools_but_not_other_groups_pools() {
-        let (_dir, keys) = store();
-        keys.create_group(DEFAULT_ORG, "a", &Actor::cli()).unwrap();
-        keys.create_group(DEFAULT_ORG, "b", &Actor::cli()).unwrap();
-        keys.assign_pool(DEFAULT_ORG, "billing", "b", &Actor::cli()).unwrap();
-        let g = keys.create(NewKey { group: Some("a".into()), ..api("ga", Role::GroupAdmin) }, &Actor::cli()).unwrap();
-        let ga = keys.authenticate_api(&g.secret).unwrap();
+    #[tokio::test]
+    async fn group_admins_take_unassigned_pools_but_not_other_groups_pools() {
+        let (_dir, keys) = store().await;
+        keys.create_group(DEFAULT_ORG, "a", &Actor::cli()).await.unwrap();
+        keys.create_group(DEFAULT_ORG, "b", &Actor::cli()).await.unwrap();
+        keys.assign_pool(DEFAULT_ORG, "billing", "b", &Actor::cli()).await.unwrap();
+        let g = keys
+            .create(NewKey { group: Some("a".into()), ..api("ga", Role::GroupAdmin) }, &Actor::cli())
+            .await
+            .unwrap();
+        let ga = keys.authenticate_api(&g.secret).await.unwrap();
         check_assign(&ga, "shop", "a").unwrap();
         assert!(check_assign(&ga, "billing", "a").is_err());
         assert!(!ga.sees_pool(DEFAULT_ORG, "billing") && !ga.sees_pool(DEFAULT_ORG, "shop"));
-        keys.assign_pool(DEFAULT_ORG, "shop", "a", &ga.actor()).unwrap();
-        let ga = keys.authenticate_api(&g.secret).unwrap();
+        keys.assign_pool(DEFAULT_ORG, "shop", "a", &ga.actor()).await.unwrap();
+        let ga = keys.authenticate_api(&g.secret).await.unwrap();
         assert!(ga.sees_pool(DEFAULT_ORG, "shop"));
     }
 
-    #[test]
-    fn the_bootstrap_key_is_issued_once_per_data_directory() {
-        let (dir, keys) = store();
-        let first = keys.bootstrap(0).unwrap().expect("a fresh store issues one");
+    #[tokio::test]
+    async fn the_bootstrap_key_is_issued_once_per_data_directory() {
+        let (dir, keys) = store().await;
+        let first = keys.bootstrap(0).await.unwrap().expect("a fresh store issues one");
         assert_eq!(first.key.role, Some(Role::CompanyAdmin));
-        keys.revoke(&first.key.key_id, &Actor::cli()).unwrap();
-        assert!(keys.bootstrap(0).unwrap().is_none());
-        let again = KeyStore::open_cli(dir.path()).unwrap();
-        assert!(again.bootstrap(0).unwrap().is_none());
-        let (_d, fresh) = store();
-        assert!(fresh.bootstrap(1).unwrap().is_none(), "configured keys: no bootstrap");
+        keys.revoke(&first.key.key_id, &Actor::cli()).await.unwrap();
+        assert!(keys.bootstrap(0).await.unwrap().is_none());
+        let again = KeyStore::open_cli(dir.path()).await.unwrap();
+        assert!(again.bootstrap(0).await.unwrap().is_none());
+        let (_d, fresh) = store().await;
+        assert!(fresh.bootstrap(1).await.unwrap().is_none(), "configured keys: no bootstrap");
     }
 
     fn minted_by(issued: &IssuedKey) -> Actor {
         Actor::Key { id: issued.key.key_id.clone(), name: issued.key.name.clone() }
     }
 
-    #[test]
-    fn a_minted_key_never_outlives_the_key_that_minted_it() {
-        let (_dir, keys) = store();
+    #[tokio::test]
+    async fn a_minted_key_never_outlives_the_key_that_minted_it() {
+        let (_dir, keys) = store().await;
         let expiry = now_ms() + 3_600_000;
         let admin = keys
             .create(NewKey { expires_at_ms: Some(expiry), ..api("admin", Role::CompanyAdmin) }, &Actor::cli())
+            .await
             .unwrap();
         // No expiry given: it expires with its creator.
-        let dev = keys.create(api("dev", Role::Developer), &minted_by(&admin)).unwrap();
+        let dev = keys.create(api("dev", Role::Developer), &minted_by(&admin)).await.unwrap();
         assert_eq!(dev.key.expires_at_ms, Some(expiry));
         assert_eq!(dev.key.created_by_key.as_deref(), Some(admin.key.key_id.as_str()));
         // A later expiry is refused, naming the rule.
         let err = keys
             .create(NewKey { expires_at_ms: Some(expiry + 1), ..api("late", Role::Developer) }, &minted_by(&admin))
+            .await
             .unwrap_err();
         assert!(err.to_string().contains("never outlives its creator"), "{err}");
         // An earlier one is kept.
         let early = keys
             .create(NewKey { expires_at_ms: Some(expiry - 1_000), ..api("early", Role::Developer) }, &minted_by(&admin))
+            .await
             .unwrap();
         assert_eq!(early.key.expires_at_ms, Some(expiry - 1_000));
     }
 
-    #[test]
-    fn revoking_a_key_revokes_every_key_it_minted_down_the_line() {
-        let (dir, keys) = store();
-        let admin = keys.create(api("admin", Role::CompanyAdmin), &Actor::cli()).unwrap();
-        let child = keys.create(api("child", Role::CompanyAdmin), &minted_by(&admin)).unwrap();
-        let grandchild = keys.create(api("grandchild", Role::Developer), &minted_by(&child)).unwrap();
-        let other = keys.create(api("other", Role::Developer), &Actor::cli()).unwrap();
-        keys.revoke(&admin.key.key_id, &Actor::cli()).unwrap();
+    #[tokio::test]
+    async fn revoking_a_key_revokes_every_key_it_minted_down_the_line() {
+        let (dir, keys) = store().await;
+        let admin = keys.create(api("admin", Role::CompanyAdmin), &Actor::cli()).await.unwrap();
+        let child = keys.create(api("child", Role::CompanyAdmin), &minted_by(&admin)).await.unwrap();
+        let grandchild = keys.create(api("grandchild", Role::Developer), &minted_by(&child)).await.unwrap();
+        let other = keys.create(api("other", Role::Developer), &Actor::cli()).await.unwrap();
+        keys.revoke(&admin.key.key_id, &Actor::cli()).await.unwrap();
         for k in [&admin, &child, &grandchild] {
-            assert_eq!(keys.authenticate_api(&k.secret).unwrap_err(), AuthFailure::Revoked, "{}", k.key.name);
+            assert_eq!(keys.authenticate_api(&k.secret).await.unwrap_err(), AuthFailure::Revoked, "{}", k.key.name);
             assert!(keys.current().key(&k.key.key_id).unwrap().revoked_at_ms.is_some(), "stored as revoked");
         }
-        assert!(keys.authenticate_api(&other.secret).is_ok(), "keys it did not mint keep working");
+        assert!(keys.authenticate_api(&other.secret).await.is_ok(), "keys it did not mint keep working");
         // A child whose creator was revoked by an older broker (no cascade in the rows)
         // still fails: what a key inherits is worked out when the directory loads.
-        let a2 = keys.create(api("a2", Role::CompanyAdmin), &Actor::cli()).unwrap();
-        let c2 = keys.create(api("c2", Role::Developer), &minted_by(&a2)).unwrap();
+        let a2 = keys.create(api("a2", Role::CompanyAdmin), &Actor::cli()).await.unwrap();
+        let c2 = keys.create(api("c2", Role::Developer), &minted_by(&a2)).await.unwrap();
         let conn = crate::store::open_connection(dir.path()).unwrap();
         conn.execute("UPDATE keys SET revoked_at_ms = 1 WHERE id = ?1", params![a2.key.key_id]).unwrap();
         conn.execute("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'auth_epoch'", [])
             .unwrap();
-        assert_eq!(keys.authenticate_api(&c2.secret).unwrap_err(), AuthFailure::Revoked);
+        assert_eq!(keys.authenticate_api(&c2.secret).await.unwrap_err(), AuthFailure::Revoked);
         let record = keys.current().key(&c2.key.key_id).cloned().unwrap();
         assert!(record.ended_by.as_deref().unwrap_or("").contains("a2"), "{record:?}");
     }
 
-    #[test]
-    fn a_stored_key_whose_restrictions_do_not_decode_does_not_authenticate() {
-        let (dir, keys) = store();
+    #[tokio::test]
+    async fn a_stored_key_whose_restrictions_do_not_decode_does_not_authenticate() {
+        let (dir, keys) = store().await;
         let narrow = keys
             .create(NewKey { pools: Some(vec!["shop".into()]), ..api("narrow", Role::Developer) }, &Actor::cli())
+            .await
             .unwrap();
-        assert!(keys.authenticate_api(&narrow.secret).is_ok());
+        assert!(keys.authenticate_api(&narrow.secret).await.is_ok());
         let conn = crate::store::open_connection(dir.path()).unwrap();
         for column in ["pools", "scopes", "quotas"] {
             conn.execute(&format!("UPDATE keys SET {column} = '{{broken' WHERE id = ?1"), params![narrow.key.key_id])
@@ -1633,14 +1408,14 @@ mod tests {
             )
             .unwrap();
             // Fail closed: not the role's full reach, no access at all.
-            assert_eq!(keys.authenticate_api(&narrow.secret).unwrap_err(), AuthFailure::Unknown, "{column}");
+            assert_eq!(keys.authenticate_api(&narrow.secret).await.unwrap_err(), AuthFailure::Unknown, "{column}");
             conn.execute(&format!("UPDATE keys SET {column} = NULL WHERE id = ?1"), params![narrow.key.key_id])
                 .unwrap();
         }
     }
 
-    #[test]
-    fn scopes_beyond_the_role_and_past_expiry_are_refused() {
+    #[tokio::test]
+    async fn scopes_beyond_the_role_and_past_expiry_are_refused() {
         let mut k = api("x", Role::Developer);
         k.scopes = Some(vec![Scope::Admin]);
         assert!(validate_new(&k).unwrap_err().to_string().contains("scopes"));

@@ -1,5 +1,5 @@
 //! Periscope's broker: the agent gateway, the action engine, the REST API (and the
-//! MCP server), and the `periscope` command.
+//! MCP server). The `periscope` command is the `periscope` crate (`cli/`).
 //!
 //! [`run`] serves everything on one listener until a shutdown future resolves; the
 //! binary and the tests both call it (tests on `127.0.0.1:0`).
@@ -13,6 +13,8 @@
 //! - [`gateway`]: `GET /agents`, the agent WebSocket sessions and their ingest budgets.
 //! - [`registry`]: connected and recently gone agents, their catalogs.
 //! - [`engine`]: actions, hits, waiting, completion and expiry.
+//! - [`backend`]: the seams to where the shared state lives, and the single-node
+//!   implementations (memory and SQLite).
 //! - [`telemetry`]: dynamic log lines and metric figures kept by the broker.
 //! - [`rules`]: the redaction rules in force per organization, swapped and pushed at
 //!   run time.
@@ -20,7 +22,8 @@
 //!   keys).
 //! - [`keys`]: API and agent keys, organizations, groups and pools; freshness across
 //!   processes.
-//! - [`auth`]: roles, scopes, reach; the authentication middleware.
+//! - [`access`]: roles, scopes, reach, tenancy: who may see and do what, as plain data.
+//! - [`auth`]: principals, scope and role checks; the authentication middleware.
 //! - [`quota`]: per-caller, per-agent and per-action quotas (`governor`).
 //! - [`audit`]: the audit trail: entries, queries, exports.
 //! - [`query`]: listing agents and sources with filters and pagination.
@@ -28,20 +31,18 @@
 //! - [`admin`]: the administration endpoints (keys, groups, pools, audit).
 //! - [`openapi`]: the REST API's OpenAPI document and the JSON shape of every error.
 //! - [`mcp`]: the MCP server at `/mcp` (streamable HTTP) and `periscope mcp` (stdio).
-//! - [`cli`]: `periscope keys`, `periscope audit export`, `periscope config check`.
 //! - [`error`]: the error codes callers see.
-//! - [`demo`]: `periscope demo` and its shop processes.
 
-pub mod action_index;
+pub mod access;
 pub mod admin;
 pub mod agent_limits;
 pub mod api;
 pub mod audit;
 pub mod audit_repeats;
 pub mod auth;
-pub mod cli;
+pub mod backend;
+pub mod cluster;
 pub mod config;
-pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod gateway;
@@ -54,7 +55,6 @@ pub mod openapi;
 pub mod query;
 pub mod quota;
 pub mod registry;
-pub mod retention;
 pub mod rules;
 pub mod store;
 pub mod telemetry;
@@ -107,6 +107,19 @@ pub struct BrokerState {
     /// The database directory: the data directory, or a scratch directory removed when
     /// the broker stops.
     pub data_dir: std::path::PathBuf,
+    /// Reads the audit trail.
+    pub audit: Arc<dyn backend::AuditReader>,
+    /// The database writer (flushed and stopped when the state is dropped).
+    pub durable: Option<store::Store>,
+    /// Which node holds each agent, and the bus between nodes (one node: the local
+    /// directory).
+    pub directory: Arc<dyn backend::AgentDirectory>,
+    /// The shared Redis, in cluster mode.
+    pub redis: Option<backend::redis::Redis>,
+    /// Where organizations' redaction rules changed at run time are kept.
+    pub rule_store: Option<Arc<dyn backend::RuleStore>>,
+    /// When this node started (Unix ms).
+    pub started_at_ms: u64,
     /// The scratch directory of a broker without `--data-dir` (removed when dropped).
     pub scratch: Option<store::ScratchDir>,
 }
@@ -117,10 +130,11 @@ pub type AppState = Arc<BrokerState>;
 impl BrokerState {
     /// Checks again, after a long wait, that the caller's key still works: a key
     /// revoked while its call waited gets no result.
-    pub fn recheck(&self, principal: &Principal) -> Result<(), error::ApiError> {
+    pub async fn recheck(&self, principal: &Principal) -> Result<(), error::ApiError> {
         let active = self
             .keys
             .refresh()
+            .await
             .ok()
             .and_then(|d| d.key(&principal.key_id).map(|k| k.status(time::now_ms()) == keys::KeyStatus::Active));
         if active == Some(true) {
@@ -173,7 +187,7 @@ pub fn app(state: AppState) -> Router {
 /// Holds every REST answer until what the broker queued for the store before it is
 /// committed: a caller told that an action, a key's use, a hit, a line or an audit
 /// entry exists can count on it surviving a crash right after (see
-/// [`store::Store::barrier`]; MCP tools do the same on their way out).
+/// [`store::StoreHandle::barrier`]; MCP tools do the same on their way out).
 async fn committed(
     State(state): State<AppState>,
     request: axum::extract::Request,
@@ -184,9 +198,27 @@ async fn committed(
     response
 }
 
-/// `GET /healthz`: up or not, for load balancers; says nothing about any tenant.
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
+/// `GET /healthz`: ready or not, for load balancers; says nothing about any tenant. A
+/// cluster node that cannot reach Redis is not ready (503): it keeps its agents
+/// connected but refuses new placements.
+async fn healthz(State(state): State<AppState>) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let node = state.directory.node().to_owned();
+    match &state.redis {
+        Some(r) if !r.is_up() => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            [(axum::http::header::RETRY_AFTER, "5")],
+            Json(serde_json::json!({
+                "status": "not_ready", "version": env!("CARGO_PKG_VERSION"), "node": node, "redis": "unreachable",
+            })),
+        )
+            .into_response(),
+        Some(_) => Json(serde_json::json!({
+            "status": "ok", "version": env!("CARGO_PKG_VERSION"), "node": node, "redis": "up",
+        }))
+        .into_response(),
+        None => Json(serde_json::json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") })).into_response(),
+    }
 }
 
 /// `GET /metrics` (an API key with `mcp:system:read`; Prometheus sends it as a bearer
@@ -220,7 +252,14 @@ async fn prometheus(
     let _ = writeln!(out, "periscope_agents_known {known}");
     let _ = writeln!(out, "# HELP periscope_actions_live Actions collecting.");
     let _ = writeln!(out, "# TYPE periscope_actions_live gauge");
-    let _ = writeln!(out, "periscope_actions_live {}", state.engine.live_count_visible(&caller));
+    let live = state.engine.live_count_visible(&caller).await.unwrap_or(0);
+    if let Some(redis) = &state.redis {
+        let _ =
+            writeln!(out, "# HELP periscope_redis_up Whether this node reaches the cluster's Redis (1) or not (0).");
+        let _ = writeln!(out, "# TYPE periscope_redis_up gauge");
+        let _ = writeln!(out, "periscope_redis_up {}", u8::from(redis.is_up()));
+    }
+    let _ = writeln!(out, "periscope_actions_live {live}");
     for (name, help, value) in [
         ("periscope_hits_accepted_total", "Snapshot hits stored.", stats.hits_accepted),
         (
@@ -280,6 +319,8 @@ async fn prometheus(
             ("bad_frame", d.bad_frames),
             ("protocol_error", d.protocol_errors),
             ("ping_timeout", d.ping_timeouts),
+            ("unavailable", d.unavailable),
+            ("lease_lost", d.lease_lost),
         ] {
             let _ = writeln!(
                 out,
@@ -308,9 +349,11 @@ async fn prometheus(
 
     let metrics: Vec<_> = state
         .engine
-        .metric_snapshot()
+        .metric_snapshot(caller.org())
+        .await
+        .unwrap_or_default()
         .into_iter()
-        .filter(|m| m.org == caller.org() && m.pools.iter().all(|p| caller.sees_pool(&m.org, p)))
+        .filter(|m| m.pools.iter().all(|p| caller.sees_pool(&m.org, p)))
         .collect();
     let pool_of =
         |id: &periscope_protocol::AgentId| state.registry.with(id, |a| a.info.pool.clone()).unwrap_or_default();
@@ -383,15 +426,19 @@ pub async fn run(
     let bound = listener.local_addr()?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let a = &config.agents;
-    let registry = Arc::new(
-        Registry::new(a.max_catalog_entries)
-            .with_max_per_org(a.max_agents_per_org)
-            .with_max_catalog_bytes(a.max_catalog_bytes)
-            .with_identities(identity::Identities::new(
-                a.identity_retention_secs.saturating_mul(1_000),
-                usize::try_from(a.max_identities_per_org).unwrap_or(usize::MAX),
-            )),
-    );
+    let node_name = config.cluster.node_name(bound);
+    let (bus_tx, bus_rx) = tokio::sync::mpsc::channel(16_384);
+    let mut registry = Registry::new(a.max_catalog_entries)
+        .with_max_per_org(a.max_agents_per_org)
+        .with_max_catalog_bytes(a.max_catalog_bytes)
+        .with_identities(identity::Identities::new(
+            a.identity_retention_secs.saturating_mul(1_000),
+            usize::try_from(a.max_identities_per_org).unwrap_or(usize::MAX),
+        ));
+    if config.cluster.enabled() {
+        registry = registry.with_cluster(node_name.clone(), bus_tx);
+    }
+    let registry = Arc::new(registry);
     // Without a data directory the same database lives in a scratch directory that
     // goes away with the broker: one code path, nothing survives.
     let scratch = match &config.data_dir {
@@ -403,8 +450,22 @@ pub async fn run(
         (None, Some(s)) => s.path().to_owned(),
         (None, None) => anyhow::bail!("no data directory"),
     };
-    let keys = Arc::new(KeyStore::open(&dir, &config.api_keys, &config.agent_keys, config.callers.clone())?);
-    if let Some(issued) = keys.bootstrap(config.api_keys.len())? {
+    // In a cluster the key directory, like the rest of the shared state, is in Redis.
+    let redis = match &config.cluster.redis_url {
+        None => None,
+        Some(url) => Some(
+            backend::redis::Redis::connect(url, &config.cluster.key_prefix)
+                .await
+                .map_err(|e| anyhow::anyhow!("cluster.redis_url ({}): {e}", backend::redis::redact_url(url)))?,
+        ),
+    };
+    let key_backend: Arc<dyn backend::KeyBackend> = match &redis {
+        None => Arc::new(backend::local::SqliteKeys::open(&dir)?),
+        Some(r) => Arc::new(backend::redis::RedisKeys::new(r.clone(), node_name.clone())),
+    };
+    let keys =
+        Arc::new(KeyStore::open(key_backend, &config.api_keys, &config.agent_keys, config.callers.clone()).await?);
+    if let Some(issued) = keys.bootstrap(config.api_keys.len()).await? {
         print_bootstrap_key(&issued, config.data_dir.is_some());
     } else if config.api_keys.is_empty()
         && !keys
@@ -423,18 +484,9 @@ pub async fn run(
     // Agent ids stay bound to their keys across restarts.
     registry.identities().restore(std::mem::take(&mut loaded.identities), store.handle());
     let rules = rules::Rules::new(config.redaction.clone())?;
-    // Rules changed at run time outlive a restart unless the file's are newer.
-    for (key, json) in &loaded.settings {
-        let Some(org) = rules::org_of_setting(key) else { continue };
-        match serde_json::from_str::<periscope_redaction::RedactionConfig>(json) {
-            Ok(stored) => rules.restore(org, stored),
-            Err(e) => tracing::warn!(org, error = %e, "ignoring stored redaction rules that do not decode"),
-        }
-    }
-    let rules = Arc::new(rules);
     let engine = Engine::new(
         Arc::clone(&registry),
-        Arc::clone(&rules),
+        Arc::new(rules),
         config.limits,
         config.store.max_ended_actions_per_org,
         stop_rx.clone(),
@@ -442,8 +494,50 @@ pub async fn run(
     .with_metric_interval(config.agents.metric_report_interval_ms)
     .with_keys(Arc::clone(&keys))
     .with_ingest(config.ingest.clone())
-    .with_org_quotas(config.org_quotas.resolve(&config.callers))
-    .with_store(store, loaded)?;
+    .with_org_quotas(config.org_quotas.resolve(&config.callers));
+    let (engine, audit, directory, redis, rule_store): (
+        Engine,
+        Arc<dyn backend::AuditReader>,
+        Arc<dyn backend::AgentDirectory>,
+        Option<backend::redis::Redis>,
+        Arc<dyn backend::RuleStore>,
+    ) = match &config.cluster.redis_url {
+        None => {
+            let audit = Arc::new(backend::local::SqliteAudit::new(store.handle(), dir.clone()));
+            let rule_store = Arc::new(backend::local::SqliteRules::new(Some(store.handle()), loaded.settings.clone()));
+            let engine = engine.with_store(&store, dir.clone(), loaded, config.store.max_ended_actions_per_org)?;
+            (engine, audit, Arc::new(backend::local::LocalDirectory::new(node_name.clone())), None, rule_store)
+        }
+        Some(url) => {
+            let redis = backend::redis::Redis::connect(url, &config.cluster.key_prefix)
+                .await
+                .map_err(|e| anyhow::anyhow!("cluster.redis_url ({}): {e}", backend::redis::redact_url(url)))?;
+            tracing::info!(node = %node_name, redis = %backend::redis::redact_url(url), "cluster node");
+            let audit = Arc::new(backend::redis::RedisAudit::start(redis.clone()));
+            let rule_store = Arc::new(backend::redis::RedisRules::new(redis.clone(), node_name.clone()));
+            let engine = engine
+                .with_backend(
+                    Arc::new(backend::redis::RedisActions::new(redis.clone(), config.store.max_ended_actions_per_org)),
+                    backend::redis::RedisEvents::start(redis.clone(), stop_rx.clone()),
+                )
+                .with_audit(audit.clone())
+                .with_rule_store(rule_store.clone());
+            let directory = backend::redis::RedisDirectory::start(redis.clone(), node_name.clone(), stop_rx.clone());
+            (engine, audit, directory, Some(redis), rule_store)
+        }
+    };
+    // Rules changed at run time outlive a restart unless the file's are newer.
+    match rule_store.load_all().await {
+        Ok(stored) => {
+            for (org, json) in stored {
+                match serde_json::from_str::<periscope_redaction::RedactionConfig>(&json) {
+                    Ok(config) => engine.rules.restore(&org, config),
+                    Err(e) => tracing::warn!(org, error = %e, "ignoring stored redaction rules that do not decode"),
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read the stored redaction rules"),
+    }
     if config.mcp_allowed_hosts().iter().all(|h| h != &bound.ip().to_string()) && !bound.ip().is_loopback() {
         tracing::warn!(
             listen = %bound,
@@ -466,12 +560,22 @@ pub async fn run(
         cancel: cancel.clone(),
         keys,
         mcp_sessions: Arc::default(),
-        callers: CallerLimits::new(org_quotas),
+        callers: match &redis {
+            Some(r) => CallerLimits::with_budgets(org_quotas, Arc::new(backend::redis::RedisBudgets::new(r.clone()))),
+            None => CallerLimits::new(org_quotas),
+        },
         agent_limits,
         data_dir: dir,
+        audit,
+        durable: Some(store),
+        directory,
+        redis,
+        rule_store: Some(rule_store),
+        started_at_ms: time::now_ms(),
         scratch,
     });
     let housekeeping = tokio::spawn(housekeeping(Arc::clone(&state)));
+    let node_tasks = cluster::spawn(Arc::clone(&state), bus_rx);
     let app = app(Arc::clone(&state));
     let serve_stop = CancellationToken::new();
     let server =
@@ -482,6 +586,9 @@ pub async fn run(
     let _ = stop_tx.send(true);
     cancel.cancel();
     housekeeping.abort();
+    for t in node_tasks {
+        t.abort();
+    }
     serve_stop.cancel();
     // The listener closes what is still open after the grace period itself.
     let served = match tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), server).await {
@@ -523,11 +630,11 @@ async fn housekeeping(state: AppState) {
     let mut n = 0u64;
     loop {
         tick.tick().await;
-        state.engine.expire_due();
+        state.engine.expire_due().await;
         state.mcp_sessions.flush(&state.engine);
         // Notices key changes made by other processes (`periscope keys revoke`) even
         // with no API traffic, so agent sessions on a revoked agent key end promptly.
-        if let Err(e) = state.keys.refresh() {
+        if let Err(e) = state.keys.refresh().await {
             tracing::warn!(error = %e, "cannot read the key store");
         }
         n += 1;
@@ -540,7 +647,7 @@ async fn housekeeping(state: AppState) {
         }
         if n % 14_400 == 1 {
             let retention_ms = state.config.store.hit_retention_days * 86_400_000;
-            state.engine.purge_before(time::now_ms().saturating_sub(retention_ms));
+            state.engine.purge_before(time::now_ms().saturating_sub(retention_ms)).await;
             let audit_ms = state.config.store.audit_retention_days * 86_400_000;
             state.engine.purge_audit_before(time::now_ms().saturating_sub(audit_ms));
             let directory = state.keys.current();

@@ -60,9 +60,18 @@ fn truncate(s: &str) -> &str {
 pub fn get_agent(registry: &Registry, raw: &str, caller: &Principal) -> Result<AgentView, ApiError> {
     let id = AgentId::parse(raw.trim()).map_err(|e| ApiError::invalid(format!("agent_id: {e}")))?;
     registry
-        .with(&id, |a| caller.sees_pool(&a.org, &a.info.pool).then(|| a.view()))
+        .with(&id, |a| caller.sees_pool(&a.org, &a.info.pool).then(|| view(registry, a)))
         .flatten()
         .ok_or_else(|| ApiError::not_found(format!("no agent `{id}`; list_agents shows the agents")))
+}
+
+/// An agent's view, naming the node that holds it (in a cluster).
+fn view(registry: &Registry, a: &crate::registry::AgentRecord) -> AgentView {
+    let mut v = a.view();
+    if v.node.is_none() && a.local() {
+        v.node = registry.node().map(str::to_owned);
+    }
+    v
 }
 
 /// A pool of the caller's organization within its reach.
@@ -150,7 +159,7 @@ pub fn list_agents(
                     || i.tags.iter().any(|tag| tag.to_lowercase().contains(t))
             });
         if ok {
-            agents.push(a.view());
+            agents.push(view(registry, a));
         }
     });
     agents.sort_by(|a, b| {

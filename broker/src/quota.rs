@@ -32,8 +32,19 @@ use governor::middleware::StateInformationMiddleware;
 use governor::{DefaultDirectRateLimiter, Quota};
 use serde::{Deserialize, Serialize};
 
-use crate::auth::Principal;
+use crate::access::Role;
 use crate::error::{ApiError, ErrorCode};
+
+/// Whom a call, a wait or a session is charged to: a key of an organization, with its
+/// quotas (an authenticated [`crate::auth::Principal`]).
+pub trait Charged {
+    /// The key's id.
+    fn key_id(&self) -> &str;
+    /// Its organization.
+    fn org(&self) -> &str;
+    /// Its quotas.
+    fn quotas(&self) -> CallerQuotas;
+}
 
 /// One GCRA: `per_second` cells per second with a burst of `burst` cells.
 pub struct Rate {
@@ -237,7 +248,7 @@ impl Default for CallerSettings {
 
 impl CallerSettings {
     /// The quotas of a key of `role`, with the key's own overrides.
-    pub fn resolve(&self, role: crate::auth::Role, key: Option<&CallerQuotaOverrides>) -> CallerQuotas {
+    pub fn resolve(&self, role: Role, key: Option<&CallerQuotaOverrides>) -> CallerQuotas {
         let base = CallerQuotas {
             calls_per_minute: self.calls_per_minute,
             call_burst: self.call_burst,
@@ -246,9 +257,9 @@ impl CallerSettings {
             mcp_sessions: self.mcp_sessions,
         };
         let by_role = match role {
-            crate::auth::Role::Developer => &self.developer,
-            crate::auth::Role::GroupAdmin => &self.group_admin,
-            crate::auth::Role::CompanyAdmin => &self.company_admin,
+            Role::Developer => &self.developer,
+            Role::GroupAdmin => &self.group_admin,
+            Role::CompanyAdmin => &self.company_admin,
         };
         let q = by_role.apply(base);
         key.map_or(q, |k| k.apply(q))
@@ -545,44 +556,189 @@ pub struct CallBudget {
     pub remaining: u32,
 }
 
-/// Deadlines of the blocking calls in progress, by slot id.
-type Waits = Mutex<Vec<(u64, tokio::time::Instant)>>;
+/// Open MCP sessions, counted per key and per organization.
+type Sessions = Arc<Mutex<usize>>;
 
-/// One caller's limiters.
+/// The per-caller limits: calls per minute and blocking calls at once, per key and per
+/// organization, charged to a [`Budgets`] (this process's memory on a single node, Redis
+/// in a cluster, where a key's budget is one whichever node it calls); MCP sessions,
+/// which only a single node keeps, counted here.
 #[derive(Debug)]
-struct CallerState {
-    quotas: CallerQuotas,
-    calls: Rate,
-    waits: Arc<Waits>,
-    sessions: Arc<Mutex<usize>>,
-}
-
-/// One organization's limiters: the ceilings above its keys.
-#[derive(Debug)]
-struct OrgState {
-    quotas: OrgCeilings,
-    calls: Rate,
-    waits: Arc<Waits>,
-    sessions: Arc<Mutex<usize>>,
-}
-
-/// The per-caller limiters, by key id, and the ceilings of each organization.
-#[derive(Debug, Default)]
 pub struct CallerLimits {
     org_quotas: OrgCeilings,
-    callers: DashMap<String, Arc<CallerState>>,
-    orgs: DashMap<String, Arc<OrgState>>,
+    budgets: Arc<dyn Budgets>,
+    /// Charged instead while `budgets` cannot be reached (a cluster node cut off from
+    /// Redis holds its callers to its own share of the budget meanwhile).
+    fallback: Arc<LocalBudgets>,
+    sessions: DashMap<String, Sessions>,
+    org_sessions: DashMap<String, Sessions>,
     next_slot: std::sync::atomic::AtomicU64,
+}
+
+impl Default for CallerLimits {
+    fn default() -> Self {
+        CallerLimits::new(OrgCeilings::default())
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Whose slots a refused wait would have taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Whose {
+    /// The key's.
+    Key,
+    /// The organization's.
+    Org,
+}
+
+/// A wait refused: whose limit, how many are held, when the soonest ends (Unix ms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Full {
+    /// Whose limit.
+    pub whose: Whose,
+    /// Slots held now.
+    pub held: usize,
+    /// When the soonest of them ends (Unix ms).
+    pub soonest_ms: Option<u64>,
+}
+
+/// Where callers' budgets are kept: GCRAs by name and sets of timed slots. Every
+/// operation is atomic (concurrent callers on any node cannot both take the last cell or
+/// slot).
+pub trait Budgets: Send + Sync + std::fmt::Debug {
+    /// Takes one cell of the GCRA `name` (`per_minute` cells a minute, `burst` at once):
+    /// the cells left in the burst, or how long until one fits.
+    fn take(
+        &self,
+        name: String,
+        per_minute: u32,
+        burst: u32,
+    ) -> crate::backend::BackendFuture<'_, Result<u32, Duration>>;
+    /// Takes slot `id` (until `deadline_ms`) in set `key` (at most `key_limit`) and set
+    /// `org` (at most `org_limit`), both or neither; slots past their deadline (plus a
+    /// grace) no longer count.
+    fn hold(
+        &self,
+        key: String,
+        key_limit: usize,
+        org: String,
+        org_limit: usize,
+        id: String,
+        deadline_ms: u64,
+    ) -> crate::backend::BackendFuture<'_, Result<(), Full>>;
+    /// Gives a slot back.
+    fn release(&self, key: String, org: String, id: String) -> crate::backend::BackendFuture<'_, ()>;
+    /// Slots held in set `name`.
+    fn held(&self, name: String) -> crate::backend::BackendFuture<'_, usize>;
+    /// Forgets what is kept for keys `keep` rejects (housekeeping; idle state only).
+    fn retain(&self, keep: &dyn Fn(&str) -> bool);
+}
+
+/// How long past its deadline a slot still counts (a call that overran by a little).
+const SLOT_GRACE_MS: u64 = 5_000;
+
+/// The single-node [`Budgets`]: `governor` GCRAs and slot lists in memory.
+#[derive(Debug, Default)]
+pub struct LocalBudgets {
+    rates: DashMap<String, Arc<(u32, u32, Rate)>>,
+    slots: Mutex<std::collections::HashMap<String, Vec<(String, u64)>>>,
+}
+
+fn ready<'a, T: Send + 'a>(v: T) -> crate::backend::BackendFuture<'a, T> {
+    use futures_util::FutureExt as _;
+    std::future::ready(Ok(v)).boxed()
+}
+
+impl Budgets for LocalBudgets {
+    fn take(
+        &self,
+        name: String,
+        per_minute: u32,
+        burst: u32,
+    ) -> crate::backend::BackendFuture<'_, Result<u32, Duration>> {
+        let rate = match self.rates.get(&name) {
+            Some(r) if r.0 == per_minute && r.1 == burst => Arc::clone(&r),
+            // New, or its quotas changed: a fresh rate.
+            _ => {
+                let r = Arc::new((per_minute, burst, Rate::per_minute(per_minute, burst)));
+                self.rates.insert(name, Arc::clone(&r));
+                r
+            }
+        };
+        ready(rate.2.take(1))
+    }
+
+    fn hold(
+        &self,
+        key: String,
+        key_limit: usize,
+        org: String,
+        org_limit: usize,
+        id: String,
+        deadline_ms: u64,
+    ) -> crate::backend::BackendFuture<'_, Result<(), Full>> {
+        let now = crate::time::now_ms();
+        let mut slots = lock(&self.slots);
+        let mut check = |name: &str, limit: usize, whose: Whose| -> Result<(), Full> {
+            let list = slots.entry(name.to_owned()).or_default();
+            list.retain(|(_, d)| d + SLOT_GRACE_MS > now);
+            if list.len() >= limit {
+                return Err(Full { whose, held: list.len(), soonest_ms: list.iter().map(|(_, d)| *d).min() });
+            }
+            Ok(())
+        };
+        if let Err(full) = check(&key, key_limit, Whose::Key).and_then(|()| check(&org, org_limit, Whose::Org)) {
+            return ready(Err(full));
+        }
+        for name in [&key, &org] {
+            slots.entry(name.clone()).or_default().push((id.clone(), deadline_ms));
+        }
+        ready(Ok(()))
+    }
+
+    fn release(&self, key: String, org: String, id: String) -> crate::backend::BackendFuture<'_, ()> {
+        let mut slots = lock(&self.slots);
+        for name in [key, org] {
+            if let Some(list) = slots.get_mut(&name) {
+                list.retain(|(s, _)| *s != id);
+                if list.is_empty() {
+                    slots.remove(&name);
+                }
+            }
+        }
+        ready(())
+    }
+
+    fn held(&self, name: String) -> crate::backend::BackendFuture<'_, usize> {
+        let now = crate::time::now_ms();
+        let slots = lock(&self.slots);
+        ready(slots.get(&name).map_or(0, |l| l.iter().filter(|(_, d)| d + SLOT_GRACE_MS > now).count()))
+    }
+
+    fn retain(&self, keep: &dyn Fn(&str) -> bool) {
+        self.rates.retain(|name, _| name.rsplit_once(':').is_none_or(|(_, k)| keep(k)) || name.starts_with("org:"));
+    }
+}
+
 impl CallerLimits {
-    /// Limiters under these organization ceilings.
+    /// Limits under these organization ceilings, in this process's memory.
     pub fn new(org_quotas: OrgCeilings) -> Self {
-        CallerLimits { org_quotas, ..Default::default() }
+        Self::with_budgets(org_quotas, Arc::new(LocalBudgets::default()))
+    }
+
+    /// Limits under these organization ceilings, charged to `budgets`.
+    pub fn with_budgets(org_quotas: OrgCeilings, budgets: Arc<dyn Budgets>) -> Self {
+        CallerLimits {
+            org_quotas,
+            budgets,
+            fallback: Arc::default(),
+            sessions: DashMap::new(),
+            org_sessions: DashMap::new(),
+            next_slot: std::sync::atomic::AtomicU64::new(1),
+        }
     }
 
     /// The organization ceilings in force.
@@ -590,68 +746,43 @@ impl CallerLimits {
         self.org_quotas
     }
 
-    fn state(&self, key_id: &str, quotas: CallerQuotas) -> Arc<CallerState> {
-        if let Some(s) = self.callers.get(key_id)
-            && s.quotas == quotas
-        {
-            return Arc::clone(&s);
+    async fn take(&self, name: String, per_minute: u32, burst: u32) -> Result<Result<u32, Duration>, ApiError> {
+        match self.budgets.take(name.clone(), per_minute, burst).await {
+            Err(crate::backend::BackendError::Unavailable(_)) => {
+                Ok(self.fallback.take(name, per_minute, burst).await?)
+            }
+            other => Ok(other?),
         }
-        // New key, or its quotas changed: a fresh rate (waits and sessions carry over).
-        let old = self.callers.get(key_id).map(|s| (Arc::clone(&s.waits), Arc::clone(&s.sessions)));
-        let (waits, sessions) = old.unwrap_or_default();
-        let state = Arc::new(CallerState {
-            quotas,
-            calls: Rate::per_minute(quotas.calls_per_minute, quotas.call_burst),
-            waits,
-            sessions,
-        });
-        self.callers.insert(key_id.to_owned(), Arc::clone(&state));
-        state
-    }
-
-    fn org(&self, org: &str) -> Arc<OrgState> {
-        if let Some(s) = self.orgs.get(org) {
-            return Arc::clone(&s);
-        }
-        let q = self.org_quotas;
-        let entry = self.orgs.entry(org.to_owned()).or_insert_with(|| {
-            Arc::new(OrgState {
-                quotas: q,
-                calls: Rate::per_minute(q.calls_per_minute, q.call_burst),
-                waits: Arc::default(),
-                sessions: Arc::default(),
-            })
-        });
-        Arc::clone(&entry)
     }
 
     /// Charges one call to the caller's key, then to its organization; `quota_exceeded`
     /// (with when to retry) when either budget is spent. The key is charged first, so a
     /// key over its own budget never spends its organization's.
-    pub fn charge_call(&self, caller: &Principal) -> Result<CallBudget, ApiError> {
-        let quotas = caller.quotas;
-        let state = self.state(&caller.key_id, quotas);
-        let remaining = match state.calls.take(1) {
-            Ok(remaining) => remaining,
-            Err(wait) => {
-                let retry = retry_secs(wait);
-                return Err(ApiError::new(
-                    ErrorCode::QuotaExceeded,
-                    format!(
-                        "this key made more than its {} calls per minute (burst {}); retry in {retry} s",
-                        quotas.calls_per_minute, quotas.call_burst
-                    ),
-                )
-                .with_details(serde_json::json!({
-                    "quota": "calls_per_minute",
-                    "limit": quotas.calls_per_minute,
-                    "burst": quotas.call_burst,
-                    "retry_after_seconds": retry,
-                })));
-            }
-        };
-        let org = self.org(caller.org());
-        match org.calls.take(1) {
+    pub async fn charge_call(&self, caller: &impl Charged) -> Result<CallBudget, ApiError> {
+        let quotas = caller.quotas();
+        let remaining =
+            match self.take(format!("call:key:{}", caller.key_id()), quotas.calls_per_minute, quotas.call_burst).await?
+            {
+                Ok(remaining) => remaining,
+                Err(wait) => {
+                    let retry = retry_secs(wait);
+                    return Err(ApiError::new(
+                        ErrorCode::QuotaExceeded,
+                        format!(
+                            "this key made more than its {} calls per minute (burst {}); retry in {retry} s",
+                            quotas.calls_per_minute, quotas.call_burst
+                        ),
+                    )
+                    .with_details(serde_json::json!({
+                        "quota": "calls_per_minute",
+                        "limit": quotas.calls_per_minute,
+                        "burst": quotas.call_burst,
+                        "retry_after_seconds": retry,
+                    })));
+                }
+            };
+        let q = self.org_quotas;
+        match self.take(format!("call:org:{}", caller.org()), q.calls_per_minute, q.call_burst).await? {
             Ok(org_remaining) => Ok(CallBudget {
                 limit_per_minute: quotas.calls_per_minute,
                 burst: quotas.call_burst,
@@ -659,7 +790,6 @@ impl CallerLimits {
             }),
             Err(wait) => {
                 let retry = retry_secs(wait);
-                let q = org.quotas;
                 Err(ApiError::new(
                     ErrorCode::QuotaExceeded,
                     format!(
@@ -682,56 +812,54 @@ impl CallerLimits {
     /// key already has `concurrent_waits` of them, or its organization has its ceiling
     /// (retry when the soonest one ends). Both slots are taken together or neither. The
     /// slots are freed when the returned guard drops.
-    pub fn begin_wait(&self, caller: &Principal, deadline: tokio::time::Instant) -> Result<WaitSlot, ApiError> {
-        let quotas = caller.quotas;
-        let state = self.state(&caller.key_id, quotas);
-        let org = self.org(caller.org());
-        // Organization before key, always: one lock order.
-        let mut org_waits = lock(&org.waits);
-        let mut waits = lock(&state.waits);
-        let now = tokio::time::Instant::now();
-        // Slots of waits past their deadline (their call ended without dropping, which
-        // should not happen) are reclaimed rather than held forever.
-        let stale = |(_, d): &(u64, tokio::time::Instant)| *d + Duration::from_secs(5) > now;
-        org_waits.retain(stale);
-        waits.retain(stale);
-        let refuse = |list: &[(u64, tokio::time::Instant)], limit: usize, quota: &str, whose: &str| {
-            let soonest = list.iter().map(|(_, d)| *d).min().unwrap_or(now);
-            let retry = retry_secs(soonest.saturating_duration_since(now));
-            ApiError::new(
-                ErrorCode::QuotaExceeded,
-                format!(
-                    "{whose} already has {} blocking calls in progress (the limit is {limit}); call with wait=false \
-                     (or wait_seconds=0) and poll, or retry in {retry} s when one ends",
-                    list.len()
-                ),
-            )
-            .with_details(serde_json::json!({ "quota": quota, "limit": limit, "retry_after_seconds": retry }))
-        };
-        let limit = quotas.concurrent_waits as usize;
-        if waits.len() >= limit {
-            return Err(refuse(&waits, limit, "concurrent_waits", "this key"));
+    pub async fn begin_wait(
+        &self,
+        caller: &impl Charged,
+        deadline: tokio::time::Instant,
+    ) -> Result<WaitSlot, ApiError> {
+        let quotas = caller.quotas();
+        let now = crate::time::now_ms();
+        let deadline_ms = now + deadline.saturating_duration_since(tokio::time::Instant::now()).as_millis() as u64;
+        let id =
+            format!("{}-{}", std::process::id(), self.next_slot.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let (key, org) = (format!("wait:key:{}", caller.key_id()), format!("wait:org:{}", caller.org()));
+        let (limit, org_limit) = (quotas.concurrent_waits as usize, self.org_quotas.concurrent_waits as usize);
+        let mut budgets = Arc::clone(&self.budgets);
+        let mut held = budgets.hold(key.clone(), limit, org.clone(), org_limit, id.clone(), deadline_ms).await;
+        if let Err(crate::backend::BackendError::Unavailable(_)) = held {
+            budgets = self.fallback.clone();
+            held = budgets.hold(key.clone(), limit, org.clone(), org_limit, id.clone(), deadline_ms).await;
         }
-        let org_limit = org.quotas.concurrent_waits as usize;
-        if org_waits.len() >= org_limit {
-            return Err(refuse(&org_waits, org_limit, "org_concurrent_waits", "your organization"));
+        match held? {
+            Ok(()) => Ok(WaitSlot { budgets, key, org, id }),
+            Err(full) => {
+                let (limit, quota, whose) = match full.whose {
+                    Whose::Key => (limit, "concurrent_waits", "this key"),
+                    Whose::Org => (org_limit, "org_concurrent_waits", "your organization"),
+                };
+                let retry = retry_secs(Duration::from_millis(full.soonest_ms.unwrap_or(now).saturating_sub(now)));
+                Err(ApiError::new(
+                    ErrorCode::QuotaExceeded,
+                    format!(
+                        "{whose} already has {} blocking calls in progress (the limit is {limit}); call with \
+                         wait=false (or wait_seconds=0) and poll, or retry in {retry} s when one ends",
+                        full.held
+                    ),
+                )
+                .with_details(serde_json::json!({ "quota": quota, "limit": limit, "retry_after_seconds": retry })))
+            }
         }
-        let id = self.next_slot.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        waits.push((id, deadline));
-        org_waits.push((id, deadline));
-        drop((waits, org_waits));
-        Ok(WaitSlot { key: Arc::clone(&state.waits), org: Arc::clone(&org.waits), id })
     }
 
     /// Opens an MCP session for the caller; `quota_exceeded` when its key already has
     /// `mcp_sessions` open, or its organization has its ceiling. The slots are freed
     /// when the returned guard drops (the session ended or expired).
-    pub fn begin_session(&self, caller: &Principal) -> Result<SessionSlot, ApiError> {
-        let quotas = caller.quotas;
-        let state = self.state(&caller.key_id, quotas);
-        let org = self.org(caller.org());
-        let mut org_open = lock(&org.sessions);
-        let mut open = lock(&state.sessions);
+    pub fn begin_session(&self, caller: &impl Charged) -> Result<SessionSlot, ApiError> {
+        let quotas = caller.quotas();
+        let key = Arc::clone(&self.sessions.entry(caller.key_id().to_owned()).or_default());
+        let org = Arc::clone(&self.org_sessions.entry(caller.org().to_owned()).or_default());
+        let mut org_open = lock(&org);
+        let mut open = lock(&key);
         let refusal = |n: usize, limit: u32, quota: &str, whose: &str| {
             ApiError::new(
                 ErrorCode::QuotaExceeded,
@@ -745,56 +873,70 @@ impl CallerLimits {
         if *open >= quotas.mcp_sessions as usize {
             return Err(refusal(*open, quotas.mcp_sessions, "mcp_sessions", "this key"));
         }
-        if *org_open >= org.quotas.mcp_sessions as usize {
-            return Err(refusal(*org_open, org.quotas.mcp_sessions, "org_mcp_sessions", "your organization"));
+        if *org_open >= self.org_quotas.mcp_sessions as usize {
+            return Err(refusal(*org_open, self.org_quotas.mcp_sessions, "org_mcp_sessions", "your organization"));
         }
         *open += 1;
         *org_open += 1;
-        Ok(SessionSlot { key: Arc::clone(&state.sessions), org: Arc::clone(&org.sessions) })
+        drop((open, org_open));
+        Ok(SessionSlot { key, org })
     }
 
     /// Blocking calls `key_id` has in progress.
-    pub fn waits_in_use(&self, key_id: &str) -> usize {
-        self.callers.get(key_id).map_or(0, |s| lock(&s.waits).len())
+    pub async fn waits_in_use(&self, key_id: &str) -> usize {
+        self.budgets.held(format!("wait:key:{key_id}")).await.unwrap_or(0)
     }
 
     /// Blocking calls an organization has in progress.
-    pub fn org_waits_in_use(&self, org: &str) -> usize {
-        self.orgs.get(org).map_or(0, |s| lock(&s.waits).len())
+    pub async fn org_waits_in_use(&self, org: &str) -> usize {
+        self.budgets.held(format!("wait:org:{org}")).await.unwrap_or(0)
     }
 
     /// MCP sessions `key_id` has open.
     pub fn sessions_open(&self, key_id: &str) -> usize {
-        self.callers.get(key_id).map_or(0, |s| *lock(&s.sessions))
+        self.sessions.get(key_id).map_or(0, |s| *lock(&s))
     }
 
     /// Forgets callers whose keys no longer authenticate (unless they still hold slots).
-    pub fn retain(&self, mut keep: impl FnMut(&str) -> bool) {
-        self.callers.retain(|k, s| keep(k) || !lock(&s.waits).is_empty() || *lock(&s.sessions) > 0);
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.budgets.retain(&keep);
+        self.sessions.retain(|k, s| keep(k) || *lock(s) > 0);
     }
 }
 
 /// A blocking call's slots (its key's and its organization's); dropping it frees them.
 #[derive(Debug)]
 pub struct WaitSlot {
-    key: Arc<Waits>,
-    org: Arc<Waits>,
-    id: u64,
+    budgets: Arc<dyn Budgets>,
+    key: String,
+    org: String,
+    id: String,
 }
 
 impl Drop for WaitSlot {
     fn drop(&mut self) {
-        let id = self.id;
-        lock(&self.org).retain(|(w, _)| *w != id);
-        lock(&self.key).retain(|(w, _)| *w != id);
+        use futures_util::FutureExt as _;
+        let budgets = Arc::clone(&self.budgets);
+        let (key, org, id) =
+            (std::mem::take(&mut self.key), std::mem::take(&mut self.org), std::mem::take(&mut self.id));
+        let mut release = Box::pin(async move {
+            let _ = budgets.release(key, org, id).await;
+        });
+        // In memory it is done at once; elsewhere it finishes on the runtime (and a slot
+        // that could not be given back ends with its deadline anyway).
+        if (&mut release).now_or_never().is_none()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(release);
+        }
     }
 }
 
 /// An MCP session's slots (its key's and its organization's); dropping it frees them.
 #[derive(Debug)]
 pub struct SessionSlot {
-    key: Arc<Mutex<usize>>,
-    org: Arc<Mutex<usize>>,
+    key: Sessions,
+    org: Sessions,
 }
 
 impl Drop for SessionSlot {
@@ -823,54 +965,54 @@ mod tests {
         assert_eq!(retry_secs(Duration::ZERO), 1);
     }
 
-    fn caller(key: &str, org: &str, quotas: CallerQuotas) -> Principal {
-        Principal {
+    fn caller(key: &str, org: &str, quotas: CallerQuotas) -> crate::auth::Principal {
+        crate::auth::Principal {
             key_id: key.into(),
             name: key.into(),
-            role: crate::auth::Role::Developer,
-            scopes: crate::auth::Scope::DEFAULT.to_vec(),
-            reach: crate::auth::Reach::org(org),
+            role: Role::Developer,
+            scopes: crate::access::Scope::DEFAULT.to_vec(),
+            reach: crate::access::Reach::org(org),
             quotas,
             tenancy: Arc::default(),
         }
     }
 
-    #[test]
-    fn calls_beyond_the_burst_are_quota_exceeded_with_a_retry_time() {
+    #[tokio::test]
+    async fn calls_beyond_the_burst_are_quota_exceeded_with_a_retry_time() {
         let limits = CallerLimits::default();
         let q = CallerQuotas { calls_per_minute: 60, call_burst: 2, ..CallerQuotas::default() };
         let a = caller("key_a", "default", q);
-        assert_eq!(limits.charge_call(&a).unwrap().remaining, 1);
-        limits.charge_call(&a).unwrap();
-        let err = limits.charge_call(&a).unwrap_err();
+        assert_eq!(limits.charge_call(&a).await.unwrap().remaining, 1);
+        limits.charge_call(&a).await.unwrap();
+        let err = limits.charge_call(&a).await.unwrap_err();
         assert_eq!(err.code, ErrorCode::QuotaExceeded);
         assert_eq!(err.details["retry_after_seconds"], 1);
-        assert!(limits.charge_call(&caller("key_b", "default", q)).is_ok(), "keys have their own budgets");
+        assert!(limits.charge_call(&caller("key_b", "default", q)).await.is_ok(), "keys have their own budgets");
     }
 
-    #[test]
-    fn minted_keys_share_their_organizations_call_ceiling_and_other_organizations_do_not_notice() {
+    #[tokio::test]
+    async fn minted_keys_share_their_organizations_call_ceiling_and_other_organizations_do_not_notice() {
         let limits = CallerLimits::new(OrgCeilings { calls_per_minute: 60, call_burst: 3, ..OrgCeilings::default() });
         let q = CallerQuotas { calls_per_minute: 60, call_burst: 2, ..CallerQuotas::default() };
-        limits.charge_call(&caller("key_a", "acme", q)).unwrap();
-        limits.charge_call(&caller("key_b", "acme", q)).unwrap();
-        limits.charge_call(&caller("key_c", "acme", q)).unwrap();
-        let err = limits.charge_call(&caller("key_d", "acme", q)).unwrap_err();
+        limits.charge_call(&caller("key_a", "acme", q)).await.unwrap();
+        limits.charge_call(&caller("key_b", "acme", q)).await.unwrap();
+        limits.charge_call(&caller("key_c", "acme", q)).await.unwrap();
+        let err = limits.charge_call(&caller("key_d", "acme", q)).await.unwrap_err();
         assert_eq!(err.details["quota"], "org_calls_per_minute", "{err:?}");
         assert!(err.details["retry_after_seconds"].as_u64().unwrap() >= 1);
-        assert!(limits.charge_call(&caller("key_e", "other", q)).is_ok());
+        assert!(limits.charge_call(&caller("key_e", "other", q)).await.is_ok());
         // A key over its own budget does not spend its organization's.
         let solo = CallerLimits::new(OrgCeilings { calls_per_minute: 60, call_burst: 3, ..OrgCeilings::default() });
         let small = CallerQuotas { calls_per_minute: 60, call_burst: 1, ..CallerQuotas::default() };
-        solo.charge_call(&caller("key_a", "acme", small)).unwrap();
+        solo.charge_call(&caller("key_a", "acme", small)).await.unwrap();
         for _ in 0..5 {
             assert_eq!(
-                solo.charge_call(&caller("key_a", "acme", small)).unwrap_err().details["quota"],
+                solo.charge_call(&caller("key_a", "acme", small)).await.unwrap_err().details["quota"],
                 "calls_per_minute"
             );
         }
-        solo.charge_call(&caller("key_b", "acme", q)).unwrap();
-        solo.charge_call(&caller("key_b", "acme", q)).unwrap();
+        solo.charge_call(&caller("key_b", "acme", q)).await.unwrap();
+        solo.charge_call(&caller("key_b", "acme", q)).await.unwrap();
     }
 
     #[tokio::test]
@@ -879,13 +1021,13 @@ mod tests {
         let q = CallerQuotas { concurrent_waits: 1, ..CallerQuotas::default() };
         let a = caller("key_a", "default", q);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let slot = limits.begin_wait(&a, deadline).unwrap();
-        let err = limits.begin_wait(&a, deadline).unwrap_err();
+        let slot = limits.begin_wait(&a, deadline).await.unwrap();
+        let err = limits.begin_wait(&a, deadline).await.unwrap_err();
         assert_eq!(err.details["quota"], "concurrent_waits");
         assert!(err.details["retry_after_seconds"].as_u64().unwrap() >= 29);
         drop(slot);
-        assert_eq!(limits.waits_in_use("key_a"), 0);
-        assert!(limits.begin_wait(&a, deadline).is_ok());
+        assert_eq!(limits.waits_in_use("key_a").await, 0);
+        assert!(limits.begin_wait(&a, deadline).await.is_ok());
     }
 
     #[tokio::test]
@@ -893,14 +1035,14 @@ mod tests {
         let limits = CallerLimits::new(OrgCeilings { concurrent_waits: 2, mcp_sessions: 2, ..OrgCeilings::default() });
         let q = CallerQuotas::default();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let w1 = limits.begin_wait(&caller("key_a", "acme", q), deadline).unwrap();
-        let _w2 = limits.begin_wait(&caller("key_b", "acme", q), deadline).unwrap();
-        let err = limits.begin_wait(&caller("key_c", "acme", q), deadline).unwrap_err();
+        let w1 = limits.begin_wait(&caller("key_a", "acme", q), deadline).await.unwrap();
+        let _w2 = limits.begin_wait(&caller("key_b", "acme", q), deadline).await.unwrap();
+        let err = limits.begin_wait(&caller("key_c", "acme", q), deadline).await.unwrap_err();
         assert_eq!(err.details["quota"], "org_concurrent_waits");
-        assert_eq!(limits.waits_in_use("key_c"), 0, "a refused wait holds no slot of its key");
+        assert_eq!(limits.waits_in_use("key_c").await, 0, "a refused wait holds no slot of its key");
         drop(w1);
-        assert_eq!(limits.org_waits_in_use("acme"), 1);
-        assert!(limits.begin_wait(&caller("key_c", "acme", q), deadline).is_ok());
+        assert_eq!(limits.org_waits_in_use("acme").await, 1);
+        assert!(limits.begin_wait(&caller("key_c", "acme", q), deadline).await.is_ok());
 
         let s1 = limits.begin_session(&caller("key_a", "acme", q)).unwrap();
         let _s2 = limits.begin_session(&caller("key_b", "acme", q)).unwrap();

@@ -9,13 +9,13 @@
 //! process either. Catalogs are bounded in entries and in bytes, every entry cut to
 //! the protocol's bounds on receipt.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 use periscope_protocol::{AgentId, BrokerMessage, CatalogEntry, Heartbeat, LocationKind, Registration};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::identity::{Identities, Mismatch, check_binding};
@@ -67,11 +67,69 @@ pub struct AgentRecord {
     pub dropped: IngestDrops,
     /// Refused until then (Unix ms) after being disconnected for flooding.
     pub cooldown_until_ms: Option<u64>,
+    /// The lease epoch this node holds the agent under (0 without leases).
+    pub epoch: u64,
+    /// The node holding the agent, when it is another one (a record published there).
+    pub remote: Option<Remote>,
+    /// Bumped each time the catalog changes (other nodes fetch it again).
+    pub catalog_version: u64,
+}
+
+/// An agent held by another node, as that node published it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remote {
+    /// The node.
+    pub node: String,
+    /// Whether it is connected there (and the node alive).
+    pub online: bool,
+}
+
+/// What the node holding an agent tells the others about it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentSnapshot {
+    /// The registration.
+    pub info: Registration,
+    /// Its organization.
+    pub org: String,
+    /// Its agent key.
+    pub key_id: String,
+    /// The node holding it.
+    pub node: String,
+    /// The lease epoch it is held under.
+    pub epoch: u64,
+    /// Whether it is connected.
+    pub online: bool,
+    /// When the session started (Unix ms).
+    pub connected_at_ms: u64,
+    /// Last frame received (Unix ms).
+    pub last_seen_ms: u64,
+    /// When it went offline (Unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offline_since_ms: Option<u64>,
+    /// Why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disconnect_reason: Option<String>,
+    /// Its heartbeat counters.
+    #[serde(default)]
+    pub stats: Heartbeat,
+    /// Hits accepted from it.
+    #[serde(default)]
+    pub hits_accepted: u64,
+    /// Hits refused from it.
+    #[serde(default)]
+    pub hits_refused: u64,
+    /// What the broker dropped from it.
+    #[serde(default)]
+    pub dropped: IngestDrops,
+    /// The version of its catalog.
+    #[serde(default)]
+    pub catalog_version: u64,
 }
 
 /// What the broker dropped from one agent, by reason (the agent's own drops are in its
 /// heartbeat [`stats`](AgentView::stats)).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct IngestDrops {
     /// Hit frames over the agent's hits-per-second budget.
     pub hits_rate: u64,
@@ -89,6 +147,10 @@ pub struct IngestDrops {
     pub unknown_rules: u64,
     /// Catalog entries ignored (over the entry or byte bound) or cut to their bounds.
     pub catalog: u64,
+    /// Hits and lines that could not be stored because the shared state was unreachable.
+    pub unavailable: u64,
+    /// Hits refused because the agent's lease had moved to another node.
+    pub lease_lost: u64,
     /// Warnings sent to the agent about it.
     pub warnings: u64,
     /// Frames that were not a message of the protocol (malformed JSON, unknown types,
@@ -126,6 +188,10 @@ pub enum DropReason {
     ProtocolError,
     /// A session closed for not answering pings.
     PingTimeout,
+    /// The shared state could not be reached to store it.
+    Unavailable,
+    /// The agent's lease moved to another node.
+    LeaseLost,
 }
 
 impl DropReason {
@@ -143,6 +209,8 @@ impl DropReason {
             DropReason::BadFrame => "bad_frame",
             DropReason::ProtocolError => "protocol_error",
             DropReason::PingTimeout => "ping_timeout",
+            DropReason::Unavailable => "unavailable",
+            DropReason::LeaseLost => "lease_lost",
         }
     }
 }
@@ -196,16 +264,30 @@ pub struct AgentView {
     pub hits_refused: u64,
     /// What the broker dropped from it for exceeding its budgets.
     pub broker_dropped: IngestDrops,
+    /// The broker node it is connected to (in a cluster).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl AgentRecord {
-    /// Whether a session is live.
+    /// Whether a session is live, here or on another node.
     pub fn online(&self) -> bool {
+        self.conn.is_some() || self.remote.as_ref().is_some_and(|r| r.online)
+    }
+
+    /// Whether this node holds the agent's session.
+    pub fn local(&self) -> bool {
         self.conn.is_some()
     }
 
     /// The API view.
     pub fn view(&self) -> AgentView {
+        let mut v = self.view_here();
+        v.node = self.remote.as_ref().map(|r| r.node.clone());
+        v
+    }
+
+    fn view_here(&self) -> AgentView {
         let i = &self.info;
         AgentView {
             agent_id: i.agent_id.clone(),
@@ -230,6 +312,7 @@ impl AgentRecord {
             hits_accepted: self.hits_accepted,
             hits_refused: self.hits_refused,
             broker_dropped: self.dropped,
+            node: None,
         }
     }
 
@@ -261,10 +344,20 @@ pub struct CatalogOutcome {
     pub cut: usize,
 }
 
+/// A message for an agent another node holds: the node, the agent, the message.
+pub type Outbound = (String, AgentId, BrokerMessage);
+
 /// All agents.
 #[derive(Debug)]
 pub struct Registry {
     agents: DashMap<AgentId, AgentRecord>,
+    /// This node's name in a cluster.
+    node: Option<String>,
+    /// Messages for agents held by other nodes, to the bus.
+    bus: Option<mpsc::Sender<Outbound>>,
+    /// Agents held here whose record changed since it was last published (and whether
+    /// their catalog did).
+    dirty: Mutex<HashMap<AgentId, bool>>,
     sessions: AtomicU64,
     max_catalog_entries: usize,
     max_catalog_bytes: usize,
@@ -277,12 +370,178 @@ impl Registry {
     pub fn new(max_catalog_entries: usize) -> Self {
         Registry {
             agents: DashMap::new(),
+            node: None,
+            bus: None,
+            dirty: Mutex::default(),
             sessions: AtomicU64::new(1),
             max_catalog_entries,
             max_catalog_bytes: 4 * 1024 * 1024,
             max_per_org: 10_000,
             identities: Arc::new(Identities::new(7 * 86_400_000, 100_000)),
         }
+    }
+
+    /// Makes this registry node `node` of a cluster: messages for agents other nodes hold
+    /// go to `bus`.
+    pub fn with_cluster(mut self, node: String, bus: mpsc::Sender<Outbound>) -> Self {
+        self.node = Some(node);
+        self.bus = Some(bus);
+        self
+    }
+
+    fn mark(&self, id: &AgentId, catalog: bool) {
+        if self.node.is_none() {
+            return;
+        }
+        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        *dirty.entry(id.clone()).or_insert(false) |= catalog;
+    }
+
+    /// The records of agents held here that changed since the last call, with their
+    /// catalogs when those changed, to publish to the other nodes.
+    pub fn take_changed(&self) -> Vec<(AgentSnapshot, Option<Vec<CatalogEntry>>)> {
+        let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+        let node = self.node.clone().unwrap_or_default();
+        let mut out = Vec::new();
+        for (id, catalog) in dirty {
+            let Some(r) = self.agents.get(&id) else { continue };
+            if r.remote.is_some() {
+                continue;
+            }
+            let snap = AgentSnapshot {
+                info: r.info.clone(),
+                org: r.org.clone(),
+                key_id: r.key_id.clone(),
+                node: node.clone(),
+                epoch: r.epoch,
+                online: r.conn.is_some(),
+                connected_at_ms: r.connected_at_ms,
+                last_seen_ms: r.last_seen_ms,
+                offline_since_ms: r.offline_since_ms,
+                disconnect_reason: r.disconnect_reason.clone(),
+                stats: r.stats.clone(),
+                hits_accepted: r.hits_accepted,
+                hits_refused: r.hits_refused,
+                dropped: r.dropped,
+                catalog_version: r.catalog_version,
+            };
+            let catalog = catalog.then(|| r.catalog.values().cloned().collect());
+            out.push((snap, catalog));
+        }
+        out
+    }
+
+    /// Every agent held here whose record is published (all of them, for a full
+    /// republish after Redis came back).
+    pub fn mark_all_local(&self) {
+        let ids: Vec<AgentId> = self.agents.iter().filter(|r| r.remote.is_none()).map(|r| r.key().clone()).collect();
+        for id in ids {
+            self.mark(&id, true);
+        }
+    }
+
+    /// Whether `snap` (published by another node) is news: the agent is not held here
+    /// under a newer lease. Returns the catalog version this node has for it, to fetch
+    /// the catalog again when the published one is newer.
+    pub fn remote_news(&self, snap: &AgentSnapshot) -> Option<u64> {
+        match self.agents.get(&snap.info.agent_id) {
+            Some(r) if r.remote.is_none() && r.conn.is_some() && r.epoch >= snap.epoch => None,
+            Some(r) => Some(if r.remote.is_some() { r.catalog_version } else { u64::MAX }),
+            None => Some(u64::MAX),
+        }
+    }
+
+    /// Applies what another node published of an agent (with its catalog when fetched).
+    /// An agent held here under an older lease has moved: its session here is dropped.
+    pub fn apply_remote(&self, snap: AgentSnapshot, catalog: Option<Vec<CatalogEntry>>) {
+        let id = snap.info.agent_id.clone();
+        let remote = Remote { node: snap.node.clone(), online: snap.online };
+        let mut entry = self.agents.entry(id).or_insert_with(|| AgentRecord {
+            info: snap.info.clone(),
+            conn: None,
+            connected_at_ms: snap.connected_at_ms,
+            last_seen_ms: snap.last_seen_ms,
+            offline_since_ms: snap.offline_since_ms,
+            disconnect_reason: None,
+            catalog: HashMap::new(),
+            catalog_bytes: 0,
+            stats: Heartbeat::default(),
+            hits_accepted: 0,
+            hits_refused: 0,
+            org: snap.org.clone(),
+            key_id: snap.key_id.clone(),
+            dropped: IngestDrops::default(),
+            cooldown_until_ms: None,
+            epoch: 0,
+            remote: Some(remote.clone()),
+            catalog_version: 0,
+        });
+        let rec = &mut *entry;
+        if rec.conn.is_some() && rec.epoch >= snap.epoch {
+            return;
+        }
+        if rec.conn.take().is_some() {
+            tracing::info!(agent = %snap.info.agent_id, node = %snap.node, "agent moved to another node");
+        }
+        rec.info = snap.info;
+        rec.org = snap.org;
+        rec.key_id = snap.key_id;
+        rec.epoch = snap.epoch;
+        rec.remote = Some(remote);
+        rec.connected_at_ms = snap.connected_at_ms;
+        rec.last_seen_ms = snap.last_seen_ms;
+        rec.offline_since_ms = snap.offline_since_ms;
+        rec.disconnect_reason = snap.disconnect_reason;
+        rec.stats = snap.stats;
+        rec.hits_accepted = snap.hits_accepted;
+        rec.hits_refused = snap.hits_refused;
+        rec.dropped = snap.dropped;
+        if let Some(entries) = catalog {
+            rec.catalog = entries.into_iter().map(|e| ((e.file.clone(), e.line, e.kind, e.name.clone()), e)).collect();
+            rec.catalog_bytes = rec.catalog.values().map(CatalogEntry::footprint).sum();
+            rec.catalog_version = snap.catalog_version;
+        }
+    }
+
+    /// Marks offline the agents that nodes no longer alive held.
+    pub fn nodes_gone(&self, alive: &HashSet<String>) {
+        let now = now_ms();
+        for mut r in self.agents.iter_mut() {
+            if let Some(remote) = r.remote.as_mut().filter(|x| x.online && !alive.contains(&x.node)) {
+                remote.online = false;
+                r.offline_since_ms = Some(now);
+                r.disconnect_reason = Some("its broker node stopped answering; it reconnects to another one".into());
+            }
+        }
+    }
+
+    /// The leases held here: (agent, epoch).
+    pub fn local_leases(&self) -> Vec<(AgentId, u64)> {
+        self.agents.iter().filter(|r| r.conn.is_some() && r.epoch > 0).map(|r| (r.key().clone(), r.epoch)).collect()
+    }
+
+    /// Ends the session here of an agent whose lease moved to another node.
+    pub fn lease_lost(&self, id: &AgentId) {
+        if let Some(mut rec) = self.agents.get_mut(id)
+            && rec.conn.take().is_some()
+        {
+            tracing::warn!(agent = %id, "the agent's lease moved to another node; its session here ends");
+        }
+    }
+
+    /// Sets the lease epoch of a session registered here.
+    pub fn set_epoch(&self, id: &AgentId, session: u64, epoch: u64) {
+        if let Some(mut rec) = self.agents.get_mut(id)
+            && rec.conn.as_ref().is_some_and(|c| c.session == session)
+        {
+            rec.epoch = epoch;
+        }
+        self.mark(id, true);
+    }
+
+    /// This node's name in a cluster.
+    pub fn node(&self) -> Option<&str> {
+        self.node.as_deref()
     }
 
     /// Sets how much memory one agent's catalog may hold.
@@ -376,6 +635,7 @@ impl Registry {
                 }
                 // Same key and pool: keep the catalog (it will be resent in full anyway).
                 rec.cooldown_until_ms = None;
+                rec.remote = None;
                 rec.info = info;
                 rec.conn = Some(conn);
                 rec.connected_at_ms = now;
@@ -400,6 +660,9 @@ impl Registry {
                     key_id: key_id.to_owned(),
                     dropped: IngestDrops::default(),
                     cooldown_until_ms: None,
+                    epoch: 0,
+                    remote: None,
+                    catalog_version: 0,
                 });
             }
         }
@@ -414,6 +677,8 @@ impl Registry {
             rec.conn = None;
             rec.offline_since_ms = Some(now_ms());
             rec.disconnect_reason = Some(reason.to_owned());
+            drop(rec);
+            self.mark(id, false);
         }
     }
 
@@ -429,6 +694,7 @@ impl Registry {
         if let Some(mut rec) = self.agents.get_mut(id) {
             rec.stats = stats;
         }
+        self.mark(id, false);
     }
 
     /// Merges catalog entries; a full update replaces the catalog. Each entry is cut
@@ -464,6 +730,8 @@ impl Registry {
             rec.catalog.insert(key, e);
         }
         rec.dropped.catalog += (out.ignored + out.cut) as u64;
+        rec.catalog_version += 1;
+        self.mark(id, true);
         out
     }
 
@@ -494,6 +762,8 @@ impl Registry {
                 DropReason::BadFrame => d.bad_frames += n,
                 DropReason::ProtocolError => d.protocol_errors += n,
                 DropReason::PingTimeout => d.ping_timeouts += n,
+                DropReason::Unavailable => d.unavailable += n,
+                DropReason::LeaseLost => d.lease_lost += n,
             }
         }
     }
@@ -527,8 +797,17 @@ impl Registry {
     /// Sends a message to an agent if it is online. An agent whose queue is full is
     /// disconnected: it will resync on reconnect.
     pub fn send(&self, id: &AgentId, msg: BrokerMessage) -> bool {
-        let Some(tx) = self.agents.get(id).and_then(|r| r.conn.as_ref().map(|c| c.tx.clone())) else {
-            return false;
+        let (tx, remote) = match self.agents.get(id) {
+            Some(r) => (r.conn.as_ref().map(|c| c.tx.clone()), r.remote.clone().filter(|x| x.online)),
+            None => return false,
+        };
+        let Some(tx) = tx else {
+            // Held by another node: to it through the bus (bounded; a full bus drops,
+            // and the agent resyncs when it next registers).
+            return match (remote, &self.bus) {
+                (Some(r), Some(bus)) => bus.try_send((r.node, id.clone(), msg)).is_ok(),
+                _ => false,
+            };
         };
         match tx.try_send(msg) {
             Ok(()) => true,
@@ -546,12 +825,24 @@ impl Registry {
     }
 
     /// Forgets agents offline for longer than `retention_ms` (and out of any cool-down).
-    pub fn expire_offline(&self, retention_ms: u64) {
+    pub fn expire_offline(&self, retention_ms: u64) -> Vec<AgentId> {
         let now = now_ms();
-        self.agents.retain(|_, r| {
-            r.offline_since_ms.is_none_or(|t| now.saturating_sub(t) < retention_ms)
-                || r.cooldown_until_ms.is_some_and(|t| t > now)
+        let mut gone = Vec::new();
+        self.agents.retain(|id, r| {
+            let keep = r.online()
+                || r.offline_since_ms.is_none_or(|t| now.saturating_sub(t) < retention_ms)
+                || r.cooldown_until_ms.is_some_and(|t| t > now);
+            if !keep {
+                gone.push(id.clone());
+            }
+            keep
         });
+        gone
+    }
+
+    /// Delivers a message from another node to an agent held here.
+    pub fn deliver(&self, id: &AgentId, msg: BrokerMessage) -> bool {
+        if self.agents.get(id).is_some_and(|r| r.conn.is_some()) { self.send(id, msg) } else { false }
     }
 
     /// Number of agents online.

@@ -463,11 +463,26 @@ impl Store {
         &self.path
     }
 
-    /// A handle other parts of the broker write through (the same writer thread).
+    /// A handle every part of the broker writes through (the same writer thread).
     pub fn handle(&self) -> StoreHandle {
         StoreHandle { tx: self.tx.clone() }
     }
 
+    /// Waits until every write queued so far is on disk.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        self.handle().flush(timeout)
+    }
+}
+
+/// A cloneable way to write through the store's writer thread: actions and their data,
+/// settings, identities and audit entries, batched into transactions off the request
+/// path.
+#[derive(Debug, Clone)]
+pub struct StoreHandle {
+    tx: mpsc::Sender<Op>,
+}
+
+impl StoreHandle {
     /// Appends an audit entry.
     pub fn put_audit(&self, row: AuditRow) {
         let _ = self.tx.send(Op::Audit(row));
@@ -522,9 +537,7 @@ impl Store {
         }
         done_rx.recv_timeout(timeout).is_ok()
     }
-}
 
-impl Store {
     /// Resolves once every write queued before the call is committed to the database
     /// (in SQLite's WAL, which survives the broker being killed: `synchronous = NORMAL`
     /// leaves only an operating-system crash or power loss to lose the last commits).
@@ -539,16 +552,7 @@ impl Store {
             }
         }
     }
-}
 
-/// A cloneable way to write through the store's writer thread, for parts of the broker
-/// other than the engine (agent identities).
-#[derive(Debug, Clone)]
-pub struct StoreHandle {
-    tx: mpsc::Sender<Op>,
-}
-
-impl StoreHandle {
     /// Persists an identity binding (insert, or a new last-seen time).
     pub fn put_identity(&self, row: IdentityRow) {
         let _ = self.tx.send(Op::Identity(row));
@@ -822,7 +826,8 @@ mod tests {
     fn what_is_written_is_there_after_reopening() {
         let dir = std::env::temp_dir().join(format!("periscope-store-{}", periscope_protocol::ActionId::generate()));
         {
-            let (store, loaded) = Store::open(&dir).unwrap();
+            let (owner, loaded) = Store::open(&dir).unwrap();
+            let store = owner.handle();
             assert!(loaded.actions.is_empty() && loaded.hits.is_empty());
             store.put_action(row("act_a", "active"));
             store.put_action(row("act_b", "active"));

@@ -111,6 +111,23 @@ pub struct Totals {
 }
 
 impl Totals {
+    /// Adds another agent's (or node's) totals to these.
+    pub fn absorb(&mut self, o: &Totals) {
+        self.count = self.count.saturating_add(o.count);
+        if o.sum.is_finite() {
+            self.sum += o.sum;
+        }
+        if let Some(m) = o.min {
+            self.min = Some(self.min.map_or(m, |x| x.min(m)));
+        }
+        if let Some(m) = o.max {
+            self.max = Some(self.max.map_or(m, |x| x.max(m)));
+        }
+        self.histogram.merge(&o.histogram);
+        self.skipped = self.skipped.saturating_add(o.skipped);
+        self.last_report_ms = self.last_report_ms.max(o.last_report_ms);
+    }
+
     fn merge(&mut self, r: &MetricReport) {
         self.count = self.count.saturating_add(r.count);
         if r.sum.is_finite() {
@@ -211,6 +228,26 @@ impl MetricData {
                     self.series.pop_front();
                 }
             }
+        }
+    }
+
+    /// Adds figures kept elsewhere (another agent's, merged by another node) to these.
+    pub fn absorb(&mut self, other: &MetricData) {
+        self.total.absorb(&other.total);
+        for (agent, t) in &other.per_agent {
+            self.per_agent.entry(agent.clone()).or_default().absorb(t);
+        }
+        for p in &other.series {
+            match self.series.iter_mut().find(|q| q.start_ms == p.start_ms) {
+                Some(q) => q.totals.absorb(&p.totals),
+                None => {
+                    let at = self.series.iter().position(|q| q.start_ms > p.start_ms).unwrap_or(self.series.len());
+                    self.series.insert(at, p.clone());
+                }
+            }
+        }
+        while self.series.len() > MAX_SERIES_POINTS {
+            self.series.pop_front();
         }
     }
 

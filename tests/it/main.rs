@@ -12,6 +12,7 @@ mod attack_agents;
 mod attack_expressions;
 mod attack_network;
 mod attack_tenancy;
+mod cluster;
 mod conditions;
 mod core_loop;
 mod faults;

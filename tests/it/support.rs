@@ -448,3 +448,49 @@ impl RawAgent {
             .await;
     }
 }
+
+/// Several broker nodes in this process sharing one `redis-server` the test started.
+pub struct TestCluster {
+    pub redis: periscope_broker::backend::redis::server::RedisServer,
+    pub nodes: Vec<TestBroker>,
+}
+
+impl TestCluster {
+    /// `n` nodes named `a`, `b`, `c`, ... on loopback port 0.
+    pub async fn start(n: usize) -> TestCluster {
+        Self::start_with(n, |_| {}).await
+    }
+
+    /// `n` nodes whose configuration `tweak` adjusts (after the harness's own).
+    pub async fn start_with(n: usize, tweak: impl Fn(&mut BrokerConfig)) -> TestCluster {
+        let redis = periscope_broker::backend::redis::server::RedisServer::start().expect("redis-server starts");
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            nodes.push(TestBroker::start_with(Self::config(&redis, i, &tweak), "127.0.0.1:0".parse().unwrap()).await);
+        }
+        TestCluster { redis, nodes }
+    }
+
+    /// The configuration of node `i`.
+    pub fn config(
+        redis: &periscope_broker::backend::redis::server::RedisServer,
+        i: usize,
+        tweak: &impl Fn(&mut BrokerConfig),
+    ) -> BrokerConfig {
+        let mut config = test_config();
+        config.cluster.redis_url = Some(redis.url());
+        config.cluster.node_name = Some(((b'a' + i as u8) as char).to_string());
+        tweak(&mut config);
+        config
+    }
+
+    pub fn node(&self, i: usize) -> &TestBroker {
+        &self.nodes[i]
+    }
+
+    pub async fn stop(self) {
+        for n in self.nodes {
+            n.stop().await;
+        }
+    }
+}

@@ -14,11 +14,13 @@ use rmcp::{RoleServer, tool, tool_router};
 use schemars::JsonSchema;
 use serde::Deserialize;
 
-use super::reply::{in_range, parse_args, success};
+use super::reply::{parse_args, success};
 use super::{PeriscopeMcp, input_schema, render};
 use crate::auth::{Principal, Scope};
+use crate::engine::requests::{check_limit, check_wait_seconds, in_range};
 use crate::engine::{
-    Action, ActionFilter, ActionStatus, ActionView, HitsPage, LogRequest, MetricRequest, SnapshotRequest,
+    ActionFilter, ActionRecord, ActionStatus, ActionView, AgentState, HitsPage, LogRequest, MetricRequest,
+    SnapshotRequest,
 };
 use crate::error::{ApiError, ErrorCode};
 use crate::query;
@@ -336,7 +338,7 @@ impl PeriscopeMcp {
         annotations(read_only_hint = false, destructive_hint = false, open_world_hint = false)
     )]
     async fn place_log(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
-        self.finish(self.log(&ctx, args)).await
+        self.finish(self.log(&ctx, args).await).await
     }
 
     #[tool(
@@ -352,7 +354,7 @@ impl PeriscopeMcp {
         annotations(read_only_hint = false, destructive_hint = false, open_world_hint = false)
     )]
     async fn place_metric(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
-        self.finish(self.metric(&ctx, args)).await
+        self.finish(self.metric(&ctx, args).await).await
     }
 
     #[tool(
@@ -380,7 +382,7 @@ impl PeriscopeMcp {
         annotations(read_only_hint = true, open_world_hint = false)
     )]
     async fn list_actions(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
-        self.finish(self.actions(&ctx, args)).await
+        self.finish(self.actions(&ctx, args).await).await
     }
 
     #[tool(
@@ -391,27 +393,16 @@ impl PeriscopeMcp {
         annotations(read_only_hint = false, destructive_hint = true, idempotent_hint = true, open_world_hint = false)
     )]
     async fn remove_action(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
-        self.finish(self.remove(&ctx, args)).await
+        self.finish(self.remove(&ctx, args).await).await
     }
-}
-
-/// Whether every agent the action reached reported it cannot run it.
-fn all_agents_failed(a: &Action) -> bool {
-    !a.agents.is_empty() && a.agents.values().all(|s| s.state == "error")
 }
 
 impl PeriscopeMcp {
     async fn snapshot(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
         let principal = self.begin(ctx, Scope::ActionsWrite, "place_snapshot")?;
         let a: PlaceSnapshotArgs = parse_args("place_snapshot", args)?;
-        // Limits first, before anything is placed; never clamped.
-        in_range(
-            "max_hits",
-            u64::from(a.max_hits),
-            1,
-            u64::from(action_bounds::MAX_MAX_HITS),
-            u64::from(action_bounds::DEFAULT_MAX_HITS),
-        )?;
+        // Limits first, before anything is placed (or a wait slot taken); never clamped.
+        // The request checks its own bounds again; the wait's is this tool's.
         in_range(
             "timeout_seconds",
             a.timeout_seconds,
@@ -437,11 +428,11 @@ impl PeriscopeMcp {
         // refusal places nothing) until it answers.
         let wait_for = Duration::from_secs(a.timeout_seconds);
         let _slot = if a.wait {
-            Some(self.state.callers.begin_wait(&principal, tokio::time::Instant::now() + wait_for)?)
+            Some(self.state.callers.begin_wait(&principal, tokio::time::Instant::now() + wait_for).await?)
         } else {
             None
         };
-        let placed = engine.place_snapshot(req, &principal)?;
+        let placed = engine.place_snapshot(req, &principal).await?;
         let id = placed.action_id.to_string();
         if !a.wait {
             let text = format!(
@@ -459,7 +450,7 @@ impl PeriscopeMcp {
 
         let deadline = tokio::time::Instant::now() + wait_for;
         let max_hits = u64::from(a.max_hits);
-        let done = move |act: &Action| act.hits.len() as u64 >= max_hits || all_agents_failed(act);
+        let done = move |act: &ActionRecord| act.hits >= max_hits || act.all_agents_failed();
         let waited = match ctx.meta.get_progress_token() {
             None => {
                 tokio::select! {
@@ -492,12 +483,12 @@ impl PeriscopeMcp {
             }
         };
         waited?;
-        self.state.recheck(&principal)?;
-        self.after_wait(&id, a.max_hits, a.timeout_seconds, &principal)
+        self.state.recheck(&principal).await?;
+        self.after_wait(&id, a.max_hits, a.timeout_seconds, &principal).await
     }
 
     /// What a waiting `place_snapshot` answers once its wait ends.
-    fn after_wait(
+    async fn after_wait(
         &self,
         id: &str,
         max_hits: u32,
@@ -507,15 +498,15 @@ impl PeriscopeMcp {
         let engine = &self.state.engine;
         // The wait ends when the snapshot's life does: end it now rather than at the next
         // housekeeping tick, so the answer and the caller's quota agree.
-        engine.expire_due();
-        let view = engine.get(id, principal)?;
-        let page = engine.hits(id, 0, action_bounds::MAX_MAX_HITS as usize, principal)?;
+        engine.expire_due().await;
+        let view = engine.get(id, principal).await?;
+        let page = engine.hits(id, 0, action_bounds::MAX_MAX_HITS as usize, principal).await?;
         let got = page.hits.len();
         if got == 0 {
             let failed: Vec<serde_json::Value> = view
                 .agents
                 .iter()
-                .filter(|s| s.state == "error")
+                .filter(|s| s.state == AgentState::Error)
                 .map(|s| serde_json::json!({ "agent_id": s.agent_id, "display_name": s.display_name, "reason": s.detail }))
                 .collect();
             if !view.agents.is_empty() && failed.len() == view.agents.len() {
@@ -524,7 +515,7 @@ impl PeriscopeMcp {
                     .iter()
                     .map(|s| format!("{}: {}", s.display_name, s.detail.as_deref().unwrap_or("no reason given")))
                     .collect();
-                let view = engine.remove(id, principal).unwrap_or(view);
+                let view = engine.remove(id, principal).await.unwrap_or(view);
                 return Err(ApiError::new(
                     ErrorCode::AgentError,
                     format!(
@@ -576,16 +567,9 @@ impl PeriscopeMcp {
         Ok(success(text, action_body(&view, &page)))
     }
 
-    fn log(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
+    async fn log(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
         let principal = self.begin(ctx, Scope::ActionsWrite, "place_log")?;
         let a: PlaceLogArgs = parse_args("place_log", args)?;
-        in_range(
-            "expire_seconds",
-            a.expire_seconds,
-            1,
-            action_bounds::MAX_EXPIRE_SECS,
-            action_bounds::DEFAULT_EXPIRE_SECS,
-        )?;
         let req = LogRequest {
             agent_ids: a.agent_ids,
             pool: a.pool,
@@ -600,7 +584,7 @@ impl PeriscopeMcp {
             max_lines: a.max_lines,
             allow_pending: a.allow_pending,
         };
-        let view = self.state.engine.place_log(req, &principal)?;
+        let view = self.state.engine.place_log(req, &principal).await?;
         let text = format!(
             "Placed log {} at {}; it lives {} s. Read its lines with get_action {{\"action_id\": \"{}\", \
              \"since\": 0, \"wait_seconds\": 10}}.\n{}",
@@ -613,16 +597,9 @@ impl PeriscopeMcp {
         Ok(success(text, serde_json::json!({ "action": view, "lines": [], "next_cursor": 0, "has_more": false })))
     }
 
-    fn metric(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
+    async fn metric(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
         let principal = self.begin(ctx, Scope::ActionsWrite, "place_metric")?;
         let a: PlaceMetricArgs = parse_args("place_metric", args)?;
-        in_range(
-            "expire_seconds",
-            a.expire_seconds,
-            1,
-            action_bounds::MAX_EXPIRE_SECS,
-            action_bounds::DEFAULT_EXPIRE_SECS,
-        )?;
         let req = MetricRequest {
             agent_ids: a.agent_ids,
             pool: a.pool,
@@ -637,7 +614,7 @@ impl PeriscopeMcp {
             expire_seconds: Some(a.expire_seconds),
             allow_pending: a.allow_pending,
         };
-        let view = self.state.engine.place_metric(req, &principal)?;
+        let view = self.state.engine.place_metric(req, &principal).await?;
         let text = format!(
             "Placed {} metric {} at {}; agents report every 5 s. Read its figures with get_action \
              {{\"action_id\": \"{}\"}}.\n{}",
@@ -653,16 +630,17 @@ impl PeriscopeMcp {
     async fn action(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
         let principal = self.begin(ctx, Scope::HitsRead, "get_action")?;
         let a: GetActionArgs = parse_args("get_action", args)?;
-        in_range("limit", a.limit as u64, 1, query::MAX_PAGE as u64, action_bounds::MAX_MAX_HITS.into())?;
-        in_range("wait_seconds", a.wait_seconds, 0, action_bounds::MAX_WAIT_SECS, 0)?;
+        check_limit(a.limit, query::MAX_PAGE, action_bounds::MAX_MAX_HITS as usize)?;
+        check_wait_seconds("wait_seconds", a.wait_seconds)?;
         let engine = &self.state.engine;
         // The view first: its `not_found` says where to find action ids.
-        let first = engine.get(&a.action_id, &principal)?;
+        let first = engine.get(&a.action_id, &principal).await?;
         let _slot = if a.wait_seconds > 0 && first.kind != "metric" {
             Some(
                 self.state
                     .callers
-                    .begin_wait(&principal, tokio::time::Instant::now() + Duration::from_secs(a.wait_seconds))?,
+                    .begin_wait(&principal, tokio::time::Instant::now() + Duration::from_secs(a.wait_seconds))
+                    .await?,
             )
         } else {
             None
@@ -675,17 +653,17 @@ impl PeriscopeMcp {
             return Ok(success(text, serde_json::json!({ "action": first })));
         }
         let page = if a.wait_seconds == 0 {
-            engine.hits(&a.action_id, a.since, a.limit, &principal)?
+            engine.hits(&a.action_id, a.since, a.limit, &principal).await?
         } else {
             let wait = Duration::from_secs(a.wait_seconds);
             let page = tokio::select! {
                 r = engine.wait_hits(&a.action_id, a.since, a.limit, wait, &principal) => r?,
                 _ = ctx.ct.cancelled() => return Err(cancelled()),
             };
-            self.state.recheck(&principal)?;
+            self.state.recheck(&principal).await?;
             page
         };
-        let view = engine.get(&a.action_id, &principal)?;
+        let view = engine.get(&a.action_id, &principal).await?;
         let mut text = render::action_summary(&view, now_ms());
         text.push('\n');
         if page.hits.is_empty() {
@@ -711,17 +689,17 @@ impl PeriscopeMcp {
     ) -> Result<CallToolResult, ApiError> {
         let engine = &self.state.engine;
         let page = if a.wait_seconds == 0 {
-            engine.lines(&a.action_id, a.since, a.limit, principal)?
+            engine.lines(&a.action_id, a.since, a.limit, principal).await?
         } else {
             let wait = Duration::from_secs(a.wait_seconds);
             let page = tokio::select! {
                 r = engine.wait_lines(&a.action_id, a.since, a.limit, wait, principal) => r?,
                 _ = ctx.ct.cancelled() => return Err(cancelled()),
             };
-            self.state.recheck(principal)?;
+            self.state.recheck(principal).await?;
             page
         };
-        let view = engine.get(&a.action_id, principal)?;
+        let view = engine.get(&a.action_id, principal).await?;
         let mut text = render::action_summary(&view, now_ms());
         text.push('\n');
         if page.lines.is_empty() {
@@ -745,14 +723,13 @@ impl PeriscopeMcp {
         Ok(success(text, body))
     }
 
-    fn actions(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
+    async fn actions(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
         let principal = self.begin(ctx, Scope::HitsRead, "list_actions")?;
         let a: ListActionsArgs = parse_args("list_actions", args)?;
         let (offset, limit) = query::paging(a.cursor.as_deref(), Some(a.limit))?;
-        let all = self.state.engine.list(
-            &ActionFilter { status: a.status.map(ActionStatus::from), target: a.target, created_by: a.created_by },
-            &principal,
-        );
+        let filter =
+            ActionFilter { status: a.status.map(ActionStatus::from), target: a.target, created_by: a.created_by };
+        let all = self.state.engine.list(&filter, &principal).await?;
         let total = all.len();
         let end = offset.saturating_add(limit).min(total);
         let items: Vec<ActionView> = all.into_iter().skip(offset).take(limit).collect();
@@ -783,10 +760,10 @@ impl PeriscopeMcp {
         Ok(success(text, body))
     }
 
-    fn remove(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
+    async fn remove(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
         let principal = self.begin(ctx, Scope::ActionsWrite, "remove_action")?;
         let a: RemoveActionArgs = parse_args("remove_action", args)?;
-        let view = self.state.engine.remove(&a.action_id, &principal)?;
+        let view = self.state.engine.remove(&a.action_id, &principal).await?;
         let text = format!("Removed. {}", render::action_summary(&view, now_ms()));
         Ok(success(text, serde_json::json!({ "action": view })))
     }

@@ -26,7 +26,9 @@
 //! # Invariants
 //!
 //! - Every tool is usable without a session: state that spans calls travels as an
-//!   `action_id` and a `since` cursor, so any broker node can answer any call.
+//!   `action_id` and a `since` cursor, so any broker node can answer any call. A
+//!   cluster node serves `/mcp` statelessly (no `Mcp-Session-Id`, nothing to stick a
+//!   client to); a single node keeps sessions, each bound to the key that made it.
 //! - Authorization is evaluated on every tool call ([`crate::auth::authorize`]), never
 //!   per connection; so are the caller's calls-per-minute budget (charged by the HTTP
 //!   middleware, reported here as `quota_exceeded`) and, for blocking calls, its
@@ -168,6 +170,13 @@ pub fn service(
     let mut config = StreamableHttpServerConfig::default()
         .with_cancellation_token(shutdown)
         .with_max_request_body_bytes(settings.max_body_bytes);
+    // A cluster serves MCP without sessions: any node answers any request (every tool
+    // carries its state in its arguments: an action id and a cursor), so no load
+    // balancer needs to stick a client to a node. One node keeps sessions, bound to
+    // their keys ([`sessions`]).
+    if state.config.cluster.enabled() {
+        config = config.with_legacy_session_mode(false).with_json_response(true);
+    }
     let hosts = state.config.mcp_allowed_hosts();
     config = if hosts.is_empty() { config.disable_allowed_hosts() } else { config.with_allowed_hosts(hosts) };
     config = if settings.allowed_origins.iter().any(|o| o == "*") {
@@ -190,7 +199,8 @@ mod tests {
         let engine =
             crate::engine::Engine::new(Arc::clone(&registry), Default::default(), config.limits, 10, rx.clone());
         let scratch = crate::store::ScratchDir::new().unwrap();
-        let keys = Arc::new(crate::keys::KeyStore::open_cli(scratch.path()).unwrap());
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let keys = Arc::new(rt.block_on(crate::keys::KeyStore::open_cli(scratch.path())).unwrap());
         Arc::new(crate::BrokerState {
             config,
             registry,
@@ -203,6 +213,15 @@ mod tests {
             mcp_sessions: Default::default(),
             agent_limits: crate::agent_limits::AgentLimits::new(Default::default(), 10),
             data_dir: scratch.path().to_owned(),
+            audit: Arc::new(crate::backend::local::SqliteAudit::new(
+                crate::store::Store::open(scratch.path()).unwrap().0.handle(),
+                scratch.path().to_owned(),
+            )),
+            durable: None,
+            directory: Arc::new(crate::backend::local::LocalDirectory::new("test")),
+            redis: None,
+            rule_store: None,
+            started_at_ms: 0,
             scratch: Some(scratch),
         })
     }

@@ -29,22 +29,27 @@ impl PeriscopeMcp {
         annotations(read_only_hint = true, open_world_hint = false)
     )]
     async fn system_health(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
-        self.finish(self.health(&ctx, args)).await
+        self.finish(self.health(&ctx, args).await).await
     }
 }
 
 impl PeriscopeMcp {
-    fn health(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
+    async fn health(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
         let principal = self.begin(ctx, Scope::SystemRead, "system_health")?;
         let HealthArgs {} = parse_args("system_health", args)?;
-        let body = crate::api::health_body(&self.state, &principal, self.charge(ctx));
+        let body = crate::api::health_body(&self.state, &principal, self.charge(ctx)).await?;
         let q = &body["quotas"];
         let paused = body["paused_actions"].as_array().map_or(0, Vec::len);
         let text = format!(
-            "Periscope {} is up. You are `{}` ({} of organization `{}`; scopes: {}). {} agent(s) online, {} live \
+            "Periscope {} is {}. You are `{}` ({} of organization `{}`; scopes: {}). {} agent(s) online, {} live \
              action(s) within your reach; you hold {} of your {} live actions. Calls left right now: {} (of {} \
              per minute); blocking calls in progress: {} of {}.{}",
             env!("CARGO_PKG_VERSION"),
+            match body["cluster"]["redis"].as_str() {
+                Some("unreachable") =>
+                    "degraded: this node cannot reach the cluster's Redis, so placements are refused",
+                _ => "up",
+            },
             principal.name,
             principal.role.as_str(),
             principal.org(),

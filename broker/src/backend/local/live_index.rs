@@ -1,5 +1,5 @@
 //! Live actions ordered by expiry, overall, per placing key and per organization, kept
-//! in step with the engine's book under its lock.
+//! in step with the single-node action store's map under its lock.
 //!
 //! What it answers without a scan: which actions are due to expire (the housekeeping
 //! tick), how many live actions a key and an organization hold (the live-action quota

@@ -1,11 +1,22 @@
-//! The `periscope` command: parse arguments, set up logging, hand over to the library.
+//! The `periscope` command: parse arguments, set up logging, hand over to the broker
+//! library (or to the demo and the administrative commands in this crate).
+//!
+//! # Layout
+//!
+//! - this file: the command line and its dispatch.
+//! - [`commands`]: `keys`, `audit export`, `config check`, and the environment `serve`
+//!   reads.
+//! - [`demo`]: `periscope demo` and its shop processes.
+
+mod commands;
+mod demo;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use periscope_broker::cli;
+use commands as cli;
 
 #[derive(Debug, Parser)]
 #[command(name = "periscope", version, about = "Live inspection of running services: broker, MCP server and tools")]
@@ -52,9 +63,21 @@ enum KeysCommand {
 
 #[derive(Debug, clap::Args)]
 struct DataDirArg {
-    /// The broker's data directory.
+    /// The broker's data directory (a single node).
     #[arg(long, env = "PERISCOPE_DATA_DIR")]
-    data_dir: PathBuf,
+    data_dir: Option<PathBuf>,
+    /// The cluster's Redis (`redis://host:6379/0`), instead of a data directory.
+    #[arg(long, env = "PERISCOPE_REDIS_URL")]
+    redis: Option<String>,
+    /// The cluster's key prefix in Redis.
+    #[arg(long, default_value = "periscope:")]
+    key_prefix: String,
+}
+
+impl DataDirArg {
+    fn target(&self) -> anyhow::Result<cli::Target> {
+        cli::Target::from_flags(self.data_dir.clone(), self.redis.clone(), self.key_prefix.clone())
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -220,8 +243,8 @@ struct ShopInstanceArgs {
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Environment (flags win over it; it wins over the file): PERISCOPE_CONFIG, PERISCOPE_LISTEN, \
-PERISCOPE_PUBLIC_URL, PERISCOPE_DATA_DIR, PERISCOPE_API_KEY, PERISCOPE_AGENT_KEY, PERISCOPE_HIT_RETENTION_DAYS, \
-PERISCOPE_AUDIT_RETENTION_DAYS, PERISCOPE_LOG.")]
+PERISCOPE_PUBLIC_URL, PERISCOPE_DATA_DIR, PERISCOPE_REDIS_URL, PERISCOPE_NODE_NAME, PERISCOPE_API_KEY, \
+PERISCOPE_AGENT_KEY, PERISCOPE_HIT_RETENTION_DAYS, PERISCOPE_AUDIT_RETENTION_DAYS, PERISCOPE_LOG.")]
 struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:7070, or `listen` from the config file].
     #[arg(long)]
@@ -240,6 +263,12 @@ struct ServeArgs {
     /// An agent key accepted for every pool of `default` (repeatable).
     #[arg(long = "agent-key", value_delimiter = ',')]
     agent_keys: Vec<String>,
+    /// Run as a node of the cluster sharing this Redis (`redis://host:6379/0`).
+    #[arg(long)]
+    redis: Option<String>,
+    /// This node's name in the cluster [default: host name and port].
+    #[arg(long)]
+    node_name: Option<String>,
 }
 
 fn init_logging(default: &str) {
@@ -314,11 +343,13 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<periscope_broker::BrokerConfi
         data_dir: args.data_dir.clone(),
         api_keys: args.api_keys.clone(),
         agent_keys: args.agent_keys.clone(),
+        redis: args.redis.clone(),
+        node_name: args.node_name.clone(),
     };
     cli::serve_config(&flags, |name| std::env::var(name).ok())
 }
 
-fn keys(command: KeysCommand) -> anyhow::Result<()> {
+async fn keys(command: KeysCommand) -> anyhow::Result<()> {
     match command {
         KeysCommand::Create(a) => {
             let request = cli::CreateKey {
@@ -332,7 +363,7 @@ fn keys(command: KeysCommand) -> anyhow::Result<()> {
                 expires_in: a.expires_in,
                 expires_at: a.expires_at,
             };
-            let issued = cli::create_key(&a.dir.data_dir, &request)?;
+            let issued = cli::create_key(&a.dir.target()?, &request).await?;
             if a.json {
                 println!("{}", serde_json::to_string(&issued)?);
             } else {
@@ -340,7 +371,7 @@ fn keys(command: KeysCommand) -> anyhow::Result<()> {
             }
         }
         KeysCommand::List(a) => {
-            let items = cli::list_keys(&a.dir.data_dir, a.org.as_deref(), a.all)?;
+            let items = cli::list_keys(&a.dir.target()?, a.org.as_deref(), a.all).await?;
             if a.json {
                 for k in items {
                     println!("{k}");
@@ -350,7 +381,7 @@ fn keys(command: KeysCommand) -> anyhow::Result<()> {
             }
         }
         KeysCommand::Revoke(a) => {
-            let key = cli::revoke_key(&a.dir.data_dir, &a.key_id)?;
+            let key = cli::revoke_key(&a.dir.target()?, &a.key_id).await?;
             println!(
                 "Revoked {} (`{}`); it fails from the broker's next call on.",
                 a.key_id,
@@ -367,14 +398,14 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Demo(args) => {
             init_logging("warn");
-            let options = periscope_broker::demo::DemoOptions {
+            let options = demo::DemoOptions {
                 listen: args.listen,
                 instances: args.instances,
                 requests_per_second: args.rps,
                 api_key: args.api_key,
                 data_dir: args.data_dir,
             };
-            runtime.block_on(periscope_broker::demo::run_demo(options, shutdown_signal()))
+            runtime.block_on(demo::run_demo(options, shutdown_signal()))
         }
         Command::ShopInstance(args) => {
             use tracing_subscriber::prelude::*;
@@ -396,17 +427,14 @@ fn main() -> anyhow::Result<()> {
                 )
                 .with(agent.layer())
                 .init();
-            let options = periscope_broker::demo::ShopInstanceOptions {
-                broker_url: args.broker_url,
-                agent_key: args.agent_key,
+            let options = demo::ShopInstanceOptions {
                 pool: args.pool,
-                tags: args.tags,
                 instance: args.instance,
                 region: args.region,
                 seed: args.seed,
                 requests_per_second: args.rps,
             };
-            let result = runtime.block_on(periscope_broker::demo::run_shop_instance(options, async {
+            let result = runtime.block_on(demo::run_shop_instance(options, async {
                 tokio::select! {
                     _ = shutdown_signal() => {}
                     _ = stdin_closed() => {}
@@ -416,7 +444,7 @@ fn main() -> anyhow::Result<()> {
             result
         }
         Command::Redact(args) => redact(&args),
-        Command::Keys(command) => keys(command),
+        Command::Keys(command) => runtime.block_on(keys(command)),
         Command::Audit(AuditCommand::Export(a)) => {
             let filter = cli::AuditFilter {
                 org: a.org,
@@ -428,7 +456,7 @@ fn main() -> anyhow::Result<()> {
             };
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            let n = cli::export_audit(&a.dir.data_dir, &filter, &mut out)?;
+            let n = runtime.block_on(cli::export_audit(&a.dir.target()?, &filter, &mut out))?;
             eprintln!("{n} audit entr{} exported", if n == 1 { "y" } else { "ies" });
             Ok(())
         }

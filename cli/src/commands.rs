@@ -12,12 +12,13 @@ use std::path::Path;
 
 use anyhow::Context as _;
 
-use crate::BrokerConfig;
-use crate::audit::{self, Actor, AuditKind, AuditQuery};
-use crate::auth::{Role, Scope};
-use crate::config::{AgentKeyConfig, ApiKeyConfig};
-use crate::keys::{DEFAULT_ORG, IssuedKey, KeyKind, KeyStatus, KeyStore, NewKey};
-use crate::time::{format_datetime, now_ms, parse_datetime, parse_duration};
+use periscope_broker::BrokerConfig;
+use periscope_broker::audit::{self, Actor, AuditKind, AuditQuery};
+use periscope_broker::auth::{Role, Scope};
+use periscope_broker::backend::AuditReader as _;
+use periscope_broker::config::{AgentKeyConfig, ApiKeyConfig};
+use periscope_broker::keys::{DEFAULT_ORG, IssuedKey, KeyKind, KeyStatus, KeyStore, NewKey};
+use periscope_broker::time::{format_datetime, now_ms, parse_datetime, parse_duration};
 
 /// What `periscope keys create` was asked for.
 #[derive(Debug, Clone, Default)]
@@ -93,12 +94,62 @@ impl CreateKey {
     }
 }
 
-/// `periscope keys create`: makes the key in the data directory; returns it (the secret
-/// is in it, once).
-pub fn create_key(data_dir: &Path, args: &CreateKey) -> anyhow::Result<IssuedKey> {
+/// Where the administrative commands find the broker's state: a single node's data
+/// directory, or a cluster's Redis.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// `--data-dir`.
+    DataDir(std::path::PathBuf),
+    /// `--redis` (with the cluster's key prefix).
+    Redis {
+        /// `redis://host:port/db`.
+        url: String,
+        /// The deployment's key prefix.
+        prefix: String,
+    },
+}
+
+impl Target {
+    /// The target the flags name: `--redis` (or `PERISCOPE_REDIS_URL`) wins over
+    /// `--data-dir` (or `PERISCOPE_DATA_DIR`); one of them is required.
+    pub fn from_flags(
+        data_dir: Option<std::path::PathBuf>,
+        redis: Option<String>,
+        prefix: String,
+    ) -> anyhow::Result<Target> {
+        match (redis, data_dir) {
+            (Some(url), _) => Ok(Target::Redis { url, prefix }),
+            (None, Some(dir)) => Ok(Target::DataDir(dir)),
+            (None, None) => anyhow::bail!(
+                "say where the broker keeps its state: --data-dir DIR (a single node) or --redis URL (a cluster)"
+            ),
+        }
+    }
+
+    async fn redis(url: &str, prefix: &str) -> anyhow::Result<periscope_broker::backend::redis::Redis> {
+        periscope_broker::backend::redis::Redis::connect(url, prefix)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: {e}", periscope_broker::backend::redis::redact_url(url)))
+    }
+
+    /// The key directory there.
+    pub async fn keys(&self) -> anyhow::Result<KeyStore> {
+        match self {
+            Target::DataDir(dir) => KeyStore::open_cli(dir).await.with_context(|| format!("opening {}", dir.display())),
+            Target::Redis { url, prefix } => {
+                let redis = Self::redis(url, prefix).await?;
+                let backend = periscope_broker::backend::redis::RedisKeys::new(redis, "cli");
+                Ok(KeyStore::open(std::sync::Arc::new(backend), &[], &[], Default::default()).await?)
+            }
+        }
+    }
+}
+
+/// `periscope keys create`: makes the key; returns it (the secret is in it, once).
+pub async fn create_key(target: &Target, args: &CreateKey) -> anyhow::Result<IssuedKey> {
     let request = args.request()?;
-    let keys = KeyStore::open_cli(data_dir).with_context(|| format!("opening {}", data_dir.display()))?;
-    Ok(keys.create(request, &Actor::cli())?)
+    let keys = target.keys().await?;
+    Ok(keys.create(request, &Actor::cli()).await?)
 }
 
 /// How `keys create` shows a new key to a person.
@@ -124,11 +175,16 @@ pub fn describe_issued(issued: &IssuedKey) -> String {
 
 /// `periscope keys list`: every key of the data directory (of one organization, when
 /// given), never a secret.
-pub fn list_keys(data_dir: &Path, org: Option<&str>, include_revoked: bool) -> anyhow::Result<Vec<serde_json::Value>> {
-    let keys = KeyStore::open_cli(data_dir).with_context(|| format!("opening {}", data_dir.display()))?;
+pub async fn list_keys(
+    target: &Target,
+    org: Option<&str>,
+    include_revoked: bool,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let keys = target.keys().await?;
     let now = now_ms();
     Ok(keys
-        .refresh()?
+        .refresh()
+        .await?
         .keys()
         .filter(|k| org.is_none_or(|o| k.org == o))
         .filter(|k| include_revoked || k.status(now) == KeyStatus::Active)
@@ -175,9 +231,9 @@ pub fn key_table(items: &[serde_json::Value]) -> String {
 
 /// `periscope keys revoke`: revokes a key in the data directory (a running broker
 /// refuses it from its next call).
-pub fn revoke_key(data_dir: &Path, key_id: &str) -> anyhow::Result<serde_json::Value> {
-    let keys = KeyStore::open_cli(data_dir).with_context(|| format!("opening {}", data_dir.display()))?;
-    Ok(keys.revoke(key_id, &Actor::cli())?.view(now_ms()))
+pub async fn revoke_key(target: &Target, key_id: &str) -> anyhow::Result<serde_json::Value> {
+    let keys = target.keys().await?;
+    Ok(keys.revoke(key_id, &Actor::cli()).await?.view(now_ms()))
 }
 
 /// Filters of `periscope audit export`.
@@ -199,7 +255,7 @@ pub struct AuditFilter {
 
 /// `periscope audit export`: every matching entry as JSON lines on `out`; returns how
 /// many.
-pub fn export_audit(data_dir: &Path, f: &AuditFilter, out: &mut impl Write) -> anyhow::Result<u64> {
+pub async fn export_audit(target: &Target, f: &AuditFilter, out: &mut impl Write) -> anyhow::Result<u64> {
     let time = |flag: &str, v: &Option<String>| -> anyhow::Result<Option<u64>> {
         v.as_deref()
             .map(|t| {
@@ -226,15 +282,40 @@ pub fn export_audit(data_dir: &Path, f: &AuditFilter, out: &mut impl Write) -> a
         after_seq: 0,
         limit: audit::MAX_PAGE,
     };
+    let data_dir = match target {
+        Target::DataDir(dir) => dir.as_path(),
+        Target::Redis { url, prefix } => {
+            let redis = Target::redis(url, prefix).await?;
+            let audit = periscope_broker::backend::redis::RedisAudit::start(redis);
+            let orgs = match &q.org {
+                Some(o) => vec![o.clone()],
+                None => audit.orgs().await?,
+            };
+            let mut n = 0;
+            for org in orgs {
+                let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+                let q = AuditQuery { org: Some(org), ..q.clone() };
+                let reader = audit.clone();
+                let task = tokio::spawn(async move { reader.export(q, tx).await });
+                while let Some(chunk) = rx.recv().await {
+                    out.write_all(&chunk)?;
+                }
+                n += task.await??;
+            }
+            out.flush()?;
+            return Ok(n);
+        }
+    };
     anyhow::ensure!(
-        crate::store::db_path(data_dir).exists(),
+        periscope_broker::store::db_path(data_dir).exists(),
         "{} holds no Periscope database (is it the broker's --data-dir?)",
         data_dir.display()
     );
-    let conn = crate::store::open_reader(data_dir)?;
+    let conn = periscope_broker::store::open_reader(data_dir)?;
     let n = audit::export(&conn, &q, |line| out.write_all(line.as_bytes())).map_err(|e| match e {
         audit::ExportError::Sqlite(e) => anyhow::anyhow!("reading the audit trail: {e}"),
         audit::ExportError::Sink(e) => anyhow::anyhow!("writing the export: {e}"),
+        _ => anyhow::anyhow!("exporting the audit trail failed"),
     })?;
     out.flush()?;
     Ok(n)
@@ -289,20 +370,6 @@ pub fn check_config(path: &Path) -> anyhow::Result<String> {
     Ok(summary)
 }
 
-/// Environment variables `periscope serve` reads (flags win over them; they win over
-/// the configuration file).
-pub const SERVE_ENV: [(&str, &str); 9] = [
-    ("PERISCOPE_CONFIG", "the TOML configuration file"),
-    ("PERISCOPE_LISTEN", "address to listen on, e.g. 0.0.0.0:7070"),
-    ("PERISCOPE_PUBLIC_URL", "the URL clients reach the broker at"),
-    ("PERISCOPE_DATA_DIR", "directory of the database"),
-    ("PERISCOPE_API_KEY", "API keys (comma-separated), company admins of `default`"),
-    ("PERISCOPE_AGENT_KEY", "agent keys (comma-separated) for any pool of `default`"),
-    ("PERISCOPE_HIT_RETENTION_DAYS", "days hits are kept"),
-    ("PERISCOPE_AUDIT_RETENTION_DAYS", "days audit entries are kept"),
-    ("PERISCOPE_LOG", "log filter (tracing's EnvFilter syntax)"),
-];
-
 /// Settings given as flags to `periscope serve`.
 #[derive(Debug, Clone, Default)]
 pub struct ServeFlags {
@@ -316,6 +383,10 @@ pub struct ServeFlags {
     pub api_keys: Vec<String>,
     /// `--agent-key` (repeatable).
     pub agent_keys: Vec<String>,
+    /// `--redis`: run as a node of the cluster sharing this Redis.
+    pub redis: Option<String>,
+    /// `--node-name`.
+    pub node_name: Option<String>,
 }
 
 /// The broker's configuration from flags, environment (`env` looks a variable up) and
@@ -344,6 +415,18 @@ pub fn serve_config(flags: &ServeFlags, env: impl Fn(&str) -> Option<String>) ->
     }
     if let Some(v) = var("PERISCOPE_DATA_DIR") {
         config.data_dir = Some(v.into());
+    }
+    if let Some(v) = var("PERISCOPE_REDIS_URL") {
+        config.cluster.redis_url = Some(v);
+    }
+    if let Some(v) = var("PERISCOPE_NODE_NAME") {
+        config.cluster.node_name = Some(v);
+    }
+    if let Some(url) = &flags.redis {
+        config.cluster.redis_url = Some(url.clone());
+    }
+    if let Some(name) = &flags.node_name {
+        config.cluster.node_name = Some(name.clone());
     }
     for (name, slot) in [
         ("PERISCOPE_HIT_RETENTION_DAYS", &mut config.store.hit_retention_days),

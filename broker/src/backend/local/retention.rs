@@ -9,7 +9,7 @@
 //! (for age) and per key (for eviction), and keys per organization by how many they
 //! hold.
 //!
-//! The engine calls [`Retention`] under its book lock and deletes what it returns from
+//! The single-node action store calls [`Retention`] under its lock and deletes what it returns from
 //! memory and from the store in the same step, so both always hold the same actions.
 
 use std::collections::{BTreeSet, HashMap};

@@ -16,8 +16,8 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use tokio::process::{Child, Command};
 
-use crate::BrokerConfig;
-use crate::config::{AgentKeyConfig, ApiKeyConfig};
+use periscope_broker::BrokerConfig;
+use periscope_broker::config::{AgentKeyConfig, ApiKeyConfig};
 
 /// One demo shop instance.
 #[derive(Debug, Clone, Copy)]
@@ -106,12 +106,12 @@ pub async fn run_demo(options: DemoOptions, shutdown: impl Future<Output = ()> +
         // The demo's key administers the demo: company_admin of `default`, with room for
         // the demo's own start-up polling on top of a user's calls.
         api_keys: vec![ApiKeyConfig {
-            quotas: Some(crate::quota::CallerQuotaOverrides {
+            quotas: Some(periscope_broker::quota::CallerQuotaOverrides {
                 calls_per_minute: Some(600),
                 call_burst: Some(100),
                 ..Default::default()
             }),
-            ..ApiKeyConfig::new("demo", api_key.clone()).with_role(crate::auth::Role::CompanyAdmin)
+            ..ApiKeyConfig::new("demo", api_key.clone()).with_role(periscope_broker::auth::Role::CompanyAdmin)
         }],
         agent_keys: vec![AgentKeyConfig::any_pool(agent_key.clone())],
         data_dir: options.data_dir.clone(),
@@ -124,7 +124,7 @@ pub async fn run_demo(options: DemoOptions, shutdown: impl Future<Output = ()> +
     })?;
     let addr = listener.local_addr()?;
     let (stop_broker, broker_stopped) = tokio::sync::oneshot::channel::<()>();
-    let broker = tokio::spawn(crate::run(listener, config, async move {
+    let broker = tokio::spawn(periscope_broker::run(listener, config, async move {
         let _ = broker_stopped.await;
     }));
 
@@ -268,14 +268,8 @@ fn print_banner(addr: SocketAddr, key: &str, key_source: &str, fleet: &Fleet, lo
 /// Options of the hidden `periscope shop-instance` command (one demo child).
 #[derive(Debug, Clone)]
 pub struct ShopInstanceOptions {
-    /// Broker WebSocket URL.
-    pub broker_url: String,
-    /// Agent key.
-    pub agent_key: String,
     /// Pool.
     pub pool: String,
-    /// Tags.
-    pub tags: Vec<String>,
     /// Instance name.
     pub instance: String,
     /// Region label.

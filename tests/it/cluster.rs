@@ -1,0 +1,346 @@
+//! Cluster mode: three broker nodes sharing one Redis behave as one system. An agent
+//! connects to one node, callers talk to any node, and every call answers the same.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde_json::{Value as Json, json};
+
+use crate::support::{Api, TestAgent, TestCluster, eventually, wait_online};
+
+#[tracing::instrument(fields(order_id = id))]
+fn cluster_checkout(id: u64) {
+    tracing::info!(order_id = id, total_cents = 2500u64, "cluster order placed");
+}
+
+/// Runs the workload every few milliseconds until stopped.
+fn workload(agent: &TestAgent, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    agent.run(move || {
+        let mut id = 0;
+        while !stop.load(Ordering::Relaxed) {
+            id += 1;
+            cluster_checkout(id);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    })
+}
+
+async fn agent_ids(api: &Api) -> Vec<(String, String)> {
+    let (status, page) = api.get("/agents").await;
+    assert_eq!(status, 200, "{page}");
+    let mut out: Vec<(String, String)> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["agent_id"].as_str().unwrap().to_owned(), a["status"].as_str().unwrap().to_owned()))
+        .collect();
+    out.sort();
+    out
+}
+
+async fn line_of(api: &Api) -> u64 {
+    let api = api.clone();
+    let source = eventually(Duration::from_secs(15), "the callsite in the cluster's catalog", move || {
+        let api = api.clone();
+        async move { api.find_source("cluster.rs", "total_cents").await }
+    })
+    .await;
+    source["line"].as_u64().unwrap()
+}
+
+fn id(v: &Json) -> String {
+    v["action_id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_on_one_node_is_placed_on_through_another_and_read_on_a_third() {
+    let cluster = TestCluster::start_with(3, |c| c.agents.metric_report_interval_ms = 1_000).await;
+    let (a, b, c) = (cluster.node(0).api(), cluster.node(1).api(), cluster.node(2).api());
+    let agent = TestAgent::start(&cluster.node(1).ws_url(), "shop", &["env:test"]);
+    wait_online(&a, &agent.id()).await;
+    wait_online(&c, &agent.id()).await;
+    // Every node lists the same agents.
+    let on_b = agent_ids(&b).await;
+    assert_eq!(agent_ids(&a).await, on_b);
+    assert_eq!(agent_ids(&c).await, on_b);
+    let (_, via_a) = a.get(&format!("/agents/{}", agent.id())).await;
+    assert_eq!(via_a["node"], "b", "{via_a}");
+
+    // The callsite runs once so that it is in the catalog every node sees.
+    agent.run(|| cluster_checkout(0)).join().unwrap();
+    let line = line_of(&a).await;
+
+    // A snapshot placed through A, waited for on C: the hit is ingested on B.
+    let (status, snap) =
+        a.post("/actions", json!({"pool": "shop", "file": "it/cluster.rs", "line": line, "max_hits": 2})).await;
+    assert_eq!(status, 201, "{snap}");
+    let snap = id(&snap);
+    let waiter = {
+        let c = c.clone();
+        let snap = snap.clone();
+        tokio::spawn(async move { c.get(&format!("/actions/{snap}/hits?since=0&wait_seconds=30")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let work = workload(&agent, Arc::clone(&stop));
+    let (status, page) = waiter.await.unwrap();
+    assert_eq!(status, 200, "{page}");
+    let hits = page["hits"].as_array().unwrap();
+    assert!(!hits.is_empty(), "{page}");
+    assert_eq!(hits[0]["index"], 1);
+    assert_eq!(hits[0]["agent_id"], agent.id().as_str());
+    assert_eq!(hits[0]["fields"]["total_cents"]["value"], 2500);
+
+    // A log placed through A, read on C.
+    let (status, log) = a
+        .post(
+            "/logs",
+            json!({"pool": "shop", "file": "it/cluster.rs", "line": line, "template": "order {order_id}", "max_lines": 3}),
+        )
+        .await;
+    assert_eq!(status, 201, "{log}");
+    let (status, lines) = c.get(&format!("/actions/{}/lines?since=0&wait_seconds=30", id(&log))).await;
+    assert_eq!(status, 200, "{lines}");
+    let first = &lines["lines"][0];
+    assert!(first["text"].as_str().unwrap().starts_with("order "), "{lines}");
+    assert_eq!(first["index"], 1);
+
+    // A counter placed through A counts on B and reads on C.
+    let (status, counter) =
+        a.post("/metrics", json!({"pool": "shop", "kind": "counter", "file": "it/cluster.rs", "line": line})).await;
+    assert_eq!(status, 201, "{counter}");
+    let counter = id(&counter);
+    let c2 = c.clone();
+    eventually(Duration::from_secs(20), "the counter's figures on C", move || {
+        let c = c2.clone();
+        let counter = counter.clone();
+        async move {
+            let (_, v) = c.get(&format!("/actions/{counter}")).await;
+            (v["figures"]["total"]["count"].as_u64().unwrap_or(0) > 0).then_some(())
+        }
+    })
+    .await;
+
+    // The snapshot completed with its two hits, seen alike from every node.
+    let c3 = c.clone();
+    let done = eventually(Duration::from_secs(20), "the snapshot completed", move || {
+        let c = c3.clone();
+        let snap = snap.clone();
+        async move {
+            let (_, v) = c.get(&format!("/actions/{snap}")).await;
+            (v["status"] == "completed").then_some(v)
+        }
+    })
+    .await;
+    assert_eq!(done["hits"], 2, "{done}");
+    stop.store(true, Ordering::Relaxed);
+    work.join().unwrap();
+    agent.shutdown();
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_revoked_on_one_node_fails_on_another_and_rules_changed_on_a_third_reach_an_agent_on_the_second() {
+    use crate::support::{ADMIN_KEY, RawAgent, create_key};
+    let cluster = TestCluster::start(3).await;
+    let admin_a = cluster.node(0).api_with(ADMIN_KEY);
+    let (secret, key_id) = create_key(&admin_a, json!({"name": "temp", "role": "developer"})).await;
+    let on_c = cluster.node(2).api_with(&secret);
+    let (status, _) = on_c.get("/agents").await;
+    assert_eq!(status, 200, "a key created on A works on C");
+    let (status, v) = admin_a.delete(&format!("/keys/{key_id}")).await;
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = on_c.get("/agents").await;
+    assert_eq!(status, 401, "revoked on A, refused on C at its next call: {v}");
+
+    // An agent on B is told of rules changed through C.
+    let (mut raw, first) = RawAgent::register(cluster.node(1), crate::support::AGENT_KEY, "agt_rulesonb", "raw").await;
+    assert_eq!(first["type"], "registered", "{first}");
+    let initial = raw.until("redaction_rules").await;
+    let resp = reqwest::Client::new()
+        .put(format!("{}/api/v1/redaction", cluster.node(2).http()))
+        .bearer_auth(ADMIN_KEY)
+        .body("[[patterns]]\nname = \"order\"\nregex = 'ORD-[0-9]{6}'\nkind = \"ORDER_ID\"\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let rules: Json = resp.json().await.unwrap();
+    let pushed = raw.until("redaction_rules").await;
+    assert_eq!(pushed["version"], rules["version"], "{pushed}");
+    assert!(pushed["version"].as_u64() > initial["version"].as_u64());
+    assert!(pushed.to_string().contains("ORD-"), "the agent got the new pattern");
+    // And node A answers with them too.
+    let (_, on_a) = admin_a.get("/redaction").await;
+    assert_eq!(on_a["version"], rules["version"]);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_key_calling_every_node_meets_one_budget_not_one_per_node() {
+    use periscope_broker::config::ApiKeyConfig;
+    use periscope_broker::quota::CallerQuotaOverrides;
+    const FLOOD_KEY: &str = "flood-key-0123456789abcdef";
+    let cluster = TestCluster::start_with(3, |c| {
+        // One call a minute after a burst of 5: the test ends long before a refill.
+        c.api_keys.push(ApiKeyConfig {
+            quotas: Some(CallerQuotaOverrides { calls_per_minute: Some(1), call_burst: Some(5), ..Default::default() }),
+            ..ApiKeyConfig::new("flooder", FLOOD_KEY)
+        });
+    })
+    .await;
+    let mut accepted = 0;
+    let mut refused = 0;
+    for i in 0..30 {
+        let (status, body) = cluster.node(i % 3).api_with(FLOOD_KEY).get("/agents").await;
+        match status {
+            200 => accepted += 1,
+            429 => {
+                refused += 1;
+                assert_eq!(body["error"]["code"], "quota_exceeded", "{body}");
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!((accepted, refused), (5, 25), "the burst is the key's, whichever node it calls");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_mcp_client_needs_no_session_and_any_node_answers_it() {
+    use crate::mcp::{body, call, code, connect_with};
+    let cluster = TestCluster::start(3).await;
+    let agent = TestAgent::start(&cluster.node(1).ws_url(), "mcp-shop", &[]);
+    let a = cluster.node(0).api();
+    wait_online(&a, &agent.id()).await;
+    agent.run(|| cluster_checkout(0)).join().unwrap();
+    let line = line_of(&a).await;
+    // A stateless server: no session id for the client to stick to a node with.
+    let resp = reqwest::Client::new()
+        .post(format!("{}/mcp", cluster.node(0).http()))
+        .bearer_auth(crate::support::API_KEY)
+        .header("accept", "application/json, text/event-stream")
+        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("mcp-session-id").is_none(), "no session to stick to");
+
+    let on_a = connect_with(cluster.node(0), crate::support::API_KEY).await.expect("connects to A");
+    let placed = call(
+        &on_a,
+        "place_snapshot",
+        json!({"pool": "mcp-shop", "file": "it/cluster.rs", "line": line,
+                                                       "max_hits": 1, "wait": false}),
+    )
+    .await;
+    assert_eq!(code(&placed), None, "{:?}", body(&placed));
+    let id = body(&placed)["action"]["action_id"].as_str().unwrap().to_owned();
+    let stop = Arc::new(AtomicBool::new(false));
+    let work = workload(&agent, Arc::clone(&stop));
+    // The follow-up goes to another node: the action id and the cursor are all it needs.
+    let on_c = connect_with(cluster.node(2), crate::support::API_KEY).await.expect("connects to C");
+    let got = call(&on_c, "get_action", json!({"action_id": id, "since": 0, "wait_seconds": 30})).await;
+    assert_eq!(code(&got), None, "{:?}", body(&got));
+    assert_eq!(body(&got)["hits"].as_array().map(Vec::len), Some(1), "{:?}", body(&got));
+    let health = call(&on_c, "system_health", json!({})).await;
+    let nodes = body(&health)["cluster"]["nodes"].as_array().cloned().unwrap_or_default();
+    assert_eq!(nodes.len(), 3, "{:?}", body(&health));
+    stop.store(true, Ordering::Relaxed);
+    work.join().unwrap();
+    let _ = on_a.cancel().await;
+    let _ = on_c.cancel().await;
+    agent.shutdown();
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_say_when_redis_is_away_refuse_placements_meanwhile_and_recover_by_themselves() {
+    let mut cluster = TestCluster::start(2).await;
+    let (a, b) = (cluster.node(0).api(), cluster.node(1).api());
+    let agent = TestAgent::start(&cluster.node(1).ws_url(), "outage", &[]);
+    wait_online(&a, &agent.id()).await;
+    agent.run(|| cluster_checkout(0)).join().unwrap();
+    let line = line_of(&a).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let work = workload(&agent, Arc::clone(&stop));
+    let place = |api: Api| async move {
+        api.post("/actions", json!({"pool": "outage", "file": "it/cluster.rs", "line": line, "max_hits": 1})).await
+    };
+    let (status, snap) = place(a.clone()).await;
+    assert_eq!(status, 201, "{snap}");
+    let snap = id(&snap);
+    let (_, page) = a.get(&format!("/actions/{snap}/hits?wait_seconds=30")).await;
+    assert_eq!(page["hits"].as_array().map(Vec::len), Some(1), "{page}");
+
+    cluster.redis.kill();
+    let http = reqwest::Client::new();
+    for node in &cluster.nodes {
+        let url = format!("{}/healthz", node.http());
+        let http = http.clone();
+        eventually(Duration::from_secs(15), "the node not ready without redis", move || {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                let r = http.get(&url).send().await.ok()?;
+                let status = r.status().as_u16();
+                let v: Json = r.json().await.ok()?;
+                (status == 503 && v["redis"] == "unreachable").then_some(())
+            }
+        })
+        .await;
+    }
+    let (status, refused) = place(a.clone()).await;
+    assert_eq!((status, refused["error"]["code"].as_str()), (503, Some("not_available")), "{refused}");
+    let (status, health) = b.get("/health").await;
+    assert_eq!(status, 200, "{health}");
+    assert_eq!(health["cluster"]["redis"], "unreachable", "{health}");
+    assert_eq!(health["status"], "degraded");
+    let metrics = http
+        .get(format!("{}/metrics", cluster.node(0).http()))
+        .bearer_auth(crate::support::API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("periscope_redis_up 0"), "{metrics}");
+    // The agent stays connected meanwhile.
+    let (_, me) = b.get(&format!("/agents/{}", agent.id())).await;
+    assert_eq!(me["status"], "online", "{me}");
+
+    cluster.redis.restart().expect("redis comes back");
+    for node in &cluster.nodes {
+        let url = format!("{}/healthz", node.http());
+        let http = http.clone();
+        eventually(Duration::from_secs(20), "the node ready again", move || {
+            let (http, url) = (http.clone(), url.clone());
+            async move { (http.get(&url).send().await.ok()?.status() == 200).then_some(()) }
+        })
+        .await;
+    }
+    // What was stored before is still there (Redis replayed its append-only file).
+    let (status, kept) = a.get(&format!("/actions/{snap}/hits")).await;
+    assert_eq!(status, 200, "{kept}");
+    assert_eq!(kept["hits"][0]["index"], 1, "{kept}");
+    let placed = {
+        let a = a.clone();
+        eventually(Duration::from_secs(20), "placements accepted again", move || {
+            let a = a.clone();
+            async move {
+                let (status, v) = place(a).await;
+                (status == 201).then_some(v)
+            }
+        })
+        .await
+    };
+    let (_, page) = a.get(&format!("/actions/{}/hits?wait_seconds=30", id(&placed))).await;
+    assert_eq!(page["hits"].as_array().map(Vec::len), Some(1), "{page}");
+    stop.store(true, Ordering::Relaxed);
+    work.join().unwrap();
+    agent.shutdown();
+    cluster.stop().await;
+}
