@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
-use periscope_protocol::{AgentId, BrokerMessage, CatalogEntry, Heartbeat, LocationKind, Registration};
+use periscope_protocol::{AgentId, BrokerMessage, CatalogEntry, FileLines, Heartbeat, LocationKind, Registration};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -51,7 +51,10 @@ pub struct AgentRecord {
     pub disconnect_reason: Option<String>,
     /// Inspectable locations by identity.
     pub catalog: HashMap<(String, u32, LocationKind, String), CatalogEntry>,
-    /// The memory the catalog holds ([`CatalogEntry::footprint`]).
+    /// Source files with their executable lines (languages where every line is a
+    /// location), by path.
+    pub files: HashMap<String, FileLines>,
+    /// The memory the catalog holds ([`CatalogEntry::footprint`], [`FileLines::footprint`]).
     pub catalog_bytes: usize,
     /// Counters from the last heartbeat.
     pub stats: Heartbeat,
@@ -208,7 +211,7 @@ impl AgentRecord {
             last_seen_ms: self.last_seen_ms,
             offline_since_ms: self.offline_since_ms,
             disconnect_reason: self.disconnect_reason.clone(),
-            locations: self.catalog.len(),
+            locations: self.catalog.len() + self.files.values().map(|f| f.lines.len() as usize).sum::<usize>(),
             stats: self.stats.clone(),
             hits_accepted: self.hits_accepted,
             hits_refused: self.hits_refused,
@@ -375,6 +378,7 @@ impl Registry {
                     offline_since_ms: None,
                     disconnect_reason: None,
                     catalog: HashMap::new(),
+                    files: HashMap::new(),
                     catalog_bytes: 0,
                     stats: Heartbeat::default(),
                     hits_accepted: 0,
@@ -418,13 +422,23 @@ impl Registry {
     /// to the protocol's bounds first; entries beyond the per-agent caps (entries,
     /// bytes) or beyond one frame's share are ignored. Returns how many entries were
     /// ignored and how many cut (both also counted as the agent's `catalog` drops).
-    pub fn update_catalog(&self, id: &AgentId, full: bool, entries: Vec<CatalogEntry>) -> CatalogOutcome {
+    ///
+    /// A source file ([`FileLines`]) counts as one entry and its footprint in bytes; a
+    /// later copy of a file replaces the earlier one.
+    pub fn update_catalog(
+        &self,
+        id: &AgentId,
+        full: bool,
+        entries: Vec<CatalogEntry>,
+        files: Vec<FileLines>,
+    ) -> CatalogOutcome {
         let Some(mut rec) = self.agents.get_mut(id) else {
-            return CatalogOutcome { ignored: entries.len(), cut: 0 };
+            return CatalogOutcome { ignored: entries.len() + files.len(), cut: 0 };
         };
         let rec = &mut *rec;
         if full {
             rec.catalog.clear();
+            rec.files.clear();
             rec.catalog_bytes = 0;
         }
         let mut out = CatalogOutcome::default();
@@ -445,6 +459,23 @@ impl Registry {
             }
             rec.catalog_bytes = bytes_after;
             rec.catalog.insert(key, e);
+        }
+        let per_frame = periscope_protocol::messages::MAX_CATALOG_FILES_PER_FRAME;
+        out.ignored += files.len().saturating_sub(per_frame);
+        for mut f in files.into_iter().take(per_frame) {
+            if f.sanitize() {
+                out.cut += 1;
+            }
+            let size = f.footprint();
+            let replaced = rec.files.get(&f.file).map_or(0, FileLines::footprint);
+            let bytes_after = rec.catalog_bytes - replaced + size;
+            let entries_now = rec.catalog.len() + rec.files.len();
+            if (entries_now >= self.max_catalog_entries && replaced == 0) || bytes_after > self.max_catalog_bytes {
+                out.ignored += 1;
+                continue;
+            }
+            rec.catalog_bytes = bytes_after;
+            rec.files.insert(f.file.clone(), f);
         }
         rec.dropped.catalog += (out.ignored + out.cut) as u64;
         out
