@@ -30,7 +30,7 @@ pub trait Site {
     fn scope(&mut self, roots: &Roots) -> Self::Scope<'_>;
 
     /// Copies what a hit needs (bounded) on the host's thread.
-    fn capture(&mut self, backtrace: bool) -> Self::Payload;
+    fn capture(&mut self, need: Need<'_>) -> Self::Payload;
 
     /// The thread (or task) the location runs on.
     fn thread(&mut self) -> ThreadInfo;
@@ -41,6 +41,23 @@ pub trait Site {
 
     /// Stops `action`'s clock; when it was running, the time it started.
     fn stop_clock(&mut self, action: &Arc<Installed>) -> Option<u64>;
+}
+
+/// What a capture is for, so an adapter whose captures are costly copies no more than
+/// that.
+#[derive(Debug, Clone, Copy)]
+pub enum Need<'a> {
+    /// A snapshot: everything (the fields or locals, the stack), and a native backtrace
+    /// when asked.
+    Snapshot {
+        /// Whether the snapshot asked for a native backtrace.
+        backtrace: bool,
+    },
+    /// A dynamic log line: what its template reads is enough.
+    Log {
+        /// The names the template reads.
+        roots: &'a Roots,
+    },
 }
 
 /// Runs `ends` (tic-toc durations that stop here) and `actions` (placed here) at one
@@ -154,13 +171,13 @@ impl<P> Firing<'_, P> {
         }
     }
 
-    fn raw_hit<S: Site<Payload = P>>(&self, action: &Arc<Installed>, site: &mut S, backtrace: bool) -> RawHit<P> {
+    fn raw_hit<S: Site<Payload = P>>(&self, action: &Arc<Installed>, site: &mut S, need: Need<'_>) -> RawHit<P> {
         RawHit {
             action: Arc::clone(action),
             seq: action.seq.fetch_add(1, Ordering::Relaxed) + 1,
             time_ms: self.now_ms,
             thread: site.thread(),
-            payload: site.capture(backtrace),
+            payload: site.capture(need),
         }
     }
 
@@ -197,7 +214,7 @@ impl<P> Firing<'_, P> {
         if action.resume() {
             core.report(&action.spec.id, AgentActionState::Resumed);
         }
-        let hit = self.raw_hit(action, site, snapshot.backtrace);
+        let hit = self.raw_hit(action, site, Need::Snapshot { backtrace: snapshot.backtrace });
         if core.enqueue(hit) {
             if slot + 1 >= snapshot.max_hits {
                 core.complete(action);
@@ -239,7 +256,9 @@ impl<P> Firing<'_, P> {
         if action.resume() {
             core.report(&action.spec.id, AgentActionState::Resumed);
         }
-        let hit = self.raw_hit(action, site, false);
+        let everything = Roots::default();
+        let roots = action.exprs.template.as_ref().map_or(&everything, |t| t.roots());
+        let hit = self.raw_hit(action, site, Need::Log { roots });
         core.enqueue(hit);
     }
 

@@ -14,8 +14,10 @@
 //!   to, and the commands for the worker.
 //! - `probe`: the probes, and the frame as the core's firing logic sees it.
 //! - `read`: Python objects into captured values without running the host's code.
+//! - `legacy`: frames already running old code on 3.9 to 3.11 (the one `unsafe` part).
 
 mod agent;
+mod legacy;
 mod probe;
 mod read;
 
@@ -251,6 +253,9 @@ fn install(generation: u64, places: &Bound<'_, PyList>) -> PyResult<bool> {
     Ok(true)
 }
 
+/// One file as the worker publishes it: path, module, hash, lines, functions.
+type PublishedFile = (String, Option<String>, Option<String>, Vec<u32>, Vec<(String, u32, Option<u32>)>);
+
 /// Publishes source files to the catalog: a list of `(file, module, hash, lines,
 /// functions)` with `lines` a list of line numbers and `functions` a list of
 /// `(name, line, end_line)`.
@@ -259,13 +264,7 @@ fn publish(files: &Bound<'_, PyList>) -> PyResult<()> {
     let Some(agent) = agent::current() else { return Ok(()) };
     let mut out = Vec::with_capacity(files.len());
     for f in files.iter() {
-        let (file, module, hash, lines, functions): (
-            String,
-            Option<String>,
-            Option<String>,
-            Vec<u32>,
-            Vec<(String, u32, Option<u32>)>,
-        ) = f.extract()?;
+        let (file, module, hash, lines, functions): PublishedFile = f.extract()?;
         let functions =
             functions.into_iter().map(|(name, line, end_line)| FunctionLine { name, line, end_line }).collect();
         out.push(FileLines { file, module, hash, lines: LineSet::from_lines(lines), functions });
@@ -346,6 +345,39 @@ fn _hook(py: Python<'_>, key: u64) {
     });
 }
 
+/// Gives frames of other threads that run any of `codes` (code objects just replaced
+/// by injection, 3.9 to 3.11) the trace function `tracer`; returns how many it reached.
+#[pyfunction]
+fn trace_running(py: Python<'_>, codes: &Bound<'_, PyList>, tracer: &Bound<'_, PyAny>) -> PyResult<usize> {
+    legacy::trace_running(py, codes, tracer)
+}
+
+/// The trace function of frames that were running old code (3.9 to 3.11): fires the
+/// probes of their lines, and removes itself from the thread when the last such frame
+/// returns.
+#[pyfunction]
+fn _trace(py: Python<'_>, frame: &Bound<'_, PyAny>, event: &str, _arg: &Bound<'_, PyAny>) -> Py<PyAny> {
+    match event {
+        "line" => {
+            probe::guarded(py, |py, agent| {
+                let table = agent.table();
+                let code = frame.getattr("f_code")?;
+                let line: u32 = frame.getattr("f_lineno")?.extract()?;
+                let Some(slot) = table.lines.get(&(code.as_ptr() as usize, line)) else { return Ok(false) };
+                probe::fire_slot(py, agent, &table, slot)?;
+                Ok(true)
+            });
+            legacy::TRACER.get(py).map_or_else(|| py.None(), |t| t.clone_ref(py))
+        }
+        "return" => {
+            let _ = legacy::frame_returned(py, frame);
+            py.None()
+        }
+        "call" => py.None(),
+        _ => legacy::TRACER.get(py).map_or_else(|| py.None(), |t| t.clone_ref(py)),
+    }
+}
+
 /// Before `fork()`: probes stand still while the process is copied.
 #[pyfunction]
 fn before_fork() {
@@ -422,6 +454,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_return, m)?)?;
     m.add_function(wrap_pyfunction!(_unwind, m)?)?;
     m.add_function(wrap_pyfunction!(_hook, m)?)?;
+    m.add_function(wrap_pyfunction!(_trace, m)?)?;
+    m.add_function(wrap_pyfunction!(trace_running, m)?)?;
     m.add_function(wrap_pyfunction!(before_fork, m)?)?;
     m.add_function(wrap_pyfunction!(after_fork_parent, m)?)?;
     m.add_function(wrap_pyfunction!(after_fork_child, m)?)?;

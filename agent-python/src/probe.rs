@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use periscope_agent_core::fire::{Site, start_thread_clock, stop_thread_clock};
+use periscope_agent_core::fire::{Need, Site, start_thread_clock, stop_thread_clock};
 use periscope_agent_core::{Installed, client_value, redaction_limits};
 use periscope_protocol::expr::Roots;
 use periscope_protocol::{CaptureLimits, Field, HitLocation, Scope, SpanFrame, ThreadInfo, Value};
@@ -267,7 +267,13 @@ impl<'a, 'py> Site for FrameSite<'a, 'py> {
         FrameScope { values: &self.values, spans, span_values: &self.span_values }
     }
 
-    fn capture(&mut self, _backtrace: bool) -> Payload {
+    /// A snapshot reads every local and the call stack; a log line only the locals
+    /// (and callers' locals) its template names.
+    fn capture(&mut self, need: Need<'_>) -> Payload {
+        let wanted: Option<&Roots> = match need {
+            Need::Snapshot { .. } => None,
+            Need::Log { roots } => Some(roots),
+        };
         let py = self.py;
         let limits: CaptureLimits = redaction_limits(&self.table.limits);
         let mut reader = match Reader::new(py, &limits, NODE_BUDGET) {
@@ -283,20 +289,22 @@ impl<'a, 'py> Site for FrameSite<'a, 'py> {
             module: module_of(&self.frame),
             name: code.as_ref().map(code_name),
         };
-        let read_locals = |locals: Option<Bound<'py, PyAny>>, reader: &mut Reader<'_>| -> Vec<Field> {
+        let read_locals = |locals: Option<Bound<'py, PyAny>>, only: Option<&[String]>, reader: &mut Reader<'_>| {
             let Some(locals) = locals else { return Vec::new() };
             all_locals(&locals)
                 .into_iter()
+                .filter(|(name, _)| only.is_none_or(|names| names.iter().any(|n| n == name)))
                 .take(limits.max_fields as usize)
                 .map(|(name, obj)| {
                     let v = reader.read(&obj);
                     Field::new(name, v)
                 })
-                .collect()
+                .collect::<Vec<Field>>()
         };
-        let locals = read_locals(self.locals(), &mut reader);
+        let locals = read_locals(self.locals(), wanted.map(|r| &r.fields[..]), &mut reader);
         let with_values = self.table.limits.frames_with_values as usize;
-        let callers: Vec<(String, Bound<'py, PyAny>)> = self.callers().to_vec();
+        let callers: Vec<(String, Bound<'py, PyAny>)> =
+            if wanted.is_some_and(|r| !r.uses_spans()) { Vec::new() } else { self.callers().to_vec() };
         let frames = callers
             .iter()
             .enumerate()
@@ -307,7 +315,11 @@ impl<'a, 'py> Site for FrameSite<'a, 'py> {
                     target: module_of(f),
                     file: code.as_ref().and_then(|c| string_attr(c, "co_filename")),
                     line: f.getattr("f_lineno").ok().and_then(|l| l.extract::<u32>().ok()),
-                    fields: if i < with_values { read_locals(locals_of(f), &mut reader) } else { Vec::new() },
+                    fields: if i < with_values {
+                        read_locals(locals_of(f), wanted.map(|r| &r.span_fields[..]), &mut reader)
+                    } else {
+                        Vec::new()
+                    },
                 }
             })
             .collect();
@@ -343,21 +355,38 @@ fn thread_info(py: Python<'_>) -> Option<ThreadInfo> {
     {
         name = crate::read::instance_str(py, &thread, "_name");
     }
-    if let Some(asyncio) = modules.get_item("_asyncio").ok().flatten()
-        && let Ok(running) = asyncio.getattr("_get_running_loop")
-        && running.call0().is_ok_and(|l| !l.is_none())
-        && let Ok(current) = asyncio.getattr("current_task")
-        && let Ok(task_type) = asyncio.getattr("Task")
-        && let Ok(task) = current.call0()
-        && task.get_type().is(&task_type)
-        && let Ok(task_name) = task.call_method0("get_name")
-        && let Ok(task_name) = task_name.cast_exact::<PyString>()
-    {
-        let task_name = task_name.to_string_lossy();
+    if let Some(task_name) = current_task_name(&modules) {
         name = Some(match name {
             Some(n) => format!("{n} (task {task_name})"),
             None => format!("task {task_name}"),
         });
     }
     Some(ThreadInfo { name, id: id.to_string() })
+}
+
+/// The name of the asyncio task running on this thread, if any: the C accelerator's
+/// own table of current tasks (by loop identity, never hashing the loop), and the
+/// task's name only when it is the C `Task` itself.
+fn current_task_name(modules: &Bound<'_, PyDict>) -> Option<String> {
+    let asyncio = modules.get_item("_asyncio").ok().flatten()?;
+    let loop_ = asyncio.getattr("_get_running_loop").ok()?.call0().ok()?;
+    if loop_.is_none() {
+        return None;
+    }
+    let task_type = asyncio.getattr("Task").ok()?;
+    let task = match asyncio.getattr("current_task") {
+        // 3.12+: a C function.
+        Ok(current) => current.call1((&loop_,)).ok()?,
+        // 3.9 to 3.11: the accelerator's dict of current tasks.
+        Err(_) => {
+            let tasks = asyncio.getattr("_current_tasks").ok()?;
+            let tasks = tasks.cast_into_exact::<PyDict>().ok()?;
+            tasks.iter().find_map(|(k, v)| k.is(&loop_).then_some(v))?
+        }
+    };
+    if !task.get_type().is(&task_type) {
+        return None;
+    }
+    let name = task.call_method0("get_name").ok()?;
+    name.cast_exact::<PyString>().ok().map(|s| s.to_string_lossy().into_owned())
 }

@@ -177,17 +177,15 @@ impl Builtins {
                     dict = Some(v.get_type().is(self.getset.bind(py)).then(|| v.clone().unbind()));
                 } else if v.get_type().is(self.member.bind(py)) && !slots.iter().any(|(n, _)| *n == k) {
                     slots.push((k.into_owned(), v.clone().unbind()));
-                } else if is_tuple && k == "_fields" && tuple_fields.is_none() {
-                    if let Ok(names) = v.cast_exact::<PyTuple>() {
-                        tuple_fields = Some(
-                            names
-                                .iter()
-                                .filter_map(|n| {
-                                    n.cast_exact::<PyString>().ok().map(|s| s.to_string_lossy().into_owned())
-                                })
-                                .collect(),
-                        );
-                    }
+                } else if is_tuple
+                    && k == "_fields"
+                    && tuple_fields.is_none()
+                    && let Ok(names) = v.cast_exact::<PyTuple>()
+                {
+                    let names = names
+                        .iter()
+                        .filter_map(|n| n.cast_exact::<PyString>().ok().map(|s| s.to_string_lossy().into_owned()));
+                    tuple_fields = Some(names.collect());
                 }
             }
         }

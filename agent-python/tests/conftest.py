@@ -138,9 +138,10 @@ class Broker:
             "%d agent(s) in pool %s" % (count, pool), lambda: (a := self.agents(pool)) and len(a) >= count and a, timeout
         )
 
-    def wait_source(self, pool, file, timeout=30.0):
+    def wait_source(self, pool, file, timeout=30.0, agent_id=None):
         def found():
-            page = self.get("/sources?pool=%s&file=%s&limit=200" % (pool, file))
+            who = "agent_id=%s" % agent_id if agent_id else "pool=%s" % pool
+            page = self.get("/sources?%s&file=%s&limit=200" % (who, file))
             return [s for s in page.get("items", [])] if isinstance(page, dict) else []
 
         return self.wait_for("the catalog of %s to list %s" % (pool, file), found, timeout)

@@ -250,7 +250,10 @@ where
         HotScope { fields: &self.fields, spans, views: &self.views }
     }
 
-    fn capture(&mut self, backtrace: bool) -> Payload {
+    /// Copies every field and the span stack: already text or numbers, cheap to copy
+    /// whatever the hit is for.
+    fn capture(&mut self, need: periscope_agent_core::fire::Need<'_>) -> Payload {
+        let backtrace = matches!(need, periscope_agent_core::fire::Need::Snapshot { backtrace: true });
         let spans = self.spans().iter().map(|s| RawSpan { meta: s.meta, fields: s.fields.clone() }).collect();
         Payload {
             meta: self.site.meta,

@@ -74,6 +74,10 @@ class Monitoring:
             self.m.restart_events()
         return [(role, code, line, key) for role, code, line, key in places]
 
+    def original(self, code):
+        """Monitoring instruments code objects in place: a live one is the original."""
+        return code
+
     def clear(self):
         self.apply([])
 
@@ -97,6 +101,12 @@ class Injection:
         self.bytecode = bytecode
         #: original code -> (injected code, owners changed: [(function, original)])
         self.active = {}
+        #: injected code -> original code
+        self.originals = {}
+
+    def original(self, code):
+        """The code object a live function held before we injected into it."""
+        return self.originals.get(code, code)
 
     def _hook_instrs(self, key, lineno):
         from bytecode import Instr
@@ -157,6 +167,7 @@ class Injection:
         for code in list(self.active):
             if code not in by_code:
                 self._restore(code)
+        replaced = []
         for code, probes in by_code.items():
             signature = tuple(sorted(probes.items(), key=repr))
             current = self.active.get(code)
@@ -170,6 +181,18 @@ class Injection:
                 continue
             owners = self._swap(code, new)
             self.active[code] = (new, owners, signature)
+            self.originals[new] = code
+            for _func, old in owners:
+                if old is not code:
+                    self.originals.setdefault(_func.__code__, old)
+            replaced.append(code)
+        if replaced:
+            # Frames already running the old code (a loop in a thread started before
+            # the action) are reached through their thread's trace function.
+            try:
+                _native.trace_running(replaced, _native._trace)
+            except Exception:
+                pass
         return list(places)
 
     def _swap(self, old, new):
@@ -206,7 +229,8 @@ class Injection:
         entry = self.active.pop(code, None)
         if entry is None:
             return
-        _new, owners, _sig = entry
+        new, owners, _sig = entry
+        self.originals.pop(new, None)
         for func, original in owners:
             try:
                 func.__code__ = original

@@ -199,12 +199,15 @@ class Worker(threading.Thread):
         pending = set()
         codes_cache = {}
 
+        original = self.mechanism.original if self.mechanism is not None else (lambda c: c)
+
         def codes_in(file):
             if file not in codes_cache:
                 funcs = {}
                 for module in self._modules_for(file):
                     funcs.update(live_functions(module))
-                tops = list(funcs)
+                # Functions we injected into hold new code: resolve from the originals.
+                tops = list({original(c): None for c in funcs})
                 every = []
                 seen = set()
                 for top in tops:
