@@ -431,6 +431,40 @@ fn stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     Ok(d)
 }
 
+/// Benchmarks only: installs a snapshot at `file:line` (with an optional `condition`)
+/// directly, with budgets that never refuse, bypassing the broker and its bounds, so a
+/// benchmark can measure a capture, or a condition, on every call. The worker resolves
+/// and instruments it as it would a broker's action. Real deployments receive actions
+/// from a broker.
+#[pyfunction]
+#[pyo3(signature = (file, line, condition=None))]
+fn install_for_bench(file: String, line: u32, condition: Option<String>) -> PyResult<()> {
+    use periscope_agent_core::{Budgets, Installed};
+    use periscope_protocol::{ActionId, ActionKind, ActionSpec, AgentQuotas, CaptureLimits, Location, SnapshotSpec};
+    let Some(agent) = agent::current() else { return Err(PyRuntimeError::new_err("no agent is running")) };
+    let quotas = AgentQuotas {
+        snapshot_hits_per_sec: 1e12,
+        snapshot_hits_per_sec_per_action: 1e12,
+        cpu_fraction: 1.0,
+        cpu_burst_micros: u64::MAX / 4_000,
+        ..AgentQuotas::default()
+    };
+    let spec = ActionSpec {
+        id: ActionId::generate(),
+        location: Location { file, line },
+        condition,
+        expires_at_ms: u64::MAX,
+        kind: ActionKind::Snapshot(SnapshotSpec { max_hits: u32::MAX, watch: Vec::new(), backtrace: false }),
+    };
+    let action = Arc::new(Installed::new(spec, &quotas));
+    if let Some(e) = &action.compile_error {
+        return Err(PyValueError::new_err(e.clone()));
+    }
+    use periscope_agent_core::Runtime as _;
+    agent.runtime.install(vec![action], Arc::new(Budgets::new(quotas)), CaptureLimits::default());
+    Ok(())
+}
+
 /// Re-resolves the standard-library types shown as text (after `datetime` or
 /// `decimal` load).
 #[pyfunction]
@@ -461,6 +495,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(after_fork_child, m)?)?;
     m.add_function(wrap_pyfunction!(stats, m)?)?;
     m.add_function(wrap_pyfunction!(refresh_types, m)?)?;
+    m.add_function(wrap_pyfunction!(install_for_bench, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
