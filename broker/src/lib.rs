@@ -41,6 +41,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod demo_python;
 pub mod engine;
 pub mod error;
 pub mod gateway;
