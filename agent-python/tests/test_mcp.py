@@ -6,6 +6,7 @@ place_metric work; remove_action ends an action."""
 
 import asyncio
 import os
+import re
 import subprocess
 import tempfile
 
@@ -41,9 +42,11 @@ async def flow(broker):
                 assert {"rust", "python"} <= set(languages), agents
                 assert languages["python"]["runtime"].startswith("cpython 3.")
 
-                sources = structured(
-                    await session.call_tool("list_sources", {"pool": "py", "query": "compute_total"})
-                )
+                listed = await session.call_tool("list_sources", {"pool": "py", "query": "compute_total"})
+                sources = structured(listed)
+                # The text an assistant reads names the function and its lines with code.
+                text = "".join(getattr(c, "text", "") for c in listed.content)
+                assert re.search(r"shop\.py:\d+-\d+ function `compute_total` lines with code \[\d", text), text
                 found = [s for s in sources["items"] if s["name"] == "compute_total"]
                 assert found and found[0]["kind"] == "span" and found[0]["lines"], sources
                 line = line_of("total")
