@@ -38,7 +38,7 @@ pub(crate) fn trace_running(py: Python<'_>, codes: &Bound<'_, PyList>, tracer: &
         return Ok(0);
     }
     let sys = py.import("sys")?;
-    let (settrace, gettrace) = (sys.getattr("settrace")?, sys.getattr("gettrace")?);
+    let (settrace, gettrace) = (attr!(sys, "settrace")?, attr!(sys, "gettrace")?);
     let mut reached = 0;
     // SAFETY: the GIL is held (we hold `py`), so the interpreter's thread list cannot
     // change under us; `PyThreadState_Get` is this thread's state.
@@ -56,14 +56,14 @@ pub(crate) fn trace_running(py: Python<'_>, codes: &Bound<'_, PyList>, tracer: &
                 let mut found = 0;
                 let mut f = Some(top);
                 while let Some(frame) = f.filter(|f| !f.is_none()) {
-                    if let Ok(code) = frame.getattr("f_code")
+                    if let Ok(code) = attr!(frame, "f_code")
                         && codes.iter().any(|c| c.is(&code))
                     {
                         frame.setattr("f_trace_lines", true)?;
                         frame.setattr("f_trace", tracer)?;
                         found += 1;
                     }
-                    f = frame.getattr("f_back").ok();
+                    f = attr!(frame, "f_back").ok();
                 }
                 if found > 0 {
                     // SAFETY: swapping in another live thread state of this interpreter
@@ -96,12 +96,12 @@ pub(crate) fn trace_running(py: Python<'_>, codes: &Bound<'_, PyList>, tracer: &
 /// our local tracer, the thread stops tracing.
 pub(crate) fn frame_returned(py: Python<'_>, frame: &Bound<'_, PyAny>) -> PyResult<()> {
     let Some(tracer) = TRACER.get(py) else { return Ok(()) };
-    let mut f = frame.getattr("f_back").ok();
+    let mut f = attr!(frame, "f_back").ok();
     while let Some(frame) = f.filter(|f| !f.is_none()) {
-        if frame.getattr("f_trace").is_ok_and(|t| t.is(tracer.bind(py))) {
+        if attr!(frame, "f_trace").is_ok_and(|t| t.is(tracer.bind(py))) {
             return Ok(());
         }
-        f = frame.getattr("f_back").ok();
+        f = attr!(frame, "f_back").ok();
     }
     py.import("sys")?.getattr("settrace")?.call1((py.None(),))?;
     Ok(())

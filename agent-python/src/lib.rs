@@ -16,6 +16,14 @@
 //! - `read`: Python objects into captured values without running the host's code.
 //! - `legacy`: frames already running old code on 3.9 to 3.11 (the one `unsafe` part).
 
+/// `obj.getattr(name)` with the name interned once per call site (no string made and
+/// hashed per call on the hot path).
+macro_rules! attr {
+    ($obj:expr, $name:literal) => {
+        $obj.getattr(pyo3::intern!($obj.py(), $name))
+    };
+}
+
 mod agent;
 mod legacy;
 mod probe;
@@ -361,8 +369,8 @@ fn _trace(py: Python<'_>, frame: &Bound<'_, PyAny>, event: &str, _arg: &Bound<'_
         "line" => {
             probe::guarded(py, |py, agent| {
                 let table = agent.table();
-                let code = frame.getattr("f_code")?;
-                let line: u32 = frame.getattr("f_lineno")?.extract()?;
+                let code = attr!(frame, "f_code")?;
+                let line: u32 = attr!(frame, "f_lineno")?.extract()?;
                 let Some(slot) = table.lines.get(&(code.as_ptr() as usize, line)) else { return Ok(false) };
                 probe::fire_slot(py, agent, &table, slot)?;
                 Ok(true)
@@ -437,8 +445,13 @@ fn stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 /// and instruments it as it would a broker's action. Real deployments receive actions
 /// from a broker.
 #[pyfunction]
-#[pyo3(signature = (file, line, condition=None))]
-fn install_for_bench(file: String, line: u32, condition: Option<String>) -> PyResult<()> {
+#[pyo3(signature = (file, line, condition=None, frames_with_values=None))]
+fn install_for_bench(
+    file: String,
+    line: u32,
+    condition: Option<String>,
+    frames_with_values: Option<u32>,
+) -> PyResult<()> {
     use periscope_agent_core::{Budgets, Installed};
     use periscope_protocol::{ActionId, ActionKind, ActionSpec, AgentQuotas, CaptureLimits, Location, SnapshotSpec};
     let Some(agent) = agent::current() else { return Err(PyRuntimeError::new_err("no agent is running")) };
@@ -461,7 +474,11 @@ fn install_for_bench(file: String, line: u32, condition: Option<String>) -> PyRe
         return Err(PyValueError::new_err(e.clone()));
     }
     use periscope_agent_core::Runtime as _;
-    agent.runtime.install(vec![action], Arc::new(Budgets::new(quotas)), CaptureLimits::default());
+    let mut limits = CaptureLimits::default();
+    if let Some(n) = frames_with_values {
+        limits.frames_with_values = n;
+    }
+    agent.runtime.install(vec![action], Arc::new(Budgets::new(quotas)), limits);
     Ok(())
 }
 

@@ -37,7 +37,7 @@ static HANDLES: PyOnceLock<Handles> = PyOnceLock::new();
 fn handles(py: Python<'_>) -> PyResult<&'static Handles> {
     HANDLES.get_or_try_init(py, || {
         let sys = py.import("sys")?;
-        let getframe = sys.getattr("_getframe")?;
+        let getframe = attr!(sys, "_getframe")?;
         let get_ident = py.import("_thread")?.getattr("get_ident")?;
         let probe = py.eval(c"(lambda: __import__('sys')._getframe().f_locals)()", None, None)?;
         Ok(Handles {
@@ -96,7 +96,7 @@ struct FrameSite<'a, 'py> {
 /// `dict` (before 3.13) or the interpreter's own `FrameLocalsProxy` (3.13+).
 fn locals_of<'py>(frame: &Bound<'py, PyAny>) -> Option<Bound<'py, PyAny>> {
     let py = frame.py();
-    let locals = frame.getattr("f_locals").ok()?;
+    let locals = attr!(frame, "f_locals").ok()?;
     let h = handles(py).ok()?;
     (locals.is_exact_instance_of::<PyDict>() || locals.get_type().is(h.locals_type.bind(py))).then_some(locals)
 }
@@ -130,7 +130,7 @@ fn all_locals<'py>(locals: &Bound<'py, PyAny>) -> Vec<(String, Bound<'py, PyAny>
 }
 
 fn code_name(code: &Bound<'_, PyAny>) -> String {
-    let name = code.getattr("co_qualname").or_else(|_| code.getattr("co_name"));
+    let name = attr!(code, "co_qualname").or_else(|_| attr!(code, "co_name"));
     name.ok()
         .and_then(|n| n.cast_exact::<PyString>().ok().map(|s| s.to_string_lossy().into_owned()))
         .unwrap_or_default()
@@ -143,7 +143,7 @@ fn string_attr(obj: &Bound<'_, PyAny>, name: &str) -> Option<String> {
 
 /// The module a frame runs in (`__name__` of its globals).
 fn module_of(frame: &Bound<'_, PyAny>) -> Option<String> {
-    let globals = frame.getattr("f_globals").ok()?;
+    let globals = attr!(frame, "f_globals").ok()?;
     let globals = globals.cast_exact::<PyDict>().ok()?;
     let name = globals.get_item("__name__").ok().flatten()?;
     name.cast_exact::<PyString>().ok().map(|s| s.to_string_lossy().into_owned())
@@ -179,13 +179,13 @@ impl<'py> FrameSite<'_, 'py> {
         if self.spans.is_none() {
             let max = self.table.limits.max_frames as usize;
             let mut out = Vec::new();
-            let mut frame = self.frame.getattr("f_back").ok();
+            let mut frame = attr!(self.frame, "f_back").ok();
             while let Some(f) = frame.filter(|f| !f.is_none()) {
                 if out.len() >= max {
                     break;
                 }
-                let name = f.getattr("f_code").map(|c| code_name(&c)).unwrap_or_default();
-                frame = f.getattr("f_back").ok();
+                let name = attr!(f, "f_code").map(|c| code_name(&c)).unwrap_or_default();
+                frame = attr!(f, "f_back").ok();
                 out.push((name, f));
             }
             self.spans = Some(out);
@@ -282,10 +282,10 @@ impl<'a, 'py> Site for FrameSite<'a, 'py> {
                 return Payload { location: HitLocation::default(), locals: Vec::new(), frames: Vec::new() };
             }
         };
-        let code = self.frame.getattr("f_code").ok();
+        let code = attr!(self.frame, "f_code").ok();
         let location = HitLocation {
             file: code.as_ref().and_then(|c| string_attr(c, "co_filename")).unwrap_or_default(),
-            line: self.frame.getattr("f_lineno").ok().and_then(|l| l.extract::<u32>().ok()).unwrap_or(0),
+            line: attr!(self.frame, "f_lineno").ok().and_then(|l| l.extract::<u32>().ok()).unwrap_or(0),
             module: module_of(&self.frame),
             name: code.as_ref().map(code_name),
         };
@@ -309,12 +309,12 @@ impl<'a, 'py> Site for FrameSite<'a, 'py> {
             .iter()
             .enumerate()
             .map(|(i, (name, f))| {
-                let code = f.getattr("f_code").ok();
+                let code = attr!(f, "f_code").ok();
                 SpanFrame {
                     name: name.clone(),
                     target: module_of(f),
                     file: code.as_ref().and_then(|c| string_attr(c, "co_filename")),
-                    line: f.getattr("f_lineno").ok().and_then(|l| l.extract::<u32>().ok()),
+                    line: attr!(f, "f_lineno").ok().and_then(|l| l.extract::<u32>().ok()),
                     fields: if i < with_values {
                         read_locals(locals_of(f), wanted.map(|r| &r.span_fields[..]), &mut reader)
                     } else {
@@ -349,7 +349,7 @@ fn thread_info(py: Python<'_>) -> Option<ThreadInfo> {
     let modules = modules.cast_into_exact::<PyDict>().ok()?;
     let mut name = None;
     if let Some(threading) = modules.get_item("threading").ok().flatten()
-        && let Ok(active) = threading.getattr("_active")
+        && let Ok(active) = attr!(threading, "_active")
         && let Ok(active) = active.cast_exact::<PyDict>()
         && let Some(thread) = active.get_item(&ident).ok().flatten()
     {
@@ -369,17 +369,17 @@ fn thread_info(py: Python<'_>) -> Option<ThreadInfo> {
 /// task's name only when it is the C `Task` itself.
 fn current_task_name(modules: &Bound<'_, PyDict>) -> Option<String> {
     let asyncio = modules.get_item("_asyncio").ok().flatten()?;
-    let loop_ = asyncio.getattr("_get_running_loop").ok()?.call0().ok()?;
+    let loop_ = attr!(asyncio, "_get_running_loop").ok()?.call0().ok()?;
     if loop_.is_none() {
         return None;
     }
-    let task_type = asyncio.getattr("Task").ok()?;
-    let task = match asyncio.getattr("current_task") {
+    let task_type = attr!(asyncio, "Task").ok()?;
+    let task = match attr!(asyncio, "current_task") {
         // 3.12+: a C function.
         Ok(current) => current.call1((&loop_,)).ok()?,
         // 3.9 to 3.11: the accelerator's dict of current tasks.
         Err(_) => {
-            let tasks = asyncio.getattr("_current_tasks").ok()?;
+            let tasks = attr!(asyncio, "_current_tasks").ok()?;
             let tasks = tasks.cast_into_exact::<PyDict>().ok()?;
             tasks.iter().find_map(|(k, v)| k.is(&loop_).then_some(v))?
         }

@@ -57,6 +57,9 @@ pub(crate) struct Builtins {
     member: Py<PyAny>,
     /// Standard-library value types shown as their standard text.
     text_types: Mutex<Vec<Py<PyAny>>>,
+    /// Callables, modules and interpreter internals: shown as a short label, never
+    /// expanded (their namespaces are code, not data).
+    labelled: Vec<(Py<PyAny>, &'static str)>,
     /// What is known of each type's instances.
     layouts: Mutex<HashMap<usize, Arc<Layout>>>,
 }
@@ -67,7 +70,7 @@ static BUILTINS: PyOnceLock<Builtins> = PyOnceLock::new();
 pub(crate) fn builtins(py: Python<'_>) -> PyResult<&'static Builtins> {
     BUILTINS.get_or_try_init(py, || {
         let ty = py.get_type::<PyType>();
-        let td = ty.getattr("__dict__")?;
+        let td = attr!(ty, "__dict__")?;
         let get = |name: &str| td.get_item(name).map(Bound::unbind);
         let dict = get("__dict__")?;
         let getset = dict.bind(py).get_type().into_any().unbind();
@@ -75,8 +78,29 @@ pub(crate) fn builtins(py: Python<'_>) -> PyResult<&'static Builtins> {
         let ns = PyDict::new(py);
         ns.set_item("__slots__", ("x",))?;
         let probe = ty.call1(("_periscope_probe", (), ns))?;
-        let member = probe.getattr("__dict__")?.get_item("x")?.get_type().into_any().unbind();
+        let member = attr!(probe, "__dict__")?.get_item("x")?.get_type().into_any().unbind();
+        let types = py.import("types")?;
+        let mut labelled = Vec::new();
+        for (name, label) in [
+            ("FunctionType", "function"),
+            ("BuiltinFunctionType", "built-in function"),
+            ("MethodType", "method"),
+            ("ModuleType", "module"),
+            ("CodeType", "code"),
+            ("FrameType", "frame"),
+            ("GeneratorType", "generator"),
+            ("CoroutineType", "coroutine"),
+            ("AsyncGeneratorType", "async generator"),
+            ("MethodWrapperType", "method-wrapper"),
+            ("WrapperDescriptorType", "slot wrapper"),
+            ("MethodDescriptorType", "method descriptor"),
+        ] {
+            if let Ok(t) = types.getattr(name) {
+                labelled.push((t.unbind(), label));
+            }
+        }
         Ok(Builtins {
+            labelled,
             mro: get("__mro__")?,
             dict,
             qualname: get("__qualname__")?,
@@ -243,6 +267,9 @@ impl<'a> Reader<'a> {
             };
             return self.list(obj, len, items.into_iter(), level);
         }
+        if let Some(label) = self.label(obj) {
+            return label;
+        }
         let Some(layout) = self.layout(obj) else {
             return Value::Cut(Cut {
                 reason: CutReason::Unsupported,
@@ -270,6 +297,44 @@ impl<'a> Reader<'a> {
             }
         }
         self.object(layout.name.clone(), fields, level)
+    }
+
+    /// A callable, module, class or interpreter object as a short label (`<function
+    /// Shop.checkout>`, `<module json>`, `<class Order>`), read through C getters of
+    /// built-in types only.
+    fn label(&self, obj: &Bound<'_, PyAny>) -> Option<Value> {
+        let py = obj.py();
+        if obj.is_instance_of::<PyType>() {
+            let name = self.builtins.qualname.bind(py).call_method1("__get__", (obj,)).ok();
+            let name =
+                name.and_then(|n| n.cast_into_exact::<PyString>().ok().map(|s| s.to_string_lossy().into_owned()));
+            return Some(Value::str(format!("<class {}>", name.unwrap_or_default())));
+        }
+        let kind = self.labelled_kind(obj)?;
+        let name = match kind {
+            "module" => obj.cast::<pyo3::types::PyModule>().ok().and_then(|m| m.name().ok()).map(|n| n.to_string()),
+            "function" | "built-in function" | "coroutine" | "generator" | "async generator" => obj
+                .getattr(pyo3::intern!(py, "__qualname__"))
+                .ok()
+                .and_then(|n| n.cast_into_exact::<PyString>().ok().map(|s| s.to_string_lossy().into_owned())),
+            "method" => obj
+                .getattr(pyo3::intern!(py, "__func__"))
+                .ok()
+                .filter(|f| f.get_type().is(self.builtins.labelled[0].0.bind(py)))
+                .and_then(|f| f.getattr(pyo3::intern!(py, "__qualname__")).ok())
+                .and_then(|n| n.cast_into_exact::<PyString>().ok().map(|s| s.to_string_lossy().into_owned())),
+            _ => None,
+        };
+        Some(Value::str(match name {
+            Some(n) => format!("<{kind} {n}>"),
+            None => format!("<{kind}>"),
+        }))
+    }
+
+    /// The label of `obj`'s exact type when it is one shown as a label.
+    fn labelled_kind(&self, obj: &Bound<'_, PyAny>) -> Option<&'static str> {
+        let ty = obj.get_type();
+        self.builtins.labelled.iter().find(|(t, _)| t.bind(obj.py()).is(&ty)).map(|(_, kind)| *kind)
     }
 
     fn layout(&self, obj: &Bound<'_, PyAny>) -> Option<Arc<Layout>> {
@@ -400,6 +465,9 @@ impl<'a> Reader<'a> {
             || obj.is_exact_instance_of::<PyByteArray>()
             || obj.is_exact_instance_of::<PyComplex>()
         {
+            return false;
+        }
+        if obj.is_instance_of::<PyType>() || self.labelled_kind(obj).is_some() {
             return false;
         }
         !self.layout(obj).is_some_and(|l| l.as_text)

@@ -69,6 +69,9 @@ def test_a_snapshot_brings_back_locals_and_the_stack_truncated_and_redacted(brok
     # __slots__ are read; a user's __repr__, __getattr__ and property never run.
     assert f["point"]["fields"]["x"]["value"] == 3
     assert f["sneaky"]["type_name"] == "Sneaky"
+    # Functions, built-ins, classes and bound methods are labels, not namespaces.
+    helpers = [v.get("value") for v in f["helpers"]["items"]]
+    assert helpers == ["<function risky>", "<built-in function len>", "<class Point>", "<method Customer.__init__>"], f["helpers"]
     # The call stack: file, function, line per frame, callers' locals.
     names = [s["name"] for s in hit["spans"]]
     assert names[0] in ("work", "Handler.do_GET"), names

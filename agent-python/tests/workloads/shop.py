@@ -68,6 +68,7 @@ def compute_total(items, discount, customer):
     nested = {"a": {"b": {"c": {"d": 1}}}}
     point = Point(3, 4)
     sneaky = Sneaky()
+    helpers = (risky, len, Point, CUSTOMER.__init__)
     total = subtotal - discount  # L:total
     return total
 
