@@ -12,12 +12,20 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
     epoch: Instant,
+    /// Unix time (ms) at `epoch`, so a probe reads one clock, not two.
+    epoch_unix_ms: u64,
 }
 
 impl Clock {
     /// A clock whose zero is now.
     pub fn new() -> Self {
-        Clock { epoch: Instant::now() }
+        Clock { epoch: Instant::now(), epoch_unix_ms: crate::unix_ms() }
+    }
+
+    /// Unix time in milliseconds at clock time `now` (monotonic since the agent
+    /// started; a wall-clock step after that does not move it).
+    pub fn unix_ms(&self, now: u64) -> u64 {
+        self.epoch_unix_ms.saturating_add(now / 1_000_000)
     }
 
     /// Nanoseconds since the clock was made.

@@ -70,7 +70,7 @@ pub fn fire<S: Site>(
     site: &mut S,
 ) {
     let started = core.clock.now();
-    let mut firing = Firing { core, budgets, now_ms: crate::unix_ms(), started };
+    let mut firing = Firing { core, budgets, now_ms: core.clock.unix_ms(started), started };
     for action in ends {
         if let Some(from) = site.stop_clock(action) {
             record_duration(action, started.saturating_sub(from));

@@ -98,6 +98,8 @@ class Worker(threading.Thread):
         self.known_modules = 0
         self.places = {}
         self.mechanism = None
+        #: Set once the catalog holds every loaded module (and again after each import).
+        self.settled = threading.Event()
         self.watcher = None
         if inherited is not None:
             # A forked child: the parent's probes are not this agent's.
@@ -153,7 +155,9 @@ class Worker(threading.Thread):
     def _tick(self):
         modules = sys.modules
         if not self.imported and len(modules) == self.known_modules:
+            self.settled.set()
             return
+        self.settled.clear()
         self.imported = False
         self.known_modules = len(modules)
         _native.refresh_types()
