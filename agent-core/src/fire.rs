@@ -264,6 +264,10 @@ impl<P> Firing<'_, P> {
 
     fn metric<S: Site<Payload = P>>(&mut self, action: &Arc<Installed>, site: &mut S) {
         let Some(metric) = &action.metric else { return };
+        // Past the gate: a metric paused by the CPU budget records again, and says so.
+        if action.resume() {
+            self.core.report(&action.spec.id, AgentActionState::Resumed);
+        }
         match metric.spec.metric {
             MetricKind::Counter => {
                 metric.hits.fetch_add(1, Ordering::Relaxed);
