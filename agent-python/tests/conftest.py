@@ -5,7 +5,9 @@ minimal Debian root entered with chroot), and a small REST client.
 
 Environment (set by scripts/test): ``PERISCOPE_BIN`` (the broker binary),
 ``PERISCOPE_AGENT_WHEEL_DIR`` (the built wheel unpacked, importable),
-``PERISCOPE_PY313_ROOT`` (the chroot with python3.13; its tests skip without it).
+``PERISCOPE_PY313_ROOT`` (the chroot with python3.13; its tests skip without it);
+optionally ``PERISCOPE_EXTRA_PYTHONS`` and ``PERISCOPE_EXTRA_PYTHONPATH`` (more
+interpreters, see ``_interpreters``).
 """
 
 import json
@@ -190,6 +192,20 @@ def _interpreters():
             ROOT_DIR + "/workloads",
             {"PYTHONPATH": ROOT_DIR + "/site"},
         ))
+    # More interpreters when there are some (e.g. pyenv's 3.9 and 3.12 on a developer's
+    # machine): PERISCOPE_EXTRA_PYTHONS lists their executables, and
+    # PERISCOPE_EXTRA_PYTHONPATH makes the unpacked wheel (and, for 3.9 to 3.11, a
+    # `bytecode` release that supports them) importable.
+    extra_path = os.environ.get("PERISCOPE_EXTRA_PYTHONPATH", "")
+    for exe in os.environ.get("PERISCOPE_EXTRA_PYTHONS", "").split():
+        try:
+            version = subprocess.run(
+                [exe, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                capture_output=True, text=True, timeout=30, check=True,
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            continue
+        out.append(Interpreter("cpython%s-extra" % version, [exe], WORKLOADS, {"PYTHONPATH": extra_path}))
     return out
 
 
