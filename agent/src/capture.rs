@@ -8,15 +8,13 @@
 
 use std::backtrace::Backtrace;
 use std::fmt::{self, Write as _};
-use std::sync::Arc;
 
-use periscope_protocol::value::{Text, truncate, truncate_chars};
-use periscope_protocol::{CaptureLimits, Field, Hit, HitLocation, SpanFrame, ThreadInfo, TruncationSummary, Value};
+use periscope_agent_core::{RawHit, redaction_limits};
+use periscope_protocol::value::{Text, truncate_chars};
+use periscope_protocol::{CaptureLimits, Field, Hit, HitLocation, SpanFrame, TruncationSummary, Value};
 use periscope_redaction::{NameRule, Redactor};
 use tracing_core::Metadata;
 use tracing_core::field::{Field as TracingField, Visit};
-
-use crate::state::Installed;
 
 /// Bytes of `Debug` or string text copied per value on the application's thread.
 /// Generous compared to the 255 characters kept, so that parsing can still see the
@@ -149,22 +147,13 @@ pub(crate) struct RawSpan {
     pub(crate) fields: Vec<RawField>,
 }
 
-/// A hit as captured on the application's thread.
-pub(crate) struct RawHit {
-    pub(crate) action: Arc<Installed>,
-    pub(crate) seq: u64,
-    pub(crate) time_ms: u64,
+/// What the layer captures for a hit on the application's thread.
+#[derive(Debug)]
+pub(crate) struct Payload {
     pub(crate) meta: &'static Metadata<'static>,
-    pub(crate) thread: ThreadInfo,
     pub(crate) fields: Vec<RawField>,
     pub(crate) spans: Vec<RawSpan>,
     pub(crate) backtrace: Option<Backtrace>,
-}
-
-impl fmt::Debug for RawHit {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RawHit").field("action", &self.action.spec.id).field("seq", &self.seq).finish_non_exhaustive()
-    }
 }
 
 /// Converts one raw value into the captured-value model, parsing `Debug` text.
@@ -212,46 +201,24 @@ fn to_fields(raw: &[RawField], limits: &CaptureLimits, summary: &mut TruncationS
     raw.iter().map(|f| Field::new(f.name, to_value(&f.value, limits, summary))).collect()
 }
 
-/// Limits for capture before redaction: strings up to four times longer, so redaction
-/// sees secrets whole; the capture limits cut them after.
-pub(crate) fn redaction_limits(limits: &CaptureLimits) -> CaptureLimits {
-    CaptureLimits {
-        max_string_len: (limits.max_string_len.saturating_mul(4)).min(CaptureLimits::HARD_MAX.max_string_len),
-        ..*limits
-    }
-}
-
-/// One captured value exactly as a client will see it: parsed with room for redaction
-/// to see secrets whole, redacted under its name by the rules in force (key-name rules
-/// for the name and every name inside, value detectors, the organization's own rules),
-/// then cut to the capture limits. This is what expressions read on the host's thread,
-/// built only for the values they read.
+/// One field exactly as a client will see it (the core's
+/// [`client_value`](periscope_agent_core::client_value)): parsed with room for redaction
+/// to see secrets whole, redacted under its name, then cut to the capture limits.
 ///
 /// `rule` is what `redactor` makes of the field's name (`Redactor::name_rule`), worked
 /// out once per callsite.
 pub(crate) fn client_value(field: &RawField, limits: &CaptureLimits, redactor: &Redactor, rule: NameRule) -> Value {
     let mut summary = TruncationSummary::default();
-    let mut value = to_value(&field.value, &redaction_limits(limits), &mut summary);
-    redactor.redact_named(rule, &mut value);
-    truncate(&mut value, limits, &mut summary);
-    value
-}
-
-/// A hit exactly as a client will see it (before watches are added): built with room
-/// for redaction, redacted, then cut to the capture limits. Watches and log templates
-/// read this, as conditions read [`client_value`]s.
-pub(crate) fn client_hit(raw: &RawHit, limits: &CaptureLimits, redactor: &Redactor) -> Hit {
-    let mut hit = build_hit(raw, &redaction_limits(limits));
-    redactor.redact_hit(&mut hit);
-    hit.enforce_limits(limits);
-    hit
+    let value = to_value(&field.value, &redaction_limits(limits), &mut summary);
+    periscope_agent_core::client_value(value, limits, redactor, rule)
 }
 
 /// Builds the protocol hit from a raw hit (agent thread). Redaction and limit
-/// enforcement are applied by the caller.
-fn build_hit(raw: &RawHit, limits: &CaptureLimits) -> Hit {
+/// enforcement are applied by the core.
+pub(crate) fn build_hit(raw: &RawHit<Payload>, limits: &CaptureLimits) -> Hit {
     let mut summary = TruncationSummary::default();
-    let spans = raw
+    let payload = &raw.payload;
+    let spans = payload
         .spans
         .iter()
         .take(limits.max_frames as usize)
@@ -273,16 +240,16 @@ fn build_hit(raw: &RawHit, limits: &CaptureLimits) -> Hit {
         seq: raw.seq,
         time_ms: raw.time_ms,
         location: HitLocation {
-            file: raw.meta.file().unwrap_or_default().to_owned(),
-            line: raw.meta.line().unwrap_or(0),
-            module: raw.meta.module_path().map(str::to_owned),
-            name: Some(raw.meta.name().to_owned()),
+            file: payload.meta.file().unwrap_or_default().to_owned(),
+            line: payload.meta.line().unwrap_or(0),
+            module: payload.meta.module_path().map(str::to_owned),
+            name: Some(payload.meta.name().to_owned()),
         },
         thread: Some(raw.thread.clone()),
-        fields: to_fields(&raw.fields, limits, &mut summary),
+        fields: to_fields(&payload.fields, limits, &mut summary),
         spans,
         watches: Vec::new(),
-        backtrace: raw.backtrace.as_ref().map(backtrace_lines),
+        backtrace: payload.backtrace.as_ref().map(backtrace_lines),
         truncation: summary,
         redactions: Vec::new(),
         rules_version: 0,
@@ -320,8 +287,9 @@ fn backtrace_lines(bt: &Backtrace) -> Vec<String> {
 fn is_machinery(frame: &str) -> bool {
     let (symbol, location) = frame.split_once(" at ").unwrap_or((frame, ""));
     let symbol = symbol.trim_start_matches('<');
-    const CRATES: [&str; 8] = [
+    const CRATES: [&str; 9] = [
         "periscope_agent::",
+        "periscope_agent_core::",
         "tracing_core::",
         "tracing_subscriber::",
         "tracing::",

@@ -21,14 +21,15 @@ use std::cell::OnceCell;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use periscope_protocol::{AgentActionState, MetricKind, PauseReason, ThreadInfo};
+use periscope_agent_core::Installed;
+use periscope_protocol::ThreadInfo;
 use tracing_core::span::{Attributes, Id, Record};
 use tracing_core::subscriber::Interest;
 use tracing_core::{Event, LevelFilter, Metadata, Subscriber};
 use tracing_subscriber::layer::{Context, Filter, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
-use crate::capture::{FieldCollector, RawField, RawHit, RawSpan, SpanValues};
+use crate::capture::{FieldCollector, Payload, RawField, RawSpan, SpanValues};
 use crate::state::{Shared, Table};
 
 thread_local! {
@@ -70,8 +71,7 @@ impl<S> Filter<S> for ProbeFilter {
         if new && !table.by_callsite.contains_key(&meta.callsite()) && self.shared.matches_installed(meta) {
             // Ask the agent thread to rebuild the table with it; until then `enabled` is
             // asked per event.
-            self.shared.rebuild_needed.store(true, Ordering::Release);
-            self.shared.wake.notify_one();
+            self.shared.core.request_rebuild();
             return Interest::sometimes();
         }
         if table.wants(meta) {
@@ -156,10 +156,10 @@ where
         }
         let Some(span) = ctx.span(&id) else { return };
         let Some(clocks) = span.extensions_mut().remove::<Clocks>() else { return };
-        let now = self.shared.clock.now();
+        let now = self.shared.core.clock.now();
         for (action, started) in clocks.0 {
-            if action.metric.as_ref().is_some_and(|m| m.spec.end_location.is_none()) {
-                record_duration(&action, now.saturating_sub(started));
+            if periscope_agent_core::fire::times_whole_scope(&action) {
+                periscope_agent_core::fire::record_duration(&action, now.saturating_sub(started));
             }
         }
     }
@@ -176,22 +176,7 @@ struct Site<'a> {
 
 /// Clocks started in a span: the duration metric and its start (agent clock).
 #[derive(Default)]
-struct Clocks(Vec<(Arc<crate::state::Installed>, u64)>);
-
-thread_local! {
-    /// Tic-toc clocks started outside any span, per thread (bounded).
-    static THREAD_CLOCKS: std::cell::RefCell<Vec<(usize, u64)>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Most tic-toc clocks a thread holds; the oldest are dropped beyond it.
-const MAX_THREAD_CLOCKS: usize = 64;
-
-fn record_duration(action: &crate::state::Installed, nanos: u64) {
-    if let Some(metric) = &action.metric {
-        let ms = nanos as f64 / 1e6;
-        metric.aggregate.lock().unwrap_or_else(|p| p.into_inner()).record(ms);
-    }
-}
+struct Clocks(Vec<(Arc<Installed>, u64)>);
 
 /// What one firing has captured so far, computed lazily and shared by the actions on
 /// the callsite.
@@ -201,8 +186,6 @@ struct Firing<'a, S: for<'l> LookupSpan<'l>> {
     fields: Vec<RawField>,
     spans: Option<Vec<RawSpan>>,
     ctx: &'a Context<'a, S>,
-    now_ms: u64,
-    started: u64,
     /// What expressions have read so far, as a client will see it.
     views: Views<'a>,
 }
@@ -241,6 +224,17 @@ where
         let (parent, table, ctx) = (self.site.parent, self.table, self.ctx);
         self.spans.get_or_insert_with(|| capture_spans(parent, table, ctx))
     }
+}
+
+impl<S> periscope_agent_core::fire::Site for Firing<'_, S>
+where
+    S: Subscriber + for<'l> LookupSpan<'l>,
+{
+    type Payload = Payload;
+    type Scope<'b>
+        = HotScope<'b>
+    where
+        Self: 'b;
 
     /// What `roots` may read at this firing: nothing is built until it is read.
     fn scope(&mut self, roots: &periscope_protocol::expr::Roots) -> HotScope<'_> {
@@ -255,257 +249,29 @@ where
         let spans = if self.views.spans.is_empty() { &[][..] } else { self.spans.as_deref().unwrap_or_default() };
         HotScope { fields: &self.fields, spans, views: &self.views }
     }
-}
 
-impl ProbeLayer {
-    /// Runs every action installed on the callsite. Never blocks: budgets are atomics,
-    /// the queue is `try_send`, and the only lock is a metric's own uncontended mutex.
-    fn fire<S>(&self, table: &Table, site: Site<'_>, fields: Vec<RawField>, ctx: &Context<'_, S>)
-    where
-        S: Subscriber + for<'a> LookupSpan<'a>,
-    {
-        let Some(entry) = table.by_callsite.get(&site.meta.callsite()) else { return };
-        entry.hits.fetch_add(1, Ordering::Relaxed);
-        let shared = &self.shared;
-        let started = shared.clock.now();
-        let views = Views {
-            limits: table.limits,
-            redactor: &table.redactor,
-            names: &entry.names,
-            fields: Vec::new(),
-            spans: Vec::new(),
-        };
-        let mut firing = Firing { table, site, fields, spans: None, ctx, now_ms: unix_ms(), started, views };
-        for action in &entry.ends {
-            self.stop_clock(action, &firing);
-        }
-        for action in &entry.actions {
-            if !self.admit(action, &mut firing) {
-                continue;
-            }
-            if let Some(snapshot) = &action.snapshot {
-                self.snapshot(action, snapshot, &mut firing);
-            } else if let Some(log) = &action.log {
-                self.log(action, log, &mut firing);
-            } else if action.metric.is_some() {
-                self.metric(action, &mut firing);
-            }
-        }
-        let spent = shared.clock.now().saturating_sub(started);
-        table.budgets.cpu.charge(started, spent);
-    }
-
-    /// The checks every kind shares: done, expiry, CPU budget, condition.
-    fn admit<S>(&self, action: &Arc<crate::state::Installed>, firing: &mut Firing<'_, S>) -> bool
-    where
-        S: Subscriber + for<'a> LookupSpan<'a>,
-    {
-        let shared = &self.shared;
-        if action.done.load(Ordering::Relaxed) {
-            return false;
-        }
-        if firing.now_ms >= action.spec.expires_at_ms {
-            if !action.done.swap(true, Ordering::AcqRel) {
-                shared.report(
-                    &action.spec.id,
-                    AgentActionState::Paused { reason: PauseReason::Expired, message: "the action expired".into() },
-                );
-            }
-            return false;
-        }
-        let budgets = &firing.table.budgets;
-        if !budgets.cpu.available(firing.started) {
-            if action.pause(PauseReason::QuotaCpu) {
-                let wait = budgets.cpu.recovers_at(firing.started).saturating_sub(firing.started) / 1_000_000;
-                shared.report(
-                    &action.spec.id,
-                    AgentActionState::Paused {
-                        reason: PauseReason::QuotaCpu,
-                        message: format!(
-                            "the agent spent its CPU budget ({}% of a core); resuming in about {wait} ms",
-                            budgets.quotas.cpu_fraction * 100.0
-                        ),
-                    },
-                );
-            }
-            shared.counters.dropped_rate.fetch_add(1, Ordering::Relaxed);
-            return false;
-        }
-        if let Some(condition) = &action.exprs.condition {
-            let scope = firing.scope(condition.roots());
-            let mut steps = periscope_protocol::Budget::default();
-            match condition.eval_condition(&scope, &mut steps) {
-                Ok(true) => {}
-                Ok(false) => return false,
-                Err(e) => {
-                    self.eval_error(action, "condition", &e);
-                    return false;
-                }
-            }
-        }
-        true
-    }
-
-    /// Reports an evaluation error once per action and kind (the action's status says
-    /// why it never fires, or why a metric skips samples).
-    #[cold]
-    fn eval_error(&self, action: &crate::state::Installed, context: &str, error: &periscope_protocol::EvalError) {
-        if let Some(state) = action.eval_error_status(context, error) {
-            self.shared.report(&action.spec.id, state);
-        }
-    }
-
-    fn enqueue(&self, hit: RawHit) -> bool {
-        match self.shared.hits_tx.try_send(Box::new(hit)) {
-            Ok(()) => true,
-            Err(_) => {
-                // Full (or the agent thread is gone): count the loss, never wait.
-                self.shared.counters.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
-                false
-            }
-        }
-    }
-
-    fn raw_hit<S>(&self, action: &Arc<crate::state::Installed>, firing: &mut Firing<'_, S>, backtrace: bool) -> RawHit
-    where
-        S: Subscriber + for<'a> LookupSpan<'a>,
-    {
-        let spans = firing.spans().iter().map(|s| RawSpan { meta: s.meta, fields: s.fields.clone() }).collect();
-        RawHit {
-            action: Arc::clone(action),
-            seq: action.seq.fetch_add(1, Ordering::Relaxed) + 1,
-            time_ms: firing.now_ms,
-            meta: firing.site.meta,
-            thread: current_thread(),
-            fields: firing.fields.clone(),
+    /// Copies every field and the span stack: already text or numbers, cheap to copy
+    /// whatever the hit is for.
+    fn capture(&mut self, need: periscope_agent_core::fire::Need<'_>) -> Payload {
+        let backtrace = matches!(need, periscope_agent_core::fire::Need::Snapshot { backtrace: true });
+        let spans = self.spans().iter().map(|s| RawSpan { meta: s.meta, fields: s.fields.clone() }).collect();
+        Payload {
+            meta: self.site.meta,
+            fields: self.fields.clone(),
             spans,
             backtrace: backtrace.then(std::backtrace::Backtrace::force_capture),
         }
     }
 
-    fn snapshot<S>(
-        &self,
-        action: &Arc<crate::state::Installed>,
-        snapshot: &periscope_protocol::SnapshotSpec,
-        firing: &mut Firing<'_, S>,
-    ) where
-        S: Subscriber + for<'a> LookupSpan<'a>,
-    {
-        let shared = &self.shared;
-        let budgets = &firing.table.budgets;
-        if !action.rate.try_take(firing.started, 1) || !budgets.snapshots.try_take(firing.started, 1) {
-            if action.pause(PauseReason::RateLimited) {
-                shared.report(
-                    &action.spec.id,
-                    AgentActionState::Paused {
-                        reason: PauseReason::RateLimited,
-                        message: format!(
-                            "hit rate limit reached ({}/s per action, {}/s per agent)",
-                            budgets.quotas.snapshot_hits_per_sec_per_action, budgets.quotas.snapshot_hits_per_sec
-                        ),
-                    },
-                );
-            }
-            shared.counters.dropped_rate.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        let slot = action.taken.fetch_add(1, Ordering::AcqRel);
-        if slot >= snapshot.max_hits {
-            action.taken.fetch_sub(1, Ordering::AcqRel);
-            shared.complete(action);
-            return;
-        }
-        if action.resume() {
-            shared.report(&action.spec.id, AgentActionState::Resumed);
-        }
-        let hit = self.raw_hit(action, firing, snapshot.backtrace);
-        if self.enqueue(hit) {
-            if slot + 1 >= snapshot.max_hits {
-                shared.complete(action);
-            }
-        } else {
-            action.taken.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-
-    fn log<S>(&self, action: &Arc<crate::state::Installed>, log: &crate::state::LogState, firing: &mut Firing<'_, S>)
-    where
-        S: Subscriber + for<'a> LookupSpan<'a>,
-    {
-        let shared = &self.shared;
-        let budgets = &firing.table.budgets;
-        if log.paused_until.load(Ordering::Relaxed) > firing.started {
-            shared.counters.dropped_rate.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        if !log.line_rate.try_take(firing.started, 1) || !budgets.log_lines.try_take(firing.started, 1) {
-            if action.pause(PauseReason::QuotaLog) {
-                shared.report(
-                    &action.spec.id,
-                    AgentActionState::Paused {
-                        reason: PauseReason::QuotaLog,
-                        message: format!(
-                            "dynamic log line budget reached ({} lines/s, burst x{}); lines are dropped until it recovers",
-                            budgets.quotas.log_lines_per_sec, budgets.quotas.log_burst_factor
-                        ),
-                    },
-                );
-            }
-            shared.counters.dropped_rate.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        if let Some(max) = log.spec.max_lines
-            && log.lines.fetch_add(1, Ordering::AcqRel) >= max
-        {
-            shared.complete(action);
-            return;
-        }
-        if action.resume() {
-            shared.report(&action.spec.id, AgentActionState::Resumed);
-        }
-        let hit = self.raw_hit(action, firing, false);
-        self.enqueue(hit);
-    }
-
-    fn metric<S>(&self, action: &Arc<crate::state::Installed>, firing: &mut Firing<'_, S>)
-    where
-        S: Subscriber + for<'a> LookupSpan<'a>,
-    {
-        let Some(metric) = &action.metric else { return };
-        match metric.spec.metric {
-            MetricKind::Counter => {
-                metric.hits.fetch_add(1, Ordering::Relaxed);
-            }
-            MetricKind::Value => {
-                let Some(expr) = &action.exprs.value else { return };
-                let scope = firing.scope(expr.roots());
-                let mut steps = periscope_protocol::Budget::default();
-                // Evaluated first; the lock covers only the update.
-                let result = expr.eval_number(&scope, &mut steps);
-                let mut agg = metric.aggregate.lock().unwrap_or_else(|p| p.into_inner());
-                match result {
-                    Ok(Some(v)) => agg.record(v),
-                    Ok(None) => agg.skipped += 1,
-                    Err(e) => {
-                        agg.skipped += 1;
-                        drop(agg);
-                        self.eval_error(action, "expression", &e);
-                    }
-                }
-            }
-            MetricKind::Duration => self.start_clock(action, firing),
-        }
+    fn thread(&mut self) -> ThreadInfo {
+        current_thread()
     }
 
     /// Starts a duration clock: in the span being created (span durations), else in the
     /// innermost span, else on the thread (tic-toc outside spans).
-    fn start_clock<S>(&self, action: &Arc<crate::state::Installed>, firing: &Firing<'_, S>)
-    where
-        S: Subscriber + for<'a> LookupSpan<'a>,
-    {
-        let now = firing.started;
-        let holder = firing.site.span.or(firing.site.parent);
-        if let Some(span) = holder.and_then(|id| firing.ctx.span(id)) {
+    fn start_clock(&mut self, action: &Arc<Installed>, now: u64) {
+        let holder = self.site.span.or(self.site.parent);
+        if let Some(span) = holder.and_then(|id| self.ctx.span(id)) {
             let mut ext = span.extensions_mut();
             match ext.get_mut::<Clocks>() {
                 Some(clocks) => {
@@ -516,46 +282,44 @@ impl ProbeLayer {
             }
             return;
         }
-        let key = Arc::as_ptr(action) as usize;
-        THREAD_CLOCKS.with(|c| {
-            let mut c = c.borrow_mut();
-            c.retain(|(k, _)| *k != key);
-            if c.len() >= MAX_THREAD_CLOCKS {
-                c.remove(0);
-            }
-            c.push((key, now));
-        });
+        periscope_agent_core::fire::start_thread_clock(action, 0, now);
     }
 
     /// Stops a tic-toc clock started earlier in this span scope (or on this thread).
-    fn stop_clock<S>(&self, action: &Arc<crate::state::Installed>, firing: &Firing<'_, S>)
-    where
-        S: Subscriber + for<'a> LookupSpan<'a>,
-    {
-        let now = firing.started;
-        let holders = firing.site.span.into_iter().chain(firing.site.parent);
+    fn stop_clock(&mut self, action: &Arc<Installed>) -> Option<u64> {
+        let holders = self.site.span.into_iter().chain(self.site.parent);
         for id in holders {
-            let Some(scope) = firing.ctx.span_scope(id) else { continue };
+            let Some(scope) = self.ctx.span_scope(id) else { continue };
             for span in scope {
                 let mut ext = span.extensions_mut();
                 if let Some(clocks) = ext.get_mut::<Clocks>()
                     && let Some(i) = clocks.0.iter().position(|(a, _)| Arc::ptr_eq(a, action))
                 {
-                    let (_, started) = clocks.0.swap_remove(i);
-                    drop(ext);
-                    record_duration(action, now.saturating_sub(started));
-                    return;
+                    return Some(clocks.0.swap_remove(i).1);
                 }
             }
         }
-        let key = Arc::as_ptr(action) as usize;
-        let started = THREAD_CLOCKS.with(|c| {
-            let mut c = c.borrow_mut();
-            c.iter().position(|(k, _)| *k == key).map(|i| c.swap_remove(i).1)
-        });
-        if let Some(started) = started {
-            record_duration(action, now.saturating_sub(started));
-        }
+        periscope_agent_core::fire::stop_thread_clock(action, 0)
+    }
+}
+
+impl ProbeLayer {
+    /// Runs every action installed on the callsite (the core's firing logic).
+    fn fire<S>(&self, table: &Table, site: Site<'_>, fields: Vec<RawField>, ctx: &Context<'_, S>)
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+    {
+        let Some(entry) = table.by_callsite.get(&site.meta.callsite()) else { return };
+        entry.hits.fetch_add(1, Ordering::Relaxed);
+        let views = Views {
+            limits: table.limits,
+            redactor: &table.redactor,
+            names: &entry.names,
+            fields: Vec::new(),
+            spans: Vec::new(),
+        };
+        let mut firing = Firing { table, site, fields, spans: None, ctx, views };
+        periscope_agent_core::fire::fire(&self.shared.core, &table.budgets, &entry.actions, &entry.ends, &mut firing);
     }
 }
 
@@ -633,11 +397,4 @@ fn current_thread() -> ThreadInfo {
     let id = format!("{:?}", t.id());
     let id = id.strip_prefix("ThreadId(").and_then(|s| s.strip_suffix(')')).map(str::to_owned).unwrap_or(id);
     ThreadInfo { name: t.name().map(str::to_owned), id }
-}
-
-pub(crate) fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }

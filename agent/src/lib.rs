@@ -44,48 +44,54 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: [`AgentBuilder`] and [`AgentConfig`].
+//! The runtime-neutral part (broker session, backoff, budgets, redacted expression
+//! views, hit queue) is `periscope-agent-core`; this crate is its `tracing` adapter.
+//!
+//! - [`config`]: [`AgentBuilder`] and [`AgentConfig`] (from the core).
 //! - `layer`: the per-layer filter and the capturing layer (the hot path).
-//! - `state`: the action table, the catalog and counters shared with the agent thread.
+//! - `state`: the callsite table, the catalog and the dispatchers.
 //! - `capture`: raw captures on the host's thread, protocol hits on the agent's.
-//! - `budget`: lock-free rate and CPU budgets.
-//! - `connection`: the agent thread (WebSocket session, sync, backoff).
-//! - `tls`: rustls for `wss://` brokers (public roots plus an optional private CA).
 
-pub mod config;
+pub use periscope_agent_core::config;
 
-mod budget;
 mod capture;
-mod connection;
 pub mod debug_parse;
 mod layer;
 mod state;
-mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use periscope_agent_core::{Core, Running};
 use periscope_protocol::AgentId;
-use tokio::sync::{mpsc, watch};
 use tracing_subscriber::filter::Filtered;
 
-pub use config::{AgentBuilder, AgentConfig, ConfigError};
+pub use config::{AgentConfig, ConfigError};
 pub use layer::{ProbeFilter, ProbeLayer};
 
 use crate::state::Shared;
+
+/// Builds an [`Agent`]: set what you know in code, let the environment fill the rest
+/// with [`AgentBuilder::env_defaults`], then [`AgentBuilder::start`].
+pub type AgentBuilder = periscope_agent_core::AgentBuilder<Agent>;
 
 /// A running agent. Dropping it (or calling [`Agent::shutdown`]) says goodbye to the
 /// broker and stops the agent's thread; the layer it handed out then does nothing.
 #[derive(Debug)]
 pub struct Agent {
-    id: AgentId,
     shared: Arc<Shared>,
-    shutdown: watch::Sender<bool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    running: Running,
 }
 
 /// The layer to add to the host's subscriber (see the [crate docs](crate)).
 pub type PeriscopeLayer<S> = Filtered<ProbeLayer, ProbeFilter, S>;
+
+impl periscope_agent_core::Launch for Agent {
+    type Agent = Agent;
+    fn launch(config: AgentConfig) -> Result<Agent, ConfigError> {
+        Agent::start(config)
+    }
+}
 
 impl Agent {
     /// A builder; see [`AgentBuilder`].
@@ -101,26 +107,13 @@ impl Agent {
     /// Starts the agent's thread with a validated configuration.
     pub fn start(config: AgentConfig) -> Result<Agent, ConfigError> {
         let config = config.validate()?;
-        let (hits_tx, hits_rx) = mpsc::channel(config.queue_capacity);
-        let shared = Arc::new(Shared::new(hits_tx));
-        let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let id = AgentId::generate();
-        let runner = connection::Runner::new(config, id.clone(), Arc::clone(&shared), hits_rx, shutdown_rx);
-        let thread = std::thread::Builder::new()
-            .name("periscope-agent".into())
-            .spawn(move || {
-                layer::IN_AGENT.with(|a| a.set(true));
-                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!(target: "periscope_agent", error = %e, "periscope agent could not start its runtime");
-                        return;
-                    }
-                };
-                runtime.block_on(runner.run());
-            })
-            .map_err(|e| ConfigError::Invalid { setting: "thread", reason: format!("cannot spawn the agent thread: {e}") })?;
-        Ok(Agent { id, shared, shutdown: shutdown_tx, thread: Some(thread) })
+        let (core, hits_rx) = Core::new(config.queue_capacity);
+        let core = Arc::new(core);
+        let shared = Arc::new(Shared::new(Arc::clone(&core)));
+        let running = periscope_agent_core::start(config, Arc::clone(&shared), core, hits_rx, || {
+            layer::IN_AGENT.with(|a| a.set(true));
+        })?;
+        Ok(Agent { shared, running })
     }
 
     /// The layer to add to the host's `tracing` subscriber. Can be called more than
@@ -136,13 +129,13 @@ impl Agent {
 
     /// This agent's id, as the broker lists it.
     pub fn id(&self) -> &AgentId {
-        &self.id
+        self.running.id()
     }
 
     /// Hits dropped so far because the outbound queue was full.
     pub fn dropped_hits(&self) -> u64 {
         use std::sync::atomic::Ordering;
-        let c = &self.shared.counters;
+        let c = &self.shared.core.counters;
         c.dropped_queue_full.load(Ordering::Relaxed) + c.dropped_disconnected.load(Ordering::Relaxed)
     }
 
@@ -158,6 +151,7 @@ impl Agent {
         condition: Option<&str>,
         quotas: periscope_protocol::AgentQuotas,
     ) {
+        use periscope_agent_core::{Budgets, Installed};
         use periscope_protocol::{ActionId, ActionKind, ActionSpec, CaptureLimits, Location, SnapshotSpec};
         let spec = ActionSpec {
             id: ActionId::generate(),
@@ -166,32 +160,13 @@ impl Agent {
             expires_at_ms: u64::MAX,
             kind: ActionKind::Snapshot(SnapshotSpec { max_hits: u32::MAX, watch: Vec::new(), backtrace: false }),
         };
-        let installed = Arc::new(state::Installed::new(spec, &quotas));
-        self.shared.install(vec![installed], Arc::new(state::Budgets::new(quotas)), CaptureLimits::default());
+        let installed = Arc::new(Installed::new(spec, &quotas));
+        self.shared.install(vec![installed], Arc::new(Budgets::new(quotas)), CaptureLimits::default());
         self.shared.rebuild_interest();
     }
 
     /// Says goodbye to the broker and waits up to `timeout` for the agent thread to end.
     pub fn shutdown(mut self, timeout: Duration) {
-        self.stop(timeout);
-    }
-
-    fn stop(&mut self, timeout: Duration) {
-        let _ = self.shutdown.send(true);
-        if let Some(thread) = self.thread.take() {
-            let deadline = std::time::Instant::now() + timeout;
-            while !thread.is_finished() && std::time::Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            if thread.is_finished() {
-                let _ = thread.join();
-            }
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.stop(Duration::from_millis(500));
+        self.running.stop(timeout);
     }
 }

@@ -575,17 +575,18 @@ async fn handle(state: &AppState, from: &Sender, msg: AgentMessage) -> Option<Pr
             None
         }
         AgentMessage::Catalog(update) => {
-            let outcome = state.registry.update_catalog(agent_id, update.full, update.entries);
+            let outcome = state.registry.update_catalog(agent_id, update.full, update.entries, update.files);
             (outcome.ignored > 0).then(|| {
                 let a = &state.config.agents;
                 error_body(
                     ProtocolErrorCode::RateLimited,
                     format!(
-                        "catalog is full ({} entries or {} bytes at most, {} entries per frame); {} new locations \
-                         ignored",
+                        "catalog is full ({} entries or {} bytes at most, {} entries and {} files per frame); {} \
+                         new locations ignored",
                         a.max_catalog_entries,
                         a.max_catalog_bytes,
                         periscope_protocol::messages::MAX_CATALOG_ENTRIES_PER_FRAME,
+                        periscope_protocol::messages::MAX_CATALOG_FILES_PER_FRAME,
                         outcome.ignored
                     ),
                     false,

@@ -212,6 +212,16 @@ pub struct SourceView {
     pub level: Option<String>,
     /// Values available there.
     pub fields: Vec<String>,
+    /// Last line of a function (whole-file catalogs: Python).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub end_line: Option<u32>,
+    /// The lines that hold code in this function or file (`3-7,9`), for languages
+    /// where every such line is a location.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lines: Option<String>,
+    /// The file's content hash as the agent loaded it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
     /// Times it fired while observed, summed over agents.
     pub hits: u64,
     /// Agents that report it.
@@ -263,6 +273,9 @@ pub fn list_sources(
                 module: e.module.clone(),
                 level: e.level.clone(),
                 fields: e.fields.clone(),
+                end_line: None,
+                lines: None,
+                hash: None,
                 hits: 0,
                 agents: 0,
                 agent_ids: Vec::new(),
@@ -273,8 +286,64 @@ pub fn list_sources(
                 view.agent_ids.push(a.info.agent_id.clone());
             }
         }
+        for f in a.files.values() {
+            for view in file_sources(f) {
+                let e = CatalogEntry {
+                    file: view.file.clone(),
+                    line: view.line,
+                    kind: view.kind,
+                    name: view.name.clone(),
+                    module: view.module.clone(),
+                    level: None,
+                    fields: Vec::new(),
+                    hits: 0,
+                };
+                if !source_matches(&e, file.as_deref(), name.as_deref(), text.as_deref()) {
+                    continue;
+                }
+                let merged = merged.entry((view.file.clone(), view.line, view.kind, view.name.clone())).or_insert(view);
+                merged.agents += 1;
+                if merged.agent_ids.len() < 5 {
+                    merged.agent_ids.push(a.info.agent_id.clone());
+                }
+            }
+        }
     });
     Ok(paginate(merged.into_values().collect(), offset, limit))
+}
+
+/// A whole-file catalog entry as sources: the module (every line that holds code, the
+/// content hash) and each function (its definition line, a span, with its lines).
+fn file_sources(f: &periscope_protocol::FileLines) -> Vec<SourceView> {
+    let view = |line: u32, kind: LocationKind, name: String, end_line: Option<u32>, lines: String| SourceView {
+        file: f.file.clone(),
+        line,
+        kind,
+        name,
+        module: f.module.clone(),
+        level: None,
+        fields: Vec::new(),
+        end_line,
+        lines: Some(lines),
+        hash: f.hash.clone(),
+        hits: 0,
+        agents: 0,
+        agent_ids: Vec::new(),
+    };
+    let first = f.lines.ranges().first().map_or(1, |(a, _)| *a);
+    let mut out = vec![view(first, LocationKind::Event, "<module>".into(), None, f.lines.to_string())];
+    for func in &f.functions {
+        let end = func.end_line.unwrap_or(u32::MAX);
+        let inside = f
+            .lines
+            .ranges()
+            .iter()
+            .filter(|(a, b)| *b >= func.line && *a <= end)
+            .flat_map(|(a, b)| (*a).max(func.line)..=(*b).min(end));
+        let lines = periscope_protocol::LineSet::from_lines(inside).to_string();
+        out.push(view(func.line, LocationKind::Span, func.name.clone(), func.end_line, lines));
+    }
+    out
 }
 
 fn source_matches(e: &CatalogEntry, file: Option<&str>, name: Option<&str>, text: Option<&str>) -> bool {

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
-use periscope_protocol::{AgentId, BrokerMessage, CatalogEntry, Heartbeat, LocationKind, Registration};
+use periscope_protocol::{AgentId, BrokerMessage, CatalogEntry, FileLines, Heartbeat, LocationKind, Registration};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -51,7 +51,10 @@ pub struct AgentRecord {
     pub disconnect_reason: Option<String>,
     /// Inspectable locations by identity.
     pub catalog: HashMap<(String, u32, LocationKind, String), CatalogEntry>,
-    /// The memory the catalog holds ([`CatalogEntry::footprint`]).
+    /// Source files with their executable lines (languages where every line is a
+    /// location), by path.
+    pub files: HashMap<String, FileLines>,
+    /// The memory the catalog holds ([`CatalogEntry::footprint`], [`FileLines::footprint`]).
     pub catalog_bytes: usize,
     /// Counters from the last heartbeat.
     pub stats: Heartbeat,
@@ -124,6 +127,18 @@ pub struct AgentSnapshot {
     /// The version of its catalog.
     #[serde(default)]
     pub catalog_version: u64,
+}
+
+/// An agent's catalog as its node publishes it for the other nodes of a cluster, so that
+/// placing on it from any node validates the location the same way: its callsites and,
+/// for languages where any line can be inspected, its whole files.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PublishedCatalog {
+    /// Callsites.
+    pub entries: Vec<CatalogEntry>,
+    /// Whole files with their executable lines and functions.
+    #[serde(default)]
+    pub files: Vec<FileLines>,
 }
 
 /// What the broker dropped from one agent, by reason (the agent's own drops are in its
@@ -307,7 +322,7 @@ impl AgentRecord {
             last_seen_ms: self.last_seen_ms,
             offline_since_ms: self.offline_since_ms,
             disconnect_reason: self.disconnect_reason.clone(),
-            locations: self.catalog.len(),
+            locations: self.catalog.len() + self.files.values().map(|f| f.lines.len() as usize).sum::<usize>(),
             stats: self.stats.clone(),
             hits_accepted: self.hits_accepted,
             hits_refused: self.hits_refused,
@@ -399,7 +414,7 @@ impl Registry {
 
     /// The records of agents held here that changed since the last call, with their
     /// catalogs when those changed, to publish to the other nodes.
-    pub fn take_changed(&self) -> Vec<(AgentSnapshot, Option<Vec<CatalogEntry>>)> {
+    pub fn take_changed(&self) -> Vec<(AgentSnapshot, Option<PublishedCatalog>)> {
         let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
         let node = self.node.clone().unwrap_or_default();
         let mut out = Vec::new();
@@ -425,7 +440,10 @@ impl Registry {
                 dropped: r.dropped,
                 catalog_version: r.catalog_version,
             };
-            let catalog = catalog.then(|| r.catalog.values().cloned().collect());
+            let catalog = catalog.then(|| PublishedCatalog {
+                entries: r.catalog.values().cloned().collect(),
+                files: r.files.values().cloned().collect(),
+            });
             out.push((snap, catalog));
         }
         out
@@ -453,7 +471,7 @@ impl Registry {
 
     /// Applies what another node published of an agent (with its catalog when fetched).
     /// An agent held here under an older lease has moved: its session here is dropped.
-    pub fn apply_remote(&self, snap: AgentSnapshot, catalog: Option<Vec<CatalogEntry>>) {
+    pub fn apply_remote(&self, snap: AgentSnapshot, catalog: Option<PublishedCatalog>) {
         let id = snap.info.agent_id.clone();
         let remote = Remote { node: snap.node.clone(), online: snap.online };
         let mut entry = self.agents.entry(id).or_insert_with(|| AgentRecord {
@@ -464,6 +482,7 @@ impl Registry {
             offline_since_ms: snap.offline_since_ms,
             disconnect_reason: None,
             catalog: HashMap::new(),
+            files: HashMap::new(),
             catalog_bytes: 0,
             stats: Heartbeat::default(),
             hits_accepted: 0,
@@ -496,9 +515,12 @@ impl Registry {
         rec.hits_accepted = snap.hits_accepted;
         rec.hits_refused = snap.hits_refused;
         rec.dropped = snap.dropped;
-        if let Some(entries) = catalog {
-            rec.catalog = entries.into_iter().map(|e| ((e.file.clone(), e.line, e.kind, e.name.clone()), e)).collect();
-            rec.catalog_bytes = rec.catalog.values().map(CatalogEntry::footprint).sum();
+        if let Some(published) = catalog {
+            rec.catalog =
+                published.entries.into_iter().map(|e| ((e.file.clone(), e.line, e.kind, e.name.clone()), e)).collect();
+            rec.files = published.files.into_iter().map(|f| (f.file.clone(), f)).collect();
+            rec.catalog_bytes = rec.catalog.values().map(CatalogEntry::footprint).sum::<usize>()
+                + rec.files.values().map(FileLines::footprint).sum::<usize>();
             rec.catalog_version = snap.catalog_version;
         }
     }
@@ -652,6 +674,7 @@ impl Registry {
                     offline_since_ms: None,
                     disconnect_reason: None,
                     catalog: HashMap::new(),
+                    files: HashMap::new(),
                     catalog_bytes: 0,
                     stats: Heartbeat::default(),
                     hits_accepted: 0,
@@ -701,13 +724,23 @@ impl Registry {
     /// to the protocol's bounds first; entries beyond the per-agent caps (entries,
     /// bytes) or beyond one frame's share are ignored. Returns how many entries were
     /// ignored and how many cut (both also counted as the agent's `catalog` drops).
-    pub fn update_catalog(&self, id: &AgentId, full: bool, entries: Vec<CatalogEntry>) -> CatalogOutcome {
+    ///
+    /// A source file ([`FileLines`]) counts as one entry and its footprint in bytes; a
+    /// later copy of a file replaces the earlier one.
+    pub fn update_catalog(
+        &self,
+        id: &AgentId,
+        full: bool,
+        entries: Vec<CatalogEntry>,
+        files: Vec<FileLines>,
+    ) -> CatalogOutcome {
         let Some(mut rec) = self.agents.get_mut(id) else {
-            return CatalogOutcome { ignored: entries.len(), cut: 0 };
+            return CatalogOutcome { ignored: entries.len() + files.len(), cut: 0 };
         };
         let rec = &mut *rec;
         if full {
             rec.catalog.clear();
+            rec.files.clear();
             rec.catalog_bytes = 0;
         }
         let mut out = CatalogOutcome::default();
@@ -728,6 +761,23 @@ impl Registry {
             }
             rec.catalog_bytes = bytes_after;
             rec.catalog.insert(key, e);
+        }
+        let per_frame = periscope_protocol::messages::MAX_CATALOG_FILES_PER_FRAME;
+        out.ignored += files.len().saturating_sub(per_frame);
+        for mut f in files.into_iter().take(per_frame) {
+            if f.sanitize() {
+                out.cut += 1;
+            }
+            let size = f.footprint();
+            let replaced = rec.files.get(&f.file).map_or(0, FileLines::footprint);
+            let bytes_after = rec.catalog_bytes - replaced + size;
+            let entries_now = rec.catalog.len() + rec.files.len();
+            if (entries_now >= self.max_catalog_entries && replaced == 0) || bytes_after > self.max_catalog_bytes {
+                out.ignored += 1;
+                continue;
+            }
+            rec.catalog_bytes = bytes_after;
+            rec.files.insert(f.file.clone(), f);
         }
         rec.dropped.catalog += (out.ignored + out.cut) as u64;
         rec.catalog_version += 1;

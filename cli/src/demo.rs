@@ -1,5 +1,7 @@
 //! `periscope demo`: a broker plus several instrumented shop processes, each with an
-//! agent, spread over two pools and several tags, driven by their own load generators.
+//! agent, spread over two pools and several tags, driven by their own load generators,
+//! and, when a Python 3.9+ is there, a Python shop with the Python agent in a pool of
+//! its own (`demo_python`).
 //! It prints where to connect and one request that places a snapshot and shows its hit,
 //! then runs until Ctrl-C.
 //!
@@ -153,8 +155,13 @@ pub async fn run_demo(options: DemoOptions, shutdown: impl Future<Output = ()> +
             .with_context(|| format!("starting {}", spec.name))?;
         fleet.children.push((*spec, child));
     }
+    let python_shop = crate::demo_python::start(addr, &agent_key, &log_dir, options.requests_per_second).await;
+    if let Some(child) = python_shop {
+        fleet.children.push((crate::demo_python::SPEC, child));
+    }
 
-    let ready = wait_ready(&broker_state_url(addr), &api_key, options.instances, &mut fleet).await;
+    let expected = fleet.children.len();
+    let ready = wait_ready(&broker_state_url(addr), &api_key, expected, &mut fleet).await;
     let example = match ready {
         Ok(example) => example,
         Err(e) => {
@@ -262,6 +269,20 @@ fn print_banner(addr: SocketAddr, key: &str, key_source: &str, fleet: &Fleet, lo
     );
     println!("  curl -s \"{base}/api/v1/actions/$id/hits?wait_seconds=30\" -H 'Authorization: Bearer {key}'");
     println!();
+    if fleet.children.iter().any(|(s, _)| s.pool == crate::demo_python::SPEC.pool)
+        && let Some(line) = crate::demo_python::example_line()
+    {
+        println!(
+            "The Python shop (pool {}) takes the same calls on any line of pyshop.py; its order total:",
+            crate::demo_python::SPEC.pool
+        );
+        println!();
+        println!(
+            "  curl -s -X POST {base}/api/v1/actions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n      -d '{{\"pool\":\"{}\",\"file\":\"pyshop.py\",\"line\":{line},\"max_hits\":1}}'",
+            crate::demo_python::SPEC.pool
+        );
+        println!();
+    }
     println!("Press Ctrl-C to stop.");
 }
 

@@ -10,6 +10,7 @@
 
 mod commands;
 mod demo;
+mod demo_python;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

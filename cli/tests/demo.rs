@@ -1,5 +1,6 @@
-//! `periscope demo` as a user runs it: a real process with real shop processes. It
-//! prints where to connect and an example; the example works; SIGTERM stops it all.
+//! `periscope demo` as a user runs it: a real process with real shop processes (and the
+//! Python shop, when the test virtualenv has the Python agent). It prints where to
+//! connect and an example; the examples work; SIGTERM stops it all.
 
 use std::io::{BufRead as _, BufReader};
 use std::process::{Command, Stdio};
@@ -9,9 +10,15 @@ const KEY: &str = "psk_demo_test_key_0123456789";
 
 #[test]
 fn the_demo_starts_prints_a_working_example_and_stops_cleanly() {
+    let python = std::env::var("PERISCOPE_PYTHON")
+        .ok()
+        .filter(|p| Command::new(p).args(["-c", "import periscope_agent"]).status().is_ok_and(|s| s.success()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_periscope"))
         .args(["demo", "--listen", "127.0.0.1:0", "--instances", "2", "--rps", "20"])
         .env("PERISCOPE_API_KEY", KEY)
+        // The Python shop runs with the test virtualenv's interpreter (scripts/test
+        // installs the agent into it first); without one the demo runs without it.
+        .env("PERISCOPE_DEMO_PYTHON", python.as_deref().unwrap_or("off"))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -81,6 +88,45 @@ fn the_demo_starts_prints_a_working_example_and_stops_cleanly() {
     assert_eq!(hit["fields"]["message"]["value"], "order placed", "{hit}");
     assert!(hit["fields"]["order_id"]["value"].is_i64(), "{hit}");
     assert!(hit["agent_name"].as_str().is_some_and(|n| n.contains("eu")), "the example targets the EU shops: {hit}");
+    if python.is_some() {
+        // The Python shop is listed, in its own pool, and its printed example works too.
+        assert!(banner.iter().any(|l| l.contains("pyshop-eu-1 (pool pyshop")), "{banner:#?}");
+        let body = banner
+            .iter()
+            .filter_map(|l| l.split("-d '").nth(1).and_then(|rest| rest.split('\'').next()))
+            .find(|b| b.contains("pyshop"))
+            .expect("the Python example's JSON body")
+            .to_owned();
+        let hit = runtime.block_on(async {
+            let client = reqwest::Client::new();
+            let placed: serde_json::Value = client
+                .post(format!("{rest}/actions"))
+                .bearer_auth(KEY)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .expect("POST")
+                .json()
+                .await
+                .expect("JSON");
+            let id = placed["action_id"].as_str().unwrap_or_else(|| panic!("{placed}")).to_owned();
+            let page: serde_json::Value = client
+                .get(format!("{rest}/actions/{id}/hits?wait_seconds=60"))
+                .bearer_auth(KEY)
+                .send()
+                .await
+                .expect("GET")
+                .json()
+                .await
+                .expect("JSON");
+            page["hits"][0].clone()
+        });
+        assert_eq!(hit["location"]["name"], "price_order", "{hit}");
+        assert_eq!(hit["fields"]["customer"]["fields"]["email"]["value"], "[REDACTED:EMAIL]", "{hit}");
+    } else {
+        eprintln!("no Python with the agent (PERISCOPE_PYTHON): the demo's Python shop is not tested here");
+    }
 
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill runs");
     assert!(status.success());

@@ -34,7 +34,7 @@ pub use action::{
     ActionKind, ActionSpec, AgentActionState, Location, LogDestination, LogLevel, LogSpec, MetricKind, MetricSpec,
     PauseReason, SnapshotSpec,
 };
-pub use catalog::{CatalogEntry, LocationKind};
+pub use catalog::{CatalogEntry, FileLines, FunctionLine, LineSet, LocationKind};
 pub use expr::{Budget, EvalError, Expr, ParseError, Scope, SimpleScope, Template};
 pub use hit::{Hit, HitLocation, RedactionFinding, SpanFrame, ThreadInfo, WatchResult};
 pub use ids::{ActionId, AgentId, HitId, IdError, KeyId};

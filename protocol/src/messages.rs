@@ -21,7 +21,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::action::{ActionSpec, AgentActionState};
-use crate::catalog::CatalogEntry;
+use crate::catalog::{CatalogEntry, FileLines};
 use crate::hit::Hit;
 use crate::ids::{ActionId, AgentId};
 use crate::limits::{AgentQuotas, CaptureLimits};
@@ -275,11 +275,20 @@ pub struct CatalogUpdate {
     #[serde(default)]
     pub full: bool,
     /// The entries.
+    #[serde(default)]
     pub entries: Vec<CatalogEntry>,
+    /// Whole source files with their executable lines (languages where every line is a
+    /// location); a later copy of a file replaces the earlier one. Brokers that predate
+    /// it ignore it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<FileLines>,
 }
 
 /// Most catalog entries per update frame; larger catalogs are split over frames.
 pub const MAX_CATALOG_ENTRIES_PER_FRAME: usize = 500;
+
+/// Most source files per update frame (a large module's entry is tens of kilobytes).
+pub const MAX_CATALOG_FILES_PER_FRAME: usize = 20;
 
 /// An action's state on one agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -461,7 +470,7 @@ mod tests {
         let agent = [
             AgentMessage::Register(Box::new(registration())),
             AgentMessage::Heartbeat(Heartbeat { hits_sent: 3, ..Default::default() }),
-            AgentMessage::Catalog(CatalogUpdate { full: true, entries: vec![] }),
+            AgentMessage::Catalog(CatalogUpdate { full: true, entries: vec![], files: vec![] }),
             AgentMessage::ActionStatus(ActionStatusUpdate {
                 action_id: spec.id.clone(),
                 state: AgentActionState::Error { reason: "nope".into() },

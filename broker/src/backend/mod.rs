@@ -343,7 +343,7 @@ pub trait AgentDirectory: Send + Sync + std::fmt::Debug {
     fn publish(
         &self,
         record: AgentSnapshot,
-        catalog: Option<Vec<periscope_protocol::CatalogEntry>>,
+        catalog: Option<crate::registry::PublishedCatalog>,
     ) -> BackendFuture<'_, ()>;
 
     /// What the nodes published of an agent.
@@ -356,7 +356,7 @@ pub trait AgentDirectory: Send + Sync + std::fmt::Debug {
     fn catalog<'a>(
         &'a self,
         agent: &'a periscope_protocol::AgentId,
-    ) -> BackendFuture<'a, Vec<periscope_protocol::CatalogEntry>>;
+    ) -> BackendFuture<'a, crate::registry::PublishedCatalog>;
 
     /// Forgets an agent (offline beyond its retention).
     fn forget<'a>(&'a self, agent: &'a periscope_protocol::AgentId) -> BackendFuture<'a, ()>;

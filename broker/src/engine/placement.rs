@@ -304,6 +304,15 @@ impl Engine {
                         in_file.push(e.clone());
                     }
                 }
+                for f in rec.files.values() {
+                    if all_files.len() < 10_000 {
+                        all_files.insert(f.file.clone());
+                    }
+                    if location.file_matches(&f.file) {
+                        files.insert(f.file.clone());
+                        in_file.extend(file_locations_near(f, location.line));
+                    }
+                }
             });
         }
         if files.len() > 1 {
@@ -396,4 +405,33 @@ fn kind_word(kind: LocationKind) -> &'static str {
         LocationKind::Span => "span",
         LocationKind::Event => "event",
     }
+}
+
+/// The locations of a whole-file catalog entry that matter for a placement at `line`:
+/// the line itself when it holds code (an event) or a function's definition (a span),
+/// and otherwise the nearest lines that hold code, each named after the function around
+/// it.
+fn file_locations_near(f: &periscope_protocol::FileLines, line: u32) -> Vec<CatalogEntry> {
+    let entry = |line: u32, kind: LocationKind, name: String| CatalogEntry {
+        file: f.file.clone(),
+        line,
+        kind,
+        name,
+        module: f.module.clone(),
+        level: None,
+        fields: Vec::new(),
+        hits: 0,
+    };
+    let around = |line: u32| f.function_around(line).map_or_else(|| "<module>".to_owned(), |func| func.name.clone());
+    let mut out = Vec::new();
+    if let Some(func) = f.function_at(line) {
+        out.push(entry(line, LocationKind::Span, func.name.clone()));
+    }
+    if f.lines.contains(line) {
+        out.push(entry(line, LocationKind::Event, around(line)));
+    }
+    if out.is_empty() {
+        out.extend(f.lines.nearest(line, 5).into_iter().map(|l| entry(l, LocationKind::Event, around(l))));
+    }
+    out
 }

@@ -36,6 +36,19 @@ pub(crate) fn source_line(s: &SourceView) -> String {
         periscope_protocol::LocationKind::Span => "span",
         periscope_protocol::LocationKind::Event => "event",
     };
+    if let Some(lines) = &s.lines {
+        // A whole-file catalog (Python): a function or module and the lines with code.
+        let what = if s.kind == periscope_protocol::LocationKind::Span { "function" } else { "module" };
+        let end = s.end_line.map(|e| format!("-{e}")).unwrap_or_default();
+        return format!(
+            "{}:{}{end} {what} `{}` lines with code [{}] agents={}",
+            s.file,
+            s.line,
+            truncate_chars(&s.name, 80),
+            truncate_chars(lines, 200),
+            s.agents
+        );
+    }
     format!(
         "{}:{} {kind} `{}` fields [{}] observed_hits={} agents={}",
         s.file,

@@ -6,18 +6,18 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use futures_util::FutureExt as _;
-use periscope_protocol::{AgentId, BrokerMessage, CatalogEntry};
+use periscope_protocol::{AgentId, BrokerMessage};
 use tokio::sync::mpsc;
 
 use crate::backend::{AgentDirectory, BackendFuture, ClusterEvent, LeaseHeld};
-use crate::registry::AgentSnapshot;
+use crate::registry::{AgentSnapshot, PublishedCatalog};
 
 #[derive(Debug, Default)]
 struct Inner {
     epoch: u64,
     leases: HashMap<AgentId, (u64, String, u32)>,
     records: HashMap<AgentId, AgentSnapshot>,
-    catalogs: HashMap<AgentId, Vec<CatalogEntry>>,
+    catalogs: HashMap<AgentId, PublishedCatalog>,
     subscribers: Vec<mpsc::Sender<ClusterEvent>>,
     load: serde_json::Value,
 }
@@ -81,7 +81,7 @@ impl AgentDirectory for LocalDirectory {
         ready(self.lock().leases.get(agent).map(|l| l.0))
     }
 
-    fn publish(&self, record: AgentSnapshot, catalog: Option<Vec<CatalogEntry>>) -> BackendFuture<'_, ()> {
+    fn publish(&self, record: AgentSnapshot, catalog: Option<PublishedCatalog>) -> BackendFuture<'_, ()> {
         let mut inner = self.lock();
         let id = record.info.agent_id.clone();
         if let Some(c) = catalog {
@@ -99,7 +99,7 @@ impl AgentDirectory for LocalDirectory {
         ready(self.lock().records.values().cloned().collect())
     }
 
-    fn catalog<'a>(&'a self, agent: &'a AgentId) -> BackendFuture<'a, Vec<CatalogEntry>> {
+    fn catalog<'a>(&'a self, agent: &'a AgentId) -> BackendFuture<'a, PublishedCatalog> {
         ready(self.lock().catalogs.get(agent).cloned().unwrap_or_default())
     }
 

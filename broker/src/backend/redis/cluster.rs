@@ -15,13 +15,13 @@ use std::time::Duration;
 
 use futures_util::{FutureExt as _, StreamExt as _};
 use periscope_protocol::messages::{decode_broker_message, encode};
-use periscope_protocol::{AgentId, BrokerMessage, CatalogEntry};
+use periscope_protocol::{AgentId, BrokerMessage};
 use redis::Script;
 use tokio::sync::{mpsc, watch};
 
 use super::{Redis, strings};
 use crate::backend::{AgentDirectory, BackendError, BackendFuture, ClusterEvent, LeaseHeld};
-use crate::registry::AgentSnapshot;
+use crate::registry::{AgentSnapshot, PublishedCatalog};
 use crate::time::now_ms;
 
 /// How long a lease lives without renewal: a node that stops answering loses its agents'
@@ -225,7 +225,7 @@ impl AgentDirectory for RedisDirectory {
         .boxed()
     }
 
-    fn publish(&self, record: AgentSnapshot, catalog: Option<Vec<CatalogEntry>>) -> BackendFuture<'_, ()> {
+    fn publish(&self, record: AgentSnapshot, catalog: Option<PublishedCatalog>) -> BackendFuture<'_, ()> {
         async move {
             let id = record.info.agent_id.clone();
             let json = serde_json::to_string(&record).map_err(|e| corrupt("agent", e))?;
@@ -260,7 +260,7 @@ impl AgentDirectory for RedisDirectory {
         .boxed()
     }
 
-    fn catalog<'a>(&'a self, agent: &'a AgentId) -> BackendFuture<'a, Vec<CatalogEntry>> {
+    fn catalog<'a>(&'a self, agent: &'a AgentId) -> BackendFuture<'a, PublishedCatalog> {
         async move {
             let json: Option<String> =
                 self.redis.query(redis::cmd("GET").arg(self.redis.key(&format!("catalog:{agent}")))).await?;

@@ -2,6 +2,7 @@
 //! operators. Every default is an associated `DEFAULT_*` constant so that the docs and
 //! the code cannot drift apart.
 
+use std::marker::PhantomData;
 use std::time::Duration;
 
 use periscope_protocol::messages::{is_label, registration_bounds};
@@ -101,7 +102,7 @@ impl AgentConfig {
     /// `PERISCOPE_QUEUE_CAPACITY`, `PERISCOPE_RECONNECT_INITIAL_MS`, `PERISCOPE_CA_CERT`.
     /// `PERISCOPE_BROKER_URL` may list a cluster's nodes, comma-separated.
     pub fn from_env() -> Result<AgentConfig, ConfigError> {
-        AgentBuilder::new().env_defaults().build_config()
+        AgentBuilder::<()>::new().env_defaults().build_config()
     }
 
     /// The broker URLs, in the order they are tried.
@@ -110,7 +111,7 @@ impl AgentConfig {
     }
 
     /// Checks every setting and fills derived defaults.
-    pub(crate) fn validate(mut self) -> Result<AgentConfig, ConfigError> {
+    pub fn validate(mut self) -> Result<AgentConfig, ConfigError> {
         let mut urls = Vec::new();
         for url in self.broker_url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
             if !(url.starts_with("ws://") || url.starts_with("wss://")) {
@@ -184,10 +185,28 @@ impl AgentConfig {
     }
 }
 
-/// Builds an [`Agent`](crate::Agent): set what you know in code, let the environment
-/// fill the rest with [`AgentBuilder::env_defaults`].
-#[derive(Clone, Default)]
-pub struct AgentBuilder {
+/// How an adapter starts its agent from a validated configuration: what
+/// [`AgentBuilder::start`] calls. The `tracing` adapter's builder is
+/// `AgentBuilder<periscope_agent::Agent>`-flavoured through this trait.
+pub trait Launch {
+    /// The running agent.
+    type Agent;
+    /// Starts it.
+    fn launch(config: AgentConfig) -> Result<Self::Agent, ConfigError>;
+}
+
+/// A builder that only builds configurations.
+impl Launch for () {
+    type Agent = AgentConfig;
+    fn launch(config: AgentConfig) -> Result<AgentConfig, ConfigError> {
+        Ok(config)
+    }
+}
+
+/// Builds an agent: set what you know in code, let the environment fill the rest with
+/// [`AgentBuilder::env_defaults`], then [`AgentBuilder::start`] it. `L` is the adapter
+/// that starts it.
+pub struct AgentBuilder<L = ()> {
     broker_url: Option<String>,
     agent_key: Option<String>,
     pool: Option<String>,
@@ -201,9 +220,52 @@ pub struct AgentBuilder {
     connect_timeout: Option<Duration>,
     ca_cert: Option<std::path::PathBuf>,
     env_error: Option<ConfigError>,
+    launch: PhantomData<fn() -> L>,
 }
 
-impl std::fmt::Debug for AgentBuilder {
+impl<L> Default for AgentBuilder<L> {
+    fn default() -> Self {
+        AgentBuilder {
+            broker_url: None,
+            agent_key: None,
+            pool: None,
+            tags: None,
+            service: None,
+            service_version: None,
+            display_name: None,
+            queue_capacity: None,
+            reconnect_initial: None,
+            reconnect_max: None,
+            connect_timeout: None,
+            ca_cert: None,
+            env_error: None,
+            launch: PhantomData,
+        }
+    }
+}
+
+impl<L> Clone for AgentBuilder<L> {
+    fn clone(&self) -> Self {
+        AgentBuilder {
+            broker_url: self.broker_url.clone(),
+            agent_key: self.agent_key.clone(),
+            pool: self.pool.clone(),
+            tags: self.tags.clone(),
+            service: self.service.clone(),
+            service_version: self.service_version.clone(),
+            display_name: self.display_name.clone(),
+            queue_capacity: self.queue_capacity,
+            reconnect_initial: self.reconnect_initial,
+            reconnect_max: self.reconnect_max,
+            connect_timeout: self.connect_timeout,
+            ca_cert: self.ca_cert.clone(),
+            env_error: self.env_error.clone(),
+            launch: PhantomData,
+        }
+    }
+}
+
+impl<L> std::fmt::Debug for AgentBuilder<L> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentBuilder")
             .field("broker_url", &self.broker_url)
@@ -215,7 +277,7 @@ impl std::fmt::Debug for AgentBuilder {
     }
 }
 
-impl AgentBuilder {
+impl<L> AgentBuilder<L> {
     /// An empty builder.
     pub fn new() -> Self {
         Self::default()
@@ -384,9 +446,17 @@ impl AgentBuilder {
         .validate()
     }
 
+    /// Whether a service name was given (in code or the environment); adapters whose
+    /// executable name says little (an interpreter) supply a better default.
+    pub fn has_service(&self) -> bool {
+        self.service.is_some()
+    }
+}
+
+impl<L: Launch> AgentBuilder<L> {
     /// Validates the configuration and starts the agent's background thread.
-    pub fn start(self) -> Result<crate::Agent, ConfigError> {
-        crate::Agent::start(self.build_config()?)
+    pub fn start(self) -> Result<L::Agent, ConfigError> {
+        L::launch(self.build_config()?)
     }
 }
 
@@ -404,22 +474,25 @@ mod tests {
 
     #[test]
     fn several_urls_are_the_nodes_of_a_cluster_each_with_the_gateway_path() {
-        let c =
-            AgentBuilder::new().broker_url("ws://a:7070, ws://b:7070/agents").agent_key("k").build_config().unwrap();
+        let c = AgentBuilder::<()>::new()
+            .broker_url("ws://a:7070, ws://b:7070/agents")
+            .agent_key("k")
+            .build_config()
+            .unwrap();
         assert_eq!(c.broker_urls(), ["ws://a:7070/agents", "ws://b:7070/agents"]);
-        assert!(AgentBuilder::new().broker_url("ws://a, http://b").agent_key("k").build_config().is_err());
+        assert!(AgentBuilder::<()>::new().broker_url("ws://a, http://b").agent_key("k").build_config().is_err());
     }
 
     #[test]
     fn a_url_without_a_path_gets_the_gateway_path() {
-        let c = AgentBuilder::new().broker_url("ws://127.0.0.1:7070").agent_key("k").build_config().unwrap();
+        let c = AgentBuilder::<()>::new().broker_url("ws://127.0.0.1:7070").agent_key("k").build_config().unwrap();
         assert_eq!(c.broker_url, "ws://127.0.0.1:7070/agents");
         assert_eq!(c.pool, "default");
     }
 
     #[test]
     fn debug_output_never_shows_the_agent_key() {
-        let b = AgentBuilder::new().broker_url("ws://x").agent_key("pak_secret_value");
+        let b = AgentBuilder::<()>::new().broker_url("ws://x").agent_key("pak_secret_value");
         assert!(!format!("{b:?}").contains("pak_secret_value"));
         let c = b.build_config().unwrap();
         assert!(!format!("{c:?}").contains("pak_secret_value"));
@@ -427,19 +500,20 @@ mod tests {
 
     #[test]
     fn a_long_display_name_is_refused_by_name() {
-        let err = AgentBuilder::new().broker_url("ws://x").agent_key("k").display_name("n".repeat(200)).build_config();
+        let err =
+            AgentBuilder::<()>::new().broker_url("ws://x").agent_key("k").display_name("n".repeat(200)).build_config();
         assert!(err.unwrap_err().to_string().starts_with("display_name"));
     }
 
     #[test]
     fn a_missing_key_names_its_environment_variable() {
-        let err = AgentBuilder::new().broker_url("ws://x").build_config().unwrap_err();
+        let err = AgentBuilder::<()>::new().broker_url("ws://x").build_config().unwrap_err();
         assert!(err.to_string().contains("PERISCOPE_AGENT_KEY"), "{err}");
     }
 
     #[test]
     fn bad_settings_are_refused_by_name() {
-        let base = || AgentBuilder::new().broker_url("ws://x").agent_key("k");
+        let base = || AgentBuilder::<()>::new().broker_url("ws://x").agent_key("k");
         assert!(base().broker_url("http://x").build_config().unwrap_err().to_string().contains("ws://"));
         assert!(base().pool("a pool").build_config().unwrap_err().to_string().starts_with("pool"));
         assert!(base().tags(["ok", "not ok"]).build_config().unwrap_err().to_string().contains("not ok"));

@@ -10,24 +10,40 @@ use std::time::{Duration, Instant};
 
 /// Monotonic nanoseconds since the agent started.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Clock {
+pub struct Clock {
     epoch: Instant,
+    /// Unix time (ms) at `epoch`, so a probe reads one clock, not two.
+    epoch_unix_ms: u64,
 }
 
 impl Clock {
-    pub(crate) fn new() -> Self {
-        Clock { epoch: Instant::now() }
+    /// A clock whose zero is now.
+    pub fn new() -> Self {
+        Clock { epoch: Instant::now(), epoch_unix_ms: crate::unix_ms() }
     }
 
-    pub(crate) fn now(&self) -> u64 {
+    /// Unix time in milliseconds at clock time `now` (monotonic since the agent
+    /// started; a wall-clock step after that does not move it).
+    pub fn unix_ms(&self, now: u64) -> u64 {
+        self.epoch_unix_ms.saturating_add(now / 1_000_000)
+    }
+
+    /// Nanoseconds since the clock was made.
+    pub fn now(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
     }
 }
 
 /// Generic cell rate algorithm: allows `rate` events per second with a burst of
 /// `burst` events.
 #[derive(Debug)]
-pub(crate) struct RateLimiter {
+pub struct RateLimiter {
     /// Theoretical arrival time of the next conforming event.
     tat: AtomicU64,
     /// Nanoseconds per event.
@@ -37,7 +53,8 @@ pub(crate) struct RateLimiter {
 }
 
 impl RateLimiter {
-    pub(crate) fn new(per_second: f64, burst: f64) -> Self {
+    /// `per_second` events with bursts of `burst`.
+    pub fn new(per_second: f64, burst: f64) -> Self {
         let per_second = if per_second.is_finite() && per_second > 0.0 { per_second } else { 1e-9 };
         let interval = (1e9 / per_second).clamp(1.0, u64::MAX as f64 / 4.0) as u64;
         let burst = if burst.is_finite() && burst >= 1.0 { burst } else { 1.0 };
@@ -46,7 +63,7 @@ impl RateLimiter {
     }
 
     /// Takes `cost` units if they conform; returns false (taking nothing) otherwise.
-    pub(crate) fn try_take(&self, now: u64, cost: u64) -> bool {
+    pub fn try_take(&self, now: u64, cost: u64) -> bool {
         let increment = self.interval.saturating_mul(cost.max(1));
         let mut tat = self.tat.load(Ordering::Relaxed);
         loop {
@@ -66,7 +83,7 @@ impl RateLimiter {
 /// A leaky bucket of CPU time: work adds its measured duration, the bucket drains at
 /// `fraction` of wall time, and while it holds more than `burst` the budget is spent.
 #[derive(Debug)]
-pub(crate) struct CpuBudget {
+pub struct CpuBudget {
     /// Debt expressed as the clock time at which the bucket will be empty.
     empty_at: AtomicU64,
     /// Wall nanoseconds needed to drain one nanosecond of CPU.
@@ -76,7 +93,8 @@ pub(crate) struct CpuBudget {
 }
 
 impl CpuBudget {
-    pub(crate) fn new(fraction: f64, burst: Duration) -> Self {
+    /// `fraction` of one core, with `burst` of work allowed at once.
+    pub fn new(fraction: f64, burst: Duration) -> Self {
         let fraction = if fraction.is_finite() && fraction > 0.0 { fraction.min(1.0) } else { 0.01 };
         let drain_factor = 1.0 / fraction;
         let burst_drain = (burst.as_nanos() as f64 * drain_factor).min(u64::MAX as f64 / 4.0) as u64;
@@ -84,12 +102,12 @@ impl CpuBudget {
     }
 
     /// Whether work may start now.
-    pub(crate) fn available(&self, now: u64) -> bool {
+    pub fn available(&self, now: u64) -> bool {
         self.empty_at.load(Ordering::Relaxed).saturating_sub(now) <= self.burst_drain
     }
 
     /// Charges `spent` nanoseconds of work measured around a capture.
-    pub(crate) fn charge(&self, now: u64, spent: u64) {
+    pub fn charge(&self, now: u64, spent: u64) {
         let add = (spent as f64 * self.drain_factor).min(u64::MAX as f64 / 4.0) as u64;
         let mut cur = self.empty_at.load(Ordering::Relaxed);
         loop {
@@ -102,7 +120,7 @@ impl CpuBudget {
     }
 
     /// When, in clock nanoseconds, work may start again.
-    pub(crate) fn recovers_at(&self, now: u64) -> u64 {
+    pub fn recovers_at(&self, now: u64) -> u64 {
         self.empty_at.load(Ordering::Relaxed).saturating_sub(self.burst_drain).max(now)
     }
 }

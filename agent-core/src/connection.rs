@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use periscope_protocol::messages::MAX_CATALOG_ENTRIES_PER_FRAME;
+use periscope_protocol::messages::{MAX_CATALOG_ENTRIES_PER_FRAME, MAX_CATALOG_FILES_PER_FRAME};
 use periscope_protocol::{
     ActionId, ActionSpec, ActionStatusUpdate, AgentActionState, AgentId, AgentMessage, BrokerMessage, CaptureLimits,
     CatalogUpdate, Heartbeat, LogDestination, LogLine, MAX_FRAME_BYTES, PROTOCOL_VERSION, ProtocolErrorCode,
@@ -26,7 +26,8 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::capture::{RawHit, client_hit};
 use crate::config::AgentConfig;
-use crate::state::{Budgets, Installed, Shared};
+use crate::state::{Budgets, Core, Installed};
+use crate::{CatalogBatch, Runtime};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -43,11 +44,13 @@ enum SessionEnd {
 }
 
 /// Connection state the agent thread keeps across sessions.
-pub(crate) struct Runner {
+pub(crate) struct Runner<R: Runtime> {
     pub(crate) config: AgentConfig,
     pub(crate) agent_id: AgentId,
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) hits_rx: mpsc::Receiver<Box<RawHit>>,
+    /// The adapter: where actions are installed, what the catalog holds, how hits are built.
+    runtime: Arc<R>,
+    pub(crate) shared: Arc<Core<R::Payload>>,
+    pub(crate) hits_rx: mpsc::Receiver<Box<RawHit<R::Payload>>>,
     pub(crate) shutdown: watch::Receiver<bool>,
     /// Live action specs, by id, as last synced from the broker.
     actions: HashMap<ActionId, Arc<Installed>>,
@@ -58,17 +61,19 @@ pub(crate) struct Runner {
     next_url: usize,
 }
 
-impl Runner {
+impl<R: Runtime> Runner<R> {
     pub(crate) fn new(
         config: AgentConfig,
         agent_id: AgentId,
-        shared: Arc<Shared>,
-        hits_rx: mpsc::Receiver<Box<RawHit>>,
+        runtime: Arc<R>,
+        shared: Arc<Core<R::Payload>>,
+        hits_rx: mpsc::Receiver<Box<RawHit<R::Payload>>>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Runner {
             config,
             agent_id,
+            runtime,
             shared,
             hits_rx,
             shutdown,
@@ -140,7 +145,7 @@ impl Runner {
 
     /// Counts a hit lost to a missing broker and gives its slot back, so a snapshot
     /// that was waiting for that hit fires again once the broker is back.
-    fn drop_disconnected(&self, raw: &RawHit) {
+    fn drop_disconnected(&self, raw: &RawHit<R::Payload>) {
         self.shared.counters.dropped_disconnected.fetch_add(1, Ordering::Relaxed);
         if raw.action.snapshot.is_some() {
             let _ = raw.action.taken.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| t.checked_sub(1));
@@ -165,9 +170,7 @@ impl Runner {
         self.heartbeat = Duration::from_millis(registered.heartbeat_interval_ms.clamp(1_000, 300_000));
         // Re-install what we had with the new budgets until the broker's sync arrives.
         self.reinstall().await;
-        for chunk in self.shared.catalog_updates(true).chunks(MAX_CATALOG_ENTRIES_PER_FRAME).enumerate() {
-            let (i, entries) = chunk;
-            let msg = AgentMessage::Catalog(CatalogUpdate { full: i == 0, entries: entries.to_vec() });
+        for msg in catalog_frames(self.runtime.catalog(true), true) {
             if let Err(e) = send(&mut socket, &msg).await {
                 return SessionEnd::Retry(e);
             }
@@ -212,10 +215,7 @@ impl Runner {
                 }
                 _ = heartbeat.tick() => {
                     let mut msgs = vec![AgentMessage::Heartbeat(self.heartbeat_message())];
-                    let updates = self.shared.catalog_updates(false);
-                    for entries in updates.chunks(MAX_CATALOG_ENTRIES_PER_FRAME) {
-                        msgs.push(AgentMessage::Catalog(CatalogUpdate { full: false, entries: entries.to_vec() }));
-                    }
+                    msgs.extend(catalog_frames(self.runtime.catalog(false), false));
                     for msg in msgs {
                         if let Err(e) = send(&mut socket, &msg).await {
                             return SessionEnd::Retry(e);
@@ -306,6 +306,7 @@ impl Runner {
     fn registration(&self) -> Registration {
         let host = hostname();
         let pid = std::process::id();
+        let identity = self.runtime.identity();
         Registration {
             protocol_version: PROTOCOL_VERSION,
             agent_id: self.agent_id.clone(),
@@ -323,12 +324,12 @@ impl Runner {
             tags: self.config.tags.clone(),
             service: self.config.service.clone(),
             service_version: self.config.service_version.clone(),
-            language: "rust".into(),
-            runtime: format!("rust ({} {})", std::env::consts::OS, std::env::consts::ARCH),
+            language: identity.language,
+            runtime: identity.runtime,
             host,
             pid,
-            agent_version: env!("CARGO_PKG_VERSION").into(),
-            capabilities: vec!["snapshot".into(), "backtrace".into(), "span_stack".into()],
+            agent_version: identity.agent_version,
+            capabilities: identity.capabilities,
         }
     }
 
@@ -355,7 +356,7 @@ impl Runner {
                 tracing::debug!(target: "periscope_agent", action = %action_id, %reason, "action removed");
                 if let Some(action) = self.actions.remove(&action_id) {
                     // A metric's last partial interval still counts.
-                    if let Some(report) = metric_report(&action, crate::layer::unix_ms(), true)
+                    if let Some(report) = metric_report(&action, crate::unix_ms(), true)
                         && let Err(e) = send(socket, &AgentMessage::Metrics { reports: vec![report] }).await
                     {
                         return Some(SessionEnd::Retry(e));
@@ -425,29 +426,30 @@ impl Runner {
         self.install().await;
     }
 
-    /// Swaps in a table for the current actions and rebuilds tracing's interest cache.
+    /// Hands the current actions to the adapter to install; returns, per action, how
+    /// many locations it matched (when the adapter knows at once).
     async fn install(&mut self) -> Vec<(Arc<Installed>, u32)> {
-        // Cleared before the catalog is read: a callsite that registers from here on
+        // Cleared before the adapter reads its locations: one that appears from here on
         // sets it again and gets its own rebuild.
         self.shared.rebuild_needed.store(false, Ordering::Release);
         let runnable: Vec<Arc<Installed>> =
             self.actions.values().filter(|a| !a.done.load(Ordering::Relaxed) && a.runnable()).cloned().collect();
-        let mut matched = self.shared.install(runnable, Arc::clone(&self.budgets), self.limits);
+        // Installing may take locks the host's threads take too (tracing's callsite
+        // registry, an interpreter's lock): off the runtime, so that a host thread
+        // waiting on them never waits on our runtime.
+        let (runtime, budgets, limits) = (Arc::clone(&self.runtime), Arc::clone(&self.budgets), self.limits);
+        let installed = tokio::task::spawn_blocking(move || runtime.install(runnable, budgets, limits)).await;
+        let installed = installed.unwrap_or_default();
+        // An adapter that installs later reports its runnable actions itself.
+        let deferred = installed.is_none();
+        let mut matched = installed.unwrap_or_default();
         // Report every action, including the ones not installed (for their error status).
         for action in self.actions.values() {
-            if !matched.iter().any(|(a, _)| a.spec.id == action.spec.id) {
+            let reported_later = deferred && action.runnable();
+            if !reported_later && !matched.iter().any(|(a, _)| a.spec.id == action.spec.id) {
                 matched.push((Arc::clone(action), 0));
             }
         }
-        // Interest rebuilds take tracing's global callsite lock and call back into our
-        // filter; run it off the runtime so that a host thread registering a callsite
-        // at the same moment never waits on our runtime.
-        let shared = Arc::clone(&self.shared);
-        let _ = tokio::task::spawn_blocking(move || {
-            crate::layer::IN_AGENT.with(|a| a.set(true));
-            shared.rebuild_interest();
-        })
-        .await;
         matched
     }
 
@@ -478,16 +480,15 @@ impl Runner {
                 }
             }
         }
-        let updates = self.shared.catalog_updates(false);
-        for entries in updates.chunks(MAX_CATALOG_ENTRIES_PER_FRAME) {
-            send(socket, &AgentMessage::Catalog(CatalogUpdate { full: false, entries: entries.to_vec() })).await?;
+        for msg in catalog_frames(self.runtime.catalog(false), false) {
+            send(socket, &msg).await?;
         }
         Ok(())
     }
 
     /// Drops actions that completed or expired locally.
     async fn prune_finished(&mut self) {
-        let now = crate::layer::unix_ms();
+        let now = crate::unix_ms();
         let before = self.actions.len();
         self.actions.retain(|_, a| !a.done.load(Ordering::Relaxed) && a.spec.expires_at_ms > now);
         if self.actions.len() != before {
@@ -497,7 +498,7 @@ impl Runner {
 
     /// Sends the aggregates of metrics whose interval is over (all of them when `all`).
     async fn flush_metrics(&mut self, socket: &mut Socket, all: bool) -> Result<(), String> {
-        let now = crate::layer::unix_ms();
+        let now = crate::unix_ms();
         let reports: Vec<_> = self.actions.values().filter_map(|a| metric_report(a, now, all)).collect();
         for chunk in reports.chunks(periscope_protocol::telemetry::MAX_METRIC_REPORTS_PER_FRAME) {
             send(socket, &AgentMessage::Metrics { reports: chunk.to_vec() }).await?;
@@ -507,13 +508,13 @@ impl Runner {
 
     /// Renders a dynamic log line off the host's thread, charges its bytes, and sends
     /// it to the broker and/or the service's own log.
-    async fn send_log(&mut self, raw: &RawHit, socket: &mut Socket) -> Result<(), String> {
+    async fn send_log(&mut self, raw: &RawHit<R::Payload>, socket: &mut Socket) -> Result<(), String> {
         let (Some(log), Some(template)) = (&raw.action.log, &raw.action.exprs.template) else { return Ok(()) };
         let redactor = self.shared.redactor();
         // Placeholders read what a client would see (redacted, cut), whatever the
         // expression does with a value; each placeholder's result is then redacted again
         // by its own name below.
-        let hit = client_hit(raw, &self.limits, &redactor);
+        let hit = client_hit(&*self.runtime, raw, &self.limits, &redactor);
         let mut steps = periscope_protocol::Budget::default();
         let mut report = periscope_redaction::Report::new();
         // Each placeholder's value is redacted (by its field name too) before it is text.
@@ -553,7 +554,7 @@ impl Runner {
         }
         let spec = &log.spec;
         if matches!(spec.destination, LogDestination::App | LogDestination::Both) {
-            self.shared.emit_app_log(spec.level, &raw.action.spec.id, &rendered.text);
+            self.runtime.emit_app_log(spec.level, &raw.action.spec.id, &rendered.text);
         }
         if matches!(spec.destination, LogDestination::Broker | LogDestination::Both) {
             let line = LogLine {
@@ -571,13 +572,13 @@ impl Runner {
         Ok(())
     }
 
-    async fn send_hit(&mut self, raw: &RawHit, socket: &mut Socket) -> Result<(), String> {
+    async fn send_hit(&mut self, raw: &RawHit<R::Payload>, socket: &mut Socket) -> Result<(), String> {
         // Watches read the hit exactly as a client will see it: strings kept longer than
         // the limit until redaction has seen them whole (so a secret straddling the cut
         // is still recognized), redacted, then cut. An expression (`len(user.password)`,
         // `user.password + "x"`) cannot carry a secret out from under its name.
         let redactor = self.shared.redactor();
-        let mut hit = client_hit(raw, &self.limits, &redactor);
+        let mut hit = client_hit(&*self.runtime, raw, &self.limits, &redactor);
         // Watches are evaluated here, off the host's thread.
         let mut watches = Vec::with_capacity(raw.action.exprs.watches.len());
         for (i, w) in raw.action.exprs.watches.iter().enumerate() {
@@ -629,6 +630,25 @@ async fn send(socket: &mut Socket, msg: &AgentMessage) -> Result<(), String> {
         return Ok(());
     }
     socket.send(Message::text(text)).await.map_err(|e| e.to_string())
+}
+
+/// A catalog update as frames: the first one marked `full` when it is the whole
+/// catalog, locations and files split to what one frame may carry.
+fn catalog_frames(batch: CatalogBatch, full: bool) -> Vec<AgentMessage> {
+    let mut frames = Vec::new();
+    let mut entries = batch.entries.chunks(MAX_CATALOG_ENTRIES_PER_FRAME);
+    let mut files = batch.files.chunks(MAX_CATALOG_FILES_PER_FRAME);
+    loop {
+        let (e, f) = (entries.next(), files.next());
+        if e.is_none() && f.is_none() && !(full && frames.is_empty()) {
+            return frames;
+        }
+        frames.push(AgentMessage::Catalog(CatalogUpdate {
+            full: full && frames.is_empty(),
+            entries: e.map(<[_]>::to_vec).unwrap_or_default(),
+            files: f.map(<[_]>::to_vec).unwrap_or_default(),
+        }));
+    }
 }
 
 /// The metric's report when its interval is over (or always, when `force`), with

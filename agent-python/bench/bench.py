@@ -1,0 +1,130 @@
+"""The Python agent's cost to its host, side by side in one run against the same
+workload without the agent (the numbers in BENCHMARKS.md, section "Python agent").
+
+    python agent-python/bench/bench.py            # this interpreter, the installed wheel
+
+Cases, each timed as the median of rounds of N calls of `hot` (ten locals), in CPU time
+of the calling thread (`time.thread_time_ns`: other processes on a busy machine do not
+count; the agent's own threads do not either, as they never run the host's code):
+
+- baseline: no agent loaded at all;
+- idle: the agent running (connected to nothing), no action anywhere;
+- other: a live snapshot on another function of the same module (`other`);
+- false_condition: a snapshot on `hot`'s last line whose condition is false;
+- capture_locals: a snapshot on `hot`'s last line that fires on every call, capturing
+  its ten locals and the names and lines of the call stack (budgets that never refuse;
+  the hits are dropped by the agent thread, which has no broker);
+- capture: the same with the default limits: the callers' locals too (five frames).
+
+Prints one JSON object per case: ns per call, ratio to the baseline, and ns per firing
+(the difference to the baseline).
+"""
+
+import json
+import os
+import statistics
+import sys
+import time
+
+N = int(os.environ.get("BENCH_CALLS", "200000"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "7"))
+
+
+def hot(i):
+    a = i + 1
+    b = a * 2
+    c = b - 3
+    d = "order-%d" % (i & 1023)
+    e = [a, b]
+    f = {"k": c}
+    g = a if b > c else c
+    h = 3.5
+    j = None
+    return a + b + c + len(d) + len(e) + len(f) + g + int(h)  # the probed line
+
+
+HOT_LINE = hot.__code__.co_firstlineno + 10
+
+
+def other(x):
+    y = x * 2
+    return y
+
+
+def run(n=N):
+    t0 = time.thread_time_ns()
+    for i in range(n):
+        hot(i)
+    return (time.thread_time_ns() - t0) / n
+
+
+def rounds(setup=None):
+    samples = []
+    for _ in range(ROUNDS):
+        if setup:
+            setup()
+        samples.append(run())
+    return statistics.median(samples)
+
+
+def main():
+    run(20000)  # warm up
+    import periscope_agent
+    from periscope_agent import _native
+
+    here = os.path.abspath(__file__)
+
+    from periscope_agent import _agent
+
+    def start():
+        if _native.agent_id() is None:
+            periscope_agent.start(broker_url="ws://127.0.0.1:9", agent_key="bench", pool="bench", service="bench")
+            # The worker first publishes the catalog of loaded modules: a start-up
+            # cost, not an idle one.
+            _agent._worker.settled.wait(60)
+
+    # Baseline and idle interleaved: the agent is stopped for baseline rounds.
+    base, idle = [], []
+    for _ in range(ROUNDS):
+        if _native.agent_id() is not None:
+            periscope_agent.stop(0.2)
+        base.append(run())
+        start()
+        idle.append(run())
+    baseline = statistics.median(base)
+    results = {"baseline": baseline, "idle": statistics.median(idle)}
+
+    def settle():
+        time.sleep(0.5)  # the worker resolves and instruments
+
+    _native.install_for_bench(here, other.__code__.co_firstlineno + 1)
+    settle()
+    results["other"] = rounds()
+    _native.install_for_bench(here, HOT_LINE, "i < 0")
+    settle()
+    results["false_condition"] = rounds()
+    _native.install_for_bench(here, HOT_LINE, None, 0)
+    settle()
+    results["capture_locals"] = rounds()
+    _native.install_for_bench(here, HOT_LINE)
+    settle()
+    results["capture"] = rounds()
+    stats = periscope_agent.stats()
+    periscope_agent.stop(0.2)
+    v = sys.version_info
+    mechanism = "sys.monitoring" if v >= (3, 12) else "bytecode injection"
+    for case, ns in results.items():
+        print(json.dumps({
+            "python": "%d.%d.%d" % v[:3],
+            "mechanism": mechanism,
+            "case": case,
+            "ns_per_call": round(ns, 1),
+            "ratio": round(ns / baseline, 3),
+            "ns_per_firing": round(ns - baseline, 1) if case in ("false_condition", "capture_locals", "capture") else None,
+        }))
+    print(json.dumps({"hits_dropped_by_agent_thread": stats.get("dropped_disconnected", 0) + stats.get("dropped_queue_full", 0),
+                      "probe_errors": stats.get("probe_errors")}))
+
+
+if __name__ == "__main__":
+    main()
