@@ -67,6 +67,22 @@ if cur and string.match(cur, '^(%d+)|') == ARGV[3] then redis.call('DEL', key) e
 return 1
 "#;
 
+/// Forgets an agent only when no node holds its lease and this node published its record
+/// last: a node whose own copy went stale (the agent moved on) must not erase the record
+/// of the node that holds or last held it.
+const FORGET: &str = r#"
+local P, agent, node = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('EXISTS', P .. 'lease:' .. agent) == 1 then return 0 end
+local rec = redis.call('HGET', P .. 'agents', agent)
+if rec then
+  local ok, r = pcall(cjson.decode, rec)
+  if ok and type(r) == 'table' and r.node ~= nil and r.node ~= node then return 0 end
+end
+redis.call('HDEL', P .. 'agents', agent)
+redis.call('DEL', P .. 'catalog:' .. agent)
+return 1
+"#;
+
 /// The shared [`AgentDirectory`]; see the module docs.
 #[derive(Debug)]
 pub struct RedisDirectory {
@@ -75,6 +91,7 @@ pub struct RedisDirectory {
     acquire: Script,
     renew: Script,
     release: Script,
+    forget: Script,
     subscribers: std::sync::Mutex<Vec<mpsc::Sender<ClusterEvent>>>,
 }
 
@@ -92,6 +109,7 @@ impl RedisDirectory {
             acquire: Script::new(ACQUIRE),
             renew: Script::new(RENEW),
             release: Script::new(RELEASE),
+            forget: Script::new(FORGET),
             subscribers: std::sync::Mutex::default(),
         });
         tokio::spawn(listen(std::sync::Arc::clone(&dir), stop));
@@ -271,10 +289,9 @@ impl AgentDirectory for RedisDirectory {
 
     fn forget<'a>(&'a self, agent: &'a AgentId) -> BackendFuture<'a, ()> {
         async move {
-            let mut pipe = redis::pipe();
-            pipe.cmd("HDEL").arg(self.redis.key("agents")).arg(agent.as_str()).ignore();
-            pipe.cmd("DEL").arg(self.redis.key(&format!("catalog:{agent}"))).ignore();
-            let () = self.redis.pipe(&pipe).await?;
+            let mut inv = self.forget.prepare_invoke();
+            inv.arg(self.redis.prefix()).arg(agent.as_str()).arg(&self.node);
+            let _: i64 = self.redis.script(&inv).await?;
             Ok(())
         }
         .boxed()

@@ -257,4 +257,39 @@ mod fencing {
         assert_eq!(a.renew(vec![(agent.clone(), on_a)]).await.unwrap(), vec![agent], "A learns it lost the lease");
         let _ = Arc::new(());
     }
+
+    fn record(agent: &AgentId, node: &str, online: bool) -> crate::registry::AgentSnapshot {
+        serde_json::from_value(serde_json::json!({
+            "info": {"protocol_version": 1, "agent_id": agent.as_str(), "display_name": "x", "pool": "shop",
+                     "service": "s", "language": "rust", "agent_version": "0"},
+            "org": "acme", "key_id": "k", "node": node, "epoch": 1, "online": online, "connected_at_ms": 1,
+            "last_seen_ms": 1, "offline_since_ms": null, "disconnect_reason": null, "stats": {},
+            "hits_accepted": 0, "hits_refused": 0, "catalog_version": 0
+        }))
+        .expect("a record")
+    }
+
+    #[tokio::test]
+    async fn a_node_forgets_only_agents_no_node_holds_and_whose_record_it_published_last() {
+        let server = super::server::RedisServer::start().expect("redis-server starts");
+        let redis = super::Redis::connect(&server.url(), "periscope:").await.unwrap();
+        let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+        let (a, b) = (
+            super::RedisDirectory::start(redis.clone(), "a".into(), stop.clone()),
+            super::RedisDirectory::start(redis.clone(), "b".into(), stop),
+        );
+        // The agent left A (its record there went stale) and is online on B.
+        let agent = AgentId::generate();
+        let epoch = b.acquire(&agent, "host", 7).await.unwrap().unwrap();
+        b.publish(record(&agent, "b", true), Some(Vec::new())).await.unwrap();
+        a.forget(&agent).await.unwrap();
+        assert!(a.get(&agent).await.unwrap().is_some(), "B holds its lease: A's forgetting is a no-op");
+        // Gone from B too, B's record: A still leaves it to B.
+        b.release(&agent, epoch).await.unwrap();
+        b.publish(record(&agent, "b", false), None).await.unwrap();
+        a.forget(&agent).await.unwrap();
+        assert!(a.get(&agent).await.unwrap().is_some(), "B published it last");
+        b.forget(&agent).await.unwrap();
+        assert!(a.get(&agent).await.unwrap().is_none(), "B forgets its own offline agent");
+    }
 }
