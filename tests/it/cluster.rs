@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{Value as Json, json};
 
-use crate::support::{Api, TestAgent, TestCluster, eventually, wait_online};
+use crate::support::{AGENT_KEY, Api, RawAgent, TestAgent, TestCluster, eventually, wait_online};
 
 #[tracing::instrument(fields(order_id = id))]
 fn cluster_checkout(id: u64) {
@@ -343,4 +343,46 @@ async fn nodes_say_when_redis_is_away_refuse_placements_meanwhile_and_recover_by
     work.join().unwrap();
     agent.shutdown();
     cluster.stop().await;
+}
+
+/// A Python agent publishes whole files (every line that holds code), not callsites:
+/// what it published on one node validates placements made through any other, with
+/// the nearest code lines named for a line that holds none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_whole_file_catalog_published_on_one_node_validates_any_line_placed_through_another() {
+    let cluster = TestCluster::start(2).await;
+    let a = cluster.node(0).api();
+    let (mut agent, _) = RawAgent::registered(cluster.node(1), AGENT_KEY, "agt_py_files", "pyshop").await;
+    agent
+        .send(json!({"type": "catalog", "full": true, "entries": [], "files": [
+            {"file": "shop/orders.py", "module": "shop.orders", "lines": "3-7,9,12-20",
+             "functions": [{"name": "price_order", "line": 12, "end_line": 20}]}
+        ]}))
+        .await;
+    wait_online(&a, "agt_py_files").await;
+
+    // Line 14 holds code: placed through A once B's catalog reached it.
+    let action = eventually(Duration::from_secs(20), "a placement on shop/orders.py:14 through A", || {
+        let a = a.clone();
+        async move {
+            let (status, v) =
+                a.post("/actions", json!({"pool": "pyshop", "file": "orders.py", "line": 14, "max_hits": 1})).await;
+            (status == 201).then(|| id(&v))
+        }
+    })
+    .await;
+    // Line 10 holds none: refused through A, naming the nearest lines of the file.
+    let (status, err) = a.post("/actions", json!({"pool": "pyshop", "file": "orders.py", "line": 10})).await;
+    assert_eq!(status, 422, "{err}");
+    assert_eq!(err["error"]["code"], "no_such_location", "{err}");
+    let nearest: Vec<u64> =
+        err["error"]["details"]["nearest"].as_array().unwrap().iter().filter_map(|n| n["line"].as_u64()).collect();
+    assert!(nearest.contains(&9) && nearest.contains(&12), "{err}");
+
+    // The agent, held by B, receives the action placed through A; its hit is read on A.
+    assert_eq!(agent.until("action_add").await["action"]["id"], action.as_str());
+    agent.hit(&action, "shop/orders.py", 14, 1).await;
+    let (status, page) = a.get(&format!("/actions/{action}/hits?since=0&wait_seconds=20")).await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["hits"][0]["agent_id"], "agt_py_files", "{page}");
 }
