@@ -370,7 +370,7 @@ async fn get_lines(
             let wait = Duration::from_secs(w);
             let _slot = state.callers.begin_wait(&principal, tokio::time::Instant::now() + wait)?;
             let page = state.engine.wait_lines(&action_id, since, limit, wait, &principal).await?;
-            state.recheck(&principal)?;
+            state.recheck(&principal).await?;
             Ok(Json(page))
         }
         Some(w) => Err(ApiError::invalid(format!(
@@ -446,7 +446,7 @@ async fn get_hits(
             let wait = Duration::from_secs(w);
             let _slot = state.callers.begin_wait(&principal, tokio::time::Instant::now() + wait)?;
             let page = state.engine.wait_hits(&action_id, since, limit, wait, &principal).await?;
-            state.recheck(&principal)?;
+            state.recheck(&principal).await?;
             Ok(Json(page))
         }
         Some(w) => Err(ApiError::invalid(format!(

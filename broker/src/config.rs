@@ -363,6 +363,8 @@ pub struct BrokerConfig {
     pub data_dir: Option<std::path::PathBuf>,
     /// Redaction rules (built-ins on by default); changeable at run time through the API.
     pub redaction: periscope_redaction::RedactionConfig,
+    /// Sign-in of people through OAuth clients (the broker as authorization server).
+    pub oauth: crate::oauth::OAuthSettings,
 }
 
 impl Default for BrokerConfig {
@@ -383,6 +385,7 @@ impl Default for BrokerConfig {
             http: HttpSettings::default(),
             data_dir: None,
             redaction: periscope_redaction::RedactionConfig::default(),
+            oauth: crate::oauth::OAuthSettings::default(),
         }
     }
 }
@@ -573,6 +576,7 @@ impl BrokerConfig {
             }
         }
         self.http.validate()?;
+        self.oauth.validate()?;
         let m = &self.mcp;
         if !(4_096..=16 * 1024 * 1024).contains(&m.max_body_bytes) {
             return Err(ConfigError::Invalid {

@@ -409,15 +409,15 @@ impl std::fmt::Debug for Db {
 }
 
 /// SHA-256 of a secret.
-fn hash(secret: &str) -> [u8; 32] {
+pub(crate) fn hash(secret: &str) -> [u8; 32] {
     sha2::Sha256::digest(secret.as_bytes()).into()
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn unhex(s: &str) -> Option<[u8; 32]> {
+pub(crate) fn unhex(s: &str) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
     if s.len() != 64 {
         return None;
@@ -477,7 +477,7 @@ fn json_opt<T: Serialize>(v: &Option<T>) -> Option<String> {
     v.as_ref().and_then(|v| serde_json::to_string(v).ok())
 }
 
-fn bump_epoch(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+pub(crate) fn bump_epoch(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
     tx.execute(
         "INSERT INTO meta (key, value) VALUES ('auth_epoch', '1') ON CONFLICT(key) DO UPDATE SET \
          value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)",
@@ -842,6 +842,12 @@ impl KeyStore {
         self.generation.subscribe()
     }
 
+    /// How many times the directory was reloaded: what else reads the auth tables
+    /// (OAuth users) reloads when this moves.
+    pub fn generation(&self) -> u64 {
+        *self.generation.borrow()
+    }
+
     fn lookup(&self, token: &str, kind: KeyKind) -> Result<(Arc<KeyRecord>, Arc<Tenancy>), AuthFailure> {
         // A refusal costs no lock and no database (a flood of bad keys must not queue
         // behind, or slow, the key store): what cannot be a key is refused unhashed, and
@@ -895,6 +901,7 @@ impl KeyStore {
             },
             quotas: self.callers.resolve(role, record.quotas.as_ref()),
             tenancy,
+            via: None,
         }
     }
 

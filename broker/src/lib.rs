@@ -27,6 +27,7 @@
 //! - [`api`]: the REST API under `/api/v1`.
 //! - [`admin`]: the administration endpoints (keys, groups, pools, audit).
 //! - [`mcp`]: the MCP server at `/mcp` (streamable HTTP) and `periscope mcp` (stdio).
+//! - [`oauth`]: the OAuth 2.1 authorization server: people sign in from MCP clients.
 //! - [`cli`]: `periscope keys`, `periscope audit export`, `periscope config check`.
 //! - [`error`]: the error codes callers see.
 //! - [`demo`]: `periscope demo` and its shop processes.
@@ -49,6 +50,7 @@ pub mod keys;
 pub mod listener;
 pub mod logging;
 pub mod mcp;
+pub mod oauth;
 pub mod query;
 pub mod quota;
 pub mod registry;
@@ -107,6 +109,8 @@ pub struct BrokerState {
     pub data_dir: std::path::PathBuf,
     /// The scratch directory of a broker without `--data-dir` (removed when dropped).
     pub scratch: Option<store::ScratchDir>,
+    /// The authorization server, when `[oauth] enabled`.
+    pub oauth: Option<Arc<oauth::OAuth>>,
 }
 
 /// Shared state as handlers receive it.
@@ -115,7 +119,21 @@ pub type AppState = Arc<BrokerState>;
 impl BrokerState {
     /// Checks again, after a long wait, that the caller's key still works: a key
     /// revoked while its call waited gets no result.
-    pub fn recheck(&self, principal: &Principal) -> Result<(), error::ApiError> {
+    pub async fn recheck(&self, principal: &Principal) -> Result<(), error::ApiError> {
+        if principal.via.is_some() {
+            let valid = match &self.oauth {
+                Some(o) => o.still_valid(self, principal).await,
+                None => false,
+            };
+            return if valid {
+                Ok(())
+            } else {
+                Err(error::ApiError::new(
+                    error::ErrorCode::Unauthorized,
+                    "the sign-in was revoked or the user disabled while the call waited; nothing is returned",
+                ))
+            };
+        }
         let active = self
             .keys
             .refresh()
@@ -139,7 +157,7 @@ impl BrokerState {
 
 /// Builds the HTTP application.
 pub fn app(state: AppState) -> Router {
-    let api = api::router().layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key));
+    let api = api::router().merge(oauth::admin::router()).layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key));
     let mcp = Router::new()
         .route_service("/mcp", mcp::service(Arc::clone(&state), state.cancel.child_token()))
         .layer(axum::middleware::from_fn_with_state(state.clone(), mcp::sessions::bind_sessions))
@@ -156,6 +174,10 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/.well-known/oauth-protected-resource", get(protected_resource))
         .route("/.well-known/oauth-protected-resource/mcp", get(protected_resource))
+        .merge(match state.oauth {
+            Some(_) => oauth::endpoints::router(),
+            None => Router::new(),
+        })
         .route(periscope_protocol::messages::AGENT_GATEWAY_PATH, get(gateway::agents_ws))
         .nest("/api/v1", api)
         .layer(axum::extract::DefaultBodyLimit::max(256 * 1024))
@@ -339,7 +361,7 @@ async fn protected_resource(State(state): State<AppState>) -> Json<serde_json::V
         "resource": format!("{base}/mcp"),
         "resource_name": "Periscope",
         "bearer_methods_supported": ["header"],
-        "authorization_servers": [],
+        "authorization_servers": if state.oauth.is_some() { vec![base.clone()] } else { Vec::new() },
         "scopes_supported": ["mcp:system:read", "mcp:agents:read", "mcp:actions:write", "mcp:hits:read", "mcp:admin"],
         "resource_documentation": format!("{base}/healthz"),
     }))
@@ -432,6 +454,12 @@ pub async fn run(
         config.ingest.clone(),
         usize::try_from(config.agents.max_sessions_per_key).unwrap_or(usize::MAX),
     );
+    let oauth = if config.oauth.enabled {
+        let store: Arc<dyn oauth::OAuthStore> = Arc::new(oauth::sqlite::SqliteOAuthStore::open(&dir)?);
+        Some(Arc::new(oauth::OAuth::open(config.oauth.clone(), store, &keys).await?))
+    } else {
+        None
+    };
     let state = Arc::new(BrokerState {
         config,
         registry,
@@ -445,6 +473,7 @@ pub async fn run(
         agent_limits,
         data_dir: dir,
         scratch,
+        oauth,
     });
     let housekeeping = tokio::spawn(housekeeping(Arc::clone(&state)));
     let app = app(Arc::clone(&state));
@@ -512,6 +541,11 @@ async fn housekeeping(state: AppState) {
         if n.is_multiple_of(240) {
             state.registry.expire_offline(state.config.agents.offline_retention_secs * 1_000);
             state.registry.identities().expire();
+        }
+        if n % 240 == 1
+            && let Some(o) = &state.oauth
+        {
+            o.purge().await;
         }
         if n % 14_400 == 1 {
             let retention_ms = state.config.store.hit_retention_days * 86_400_000;

@@ -32,6 +32,10 @@ enum Command {
     /// may be running on it: its next call sees the change).
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Create, list, disable and enable the people who sign in from MCP clients through
+    /// OAuth (the broker needs `[oauth] enabled = true`).
+    #[command(subcommand)]
+    Users(periscope_broker::oauth::cli::UsersCommand),
     /// Read the audit trail of a data directory.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -417,6 +421,10 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Redact(args) => redact(&args),
         Command::Keys(command) => keys(command),
+        Command::Users(command) => {
+            println!("{}", cli_users(command)?);
+            Ok(())
+        }
         Command::Audit(AuditCommand::Export(a)) => {
             let filter = cli::AuditFilter {
                 org: a.org,
@@ -482,4 +490,8 @@ async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = term => {}
     }
+}
+
+fn cli_users(command: periscope_broker::oauth::cli::UsersCommand) -> anyhow::Result<String> {
+    periscope_broker::oauth::cli::run(command)
 }

@@ -832,6 +832,7 @@ mod tests {
             reach: crate::auth::Reach::org(org),
             quotas,
             tenancy: Arc::default(),
+            via: None,
         }
     }
 

@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use super::reply::{in_range, parse_args, success};
 use super::{PeriscopeMcp, finish, input_schema, render};
-use crate::auth::{Principal, Scope};
+use crate::auth::Principal;
 use crate::engine::{
     Action, ActionFilter, ActionStatus, ActionView, HitsPage, LogRequest, MetricRequest, SnapshotRequest,
 };
@@ -402,7 +402,7 @@ fn all_agents_failed(a: &Action) -> bool {
 
 impl PeriscopeMcp {
     async fn snapshot(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
-        let principal = self.begin(ctx, Scope::ActionsWrite, "place_snapshot")?;
+        let principal = self.begin(ctx, "place_snapshot")?;
         let a: PlaceSnapshotArgs = parse_args("place_snapshot", args)?;
         // Limits first, before anything is placed; never clamped.
         in_range(
@@ -492,7 +492,7 @@ impl PeriscopeMcp {
             }
         };
         waited?;
-        self.state.recheck(&principal)?;
+        self.state.recheck(&principal).await?;
         self.after_wait(&id, a.max_hits, a.timeout_seconds, &principal)
     }
 
@@ -577,7 +577,7 @@ impl PeriscopeMcp {
     }
 
     fn log(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
-        let principal = self.begin(ctx, Scope::ActionsWrite, "place_log")?;
+        let principal = self.begin(ctx, "place_log")?;
         let a: PlaceLogArgs = parse_args("place_log", args)?;
         in_range(
             "expire_seconds",
@@ -614,7 +614,7 @@ impl PeriscopeMcp {
     }
 
     fn metric(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
-        let principal = self.begin(ctx, Scope::ActionsWrite, "place_metric")?;
+        let principal = self.begin(ctx, "place_metric")?;
         let a: PlaceMetricArgs = parse_args("place_metric", args)?;
         in_range(
             "expire_seconds",
@@ -651,7 +651,7 @@ impl PeriscopeMcp {
     }
 
     async fn action(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
-        let principal = self.begin(ctx, Scope::HitsRead, "get_action")?;
+        let principal = self.begin(ctx, "get_action")?;
         let a: GetActionArgs = parse_args("get_action", args)?;
         in_range("limit", a.limit as u64, 1, query::MAX_PAGE as u64, action_bounds::MAX_MAX_HITS.into())?;
         in_range("wait_seconds", a.wait_seconds, 0, action_bounds::MAX_WAIT_SECS, 0)?;
@@ -682,7 +682,7 @@ impl PeriscopeMcp {
                 r = engine.wait_hits(&a.action_id, a.since, a.limit, wait, &principal) => r?,
                 _ = ctx.ct.cancelled() => return Err(cancelled()),
             };
-            self.state.recheck(&principal)?;
+            self.state.recheck(&principal).await?;
             page
         };
         let view = engine.get(&a.action_id, &principal)?;
@@ -718,7 +718,7 @@ impl PeriscopeMcp {
                 r = engine.wait_lines(&a.action_id, a.since, a.limit, wait, principal) => r?,
                 _ = ctx.ct.cancelled() => return Err(cancelled()),
             };
-            self.state.recheck(principal)?;
+            self.state.recheck(principal).await?;
             page
         };
         let view = engine.get(&a.action_id, principal)?;
@@ -746,7 +746,7 @@ impl PeriscopeMcp {
     }
 
     fn actions(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
-        let principal = self.begin(ctx, Scope::HitsRead, "list_actions")?;
+        let principal = self.begin(ctx, "list_actions")?;
         let a: ListActionsArgs = parse_args("list_actions", args)?;
         let (offset, limit) = query::paging(a.cursor.as_deref(), Some(a.limit))?;
         let all = self.state.engine.list(
@@ -784,7 +784,7 @@ impl PeriscopeMcp {
     }
 
     fn remove(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
-        let principal = self.begin(ctx, Scope::ActionsWrite, "remove_action")?;
+        let principal = self.begin(ctx, "remove_action")?;
         let a: RemoveActionArgs = parse_args("remove_action", args)?;
         let view = self.state.engine.remove(&a.action_id, &principal)?;
         let text = format!("Removed. {}", render::action_summary(&view, now_ms()));

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use super::reply::{parse_args, success};
 use super::{PeriscopeMcp, finish, input_schema};
 use crate::admin::{AuditParams, audit_page};
-use crate::auth::{Role, Scope, require_role};
+use crate::auth::{Role, require_role};
 use crate::error::ApiError;
 
 /// Arguments of `query_audit`.
@@ -58,7 +58,7 @@ impl PeriscopeMcp {
 
 impl PeriscopeMcp {
     async fn audit(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
-        let principal = self.begin(ctx, Scope::Admin, "query_audit")?;
+        let principal = self.begin(ctx, "query_audit")?;
         require_role(&principal, Role::CompanyAdmin, "query_audit")?;
         let a: QueryAuditArgs = parse_args("query_audit", args)?;
         let params = AuditParams {

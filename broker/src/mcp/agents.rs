@@ -9,7 +9,6 @@ use serde::Deserialize;
 
 use super::reply::{parse_args, success};
 use super::{PeriscopeMcp, finish, input_schema, render};
-use crate::auth::Scope;
 use crate::error::ApiError;
 use crate::query::{self, AgentFilter, Page, SourceFilter};
 
@@ -142,7 +141,7 @@ impl PeriscopeMcp {
 
 impl PeriscopeMcp {
     fn agents(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
-        let principal = self.begin(ctx, Scope::AgentsRead, "list_agents")?;
+        let principal = self.begin(ctx, "list_agents")?;
         let a: ListAgentsArgs = parse_args("list_agents", args)?;
         let filter = AgentFilter {
             pool: a.pool,
@@ -158,7 +157,7 @@ impl PeriscopeMcp {
     }
 
     fn sources(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
-        let principal = self.begin(ctx, Scope::AgentsRead, "list_sources")?;
+        let principal = self.begin(ctx, "list_sources")?;
         let a: ListSourcesArgs = parse_args("list_sources", args)?;
         let filter = SourceFilter {
             agent_id: a.agent_id,

@@ -97,8 +97,10 @@ impl PeriscopeMcp {
     }
 
     /// The per-call preamble: who is calling (from the HTTP request the bearer
-    /// middleware authenticated) and whether their key holds `scope` for `tool`.
-    fn begin(&self, ctx: &RequestContext<RoleServer>, scope: Scope, tool: &str) -> Result<Principal, ApiError> {
+    /// middleware authenticated) and whether they hold the scope `tool` needs
+    /// ([`tool_scope`]).
+    fn begin(&self, ctx: &RequestContext<RoleServer>, tool: &str) -> Result<Principal, ApiError> {
+        let scope = tool_scope(tool).unwrap_or(Scope::Admin);
         let parts = ctx.extensions.get::<axum::http::request::Parts>();
         let principal = parts.and_then(|parts| parts.extensions.get::<Principal>()).cloned().ok_or_else(|| {
             ApiError::new(
@@ -119,6 +121,28 @@ impl PeriscopeMcp {
     fn charge<'c>(&self, ctx: &'c RequestContext<RoleServer>) -> Option<&'c CallCharge> {
         ctx.extensions.get::<axum::http::request::Parts>().and_then(|p| p.extensions.get::<CallCharge>())
     }
+}
+
+/// The scope each tool needs: the one table the tools and the HTTP layer (which answers
+/// a person's token that lacks it with 403 and a challenge naming it, so the client can
+/// ask them for more) both read.
+pub const TOOL_SCOPES: &[(&str, Scope)] = &[
+    ("system_health", Scope::SystemRead),
+    ("list_agents", Scope::AgentsRead),
+    ("list_sources", Scope::AgentsRead),
+    ("place_snapshot", Scope::ActionsWrite),
+    ("place_log", Scope::ActionsWrite),
+    ("place_metric", Scope::ActionsWrite),
+    ("get_action", Scope::HitsRead),
+    ("list_actions", Scope::HitsRead),
+    ("remove_action", Scope::ActionsWrite),
+    ("remove_all_actions", Scope::ActionsWrite),
+    ("query_audit", Scope::Admin),
+];
+
+/// The scope a tool needs (`None` for a tool this server does not have).
+pub fn tool_scope(tool: &str) -> Option<Scope> {
+    TOOL_SCOPES.iter().find(|(t, _)| *t == tool).map(|(_, s)| *s)
 }
 
 /// A tool's input schema from its argument type (root `type: object`, ranges and
@@ -200,6 +224,7 @@ mod tests {
             agent_limits: crate::agent_limits::AgentLimits::new(Default::default(), 10),
             data_dir: scratch.path().to_owned(),
             scratch: Some(scratch),
+            oauth: None,
         })
     }
 
@@ -226,6 +251,7 @@ mod tests {
             assert!(names.contains(&name), "{name} missing from {names:?}");
         }
         for t in &tools {
+            assert!(tool_scope(&t.name).is_some(), "{} has no entry in TOOL_SCOPES", t.name);
             assert_eq!(t.input_schema.get("type").and_then(|v| v.as_str()), Some("object"), "{}", t.name);
             let d = t.description.as_deref().unwrap_or_default();
             assert!(d.len() > 80 && d.len() < 1_200, "{}: description of {} chars", t.name, d.len());

@@ -9,7 +9,6 @@ use serde::Deserialize;
 
 use super::reply::{parse_args, success};
 use super::{PeriscopeMcp, finish, input_schema};
-use crate::auth::Scope;
 use crate::error::ApiError;
 
 /// `system_health` takes no arguments.
@@ -35,7 +34,7 @@ impl PeriscopeMcp {
 
 impl PeriscopeMcp {
     fn health(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
-        let principal = self.begin(ctx, Scope::SystemRead, "system_health")?;
+        let principal = self.begin(ctx, "system_health")?;
         let HealthArgs {} = parse_args("system_health", args)?;
         let body = crate::api::health_body(&self.state, &principal, self.charge(ctx));
         let q = &body["quotas"];
