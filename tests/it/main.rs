@@ -17,6 +17,7 @@ mod core_loop;
 mod gateway_errors;
 mod keys;
 mod mcp;
+mod oauth;
 mod quotas;
 mod redaction;
 mod telemetry;

@@ -18,6 +18,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
+use axum::http;
 use reqwest::Url;
 use serde::Deserialize;
 
@@ -225,29 +227,6 @@ pub fn is_metadata_url(client_id: &str) -> bool {
     client_id.starts_with("https://")
 }
 
-/// Resolves host names to public addresses only (unless private ones are allowed): the
-/// connection then goes to the addresses checked, so a name cannot be re-pointed between
-/// the check and the connection.
-#[derive(Debug, Clone)]
-struct GuardedResolver {
-    allow_private: bool,
-}
-
-impl reqwest::dns::Resolve for GuardedResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let allow_private = self.allow_private;
-        let host = name.as_str().to_owned();
-        Box::pin(async move {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let kept: Vec<SocketAddr> = addrs.into_iter().filter(|a| allow_private || is_public(a.ip())).collect();
-            if kept.is_empty() {
-                return Err(format!("`{host}` resolves to no public address").into());
-            }
-            Ok(Box::new(kept.into_iter()) as reqwest::dns::Addrs)
-        })
-    }
-}
-
 /// Checks a URL the broker is about to fetch: https, a host, no credentials, and an IP
 /// literal only if public (IP literals skip the resolver).
 fn check_fetch_url(url: &Url, allow_private: bool, allow_http_loopback: bool) -> Result<(), String> {
@@ -270,13 +249,29 @@ fn check_fetch_url(url: &Url, allow_private: bool, allow_http_loopback: bool) ->
     }
 }
 
-/// A bounded HTTPS client for fetching documents from addresses a caller chose.
-#[derive(Debug, Clone)]
+/// A bounded HTTP(S) client for fetching documents from addresses a caller chose: the
+/// whole fetch (redirects included) under one deadline, bodies cut at `max_bytes`,
+/// every hop's URL checked, and host names resolved here to public addresses only
+/// (unless private ones are allowed): the connection goes to the very addresses
+/// checked, so a name cannot be re-pointed between the check and the connection.
+///
+/// Built on hyper and tokio-rustls (ring) directly rather than reqwest: reqwest's TLS
+/// would bring aws-lc, or oblige every reqwest client of the workspace to install a
+/// process-wide crypto provider.
+#[derive(Clone)]
 pub struct Fetcher {
-    http: reqwest::Client,
+    tls: tokio_rustls::TlsConnector,
+    timeout: Duration,
+    max_redirects: usize,
     max_bytes: usize,
     allow_private: bool,
     allow_http_loopback: bool,
+}
+
+impl std::fmt::Debug for Fetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetcher").field("timeout", &self.timeout).field("max_bytes", &self.max_bytes).finish_non_exhaustive()
+    }
 }
 
 /// The TLS configuration: ring, the public web roots and the PEM file of extra CAs.
@@ -296,10 +291,21 @@ fn tls(extra_ca: Option<&std::path::Path>) -> anyhow::Result<rustls::ClientConfi
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
-        .with_no_client_auth())
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// A response: status and (bounded) body.
+#[derive(Debug)]
+pub struct Fetched {
+    /// The HTTP status.
+    pub status: u16,
+    /// The body.
+    pub body: Vec<u8>,
 }
 
 impl Fetcher {
@@ -313,31 +319,14 @@ impl Fetcher {
         allow_private: bool,
         extra_ca: Option<&std::path::Path>,
     ) -> anyhow::Result<Fetcher> {
-        let allow_http_loopback = allow_private;
-        let policy = reqwest::redirect::Policy::custom(move |attempt| {
-            if attempt.previous().len() > max_redirects {
-                return attempt.error(format!("more than {max_redirects} redirects"));
-            }
-            match check_fetch_url(attempt.url(), allow_private, allow_http_loopback) {
-                Ok(()) => attempt.follow(),
-                Err(e) => attempt.error(format!("redirect refused: {e}")),
-            }
-        });
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls(extra_ca)?)
-            .dns_resolver(Arc::new(GuardedResolver { allow_private }))
-            .redirect(policy)
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .no_proxy()
-            .user_agent(concat!("periscope/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        Ok(Fetcher { http, max_bytes, allow_private, allow_http_loopback })
-    }
-
-    /// The underlying client (for POSTs to a trusted provider).
-    pub fn http(&self) -> &reqwest::Client {
-        &self.http
+        Ok(Fetcher {
+            tls: tokio_rustls::TlsConnector::from(Arc::new(tls(extra_ca)?)),
+            timeout,
+            max_redirects,
+            max_bytes,
+            allow_private,
+            allow_http_loopback: allow_private,
+        })
     }
 
     /// Checks a URL as fetches do.
@@ -345,36 +334,175 @@ impl Fetcher {
         check_fetch_url(url, self.allow_private, self.allow_http_loopback)
     }
 
-    /// Reads a response body up to the bound.
-    pub async fn body(&self, mut response: reqwest::Response) -> Result<Vec<u8>, String> {
-        if response.content_length().is_some_and(|n| n > self.max_bytes as u64) {
+    async fn resolve(&self, url: &Url) -> Result<Vec<SocketAddr>, String> {
+        let port = url.port_or_known_default().ok_or_else(|| format!("`{url}` has no port"))?;
+        match url.host() {
+            Some(url::Host::Ipv4(ip)) => Ok(vec![SocketAddr::new(IpAddr::V4(ip), port)]),
+            Some(url::Host::Ipv6(ip)) => Ok(vec![SocketAddr::new(IpAddr::V6(ip), port)]),
+            Some(url::Host::Domain(d)) => {
+                let addrs: Vec<SocketAddr> = tokio::net::lookup_host((d, port))
+                    .await
+                    .map_err(|e| format!("cannot resolve `{d}`: {e}"))?
+                    .filter(|a| self.allow_private || is_public(a.ip()))
+                    .collect();
+                if addrs.is_empty() {
+                    return Err(format!("`{d}` resolves to no public address"));
+                }
+                Ok(addrs)
+            }
+            None => Err(format!("`{url}` has no host")),
+        }
+    }
+
+    async fn once(
+        &self,
+        method: &http::Method,
+        url: &Url,
+        headers: &[(http::HeaderName, String)],
+        body: &Bytes,
+    ) -> Result<(http::StatusCode, http::HeaderMap, Vec<u8>), String> {
+        self.check(url)?;
+        let host = url.host_str().unwrap_or_default().to_owned();
+        let mut last = String::from("no address");
+        let mut tcp = None;
+        for a in self.resolve(url).await? {
+            match tokio::net::TcpStream::connect(a).await {
+                Ok(s) => {
+                    tcp = Some(s);
+                    break;
+                }
+                Err(e) => last = e.to_string(),
+            }
+        }
+        let tcp = tcp.ok_or_else(|| format!("cannot connect to `{host}`: {last}"))?;
+        if url.scheme() == "https" {
+            let name = rustls::pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
+                .map_err(|e| format!("`{host}` is no TLS server name: {e}"))?;
+            let tls = self.tls.connect(name, tcp).await.map_err(|e| format!("TLS with `{host}` failed: {e}"))?;
+            self.exchange(hyper_util::rt::TokioIo::new(tls), method, url, headers, body).await
+        } else {
+            self.exchange(hyper_util::rt::TokioIo::new(tcp), method, url, headers, body).await
+        }
+    }
+
+    async fn exchange<IO>(
+        &self,
+        io: IO,
+        method: &http::Method,
+        url: &Url,
+        headers: &[(http::HeaderName, String)],
+        body: &Bytes,
+    ) -> Result<(http::StatusCode, http::HeaderMap, Vec<u8>), String>
+    where
+        IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        use http_body_util::BodyExt as _;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(io).await.map_err(|e| format!("HTTP with `{url}` failed: {e}"))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut target = url.path().to_owned();
+        if let Some(q) = url.query() {
+            target.push('?');
+            target.push_str(q);
+        }
+        let authority = match url.port() {
+            Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
+            None => url.host_str().unwrap_or_default().to_owned(),
+        };
+        let mut request = http::Request::builder()
+            .method(method.clone())
+            .uri(target)
+            .header(http::header::HOST, authority)
+            .header(http::header::USER_AGENT, concat!("periscope/", env!("CARGO_PKG_VERSION")));
+        for (k, v) in headers {
+            request = request.header(k, v);
+        }
+        let request = request
+            .body(http_body_util::Full::new(body.clone()))
+            .map_err(|e| format!("cannot build the request: {e}"))?;
+        let response = sender.send_request(request).await.map_err(|e| format!("`{url}` failed: {}", error_chain(&e)))?;
+        let (parts, mut incoming) = response.into_parts();
+        let declared = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.max_bytes as u64) {
             return Err(format!("the document is larger than {} bytes", self.max_bytes));
         }
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| format!("reading the document failed: {e}"))? {
-            if body.len() + chunk.len() > self.max_bytes {
-                return Err(format!("the document is larger than {} bytes", self.max_bytes));
+        let mut out = Vec::new();
+        while let Some(frame) = incoming.frame().await {
+            let frame = frame.map_err(|e| format!("reading `{url}` failed: {e}"))?;
+            if let Ok(data) = frame.into_data() {
+                if out.len() + data.len() > self.max_bytes {
+                    return Err(format!("the document is larger than {} bytes", self.max_bytes));
+                }
+                out.extend_from_slice(&data);
             }
-            body.extend_from_slice(&chunk);
         }
-        Ok(body)
+        Ok((parts.status, parts.headers, out))
+    }
+
+    /// Sends a request and follows redirects (GET only), all within the deadline.
+    pub async fn request(
+        &self,
+        method: http::Method,
+        url: &Url,
+        headers: Vec<(http::HeaderName, String)>,
+        body: Bytes,
+    ) -> Result<Fetched, String> {
+        let work = async {
+            let mut url = url.clone();
+            for _ in 0..=self.max_redirects {
+                let (status, headers, out) = self.once(&method, &url, &headers, &body).await?;
+                if status.is_redirection() && method == http::Method::GET {
+                    let location = headers
+                        .get(http::header::LOCATION)
+                        .and_then(|v| v.to_str().ok())
+                        .ok_or_else(|| format!("`{url}` redirects nowhere"))?;
+                    url = url.join(location).map_err(|e| format!("`{url}` redirects to a bad URL: {e}"))?;
+                    continue;
+                }
+                return Ok(Fetched { status: status.as_u16(), body: out });
+            }
+            Err(format!("more than {} redirects", self.max_redirects))
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| format!("`{url}` did not answer within {} s", self.timeout.as_secs()))?
     }
 
     /// GETs a JSON document.
     pub async fn get_json(&self, url: &Url) -> Result<serde_json::Value, String> {
-        self.check(url)?;
-        let response = self
-            .http
-            .get(url.clone())
-            .header(reqwest::header::ACCEPT, "application/json")
-            .send()
-            .await
-            .map_err(|e| format!("fetching `{url}` failed: {}", error_chain(&e)))?;
-        if !response.status().is_success() {
-            return Err(format!("`{url}` answered HTTP {}", response.status().as_u16()));
+        let accept = vec![(http::header::ACCEPT, "application/json".to_owned())];
+        let r = self.request(http::Method::GET, url, accept, Bytes::new()).await?;
+        if !(200..300).contains(&r.status) {
+            return Err(format!("`{url}` answered HTTP {}", r.status));
         }
-        let body = self.body(response).await?;
-        serde_json::from_slice(&body).map_err(|e| format!("`{url}` is not JSON: {e}"))
+        serde_json::from_slice(&r.body).map_err(|e| format!("`{url}` is not JSON: {e}"))
+    }
+
+    /// POSTs a form (with HTTP Basic credentials, when given).
+    pub async fn post_form(
+        &self,
+        url: &Url,
+        basic: Option<(&str, &str)>,
+        form: &[(&str, &str)],
+    ) -> Result<Fetched, String> {
+        use base64::Engine as _;
+        let body: String = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish();
+        let mut headers = vec![
+            (http::header::CONTENT_TYPE, "application/x-www-form-urlencoded".to_owned()),
+            (http::header::ACCEPT, "application/json".to_owned()),
+        ];
+        if let Some((user, password)) = basic {
+            let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+            let creds = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", enc(user), enc(password)));
+            headers.push((http::header::AUTHORIZATION, format!("Basic {creds}")));
+        }
+        self.request(http::Method::POST, url, headers, Bytes::from(body)).await
     }
 }
 

@@ -22,7 +22,7 @@ use reqwest::Url;
 use serde::Deserialize;
 use sha2::Digest as _;
 
-use super::clients::{Fetcher, error_chain};
+use super::clients::Fetcher;
 use super::config::OidcSettings;
 use super::endpoints::{self, parse_params};
 use super::pages;
@@ -160,23 +160,22 @@ impl Upstream {
         self.fetcher.check(&url).map_err(fail)?;
         let response = self
             .fetcher
-            .http()
-            .post(url)
-            .basic_auth(form_encode(&self.settings.client_id), Some(form_encode(&self.settings.client_secret)))
-            .form(&[
-                ("grant_type", "authorization_code"),
-                ("code", code),
-                ("redirect_uri", redirect),
-                ("code_verifier", verifier),
-            ])
-            .send()
+            .post_form(
+                &url,
+                Some((&self.settings.client_id, &self.settings.client_secret)),
+                &[
+                    ("grant_type", "authorization_code"),
+                    ("code", code),
+                    ("redirect_uri", redirect),
+                    ("code_verifier", verifier),
+                ],
+            )
             .await
-            .map_err(|e| fail(format!("the provider's token endpoint failed: {}", error_chain(&e))))?;
-        let status = response.status();
-        let body = self.fetcher.body(response).await.map_err(fail)?;
-        let json: serde_json::Value =
-            serde_json::from_slice(&body).map_err(|_| fail(format!("the provider answered HTTP {status} without JSON")))?;
-        if !status.is_success() {
+            .map_err(|e| fail(format!("the provider's token endpoint failed: {e}")))?;
+        let status = response.status;
+        let json: serde_json::Value = serde_json::from_slice(&response.body)
+            .map_err(|_| fail(format!("the provider answered HTTP {status} without JSON")))?;
+        if !(200..300).contains(&status) {
             return Err(fail(format!(
                 "the provider refused the code: {} {}",
                 json["error"].as_str().unwrap_or("?"),
@@ -298,10 +297,6 @@ impl Upstream {
         let users = o.reload_users().await.map_err(|e| fail(e.to_string()))?;
         users.get(&user.user_id).cloned().ok_or_else(|| fail("the user vanished"))
     }
-}
-
-fn form_encode(s: &str) -> String {
-    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 fn verify_signature(key: &Jwk, alg: &str, message: &[u8], signature: &[u8]) -> bool {
