@@ -228,12 +228,13 @@ impl Principal {
         }
     }
 
-    /// Who an MCP session opened by this caller belongs to: the key, or the person's
-    /// grant (another client of the same person is someone else to the session).
+    /// Who an MCP session opened by this caller belongs to: the key, or the person
+    /// through one client (another client of the same person is someone else to the
+    /// session; the same client keeps it when it re-authorizes for more scopes).
     pub fn session_owner(&self) -> String {
         match &self.via {
             None => self.key_id.clone(),
-            Some(via) => format!("{}/{}", self.key_id, via.grant_id),
+            Some(via) => format!("{} via {}", self.key_id, via.client_id),
         }
     }
 }

@@ -18,6 +18,7 @@ mod gateway_errors;
 mod keys;
 mod mcp;
 mod oauth;
+mod oauth_browser;
 mod quotas;
 mod redaction;
 mod telemetry;

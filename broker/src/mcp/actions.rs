@@ -317,6 +317,7 @@ impl PeriscopeMcp {
                        action_id at once, then read hits with get_action. Example: {\"pool\": \"shop\", \"file\": \
                        \"src/orders.rs\", \"line\": 42, \"max_hits\": 3}.",
         input_schema = input_schema::<PlaceSnapshotArgs>(),
+        output_schema = super::schemas::action_with_hits(),
         annotations(read_only_hint = false, destructive_hint = false, idempotent_hint = false, open_world_hint = false)
     )]
     async fn place_snapshot(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
@@ -333,6 +334,7 @@ impl PeriscopeMcp {
                        \"file\": \"src/shop.rs\", \"line\": 120, \"template\": \"order {order_id} total \
                        {total_cents}\"}.",
         input_schema = input_schema::<PlaceLogArgs>(),
+        output_schema = super::schemas::action_with_lines(),
         annotations(read_only_hint = false, destructive_hint = false, open_world_hint = false)
     )]
     async fn place_log(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
@@ -349,6 +351,7 @@ impl PeriscopeMcp {
                        to Prometheus. Returns the action_id at once. Example: {\"pool\": \"shop\", \"kind\": \
                        \"duration\", \"file\": \"src/shop.rs\", \"line\": 400}.",
         input_schema = input_schema::<PlaceMetricArgs>(),
+        output_schema = super::schemas::action_only(),
         annotations(read_only_hint = false, destructive_hint = false, open_world_hint = false)
     )]
     async fn place_metric(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
@@ -364,6 +367,7 @@ impl PeriscopeMcp {
                        truncation markers and which redaction rules fired where. Example: {\"action_id\": \
                        \"act_…\", \"since\": 0}.",
         input_schema = input_schema::<GetActionArgs>(),
+        output_schema = super::schemas::get_action(),
         annotations(read_only_hint = true, open_world_hint = false)
     )]
     async fn get_action(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
@@ -377,6 +381,7 @@ impl PeriscopeMcp {
                        (20 per key by default). Paginated: pass `next_cursor` as `cursor` while `has_more`. Example: \
                        {\"status\": \"active\"}.",
         input_schema = input_schema::<ListActionsArgs>(),
+        output_schema = super::schemas::list_actions(),
         annotations(read_only_hint = true, open_world_hint = false)
     )]
     async fn list_actions(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
@@ -388,6 +393,7 @@ impl PeriscopeMcp {
                        get_action. Removing an action that already ended changes nothing and returns it. Example: \
                        {\"action_id\": \"act_…\"}.",
         input_schema = input_schema::<RemoveActionArgs>(),
+        output_schema = super::schemas::action_only(),
         annotations(read_only_hint = false, destructive_hint = true, idempotent_hint = true, open_world_hint = false)
     )]
     async fn remove_action(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {

@@ -49,6 +49,7 @@ impl PeriscopeMcp {
                        (Unix ms), `actor`, `kind`, `action_id`; oldest first, pass `next_cursor` as `cursor` while \
                        `has_more`. Example: {\"kind\": \"action_placed\", \"limit\": 20}.",
         input_schema = input_schema::<QueryAuditArgs>(),
+        output_schema = super::schemas::query_audit(),
         annotations(read_only_hint = true, open_world_hint = false)
     )]
     async fn query_audit(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {

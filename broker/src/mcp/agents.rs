@@ -116,6 +116,7 @@ impl PeriscopeMcp {
                        200), pass `next_cursor` as `cursor` while `has_more`. Example: {\"pool\": \"shop\", \"tags\": \
                        [\"env:prod\"]}.",
         input_schema = input_schema::<ListAgentsArgs>(),
+        output_schema = super::schemas::list_agents(),
         annotations(read_only_hint = true, open_world_hint = false)
     )]
     async fn list_agents(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
@@ -132,6 +133,7 @@ impl PeriscopeMcp {
                        before place_snapshot. Paginated like list_agents. Example: {\"pool\": \"shop\", \"query\": \
                        \"checkout\"}.",
         input_schema = input_schema::<ListSourcesArgs>(),
+        output_schema = super::schemas::list_sources(),
         annotations(read_only_hint = true, open_world_hint = false)
     )]
     async fn list_sources(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {

@@ -16,7 +16,9 @@
 //! - `agents.rs`: `list_agents`, `list_sources`.
 //! - `actions.rs`: `place_snapshot`, `place_log`, `place_metric`, `get_action`,
 //!   `list_actions`, `remove_action`.
+//! - `kill_switch.rs`: `remove_all_actions`.
 //! - `admin.rs`: `query_audit` (company admins).
+//! - `schemas.rs`: every tool's `outputSchema`.
 //! - `prompts.rs`: prompts that start an investigation.
 //! - `reply.rs`: the one place that turns an [`ApiError`] into an error tool result.
 //! - [`sessions`]: every session bound to the key that created it; other keys get 404.
@@ -37,10 +39,13 @@
 mod actions;
 mod admin;
 mod agents;
+mod kill_switch;
 mod prompts;
 pub mod proxy;
 mod render;
 mod reply;
+mod schemas;
+pub mod session;
 pub mod sessions;
 mod system;
 
@@ -76,6 +81,8 @@ pub struct PeriscopeMcp {
     state: AppState,
     tool_router: Arc<ToolRouter<PeriscopeMcp>>,
     prompt_router: Arc<PromptRouter<PeriscopeMcp>>,
+    /// This session's log level, log follower and resource subscriptions.
+    session: Arc<session::Session>,
 }
 
 impl std::fmt::Debug for PeriscopeMcp {
@@ -87,8 +94,22 @@ impl std::fmt::Debug for PeriscopeMcp {
 impl PeriscopeMcp {
     /// A handler over the broker's state.
     pub fn new(state: AppState) -> Self {
-        let tools = Self::system_router() + Self::agents_router() + Self::actions_router() + Self::admin_router();
-        PeriscopeMcp { state, tool_router: Arc::new(tools), prompt_router: Arc::new(Self::prompt_router()) }
+        let tools = Self::system_router()
+            + Self::agents_router()
+            + Self::actions_router()
+            + Self::kill_router()
+            + Self::admin_router();
+        PeriscopeMcp {
+            state,
+            tool_router: Arc::new(tools),
+            prompt_router: Arc::new(Self::prompt_router()),
+            session: Arc::default(),
+        }
+    }
+
+    /// A handler for a new session: the routers shared, the session state its own.
+    pub fn for_session(&self) -> Self {
+        PeriscopeMcp { session: Arc::default(), ..self.clone() }
     }
 
     /// Every tool this server offers, as `tools/list` shows them.
@@ -161,13 +182,80 @@ fn finish(outcome: Result<CallToolResult, ApiError>) -> CallToolResult {
 #[prompt_handler(router = self.prompt_router)]
 impl ServerHandler for PeriscopeMcp {
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().enable_prompts().build())
+        #[allow(deprecated)]
+        let capabilities = ServerCapabilities::builder()
+            .enable_logging()
+            .enable_completions()
+            .enable_prompts()
+            .enable_resources()
+            .enable_tools()
+            .enable_resources_subscribe()
+            .build();
+        ServerConfig::new(capabilities)
             .with_server_info(
                 Implementation::new("periscope", env!("CARGO_PKG_VERSION"))
                     .with_title("Periscope")
                     .with_description("Live inspection of running services: snapshots at code locations"),
             )
             .with_instructions(INSTRUCTIONS)
+    }
+
+    async fn list_resources(
+        &self,
+        _request: Option<rmcp::model::PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::ListResourcesResult, rmcp::ErrorData> {
+        self.resources(&context)
+    }
+
+    async fn list_resource_templates(
+        &self,
+        _request: Option<rmcp::model::PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::ListResourceTemplatesResult, rmcp::ErrorData> {
+        Ok(self.resource_templates())
+    }
+
+    async fn read_resource(
+        &self,
+        request: rmcp::model::ReadResourceRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::ReadResourceResponse, rmcp::ErrorData> {
+        self.read(&context, &request.uri).map(Into::into)
+    }
+
+    async fn subscribe(
+        &self,
+        request: rmcp::model::SubscribeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), rmcp::ErrorData> {
+        PeriscopeMcp::subscribe(self, &context, &request.uri)
+    }
+
+    async fn unsubscribe(
+        &self,
+        request: rmcp::model::UnsubscribeRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), rmcp::ErrorData> {
+        PeriscopeMcp::unsubscribe(self, &request.uri);
+        Ok(())
+    }
+
+    #[allow(deprecated)]
+    async fn set_level(
+        &self,
+        request: rmcp::model::SetLevelRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), rmcp::ErrorData> {
+        PeriscopeMcp::set_level(self, &context, request.level)
+    }
+
+    async fn complete(
+        &self,
+        request: rmcp::model::CompleteRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::CompleteResult, rmcp::ErrorData> {
+        PeriscopeMcp::complete(self, &context, &request)
     }
 }
 
@@ -197,7 +285,7 @@ pub fn service(
     };
     let sessions = sessions::OwnedSessions::new(sessions, Arc::clone(&state.mcp_sessions));
     let prototype = PeriscopeMcp::new(state);
-    StreamableHttpService::new(move || Ok(prototype.clone()), Arc::new(sessions), config)
+    StreamableHttpService::new(move || Ok(prototype.for_session()), Arc::new(sessions), config)
 }
 
 #[cfg(test)]
@@ -246,6 +334,7 @@ mod tests {
             "get_action",
             "list_actions",
             "remove_action",
+            "remove_all_actions",
             "query_audit",
         ] {
             assert!(names.contains(&name), "{name} missing from {names:?}");
@@ -253,6 +342,8 @@ mod tests {
         for t in &tools {
             assert!(tool_scope(&t.name).is_some(), "{} has no entry in TOOL_SCOPES", t.name);
             assert_eq!(t.input_schema.get("type").and_then(|v| v.as_str()), Some("object"), "{}", t.name);
+            let output = t.output_schema.as_ref().unwrap_or_else(|| panic!("{} has no outputSchema", t.name));
+            assert_eq!(output.get("type").and_then(|v| v.as_str()), Some("object"), "{}", t.name);
             let d = t.description.as_deref().unwrap_or_default();
             assert!(d.len() > 80 && d.len() < 1_200, "{}: description of {} chars", t.name, d.len());
         }

@@ -25,6 +25,7 @@ impl PeriscopeMcp {
                        (quota_cpu, quota_log, rate_limited, expired), plus the limits tools enforce. Call it first, and whenever a call \
                        fails unexpectedly. Example: {}.",
         input_schema = input_schema::<HealthArgs>(),
+        output_schema = super::schemas::system_health(),
         annotations(read_only_hint = true, open_world_hint = false)
     )]
     async fn system_health(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
