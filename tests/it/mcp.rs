@@ -165,6 +165,7 @@ async fn tools_list_returns_every_contract_tool_with_its_schema_and_the_prompts(
             "place_snapshot",
             "query_audit",
             "remove_action",
+            "remove_all_actions",
             "system_health"
         ]
     );
@@ -681,6 +682,39 @@ async fn the_official_python_sdk_drives_the_whole_flow() {
     assert!(progress.iter().any(|p| p["progress"] == 1.0 && p["total"] == 2.0), "{progress:?}");
     assert_eq!(step("get_action")["next_cursor"], 2);
     assert!(step("invalid_input")["message"].as_str().unwrap_or_default().contains("1..=50"));
+    assert_eq!(steps.last().map(|s| s["step"].clone()), Some(json!("done")));
+    fx.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_tool_output_validates_and_resources_logging_completion_and_the_kill_switch_work() {
+    let python = std::env::var("PERISCOPE_PYTHON")
+        .unwrap_or_else(|_| panic!("PERISCOPE_PYTHON is not set: run the tests through scripts/test"));
+    let fx = Fixture::start(test_config()).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/it/mcp_surface.py");
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(&python)
+            .arg(script)
+            .arg(format!("{}/mcp", fx.broker.http()))
+            .arg(API_KEY)
+            .arg(crate::support::ADMIN_KEY)
+            .arg(POOL)
+            .arg("it/mcp.rs")
+            .arg("total_cents")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the Python client finishes within 120 s")
+    .expect("the Python interpreter runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "python client failed:\n{stdout}\n{}", stderr.chars().take(4_000).collect::<String>());
+    let steps: Vec<Value> = stdout.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let step = |name: &str| steps.iter().find(|s| s["step"] == name).cloned().unwrap_or(Value::Null);
+    assert_eq!(step("validated")["tools"].as_array().map(Vec::len), Some(11), "{stdout}");
+    assert!(step("resources")["updates"].as_u64().unwrap_or(0) >= 1);
     assert_eq!(steps.last().map(|s| s["step"].clone()), Some(json!("done")));
     fx.stop().await;
 }
