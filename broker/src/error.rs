@@ -123,9 +123,8 @@ impl IntoResponse for ApiError {
         // RFC 6750 §3.1: a refusal for scope names the scope the request needs.
         if self.code == ErrorCode::InsufficientScope
             && let Some(scope) = self.details.get("required_scope").and_then(serde_json::Value::as_str)
-            && let Ok(v) = axum::http::HeaderValue::from_str(&format!(
-                "Bearer error=\"insufficient_scope\", scope=\"{scope}\""
-            ))
+            && let Ok(v) =
+                axum::http::HeaderValue::from_str(&format!("Bearer error=\"insufficient_scope\", scope=\"{scope}\""))
         {
             response.headers_mut().insert(axum::http::header::WWW_AUTHENTICATE, v);
         }

@@ -157,7 +157,9 @@ impl BrokerState {
 
 /// Builds the HTTP application.
 pub fn app(state: AppState) -> Router {
-    let api = api::router().merge(oauth::admin::router()).layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key));
+    let api = api::router()
+        .merge(oauth::admin::router())
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key));
     let mcp = Router::new()
         .route_service("/mcp", mcp::service(Arc::clone(&state), state.cancel.child_token()))
         .layer(axum::middleware::from_fn_with_state(state.clone(), mcp::sessions::bind_sessions))

@@ -113,7 +113,8 @@ impl Browser {
 
 /// A PKCE verifier and its S256 challenge.
 pub fn pkce() -> (String, String) {
-    let verifier = format!("v{}-{}", periscope_protocol::ActionId::generate(), periscope_protocol::ActionId::generate());
+    let verifier =
+        format!("v{}-{}", periscope_protocol::ActionId::generate(), periscope_protocol::ActionId::generate());
     let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier.as_bytes()));
     (verifier, challenge)
 }
@@ -162,13 +163,22 @@ impl Authorization<'_> {
 
 /// Signs `user` in and approves `keep` of the requested scopes; returns the code (and
 /// checks `state` and `iss` came back).
-pub async fn authorize(broker: &TestBroker, browser: &mut Browser, a: &Authorization<'_>, user: &str, keep: &[&str]) -> String {
+pub async fn authorize(
+    broker: &TestBroker,
+    browser: &mut Browser,
+    a: &Authorization<'_>,
+    user: &str,
+    keep: &[&str],
+) -> String {
     let page = browser.get(&a.url(broker)).await;
     assert!(page.status == 200 || page.status == 303, "{}", page.body);
     let signed_in = if page.body.contains("action=\"/oauth/sign-in\"") {
         let (request, csrf) = (page.hidden("request"), page.hidden("csrf"));
         let page = browser
-            .post(&format!("{}/oauth/sign-in", broker.http()), &[("request", &request), ("csrf", &csrf), ("username", user), ("password", PASSWORD)])
+            .post(
+                &format!("{}/oauth/sign-in", broker.http()),
+                &[("request", &request), ("csrf", &csrf), ("username", user), ("password", PASSWORD)],
+            )
             .await;
         assert_eq!(page.status, 303, "{}", page.body);
         browser.get(&format!("{}{}", broker.http(), page.location())).await
@@ -202,7 +212,13 @@ pub async fn token(broker: &TestBroker, form: &[(&str, &str)]) -> (u16, Json) {
     (status, r.json().await.unwrap())
 }
 
-pub async fn exchange(broker: &TestBroker, client_id: &str, code: &str, redirect_uri: &str, verifier: &str) -> (u16, Json) {
+pub async fn exchange(
+    broker: &TestBroker,
+    client_id: &str,
+    code: &str,
+    redirect_uri: &str,
+    verifier: &str,
+) -> (u16, Json) {
     token(
         broker,
         &[
@@ -230,9 +246,23 @@ async fn a_person_signs_in_through_a_registered_client_and_gets_exactly_what_the
     assert_eq!(r.status(), 401);
     let challenge = r.headers()["www-authenticate"].to_str().unwrap().to_owned();
     assert!(challenge.contains("resource_metadata=") && challenge.contains("scope=\"mcp:system:read"), "{challenge}");
-    let prm: Json = http.get(format!("{}/.well-known/oauth-protected-resource/mcp", broker.http())).send().await.unwrap().json().await.unwrap();
+    let prm: Json = http
+        .get(format!("{}/.well-known/oauth-protected-resource/mcp", broker.http()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(prm["authorization_servers"], json!([broker.http()]));
-    let asm: Json = http.get(format!("{}/.well-known/oauth-authorization-server", broker.http())).send().await.unwrap().json().await.unwrap();
+    let asm: Json = http
+        .get(format!("{}/.well-known/oauth-authorization-server", broker.http()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(asm["issuer"], broker.http());
     assert_eq!(asm["code_challenge_methods_supported"], json!(["S256"]));
     assert_eq!(asm["client_id_metadata_document_supported"], true);
@@ -255,7 +285,14 @@ async fn a_person_signs_in_through_a_registered_client_and_gets_exactly_what_the
     };
     let mut browser = Browser::new();
     // The person removes mcp:actions:write on the consent page.
-    let code = authorize(&broker, &mut browser, &a, "ada@example.com", &["mcp:system:read", "mcp:agents:read", "mcp:hits:read"]).await;
+    let code = authorize(
+        &broker,
+        &mut browser,
+        &a,
+        "ada@example.com",
+        &["mcp:system:read", "mcp:agents:read", "mcp:hits:read"],
+    )
+    .await;
     let (status, t) = exchange(&broker, &client_id, &code, redirect_port, &verifier).await;
     assert_eq!(status, 200, "{t}");
     assert_eq!(t["token_type"], "Bearer");
@@ -279,12 +316,21 @@ async fn a_person_signs_in_through_a_registered_client_and_gets_exactly_what_the
         .unwrap();
     assert_eq!(r.status(), 403);
     let challenge = r.headers()["www-authenticate"].to_str().unwrap().to_owned();
-    assert!(challenge.contains("error=\"insufficient_scope\"") && challenge.contains("scope=\"mcp:actions:write\""), "{challenge}");
+    assert!(
+        challenge.contains("error=\"insufficient_scope\"") && challenge.contains("scope=\"mcp:actions:write\""),
+        "{challenge}"
+    );
     // Administration is beyond a developer, whatever the client asks.
     assert_eq!(api.get("/users").await.0, 403);
 
     // Refresh: a new pair; the old access token is replaced.
-    let refresh_form = |rt: &str| vec![("grant_type".to_owned(), "refresh_token".to_owned()), ("refresh_token".to_owned(), rt.to_owned()), ("client_id".to_owned(), client_id.clone())];
+    let refresh_form = |rt: &str| {
+        vec![
+            ("grant_type".to_owned(), "refresh_token".to_owned()),
+            ("refresh_token".to_owned(), rt.to_owned()),
+            ("client_id".to_owned(), client_id.clone()),
+        ]
+    };
     let form1 = refresh_form(&refresh);
     let form1: Vec<(&str, &str)> = form1.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
     let (status, t2) = token(&broker, &form1).await;
@@ -337,30 +383,60 @@ async fn each_protocol_mistake_is_refused_with_the_error_its_rfc_names() {
 
     // Unknown redirect URI: an error page, and nothing is sent to that URI.
     let (_, challenge) = pkce();
-    let evil = Authorization { client_id: &client_id, redirect_uri: "http://127.0.0.1:8765/elsewhere", challenge: &challenge, scope, resource: None };
+    let evil = Authorization {
+        client_id: &client_id,
+        redirect_uri: "http://127.0.0.1:8765/elsewhere",
+        challenge: &challenge,
+        scope,
+        resource: None,
+    };
     let page = browser.get(&evil.url(&broker)).await;
     assert_eq!(page.status, 400);
     assert!(page.location().is_empty() && page.body.contains("not registered"), "{}", page.body);
     // Unknown client.
-    let unknown = Authorization { client_id: "pcl_nosuchclient", redirect_uri: redirect, challenge: &challenge, scope, resource: None };
+    let unknown = Authorization {
+        client_id: "pcl_nosuchclient",
+        redirect_uri: redirect,
+        challenge: &challenge,
+        scope,
+        resource: None,
+    };
     assert_eq!(browser.get(&unknown.url(&broker)).await.status, 400);
     // Errors after the redirect URI is trusted go back to the client.
     let q = |page: &crate::oauth::Page| -> HashMap<String, String> {
         url::Url::parse(&page.location()).unwrap().query_pairs().into_owned().collect()
     };
-    let other_broker = Authorization { client_id: &client_id, redirect_uri: redirect, challenge: &challenge, scope, resource: Some("https://other-broker.example.com/mcp".into()) };
+    let other_broker = Authorization {
+        client_id: &client_id,
+        redirect_uri: redirect,
+        challenge: &challenge,
+        scope,
+        resource: Some("https://other-broker.example.com/mcp".into()),
+    };
     let page = browser.get(&other_broker.url(&broker)).await;
     assert_eq!((page.status, q(&page)["error"].as_str()), (303, "invalid_target"));
-    let bad_scope = Authorization { client_id: &client_id, redirect_uri: redirect, challenge: &challenge, scope: "mcp:everything", resource: None };
+    let bad_scope = Authorization {
+        client_id: &client_id,
+        redirect_uri: redirect,
+        challenge: &challenge,
+        scope: "mcp:everything",
+        resource: None,
+    };
     let page = browser.get(&bad_scope.url(&broker)).await;
     assert_eq!(q(&page)["error"], "invalid_scope");
-    let plain = format!("{}&code_challenge_method=plain", Authorization { client_id: &client_id, redirect_uri: redirect, challenge: &challenge, scope, resource: None }.url(&broker).replace("&code_challenge_method=S256", ""));
+    let plain = format!(
+        "{}&code_challenge_method=plain",
+        Authorization { client_id: &client_id, redirect_uri: redirect, challenge: &challenge, scope, resource: None }
+            .url(&broker)
+            .replace("&code_challenge_method=S256", "")
+    );
     let page = browser.get(&plain).await;
     assert_eq!(q(&page)["error"], "invalid_request");
 
     // Wrong PKCE verifier: invalid_grant (and the code is spent).
     let (verifier, challenge) = pkce();
-    let a = Authorization { client_id: &client_id, redirect_uri: redirect, challenge: &challenge, scope, resource: None };
+    let a =
+        Authorization { client_id: &client_id, redirect_uri: redirect, challenge: &challenge, scope, resource: None };
     let code = authorize(&broker, &mut browser, &a, "bob", &[scope]).await;
     let (wrong, _) = pkce();
     let (status, e) = exchange(&broker, &client_id, &code, redirect, &wrong).await;
@@ -370,7 +446,8 @@ async fn each_protocol_mistake_is_refused_with_the_error_its_rfc_names() {
 
     // Reused code: invalid_grant, and the tokens of the first exchange are revoked.
     let (verifier, challenge) = pkce();
-    let a = Authorization { client_id: &client_id, redirect_uri: redirect, challenge: &challenge, scope, resource: None };
+    let a =
+        Authorization { client_id: &client_id, redirect_uri: redirect, challenge: &challenge, scope, resource: None };
     let code = authorize(&broker, &mut browser, &a, "bob", &[scope]).await;
     let (status, first) = exchange(&broker, &client_id, &code, redirect, &verifier).await;
     assert_eq!(status, 200, "{first}");
@@ -382,7 +459,8 @@ async fn each_protocol_mistake_is_refused_with_the_error_its_rfc_names() {
 
     // A token for another resource: invalid_target.
     let (verifier, challenge) = pkce();
-    let a = Authorization { client_id: &client_id, redirect_uri: redirect, challenge: &challenge, scope, resource: None };
+    let a =
+        Authorization { client_id: &client_id, redirect_uri: redirect, challenge: &challenge, scope, resource: None };
     let code = authorize(&broker, &mut browser, &a, "bob", &[scope]).await;
     let (status, e) = token(
         &broker,
@@ -400,7 +478,8 @@ async fn each_protocol_mistake_is_refused_with_the_error_its_rfc_names() {
 
     // Another client presenting the code, unknown clients, unknown grant types.
     let (verifier, challenge) = pkce();
-    let a = Authorization { client_id: &client_id, redirect_uri: redirect, challenge: &challenge, scope, resource: None };
+    let a =
+        Authorization { client_id: &client_id, redirect_uri: redirect, challenge: &challenge, scope, resource: None };
     let code = authorize(&broker, &mut browser, &a, "bob", &[scope]).await;
     let other = register(&broker, redirect).await;
     let (status, e) = exchange(&broker, &other, &code, redirect, &verifier).await;
@@ -431,7 +510,13 @@ async fn the_pages_refuse_cross_site_forms_framing_and_password_guessing() {
     let redirect = "http://127.0.0.1:8765/cb";
     let client_id = register(&broker, redirect).await;
     let (_, challenge) = pkce();
-    let a = Authorization { client_id: &client_id, redirect_uri: redirect, challenge: &challenge, scope: "mcp:agents:read", resource: None };
+    let a = Authorization {
+        client_id: &client_id,
+        redirect_uri: redirect,
+        challenge: &challenge,
+        scope: "mcp:agents:read",
+        resource: None,
+    };
     let mut browser = Browser::new();
     let page = browser.get(&a.url(&broker)).await;
     assert_eq!(page.status, 200);
@@ -439,22 +524,34 @@ async fn the_pages_refuse_cross_site_forms_framing_and_password_guessing() {
         assert_eq!(page.headers[h], want, "{h}");
     }
     assert!(page.headers["content-security-policy"].to_str().unwrap().contains("frame-ancestors 'none'"));
-    assert!(page.body.contains("Test Client") && page.body.contains("mcp:agents:read"), "the page says who asks for what");
+    assert!(
+        page.body.contains("Test Client") && page.body.contains("mcp:agents:read"),
+        "the page says who asks for what"
+    );
     let (request, csrf) = (page.hidden("request"), page.hidden("csrf"));
 
     // The same form posted from another browser (no binding cookie) or with another
     // token is refused.
     let mut other = Browser::new();
     let sign_in = format!("{}/oauth/sign-in", broker.http());
-    let r = other.post(&sign_in, &[("request", &request), ("csrf", &csrf), ("username", "carol"), ("password", PASSWORD)]).await;
+    let r = other
+        .post(&sign_in, &[("request", &request), ("csrf", &csrf), ("username", "carol"), ("password", PASSWORD)])
+        .await;
     assert_eq!(r.status, 403, "{}", r.body);
-    let r = browser.post(&sign_in, &[("request", &request), ("csrf", "pcf_forged"), ("username", "carol"), ("password", PASSWORD)]).await;
+    let r = browser
+        .post(&sign_in, &[("request", &request), ("csrf", "pcf_forged"), ("username", "carol"), ("password", PASSWORD)])
+        .await;
     assert_eq!(r.status, 403);
 
     // Guessing: refused as wrong, then rate-limited per user; audited, aggregated.
     let mut statuses = Vec::new();
     for _ in 0..7 {
-        let r = browser.post(&sign_in, &[("request", &request), ("csrf", &csrf), ("username", "carol"), ("password", "wrong password!!")]).await;
+        let r = browser
+            .post(
+                &sign_in,
+                &[("request", &request), ("csrf", &csrf), ("username", "carol"), ("password", "wrong password!!")],
+            )
+            .await;
         statuses.push(r.status);
     }
     assert_eq!(&statuses[..5], &[401; 5], "{statuses:?}");
@@ -476,7 +573,13 @@ async fn revocation_and_disabling_a_user_hold_on_the_next_call() {
     let mut tokens = Vec::new();
     for _ in 0..2 {
         let (verifier, challenge) = pkce();
-        let a = Authorization { client_id: &client_id, redirect_uri: redirect, challenge: &challenge, scope, resource: None };
+        let a = Authorization {
+            client_id: &client_id,
+            redirect_uri: redirect,
+            challenge: &challenge,
+            scope,
+            resource: None,
+        };
         let code = authorize(&broker, &mut browser, &a, "dave", &["mcp:agents:read", "mcp:hits:read"]).await;
         let (status, t) = exchange(&broker, &client_id, &code, redirect, &verifier).await;
         assert_eq!(status, 200, "{t}");
@@ -491,7 +594,11 @@ async fn revocation_and_disabling_a_user_hold_on_the_next_call() {
         async move {
             reqwest::Client::new()
                 .post(format!("{http}/oauth/revoke"))
-                .form(&[("token", token.as_str()), ("client_id", client_id.as_str()), ("token_type_hint", "refresh_token")])
+                .form(&[
+                    ("token", token.as_str()),
+                    ("client_id", client_id.as_str()),
+                    ("token_type_hint", "refresh_token"),
+                ])
                 .send()
                 .await
                 .unwrap()
@@ -521,10 +628,17 @@ async fn revocation_and_disabling_a_user_hold_on_the_next_call() {
     .unwrap()
     .unwrap();
     assert!(out.contains("disabled"), "{out}");
-    let r = reqwest::Client::new().get(format!("{}/api/v1/agents", broker.http())).bearer_auth(&tokens[1].0).send().await.unwrap();
+    let r = reqwest::Client::new()
+        .get(format!("{}/api/v1/agents", broker.http()))
+        .bearer_auth(&tokens[1].0)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     assert!(r.headers()["www-authenticate"].to_str().unwrap().contains("invalid_token"));
-    let (status, e) = token(&broker, &[("grant_type", "refresh_token"), ("refresh_token", &tokens[1].1), ("client_id", &client_id)]).await;
+    let (status, e) =
+        token(&broker, &[("grant_type", "refresh_token"), ("refresh_token", &tokens[1].1), ("client_id", &client_id)])
+            .await;
     assert_eq!((status, e["error"].as_str()), (400, Some("invalid_grant")), "{e}");
     broker.stop().await;
 }
@@ -579,7 +693,13 @@ async fn a_client_metadata_document_identifies_a_client_and_private_addresses_ar
     let client_id = format!("https://localhost:{port}/client.json");
     let (verifier, challenge) = pkce();
     let redirect = "http://127.0.0.1:5555/cb";
-    let a = Authorization { client_id: &client_id, redirect_uri: redirect, challenge: &challenge, scope: "mcp:agents:read", resource: None };
+    let a = Authorization {
+        client_id: &client_id,
+        redirect_uri: redirect,
+        challenge: &challenge,
+        scope: "mcp:agents:read",
+        resource: None,
+    };
 
     // Default: localhost is no public address, so the broker does not fetch (SSRF guard).
     let broker = oauth_broker().await;
@@ -608,7 +728,13 @@ async fn a_client_metadata_document_identifies_a_client_and_private_addresses_ar
     assert_eq!(bearer(&broker, t["access_token"].as_str().unwrap()).get("/agents").await.0, 200);
     // A redirect URI the document does not list is refused.
     let (_, c2) = pkce();
-    let wrong = Authorization { client_id: &client_id, redirect_uri: "http://127.0.0.1:5555/other", challenge: &c2, scope: "mcp:agents:read", resource: None };
+    let wrong = Authorization {
+        client_id: &client_id,
+        redirect_uri: "http://127.0.0.1:5555/other",
+        challenge: &c2,
+        scope: "mcp:agents:read",
+        resource: None,
+    };
     assert_eq!(browser.get(&wrong.url(&broker)).await.status, 400);
     broker.stop().await;
 }

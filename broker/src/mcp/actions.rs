@@ -402,12 +402,16 @@ impl PeriscopeMcp {
 }
 
 /// Whether every agent the action reached reported it cannot run it.
-fn all_agents_failed(a: &Action) -> bool {
+pub(super) fn all_agents_failed(a: &Action) -> bool {
     !a.agents.is_empty() && a.agents.values().all(|s| s.state == "error")
 }
 
 impl PeriscopeMcp {
-    async fn snapshot(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
+    pub(super) async fn snapshot(
+        &self,
+        ctx: &RequestContext<RoleServer>,
+        args: JsonObject,
+    ) -> Result<CallToolResult, ApiError> {
         let principal = self.begin(ctx, "place_snapshot")?;
         let a: PlaceSnapshotArgs = parse_args("place_snapshot", args)?;
         // Limits first, before anything is placed; never clamped.
@@ -503,7 +507,7 @@ impl PeriscopeMcp {
     }
 
     /// What a waiting `place_snapshot` answers once its wait ends.
-    fn after_wait(
+    pub(super) fn after_wait(
         &self,
         id: &str,
         max_hits: u32,

@@ -67,7 +67,7 @@ impl PeriscopeMcp {
         let mut removed = Vec::new();
         for v in mine.into_iter().take(MAX_PER_CALL) {
             // One that ended meanwhile is returned as it ended; one that vanished is skipped.
-            if let Ok(view) = engine.remove(&v.action_id.to_string(), &principal) {
+            if let Ok(view) = engine.remove(v.action_id.as_ref(), &principal) {
                 removed.push(view);
             }
         }

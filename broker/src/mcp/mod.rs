@@ -20,6 +20,8 @@
 //! - `admin.rs`: `query_audit` (company admins).
 //! - `schemas.rs`: every tool's `outputSchema`.
 //! - `prompts.rs`: prompts that start an investigation.
+//! - [`session`]: per-session state: resources and subscriptions, logging, completion.
+//! - `tasks.rs`: a waiting `place_snapshot` as an MCP task (SEP-2663).
 //! - `reply.rs`: the one place that turns an [`ApiError`] into an error tool result.
 //! - [`sessions`]: every session bound to the key that created it; other keys get 404.
 //! - `render.rs`: the short texts.
@@ -48,6 +50,7 @@ mod schemas;
 pub mod session;
 pub mod sessions;
 mod system;
+mod tasks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -190,6 +193,7 @@ impl ServerHandler for PeriscopeMcp {
             .enable_resources()
             .enable_tools()
             .enable_resources_subscribe()
+            .enable_tasks()
             .build();
         ServerConfig::new(capabilities)
             .with_server_info(
@@ -198,6 +202,42 @@ impl ServerHandler for PeriscopeMcp {
                     .with_description("Live inspection of running services: snapshots at code locations"),
             )
             .with_instructions(INSTRUCTIONS)
+    }
+
+    async fn call_tool(
+        &self,
+        request: rmcp::model::CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::CallToolResponse, rmcp::ErrorData> {
+        if tasks::runs_as_task(&request, &context) {
+            return self.snapshot_task(context, request).await;
+        }
+        let tcc = rmcp::handler::server::tool::ToolCallContext::new(self, request, context);
+        self.tool_router.call(tcc).await
+    }
+
+    async fn get_task(
+        &self,
+        request: rmcp::model::GetTaskParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::GetTaskResult, rmcp::ErrorData> {
+        Ok(rmcp::model::GetTaskResult::new(self.session.tasks.get_task(&request.task_id)?))
+    }
+
+    async fn update_task(
+        &self,
+        request: rmcp::model::UpdateTaskParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), rmcp::ErrorData> {
+        self.session.tasks.update_task(&request.task_id, request.input_responses)
+    }
+
+    async fn cancel_task(
+        &self,
+        request: rmcp::model::CancelTaskParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), rmcp::ErrorData> {
+        self.session.tasks.cancel_task(&request.task_id)
     }
 
     async fn list_resources(

@@ -48,17 +48,26 @@ const FOLLOW_EVERY: Duration = Duration::from_millis(500);
 /// Messages one look may send; beyond, one message says how many were left out.
 const MAX_MESSAGES_PER_LOOK: usize = 20;
 
-/// Per-session state: log level and follower, subscriptions.
-#[derive(Debug, Default)]
+/// Per-session state: log level and follower, subscriptions, tasks.
+#[derive(Default)]
 pub struct Session {
     #[allow(deprecated)]
     level: Mutex<Option<LoggingLevel>>,
     follower: Mutex<Option<AbortHandle>>,
     subscriptions: Mutex<HashMap<String, AbortHandle>>,
+    /// `place_snapshot` calls running as tasks (`tasks.rs`).
+    pub(super) tasks: rmcp::task_manager::TaskManager,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("tasks", &self.tasks.running_task_count()).finish_non_exhaustive()
+    }
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
+        self.tasks.shutdown();
         if let Some(f) = lock(&self.follower).take() {
             f.abort();
         }
@@ -249,7 +258,8 @@ impl PeriscopeMcp {
             loop {
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
                 let seen = last.clone();
-                let waited = state.engine.wait_until(&id, deadline, &principal, |a| fingerprint(&a.view()) != seen).await;
+                let waited =
+                    state.engine.wait_until(&id, deadline, &principal, |a| fingerprint(&a.view()) != seen).await;
                 if waited.is_err() || state.recheck(&principal).await.is_err() {
                     return;
                 }
@@ -257,7 +267,11 @@ impl PeriscopeMcp {
                 let fp = fingerprint(&now);
                 if fp != last {
                     last = fp;
-                    if peer.notify_resource_updated(rmcp::model::ResourceUpdatedNotificationParam::new(uri_owned.clone())).await.is_err() {
+                    if peer
+                        .notify_resource_updated(rmcp::model::ResourceUpdatedNotificationParam::new(uri_owned.clone()))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -361,7 +375,12 @@ impl PeriscopeMcp {
         Ok(files.into_iter().collect())
     }
 
-    fn lines(&self, ctx: &RequestContext<RoleServer>, pool: Option<&String>, file: &String) -> Result<Vec<String>, McpError> {
+    fn lines(
+        &self,
+        ctx: &RequestContext<RoleServer>,
+        pool: Option<&String>,
+        file: &String,
+    ) -> Result<Vec<String>, McpError> {
         let lines: BTreeSet<u32> =
             self.catalog(ctx, pool, Some(file))?.into_iter().filter(|s| &s.file == file).map(|s| s.line).collect();
         Ok(lines.into_iter().map(|l| l.to_string()).collect())
@@ -437,35 +456,50 @@ async fn follow(
             let before = known.insert(id.clone(), now.clone());
             let Some(before) = before else {
                 if !first && now.status == ActionStatus::Active {
-                    messages.push((LoggingLevel::Info, serde_json::json!({
-                        "action_id": id, "event": "placed", "message": format!("{} placed at {at}", v.kind)
-                    })));
+                    messages.push((
+                        LoggingLevel::Info,
+                        serde_json::json!({
+                            "action_id": id, "event": "placed", "message": format!("{} placed at {at}", v.kind)
+                        }),
+                    ));
                 }
                 continue;
             };
             if now.hits > before.hits {
-                messages.push((LoggingLevel::Info, serde_json::json!({
-                    "action_id": id, "event": "hits", "new": now.hits - before.hits, "total": now.hits,
-                    "message": format!("{} new hit(s) at {at} ({} in all)", now.hits - before.hits, now.hits)
-                })));
+                messages.push((
+                    LoggingLevel::Info,
+                    serde_json::json!({
+                        "action_id": id, "event": "hits", "new": now.hits - before.hits, "total": now.hits,
+                        "message": format!("{} new hit(s) at {at} ({} in all)", now.hits - before.hits, now.hits)
+                    }),
+                ));
             }
             if now.lines > before.lines {
-                messages.push((LoggingLevel::Debug, serde_json::json!({
-                    "action_id": id, "event": "lines", "new": now.lines - before.lines, "total": now.lines,
-                    "message": format!("{} new log line(s) at {at}", now.lines - before.lines)
-                })));
+                messages.push((
+                    LoggingLevel::Debug,
+                    serde_json::json!({
+                        "action_id": id, "event": "lines", "new": now.lines - before.lines, "total": now.lines,
+                        "message": format!("{} new log line(s) at {at}", now.lines - before.lines)
+                    }),
+                ));
             }
             for agent in now.errors.difference(&before.errors) {
                 let detail = v.agents.iter().find(|a| &a.agent_id.to_string() == agent).and_then(|a| a.detail.clone());
-                messages.push((LoggingLevel::Error, serde_json::json!({
-                    "action_id": id, "event": "agent_error", "agent_id": agent,
-                    "message": format!("agent {agent} cannot run it: {}", detail.unwrap_or_default())
-                })));
+                messages.push((
+                    LoggingLevel::Error,
+                    serde_json::json!({
+                        "action_id": id, "event": "agent_error", "agent_id": agent,
+                        "message": format!("agent {agent} cannot run it: {}", detail.unwrap_or_default())
+                    }),
+                ));
             }
             if now.paused && !before.paused {
-                messages.push((LoggingLevel::Warning, serde_json::json!({
-                    "action_id": id, "event": "paused", "message": format!("paused by a quota at {at}")
-                })));
+                messages.push((
+                    LoggingLevel::Warning,
+                    serde_json::json!({
+                        "action_id": id, "event": "paused", "message": format!("paused by a quota at {at}")
+                    }),
+                ));
             }
             if now.status != before.status && now.status != ActionStatus::Active {
                 messages.push((LoggingLevel::Notice, serde_json::json!({
@@ -512,7 +546,13 @@ mod tests {
             ActionResource::parse("periscope://actions/act_abc123/hits"),
             Some(ActionResource::Hits("act_abc123".into()))
         );
-        for bad in ["periscope://actions/", "periscope://actions/agt_x", "periscope://actions/act_x/other", "file:///etc/passwd", "periscope://actions/act_../x"] {
+        for bad in [
+            "periscope://actions/",
+            "periscope://actions/agt_x",
+            "periscope://actions/act_x/other",
+            "file:///etc/passwd",
+            "periscope://actions/act_../x",
+        ] {
             assert_eq!(ActionResource::parse(bad), None, "{bad}");
         }
     }

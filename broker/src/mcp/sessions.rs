@@ -135,14 +135,13 @@ impl SessionOwners {
             tracing::warn!(key = %by.key_id, "a key presented another key's MCP session id (too many to audit each pair)");
             return Vec::new();
         }
-        let attacker =
-            Owner {
-                binding: by.session_owner(),
-                key_id: by.key_id.clone(),
-                key_name: by.name.clone(),
-                org: by.org().to_owned(),
-                _slot: None,
-            };
+        let attacker = Owner {
+            binding: by.session_owner(),
+            key_id: by.key_id.clone(),
+            key_name: by.name.clone(),
+            org: by.org().to_owned(),
+            _slot: None,
+        };
         let mut a = Attempts {
             attacker,
             owner,

@@ -50,7 +50,9 @@ impl From<UserError> for ApiError {
     fn from(e: UserError) -> ApiError {
         match e {
             UserError::Key(k) => k.into(),
-            UserError::Store(OAuthStoreError::Conflict(m)) => ApiError::invalid(m).with_details(serde_json::json!({ "field": "name" })),
+            UserError::Store(OAuthStoreError::Conflict(m)) => {
+                ApiError::invalid(m).with_details(serde_json::json!({ "field": "name" }))
+            }
             UserError::Store(OAuthStoreError::NotFound(m)) => ApiError::not_found(m),
             other => {
                 tracing::error!(error = %other, "user store failure");
@@ -71,7 +73,11 @@ pub async fn create(
     let password_hash = match new.password.clone() {
         Some(p) => {
             let passwords = passwords.clone();
-            Some(tokio::task::spawn_blocking(move || passwords.hash(&p)).await.map_err(|e| users::HashError::from_join(&e))??)
+            Some(
+                tokio::task::spawn_blocking(move || passwords.hash(&p))
+                    .await
+                    .map_err(|e| users::HashError::from_join(&e))??,
+            )
         }
         None => None,
     };
@@ -155,8 +161,11 @@ pub async fn change(
     check(&as_new)?;
     if let Some(p) = change.password {
         let passwords = passwords.clone();
-        next.password_hash =
-            Some(tokio::task::spawn_blocking(move || passwords.hash(&p)).await.map_err(|e| users::HashError::from_join(&e))??);
+        next.password_hash = Some(
+            tokio::task::spawn_blocking(move || passwords.hash(&p))
+                .await
+                .map_err(|e| users::HashError::from_join(&e))??,
+        );
         what.push("password".into());
     }
     match change.disabled {
@@ -202,10 +211,14 @@ fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     b.map(|Json(b)| b).map_err(|e| ApiError::invalid(format!("request body: {}", e.body_text())))
 }
 
-async fn list(State(state): State<AppState>, Extension(by): Extension<Principal>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn list(
+    State(state): State<AppState>,
+    Extension(by): Extension<Principal>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     require_role(&by, Role::GroupAdmin, "GET /api/v1/users")?;
     let o = oauth(&state)?;
-    let users = o.fresh_users(&state.keys).await.map_err(|_| ApiError::new(ErrorCode::Internal, "users cannot be read"))?;
+    let users =
+        o.fresh_users(&state.keys).await.map_err(|_| ApiError::new(ErrorCode::Internal, "users cannot be read"))?;
     let visible: Vec<_> = users.all().into_iter().filter(|u| users::visible(&by, u)).map(|u| view(&u)).collect();
     Ok(Json(serde_json::json!({ "users": visible })))
 }
@@ -262,14 +275,20 @@ async fn create_route(
     Ok((StatusCode::CREATED, Json(serde_json::json!({ "user": view(&user) }))))
 }
 
-async fn find(state: &AppState, by: &Principal, id: &str) -> Result<(std::sync::Arc<OAuth>, std::sync::Arc<UserRecord>), ApiError> {
+async fn find(
+    state: &AppState,
+    by: &Principal,
+    id: &str,
+) -> Result<(std::sync::Arc<OAuth>, std::sync::Arc<UserRecord>), ApiError> {
     let o = oauth(state)?;
-    let users = o.fresh_users(&state.keys).await.map_err(|_| ApiError::new(ErrorCode::Internal, "users cannot be read"))?;
-    let user = users
-        .get(id.trim())
-        .filter(|u| users::visible(by, u))
-        .cloned()
-        .ok_or_else(|| ApiError::not_found(format!("no user `{}`; GET /api/v1/users lists them", id.chars().take(80).collect::<String>())))?;
+    let users =
+        o.fresh_users(&state.keys).await.map_err(|_| ApiError::new(ErrorCode::Internal, "users cannot be read"))?;
+    let user = users.get(id.trim()).filter(|u| users::visible(by, u)).cloned().ok_or_else(|| {
+        ApiError::not_found(format!(
+            "no user `{}`; GET /api/v1/users lists them",
+            id.chars().take(80).collect::<String>()
+        ))
+    })?;
     Ok((o, user))
 }
 
@@ -315,8 +334,13 @@ async fn revoke_grant(
         return Err(ApiError::not_found("no such live grant of this user"));
     };
     let entry = AuditEntry::new(user.org.clone(), by.actor(), AuditKind::OauthGrantRevoked)
-        .target(serde_json::json!({ "grant_id": grant.grant_id, "client_id": grant.client_id, "user_id": user.user_id }))
-        .detail(format!("the grant of `{}` to the client `{}` was revoked by an administrator", user.name, grant.client_name))
+        .target(
+            serde_json::json!({ "grant_id": grant.grant_id, "client_id": grant.client_id, "user_id": user.user_id }),
+        )
+        .detail(format!(
+            "the grant of `{}` to the client `{}` was revoked by an administrator",
+            user.name, grant.client_name
+        ))
         .data(serde_json::json!({ "reason": "revoked_by_admin" }));
     o.revoke_grant(&grant.grant_id, "revoked by an administrator", Some(entry)).await.map_err(UserError::from)?;
     Ok(StatusCode::NO_CONTENT)

@@ -94,7 +94,10 @@ fn is_loopback_host(host: &str) -> bool {
 /// private-use scheme with a dot (`com.example.app:/cb`, RFC 8252 §7.1); no fragment.
 pub fn check_redirect_uri(uri: &str) -> Result<Url, ClientError> {
     if uri.len() > MAX_REDIRECT_URI {
-        return Err(err("invalid_redirect_uri", format!("a redirect URI is longer than {MAX_REDIRECT_URI} characters")));
+        return Err(err(
+            "invalid_redirect_uri",
+            format!("a redirect URI is longer than {MAX_REDIRECT_URI} characters"),
+        ));
     }
     let url = Url::parse(uri).map_err(|e| err("invalid_redirect_uri", format!("`{uri}` is not a URL: {e}")))?;
     if url.fragment().is_some() {
@@ -270,7 +273,10 @@ pub struct Fetcher {
 
 impl std::fmt::Debug for Fetcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Fetcher").field("timeout", &self.timeout).field("max_bytes", &self.max_bytes).finish_non_exhaustive()
+        f.debug_struct("Fetcher")
+            .field("timeout", &self.timeout)
+            .field("max_bytes", &self.max_bytes)
+            .finish_non_exhaustive()
     }
 }
 
@@ -422,7 +428,8 @@ impl Fetcher {
         let request = request
             .body(http_body_util::Full::new(body.clone()))
             .map_err(|e| format!("cannot build the request: {e}"))?;
-        let response = sender.send_request(request).await.map_err(|e| format!("`{url}` failed: {}", error_chain(&e)))?;
+        let response =
+            sender.send_request(request).await.map_err(|e| format!("`{url}` failed: {}", error_chain(&e)))?;
         let (parts, mut incoming) = response.into_parts();
         let declared = parts
             .headers
@@ -633,7 +640,12 @@ mod tests {
 
     #[test]
     fn redirect_uris_that_could_leak_a_code_are_refused() {
-        for ok in ["https://claude.ai/api/mcp/auth_callback", "http://127.0.0.1:3334/cb", "http://[::1]/cb", "com.example.app:/cb"] {
+        for ok in [
+            "https://claude.ai/api/mcp/auth_callback",
+            "http://127.0.0.1:3334/cb",
+            "http://[::1]/cb",
+            "com.example.app:/cb",
+        ] {
             assert!(check_redirect_uri(ok).is_ok(), "{ok}");
         }
         for bad in [
@@ -649,7 +661,19 @@ mod tests {
 
     #[test]
     fn private_and_special_addresses_are_not_public() {
-        for ip in ["10.0.0.1", "172.16.5.4", "192.168.1.1", "127.0.0.1", "169.254.169.254", "100.64.0.1", "0.0.0.0", "::1", "fc00::1", "fe80::1", "::ffff:10.0.0.1"] {
+        for ip in [
+            "10.0.0.1",
+            "172.16.5.4",
+            "192.168.1.1",
+            "127.0.0.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fc00::1",
+            "fe80::1",
+            "::ffff:10.0.0.1",
+        ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip}");
         }
         for ip in ["93.184.216.34", "2606:4700::1111"] {

@@ -89,7 +89,10 @@ impl KeyedRate {
                 let rate = if self.period_minutes <= 1 {
                     Rate::per_minute(self.per_minute, self.burst)
                 } else {
-                    Rate::per_second(f64::from(self.per_minute) / f64::from(self.period_minutes * 60), f64::from(self.burst))
+                    Rate::per_second(
+                        f64::from(self.per_minute) / f64::from(self.period_minutes * 60),
+                        f64::from(self.burst),
+                    )
                 };
                 (Arc::new(rate), AtomicU64::new(0))
             });
@@ -276,7 +279,9 @@ pub async fn client(o: &OAuth, client_id: &str) -> Result<ClientRecord, ClientEr
     }
     match o.store.client(client_id).await {
         Ok(Some(c)) => Ok(c),
-        Ok(None) => Err(ClientError { code: "invalid_client", description: format!("no client `{}`", short(client_id)) }),
+        Ok(None) => {
+            Err(ClientError { code: "invalid_client", description: format!("no client `{}`", short(client_id)) })
+        }
         Err(e) => {
             tracing::error!(error = %e, "cannot read OAuth clients");
             Err(ClientError { code: "server_error", description: "the client registry cannot be read".into() })
@@ -313,10 +318,17 @@ fn digest(secret: &str) -> [u8; 32] {
     keys::hash(secret)
 }
 
-fn secret(prefix: &str) -> Result<String, Response> {
-    keys::new_secret(prefix).map_err(|_| {
+/// The operating system gave no randomness: nothing is issued without it.
+pub struct NoRandomness;
+
+impl IntoResponse for NoRandomness {
+    fn into_response(self) -> Response {
         pages::error(StatusCode::SERVICE_UNAVAILABLE, "Unavailable", "the broker has no secure randomness right now")
-    })
+    }
+}
+
+fn secret(prefix: &str) -> Result<String, NoRandomness> {
+    keys::new_secret(prefix).map_err(|_| NoRandomness)
 }
 
 fn store_failed(e: impl std::fmt::Display) -> Response {
@@ -348,10 +360,7 @@ async fn authorize(
             return pages::error(
                 StatusCode::BAD_REQUEST,
                 "Unknown redirect URI",
-                &format!(
-                    "the redirect URI `{}` is not registered for this client; nothing was sent to it",
-                    short(r)
-                ),
+                &format!("the redirect URI `{}` is not registered for this client; nothing was sent to it", short(r)),
             );
         }
         None if client.redirect_uris.len() == 1 => client.redirect_uris[0].clone(),
@@ -381,7 +390,12 @@ async fn authorize(
     }
     match (param(&params, "code_challenge"), param(&params, "code_challenge_method")) {
         (None, _) => {
-            return error_to_client(&state, &pending, "invalid_request", "PKCE is required: send code_challenge (S256)");
+            return error_to_client(
+                &state,
+                &pending,
+                "invalid_request",
+                "PKCE is required: send code_challenge (S256)",
+            );
         }
         (Some(_), m) if m != Some("S256") => {
             return error_to_client(
@@ -415,12 +429,12 @@ async fn authorize(
         Some(b) => b,
         None => match secret("pbr_") {
             Ok(s) => s,
-            Err(r) => return r,
+            Err(r) => return r.into_response(),
         },
     };
     let csrf = match secret("pcf_") {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     pending.browser = digest(&browser);
     pending.csrf = digest(&csrf);
@@ -448,7 +462,8 @@ fn sign_in_page(
     status: StatusCode,
 ) -> Response {
     let upstream = o.oidc.as_ref().map(|u| u.label());
-    pages::sign_in(&asking(p), &p.request_id, csrf, &p.scopes, name, problem, upstream, status)
+    let form = pages::Pending { asking: asking(p), request_id: &p.request_id, csrf, scopes: &p.scopes };
+    pages::sign_in(&form, name, problem, upstream, status)
 }
 
 /// The user signed in to the pages in this browser, if any (and still active).
@@ -484,7 +499,11 @@ async fn decide(
 
 /// Loads a pending request posted by a form, checking that it comes from the browser
 /// it is bound to and carries its CSRF token.
-pub async fn posted_request(o: &OAuth, headers: &HeaderMap, params: &[(String, String)]) -> Result<(PendingRequest, String), Response> {
+pub async fn posted_request(
+    o: &OAuth,
+    headers: &HeaderMap,
+    params: &[(String, String)],
+) -> Result<(PendingRequest, String), Response> {
     let expired = || {
         pages::error(
             StatusCode::BAD_REQUEST,
@@ -576,7 +595,9 @@ async fn sign_in(
         match &user {
             Some(u) => {
                 let entry = AuditEntry::new(u.org.clone(), user_actor(u), AuditKind::UserSignInFailed)
-                    .target(serde_json::json!({ "user_id": u.user_id, "address": address, "client_id": request.client_id }))
+                    .target(
+                        serde_json::json!({ "user_id": u.user_id, "address": address, "client_id": request.client_id }),
+                    )
                     .detail(format!("sign-in of `{}` failed: {}", u.name, reason.replace('_', " ")))
                     .data(serde_json::json!({ "reason": reason }));
                 state.engine.audit_repeated(entry, &u.user_id, reason);
@@ -618,7 +639,7 @@ pub async fn start_session(
     address: &str,
     request: &PendingRequest,
 ) -> Result<HeaderValue, Response> {
-    let cookie = secret("pbs_")?;
+    let cookie = secret("pbs_").map_err(IntoResponse::into_response)?;
     let ttl = o.settings.sign_in_session_secs;
     let session = BrowserSession {
         cookie: digest(&cookie),
@@ -651,13 +672,13 @@ async fn consent_page(
         }
         Err(e) => return store_failed(e),
     };
-    if !cookie(&headers, BROWSER_COOKIE).is_some_and(|b| digest(&b) == request.browser) {
+    if !browser_matches(&headers, &request) {
         return pages::error(StatusCode::FORBIDDEN, "Request refused", "this sign-in was started in another browser");
     }
     // The form needs a token whose hash the request keeps: a fresh one replaces it.
     let csrf = match secret("pcf_") {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let mut request = request;
     request.csrf = digest(&csrf);
@@ -699,17 +720,24 @@ async fn consent(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
     if chosen.is_empty() {
         return decide(&state, &o, &request, &csrf, &user, Some("Choose at least one permission, or deny.")).await;
     }
-    if let Err(e) = o.store.put_consent(&user.user_id, &request.client_id, &request.redirect_uri, chosen.clone()).await {
+    if let Err(e) = o.store.put_consent(&user.user_id, &request.client_id, &request.redirect_uri, chosen.clone()).await
+    {
         return store_failed(e);
     }
     issue_code(&state, &o, &request, &user, chosen).await
 }
 
 /// Issues a code for `scopes` and sends the browser back to the client.
-async fn issue_code(state: &AppState, o: &OAuth, p: &PendingRequest, user: &UserRecord, scopes: Vec<Scope>) -> Response {
+async fn issue_code(
+    state: &AppState,
+    o: &OAuth,
+    p: &PendingRequest,
+    user: &UserRecord,
+    scopes: Vec<Scope>,
+) -> Response {
     let code = match secret(super::CODE_PREFIX) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let record = CodeRecord {
         code: digest(&code),
@@ -761,8 +789,9 @@ impl From<ClientError> for OAuthError {
 
 impl IntoResponse for OAuthError {
     fn into_response(self) -> Response {
-        let mut r = (self.status, Json(serde_json::json!({ "error": self.code, "error_description": self.description })))
-            .into_response();
+        let mut r =
+            (self.status, Json(serde_json::json!({ "error": self.code, "error_description": self.description })))
+                .into_response();
         let h = r.headers_mut();
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
@@ -781,7 +810,11 @@ fn server_error(e: impl std::fmt::Display) -> OAuthError {
 /// Authenticates the client of a token or revocation request (Basic header, or
 /// `client_id` with `client_secret` in the body, or `client_id` alone for a public
 /// client).
-async fn authenticate_client(o: &OAuth, headers: &HeaderMap, params: &[(String, String)]) -> Result<ClientRecord, OAuthError> {
+async fn authenticate_client(
+    o: &OAuth,
+    headers: &HeaderMap,
+    params: &[(String, String)],
+) -> Result<ClientRecord, OAuthError> {
     let basic = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -795,8 +828,11 @@ async fn authenticate_client(o: &OAuth, headers: &HeaderMap, params: &[(String, 
                 .ok()
                 .and_then(|b| String::from_utf8(b).ok())
                 .ok_or_else(|| OAuthError::new("invalid_client", "the Basic credentials do not decode"))?;
-            let (id, secret) = decoded.split_once(':').ok_or_else(|| OAuthError::new("invalid_client", "malformed Basic credentials"))?;
-            let decode = |s: &str| url::form_urlencoded::parse(format!("x={s}").as_bytes()).next().map(|(_, v)| v.into_owned());
+            let (id, secret) = decoded
+                .split_once(':')
+                .ok_or_else(|| OAuthError::new("invalid_client", "malformed Basic credentials"))?;
+            let decode =
+                |s: &str| url::form_urlencoded::parse(format!("x={s}").as_bytes()).next().map(|(_, v)| v.into_owned());
             let (id, secret) = (decode(id).unwrap_or_default(), decode(secret).unwrap_or_default());
             if param(params, "client_id").is_some_and(|p| p != id) {
                 return Err(OAuthError::new("invalid_request", "client_id differs from the Basic credentials"));
@@ -804,7 +840,9 @@ async fn authenticate_client(o: &OAuth, headers: &HeaderMap, params: &[(String, 
             (id, Some(secret), true)
         }
         None => (
-            param(params, "client_id").map(str::to_owned).ok_or_else(|| OAuthError::new("invalid_client", "the request names no client_id"))?,
+            param(params, "client_id")
+                .map(str::to_owned)
+                .ok_or_else(|| OAuthError::new("invalid_client", "the request names no client_id"))?,
             param(params, "client_secret").map(str::to_owned),
             false,
         ),
@@ -835,7 +873,9 @@ async fn authenticate_client(o: &OAuth, headers: &HeaderMap, params: &[(String, 
 pub fn pkce_matches(verifier: &str, challenge: &str) -> bool {
     let shaped = (43..=128).contains(&verifier.len())
         && verifier.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'));
-    shaped && base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier.as_bytes())) == challenge
+    shaped
+        && base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier.as_bytes()))
+            == challenge
 }
 
 /// `POST /oauth/token`.
@@ -866,7 +906,8 @@ async fn token_inner(state: &AppState, o: &OAuth, headers: &HeaderMap, body: &[u
         return Err(OAuthError::new("invalid_request", "the request body is too large"));
     }
     let params = parse_params(body).map_err(|e| OAuthError::new("invalid_request", e))?;
-    let grant_type = param(&params, "grant_type").ok_or_else(|| OAuthError::new("invalid_request", "grant_type is missing"))?;
+    let grant_type =
+        param(&params, "grant_type").ok_or_else(|| OAuthError::new("invalid_request", "grant_type is missing"))?;
     if !matches!(grant_type, "authorization_code" | "refresh_token") {
         return Err(OAuthError::new(
             "unsupported_grant_type",
@@ -902,7 +943,10 @@ async fn token_inner(state: &AppState, o: &OAuth, headers: &HeaderMap, body: &[u
                 });
                 let _ = o.revoke_grant(grant, "its authorization code was used again", entry).await;
             }
-            return Err(OAuthError::new("invalid_grant", "the code was already used; the tokens issued for it are revoked"));
+            return Err(OAuthError::new(
+                "invalid_grant",
+                "the code was already used; the tokens issued for it are revoked",
+            ));
         }
         if record.client_id != client.client_id {
             return Err(OAuthError::new("invalid_grant", "the code was issued to another client"));
@@ -932,8 +976,12 @@ async fn token_inner(state: &AppState, o: &OAuth, headers: &HeaderMap, body: &[u
             max_expires_at_ms: now + o.settings.grant_max_age_secs * 1_000,
             revoked: None,
         };
-        let access_record =
-            AccessRecord { token: digest(&access), grant_id: grant.grant_id.clone(), scopes: grant.scopes.clone(), expires_at_ms: now + access_ttl * 1_000 };
+        let access_record = AccessRecord {
+            token: digest(&access),
+            grant_id: grant.grant_id.clone(),
+            scopes: grant.scopes.clone(),
+            expires_at_ms: now + access_ttl * 1_000,
+        };
         let entry = AuditEntry::new(
             user.org.clone(),
             Actor::User {
@@ -967,7 +1015,8 @@ async fn token_inner(state: &AppState, o: &OAuth, headers: &HeaderMap, body: &[u
         return Ok(token_response(&access, &refresh, access_ttl, &grant.scopes));
     }
     // refresh_token
-    let presented = param(&params, "refresh_token").ok_or_else(|| OAuthError::new("invalid_request", "refresh_token is missing"))?;
+    let presented = param(&params, "refresh_token")
+        .ok_or_else(|| OAuthError::new("invalid_request", "refresh_token is missing"))?;
     if !plausible(presented, super::REFRESH_PREFIX) {
         return Err(OAuthError::new("invalid_grant", "the refresh token is not valid"));
     }
@@ -982,7 +1031,10 @@ async fn token_inner(state: &AppState, o: &OAuth, headers: &HeaderMap, body: &[u
         Some(s) => {
             let asked = parse_scopes(Some(s)).map_err(|e| OAuthError::new("invalid_scope", e))?;
             if let Some(extra) = asked.iter().find(|s| !grant.scopes.contains(s)) {
-                return Err(OAuthError::new("invalid_scope", format!("`{}` was not granted; a refresh can only narrow", extra.as_str())));
+                return Err(OAuthError::new(
+                    "invalid_scope",
+                    format!("`{}` was not granted; a refresh can only narrow", extra.as_str()),
+                ));
             }
             asked
         }
@@ -995,10 +1047,21 @@ async fn token_inner(state: &AppState, o: &OAuth, headers: &HeaderMap, body: &[u
     let Some(user) = users.get(&grant.user_id).filter(|u| u.active()) else {
         return Err(OAuthError::new("invalid_grant", "the user is disabled"));
     };
-    let access_record = AccessRecord { token: digest(&access), grant_id: grant.grant_id.clone(), scopes: scopes.clone(), expires_at_ms: now + access_ttl * 1_000 };
+    let access_record = AccessRecord {
+        token: digest(&access),
+        grant_id: grant.grant_id.clone(),
+        scopes: scopes.clone(),
+        expires_at_ms: now + access_ttl * 1_000,
+    };
     let rotation = o
         .store
-        .rotate_refresh(digest(presented), digest(&refresh), now + o.settings.refresh_token_ttl_secs * 1_000, access_record, now)
+        .rotate_refresh(
+            digest(presented),
+            digest(&refresh),
+            now + o.settings.refresh_token_ttl_secs * 1_000,
+            access_record,
+            now,
+        )
         .await
         .map_err(server_error)?;
     match rotation {
@@ -1018,7 +1081,10 @@ async fn token_inner(state: &AppState, o: &OAuth, headers: &HeaderMap, body: &[u
                     ))
                     .data(serde_json::json!({ "reason": "refresh_token_reused" })),
             );
-            Err(OAuthError::new("invalid_grant", "the refresh token was already used; the grant is revoked, sign in again"))
+            Err(OAuthError::new(
+                "invalid_grant",
+                "the refresh token was already used; the grant is revoked, sign in again",
+            ))
         }
         Rotation::Invalid => Err(OAuthError::new("invalid_grant", "the refresh token is unknown, expired or revoked")),
     }
@@ -1083,16 +1149,22 @@ async fn register(State(state): State<AppState>, addr: Option<axum::Extension<Cl
     let Some(o) = oauth(&state) else { return StatusCode::NOT_FOUND.into_response() };
     let address = address(&addr);
     if let Err(secs) = o.limits.registrations.take(&address) {
-        let mut r = OAuthError::new("slow_down", format!("too many registrations from this address; retry in {secs} s")).into_response();
+        let mut r =
+            OAuthError::new("slow_down", format!("too many registrations from this address; retry in {secs} s"))
+                .into_response();
         r.headers_mut().insert(header::RETRY_AFTER, secs.into());
         return r;
     }
     if body.len() > MAX_BODY {
-        return OAuthError::new("invalid_client_metadata", format!("the registration is larger than {MAX_BODY} bytes")).into_response();
+        return OAuthError::new("invalid_client_metadata", format!("the registration is larger than {MAX_BODY} bytes"))
+            .into_response();
     }
     let registration: Registration = match serde_json::from_slice(&body) {
         Ok(r) => r,
-        Err(e) => return OAuthError::new("invalid_client_metadata", format!("the registration is not valid JSON: {e}")).into_response(),
+        Err(e) => {
+            return OAuthError::new("invalid_client_metadata", format!("the registration is not valid JSON: {e}"))
+                .into_response();
+        }
     };
     let (name, redirect_uris, auth) = match clients::validate_registration(&registration) {
         Ok(v) => v,

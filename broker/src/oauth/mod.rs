@@ -22,18 +22,18 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: `[oauth]`.
-//! - [`store`]: what is kept (users, clients, requests, codes, grants, tokens,
-//!   consents, browser sessions), behind [`OAuthStore`]; [`sqlite`]: its SQLite
+//! - `config`: `[oauth]`.
+//! - `store`: what is kept (users, clients, requests, codes, grants, tokens,
+//!   consents, browser sessions), behind [`OAuthStore`]; `sqlite`: its SQLite
 //!   implementation.
-//! - [`users`]: users' validation and permissions (the keys' rules), argon2id.
-//! - [`clients`]: client registration, client ID metadata documents (fetched with
+//! - `users`: users' validation and permissions (the keys' rules), argon2id.
+//! - `clients`: client registration, client ID metadata documents (fetched with
 //!   bounds, SSRF-guarded), redirect-URI matching.
-//! - [`endpoints`]: the HTTP endpoints and the sign-in and consent flow.
-//! - [`pages`]: the server-rendered HTML.
-//! - [`oidc`]: sign-in delegated to an upstream OpenID Connect provider.
-//! - [`admin`]: `/api/v1/users`.
-//! - [`cli`]: `periscope users`.
+//! - `endpoints`: the HTTP endpoints and the sign-in and consent flow.
+//! - `pages`: the server-rendered HTML.
+//! - `oidc`: sign-in delegated to an upstream OpenID Connect provider.
+//! - `admin`: `/api/v1/users`.
+//! - `cli`: `periscope users`.
 
 pub mod admin;
 pub mod cli;

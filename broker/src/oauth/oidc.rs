@@ -124,8 +124,8 @@ impl Upstream {
         let url = Url::parse(&format!("{issuer}/.well-known/openid-configuration"))
             .map_err(|e| fail(format!("the issuer is not a URL: {e}")))?;
         let doc = self.fetcher.get_json(&url).await.map_err(fail)?;
-        let d: Discovery =
-            serde_json::from_value(doc).map_err(|e| fail(format!("the provider's discovery document does not fit: {e}")))?;
+        let d: Discovery = serde_json::from_value(doc)
+            .map_err(|e| fail(format!("the provider's discovery document does not fit: {e}")))?;
         if d.issuer.trim_end_matches('/') != issuer {
             return Err(fail(format!("the provider names its issuer `{}`, not `{issuer}`", d.issuer)));
         }
@@ -137,9 +137,16 @@ impl Upstream {
     }
 
     /// Where to send the browser: the provider's authorization endpoint.
-    async fn authorization_url(&self, redirect: &str, state: &str, challenge: &str, nonce: &str) -> Result<Url, OidcError> {
+    async fn authorization_url(
+        &self,
+        redirect: &str,
+        state: &str,
+        challenge: &str,
+        nonce: &str,
+    ) -> Result<Url, OidcError> {
         let (d, _) = self.discovery(false).await?;
-        let mut url = Url::parse(&d.authorization_endpoint).map_err(|e| fail(format!("authorization_endpoint: {e}")))?;
+        let mut url =
+            Url::parse(&d.authorization_endpoint).map_err(|e| fail(format!("authorization_endpoint: {e}")))?;
         self.fetcher.check(&url).map_err(fail)?;
         url.query_pairs_mut()
             .append_pair("response_type", "code")
@@ -154,7 +161,13 @@ impl Upstream {
     }
 
     /// Exchanges the provider's code and verifies the ID token; returns its claims.
-    async fn exchange(&self, code: &str, redirect: &str, verifier: &str, nonce: &str) -> Result<serde_json::Value, OidcError> {
+    async fn exchange(
+        &self,
+        code: &str,
+        redirect: &str,
+        verifier: &str,
+        nonce: &str,
+    ) -> Result<serde_json::Value, OidcError> {
         let (d, _) = self.discovery(false).await?;
         let url = Url::parse(&d.token_endpoint).map_err(|e| fail(format!("token_endpoint: {e}")))?;
         self.fetcher.check(&url).map_err(fail)?;
@@ -315,7 +328,9 @@ fn verify_signature(key: &Jwk, alg: &str, message: &[u8], signature: &[u8]) -> b
             let mut point = vec![4u8];
             point.extend_from_slice(&x);
             point.extend_from_slice(&y);
-            signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, point).verify(message, signature).is_ok()
+            signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, point)
+                .verify(message, signature)
+                .is_ok()
         }
         _ => false,
     }
@@ -428,7 +443,11 @@ pub async fn callback(
             .detail(format!("sign-in of `{}` through the OpenID provider refused: disabled", user.name))
             .data(serde_json::json!({ "reason": "disabled" }));
         state.engine.audit_repeated(entry, &user.user_id, "disabled");
-        return pages::error(StatusCode::FORBIDDEN, "Sign-in refused", "this account is disabled; ask an administrator");
+        return pages::error(
+            StatusCode::FORBIDDEN,
+            "Sign-in refused",
+            "this account is disabled; ask an administrator",
+        );
     }
     let mut request = request;
     request.upstream = None;

@@ -82,7 +82,11 @@ pub fn error(status: StatusCode, title: &str, message: &str) -> Response {
     page(
         status,
         title,
-        &format!("<h1>{}</h1><p class=\"error\">{}</p><p class=\"muted\">You can close this window.</p>", esc(title), esc(message)),
+        &format!(
+            "<h1>{}</h1><p class=\"error\">{}</p><p class=\"muted\">You can close this window.</p>",
+            esc(title),
+            esc(message)
+        ),
         None,
     )
 }
@@ -111,17 +115,27 @@ fn asking_html(a: &Asking<'_>) -> String {
     )
 }
 
+/// A pending request as its forms carry it.
+pub struct Pending<'a> {
+    /// Who asks.
+    pub asking: Asking<'a>,
+    /// The request's id.
+    pub request_id: &'a str,
+    /// The form's CSRF token.
+    pub csrf: &'a str,
+    /// What is asked for.
+    pub scopes: &'a [Scope],
+}
+
 /// The sign-in page.
 pub fn sign_in(
-    a: &Asking<'_>,
-    request_id: &str,
-    csrf: &str,
-    scopes: &[Scope],
+    p: &Pending<'_>,
     name: &str,
     problem: Option<&str>,
     upstream: Option<&str>,
     status: StatusCode,
 ) -> Response {
+    let (a, request_id, csrf, scopes) = (&p.asking, p.request_id, p.csrf, p.scopes);
     let problem = problem.map(|p| format!("<p class=\"error\" role=\"alert\">{}</p>", esc(p))).unwrap_or_default();
     let asked: Vec<String> = scopes.iter().map(|s| format!("<code>{}</code>", esc(s.as_str()))).collect();
     let upstream = upstream

@@ -622,7 +622,12 @@ impl OAuthStore for SqliteOAuthStore {
             let excess = (live.len() + 1).saturating_sub(max_per_user as usize);
             let evicted: Vec<String> = live.into_iter().take(excess).collect();
             for id in &evicted {
-                revoke_grant_tx(&tx, id, "too many grants for one user (oauth.max_grants_per_user)", grant.created_at_ms)?;
+                revoke_grant_tx(
+                    &tx,
+                    id,
+                    "too many grants for one user (oauth.max_grants_per_user)",
+                    grant.created_at_ms,
+                )?;
             }
             tx.execute(
                 "INSERT INTO oauth_grants (id, user_id, client_id, client_name, scopes, resource, created_at_ms, \

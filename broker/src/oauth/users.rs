@@ -150,7 +150,8 @@ impl Passwords {
     pub fn hash(&self, password: &str) -> Result<String, HashError> {
         let mut salt = [0u8; 16];
         getrandom::fill(&mut salt).map_err(|_| HashError("no secure randomness".into()))?;
-        let hash = self.hasher().hash_password_with_salt(password.as_bytes(), &salt).map_err(|e| HashError(e.to_string()))?;
+        let hash =
+            self.hasher().hash_password_with_salt(password.as_bytes(), &salt).map_err(|e| HashError(e.to_string()))?;
         Ok(hash.to_string())
     }
 
