@@ -13,6 +13,7 @@ mod attack_expressions;
 mod attack_network;
 mod attack_tenancy;
 mod conditions;
+mod conformance;
 mod core_loop;
 mod gateway_errors;
 mod keys;
