@@ -246,15 +246,21 @@ pub fn authorize(principal: &Principal, scope: Scope, what: &str) -> Result<(), 
     if principal.has(scope) {
         return Ok(());
     }
-    Err(ApiError::new(
-        ErrorCode::InsufficientScope,
-        format!(
+    let message = match &principal.via {
+        None => format!(
             "the API key `{}` lacks the scope `{}`, which {what} needs; ask an administrator for a key that has it",
             principal.name,
             scope.as_str()
         ),
-    )
-    .with_details(serde_json::json!({
+        Some(via) => format!(
+            "`{}` did not allow the scope `{}` to `{}` (or their role lacks it), and {what} needs it; sign in again \
+             from the client and allow it",
+            principal.name,
+            scope.as_str(),
+            via.client_name
+        ),
+    };
+    Err(ApiError::new(ErrorCode::InsufficientScope, message).with_details(serde_json::json!({
         "required_scope": scope.as_str(),
         "granted_scopes": principal.scope_names(),
         "role": principal.role.as_str(),

@@ -20,6 +20,7 @@ mod keys;
 mod mcp;
 mod oauth;
 mod oauth_browser;
+mod oidc;
 mod quotas;
 mod redaction;
 mod telemetry;

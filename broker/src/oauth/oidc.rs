@@ -46,6 +46,8 @@ struct Discovery {
     authorization_endpoint: String,
     token_endpoint: String,
     jwks_uri: String,
+    #[serde(default)]
+    userinfo_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -196,65 +198,51 @@ impl Upstream {
             )));
         }
         let id_token = json["id_token"].as_str().ok_or_else(|| fail("the provider returned no id_token"))?;
-        self.verify(id_token, nonce).await
+        let mut claims = self.verify(id_token, nonce).await?;
+        // Providers that keep profile claims out of the ID token (OpenID Connect core
+        // 5.4) serve them at userinfo, for the same subject.
+        let claim = self.settings.username_claim.as_str();
+        if claims.get(claim).is_none()
+            && let (Some(endpoint), Some(access)) = (d.userinfo_endpoint.as_deref(), json["access_token"].as_str())
+        {
+            let url = Url::parse(endpoint).map_err(|e| fail(format!("userinfo_endpoint: {e}")))?;
+            let headers = vec![
+                (axum::http::header::AUTHORIZATION, format!("Bearer {access}")),
+                (axum::http::header::ACCEPT, "application/json".to_owned()),
+            ];
+            let r = self
+                .fetcher
+                .request(axum::http::Method::GET, &url, headers, axum::body::Bytes::new())
+                .await
+                .map_err(|e| fail(format!("the provider's userinfo failed: {e}")))?;
+            let info: serde_json::Value = serde_json::from_slice(&r.body)
+                .map_err(|_| fail(format!("the provider's userinfo answered HTTP {} without JSON", r.status)))?;
+            if info["sub"] != claims["sub"] {
+                return Err(fail("the provider's userinfo names another subject"));
+            }
+            if let (Some(target), Some(extra)) = (claims.as_object_mut(), info.as_object()) {
+                for (k, v) in extra {
+                    target.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+            }
+        }
+        Ok(claims)
     }
 
     /// Verifies an ID token: signature against the provider's keys (fetched again once
     /// when the key id is unknown: keys rotate), then the claims.
     pub async fn verify(&self, jwt: &str, nonce: &str) -> Result<serde_json::Value, OidcError> {
-        let mut parts = jwt.split('.');
-        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-            return Err(fail("the ID token is not a signed JWT"));
-        };
-        let header: serde_json::Value =
-            serde_json::from_slice(&b64(h)?).map_err(|_| fail("the ID token's header is not JSON"))?;
-        let alg = header["alg"].as_str().unwrap_or_default().to_owned();
-        let kid = header["kid"].as_str().map(str::to_owned);
-        let signature = b64(s)?;
-        let signed = format!("{h}.{p}");
+        let kid = jwt
+            .split('.')
+            .next()
+            .and_then(|h| b64(h).ok())
+            .and_then(|h| serde_json::from_slice::<serde_json::Value>(&h).ok())
+            .and_then(|h| h["kid"].as_str().map(str::to_owned));
         let (mut d, mut keys) = self.discovery(false).await?;
-        if !keys.keys.iter().any(|k| k.kid == kid) {
+        if kid.is_some() && !keys.keys.iter().any(|k| k.kid == kid) {
             (d, keys) = self.discovery(true).await?;
         }
-        let candidates: Vec<&Jwk> = keys
-            .keys
-            .iter()
-            .filter(|k| kid.is_none() || k.kid == kid)
-            .filter(|k| k.alg.as_deref().is_none_or(|a| a == alg))
-            .collect();
-        if candidates.is_empty() {
-            return Err(fail("no key of the provider matches the ID token"));
-        }
-        if !candidates.iter().any(|k| verify_signature(k, &alg, signed.as_bytes(), &signature)) {
-            return Err(fail(format!("the ID token's signature ({alg}) does not verify")));
-        }
-        let claims: serde_json::Value =
-            serde_json::from_slice(&b64(p)?).map_err(|_| fail("the ID token's claims are not JSON"))?;
-        let now = now_ms() / 1_000;
-        if claims["iss"].as_str() != Some(d.issuer.as_str()) {
-            return Err(fail("the ID token's issuer is not the provider"));
-        }
-        let aud_ok = match &claims["aud"] {
-            serde_json::Value::String(a) => a == &self.settings.client_id,
-            serde_json::Value::Array(a) => a.iter().any(|x| x.as_str() == Some(self.settings.client_id.as_str())),
-            _ => false,
-        };
-        if !aud_ok {
-            return Err(fail("the ID token is for another client (aud)"));
-        }
-        if claims["exp"].as_u64().is_none_or(|e| e + SKEW_SECS < now) {
-            return Err(fail("the ID token has expired"));
-        }
-        if claims["nbf"].as_u64().is_some_and(|n| n > now + SKEW_SECS) {
-            return Err(fail("the ID token is not valid yet"));
-        }
-        if claims["nonce"].as_str() != Some(nonce) {
-            return Err(fail("the ID token's nonce does not match this sign-in"));
-        }
-        if claims["sub"].as_str().is_none_or(str::is_empty) {
-            return Err(fail("the ID token names no subject"));
-        }
-        Ok(claims)
+        check_id_token(jwt, &keys, &d.issuer, &self.settings.client_id, nonce, now_ms() / 1_000)
     }
 
     /// The user for verified claims: linked by subject, else named by the configured
@@ -310,6 +298,67 @@ impl Upstream {
         let users = o.reload_users().await.map_err(|e| fail(e.to_string()))?;
         users.get(&user.user_id).cloned().ok_or_else(|| fail("the user vanished"))
     }
+}
+
+/// Checks an ID token against the provider's keys and the expected issuer, audience and
+/// nonce at `now` (Unix seconds): RS256 or ES256 only (`none` and HMAC are refused),
+/// expiry and not-before with two minutes of skew, a subject present.
+fn check_id_token(
+    jwt: &str,
+    keys: &Jwks,
+    issuer: &str,
+    client_id: &str,
+    nonce: &str,
+    now: u64,
+) -> Result<serde_json::Value, OidcError> {
+    let mut parts = jwt.split('.');
+    let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return Err(fail("the ID token is not a signed JWT"));
+    };
+    let header: serde_json::Value =
+        serde_json::from_slice(&b64(h)?).map_err(|_| fail("the ID token's header is not JSON"))?;
+    let alg = header["alg"].as_str().unwrap_or_default().to_owned();
+    let kid = header["kid"].as_str().map(str::to_owned);
+    let signature = b64(s)?;
+    let signed = format!("{h}.{p}");
+    let candidates: Vec<&Jwk> = keys
+        .keys
+        .iter()
+        .filter(|k| kid.is_none() || k.kid == kid)
+        .filter(|k| k.alg.as_deref().is_none_or(|a| a == alg))
+        .collect();
+    if candidates.is_empty() {
+        return Err(fail("no key of the provider matches the ID token"));
+    }
+    if !candidates.iter().any(|k| verify_signature(k, &alg, signed.as_bytes(), &signature)) {
+        return Err(fail(format!("the ID token's signature ({alg}) does not verify")));
+    }
+    let claims: serde_json::Value =
+        serde_json::from_slice(&b64(p)?).map_err(|_| fail("the ID token's claims are not JSON"))?;
+    if claims["iss"].as_str() != Some(issuer) {
+        return Err(fail("the ID token's issuer is not the provider"));
+    }
+    let aud_ok = match &claims["aud"] {
+        serde_json::Value::String(a) => a == client_id,
+        serde_json::Value::Array(a) => a.iter().any(|x| x.as_str() == Some(client_id)),
+        _ => false,
+    };
+    if !aud_ok {
+        return Err(fail("the ID token is for another client (aud)"));
+    }
+    if claims["exp"].as_u64().is_none_or(|e| e + SKEW_SECS < now) {
+        return Err(fail("the ID token has expired"));
+    }
+    if claims["nbf"].as_u64().is_some_and(|n| n > now + SKEW_SECS) {
+        return Err(fail("the ID token is not valid yet"));
+    }
+    if claims["nonce"].as_str() != Some(nonce) {
+        return Err(fail("the ID token's nonce does not match this sign-in"));
+    }
+    if claims["sub"].as_str().is_none_or(str::is_empty) {
+        return Err(fail("the ID token names no subject"));
+    }
+    Ok(claims)
 }
 
 fn verify_signature(key: &Jwk, alg: &str, message: &[u8], signature: &[u8]) -> bool {
@@ -462,5 +511,75 @@ pub async fn callback(
             r
         }
         Err(r) => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
+
+    fn enc(b: &[u8]) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    }
+
+    /// An ES256 key and its JWK.
+    fn key() -> (EcdsaKeyPair, Jwks) {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
+        let public = pair.public_key().as_ref();
+        let jwk = Jwk {
+            kty: "EC".into(),
+            kid: Some("k1".into()),
+            alg: Some("ES256".into()),
+            n: None,
+            e: None,
+            crv: Some("P-256".into()),
+            x: Some(enc(&public[1..33])),
+            y: Some(enc(&public[33..65])),
+        };
+        (pair, Jwks { keys: vec![jwk] })
+    }
+
+    fn sign(pair: &EcdsaKeyPair, header: serde_json::Value, claims: serde_json::Value) -> String {
+        let signed = format!("{}.{}", enc(header.to_string().as_bytes()), enc(claims.to_string().as_bytes()));
+        let sig = pair.sign(&ring::rand::SystemRandom::new(), signed.as_bytes()).unwrap();
+        format!("{signed}.{}", enc(sig.as_ref()))
+    }
+
+    #[test]
+    fn an_id_token_is_refused_unless_signed_by_the_provider_for_this_client_and_sign_in() {
+        let (pair, keys) = key();
+        let header = serde_json::json!({ "alg": "ES256", "kid": "k1" });
+        let claims = serde_json::json!({
+            "iss": "https://login.example.com", "aud": "periscope", "sub": "u1", "nonce": "n1",
+            "exp": 2_000, "iat": 1_000, "email": "ada@example.com", "email_verified": true,
+        });
+        let check = |jwt: &str, nonce: &str, now: u64| {
+            check_id_token(jwt, &keys, "https://login.example.com", "periscope", nonce, now)
+        };
+        let good = sign(&pair, header.clone(), claims.clone());
+        assert_eq!(check(&good, "n1", 1_500).unwrap()["email"], "ada@example.com");
+        assert!(check(&good, "n2", 1_500).unwrap_err().0.contains("nonce"));
+        assert!(check(&good, "n1", 3_000).unwrap_err().0.contains("expired"));
+        let mut other = claims.clone();
+        other["aud"] = serde_json::json!("someone-else");
+        assert!(check(&sign(&pair, header.clone(), other), "n1", 1_500).unwrap_err().0.contains("aud"));
+        let mut other = claims.clone();
+        other["iss"] = serde_json::json!("https://evil.example.com");
+        assert!(check(&sign(&pair, header.clone(), other), "n1", 1_500).unwrap_err().0.contains("issuer"));
+        // Another key, a tampered payload, `alg: none`: the signature does not verify.
+        let (stranger, _) = key();
+        assert!(
+            check(&sign(&stranger, header.clone(), claims.clone()), "n1", 1_500).unwrap_err().0.contains("signature")
+        );
+        let mut parts: Vec<String> = good.split('.').map(str::to_owned).collect();
+        let mut tampered = claims.clone();
+        tampered["email"] = serde_json::json!("mallory@example.com");
+        parts[1] = enc(tampered.to_string().as_bytes());
+        assert!(check(&parts.join("."), "n1", 1_500).is_err());
+        let none = format!("{}.{}.", enc(br#"{"alg":"none","kid":"k1"}"#), enc(claims.to_string().as_bytes()));
+        assert!(check(&none, "n1", 1_500).is_err());
     }
 }
