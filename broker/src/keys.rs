@@ -800,6 +800,12 @@ impl KeyStore {
         self.db.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Holds the lock every database access takes (tests: what must not wait on it).
+    #[cfg(test)]
+    pub(crate) fn hold_lock(&self) -> impl Drop + '_ {
+        self.db()
+    }
+
     /// The last directory loaded, without checking the database (for decisions where a
     /// second of staleness is harmless, like which new agent an action reaches).
     pub fn current(&self) -> Arc<Directory> {

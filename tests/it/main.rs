@@ -23,5 +23,6 @@ mod oauth_browser;
 mod oidc;
 mod quotas;
 mod redaction;
+mod registry;
 mod telemetry;
 mod tls;

@@ -329,10 +329,11 @@ pub fn service(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn state(config: crate::BrokerConfig) -> AppState {
+    /// A broker state without a listener, for unit tests.
+    pub(crate) fn state(config: crate::BrokerConfig) -> AppState {
         let registry = Arc::new(crate::registry::Registry::new(100));
         let (_tx, rx) = tokio::sync::watch::channel(false);
         let engine =

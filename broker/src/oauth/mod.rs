@@ -357,3 +357,194 @@ impl OAuth {
         self.access.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::future::BoxFuture;
+    use store::*;
+
+    /// A store that fails the test if anything reaches it.
+    #[derive(Debug)]
+    struct Untouchable;
+
+    fn never<T: Send + 'static>() -> BoxFuture<'static, Result<T, OAuthStoreError>> {
+        panic!("a refusal reached the store")
+    }
+
+    impl OAuthStore for Untouchable {
+        fn users(&self) -> BoxFuture<'_, Result<Vec<UserRecord>, OAuthStoreError>> {
+            never()
+        }
+        fn create_user(
+            &self,
+            _: UserRecord,
+            _: crate::audit::AuditEntry,
+        ) -> BoxFuture<'_, Result<(), OAuthStoreError>> {
+            never()
+        }
+        fn update_user(
+            &self,
+            _: UserRecord,
+            _: Option<crate::audit::AuditEntry>,
+        ) -> BoxFuture<'_, Result<(), OAuthStoreError>> {
+            never()
+        }
+        fn client(&self, _: &str) -> BoxFuture<'_, Result<Option<ClientRecord>, OAuthStoreError>> {
+            never()
+        }
+        fn register_client(&self, _: ClientRecord, _: u32) -> BoxFuture<'_, Result<(), OAuthStoreError>> {
+            never()
+        }
+        fn touch_client(&self, _: &str, _: u64) -> BoxFuture<'_, Result<(), OAuthStoreError>> {
+            never()
+        }
+        fn put_request(&self, _: PendingRequest) -> BoxFuture<'_, Result<(), OAuthStoreError>> {
+            never()
+        }
+        fn request(&self, _: &str, _: u64) -> BoxFuture<'_, Result<Option<PendingRequest>, OAuthStoreError>> {
+            never()
+        }
+        fn request_by_upstream_state(
+            &self,
+            _: Digest,
+            _: u64,
+        ) -> BoxFuture<'_, Result<Option<PendingRequest>, OAuthStoreError>> {
+            never()
+        }
+        fn delete_request(&self, _: &str) -> BoxFuture<'_, Result<(), OAuthStoreError>> {
+            never()
+        }
+        fn put_session(&self, _: BrowserSession) -> BoxFuture<'_, Result<(), OAuthStoreError>> {
+            never()
+        }
+        fn session(&self, _: Digest, _: u64) -> BoxFuture<'_, Result<Option<BrowserSession>, OAuthStoreError>> {
+            never()
+        }
+        fn delete_session(&self, _: Digest) -> BoxFuture<'_, Result<(), OAuthStoreError>> {
+            never()
+        }
+        fn consent(&self, _: &str, _: &str, _: &str) -> BoxFuture<'_, Result<Option<Vec<Scope>>, OAuthStoreError>> {
+            never()
+        }
+        fn put_consent(&self, _: &str, _: &str, _: &str, _: Vec<Scope>) -> BoxFuture<'_, Result<(), OAuthStoreError>> {
+            never()
+        }
+        fn put_code(&self, _: CodeRecord) -> BoxFuture<'_, Result<(), OAuthStoreError>> {
+            never()
+        }
+        fn take_code(&self, _: Digest, _: u64) -> BoxFuture<'_, Result<Option<CodeRecord>, OAuthStoreError>> {
+            never()
+        }
+        fn set_code_grant(&self, _: Digest, _: &str) -> BoxFuture<'_, Result<(), OAuthStoreError>> {
+            never()
+        }
+        fn create_grant(
+            &self,
+            _: GrantRecord,
+            _: Digest,
+            _: u64,
+            _: AccessRecord,
+            _: u32,
+            _: crate::audit::AuditEntry,
+        ) -> BoxFuture<'_, Result<Vec<String>, OAuthStoreError>> {
+            never()
+        }
+        fn rotate_refresh(
+            &self,
+            _: Digest,
+            _: Digest,
+            _: u64,
+            _: AccessRecord,
+            _: u64,
+        ) -> BoxFuture<'_, Result<Rotation, OAuthStoreError>> {
+            never()
+        }
+        fn grant_of_refresh(&self, _: Digest) -> BoxFuture<'_, Result<Option<GrantRecord>, OAuthStoreError>> {
+            never()
+        }
+        fn revoke_grant(
+            &self,
+            _: &str,
+            _: &str,
+            _: Option<crate::audit::AuditEntry>,
+        ) -> BoxFuture<'_, Result<bool, OAuthStoreError>> {
+            never()
+        }
+        fn grant(&self, _: &str) -> BoxFuture<'_, Result<Option<GrantRecord>, OAuthStoreError>> {
+            never()
+        }
+        fn grants_of(&self, _: &str) -> BoxFuture<'_, Result<Vec<GrantRecord>, OAuthStoreError>> {
+            never()
+        }
+        fn live_access_tokens(
+            &self,
+            _: u64,
+        ) -> BoxFuture<'_, Result<Vec<(AccessRecord, GrantRecord)>, OAuthStoreError>> {
+            never()
+        }
+        fn purge(&self, _: u64) -> BoxFuture<'_, Result<(), OAuthStoreError>> {
+            never()
+        }
+    }
+
+    #[test]
+    fn a_refused_access_token_takes_no_lock_and_reaches_no_store() {
+        let state = crate::mcp::tests::state(crate::BrokerConfig::default());
+        let settings = OAuthSettings { password_memory_kib: 8_192, password_iterations: 1, ..Default::default() };
+        let oauth = Arc::new(OAuth {
+            passwords: users::Passwords::new(8_192, 1).unwrap(),
+            limits: endpoints::Limits::new(&settings),
+            clients: clients::Clients::new(&settings.client_metadata).unwrap(),
+            settings,
+            store: Arc::new(Untouchable),
+            access: DashMap::new(),
+            grant_tokens: DashMap::new(),
+            users: RwLock::new(Arc::default()),
+            users_generation: AtomicU64::new(0),
+            oidc: None,
+        });
+        let grant = |id: &str| GrantRecord {
+            grant_id: id.into(),
+            user_id: "usr_x".into(),
+            client_id: "pcl_x".into(),
+            client_name: "x".into(),
+            scopes: Scope::DEFAULT.to_vec(),
+            resource: "r".into(),
+            created_at_ms: 0,
+            max_expires_at_ms: u64::MAX,
+            revoked: None,
+        };
+        let expired = keys::new_secret(ACCESS_PREFIX).unwrap();
+        oauth.remember(keys::hash(&expired), &grant("grt_old"), Scope::DEFAULT.to_vec(), 1);
+        // Every database access of the key directory goes through this lock.
+        let held = state.keys.hold_lock();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let worker = {
+            let (oauth, state) = (Arc::clone(&oauth), Arc::clone(&state));
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+                let outcomes = rt.block_on(async {
+                    let mut out = Vec::new();
+                    for token in [
+                        "poa_00000000000000000000000000000000".to_owned(),
+                        "poa_short".to_owned(),
+                        format!("poa_{}", "x".repeat(10_000)),
+                        "poa_WITH spaces and\u{1}controls000000".to_owned(),
+                        expired.clone(),
+                    ] {
+                        out.push(oauth.authenticate(&state, &token).await.map(|p| p.key_id).unwrap_err());
+                    }
+                    out
+                });
+                let _ = tx.send(outcomes);
+            })
+        };
+        let got = rx.recv_timeout(std::time::Duration::from_secs(10));
+        drop(held);
+        worker.join().unwrap();
+        let outcomes = got.expect("refusals were decided without waiting for the key store's lock");
+        use AuthFailure::{Expired, Unknown};
+        assert_eq!(outcomes, [Unknown, Unknown, Unknown, Unknown, Expired]);
+    }
+}
