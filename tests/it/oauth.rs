@@ -738,3 +738,78 @@ async fn a_client_metadata_document_identifies_a_client_and_private_addresses_ar
     assert_eq!(browser.get(&wrong.url(&broker)).await.status, 400);
     broker.stop().await;
 }
+
+/// Signs `user` in through a new registered client; returns the access token.
+async fn token_for(broker: &TestBroker, user: &str, scope: &str) -> String {
+    let redirect = "http://127.0.0.1:8765/cb";
+    let client_id = register(broker, redirect).await;
+    let (verifier, challenge) = pkce();
+    let a =
+        Authorization { client_id: &client_id, redirect_uri: redirect, challenge: &challenge, scope, resource: None };
+    let keep: Vec<&str> = scope.split(' ').collect();
+    let code = authorize(broker, &mut Browser::new(), &a, user, &keep).await;
+    let (status, t) = exchange(broker, &client_id, &code, redirect, &verifier).await;
+    assert_eq!(status, 200, "{t}");
+    t["access_token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persons_tokens_are_charged_audited_and_bound_to_their_sessions_like_keys() {
+    let broker = oauth_broker().await;
+    let quotas = json!({ "calls_per_minute": 60, "call_burst": 4, "live_actions": 1 });
+    create_user(&broker, "frank", json!({ "quotas": quotas, "pools": ["shop"] })).await;
+    let scope = "mcp:system:read mcp:agents:read mcp:actions:write mcp:hits:read";
+    let first = token_for(&broker, "frank", scope).await;
+    let second = token_for(&broker, "frank", scope).await;
+
+    // An action placed with a person's token is theirs, within their pools, and the
+    // audit trail names them and the client.
+    let api = broker.api_with(&first);
+    let place =
+        |pool: &str| json!({ "kind": "snapshot", "pool": pool, "file": "x.rs", "line": 7, "allow_pending": true });
+    let (status, v) = api.post("/actions", place("shop")).await;
+    assert_eq!(status, 201, "{v}");
+    let (status, v) = api.post("/actions", place("payments")).await;
+    assert!(status == 404 || status == 403 || status == 422, "outside the person's pools: {status} {v}");
+    // Quotas are the person's, across their clients: the second client shares them.
+    let (status, v) = broker.api_with(&second).post("/actions", place("shop")).await;
+    assert_eq!((status, v["error"]["code"].as_str()), (429, Some("quota_exceeded")), "{v}");
+    let entries = audit(&broker.api_with(ADMIN_KEY), "&kind=action_placed").await;
+    let placed = entries.iter().find(|e| e["actor"]["name"] == "frank").expect("the placement is audited");
+    assert_eq!(placed["actor"]["type"], "user");
+    assert_eq!(placed["actor"]["client_name"], "Test Client");
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(broker.api_with(&first).get("/health").await.0);
+    }
+    assert!(statuses.contains(&429), "the person's call rate is charged: {statuses:?}");
+
+    // An MCP session opened through one client answers only that client.
+    let http = reqwest::Client::new();
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
+    // Calls refill at one a second: room for the three below.
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    let r = http
+        .post(format!("{}/mcp", broker.http()))
+        .bearer_auth(&second)
+        .header("accept", "application/json, text/event-stream")
+        .json(&init)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let session = r.headers()["mcp-session-id"].to_str().unwrap().to_owned();
+    let ping = json!({"jsonrpc": "2.0", "id": 2, "method": "ping"});
+    let with = |token: &str| {
+        http.post(format!("{}/mcp", broker.http()))
+            .bearer_auth(token)
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-session-id", &session)
+            .header("mcp-protocol-version", "2025-06-18")
+            .json(&ping)
+    };
+    assert_eq!(with(&first).send().await.unwrap().status(), 404, "the same person through another client");
+    assert_ne!(with(&second).send().await.unwrap().status(), 404, "the client that opened it");
+    broker.stop().await;
+}

@@ -227,6 +227,8 @@ impl OAuth {
             return Ok(self.users_now());
         }
         self.reload_users().await.map_err(|e| {
+            // The next call tries again.
+            self.users_generation.store(u64::MAX, Ordering::Release);
             tracing::error!(error = %e, "cannot read users; refusing the call");
             AuthFailure::Unavailable
         })

@@ -196,7 +196,12 @@ pub fn consent(
         let names: Vec<String> = refused.iter().map(|s| format!("<code>{}</code>", esc(s.as_str()))).collect();
         format!("<p class=\"muted\">Not grantable with your role: {}.</p>", names.join(", "))
     };
-    let origin = reqwest::Url::parse(a.redirect_uri).ok().map(|u| u.origin().ascii_serialization());
+    // Where the approval's redirect goes must be a form target too (browsers apply
+    // `form-action` to the redirect): the origin, or for a private-use scheme the scheme.
+    let origin = reqwest::Url::parse(a.redirect_uri).ok().map(|u| match u.origin() {
+        o @ url::Origin::Tuple(..) => o.ascii_serialization(),
+        url::Origin::Opaque(_) => format!("{}:", u.scheme()),
+    });
     let body = format!(
         "<h1>Allow access?</h1>{}<p>Signed in as <strong>{}</strong>. Clear what you do not want to allow; the \
          client can do only what is checked, and only within your own access.</p>{problem}\
@@ -209,7 +214,7 @@ pub fn consent(
         esc(request_id),
         esc(csrf),
     );
-    page(StatusCode::OK, "Allow access", &body, origin.as_deref().filter(|o| *o != "null"))
+    page(StatusCode::OK, "Allow access", &body, origin.as_deref())
 }
 
 #[cfg(test)]
