@@ -577,6 +577,9 @@ impl BrokerConfig {
         }
         self.http.validate()?;
         self.oauth.validate()?;
+        if self.oauth.enabled {
+            crate::oauth::config::check_public_url(self.public_url.as_deref(), self.listen)?;
+        }
         let m = &self.mcp;
         if !(4_096..=16 * 1024 * 1024).contains(&m.max_body_bytes) {
             return Err(ConfigError::Invalid {

@@ -191,3 +191,50 @@ impl OAuthSettings {
         Ok(())
     }
 }
+
+/// Sign-in needs the URL browsers and clients reach the broker at (the issuer, the
+/// pages' and callbacks' addresses), over https unless it is on loopback: tokens and
+/// passwords never cross a network in clear.
+pub fn check_public_url(public_url: Option<&str>, listen: std::net::SocketAddr) -> Result<(), ConfigError> {
+    let bad = |message: String| ConfigError::Invalid { key: "public_url".into(), message };
+    let Some(url) = public_url else {
+        if listen.ip().is_loopback() {
+            return Ok(());
+        }
+        return Err(bad(
+            "[oauth] is enabled: set public_url to the https:// URL browsers and MCP clients reach the broker at"
+                .into(),
+        ));
+    };
+    let parsed = reqwest::Url::parse(url).map_err(|e| bad(format!("`{url}` is not a URL: {e}")))?;
+    let loopback = parsed.host_str().is_some_and(|h| {
+        h == "localhost" || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()) || h == "[::1]"
+    });
+    if parsed.scheme() != "https" && !loopback {
+        return Err(bad(format!(
+            "`{url}`: with [oauth] enabled the broker must be reached over https:// (a TLS-terminating proxy in front \
+             is fine), except on loopback"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sign_in_needs_an_https_public_url_off_loopback() {
+        let lo: std::net::SocketAddr = "127.0.0.1:7070".parse().unwrap();
+        let any: std::net::SocketAddr = "0.0.0.0:7070".parse().unwrap();
+        assert!(check_public_url(None, lo).is_ok());
+        assert!(check_public_url(None, any).is_err());
+        assert!(check_public_url(Some("https://periscope.example.com"), any).is_ok());
+        assert!(check_public_url(Some("http://periscope.example.com"), any).is_err());
+        assert!(check_public_url(Some("http://localhost:7070"), lo).is_ok());
+        let mut s = OAuthSettings::default();
+        assert!(s.validate().is_ok());
+        s.access_token_ttl_secs = 10;
+        assert!(s.validate().unwrap_err().to_string().contains("oauth.access_token_ttl_secs"));
+    }
+}
