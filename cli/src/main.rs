@@ -7,9 +7,11 @@
 //! - [`commands`]: `keys`, `audit export`, `config check`, and the environment `serve`
 //!   reads.
 //! - [`demo`]: `periscope demo` and its shop processes.
+//! - [`users`]: `periscope users`, the people who sign in through OAuth.
 
 mod commands;
 mod demo;
+mod users;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,6 +45,10 @@ enum Command {
     /// may be running on it: its next call sees the change).
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Create, list, disable and enable the people who sign in from MCP clients through
+    /// OAuth (the broker needs `[oauth] enabled = true`).
+    #[command(subcommand)]
+    Users(users::UsersCommand),
     /// Read the audit trail of a data directory.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -445,6 +451,10 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Redact(args) => redact(&args),
         Command::Keys(command) => runtime.block_on(keys(command)),
+        Command::Users(command) => {
+            println!("{}", runtime.block_on(users::run(command))?);
+            Ok(())
+        }
         Command::Audit(AuditCommand::Export(a)) => {
             let filter = cli::AuditFilter {
                 org: a.org,
