@@ -767,6 +767,9 @@ async fn token_for(broker: &TestBroker, user: &str, scope: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_persons_tokens_are_charged_audited_and_bound_to_their_sessions_like_keys() {
     let broker = oauth_broker().await;
+    // An agent of the pool is online (a placement needs one).
+    let agent = crate::support::TestAgent::start(&broker.ws_url(), "shop", &[]);
+    crate::support::wait_online(&broker.api(), &agent.id()).await;
     let quotas = json!({ "calls_per_minute": 60, "call_burst": 4, "live_actions": 1 });
     create_user(&broker, "frank", json!({ "quotas": quotas, "pools": ["shop"] })).await;
     let scope = "mcp:system:read mcp:agents:read mcp:actions:write mcp:hits:read";
@@ -822,5 +825,6 @@ async fn a_persons_tokens_are_charged_audited_and_bound_to_their_sessions_like_k
     };
     assert_eq!(with(&first).send().await.unwrap().status(), 404, "the same person through another client");
     assert_ne!(with(&second).send().await.unwrap().status(), 404, "the client that opened it");
+    drop(agent);
     broker.stop().await;
 }
