@@ -1278,10 +1278,11 @@ mod tests {
                 })
             })
         };
-        let got =
-            tokio::task::spawn_blocking(move || rx.recv_timeout(std::time::Duration::from_secs(10))).await.unwrap();
+        // Waited for on this thread (the worker has a runtime of its own), so that the
+        // lock is never held across an await.
+        let got = rx.recv_timeout(std::time::Duration::from_secs(10));
         drop(held);
-        tokio::task::spawn_blocking(move || worker.join().unwrap()).await.unwrap();
+        worker.join().unwrap();
         let (outcomes, agent) = got.expect("refusals were decided without waiting for the key store's lock");
         use AuthFailure::{Revoked, Unknown};
         assert_eq!(outcomes, [Unknown, Unknown, Unknown, Unknown, Revoked]);

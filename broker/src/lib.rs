@@ -518,18 +518,13 @@ pub async fn run(
     .with_keys(Arc::clone(&keys))
     .with_ingest(config.ingest.clone())
     .with_org_quotas(config.org_quotas.resolve(&config.callers));
-    let (engine, audit, directory, redis, rule_store): (
-        Engine,
-        Arc<dyn backend::AuditReader>,
-        Arc<dyn backend::AgentDirectory>,
-        Option<backend::redis::Redis>,
-        Arc<dyn backend::RuleStore>,
-    ) = match &config.cluster.redis_url {
+    let Wired { engine, audit, directory, redis, rule_store } = match &config.cluster.redis_url {
         None => {
             let audit = Arc::new(backend::local::SqliteAudit::new(store.handle(), dir.clone()));
             let rule_store = Arc::new(backend::local::SqliteRules::new(Some(store.handle()), loaded.settings.clone()));
             let engine = engine.with_store(&store, dir.clone(), loaded, config.store.max_ended_actions_per_org)?;
-            (engine, audit, Arc::new(backend::local::LocalDirectory::new(node_name.clone())), None, rule_store)
+            let directory = Arc::new(backend::local::LocalDirectory::new(node_name.clone()));
+            Wired { engine, audit, directory, redis: None, rule_store }
         }
         Some(url) => {
             let redis = backend::redis::Redis::connect(url, &config.cluster.key_prefix)
@@ -546,7 +541,7 @@ pub async fn run(
                 .with_audit(audit.clone())
                 .with_rule_store(rule_store.clone());
             let directory = backend::redis::RedisDirectory::start(redis.clone(), node_name.clone(), stop_rx.clone());
-            (engine, audit, directory, Some(redis), rule_store)
+            Wired { engine, audit, directory, redis: Some(redis), rule_store }
         }
     };
     // Rules changed at run time outlive a restart unless the file's are newer.
@@ -653,6 +648,15 @@ fn print_bootstrap_key(issued: &keys::IssuedKey, persistent: bool) {
         eprintln!("  (No --data-dir: this broker keeps nothing, so the next start issues another one.)");
     }
     eprintln!("{rule}");
+}
+
+/// The engine and the parts beside it, wired to one backend (single node or Redis).
+struct Wired {
+    engine: Engine,
+    audit: Arc<dyn backend::AuditReader>,
+    directory: Arc<dyn backend::AgentDirectory>,
+    redis: Option<backend::redis::Redis>,
+    rule_store: Arc<dyn backend::RuleStore>,
 }
 
 async fn housekeeping(state: AppState) {
