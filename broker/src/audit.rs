@@ -41,6 +41,19 @@ pub enum Actor {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         key_id: Option<String>,
     },
+    /// A person signed in through an OAuth client.
+    User {
+        /// The user's id (`usr_…`).
+        id: String,
+        /// The user's sign-in name.
+        name: String,
+        /// The client they signed in through (absent for the sign-in itself).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_id: Option<String>,
+        /// The client's name.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_name: Option<String>,
+    },
     /// The broker itself (expiry, completion, quota pauses).
     System,
     /// An operator running `periscope` on the data directory.
@@ -56,7 +69,7 @@ impl Actor {
     /// `cli`.
     pub fn column(&self) -> String {
         match self {
-            Actor::Key { id, .. } => id.clone(),
+            Actor::Key { id, .. } | Actor::User { id, .. } => id.clone(),
             Actor::Agent { id, .. } => format!("agent:{id}"),
             Actor::System => "system".into(),
             Actor::Cli { .. } => "cli".into(),
@@ -67,6 +80,8 @@ impl Actor {
     pub fn name(&self) -> String {
         match self {
             Actor::Key { name, .. } => name.clone(),
+            Actor::User { name, client_name: Some(c), .. } => format!("{name} (via {c})"),
+            Actor::User { name, .. } => name.clone(),
             Actor::Agent { id, .. } => format!("agent:{id}"),
             Actor::System => "system".into(),
             Actor::Cli { user: Some(u) } => format!("cli ({u})"),
@@ -118,11 +133,27 @@ pub enum AuditKind {
     /// read a value that redaction hides, and the agent refused it; once per action,
     /// attributed to the key that placed it.
     RedactedReadRefused,
+    /// A user was created.
+    UserCreated,
+    /// A user was changed (role, reach, password) or disabled or enabled.
+    UserChanged,
+    /// A person signed in to the broker's pages (password or OpenID provider).
+    UserSignedIn,
+    /// A sign-in failed (wrong password, disabled user, refused by the provider);
+    /// repeats aggregated.
+    UserSignInFailed,
+    /// A client registered itself (RFC 7591).
+    OauthClientRegistered,
+    /// A person authorized a client: a grant with its tokens was issued.
+    OauthClientAuthorized,
+    /// A grant was revoked (by its client, by an administrator, or by replay of a rotated
+    /// refresh token or of a used code).
+    OauthGrantRevoked,
 }
 
 impl AuditKind {
     /// Every kind, for error messages.
-    pub const ALL: [AuditKind; 15] = [
+    pub const ALL: [AuditKind; 22] = [
         AuditKind::ActionPlaced,
         AuditKind::ActionRemoved,
         AuditKind::ActionCompleted,
@@ -138,6 +169,13 @@ impl AuditKind {
         AuditKind::AgentFlooding,
         AuditKind::McpSessionRefused,
         AuditKind::RedactedReadRefused,
+        AuditKind::UserCreated,
+        AuditKind::UserChanged,
+        AuditKind::UserSignedIn,
+        AuditKind::UserSignInFailed,
+        AuditKind::OauthClientRegistered,
+        AuditKind::OauthClientAuthorized,
+        AuditKind::OauthGrantRevoked,
     ];
 
     /// The stable name.
@@ -158,6 +196,13 @@ impl AuditKind {
             AuditKind::AgentFlooding => "agent_flooding",
             AuditKind::McpSessionRefused => "mcp_session_refused",
             AuditKind::RedactedReadRefused => "redacted_read_refused",
+            AuditKind::UserCreated => "user_created",
+            AuditKind::UserChanged => "user_changed",
+            AuditKind::UserSignedIn => "user_signed_in",
+            AuditKind::UserSignInFailed => "user_sign_in_failed",
+            AuditKind::OauthClientRegistered => "oauth_client_registered",
+            AuditKind::OauthClientAuthorized => "oauth_client_authorized",
+            AuditKind::OauthGrantRevoked => "oauth_grant_revoked",
         }
     }
 

@@ -46,6 +46,21 @@ pub struct Principal {
     pub quotas: CallerQuotas,
     /// The pool-to-group assignments when the key was checked.
     pub tenancy: Arc<Tenancy>,
+    /// For a person signed in through an OAuth client: which client and grant. `key_id`
+    /// and `name` are then the user's (quotas are per person, across their clients).
+    pub via: Option<Arc<Delegation>>,
+}
+
+/// The client a person signed in through, carried by their principal so that the audit
+/// trail names both and an MCP session stays with the grant that opened it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delegation {
+    /// The OAuth client id (`pcl_…`, or its metadata document's URL).
+    pub client_id: String,
+    /// The client's name.
+    pub client_name: String,
+    /// The grant (`grt_…`): one person, one client, its refresh-token family.
+    pub grant_id: String,
 }
 
 impl Principal {
@@ -69,9 +84,27 @@ impl Principal {
         self.reach.allows(org, pool, &self.tenancy)
     }
 
-    /// The caller as the audit trail names it.
+    /// The caller as the audit trail names it: the key, or the person and the client.
     pub fn actor(&self) -> Actor {
-        Actor::Key { id: self.key_id.clone(), name: self.name.clone() }
+        match &self.via {
+            None => Actor::Key { id: self.key_id.clone(), name: self.name.clone() },
+            Some(via) => Actor::User {
+                id: self.key_id.clone(),
+                name: self.name.clone(),
+                client_id: Some(via.client_id.clone()),
+                client_name: Some(via.client_name.clone()),
+            },
+        }
+    }
+
+    /// Who an MCP session opened by this caller belongs to: the key, or the person
+    /// through one client (another client of the same person is someone else to the
+    /// session; the same client keeps it when it re-authorizes for more scopes).
+    pub fn session_owner(&self) -> String {
+        match &self.via {
+            None => self.key_id.clone(),
+            Some(via) => format!("{} via {}", self.key_id, via.client_id),
+        }
     }
 }
 
@@ -96,15 +129,21 @@ pub fn authorize(principal: &Principal, scope: Scope, what: &str) -> Result<(), 
     if principal.has(scope) {
         return Ok(());
     }
-    Err(ApiError::new(
-        ErrorCode::InsufficientScope,
-        format!(
+    let message = match &principal.via {
+        None => format!(
             "the API key `{}` lacks the scope `{}`, which {what} needs; ask an administrator for a key that has it",
             principal.name,
             scope.as_str()
         ),
-    )
-    .with_details(serde_json::json!({
+        Some(via) => format!(
+            "`{}` did not allow the scope `{}` to `{}` (or their role lacks it), and {what} needs it; sign in again \
+             from the client and allow it",
+            principal.name,
+            scope.as_str(),
+            via.client_name
+        ),
+    };
+    Err(ApiError::new(ErrorCode::InsufficientScope, message).with_details(serde_json::json!({
         "required_scope": scope.as_str(),
         "granted_scopes": principal.scope_names(),
         "role": principal.role.as_str(),
@@ -184,6 +223,10 @@ pub struct CallCharge(pub Result<CallBudget, ApiError>);
 pub async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let authenticated = match bearer(req.headers()) {
         None => Err(AuthFailure::Missing),
+        Some(token) if crate::oauth::OAuth::is_access_token(token) => match &state.oauth {
+            Some(o) => o.authenticate(&state, token).await,
+            None => Err(AuthFailure::Unknown),
+        },
         Some(token) => state.keys.authenticate_api(token).await,
     };
     let principal = match authenticated {
@@ -207,9 +250,19 @@ pub async fn require_api_key(State(state): State<AppState>, req: Request, next: 
             }
         };
         let messages = jsonrpc_messages(&bytes);
+        // A person's token that lacks a tool's scope is answered 403 with a challenge
+        // naming it (MCP's step-up authorization): their client can ask them for it.
+        // A key cannot be widened, so its tool calls answer `insufficient_scope` as a
+        // tool result instead.
+        if principal.via.is_some()
+            && let Some(scope) =
+                messages.tools.iter().filter_map(|t| crate::mcp::tool_scope(t)).find(|s| !principal.has(*s))
+        {
+            return insufficient_scope(&state, &principal, scope);
+        }
         (Request::from_parts(parts, Body::from(bytes)), messages)
     } else {
-        (req, Messages { tool_calls: 0, others: 1 })
+        (req, Messages { tool_calls: 0, others: 1, tools: Vec::new() })
     };
     // Every message is charged; a tool call over budget still reaches its tool, which
     // answers `quota_exceeded` as a tool result a model can read.
@@ -233,30 +286,63 @@ pub async fn require_api_key(State(state): State<AppState>, req: Request, next: 
     next.run(req).await
 }
 
-/// How many JSON-RPC messages of each sort a request body holds.
+/// How many JSON-RPC messages of each sort a request body holds, and which tools it
+/// calls.
 struct Messages {
     tool_calls: usize,
     others: usize,
+    tools: Vec<String>,
 }
 
 #[derive(Deserialize)]
 struct JsonRpcMethod {
     #[serde(default)]
     method: Option<String>,
+    #[serde(default)]
+    params: Option<ToolParams>,
+}
+
+#[derive(Deserialize)]
+struct ToolParams {
+    #[serde(default)]
+    name: Option<String>,
+}
+
+/// 403 `insufficient_scope` with the RFC 6750 challenge naming the scope and the
+/// protected-resource metadata.
+fn insufficient_scope(state: &AppState, principal: &Principal, scope: Scope) -> Response {
+    let metadata = format!("{}/.well-known/oauth-protected-resource", state.public_url());
+    let challenge = format!(
+        "Bearer error=\"insufficient_scope\", scope=\"{}\", resource_metadata=\"{metadata}\", \
+         error_description=\"this call needs the scope {}\"",
+        scope.as_str(),
+        scope.as_str()
+    );
+    let body = ApiError::new(
+        ErrorCode::InsufficientScope,
+        format!(
+            "`{}` did not allow the scope `{}` to this client; approve it when the client asks again",
+            principal.name,
+            scope.as_str()
+        ),
+    )
+    .with_details(serde_json::json!({ "required_scope": scope.as_str(), "granted_scopes": principal.scope_names() }));
+    (StatusCode::FORBIDDEN, [(header::WWW_AUTHENTICATE, challenge)], axum::Json(body.body())).into_response()
 }
 
 fn jsonrpc_messages(body: &[u8]) -> Messages {
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
-    let methods: Vec<Option<String>> = if first == Some(&b'[') {
-        serde_json::from_slice::<Vec<JsonRpcMethod>>(body).map(|v| v.into_iter().map(|m| m.method).collect())
+    let parsed: Vec<JsonRpcMethod> = if first == Some(&b'[') {
+        serde_json::from_slice::<Vec<JsonRpcMethod>>(body)
     } else {
-        serde_json::from_slice::<JsonRpcMethod>(body).map(|m| vec![m.method])
+        serde_json::from_slice::<JsonRpcMethod>(body).map(|m| vec![m])
     }
     .ok()
     .filter(|m| !m.is_empty())
-    .unwrap_or_else(|| vec![None]);
-    let tool_calls = methods.iter().filter(|m| m.as_deref() == Some("tools/call")).count();
-    Messages { tool_calls, others: methods.len() - tool_calls }
+    .unwrap_or_else(|| vec![JsonRpcMethod { method: None, params: None }]);
+    let calls: Vec<&JsonRpcMethod> = parsed.iter().filter(|m| m.method.as_deref() == Some("tools/call")).collect();
+    let tools = calls.iter().filter_map(|m| m.params.as_ref()?.name.clone()).collect();
+    Messages { tool_calls: calls.len(), others: parsed.len() - calls.len(), tools }
 }
 
 trait WithStatus {
@@ -284,7 +370,10 @@ pub fn unauthorized(state: &AppState, failure: &AuthFailure) -> Response {
                 .into_response();
         }
     };
-    let challenge = format!("Bearer resource_metadata=\"{metadata}\", error=\"{code}\"");
+    // The scopes a client should ask a person for by default (RFC 6750 §3 `scope`):
+    // every tool but administration, which an admin's client asks for when needed.
+    let scope = Scope::DEFAULT.map(|s| s.as_str()).join(" ");
+    let challenge = format!("Bearer resource_metadata=\"{metadata}\", error=\"{code}\", scope=\"{scope}\"");
     let body = serde_json::json!({ "error": { "code": "unauthorized", "reason": code, "message": message } });
     (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, challenge)], axum::Json(body)).into_response()
 }
@@ -302,6 +391,7 @@ mod tests {
             reach: Reach::org("default"),
             quotas: CallerQuotas::default(),
             tenancy: Arc::new(Tenancy::default()),
+            via: None,
         }
     }
 

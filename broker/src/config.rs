@@ -39,6 +39,14 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
+    /// Sign-in (`[oauth] enabled`) on a cluster node (`[cluster] redis_url`): the
+    /// authorization server keeps its users, clients and grants in one node's SQLite
+    /// database, which the other nodes cannot see.
+    #[error(
+        "sign-in (OAuth) is not available on a cluster yet: its users, clients and grants live in one node's \
+         SQLite; use API keys on a cluster, or run one node"
+    )]
+    OAuthOnCluster,
 }
 
 /// An API key accepted on the REST API and the MCP endpoint, defined in the file (keys
@@ -365,6 +373,8 @@ pub struct BrokerConfig {
     pub redaction: periscope_redaction::RedactionConfig,
     /// Cluster mode: several nodes sharing one Redis.
     pub cluster: ClusterSettings,
+    /// Sign-in of people through OAuth clients (the broker as authorization server).
+    pub oauth: crate::oauth::OAuthSettings,
 }
 
 /// `[cluster]`: run this broker as one node of several that share their state in one
@@ -427,6 +437,7 @@ impl Default for BrokerConfig {
             data_dir: None,
             redaction: periscope_redaction::RedactionConfig::default(),
             cluster: ClusterSettings::default(),
+            oauth: crate::oauth::OAuthSettings::default(),
         }
     }
 }
@@ -617,6 +628,13 @@ impl BrokerConfig {
             }
         }
         self.http.validate()?;
+        self.oauth.validate()?;
+        if self.oauth.enabled && self.cluster.enabled() {
+            return Err(ConfigError::OAuthOnCluster);
+        }
+        if self.oauth.enabled {
+            crate::oauth::config::check_public_url(self.public_url.as_deref(), self.listen)?;
+        }
         let m = &self.mcp;
         if !(4_096..=16 * 1024 * 1024).contains(&m.max_body_bytes) {
             return Err(ConfigError::Invalid {
@@ -756,6 +774,24 @@ fn check_secret(key: &str, secret: &str) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sign_in_on_a_cluster_is_refused_with_what_to_do_instead() {
+        let c = BrokerConfig::from_toml(
+            "[cluster]\nredis_url = \"redis://127.0.0.1:6379/0\"\n[oauth]\nenabled = true\n",
+            "x",
+        )
+        .unwrap();
+        let err = c.validate().unwrap_err();
+        assert!(matches!(err, ConfigError::OAuthOnCluster), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains("not available on a cluster") && text.contains("use API keys"), "{text}");
+        // Either alone is fine.
+        let one_node = BrokerConfig::from_toml("[oauth]\nenabled = true\n", "x").unwrap();
+        one_node.validate().unwrap();
+        let cluster = BrokerConfig::from_toml("[cluster]\nredis_url = \"redis://127.0.0.1:6379/0\"\n", "x").unwrap();
+        cluster.validate().unwrap();
+    }
 
     #[test]
     fn an_unknown_key_is_named_with_its_position() {

@@ -137,6 +137,14 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status.unwrap_or(self.code.status()), axum::Json(self.body())).into_response();
+        // RFC 6750 §3.1: a refusal for scope names the scope the request needs.
+        if self.code == ErrorCode::InsufficientScope
+            && let Some(scope) = self.details.get("required_scope").and_then(serde_json::Value::as_str)
+            && let Ok(v) =
+                axum::http::HeaderValue::from_str(&format!("Bearer error=\"insufficient_scope\", scope=\"{scope}\""))
+        {
+            response.headers_mut().insert(axum::http::header::WWW_AUTHENTICATE, v);
+        }
         if let Some(secs) = self.details.get("retry_after_seconds").and_then(serde_json::Value::as_u64) {
             response.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());
         }

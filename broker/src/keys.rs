@@ -355,15 +355,15 @@ impl std::fmt::Debug for KeyStore {
 }
 
 /// SHA-256 of a secret.
-fn hash(secret: &str) -> [u8; 32] {
+pub(crate) fn hash(secret: &str) -> [u8; 32] {
     sha2::Sha256::digest(secret.as_bytes()).into()
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn unhex(s: &str) -> Option<[u8; 32]> {
+pub(crate) fn unhex(s: &str) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
     if s.len() != 64 {
         return None;
@@ -675,6 +675,12 @@ impl KeyStore {
         self.generation.subscribe()
     }
 
+    /// How many times the directory was reloaded: what else reads the auth tables
+    /// (OAuth users) reloads when this moves.
+    pub fn generation(&self) -> u64 {
+        *self.generation.borrow()
+    }
+
     async fn lookup(&self, token: &str, kind: KeyKind) -> Result<(Arc<KeyRecord>, Arc<Tenancy>), AuthFailure> {
         // A refusal costs no lock and no database (a flood of bad keys must not queue
         // behind, or slow, the key store): what cannot be a key is refused unhashed, and
@@ -737,6 +743,7 @@ impl KeyStore {
             },
             quotas: self.callers.resolve(role, record.quotas.as_ref()),
             tenancy,
+            via: None,
         }
     }
 

@@ -31,6 +31,7 @@
 //! - [`admin`]: the administration endpoints (keys, groups, pools, audit).
 //! - [`openapi`]: the REST API's OpenAPI document and the JSON shape of every error.
 //! - [`mcp`]: the MCP server at `/mcp` (streamable HTTP) and `periscope mcp` (stdio).
+//! - [`oauth`]: the OAuth 2.1 authorization server: people sign in from MCP clients.
 //! - [`error`]: the error codes callers see.
 
 pub mod access;
@@ -51,6 +52,7 @@ pub mod keys;
 pub mod listener;
 pub mod logging;
 pub mod mcp;
+pub mod oauth;
 pub mod openapi;
 pub mod query;
 pub mod quota;
@@ -122,6 +124,8 @@ pub struct BrokerState {
     pub started_at_ms: u64,
     /// The scratch directory of a broker without `--data-dir` (removed when dropped).
     pub scratch: Option<store::ScratchDir>,
+    /// The authorization server, when `[oauth] enabled`.
+    pub oauth: Option<Arc<oauth::OAuth>>,
 }
 
 /// Shared state as handlers receive it.
@@ -131,6 +135,20 @@ impl BrokerState {
     /// Checks again, after a long wait, that the caller's key still works: a key
     /// revoked while its call waited gets no result.
     pub async fn recheck(&self, principal: &Principal) -> Result<(), error::ApiError> {
+        if principal.via.is_some() {
+            let valid = match &self.oauth {
+                Some(o) => o.still_valid(self, principal).await,
+                None => false,
+            };
+            return if valid {
+                Ok(())
+            } else {
+                Err(error::ApiError::new(
+                    error::ErrorCode::Unauthorized,
+                    "the sign-in was revoked or the user disabled while the call waited; nothing is returned",
+                ))
+            };
+        }
         let active = self
             .keys
             .refresh()
@@ -156,6 +174,7 @@ impl BrokerState {
 /// Builds the HTTP application.
 pub fn app(state: AppState) -> Router {
     let api = api::router()
+        .merge(oauth::admin::router())
         .fallback(openapi::unknown_route)
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key))
         .layer(axum::middleware::from_fn_with_state(state.clone(), committed))
@@ -176,6 +195,10 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/.well-known/oauth-protected-resource", get(protected_resource))
         .route("/.well-known/oauth-protected-resource/mcp", get(protected_resource))
+        .merge(match state.oauth {
+            Some(_) => oauth::endpoints::router(),
+            None => Router::new(),
+        })
         .route(periscope_protocol::messages::AGENT_GATEWAY_PATH, get(gateway::agents_ws))
         .route("/api/v1/openapi.json", get(openapi::document))
         .nest("/api/v1", api)
@@ -407,7 +430,7 @@ async fn protected_resource(State(state): State<AppState>) -> Json<serde_json::V
         "resource": format!("{base}/mcp"),
         "resource_name": "Periscope",
         "bearer_methods_supported": ["header"],
-        "authorization_servers": [],
+        "authorization_servers": if state.oauth.is_some() { vec![base.clone()] } else { Vec::new() },
         "scopes_supported": ["mcp:system:read", "mcp:agents:read", "mcp:actions:write", "mcp:hits:read", "mcp:admin"],
         "resource_documentation": format!("{base}/healthz"),
     }))
@@ -546,6 +569,12 @@ pub async fn run(
         config.ingest.clone(),
         usize::try_from(config.agents.max_sessions_per_key).unwrap_or(usize::MAX),
     );
+    let oauth = if config.oauth.enabled {
+        let store: Arc<dyn oauth::OAuthStore> = Arc::new(oauth::sqlite::SqliteOAuthStore::open(&dir)?);
+        Some(Arc::new(oauth::OAuth::open(config.oauth.clone(), store, &keys).await?))
+    } else {
+        None
+    };
     let state = Arc::new(BrokerState {
         config,
         registry,
@@ -568,6 +597,7 @@ pub async fn run(
         rule_store: Some(rule_store),
         started_at_ms: time::now_ms(),
         scratch,
+        oauth,
     });
     let housekeeping = tokio::spawn(housekeeping(Arc::clone(&state)));
     let node_tasks = cluster::spawn(Arc::clone(&state), bus_rx);
@@ -652,6 +682,11 @@ async fn housekeeping(state: AppState) {
                 let _ = state.directory.forget(&id).await;
             }
             state.registry.identities().expire();
+        }
+        if n % 240 == 1
+            && let Some(o) = &state.oauth
+        {
+            o.purge().await;
         }
         if n % 14_400 == 1 {
             let retention_ms = state.config.store.hit_retention_days * 86_400_000;

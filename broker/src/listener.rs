@@ -104,7 +104,7 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let Some(io) = shared.admit(stream, peer) else { continue };
-                    let service = service(app.clone(), Arc::clone(&io.conn), Arc::clone(&shared));
+                    let service = service(app.clone(), Arc::clone(&io.conn), Arc::clone(&shared), bucket(peer.ip()));
                     tokio::spawn(serve_connection(io, service, stop.clone(), abort.clone(), running.clone()));
                 }
                 Err(e) if is_peer_error(&e) => {}
@@ -173,6 +173,7 @@ fn service(
     app: Router,
     conn: Arc<Conn>,
     shared: Arc<Shared>,
+    client: IpAddr,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = axum::response::Response,
@@ -185,7 +186,8 @@ fn service(
         let in_flight = InFlight(Arc::clone(&conn));
         let deadline = Instant::now() + shared.body;
         let shared = Arc::clone(&shared);
-        let req = req.map(|inner| Body::new(TimedBody { inner, deadline, timer: None, shared }));
+        let mut req = req.map(|inner| Body::new(TimedBody { inner, deadline, timer: None, shared }));
+        req.extensions_mut().insert(ClientAddr(client));
         let response = hyper::service::Service::call(&app, req);
         async move {
             let response = response.await?;
@@ -361,6 +363,11 @@ fn refusal(status: StatusCode, message: &str) -> Bytes {
         body.len()
     ))
 }
+
+/// The client's address as connections are counted (IPv6 by its /64), in every
+/// request's extensions: what per-address limits (sign-in, client registration) key on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientAddr(pub IpAddr);
 
 /// The address connections are counted under: IPv4 as is, IPv6 by its /64 (what one
 /// subscriber usually holds), IPv4-mapped IPv6 as IPv4.

@@ -974,6 +974,7 @@ mod tests {
             reach: crate::access::Reach::org(org),
             quotas,
             tenancy: Arc::default(),
+            via: None,
         }
     }
 

@@ -367,6 +367,18 @@ pub fn check_config(path: &Path) -> anyhow::Result<String> {
         h.body_read_timeout_secs,
         h.idle_timeout_secs
     ));
+    let o = &c.oauth;
+    summary.push_str(&if o.enabled {
+        format!(
+            "  sign-in (OAuth): on; access tokens {} s, refresh tokens {} days, sign-in {} per minute per user{}\n",
+            o.access_token_ttl_secs,
+            o.refresh_token_ttl_secs / 86_400,
+            o.sign_in_per_minute_per_user,
+            o.oidc.as_ref().map(|p| format!("; OpenID provider {}", p.issuer)).unwrap_or_default()
+        )
+    } else {
+        "  sign-in (OAuth): off (API keys only)\n".to_owned()
+    });
     Ok(summary)
 }
 

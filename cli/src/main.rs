@@ -7,10 +7,12 @@
 //! - [`commands`]: `keys`, `audit export`, `config check`, and the environment `serve`
 //!   reads.
 //! - [`demo`]: `periscope demo` and its shop processes.
+//! - [`users`]: `periscope users`, the people who sign in through OAuth.
 
 mod commands;
 mod demo;
 mod demo_python;
+mod users;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -44,6 +46,10 @@ enum Command {
     /// may be running on it: its next call sees the change).
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Create, list, disable and enable the people who sign in from MCP clients through
+    /// OAuth (the broker needs `[oauth] enabled = true`).
+    #[command(subcommand)]
+    Users(users::UsersCommand),
     /// Read the audit trail of a data directory.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -446,6 +452,10 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Redact(args) => redact(&args),
         Command::Keys(command) => runtime.block_on(keys(command)),
+        Command::Users(command) => {
+            println!("{}", runtime.block_on(users::run(command))?);
+            Ok(())
+        }
         Command::Audit(AuditCommand::Export(a)) => {
             let filter = cli::AuditFilter {
                 org: a.org,

@@ -179,3 +179,67 @@ agent_hits_per_sec = 100
     assert!(!ok && err.contains("PERISCOPE_CONFIG") && err.contains("callers.calls_per_minute"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn people_who_sign_in_are_created_listed_disabled_and_enabled_on_the_command_line() {
+    use std::io::Write as _;
+    let dir = temp_dir("users");
+    let mut create = periscope()
+        .args(["users", "create", "--name", "ada@example.com", "--group", "payments", "--password-stdin", "--json"])
+        .arg("--data-dir")
+        .arg(&dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    create.stdin.take().unwrap().write_all(b"a long passphrase\n").unwrap();
+    let out = create.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ada: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((ada["role"].as_str(), ada["group"].as_str()), (Some("developer"), Some("payments")), "{ada}");
+
+    let (ok, out, err) = run(periscope().args(["users", "list", "--data-dir"]).arg(&dir));
+    assert!(ok, "{err}");
+    assert!(out.contains("ada@example.com") && out.contains("active"), "{out}");
+
+    let (ok, out, err) = run(periscope().args(["users", "disable", "--data-dir"]).arg(&dir).arg("ada@example.com"));
+    assert!(ok && out.contains("disabled since"), "{out}{err}");
+    let (ok, out, _) = run(periscope().args(["users", "list", "--json", "--data-dir"]).arg(&dir));
+    let listed: Value = serde_json::from_str(out.lines().next().unwrap_or("null")).unwrap();
+    assert!(ok && listed["disabled_at_ms"].is_u64(), "{out}");
+    let (ok, out, err) =
+        run(periscope().args(["users", "enable", "--data-dir"]).arg(&dir).arg(ada["user_id"].as_str().unwrap()));
+    assert!(ok && out.contains("active"), "{out}{err}");
+
+    // Mistakes are named.
+    let (ok, _, err) = run(periscope().args(["users", "disable", "--data-dir"]).arg(&dir).arg("nobody"));
+    assert!(!ok && err.contains("no user `nobody`"), "{err}");
+    let (ok, _, err) = run(periscope().args(["users", "create", "--name", "bob", "--data-dir"]).arg(&dir));
+    assert!(!ok && err.contains("--password-stdin"), "{err}");
+    let (ok, _, err) = run(periscope()
+        .args(["users", "create", "--name", "bob", "--role", "boss", "--no-password", "--data-dir"])
+        .arg(&dir));
+    assert!(!ok && err.contains("--role `boss`"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn config_check_summarises_sign_in_and_refuses_it_on_a_cluster() {
+    let dir = temp_dir("oauth-config");
+    let on = dir.join("on.toml");
+    std::fs::write(&on, "[oauth]\nenabled = true\n").unwrap();
+    let (ok, out, err) = run(periscope().args(["config", "check"]).arg(&on));
+    assert!(ok, "{err}");
+    assert!(out.contains("sign-in (OAuth): on"), "{out}");
+    let cluster = dir.join("cluster.toml");
+    std::fs::write(&cluster, "[cluster]\nredis_url = \"redis://127.0.0.1:6379/0\"\n[oauth]\nenabled = true\n").unwrap();
+    let (ok, _, err) = run(periscope().args(["config", "check"]).arg(&cluster));
+    assert!(!ok && err.contains("not available on a cluster"), "{err}");
+    // The same through `serve --redis` (refused before anything connects).
+    let (ok, _, err) = run(periscope()
+        .args(["serve", "--listen", "127.0.0.1:0", "--redis", "redis://127.0.0.1:1/0", "--config"])
+        .arg(&on));
+    assert!(!ok && err.contains("not available on a cluster"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -199,10 +199,21 @@ async fn the_whole_flow_works_through_periscope_mcp_on_stdio() {
     );
     let direct = ().serve(http).await.unwrap();
     let over_http = direct.list_all_tools().await.unwrap();
-    assert_eq!(over_stdio.len(), 10);
+    assert_eq!(over_stdio.len(), 11);
     assert_eq!(serde_json::to_value(&over_stdio).unwrap(), serde_json::to_value(&over_http).unwrap());
     direct.cancel().await.unwrap();
     assert!(client.list_all_prompts().await.unwrap().iter().any(|p| p.name == "investigate"));
+    // Resources and completion are forwarded too.
+    let templates = client.list_all_resource_templates().await.unwrap();
+    assert!(templates.iter().any(|t| t.uri_template == "periscope://actions/{action_id}/hits"), "{templates:?}");
+    let pools = client
+        .complete(rmcp::model::CompleteRequestParams::new(
+            rmcp::model::Reference::for_prompt("inspect_location"),
+            rmcp::model::ArgumentInfo::new("pool", ""),
+        ))
+        .await
+        .unwrap();
+    assert!(pools.completion.values.contains(&POOL.to_owned()), "{pools:?}");
 
     let agents = body(&call(&client, "list_agents", json!({"pool": POOL})).await);
     assert_eq!(agents["items"][0]["agent_id"], agent.agent.id().to_string());

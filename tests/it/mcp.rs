@@ -171,6 +171,7 @@ async fn tools_list_returns_every_contract_tool_with_its_schema_and_the_prompts(
             "place_snapshot",
             "query_audit",
             "remove_action",
+            "remove_all_actions",
             "system_health"
         ]
     );
@@ -688,5 +689,118 @@ async fn the_official_python_sdk_drives_the_whole_flow() {
     assert_eq!(step("get_action")["next_cursor"], 2);
     assert!(step("invalid_input")["message"].as_str().unwrap_or_default().contains("1..=50"));
     assert_eq!(steps.last().map(|s| s["step"].clone()), Some(json!("done")));
+    fx.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_tool_output_validates_and_resources_logging_completion_and_the_kill_switch_work() {
+    let python = std::env::var("PERISCOPE_PYTHON")
+        .unwrap_or_else(|_| panic!("PERISCOPE_PYTHON is not set: run the tests through scripts/test"));
+    let fx = Fixture::start(test_config()).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/it/mcp_surface.py");
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(&python)
+            .arg(script)
+            .arg(format!("{}/mcp", fx.broker.http()))
+            .arg(API_KEY)
+            .arg(crate::support::ADMIN_KEY)
+            .arg(POOL)
+            .arg("it/mcp.rs")
+            .arg("total_cents")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the Python client finishes within 120 s")
+    .expect("the Python interpreter runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "python client failed:\n{stdout}\n{}",
+        stderr.chars().take(4_000).collect::<String>()
+    );
+    let steps: Vec<Value> = stdout.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let step = |name: &str| steps.iter().find(|s| s["step"] == name).cloned().unwrap_or(Value::Null);
+    assert_eq!(step("validated")["tools"].as_array().map(Vec::len), Some(11), "{stdout}");
+    assert!(step("resources")["updates"].as_u64().unwrap_or(0) >= 1);
+    assert_eq!(steps.last().map(|s| s["step"].clone()), Some(json!("done")));
+    fx.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_snapshot_runs_as_a_task_that_the_client_polls_or_cancels() {
+    use rmcp::model::{
+        CallToolResponse, CancelTaskParams, ClientCapabilities, ClientConfig, GetTaskParams, Implementation,
+        TaskPayload, TaskStatus,
+    };
+    let fx = Fixture::start(test_config()).await;
+    let config =
+        StreamableHttpClientTransportConfig::with_uri(format!("{}/mcp", fx.broker.http())).auth_header(API_KEY);
+    let client =
+        ClientConfig::new(ClientCapabilities::builder().enable_tasks().build(), Implementation::from_build_env())
+            .serve(StreamableHttpClientTransport::from_config(config))
+            .await
+            .unwrap();
+    let api = fx.broker.api();
+    let source = api.find_source("it/mcp.rs", "total_cents").await.expect("the location");
+    let args = |max_hits: u32| {
+        json!({ "pool": POOL, "file": source["file"], "line": source["line"], "max_hits": max_hits, "timeout_seconds": 30 })
+            .as_object()
+            .cloned()
+            .unwrap()
+    };
+    let task_of = |r: CallToolResponse| match r {
+        CallToolResponse::Task(t) => t.task,
+        other => panic!("expected a task, got {other:?}"),
+    };
+    // Polled to completion: the same result as the blocking call.
+    let task = task_of(
+        client.call_tool_once(CallToolRequestParams::new("place_snapshot").with_arguments(args(2))).await.unwrap(),
+    );
+    let done = crate::support::eventually(Duration::from_secs(30), "the task completes", || {
+        let (peer, id) = (client.peer().clone(), task.task_id.clone());
+        async move {
+            let t = peer.get_task(GetTaskParams::new(id)).await.ok()?.task;
+            t.status().is_terminal().then_some(t)
+        }
+    })
+    .await;
+    let TaskPayload::Completed { result } = done.payload else { panic!("not completed: {:?}", done.payload) };
+    let result: CallToolResult = serde_json::from_value(Value::Object(result)).unwrap();
+    assert_eq!(code(&result), None, "{result:?}");
+    assert_eq!(body(&result)["hits"].as_array().map(Vec::len), Some(2));
+
+    // Cancelled: the snapshot is removed.
+    let task = task_of(
+        client
+            .call_tool_once(CallToolRequestParams::new("place_snapshot").with_arguments({
+                let mut a = args(50);
+                a.insert("condition".into(), json!("total_cents < 0"));
+                a
+            }))
+            .await
+            .unwrap(),
+    );
+    client.peer().cancel_task(CancelTaskParams::new(task.task_id.clone())).await.unwrap();
+    let status = crate::support::eventually(Duration::from_secs(10), "the task is cancelled", || {
+        let (peer, id) = (client.peer().clone(), task.task_id.clone());
+        async move {
+            let t = peer.get_task(GetTaskParams::new(id)).await.ok()?.task;
+            t.status().is_terminal().then_some(t.status())
+        }
+    })
+    .await;
+    assert_eq!(status, TaskStatus::Cancelled);
+    let (_, listed) = api.get("/actions?status=active").await;
+    assert_eq!(listed["items"].as_array().map(Vec::len), Some(0), "the cancelled snapshot was removed: {listed}");
+
+    // Refusals are ordinary results, not tasks.
+    let bad =
+        client.call_tool_once(CallToolRequestParams::new("place_snapshot").with_arguments(args(99))).await.unwrap();
+    let CallToolResponse::Complete(bad) = bad else { panic!("a refusal is no task") };
+    assert_eq!(code(&bad).as_deref(), Some("invalid_input"));
+    client.cancel().await.unwrap();
     fx.stop().await;
 }

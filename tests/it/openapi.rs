@@ -20,32 +20,32 @@ async fn document(broker: &TestBroker) -> Json {
 }
 
 /// `(path, methods)` of every route under `/api/v1`, read from the broker's router
-/// definitions (`Router::new().route("/x", get(..).post(..))` in the files that build
-/// the API's routers; `lib.rs` builds the top level and nests them).
+/// definitions: the routers `lib.rs` builds its `api` from (`let api = api::router()
+/// .merge(oauth::admin::router())…;`, nested under `/api/v1`), and the routers those
+/// merge in turn (`.merge(crate::admin::router())`). Routers mounted elsewhere (the
+/// OAuth endpoints at the root) are not part of it.
 fn routes_in_source() -> BTreeMap<String, BTreeSet<String>> {
-    fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
-        for entry in std::fs::read_dir(dir).unwrap().flatten() {
-            let p = entry.path();
-            if p.is_dir() {
-                walk(&p, out);
-            } else if p.extension().is_some_and(|e| e == "rs") {
-                out.push(p);
-            }
-        }
-    }
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../broker/src");
-    let mut files = Vec::new();
-    walk(&src, &mut files);
+    let lib = std::fs::read_to_string(src.join("lib.rs")).unwrap();
+    let api = lib.split("let api = ").nth(1).and_then(|r| r.split(';').next()).expect("lib.rs builds `let api = …;`");
+    let mut pending: Vec<String> = routers_named(api);
+    assert!(!pending.is_empty(), "no router found in lib.rs's `let api`: {api}");
+    let mut seen = BTreeSet::new();
     let mut routes: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for file in files {
-        if file.file_name().is_some_and(|n| n == "lib.rs") {
+    while let Some(module) = pending.pop() {
+        if !seen.insert(module.clone()) {
             continue;
         }
+        let relative = module.replace("::", "/");
+        let file = [src.join(format!("{relative}.rs")), src.join(format!("{relative}/mod.rs"))]
+            .into_iter()
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("no file for the router module `{module}`"));
         let text = std::fs::read_to_string(&file).unwrap();
-        if !text.contains("Router<AppState>") {
-            continue;
-        }
-        for chunk in text.split(".route(").skip(1) {
+        let router = text.split("fn router()").nth(1).unwrap_or_else(|| panic!("{}: no fn router()", file.display()));
+        let router = router.split("\n}\n").next().unwrap_or(router);
+        pending.extend(routers_named(router));
+        for chunk in router.split(".route(").skip(1) {
             let Some(path) = chunk.trim_start().strip_prefix('"').and_then(|r| r.split('"').next()) else { continue };
             // The handlers of this route: up to the next route or the end of the chain.
             let body = chunk.split(['\n']).take_while(|l| !l.trim_start().starts_with(".merge(")).collect::<String>();
@@ -62,9 +62,34 @@ fn routes_in_source() -> BTreeMap<String, BTreeSet<String>> {
     routes
 }
 
+/// The modules whose `router()` a chain of code calls (`api::router()`,
+/// `crate::admin::router()`), as paths under `broker/src`.
+fn routers_named(code: &str) -> Vec<String> {
+    code.split("::router()")
+        .filter(|before| !before.trim().is_empty())
+        .filter_map(|before| {
+            let path: String = before
+                .chars()
+                .rev()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == ':')
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            let path = path.trim_start_matches("crate::").trim_start_matches(':').to_owned();
+            (!path.is_empty()).then_some(path)
+        })
+        .collect()
+}
+
+/// A broker with sign-in on, so that the user administration operations run for real.
+async fn broker() -> TestBroker {
+    crate::oauth::oauth_broker().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openapi_document_describes_exactly_the_routes_the_router_serves() {
-    let broker = TestBroker::start().await;
+    let broker = broker().await;
     let doc = document(&broker).await;
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
     let documented: BTreeMap<String, BTreeSet<String>> = doc["paths"]
@@ -86,7 +111,9 @@ async fn the_openapi_document_describes_exactly_the_routes_the_router_serves() {
             .replace("{agent_id}", "agt_nosuch")
             .replace("{action_id}", "act_nosuch")
             .replace("{key_id}", "key_nosuch")
-            .replace("{pool}", "nosuch");
+            .replace("{pool}", "nosuch")
+            .replace("{user_id}", "usr_nosuch")
+            .replace("{grant_id}", "grt_nosuch");
         for m in METHODS {
             let method = reqwest::Method::from_bytes(m.to_uppercase().as_bytes()).unwrap();
             let resp = client
@@ -185,7 +212,7 @@ async fn schemathesis_finds_no_server_error_hang_or_undocumented_answer_in_any_o
     let python = std::env::var("PERISCOPE_PYTHON").unwrap_or_else(|_| {
         panic!("PERISCOPE_PYTHON is not set: run the tests through scripts/test, which creates .venv with schemathesis")
     });
-    let broker = TestBroker::start().await;
+    let broker = broker().await;
     let examples = std::env::var("PERISCOPE_SCHEMATHESIS_EXAMPLES").unwrap_or_else(|_| "20".into());
     let report = std::env::temp_dir().join(format!("periscope-schemathesis-{}", std::process::id()));
     let started = std::time::Instant::now();

@@ -10,7 +10,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use crate::support::{AGENT_KEY, TestBroker, eventually};
 
 /// A private CA and a certificate it signed for `localhost`.
-fn certificates() -> (String, CertificateDer<'static>, PrivateKeyDer<'static>) {
+pub(crate) fn certificates() -> (String, CertificateDer<'static>, PrivateKeyDer<'static>) {
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];

@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use super::reply::{parse_args, success};
 use super::{PeriscopeMcp, input_schema, render};
-use crate::auth::{Principal, Scope};
+use crate::auth::Principal;
 use crate::engine::requests::{check_limit, check_wait_seconds, in_range};
 use crate::engine::{
     ActionFilter, ActionRecord, ActionStatus, ActionView, AgentState, HitsPage, LogRequest, MetricRequest,
@@ -319,6 +319,7 @@ impl PeriscopeMcp {
                        action_id at once, then read hits with get_action. Example: {\"pool\": \"shop\", \"file\": \
                        \"src/orders.rs\", \"line\": 42, \"max_hits\": 3}.",
         input_schema = input_schema::<PlaceSnapshotArgs>(),
+        output_schema = super::schemas::action_with_hits(),
         annotations(read_only_hint = false, destructive_hint = false, idempotent_hint = false, open_world_hint = false)
     )]
     async fn place_snapshot(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
@@ -335,6 +336,7 @@ impl PeriscopeMcp {
                        \"file\": \"src/shop.rs\", \"line\": 120, \"template\": \"order {order_id} total \
                        {total_cents}\"}.",
         input_schema = input_schema::<PlaceLogArgs>(),
+        output_schema = super::schemas::action_with_lines(),
         annotations(read_only_hint = false, destructive_hint = false, open_world_hint = false)
     )]
     async fn place_log(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
@@ -351,6 +353,7 @@ impl PeriscopeMcp {
                        to Prometheus. Returns the action_id at once. Example: {\"pool\": \"shop\", \"kind\": \
                        \"duration\", \"file\": \"src/shop.rs\", \"line\": 400}.",
         input_schema = input_schema::<PlaceMetricArgs>(),
+        output_schema = super::schemas::action_only(),
         annotations(read_only_hint = false, destructive_hint = false, open_world_hint = false)
     )]
     async fn place_metric(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
@@ -366,6 +369,7 @@ impl PeriscopeMcp {
                        truncation markers and which redaction rules fired where. Example: {\"action_id\": \
                        \"act_…\", \"since\": 0}.",
         input_schema = input_schema::<GetActionArgs>(),
+        output_schema = super::schemas::get_action(),
         annotations(read_only_hint = true, open_world_hint = false)
     )]
     async fn get_action(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
@@ -379,6 +383,7 @@ impl PeriscopeMcp {
                        (20 per key by default). Paginated: pass `next_cursor` as `cursor` while `has_more`. Example: \
                        {\"status\": \"active\"}.",
         input_schema = input_schema::<ListActionsArgs>(),
+        output_schema = super::schemas::list_actions(),
         annotations(read_only_hint = true, open_world_hint = false)
     )]
     async fn list_actions(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
@@ -390,6 +395,7 @@ impl PeriscopeMcp {
                        get_action. Removing an action that already ended changes nothing and returns it. Example: \
                        {\"action_id\": \"act_…\"}.",
         input_schema = input_schema::<RemoveActionArgs>(),
+        output_schema = super::schemas::action_only(),
         annotations(read_only_hint = false, destructive_hint = true, idempotent_hint = true, open_world_hint = false)
     )]
     async fn remove_action(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
@@ -398,8 +404,12 @@ impl PeriscopeMcp {
 }
 
 impl PeriscopeMcp {
-    async fn snapshot(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
-        let principal = self.begin(ctx, Scope::ActionsWrite, "place_snapshot")?;
+    pub(super) async fn snapshot(
+        &self,
+        ctx: &RequestContext<RoleServer>,
+        args: JsonObject,
+    ) -> Result<CallToolResult, ApiError> {
+        let principal = self.begin(ctx, "place_snapshot")?;
         let a: PlaceSnapshotArgs = parse_args("place_snapshot", args)?;
         // Limits first, before anything is placed (or a wait slot taken); never clamped.
         // The request checks its own bounds again; the wait's is this tool's.
@@ -488,7 +498,7 @@ impl PeriscopeMcp {
     }
 
     /// What a waiting `place_snapshot` answers once its wait ends.
-    async fn after_wait(
+    pub(super) async fn after_wait(
         &self,
         id: &str,
         max_hits: u32,
@@ -568,7 +578,7 @@ impl PeriscopeMcp {
     }
 
     async fn log(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
-        let principal = self.begin(ctx, Scope::ActionsWrite, "place_log")?;
+        let principal = self.begin(ctx, "place_log")?;
         let a: PlaceLogArgs = parse_args("place_log", args)?;
         let req = LogRequest {
             agent_ids: a.agent_ids,
@@ -598,7 +608,7 @@ impl PeriscopeMcp {
     }
 
     async fn metric(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
-        let principal = self.begin(ctx, Scope::ActionsWrite, "place_metric")?;
+        let principal = self.begin(ctx, "place_metric")?;
         let a: PlaceMetricArgs = parse_args("place_metric", args)?;
         let req = MetricRequest {
             agent_ids: a.agent_ids,
@@ -628,7 +638,7 @@ impl PeriscopeMcp {
     }
 
     async fn action(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
-        let principal = self.begin(ctx, Scope::HitsRead, "get_action")?;
+        let principal = self.begin(ctx, "get_action")?;
         let a: GetActionArgs = parse_args("get_action", args)?;
         check_limit(a.limit, query::MAX_PAGE, action_bounds::MAX_MAX_HITS as usize)?;
         check_wait_seconds("wait_seconds", a.wait_seconds)?;
@@ -724,7 +734,7 @@ impl PeriscopeMcp {
     }
 
     async fn actions(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
-        let principal = self.begin(ctx, Scope::HitsRead, "list_actions")?;
+        let principal = self.begin(ctx, "list_actions")?;
         let a: ListActionsArgs = parse_args("list_actions", args)?;
         let (offset, limit) = query::paging(a.cursor.as_deref(), Some(a.limit))?;
         let filter =
@@ -761,7 +771,7 @@ impl PeriscopeMcp {
     }
 
     async fn remove(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
-        let principal = self.begin(ctx, Scope::ActionsWrite, "remove_action")?;
+        let principal = self.begin(ctx, "remove_action")?;
         let a: RemoveActionArgs = parse_args("remove_action", args)?;
         let view = self.state.engine.remove(&a.action_id, &principal).await?;
         let text = format!("Removed. {}", render::action_summary(&view, now_ms()));

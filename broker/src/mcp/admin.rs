@@ -11,7 +11,7 @@ use serde::Deserialize;
 use super::reply::{parse_args, success};
 use super::{PeriscopeMcp, input_schema};
 use crate::admin::{AuditParams, audit_page};
-use crate::auth::{Role, Scope, require_role};
+use crate::auth::{Role, require_role};
 use crate::error::ApiError;
 
 /// Arguments of `query_audit`.
@@ -49,6 +49,7 @@ impl PeriscopeMcp {
                        (Unix ms), `actor`, `kind`, `action_id`; oldest first, pass `next_cursor` as `cursor` while \
                        `has_more`. Example: {\"kind\": \"action_placed\", \"limit\": 20}.",
         input_schema = input_schema::<QueryAuditArgs>(),
+        output_schema = super::schemas::query_audit(),
         annotations(read_only_hint = true, open_world_hint = false)
     )]
     async fn query_audit(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
@@ -58,7 +59,7 @@ impl PeriscopeMcp {
 
 impl PeriscopeMcp {
     async fn audit(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
-        let principal = self.begin(ctx, Scope::Admin, "query_audit")?;
+        let principal = self.begin(ctx, "query_audit")?;
         require_role(&principal, Role::CompanyAdmin, "query_audit")?;
         let a: QueryAuditArgs = parse_args("query_audit", args)?;
         let params = AuditParams {

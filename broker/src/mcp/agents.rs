@@ -9,7 +9,6 @@ use serde::Deserialize;
 
 use super::reply::{parse_args, success};
 use super::{PeriscopeMcp, input_schema, render};
-use crate::auth::Scope;
 use crate::error::ApiError;
 use crate::query::{self, AgentFilter, Page, SourceFilter};
 
@@ -117,6 +116,7 @@ impl PeriscopeMcp {
                        200), pass `next_cursor` as `cursor` while `has_more`. Example: {\"pool\": \"shop\", \"tags\": \
                        [\"env:prod\"]}.",
         input_schema = input_schema::<ListAgentsArgs>(),
+        output_schema = super::schemas::list_agents(),
         annotations(read_only_hint = true, open_world_hint = false)
     )]
     async fn list_agents(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
@@ -133,6 +133,7 @@ impl PeriscopeMcp {
                        before place_snapshot. Paginated like list_agents. Example: {\"pool\": \"shop\", \"query\": \
                        \"checkout\"}.",
         input_schema = input_schema::<ListSourcesArgs>(),
+        output_schema = super::schemas::list_sources(),
         annotations(read_only_hint = true, open_world_hint = false)
     )]
     async fn list_sources(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
@@ -142,7 +143,7 @@ impl PeriscopeMcp {
 
 impl PeriscopeMcp {
     fn agents(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
-        let principal = self.begin(ctx, Scope::AgentsRead, "list_agents")?;
+        let principal = self.begin(ctx, "list_agents")?;
         let a: ListAgentsArgs = parse_args("list_agents", args)?;
         let filter = AgentFilter {
             pool: a.pool,
@@ -158,7 +159,7 @@ impl PeriscopeMcp {
     }
 
     fn sources(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
-        let principal = self.begin(ctx, Scope::AgentsRead, "list_sources")?;
+        let principal = self.begin(ctx, "list_sources")?;
         let a: ListSourcesArgs = parse_args("list_sources", args)?;
         let filter = SourceFilter {
             agent_id: a.agent_id,

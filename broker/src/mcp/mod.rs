@@ -16,8 +16,12 @@
 //! - `agents.rs`: `list_agents`, `list_sources`.
 //! - `actions.rs`: `place_snapshot`, `place_log`, `place_metric`, `get_action`,
 //!   `list_actions`, `remove_action`.
+//! - `kill_switch.rs`: `remove_all_actions`.
 //! - `admin.rs`: `query_audit` (company admins).
+//! - `schemas.rs`: every tool's `outputSchema`.
 //! - `prompts.rs`: prompts that start an investigation.
+//! - [`session`]: per-session state: resources and subscriptions, logging, completion.
+//! - `tasks.rs`: a waiting `place_snapshot` as an MCP task (SEP-2663).
 //! - `reply.rs`: the one place that turns an [`ApiError`] into an error tool result.
 //! - [`sessions`]: every session bound to the key that created it; other keys get 404.
 //! - `render.rs`: the short texts.
@@ -39,12 +43,16 @@
 mod actions;
 mod admin;
 mod agents;
+mod kill_switch;
 mod prompts;
 pub mod proxy;
 mod render;
 mod reply;
+mod schemas;
+pub mod session;
 pub mod sessions;
 mod system;
+mod tasks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,6 +86,8 @@ pub struct PeriscopeMcp {
     state: AppState,
     tool_router: Arc<ToolRouter<PeriscopeMcp>>,
     prompt_router: Arc<PromptRouter<PeriscopeMcp>>,
+    /// This session's log level, log follower and resource subscriptions.
+    session: Arc<session::Session>,
 }
 
 impl std::fmt::Debug for PeriscopeMcp {
@@ -89,8 +99,22 @@ impl std::fmt::Debug for PeriscopeMcp {
 impl PeriscopeMcp {
     /// A handler over the broker's state.
     pub fn new(state: AppState) -> Self {
-        let tools = Self::system_router() + Self::agents_router() + Self::actions_router() + Self::admin_router();
-        PeriscopeMcp { state, tool_router: Arc::new(tools), prompt_router: Arc::new(Self::prompt_router()) }
+        let tools = Self::system_router()
+            + Self::agents_router()
+            + Self::actions_router()
+            + Self::kill_router()
+            + Self::admin_router();
+        PeriscopeMcp {
+            state,
+            tool_router: Arc::new(tools),
+            prompt_router: Arc::new(Self::prompt_router()),
+            session: Arc::default(),
+        }
+    }
+
+    /// A handler for a new session: the routers shared, the session state its own.
+    pub fn for_session(&self) -> Self {
+        PeriscopeMcp { session: Arc::default(), ..self.clone() }
     }
 
     /// Every tool this server offers, as `tools/list` shows them.
@@ -99,8 +123,10 @@ impl PeriscopeMcp {
     }
 
     /// The per-call preamble: who is calling (from the HTTP request the bearer
-    /// middleware authenticated) and whether their key holds `scope` for `tool`.
-    fn begin(&self, ctx: &RequestContext<RoleServer>, scope: Scope, tool: &str) -> Result<Principal, ApiError> {
+    /// middleware authenticated) and whether they hold the scope `tool` needs
+    /// ([`tool_scope`]).
+    fn begin(&self, ctx: &RequestContext<RoleServer>, tool: &str) -> Result<Principal, ApiError> {
+        let scope = tool_scope(tool).unwrap_or(Scope::Admin);
         let parts = ctx.extensions.get::<axum::http::request::Parts>();
         let principal = parts.and_then(|parts| parts.extensions.get::<Principal>()).cloned().ok_or_else(|| {
             ApiError::new(
@@ -123,6 +149,28 @@ impl PeriscopeMcp {
     }
 }
 
+/// The scope each tool needs: the one table the tools and the HTTP layer (which answers
+/// a person's token that lacks it with 403 and a challenge naming it, so the client can
+/// ask them for more) both read.
+pub const TOOL_SCOPES: &[(&str, Scope)] = &[
+    ("system_health", Scope::SystemRead),
+    ("list_agents", Scope::AgentsRead),
+    ("list_sources", Scope::AgentsRead),
+    ("place_snapshot", Scope::ActionsWrite),
+    ("place_log", Scope::ActionsWrite),
+    ("place_metric", Scope::ActionsWrite),
+    ("get_action", Scope::HitsRead),
+    ("list_actions", Scope::HitsRead),
+    ("remove_action", Scope::ActionsWrite),
+    ("remove_all_actions", Scope::ActionsWrite),
+    ("query_audit", Scope::Admin),
+];
+
+/// The scope a tool needs (`None` for a tool this server does not have).
+pub fn tool_scope(tool: &str) -> Option<Scope> {
+    TOOL_SCOPES.iter().find(|(t, _)| *t == tool).map(|(_, s)| *s)
+}
+
 /// A tool's input schema from its argument type (root `type: object`, ranges and
 /// defaults from the type's attributes).
 fn input_schema<T: schemars::JsonSchema + 'static>() -> Arc<JsonObject> {
@@ -143,13 +191,117 @@ impl PeriscopeMcp {
 #[prompt_handler(router = self.prompt_router)]
 impl ServerHandler for PeriscopeMcp {
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().enable_prompts().build())
+        #[allow(deprecated)]
+        let capabilities = ServerCapabilities::builder()
+            .enable_logging()
+            .enable_completions()
+            .enable_prompts()
+            .enable_resources()
+            .enable_tools()
+            .enable_resources_subscribe()
+            .enable_tasks()
+            .build();
+        ServerConfig::new(capabilities)
             .with_server_info(
                 Implementation::new("periscope", env!("CARGO_PKG_VERSION"))
                     .with_title("Periscope")
                     .with_description("Live inspection of running services: snapshots at code locations"),
             )
             .with_instructions(INSTRUCTIONS)
+    }
+
+    async fn call_tool(
+        &self,
+        request: rmcp::model::CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::CallToolResponse, rmcp::ErrorData> {
+        if tasks::runs_as_task(&request, &context) {
+            return self.snapshot_task(context, request).await;
+        }
+        let tcc = rmcp::handler::server::tool::ToolCallContext::new(self, request, context);
+        self.tool_router.call(tcc).await
+    }
+
+    async fn get_task(
+        &self,
+        request: rmcp::model::GetTaskParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::GetTaskResult, rmcp::ErrorData> {
+        Ok(rmcp::model::GetTaskResult::new(self.session.tasks.get_task(&request.task_id)?))
+    }
+
+    async fn update_task(
+        &self,
+        request: rmcp::model::UpdateTaskParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), rmcp::ErrorData> {
+        self.session.tasks.update_task(&request.task_id, request.input_responses)
+    }
+
+    async fn cancel_task(
+        &self,
+        request: rmcp::model::CancelTaskParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), rmcp::ErrorData> {
+        self.session.tasks.cancel_task(&request.task_id)
+    }
+
+    async fn list_resources(
+        &self,
+        _request: Option<rmcp::model::PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::ListResourcesResult, rmcp::ErrorData> {
+        self.resources(&context).await
+    }
+
+    async fn list_resource_templates(
+        &self,
+        _request: Option<rmcp::model::PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::ListResourceTemplatesResult, rmcp::ErrorData> {
+        Ok(self.resource_templates())
+    }
+
+    async fn read_resource(
+        &self,
+        request: rmcp::model::ReadResourceRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::ReadResourceResponse, rmcp::ErrorData> {
+        self.read(&context, &request.uri).await.map(Into::into)
+    }
+
+    async fn subscribe(
+        &self,
+        request: rmcp::model::SubscribeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), rmcp::ErrorData> {
+        PeriscopeMcp::subscribe(self, &context, &request.uri).await
+    }
+
+    async fn unsubscribe(
+        &self,
+        request: rmcp::model::UnsubscribeRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), rmcp::ErrorData> {
+        PeriscopeMcp::unsubscribe(self, &request.uri);
+        Ok(())
+    }
+
+    #[allow(deprecated)]
+    async fn set_level(
+        &self,
+        request: rmcp::model::SetLevelRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), rmcp::ErrorData> {
+        PeriscopeMcp::set_level(self, &context, request.level)
+    }
+
+    async fn complete(
+        &self,
+        request: rmcp::model::CompleteRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::CompleteResult, rmcp::ErrorData> {
+        PeriscopeMcp::complete(self, &context, &request).await
     }
 }
 
@@ -186,22 +338,35 @@ pub fn service(
     };
     let sessions = sessions::OwnedSessions::new(sessions, Arc::clone(&state.mcp_sessions));
     let prototype = PeriscopeMcp::new(state);
-    StreamableHttpService::new(move || Ok(prototype.clone()), Arc::new(sessions), config)
+    StreamableHttpService::new(move || Ok(prototype.for_session()), Arc::new(sessions), config)
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn state(config: crate::BrokerConfig) -> AppState {
+    /// A broker state without a listener, for unit tests.
+    pub(crate) fn state(config: crate::BrokerConfig) -> AppState {
+        state_with_keys(config).0
+    }
+
+    /// [`state`], and the key directory's database under it (tests that hold its lock).
+    pub(crate) fn state_with_keys(config: crate::BrokerConfig) -> (AppState, Arc<crate::backend::local::SqliteKeys>) {
         let registry = Arc::new(crate::registry::Registry::new(100));
         let (_tx, rx) = tokio::sync::watch::channel(false);
         let engine =
             crate::engine::Engine::new(Arc::clone(&registry), Default::default(), config.limits, 10, rx.clone());
         let scratch = crate::store::ScratchDir::new().unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let keys = Arc::new(rt.block_on(crate::keys::KeyStore::open_cli(scratch.path())).unwrap());
-        Arc::new(crate::BrokerState {
+        let backend = Arc::new(crate::backend::local::SqliteKeys::open(scratch.path()).unwrap());
+        let keys = rt.block_on(crate::keys::KeyStore::open(
+            Arc::clone(&backend) as Arc<dyn crate::backend::KeyBackend>,
+            &[],
+            &[],
+            Default::default(),
+        ));
+        let keys = Arc::new(keys.unwrap());
+        let state = Arc::new(crate::BrokerState {
             config,
             registry,
             engine,
@@ -223,7 +388,9 @@ mod tests {
             rule_store: None,
             started_at_ms: 0,
             scratch: Some(scratch),
-        })
+            oauth: None,
+        });
+        (state, backend)
     }
 
     fn server() -> PeriscopeMcp {
@@ -244,12 +411,16 @@ mod tests {
             "get_action",
             "list_actions",
             "remove_action",
+            "remove_all_actions",
             "query_audit",
         ] {
             assert!(names.contains(&name), "{name} missing from {names:?}");
         }
         for t in &tools {
+            assert!(tool_scope(&t.name).is_some(), "{} has no entry in TOOL_SCOPES", t.name);
             assert_eq!(t.input_schema.get("type").and_then(|v| v.as_str()), Some("object"), "{}", t.name);
+            let output = t.output_schema.as_ref().unwrap_or_else(|| panic!("{} has no outputSchema", t.name));
+            assert_eq!(output.get("type").and_then(|v| v.as_str()), Some("object"), "{}", t.name);
             let d = t.description.as_deref().unwrap_or_default();
             assert!(d.len() > 80 && d.len() < 1_200, "{}: description of {} chars", t.name, d.len());
         }

@@ -26,6 +26,19 @@ struct SummarizeArgs {
     action_id: String,
 }
 
+/// Arguments of the `inspect_location` prompt (each completes: `completion/complete`).
+#[derive(Debug, Deserialize, JsonSchema)]
+struct LocationArgs {
+    /// The pool, e.g. `shop`.
+    pool: String,
+    /// Tags the agents must carry, comma-separated, e.g. `region:eu,env:canary`.
+    tags: Option<String>,
+    /// The source file, e.g. `demo/src/shop.rs`.
+    file: String,
+    /// The line, e.g. `504`.
+    line: String,
+}
+
 fn scope_hint(service: Option<&str>) -> String {
     match service.map(str::trim).filter(|s| !s.is_empty()) {
         Some(s) => format!(" Look in `{s}` (as a pool, or a service name: use list_agents to tell which)."),
@@ -71,6 +84,32 @@ impl PeriscopeMcp {
              how often each is hit, and why each would show the problem. Do not place any action yet.",
             symptom = args.symptom.trim(),
             hint = scope_hint(args.service.as_deref()),
+        );
+        vec![PromptMessage::new_text(Role::User, text)]
+    }
+
+    /// Capture what happens at one code location: a snapshot on a pool's agents at a
+    /// file and line, explained.
+    #[prompt(name = "inspect_location")]
+    async fn inspect_location(&self, Parameters(args): Parameters<LocationArgs>) -> Vec<PromptMessage> {
+        let tags: Vec<String> = args
+            .tags
+            .as_deref()
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(|t| format!("\"{t}\""))
+            .collect();
+        let text = format!(
+            "Call place_snapshot with {{\"pool\": \"{pool}\", \"tags\": [{tags}], \"file\": \"{file}\", \"line\": \
+             {line}, \"max_hits\": 3}} and wait for the hits. Then say what the captured fields and span stack \
+             show at {file}:{line}, quoting values, noting truncation and redaction markers as such. If the \
+             location is unknown, use the nearest locations the error lists.",
+            pool = args.pool.trim(),
+            tags = tags.join(", "),
+            file = args.file.trim(),
+            line = args.line.trim().parse::<u32>().unwrap_or(0),
         );
         vec![PromptMessage::new_text(Role::User, text)]
     }

@@ -1,10 +1,12 @@
 //! `periscope mcp`: an MCP server on stdio for clients that only speak stdio, forwarding
 //! every request to a remote broker's `/mcp` over streamable HTTP.
 //!
-//! The tool surface is the remote one by construction: `tools/list`, `tools/call`,
-//! `prompts/list` and `prompts/get` are forwarded as they are, and progress
+//! The surface is the remote one by construction: tools, prompts, resources (with
+//! subscriptions), completion and `logging/setLevel` are forwarded as they are; progress
 //! notifications the broker sends while a `place_snapshot` waits are relayed back under
-//! the token the stdio client chose. Standard output carries only JSON-RPC; logs go to
+//! the token the stdio client chose, and resource updates and log messages to the stdio
+//! client. (Subscriptions and the log level belong to the broker session: after a
+//! reconnection the client sets them again, as after any new session.) Standard output carries only JSON-RPC; logs go to
 //! standard error. The key is checked when the proxy starts, so a wrong key or an
 //! unreachable broker is a clear error before any client request, not a hang.
 
@@ -125,18 +127,49 @@ struct Upstream {
     endpoint: String,
     server_info: ServerPeerInfo,
     routes: Arc<ProgressRoutes>,
+    downstream: Arc<Mutex<Option<Peer<RoleServer>>>>,
     session: AsyncMutex<RunningService<RoleClient, UpstreamHandler>>,
 }
 
-/// Receives what the broker sends on its own: progress notifications.
+/// Receives what the broker sends on its own: progress notifications, resource updates,
+/// log messages.
 #[derive(Clone)]
 struct UpstreamHandler {
     routes: Arc<ProgressRoutes>,
+    /// The stdio client, once it asked something (there is one).
+    downstream: Arc<Mutex<Option<Peer<RoleServer>>>>,
+}
+
+impl UpstreamHandler {
+    fn downstream(&self) -> Option<Peer<RoleServer>> {
+        self.downstream.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 impl ClientHandler for UpstreamHandler {
     async fn on_progress(&self, params: ProgressNotificationParam, _context: NotificationContext<RoleClient>) {
         self.routes.relay(params).await;
+    }
+
+    async fn on_resource_updated(
+        &self,
+        params: rmcp::model::ResourceUpdatedNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        if let Some(peer) = self.downstream() {
+            let _ = peer.notify_resource_updated(params).await;
+        }
+    }
+
+    #[allow(deprecated)]
+    async fn on_logging_message(
+        &self,
+        params: rmcp::model::LoggingMessageNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        if let Some(peer) = self.downstream() {
+            let _ = peer.notify_logging_message(params).await;
+        }
     }
 
     fn get_info(&self) -> ClientConfig {
@@ -150,13 +183,14 @@ impl ClientHandler for UpstreamHandler {
 impl Upstream {
     async fn connect(options: ProxyOptions) -> anyhow::Result<Upstream> {
         let routes = Arc::new(ProgressRoutes::default());
+        let downstream = Arc::default();
         let endpoint = options.endpoint();
-        let session = open(&endpoint, &options.api_key, &routes).await?;
+        let session = open(&endpoint, &options.api_key, &routes, &downstream).await?;
         let server_info = session
             .peer_info()
             .map(|i| (*i).clone())
             .with_context(|| format!("the broker at {endpoint} did not describe itself"))?;
-        Ok(Upstream { options, endpoint, server_info, routes, session: AsyncMutex::new(session) })
+        Ok(Upstream { options, endpoint, server_info, routes, downstream, session: AsyncMutex::new(session) })
     }
 
     /// A live session's peer, reconnecting once if the last one closed.
@@ -164,7 +198,7 @@ impl Upstream {
         let mut session = self.session.lock().await;
         if session.is_closed() || session.peer().is_transport_closed() {
             tracing::warn!(endpoint = %self.endpoint, "the broker connection closed; reconnecting");
-            *session = open(&self.endpoint, &self.options.api_key, &self.routes)
+            *session = open(&self.endpoint, &self.options.api_key, &self.routes, &self.downstream)
                 .await
                 .map_err(|e| ErrorData::internal_error(format!("{e:#}"), None))?;
         }
@@ -196,6 +230,7 @@ async fn open(
     endpoint: &str,
     api_key: &str,
     routes: &Arc<ProgressRoutes>,
+    downstream: &Arc<Mutex<Option<Peer<RoleServer>>>>,
 ) -> anyhow::Result<RunningService<RoleClient, UpstreamHandler>> {
     if endpoint.starts_with("https://") {
         anyhow::bail!(
@@ -208,7 +243,7 @@ async fn open(
     }
     let config = StreamableHttpClientTransportConfig::with_uri(endpoint.to_owned()).auth_header(api_key.to_owned());
     let transport = StreamableHttpClientTransport::from_config(config);
-    let handler = UpstreamHandler { routes: Arc::clone(routes) };
+    let handler = UpstreamHandler { routes: Arc::clone(routes), downstream: Arc::clone(downstream) };
     match handler.serve(transport).await {
         Ok(session) => Ok(session),
         Err(e) if e.is_authorization_required() => anyhow::bail!(
@@ -230,6 +265,12 @@ impl ServerHandler for StdioProxy {
         let mut caps = ServerCapabilities::default();
         caps.tools = remote.capabilities.tools.clone();
         caps.prompts = remote.capabilities.prompts.clone();
+        caps.resources = remote.capabilities.resources.clone();
+        caps.completions = remote.capabilities.completions.clone();
+        #[allow(deprecated)]
+        {
+            caps.logging = remote.capabilities.logging.clone();
+        }
         let mut info = ServerConfig::new(caps);
         if let Some(implementation) = &remote.server_info {
             info = info.with_server_info(implementation.clone());
@@ -299,6 +340,81 @@ impl ServerHandler for StdioProxy {
     ) -> Result<GetPromptResponse, ErrorData> {
         let peer = self.upstream.peer().await?;
         peer.get_prompt_once(request).await.map_err(|e| self.upstream.failed(e))
+    }
+
+    async fn list_resources(
+        &self,
+        request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::ListResourcesResult, ErrorData> {
+        let peer = self.upstream.peer().await?;
+        peer.list_resources(request).await.map_err(|e| self.upstream.failed(e))
+    }
+
+    async fn list_resource_templates(
+        &self,
+        request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::ListResourceTemplatesResult, ErrorData> {
+        let peer = self.upstream.peer().await?;
+        peer.list_resource_templates(request).await.map_err(|e| self.upstream.failed(e))
+    }
+
+    async fn read_resource(
+        &self,
+        request: rmcp::model::ReadResourceRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::ReadResourceResponse, ErrorData> {
+        let peer = self.upstream.peer().await?;
+        peer.read_resource_once(request).await.map_err(|e| self.upstream.failed(e))
+    }
+
+    #[allow(deprecated)]
+    async fn subscribe(
+        &self,
+        request: rmcp::model::SubscribeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        self.remember(&context);
+        let peer = self.upstream.peer().await?;
+        peer.subscribe(request).await.map_err(|e| self.upstream.failed(e))
+    }
+
+    #[allow(deprecated)]
+    async fn unsubscribe(
+        &self,
+        request: rmcp::model::UnsubscribeRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        let peer = self.upstream.peer().await?;
+        peer.unsubscribe(request).await.map_err(|e| self.upstream.failed(e))
+    }
+
+    async fn complete(
+        &self,
+        request: rmcp::model::CompleteRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::CompleteResult, ErrorData> {
+        let peer = self.upstream.peer().await?;
+        peer.complete(request).await.map_err(|e| self.upstream.failed(e))
+    }
+
+    #[allow(deprecated)]
+    async fn set_level(
+        &self,
+        request: rmcp::model::SetLevelRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        self.remember(&context);
+        let peer = self.upstream.peer().await?;
+        peer.set_level(request).await.map_err(|e| self.upstream.failed(e))
+    }
+}
+
+impl StdioProxy {
+    /// Keeps the stdio client's peer, where notifications from the broker go.
+    fn remember(&self, context: &RequestContext<RoleServer>) {
+        *self.upstream.downstream.lock().unwrap_or_else(|p| p.into_inner()) = Some(context.peer.clone());
     }
 }
 

@@ -51,6 +51,8 @@ const MAX_TRACKED_ATTEMPTS: usize = 10_000;
 /// The key a session belongs to.
 #[derive(Debug, Clone)]
 struct Owner {
+    /// What a request must present to use the session ([`Principal::session_owner`]).
+    binding: String,
     key_id: String,
     key_name: String,
     org: String,
@@ -97,6 +99,7 @@ fn unknown_session() -> Response {
 impl SessionOwners {
     fn bind(&self, id: SessionId, principal: &Principal, slot: crate::quota::SessionSlot) {
         let owner = Owner {
+            binding: principal.session_owner(),
             key_id: principal.key_id.clone(),
             key_name: principal.name.clone(),
             org: principal.org().to_owned(),
@@ -118,7 +121,7 @@ impl SessionOwners {
     /// to write: the first attempt of a run at once, the rest by [`Self::due`].
     fn attempted(&self, by: &Principal, id: &str, owner: Owner, method: &Method, now: Instant) -> Vec<AuditEntry> {
         let session = fingerprint(id);
-        let key = (by.key_id.clone(), session.clone());
+        let key = (by.session_owner(), session.clone());
         let mut attempts = self.lock();
         if let Some(a) = attempts.get_mut(&key) {
             a.pending += 1;
@@ -132,8 +135,13 @@ impl SessionOwners {
             tracing::warn!(key = %by.key_id, "a key presented another key's MCP session id (too many to audit each pair)");
             return Vec::new();
         }
-        let attacker =
-            Owner { key_id: by.key_id.clone(), key_name: by.name.clone(), org: by.org().to_owned(), _slot: None };
+        let attacker = Owner {
+            binding: by.session_owner(),
+            key_id: by.key_id.clone(),
+            key_name: by.name.clone(),
+            org: by.org().to_owned(),
+            _slot: None,
+        };
         let mut a = Attempts {
             attacker,
             owner,
@@ -249,7 +257,7 @@ pub async fn bind_sessions(State(state): State<AppState>, req: Request, next: Ne
     };
     let owner = owners.owners.get(id.as_str()).map(|o| o.clone());
     match owner {
-        Some(owner) if owner.key_id == principal.key_id => next.run(req).await,
+        Some(owner) if owner.binding == principal.session_owner() => next.run(req).await,
         Some(owner) => {
             for entry in owners.attempted(&principal, &id, owner, req.method(), Instant::now()) {
                 state.engine.audit(entry);
@@ -358,11 +366,18 @@ mod tests {
             reach: crate::auth::Reach::org(org),
             quotas: crate::quota::CallerQuotas::default(),
             tenancy: Arc::default(),
+            via: None,
         }
     }
 
     fn owner(p: &Principal) -> Owner {
-        Owner { key_id: p.key_id.clone(), key_name: p.name.clone(), org: p.org().to_owned(), _slot: None }
+        Owner {
+            binding: p.session_owner(),
+            key_id: p.key_id.clone(),
+            key_name: p.name.clone(),
+            org: p.org().to_owned(),
+            _slot: None,
+        }
     }
 
     #[test]

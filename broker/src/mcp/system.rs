@@ -9,7 +9,6 @@ use serde::Deserialize;
 
 use super::reply::{parse_args, success};
 use super::{PeriscopeMcp, input_schema};
-use crate::auth::Scope;
 use crate::error::ApiError;
 
 /// `system_health` takes no arguments.
@@ -26,6 +25,7 @@ impl PeriscopeMcp {
                        (quota_cpu, quota_log, rate_limited, expired), plus the limits tools enforce. Call it first, and whenever a call \
                        fails unexpectedly. Example: {}.",
         input_schema = input_schema::<HealthArgs>(),
+        output_schema = super::schemas::system_health(),
         annotations(read_only_hint = true, open_world_hint = false)
     )]
     async fn system_health(&self, ctx: RequestContext<RoleServer>, args: JsonObject) -> CallToolResult {
@@ -35,7 +35,7 @@ impl PeriscopeMcp {
 
 impl PeriscopeMcp {
     async fn health(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
-        let principal = self.begin(ctx, Scope::SystemRead, "system_health")?;
+        let principal = self.begin(ctx, "system_health")?;
         let HealthArgs {} = parse_args("system_health", args)?;
         let body = crate::api::health_body(&self.state, &principal, self.charge(ctx)).await?;
         let q = &body["quotas"];

@@ -41,7 +41,7 @@ fn failed(e: rusqlite::Error) -> BackendError {
     BackendError::Unavailable(format!("key store: {e}"))
 }
 
-fn bump_epoch(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+pub(crate) fn bump_epoch(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
     tx.execute(
         "INSERT INTO meta (key, value) VALUES ('auth_epoch', '1') ON CONFLICT(key) DO UPDATE SET \
          value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)",
