@@ -58,6 +58,7 @@ macro_rules! conformance_suite {
             groups_and_pool_assignments_refuse_what_does_not_exist,
             a_lease_is_taken_over_only_by_the_same_process_with_a_newer_epoch,
             a_budget_allows_its_burst_then_says_when_to_retry,
+            budgets_taken_together_stop_at_the_first_spent_one,
             slots_are_taken_for_the_key_and_its_organization_together_or_not_at_all);
     };
     (@tests $make:path; $($name:ident),*) => {
@@ -513,6 +514,20 @@ pub(crate) async fn a_budget_allows_its_burst_then_says_when_to_retry(b: Backend
     let wait = b.budgets.take(name.clone(), 1, 3).await.unwrap().unwrap_err();
     assert!(wait > Duration::from_secs(50) && wait <= Duration::from_secs(60), "{wait:?}");
     assert!(b.budgets.take("call:key:key_b".into(), 1, 3).await.unwrap().is_ok(), "another budget is its own");
+}
+
+pub(crate) async fn budgets_taken_together_stop_at_the_first_spent_one(b: Backend) {
+    let cells = |key: &str| vec![(format!("call:key:{key}"), 1, 2), ("call:org:acme".to_owned(), 1, 3)];
+    assert_eq!(b.budgets.take_all(cells("a")).await.unwrap(), Ok(vec![1, 2]));
+    assert_eq!(b.budgets.take_all(cells("a")).await.unwrap(), Ok(vec![0, 1]));
+    let (spent, wait) = b.budgets.take_all(cells("a")).await.unwrap().unwrap_err();
+    assert_eq!(spent, 0, "the key's budget is spent first");
+    assert!(wait > Duration::from_secs(20) && wait <= Duration::from_secs(60), "{wait:?}");
+    // The key's refusal spent nothing of its organization's: one cell is left there.
+    assert_eq!(b.budgets.take_all(cells("b")).await.unwrap(), Ok(vec![1, 0]));
+    let (spent, _) = b.budgets.take_all(cells("c")).await.unwrap().unwrap_err();
+    assert_eq!(spent, 1, "the organization's budget is spent");
+    assert_eq!(b.budgets.take("call:key:c".into(), 1, 2).await.unwrap(), Ok(0), "the key's cell stays taken");
 }
 
 pub(crate) async fn slots_are_taken_for_the_key_and_its_organization_together_or_not_at_all(b: Backend) {

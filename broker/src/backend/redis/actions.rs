@@ -97,17 +97,17 @@ redis.call('ZADD', P .. 'ended', now, id)
 redis.call('ZADD', P .. 'ended:o:' .. org, now, id)
 redis.call('ZADD', P .. 'ended:k:' .. org .. ':' .. key, now, id)
 redis.call('ZINCRBY', P .. 'ended:n:' .. org, 1, key)
-local out = {'ok'}
+local forgotten = {}
 while redis.call('ZCARD', P .. 'ended:o:' .. org) > max do
   local top = redis.call('ZREVRANGE', P .. 'ended:n:' .. org, 0, 0)
   if not top[1] then break end
   local old = redis.call('ZRANGE', P .. 'ended:k:' .. org .. ':' .. top[1], 0, 0)[1]
   if not old then redis.call('ZREM', P .. 'ended:n:' .. org, top[1]) else
     forget(old, org, top[1])
-    table.insert(out, old)
+    table.insert(forgotten, old)
   end
 end
-return out
+return {'ok', forgotten, redis.call('HGETALL', a), redis.call('HGETALL', a .. ':rules')}
 "#;
 
 const PURGE: &str = r#"
@@ -254,6 +254,29 @@ fn indexed(item: &str) -> Option<(u64, &str)> {
     Some((idx.parse().ok()?, json))
 }
 
+/// An action's record from its hash's fields and the rules that fired (`None` when
+/// the hash is gone), with its version.
+fn decode(
+    fields: &BTreeMap<String, String>,
+    rules: BTreeMap<String, u64>,
+) -> Result<Option<(ActionRecord, u64)>, BackendError> {
+    let Some(json) = fields.get("rec") else { return Ok(None) };
+    let mut record: ActionRecord = serde_json::from_str(json).map_err(|e| corrupt("action", e))?;
+    let num = |k: &str| fields.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    record.status = fields
+        .get("status")
+        .and_then(|s| ActionStatus::parse(s))
+        .ok_or_else(|| corrupt("action status", format!("{:?}", fields.get("status"))))?;
+    record.ended_at_ms = fields.get("ended_at").and_then(|v| v.parse().ok());
+    record.end_reason = fields.get("end_reason").cloned();
+    record.hits = num("hits");
+    record.hits_refused = num("refused");
+    record.lines = num("lines");
+    record.rules_fired = rules;
+    record.dropped.paused = num("dpaused") == 1;
+    Ok(Some((record, num("v"))))
+}
+
 impl RedisActions {
     /// Actions in `redis`, keeping at most `max_ended` ended actions per organization.
     pub fn new(redis: Redis, max_ended: usize) -> RedisActions {
@@ -281,21 +304,7 @@ impl RedisActions {
         let mut pipe = redis::pipe();
         pipe.hgetall(&a).hgetall(format!("{a}:rules"));
         let (fields, rules): (BTreeMap<String, String>, BTreeMap<String, u64>) = self.redis.pipe(&pipe).await?;
-        let Some(json) = fields.get("rec") else { return Ok(None) };
-        let mut record: ActionRecord = serde_json::from_str(json).map_err(|e| corrupt("action", e))?;
-        let num = |k: &str| fields.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        record.status = fields
-            .get("status")
-            .and_then(|s| ActionStatus::parse(s))
-            .ok_or_else(|| corrupt("action status", format!("{:?}", fields.get("status"))))?;
-        record.ended_at_ms = fields.get("ended_at").and_then(|v| v.parse().ok());
-        record.end_reason = fields.get("end_reason").cloned();
-        record.hits = num("hits");
-        record.hits_refused = num("refused");
-        record.lines = num("lines");
-        record.rules_fired = rules;
-        record.dropped.paused = num("dpaused") == 1;
-        Ok(Some((record, num("v"))))
+        decode(&fields, rules)
     }
 
     async fn read_all(&self, ids: Vec<String>) -> Result<Vec<ActionRecord>, BackendError> {
@@ -378,12 +387,20 @@ impl ActionStore for RedisActions {
                 .arg(reason)
                 .arg(now_ms)
                 .arg(self.max_ended);
-            let reply = strings(self.redis.script(&inv).await?);
-            if reply.first().map(String::as_str) != Some("ok") {
+            // The record as it ended comes back with the change: no second round trip.
+            let reply: redis::Value = self.redis.script(&inv).await?;
+            let redis::Value::Array(mut parts) = reply else { return Err(corrupt("end", format!("{reply:?}"))) };
+            if parts.len() != 4 || strings(parts[0].clone()).first().map(String::as_str) != Some("ok") {
                 return Ok(None);
             }
-            let forgotten: Vec<ActionId> = reply[1..].iter().filter_map(|s| ActionId::parse(s).ok()).collect();
-            let record = match self.read(id).await? {
+            let rules = parts.pop().map(redis::from_redis_value::<BTreeMap<String, u64>>).transpose();
+            let fields = parts.pop().map(redis::from_redis_value::<BTreeMap<String, String>>).transpose();
+            let (Ok(Some(rules)), Ok(Some(fields))) = (rules, fields) else {
+                return Err(corrupt("end", "the record does not decode"));
+            };
+            let forgotten: Vec<ActionId> =
+                strings(parts.pop().unwrap_or(redis::Value::Nil)).iter().filter_map(|s| ActionId::parse(s).ok()).collect();
+            let record = match decode(&fields, rules)? {
                 Some((r, _)) => r,
                 // Its own retention bound forgot it at once.
                 None => return Ok(None),

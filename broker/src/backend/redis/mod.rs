@@ -281,7 +281,7 @@ mod fencing {
         // The agent left A (its record there went stale) and is online on B.
         let agent = AgentId::generate();
         let epoch = b.acquire(&agent, "host", 7).await.unwrap().unwrap();
-        b.publish(record(&agent, "b", true), Some(Vec::new())).await.unwrap();
+        b.publish(record(&agent, "b", true), Some(crate::registry::PublishedCatalog::default())).await.unwrap();
         a.forget(&agent).await.unwrap();
         assert!(a.get(&agent).await.unwrap().is_some(), "B holds its lease: A's forgetting is a no-op");
         // Gone from B too, B's record: A still leaves it to B.
