@@ -46,6 +46,12 @@ use crate::registry::{AGENT_QUEUE, DropReason, RegisterRefusal};
 /// Malformed frames tolerated per session before the broker gives up on an agent.
 const MAX_BAD_FRAMES: u32 = 20;
 
+/// Most hits read from a session's waiting frames and stored together.
+const MAX_HIT_BATCH: usize = 64;
+
+/// Most bytes of hit frames stored together (a bound on one call to the store).
+const MAX_HIT_BATCH_BYTES: usize = 1 << 20;
+
 /// `GET /agents`: authenticates the agent key and upgrades.
 pub async fn agents_ws(State(state): State<AppState>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
     let Some(key) = crate::auth::bearer(&headers) else {
@@ -408,96 +414,122 @@ async fn run(
     loop {
         tokio::select! {
             frame = socket.recv() => {
-                last_heard = tokio::time::Instant::now();
-                match frame {
-                    Some(Ok(Message::Text(text))) => {
-                        state.registry.touch(agent_id);
-                        // Charged before decoding: a flood costs the broker a length check.
-                        let size = u32::try_from(text.len()).unwrap_or(u32::MAX);
-                        let mut verdict = None;
-                        if let Err(over) = budget.charge_bytes(size) {
-                            verdict = Some(dropped(state, budget, agent_id, over, DropReason::BytesRate, "bytes"));
-                        } else {
-                            match decode_agent_message(text.as_str()) {
-                                Ok(AgentMessage::Goodbye { reason }) => {
-                                    let mut reason = reason;
-                                    periscope_protocol::value::clip_printable(&mut reason, 200);
-                                    return format!("agent said goodbye: {reason}");
-                                }
-                                Ok(msg) => {
-                                    let over = matches!(msg, AgentMessage::Hit(_)).then(|| budget.charge_hit().err()).flatten();
-                                    if let Some(over) = over {
-                                        verdict = Some(dropped(state, budget, agent_id, over, DropReason::HitsRate, "hits"));
-                                    } else if let Some(err) = handle(state, sender, msg).await {
+                // Frames already waiting are read too, so that the hits among them are
+                // stored in one round trip to the store (each still charged and checked
+                // on its own); whatever ends the session stores the hits read before it.
+                let mut frame = frame;
+                let mut hits: Vec<periscope_protocol::Hit> = Vec::new();
+                let mut batched = 0usize;
+                let end: Option<String> = 'frames: loop {
+                    last_heard = tokio::time::Instant::now();
+                    match frame {
+                        Some(Ok(Message::Text(text))) => {
+                            state.registry.touch(agent_id);
+                            // Charged before decoding: a flood costs the broker a length check.
+                            let size = u32::try_from(text.len()).unwrap_or(u32::MAX);
+                            let mut verdict = None;
+                            if let Err(over) = budget.charge_bytes(size) {
+                                verdict = Some(dropped(state, budget, agent_id, over, DropReason::BytesRate, "bytes"));
+                            } else {
+                                match decode_agent_message(text.as_str()) {
+                                    Ok(AgentMessage::Goodbye { reason }) => {
+                                        let mut reason = reason;
+                                        periscope_protocol::value::clip_printable(&mut reason, 200);
+                                        break 'frames Some(format!("agent said goodbye: {reason}"));
+                                    }
+                                    Ok(msg) => {
+                                        let over = matches!(msg, AgentMessage::Hit(_)).then(|| budget.charge_hit().err()).flatten();
+                                        if let Some(over) = over {
+                                            verdict = Some(dropped(state, budget, agent_id, over, DropReason::HitsRate, "hits"));
+                                        } else if let AgentMessage::Hit(hit) = msg {
+                                            batched += size as usize;
+                                            hits.push(*hit);
+                                        } else if let Some(err) = {
+                                            // What came before it is stored first.
+                                            flush_hits(state, sender, &mut hits).await;
+                                            handle(state, sender, msg).await
+                                        } {
+                                            bad_frames += 1;
+                                            state.registry.count_drop(agent_id, DropReason::BadFrame, 1);
+                                            if !send(socket, &BrokerMessage::Error(err)).await {
+                                                break 'frames Some("the socket failed".into());
+                                            }
+                                        }
+                                    }
+                                    Err(e) => {
                                         bad_frames += 1;
                                         state.registry.count_drop(agent_id, DropReason::BadFrame, 1);
-                                        if !send(socket, &BrokerMessage::Error(err)).await {
-                                            return "the socket failed".into();
+                                        tracing::debug!(agent = %agent_id, error = %e, "malformed frame from agent");
+                                        if !send(socket, &BrokerMessage::Error(e.to_body(false))).await {
+                                            break 'frames Some("the socket failed".into());
                                         }
                                     }
                                 }
-                                Err(e) => {
-                                    bad_frames += 1;
-                                    state.registry.count_drop(agent_id, DropReason::BadFrame, 1);
-                                    tracing::debug!(agent = %agent_id, error = %e, "malformed frame from agent");
-                                    if !send(socket, &BrokerMessage::Error(e.to_body(false))).await {
-                                        return "the socket failed".into();
+                            }
+                            match verdict {
+                                None | Some(Verdict::Quiet) => {}
+                                Some(Verdict::Warn(body)) => {
+                                    state.registry.count_warning(agent_id);
+                                    tracing::warn!(agent = %agent_id, "agent over its budget: {}", body.message);
+                                    if !send(socket, &BrokerMessage::Error(body)).await {
+                                        break 'frames Some("the socket failed".into());
                                     }
                                 }
-                            }
-                        }
-                        match verdict {
-                            None | Some(Verdict::Quiet) => {}
-                            Some(Verdict::Warn(body)) => {
-                                state.registry.count_warning(agent_id);
-                                tracing::warn!(agent = %agent_id, "agent over its budget: {}", body.message);
-                                if !send(socket, &BrokerMessage::Error(body)).await {
-                                    return "the socket failed".into();
+                                Some(Verdict::Disconnect(body)) => {
+                                    let reason = format!("disconnected for flooding: {}", body.message);
+                                    let cooldown = state.config.ingest.flood_cooldown_secs * 1_000;
+                                    state.registry.cool_down(agent_id, crate::time::now_ms() + cooldown);
+                                    let org_too = state.agent_limits.flooded(&credentials.key_id, &credentials.org);
+                                    let dropped = state.registry.with(agent_id, |a| a.dropped).unwrap_or_default();
+                                    let mut data = serde_json::to_value(dropped).unwrap_or_default();
+                                    data["key_cooling_down_secs"] = state.config.ingest.flood_cooldown_secs.into();
+                                    data["organization_cooling_down"] = org_too.into();
+                                    state.engine.audit_repeated(
+                                        AuditEntry::new(sender.org.clone(), agent_actor(agent_id, credentials), AuditKind::AgentFlooding)
+                                            .target(serde_json::json!({ "agent_id": agent_id }))
+                                            .detail(reason.clone())
+                                            .data(data),
+                                        &credentials.key_id,
+                                        "flooding",
+                                    );
+                                    refuse(socket, body).await;
+                                    break 'frames Some(reason);
                                 }
                             }
-                            Some(Verdict::Disconnect(body)) => {
-                                let reason = format!("disconnected for flooding: {}", body.message);
-                                let cooldown = state.config.ingest.flood_cooldown_secs * 1_000;
-                                state.registry.cool_down(agent_id, crate::time::now_ms() + cooldown);
-                                let org_too = state.agent_limits.flooded(&credentials.key_id, &credentials.org);
-                                let dropped = state.registry.with(agent_id, |a| a.dropped).unwrap_or_default();
-                                let mut data = serde_json::to_value(dropped).unwrap_or_default();
-                                data["key_cooling_down_secs"] = state.config.ingest.flood_cooldown_secs.into();
-                                data["organization_cooling_down"] = org_too.into();
-                                state.engine.audit_repeated(
-                                    AuditEntry::new(sender.org.clone(), agent_actor(agent_id, credentials), AuditKind::AgentFlooding)
-                                        .target(serde_json::json!({ "agent_id": agent_id }))
-                                        .detail(reason.clone())
-                                        .data(data),
-                                    &credentials.key_id,
-                                    "flooding",
-                                );
-                                refuse(socket, body).await;
-                                return reason;
+                        }
+                        Some(Ok(Message::Binary(_))) => {
+                            bad_frames += 1;
+                            state.registry.count_drop(agent_id, DropReason::BadFrame, 1);
+                            if !send(socket, &BrokerMessage::Error(ProtocolError::BinaryFrame.to_body(false))).await {
+                                break 'frames Some("the socket failed".into());
                             }
                         }
-                    }
-                    Some(Ok(Message::Binary(_))) => {
-                        bad_frames += 1;
-                        state.registry.count_drop(agent_id, DropReason::BadFrame, 1);
-                        if !send(socket, &BrokerMessage::Error(ProtocolError::BinaryFrame.to_body(false))).await {
-                            return "the socket failed".into();
+                        Some(Ok(Message::Close(_))) | None => break 'frames Some("the agent closed the connection".into()),
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => {
+                            state.registry.count_drop(agent_id, DropReason::ProtocolError, 1);
+                            let body = frame_error(&e);
+                            let reason = body.message.clone();
+                            refuse(socket, body).await;
+                            break 'frames Some(reason);
                         }
                     }
-                    Some(Ok(Message::Close(_))) | None => return "the agent closed the connection".into(),
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => {
-                        state.registry.count_drop(agent_id, DropReason::ProtocolError, 1);
-                        let body = frame_error(&e);
-                        let reason = body.message.clone();
-                        refuse(socket, body).await;
-                        return reason;
+                    if bad_frames > MAX_BAD_FRAMES {
+                        let msg = format!("more than {MAX_BAD_FRAMES} malformed frames; closing");
+                        refuse(socket, error_body(ProtocolErrorCode::MalformedFrame, msg.clone(), true)).await;
+                        break 'frames Some(msg);
                     }
-                }
-                if bad_frames > MAX_BAD_FRAMES {
-                    let msg = format!("more than {MAX_BAD_FRAMES} malformed frames; closing");
-                    refuse(socket, error_body(ProtocolErrorCode::MalformedFrame, msg.clone(), true)).await;
-                    return msg;
+                    if hits.len() >= MAX_HIT_BATCH || batched >= MAX_HIT_BATCH_BYTES {
+                        break 'frames None;
+                    }
+                    match futures_util::FutureExt::now_or_never(socket.recv()) {
+                        Some(next) => frame = next,
+                        None => break 'frames None,
+                    }
+                };
+                flush_hits(state, sender, &mut hits).await;
+                if let Some(reason) = end {
+                    return reason;
                 }
             }
             out = rx.recv() => {
@@ -560,6 +592,27 @@ fn dropped(
     budget.dropped(&state.config.ingest, over, what)
 }
 
+/// Stores the hits read together (one call to the store) and counts what became of each.
+async fn flush_hits(state: &AppState, from: &Sender, hits: &mut Vec<periscope_protocol::Hit>) {
+    if hits.is_empty() {
+        return;
+    }
+    for outcome in state.engine.ingest_hits(from, std::mem::take(hits)).await {
+        count_hit(state, &from.id, outcome);
+    }
+}
+
+/// Counts what became of a hit on the agent's record.
+fn count_hit(state: &AppState, agent_id: &periscope_protocol::AgentId, outcome: Ingested) {
+    match outcome {
+        Ingested::Accepted => state.registry.count_hit(agent_id, true),
+        Ingested::Refused => state.registry.count_hit(agent_id, false),
+        Ingested::RateLimited => state.registry.count_drop(agent_id, DropReason::ActionRate, 1),
+        Ingested::Unavailable => state.registry.count_drop(agent_id, DropReason::Unavailable, 1),
+        Ingested::LeaseLost => state.registry.count_drop(agent_id, DropReason::LeaseLost, 1),
+    }
+}
+
 /// Applies one message; returns an error frame for messages that are well-formed but
 /// wrong in context.
 async fn handle(state: &AppState, from: &Sender, msg: AgentMessage) -> Option<ProtocolErrorBody> {
@@ -598,13 +651,7 @@ async fn handle(state: &AppState, from: &Sender, msg: AgentMessage) -> Option<Pr
             None
         }
         AgentMessage::Hit(hit) => {
-            match state.engine.ingest_hit(from, *hit).await {
-                Ingested::Accepted => state.registry.count_hit(agent_id, true),
-                Ingested::Refused => state.registry.count_hit(agent_id, false),
-                Ingested::RateLimited => state.registry.count_drop(agent_id, DropReason::ActionRate, 1),
-                Ingested::Unavailable => state.registry.count_drop(agent_id, DropReason::Unavailable, 1),
-                Ingested::LeaseLost => state.registry.count_drop(agent_id, DropReason::LeaseLost, 1),
-            }
+            count_hit(state, agent_id, state.engine.ingest_hit(from, *hit).await);
             None
         }
         AgentMessage::LogLines { lines } => {

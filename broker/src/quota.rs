@@ -617,6 +617,28 @@ pub trait Budgets: Send + Sync + std::fmt::Debug {
         per_minute: u32,
         burst: u32,
     ) -> crate::backend::BackendFuture<'_, Result<u32, Duration>>;
+    /// Takes one cell of each GCRA in `cells` (`(name, per_minute, burst)`), in order,
+    /// stopping at the first one that is spent (those before it stay taken, as they
+    /// would have with one [`Budgets::take`] after another): the cells left in each, or
+    /// which one was spent and how long until a cell fits. A shared backend does it in
+    /// one round trip.
+    fn take_all(
+        &self,
+        cells: Vec<(String, u32, u32)>,
+    ) -> crate::backend::BackendFuture<'_, Result<Vec<u32>, (usize, Duration)>> {
+        use futures_util::FutureExt as _;
+        async move {
+            let mut left = Vec::with_capacity(cells.len());
+            for (i, (name, per_minute, burst)) in cells.into_iter().enumerate() {
+                match self.take(name, per_minute, burst).await? {
+                    Ok(n) => left.push(n),
+                    Err(wait) => return Ok(Err((i, wait))),
+                }
+            }
+            Ok(Ok(left))
+        }
+        .boxed()
+    }
     /// Takes slot `id` (until `deadline_ms`) in set `key` (at most `key_limit`) and set
     /// `org` (at most `org_limit`), both or neither; slots past their deadline (plus a
     /// grace) no longer count.
@@ -746,11 +768,9 @@ impl CallerLimits {
         self.org_quotas
     }
 
-    async fn take(&self, name: String, per_minute: u32, burst: u32) -> Result<Result<u32, Duration>, ApiError> {
-        match self.budgets.take(name.clone(), per_minute, burst).await {
-            Err(crate::backend::BackendError::Unavailable(_)) => {
-                Ok(self.fallback.take(name, per_minute, burst).await?)
-            }
+    async fn take_all(&self, cells: Vec<(String, u32, u32)>) -> Result<Result<Vec<u32>, (usize, Duration)>, ApiError> {
+        match self.budgets.take_all(cells.clone()).await {
+            Err(crate::backend::BackendError::Unavailable(_)) => Ok(self.fallback.take_all(cells).await?),
             other => Ok(other?),
         }
     }
@@ -760,35 +780,34 @@ impl CallerLimits {
     /// key over its own budget never spends its organization's.
     pub async fn charge_call(&self, caller: &impl Charged) -> Result<CallBudget, ApiError> {
         let quotas = caller.quotas();
-        let remaining =
-            match self.take(format!("call:key:{}", caller.key_id()), quotas.calls_per_minute, quotas.call_burst).await?
-            {
-                Ok(remaining) => remaining,
-                Err(wait) => {
-                    let retry = retry_secs(wait);
-                    return Err(ApiError::new(
-                        ErrorCode::QuotaExceeded,
-                        format!(
-                            "this key made more than its {} calls per minute (burst {}); retry in {retry} s",
-                            quotas.calls_per_minute, quotas.call_burst
-                        ),
-                    )
-                    .with_details(serde_json::json!({
-                        "quota": "calls_per_minute",
-                        "limit": quotas.calls_per_minute,
-                        "burst": quotas.call_burst,
-                        "retry_after_seconds": retry,
-                    })));
-                }
-            };
         let q = self.org_quotas;
-        match self.take(format!("call:org:{}", caller.org()), q.calls_per_minute, q.call_burst).await? {
-            Ok(org_remaining) => Ok(CallBudget {
+        let cells = vec![
+            (format!("call:key:{}", caller.key_id()), quotas.calls_per_minute, quotas.call_burst),
+            (format!("call:org:{}", caller.org()), q.calls_per_minute, q.call_burst),
+        ];
+        match self.take_all(cells).await? {
+            Ok(left) => Ok(CallBudget {
                 limit_per_minute: quotas.calls_per_minute,
                 burst: quotas.call_burst,
-                remaining: remaining.min(org_remaining),
+                remaining: left.iter().copied().min().unwrap_or(0),
             }),
-            Err(wait) => {
+            Err((0, wait)) => {
+                let retry = retry_secs(wait);
+                Err(ApiError::new(
+                    ErrorCode::QuotaExceeded,
+                    format!(
+                        "this key made more than its {} calls per minute (burst {}); retry in {retry} s",
+                        quotas.calls_per_minute, quotas.call_burst
+                    ),
+                )
+                .with_details(serde_json::json!({
+                    "quota": "calls_per_minute",
+                    "limit": quotas.calls_per_minute,
+                    "burst": quotas.call_burst,
+                    "retry_after_seconds": retry,
+                })))
+            }
+            Err((_, wait)) => {
                 let retry = retry_secs(wait);
                 Err(ApiError::new(
                     ErrorCode::QuotaExceeded,

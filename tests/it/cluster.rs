@@ -386,3 +386,58 @@ async fn a_whole_file_catalog_published_on_one_node_validates_any_line_placed_th
     assert_eq!(status, 200, "{page}");
     assert_eq!(page["hits"][0]["agent_id"], "agt_py_files", "{page}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hits_an_agent_sends_in_a_burst_are_all_stored_in_order_and_those_past_max_hits_refused() {
+    // Rates wide enough for the burst: what is refused is refused for max_hits alone.
+    let cluster = TestCluster::start_with(2, |c| {
+        (c.ingest.agent_hits_per_sec, c.ingest.action_hits_per_sec) = (1_000.0, 1_000.0);
+    })
+    .await;
+    let a = cluster.node(0).api();
+    let (mut raw, _) = RawAgent::registered(cluster.node(1), AGENT_KEY, "agt_burst0001", "burst").await;
+    raw.publish("it/burst.rs", 7, &["n"]).await;
+    // Placed through A once A knows the location the agent published on B.
+    let a2 = a.clone();
+    let snap = eventually(Duration::from_secs(20), "the snapshot placed through A", move || {
+        let a = a2.clone();
+        async move {
+            let (status, v) = a
+                .post(
+                    "/actions",
+                    json!({"agent_ids": ["agt_burst0001"], "file": "it/burst.rs", "line": 7,
+                                         "max_hits": 50}),
+                )
+                .await;
+            (status == 201).then(|| id(&v))
+        }
+    })
+    .await;
+    let add = raw.until("action_add").await;
+    assert_eq!(add["action"]["id"], snap.as_str(), "{add}");
+    // Sixty hits back to back (stored together, a batch at a time), then a status.
+    for seq in 1..=60 {
+        raw.hit(&snap, "it/burst.rs", 7, seq).await;
+    }
+    raw.send(json!({"type": "action_status", "action_id": snap, "state": "installed", "callsites": 1})).await;
+    let a3 = a.clone();
+    let s2 = snap.clone();
+    let done = eventually(Duration::from_secs(20), "the snapshot completed with its refusals counted", move || {
+        let a = a3.clone();
+        let snap = s2.clone();
+        async move {
+            let (_, v) = a.get(&format!("/actions/{snap}")).await;
+            (v["status"] == "completed" && v["hits_refused"].as_u64() == Some(10)).then_some(v)
+        }
+    })
+    .await;
+    assert_eq!(done["hits"], 50, "{done}");
+    let (status, page) = a.get(&format!("/actions/{snap}/hits?limit=100")).await;
+    assert_eq!(status, 200, "{page}");
+    let hits = page["hits"].as_array().expect("hits");
+    let indexes: Vec<u64> = hits.iter().filter_map(|h| h["index"].as_u64()).collect();
+    let values: Vec<u64> = hits.iter().filter_map(|h| h["fields"]["n"]["value"].as_u64()).collect();
+    assert_eq!(indexes, (1..=50).collect::<Vec<_>>(), "{page}");
+    assert_eq!(values, (1..=50).collect::<Vec<_>>(), "the first fifty, in the order sent");
+    cluster.stop().await;
+}

@@ -45,6 +45,7 @@ macro_rules! conformance_suite {
             a_swap_over_a_stale_version_changes_nothing,
             hits_get_consecutive_indexes_and_stop_at_max_hits,
             hits_from_agents_the_action_does_not_target_are_refused,
+            hits_stored_together_are_each_checked_as_if_alone,
             each_agent_is_held_to_its_rate_per_action,
             an_action_ends_once_and_leaves_the_live_counts,
             retention_forgets_the_oldest_of_the_key_holding_the_most,
@@ -58,6 +59,7 @@ macro_rules! conformance_suite {
             groups_and_pool_assignments_refuse_what_does_not_exist,
             a_lease_is_taken_over_only_by_the_same_process_with_a_newer_epoch,
             a_budget_allows_its_burst_then_says_when_to_retry,
+            budgets_taken_together_stop_at_the_first_spent_one,
             slots_are_taken_for_the_key_and_its_organization_together_or_not_at_all);
     };
     (@tests $make:path; $($name:ident),*) => {
@@ -197,6 +199,11 @@ pub(crate) async fn hits_get_consecutive_indexes_and_stop_at_max_hits(b: Backend
     let (rec, _) = b.actions.load(&id).await.unwrap().unwrap();
     assert_eq!((rec.hits, rec.hits_refused), (3, 1));
     assert_eq!(rec.rules_fired.get("credit_card"), Some(&3), "the rules that fired are counted");
+    let (rec, page) = b.actions.load_with_hits(&id, 1, 10).await.unwrap().unwrap();
+    assert_eq!((rec.hits, page.hits.iter().map(|h| h.index).collect::<Vec<_>>()), (3, vec![2, 3]));
+    let (_, page) = b.actions.load_with_hits(&id, 3, 10).await.unwrap().unwrap();
+    assert_eq!((page.hits.len(), page.next_cursor, page.has_more), (0, 3, false), "nothing after the last");
+    assert!(b.actions.load_with_hits(&ActionId::generate(), 0, 10).await.unwrap().is_none());
 }
 
 pub(crate) async fn hits_from_agents_the_action_does_not_target_are_refused(b: Backend) {
@@ -212,6 +219,31 @@ pub(crate) async fn hits_from_agents_the_action_does_not_target_are_refused(b: B
     let unknown = ActionId::generate();
     assert_eq!(b.actions.append_hit(&unknown, &a, hit(&unknown, 1), 1, WIDE).await.unwrap(), HitOutcome::Refused);
     assert_eq!(b.actions.hits(&id, 0, 10).await.unwrap().hits.len(), 0);
+}
+
+pub(crate) async fn hits_stored_together_are_each_checked_as_if_alone(b: Backend) {
+    let a = sender("acme");
+    let (two, five) =
+        (record("acme", "key_a", snapshot(2), &[&a], FAR), record("acme", "key_a", snapshot(5), &[&a], FAR));
+    insert(&b, &two).await;
+    insert(&b, &five).await;
+    let (x, y, unknown) = (two.spec.id.clone(), five.spec.id.clone(), ActionId::generate());
+    let batch = vec![hit(&x, 1), hit(&y, 2), hit(&x, 3), hit(&unknown, 4), hit(&x, 5), hit(&y, 6)];
+    assert_eq!(
+        b.actions.append_hits(&a, batch, 10, WIDE).await.unwrap(),
+        [
+            HitOutcome::Accepted { index: 1, complete: false },
+            HitOutcome::Accepted { index: 1, complete: false },
+            HitOutcome::Accepted { index: 2, complete: true },
+            HitOutcome::Refused,
+            HitOutcome::Refused,
+            HitOutcome::Accepted { index: 2, complete: false },
+        ]
+    );
+    assert_eq!(b.actions.hits(&y, 0, 10).await.unwrap().hits.iter().map(|h| h.index).collect::<Vec<_>>(), [1, 2]);
+    let (rec, _) = b.actions.load(&x).await.unwrap().unwrap();
+    assert_eq!((rec.hits, rec.hits_refused), (2, 1));
+    assert!(b.actions.append_hits(&a, Vec::new(), 10, WIDE).await.unwrap().is_empty());
 }
 
 pub(crate) async fn each_agent_is_held_to_its_rate_per_action(b: Backend) {
@@ -513,6 +545,20 @@ pub(crate) async fn a_budget_allows_its_burst_then_says_when_to_retry(b: Backend
     let wait = b.budgets.take(name.clone(), 1, 3).await.unwrap().unwrap_err();
     assert!(wait > Duration::from_secs(50) && wait <= Duration::from_secs(60), "{wait:?}");
     assert!(b.budgets.take("call:key:key_b".into(), 1, 3).await.unwrap().is_ok(), "another budget is its own");
+}
+
+pub(crate) async fn budgets_taken_together_stop_at_the_first_spent_one(b: Backend) {
+    let cells = |key: &str| vec![(format!("call:key:{key}"), 1, 2), ("call:org:acme".to_owned(), 1, 3)];
+    assert_eq!(b.budgets.take_all(cells("a")).await.unwrap(), Ok(vec![1, 2]));
+    assert_eq!(b.budgets.take_all(cells("a")).await.unwrap(), Ok(vec![0, 1]));
+    let (spent, wait) = b.budgets.take_all(cells("a")).await.unwrap().unwrap_err();
+    assert_eq!(spent, 0, "the key's budget is spent first");
+    assert!(wait > Duration::from_secs(20) && wait <= Duration::from_secs(60), "{wait:?}");
+    // The key's refusal spent nothing of its organization's: one cell is left there.
+    assert_eq!(b.budgets.take_all(cells("b")).await.unwrap(), Ok(vec![1, 0]));
+    let (spent, _) = b.budgets.take_all(cells("c")).await.unwrap().unwrap_err();
+    assert_eq!(spent, 1, "the organization's budget is spent");
+    assert_eq!(b.budgets.take("call:key:c".into(), 1, 2).await.unwrap(), Ok(0), "the key's cell stays taken");
 }
 
 pub(crate) async fn slots_are_taken_for_the_key_and_its_organization_together_or_not_at_all(b: Backend) {

@@ -210,8 +210,48 @@ pub trait ActionStore: Send + Sync + std::fmt::Debug {
         rate: RateSpec,
     ) -> BackendFuture<'a, HitOutcome>;
 
+    /// [`ActionStore::append_hit`] for each of `hits` (of any actions, each to its own
+    /// `action_id`), in order, with one outcome each. A shared backend stores them in
+    /// one round trip (an agent's hits arrive in bursts); each hit is still checked and
+    /// written on its own terms.
+    fn append_hits<'a>(
+        &'a self,
+        from: &'a Sender,
+        hits: Vec<Hit>,
+        now_ms: u64,
+        rate: RateSpec,
+    ) -> BackendFuture<'a, Vec<HitOutcome>> {
+        use futures_util::FutureExt as _;
+        async move {
+            let mut out = Vec::with_capacity(hits.len());
+            for hit in hits {
+                let id = hit.action_id.clone();
+                out.push(self.append_hit(&id, from, hit, now_ms, rate).await?);
+            }
+            Ok(out)
+        }
+        .boxed()
+    }
+
     /// Hits after `since`, at most `limit`.
     fn hits<'a>(&'a self, id: &'a ActionId, since: u64, limit: usize) -> BackendFuture<'a, HitsPage>;
+
+    /// [`ActionStore::load`] and [`ActionStore::hits`] together (a shared backend reads
+    /// both in one round trip): what a caller waiting for hits reads on every wake. The
+    /// page is empty until the action has hits after `since`.
+    fn load_with_hits<'a>(
+        &'a self,
+        id: &'a ActionId,
+        since: u64,
+        limit: usize,
+    ) -> BackendFuture<'a, Option<(ActionRecord, HitsPage)>> {
+        use futures_util::FutureExt as _;
+        async move {
+            let Some((record, _)) = self.load(id).await? else { return Ok(None) };
+            Ok(Some((record, self.hits(id, since, limit).await?)))
+        }
+        .boxed()
+    }
 
     /// Which of a frame's lines for one action (given by their costs in bytes) the action
     /// admits within its line and byte rates (all agents together), one flag per line;

@@ -43,50 +43,75 @@ impl Engine {
     /// Accepts a hit from an agent: re-applies redaction and capture limits, enforces
     /// the action's per-agent rate, stores it, and completes the action when it has its
     /// hits.
-    pub async fn ingest_hit(&self, from: &Sender, mut hit: Hit) -> Ingested {
+    pub async fn ingest_hit(&self, from: &Sender, hit: Hit) -> Ingested {
+        self.ingest_hits(from, vec![hit]).await.pop().unwrap_or(Ingested::Unavailable)
+    }
+
+    /// [`Engine::ingest_hit`] for hits an agent sent together (of any actions), stored
+    /// in one call to the store; one outcome per hit, in order.
+    pub async fn ingest_hits(&self, from: &Sender, mut hits: Vec<Hit>) -> Vec<Ingested> {
         // Never trust an agent: its findings must name rules the broker knows, and
         // redaction and the same limits again (a no-op for honest agents). Keys are
         // known here too, so a `password` field is caught by name.
         let redactor = self.rules.redactor(&from.org);
-        self.count_unknown_rules(from, keep_known_findings(&redactor, &mut hit.redactions));
-        redactor.redact_hit(&mut hit);
-        hit.enforce_limits(&self.limits);
+        let mut unknown = 0;
+        for hit in &mut hits {
+            unknown += keep_known_findings(&redactor, &mut hit.redactions);
+            redactor.redact_hit(hit);
+            hit.enforce_limits(&self.limits);
+        }
+        self.count_unknown_rules(from, unknown);
         let now = now_ms();
-        let id = hit.action_id.clone();
+        let ids: Vec<ActionId> = hits.iter().map(|h| h.action_id.clone()).collect();
         let i = &self.ingest;
         let rate =
             RateSpec { per_sec: i.action_hits_per_sec, burst: (i.action_hits_per_sec * i.burst_factor).max(2.0) };
-        let outcome = match self.actions.append_hit(&id, from, hit, now, rate).await {
+        let outcomes = match self.actions.append_hits(from, hits, now, rate).await {
             Ok(o) => o,
             Err(e) => {
-                tracing::warn!(agent = %from.id, action = %id, error = %e, "a hit could not be stored");
-                return Ingested::Unavailable;
+                tracing::warn!(agent = %from.id, hits = ids.len(), error = %e, "hits could not be stored");
+                return vec![Ingested::Unavailable; ids.len()];
             }
         };
-        match outcome {
-            HitOutcome::Refused => {
-                self.stats.add(from, |s| s.hits_refused += 1);
-                Ingested::Refused
-            }
-            HitOutcome::RateLimited => {
-                self.stats.add(from, |s| s.hits_rate_limited += 1);
-                let message = format!(
-                    "the broker dropped hits above {}/s for this action from this agent",
-                    self.ingest.action_hits_per_sec
-                );
-                self.broker_pause(&id, from, "rate_limited", message, now, |r| r.dropped.snapshot_rate += 1).await;
-                Ingested::RateLimited
-            }
-            HitOutcome::LeaseLost => Ingested::LeaseLost,
-            HitOutcome::Accepted { complete, .. } => {
-                self.stats.add(from, |s| s.hits_accepted += 1);
-                self.events.changed(&id);
-                if complete {
-                    self.complete(&id, "collected all its hits").await;
+        let mut out = Vec::with_capacity(ids.len());
+        // Waiters hear of each action once per batch, before any completion.
+        let mut changed: Vec<&ActionId> = Vec::new();
+        let mut complete: Vec<&ActionId> = Vec::new();
+        for (id, outcome) in ids.iter().zip(outcomes) {
+            out.push(match outcome {
+                HitOutcome::Refused => {
+                    self.stats.add(from, |s| s.hits_refused += 1);
+                    Ingested::Refused
                 }
-                Ingested::Accepted
-            }
+                HitOutcome::RateLimited => {
+                    self.stats.add(from, |s| s.hits_rate_limited += 1);
+                    let message = format!(
+                        "the broker dropped hits above {}/s for this action from this agent",
+                        self.ingest.action_hits_per_sec
+                    );
+                    self.broker_pause(id, from, "rate_limited", message, now, |r| r.dropped.snapshot_rate += 1).await;
+                    Ingested::RateLimited
+                }
+                HitOutcome::LeaseLost => Ingested::LeaseLost,
+                HitOutcome::Accepted { complete: done, .. } => {
+                    self.stats.add(from, |s| s.hits_accepted += 1);
+                    if !changed.contains(&id) {
+                        changed.push(id);
+                    }
+                    if done {
+                        complete.push(id);
+                    }
+                    Ingested::Accepted
+                }
+            });
         }
+        for id in changed {
+            self.events.changed(id);
+        }
+        for id in complete {
+            self.complete(id, "collected all its hits").await;
+        }
+        out
     }
 
     /// Records that the broker dropped something of an action over its rates (a drop

@@ -11,6 +11,11 @@ use crate::error::ApiError;
 use crate::telemetry::LinesPage;
 use crate::time::now_ms;
 
+/// What a caller asking for an action it may not see (or that does not exist) is told.
+pub(super) fn no_such_action(id: &ActionId) -> ApiError {
+    ApiError::not_found(format!("no action `{id}`; list_actions shows the actions"))
+}
+
 impl Engine {
     /// The action `id` names, if the caller may see it.
     pub(super) async fn visible(&self, id: &ActionId, caller: &Principal) -> Result<ActionRecord, ApiError> {
@@ -19,7 +24,7 @@ impl Engine {
             .await?
             .map(|(record, _)| record)
             .filter(|a| a.visible_to(caller))
-            .ok_or_else(|| ApiError::not_found(format!("no action `{id}`; list_actions shows the actions")))
+            .ok_or_else(|| no_such_action(id))
     }
 
     /// The view of a record, with a metric's figures read from the store.

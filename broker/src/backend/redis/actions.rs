@@ -97,17 +97,17 @@ redis.call('ZADD', P .. 'ended', now, id)
 redis.call('ZADD', P .. 'ended:o:' .. org, now, id)
 redis.call('ZADD', P .. 'ended:k:' .. org .. ':' .. key, now, id)
 redis.call('ZINCRBY', P .. 'ended:n:' .. org, 1, key)
-local out = {'ok'}
+local forgotten = {}
 while redis.call('ZCARD', P .. 'ended:o:' .. org) > max do
   local top = redis.call('ZREVRANGE', P .. 'ended:n:' .. org, 0, 0)
   if not top[1] then break end
   local old = redis.call('ZRANGE', P .. 'ended:k:' .. org .. ':' .. top[1], 0, 0)[1]
   if not old then redis.call('ZREM', P .. 'ended:n:' .. org, top[1]) else
     forget(old, org, top[1])
-    table.insert(out, old)
+    table.insert(forgotten, old)
   end
 end
-return out
+return {'ok', forgotten, redis.call('HGETALL', a), redis.call('HGETALL', a .. ':rules')}
 "#;
 
 const PURGE: &str = r#"
@@ -119,30 +119,47 @@ end
 return ids
 "#;
 
-const APPEND_HIT: &str = r#"
-local id, agent, org, epoch = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local a = P .. 'a:' .. id
-local f = redis.call('HMGET', a, 'status', 'org', 'max', 'hits')
-if not f[1] then return {'refused'} end
+/// Appends hits of one agent (each `id json nrules rule...`), each checked and written
+/// as if alone: `{outcome, index, complete}` per hit.
+const APPEND_HITS: &str = r#"
+local agent, org, epoch, per_sec, burst = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+local fenced = false
 if epoch ~= '0' then
   local lease = redis.call('GET', P .. 'lease:' .. agent)
-  if not lease or string.match(lease, '^(%d+)|') ~= epoch then return {'lease_lost'} end
+  fenced = not lease or string.match(lease, '^(%d+)|') ~= epoch
 end
-if f[1] ~= 'active' or f[2] ~= org or redis.call('SISMEMBER', a .. ':ag', agent) == 0
-   or tonumber(f[4]) >= tonumber(f[3]) then
-  redis.call('HINCRBY', a, 'refused', 1)
-  redis.call('HINCRBY', a, 'v', 1)
-  return {'refused'}
+local now = now_us()
+local out = {}
+local i = 7
+while i <= #ARGV do
+  local id, json, nrules = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local first_rule = i + 3
+  i = first_rule + nrules
+  local a = P .. 'a:' .. id
+  local f = redis.call('HMGET', a, 'status', 'org', 'max', 'hits')
+  if not f[1] then
+    table.insert(out, {'refused'})
+  elseif fenced then
+    table.insert(out, {'lease_lost'})
+  elseif f[1] ~= 'active' or f[2] ~= org or redis.call('SISMEMBER', a .. ':ag', agent) == 0
+     or tonumber(f[4]) >= tonumber(f[3]) then
+    redis.call('HINCRBY', a, 'refused', 1)
+    redis.call('HINCRBY', a, 'v', 1)
+    table.insert(out, {'refused'})
+  elseif not gcra(a .. ':r:' .. agent, per_sec, burst, 1, now) then
+    table.insert(out, {'rate_limited'})
+  else
+    local n = redis.call('HINCRBY', a, 'hits', 1)
+    redis.call('RPUSH', a .. ':h', n .. '|' .. json)
+    for r = first_rule, i - 1 do redis.call('HINCRBY', a .. ':rules', ARGV[r], 1) end
+    redis.call('HSET', a, 'dpaused', 0)
+    redis.call('HINCRBY', a, 'v', 1)
+    local complete = 0
+    if n >= tonumber(f[3]) then complete = 1 end
+    table.insert(out, {'accepted', tostring(n), tostring(complete)})
+  end
 end
-if not gcra(a .. ':r:' .. agent, tonumber(ARGV[6]), tonumber(ARGV[7]), 1, now_us()) then return {'rate_limited'} end
-local n = redis.call('HINCRBY', a, 'hits', 1)
-redis.call('RPUSH', a .. ':h', n .. '|' .. ARGV[8])
-for i = 9, #ARGV do redis.call('HINCRBY', a .. ':rules', ARGV[i], 1) end
-redis.call('HSET', a, 'dpaused', 0)
-redis.call('HINCRBY', a, 'v', 1)
-local complete = 0
-if n >= tonumber(f[3]) then complete = 1 end
-return {'accepted', tostring(n), tostring(complete)}
+return out
 "#;
 
 const ADMIT_LINES: &str = r#"
@@ -220,7 +237,7 @@ pub struct RedisActions {
     swap: Script,
     end: Script,
     purge: Script,
-    append_hit: Script,
+    append_hits: Script,
     admit_lines: Script,
     append_lines: Script,
     read_lines: Script,
@@ -254,6 +271,42 @@ fn indexed(item: &str) -> Option<(u64, &str)> {
     Some((idx.parse().ok()?, json))
 }
 
+/// An action's record from its hash's fields and the rules that fired (`None` when
+/// the hash is gone), with its version.
+fn decode(
+    fields: &BTreeMap<String, String>,
+    rules: BTreeMap<String, u64>,
+) -> Result<Option<(ActionRecord, u64)>, BackendError> {
+    let Some(json) = fields.get("rec") else { return Ok(None) };
+    let mut record: ActionRecord = serde_json::from_str(json).map_err(|e| corrupt("action", e))?;
+    let num = |k: &str| fields.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    record.status = fields
+        .get("status")
+        .and_then(|s| ActionStatus::parse(s))
+        .ok_or_else(|| corrupt("action status", format!("{:?}", fields.get("status"))))?;
+    record.ended_at_ms = fields.get("ended_at").and_then(|v| v.parse().ok());
+    record.end_reason = fields.get("end_reason").cloned();
+    record.hits = num("hits");
+    record.hits_refused = num("refused");
+    record.lines = num("lines");
+    record.rules_fired = rules;
+    record.dropped.paused = num("dpaused") == 1;
+    Ok(Some((record, num("v"))))
+}
+
+/// A page of hits from the stored items after `since` and how many there are.
+fn hits_page(items: &[String], total: u64, since: u64) -> Result<HitsPage, BackendError> {
+    let mut hits = Vec::with_capacity(items.len());
+    for item in items {
+        let (idx, json) = indexed(item).ok_or_else(|| corrupt("hit", "no index"))?;
+        let mut hit: StoredHit = serde_json::from_str(json).map_err(|e| corrupt("hit", e))?;
+        hit.index = idx;
+        hits.push(hit);
+    }
+    let next = hits.last().map_or(since.min(total), |h| h.index);
+    Ok(HitsPage { hits, next_cursor: next, has_more: next < total })
+}
+
 impl RedisActions {
     /// Actions in `redis`, keeping at most `max_ended` ended actions per organization.
     pub fn new(redis: Redis, max_ended: usize) -> RedisActions {
@@ -264,7 +317,7 @@ impl RedisActions {
             swap: script(SWAP),
             end: script(END),
             purge: script(PURGE),
-            append_hit: script(APPEND_HIT),
+            append_hits: script(APPEND_HITS),
             admit_lines: script(ADMIT_LINES),
             append_lines: script(APPEND_LINES),
             read_lines: script(READ_LINES),
@@ -276,26 +329,19 @@ impl RedisActions {
         self.redis.key(&format!("a:{id}"))
     }
 
+    /// Adds the reads of a page of hits (the items, then how many there are) to `pipe`.
+    fn page_of_hits(&self, pipe: &mut redis::Pipeline, id: &ActionId, since: u64, limit: usize) {
+        let list = format!("{}:h", self.a(id));
+        let stop = since.saturating_add(limit.max(1) as u64).saturating_sub(1);
+        pipe.cmd("LRANGE").arg(&list).arg(since).arg(stop).cmd("LLEN").arg(&list);
+    }
+
     async fn read(&self, id: &ActionId) -> Result<Option<(ActionRecord, u64)>, BackendError> {
         let a = self.a(id);
         let mut pipe = redis::pipe();
         pipe.hgetall(&a).hgetall(format!("{a}:rules"));
         let (fields, rules): (BTreeMap<String, String>, BTreeMap<String, u64>) = self.redis.pipe(&pipe).await?;
-        let Some(json) = fields.get("rec") else { return Ok(None) };
-        let mut record: ActionRecord = serde_json::from_str(json).map_err(|e| corrupt("action", e))?;
-        let num = |k: &str| fields.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        record.status = fields
-            .get("status")
-            .and_then(|s| ActionStatus::parse(s))
-            .ok_or_else(|| corrupt("action status", format!("{:?}", fields.get("status"))))?;
-        record.ended_at_ms = fields.get("ended_at").and_then(|v| v.parse().ok());
-        record.end_reason = fields.get("end_reason").cloned();
-        record.hits = num("hits");
-        record.hits_refused = num("refused");
-        record.lines = num("lines");
-        record.rules_fired = rules;
-        record.dropped.paused = num("dpaused") == 1;
-        Ok(Some((record, num("v"))))
+        decode(&fields, rules)
     }
 
     async fn read_all(&self, ids: Vec<String>) -> Result<Vec<ActionRecord>, BackendError> {
@@ -378,12 +424,22 @@ impl ActionStore for RedisActions {
                 .arg(reason)
                 .arg(now_ms)
                 .arg(self.max_ended);
-            let reply = strings(self.redis.script(&inv).await?);
-            if reply.first().map(String::as_str) != Some("ok") {
+            // The record as it ended comes back with the change: no second round trip.
+            let reply: redis::Value = self.redis.script(&inv).await?;
+            let redis::Value::Array(mut parts) = reply else { return Err(corrupt("end", format!("{reply:?}"))) };
+            if parts.len() != 4 || strings(parts[0].clone()).first().map(String::as_str) != Some("ok") {
                 return Ok(None);
             }
-            let forgotten: Vec<ActionId> = reply[1..].iter().filter_map(|s| ActionId::parse(s).ok()).collect();
-            let record = match self.read(id).await? {
+            let rules = parts.pop().map(redis::from_redis_value::<BTreeMap<String, u64>>).transpose();
+            let fields = parts.pop().map(redis::from_redis_value::<BTreeMap<String, String>>).transpose();
+            let (Ok(Some(rules)), Ok(Some(fields))) = (rules, fields) else {
+                return Err(corrupt("end", "the record does not decode"));
+            };
+            let forgotten: Vec<ActionId> = strings(parts.pop().unwrap_or(redis::Value::Nil))
+                .iter()
+                .filter_map(|s| ActionId::parse(s).ok())
+                .collect();
+            let record = match decode(&fields, rules)? {
                 Some((r, _)) => r,
                 // Its own retention bound forgot it at once.
                 None => return Ok(None),
@@ -442,64 +498,103 @@ impl ActionStore for RedisActions {
         &'a self,
         id: &'a ActionId,
         from: &'a Sender,
-        hit: Hit,
+        mut hit: Hit,
         now_ms: u64,
         rate: RateSpec,
     ) -> BackendFuture<'a, HitOutcome> {
         async move {
-            let rules: Vec<String> = hit.redactions.iter().map(|f| f.rule.clone()).collect();
-            let stored = StoredHit {
-                hit_id: HitId::generate(),
-                index: 0,
-                agent_id: from.id.clone(),
-                agent_name: from.name.clone(),
-                received_at_ms: now_ms,
-                hit,
-            };
-            let json = serde_json::to_string(&stored).map_err(|e| corrupt("hit", e))?;
-            let mut inv = self.append_hit.prepare_invoke();
+            hit.action_id = id.clone();
+            let mut out = self.append_hits(from, vec![hit], now_ms, rate).await?;
+            out.pop().ok_or_else(|| corrupt("append_hit", "no outcome"))
+        }
+        .boxed()
+    }
+
+    fn append_hits<'a>(
+        &'a self,
+        from: &'a Sender,
+        hits: Vec<Hit>,
+        now_ms: u64,
+        rate: RateSpec,
+    ) -> BackendFuture<'a, Vec<HitOutcome>> {
+        async move {
+            let n = hits.len();
+            if n == 0 {
+                return Ok(Vec::new());
+            }
+            let mut inv = self.append_hits.prepare_invoke();
             inv.arg(self.redis.prefix())
-                .arg(id.as_str())
                 .arg(from.id.as_str())
                 .arg(&from.org)
                 .arg(from.epoch)
                 .arg(rate.per_sec)
-                .arg(rate.burst)
-                .arg(json);
-            for r in &rules {
-                inv.arg(r);
+                .arg(rate.burst);
+            for hit in hits {
+                let id = hit.action_id.clone();
+                let rules: Vec<String> = hit.redactions.iter().map(|f| f.rule.clone()).collect();
+                let stored = StoredHit {
+                    hit_id: HitId::generate(),
+                    index: 0,
+                    agent_id: from.id.clone(),
+                    agent_name: from.name.clone(),
+                    received_at_ms: now_ms,
+                    hit,
+                };
+                let json = serde_json::to_string(&stored).map_err(|e| corrupt("hit", e))?;
+                inv.arg(id.as_str()).arg(json).arg(rules.len());
+                for r in &rules {
+                    inv.arg(r);
+                }
             }
-            let reply = strings(self.redis.script(&inv).await?);
-            Ok(match reply.first().map(String::as_str) {
-                Some("accepted") => HitOutcome::Accepted {
-                    index: reply.get(1).and_then(|v| v.parse().ok()).unwrap_or(0),
-                    complete: reply.get(2).map(String::as_str) == Some("1"),
-                },
-                Some("rate_limited") => HitOutcome::RateLimited,
-                Some("lease_lost") => HitOutcome::LeaseLost,
-                _ => HitOutcome::Refused,
-            })
+            let reply: redis::Value = self.redis.script(&inv).await?;
+            let redis::Value::Array(items) = reply else { return Err(corrupt("append_hits", format!("{reply:?}"))) };
+            if items.len() != n {
+                return Err(corrupt("append_hits", format!("{} outcomes for {n} hits", items.len())));
+            }
+            Ok(items
+                .into_iter()
+                .map(|item| {
+                    let reply = strings(item);
+                    match reply.first().map(String::as_str) {
+                        Some("accepted") => HitOutcome::Accepted {
+                            index: reply.get(1).and_then(|v| v.parse().ok()).unwrap_or(0),
+                            complete: reply.get(2).map(String::as_str) == Some("1"),
+                        },
+                        Some("rate_limited") => HitOutcome::RateLimited,
+                        Some("lease_lost") => HitOutcome::LeaseLost,
+                        _ => HitOutcome::Refused,
+                    }
+                })
+                .collect())
         }
         .boxed()
     }
 
     fn hits<'a>(&'a self, id: &'a ActionId, since: u64, limit: usize) -> BackendFuture<'a, HitsPage> {
         async move {
-            let list = format!("{}:h", self.a(id));
-            let start = since;
-            let stop = since.saturating_add(limit.max(1) as u64).saturating_sub(1);
             let mut pipe = redis::pipe();
-            pipe.cmd("LRANGE").arg(&list).arg(start).arg(stop).cmd("LLEN").arg(&list);
+            self.page_of_hits(&mut pipe, id, since, limit);
             let (items, total): (Vec<String>, u64) = self.redis.pipe(&pipe).await?;
-            let mut hits = Vec::with_capacity(items.len());
-            for item in &items {
-                let (idx, json) = indexed(item).ok_or_else(|| corrupt("hit", "no index"))?;
-                let mut hit: StoredHit = serde_json::from_str(json).map_err(|e| corrupt("hit", e))?;
-                hit.index = idx;
-                hits.push(hit);
-            }
-            let next = hits.last().map_or(since.min(total), |h| h.index);
-            Ok(HitsPage { hits, next_cursor: next, has_more: next < total })
+            hits_page(&items, total, since)
+        }
+        .boxed()
+    }
+
+    fn load_with_hits<'a>(
+        &'a self,
+        id: &'a ActionId,
+        since: u64,
+        limit: usize,
+    ) -> BackendFuture<'a, Option<(ActionRecord, HitsPage)>> {
+        async move {
+            let a = self.a(id);
+            let mut pipe = redis::pipe();
+            pipe.hgetall(&a).hgetall(format!("{a}:rules"));
+            self.page_of_hits(&mut pipe, id, since, limit);
+            type Reply = (BTreeMap<String, String>, BTreeMap<String, u64>, Vec<String>, u64);
+            let (fields, rules, items, total): Reply = self.redis.pipe(&pipe).await?;
+            let Some((record, _)) = decode(&fields, rules)? else { return Ok(None) };
+            Ok(Some((record, hits_page(&items, total, since)?)))
         }
         .boxed()
     }

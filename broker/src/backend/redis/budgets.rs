@@ -26,6 +26,26 @@ redis.call('SET', key, string.format('%.0f', new_tat), 'PX', math.ceil((new_tat 
 return {'1', tostring(math.floor((emission * burst - (new_tat - now)) / emission))}
 "#;
 
+/// [`TAKE`] over several GCRAs (`key per_minute burst` each) in order, stopping at the
+/// first one spent: `{'1', left...}` or `{'0', index (from 0), µs until a cell fits}`.
+const TAKE_ALL: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local out = {'1'}
+for i = 1, #ARGV, 3 do
+  local key, per_minute, burst = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local emission = 60000000 / per_minute
+  local tat = tonumber(redis.call('GET', key)) or now
+  if tat < now then tat = now end
+  local new_tat = tat + emission
+  local over = new_tat - now - emission * burst
+  if over > 0 then return {'0', tostring((i - 1) / 3), string.format('%.0f', over)} end
+  redis.call('SET', key, string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
+  table.insert(out, tostring(math.floor((emission * burst - (new_tat - now)) / emission)))
+end
+return out
+"#;
+
 const HOLD: &str = r#"
 local key, key_limit, org, org_limit, id, deadline, grace = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6], tonumber(ARGV[7])
 local t = redis.call('TIME')
@@ -51,13 +71,14 @@ return {'ok'}
 pub struct RedisBudgets {
     redis: Redis,
     take: Script,
+    take_all: Script,
     hold: Script,
 }
 
 impl RedisBudgets {
     /// Budgets in `redis`.
     pub fn new(redis: Redis) -> RedisBudgets {
-        RedisBudgets { redis, take: Script::new(TAKE), hold: Script::new(HOLD) }
+        RedisBudgets { redis, take: Script::new(TAKE), take_all: Script::new(TAKE_ALL), hold: Script::new(HOLD) }
     }
 }
 
@@ -72,6 +93,23 @@ impl Budgets for RedisBudgets {
                 Ok(u32::try_from(n).unwrap_or(u32::MAX))
             } else {
                 Err(Duration::from_micros(n))
+            })
+        }
+        .boxed()
+    }
+
+    fn take_all(&self, cells: Vec<(String, u32, u32)>) -> BackendFuture<'_, Result<Vec<u32>, (usize, Duration)>> {
+        async move {
+            let mut inv = self.take_all.prepare_invoke();
+            for (name, per_minute, burst) in &cells {
+                inv.arg(self.redis.key(&format!("gcra:{name}"))).arg(per_minute.max(&1)).arg(burst.max(&1));
+            }
+            let reply = strings(self.redis.script(&inv).await?);
+            let num = |i: usize| reply.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            Ok(if reply.first().map(String::as_str) == Some("1") {
+                Ok((1..reply.len()).map(|i| u32::try_from(num(i)).unwrap_or(u32::MAX)).collect())
+            } else {
+                Err((usize::try_from(num(1)).unwrap_or(0), Duration::from_micros(num(2))))
             })
         }
         .boxed()

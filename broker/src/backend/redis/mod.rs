@@ -249,6 +249,11 @@ mod fencing {
         // The agent reconnects to node B: B takes the lease over.
         let on_b = b.acquire(&agent, "host", 7).await.unwrap().unwrap();
         assert_eq!(actions.append_hit(&id, &from, hit.clone(), 2, rate).await.unwrap(), HitOutcome::LeaseLost);
+        assert_eq!(
+            actions.append_hits(&from, vec![hit.clone(), hit.clone()], 2, rate).await.unwrap(),
+            [HitOutcome::LeaseLost, HitOutcome::LeaseLost],
+            "hits stored together are fenced the same"
+        );
         from.epoch = on_b;
         assert!(matches!(
             actions.append_hit(&id, &from, hit, 3, rate).await.unwrap(),
