@@ -1,5 +1,5 @@
 //! What the durability barrier costs a caller: the time from queuing one action row to
-//! knowing it is committed (`Store::barrier`), against queuing it alone, and a barrier
+//! knowing it is committed (`StoreHandle::barrier`), against queuing it alone, and a barrier
 //! with nothing queued, measured side by side in one run on the same database.
 //!
 //! Run: `cargo run --release -p periscope-benches --example store_barrier -- 2000`
