@@ -7,7 +7,7 @@ Cases, each timed as the median of rounds of N calls of `hot` (ten locals), in C
 of the calling thread (`time.thread_time_ns`: other processes on a busy machine do not
 count; the agent's own threads do not either, as they never run the host's code):
 
-- baseline: no agent loaded at all;
+- baseline: no agent running (stopped between idle rounds; rounds in ABBA order);
 - idle: the agent running (connected to nothing), no action anywhere;
 - other: a live snapshot on another function of the same module (`other`);
 - false_condition: a snapshot on `hot`'s last line whose condition is false;
@@ -28,6 +28,8 @@ import time
 
 N = int(os.environ.get("BENCH_CALLS", "200000"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "7"))
+#: Baseline and idle rounds each (the idle ratio is the one closest to noise).
+IDLE_ROUNDS = int(os.environ.get("BENCH_IDLE_ROUNDS", "15"))
 
 
 def hot(i):
@@ -83,14 +85,22 @@ def main():
             # cost, not an idle one.
             _agent._worker.settled.wait(60)
 
-    # Baseline and idle interleaved: the agent is stopped for baseline rounds.
+    # Baseline and idle interleaved, in ABBA order so that neither always runs first
+    # after a start or a stop: the agent is stopped for baseline rounds.
     base, idle = [], []
-    for _ in range(ROUNDS):
+
+    def baseline_round():
         if _native.agent_id() is not None:
             periscope_agent.stop(0.2)
         base.append(run())
+
+    def idle_round():
         start()
         idle.append(run())
+
+    for r in range(IDLE_ROUNDS):
+        for step in ((baseline_round, idle_round) if r % 2 == 0 else (idle_round, baseline_round)):
+            step()
     baseline = statistics.median(base)
     results = {"baseline": baseline, "idle": statistics.median(idle)}
 
@@ -126,5 +136,24 @@ def main():
                       "probe_errors": stats.get("probe_errors")}))
 
 
+def loop(mode, n):
+    """One process for callgrind (``bench.py loop base|idle N``): the agent started and
+    idle (or not loaded at all), then N calls of `hot`. The main thread's instructions
+    at two values of N, subtracted, are what one call costs: run.sh --instructions."""
+    run(20000)
+    if mode == "idle":
+        import periscope_agent
+        from periscope_agent import _agent
+
+        periscope_agent.start(broker_url="ws://127.0.0.1:9", agent_key="bench", pool="bench", service="bench")
+        _agent._worker.settled.wait(600)
+    elif mode != "base":
+        raise SystemExit("usage: bench.py loop base|idle N")
+    run(n)
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["loop"] and len(sys.argv) == 4:
+        loop(sys.argv[2], int(sys.argv[3]))
+    else:
+        main()

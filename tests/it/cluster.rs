@@ -49,6 +49,10 @@ async fn line_of(api: &Api) -> u64 {
     source["line"].as_u64().unwrap()
 }
 
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 fn id(v: &Json) -> String {
     v["action_id"].as_str().unwrap().to_owned()
 }
@@ -263,7 +267,7 @@ async fn an_mcp_client_needs_no_session_and_any_node_answers_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn nodes_say_when_redis_is_away_refuse_placements_meanwhile_and_recover_by_themselves() {
+async fn nodes_say_when_redis_is_away_refuse_placements_count_the_hits_they_cannot_store_and_recover_by_themselves() {
     let mut cluster = TestCluster::start(2).await;
     let (a, b) = (cluster.node(0).api(), cluster.node(1).api());
     let agent = TestAgent::start(&cluster.node(1).ws_url(), "outage", &[]);
@@ -280,8 +284,27 @@ async fn nodes_say_when_redis_is_away_refuse_placements_meanwhile_and_recover_by
     let snap = id(&snap);
     let (_, page) = a.get(&format!("/actions/{snap}/hits?wait_seconds=30")).await;
     assert_eq!(page["hits"].as_array().map(Vec::len), Some(1), "{page}");
+    // A live snapshot that keeps firing through the outage (one hit a second, the
+    // agent's own per-action rate), with one stored before it.
+    let (status, live) =
+        a.post("/actions", json!({"pool": "outage", "file": "it/cluster.rs", "line": line, "max_hits": 50})).await;
+    assert_eq!(status, 201, "{live}");
+    let live = id(&live);
+    // The agent's clock for each stored hit (Unix ms, the same clock as the test's).
+    let stored = |api: Api, live: String| async move {
+        let (_, page) = api.get(&format!("/actions/{live}/hits?limit=100")).await;
+        page["hits"].as_array().map(|h| h.iter().filter_map(|h| h["time_ms"].as_u64()).collect::<Vec<_>>())
+    };
+    eventually(Duration::from_secs(20), "a hit of the live snapshot stored", || {
+        let (a, live) = (a.clone(), live.clone());
+        async move { stored(a, live).await.filter(|t| !t.is_empty()) }
+    })
+    .await;
+    let (_, before) = b.get(&format!("/agents/{}", agent.id())).await;
+    assert_eq!(before["broker_dropped"]["unavailable"], 0, "{before}");
 
     cluster.redis.kill();
+    let killed_ms = unix_ms();
     let http = reqwest::Client::new();
     for node in &cluster.nodes {
         let url = format!("{}/healthz", node.http());
@@ -313,11 +336,43 @@ async fn nodes_say_when_redis_is_away_refuse_placements_meanwhile_and_recover_by
         .await
         .unwrap();
     assert!(metrics.contains("periscope_redis_up 0"), "{metrics}");
-    // The agent stays connected meanwhile.
-    let (_, me) = b.get(&format!("/agents/{}", agent.id())).await;
+    // The agent stays connected meanwhile, on the same session: the hits it keeps
+    // sending are read and dropped (never queued without bound on the node), each
+    // counted as `unavailable` on its record and on /metrics.
+    let agent_id = agent.id();
+    let me = eventually(Duration::from_secs(20), "hits dropped as unavailable while redis is away", || {
+        let (b, agent_id) = (b.clone(), agent_id.clone());
+        async move {
+            let (_, me) = b.get(&format!("/agents/{agent_id}")).await;
+            (me["broker_dropped"]["unavailable"].as_u64().unwrap_or(0) >= 3).then_some(me)
+        }
+    })
+    .await;
     assert_eq!(me["status"], "online", "{me}");
+    assert_eq!(me["connected_at_ms"], before["connected_at_ms"], "the session never broke: {me}");
+    assert!(me["stats"]["queue_len"].as_u64().is_some_and(|n| n < 1024), "the agent's queue stays bounded: {me}");
+    let metrics = http
+        .get(format!("{}/metrics", cluster.node(1).http()))
+        .bearer_auth(crate::support::API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let counted = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("periscope_broker_dropped_total{")
+                && l.contains(&format!("agent=\"{agent_id}\""))
+                && l.contains("reason=\"unavailable\"")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(counted.is_some_and(|n| n >= 3), "{metrics}");
 
     cluster.redis.restart().expect("redis comes back");
+    let restarted_ms = unix_ms();
     for node in &cluster.nodes {
         let url = format!("{}/healthz", node.http());
         let http = http.clone();
@@ -344,6 +399,21 @@ async fn nodes_say_when_redis_is_away_refuse_placements_meanwhile_and_recover_by
     };
     let (_, page) = a.get(&format!("/actions/{}/hits?wait_seconds=30", id(&placed))).await;
     assert_eq!(page["hits"].as_array().map(Vec::len), Some(1), "{page}");
+    // The snapshot that lived through the outage stores new hits again, from the same
+    // session; none of those taken in the heart of the outage was stored later (a
+    // second of margin at each end for hits in flight).
+    let times = eventually(Duration::from_secs(20), "new hits of the live snapshot stored after the outage", || {
+        let (a, live) = (a.clone(), live.clone());
+        async move { stored(a, live).await.filter(|t| t.iter().any(|&t| t > restarted_ms)) }
+    })
+    .await;
+    assert!(
+        !times.iter().any(|&t| t > killed_ms + 1_000 && t + 1_000 < restarted_ms),
+        "a hit taken while redis was away was stored: {times:?} (away from {killed_ms} to {restarted_ms})"
+    );
+    let (_, after) = b.get(&format!("/agents/{agent_id}")).await;
+    assert_eq!(after["status"], "online", "{after}");
+    assert_eq!(after["connected_at_ms"], before["connected_at_ms"], "{after}");
     stop.store(true, Ordering::Relaxed);
     work.join().unwrap();
     agent.shutdown();
