@@ -282,6 +282,8 @@ struct AgentCtx {
     service: Arc<Service>,
     template: Arc<HitTemplate>,
     stop: Arc<AtomicBool>,
+    /// Set when the window ends: callsites stop firing (the session stays open).
+    idle: Arc<AtomicBool>,
     ids: Arc<Mutex<Vec<Vec<AgentId>>>>,
 }
 
@@ -442,7 +444,7 @@ async fn drive(ctx: &AgentCtx, tx: &mut Tx, rx: &mut Rx, heartbeat_ms: u64) -> a
                     BrokerMessage::Registered(_) => {}
                 }
             }
-            _ = tick.tick(), if busy => {
+            _ = tick.tick(), if busy && !ctx.idle.load(Ordering::Relaxed) => {
                 let dt = last_tick.elapsed().as_secs_f64();
                 last_tick = Instant::now();
                 fire(ctx, tx, &mut actions, dt, rules_version).await?;
@@ -768,16 +770,18 @@ fn loadavg() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-async fn caller(
-    id: usize,
-    api: Api,
+/// What every caller shares.
+#[derive(Clone)]
+struct CallerCtx {
     opts: Arc<Options>,
     stats: Arc<Stats>,
     ids: Arc<Mutex<Vec<Vec<AgentId>>>>,
     svcs: Arc<Vec<Arc<Service>>>,
     deadline: tokio::time::Instant,
-    poll: bool,
-) {
+}
+
+async fn caller(id: usize, api: Api, poll: bool, ctx: CallerCtx) {
+    let CallerCtx { opts, stats, ids, svcs, deadline } = ctx;
     let mut n = id;
     while tokio::time::Instant::now() < deadline {
         n = n.wrapping_add(7919);
@@ -941,6 +945,13 @@ pub struct Report {
     pub broker_drops: BTreeMap<String, u64>,
     /// Accepted hits per second over the window.
     pub hits_per_sec: f64,
+    /// Hits the broker took in per second over the window (decoded, truncated, redacted:
+    /// accepted, refused or rate-limited).
+    pub hits_processed_per_sec: f64,
+    /// Hits sent per second over the window.
+    pub hits_sent_per_sec: f64,
+    /// Lines sent per second over the window.
+    pub lines_sent_per_sec: f64,
     /// Accepted lines per second over the window.
     pub lines_per_sec: f64,
     /// Actions the simulated agents received.
@@ -1001,6 +1012,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let svcs = Arc::new(services(&opts)?);
     let template = Arc::new(HitTemplate::new(opts.hit_bytes)?);
     let stop = Arc::new(AtomicBool::new(false));
+    let idle = Arc::new(AtomicBool::new(false));
     let ids = Arc::new(Mutex::new(vec![Vec::new(); opts.services]));
     let connect = Arc::new(tokio::sync::Semaphore::new(opts.connect_concurrency));
     let started = Instant::now();
@@ -1012,6 +1024,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             service: svcs[i % opts.services].clone(),
             template: template.clone(),
             stop: stop.clone(),
+            idle: idle.clone(),
             ids: ids.clone(),
         };
         agents.spawn(run_agent(ctx, i, connect.clone()));
@@ -1064,29 +1077,26 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let proc_window_start = sample()?;
     let deadline = tokio::time::Instant::now() + opts.duration;
     let mut callers = tokio::task::JoinSet::new();
+    let caller_ctx =
+        CallerCtx { opts: opts.clone(), stats: stats.clone(), ids: ids.clone(), svcs: svcs.clone(), deadline };
     for i in 0..opts.callers + opts.pollers {
         let api = apis[i % apis.len()].clone();
-        callers.spawn(caller(
-            i,
-            api,
-            opts.clone(),
-            stats.clone(),
-            ids.clone(),
-            svcs.clone(),
-            deadline,
-            i >= opts.callers,
-        ));
+        callers.spawn(caller(i, api, i >= opts.callers, caller_ctx.clone()));
     }
     tokio::time::sleep_until(deadline).await;
     while callers.join_next().await.is_some() {}
+    idle.store(true, Ordering::Relaxed);
     let window_seconds = window_start.elapsed().as_secs_f64();
+    // What the broker took in within the window: the throughput figures.
+    let at_window_end = read_counters(&apis).await?.delta(&before);
+    let sent_in_window = (stats.hits_sent.load(Ordering::Relaxed), stats.lines_sent.load(Ordering::Relaxed));
     let proc_window_end = sample()?;
     let load_end = loadavg();
     for a in &setup_actions {
-        if let Some(id) = a.get("action_id").and_then(|v| v.as_str()) {
-            if let Err(e) = setup.call(reqwest::Method::DELETE, &format!("/api/v1/actions/{id}"), None).await {
-                stats.error(format!("removing a setup action: {e:#}"));
-            }
+        if let Some(id) = a.get("action_id").and_then(|v| v.as_str())
+            && let Err(e) = setup.call(reqwest::Method::DELETE, &format!("/api/v1/actions/{id}"), None).await
+        {
+            stats.error(format!("removing a setup action: {e:#}"));
         }
     }
     stop.store(true, Ordering::Relaxed);
@@ -1140,10 +1150,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         ..Report::default()
     };
     for (k, v) in &d.values {
-        if let Some(reason) = k.strip_prefix("periscope_broker_dropped_total{") {
-            if *v > 0.0 {
-                report.broker_drops.insert(reason.trim_end_matches('}').to_string(), *v as u64);
-            }
+        if let Some(reason) = k.strip_prefix("periscope_broker_dropped_total{")
+            && *v > 0.0
+        {
+            report.broker_drops.insert(reason.trim_end_matches('}').to_string(), *v as u64);
         }
     }
     // Hit frames the gateway dropped before the engine saw them, and hits that could not be
@@ -1155,8 +1165,15 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         - (report.hits_accepted + report.hits_refused + report.hits_rate_limited + gateway) as i64;
     report.lines_unaccounted =
         report.lines_sent as i64 - (report.lines_accepted + report.lines_refused + report.lines_rate_limited) as i64;
-    report.hits_per_sec = report.hits_accepted as f64 / window_seconds.max(1e-9);
-    report.lines_per_sec = report.lines_accepted as f64 / window_seconds.max(1e-9);
+    let w = window_seconds.max(1e-9);
+    report.hits_per_sec = at_window_end.get("periscope_hits_accepted_total") as f64 / w;
+    report.hits_processed_per_sec = (at_window_end.get("periscope_hits_accepted_total")
+        + at_window_end.get("periscope_hits_refused_total")
+        + at_window_end.get("periscope_hits_rate_limited_total")) as f64
+        / w;
+    report.lines_per_sec = at_window_end.get("periscope_log_lines_accepted_total") as f64 / w;
+    report.hits_sent_per_sec = sent_in_window.0 as f64 / w;
+    report.lines_sent_per_sec = sent_in_window.1 as f64 / w;
     if let (Some(b), Some(c), Some(e)) = (proc_before, proc_connected, proc_end) {
         report.broker_rss_before_kib = Some(b.rss_kib);
         report.broker_rss_connected_kib = Some(c.rss_kib);
@@ -1194,24 +1211,27 @@ impl Report {
             writeln!(o, "window: {:.1} s, load average {} -> {}", self.window_seconds, self.loadavg.0, self.loadavg.1);
         let _ = writeln!(
             o,
-            "hits: {} sent ({:.1} MiB), {} accepted ({:.0}/s), {} refused, {} rate-limited, {} unaccounted",
+            "hits: {} sent ({:.1} MiB), {} accepted, {} refused, {} rate-limited, {} unaccounted",
             self.hits_sent,
             self.hit_bytes_sent as f64 / 1048576.0,
             self.hits_accepted,
-            self.hits_per_sec,
             self.hits_refused,
             self.hits_rate_limited,
             self.hits_unaccounted
         );
         let _ = writeln!(
             o,
-            "log lines: {} sent, {} accepted ({:.0}/s), {} refused, {} rate-limited, {} unaccounted",
-            self.lines_sent,
-            self.lines_accepted,
-            self.lines_per_sec,
-            self.lines_refused,
-            self.lines_rate_limited,
-            self.lines_unaccounted
+            "log lines: {} sent, {} accepted, {} refused, {} rate-limited, {} unaccounted",
+            self.lines_sent, self.lines_accepted, self.lines_refused, self.lines_rate_limited, self.lines_unaccounted
+        );
+        let _ = writeln!(
+            o,
+            "within the window: hits {:.0}/s sent, {:.0}/s taken in, {:.0}/s accepted; lines {:.0}/s sent, {:.0}/s accepted",
+            self.hits_sent_per_sec,
+            self.hits_processed_per_sec,
+            self.hits_per_sec,
+            self.lines_sent_per_sec,
+            self.lines_per_sec
         );
         let _ =
             writeln!(o, "metric reports: {} sent, {} merged", self.metric_reports_sent, self.metric_reports_accepted);
