@@ -988,6 +988,8 @@ pub struct Report {
     pub broker_kib_per_agent: Option<f64>,
     /// Broker CPU over the window, as a share of one core (1.0 = one core busy).
     pub broker_cpu_cores: Option<f64>,
+    /// This load generator's own peak RSS, KiB.
+    pub loadgen_rss_peak_kib: Option<u64>,
     /// Load average at the start and the end of the window.
     pub loadavg: (String, String),
     /// Errors seen, by kind.
@@ -1114,6 +1116,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     }
     let proc_end = sample()?;
     let d = after.delta(&before);
+    let own = proc_sample(std::process::id()).ok();
     let sent = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let mut report = Report {
         brokers: opts.brokers.iter().map(ToString::to_string).collect(),
@@ -1146,6 +1149,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         place_to_first_hit: Latency::of(&stats.place_to_first_hit),
         hit_to_wait_return: Latency::of(&stats.hit_to_wait_return),
         loadavg: (load_start, load_end),
+        loadgen_rss_peak_kib: own.map(|p| p.hwm_kib),
         errors: stats.errors.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         ..Report::default()
     };
@@ -1253,6 +1257,9 @@ impl Report {
             opt(self.broker_rss_end_kib),
             opt(self.broker_rss_peak_kib)
         );
+        if let Some(k) = self.loadgen_rss_peak_kib {
+            let _ = writeln!(o, "load generator peak RSS: {:.1} MiB", k as f64 / 1024.0);
+        }
         if let Some(k) = self.broker_kib_per_agent {
             let _ = writeln!(o, "broker memory per agent: {k:.1} KiB");
         }
