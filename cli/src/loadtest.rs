@@ -330,7 +330,7 @@ async fn session(
     request.headers_mut().insert("authorization", auth);
     // Small buffers: thousands of simulated agents live in this one process.
     let config = WebSocketConfig::default().read_buffer_size(16 * 1024).write_buffer_size(0);
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), false)
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), true)
         .await
         .context("connecting the agent WebSocket")?;
     let (mut tx, mut rx) = ws.split();
