@@ -8,10 +8,12 @@
 //!   reads.
 //! - [`demo`]: `periscope demo` and its shop processes.
 //! - [`users`]: `periscope users`, the people who sign in through OAuth.
+//! - [`loadtest`]: `periscope loadtest`, simulated agents and callers against a running broker.
 
 mod commands;
 mod demo;
 mod demo_python;
+mod loadtest;
 mod users;
 
 use std::net::SocketAddr;
@@ -56,6 +58,102 @@ enum Command {
     /// Check a configuration file.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Drive a running broker (or cluster) with simulated agents over WebSockets and
+    /// callers over REST, and report throughput, latencies, drops, memory and CPU.
+    Loadtest(LoadtestArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct LoadtestArgs {
+    /// Broker base URL; repeat (or comma-separate) for the nodes of a cluster.
+    #[arg(long = "broker", env = "PERISCOPE_URL", value_delimiter = ',', required = true)]
+    brokers: Vec<String>,
+    /// API key of the callers (mcp:actions:write, mcp:hits:read, mcp:system:read).
+    #[arg(long = "api-key", env = "PERISCOPE_API_KEY", hide_env_values = true)]
+    api_key: String,
+    /// Agent key the simulated agents register with.
+    #[arg(long = "agent-key", env = "PERISCOPE_AGENT_KEY", hide_env_values = true, default_value = "")]
+    agent_key: String,
+    /// Pool the agents register into.
+    #[arg(long, default_value = "load")]
+    pool: String,
+    /// Simulated agents.
+    #[arg(long, default_value_t = 100)]
+    agents: usize,
+    /// Services the agents are spread over (identical catalogs within a service).
+    #[arg(long, default_value_t = 5)]
+    services: usize,
+    /// Catalog locations per service.
+    #[arg(long, default_value_t = 200)]
+    locations: usize,
+    /// Callers that place snapshots and wait for hits (`wait_seconds`).
+    #[arg(long, default_value_t = 10)]
+    callers: usize,
+    /// Callers that place snapshots and poll for hits.
+    #[arg(long, default_value_t = 0)]
+    pollers: usize,
+    /// Seconds of measured load (after every agent has registered).
+    #[arg(long, default_value_t = 30)]
+    duration: u64,
+    /// `max_hits` of each snapshot (1..=50).
+    #[arg(long, default_value_t = 5)]
+    max_hits: u32,
+    /// Hits per second a live snapshot's callsite fires, per agent.
+    #[arg(long, default_value_t = 50.0)]
+    hit_rate: f64,
+    /// Approximate bytes of one hit frame.
+    #[arg(long, default_value_t = 2048)]
+    hit_bytes: usize,
+    /// Dynamic log lines per second per agent (places one log action per service).
+    #[arg(long, default_value_t = 0.0)]
+    log_rate: f64,
+    /// Metric report interval in milliseconds (places one metric per service); 0: none.
+    #[arg(long, default_value_t = 0)]
+    metric_interval_ms: u64,
+    /// `agent`: each snapshot targets one agent; `service`: every agent of a service.
+    #[arg(long, default_value = "agent", value_parser = ["agent", "service"])]
+    target: String,
+    /// The broker's process id (same host): report its RSS and CPU from /proc.
+    #[arg(long)]
+    broker_pid: Option<u32>,
+    /// Agents connecting at once.
+    #[arg(long, default_value_t = 64)]
+    connect_concurrency: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl LoadtestArgs {
+    fn options(self) -> anyhow::Result<loadtest::Options> {
+        let brokers = self
+            .brokers
+            .iter()
+            .map(|b| url::Url::parse(b).with_context(|| format!("--broker `{b}` is not a URL (http://host:port)")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(loadtest::Options {
+            brokers,
+            api_key: self.api_key,
+            agent_key: self.agent_key,
+            pool: self.pool,
+            agents: self.agents,
+            services: self.services,
+            locations: self.locations,
+            callers: self.callers,
+            pollers: self.pollers,
+            duration: std::time::Duration::from_secs(self.duration),
+            max_hits: self.max_hits,
+            hit_rate: self.hit_rate,
+            hit_bytes: self.hit_bytes,
+            log_rate: self.log_rate,
+            metric_interval: (self.metric_interval_ms > 0)
+                .then(|| std::time::Duration::from_millis(self.metric_interval_ms)),
+            target_service: self.target == "service",
+            broker_pid: self.broker_pid,
+            connect_concurrency: self.connect_concurrency,
+            json: self.json,
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -451,6 +549,17 @@ fn main() -> anyhow::Result<()> {
             result
         }
         Command::Redact(args) => redact(&args),
+        Command::Loadtest(args) => {
+            let options = args.options()?;
+            let json = options.json;
+            let report = runtime.block_on(loadtest::run(options))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(())
+        }
         Command::Keys(command) => runtime.block_on(keys(command)),
         Command::Users(command) => {
             println!("{}", runtime.block_on(users::run(command))?);
