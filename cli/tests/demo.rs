@@ -60,31 +60,7 @@ fn the_demo_starts_prints_a_working_example_and_stops_cleanly() {
         .expect("the example's JSON body")
         .to_owned();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let hit = runtime.block_on(async {
-        let client = reqwest::Client::new();
-        let placed: serde_json::Value = client
-            .post(format!("{rest}/actions"))
-            .bearer_auth(KEY)
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .expect("POST")
-            .json()
-            .await
-            .expect("JSON");
-        let id = placed["action_id"].as_str().unwrap_or_else(|| panic!("{placed}")).to_owned();
-        let page: serde_json::Value = client
-            .get(format!("{rest}/actions/{id}/hits?wait_seconds=60"))
-            .bearer_auth(KEY)
-            .send()
-            .await
-            .expect("GET")
-            .json()
-            .await
-            .expect("JSON");
-        page["hits"][0].clone()
-    });
+    let hit = runtime.block_on(first_hit(&rest, body));
     assert_eq!(hit["fields"]["message"]["value"], "order placed", "{hit}");
     assert!(hit["fields"]["order_id"]["value"].is_i64(), "{hit}");
     assert!(hit["agent_name"].as_str().is_some_and(|n| n.contains("eu")), "the example targets the EU shops: {hit}");
@@ -97,31 +73,7 @@ fn the_demo_starts_prints_a_working_example_and_stops_cleanly() {
             .find(|b| b.contains("pyshop"))
             .expect("the Python example's JSON body")
             .to_owned();
-        let hit = runtime.block_on(async {
-            let client = reqwest::Client::new();
-            let placed: serde_json::Value = client
-                .post(format!("{rest}/actions"))
-                .bearer_auth(KEY)
-                .header("content-type", "application/json")
-                .body(body)
-                .send()
-                .await
-                .expect("POST")
-                .json()
-                .await
-                .expect("JSON");
-            let id = placed["action_id"].as_str().unwrap_or_else(|| panic!("{placed}")).to_owned();
-            let page: serde_json::Value = client
-                .get(format!("{rest}/actions/{id}/hits?wait_seconds=60"))
-                .bearer_auth(KEY)
-                .send()
-                .await
-                .expect("GET")
-                .json()
-                .await
-                .expect("JSON");
-            page["hits"][0].clone()
-        });
+        let hit = runtime.block_on(first_hit(&rest, body));
         assert_eq!(hit["location"]["name"], "price_order", "{hit}");
         assert_eq!(hit["fields"]["customer"]["fields"]["email"]["value"], "[REDACTED:EMAIL]", "{hit}");
     } else {
@@ -145,4 +97,32 @@ fn the_demo_starts_prints_a_working_example_and_stops_cleanly() {
     let _ = reader.join();
     let rest_lines: Vec<String> = rx.try_iter().collect();
     assert!(rest_lines.iter().any(|l| l.contains("Stopped.")), "{rest_lines:#?}");
+}
+
+/// Runs a printed example as a user would: POSTs its body to place the snapshot, then
+/// waits for the snapshot's first hit.
+async fn first_hit(rest: &str, body: String) -> serde_json::Value {
+    let client = reqwest::Client::new();
+    let placed: serde_json::Value = client
+        .post(format!("{rest}/actions"))
+        .bearer_auth(KEY)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("POST")
+        .json()
+        .await
+        .expect("JSON");
+    let id = placed["action_id"].as_str().unwrap_or_else(|| panic!("{placed}")).to_owned();
+    let page: serde_json::Value = client
+        .get(format!("{rest}/actions/{id}/hits?wait_seconds=60"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("JSON");
+    page["hits"][0].clone()
 }
