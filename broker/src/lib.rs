@@ -42,6 +42,7 @@ pub mod audit;
 pub mod audit_repeats;
 pub mod auth;
 pub mod backend;
+pub mod catalog;
 pub mod cluster;
 pub mod config;
 pub mod engine;

@@ -14,10 +14,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
-use periscope_protocol::{AgentId, BrokerMessage, CatalogEntry, FileLines, Heartbeat, LocationKind, Registration};
+use periscope_protocol::{AgentId, BrokerMessage, CatalogEntry, FileLines, Heartbeat, Registration};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+pub use crate::catalog::{CatalogOutcome, PublishedCatalog};
+use crate::catalog::{AgentCatalog, Bounds, Interner, InternerStats};
 use crate::identity::{Identities, Mismatch, check_binding};
 use crate::time::now_ms;
 
@@ -49,13 +51,10 @@ pub struct AgentRecord {
     pub offline_since_ms: Option<u64>,
     /// Why it went offline.
     pub disconnect_reason: Option<String>,
-    /// Inspectable locations by identity.
-    pub catalog: HashMap<(String, u32, LocationKind, String), CatalogEntry>,
-    /// Source files with their executable lines (languages where every line is a
-    /// location), by path.
-    pub files: HashMap<String, FileLines>,
-    /// The memory the catalog holds ([`CatalogEntry::footprint`], [`FileLines::footprint`]).
-    pub catalog_bytes: usize,
+    /// Inspectable locations: callsites and, for languages where every line is a
+    /// location, whole source files; shared with every agent that published the same
+    /// ([`crate::catalog`]).
+    pub catalog: AgentCatalog,
     /// Counters from the last heartbeat.
     pub stats: Heartbeat,
     /// Hits accepted from this agent.
@@ -127,18 +126,6 @@ pub struct AgentSnapshot {
     /// The version of its catalog.
     #[serde(default)]
     pub catalog_version: u64,
-}
-
-/// An agent's catalog as its node publishes it for the other nodes of a cluster, so that
-/// placing on it from any node validates the location the same way: its callsites and,
-/// for languages where any line can be inspected, its whole files.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct PublishedCatalog {
-    /// Callsites.
-    pub entries: Vec<CatalogEntry>,
-    /// Whole files with their executable lines and functions.
-    #[serde(default)]
-    pub files: Vec<FileLines>,
 }
 
 /// What the broker dropped from one agent, by reason (the agent's own drops are in its
@@ -322,7 +309,7 @@ impl AgentRecord {
             last_seen_ms: self.last_seen_ms,
             offline_since_ms: self.offline_since_ms,
             disconnect_reason: self.disconnect_reason.clone(),
-            locations: self.catalog.len() + self.files.values().map(|f| f.lines.len() as usize).sum::<usize>(),
+            locations: self.catalog.locations(),
             stats: self.stats.clone(),
             hits_accepted: self.hits_accepted,
             hits_refused: self.hits_refused,
@@ -350,15 +337,6 @@ pub enum RegisterRefusal {
     Full(usize),
 }
 
-/// What became of a catalog update.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CatalogOutcome {
-    /// Entries not kept (over the entry or byte bound, or beyond one frame's share).
-    pub ignored: usize,
-    /// Entries kept but cut to their bounds.
-    pub cut: usize,
-}
-
 /// A message for an agent another node holds: the node, the agent, the message.
 pub type Outbound = (String, AgentId, BrokerMessage);
 
@@ -378,6 +356,8 @@ pub struct Registry {
     max_catalog_bytes: usize,
     max_per_org: usize,
     identities: Arc<Identities>,
+    /// Every distinct catalog, once.
+    catalogs: Interner,
 }
 
 impl Registry {
@@ -393,6 +373,7 @@ impl Registry {
             max_catalog_bytes: 4 * 1024 * 1024,
             max_per_org: 10_000,
             identities: Arc::new(Identities::new(7 * 86_400_000, 100_000)),
+            catalogs: Interner::default(),
         }
     }
 
@@ -440,10 +421,7 @@ impl Registry {
                 dropped: r.dropped,
                 catalog_version: r.catalog_version,
             };
-            let catalog = catalog.then(|| PublishedCatalog {
-                entries: r.catalog.values().cloned().collect(),
-                files: r.files.values().cloned().collect(),
-            });
+            let catalog = catalog.then(|| r.catalog.published());
             out.push((snap, catalog));
         }
         out
@@ -481,9 +459,7 @@ impl Registry {
             last_seen_ms: snap.last_seen_ms,
             offline_since_ms: snap.offline_since_ms,
             disconnect_reason: None,
-            catalog: HashMap::new(),
-            files: HashMap::new(),
-            catalog_bytes: 0,
+            catalog: AgentCatalog::empty(&self.catalogs),
             stats: Heartbeat::default(),
             hits_accepted: 0,
             hits_refused: 0,
@@ -516,11 +492,7 @@ impl Registry {
         rec.hits_refused = snap.hits_refused;
         rec.dropped = snap.dropped;
         if let Some(published) = catalog {
-            rec.catalog =
-                published.entries.into_iter().map(|e| ((e.file.clone(), e.line, e.kind, e.name.clone()), e)).collect();
-            rec.files = published.files.into_iter().map(|f| (f.file.clone(), f)).collect();
-            rec.catalog_bytes = rec.catalog.values().map(CatalogEntry::footprint).sum::<usize>()
-                + rec.files.values().map(FileLines::footprint).sum::<usize>();
+            rec.catalog = AgentCatalog::from_published(&self.catalogs, published);
             rec.catalog_version = snap.catalog_version;
         }
     }
@@ -673,9 +645,7 @@ impl Registry {
                     last_seen_ms: now,
                     offline_since_ms: None,
                     disconnect_reason: None,
-                    catalog: HashMap::new(),
-                    files: HashMap::new(),
-                    catalog_bytes: 0,
+                    catalog: AgentCatalog::empty(&self.catalogs),
                     stats: Heartbeat::default(),
                     hits_accepted: 0,
                     hits_refused: 0,
@@ -738,47 +708,8 @@ impl Registry {
             return CatalogOutcome { ignored: entries.len() + files.len(), cut: 0 };
         };
         let rec = &mut *rec;
-        if full {
-            rec.catalog.clear();
-            rec.files.clear();
-            rec.catalog_bytes = 0;
-        }
-        let mut out = CatalogOutcome::default();
-        let per_frame = periscope_protocol::messages::MAX_CATALOG_ENTRIES_PER_FRAME;
-        out.ignored += entries.len().saturating_sub(per_frame);
-        for mut e in entries.into_iter().take(per_frame) {
-            if e.sanitize() {
-                out.cut += 1;
-            }
-            let key = (e.file.clone(), e.line, e.kind, e.name.clone());
-            let size = e.footprint();
-            let replaced = rec.catalog.get(&key).map_or(0, CatalogEntry::footprint);
-            let bytes_after = rec.catalog_bytes - replaced + size;
-            let full_entries = rec.catalog.len() >= self.max_catalog_entries && replaced == 0;
-            if full_entries || bytes_after > self.max_catalog_bytes {
-                out.ignored += 1;
-                continue;
-            }
-            rec.catalog_bytes = bytes_after;
-            rec.catalog.insert(key, e);
-        }
-        let per_frame = periscope_protocol::messages::MAX_CATALOG_FILES_PER_FRAME;
-        out.ignored += files.len().saturating_sub(per_frame);
-        for mut f in files.into_iter().take(per_frame) {
-            if f.sanitize() {
-                out.cut += 1;
-            }
-            let size = f.footprint();
-            let replaced = rec.files.get(&f.file).map_or(0, FileLines::footprint);
-            let bytes_after = rec.catalog_bytes - replaced + size;
-            let entries_now = rec.catalog.len() + rec.files.len();
-            if (entries_now >= self.max_catalog_entries && replaced == 0) || bytes_after > self.max_catalog_bytes {
-                out.ignored += 1;
-                continue;
-            }
-            rec.catalog_bytes = bytes_after;
-            rec.files.insert(f.file.clone(), f);
-        }
+        let bounds = Bounds { max_entries: self.max_catalog_entries, max_bytes: self.max_catalog_bytes };
+        let out = rec.catalog.update(&self.catalogs, bounds, full, entries, files);
         rec.dropped.catalog += (out.ignored + out.cut) as u64;
         rec.catalog_version += 1;
         self.mark(id, true);
@@ -893,6 +824,12 @@ impl Registry {
     /// Delivers a message from another node to an agent held here.
     pub fn deliver(&self, id: &AgentId, msg: BrokerMessage) -> bool {
         if self.agents.get(id).is_some_and(|r| r.conn.is_some()) { self.send(id, msg) } else { false }
+    }
+
+    /// Distinct catalogs held and their bytes (each counted once, however many agents
+    /// share it).
+    pub fn catalog_stats(&self) -> InternerStats {
+        self.catalogs.stats()
     }
 
     /// Number of agents online.
