@@ -421,7 +421,6 @@ async fn run(
                 let mut hits: Vec<periscope_protocol::Hit> = Vec::new();
                 let mut batched = 0usize;
                 let end: Option<String> = 'frames: loop {
-                    last_heard = tokio::time::Instant::now();
                     match frame {
                         Some(Ok(Message::Text(text))) => {
                             state.registry.touch(agent_id);
@@ -446,8 +445,8 @@ async fn run(
                                             hits.push(*hit);
                                         } else if let Some(err) = {
                                             // What came before it is stored first.
-                                            flush_hits(state, sender, &mut hits).await;
-                                            handle(state, sender, msg).await
+                                            flush_hits(state, sender, &mut hits, &mut batched).await;
+                                            handle(state, sender, msg, size as usize).await
                                         } {
                                             bad_frames += 1;
                                             state.registry.count_drop(agent_id, DropReason::BadFrame, 1);
@@ -527,7 +526,9 @@ async fn run(
                         None => break 'frames None,
                     }
                 };
-                flush_hits(state, sender, &mut hits).await;
+                flush_hits(state, sender, &mut hits, &mut batched).await;
+                // Heard now: time spent waiting on the store is not the agent's silence.
+                last_heard = tokio::time::Instant::now();
                 if let Some(reason) = end {
                     return reason;
                 }
@@ -592,14 +593,18 @@ fn dropped(
     budget.dropped(&state.config.ingest, over, what)
 }
 
-/// Stores the hits read together (one call to the store) and counts what became of each.
-async fn flush_hits(state: &AppState, from: &Sender, hits: &mut Vec<periscope_protocol::Hit>) {
+/// Stores the hits read together (`bytes` of frames, one call to the store) and counts
+/// what became of each. Waits first for room in the store's queue: while the writer is
+/// behind, the session reads nothing more and TCP pushes back to the agent.
+async fn flush_hits(state: &AppState, from: &Sender, hits: &mut Vec<periscope_protocol::Hit>, bytes: &mut usize) {
     if hits.is_empty() {
         return;
     }
+    let permit = state.engine.reserve_ingest(std::mem::take(bytes), hits.len()).await;
     for outcome in state.engine.ingest_hits(from, std::mem::take(hits)).await {
         count_hit(state, &from.id, outcome);
     }
+    state.engine.ingest_queued(permit);
 }
 
 /// Counts what became of a hit on the agent's record.
@@ -613,9 +618,9 @@ fn count_hit(state: &AppState, agent_id: &periscope_protocol::AgentId, outcome: 
     }
 }
 
-/// Applies one message; returns an error frame for messages that are well-formed but
-/// wrong in context.
-async fn handle(state: &AppState, from: &Sender, msg: AgentMessage) -> Option<ProtocolErrorBody> {
+/// Applies one message (a frame of `size` bytes); returns an error frame for messages
+/// that are well-formed but wrong in context.
+async fn handle(state: &AppState, from: &Sender, msg: AgentMessage, size: usize) -> Option<ProtocolErrorBody> {
     let agent_id = &from.id;
     match msg {
         AgentMessage::Register(_) => Some(error_body(
@@ -651,18 +656,24 @@ async fn handle(state: &AppState, from: &Sender, msg: AgentMessage) -> Option<Pr
             None
         }
         AgentMessage::Hit(hit) => {
+            let permit = state.engine.reserve_ingest(size, 1).await;
             count_hit(state, agent_id, state.engine.ingest_hit(from, *hit).await);
+            state.engine.ingest_queued(permit);
             None
         }
         AgentMessage::LogLines { lines } => {
+            let permit = state.engine.reserve_ingest(size, lines.len()).await;
             let outcome = state.engine.ingest_lines(from, lines).await;
+            state.engine.ingest_queued(permit);
             if outcome.rate_limited > 0 {
                 state.registry.count_drop(agent_id, DropReason::LogRate, outcome.rate_limited as u64);
             }
             None
         }
         AgentMessage::Metrics { reports } => {
+            let permit = state.engine.reserve_ingest(size, reports.len()).await;
             state.engine.ingest_metrics(from, reports).await;
+            state.engine.ingest_queued(permit);
             None
         }
         AgentMessage::Goodbye { .. } => None,
