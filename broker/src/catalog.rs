@@ -379,7 +379,8 @@ impl AgentCatalog {
         let mut entries = published.entries;
         // Whole, however many frames it took the agent.
         while !entries.is_empty() {
-            let rest = entries.split_off(entries.len().min(periscope_protocol::messages::MAX_CATALOG_ENTRIES_PER_FRAME));
+            let rest =
+                entries.split_off(entries.len().min(periscope_protocol::messages::MAX_CATALOG_ENTRIES_PER_FRAME));
             c.update(interner, bounds, false, entries, Vec::new());
             entries = rest;
         }

@@ -399,7 +399,7 @@ async fn run(
     socket: &mut WebSocket,
     sender: &Sender,
     credentials: &AgentCredentials,
-    mut rx: mpsc::Receiver<BrokerMessage>,
+    mut rx: mpsc::Receiver<crate::registry::Queued>,
     budget: &mut SessionBudget,
 ) -> String {
     let agent_id = &sender.id;
@@ -445,8 +445,9 @@ async fn run(
                                             hits.push(*hit);
                                         } else if let Some(err) = {
                                             // What came before it is stored first.
-                                            flush_hits(state, sender, &mut hits, &mut batched).await;
-                                            handle(state, sender, msg, size as usize).await
+                                            // Boxed: the session task stays small between frames.
+                                            Box::pin(flush_hits(state, sender, &mut hits, &mut batched)).await;
+                                            Box::pin(handle(state, sender, msg, size as usize)).await
                                         } {
                                             bad_frames += 1;
                                             state.registry.count_drop(agent_id, DropReason::BadFrame, 1);
@@ -526,7 +527,7 @@ async fn run(
                         None => break 'frames None,
                     }
                 };
-                flush_hits(state, sender, &mut hits, &mut batched).await;
+                Box::pin(flush_hits(state, sender, &mut hits, &mut batched)).await;
                 // Heard now: time spent waiting on the store is not the agent's silence.
                 last_heard = tokio::time::Instant::now();
                 if let Some(reason) = end {
@@ -536,10 +537,20 @@ async fn run(
             out = rx.recv() => {
                 match out {
                     Some(msg) => if !send(socket, &msg).await { return "the socket failed".into() },
-                    // The registry dropped our sender: replaced by a newer session or too slow.
+                    // The registry dropped our sender: replaced by a newer session, or the
+                    // agent stopped reading and its queue filled up. It is told which.
                     None => {
-                        let _ = socket.send(Message::Close(None)).await;
-                        return "replaced by a newer session or disconnected for being too slow".into();
+                        let replaced = state.registry.with(agent_id, |r| r.conn.is_some()).unwrap_or(false);
+                        let msg = if replaced {
+                            "replaced by a newer session of this agent id".to_owned()
+                        } else {
+                            format!(
+                                "too slow: the agent read none of its last {AGENT_QUEUE} messages from the broker \
+                                 (outbound_queue_full); it reconnects and resyncs"
+                            )
+                        };
+                        refuse(socket, error_body(ProtocolErrorCode::RateLimited, msg.clone(), true)).await;
+                        return msg;
                     }
                 }
             }

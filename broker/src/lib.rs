@@ -301,7 +301,8 @@ async fn prometheus(
         let _ = writeln!(out, "{name} {}", q.waits);
     }
     let catalogs = state.registry.catalog_stats();
-    let _ = writeln!(out, "# HELP periscope_catalogs_distinct Distinct agent catalogs held (shared by identical agents).");
+    let _ =
+        writeln!(out, "# HELP periscope_catalogs_distinct Distinct agent catalogs held (shared by identical agents).");
     let _ = writeln!(out, "# TYPE periscope_catalogs_distinct gauge");
     let _ = writeln!(out, "periscope_catalogs_distinct {}", catalogs.catalogs);
     let _ = writeln!(out, "# HELP periscope_catalog_bytes Bytes those catalogs are charged, each counted once.");
@@ -366,6 +367,7 @@ async fn prometheus(
             ("bad_frame", d.bad_frames),
             ("protocol_error", d.protocol_errors),
             ("ping_timeout", d.ping_timeouts),
+            ("outbound_queue_full", d.queue_full),
             ("unavailable", d.unavailable),
             ("lease_lost", d.lease_lost),
         ] {

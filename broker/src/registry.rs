@@ -18,8 +18,8 @@ use periscope_protocol::{AgentId, BrokerMessage, CatalogEntry, FileLines, Heartb
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-pub use crate::catalog::{CatalogOutcome, PublishedCatalog};
 use crate::catalog::{AgentCatalog, Bounds, Interner, InternerStats};
+pub use crate::catalog::{CatalogOutcome, PublishedCatalog};
 use crate::identity::{Identities, Mismatch, check_binding};
 use crate::time::now_ms;
 
@@ -27,13 +27,17 @@ use crate::time::now_ms;
 /// disconnected (and resynced when it comes back) rather than buffered without end.
 pub const AGENT_QUEUE: usize = 256;
 
+/// A message queued for an agent: boxed, so that an idle session's queue (allocated a
+/// block of slots at a time) costs a pointer per slot rather than a whole message.
+pub type Queued = Box<BrokerMessage>;
+
 /// The sending half of a live agent session.
 #[derive(Debug, Clone)]
 pub struct Connection {
     /// Distinguishes sessions of the same agent id (reconnects).
     pub session: u64,
     /// Frames to the agent.
-    pub tx: mpsc::Sender<BrokerMessage>,
+    pub tx: mpsc::Sender<Queued>,
 }
 
 /// What the broker knows about one agent.
@@ -163,6 +167,9 @@ pub struct IngestDrops {
     pub protocol_errors: u64,
     /// Sessions closed because the agent stopped answering pings.
     pub ping_timeouts: u64,
+    /// Sessions closed because the agent read none of the messages queued for it
+    /// ([`AGENT_QUEUE`]) and the queue filled up.
+    pub queue_full: u64,
 }
 
 /// Why the broker dropped something an agent sent.
@@ -190,6 +197,8 @@ pub enum DropReason {
     ProtocolError,
     /// A session closed for not answering pings.
     PingTimeout,
+    /// A session closed because the agent did not read its queue.
+    QueueFull,
     /// The shared state could not be reached to store it.
     Unavailable,
     /// The agent's lease moved to another node.
@@ -211,6 +220,7 @@ impl DropReason {
             DropReason::BadFrame => "bad_frame",
             DropReason::ProtocolError => "protocol_error",
             DropReason::PingTimeout => "ping_timeout",
+            DropReason::QueueFull => "outbound_queue_full",
             DropReason::Unavailable => "unavailable",
             DropReason::LeaseLost => "lease_lost",
         }
@@ -606,7 +616,7 @@ impl Registry {
         info: Registration,
         org: &str,
         key_id: &str,
-        tx: mpsc::Sender<BrokerMessage>,
+        tx: mpsc::Sender<Queued>,
     ) -> Result<u64, RegisterRefusal> {
         // Counted before taking the entry: iterating while holding a shard lock would
         // deadlock. A race can overshoot the limit by the registrations in flight.
@@ -743,6 +753,7 @@ impl Registry {
                 DropReason::BadFrame => d.bad_frames += n,
                 DropReason::ProtocolError => d.protocol_errors += n,
                 DropReason::PingTimeout => d.ping_timeouts += n,
+                DropReason::QueueFull => d.queue_full += n,
                 DropReason::Unavailable => d.unavailable += n,
                 DropReason::LeaseLost => d.lease_lost += n,
             }
@@ -790,14 +801,17 @@ impl Registry {
                 _ => false,
             };
         };
-        match tx.try_send(msg) {
+        match tx.try_send(Box::new(msg)) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!(agent = %id, "agent is not reading its queue; disconnecting it");
-                if let Some(mut rec) = self.agents.get_mut(id) {
+                if let Some(mut rec) = self.agents.get_mut(id)
+                    && rec.conn.as_ref().is_some_and(|c| c.tx.same_channel(&tx))
+                {
                     rec.conn = None;
                     rec.offline_since_ms = Some(now_ms());
                     rec.disconnect_reason = Some("too slow: its outbound queue filled up".into());
+                    rec.dropped.queue_full += 1;
+                    tracing::warn!(agent = %id, "agent is not reading its queue; disconnecting it");
                 }
                 false
             }

@@ -578,7 +578,11 @@ impl StoreHandle {
     /// holding `items` hits, lines or reports): waits while the writer has that much
     /// reserved and not yet committed. Hand the permit back with
     /// [`StoreHandle::release_after_commit`] once the rows are queued.
-    pub fn reserve(&self, bytes: usize, items: usize) -> impl std::future::Future<Output = IngestPermit> + Send + 'static {
+    pub fn reserve(
+        &self,
+        bytes: usize,
+        items: usize,
+    ) -> impl std::future::Future<Output = IngestPermit> + Send + 'static {
         let gate = Arc::clone(&self.gate);
         let want = bytes.saturating_add(items.saturating_mul(ROW_ALLOWANCE));
         // One frame never waits for more room than there is.
@@ -843,7 +847,11 @@ impl<'tx> Batch<'tx> {
         self.rows += 1;
     }
 
-    fn stmt(&mut self, tx: &'tx rusqlite::Transaction<'_>, which: Stmt) -> rusqlite::Result<&mut rusqlite::Statement<'tx>> {
+    fn stmt(
+        &mut self,
+        tx: &'tx rusqlite::Transaction<'_>,
+        which: Stmt,
+    ) -> rusqlite::Result<&mut rusqlite::Statement<'tx>> {
         let slot = &mut self.stmts[which as usize];
         if slot.is_none() {
             *slot = Some(tx.prepare(which.sql())?);
@@ -883,11 +891,21 @@ fn apply<'tx>(tx: &'tx rusqlite::Transaction<'_>, op: Op, batch: &mut Batch<'tx>
         // prepared once per connection, not per row.
         Op::Hit(h) => {
             batch.row(h.body.len());
-            batch.stmt(tx, Stmt::Hit)?.execute(params![h.action_id, to_i64(h.idx), h.body, to_i64(h.received_at_ms)])?;
+            batch.stmt(tx, Stmt::Hit)?.execute(params![
+                h.action_id,
+                to_i64(h.idx),
+                h.body,
+                to_i64(h.received_at_ms)
+            ])?;
         }
         Op::Line(l) => {
             batch.row(l.body.len());
-            batch.stmt(tx, Stmt::Line)?.execute(params![l.action_id, to_i64(l.idx), l.body, to_i64(l.received_at_ms)])?;
+            batch.stmt(tx, Stmt::Line)?.execute(params![
+                l.action_id,
+                to_i64(l.idx),
+                l.body,
+                to_i64(l.received_at_ms)
+            ])?;
         }
         Op::Metric(id, body) => {
             batch.row(body.len());
@@ -900,7 +918,16 @@ fn apply<'tx>(tx: &'tx rusqlite::Transaction<'_>, op: Op, batch: &mut Batch<'tx>
             )?;
         }
         Op::Audit(a) => {
-            batch.stmt(tx, Stmt::Audit)?.execute(params![a.id, to_i64(a.at_ms), a.org, a.actor, a.actor_name, a.kind, a.action_id, a.body])?;
+            batch.stmt(tx, Stmt::Audit)?.execute(params![
+                a.id,
+                to_i64(a.at_ms),
+                a.org,
+                a.actor,
+                a.actor_name,
+                a.kind,
+                a.action_id,
+                a.body
+            ])?;
         }
         Op::PurgeAuditBefore(cutoff) => {
             tx.execute("DELETE FROM audit WHERE at_ms < ?1", params![to_i64(cutoff)])?;
