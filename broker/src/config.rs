@@ -223,7 +223,8 @@ pub struct StoreSettings {
     pub audit_retention_days: u64,
     /// Bytes of agents' hits, lines and metric figures that may wait for the database
     /// writer. When it is full, agents' sessions wait for the writer to commit (and TCP
-    /// pushes back to the agents) rather than queuing without bound.
+    /// pushes back to the agents) rather than queuing without bound. (A single frame
+    /// larger than this still goes in, alone.)
     pub max_queued_bytes: u64,
 }
 
