@@ -52,6 +52,9 @@ const MAX_HIT_BATCH: usize = 64;
 /// Most bytes of hit frames stored together (a bound on one call to the store).
 const MAX_HIT_BATCH_BYTES: usize = 1 << 20;
 
+/// What a session's WebSocket reads at a time and its read buffer starts at.
+const READ_BUFFER: usize = 2 * 1024;
+
 /// `GET /agents`: authenticates the agent key and upgrades.
 pub async fn agents_ws(State(state): State<AppState>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
     let Some(key) = crate::auth::bearer(&headers) else {
@@ -67,7 +70,11 @@ pub async fn agents_ws(State(state): State<AppState>, headers: HeaderMap, ws: We
         }
         Err(_) => return unauthorized("the agent key is not recognized"),
     };
-    ws.read_buffer_size(8 * 1024)
+    // The read buffer grows to hold the largest frame read and keeps that size; it
+    // starts (and reads) at 2 KiB, so a session that takes in hits of about 2 KB and
+    // catalogs in frames of `CATALOG_FRAME_BYTES` holds about 5 KiB (8 KiB reads, as
+    // before, left 32 KiB per session after such frames).
+    ws.read_buffer_size(READ_BUFFER)
         .write_buffer_size(0)
         .max_write_buffer_size(4 * MAX_FRAME_BYTES)
         .max_message_size(MAX_FRAME_BYTES)

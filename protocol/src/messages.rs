@@ -294,7 +294,7 @@ pub const MAX_CATALOG_FILES_PER_FRAME: usize = 20;
 /// A WebSocket peer's read buffer grows to the largest frame it has read and keeps that
 /// size: a broker holding ten thousand sessions keeps each one's buffer at the size of
 /// a few hits only if catalogs come in frames this small.
-pub const CATALOG_FRAME_BYTES: usize = 6 * 1024;
+pub const CATALOG_FRAME_BYTES: usize = 3 * 1024;
 
 impl CatalogUpdate {
     /// A catalog as update frames of at most [`CATALOG_FRAME_BYTES`] (an entry larger than
