@@ -10,8 +10,10 @@
 //! agent can change what another one is said to offer.
 //!
 //! An update builds a new catalog from the old one and the frame (arrival order
-//! decides what a full catalog ignores, as it always did), then interns it: a
-//! catalog nobody else holds is taken apart rather than copied.
+//! decides what a full catalog ignores, as it always did); a catalog nobody else holds
+//! is taken apart rather than copied. The result stays the agent's own while its frames
+//! keep coming (a catalog arrives in many small frames) and is interned when they stop
+//! ([`AgentCatalog::settle`]): one hash and one comparison per burst, not per frame.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
@@ -30,6 +32,8 @@ pub struct Catalog {
     bytes: usize,
     /// The interner's hash of the content (0 until interned).
     hash: u64,
+    /// Whether the interner holds it (else it is one agent's own, still being built).
+    interned: bool,
 }
 
 impl PartialEq for Catalog {
@@ -109,6 +113,7 @@ impl Interner {
         catalog.entries.hash(&mut h);
         catalog.files.hash(&mut h);
         catalog.hash = h.finish();
+        catalog.interned = true;
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let bucket = inner.by_hash.entry(catalog.hash).or_default();
         bucket.retain(|w| w.strong_count() > 0);
@@ -215,7 +220,6 @@ impl AgentCatalog {
     /// replaces the earlier one.
     pub fn update(
         &mut self,
-        interner: &Interner,
         bounds: Bounds,
         full: bool,
         entries: Vec<CatalogEntry>,
@@ -291,12 +295,12 @@ impl AgentCatalog {
             }
         }
 
-        *self = old.merged(interner, kept, kept_files);
+        *self = old.merged(kept, kept_files);
         out
     }
 
     /// This catalog with `entries` and `files` (already within bounds, unique) merged in.
-    fn merged(self, interner: &Interner, mut entries: Vec<CatalogEntry>, mut files: Vec<FileLines>) -> AgentCatalog {
+    fn merged(self, mut entries: Vec<CatalogEntry>, mut files: Vec<FileLines>) -> AgentCatalog {
         if entries.is_empty() && files.is_empty() && !self.shared.is_empty() {
             return self;
         }
@@ -305,8 +309,7 @@ impl AgentCatalog {
         let old = Arc::try_unwrap(self.shared).unwrap_or_else(|shared| Catalog {
             entries: shared.entries.clone(),
             files: shared.files.clone(),
-            bytes: 0,
-            hash: 0,
+            ..Catalog::default()
         });
         entries.sort_by(|a, b| entry_key(a).cmp(&entry_key(b)));
         files.sort_by(|a, b| a.file.cmp(&b.file));
@@ -364,9 +367,25 @@ impl AgentCatalog {
 
         let bytes = merged.iter().map(CatalogEntry::footprint).sum::<usize>()
             + merged_files.iter().map(FileLines::footprint).sum::<usize>();
-        let catalog = Catalog { entries: merged, files: merged_files, bytes, hash: 0 };
+        let catalog = Catalog { entries: merged, files: merged_files, bytes, ..Catalog::default() };
         let hits = if hits.iter().all(|h| *h == 0) { Box::default() } else { hits.into_boxed_slice() };
-        AgentCatalog { shared: interner.intern(catalog), hits }
+        AgentCatalog { shared: Arc::new(catalog), hits }
+    }
+
+    /// Shares the catalog with every agent holding an equal one (or makes it the copy
+    /// others will share): called when an agent's catalog frames stop coming.
+    pub fn settle(&mut self, interner: &Interner) {
+        if self.shared.interned {
+            return;
+        }
+        let private = std::mem::take(&mut self.shared);
+        let catalog = Arc::try_unwrap(private).unwrap_or_else(|shared| Catalog {
+            entries: shared.entries.clone(),
+            files: shared.files.clone(),
+            bytes: shared.bytes,
+            ..Catalog::default()
+        });
+        self.shared = interner.intern(catalog);
     }
 
     /// A catalog another node published (already within bounds there; cut again here).
@@ -381,15 +400,16 @@ impl AgentCatalog {
         while !entries.is_empty() {
             let rest =
                 entries.split_off(entries.len().min(periscope_protocol::messages::MAX_CATALOG_ENTRIES_PER_FRAME));
-            c.update(interner, bounds, false, entries, Vec::new());
+            c.update(bounds, false, entries, Vec::new());
             entries = rest;
         }
         let mut files = published.files;
         while !files.is_empty() {
             let rest = files.split_off(files.len().min(periscope_protocol::messages::MAX_CATALOG_FILES_PER_FRAME));
-            c.update(interner, bounds, false, Vec::new(), files);
+            c.update(bounds, false, Vec::new(), files);
             files = rest;
         }
+        c.settle(interner);
         c
     }
 
@@ -462,8 +482,9 @@ mod tests {
             // In two frames, the second out of order: the result is the same catalog.
             let mut all = catalog();
             let second = all.split_off(120);
-            a.update(&interner, ROOMY, true, all, vec![file("app/views.py")]);
-            a.update(&interner, ROOMY, false, second.into_iter().rev().collect(), Vec::new());
+            a.update(ROOMY, true, all, vec![file("app/views.py")]);
+            a.update(ROOMY, false, second.into_iter().rev().collect(), Vec::new());
+            a.settle(&interner);
         }
         assert!(agents.iter().all(|a| Arc::ptr_eq(a.shared(), agents[0].shared())));
         assert_eq!(agents[0].len(), 201);
@@ -476,7 +497,9 @@ mod tests {
         assert_eq!(keys, sorted);
 
         // One agent's catalog changes: it alone gets a new copy; the rest still share.
-        agents[7].update(&interner, ROOMY, false, vec![entry("src/new.rs", 1, 0)], Vec::new());
+        agents[7].update(ROOMY, false, vec![entry("src/new.rs", 1, 0)], Vec::new());
+        assert_eq!(interner.stats().catalogs, 1, "its own until it settles");
+        agents[7].settle(&interner);
         assert!(!Arc::ptr_eq(agents[7].shared(), agents[0].shared()));
         assert!(Arc::ptr_eq(agents[8].shared(), agents[0].shared()));
         assert_eq!(interner.stats().catalogs, 2);
@@ -489,9 +512,11 @@ mod tests {
         let interner = Interner::default();
         let mut a = AgentCatalog::empty(&interner);
         let mut b = AgentCatalog::empty(&interner);
-        a.update(&interner, ROOMY, true, vec![entry("a.rs", 1, 0), entry("a.rs", 2, 0)], Vec::new());
-        b.update(&interner, ROOMY, true, vec![entry("a.rs", 1, 0), entry("a.rs", 2, 0)], Vec::new());
-        b.update(&interner, ROOMY, false, vec![entry("a.rs", 2, 42)], Vec::new());
+        a.update(ROOMY, true, vec![entry("a.rs", 1, 0), entry("a.rs", 2, 0)], Vec::new());
+        b.update(ROOMY, true, vec![entry("a.rs", 1, 0), entry("a.rs", 2, 0)], Vec::new());
+        b.update(ROOMY, false, vec![entry("a.rs", 2, 42)], Vec::new());
+        a.settle(&interner);
+        b.settle(&interner);
         assert!(Arc::ptr_eq(a.shared(), b.shared()), "counts are not part of what is shared");
         let counts = |c: &AgentCatalog| c.iter().map(|(e, h)| (e.line, h)).collect::<Vec<_>>();
         assert_eq!(counts(&a), vec![(1, 0), (2, 0)]);
@@ -508,19 +533,19 @@ mod tests {
         let mut a = AgentCatalog::empty(&interner);
         let bounds = Bounds { max_entries: 3, max_bytes: 4 << 20 };
         let frame: Vec<_> = [9, 8, 7, 6, 5].iter().map(|l| entry("a.rs", *l, 0)).collect();
-        let out = a.update(&interner, bounds, true, frame, Vec::new());
+        let out = a.update(bounds, true, frame, Vec::new());
         assert_eq!(out, CatalogOutcome { ignored: 2, cut: 0 });
         assert_eq!(a.iter().map(|(e, _)| e.line).collect::<Vec<_>>(), vec![7, 8, 9]);
         // A replacement of a kept entry fits; a new one does not.
-        let out = a.update(&interner, bounds, false, vec![entry("a.rs", 8, 3), entry("a.rs", 1, 0)], Vec::new());
+        let out = a.update(bounds, false, vec![entry("a.rs", 8, 3), entry("a.rs", 1, 0)], Vec::new());
         assert_eq!(out.ignored, 1);
         assert_eq!(a.len(), 3);
-        let out = a.update(&interner, bounds, true, vec![entry("b.rs", 1, 0)], vec![file("x.py")]);
+        let out = a.update(bounds, true, vec![entry("b.rs", 1, 0)], vec![file("x.py")]);
         assert_eq!(out.ignored, 0);
         assert_eq!(a.len(), 2);
         assert_eq!(a.locations(), 1 + 4);
         let tight = Bounds { max_entries: 100, max_bytes: a.bytes() };
-        let out = a.update(&interner, tight, false, vec![entry("c.rs", 1, 0)], Vec::new());
+        let out = a.update(tight, false, vec![entry("c.rs", 1, 0)], Vec::new());
         assert_eq!(out.ignored, 1, "over the byte bound");
     }
 }

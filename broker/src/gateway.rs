@@ -427,6 +427,7 @@ async fn run(
                 let mut frame = frame;
                 let mut hits: Vec<periscope_protocol::Hit> = Vec::new();
                 let mut batched = 0usize;
+                let mut catalog = false;
                 let end: Option<String> = 'frames: loop {
                     match frame {
                         Some(Ok(Message::Text(text))) => {
@@ -451,6 +452,7 @@ async fn run(
                                             batched += size as usize;
                                             hits.push(*hit);
                                         } else if let Some(err) = {
+                                            catalog |= matches!(msg, AgentMessage::Catalog(_));
                                             // What came before it is stored first.
                                             // Boxed: the session task stays small between frames.
                                             Box::pin(flush_hits(state, sender, &mut hits, &mut batched)).await;
@@ -537,6 +539,10 @@ async fn run(
                 Box::pin(flush_hits(state, sender, &mut hits, &mut batched)).await;
                 // Heard now: time spent waiting on the store is not the agent's silence.
                 last_heard = tokio::time::Instant::now();
+                // Its catalog frames have stopped coming (for now): shared from here on.
+                if catalog {
+                    state.registry.settle_catalog(agent_id);
+                }
                 if let Some(reason) = end {
                     return reason;
                 }

@@ -719,11 +719,19 @@ impl Registry {
         };
         let rec = &mut *rec;
         let bounds = Bounds { max_entries: self.max_catalog_entries, max_bytes: self.max_catalog_bytes };
-        let out = rec.catalog.update(&self.catalogs, bounds, full, entries, files);
+        let out = rec.catalog.update(bounds, full, entries, files);
         rec.dropped.catalog += (out.ignored + out.cut) as u64;
         rec.catalog_version += 1;
         self.mark(id, true);
         out
+    }
+
+    /// Shares the agent's catalog with the agents holding an equal one, once its catalog
+    /// frames stop coming ([`AgentCatalog::settle`]).
+    pub fn settle_catalog(&self, id: &AgentId) {
+        if let Some(mut rec) = self.agents.get_mut(id) {
+            rec.catalog.settle(&self.catalogs);
+        }
     }
 
     /// Counts a hit as accepted or refused.
