@@ -10,7 +10,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use periscope_protocol::messages::{MAX_CATALOG_ENTRIES_PER_FRAME, MAX_CATALOG_FILES_PER_FRAME};
 use periscope_protocol::{
     ActionId, ActionSpec, ActionStatusUpdate, AgentActionState, AgentId, AgentMessage, BrokerMessage, CaptureLimits,
     CatalogUpdate, Heartbeat, LogDestination, LogLine, MAX_FRAME_BYTES, PROTOCOL_VERSION, ProtocolErrorCode,
@@ -633,22 +632,10 @@ async fn send(socket: &mut Socket, msg: &AgentMessage) -> Result<(), String> {
 }
 
 /// A catalog update as frames: the first one marked `full` when it is the whole
-/// catalog, locations and files split to what one frame may carry.
+/// catalog, split to what one frame may carry and kept small
+/// ([`CatalogUpdate::frames`]: the broker's buffer for this session stays that size).
 fn catalog_frames(batch: CatalogBatch, full: bool) -> Vec<AgentMessage> {
-    let mut frames = Vec::new();
-    let mut entries = batch.entries.chunks(MAX_CATALOG_ENTRIES_PER_FRAME);
-    let mut files = batch.files.chunks(MAX_CATALOG_FILES_PER_FRAME);
-    loop {
-        let (e, f) = (entries.next(), files.next());
-        if e.is_none() && f.is_none() && !(full && frames.is_empty()) {
-            return frames;
-        }
-        frames.push(AgentMessage::Catalog(CatalogUpdate {
-            full: full && frames.is_empty(),
-            entries: e.map(<[_]>::to_vec).unwrap_or_default(),
-            files: f.map(<[_]>::to_vec).unwrap_or_default(),
-        }));
-    }
+    CatalogUpdate::frames(batch.entries, batch.files, full).into_iter().map(AgentMessage::Catalog).collect()
 }
 
 /// The metric's report when its interval is over (or always, when `force`), with

@@ -12,6 +12,7 @@ mod attack_agents;
 mod attack_expressions;
 mod attack_network;
 mod attack_tenancy;
+mod backpressure;
 mod cluster;
 mod conditions;
 mod conformance;

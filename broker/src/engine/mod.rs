@@ -369,6 +369,29 @@ impl Engine {
         }
     }
 
+    /// Room for what an agent's session is about to take in (`items` hits, lines or
+    /// reports in `bytes` of frames): waits while the store's writer is that far behind
+    /// ([`crate::store::IngestGate`]). `None` where writes are not queued (no store, or
+    /// the shared backend, whose writes each session awaits).
+    pub async fn reserve_ingest(&self, bytes: usize, items: usize) -> Option<crate::store::IngestPermit> {
+        match &self.durable {
+            Some(store) => Some(store.reserve(bytes, items).await),
+            None => None,
+        }
+    }
+
+    /// Gives the room back once what was taken in under it is committed.
+    pub fn ingest_queued(&self, permit: Option<crate::store::IngestPermit>) {
+        if let (Some(store), Some(permit)) = (&self.durable, permit) {
+            store.release_after_commit(permit);
+        }
+    }
+
+    /// What the store's writer has queued, when there is one.
+    pub fn store_queue(&self) -> Option<crate::store::QueueStats> {
+        self.durable.as_ref().map(crate::store::StoreHandle::queue_stats)
+    }
+
     /// Waits until everything written so far is durable.
     pub fn flush(&self) {
         if let Some(store) = &self.durable {

@@ -295,7 +295,7 @@ impl Engine {
         let mut all_files: HashSet<String> = HashSet::new();
         for (id, _, _) in agents {
             self.registry.with(id, |rec| {
-                for e in rec.catalog.values() {
+                for (e, _) in rec.catalog.iter() {
                     if all_files.len() < 10_000 {
                         all_files.insert(e.file.clone());
                     }
@@ -304,7 +304,7 @@ impl Engine {
                         in_file.push(e.clone());
                     }
                 }
-                for f in rec.files.values() {
+                for f in rec.catalog.files() {
                     if all_files.len() < 10_000 {
                         all_files.insert(f.file.clone());
                     }
