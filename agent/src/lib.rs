@@ -57,6 +57,7 @@ pub use periscope_agent_core::config;
 mod capture;
 pub mod debug_parse;
 mod layer;
+mod panic;
 mod state;
 
 use std::sync::Arc;

@@ -325,6 +325,7 @@ fn line(action: &ActionId, text: &str) -> LogLine {
         thread: None,
         redactions: Vec::new(),
         rules_version: 0,
+        error: None,
     }
 }
 
