@@ -665,6 +665,10 @@ async fn handle(state: &AppState, from: &Sender, msg: AgentMessage) -> Option<Pr
             state.engine.ingest_metrics(from, reports).await;
             None
         }
+        AgentMessage::ErrorCounts { reports } => {
+            state.engine.ingest_error_counts(from, reports).await;
+            None
+        }
         AgentMessage::Goodbye { .. } => None,
     }
 }
