@@ -329,7 +329,6 @@ fn line(action: &ActionId, text: &str) -> LogLine {
         thread: None,
         redactions: Vec::new(),
         rules_version: 0,
-        error: None,
     }
 }
 
@@ -604,7 +603,7 @@ fn error_group(agent: &AgentId, line: u32, count: u64, last: u64, message: &str)
         count,
         uncaptured: count.saturating_sub(1),
         captured: 0,
-        first_seen_ms: last - 10,
+        first_seen_ms: last.saturating_sub(10),
         last_seen_ms: last,
         hit: None,
     }
