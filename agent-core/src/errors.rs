@@ -223,7 +223,6 @@ pub fn fire_error<S: Site>(
             errors.unqueued(occurrence);
         }
     }
-    core.wake.notify_one();
     let spent = core.clock.now().saturating_sub(started);
     budgets.cpu.charge(started, spent);
 }

@@ -166,6 +166,24 @@ impl Agent {
         self.shared.rebuild_interest();
     }
 
+    /// Installs a live error-capture action directly, without a broker (benchmarks of
+    /// what error capture costs while no error happens).
+    #[doc(hidden)]
+    pub fn install_errors_for_bench(&self, quotas: periscope_protocol::AgentQuotas) {
+        use periscope_agent_core::{Budgets, Installed};
+        use periscope_protocol::{ActionId, ActionKind, ActionSpec, CaptureLimits, ErrorCaptureSpec};
+        let spec = ActionSpec {
+            id: ActionId::generate(),
+            location: ErrorCaptureSpec::location(),
+            condition: None,
+            expires_at_ms: u64::MAX,
+            kind: ActionKind::CaptureErrors(ErrorCaptureSpec::default()),
+        };
+        let installed = Arc::new(Installed::new(spec, &quotas));
+        self.shared.install(vec![installed], Arc::new(Budgets::new(quotas)), CaptureLimits::default());
+        self.shared.rebuild_interest();
+    }
+
     /// Says goodbye to the broker and waits up to `timeout` for the agent thread to end.
     pub fn shutdown(mut self, timeout: Duration) {
         self.running.stop(timeout);

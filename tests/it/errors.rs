@@ -43,7 +43,7 @@ fn install_host_hook() {
 
 fn charge_card(order_id: u64, attempt: u32) {
     let _span = tracing::info_span!("charge_card", order_id, attempt).entered();
-    tracing::error!(error = "card declined", card = "4111 1111 1111 1111", "payment failed");
+    tracing::error!(error = "card declined", card = "4111 1111 1111 1111", "payment failed for {}", "ada@example.com");
 }
 
 fn reserve_stock(sku: &str) {
@@ -122,7 +122,9 @@ async fn a_panic_and_an_error_event_are_captured_once_each_with_their_stacks_and
     let event = find(&errors, "event").unwrap();
     assert_eq!((event["captured"].as_u64(), event["uncaptured"].as_u64()), (Some(1), Some(4)), "{event:#}");
     assert!(event["file"].as_str().unwrap().ends_with("it/errors.rs"), "{event:#}");
-    assert!(event["message"].as_str().unwrap().contains("payment failed: card declined"), "{event:#}");
+    let message = event["message"].as_str().unwrap();
+    assert_eq!(message, "payment failed for [REDACTED:EMAIL]: card declined", "{event:#}");
+    assert_eq!(event["snapshot"]["error"]["message"], message, "the snapshot's error, redacted too");
     assert_eq!(event["pools"], json!(["shop"]));
     let snap = &event["snapshot"];
     assert_eq!(snap["error"]["kind"], "event", "{snap:#}");
@@ -145,6 +147,10 @@ async fn a_panic_and_an_error_event_are_captured_once_each_with_their_stacks_and
     // Filters: another pool, tags the agent lacks, a service.
     let none = call(&client, "list_errors", json!({"pool": "shop", "tags": ["region:us"]})).await;
     assert_eq!(body(&none)["count"], 0, "{}", text(&none));
+    let eu = call(&client, "list_errors", json!({"pool": "shop", "tags": ["region:eu"]})).await;
+    if std::env::var_os("PERISCOPE_PRINT_EXAMPLE").is_some() {
+        eprintln!("EXAMPLE-BEGIN\n{}\nEXAMPLE-END", text(&eu));
+    }
     let by_service = call(&client, "list_errors", json!({"service": "it-service", "snapshots": false})).await;
     assert_eq!(body(&by_service)["count"], 2, "{}", text(&by_service));
     assert!(body(&by_service)["errors"][0].get("snapshot").is_none());

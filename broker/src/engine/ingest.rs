@@ -58,6 +58,11 @@ impl Engine {
         for hit in &mut hits {
             unknown += keep_known_findings(&redactor, &mut hit.redactions);
             redactor.redact_hit(hit);
+            if let Some(error) = &mut hit.error {
+                // What failed is text the agent chose: redacted like every value.
+                let mut report = periscope_redaction::Report::new();
+                error.message = redactor.redact_text(&error.message, "error.message", &mut report).into_owned();
+            }
             hit.enforce_limits(&self.limits);
         }
         self.count_unknown_rules(from, unknown);
