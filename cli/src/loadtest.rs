@@ -600,7 +600,8 @@ async fn fire(
                     running.metric_window_start_ms = now_ms;
                 }
             }
-            ActionKind::Unsupported => {}
+            // Simulated services never fail: an error capture sends nothing.
+            ActionKind::CaptureErrors(_) | ActionKind::Unsupported => {}
         }
     }
     for chunk in lines.chunks(periscope_protocol::telemetry::MAX_LOG_LINES_PER_FRAME) {

@@ -223,3 +223,36 @@ async fn one_capture_per_location_per_interval_and_per_agent_budget_while_every_
     agent.shutdown();
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_cluster_errors_captured_through_one_node_are_listed_by_another() {
+    let cluster = crate::support::TestCluster::start(2).await;
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    let agent = TestAgent::start(&a.ws_url(), "cluster-errors", &["region:eu"]);
+    wait_online(&a.api(), &agent.id()).await;
+    wait_online(&b.api(), &agent.id()).await;
+    // Placed through node b: the agent is held by node a.
+    let via_b = connect_to(&b.http(), API_KEY).await.unwrap();
+    let r = call(&via_b, "capture_errors", json!({"pool": "cluster-errors"})).await;
+    assert_eq!(code(&r), None, "{}", text(&r));
+    let action_id = body(&r)["action"]["action_id"].as_str().unwrap().to_owned();
+    wait_installed(&a.api(), &action_id, &agent.id()).await;
+    agent
+        .run(|| {
+            for attempt in 0..3 {
+                charge_card(9, attempt);
+            }
+        })
+        .join()
+        .unwrap();
+    // Counts and the snapshot reach every node: listed through b, whatever a holds.
+    let errors = errors_until(&via_b, json!({"pool": "cluster-errors"}), "the error counted through node b", |e| {
+        e.first().is_some_and(|x| x["count"] == 3 && x["snapshot"].is_object())
+    })
+    .await;
+    assert_eq!((errors[0]["captured"].as_u64(), errors[0]["uncaptured"].as_u64()), (Some(1), Some(2)));
+    assert_eq!(errors[0]["snapshot"]["spans"][0]["name"], "charge_card", "{:#}", errors[0]);
+    via_b.cancel().await.unwrap();
+    agent.shutdown();
+    cluster.stop().await;
+}
