@@ -700,6 +700,10 @@ async fn handle(state: &AppState, from: &Sender, msg: AgentMessage, size: usize)
             state.engine.ingest_queued(permit);
             None
         }
+        AgentMessage::ErrorCounts { reports } => {
+            state.engine.ingest_error_counts(from, reports).await;
+            None
+        }
         AgentMessage::Goodbye { .. } => None,
     }
 }

@@ -565,7 +565,8 @@ pub async fn run(
                     backend::redis::RedisEvents::start(redis.clone(), stop_rx.clone()),
                 )
                 .with_audit(audit.clone())
-                .with_rule_store(rule_store.clone());
+                .with_rule_store(rule_store.clone())
+                .with_errors(Arc::new(backend::redis::RedisErrors::new(redis.clone())));
             let directory = backend::redis::RedisDirectory::start(redis.clone(), node_name.clone(), stop_rx.clone());
             Wired { engine, audit, directory, redis: Some(redis), rule_store }
         }

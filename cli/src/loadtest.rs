@@ -262,6 +262,7 @@ impl HitTemplate {
             truncation: Default::default(),
             redactions: Vec::new(),
             rules_version: 0,
+            error: None,
         };
         let json = serde_json::to_value(&hit).context("encoding a hit")?;
         let fields = json.get("fields").map(ToString::to_string).unwrap_or_default();
@@ -644,7 +645,8 @@ async fn fire(
                     running.metric_window_start_ms = now_ms;
                 }
             }
-            ActionKind::Unsupported => {}
+            // Simulated services never fail: an error capture sends nothing.
+            ActionKind::CaptureErrors(_) | ActionKind::Unsupported => {}
         }
     }
     for chunk in lines.chunks(periscope_protocol::telemetry::MAX_LOG_LINES_PER_FRAME) {

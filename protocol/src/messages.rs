@@ -63,6 +63,13 @@ pub enum AgentMessage {
         /// One report per metric action (at most [`crate::telemetry::MAX_METRIC_REPORTS_PER_FRAME`]).
         reports: Vec<MetricReport>,
     },
+    /// How often each distinct error happened since the last report (error-capture
+    /// actions only; sent about once a second while errors happen).
+    ErrorCounts {
+        /// One per action, location and error type (at most
+        /// [`crate::errors::MAX_ERROR_COUNTS_PER_FRAME`]).
+        reports: Vec<crate::errors::ErrorCount>,
+    },
     /// The agent is closing on purpose (the host is shutting down).
     Goodbye {
         /// Why, for the broker's records.
@@ -81,6 +88,7 @@ impl AgentMessage {
             AgentMessage::Hit(_) => "hit",
             AgentMessage::LogLines { .. } => "log_lines",
             AgentMessage::Metrics { .. } => "metrics",
+            AgentMessage::ErrorCounts { .. } => "error_counts",
             AgentMessage::Goodbye { .. } => "goodbye",
         }
     }

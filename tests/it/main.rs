@@ -17,6 +17,7 @@ mod cluster;
 mod conditions;
 mod conformance;
 mod core_loop;
+mod errors;
 mod faults;
 mod gateway_errors;
 mod keys;
