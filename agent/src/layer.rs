@@ -89,6 +89,9 @@ impl<S> Filter<S> for ProbeFilter {
         if IN_AGENT.with(|a| a.get()) {
             return false;
         }
+        if !self.shared.placed.load(Ordering::Relaxed) {
+            return self.shared.wants_unplaced(meta);
+        }
         self.shared.table().wants(meta)
     }
 

@@ -115,6 +115,11 @@ pub(crate) struct Shared {
     pub(crate) core: Arc<Core<Payload>>,
     /// Fast idle check: false when no action is installed.
     pub(crate) active: AtomicBool,
+    /// Whether any action is placed at a callsite (else `enabled` decides from the two
+    /// flags below, without reading the table).
+    pub(crate) placed: AtomicBool,
+    /// Whether spans are recorded (the table's `record_spans`).
+    pub(crate) record_spans: AtomicBool,
     table: RwLock<Arc<Table>>,
     catalog: Mutex<Catalog>,
     /// The dispatchers our layer is part of.
@@ -139,11 +144,26 @@ impl Drop for Shared {
 }
 
 impl Shared {
+    /// Whether the layer wants `meta` when no action is placed at any callsite: spans to
+    /// record, and ERROR events while an error capture is live. Reads two flags, not the
+    /// table: with only an error capture live, every event the host logs is decided in
+    /// a few instructions.
+    #[inline]
+    pub(crate) fn wants_unplaced(&self, meta: &Metadata<'_>) -> bool {
+        let level = *meta.level();
+        if meta.is_span() {
+            return level <= SPAN_RECORD_LEVEL && self.record_spans.load(Ordering::Relaxed);
+        }
+        level == Level::ERROR && self.errors_live.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn new(core: Arc<Core<Payload>>) -> Self {
         let redactor = core.redactor();
         Shared {
             core,
             active: AtomicBool::new(false),
+            placed: AtomicBool::new(false),
+            record_spans: AtomicBool::new(false),
             table: RwLock::new(Arc::new(Table::empty(redactor))),
             catalog: Mutex::new(Catalog::default()),
             dispatches: Mutex::new(Vec::new()),
@@ -200,6 +220,7 @@ impl Shared {
     fn set_table(&self, table: Table) {
         let active = !table.actions.is_empty();
         let errors = !table.errors.is_empty();
+        let (placed, record_spans) = (!table.by_callsite.is_empty(), table.record_spans);
         if errors {
             crate::panic::ensure_installed();
         }
@@ -215,6 +236,8 @@ impl Shared {
             Ok(mut t) => *t = table,
             Err(poisoned) => *poisoned.into_inner() = table,
         }
+        self.placed.store(placed, Ordering::Release);
+        self.record_spans.store(record_spans, Ordering::Release);
         self.active.store(active, Ordering::Release);
     }
 

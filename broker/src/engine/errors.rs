@@ -27,6 +27,9 @@ pub const DEFAULT_ERROR_LIMIT: usize = 20;
 /// Largest page of `list_errors`.
 pub const MAX_ERROR_LIMIT: usize = 100;
 
+/// What makes errors of different agents one error: location, kind and type.
+type ErrorIdentity = (String, u32, ErrorKind, String);
+
 /// Agents named per error in `list_errors` (the rest are counted).
 const MAX_AGENTS_NAMED: usize = 10;
 
@@ -221,8 +224,8 @@ impl Engine {
         let service = q.service.as_deref().map(str::trim).filter(|s| !s.is_empty());
         let groups = self.errors.list(org).await?;
         // Merged per location, kind and type, in order of first appearance (newest).
-        let mut order: Vec<(String, u32, ErrorKind, String)> = Vec::new();
-        let mut merged: HashMap<(String, u32, ErrorKind, String), (ErrorView, BTreeSet<String>)> = HashMap::new();
+        let mut order: Vec<ErrorIdentity> = Vec::new();
+        let mut merged: HashMap<ErrorIdentity, (ErrorView, BTreeSet<String>)> = HashMap::new();
         for g in groups {
             let s = &g.source;
             if !caller.sees_pool(org, &s.pool)
