@@ -15,7 +15,8 @@
 //! removed when the broker stops ([`ScratchDir`]): one code path, nothing survives.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -289,14 +290,62 @@ enum Op {
     PurgeBefore(u64),
     PurgeAuditBefore(u64),
     Flush(mpsc::Sender<()>),
-    Barrier(tokio::sync::oneshot::Sender<()>),
     Stop,
+}
+
+/// The writer's queue: its ops in order, counted as they are sent, and how many of them
+/// the writer has committed. A barrier is then a number to wait for, not a message: it
+/// costs nothing when what was queued before it is already committed, and otherwise
+/// waits for the commit already under way rather than for one more of its own.
+#[derive(Clone)]
+struct Queue {
+    tx: mpsc::Sender<Op>,
+    progress: Arc<Progress>,
+}
+
+struct Progress {
+    /// Ops sent to the writer, counted before each is sent: when a barrier reads `n`,
+    /// every op sent before it is among the first `n` the writer receives (the channel
+    /// is first in, first out).
+    queued: AtomicU64,
+    /// Ops the writer has taken out of the channel and committed (or failed to write,
+    /// and logged), published after each batch; `u64::MAX` once the writer is gone.
+    committed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Queue {
+    fn new() -> (Queue, mpsc::Receiver<Op>, Arc<Progress>) {
+        let (tx, rx) = mpsc::channel();
+        let progress = Arc::new(Progress { queued: AtomicU64::new(0), committed: tokio::sync::watch::Sender::new(0) });
+        (Queue { tx, progress: progress.clone() }, rx, progress)
+    }
+
+    fn send(&self, op: Op) -> Result<(), mpsc::SendError<Op>> {
+        self.progress.queued.fetch_add(1, Ordering::SeqCst);
+        self.tx.send(op)
+    }
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue").field("queued", &self.progress.queued.load(Ordering::Relaxed)).finish()
+    }
+}
+
+/// Releases every barrier when the writer ends, however it ends (nothing more will be
+/// committed to wait for).
+struct WriterGone(Arc<Progress>);
+
+impl Drop for WriterGone {
+    fn drop(&mut self) {
+        self.0.committed.send_replace(u64::MAX);
+    }
 }
 
 /// Handle to the writer thread.
 #[derive(Debug)]
 pub struct Store {
-    tx: mpsc::Sender<Op>,
+    tx: Queue,
     path: PathBuf,
     thread: Option<JoinHandle<()>>,
 }
@@ -316,7 +365,6 @@ impl std::fmt::Debug for Op {
             Op::PurgeBefore(_) => "PurgeBefore",
             Op::PurgeAuditBefore(_) => "PurgeAuditBefore",
             Op::Flush(_) => "Flush",
-            Op::Barrier(_) => "Barrier",
             Op::Stop => "Stop",
         })
     }
@@ -449,11 +497,11 @@ impl Store {
             settings: load_settings(&conn).map_err(sqlite(&path))?,
             identities: load_identities(&conn).map_err(sqlite(&path))?,
         };
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx, progress) = Queue::new();
         let writer_path = path.clone();
         let thread = std::thread::Builder::new()
             .name("periscope-store".into())
-            .spawn(move || writer(conn, rx, &writer_path))
+            .spawn(move || writer(conn, rx, &progress, &writer_path))
             .map_err(|source| StoreError::Dir { path: dir.to_owned(), source })?;
         Ok((Store { tx, path, thread: Some(thread) }, loaded))
     }
@@ -479,7 +527,7 @@ impl Store {
 /// path.
 #[derive(Debug, Clone)]
 pub struct StoreHandle {
-    tx: mpsc::Sender<Op>,
+    tx: Queue,
 }
 
 impl StoreHandle {
@@ -544,12 +592,12 @@ impl StoreHandle {
     /// Callers are told something is stored only after this: the writer batches, so
     /// concurrent barriers share one commit, and the request path never blocks a thread.
     pub fn barrier(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        let sent = self.tx.send(Op::Barrier(done_tx)).is_ok();
+        let target = self.tx.progress.queued.load(Ordering::SeqCst);
+        let mut committed = self.tx.progress.committed.subscribe();
         async move {
-            if sent {
-                let _ = done_rx.await;
-            }
+            // Ends at once when the writer is already past `target`; an error means the
+            // writer is gone (nothing left to wait for).
+            let _ = committed.wait_for(|&done| done >= target).await;
         }
     }
 
@@ -653,12 +701,7 @@ fn load_metrics(conn: &Connection) -> rusqlite::Result<Vec<(String, String)>> {
 }
 
 /// Who waits for a batch to be committed.
-enum Done {
-    Blocking(mpsc::Sender<()>),
-    Async(tokio::sync::oneshot::Sender<()>),
-}
-
-fn apply(tx: &rusqlite::Transaction<'_>, op: Op, flushes: &mut Vec<Done>) -> rusqlite::Result<()> {
+fn apply(tx: &rusqlite::Transaction<'_>, op: Op, flushes: &mut Vec<mpsc::Sender<()>>) -> rusqlite::Result<()> {
     match op {
         Op::Action(a) => {
             tx.execute(
@@ -751,8 +794,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, flushes: &mut Vec<Done>) -> rus
                 params![cutoff],
             )?;
         }
-        Op::Flush(done) => flushes.push(Done::Blocking(done)),
-        Op::Barrier(done) => flushes.push(Done::Async(done)),
+        Op::Flush(done) => flushes.push(done),
         // Handled by the writer loop.
         Op::Stop => {}
     }
@@ -760,8 +802,11 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, flushes: &mut Vec<Done>) -> rus
 }
 
 /// Batches whatever is queued into one transaction per wake-up.
-fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, path: &Path) {
+fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, progress: &Arc<Progress>, path: &Path) {
+    let _gone = WriterGone(progress.clone());
     let mut stop = false;
+    // Ops taken out of the channel so far, whatever became of them.
+    let mut taken: u64 = 0;
     while !stop && let Ok(first) = rx.recv() {
         let mut flushes = Vec::new();
         let result = (|| -> rusqlite::Result<()> {
@@ -769,6 +814,7 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, path: &Path) {
             let mut next = Some(first);
             let mut n = 0;
             while let Some(op) = next.take() {
+                taken += 1;
                 if matches!(op, Op::Stop) {
                     stop = true;
                     break;
@@ -786,15 +832,11 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, path: &Path) {
         }
         // Only once the batch is committed (or failed, and was logged): a barrier
         // promises nothing queued before it is still only in memory.
+        // Committed or failed and logged, as before: a barrier never outlives the batch
+        // that held what it waits for.
+        progress.committed.send_replace(taken);
         for done in flushes {
-            match done {
-                Done::Blocking(tx) => {
-                    let _ = tx.send(());
-                }
-                Done::Async(tx) => {
-                    let _ = tx.send(());
-                }
-            }
+            let _ = done.send(());
         }
     }
 }
