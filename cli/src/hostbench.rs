@@ -381,6 +381,10 @@ async fn api(
     serde_json::from_str(&text).with_context(|| format!("{method} {path}: the answer is not JSON"))
 }
 
+fn is_online(view: &serde_json::Value) -> bool {
+    view["status"] == "online"
+}
+
 async fn agent_view(http: &reqwest::Client, opts: &Options, id: &str) -> Option<serde_json::Value> {
     api(http, opts, reqwest::Method::GET, &format!("/api/v1/agents/{id}"), None).await.ok()
 }
@@ -427,15 +431,19 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         loop {
             let mut online = 0;
             for id in &ids {
-                if agent_view(&http, &opts, id).await.is_some_and(|v| v["online"] == true) {
+                if agent_view(&http, &opts, id).await.is_some_and(|v| is_online(&v)) {
                     online += 1;
                 }
+            }
+            // The handler's callsite registers (and reaches the catalog) when it first runs.
+            for shop in &shops {
+                let _ = shop.http.get(format!("{}/products/1", shop.url)).send().await;
             }
             let sources = api(
                 &http,
                 &opts,
                 reqwest::Method::GET,
-                &format!("/api/v1/sources?pool={}&query=get_product&limit=50", opts.pool),
+                &format!("/api/v1/sources?pool={}&q=get_product&limit=50", opts.pool),
                 None,
             )
             .await
@@ -521,8 +529,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         }
         let dark_reported = views[3]
             .as_ref()
-            .is_some_and(|v| v["online"] == true && v["stats"]["hits_dropped_disconnected"].as_u64().unwrap_or(0) > 0);
-        let all_online = views.iter().skip(1).all(|v| v.as_ref().is_some_and(|v| v["online"] == true));
+            .is_some_and(|v| is_online(v) && v["stats"]["hits_dropped_disconnected"].as_u64().unwrap_or(0) > 0);
+        let all_online = views.iter().skip(1).all(|v| v.as_ref().is_some_and(is_online));
         if dark_reported && all_online {
             reported_after = Some(recovered.elapsed().as_secs_f64());
             // One more heartbeat, so counters sent after reconnecting are in.
@@ -574,7 +582,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             dropped_disconnected: stat("hits_dropped_disconnected"),
             dropped_queue_full: stat("hits_dropped_queue_full"),
             dropped_rate: stat("hits_dropped_rate"),
-            reconnected: view.map(|v| v["online"] == true),
+            reconnected: view.map(is_online),
         });
         // Closing its stdin stops the shop.
         drop(shop.child.stdin.take());

@@ -666,11 +666,14 @@ fn main() -> anyhow::Result<()> {
                 ),
                 None => None,
             };
+            // INFO, as a service usually logs (the shop logs nothing at INFO for the
+            // requests the bench sends): below it the agent's catalog would stay empty,
+            // as the host's level hint keeps INFO callsites from registering at all.
             tracing_subscriber::registry()
                 .with(
                     tracing_subscriber::fmt::layer()
                         .with_writer(std::io::stderr)
-                        .with_filter(tracing_subscriber::filter::LevelFilter::WARN),
+                        .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
                 )
                 .with(agent.as_ref().map(|a| a.layer()))
                 .init();
