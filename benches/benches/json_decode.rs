@@ -99,7 +99,11 @@ fn bench_decoders(c: &mut Criterion) {
                 around(&a),
                 around(&b)
             );
-            eprintln!("{name}: the decoders read a float differently: serde_json `{}`, sonic-rs `{}`", around(&a), around(&b));
+            eprintln!(
+                "{name}: the decoders read a float differently: serde_json `{}`, sonic-rs `{}`",
+                around(&a),
+                around(&b)
+            );
         }
         eprintln!("{name}: {} bytes", frame.len());
         let mut g = c.benchmark_group(format!("decode_{name}"));

@@ -320,11 +320,16 @@ impl Queue {
         (Queue { tx, progress: progress.clone() }, rx, progress)
     }
 
-    fn send(&self, op: Op) -> Result<(), mpsc::SendError<Op>> {
+    /// Queues an op; `Err` once the writer is gone (the op is dropped).
+    fn send(&self, op: Op) -> Result<(), Stopped> {
         self.progress.queued.fetch_add(1, Ordering::SeqCst);
-        self.tx.send(op)
+        self.tx.send(op).map_err(|_| Stopped)
     }
 }
+
+/// The writer thread has ended.
+#[derive(Debug)]
+struct Stopped;
 
 impl std::fmt::Debug for Queue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

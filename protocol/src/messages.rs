@@ -505,7 +505,10 @@ mod tests {
             let frame = encode(&m);
             assert!(decode_frequent(&frame).is_some(), "{frame}");
             assert_eq!(decode_agent_message(&frame).expect("decodes"), m);
-            assert_eq!(decode_agent_message(&frame).expect("decodes"), decode::<AgentMessage>(&frame).expect("decodes"));
+            assert_eq!(
+                decode_agent_message(&frame).expect("decodes"),
+                decode::<AgentMessage>(&frame).expect("decodes")
+            );
             // The tag elsewhere, or spaced out: the enum's own path, the same message.
             let moved = frame.replacen(&format!("\"type\":\"{}\",", m.type_name()), "", 1);
             let moved = format!("{}, \"type\" : \"{}\"}}", &moved[..moved.len() - 1], m.type_name());
