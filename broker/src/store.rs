@@ -295,7 +295,6 @@ enum Op {
     PurgeBefore(u64),
     PurgeAuditBefore(u64),
     Flush(mpsc::Sender<()>),
-    Barrier(tokio::sync::oneshot::Sender<()>),
     /// Room reserved by an agent session, given back once what it queued is committed.
     Release(IngestPermit),
     Stop,
@@ -373,10 +372,64 @@ impl IngestGate {
     }
 }
 
+/// The writer's queue: its ops in order, counted as they are sent, and how many of them
+/// the writer has committed. A barrier is then a number to wait for, not a message: it
+/// costs nothing when what was queued before it is already committed, and otherwise
+/// waits for the commit already under way rather than for one more of its own.
+#[derive(Clone)]
+struct Queue {
+    tx: mpsc::Sender<Op>,
+    progress: Arc<Progress>,
+}
+
+struct Progress {
+    /// Ops sent to the writer, counted before each is sent: when a barrier reads `n`,
+    /// every op sent before it is among the first `n` the writer receives (the channel
+    /// is first in, first out).
+    queued: AtomicU64,
+    /// Ops the writer has taken out of the channel and committed (or failed to write,
+    /// and logged), published after each batch; `u64::MAX` once the writer is gone.
+    committed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Queue {
+    fn new() -> (Queue, mpsc::Receiver<Op>, Arc<Progress>) {
+        let (tx, rx) = mpsc::channel();
+        let progress = Arc::new(Progress { queued: AtomicU64::new(0), committed: tokio::sync::watch::Sender::new(0) });
+        (Queue { tx, progress: progress.clone() }, rx, progress)
+    }
+
+    /// Queues an op; `Err` once the writer is gone (the op is dropped).
+    fn send(&self, op: Op) -> Result<(), Stopped> {
+        self.progress.queued.fetch_add(1, Ordering::SeqCst);
+        self.tx.send(op).map_err(|_| Stopped)
+    }
+}
+
+/// The writer thread has ended.
+#[derive(Debug)]
+struct Stopped;
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue").field("queued", &self.progress.queued.load(Ordering::Relaxed)).finish()
+    }
+}
+
+/// Releases every barrier when the writer ends, however it ends (nothing more will be
+/// committed to wait for).
+struct WriterGone(Arc<Progress>);
+
+impl Drop for WriterGone {
+    fn drop(&mut self) {
+        self.0.committed.send_replace(u64::MAX);
+    }
+}
+
 /// Handle to the writer thread.
 #[derive(Debug)]
 pub struct Store {
-    tx: mpsc::Sender<Op>,
+    tx: Queue,
     path: PathBuf,
     thread: Option<JoinHandle<()>>,
     gate: Arc<IngestGate>,
@@ -397,7 +450,6 @@ impl std::fmt::Debug for Op {
             Op::PurgeBefore(_) => "PurgeBefore",
             Op::PurgeAuditBefore(_) => "PurgeAuditBefore",
             Op::Flush(_) => "Flush",
-            Op::Barrier(_) => "Barrier",
             Op::Release(_) => "Release",
             Op::Stop => "Stop",
         })
@@ -537,13 +589,13 @@ impl Store {
             settings: load_settings(&conn).map_err(sqlite(&path))?,
             identities: load_identities(&conn).map_err(sqlite(&path))?,
         };
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx, progress) = Queue::new();
         let writer_path = path.clone();
         let gate = Arc::new(IngestGate::new(max_queued_bytes));
         let writer_gate = Arc::clone(&gate);
         let thread = std::thread::Builder::new()
             .name("periscope-store".into())
-            .spawn(move || writer(conn, rx, &writer_path, &writer_gate))
+            .spawn(move || writer(conn, rx, &progress, &writer_path, &writer_gate))
             .map_err(|source| StoreError::Dir { path: dir.to_owned(), source })?;
         Ok((Store { tx, path, thread: Some(thread), gate }, loaded))
     }
@@ -569,7 +621,7 @@ impl Store {
 /// path.
 #[derive(Debug, Clone)]
 pub struct StoreHandle {
-    tx: mpsc::Sender<Op>,
+    tx: Queue,
     gate: Arc<IngestGate>,
 }
 
@@ -683,12 +735,12 @@ impl StoreHandle {
     /// Callers are told something is stored only after this: the writer batches, so
     /// concurrent barriers share one commit, and the request path never blocks a thread.
     pub fn barrier(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        let sent = self.tx.send(Op::Barrier(done_tx)).is_ok();
+        let target = self.tx.progress.queued.load(Ordering::SeqCst);
+        let mut committed = self.tx.progress.committed.subscribe();
         async move {
-            if sent {
-                let _ = done_rx.await;
-            }
+            // Ends at once when the writer is already past `target`; an error means the
+            // writer is gone (nothing left to wait for).
+            let _ = committed.wait_for(|&done| done >= target).await;
         }
     }
 
@@ -794,7 +846,6 @@ fn load_metrics(conn: &Connection) -> rusqlite::Result<Vec<(String, String)>> {
 /// Who waits for a batch to be committed.
 enum Done {
     Blocking(mpsc::Sender<()>),
-    Async(tokio::sync::oneshot::Sender<()>),
     Release(IngestPermit),
 }
 
@@ -965,7 +1016,6 @@ fn apply<'tx>(tx: &'tx rusqlite::Transaction<'_>, op: Op, batch: &mut Batch<'tx>
             )?;
         }
         Op::Flush(done) => batch.done.push(Done::Blocking(done)),
-        Op::Barrier(done) => batch.done.push(Done::Async(done)),
         Op::Release(permit) => batch.done.push(Done::Release(permit)),
         // Handled by the writer loop.
         Op::Stop => {}
@@ -974,8 +1024,11 @@ fn apply<'tx>(tx: &'tx rusqlite::Transaction<'_>, op: Op, batch: &mut Batch<'tx>
 }
 
 /// Batches whatever is queued into one transaction per wake-up.
-fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, path: &Path, gate: &IngestGate) {
+fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, progress: &Arc<Progress>, path: &Path, gate: &IngestGate) {
+    let _gone = WriterGone(progress.clone());
     let mut stop = false;
+    // Ops taken out of the channel so far, whatever became of them.
+    let mut taken: u64 = 0;
     while !stop && let Ok(first) = rx.recv() {
         let mut done = Vec::new();
         let (mut row_bytes, mut rows) = (0, 0);
@@ -987,6 +1040,7 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, path: &Path, gate: &Inge
                 let mut next = Some(first);
                 let mut n = 0;
                 while let Some(op) = next.take() {
+                    taken += 1;
                     if matches!(op, Op::Stop) {
                         stop = true;
                         break;
@@ -1013,12 +1067,10 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, path: &Path, gate: &Inge
         // promises nothing queued before it is still only in memory, and reserved room
         // comes back only when what it covered has left the queue.
         gate.committed(row_bytes, rows);
+        progress.committed.send_replace(taken);
         for done in done {
             match done {
                 Done::Blocking(tx) => {
-                    let _ = tx.send(());
-                }
-                Done::Async(tx) => {
                     let _ = tx.send(());
                 }
                 Done::Release(permit) => drop(permit),

@@ -1,5 +1,6 @@
 //! `periscope loadtest`: drives a running broker (one node or a cluster) with simulated
-//! agents speaking the real protocol over real WebSockets and with REST callers, and
+//! agents speaking the real protocol over real WebSockets and with callers over REST and
+//! MCP (streamable HTTP, the client an assistant uses), and
 //! reports what the broker accepted, what it dropped and why, the latencies callers saw,
 //! and the broker's memory and CPU.
 //!
@@ -51,6 +52,11 @@ pub struct Options {
     pub callers: usize,
     /// Callers placing snapshots and polling for their hits (no wait).
     pub pollers: usize,
+    /// Callers doing the same over MCP (streamable HTTP, one MCP session each), waiting
+    /// with `get_action`'s `wait_seconds`.
+    pub mcp_callers: usize,
+    /// MCP callers polling `get_action` without waiting.
+    pub mcp_pollers: usize,
     /// How long the measured window lasts.
     pub duration: Duration,
     /// Hits per snapshot a caller asks for (`max_hits`, 1..=50).
@@ -117,8 +123,8 @@ impl Options {
         if self.duration.is_zero() {
             bail!("--duration must be above zero");
         }
-        if (self.callers + self.pollers) > 0 && self.agents == 0 {
-            bail!("--callers and --pollers need agents to place snapshots on (--agents)");
+        if (self.callers + self.pollers + self.mcp_callers + self.mcp_pollers) > 0 && self.agents == 0 {
+            bail!("--callers, --pollers, --mcp-callers and --mcp-pollers need agents to place snapshots on (--agents)");
         }
         if self.connect_concurrency == 0 {
             bail!("--connect-concurrency must be above zero");
@@ -154,6 +160,11 @@ struct Stats {
     hits_read: AtomicU64,
     place_to_first_hit: Mutex<Histogram>,
     hit_to_wait_return: Mutex<Histogram>,
+    place_call: Mutex<Histogram>,
+    mcp_place_call: Mutex<Histogram>,
+    mcp_placed: AtomicU64,
+    mcp_place_to_first_hit: Mutex<Histogram>,
+    mcp_hit_to_wait_return: Mutex<Histogram>,
     errors: Mutex<BTreeMap<String, u64>>,
     /// Sessions the broker ended, by the reason it gave.
     closed_by_broker: Mutex<BTreeMap<String, u64>>,
@@ -830,15 +841,123 @@ struct CallerCtx {
     deadline: tokio::time::Instant,
 }
 
-async fn caller(id: usize, api: Api, poll: bool, ctx: CallerCtx) {
+/// A caller's way to the broker: the REST API, or an MCP session over streamable HTTP
+/// (the real client an assistant uses), doing the same calls with the same arguments.
+enum Transport {
+    Rest(Api),
+    Mcp(McpClient),
+}
+
+type McpClient = rmcp::service::RunningService<rmcp::RoleClient, ()>;
+
+async fn connect_mcp(base: &url::Url, key: &str) -> anyhow::Result<McpClient> {
+    use rmcp::ServiceExt as _;
+    use rmcp::transport::StreamableHttpClientTransport;
+    use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+    let endpoint = base.join("/mcp").context("building the /mcp URL")?;
+    let config = StreamableHttpClientTransportConfig::with_uri(endpoint.to_string()).auth_header(key.to_owned());
+    ().serve(StreamableHttpClientTransport::from_config(config))
+        .await
+        .with_context(|| format!("opening an MCP session at {endpoint}"))
+}
+
+/// One MCP tool call; a tool error becomes an error with its code and message (no ids).
+async fn mcp_call(client: &McpClient, tool: &str, args: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+    let args = match args {
+        serde_json::Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    };
+    let result = client
+        .call_tool(rmcp::model::CallToolRequestParams::new(tool.to_owned()).with_arguments(args))
+        .await
+        .with_context(|| format!("MCP {tool}"))?;
+    let body = result.structured_content.unwrap_or(serde_json::Value::Null);
+    if result.is_error == Some(true) {
+        let field = |f: &str| body.pointer(f).and_then(|c| c.as_str()).unwrap_or_default().to_string();
+        bail!("MCP {tool}: {}: {}", field("/error/code"), field("/error/message"));
+    }
+    Ok(body)
+}
+
+impl Transport {
+    fn is_mcp(&self) -> bool {
+        matches!(self, Transport::Mcp(_))
+    }
+
+    /// Places a snapshot (`body` as the REST API takes it); returns its action id.
+    async fn place(&self, body: serde_json::Value) -> anyhow::Result<String> {
+        let (placed, pointer) = match self {
+            Transport::Rest(api) => (api.call(reqwest::Method::POST, "/api/v1/actions", Some(body)).await?, ""),
+            Transport::Mcp(client) => {
+                let mut args = body;
+                if let Some(m) = args.as_object_mut() {
+                    m.remove("kind");
+                    let expire = m.remove("expire_seconds").unwrap_or_else(|| 300.into());
+                    m.insert("timeout_seconds".into(), expire);
+                    m.insert("wait".into(), false.into());
+                }
+                (mcp_call(client, "place_snapshot", args).await?, "/action")
+            }
+        };
+        let action = placed.pointer(pointer).unwrap_or(&placed);
+        action
+            .get("action_id")
+            .or_else(|| action.get("id"))
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+            .context("the placed action has no action_id")
+    }
+
+    /// Its hits after `since` (`hits`, `next_cursor`), waiting up to `wait_seconds` for one.
+    async fn hits(&self, action_id: &str, since: u64, wait_seconds: u64) -> anyhow::Result<serde_json::Value> {
+        match self {
+            Transport::Rest(api) => {
+                let mut path = format!("/api/v1/actions/{action_id}/hits?since={since}");
+                if wait_seconds > 0 {
+                    path.push_str(&format!("&wait_seconds={wait_seconds}"));
+                }
+                api.call(reqwest::Method::GET, &path, None).await
+            }
+            Transport::Mcp(client) => {
+                let args = serde_json::json!({ "action_id": action_id, "since": since, "wait_seconds": wait_seconds });
+                mcp_call(client, "get_action", args).await
+            }
+        }
+    }
+
+    async fn remove(&self, action_id: &str) -> anyhow::Result<()> {
+        match self {
+            Transport::Rest(api) => {
+                api.call(reqwest::Method::DELETE, &format!("/api/v1/actions/{action_id}"), None).await?;
+            }
+            Transport::Mcp(client) => {
+                mcp_call(client, "remove_action", serde_json::json!({ "action_id": action_id })).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn close(self) {
+        if let Transport::Mcp(client) = self {
+            let _ = client.cancel().await;
+        }
+    }
+}
+
+async fn caller(id: usize, to: Transport, poll: bool, ctx: CallerCtx) {
     let CallerCtx { opts, stats, ids, svcs, deadline } = ctx;
+    let (place_call, first_hit, wait_return) = if to.is_mcp() {
+        (&stats.mcp_place_call, &stats.mcp_place_to_first_hit, &stats.mcp_hit_to_wait_return)
+    } else {
+        (&stats.place_call, &stats.place_to_first_hit, &stats.hit_to_wait_return)
+    };
     let mut n = id;
     while tokio::time::Instant::now() < deadline {
         n = n.wrapping_add(7919);
         let service = n % opts.services;
         let Some((file, line)) = svcs.get(service).and_then(|s| s.locations.get(n % s.locations.len().max(1))).cloned()
         else {
-            return;
+            break;
         };
         let target = {
             let ids = ids.lock().unwrap_or_else(|e| e.into_inner());
@@ -858,7 +977,7 @@ async fn caller(id: usize, api: Api, poll: bool, ctx: CallerCtx) {
             body["agent_ids"] = serde_json::json!([agent.to_string()]);
         }
         let placed_at = Instant::now();
-        let action = match api.call(reqwest::Method::POST, "/api/v1/actions", Some(body)).await {
+        let action_id = match to.place(body).await {
             Ok(v) => v,
             Err(e) => {
                 stats.place_errors.fetch_add(1, Ordering::Relaxed);
@@ -867,27 +986,24 @@ async fn caller(id: usize, api: Api, poll: bool, ctx: CallerCtx) {
                 continue;
             }
         };
+        Stats::record(place_call, placed_at.elapsed().as_micros() as u64);
         stats.placed.fetch_add(1, Ordering::Relaxed);
-        let Some(action_id) =
-            action.get("action_id").or_else(|| action.get("id")).and_then(|v| v.as_str()).map(str::to_string)
-        else {
-            stats.error("caller: the placed action has no action_id".into());
-            continue;
-        };
+        if to.is_mcp() {
+            stats.mcp_placed.fetch_add(1, Ordering::Relaxed);
+        }
         let mut since = 0u64;
         let mut got = 0u64;
         let mut first = true;
         let give_up = (tokio::time::Instant::now() + Duration::from_secs(30)).min(deadline);
         while got < u64::from(opts.max_hits) && tokio::time::Instant::now() < give_up {
             let waited_from = now_us();
-            let path = if poll {
-                format!("/api/v1/actions/{action_id}/hits?since={since}")
+            // Open waits end with the window (whole seconds, at least one).
+            let wait = if poll {
+                0
             } else {
-                // Open waits end with the window (whole seconds, at least one).
-                let left = deadline.saturating_duration_since(tokio::time::Instant::now()).as_secs().clamp(1, 5);
-                format!("/api/v1/actions/{action_id}/hits?since={since}&wait_seconds={left}")
+                deadline.saturating_duration_since(tokio::time::Instant::now()).as_secs().clamp(1, 5)
             };
-            let page = match api.call(reqwest::Method::GET, &path, None).await {
+            let page = match to.hits(&action_id, since, wait).await {
                 Ok(p) => p,
                 Err(e) => {
                     stats.caller_errors.fetch_add(1, Ordering::Relaxed);
@@ -904,25 +1020,26 @@ async fn caller(id: usize, api: Api, poll: bool, ctx: CallerCtx) {
                 let sent = hit.pointer("/fields/sent_us/value").and_then(serde_json::Value::as_u64);
                 // Only hits sent while this wait was open measure the broker's delivery.
                 if !poll && let Some(sent) = sent.filter(|s| *s >= waited_from) {
-                    Stats::record(&stats.hit_to_wait_return, returned.saturating_sub(sent));
+                    Stats::record(wait_return, returned.saturating_sub(sent));
                 }
             }
             if first && !hits.is_empty() {
                 first = false;
-                Stats::record(&stats.place_to_first_hit, placed_at.elapsed().as_micros() as u64);
+                Stats::record(first_hit, placed_at.elapsed().as_micros() as u64);
             }
             since = page.get("next_cursor").and_then(serde_json::Value::as_u64).unwrap_or(since);
             if poll && hits.is_empty() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-        match api.call(reqwest::Method::DELETE, &format!("/api/v1/actions/{action_id}"), None).await {
-            Ok(_) => {
+        match to.remove(&action_id).await {
+            Ok(()) => {
                 stats.removed.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => stats.error(format!("caller: {e:#}")),
         }
     }
+    to.close().await;
 }
 
 /// Percentiles of one latency histogram, in milliseconds.
@@ -1022,10 +1139,22 @@ pub struct Report {
     pub hits_read: u64,
     /// Failed hit reads.
     pub caller_errors: u64,
+    /// The `POST /actions` call alone (placement, the store's commit, the answer).
+    pub place_call: Latency,
     /// From `POST /actions` to the first hit in the caller's hands.
     pub place_to_first_hit: Latency,
     /// From the agent sending a hit to the caller's open wait returning it.
     pub hit_to_wait_return: Latency,
+    /// MCP callers and pollers (sessions opened).
+    pub mcp_sessions: u64,
+    /// Snapshots the MCP callers placed (also counted in `placed`).
+    pub mcp_placed: u64,
+    /// The `place_snapshot` call alone (MCP, `wait: false`).
+    pub mcp_place_call: Latency,
+    /// From `place_snapshot` (MCP) to the first hit in the caller's hands.
+    pub mcp_place_to_first_hit: Latency,
+    /// From the agent sending a hit to an MCP `get_action` wait returning it.
+    pub mcp_hit_to_wait_return: Latency,
     /// Broker resident memory before the agents connected, KiB.
     pub broker_rss_before_kib: Option<u64>,
     /// After every agent registered and sent its catalog, KiB.
@@ -1133,6 +1262,13 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             );
         }
     }
+    // MCP sessions are opened before the window: their handshake is not a call measured.
+    let mut mcp_clients = Vec::with_capacity(opts.mcp_callers + opts.mcp_pollers);
+    for i in 0..opts.mcp_callers + opts.mcp_pollers {
+        let base = &opts.brokers[i % opts.brokers.len()];
+        mcp_clients.push(connect_mcp(base, &opts.api_key).await?);
+    }
+    let mcp_sessions = mcp_clients.len() as u64;
     let window_start = Instant::now();
     let load_start = loadavg();
     let proc_window_start = sample()?;
@@ -1142,7 +1278,11 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         CallerCtx { opts: opts.clone(), stats: stats.clone(), ids: ids.clone(), svcs: svcs.clone(), deadline };
     for i in 0..opts.callers + opts.pollers {
         let api = apis[i % apis.len()].clone();
-        callers.spawn(caller(i, api, i >= opts.callers, caller_ctx.clone()));
+        callers.spawn(caller(i, Transport::Rest(api), i >= opts.callers, caller_ctx.clone()));
+    }
+    for (i, client) in mcp_clients.into_iter().enumerate() {
+        let id = opts.callers + opts.pollers + i;
+        callers.spawn(caller(id, Transport::Mcp(client), i >= opts.mcp_callers, caller_ctx.clone()));
     }
     tokio::time::sleep_until(deadline).await;
     while callers.join_next().await.is_some() {}
@@ -1205,8 +1345,14 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         removed: sent(&stats.removed),
         hits_read: sent(&stats.hits_read),
         caller_errors: sent(&stats.caller_errors),
+        place_call: Latency::of(&stats.place_call),
         place_to_first_hit: Latency::of(&stats.place_to_first_hit),
         hit_to_wait_return: Latency::of(&stats.hit_to_wait_return),
+        mcp_sessions,
+        mcp_placed: sent(&stats.mcp_placed),
+        mcp_place_call: Latency::of(&stats.mcp_place_call),
+        mcp_place_to_first_hit: Latency::of(&stats.mcp_place_to_first_hit),
+        mcp_hit_to_wait_return: Latency::of(&stats.mcp_hit_to_wait_return),
         loadavg: (load_start, load_end),
         loadgen_rss_peak_kib: own.map(|p| p.hwm_kib),
         errors: stats.errors.lock().unwrap_or_else(|e| e.into_inner()).clone(),
@@ -1327,8 +1473,15 @@ impl Report {
             "callers: {} placed, {} refused, {} waits, {} polls, {} removed, {} hits read, {} read errors",
             self.placed, self.place_errors, self.waits, self.polls, self.removed, self.hits_read, self.caller_errors
         );
-        let _ = writeln!(o, "place -> first hit:     {}", lat(&self.place_to_first_hit));
-        let _ = writeln!(o, "hit sent -> wait return: {}", lat(&self.hit_to_wait_return));
+        let _ = writeln!(o, "REST place call:              {}", lat(&self.place_call));
+        let _ = writeln!(o, "REST place -> first hit:      {}", lat(&self.place_to_first_hit));
+        let _ = writeln!(o, "REST hit sent -> wait return: {}", lat(&self.hit_to_wait_return));
+        if self.mcp_sessions > 0 {
+            let _ = writeln!(o, "MCP sessions: {}, {} snapshots placed over MCP", self.mcp_sessions, self.mcp_placed);
+            let _ = writeln!(o, "MCP place call:               {}", lat(&self.mcp_place_call));
+            let _ = writeln!(o, "MCP place -> first hit:       {}", lat(&self.mcp_place_to_first_hit));
+            let _ = writeln!(o, "MCP hit sent -> wait return:  {}", lat(&self.mcp_hit_to_wait_return));
+        }
         let _ = writeln!(
             o,
             "broker RSS: before {}, agents connected {}, end {}, peak {}",

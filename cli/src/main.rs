@@ -9,10 +9,13 @@
 //! - [`demo`]: `periscope demo` and its shop processes.
 //! - [`users`]: `periscope users`, the people who sign in through OAuth.
 //! - [`loadtest`]: `periscope loadtest`, simulated agents and callers against a running broker.
+//! - [`hostbench`]: `periscope host-bench`, what the agent costs its host with the broker
+//!   healthy, slow and unreachable.
 
 mod commands;
 mod demo;
 mod demo_python;
+mod hostbench;
 mod loadtest;
 mod users;
 
@@ -59,8 +62,62 @@ enum Command {
     #[command(subcommand)]
     Config(ConfigCommand),
     /// Drive a running broker (or cluster) with simulated agents over WebSockets and
-    /// callers over REST, and report throughput, latencies, drops, memory and CPU.
+    /// callers over REST and MCP, and report throughput, latencies, drops, memory and CPU.
     Loadtest(LoadtestArgs),
+    /// Measure what the agent costs the service it lives in: demo shops without and with
+    /// the agent under the same steady load, with the broker healthy, slow (a trickling
+    /// proxy) and unreachable, as latency ratios in one run, with memory and drops.
+    HostBench(HostBenchArgs),
+    /// One demo shop for `periscope host-bench` (with the agent when given a broker URL).
+    #[command(hide = true)]
+    HostBenchService(HostBenchServiceArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct HostBenchArgs {
+    /// Broker base URL (start one with benches/loadtest/broker.toml).
+    #[arg(long = "broker", env = "PERISCOPE_URL")]
+    broker: String,
+    /// API key (places and removes actions, reads agents).
+    #[arg(long = "api-key", env = "PERISCOPE_API_KEY", hide_env_values = true)]
+    api_key: String,
+    /// Agent key the shops' agents register with.
+    #[arg(long = "agent-key", env = "PERISCOPE_AGENT_KEY", hide_env_values = true)]
+    agent_key: String,
+    /// Pool the shops' agents register into.
+    #[arg(long, default_value = "hostbench")]
+    pool: String,
+    /// Seconds of load with every broker healthy.
+    #[arg(long, default_value_t = 20)]
+    healthy_seconds: u64,
+    /// Seconds the slow and unreachable brokers stay so, under load.
+    #[arg(long, default_value_t = 120)]
+    duration: u64,
+    /// Requests per second to each shop.
+    #[arg(long, default_value_t = 200.0)]
+    rps: f64,
+    /// Bytes per second the slow proxy passes each way.
+    #[arg(long, default_value_t = 512)]
+    slow_bytes_per_sec: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct HostBenchServiceArgs {
+    #[arg(long)]
+    instance: String,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long)]
+    broker_url: Option<String>,
+    #[arg(long, default_value = "")]
+    agent_key: String,
+    #[arg(long, default_value = "hostbench")]
+    pool: String,
+    #[arg(long, value_delimiter = ',')]
+    tags: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -92,6 +149,13 @@ struct LoadtestArgs {
     /// Callers that place snapshots and poll for hits.
     #[arg(long, default_value_t = 0)]
     pollers: usize,
+    /// Callers over MCP (one streamable-HTTP session each) that place snapshots and wait
+    /// for hits with `get_action`'s `wait_seconds`.
+    #[arg(long, default_value_t = 0)]
+    mcp_callers: usize,
+    /// MCP callers that poll `get_action` without waiting.
+    #[arg(long, default_value_t = 0)]
+    mcp_pollers: usize,
     /// Seconds of measured load (after every agent has registered).
     #[arg(long, default_value_t = 30)]
     duration: u64,
@@ -141,6 +205,8 @@ impl LoadtestArgs {
             locations: self.locations,
             callers: self.callers,
             pollers: self.pollers,
+            mcp_callers: self.mcp_callers,
+            mcp_pollers: self.mcp_pollers,
             duration: std::time::Duration::from_secs(self.duration),
             max_hits: self.max_hits,
             hit_rate: self.hit_rate,
@@ -559,6 +625,64 @@ fn main() -> anyhow::Result<()> {
                 print!("{}", report.render());
             }
             Ok(())
+        }
+        Command::HostBench(args) => {
+            let options = hostbench::Options {
+                broker: url::Url::parse(&args.broker)
+                    .with_context(|| format!("--broker `{}` is not a URL (http://host:port)", args.broker))?,
+                api_key: args.api_key,
+                agent_key: args.agent_key,
+                pool: args.pool,
+                healthy: std::time::Duration::from_secs(args.healthy_seconds),
+                duration: std::time::Duration::from_secs(args.duration),
+                rps: args.rps,
+                slow_bytes_per_sec: args.slow_bytes_per_sec,
+                exe: std::env::current_exe().context("finding this executable to start the shops")?,
+            };
+            let report = runtime.block_on(hostbench::run(options))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(())
+        }
+        Command::HostBenchService(args) => {
+            use tracing_subscriber::prelude::*;
+            // The same subscriber with and without the agent, so the agent is the only difference.
+            let agent = match &args.broker_url {
+                Some(url) => Some(
+                    periscope_agent::Agent::builder()
+                        .broker_url(url.clone())
+                        .agent_key(args.agent_key.clone())
+                        .pool(args.pool.clone())
+                        .tags(args.tags.clone())
+                        .service("host-bench-shop")
+                        .service_version(env!("CARGO_PKG_VERSION"))
+                        .display_name(args.instance.clone())
+                        .reconnect_initial(std::time::Duration::from_millis(500))
+                        .reconnect_max(std::time::Duration::from_secs(5))
+                        .start()?,
+                ),
+                None => None,
+            };
+            // INFO, as a service usually logs (the shop logs nothing at INFO for the
+            // requests the bench sends): below it the agent's catalog would stay empty,
+            // as the host's level hint keeps INFO callsites from registering at all.
+            tracing_subscriber::registry()
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_writer(std::io::stderr)
+                        .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
+                )
+                .with(agent.as_ref().map(|a| a.layer()))
+                .init();
+            let id = agent.as_ref().map(|a| a.id().to_string());
+            let result = runtime.block_on(hostbench::serve_shop(args.instance, args.seed, id, stdin_closed()));
+            if let Some(agent) = agent {
+                agent.shutdown(std::time::Duration::from_secs(2));
+            }
+            result
         }
         Command::Keys(command) => runtime.block_on(keys(command)),
         Command::Users(command) => {

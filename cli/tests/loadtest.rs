@@ -1,6 +1,6 @@
 //! `periscope loadtest` against a real `periscope serve` it does not know the inside of:
-//! the report's figures agree with the broker's own counters, and bad flags are refused
-//! with a sentence.
+//! the report's figures agree with the broker's own counters, callers over REST and over
+//! MCP both place, wait, poll and remove, and bad flags are refused with a sentence.
 
 #![allow(clippy::unwrap_used)]
 
@@ -31,6 +31,7 @@ fn a_short_load_test_reports_what_the_broker_counted_with_nothing_unaccounted_fo
         .args(["--agents", "12", "--services", "3", "--locations", "40", "--callers", "4", "--pollers", "2"])
         .args(["--duration", "3", "--max-hits", "5", "--hit-rate", "100", "--log-rate", "200"])
         .args(["--metric-interval-ms", "500", "--broker-pid", &pid, "--json"])
+        .args(["--mcp-callers", "2", "--mcp-pollers", "1"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -48,6 +49,13 @@ fn a_short_load_test_reports_what_the_broker_counted_with_nothing_unaccounted_fo
     assert!(n("hits_accepted") <= 5 * n("placed"), "{r:#}");
     assert!(n("metric_reports_accepted") > 0 && n("metric_reports_accepted") <= n("metric_reports_sent"), "{r:#}");
     assert!(r["place_to_first_hit"]["count"].as_u64().unwrap() > 0, "{r:#}");
+    // The MCP callers went through real MCP sessions: placed, got hits, removed.
+    assert_eq!(n("mcp_sessions"), 3, "{r:#}");
+    assert!(n("mcp_placed") > 0 && n("mcp_placed") <= n("placed"), "{r:#}");
+    assert!(r["mcp_place_to_first_hit"]["count"].as_u64().unwrap() > 0, "{r:#}");
+    assert!(r["mcp_place_call"]["count"].as_u64().unwrap() > 0, "{r:#}");
+    assert_eq!(n("place_errors"), 0, "{r:#}");
+    assert!(!r["errors"].as_object().unwrap().keys().any(|k| k.contains("MCP")), "{r:#}");
     assert!(r["broker_rss_connected_kib"].as_u64().unwrap() > 0, "{r:#}");
     assert!(r["broker_cpu_cores"].as_f64().is_some(), "{r:#}");
     served.stop();

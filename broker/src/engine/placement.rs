@@ -247,11 +247,19 @@ impl Engine {
     /// with display names and pools.
     pub(super) fn matching_agents(&self, target: &Target, reach: &Reach, tenancy: &Tenancy) -> Vec<Aimed> {
         let mut out = Vec::new();
-        self.registry.for_each(|a| {
+        let mut consider = |a: &crate::registry::AgentRecord| {
             if a.online() && target.includes(a) && reach.allows(&a.org, &a.info.pool, tenancy) {
                 out.push((a.info.agent_id.clone(), a.info.display_name.clone(), a.info.pool.clone()));
             }
-        });
+        };
+        if target.agent_ids.is_empty() {
+            self.registry.for_each(consider);
+        } else {
+            // Named agents are looked up, not searched for among every connected agent.
+            for id in &target.agent_ids {
+                self.registry.with(id, &mut consider);
+            }
+        }
         out.sort();
         out
     }
