@@ -549,7 +549,21 @@ async fn run(
             }
             out = rx.recv() => {
                 match out {
-                    Some(msg) => if !send(socket, &msg).await { return "the socket failed".into() },
+                    Some(msg) => {
+                        // Everything already queued goes out now: one message per turn of
+                        // this loop drained the queue slower than a busy broker filled it
+                        // (sessions busy taking in hits were closed as "too slow").
+                        let mut msg = msg;
+                        for _ in 0..AGENT_QUEUE {
+                            if !send(socket, &msg).await {
+                                return "the socket failed".into();
+                            }
+                            match rx.try_recv() {
+                                Ok(next) => msg = next,
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     // The registry dropped our sender: replaced by a newer session, or the
                     // agent stopped reading and its queue filled up. It is told which.
                     None => {
