@@ -34,6 +34,11 @@ for which in filtered logged; do
   done
 done
 row logged capture
+# A live error capture while no error happens (ERROR callsites only; spans recorded).
+row filtered errors
+row logged errors
+row spanned idle
+row spanned errors
 # A false condition: on a plain field, and on a field that redaction hides.
 row logged cond_plain
 row login idle

@@ -29,6 +29,8 @@ pub struct RawHit<P> {
     pub thread: ThreadInfo,
     /// What the adapter captured.
     pub payload: P,
+    /// For an error capture: what failed and where (the hit's location and error).
+    pub error: Option<crate::errors::ErrorOccurrence>,
 }
 
 impl<P> fmt::Debug for RawHit<P> {

@@ -10,7 +10,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use periscope_protocol::messages::{MAX_CATALOG_ENTRIES_PER_FRAME, MAX_CATALOG_FILES_PER_FRAME};
 use periscope_protocol::{
     ActionId, ActionSpec, ActionStatusUpdate, AgentActionState, AgentId, AgentMessage, BrokerMessage, CaptureLimits,
     CatalogUpdate, Heartbeat, LogDestination, LogLine, MAX_FRAME_BYTES, PROTOCOL_VERSION, ProtocolErrorCode,
@@ -59,6 +58,9 @@ pub(crate) struct Runner<R: Runtime> {
     heartbeat: Duration,
     /// Which of the broker URLs to try next (a cluster's nodes, in turn).
     next_url: usize,
+    /// Whether the adapter captures errors (its capabilities say `capture_errors`);
+    /// error-capture actions are answered `unsupported` otherwise.
+    error_capture: bool,
 }
 
 impl<R: Runtime> Runner<R> {
@@ -70,7 +72,9 @@ impl<R: Runtime> Runner<R> {
         hits_rx: mpsc::Receiver<Box<RawHit<R::Payload>>>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
+        let error_capture = runtime.identity().capabilities.iter().any(|c| c == "capture_errors");
         Runner {
+            error_capture,
             config,
             agent_id,
             runtime,
@@ -226,6 +230,9 @@ impl<R: Runtime> Runner<R> {
                     if let Err(e) = self.flush_metrics(&mut socket, false).await {
                         return SessionEnd::Retry(e);
                     }
+                    if let Err(e) = self.flush_error_counts(&mut socket, None).await {
+                        return SessionEnd::Retry(e);
+                    }
                     self.prune_finished().await;
                 }
                 _ = self.shutdown.changed() => {
@@ -355,6 +362,10 @@ impl<R: Runtime> Runner<R> {
             BrokerMessage::ActionRemove { action_id, reason } => {
                 tracing::debug!(target: "periscope_agent", action = %action_id, %reason, "action removed");
                 if let Some(action) = self.actions.remove(&action_id) {
+                    // So do the errors it counted since its last report.
+                    if let Err(e) = self.flush_error_counts(socket, Some(&action)).await {
+                        return Some(SessionEnd::Retry(e));
+                    }
                     // A metric's last partial interval still counts.
                     if let Some(report) = metric_report(&action, crate::unix_ms(), true)
                         && let Err(e) = send(socket, &AgentMessage::Metrics { reports: vec![report] }).await
@@ -402,7 +413,7 @@ impl<R: Runtime> Runner<R> {
             if only.is_some_and(|id| *id != action.spec.id) {
                 continue;
             }
-            let state = status_of(&action, callsites);
+            let state = status_of(&action, callsites, self.supports(&action));
             let msg = AgentMessage::ActionStatus(ActionStatusUpdate { action_id: action.spec.id.clone(), state });
             if let Err(e) = send(socket, &msg).await {
                 return Some(SessionEnd::Retry(e));
@@ -432,8 +443,12 @@ impl<R: Runtime> Runner<R> {
         // Cleared before the adapter reads its locations: one that appears from here on
         // sets it again and gets its own rebuild.
         self.shared.rebuild_needed.store(false, Ordering::Release);
-        let runnable: Vec<Arc<Installed>> =
-            self.actions.values().filter(|a| !a.done.load(Ordering::Relaxed) && a.runnable()).cloned().collect();
+        let runnable: Vec<Arc<Installed>> = self
+            .actions
+            .values()
+            .filter(|a| !a.done.load(Ordering::Relaxed) && a.runnable() && self.supports(a))
+            .cloned()
+            .collect();
         // Installing may take locks the host's threads take too (tracing's callsite
         // registry, an interpreter's lock): off the runtime, so that a host thread
         // waiting on them never waits on our runtime.
@@ -445,7 +460,7 @@ impl<R: Runtime> Runner<R> {
         let mut matched = installed.unwrap_or_default();
         // Report every action, including the ones not installed (for their error status).
         for action in self.actions.values() {
-            let reported_later = deferred && action.runnable();
+            let reported_later = deferred && action.runnable() && self.supports(action);
             if !reported_later && !matched.iter().any(|(a, _)| a.spec.id == action.spec.id) {
                 matched.push((Arc::clone(action), 0));
             }
@@ -470,7 +485,7 @@ impl<R: Runtime> Runner<R> {
         if self.shared.rebuild_needed.load(Ordering::Acquire) {
             let matched = self.install().await;
             for (action, callsites) in matched {
-                if callsites > 0 && action.runnable() {
+                if callsites > 0 && action.runnable() && self.supports(&action) {
                     let state = AgentActionState::Installed { callsites };
                     send(
                         socket,
@@ -494,6 +509,46 @@ impl<R: Runtime> Runner<R> {
         if self.actions.len() != before {
             self.install().await;
         }
+    }
+
+    /// Whether the adapter can run this kind of action at all.
+    fn supports(&self, action: &Installed) -> bool {
+        action.errors.is_none() || self.error_capture
+    }
+
+    /// Sends how often each distinct error happened since the last report (of every
+    /// error-capture action, or of `only`), messages redacted.
+    async fn flush_error_counts(&mut self, socket: &mut Socket, only: Option<&Installed>) -> Result<(), String> {
+        let now = self.shared.clock.now();
+        let mut reports = Vec::new();
+        match only {
+            Some(action) => {
+                if let Some(errors) = &action.errors {
+                    reports = errors.take_counts(&action.spec.id, now);
+                }
+            }
+            None => {
+                for action in self.actions.values() {
+                    if let Some(errors) = &action.errors {
+                        reports.extend(errors.take_counts(&action.spec.id, now));
+                    }
+                }
+            }
+        }
+        if reports.is_empty() {
+            return Ok(());
+        }
+        let redactor = self.shared.redactor();
+        let mut report = periscope_redaction::Report::new();
+        for r in &mut reports {
+            let message = redactor.redact_text(&r.message, "error.message", &mut report).into_owned();
+            r.message = message;
+            r.clip();
+        }
+        for chunk in reports.chunks(periscope_protocol::errors::MAX_ERROR_COUNTS_PER_FRAME) {
+            send(socket, &AgentMessage::ErrorCounts { reports: chunk.to_vec() }).await?;
+        }
+        Ok(())
     }
 
     /// Sends the aggregates of metrics whose interval is over (all of them when `all`).
@@ -579,6 +634,19 @@ impl<R: Runtime> Runner<R> {
         // `user.password + "x"`) cannot carry a secret out from under its name.
         let redactor = self.shared.redactor();
         let mut hit = client_hit(&*self.runtime, raw, &self.limits, &redactor);
+        if let Some(occurrence) = &raw.error {
+            // An error capture is located where the failure happened, and says what it was.
+            hit.location.file.clone_from(&occurrence.file);
+            hit.location.line = occurrence.line;
+            if occurrence.module.is_some() {
+                hit.location.module.clone_from(&occurrence.module);
+            }
+            let mut report = periscope_redaction::Report::new();
+            let mut error = occurrence.error.clone();
+            error.message = redactor.redact_text(&error.message, "error.message", &mut report).into_owned();
+            hit.redactions.extend(report.into_findings().into_iter().map(Into::into));
+            hit.error = Some(error);
+        }
         // Watches are evaluated here, off the host's thread.
         let mut watches = Vec::with_capacity(raw.action.exprs.watches.len());
         for (i, w) in raw.action.exprs.watches.iter().enumerate() {
@@ -633,22 +701,10 @@ async fn send(socket: &mut Socket, msg: &AgentMessage) -> Result<(), String> {
 }
 
 /// A catalog update as frames: the first one marked `full` when it is the whole
-/// catalog, locations and files split to what one frame may carry.
+/// catalog, split to what one frame may carry and kept small
+/// ([`CatalogUpdate::frames`]: the broker's buffer for this session stays that size).
 fn catalog_frames(batch: CatalogBatch, full: bool) -> Vec<AgentMessage> {
-    let mut frames = Vec::new();
-    let mut entries = batch.entries.chunks(MAX_CATALOG_ENTRIES_PER_FRAME);
-    let mut files = batch.files.chunks(MAX_CATALOG_FILES_PER_FRAME);
-    loop {
-        let (e, f) = (entries.next(), files.next());
-        if e.is_none() && f.is_none() && !(full && frames.is_empty()) {
-            return frames;
-        }
-        frames.push(AgentMessage::Catalog(CatalogUpdate {
-            full: full && frames.is_empty(),
-            entries: e.map(<[_]>::to_vec).unwrap_or_default(),
-            files: f.map(<[_]>::to_vec).unwrap_or_default(),
-        }));
-    }
+    CatalogUpdate::frames(batch.entries, batch.files, full).into_iter().map(AgentMessage::Catalog).collect()
 }
 
 /// The metric's report when its interval is over (or always, when `force`), with
@@ -704,11 +760,11 @@ async fn report_eval_error(
 }
 
 /// What to report for an action after installing it.
-fn status_of(action: &Installed, callsites: u32) -> AgentActionState {
+fn status_of(action: &Installed, callsites: u32, supported: bool) -> AgentActionState {
     if let Some(e) = &action.compile_error {
         return AgentActionState::Error { reason: format!("this agent cannot run the action: {e}") };
     }
-    if !action.runnable() {
+    if !action.runnable() || !supported {
         return AgentActionState::Error {
             reason: format!("this agent does not support `{}` actions", action.spec.kind.name()),
         };

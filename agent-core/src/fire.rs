@@ -178,6 +178,7 @@ impl<P> Firing<'_, P> {
             time_ms: self.now_ms,
             thread: site.thread(),
             payload: site.capture(need),
+            error: None,
         }
     }
 

@@ -20,6 +20,7 @@
 //! - [`config`]: [`AgentBuilder`] and [`AgentConfig`], environment variables.
 //! - [`state`]: [`Installed`] actions, [`Budgets`], [`Counters`], [`Core`].
 //! - [`fire`]: what happens when a location with actions runs.
+//! - [`errors`]: capture on error (groups, rates, budget, counts) and [`errors::fire_error`].
 //! - [`capture`]: [`RawHit`], [`client_value`], [`client_hit`].
 //! - [`budget`]: lock-free rate and CPU budgets.
 //! - `connection`: the agent thread (WebSocket session, sync, backoff).
@@ -34,6 +35,7 @@ pub mod budget;
 pub mod capture;
 pub mod config;
 mod connection;
+pub mod errors;
 pub mod fire;
 pub mod state;
 mod tls;

@@ -118,6 +118,8 @@ pub struct Installed {
     pub log: Option<LogState>,
     /// The metric state, when the action is a dynamic metric.
     pub metric: Option<MetricState>,
+    /// The error groups and capture budget, when the action captures errors.
+    pub errors: Option<crate::errors::ErrorCapture>,
     /// Hit slots taken so far (a slot is returned when its hit is dropped).
     pub taken: AtomicU32,
     /// Sequence numbers handed out, for gaps to be visible.
@@ -179,9 +181,14 @@ impl Installed {
             }),
             _ => None,
         };
+        let errors = match &spec.kind {
+            ActionKind::CaptureErrors(e) => Some(crate::errors::ErrorCapture::new(e.clone())),
+            _ => None,
+        };
         Installed {
             log,
             metric,
+            errors,
             exprs,
             compile_error,
             eval_errors_reported: AtomicU32::new(0),
@@ -243,7 +250,8 @@ impl Installed {
 
     /// Whether this agent can run the action at all.
     pub fn runnable(&self) -> bool {
-        self.compile_error.is_none() && (self.snapshot.is_some() || self.log.is_some() || self.metric.is_some())
+        self.compile_error.is_none()
+            && (self.snapshot.is_some() || self.log.is_some() || self.metric.is_some() || self.errors.is_some())
     }
 }
 

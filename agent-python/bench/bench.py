@@ -14,7 +14,14 @@ count; the agent's own threads do not either, as they never run the host's code)
 - capture_locals: a snapshot on `hot`'s last line that fires on every call, capturing
   its ten locals and the names and lines of the call stack (budgets that never refuse;
   the hits are dropped by the agent thread, which has no broker);
-- capture: the same with the default limits: the callers' locals too (five frames).
+- capture: the same with the default limits: the callers' locals too (five frames);
+- errors_live (3.12+): a live error-capture action and no other, while `hot` raises
+  nothing (`PY_UNWIND` enabled globally): what capture on error costs while nothing
+  fails;
+- errors_library: the same action while every call also runs `library_error`, which
+  raises an exception inside the standard library that the standard library catches
+  (not the application's: counted nowhere, captured never), beside
+  `library_error_base`, the same calls with the agent idle.
 
 Prints one JSON object per case: ns per call, ratio to the baseline, and ns per firing
 (the difference to the baseline).
@@ -53,19 +60,27 @@ def other(x):
     return y
 
 
-def run(n=N):
+def library_error(i):
+    """An exception raised and caught inside the standard library (ipaddress tries
+    IPv4, fails, then IPv6): unwinds through library frames only."""
+    import ipaddress
+
+    return ipaddress.ip_address("::%x" % (i & 0xFFFF))
+
+
+def run(n=N, f=hot):
     t0 = time.thread_time_ns()
     for i in range(n):
-        hot(i)
+        f(i)
     return (time.thread_time_ns() - t0) / n
 
 
-def rounds(setup=None):
+def rounds(setup=None, f=hot):
     samples = []
     for _ in range(ROUNDS):
         if setup:
             setup()
-        samples.append(run())
+        samples.append(run(f=f))
     return statistics.median(samples)
 
 
@@ -119,6 +134,28 @@ def main():
     _native.install_for_bench(here, HOT_LINE)
     settle()
     results["capture"] = rounds()
+    if sys.version_info >= (3, 12):
+        # Idle again, then a live error capture alone, side by side with it.
+        _native.install_errors_for_bench()
+        settle()
+        periscope_agent.stop(0.2)
+        start()
+        both = {"idle_again": [], "errors_live": [], "library_error_base": [], "errors_library": []}
+        for r in range(ROUNDS):
+            order = ("idle", "errors") if r % 2 == 0 else ("errors", "idle")
+            for mode in order:
+                if mode == "errors":
+                    _native.install_errors_for_bench()
+                    settle()
+                    both["errors_live"].append(run())
+                    both["errors_library"].append(run(N // 10, library_error))
+                    periscope_agent.stop(0.2)
+                    start()
+                else:
+                    both["idle_again"].append(run())
+                    both["library_error_base"].append(run(N // 10, library_error))
+        for case, samples in both.items():
+            results[case] = statistics.median(samples)
     stats = periscope_agent.stats()
     periscope_agent.stop(0.2)
     v = sys.version_info
@@ -129,7 +166,9 @@ def main():
             "mechanism": mechanism,
             "case": case,
             "ns_per_call": round(ns, 1),
-            "ratio": round(ns / baseline, 3),
+            "ratio": None if case == "library_error_base" else round(ns / (
+                results["library_error_base"] if case == "errors_library" else
+                results["idle_again"] if case == "errors_live" else baseline), 3),
             "ns_per_firing": round(ns - baseline, 1) if case in ("false_condition", "capture_locals", "capture") else None,
         }))
     print(json.dumps({"hits_dropped_by_agent_thread": stats.get("dropped_disconnected", 0) + stats.get("dropped_queue_full", 0),

@@ -31,6 +31,8 @@ pub(crate) struct Payload {
     pub(crate) location: HitLocation,
     pub(crate) locals: Vec<periscope_protocol::Field>,
     pub(crate) frames: Vec<SpanFrame>,
+    /// The traceback's text, innermost first (error captures only).
+    pub(crate) backtrace: Option<Vec<String>>,
 }
 
 /// Work for the interpreter-side worker.
@@ -65,6 +67,8 @@ pub(crate) struct Table {
     pub(crate) exits: HashMap<usize, Arc<Slot>>,
     /// Injected probes by key (3.9 to 3.11).
     pub(crate) keys: HashMap<u64, Arc<Slot>>,
+    /// Live error-capture actions (`PY_UNWIND` is enabled while there are any).
+    pub(crate) errors: Vec<Arc<Installed>>,
     pub(crate) budgets: Arc<Budgets>,
     pub(crate) limits: CaptureLimits,
     pub(crate) redactor: Arc<Redactor>,
@@ -77,6 +81,7 @@ impl Table {
             starts: HashMap::new(),
             exits: HashMap::new(),
             keys: HashMap::new(),
+            errors: Vec::new(),
             budgets: Arc::new(Budgets::new(Default::default())),
             limits: CaptureLimits::default(),
             redactor,
@@ -191,10 +196,11 @@ impl Runtime for PyRuntime {
             fields: p.locals.clone(),
             spans: frames,
             watches: Vec::new(),
-            backtrace: None,
+            backtrace: p.backtrace.clone(),
             truncation: TruncationSummary::default(),
             redactions: Vec::new(),
             rules_version: 0,
+            error: None,
         };
         hit.enforce_limits(limits);
         hit

@@ -25,6 +25,7 @@ macro_rules! attr {
 }
 
 mod agent;
+mod errors;
 mod legacy;
 mod probe;
 mod read;
@@ -127,9 +128,17 @@ fn identity(py: Python<'_>, runtime: Option<String>) -> PyResult<RuntimeIdentity
         language: "python".into(),
         runtime,
         agent_version: env!("CARGO_PKG_VERSION").into(),
-        capabilities: ["snapshot", "log", "metric", "conditions", "locals", "call_stack", "function_duration"]
-            .map(str::to_owned)
-            .to_vec(),
+        capabilities: {
+            let mut c: Vec<String> =
+                ["snapshot", "log", "metric", "conditions", "locals", "call_stack", "function_duration"]
+                    .map(str::to_owned)
+                    .to_vec();
+            // Capture on error needs `sys.monitoring`'s PY_UNWIND (3.12+).
+            if py.version_info() >= (3, 12) {
+                c.push("capture_errors".to_owned());
+            }
+            c
+        },
     })
 }
 
@@ -179,6 +188,7 @@ fn next_command(py: Python<'_>, timeout_ms: u64) -> PyResult<Option<Py<PyAny>>> 
                     end.map(|e| e.file.clone()),
                     end.map(|e| e.line),
                     whole,
+                    a.errors.is_some(),
                 );
                 list.append(item)?;
             }
@@ -229,6 +239,13 @@ fn install(generation: u64, places: &Bound<'_, PyList>) -> PyResult<bool> {
     let redactor = agent.core().redactor();
     let mut table = Table { budgets, limits, ..Table::empty(Arc::clone(&redactor)) };
     let mut counts: HashMap<usize, u32> = HashMap::new();
+    // Error captures have no place: they are armed everywhere at once.
+    for (i, a) in actions.iter().enumerate() {
+        if a.errors.is_some() {
+            table.errors.push(Arc::clone(a));
+            counts.insert(i, 1);
+        }
+    }
     for place in places.iter() {
         let (role, code, line, key, fire, ends): (String, Bound<'_, PyAny>, u32, u64, Vec<usize>, Vec<usize>) =
             place.extract()?;
@@ -328,9 +345,23 @@ fn _return(py: Python<'_>, code: &Bound<'_, PyAny>, _offset: i64, _value: &Bound
 /// `sys.monitoring` `PY_UNWIND` callback (a global event: never disabled): a timed
 /// function ended by an exception.
 #[pyfunction]
-fn _unwind(py: Python<'_>, code: &Bound<'_, PyAny>, _offset: i64, _exc: &Bound<'_, PyAny>) -> Py<PyAny> {
+fn _unwind(py: Python<'_>, code: &Bound<'_, PyAny>, _offset: i64, exc: &Bound<'_, PyAny>) -> Py<PyAny> {
     exit(py, code);
+    probe::guarded(py, |py, agent| {
+        let table = agent.table();
+        if !table.errors.is_empty() {
+            errors::on_unwind(py, agent, &table, code, exc)?;
+        }
+        Ok(true)
+    });
     py.None()
+}
+
+/// Sets the directories whose files are not the application's (the standard library,
+/// site-packages, this package), for capture on error.
+#[pyfunction]
+fn set_library_paths(paths: Vec<String>) {
+    errors::set_library_paths(paths);
 }
 
 fn exit(py: Python<'_>, code: &Bound<'_, PyAny>) -> bool {
@@ -482,6 +513,26 @@ fn install_for_bench(
     Ok(())
 }
 
+/// Benchmarks only: installs a live error-capture action directly (what capture on
+/// error costs while no error happens), through the worker as a broker's would be.
+#[pyfunction]
+fn install_errors_for_bench() -> PyResult<()> {
+    use periscope_agent_core::{Budgets, Installed, Runtime as _};
+    use periscope_protocol::{ActionId, ActionKind, ActionSpec, AgentQuotas, CaptureLimits, ErrorCaptureSpec};
+    let Some(agent) = agent::current() else { return Err(PyRuntimeError::new_err("no agent is running")) };
+    let quotas = AgentQuotas::default();
+    let spec = ActionSpec {
+        id: ActionId::generate(),
+        location: ErrorCaptureSpec::location(),
+        condition: None,
+        expires_at_ms: u64::MAX,
+        kind: ActionKind::CaptureErrors(ErrorCaptureSpec::default()),
+    };
+    let action = Arc::new(Installed::new(spec, &quotas));
+    agent.runtime.install(vec![action], Arc::new(Budgets::new(quotas)), CaptureLimits::default());
+    Ok(())
+}
+
 /// Re-resolves the standard-library types shown as text (after `datetime` or
 /// `decimal` load).
 #[pyfunction]
@@ -504,6 +555,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_start, m)?)?;
     m.add_function(wrap_pyfunction!(_return, m)?)?;
     m.add_function(wrap_pyfunction!(_unwind, m)?)?;
+    m.add_function(wrap_pyfunction!(set_library_paths, m)?)?;
     m.add_function(wrap_pyfunction!(_hook, m)?)?;
     m.add_function(wrap_pyfunction!(_trace, m)?)?;
     m.add_function(wrap_pyfunction!(trace_running, m)?)?;
@@ -513,6 +565,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(stats, m)?)?;
     m.add_function(wrap_pyfunction!(refresh_types, m)?)?;
     m.add_function(wrap_pyfunction!(install_for_bench, m)?)?;
+    m.add_function(wrap_pyfunction!(install_errors_for_bench, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

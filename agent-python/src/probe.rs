@@ -94,7 +94,7 @@ struct FrameSite<'a, 'py> {
 
 /// A frame's locals mapping when it is one we can read without running user code: a
 /// `dict` (before 3.13) or the interpreter's own `FrameLocalsProxy` (3.13+).
-fn locals_of<'py>(frame: &Bound<'py, PyAny>) -> Option<Bound<'py, PyAny>> {
+pub(crate) fn locals_of<'py>(frame: &Bound<'py, PyAny>) -> Option<Bound<'py, PyAny>> {
     let py = frame.py();
     let locals = attr!(frame, "f_locals").ok()?;
     let h = handles(py).ok()?;
@@ -110,7 +110,7 @@ fn local<'py>(locals: &Bound<'py, PyAny>, name: &str) -> Option<Bound<'py, PyAny
 }
 
 /// Every local, in the frame's order.
-fn all_locals<'py>(locals: &Bound<'py, PyAny>) -> Vec<(String, Bound<'py, PyAny>)> {
+pub(crate) fn all_locals<'py>(locals: &Bound<'py, PyAny>) -> Vec<(String, Bound<'py, PyAny>)> {
     let mut out = Vec::new();
     let items = match locals.cast::<PyDict>() {
         Ok(d) => d.items().into_any(),
@@ -129,7 +129,7 @@ fn all_locals<'py>(locals: &Bound<'py, PyAny>) -> Vec<(String, Bound<'py, PyAny>
     out
 }
 
-fn code_name(code: &Bound<'_, PyAny>) -> String {
+pub(crate) fn code_name(code: &Bound<'_, PyAny>) -> String {
     let name = attr!(code, "co_qualname").or_else(|_| attr!(code, "co_name"));
     name.ok()
         .and_then(|n| n.cast_exact::<PyString>().ok().map(|s| s.to_string_lossy().into_owned()))
@@ -142,7 +142,7 @@ fn string_attr(obj: &Bound<'_, PyAny>, name: &str) -> Option<String> {
 }
 
 /// The module a frame runs in (`__name__` of its globals).
-fn module_of(frame: &Bound<'_, PyAny>) -> Option<String> {
+pub(crate) fn module_of(frame: &Bound<'_, PyAny>) -> Option<String> {
     let globals = attr!(frame, "f_globals").ok()?;
     let globals = globals.cast_exact::<PyDict>().ok()?;
     let name = globals.get_item("__name__").ok().flatten()?;
@@ -279,7 +279,12 @@ impl<'a, 'py> Site for FrameSite<'a, 'py> {
         let mut reader = match Reader::new(py, &limits, NODE_BUDGET) {
             Ok(r) => r,
             Err(_) => {
-                return Payload { location: HitLocation::default(), locals: Vec::new(), frames: Vec::new() };
+                return Payload {
+                    location: HitLocation::default(),
+                    locals: Vec::new(),
+                    frames: Vec::new(),
+                    backtrace: None,
+                };
             }
         };
         let code = attr!(self.frame, "f_code").ok();
@@ -323,7 +328,7 @@ impl<'a, 'py> Site for FrameSite<'a, 'py> {
                 }
             })
             .collect();
-        Payload { location, locals, frames }
+        Payload { location, locals, frames, backtrace: None }
     }
 
     fn thread(&mut self) -> ThreadInfo {
@@ -341,7 +346,7 @@ impl<'a, 'py> Site for FrameSite<'a, 'py> {
 
 /// The thread's identity and name, and the asyncio task running on it, read without
 /// calling anything a user could have overridden.
-fn thread_info(py: Python<'_>) -> Option<ThreadInfo> {
+pub(crate) fn thread_info(py: Python<'_>) -> Option<ThreadInfo> {
     let h = handles(py).ok()?;
     let ident = h.get_ident.bind(py).call0().ok()?;
     let id = ident.extract::<u64>().ok()?;

@@ -150,7 +150,9 @@ pub(crate) struct RawSpan {
 /// What the layer captures for a hit on the application's thread.
 #[derive(Debug)]
 pub(crate) struct Payload {
-    pub(crate) meta: &'static Metadata<'static>,
+    /// The callsite that fired; none for a panic (its hit is located by the panic's
+    /// own location).
+    pub(crate) meta: Option<&'static Metadata<'static>>,
     pub(crate) fields: Vec<RawField>,
     pub(crate) spans: Vec<RawSpan>,
     pub(crate) backtrace: Option<Backtrace>,
@@ -239,12 +241,12 @@ pub(crate) fn build_hit(raw: &RawHit<Payload>, limits: &CaptureLimits) -> Hit {
         action_id: raw.action.spec.id.clone(),
         seq: raw.seq,
         time_ms: raw.time_ms,
-        location: HitLocation {
-            file: payload.meta.file().unwrap_or_default().to_owned(),
-            line: payload.meta.line().unwrap_or(0),
-            module: payload.meta.module_path().map(str::to_owned),
-            name: Some(payload.meta.name().to_owned()),
-        },
+        location: payload.meta.map_or_else(HitLocation::default, |meta| HitLocation {
+            file: meta.file().unwrap_or_default().to_owned(),
+            line: meta.line().unwrap_or(0),
+            module: meta.module_path().map(str::to_owned),
+            name: Some(meta.name().to_owned()),
+        }),
         thread: Some(raw.thread.clone()),
         fields: to_fields(&payload.fields, limits, &mut summary),
         spans,
@@ -253,6 +255,7 @@ pub(crate) fn build_hit(raw: &RawHit<Payload>, limits: &CaptureLimits) -> Hit {
         truncation: summary,
         redactions: Vec::new(),
         rules_version: 0,
+        error: None,
     }
 }
 

@@ -89,6 +89,9 @@ impl<S> Filter<S> for ProbeFilter {
         if IN_AGENT.with(|a| a.get()) {
             return false;
         }
+        if !self.shared.placed.load(Ordering::Relaxed) {
+            return self.shared.wants_unplaced(meta);
+        }
         self.shared.table().wants(meta)
     }
 
@@ -136,7 +139,10 @@ where
 
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
         let table = self.shared.table();
-        if !table.by_callsite.contains_key(&event.metadata().callsite()) {
+        let meta = event.metadata();
+        let placed = table.by_callsite.contains_key(&meta.callsite());
+        let error = table.captures_error(meta) && !IN_AGENT.with(|a| a.get());
+        if !placed && !error {
             return;
         }
         let mut values = FieldCollector::default();
@@ -145,8 +151,14 @@ where
             .parent()
             .cloned()
             .or_else(|| if event.is_contextual() { ctx.current_span().id().cloned() } else { None });
-        let site = Site { meta: event.metadata(), parent: parent.as_ref(), span: None };
-        self.fire(&table, site, values.fields, &ctx);
+        let site = Site { meta, parent: parent.as_ref(), span: None };
+        if error {
+            let fields = if placed { values.fields.clone() } else { std::mem::take(&mut values.fields) };
+            self.fire_error(&table, site, fields, &ctx);
+        }
+        if placed {
+            self.fire(&table, site, values.fields, &ctx);
+        }
     }
 
     /// A span closing ends the span-duration metrics it started.
@@ -256,7 +268,7 @@ where
         let backtrace = matches!(need, periscope_agent_core::fire::Need::Snapshot { backtrace: true });
         let spans = self.spans().iter().map(|s| RawSpan { meta: s.meta, fields: s.fields.clone() }).collect();
         Payload {
-            meta: self.site.meta,
+            meta: Some(self.site.meta),
             fields: self.fields.clone(),
             spans,
             backtrace: backtrace.then(std::backtrace::Backtrace::force_capture),
@@ -323,6 +335,111 @@ impl ProbeLayer {
     }
 }
 
+impl ProbeLayer {
+    /// Runs the error-capture actions for an ERROR event: counted always, captured (its
+    /// fields, span stack, optionally a backtrace) when its location and type are due.
+    #[cold]
+    fn fire_error<S>(&self, table: &Table, site: Site<'_>, fields: Vec<RawField>, ctx: &Context<'_, S>)
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+    {
+        let occurrence = crate::panic::event_occurrence(site.meta, &fields);
+        let views = Views {
+            limits: table.limits,
+            redactor: &table.redactor,
+            names: &[],
+            fields: Vec::new(),
+            spans: Vec::new(),
+        };
+        let mut firing = Firing { table, site, fields, spans: None, ctx, views };
+        periscope_agent_core::errors::fire_error(
+            &self.shared.core,
+            &table.budgets,
+            &table.errors,
+            &occurrence,
+            &mut firing,
+        );
+    }
+
+    /// Runs the error-capture actions for a panic on this thread (called by the panic
+    /// hook, inside the dispatcher this layer is part of): the span stack comes from the
+    /// dispatcher's registry, the backtrace from here.
+    #[cold]
+    pub(crate) fn on_panic(&self, info: &std::panic::PanicHookInfo<'_>, dispatch: &tracing_core::Dispatch) {
+        let table = self.shared.table();
+        if table.errors.is_empty() {
+            return;
+        }
+        let occurrence = crate::panic::panic_occurrence(info);
+        let spans = match (dispatch.downcast_ref::<tracing_subscriber::Registry>(), dispatch.current_span().id()) {
+            (Some(registry), Some(id)) => match registry.span(id) {
+                Some(span) => raw_spans(span.scope(), &table),
+                None => Vec::new(),
+            },
+            _ => Vec::new(),
+        };
+        let fields =
+            vec![RawField { name: "message", value: crate::capture::Raw::Str(occurrence.error.message.clone(), None) }];
+        let views = Views {
+            limits: table.limits,
+            redactor: &table.redactor,
+            names: &[],
+            fields: Vec::new(),
+            spans: Vec::new(),
+        };
+        let mut site = PanicSite { fields, spans, views };
+        periscope_agent_core::errors::fire_error(
+            &self.shared.core,
+            &table.budgets,
+            &table.errors,
+            &occurrence,
+            &mut site,
+        );
+    }
+}
+
+/// A panic as the core's firing logic sees it: its message as the one field, the span
+/// stack read from the registry, and no clocks.
+struct PanicSite<'a> {
+    fields: Vec<RawField>,
+    spans: Vec<RawSpan>,
+    views: Views<'a>,
+}
+
+impl periscope_agent_core::fire::Site for PanicSite<'_> {
+    type Payload = Payload;
+    type Scope<'b>
+        = HotScope<'b>
+    where
+        Self: 'b;
+
+    fn scope(&mut self, _roots: &periscope_protocol::expr::Roots) -> HotScope<'_> {
+        if self.views.fields.len() != self.fields.len() {
+            self.views.fields = std::iter::repeat_with(OnceCell::new).take(self.fields.len()).collect();
+        }
+        HotScope { fields: &self.fields, spans: &[], views: &self.views }
+    }
+
+    fn capture(&mut self, _need: periscope_agent_core::fire::Need<'_>) -> Payload {
+        Payload {
+            meta: None,
+            fields: self.fields.clone(),
+            spans: self.spans.iter().map(|s| RawSpan { meta: s.meta, fields: s.fields.clone() }).collect(),
+            backtrace: Some(std::backtrace::Backtrace::force_capture()),
+        }
+    }
+
+    fn thread(&mut self) -> ThreadInfo {
+        current_thread()
+    }
+
+    fn start_clock(&mut self, _action: &Arc<Installed>, _now: u64) {}
+
+    fn stop_clock(&mut self, _action: &Arc<Installed>) -> Option<u64> {
+        None
+    }
+}
+
 /// What a condition or a metric value reads on the host's thread: the firing's fields
 /// and spans, each turned into the value a client will see (parsed, redacted, cut) the
 /// first time it is read. A field no expression reads is never parsed or redacted.
@@ -369,6 +486,15 @@ where
 {
     let Some(parent) = parent else { return Vec::new() };
     let Some(scope) = ctx.span_scope(parent) else { return Vec::new() };
+    raw_spans(scope, table)
+}
+
+/// The span stack from `scope` (innermost first), bounded by the capture limits, with
+/// the recorded fields of the innermost frames.
+fn raw_spans<'a, R>(scope: tracing_subscriber::registry::Scope<'a, R>, table: &Table) -> Vec<RawSpan>
+where
+    R: LookupSpan<'a>,
+{
     let max_frames = table.limits.max_frames as usize;
     let with_values = table.limits.frames_with_values as usize;
     scope

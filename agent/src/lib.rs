@@ -57,6 +57,7 @@ pub use periscope_agent_core::config;
 mod capture;
 pub mod debug_parse;
 mod layer;
+mod panic;
 mod state;
 
 use std::sync::Arc;
@@ -159,6 +160,24 @@ impl Agent {
             condition: condition.map(str::to_owned),
             expires_at_ms: u64::MAX,
             kind: ActionKind::Snapshot(SnapshotSpec { max_hits: u32::MAX, watch: Vec::new(), backtrace: false }),
+        };
+        let installed = Arc::new(Installed::new(spec, &quotas));
+        self.shared.install(vec![installed], Arc::new(Budgets::new(quotas)), CaptureLimits::default());
+        self.shared.rebuild_interest();
+    }
+
+    /// Installs a live error-capture action directly, without a broker (benchmarks of
+    /// what error capture costs while no error happens).
+    #[doc(hidden)]
+    pub fn install_errors_for_bench(&self, quotas: periscope_protocol::AgentQuotas) {
+        use periscope_agent_core::{Budgets, Installed};
+        use periscope_protocol::{ActionId, ActionKind, ActionSpec, CaptureLimits, ErrorCaptureSpec};
+        let spec = ActionSpec {
+            id: ActionId::generate(),
+            location: ErrorCaptureSpec::location(),
+            condition: None,
+            expires_at_ms: u64::MAX,
+            kind: ActionKind::CaptureErrors(ErrorCaptureSpec::default()),
         };
         let installed = Arc::new(Installed::new(spec, &quotas));
         self.shared.install(vec![installed], Arc::new(Budgets::new(quotas)), CaptureLimits::default());

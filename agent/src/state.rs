@@ -50,6 +50,8 @@ pub(crate) struct CallsiteActions {
 pub(crate) struct Table {
     pub(crate) actions: HashMap<ActionId, Arc<Installed>>,
     pub(crate) by_callsite: HashMap<Identifier, CallsiteActions>,
+    /// Live error-capture actions: every ERROR event and every panic is theirs.
+    pub(crate) errors: Vec<Arc<Installed>>,
     /// Record span fields (for span stacks) while any snapshot is live.
     pub(crate) record_spans: bool,
     /// What the agent's level hint asks for.
@@ -66,6 +68,7 @@ impl Table {
         Table {
             actions: HashMap::new(),
             by_callsite: HashMap::new(),
+            errors: Vec::new(),
             record_spans: false,
             max_level: LevelFilter::OFF,
             budgets: Arc::new(Budgets::new(AgentQuotas::default())),
@@ -78,6 +81,13 @@ impl Table {
     pub(crate) fn wants(&self, meta: &Metadata<'_>) -> bool {
         self.by_callsite.contains_key(&meta.callsite())
             || (self.record_spans && meta.is_span() && *meta.level() <= SPAN_RECORD_LEVEL)
+            || (self.captures_error(meta))
+    }
+
+    /// Whether `meta` is an ERROR event and an error-capture action is live.
+    #[inline]
+    pub(crate) fn captures_error(&self, meta: &Metadata<'_>) -> bool {
+        !self.errors.is_empty() && *meta.level() == Level::ERROR && meta.is_event()
     }
 }
 
@@ -105,10 +115,18 @@ pub(crate) struct Shared {
     pub(crate) core: Arc<Core<Payload>>,
     /// Fast idle check: false when no action is installed.
     pub(crate) active: AtomicBool,
+    /// Whether any action is placed at a callsite (else `enabled` decides from the two
+    /// flags below, without reading the table).
+    pub(crate) placed: AtomicBool,
+    /// Whether spans are recorded (the table's `record_spans`).
+    pub(crate) record_spans: AtomicBool,
     table: RwLock<Arc<Table>>,
     catalog: Mutex<Catalog>,
     /// The dispatchers our layer is part of.
     dispatches: Mutex<Vec<tracing_core::dispatcher::WeakDispatch>>,
+    /// Whether this agent counts in [`crate::panic::LIVE`] (an error-capture action is
+    /// installed).
+    errors_live: AtomicBool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -117,15 +135,39 @@ impl std::fmt::Debug for Shared {
     }
 }
 
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if self.errors_live.load(Ordering::Acquire) {
+            crate::panic::LIVE.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
 impl Shared {
+    /// Whether the layer wants `meta` when no action is placed at any callsite: spans to
+    /// record, and ERROR events while an error capture is live. Reads two flags, not the
+    /// table: with only an error capture live, every event the host logs is decided in
+    /// a few instructions.
+    #[inline]
+    pub(crate) fn wants_unplaced(&self, meta: &Metadata<'_>) -> bool {
+        let level = *meta.level();
+        if meta.is_span() {
+            return level <= SPAN_RECORD_LEVEL && self.record_spans.load(Ordering::Relaxed);
+        }
+        level == Level::ERROR && self.errors_live.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn new(core: Arc<Core<Payload>>) -> Self {
         let redactor = core.redactor();
         Shared {
             core,
             active: AtomicBool::new(false),
+            placed: AtomicBool::new(false),
+            record_spans: AtomicBool::new(false),
             table: RwLock::new(Arc::new(Table::empty(redactor))),
             catalog: Mutex::new(Catalog::default()),
             dispatches: Mutex::new(Vec::new()),
+            errors_live: AtomicBool::new(false),
         }
     }
 
@@ -177,11 +219,25 @@ impl Shared {
 
     fn set_table(&self, table: Table) {
         let active = !table.actions.is_empty();
+        let errors = !table.errors.is_empty();
+        let (placed, record_spans) = (!table.by_callsite.is_empty(), table.record_spans);
+        if errors {
+            crate::panic::ensure_installed();
+        }
+        if self.errors_live.swap(errors, Ordering::AcqRel) != errors {
+            if errors {
+                crate::panic::LIVE.fetch_add(1, Ordering::AcqRel);
+            } else {
+                crate::panic::LIVE.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
         let table = Arc::new(table);
         match self.table.write() {
             Ok(mut t) => *t = table,
             Err(poisoned) => *poisoned.into_inner() = table,
         }
+        self.placed.store(placed, Ordering::Release);
+        self.record_spans.store(record_spans, Ordering::Release);
         self.active.store(active, Ordering::Release);
     }
 
@@ -248,7 +304,15 @@ impl Shared {
         let mut by_callsite: HashMap<Identifier, CallsiteActions> = HashMap::new();
         let mut matched = Vec::with_capacity(specs.len());
         let mut max_level = LevelFilter::OFF;
+        let mut errors = Vec::new();
         for action in &specs {
+            if action.errors.is_some() {
+                // Everywhere at once: ERROR events (through `wants`) and panics.
+                errors.push(Arc::clone(action));
+                max_level = max_level.max(LevelFilter::ERROR);
+                matched.push((Arc::clone(action), 1));
+                continue;
+            }
             let mut count = 0u32;
             for id in &catalog.order {
                 let Some(known) = catalog.known.get(id) else { continue };
@@ -286,7 +350,7 @@ impl Shared {
             max_level = LevelFilter::TRACE;
         }
         let actions = specs.into_iter().map(|a| (a.spec.id.clone(), a)).collect();
-        self.set_table(Table { actions, by_callsite, record_spans, max_level, budgets, limits, redactor });
+        self.set_table(Table { actions, by_callsite, errors, record_spans, max_level, budgets, limits, redactor });
         matched
     }
 
@@ -319,7 +383,7 @@ impl Runtime for Shared {
             language: "rust".into(),
             runtime: format!("rust ({} {})", std::env::consts::OS, std::env::consts::ARCH),
             agent_version: env!("CARGO_PKG_VERSION").into(),
-            capabilities: vec!["snapshot".into(), "backtrace".into(), "span_stack".into()],
+            capabilities: vec!["snapshot".into(), "backtrace".into(), "span_stack".into(), "capture_errors".into()],
         }
     }
 

@@ -13,6 +13,9 @@
 //!   quotas raised so that every event is a hit: the cost on the host's thread of one
 //!   captured hit (fields, Debug text of a nested struct, span stack, enqueue). The
 //!   agent's own thread parses, truncates, redacts and sends off the hot path.
+//! - `errors_live/*`: the logged, filtered and spanned events (`spanned`: a span of its
+//!   own around the logged event) while an error-capture action is live and no error
+//!   happens, beside `*/agent_idle`: what capture on error costs while nothing fails.
 //! - `condition/false_plain_field`: a snapshot on the INFO event whose condition
 //!   (`order_id == 7`) is false: the cost of deciding not to capture.
 //! - `condition/false_redacted_field`: a snapshot on a login event whose condition
@@ -68,6 +71,13 @@ fn login(order: &Order) {
     tracing::info!(user_id = order.id, password = "correct horse battery staple", "login attempt");
 }
 
+/// A request: a span of its own around the logged event.
+#[inline(never)]
+fn spanned(order: &Order) {
+    let _span = tracing::info_span!("handle", order_id = order.id).entered();
+    logged(order);
+}
+
 #[inline(never)]
 fn filtered(order: &Order) {
     tracing::debug!(order_id = order.id, order = ?order, "order details");
@@ -113,6 +123,7 @@ fn bench_agent(c: &mut Criterion) {
     let with_agent = Dispatch::new(tracing_subscriber::registry().with(host_layer()).with(idle.layer()));
     run_in_span(&with_agent, c, "logged/agent_idle", logged);
     run_in_span(&with_agent, c, "filtered/agent_idle", filtered);
+    run_in_span(&with_agent, c, "spanned/agent_idle", spanned);
 
     // Install a snapshot on the logged callsite, with budgets that let every event hit.
     let quotas = AgentQuotas {
@@ -122,6 +133,11 @@ fn bench_agent(c: &mut Criterion) {
         cpu_burst_micros: 60_000_000,
         ..AgentQuotas::default()
     };
+    // A live error capture while no error happens, side by side with the idle agent.
+    idle.install_errors_for_bench(quotas);
+    run_in_span(&with_agent, c, "errors_live/logged", logged);
+    run_in_span(&with_agent, c, "errors_live/filtered", filtered);
+    run_in_span(&with_agent, c, "errors_live/spanned", spanned);
     idle.install_for_bench(file!(), LOGGED_LINE, Some("order_id == 7"), quotas);
     run_in_span(&with_agent, c, "condition/false_plain_field", logged);
     // The login callsite registers on its first event.

@@ -41,6 +41,13 @@ fn login(order: &Order) {
     tracing::info!(user_id = order.id, password = "correct horse battery staple", "login attempt");
 }
 
+/// A request: a span of its own around the logged event (span-heavy hosts).
+#[inline(never)]
+fn spanned(order: &Order) {
+    let _span = tracing::info_span!("handle", order_id = order.id).entered();
+    logged(order);
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let mode = args.next().unwrap_or_else(|| "none".into());
@@ -84,6 +91,8 @@ fn main() {
         let plain = if which == "login" { "user_id == 7" } else { "order_id == 7" };
         match mode.as_str() {
             "capture" => a.install_for_bench(file!(), LOGGED_LINE, None, quotas),
+            // A live error capture while no error happens: what it costs the host.
+            "errors" => a.install_errors_for_bench(quotas),
             "cond_plain" => a.install_for_bench(file!(), line, Some(plain), quotas),
             "cond_redacted" => a.install_for_bench(file!(), LOGIN_LINE, Some(r#"password == "hunter2""#), quotas),
             _ => {}
@@ -92,6 +101,7 @@ fn main() {
     let f: fn(&Order) = match which.as_str() {
         "filtered" => filtered,
         "login" => login,
+        "spanned" => spanned,
         _ => logged,
     };
     tracing::dispatcher::with_default(&dispatch, || {

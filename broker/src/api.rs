@@ -9,6 +9,8 @@
 //! | POST | `/actions` | place a snapshot (body: [`PlaceBody`]) |
 //! | POST | `/logs` | place a dynamic log (body: [`LogRequest`], the `place_log` tool's arguments) |
 //! | POST | `/metrics` | place a dynamic metric (body: [`MetricRequest`], the `place_metric` tool's arguments) |
+//! | POST | `/errors/capture` | capture errors on a target (body: [`ErrorCaptureRequest`], the `capture_errors` tool's arguments) |
+//! | GET | `/errors` | the distinct errors, newest first (`pool`, `tag`, `service`, `since_ms`, `limit`, `snapshots`; the `list_errors` tool) |
 //! | GET | `/actions` | actions (`status`, `target`, `created_by`) |
 //! | GET | `/actions/{action_id}` | one action with per-agent status |
 //! | DELETE | `/actions/{action_id}` | remove an action |
@@ -43,7 +45,9 @@ use serde::Deserialize;
 use crate::AppState;
 use crate::auth::{CallCharge, Principal, Role, Scope, require_role, require_scope};
 use crate::engine::requests::{check_limit, check_wait_seconds};
-use crate::engine::{ActionFilter, ActionStatus, ActionView, HitsPage, LogRequest, MetricRequest, SnapshotRequest};
+use crate::engine::{
+    ActionFilter, ActionStatus, ActionView, ErrorCaptureRequest, HitsPage, LogRequest, MetricRequest, SnapshotRequest,
+};
 use crate::error::ApiError;
 use crate::query::{self, AgentFilter, Page, PoolView, SourceFilter, SourceView};
 use crate::registry::AgentView;
@@ -71,6 +75,8 @@ pub fn router() -> Router<AppState> {
         )
         .route("/logs", axum::routing::post(place_log.layer(write())))
         .route("/metrics", axum::routing::post(place_metric.layer(write())))
+        .route("/errors/capture", axum::routing::post(capture_errors.layer(write())))
+        .route("/errors", get(list_errors.layer(read())))
         .route("/health", get(health.layer(from_fn_with_state(Scope::SystemRead, require_scope))))
         .route("/pools", get(list_pools.layer(agents())))
         .route("/cluster", get(cluster.layer(from_fn_with_state(Scope::Admin, require_scope))))
@@ -402,6 +408,51 @@ async fn place_metric(
 ) -> Result<(axum::http::StatusCode, Json<ActionView>), ApiError> {
     let Json(req) = body.map_err(|e| ApiError::body_rejected(&e))?;
     Ok((axum::http::StatusCode::CREATED, Json(state.engine.place_metric(req, &principal).await?)))
+}
+
+async fn capture_errors(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    body: Result<Json<ErrorCaptureRequest>, JsonRejection>,
+) -> Result<(axum::http::StatusCode, Json<ActionView>), ApiError> {
+    let Json(req) = body.map_err(|e| ApiError::body_rejected(&e))?;
+    Ok((axum::http::StatusCode::CREATED, Json(state.engine.place_capture_errors(req, &principal).await?)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ErrorsQuery {
+    pool: Option<String>,
+    tag: Option<String>,
+    service: Option<String>,
+    since_ms: Option<u64>,
+    limit: Option<usize>,
+    snapshots: Option<bool>,
+}
+
+/// `GET /api/v1/errors`: the `list_errors` answer.
+#[derive(Debug, serde::Serialize)]
+struct ErrorsPage {
+    errors: Vec<crate::engine::ErrorView>,
+    count: usize,
+}
+
+async fn list_errors(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    q: Result<Query<ErrorsQuery>, QueryRejection>,
+) -> ApiResult<ErrorsPage> {
+    let q = query_params(q)?;
+    let query = crate::engine::ErrorQuery {
+        pool: q.pool,
+        tags: tags(q.tag.as_deref()),
+        service: q.service,
+        since_ms: q.since_ms,
+        limit: q.limit,
+        snapshots: q.snapshots,
+    };
+    let errors = state.engine.list_errors(&query, &principal).await?;
+    Ok(Json(ErrorsPage { count: errors.len(), errors }))
 }
 
 async fn get_lines(

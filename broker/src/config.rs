@@ -221,11 +221,21 @@ pub struct StoreSettings {
     /// How long audit entries are kept, in days (an audit trail usually outlives the
     /// data it describes).
     pub audit_retention_days: u64,
+    /// Bytes of agents' hits, lines and metric figures that may wait for the database
+    /// writer. When it is full, agents' sessions wait for the writer to commit (and TCP
+    /// pushes back to the agents) rather than queuing without bound. (A single frame
+    /// larger than this still goes in, alone.)
+    pub max_queued_bytes: u64,
 }
 
 impl Default for StoreSettings {
     fn default() -> Self {
-        StoreSettings { max_ended_actions_per_org: 1_000, hit_retention_days: 10, audit_retention_days: 90 }
+        StoreSettings {
+            max_ended_actions_per_org: 1_000,
+            hit_retention_days: 10,
+            audit_retention_days: 90,
+            max_queued_bytes: crate::store::DEFAULT_MAX_QUEUED_BYTES,
+        }
     }
 }
 
@@ -517,6 +527,13 @@ impl BrokerConfig {
             if !(1..=3_650).contains(&range) {
                 return Err(ConfigError::Invalid { key: key.into(), message: format!("{range} is outside 1..=3650") });
             }
+        }
+        let (min, max) = (64 * 1024, 4 * 1024 * 1024 * 1024 - 1);
+        if !(min..=max).contains(&self.store.max_queued_bytes) {
+            return Err(ConfigError::Invalid {
+                key: "store.max_queued_bytes".into(),
+                message: format!("{} is outside {min}..={max}", self.store.max_queued_bytes),
+            });
         }
         if !(MIN_ENDED_PER_ORG..=1_000_000).contains(&self.store.max_ended_actions_per_org) {
             return Err(ConfigError::Invalid {

@@ -52,6 +52,9 @@ const MAX_HIT_BATCH: usize = 64;
 /// Most bytes of hit frames stored together (a bound on one call to the store).
 const MAX_HIT_BATCH_BYTES: usize = 1 << 20;
 
+/// What a session's WebSocket reads at a time and its read buffer starts at.
+const READ_BUFFER: usize = 2 * 1024;
+
 /// `GET /agents`: authenticates the agent key and upgrades.
 pub async fn agents_ws(State(state): State<AppState>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
     let Some(key) = crate::auth::bearer(&headers) else {
@@ -67,7 +70,11 @@ pub async fn agents_ws(State(state): State<AppState>, headers: HeaderMap, ws: We
         }
         Err(_) => return unauthorized("the agent key is not recognized"),
     };
-    ws.read_buffer_size(8 * 1024)
+    // The read buffer grows to hold the largest frame read and keeps that size; it
+    // starts (and reads) at 2 KiB, so a session that takes in hits of about 2 KB and
+    // catalogs in frames of `CATALOG_FRAME_BYTES` holds about 5 KiB (8 KiB reads, as
+    // before, left 32 KiB per session after such frames).
+    ws.read_buffer_size(READ_BUFFER)
         .write_buffer_size(0)
         .max_write_buffer_size(4 * MAX_FRAME_BYTES)
         .max_message_size(MAX_FRAME_BYTES)
@@ -399,7 +406,7 @@ async fn run(
     socket: &mut WebSocket,
     sender: &Sender,
     credentials: &AgentCredentials,
-    mut rx: mpsc::Receiver<BrokerMessage>,
+    mut rx: mpsc::Receiver<crate::registry::Queued>,
     budget: &mut SessionBudget,
 ) -> String {
     let agent_id = &sender.id;
@@ -420,8 +427,8 @@ async fn run(
                 let mut frame = frame;
                 let mut hits: Vec<periscope_protocol::Hit> = Vec::new();
                 let mut batched = 0usize;
+                let mut catalog = false;
                 let end: Option<String> = 'frames: loop {
-                    last_heard = tokio::time::Instant::now();
                     match frame {
                         Some(Ok(Message::Text(text))) => {
                             state.registry.touch(agent_id);
@@ -445,9 +452,11 @@ async fn run(
                                             batched += size as usize;
                                             hits.push(*hit);
                                         } else if let Some(err) = {
+                                            catalog |= matches!(msg, AgentMessage::Catalog(_));
                                             // What came before it is stored first.
-                                            flush_hits(state, sender, &mut hits).await;
-                                            handle(state, sender, msg).await
+                                            // Boxed: the session task stays small between frames.
+                                            Box::pin(flush_hits(state, sender, &mut hits, &mut batched)).await;
+                                            Box::pin(handle(state, sender, msg, size as usize)).await
                                         } {
                                             bad_frames += 1;
                                             state.registry.count_drop(agent_id, DropReason::BadFrame, 1);
@@ -527,7 +536,13 @@ async fn run(
                         None => break 'frames None,
                     }
                 };
-                flush_hits(state, sender, &mut hits).await;
+                Box::pin(flush_hits(state, sender, &mut hits, &mut batched)).await;
+                // Heard now: time spent waiting on the store is not the agent's silence.
+                last_heard = tokio::time::Instant::now();
+                // Its catalog frames have stopped coming (for now): shared from here on.
+                if catalog {
+                    state.registry.settle_catalog(agent_id);
+                }
                 if let Some(reason) = end {
                     return reason;
                 }
@@ -535,10 +550,20 @@ async fn run(
             out = rx.recv() => {
                 match out {
                     Some(msg) => if !send(socket, &msg).await { return "the socket failed".into() },
-                    // The registry dropped our sender: replaced by a newer session or too slow.
+                    // The registry dropped our sender: replaced by a newer session, or the
+                    // agent stopped reading and its queue filled up. It is told which.
                     None => {
-                        let _ = socket.send(Message::Close(None)).await;
-                        return "replaced by a newer session or disconnected for being too slow".into();
+                        let replaced = state.registry.with(agent_id, |r| r.conn.is_some()).unwrap_or(false);
+                        let msg = if replaced {
+                            "replaced by a newer session of this agent id".to_owned()
+                        } else {
+                            format!(
+                                "too slow: the agent read none of its last {AGENT_QUEUE} messages from the broker \
+                                 (outbound_queue_full); it reconnects and resyncs"
+                            )
+                        };
+                        refuse(socket, error_body(ProtocolErrorCode::RateLimited, msg.clone(), true)).await;
+                        return msg;
                     }
                 }
             }
@@ -592,14 +617,18 @@ fn dropped(
     budget.dropped(&state.config.ingest, over, what)
 }
 
-/// Stores the hits read together (one call to the store) and counts what became of each.
-async fn flush_hits(state: &AppState, from: &Sender, hits: &mut Vec<periscope_protocol::Hit>) {
+/// Stores the hits read together (`bytes` of frames, one call to the store) and counts
+/// what became of each. Waits first for room in the store's queue: while the writer is
+/// behind, the session reads nothing more and TCP pushes back to the agent.
+async fn flush_hits(state: &AppState, from: &Sender, hits: &mut Vec<periscope_protocol::Hit>, bytes: &mut usize) {
     if hits.is_empty() {
         return;
     }
+    let permit = state.engine.reserve_ingest(std::mem::take(bytes), hits.len()).await;
     for outcome in state.engine.ingest_hits(from, std::mem::take(hits)).await {
         count_hit(state, &from.id, outcome);
     }
+    state.engine.ingest_queued(permit);
 }
 
 /// Counts what became of a hit on the agent's record.
@@ -613,9 +642,9 @@ fn count_hit(state: &AppState, agent_id: &periscope_protocol::AgentId, outcome: 
     }
 }
 
-/// Applies one message; returns an error frame for messages that are well-formed but
-/// wrong in context.
-async fn handle(state: &AppState, from: &Sender, msg: AgentMessage) -> Option<ProtocolErrorBody> {
+/// Applies one message (a frame of `size` bytes); returns an error frame for messages
+/// that are well-formed but wrong in context.
+async fn handle(state: &AppState, from: &Sender, msg: AgentMessage, size: usize) -> Option<ProtocolErrorBody> {
     let agent_id = &from.id;
     match msg {
         AgentMessage::Register(_) => Some(error_body(
@@ -651,18 +680,28 @@ async fn handle(state: &AppState, from: &Sender, msg: AgentMessage) -> Option<Pr
             None
         }
         AgentMessage::Hit(hit) => {
+            let permit = state.engine.reserve_ingest(size, 1).await;
             count_hit(state, agent_id, state.engine.ingest_hit(from, *hit).await);
+            state.engine.ingest_queued(permit);
             None
         }
         AgentMessage::LogLines { lines } => {
+            let permit = state.engine.reserve_ingest(size, lines.len()).await;
             let outcome = state.engine.ingest_lines(from, lines).await;
+            state.engine.ingest_queued(permit);
             if outcome.rate_limited > 0 {
                 state.registry.count_drop(agent_id, DropReason::LogRate, outcome.rate_limited as u64);
             }
             None
         }
         AgentMessage::Metrics { reports } => {
+            let permit = state.engine.reserve_ingest(size, reports.len()).await;
             state.engine.ingest_metrics(from, reports).await;
+            state.engine.ingest_queued(permit);
+            None
+        }
+        AgentMessage::ErrorCounts { reports } => {
+            state.engine.ingest_error_counts(from, reports).await;
             None
         }
         AgentMessage::Goodbye { .. } => None,

@@ -42,6 +42,7 @@ pub mod audit;
 pub mod audit_repeats;
 pub mod auth;
 pub mod backend;
+pub mod catalog;
 pub mod cluster;
 pub mod config;
 pub mod engine;
@@ -283,6 +284,30 @@ async fn prometheus(
         let _ = writeln!(out, "periscope_redis_up {}", u8::from(redis.is_up()));
     }
     let _ = writeln!(out, "periscope_actions_live {live}");
+    if let Some(q) = state.engine.store_queue() {
+        for (name, help, value) in [
+            ("periscope_store_queue_bytes", "Bytes of hits, lines and figures queued for the store's writer.", q.bytes),
+            ("periscope_store_queue_rows", "Hits, lines and figures queued for the store's writer.", q.rows),
+            ("periscope_store_queue_peak_bytes", "The most bytes queued for the store's writer at once.", q.peak_bytes),
+            ("periscope_store_queue_capacity_bytes", "Room agents' sessions may reserve in that queue.", q.capacity),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} gauge");
+            let _ = writeln!(out, "{name} {value}");
+        }
+        let name = "periscope_store_ingest_waits_total";
+        let _ = writeln!(out, "# HELP {name} Times an agent's session waited for the store's writer (backpressure).");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        let _ = writeln!(out, "{name} {}", q.waits);
+    }
+    let catalogs = state.registry.catalog_stats();
+    let _ =
+        writeln!(out, "# HELP periscope_catalogs_distinct Distinct agent catalogs held (shared by identical agents).");
+    let _ = writeln!(out, "# TYPE periscope_catalogs_distinct gauge");
+    let _ = writeln!(out, "periscope_catalogs_distinct {}", catalogs.catalogs);
+    let _ = writeln!(out, "# HELP periscope_catalog_bytes Bytes those catalogs are charged, each counted once.");
+    let _ = writeln!(out, "# TYPE periscope_catalog_bytes gauge");
+    let _ = writeln!(out, "periscope_catalog_bytes {}", catalogs.bytes);
     for (name, help, value) in [
         ("periscope_hits_accepted_total", "Snapshot hits stored.", stats.hits_accepted),
         (
@@ -342,6 +367,7 @@ async fn prometheus(
             ("bad_frame", d.bad_frames),
             ("protocol_error", d.protocol_errors),
             ("ping_timeout", d.ping_timeouts),
+            ("outbound_queue_full", d.queue_full),
             ("unavailable", d.unavailable),
             ("lease_lost", d.lease_lost),
         ] {
@@ -503,7 +529,7 @@ pub async fn run(
             dir.display()
         );
     }
-    let (store, mut loaded) = store::Store::open(&dir)?;
+    let (store, mut loaded) = store::Store::open_with(&dir, config.store.max_queued_bytes)?;
     // Agent ids stay bound to their keys across restarts.
     registry.identities().restore(std::mem::take(&mut loaded.identities), store.handle());
     let rules = rules::Rules::new(config.redaction.clone())?;
@@ -539,7 +565,8 @@ pub async fn run(
                     backend::redis::RedisEvents::start(redis.clone(), stop_rx.clone()),
                 )
                 .with_audit(audit.clone())
-                .with_rule_store(rule_store.clone());
+                .with_rule_store(rule_store.clone())
+                .with_errors(Arc::new(backend::redis::RedisErrors::new(redis.clone())));
             let directory = backend::redis::RedisDirectory::start(redis.clone(), node_name.clone(), stop_rx.clone());
             Wired { engine, audit, directory, redis: Some(redis), rule_store }
         }

@@ -261,7 +261,7 @@ pub fn list_sources(
         if !a.matches(filter.pool.as_deref(), &filter.tags) || (!filter.include_offline && !a.online()) {
             return;
         }
-        for e in a.catalog.values() {
+        for (e, hits) in a.catalog.iter() {
             if !source_matches(e, file.as_deref(), name.as_deref(), text.as_deref()) {
                 continue;
             }
@@ -280,13 +280,13 @@ pub fn list_sources(
                 agents: 0,
                 agent_ids: Vec::new(),
             });
-            view.hits += e.hits;
+            view.hits += hits;
             view.agents += 1;
             if view.agent_ids.len() < 5 {
                 view.agent_ids.push(a.info.agent_id.clone());
             }
         }
-        for f in a.files.values() {
+        for f in a.catalog.files() {
             for view in file_sources(f) {
                 let e = CatalogEntry {
                     file: view.file.clone(),

@@ -14,10 +14,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
-use periscope_protocol::{AgentId, BrokerMessage, CatalogEntry, FileLines, Heartbeat, LocationKind, Registration};
+use periscope_protocol::{AgentId, BrokerMessage, CatalogEntry, FileLines, Heartbeat, Registration};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use crate::catalog::{AgentCatalog, Bounds, Interner, InternerStats};
+pub use crate::catalog::{CatalogOutcome, PublishedCatalog};
 use crate::identity::{Identities, Mismatch, check_binding};
 use crate::time::now_ms;
 
@@ -25,13 +27,17 @@ use crate::time::now_ms;
 /// disconnected (and resynced when it comes back) rather than buffered without end.
 pub const AGENT_QUEUE: usize = 256;
 
+/// A message queued for an agent: boxed, so that an idle session's queue (allocated a
+/// block of slots at a time) costs a pointer per slot rather than a whole message.
+pub type Queued = Box<BrokerMessage>;
+
 /// The sending half of a live agent session.
 #[derive(Debug, Clone)]
 pub struct Connection {
     /// Distinguishes sessions of the same agent id (reconnects).
     pub session: u64,
     /// Frames to the agent.
-    pub tx: mpsc::Sender<BrokerMessage>,
+    pub tx: mpsc::Sender<Queued>,
 }
 
 /// What the broker knows about one agent.
@@ -49,13 +55,10 @@ pub struct AgentRecord {
     pub offline_since_ms: Option<u64>,
     /// Why it went offline.
     pub disconnect_reason: Option<String>,
-    /// Inspectable locations by identity.
-    pub catalog: HashMap<(String, u32, LocationKind, String), CatalogEntry>,
-    /// Source files with their executable lines (languages where every line is a
-    /// location), by path.
-    pub files: HashMap<String, FileLines>,
-    /// The memory the catalog holds ([`CatalogEntry::footprint`], [`FileLines::footprint`]).
-    pub catalog_bytes: usize,
+    /// Inspectable locations: callsites and, for languages where every line is a
+    /// location, whole source files; shared with every agent that published the same
+    /// ([`crate::catalog`]).
+    pub catalog: AgentCatalog,
     /// Counters from the last heartbeat.
     pub stats: Heartbeat,
     /// Hits accepted from this agent.
@@ -129,18 +132,6 @@ pub struct AgentSnapshot {
     pub catalog_version: u64,
 }
 
-/// An agent's catalog as its node publishes it for the other nodes of a cluster, so that
-/// placing on it from any node validates the location the same way: its callsites and,
-/// for languages where any line can be inspected, its whole files.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct PublishedCatalog {
-    /// Callsites.
-    pub entries: Vec<CatalogEntry>,
-    /// Whole files with their executable lines and functions.
-    #[serde(default)]
-    pub files: Vec<FileLines>,
-}
-
 /// What the broker dropped from one agent, by reason (the agent's own drops are in its
 /// heartbeat [`stats`](AgentView::stats)).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,6 +167,9 @@ pub struct IngestDrops {
     pub protocol_errors: u64,
     /// Sessions closed because the agent stopped answering pings.
     pub ping_timeouts: u64,
+    /// Sessions closed because the agent read none of the messages queued for it
+    /// ([`AGENT_QUEUE`]) and the queue filled up.
+    pub queue_full: u64,
 }
 
 /// Why the broker dropped something an agent sent.
@@ -203,6 +197,8 @@ pub enum DropReason {
     ProtocolError,
     /// A session closed for not answering pings.
     PingTimeout,
+    /// A session closed because the agent did not read its queue.
+    QueueFull,
     /// The shared state could not be reached to store it.
     Unavailable,
     /// The agent's lease moved to another node.
@@ -224,6 +220,7 @@ impl DropReason {
             DropReason::BadFrame => "bad_frame",
             DropReason::ProtocolError => "protocol_error",
             DropReason::PingTimeout => "ping_timeout",
+            DropReason::QueueFull => "outbound_queue_full",
             DropReason::Unavailable => "unavailable",
             DropReason::LeaseLost => "lease_lost",
         }
@@ -322,7 +319,7 @@ impl AgentRecord {
             last_seen_ms: self.last_seen_ms,
             offline_since_ms: self.offline_since_ms,
             disconnect_reason: self.disconnect_reason.clone(),
-            locations: self.catalog.len() + self.files.values().map(|f| f.lines.len() as usize).sum::<usize>(),
+            locations: self.catalog.locations(),
             stats: self.stats.clone(),
             hits_accepted: self.hits_accepted,
             hits_refused: self.hits_refused,
@@ -350,15 +347,6 @@ pub enum RegisterRefusal {
     Full(usize),
 }
 
-/// What became of a catalog update.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CatalogOutcome {
-    /// Entries not kept (over the entry or byte bound, or beyond one frame's share).
-    pub ignored: usize,
-    /// Entries kept but cut to their bounds.
-    pub cut: usize,
-}
-
 /// A message for an agent another node holds: the node, the agent, the message.
 pub type Outbound = (String, AgentId, BrokerMessage);
 
@@ -378,6 +366,8 @@ pub struct Registry {
     max_catalog_bytes: usize,
     max_per_org: usize,
     identities: Arc<Identities>,
+    /// Every distinct catalog, once.
+    catalogs: Interner,
 }
 
 impl Registry {
@@ -393,6 +383,7 @@ impl Registry {
             max_catalog_bytes: 4 * 1024 * 1024,
             max_per_org: 10_000,
             identities: Arc::new(Identities::new(7 * 86_400_000, 100_000)),
+            catalogs: Interner::default(),
         }
     }
 
@@ -440,10 +431,7 @@ impl Registry {
                 dropped: r.dropped,
                 catalog_version: r.catalog_version,
             };
-            let catalog = catalog.then(|| PublishedCatalog {
-                entries: r.catalog.values().cloned().collect(),
-                files: r.files.values().cloned().collect(),
-            });
+            let catalog = catalog.then(|| r.catalog.published());
             out.push((snap, catalog));
         }
         out
@@ -481,9 +469,7 @@ impl Registry {
             last_seen_ms: snap.last_seen_ms,
             offline_since_ms: snap.offline_since_ms,
             disconnect_reason: None,
-            catalog: HashMap::new(),
-            files: HashMap::new(),
-            catalog_bytes: 0,
+            catalog: AgentCatalog::empty(&self.catalogs),
             stats: Heartbeat::default(),
             hits_accepted: 0,
             hits_refused: 0,
@@ -516,11 +502,7 @@ impl Registry {
         rec.hits_refused = snap.hits_refused;
         rec.dropped = snap.dropped;
         if let Some(published) = catalog {
-            rec.catalog =
-                published.entries.into_iter().map(|e| ((e.file.clone(), e.line, e.kind, e.name.clone()), e)).collect();
-            rec.files = published.files.into_iter().map(|f| (f.file.clone(), f)).collect();
-            rec.catalog_bytes = rec.catalog.values().map(CatalogEntry::footprint).sum::<usize>()
-                + rec.files.values().map(FileLines::footprint).sum::<usize>();
+            rec.catalog = AgentCatalog::from_published(&self.catalogs, published);
             rec.catalog_version = snap.catalog_version;
         }
     }
@@ -634,7 +616,7 @@ impl Registry {
         info: Registration,
         org: &str,
         key_id: &str,
-        tx: mpsc::Sender<BrokerMessage>,
+        tx: mpsc::Sender<Queued>,
     ) -> Result<u64, RegisterRefusal> {
         // Counted before taking the entry: iterating while holding a shard lock would
         // deadlock. A race can overshoot the limit by the registrations in flight.
@@ -673,9 +655,7 @@ impl Registry {
                     last_seen_ms: now,
                     offline_since_ms: None,
                     disconnect_reason: None,
-                    catalog: HashMap::new(),
-                    files: HashMap::new(),
-                    catalog_bytes: 0,
+                    catalog: AgentCatalog::empty(&self.catalogs),
                     stats: Heartbeat::default(),
                     hits_accepted: 0,
                     hits_refused: 0,
@@ -738,51 +718,20 @@ impl Registry {
             return CatalogOutcome { ignored: entries.len() + files.len(), cut: 0 };
         };
         let rec = &mut *rec;
-        if full {
-            rec.catalog.clear();
-            rec.files.clear();
-            rec.catalog_bytes = 0;
-        }
-        let mut out = CatalogOutcome::default();
-        let per_frame = periscope_protocol::messages::MAX_CATALOG_ENTRIES_PER_FRAME;
-        out.ignored += entries.len().saturating_sub(per_frame);
-        for mut e in entries.into_iter().take(per_frame) {
-            if e.sanitize() {
-                out.cut += 1;
-            }
-            let key = (e.file.clone(), e.line, e.kind, e.name.clone());
-            let size = e.footprint();
-            let replaced = rec.catalog.get(&key).map_or(0, CatalogEntry::footprint);
-            let bytes_after = rec.catalog_bytes - replaced + size;
-            let full_entries = rec.catalog.len() >= self.max_catalog_entries && replaced == 0;
-            if full_entries || bytes_after > self.max_catalog_bytes {
-                out.ignored += 1;
-                continue;
-            }
-            rec.catalog_bytes = bytes_after;
-            rec.catalog.insert(key, e);
-        }
-        let per_frame = periscope_protocol::messages::MAX_CATALOG_FILES_PER_FRAME;
-        out.ignored += files.len().saturating_sub(per_frame);
-        for mut f in files.into_iter().take(per_frame) {
-            if f.sanitize() {
-                out.cut += 1;
-            }
-            let size = f.footprint();
-            let replaced = rec.files.get(&f.file).map_or(0, FileLines::footprint);
-            let bytes_after = rec.catalog_bytes - replaced + size;
-            let entries_now = rec.catalog.len() + rec.files.len();
-            if (entries_now >= self.max_catalog_entries && replaced == 0) || bytes_after > self.max_catalog_bytes {
-                out.ignored += 1;
-                continue;
-            }
-            rec.catalog_bytes = bytes_after;
-            rec.files.insert(f.file.clone(), f);
-        }
+        let bounds = Bounds { max_entries: self.max_catalog_entries, max_bytes: self.max_catalog_bytes };
+        let out = rec.catalog.update(bounds, full, entries, files);
         rec.dropped.catalog += (out.ignored + out.cut) as u64;
         rec.catalog_version += 1;
         self.mark(id, true);
         out
+    }
+
+    /// Shares the agent's catalog with the agents holding an equal one, once its catalog
+    /// frames stop coming ([`AgentCatalog::settle`]).
+    pub fn settle_catalog(&self, id: &AgentId) {
+        if let Some(mut rec) = self.agents.get_mut(id) {
+            rec.catalog.settle(&self.catalogs);
+        }
     }
 
     /// Counts a hit as accepted or refused.
@@ -812,6 +761,7 @@ impl Registry {
                 DropReason::BadFrame => d.bad_frames += n,
                 DropReason::ProtocolError => d.protocol_errors += n,
                 DropReason::PingTimeout => d.ping_timeouts += n,
+                DropReason::QueueFull => d.queue_full += n,
                 DropReason::Unavailable => d.unavailable += n,
                 DropReason::LeaseLost => d.lease_lost += n,
             }
@@ -859,14 +809,17 @@ impl Registry {
                 _ => false,
             };
         };
-        match tx.try_send(msg) {
+        match tx.try_send(Box::new(msg)) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!(agent = %id, "agent is not reading its queue; disconnecting it");
-                if let Some(mut rec) = self.agents.get_mut(id) {
+                if let Some(mut rec) = self.agents.get_mut(id)
+                    && rec.conn.as_ref().is_some_and(|c| c.tx.same_channel(&tx))
+                {
                     rec.conn = None;
                     rec.offline_since_ms = Some(now_ms());
                     rec.disconnect_reason = Some("too slow: its outbound queue filled up".into());
+                    rec.dropped.queue_full += 1;
+                    tracing::warn!(agent = %id, "agent is not reading its queue; disconnecting it");
                 }
                 false
             }
@@ -893,6 +846,12 @@ impl Registry {
     /// Delivers a message from another node to an agent held here.
     pub fn deliver(&self, id: &AgentId, msg: BrokerMessage) -> bool {
         if self.agents.get(id).is_some_and(|r| r.conn.is_some()) { self.send(id, msg) } else { false }
+    }
+
+    /// Distinct catalogs held and their bytes (each counted once, however many agents
+    /// share it).
+    pub fn catalog_stats(&self) -> InternerStats {
+        self.catalogs.stats()
     }
 
     /// Number of agents online.

@@ -5,7 +5,12 @@
 //! re-sent to agents when they reconnect).
 //!
 //! Action data and audit entries go through a channel to one writer thread that batches
-//! them into transactions: the async request path never waits on the disk. Reads of
+//! them into transactions: the async request path never waits on the disk. What agents
+//! send is bounded on its way in ([`IngestGate`]): a session reserves room before its
+//! hits, lines or figures are taken in, and the room comes back only once the writer has
+//! committed them, so a writer that falls behind slows the agents' sessions (and TCP
+//! pushes back to the agents, whose own bounded queues drop and count) instead of
+//! queuing without bound; nothing acknowledged is ever dropped. Reads of
 //! action data happen once, at start, to rebuild the in-memory book. The key directory
 //! ([`crate::keys`]) and audit queries ([`crate::audit`]) use connections of their own;
 //! WAL mode lets them read while the writer writes, and lets `periscope keys` change
@@ -290,6 +295,8 @@ enum Op {
     PurgeBefore(u64),
     PurgeAuditBefore(u64),
     Flush(mpsc::Sender<()>),
+    /// Room reserved by an agent session, given back once what it queued is committed.
+    Release(IngestPermit),
     Stop,
 }
 
@@ -347,12 +354,85 @@ impl Drop for WriterGone {
     }
 }
 
+/// Room the store keeps for what agents send by default: 64 MiB of frames queued for
+/// the writer and not yet committed.
+pub const DEFAULT_MAX_QUEUED_BYTES: u64 = 64 * 1024 * 1024;
+
+/// What one hit, line or metric report may add to its frame's bytes once stored (the
+/// ids, name and times the broker adds), reserved with the frame.
+pub const ROW_ALLOWANCE: usize = 512;
+
+/// The bound on what agents' sessions have queued for the writer: each reserves room
+/// for a frame's rows before taking them in and gets it back after the writer commits
+/// them. Also counts what is queued, for `/metrics`.
+#[derive(Debug)]
+pub struct IngestGate {
+    room: Arc<tokio::sync::Semaphore>,
+    capacity: u32,
+    /// Row bytes (hits, lines, figures) queued and not committed.
+    queued_bytes: AtomicU64,
+    /// Rows queued and not committed.
+    queued_rows: AtomicU64,
+    /// The most row bytes queued at once.
+    peak_bytes: AtomicU64,
+    /// Reservations that had to wait for the writer.
+    waits: AtomicU64,
+}
+
+/// Room reserved in the [`IngestGate`]; give it to [`StoreHandle::release_after_commit`]
+/// once the rows it covers are queued.
+#[derive(Debug)]
+pub struct IngestPermit {
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// What the writer's queue holds right now, for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Row bytes queued and not committed.
+    pub bytes: u64,
+    /// Rows queued and not committed.
+    pub rows: u64,
+    /// The most row bytes queued at once since the start.
+    pub peak_bytes: u64,
+    /// Reservations that waited for the writer to commit.
+    pub waits: u64,
+    /// The bound on reserved room, in bytes.
+    pub capacity: u64,
+}
+
+impl IngestGate {
+    fn new(capacity: u64) -> IngestGate {
+        let capacity = u32::try_from(capacity.max(64 * 1024)).unwrap_or(u32::MAX);
+        IngestGate {
+            room: Arc::new(tokio::sync::Semaphore::new(capacity as usize)),
+            capacity,
+            queued_bytes: AtomicU64::new(0),
+            queued_rows: AtomicU64::new(0),
+            peak_bytes: AtomicU64::new(0),
+            waits: AtomicU64::new(0),
+        }
+    }
+
+    fn queued(&self, bytes: usize) {
+        let now = self.queued_bytes.fetch_add(bytes as u64, Ordering::Relaxed) + bytes as u64;
+        self.queued_rows.fetch_add(1, Ordering::Relaxed);
+        self.peak_bytes.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn committed(&self, bytes: u64, rows: u64) {
+        self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.queued_rows.fetch_sub(rows, Ordering::Relaxed);
+    }
+}
+
 /// Handle to the writer thread.
 #[derive(Debug)]
 pub struct Store {
     tx: Queue,
     path: PathBuf,
     thread: Option<JoinHandle<()>>,
+    gate: Arc<IngestGate>,
 }
 
 impl std::fmt::Debug for Op {
@@ -370,6 +450,7 @@ impl std::fmt::Debug for Op {
             Op::PurgeBefore(_) => "PurgeBefore",
             Op::PurgeAuditBefore(_) => "PurgeAuditBefore",
             Op::Flush(_) => "Flush",
+            Op::Release(_) => "Release",
             Op::Stop => "Stop",
         })
     }
@@ -492,6 +573,12 @@ impl Store {
     /// Opens (creating if needed) `periscope.db` in `dir`; returns the store and what
     /// it holds.
     pub fn open(dir: &Path) -> Result<(Store, Loaded), StoreError> {
+        Store::open_with(dir, DEFAULT_MAX_QUEUED_BYTES)
+    }
+
+    /// [`Store::open`], with room for `max_queued_bytes` of agents' frames queued for the
+    /// writer ([`IngestGate`]).
+    pub fn open_with(dir: &Path, max_queued_bytes: u64) -> Result<(Store, Loaded), StoreError> {
         let conn = open_connection(dir)?;
         let path = db_path(dir);
         let loaded = Loaded {
@@ -504,11 +591,13 @@ impl Store {
         };
         let (tx, rx, progress) = Queue::new();
         let writer_path = path.clone();
+        let gate = Arc::new(IngestGate::new(max_queued_bytes));
+        let writer_gate = Arc::clone(&gate);
         let thread = std::thread::Builder::new()
             .name("periscope-store".into())
-            .spawn(move || writer(conn, rx, &progress, &writer_path))
+            .spawn(move || writer(conn, rx, &writer_path, &writer_gate, &progress))
             .map_err(|source| StoreError::Dir { path: dir.to_owned(), source })?;
-        Ok((Store { tx, path, thread: Some(thread) }, loaded))
+        Ok((Store { tx, path, thread: Some(thread), gate }, loaded))
     }
 
     /// The database file.
@@ -518,7 +607,7 @@ impl Store {
 
     /// A handle every part of the broker writes through (the same writer thread).
     pub fn handle(&self) -> StoreHandle {
-        StoreHandle { tx: self.tx.clone() }
+        StoreHandle { tx: self.tx.clone(), gate: Arc::clone(&self.gate) }
     }
 
     /// Waits until every write queued so far is on disk.
@@ -533,9 +622,55 @@ impl Store {
 #[derive(Debug, Clone)]
 pub struct StoreHandle {
     tx: Queue,
+    gate: Arc<IngestGate>,
 }
 
 impl StoreHandle {
+    /// Reserves room for rows an agent's session is about to take in (`bytes` of frames
+    /// holding `items` hits, lines or reports): waits while the writer has that much
+    /// reserved and not yet committed. Hand the permit back with
+    /// [`StoreHandle::release_after_commit`] once the rows are queued.
+    pub fn reserve(
+        &self,
+        bytes: usize,
+        items: usize,
+    ) -> impl std::future::Future<Output = IngestPermit> + Send + 'static {
+        let gate = Arc::clone(&self.gate);
+        let want = bytes.saturating_add(items.saturating_mul(ROW_ALLOWANCE));
+        // One frame never waits for more room than there is.
+        let want = u32::try_from(want).unwrap_or(u32::MAX).clamp(1, gate.capacity);
+        async move {
+            let permit = match Arc::clone(&gate.room).try_acquire_many_owned(want) {
+                Ok(p) => Ok(p),
+                Err(tokio::sync::TryAcquireError::Closed) => return IngestPermit { _permit: None },
+                Err(tokio::sync::TryAcquireError::NoPermits) => {
+                    gate.waits.fetch_add(1, Ordering::Relaxed);
+                    Arc::clone(&gate.room).acquire_many_owned(want).await
+                }
+            };
+            IngestPermit { _permit: permit.ok() }
+        }
+    }
+
+    /// Gives reserved room back once everything queued before this call is committed.
+    pub fn release_after_commit(&self, permit: IngestPermit) {
+        // A stopped writer drops the op, and with it the permit: nothing waits on a
+        // store that is gone.
+        let _ = self.tx.send(Op::Release(permit));
+    }
+
+    /// What the writer's queue holds.
+    pub fn queue_stats(&self) -> QueueStats {
+        let g = &self.gate;
+        QueueStats {
+            bytes: g.queued_bytes.load(Ordering::Relaxed),
+            rows: g.queued_rows.load(Ordering::Relaxed),
+            peak_bytes: g.peak_bytes.load(Ordering::Relaxed),
+            waits: g.waits.load(Ordering::Relaxed),
+            capacity: u64::from(g.capacity),
+        }
+    }
+
     /// Appends an audit entry.
     pub fn put_audit(&self, row: AuditRow) {
         let _ = self.tx.send(Op::Audit(row));
@@ -553,16 +688,19 @@ impl StoreHandle {
 
     /// Persists a hit.
     pub fn put_hit(&self, row: HitRow) {
+        self.gate.queued(row.body.len());
         let _ = self.tx.send(Op::Hit(row));
     }
 
     /// Persists a log line.
     pub fn put_line(&self, row: LineRow) {
+        self.gate.queued(row.body.len());
         let _ = self.tx.send(Op::Line(row));
     }
 
     /// Persists a metric's figures (replacing the previous ones).
     pub fn put_metric(&self, action_id: &str, body: String) {
+        self.gate.queued(body.len());
         let _ = self.tx.send(Op::Metric(action_id.to_owned(), body));
     }
 
@@ -706,7 +844,74 @@ fn load_metrics(conn: &Connection) -> rusqlite::Result<Vec<(String, String)>> {
 }
 
 /// Who waits for a batch to be committed.
-fn apply(tx: &rusqlite::Transaction<'_>, op: Op, flushes: &mut Vec<mpsc::Sender<()>>) -> rusqlite::Result<()> {
+enum Done {
+    Blocking(mpsc::Sender<()>),
+    Release(IngestPermit),
+}
+
+/// The statements rows come in by, at tens of thousands a second: prepared once per
+/// batch, not once per row.
+#[derive(Clone, Copy)]
+enum Stmt {
+    Hit,
+    Line,
+    Metric,
+    Audit,
+}
+
+impl Stmt {
+    const ALL: usize = 4;
+
+    fn sql(self) -> &'static str {
+        match self {
+            Stmt::Hit => "INSERT OR REPLACE INTO hits (action_id, idx, body, received_at_ms) VALUES (?1, ?2, ?3, ?4)",
+            Stmt::Line => {
+                "INSERT OR REPLACE INTO log_lines (action_id, idx, body, received_at_ms) VALUES (?1, ?2, ?3, ?4)"
+            }
+            Stmt::Metric => {
+                "INSERT INTO metrics (action_id, body) VALUES (?1, ?2) ON CONFLICT(action_id) DO UPDATE SET body = ?2"
+            }
+            Stmt::Audit => {
+                "INSERT OR IGNORE INTO audit (id, at_ms, org, actor, actor_name, kind, action_id, body) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+            }
+        }
+    }
+}
+
+/// What one batch holds, settled once it is committed.
+struct Batch<'tx> {
+    done: Vec<Done>,
+    /// Row bytes and rows of hits, lines and figures (the [`IngestGate`]'s count).
+    row_bytes: u64,
+    rows: u64,
+    stmts: [Option<rusqlite::Statement<'tx>>; Stmt::ALL],
+}
+
+impl<'tx> Batch<'tx> {
+    fn new() -> Batch<'tx> {
+        Batch { done: Vec::new(), row_bytes: 0, rows: 0, stmts: [None, None, None, None] }
+    }
+
+    fn row(&mut self, bytes: usize) {
+        self.row_bytes += bytes as u64;
+        self.rows += 1;
+    }
+
+    fn stmt(
+        &mut self,
+        tx: &'tx rusqlite::Transaction<'_>,
+        which: Stmt,
+    ) -> rusqlite::Result<&mut rusqlite::Statement<'tx>> {
+        let slot = &mut self.stmts[which as usize];
+        if slot.is_none() {
+            *slot = Some(tx.prepare(which.sql())?);
+        }
+        slot.as_mut().ok_or(rusqlite::Error::InvalidQuery)
+    }
+}
+
+fn apply<'tx>(tx: &'tx rusqlite::Transaction<'_>, op: Op, batch: &mut Batch<'tx>) -> rusqlite::Result<()> {
     match op {
         Op::Action(a) => {
             tx.execute(
@@ -733,23 +938,29 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, flushes: &mut Vec<mpsc::Sender<
                 ],
             )?;
         }
+        // Rows agents send come in at tens of thousands a second: their statements are
+        // prepared once per connection, not per row.
         Op::Hit(h) => {
-            tx.execute(
-                "INSERT OR REPLACE INTO hits (action_id, idx, body, received_at_ms) VALUES (?1, ?2, ?3, ?4)",
-                params![h.action_id, to_i64(h.idx), h.body, to_i64(h.received_at_ms)],
-            )?;
+            batch.row(h.body.len());
+            batch.stmt(tx, Stmt::Hit)?.execute(params![
+                h.action_id,
+                to_i64(h.idx),
+                h.body,
+                to_i64(h.received_at_ms)
+            ])?;
         }
         Op::Line(l) => {
-            tx.execute(
-                "INSERT OR REPLACE INTO log_lines (action_id, idx, body, received_at_ms) VALUES (?1, ?2, ?3, ?4)",
-                params![l.action_id, to_i64(l.idx), l.body, to_i64(l.received_at_ms)],
-            )?;
+            batch.row(l.body.len());
+            batch.stmt(tx, Stmt::Line)?.execute(params![
+                l.action_id,
+                to_i64(l.idx),
+                l.body,
+                to_i64(l.received_at_ms)
+            ])?;
         }
         Op::Metric(id, body) => {
-            tx.execute(
-                "INSERT INTO metrics (action_id, body) VALUES (?1, ?2) ON CONFLICT(action_id) DO UPDATE SET body = ?2",
-                params![id, body],
-            )?;
+            batch.row(body.len());
+            batch.stmt(tx, Stmt::Metric)?.execute(params![id, body])?;
         }
         Op::Setting(key, value) => {
             tx.execute(
@@ -758,11 +969,16 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, flushes: &mut Vec<mpsc::Sender<
             )?;
         }
         Op::Audit(a) => {
-            tx.execute(
-                "INSERT OR IGNORE INTO audit (id, at_ms, org, actor, actor_name, kind, action_id, body) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![a.id, to_i64(a.at_ms), a.org, a.actor, a.actor_name, a.kind, a.action_id, a.body],
-            )?;
+            batch.stmt(tx, Stmt::Audit)?.execute(params![
+                a.id,
+                to_i64(a.at_ms),
+                a.org,
+                a.actor,
+                a.actor_name,
+                a.kind,
+                a.action_id,
+                a.body
+            ])?;
         }
         Op::PurgeAuditBefore(cutoff) => {
             tx.execute("DELETE FROM audit WHERE at_ms < ?1", params![to_i64(cutoff)])?;
@@ -799,7 +1015,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, flushes: &mut Vec<mpsc::Sender<
                 params![cutoff],
             )?;
         }
-        Op::Flush(done) => flushes.push(done),
+        Op::Flush(done) => batch.done.push(Done::Blocking(done)),
+        Op::Release(permit) => batch.done.push(Done::Release(permit)),
         // Handled by the writer loop.
         Op::Stop => {}
     }
@@ -807,41 +1024,57 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, flushes: &mut Vec<mpsc::Sender<
 }
 
 /// Batches whatever is queued into one transaction per wake-up.
-fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, progress: &Arc<Progress>, path: &Path) {
+fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, path: &Path, gate: &IngestGate, progress: &Arc<Progress>) {
     let _gone = WriterGone(progress.clone());
     let mut stop = false;
     // Ops taken out of the channel so far, whatever became of them.
     let mut taken: u64 = 0;
     while !stop && let Ok(first) = rx.recv() {
-        let mut flushes = Vec::new();
+        let mut done = Vec::new();
+        let (mut row_bytes, mut rows) = (0, 0);
         let result = (|| -> rusqlite::Result<()> {
             let tx = conn.transaction()?;
-            let mut next = Some(first);
-            let mut n = 0;
-            while let Some(op) = next.take() {
-                taken += 1;
-                if matches!(op, Op::Stop) {
-                    stop = true;
-                    break;
+            let applied = {
+                let mut batch = Batch::new();
+                let mut applied = Ok(());
+                let mut next = Some(first);
+                let mut n = 0;
+                while let Some(op) = next.take() {
+                    taken += 1;
+                    if matches!(op, Op::Stop) {
+                        stop = true;
+                        break;
+                    }
+                    if let Err(e) = apply(&tx, op, &mut batch) {
+                        applied = Err(e);
+                        break;
+                    }
+                    n += 1;
+                    if n < 1_000 {
+                        next = rx.try_recv().ok();
+                    }
                 }
-                apply(&tx, op, &mut flushes)?;
-                n += 1;
-                if n < 1_000 {
-                    next = rx.try_recv().ok();
-                }
-            }
+                (done, row_bytes, rows) = (std::mem::take(&mut batch.done), batch.row_bytes, batch.rows);
+                applied
+            };
+            applied?;
             tx.commit()
         })();
         if let Err(e) = result {
             tracing::error!(db = %path.display(), error = %e, "writing to the store failed");
         }
         // Only once the batch is committed (or failed, and was logged): a barrier
-        // promises nothing queued before it is still only in memory.
-        // Committed or failed and logged, as before: a barrier never outlives the batch
-        // that held what it waits for.
+        // promises nothing queued before it is still only in memory, and reserved room
+        // comes back only when what it covered has left the queue.
+        gate.committed(row_bytes, rows);
         progress.committed.send_replace(taken);
-        for done in flushes {
-            let _ = done.send(());
+        for done in done {
+            match done {
+                Done::Blocking(tx) => {
+                    let _ = tx.send(());
+                }
+                Done::Release(permit) => drop(permit),
+            }
         }
     }
 }
@@ -887,6 +1120,39 @@ mod tests {
         assert_eq!(loaded.actions.len(), 1);
         assert_eq!(loaded.actions[0].status, "completed");
         assert_eq!(loaded.hits.len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn line(idx: u64) -> LineRow {
+        LineRow { action_id: "act_a".into(), idx, body: "x".repeat(200), received_at_ms: 5 }
+    }
+
+    #[tokio::test]
+    async fn room_for_agents_rows_comes_back_only_once_the_writer_committed_them() {
+        use futures_util::FutureExt as _;
+        let dir = std::env::temp_dir().join(format!("periscope-store-{}", periscope_protocol::ActionId::generate()));
+        let (owner, _) = Store::open_with(&dir, 64 * 1024).unwrap();
+        let store = owner.handle();
+        // One session holds all the room: the next one waits, however small.
+        let all = store.reserve(1 << 30, 0).await;
+        let mut next = Box::pin(store.reserve(100, 1));
+        assert!(next.as_mut().now_or_never().is_none(), "no room while it is all reserved");
+        for i in 0..100 {
+            store.put_line(line(i));
+        }
+        assert!(next.as_mut().now_or_never().is_none(), "queued rows alone give no room back");
+        store.release_after_commit(all);
+        let permit = tokio::time::timeout(Duration::from_secs(10), next).await.expect("room once committed");
+        // Everything queued before the room came back was committed by then.
+        let q = store.queue_stats();
+        assert_eq!((q.rows, q.bytes), (0, 0), "{q:?}");
+        assert_eq!(q.peak_bytes, 100 * 200);
+        assert_eq!(q.waits, 1);
+        assert_eq!(q.capacity, 64 * 1024);
+        store.release_after_commit(permit);
+        drop(owner);
+        let (_owner, loaded) = Store::open(&dir).unwrap();
+        assert_eq!(loaded.lines.len(), 100, "nothing queued was dropped");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -166,6 +166,8 @@ struct Stats {
     mcp_place_to_first_hit: Mutex<Histogram>,
     mcp_hit_to_wait_return: Mutex<Histogram>,
     errors: Mutex<BTreeMap<String, u64>>,
+    /// Sessions the broker ended, by the reason it gave.
+    closed_by_broker: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Stats {
@@ -177,6 +179,21 @@ impl Stats {
             errors.insert(what, 1);
         } else {
             *errors.entry("(other errors)".into()).or_default() += 1;
+        }
+    }
+
+    /// Counts a session the broker ended (by its reason, without ids or numbers, so that
+    /// one reason is one line).
+    fn closed(&self, reason: &str) {
+        let reason: String =
+            reason.split(':').next().unwrap_or(reason).chars().filter(|c| !c.is_ascii_digit()).collect();
+        let reason = reason.trim();
+        let reason = if reason.is_empty() { "no reason given" } else { reason };
+        let mut closed = self.closed_by_broker.lock().unwrap_or_else(|e| e.into_inner());
+        if closed.contains_key(reason) || closed.len() < MAX_ERROR_KINDS {
+            *closed.entry(reason.to_owned()).or_default() += 1;
+        } else {
+            *closed.entry("(other reasons)".into()).or_default() += 1;
         }
     }
 
@@ -211,12 +228,11 @@ fn services(opts: &Options) -> anyhow::Result<Vec<Arc<Service>>> {
             .collect();
         let locations =
             entries.iter().filter(|e| e.kind == LocationKind::Event).map(|e| (e.file.clone(), e.line)).collect();
-        // Frames hold at most 500 entries; larger catalogs are sent as several frames
-        // joined here by newlines and split again when sent.
+        // Split as the agents split theirs (small frames); joined here by newlines and
+        // split again when sent.
         let mut frames = Vec::new();
-        for (i, chunk) in entries.chunks(periscope_protocol::messages::MAX_CATALOG_ENTRIES_PER_FRAME).enumerate() {
-            let msg = AgentMessage::Catalog(CatalogUpdate { full: i == 0, entries: chunk.to_vec(), files: Vec::new() });
-            frames.push(serde_json::to_string(&msg).context("encoding a catalog")?);
+        for update in CatalogUpdate::frames(entries, Vec::new(), true) {
+            frames.push(serde_json::to_string(&AgentMessage::Catalog(update)).context("encoding a catalog")?);
         }
         out.push(Arc::new(Service { name, frame: frames.join("\n").into(), locations }));
     }
@@ -257,6 +273,7 @@ impl HitTemplate {
             truncation: Default::default(),
             redactions: Vec::new(),
             rules_version: 0,
+            error: None,
         };
         let json = serde_json::to_value(&hit).context("encoding a hit")?;
         let fields = json.get("fields").map(ToString::to_string).unwrap_or_default();
@@ -389,22 +406,36 @@ async fn session(
         }
     }
     ctx.stats.agents_connected.fetch_add(1, Ordering::Relaxed);
-    let result = drive(ctx, &mut tx, &mut rx, heartbeat_ms).await;
+    // Reading never waits for writing, as in a real agent: a simulated agent blocked
+    // sending hits to a busy broker still takes in what the broker sends it.
+    let (incoming_tx, mut incoming) = tokio::sync::mpsc::channel(INCOMING_QUEUE);
+    let reader = tokio::spawn(async move {
+        while let Some(frame) = rx.next().await {
+            let end = frame.is_err();
+            if incoming_tx.send(frame).await.is_err() || end {
+                return;
+            }
+        }
+    });
+    let result = drive(ctx, &mut tx, &mut incoming, heartbeat_ms).await;
+    reader.abort();
     ctx.stats.agents_connected.fetch_sub(1, Ordering::Relaxed);
     result
 }
+
+/// Frames a simulated agent has read and not yet handled.
+const INCOMING_QUEUE: usize = 1_024;
+
+type Incoming = tokio::sync::mpsc::Receiver<Result<Message, tokio_tungstenite::tungstenite::Error>>;
 
 type Tx = futures_util::stream::SplitSink<
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
     Message,
 >;
-type Rx = futures_util::stream::SplitStream<
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
->;
 
 const TICK: Duration = Duration::from_millis(20);
 
-async fn drive(ctx: &AgentCtx, tx: &mut Tx, rx: &mut Rx, heartbeat_ms: u64) -> anyhow::Result<()> {
+async fn drive(ctx: &AgentCtx, tx: &mut Tx, rx: &mut Incoming, heartbeat_ms: u64) -> anyhow::Result<()> {
     let mut actions: HashMap<ActionId, Running> = HashMap::new();
     let mut rules_version = 0;
     let mut heartbeat = tokio::time::interval(Duration::from_millis(heartbeat_ms));
@@ -416,13 +447,24 @@ async fn drive(ctx: &AgentCtx, tx: &mut Tx, rx: &mut Rx, heartbeat_ms: u64) -> a
     loop {
         let busy = !actions.is_empty();
         tokio::select! {
-            frame = rx.next() => {
+            frame = rx.recv() => {
                 let frame = match frame {
-                    None => bail!("the broker closed the connection"),
+                    None => {
+                        ctx.stats.closed("the connection ended without a close frame");
+                        bail!("the broker closed the connection");
+                    }
                     Some(Err(e)) => return Err(e).context("reading from the broker"),
                     Some(Ok(f)) => f,
                 };
-                let Message::Text(text) = frame else { continue };
+                let text = match frame {
+                    Message::Text(text) => text,
+                    Message::Close(close) => {
+                        let reason = close.map(|c| c.reason.to_string()).unwrap_or_default();
+                        ctx.stats.closed(&reason);
+                        bail!("the broker closed the session: {reason}");
+                    }
+                    _ => continue,
+                };
                 let msg = match serde_json::from_str::<BrokerMessage>(&text) {
                     Ok(m) => m,
                     Err(e) => {
@@ -448,10 +490,14 @@ async fn drive(ctx: &AgentCtx, tx: &mut Tx, rx: &mut Rx, heartbeat_ms: u64) -> a
                         ctx.stats.error_frames.fetch_add(1, Ordering::Relaxed);
                         ctx.stats.error(format!("broker error frame: {:?}: {}", e.code, e.message));
                         if e.fatal {
+                            ctx.stats.closed(&e.message);
                             bail!("the broker ended the session: {}", e.message);
                         }
                     }
-                    BrokerMessage::Goodbye { reason } => bail!("the broker said goodbye: {reason}"),
+                    BrokerMessage::Goodbye { reason } => {
+                        ctx.stats.closed(&reason);
+                        bail!("the broker said goodbye: {reason}");
+                    }
                     BrokerMessage::Registered(_) => {}
                 }
             }
@@ -474,7 +520,7 @@ async fn drive(ctx: &AgentCtx, tx: &mut Tx, rx: &mut Rx, heartbeat_ms: u64) -> a
                     tx.send(Message::text(serde_json::to_string(&bye)?)).await?;
                     tx.send(Message::Close(None)).await?;
                     // Read until the broker answers the close: every frame before it was read.
-                    let drain = async { while let Some(Ok(_)) = rx.next().await {} };
+                    let drain = async { while let Some(Ok(_)) = rx.recv().await {} };
                     let _ = tokio::time::timeout(Duration::from_secs(10), drain).await;
                     return Ok(());
                 }
@@ -610,7 +656,8 @@ async fn fire(
                     running.metric_window_start_ms = now_ms;
                 }
             }
-            ActionKind::Unsupported => {}
+            // Simulated services never fail: an error capture sends nothing.
+            ActionKind::CaptureErrors(_) | ActionKind::Unsupported => {}
         }
     }
     for chunk in lines.chunks(periscope_protocol::telemetry::MAX_LOG_LINES_PER_FRAME) {
@@ -706,6 +753,9 @@ impl Counters {
                 "periscope_agents_connected",
                 "periscope_broker_dropped_total",
                 "periscope_agent_hits_dropped_total",
+                "periscope_catalogs_distinct",
+                "periscope_store_queue_peak_bytes",
+                "periscope_store_ingest_waits_total",
             ];
             if !wanted.contains(&name) {
                 continue;
@@ -1123,6 +1173,15 @@ pub struct Report {
     pub loadavg: (String, String),
     /// Errors seen, by kind.
     pub errors: BTreeMap<String, u64>,
+    /// Agent sessions the broker ended during the run, by the reason it gave.
+    pub sessions_closed_by_broker: BTreeMap<String, u64>,
+    /// Distinct catalogs the broker holds at the end (agents with identical catalogs
+    /// share one).
+    pub broker_catalogs: Option<u64>,
+    /// The most bytes the broker's store writer had queued at once (single node).
+    pub broker_store_queue_peak_bytes: Option<u64>,
+    /// Times an agent session waited for the store's writer (backpressure).
+    pub broker_store_waits: Option<u64>,
 }
 
 /// Runs the load test and returns its report.
@@ -1297,6 +1356,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         loadavg: (load_start, load_end),
         loadgen_rss_peak_kib: own.map(|p| p.hwm_kib),
         errors: stats.errors.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        sessions_closed_by_broker: stats.closed_by_broker.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        broker_catalogs: after.values.get("periscope_catalogs_distinct").map(|v| *v as u64),
+        broker_store_queue_peak_bytes: after.values.get("periscope_store_queue_peak_bytes").map(|v| *v as u64),
+        broker_store_waits: d.values.get("periscope_store_ingest_waits_total").map(|v| *v as u64),
         ..Report::default()
     };
     for (k, v) in &d.values {
@@ -1388,6 +1451,23 @@ impl Report {
         let drops: Vec<String> = self.broker_drops.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let _ =
             writeln!(o, "broker drops by reason: {}", if drops.is_empty() { "none".into() } else { drops.join(" ") });
+        let closed: Vec<String> = self.sessions_closed_by_broker.iter().map(|(k, v)| format!("{v}× {k}")).collect();
+        let _ = writeln!(
+            o,
+            "agent sessions the broker ended: {}",
+            if closed.is_empty() { "none".into() } else { closed.join("; ") }
+        );
+        if let Some(c) = self.broker_catalogs {
+            let _ = writeln!(o, "distinct catalogs held by the broker at the end: {c}");
+        }
+        if let Some(p) = self.broker_store_queue_peak_bytes {
+            let _ = writeln!(
+                o,
+                "store writer queue: peak {:.1} MiB, {} waits for room (backpressure)",
+                p as f64 / 1048576.0,
+                self.broker_store_waits.unwrap_or(0)
+            );
+        }
         let _ = writeln!(
             o,
             "callers: {} placed, {} refused, {} waits, {} polls, {} removed, {} hits read, {} read errors",

@@ -85,6 +85,9 @@ pub enum ActionKind {
     Log(LogSpec),
     /// Aggregate a count, duration or value at the location.
     Metric(MetricSpec),
+    /// Snapshot errors wherever they happen (no single location; see
+    /// [`ErrorCaptureSpec`] for how the spec's `location` reads).
+    CaptureErrors(ErrorCaptureSpec),
     /// A kind this side does not know (sent by a newer peer); agents answer it with
     /// an error status instead of dropping the whole message.
     #[serde(other)]
@@ -98,6 +101,7 @@ impl ActionKind {
             ActionKind::Snapshot(_) => "snapshot",
             ActionKind::Log(_) => "log",
             ActionKind::Metric(_) => "metric",
+            ActionKind::CaptureErrors(_) => "capture_errors",
             ActionKind::Unsupported => "unsupported",
         }
     }
@@ -114,6 +118,64 @@ pub struct SnapshotSpec {
     /// Capture a native backtrace too (costly: only when asked).
     #[serde(default)]
     pub backtrace: bool,
+}
+
+/// An error-capture action's parameters.
+///
+/// Such an action has no single location: it fires wherever the service fails (an
+/// ERROR-level `tracing` event or a panic in Rust, an exception escaping the
+/// application's own code in Python). Its [`ActionSpec::location`] is
+/// [`ErrorCaptureSpec::location`] (file `*`, line 0), which no code location matches
+/// (lines are 1-based), so an agent that does not know this kind can neither install it
+/// anywhere nor mistake it for a line action: it answers `unsupported`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorCaptureSpec {
+    /// Snapshots each agent may take for this action over its life (the per-agent
+    /// budget); later occurrences are still counted.
+    #[serde(default = "ErrorCaptureSpec::default_per_agent")]
+    pub max_captures_per_agent: u32,
+    /// At most one snapshot per location and error type in this many milliseconds;
+    /// occurrences in between are counted.
+    #[serde(default = "ErrorCaptureSpec::default_interval")]
+    pub min_interval_ms: u64,
+    /// Capture a native backtrace with each ERROR event too (panics always carry one).
+    #[serde(default)]
+    pub backtrace: bool,
+}
+
+impl ErrorCaptureSpec {
+    /// The file an error-capture action's location names: everywhere.
+    pub const LOCATION_FILE: &'static str = "*";
+    /// Default of `max_captures_per_agent`.
+    pub const DEFAULT_PER_AGENT: u32 = 20;
+    /// Most `max_captures_per_agent` may be.
+    pub const MAX_PER_AGENT: u32 = 200;
+    /// Default (and least) `min_interval_ms`: one capture per location per second.
+    pub const DEFAULT_INTERVAL_MS: u64 = 1_000;
+
+    fn default_per_agent() -> u32 {
+        Self::DEFAULT_PER_AGENT
+    }
+
+    fn default_interval() -> u64 {
+        Self::DEFAULT_INTERVAL_MS
+    }
+
+    /// The location an error-capture action carries (file `*`, line 0): it matches no
+    /// code location.
+    pub fn location() -> Location {
+        Location { file: Self::LOCATION_FILE.to_owned(), line: 0 }
+    }
+}
+
+impl Default for ErrorCaptureSpec {
+    fn default() -> Self {
+        ErrorCaptureSpec {
+            max_captures_per_agent: Self::DEFAULT_PER_AGENT,
+            min_interval_ms: Self::DEFAULT_INTERVAL_MS,
+            backtrace: false,
+        }
+    }
 }
 
 /// A dynamic log's parameters.
@@ -294,5 +356,22 @@ mod tests {
         )
         .unwrap();
         assert_eq!(spec.kind, ActionKind::Unsupported);
+    }
+
+    #[test]
+    fn an_error_capture_spec_round_trips_and_its_location_matches_no_code() {
+        let spec = ActionSpec {
+            id: ActionId::generate(),
+            location: ErrorCaptureSpec::location(),
+            condition: None,
+            expires_at_ms: 1,
+            kind: ActionKind::CaptureErrors(ErrorCaptureSpec::default()),
+        };
+        let text = serde_json::to_string(&spec).unwrap();
+        assert!(text.contains(r#""type":"capture_errors""#), "{text}");
+        assert_eq!(serde_json::from_str::<ActionSpec>(&text).unwrap(), spec);
+        assert!(!spec.location.file_matches("src/main.rs") && !spec.location.file_matches("*/x"));
+        let bare: ActionKind = serde_json::from_str(r#"{"type":"capture_errors"}"#).unwrap();
+        assert_eq!(bare, ActionKind::CaptureErrors(ErrorCaptureSpec::default()));
     }
 }

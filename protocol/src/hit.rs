@@ -42,6 +42,9 @@ pub struct Hit {
     /// Version of the redaction rules the agent applied.
     #[serde(default)]
     pub rules_version: u64,
+    /// What failed, when the hit is an error capture's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<crate::errors::HitError>,
 }
 
 /// The callsite a hit came from.
@@ -186,6 +189,10 @@ impl Hit {
                 clip(n, max_str);
             }
         }
+        if let Some(e) = &mut self.error {
+            e.clip();
+            clip(&mut e.message, max_str * 4);
+        }
         self.redactions.truncate(MAX_FINDINGS_PER_HIT);
         for finding in &mut self.redactions {
             clip(&mut finding.path, max_str * 2);
@@ -234,6 +241,7 @@ mod tests {
             truncation: TruncationSummary::default(),
             redactions: vec![],
             rules_version: 0,
+            error: None,
         }
     }
 

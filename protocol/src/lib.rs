@@ -22,6 +22,7 @@
 
 pub mod action;
 pub mod catalog;
+pub mod errors;
 pub mod expr;
 pub mod hit;
 pub mod ids;
@@ -31,10 +32,11 @@ pub mod telemetry;
 pub mod value;
 
 pub use action::{
-    ActionKind, ActionSpec, AgentActionState, Location, LogDestination, LogLevel, LogSpec, MetricKind, MetricSpec,
-    PauseReason, SnapshotSpec,
+    ActionKind, ActionSpec, AgentActionState, ErrorCaptureSpec, Location, LogDestination, LogLevel, LogSpec,
+    MetricKind, MetricSpec, PauseReason, SnapshotSpec,
 };
 pub use catalog::{CatalogEntry, FileLines, FunctionLine, LineSet, LocationKind};
+pub use errors::{ErrorCount, ErrorKind, HitError};
 pub use expr::{Budget, EvalError, Expr, ParseError, Scope, SimpleScope, Template};
 pub use hit::{Hit, HitLocation, RedactionFinding, SpanFrame, ThreadInfo, WatchResult};
 pub use ids::{ActionId, AgentId, HitId, IdError, KeyId};

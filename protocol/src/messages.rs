@@ -63,6 +63,13 @@ pub enum AgentMessage {
         /// One report per metric action (at most [`crate::telemetry::MAX_METRIC_REPORTS_PER_FRAME`]).
         reports: Vec<MetricReport>,
     },
+    /// How often each distinct error happened since the last report (error-capture
+    /// actions only; sent about once a second while errors happen).
+    ErrorCounts {
+        /// One per action, location and error type (at most
+        /// [`crate::errors::MAX_ERROR_COUNTS_PER_FRAME`]).
+        reports: Vec<crate::errors::ErrorCount>,
+    },
     /// The agent is closing on purpose (the host is shutting down).
     Goodbye {
         /// Why, for the broker's records.
@@ -81,6 +88,7 @@ impl AgentMessage {
             AgentMessage::Hit(_) => "hit",
             AgentMessage::LogLines { .. } => "log_lines",
             AgentMessage::Metrics { .. } => "metrics",
+            AgentMessage::ErrorCounts { .. } => "error_counts",
             AgentMessage::Goodbye { .. } => "goodbye",
         }
     }
@@ -290,6 +298,70 @@ pub const MAX_CATALOG_ENTRIES_PER_FRAME: usize = 500;
 /// Most source files per update frame (a large module's entry is tens of kilobytes).
 pub const MAX_CATALOG_FILES_PER_FRAME: usize = 20;
 
+/// What a catalog frame should hold at most, in bytes (a single larger entry goes alone).
+/// A WebSocket peer's read buffer grows to the largest frame it has read and keeps that
+/// size: a broker holding ten thousand sessions keeps each one's buffer at the size of
+/// a few hits only if catalogs come in frames this small.
+pub const CATALOG_FRAME_BYTES: usize = 3 * 1024;
+
+impl CatalogUpdate {
+    /// A catalog as update frames of at most [`CATALOG_FRAME_BYTES`] (an entry larger than
+    /// that alone in its frame), [`MAX_CATALOG_ENTRIES_PER_FRAME`] entries and
+    /// [`MAX_CATALOG_FILES_PER_FRAME`] files; the first marked `full` when it is the
+    /// whole catalog (then there is always at least one frame, even for an empty one).
+    pub fn frames(entries: Vec<CatalogEntry>, files: Vec<FileLines>, full: bool) -> Vec<CatalogUpdate> {
+        let mut frames: Vec<CatalogUpdate> = Vec::new();
+        let mut current = CatalogUpdate { full, entries: Vec::new(), files: Vec::new() };
+        let mut bytes = 0;
+        let push = |current: &mut CatalogUpdate, bytes: &mut usize, frames: &mut Vec<CatalogUpdate>| {
+            let next = CatalogUpdate { full: false, entries: Vec::new(), files: Vec::new() };
+            frames.push(std::mem::replace(current, next));
+            *bytes = 0;
+        };
+        for e in entries {
+            let n = json_len(&e);
+            if !current.entries.is_empty()
+                && (bytes + n > CATALOG_FRAME_BYTES || current.entries.len() >= MAX_CATALOG_ENTRIES_PER_FRAME)
+            {
+                push(&mut current, &mut bytes, &mut frames);
+            }
+            bytes += n;
+            current.entries.push(e);
+        }
+        for f in files {
+            let n = json_len(&f);
+            let occupied = !current.entries.is_empty() || !current.files.is_empty();
+            if occupied && (bytes + n > CATALOG_FRAME_BYTES || current.files.len() >= MAX_CATALOG_FILES_PER_FRAME) {
+                push(&mut current, &mut bytes, &mut frames);
+            }
+            bytes += n;
+            current.files.push(f);
+        }
+        if !current.entries.is_empty() || !current.files.is_empty() || (full && frames.is_empty()) {
+            frames.push(current);
+        }
+        frames
+    }
+}
+
+/// The length of a value's JSON, without building it.
+fn json_len<T: Serialize>(v: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    let _ = serde_json::to_writer(&mut c, v);
+    // And the comma between elements.
+    c.0 + 1
+}
+
 /// An action's state on one agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActionStatusUpdate {
@@ -472,6 +544,41 @@ pub fn encode<T: Serialize>(message: &T) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_catalog_goes_in_small_frames_and_a_large_entry_alone() {
+        use crate::{CatalogEntry, FileLines, LineSet, LocationKind};
+        let entry = |i: u32| CatalogEntry {
+            file: format!("src/handlers/module_{}.rs", i / 20),
+            line: i,
+            kind: LocationKind::Event,
+            name: format!("event src/handlers/module_{}.rs:{i}", i / 20),
+            module: Some("shop::handlers".into()),
+            level: Some("info".into()),
+            fields: vec!["user_id".into(), "order_id".into()],
+            hits: 0,
+        };
+        let big = FileLines {
+            file: "app/big.py".into(),
+            module: None,
+            hash: None,
+            lines: LineSet::from_lines((1..40_000).step_by(2)),
+            functions: Vec::new(),
+        };
+        let frames = CatalogUpdate::frames((0..200).map(entry).collect(), vec![big], true);
+        assert!(frames[0].full && frames[1..].iter().all(|f| !f.full));
+        assert_eq!(frames.iter().map(|f| f.entries.len()).sum::<usize>(), 200);
+        let last = frames.last().unwrap();
+        assert_eq!((last.entries.len(), last.files.len()), (0, 1), "the large file goes alone");
+        for f in &frames[..frames.len() - 1] {
+            let text = encode(&AgentMessage::Catalog(f.clone()));
+            assert!(text.len() <= CATALOG_FRAME_BYTES + 64, "{} bytes", text.len());
+        }
+        assert!(frames.len() > 5, "{} frames", frames.len());
+        let empty = CatalogUpdate::frames(Vec::new(), Vec::new(), true);
+        assert_eq!(empty.len(), 1, "a full empty catalog is still said");
+        assert!(CatalogUpdate::frames(Vec::new(), Vec::new(), false).is_empty());
+    }
     use crate::action::{ActionKind, Location, SnapshotSpec};
 
     #[test]

@@ -162,9 +162,11 @@ async fn tools_list_returns_every_contract_tool_with_its_schema_and_the_prompts(
     assert_eq!(
         names,
         [
+            "capture_errors",
             "get_action",
             "list_actions",
             "list_agents",
+            "list_errors",
             "list_sources",
             "place_log",
             "place_metric",

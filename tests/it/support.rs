@@ -413,7 +413,7 @@ impl RawAgent {
         use futures_util::StreamExt as _;
         use tokio_tungstenite::tungstenite::Message;
         loop {
-            match tokio::time::timeout(Duration::from_secs(10), self.ws.next()).await.expect("a frame within 10 s") {
+            match tokio::time::timeout(Duration::from_secs(30), self.ws.next()).await.expect("a frame within 30 s") {
                 Some(Ok(Message::Text(t))) => return Some(serde_json::from_str(t.as_str()).unwrap()),
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
                 Some(Ok(_)) => {}

@@ -24,7 +24,7 @@ class Monitoring:
     """``sys.monitoring`` with a tool id of our own: ``LINE``, ``PY_START`` and
     ``PY_RETURN`` enabled only on the code objects that hold probes (every other line
     answers ``DISABLE`` the first time it reports), ``PY_UNWIND`` (a global event) only
-    while a whole-function duration is live."""
+    while a whole-function duration or an error capture is live."""
 
     #: Tried in order: ids 0 (debuggers), 1 (coverage), 2 (profilers) and 5
     #: (optimizers) are conventionally taken by other tools.
@@ -49,10 +49,10 @@ class Monitoring:
         m.register_callback(self.tool, E.PY_UNWIND, _native._unwind)
         self.codes = {}
 
-    def apply(self, places):
+    def apply(self, places, errors=False):
         E = self.m.events
         wanted = {}
-        unwind = False
+        unwind = errors
         for role, code, _line, _key in places:
             ev = {"line": E.LINE, "start": E.PY_START, "exit": E.PY_RETURN}[role]
             wanted[code] = wanted.get(code, 0) | ev
@@ -160,7 +160,8 @@ class Injection:
         bc.extend(out)
         return bc.to_code()
 
-    def apply(self, places):
+    def apply(self, places, errors=False):
+        # Error captures need PY_UNWIND (3.12+); this agent does not offer them here.
         by_code = {}
         for role, code, line, key in places:
             by_code.setdefault(code, {})[(role, line if role == "line" else None)] = key

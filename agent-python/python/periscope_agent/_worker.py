@@ -12,7 +12,10 @@ so the probes go in right after its body runs, before anything can call it.
 
 import itertools
 import logging
+import os
+import site
 import sys
+import sysconfig
 import threading
 
 from . import _native
@@ -25,6 +28,37 @@ MAX_CATALOG_FILES = 2_000
 TICK_MS = 200
 
 _keys = itertools.count(1)
+
+
+def library_paths():
+    """Directories whose files are not the application's own code, for capture on
+    error: the standard library, site-packages and dist-packages (the interpreter's,
+    the virtualenv's, the user's), and this agent's package. Absolute and resolved as
+    code objects name their files."""
+    paths = set()
+    try:
+        scheme = sysconfig.get_paths()
+        for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+            if scheme.get(key):
+                paths.add(scheme[key])
+    except Exception:
+        pass
+    for getter in ("getsitepackages", "getusersitepackages"):
+        try:
+            found = getattr(site, getter)()
+            paths.update([found] if isinstance(found, str) else found)
+        except Exception:
+            pass
+    for p in sys.path:
+        if p and os.path.basename(p.rstrip("/")) in ("site-packages", "dist-packages"):
+            paths.add(p)
+    paths.add(os.path.dirname(os.path.abspath(__file__)))
+    out = set()
+    for p in paths:
+        if p:
+            out.add(os.path.abspath(p))
+            out.add(os.path.realpath(p))
+    return sorted(out)
 
 
 class _Watcher:
@@ -129,6 +163,10 @@ class Worker(threading.Thread):
     def run(self):
         self.watcher = _Watcher(self)
         sys.meta_path.insert(0, self.watcher)
+        try:
+            _native.set_library_paths(library_paths())
+        except Exception:
+            pass
         while not self.stopping:
             try:
                 command = _native.next_command(TICK_MS)
@@ -227,7 +265,12 @@ class Worker(threading.Thread):
             (ends if end else actions).append(index)
 
         all_tops = []
-        for index, file, line, end_file, end_line, whole in self.actions:
+        errors = False
+        for index, file, line, end_file, end_line, whole, captures_errors in self.actions:
+            if captures_errors:
+                # Armed everywhere at once (PY_UNWIND); nothing to resolve.
+                errors = True
+                continue
             tops, codes = codes_in(file)
             all_tops.extend(tops)
             starts = [c for c in codes if c.co_firstlineno == line and c.co_name != "<module>"]
@@ -254,7 +297,7 @@ class Worker(threading.Thread):
                     elif end_line in own_lines(c):
                         add("line", c, end_line, index, True)
         self.pending_files = tuple(pending)
-        if self.mechanism is None and places:
+        if self.mechanism is None and (places or errors):
             from ._instrument import make
 
             self.mechanism = make()
@@ -276,4 +319,4 @@ class Worker(threading.Thread):
         if self.mechanism is not None:
             if hasattr(self.mechanism, "set_modules_codes"):
                 self.mechanism.set_modules_codes(all_tops)
-            self.mechanism.apply(keyed)
+            self.mechanism.apply(keyed, errors=errors)

@@ -32,6 +32,8 @@ pub(crate) struct Backend {
     pub budgets: Arc<dyn crate::quota::Budgets>,
     /// Its agent directory (node `n1`).
     pub directory: Arc<dyn AgentDirectory>,
+    /// Its error groups.
+    pub errors: Arc<dyn crate::backend::ErrorStore>,
     /// Whatever must live as long as the test (a server, a stop signal).
     pub _keep: Box<dyn std::any::Any + Send>,
 }
@@ -60,7 +62,9 @@ macro_rules! conformance_suite {
             a_lease_is_taken_over_only_by_the_same_process_with_a_newer_epoch,
             a_budget_allows_its_burst_then_says_when_to_retry,
             budgets_taken_together_stop_at_the_first_spent_one,
-            slots_are_taken_for_the_key_and_its_organization_together_or_not_at_all);
+            slots_are_taken_for_the_key_and_its_organization_together_or_not_at_all,
+            error_groups_add_up_keep_the_newest_message_and_hit_and_list_newest_first,
+            error_groups_are_kept_per_organization_and_bounded);
     };
     (@tests $make:path; $($name:ident),*) => {
         $(
@@ -580,4 +584,65 @@ pub(crate) async fn slots_are_taken_for_the_key_and_its_organization_together_or
     let past = crate::time::now_ms().saturating_sub(10_000);
     b.budgets.hold("wait:key:d".into(), 1, "wait:org:old".into(), 1, "6".into(), past).await.unwrap().unwrap();
     b.budgets.hold("wait:key:d".into(), 1, "wait:org:old".into(), 1, "7".into(), deadline).await.unwrap().unwrap();
+}
+
+fn error_group(agent: &AgentId, line: u32, count: u64, last: u64, message: &str) -> crate::backend::ErrorGroup {
+    crate::backend::ErrorGroup {
+        source: crate::backend::ErrorSource {
+            agent_id: agent.clone(),
+            agent_name: "agent".into(),
+            pool: "shop".into(),
+            service: "shop".into(),
+            tags: vec!["region:eu".into()],
+        },
+        file: "src/shop.rs".into(),
+        line,
+        kind: periscope_protocol::ErrorKind::Event,
+        error_type: "shop::orders".into(),
+        message: message.into(),
+        count,
+        uncaptured: count.saturating_sub(1),
+        captured: 0,
+        first_seen_ms: last.saturating_sub(10),
+        last_seen_ms: last,
+        hit: None,
+    }
+}
+
+pub(crate) async fn error_groups_add_up_keep_the_newest_message_and_hit_and_list_newest_first(b: Backend) {
+    let agent = AgentId::generate();
+    let action = ActionId::generate();
+    let mut first = error_group(&agent, 7, 3, 1_000, "first");
+    first.captured = 1;
+    first.hit = Some(crate::backend::ErrorHit { action_id: action.clone(), index: 1, time_ms: 995 });
+    b.errors.record("org_a", vec![first]).await.unwrap();
+    // An older report arriving late widens the times but keeps the newest message.
+    b.errors.record("org_a", vec![error_group(&agent, 7, 2, 900, "older")]).await.unwrap();
+    let mut newer = error_group(&agent, 7, 1, 2_000, "newest");
+    newer.captured = 1;
+    newer.hit = Some(crate::backend::ErrorHit { action_id: action.clone(), index: 2, time_ms: 1_990 });
+    b.errors.record("org_a", vec![newer, error_group(&agent, 9, 5, 1_500, "other line")]).await.unwrap();
+    let groups = b.errors.list("org_a").await.unwrap();
+    assert_eq!(groups.len(), 2);
+    let g = &groups[0];
+    assert_eq!((g.line, g.count, g.uncaptured, g.captured), (7, 6, 3, 2));
+    assert_eq!((g.first_seen_ms, g.last_seen_ms, g.message.as_str()), (890, 2_000, "newest"));
+    assert_eq!(g.hit.as_ref().map(|h| h.index), Some(2));
+    assert_eq!(g.source.tags, vec!["region:eu".to_owned()]);
+    assert_eq!((groups[1].line, groups[1].count, groups[1].hit.is_none()), (9, 5, true));
+}
+
+pub(crate) async fn error_groups_are_kept_per_organization_and_bounded(b: Backend) {
+    let agent = AgentId::generate();
+    b.errors.record("org_b", vec![error_group(&agent, 1, 1, 5, "b")]).await.unwrap();
+    let max = crate::backend::errors::MAX_ERROR_GROUPS_PER_ORG as u32;
+    let updates: Vec<_> = (1..=max + 3).map(|line| error_group(&agent, line, 1, 100 + u64::from(line), "x")).collect();
+    b.errors.record("org_a", updates).await.unwrap();
+    let groups = b.errors.list("org_a").await.unwrap();
+    assert_eq!(groups.len(), max as usize);
+    assert_eq!(groups[0].line, max + 3, "newest first");
+    assert!(groups.iter().all(|g| g.line > 3), "the least recently seen were forgotten");
+    let other = b.errors.list("org_b").await.unwrap();
+    assert_eq!((other.len(), other[0].message.as_str()), (1, "b"));
+    assert!(b.errors.list("org_c").await.unwrap().is_empty());
 }

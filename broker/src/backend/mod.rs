@@ -18,6 +18,7 @@
 //! - [`KeyBackend`]: where the key directory (keys, organizations, groups, pool
 //!   assignments) is kept; the broker keeps it in memory and re-reads it whenever its
 //!   epoch moved.
+//! - [`ErrorStore`] (in [`errors`]): the error groups behind `list_errors`.
 //! - [`AgentDirectory`]: which node holds each agent (a lease with an epoch), what
 //!   every node knows of it, and the bus that carries messages to the node holding it.
 //!
@@ -25,6 +26,7 @@
 //! the local implementations answer at once, under a short lock, as the broker did
 //! before it had seams.
 
+pub mod errors;
 pub mod local;
 pub mod redis;
 
@@ -33,6 +35,8 @@ pub(crate) mod conformance;
 
 use futures_util::future::BoxFuture;
 use periscope_protocol::{ActionId, Hit, LogLine, MetricReport};
+
+pub use errors::{ErrorGroup, ErrorHit, ErrorSource, ErrorStore};
 
 use crate::audit::{AuditEntry, AuditPage, AuditQuery};
 use crate::engine::{ActionRecord, ActionStatus, HitsPage, Sender};

@@ -58,11 +58,19 @@ impl Engine {
         for hit in &mut hits {
             unknown += keep_known_findings(&redactor, &mut hit.redactions);
             redactor.redact_hit(hit);
+            if let Some(error) = &mut hit.error {
+                // What failed is text the agent chose: redacted like every value.
+                let mut report = periscope_redaction::Report::new();
+                error.message = redactor.redact_text(&error.message, "error.message", &mut report).into_owned();
+            }
             hit.enforce_limits(&self.limits);
         }
         self.count_unknown_rules(from, unknown);
         let now = now_ms();
         let ids: Vec<ActionId> = hits.iter().map(|h| h.action_id.clone()).collect();
+        // Error captures also update their error group once stored.
+        let mut errors = self.error_updates(from, &hits);
+        let mut captures = Vec::new();
         let i = &self.ingest;
         let rate =
             RateSpec { per_sec: i.action_hits_per_sec, burst: (i.action_hits_per_sec * i.burst_factor).max(2.0) };
@@ -77,7 +85,7 @@ impl Engine {
         // Waiters hear of each action once per batch, before any completion.
         let mut changed: Vec<&ActionId> = Vec::new();
         let mut complete: Vec<&ActionId> = Vec::new();
-        for (id, outcome) in ids.iter().zip(outcomes) {
+        for ((id, outcome), error) in ids.iter().zip(outcomes).zip(errors.iter_mut()) {
             out.push(match outcome {
                 HitOutcome::Refused => {
                     self.stats.add(from, |s| s.hits_refused += 1);
@@ -93,18 +101,29 @@ impl Engine {
                     Ingested::RateLimited
                 }
                 HitOutcome::LeaseLost => Ingested::LeaseLost,
-                HitOutcome::Accepted { complete: done, .. } => {
+                HitOutcome::Accepted { complete: done, index } => {
                     self.stats.add(from, |s| s.hits_accepted += 1);
                     if !changed.contains(&id) {
                         changed.push(id);
                     }
-                    if done {
+                    // An error capture lives until it expires: its hit ceiling only
+                    // stops storing (occurrences are still counted).
+                    let capture = error.take().map(|mut g| {
+                        if let Some(h) = &mut g.hit {
+                            h.index = index;
+                        }
+                        g
+                    });
+                    let is_capture = capture.is_some();
+                    captures.extend(capture);
+                    if done && !is_capture {
                         complete.push(id);
                     }
                     Ingested::Accepted
                 }
             });
         }
+        self.record_captures(from, captures).await;
         for id in changed {
             self.events.changed(id);
         }

@@ -17,6 +17,7 @@
 //!
 //! # Layout
 //!
+//! - [`errors`]: capture on error: placing it, error groups, `list_errors`.
 //! - [`model`]: the action record, per-agent states, the views callers get.
 //! - [`requests`]: what callers ask for, validated once for REST and MCP.
 //! - `placement`: targets, matching agents, locations, insertion under the quotas.
@@ -27,6 +28,7 @@
 //! - `views`: reading actions, hits, lines and counts within a caller's reach.
 //! - `restore`: rebuilding the single-node store from the database at start.
 
+pub mod errors;
 mod ingest;
 mod lifecycle;
 pub mod model;
@@ -42,18 +44,19 @@ use std::sync::{Arc, Mutex};
 use periscope_protocol::{ActionId, AgentId, CaptureLimits, MetricKind};
 use tokio::sync::watch;
 
+pub use errors::{ErrorQuery, ErrorView};
 pub use ingest::keep_known_findings;
 pub use model::{
     ActionDrops, ActionFilter, ActionQuotaView, ActionRecord, ActionStatus, ActionView, AgentActionView, AgentState,
     HitsPage, StoredHit, Target,
 };
-pub use requests::{LogRequest, MAX_MAX_LINES, MetricRequest, SnapshotRequest};
+pub use requests::{ErrorCaptureRequest, LogRequest, MAX_MAX_LINES, MetricRequest, SnapshotRequest};
 
 use crate::audit::{Actor, AuditEntry, AuditKind};
 use crate::audit_repeats::Repeats;
 use crate::auth::Principal;
 use crate::backend::local::{LocalEvents, MemoryActions};
-use crate::backend::{ActionEvents, ActionStore, AuditSink, BackendError, RuleStore};
+use crate::backend::{ActionEvents, ActionStore, AuditSink, BackendError, ErrorStore, RuleStore};
 use crate::error::ApiError;
 use crate::keys::{KeyStore, Tenancy};
 use crate::quota::{IngestSettings, OrgCeilings};
@@ -213,6 +216,8 @@ pub struct Engine {
     registry: Arc<Registry>,
     actions: Arc<dyn ActionStore>,
     events: Arc<dyn ActionEvents>,
+    /// The error groups behind `list_errors`.
+    errors: Arc<dyn ErrorStore>,
     audit_sink: Option<Arc<dyn AuditSink>>,
     rule_store: Option<Arc<dyn RuleStore>>,
     durable: Option<crate::store::StoreHandle>,
@@ -239,6 +244,7 @@ impl Engine {
             registry,
             actions: Arc::new(MemoryActions::new(max_ended, None)),
             events: Arc::new(LocalEvents::default()),
+            errors: Arc::new(crate::backend::local::MemoryErrors::default()),
             audit_sink: None,
             rule_store: None,
             durable: None,
@@ -257,6 +263,12 @@ impl Engine {
     pub fn with_backend(mut self, actions: Arc<dyn ActionStore>, events: Arc<dyn ActionEvents>) -> Self {
         self.actions = actions;
         self.events = events;
+        self
+    }
+
+    /// Keeps error groups in `errors` (the cluster's shared store).
+    pub fn with_errors(mut self, errors: Arc<dyn ErrorStore>) -> Self {
+        self.errors = errors;
         self
     }
 
@@ -367,6 +379,29 @@ impl Engine {
                 b.await;
             }
         }
+    }
+
+    /// Room for what an agent's session is about to take in (`items` hits, lines or
+    /// reports in `bytes` of frames): waits while the store's writer is that far behind
+    /// ([`crate::store::IngestGate`]). `None` where writes are not queued (no store, or
+    /// the shared backend, whose writes each session awaits).
+    pub async fn reserve_ingest(&self, bytes: usize, items: usize) -> Option<crate::store::IngestPermit> {
+        match &self.durable {
+            Some(store) => Some(store.reserve(bytes, items).await),
+            None => None,
+        }
+    }
+
+    /// Gives the room back once what was taken in under it is committed.
+    pub fn ingest_queued(&self, permit: Option<crate::store::IngestPermit>) {
+        if let (Some(store), Some(permit)) = (&self.durable, permit) {
+            store.release_after_commit(permit);
+        }
+    }
+
+    /// What the store's writer has queued, when there is one.
+    pub fn store_queue(&self) -> Option<crate::store::QueueStats> {
+        self.durable.as_ref().map(crate::store::StoreHandle::queue_stats)
     }
 
     /// Waits until everything written so far is durable.

@@ -268,6 +268,7 @@ impl ActionRecord {
     pub fn max_hits(&self) -> u32 {
         match &self.spec.kind {
             ActionKind::Snapshot(s) => s.max_hits,
+            ActionKind::CaptureErrors(_) => super::errors::MAX_ERROR_HITS,
             _ => 0,
         }
     }
@@ -316,7 +317,7 @@ impl ActionRecord {
         entry.location = Some(self.spec.location.clone());
         entry.expressions = self.expressions();
         match &self.spec.kind {
-            ActionKind::Snapshot(_) => entry.hits = Some(self.hits),
+            ActionKind::Snapshot(_) | ActionKind::CaptureErrors(_) => entry.hits = Some(self.hits),
             ActionKind::Log(_) => entry.lines = Some(self.lines),
             _ => {}
         }
@@ -362,6 +363,9 @@ impl ActionRecord {
             .collect();
         let (hits_remaining, lines_remaining) = match &self.spec.kind {
             ActionKind::Snapshot(s) => (Some(u64::from(s.max_hits).saturating_sub(self.hits)), None),
+            ActionKind::CaptureErrors(_) => {
+                (Some(u64::from(super::errors::MAX_ERROR_HITS).saturating_sub(self.hits)), None)
+            }
             ActionKind::Log(l) => (None, l.max_lines.map(|m| m.saturating_sub(self.lines))),
             _ => (None, None),
         };
@@ -369,6 +373,12 @@ impl ActionRecord {
             ActionKind::Snapshot(_) => serde_json::json!({
                 "broker_hits_per_sec_per_agent": ingest.action_hits_per_sec,
                 "burst_factor": ingest.burst_factor,
+            }),
+            ActionKind::CaptureErrors(e) => serde_json::json!({
+                "broker_hits_per_sec_per_agent": ingest.action_hits_per_sec,
+                "burst_factor": ingest.burst_factor,
+                "max_captures_per_agent": e.max_captures_per_agent,
+                "min_interval_ms": e.min_interval_ms,
             }),
             ActionKind::Log(_) => serde_json::json!({
                 "broker_lines_per_sec": ingest.action_log_lines_per_sec,
@@ -393,7 +403,12 @@ impl ActionRecord {
     pub fn view(&self) -> ActionView {
         let (watch, backtrace) = match &self.spec.kind {
             ActionKind::Snapshot(s) => (s.watch.clone(), s.backtrace),
+            ActionKind::CaptureErrors(e) => (Vec::new(), e.backtrace),
             _ => (Vec::new(), false),
+        };
+        let errors = match &self.spec.kind {
+            ActionKind::CaptureErrors(e) => Some(e.clone()),
+            _ => None,
         };
         let log = match &self.spec.kind {
             ActionKind::Log(l) => Some(l.clone()),
@@ -425,6 +440,7 @@ impl ActionRecord {
             log,
             lines: self.lines,
             metric,
+            errors,
             figures: None,
             created_by_key: self.created_by_key.clone(),
             redaction_rules_fired: self.rules_fired.clone(),
@@ -465,7 +481,7 @@ pub struct ActionQuotaView {
 pub struct ActionView {
     /// The action's id: the handle for `get_action` and `remove_action`.
     pub action_id: ActionId,
-    /// `snapshot`, `log` or `metric`.
+    /// `snapshot`, `log`, `metric` or `capture_errors`.
     pub kind: &'static str,
     /// Overall state.
     pub status: ActionStatus,
@@ -512,6 +528,9 @@ pub struct ActionView {
     /// A metric's parameters.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metric: Option<MetricSpec>,
+    /// An error capture's parameters (its location is `*:0`: everywhere).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errors: Option<periscope_protocol::ErrorCaptureSpec>,
     /// A metric's figures: totals, per agent, and a short time series.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub figures: Option<MetricView>,

@@ -123,7 +123,7 @@ impl Engine {
     /// Inserts the action under the key's quota and its organization's ceiling (checked
     /// together by the store: concurrent placements cannot both take the last slot),
     /// then tells the agents.
-    async fn insert(
+    pub(super) async fn insert(
         &self,
         spec: ActionSpec,
         target: Target,
@@ -195,7 +195,7 @@ impl Engine {
         Ok(view)
     }
 
-    fn resolve_target(
+    pub(super) fn resolve_target(
         &self,
         agent_ids: &[String],
         pool: Option<&str>,
@@ -245,7 +245,7 @@ impl Engine {
 
     /// Online agents of the caller's organization the target includes within `reach`,
     /// with display names and pools.
-    fn matching_agents(&self, target: &Target, reach: &Reach, tenancy: &Tenancy) -> Vec<Aimed> {
+    pub(super) fn matching_agents(&self, target: &Target, reach: &Reach, tenancy: &Tenancy) -> Vec<Aimed> {
         let mut out = Vec::new();
         let mut consider = |a: &crate::registry::AgentRecord| {
             if a.online() && target.includes(a) && reach.allows(&a.org, &a.info.pool, tenancy) {
@@ -282,7 +282,7 @@ impl Engine {
             .collect()
     }
 
-    fn no_matching_agents(&self, target: &Target, caller: &Principal) -> ApiError {
+    pub(super) fn no_matching_agents(&self, target: &Target, caller: &Principal) -> ApiError {
         let available = self.online_pools(caller);
         let what = if !target.agent_ids.is_empty() {
             "none of the given agents is online".to_owned()
@@ -303,7 +303,7 @@ impl Engine {
         let mut all_files: HashSet<String> = HashSet::new();
         for (id, _, _) in agents {
             self.registry.with(id, |rec| {
-                for e in rec.catalog.values() {
+                for (e, _) in rec.catalog.iter() {
                     if all_files.len() < 10_000 {
                         all_files.insert(e.file.clone());
                     }
@@ -312,7 +312,7 @@ impl Engine {
                         in_file.push(e.clone());
                     }
                 }
-                for f in rec.files.values() {
+                for f in rec.catalog.files() {
                     if all_files.len() < 10_000 {
                         all_files.insert(f.file.clone());
                     }

@@ -5,7 +5,8 @@
 
 use periscope_protocol::limits::action_bounds;
 use periscope_protocol::{
-    ActionId, ActionKind, ActionSpec, Location, LogDestination, LogLevel, LogSpec, MetricKind, MetricSpec, SnapshotSpec,
+    ActionId, ActionKind, ActionSpec, ErrorCaptureSpec, Location, LogDestination, LogLevel, LogSpec, MetricKind,
+    MetricSpec, SnapshotSpec,
 };
 use serde::Deserialize;
 
@@ -319,6 +320,66 @@ impl MetricRequest {
         let kind = ActionKind::Metric(MetricSpec { metric, expression, end_location, report_interval_ms });
         let spec = spec(&self.file, self.line, self.condition.as_deref(), self.expire_seconds, kind)?;
         Ok((spec, placement(&self.agent_ids, &self.pool, &self.tags, self.allow_pending)))
+    }
+}
+
+/// An error-capture action as a caller asks for it; also the body of
+/// `POST /api/v1/errors/capture` (the `capture_errors` tool's arguments).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ErrorCaptureRequest {
+    /// Agents by id.
+    pub agent_ids: Vec<String>,
+    /// Pool to target.
+    pub pool: Option<String>,
+    /// Tags to target.
+    pub tags: Vec<String>,
+    /// Snapshots per agent over the action's life (default 20, 1 to 200).
+    pub max_captures_per_agent: Option<u32>,
+    /// At most one snapshot per location and error type in this many milliseconds
+    /// (default and least 1000, at most 3,600,000).
+    pub min_interval_ms: Option<u64>,
+    /// A native backtrace with each ERROR event too (panics always carry one).
+    pub backtrace: bool,
+    /// Seconds the action stays live (default 3600, max 86400).
+    pub expire_seconds: Option<u64>,
+}
+
+impl ErrorCaptureRequest {
+    /// The spec and placement this request asks for, or what is wrong with it. The
+    /// spec's location is [`ErrorCaptureSpec::location`]: everywhere.
+    pub fn validate(&self) -> Result<(ActionSpec, Placement), ApiError> {
+        let per_agent = self.max_captures_per_agent.unwrap_or(ErrorCaptureSpec::DEFAULT_PER_AGENT);
+        in_range(
+            "max_captures_per_agent",
+            u64::from(per_agent),
+            1,
+            u64::from(ErrorCaptureSpec::MAX_PER_AGENT),
+            u64::from(ErrorCaptureSpec::DEFAULT_PER_AGENT),
+        )?;
+        let interval = self.min_interval_ms.unwrap_or(ErrorCaptureSpec::DEFAULT_INTERVAL_MS);
+        in_range(
+            "min_interval_ms",
+            interval,
+            ErrorCaptureSpec::DEFAULT_INTERVAL_MS,
+            3_600_000,
+            ErrorCaptureSpec::DEFAULT_INTERVAL_MS,
+        )?;
+        let expire = self.expire_seconds.unwrap_or(action_bounds::DEFAULT_EXPIRE_SECS);
+        in_range("expire_seconds", expire, 1, action_bounds::MAX_EXPIRE_SECS, action_bounds::DEFAULT_EXPIRE_SECS)?;
+        let kind = ActionKind::CaptureErrors(ErrorCaptureSpec {
+            max_captures_per_agent: per_agent,
+            min_interval_ms: interval,
+            backtrace: self.backtrace,
+        });
+        let spec = ActionSpec {
+            id: ActionId::generate(),
+            location: ErrorCaptureSpec::location(),
+            condition: None,
+            expires_at_ms: now_ms() + expire * 1_000,
+            kind,
+        };
+        Ok((spec, placement(&self.agent_ids, &self.pool, &self.tags, true)))
     }
 }
 

@@ -43,6 +43,7 @@
 mod actions;
 mod admin;
 mod agents;
+mod errors;
 mod kill_switch;
 mod prompts;
 pub mod proxy;
@@ -103,6 +104,7 @@ impl PeriscopeMcp {
             + Self::agents_router()
             + Self::actions_router()
             + Self::kill_router()
+            + Self::errors_router()
             + Self::admin_router();
         PeriscopeMcp {
             state,
@@ -163,6 +165,8 @@ pub const TOOL_SCOPES: &[(&str, Scope)] = &[
     ("list_actions", Scope::HitsRead),
     ("remove_action", Scope::ActionsWrite),
     ("remove_all_actions", Scope::ActionsWrite),
+    ("capture_errors", Scope::ActionsWrite),
+    ("list_errors", Scope::HitsRead),
     ("query_audit", Scope::Admin),
 ];
 
@@ -412,6 +416,8 @@ pub(crate) mod tests {
             "list_actions",
             "remove_action",
             "remove_all_actions",
+            "capture_errors",
+            "list_errors",
             "query_audit",
         ] {
             assert!(names.contains(&name), "{name} missing from {names:?}");

@@ -397,6 +397,7 @@ mod tests {
                 truncation: TruncationSummary { depth_cuts: 1, ..Default::default() },
                 redactions: vec![RedactionFinding { path: "fields.order.email".into(), rule: "email".into() }],
                 rules_version: 1,
+                error: None,
             },
         }
     }

@@ -26,7 +26,7 @@ fn action() -> Value {
                      "created_by", "created_at_ms", "expires_at_ms"],
         "properties": {
             "action_id": { "type": "string", "pattern": "^act_" },
-            "kind": { "type": "string", "enum": ["snapshot", "log", "metric"] },
+            "kind": { "type": "string", "enum": ["snapshot", "log", "metric", "capture_errors"] },
             "status": { "type": "string" },
             "location": { "type": "object", "required": ["file", "line"],
                           "properties": { "file": { "type": "string" }, "line": { "type": "integer" } } },
@@ -176,6 +176,41 @@ pub fn get_action() -> Arc<JsonObject> {
 /// `place_metric` and `remove_action`: the action.
 pub fn action_only() -> Arc<JsonObject> {
     object(json!({ "type": "object", "required": ["action"], "properties": { "action": action() } }))
+}
+
+/// `list_errors`: the distinct errors, newest first.
+pub fn list_errors() -> Arc<JsonObject> {
+    object(json!({
+        "type": "object",
+        "required": ["errors", "count"],
+        "properties": {
+            "count": { "type": "integer", "minimum": 0 },
+            "errors": { "type": "array", "items": {
+                "type": "object",
+                "description": "One distinct error (location, kind, type) across the agents it happened on.",
+                "required": ["file", "line", "kind", "error_type", "message", "count", "captured", "uncaptured",
+                             "first_seen_ms", "last_seen_ms", "agents", "agent_count", "pools"],
+                "properties": {
+                    "file": { "type": "string" },
+                    "line": { "type": "integer", "minimum": 0 },
+                    "kind": { "type": "string", "enum": ["panic", "event", "exception", "other"] },
+                    "error_type": { "type": "string" },
+                    "message": { "type": "string" },
+                    "count": { "type": "integer", "minimum": 0 },
+                    "captured": { "type": "integer", "minimum": 0 },
+                    "uncaptured": { "type": "integer", "minimum": 0 },
+                    "first_seen_ms": { "type": "integer" },
+                    "last_seen_ms": { "type": "integer" },
+                    "agents": { "type": "array", "items": { "type": "string" } },
+                    "agent_count": { "type": "integer", "minimum": 0 },
+                    "pools": { "type": "array", "items": { "type": "string" } },
+                    "services": { "type": "array", "items": { "type": "string" } },
+                    "hit": { "type": "object", "required": ["action_id", "index"] },
+                    "snapshot": hit()
+                }
+            } }
+        }
+    }))
 }
 
 /// `list_actions`.

@@ -73,7 +73,7 @@ impl ActionExprs {
                 (Some(src), _) => exprs.value = Some(parse_numeric(src).map_err(at("expression"))?),
                 (None, _) => {}
             },
-            ActionKind::Unsupported => {}
+            ActionKind::CaptureErrors(_) | ActionKind::Unsupported => {}
         }
         let mut roots = Roots::default();
         let all = exprs.condition.iter().chain(&exprs.watches).chain(&exprs.value);

@@ -8,11 +8,13 @@
 //! - [`events`]: [`LocalEvents`], the [`crate::backend::ActionEvents`].
 //! - [`audit`]: [`SqliteAudit`], the audit sink and reader.
 //! - [`rules`]: [`SqliteRules`], the [`crate::backend::RuleStore`].
+//! - [`errors`]: [`MemoryErrors`], the [`crate::backend::ErrorStore`] (in memory).
 //! - [`directory`]: [`LocalDirectory`], the [`crate::backend::AgentDirectory`] of one node.
 
 pub mod actions;
 pub mod audit;
 pub mod directory;
+pub mod errors;
 pub mod events;
 pub mod keys;
 pub mod live_index;
@@ -22,6 +24,7 @@ pub mod rules;
 pub use actions::MemoryActions;
 pub use audit::SqliteAudit;
 pub use directory::LocalDirectory;
+pub use errors::MemoryErrors;
 pub use events::LocalEvents;
 pub use keys::SqliteKeys;
 pub use rules::SqliteRules;
@@ -41,6 +44,7 @@ mod conformance {
             keys,
             budgets: Arc::new(crate::quota::LocalBudgets::default()),
             directory: Arc::new(super::LocalDirectory::new("n1")),
+            errors: Arc::new(super::MemoryErrors::default()),
             _keep: Box::new(dir),
         }
     }

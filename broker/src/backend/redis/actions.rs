@@ -260,6 +260,7 @@ fn kind_name(record: &ActionRecord) -> &'static str {
 fn max_of(record: &ActionRecord) -> u64 {
     match &record.spec.kind {
         ActionKind::Snapshot(s) => u64::from(s.max_hits),
+        ActionKind::CaptureErrors(_) => u64::from(crate::engine::errors::MAX_ERROR_HITS),
         ActionKind::Log(l) => l.max_lines.unwrap_or(0),
         _ => 0,
     }

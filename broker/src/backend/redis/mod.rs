@@ -10,6 +10,8 @@
 //!   once, one budget per key and organization across nodes.
 //! - [`cluster`]: [`RedisDirectory`], which node holds each agent (leases with an
 //!   epoch), what every node knows of each agent, the bus between nodes, the nodes.
+//! - [`errors`]: [`RedisErrors`], error groups (a hash and a sorted set per
+//!   organization, each update one Lua script).
 //! - [`events`]: [`RedisEvents`], action events over pub/sub to every node's waiters.
 //! - [`keys`]: [`RedisKeys`], the key directory (keys, organizations, groups, pools).
 //! - [`shared`]: [`RedisAudit`] (the audit trail) and [`RedisRules`] (redaction rules
@@ -22,6 +24,7 @@
 pub mod actions;
 pub mod budgets;
 pub mod cluster;
+pub mod errors;
 pub mod events;
 pub mod keys;
 pub mod server;
@@ -36,6 +39,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 pub use actions::RedisActions;
 pub use budgets::RedisBudgets;
 pub use cluster::RedisDirectory;
+pub use errors::RedisErrors;
 pub use events::RedisEvents;
 pub use keys::RedisKeys;
 pub use shared::{RedisAudit, RedisRules};
@@ -202,6 +206,7 @@ mod conformance {
             events: super::RedisEvents::start(redis.clone(), stop.clone()),
             keys: Arc::new(super::RedisKeys::new(redis.clone(), "n1")),
             budgets: Arc::new(super::RedisBudgets::new(redis.clone())),
+            errors: Arc::new(super::RedisErrors::new(redis.clone())),
             directory: super::RedisDirectory::start(redis, "n1".into(), stop),
             _keep: Box::new((server, stop_tx)),
         }
