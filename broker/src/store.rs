@@ -300,6 +300,60 @@ enum Op {
     Stop,
 }
 
+/// The writer's queue: its ops in order, counted as they are sent, and how many of them
+/// the writer has committed. A barrier is then a number to wait for, not a message: it
+/// costs nothing when what was queued before it is already committed, and otherwise
+/// waits for the commit already under way rather than for one more of its own.
+#[derive(Clone)]
+struct Queue {
+    tx: mpsc::Sender<Op>,
+    progress: Arc<Progress>,
+}
+
+struct Progress {
+    /// Ops sent to the writer, counted before each is sent: when a barrier reads `n`,
+    /// every op sent before it is among the first `n` the writer receives (the channel
+    /// is first in, first out).
+    queued: AtomicU64,
+    /// Ops the writer has taken out of the channel and committed (or failed to write,
+    /// and logged), published after each batch; `u64::MAX` once the writer is gone.
+    committed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Queue {
+    fn new() -> (Queue, mpsc::Receiver<Op>, Arc<Progress>) {
+        let (tx, rx) = mpsc::channel();
+        let progress = Arc::new(Progress { queued: AtomicU64::new(0), committed: tokio::sync::watch::Sender::new(0) });
+        (Queue { tx, progress: progress.clone() }, rx, progress)
+    }
+
+    /// Queues an op; `Err` once the writer is gone (the op is dropped).
+    fn send(&self, op: Op) -> Result<(), Stopped> {
+        self.progress.queued.fetch_add(1, Ordering::SeqCst);
+        self.tx.send(op).map_err(|_| Stopped)
+    }
+}
+
+/// The writer thread has ended.
+#[derive(Debug)]
+struct Stopped;
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue").field("queued", &self.progress.queued.load(Ordering::Relaxed)).finish()
+    }
+}
+
+/// Releases every barrier when the writer ends, however it ends (nothing more will be
+/// committed to wait for).
+struct WriterGone(Arc<Progress>);
+
+impl Drop for WriterGone {
+    fn drop(&mut self) {
+        self.0.committed.send_replace(u64::MAX);
+    }
+}
+
 /// Room the store keeps for what agents send by default: 64 MiB of frames queued for
 /// the writer and not yet committed.
 pub const DEFAULT_MAX_QUEUED_BYTES: u64 = 64 * 1024 * 1024;
@@ -369,60 +423,6 @@ impl IngestGate {
     fn committed(&self, bytes: u64, rows: u64) {
         self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
         self.queued_rows.fetch_sub(rows, Ordering::Relaxed);
-    }
-}
-
-/// The writer's queue: its ops in order, counted as they are sent, and how many of them
-/// the writer has committed. A barrier is then a number to wait for, not a message: it
-/// costs nothing when what was queued before it is already committed, and otherwise
-/// waits for the commit already under way rather than for one more of its own.
-#[derive(Clone)]
-struct Queue {
-    tx: mpsc::Sender<Op>,
-    progress: Arc<Progress>,
-}
-
-struct Progress {
-    /// Ops sent to the writer, counted before each is sent: when a barrier reads `n`,
-    /// every op sent before it is among the first `n` the writer receives (the channel
-    /// is first in, first out).
-    queued: AtomicU64,
-    /// Ops the writer has taken out of the channel and committed (or failed to write,
-    /// and logged), published after each batch; `u64::MAX` once the writer is gone.
-    committed: tokio::sync::watch::Sender<u64>,
-}
-
-impl Queue {
-    fn new() -> (Queue, mpsc::Receiver<Op>, Arc<Progress>) {
-        let (tx, rx) = mpsc::channel();
-        let progress = Arc::new(Progress { queued: AtomicU64::new(0), committed: tokio::sync::watch::Sender::new(0) });
-        (Queue { tx, progress: progress.clone() }, rx, progress)
-    }
-
-    /// Queues an op; `Err` once the writer is gone (the op is dropped).
-    fn send(&self, op: Op) -> Result<(), Stopped> {
-        self.progress.queued.fetch_add(1, Ordering::SeqCst);
-        self.tx.send(op).map_err(|_| Stopped)
-    }
-}
-
-/// The writer thread has ended.
-#[derive(Debug)]
-struct Stopped;
-
-impl std::fmt::Debug for Queue {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Queue").field("queued", &self.progress.queued.load(Ordering::Relaxed)).finish()
-    }
-}
-
-/// Releases every barrier when the writer ends, however it ends (nothing more will be
-/// committed to wait for).
-struct WriterGone(Arc<Progress>);
-
-impl Drop for WriterGone {
-    fn drop(&mut self) {
-        self.0.committed.send_replace(u64::MAX);
     }
 }
 
@@ -595,7 +595,7 @@ impl Store {
         let writer_gate = Arc::clone(&gate);
         let thread = std::thread::Builder::new()
             .name("periscope-store".into())
-            .spawn(move || writer(conn, rx, &progress, &writer_path, &writer_gate))
+            .spawn(move || writer(conn, rx, &writer_path, &writer_gate, &progress))
             .map_err(|source| StoreError::Dir { path: dir.to_owned(), source })?;
         Ok((Store { tx, path, thread: Some(thread), gate }, loaded))
     }
@@ -1024,7 +1024,7 @@ fn apply<'tx>(tx: &'tx rusqlite::Transaction<'_>, op: Op, batch: &mut Batch<'tx>
 }
 
 /// Batches whatever is queued into one transaction per wake-up.
-fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, progress: &Arc<Progress>, path: &Path, gate: &IngestGate) {
+fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, path: &Path, gate: &IngestGate, progress: &Arc<Progress>) {
     let _gone = WriterGone(progress.clone());
     let mut stop = false;
     // Ops taken out of the channel so far, whatever became of them.
