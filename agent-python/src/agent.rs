@@ -195,6 +195,7 @@ impl Runtime for PyRuntime {
             truncation: TruncationSummary::default(),
             redactions: Vec::new(),
             rules_version: 0,
+            call: None,
         };
         hit.enforce_limits(limits);
         hit

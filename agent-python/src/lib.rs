@@ -468,6 +468,7 @@ fn install_for_bench(
         condition,
         expires_at_ms: u64::MAX,
         kind: ActionKind::Snapshot(SnapshotSpec { max_hits: u32::MAX, watch: Vec::new(), backtrace: false }),
+        function: None,
     };
     let action = Arc::new(Installed::new(spec, &quotas));
     if let Some(e) = &action.compile_error {

@@ -253,6 +253,7 @@ pub(crate) fn build_hit(raw: &RawHit<Payload>, limits: &CaptureLimits) -> Hit {
         truncation: summary,
         redactions: Vec::new(),
         rules_version: 0,
+        call: None,
     }
 }
 

@@ -159,6 +159,7 @@ impl Agent {
             condition: condition.map(str::to_owned),
             expires_at_ms: u64::MAX,
             kind: ActionKind::Snapshot(SnapshotSpec { max_hits: u32::MAX, watch: Vec::new(), backtrace: false }),
+            function: None,
         };
         let installed = Arc::new(Installed::new(spec, &quotas));
         self.shared.install(vec![installed], Arc::new(Budgets::new(quotas)), CaptureLimits::default());

@@ -216,6 +216,7 @@ pub fn hit(lines: usize) -> Hit {
         truncation: TruncationSummary::default(),
         redactions: vec![],
         rules_version: 3,
+        call: None,
     }
 }
 

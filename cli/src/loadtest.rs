@@ -246,6 +246,7 @@ impl HitTemplate {
             truncation: Default::default(),
             redactions: Vec::new(),
             rules_version: 0,
+            call: None,
         };
         let json = serde_json::to_value(&hit).context("encoding a hit")?;
         let fields = json.get("fields").map(ToString::to_string).unwrap_or_default();

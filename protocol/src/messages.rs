@@ -466,6 +466,7 @@ mod tests {
             condition: None,
             expires_at_ms: 99,
             kind: ActionKind::Snapshot(SnapshotSpec { max_hits: 1, watch: vec!["a.b".into()], backtrace: false }),
+            function: None,
         };
         let agent = [
             AgentMessage::Register(Box::new(registration())),

@@ -84,6 +84,7 @@ fn record(org: &str, key: &str, kind: ActionKind, agents: &[&Sender], expires_at
         condition: None,
         expires_at_ms,
         kind,
+        function: None,
     };
     ActionRecord {
         spec,
@@ -325,6 +326,7 @@ fn line(action: &ActionId, text: &str) -> LogLine {
         thread: None,
         redactions: Vec::new(),
         rules_version: 0,
+        call: None,
     }
 }
 

@@ -5,7 +5,8 @@
 
 use periscope_protocol::limits::action_bounds;
 use periscope_protocol::{
-    ActionId, ActionKind, ActionSpec, Location, LogDestination, LogLevel, LogSpec, MetricKind, MetricSpec, SnapshotSpec,
+    ActionId, ActionKind, ActionSpec, FunctionTarget, Location, LogDestination, LogLevel, LogSpec, MetricKind,
+    MetricSpec, SnapshotSpec,
 };
 use serde::Deserialize;
 
@@ -27,10 +28,15 @@ pub struct SnapshotRequest {
     pub pool: Option<String>,
     /// Tags to target.
     pub tags: Vec<String>,
-    /// File path or suffix.
-    pub file: String,
+    /// File path or suffix (with `line`; or `function` instead).
+    pub file: Option<String>,
     /// Line.
-    pub line: u32,
+    pub line: Option<u32>,
+    /// A function (Python `module:qualname`) or span (Rust: its name, optionally after
+    /// its module path and `::`), instead of `file` and `line`.
+    pub function: Option<String>,
+    /// For a function: capture only calls lasting at least this long.
+    pub min_duration_ms: Option<u64>,
     /// Condition expression.
     pub condition: Option<String>,
     /// Watch expressions.
@@ -89,10 +95,12 @@ pub struct MetricRequest {
     pub tags: Vec<String>,
     /// `counter`, `duration`, `value`.
     pub kind: String,
-    /// File path or suffix.
-    pub file: String,
+    /// File path or suffix (with `line`; or `function` instead).
+    pub file: Option<String>,
     /// Line.
-    pub line: u32,
+    pub line: Option<u32>,
+    /// A function or span instead of `file` and `line` (as in [`SnapshotRequest`]).
+    pub function: Option<String>,
     /// For tic-toc durations: where the clock stops.
     pub end_file: Option<String>,
     /// For tic-toc durations: the line where the clock stops.
@@ -161,6 +169,62 @@ pub fn validate_location(file: &str, line: u32) -> Result<Location, ApiError> {
     Ok(Location { file: file.to_owned(), line })
 }
 
+/// Longest function argument accepted.
+const MAX_FUNCTION_LEN: usize = 512;
+
+/// Slowest `min_duration_ms` accepted (an hour).
+pub const MAX_MIN_DURATION_MS: u64 = 3_600_000;
+
+/// Where an action goes, as given: a file and line, or a function. Exactly one of the
+/// two; `min_duration_ms` only with a function.
+pub fn validate_target(
+    file: Option<&str>,
+    line: Option<u32>,
+    function: Option<&str>,
+    min_duration_ms: Option<u64>,
+) -> Result<(Location, Option<FunctionTarget>), ApiError> {
+    let function = function.map(str::trim).filter(|f| !f.is_empty());
+    match (function, file.map(str::trim).filter(|f| !f.is_empty()), line) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => Err(ApiError::invalid(
+            "give either `function` or `file` and `line`, not both (a function is found by name; list_sources \
+             shows its file)",
+        )),
+        (Some(text), None, None) => {
+            if text.len() > MAX_FUNCTION_LEN || text.chars().any(char::is_control) {
+                return Err(ApiError::invalid(format!(
+                    "function must be a name of 1 to {MAX_FUNCTION_LEN} characters: Python `module:qualname` \
+                     (`shop.orders:Shop.checkout`), Rust a span name, optionally after its module path \
+                     (`shop::orders::checkout`)"
+                )));
+            }
+            if let Some(ms) = min_duration_ms {
+                in_range("min_duration_ms", ms, 0, MAX_MIN_DURATION_MS, 0)?;
+            }
+            let target =
+                FunctionTarget { min_duration_ms: min_duration_ms.filter(|ms| *ms > 0), ..FunctionTarget::parse(text) };
+            // Where the function is gets filled in from the agents' catalogs at placement.
+            Ok((Location { file: target.to_string(), line: 1 }, Some(target)))
+        }
+        (None, file, line) => {
+            if min_duration_ms.is_some() {
+                return Err(ApiError::invalid(
+                    "min_duration_ms applies to a function (a call has a duration; a line does not): give \
+                     `function` instead of `file` and `line`",
+                ));
+            }
+            match (file, line) {
+                (Some(file), Some(line)) => Ok((validate_location(file, line)?, None)),
+                (None, None) => Err(ApiError::invalid(
+                    "say where: `file` and `line` (list_sources shows inspectable lines), or `function` (a Python \
+                     `module:qualname` or a Rust span name)",
+                )),
+                (Some(_), None) => Err(ApiError::invalid("`line` is missing: give `file` and `line`, or `function`")),
+                (None, Some(_)) => Err(ApiError::invalid("`file` is missing: give `file` and `line`, or `function`")),
+            }
+        }
+    }
+}
+
 /// Parses every expression of the action (condition, watches, template, metric
 /// expression) so a bad one is refused at placement, with its position, before any agent
 /// sees it.
@@ -193,18 +257,22 @@ pub fn check_expressions(spec: &ActionSpec) -> Result<(), ApiError> {
 /// The spec every kind shares (a fresh id, the location, the condition, the expiry),
 /// checked, with its expressions parsed.
 fn spec(
-    file: &str,
-    line: u32,
+    (location, function): (Location, Option<FunctionTarget>),
     condition: Option<&str>,
     expire_seconds: Option<u64>,
     kind: ActionKind,
 ) -> Result<ActionSpec, ApiError> {
     let expire = expire_seconds.unwrap_or(action_bounds::DEFAULT_EXPIRE_SECS);
     in_range("expire_seconds", expire, 1, action_bounds::MAX_EXPIRE_SECS, action_bounds::DEFAULT_EXPIRE_SECS)?;
-    let location = validate_location(file, line)?;
     let condition = condition.map(str::trim).filter(|c| !c.is_empty()).map(str::to_owned);
-    let spec =
-        ActionSpec { id: ActionId::generate(), location, condition, expires_at_ms: now_ms() + expire * 1_000, kind };
+    let spec = ActionSpec {
+        id: ActionId::generate(),
+        location,
+        condition,
+        expires_at_ms: now_ms() + expire * 1_000,
+        kind,
+        function,
+    };
     check_expressions(&spec)?;
     Ok(spec)
 }
@@ -229,7 +297,8 @@ impl SnapshotRequest {
         }
         let watch: Vec<String> = self.watch.iter().map(|w| w.trim().to_owned()).collect();
         let kind = ActionKind::Snapshot(SnapshotSpec { max_hits, watch, backtrace: self.backtrace });
-        let spec = spec(&self.file, self.line, self.condition.as_deref(), self.expire_seconds, kind)?;
+        let target = validate_target(self.file.as_deref(), self.line, self.function.as_deref(), self.min_duration_ms)?;
+        let spec = spec(target, self.condition.as_deref(), self.expire_seconds, kind)?;
         Ok((spec, placement(&self.agent_ids, &self.pool, &self.tags, self.allow_pending)))
     }
 }
@@ -273,7 +342,8 @@ impl LogRequest {
         }
         let kind =
             ActionKind::Log(LogSpec { template: self.template.clone(), level, destination, max_lines: self.max_lines });
-        let spec = spec(&self.file, self.line, self.condition.as_deref(), self.expire_seconds, kind)?;
+        let target = (validate_location(&self.file, self.line)?, None);
+        let spec = spec(target, self.condition.as_deref(), self.expire_seconds, kind)?;
         Ok((spec, placement(&self.agent_ids, &self.pool, &self.tags, self.allow_pending)))
     }
 }
@@ -316,8 +386,14 @@ impl MetricRequest {
             }
             _ => {}
         }
+        let target = validate_target(self.file.as_deref(), self.line, self.function.as_deref(), None)?;
+        if target.1.is_some() && end_location.is_some() {
+            return Err(ApiError::invalid(
+                "a function's duration runs from its entry to its exit: end_file and end_line are for line metrics",
+            ));
+        }
         let kind = ActionKind::Metric(MetricSpec { metric, expression, end_location, report_interval_ms });
-        let spec = spec(&self.file, self.line, self.condition.as_deref(), self.expire_seconds, kind)?;
+        let spec = spec(target, self.condition.as_deref(), self.expire_seconds, kind)?;
         Ok((spec, placement(&self.agent_ids, &self.pool, &self.tags, self.allow_pending)))
     }
 }
@@ -332,10 +408,12 @@ mod tests {
 
     #[test]
     fn bounds_are_checked_with_their_range_and_default_whoever_asks() {
-        let req = SnapshotRequest { file: "a.rs".into(), line: 1, max_hits: Some(100), ..Default::default() };
+        let req =
+            SnapshotRequest { file: Some("a.rs".into()), line: Some(1), max_hits: Some(100), ..Default::default() };
         let err = req.validate().unwrap_err();
         assert_eq!(err.message, "max_hits is 100; allowed range is 1..=50 (default 1)");
-        let req = SnapshotRequest { file: "a.rs".into(), line: 1, expire_seconds: Some(0), ..Default::default() };
+        let req =
+            SnapshotRequest { file: Some("a.rs".into()), line: Some(1), expire_seconds: Some(0), ..Default::default() };
         assert!(req.validate().unwrap_err().message.starts_with("expire_seconds is 0; allowed range is 1..=86400"));
         assert!(check_wait_seconds("wait_seconds", 601).is_err() && check_wait_seconds("wait_seconds", 0).is_ok());
         let req =
@@ -345,8 +423,12 @@ mod tests {
 
     #[test]
     fn a_bad_expression_is_refused_with_its_position() {
-        let req =
-            SnapshotRequest { file: "a.rs".into(), line: 3, condition: Some("a ==".into()), ..Default::default() };
+        let req = SnapshotRequest {
+            file: Some("a.rs".into()),
+            line: Some(3),
+            condition: Some("a ==".into()),
+            ..Default::default()
+        };
         let err = req.validate().unwrap_err();
         assert!(err.message.starts_with("condition:"), "{err}");
         assert!(err.details["position"].is_number());

@@ -39,10 +39,20 @@ struct PlaceSnapshotArgs {
     #[serde(default)]
     tags: Vec<String>,
     /// Source file, as list_sources shows it, or a path suffix of it, e.g. `src/orders.rs`.
-    file: String,
+    /// Give `file` and `line`, or `function`.
+    file: Option<String>,
     /// 1-based line of an inspectable location in `file` (from list_sources).
     #[schemars(range(min = 1))]
-    line: u32,
+    line: Option<u32>,
+    /// Instead of `file` and `line`: a function (Python `module:qualname`, e.g.
+    /// `shop.orders:Shop.checkout`) or a span (Rust: its name, optionally after its module
+    /// path, e.g. `shop::orders::checkout`). A hit then holds the arguments (span fields)
+    /// at entry, `return` and the error or exception at exit, and `call.duration_ms`.
+    function: Option<String>,
+    /// With `function`: capture only calls lasting at least this many milliseconds
+    /// (faster calls produce nothing), e.g. 250 to catch the one slow checkout.
+    #[schemars(range(min = 0, max = 3_600_000))]
+    min_duration_ms: Option<u64>,
     /// Capture only when this expression is true, e.g. `user_id == 42`.
     condition: Option<String>,
     /// Expressions to evaluate at each hit and report beside the fields.
@@ -175,11 +185,14 @@ struct PlaceMetricArgs {
     tags: Vec<String>,
     /// What to measure.
     kind: MetricKind,
-    /// Source file or path suffix.
-    file: String,
+    /// Source file or path suffix (with `line`; or give `function`).
+    file: Option<String>,
     /// 1-based line.
     #[schemars(range(min = 1))]
-    line: u32,
+    line: Option<u32>,
+    /// Instead of `file` and `line`: a function (Python `module:qualname`) or span (Rust
+    /// span name, optionally after its module path); a `duration` then times each call.
+    function: Option<String>,
     /// For `duration`: where the clock stops (file).
     end_file: Option<String>,
     /// For `duration`: where the clock stops (line).
@@ -426,6 +439,8 @@ impl PeriscopeMcp {
             tags: a.tags,
             file: a.file,
             line: a.line,
+            function: a.function,
+            min_duration_ms: a.min_duration_ms,
             condition: a.condition,
             watch: a.watch,
             max_hits: Some(a.max_hits),
@@ -617,6 +632,7 @@ impl PeriscopeMcp {
             kind: a.kind.name().to_owned(),
             file: a.file,
             line: a.line,
+            function: a.function,
             end_file: a.end_file,
             end_line: a.end_line,
             expression: a.expression,

@@ -34,6 +34,7 @@ fn hit(fields: Vec<Field>) -> Hit {
         truncation: TruncationSummary::default(),
         redactions: vec![],
         rules_version: 0,
+        call: None,
     }
 }
 
