@@ -29,6 +29,8 @@ pub struct RawHit<P> {
     pub thread: ThreadInfo,
     /// What the adapter captured.
     pub payload: P,
+    /// For a function probe: how the call went.
+    pub call: Option<periscope_protocol::CallInfo>,
 }
 
 impl<P> fmt::Debug for RawHit<P> {
@@ -71,6 +73,7 @@ pub fn client_hit<R: crate::Runtime + ?Sized>(
     redactor: &Redactor,
 ) -> Hit {
     let mut hit = runtime.build_hit(raw, &redaction_limits(limits));
+    hit.call = raw.call;
     redactor.redact_hit(&mut hit);
     hit.enforce_limits(limits);
     hit

@@ -618,6 +618,7 @@ impl<R: Runtime> Runner<R> {
             hits_dropped_disconnected: c.dropped_disconnected.load(Ordering::Relaxed),
             queue_len: self.hits_rx.len() as u64,
             actions: self.actions.len() as u64,
+            calls_dropped_open: c.dropped_open_calls.load(Ordering::Relaxed),
         }
     }
 }

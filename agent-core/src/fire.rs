@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use periscope_protocol::expr::Roots;
-use periscope_protocol::{AgentActionState, MetricKind, PauseReason, Scope, ThreadInfo};
+use periscope_protocol::{AgentActionState, CallInfo, CallOutcome, MetricKind, PauseReason, Scope, ThreadInfo};
 
 use crate::capture::RawHit;
 use crate::state::{Budgets, Core, Installed, LogState};
@@ -41,6 +41,13 @@ pub trait Site {
 
     /// Stops `action`'s clock; when it was running, the time it started.
     fn stop_clock(&mut self, action: &Arc<Installed>) -> Option<u64>;
+
+    /// Holds what a function probe captured at entry (the arguments, span fields) with
+    /// its start `started` (clock nanoseconds) wherever the adapter keeps calls in flight
+    /// (the span's extensions, a table by frame), until the call ends and the adapter
+    /// calls [`finish_call`]. The slot is already taken ([`open_call`]); an adapter that
+    /// cannot hold the call gives it back with [`close_call`].
+    fn begin_call(&mut self, action: &Arc<Installed>, started: u64);
 }
 
 /// What a capture is for, so an adapter whose captures are costly copies no more than
@@ -80,8 +87,13 @@ pub fn fire<S: Site>(
         if !firing.admit(action, site) {
             continue;
         }
-        if let Some(snapshot) = &action.snapshot {
-            firing.snapshot(action, snapshot, site);
+        if action.snapshots_calls() {
+            // A whole call: the entry is held until it ends, then judged by its duration.
+            if open_call(core, action) {
+                site.begin_call(action, started);
+            }
+        } else if let Some(snapshot) = &action.snapshot {
+            firing.snapshot(action, snapshot, site, None);
         } else if let Some(log) = &action.log {
             firing.log(action, log, site);
         } else if action.metric.is_some() {
@@ -90,6 +102,53 @@ pub fn fire<S: Site>(
     }
     let spent = core.clock.now().saturating_sub(started);
     budgets.cpu.charge(started, spent);
+}
+
+/// Takes a slot for one more call in flight of `action`'s function probe; false (and
+/// counted) when [`crate::state::MAX_OPEN_CALLS`] are already held.
+pub fn open_call<P>(core: &Core<P>, action: &Installed) -> bool {
+    let taken = action
+        .open_calls
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < crate::state::MAX_OPEN_CALLS).then_some(n + 1));
+    if taken.is_err() {
+        core.counters.dropped_open_calls.fetch_add(1, Ordering::Relaxed);
+    }
+    taken.is_ok()
+}
+
+/// Gives back a call's slot without a hit (the adapter dropped the held call).
+pub fn close_call(action: &Installed) {
+    let _ = action.open_calls.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+}
+
+/// Ends a call of `action`'s function probe that started at `started` (clock
+/// nanoseconds), as `outcome`: gives its slot back, and when it lasted at least the
+/// probe's `min_duration_ms`, takes a hit like any snapshot (rate limits, hit slots),
+/// captured through `site` (the entry's values and the return value or error) with the
+/// call's duration. A faster call costs nothing more.
+pub fn finish_call<S: Site>(
+    core: &Core<S::Payload>,
+    budgets: &Budgets,
+    action: &Arc<Installed>,
+    started: u64,
+    outcome: CallOutcome,
+    site: &mut S,
+) {
+    close_call(action);
+    let now = core.clock.now();
+    let Some(snapshot) = &action.snapshot else { return };
+    let min = action.spec.function.as_ref().map_or(0, |f| f.min_duration_nanos());
+    let nanos = now.saturating_sub(started);
+    if nanos < min || action.done.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut firing = Firing { core, budgets, now_ms: core.clock.unix_ms(now), started: now };
+    if firing.now_ms >= action.spec.expires_at_ms {
+        return;
+    }
+    let call = CallInfo { duration_ms: nanos as f64 / 1e6, outcome };
+    firing.snapshot(action, snapshot, site, Some(call));
+    budgets.cpu.charge(now, core.clock.now().saturating_sub(now));
 }
 
 /// Records one duration sample (nanoseconds) in a duration metric.
@@ -171,13 +230,20 @@ impl<P> Firing<'_, P> {
         }
     }
 
-    fn raw_hit<S: Site<Payload = P>>(&self, action: &Arc<Installed>, site: &mut S, need: Need<'_>) -> RawHit<P> {
+    fn raw_hit<S: Site<Payload = P>>(
+        &self,
+        action: &Arc<Installed>,
+        site: &mut S,
+        need: Need<'_>,
+        call: Option<CallInfo>,
+    ) -> RawHit<P> {
         RawHit {
             action: Arc::clone(action),
             seq: action.seq.fetch_add(1, Ordering::Relaxed) + 1,
             time_ms: self.now_ms,
             thread: site.thread(),
             payload: site.capture(need),
+            call,
         }
     }
 
@@ -186,6 +252,7 @@ impl<P> Firing<'_, P> {
         action: &Arc<Installed>,
         snapshot: &periscope_protocol::SnapshotSpec,
         site: &mut S,
+        call: Option<CallInfo>,
     ) {
         let core = self.core;
         let budgets = self.budgets;
@@ -214,7 +281,7 @@ impl<P> Firing<'_, P> {
         if action.resume() {
             core.report(&action.spec.id, AgentActionState::Resumed);
         }
-        let hit = self.raw_hit(action, site, Need::Snapshot { backtrace: snapshot.backtrace });
+        let hit = self.raw_hit(action, site, Need::Snapshot { backtrace: snapshot.backtrace }, call);
         if core.enqueue(hit) {
             if slot + 1 >= snapshot.max_hits {
                 core.complete(action);
@@ -258,7 +325,7 @@ impl<P> Firing<'_, P> {
         }
         let everything = Roots::default();
         let roots = action.exprs.template.as_ref().map_or(&everything, |t| t.roots());
-        let hit = self.raw_hit(action, site, Need::Log { roots });
+        let hit = self.raw_hit(action, site, Need::Log { roots }, None);
         core.enqueue(hit);
     }
 

@@ -266,6 +266,9 @@ pub struct Heartbeat {
     pub queue_len: u64,
     /// Actions currently installed.
     pub actions: u64,
+    /// Function probe calls not held because their action's table of calls in flight
+    /// was full (calls that never end, such as spans never closed, fill it).
+    pub calls_dropped_open: u64,
 }
 
 /// New or changed catalog entries.

@@ -17,6 +17,7 @@ mod conditions;
 mod conformance;
 mod core_loop;
 mod faults;
+mod function_probes;
 mod gateway_errors;
 mod keys;
 mod mcp;
