@@ -392,3 +392,47 @@ pub fn stop_thread_clock(action: &Arc<Installed>, key: usize) -> Option<u64> {
         c.iter().position(|(a, k, _)| *a == id && *k == key).map(|i| c.swap_remove(i).2)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use periscope_protocol::{ActionId, ActionKind, ActionSpec, AgentQuotas, FunctionTarget, Location, SnapshotSpec};
+
+    use super::*;
+    use crate::state::MAX_OPEN_CALLS;
+
+    fn call_probe() -> Installed {
+        let spec = ActionSpec {
+            id: ActionId::generate(),
+            location: Location { file: "a.rs".into(), line: 1 },
+            condition: None,
+            expires_at_ms: u64::MAX,
+            kind: ActionKind::Snapshot(SnapshotSpec { max_hits: 1, watch: Vec::new(), backtrace: false }),
+            function: Some(FunctionTarget::parse("checkout")),
+        };
+        Installed::new(spec, &AgentQuotas::default())
+    }
+
+    #[test]
+    fn calls_in_flight_are_bounded_per_action_and_refusals_are_counted() {
+        let (core, _rx) = Core::<()>::new(4);
+        let action = call_probe();
+        assert!(action.snapshots_calls() && !action.is_at("a.rs", 1), "a function probe is not a line action");
+        for _ in 0..MAX_OPEN_CALLS {
+            assert!(open_call(&core, &action));
+        }
+        assert!(!open_call(&core, &action), "calls that never end fill the table, never grow it");
+        assert!(!open_call(&core, &action));
+        assert_eq!(core.counters.dropped_open_calls.load(Ordering::Relaxed), 2);
+        close_call(&action);
+        assert!(open_call(&core, &action), "an ended call frees its slot");
+        let other = call_probe();
+        assert!(open_call(&core, &other), "each probe has its own table");
+    }
+
+    #[test]
+    fn closing_more_calls_than_were_opened_never_wraps() {
+        let action = call_probe();
+        close_call(&action);
+        assert_eq!(action.open_calls.load(Ordering::Relaxed), 0);
+    }
+}

@@ -127,9 +127,18 @@ fn identity(py: Python<'_>, runtime: Option<String>) -> PyResult<RuntimeIdentity
         language: "python".into(),
         runtime,
         agent_version: env!("CARGO_PKG_VERSION").into(),
-        capabilities: ["snapshot", "log", "metric", "conditions", "locals", "call_stack", "function_duration"]
-            .map(str::to_owned)
-            .to_vec(),
+        capabilities: [
+            "snapshot",
+            "log",
+            "metric",
+            "conditions",
+            "locals",
+            "call_stack",
+            "function_duration",
+            "function_probe",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
     })
 }
 
@@ -148,7 +157,9 @@ fn agent_id() -> Option<String> {
 }
 
 /// Waits (without the GIL) up to `timeout_ms` for the next command for the worker:
-/// `("install", generation, [(index, file, line, end_file, end_line, whole_function)])`,
+/// `("install", generation, [(index, file, line, end_file, end_line, whole_function,
+/// function, calls)])` (`function` is `(module, qualname)` for a function probe, `calls`
+/// whether it snapshots whole calls, so its exit is probed too),
 /// `("log", level, action_id, text)`, `("stop",)` when the agent is gone, or `None`.
 #[pyfunction]
 fn next_command(py: Python<'_>, timeout_ms: u64) -> PyResult<Option<Py<PyAny>>> {
@@ -172,6 +183,7 @@ fn next_command(py: Python<'_>, timeout_ms: u64) -> PyResult<Option<Py<PyAny>>> 
             for (i, a) in actions.iter().enumerate() {
                 let end = a.end_location();
                 let whole = periscope_agent_core::fire::times_whole_scope(a);
+                let function = a.spec.function.as_ref().map(|f| (f.module.clone(), f.name.clone()));
                 let item = (
                     i,
                     a.spec.location.file.clone(),
@@ -179,6 +191,8 @@ fn next_command(py: Python<'_>, timeout_ms: u64) -> PyResult<Option<Py<PyAny>>> 
                     end.map(|e| e.file.clone()),
                     end.map(|e| e.line),
                     whole,
+                    function,
+                    a.snapshots_calls(),
                 );
                 list.append(item)?;
             }
@@ -257,6 +271,7 @@ fn install(generation: u64, places: &Bound<'_, PyList>) -> PyResult<bool> {
         table.keys.insert(key, slot);
     }
     agent.set_table(table);
+    agent.calls.keep_only(&actions);
     agent.report_installed(&actions, &counts);
     Ok(true)
 }
@@ -318,28 +333,40 @@ fn _start(py: Python<'_>, code: &Bound<'_, PyAny>, _offset: i64) -> Py<PyAny> {
     if found { py.None() } else { disable(py) }
 }
 
-/// `sys.monitoring` `PY_RETURN` callback: a timed function returned.
+/// `sys.monitoring` `PY_RETURN` callback: a timed or probed function returned.
 #[pyfunction]
-fn _return(py: Python<'_>, code: &Bound<'_, PyAny>, _offset: i64, _value: &Bound<'_, PyAny>) -> Py<PyAny> {
-    let found = exit(py, code);
+fn _return(py: Python<'_>, code: &Bound<'_, PyAny>, _offset: i64, value: &Bound<'_, PyAny>) -> Py<PyAny> {
+    let found = exit(py, code, probe::Exit::Returned(value));
     if found { py.None() } else { disable(py) }
 }
 
-/// `sys.monitoring` `PY_UNWIND` callback (a global event: never disabled): a timed
-/// function ended by an exception.
+/// `sys.monitoring` `PY_UNWIND` callback (a global event: never disabled): a timed or
+/// probed function ended by an exception.
 #[pyfunction]
-fn _unwind(py: Python<'_>, code: &Bound<'_, PyAny>, _offset: i64, _exc: &Bound<'_, PyAny>) -> Py<PyAny> {
-    exit(py, code);
+fn _unwind(py: Python<'_>, code: &Bound<'_, PyAny>, _offset: i64, exc: &Bound<'_, PyAny>) -> Py<PyAny> {
+    exit(py, code, probe::Exit::Raised(exc));
     py.None()
 }
 
-fn exit(py: Python<'_>, code: &Bound<'_, PyAny>) -> bool {
+fn exit(py: Python<'_>, code: &Bound<'_, PyAny>, how: probe::Exit<'_, '_>) -> bool {
     probe::guarded(py, |py, agent| {
         let table = agent.table();
         let Some(slot) = table.exits.get(&(code.as_ptr() as usize)) else { return Ok(false) };
-        probe::fire_slot(py, agent, &table, slot)?;
+        probe::exit_slot(py, agent, &table, slot, how)?;
         Ok(true)
     })
+}
+
+/// The probe injected before a return (3.9 to 3.11) of a function whose calls are
+/// probed: `value` is what it returns.
+#[pyfunction]
+fn _hook_exit(py: Python<'_>, value: &Bound<'_, PyAny>, key: u64) {
+    probe::guarded(py, |py, agent| {
+        let table = agent.table();
+        let Some(slot) = table.keys.get(&key) else { return Ok(false) };
+        probe::exit_slot(py, agent, &table, slot, probe::Exit::Returned(value))?;
+        Ok(true)
+    });
 }
 
 /// The probe injected into bytecode (3.9 to 3.11): `key` names the place.
@@ -434,6 +461,8 @@ fn stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
         d.set_item("dropped_queue_full", c.dropped_queue_full.load(Ordering::Relaxed))?;
         d.set_item("dropped_rate", c.dropped_rate.load(Ordering::Relaxed))?;
         d.set_item("dropped_disconnected", c.dropped_disconnected.load(Ordering::Relaxed))?;
+        d.set_item("dropped_open_calls", c.dropped_open_calls.load(Ordering::Relaxed))?;
+        d.set_item("calls_in_flight", agent.calls.0.lock().unwrap_or_else(|p| p.into_inner()).len())?;
     }
     d.set_item("probe_errors", probe::SWALLOWED.load(Ordering::Relaxed))?;
     Ok(d)
@@ -506,6 +535,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_return, m)?)?;
     m.add_function(wrap_pyfunction!(_unwind, m)?)?;
     m.add_function(wrap_pyfunction!(_hook, m)?)?;
+    m.add_function(wrap_pyfunction!(_hook_exit, m)?)?;
     m.add_function(wrap_pyfunction!(_trace, m)?)?;
     m.add_function(wrap_pyfunction!(trace_running, m)?)?;
     m.add_function(wrap_pyfunction!(before_fork, m)?)?;
