@@ -87,15 +87,16 @@ pub fn fire<S: Site>(
         if !firing.admit(action, site) {
             continue;
         }
-        if action.snapshots_calls() {
-            // A whole call: the entry is held until it ends, then judged by its duration.
+        if action.probes_calls() {
+            // A whole call: the entry is held until it ends, then judged by its duration
+            // (snapshots) or logged with it (logs).
             if open_call(core, action) {
                 site.begin_call(action, started);
             }
         } else if let Some(snapshot) = &action.snapshot {
             firing.snapshot(action, snapshot, site, None);
         } else if let Some(log) = &action.log {
-            firing.log(action, log, site);
+            firing.log(action, log, site, None);
         } else if action.metric.is_some() {
             firing.metric(action, site);
         }
@@ -123,9 +124,10 @@ pub fn close_call(action: &Installed) {
 
 /// Ends a call of `action`'s function probe that started at `started` (clock
 /// nanoseconds), as `outcome`: gives its slot back, and when it lasted at least the
-/// probe's `min_duration_ms`, takes a hit like any snapshot (rate limits, hit slots),
-/// captured through `site` (the entry's values and the return value or error) with the
-/// call's duration. A faster call costs nothing more.
+/// probe's `min_duration_ms`, takes a hit like any snapshot (rate limits, hit slots) or a
+/// log line like any log (line budgets), captured through `site` (the entry's values and
+/// the return value or error) with the call's duration. A faster call costs nothing
+/// more.
 pub fn finish_call<S: Site>(
     core: &Core<S::Payload>,
     budgets: &Budgets,
@@ -136,7 +138,6 @@ pub fn finish_call<S: Site>(
 ) {
     close_call(action);
     let now = core.clock.now();
-    let Some(snapshot) = &action.snapshot else { return };
     let min = action.spec.function.as_ref().map_or(0, |f| f.min_duration_nanos());
     let nanos = now.saturating_sub(started);
     if nanos < min || action.done.load(Ordering::Relaxed) {
@@ -147,7 +148,11 @@ pub fn finish_call<S: Site>(
         return;
     }
     let call = CallInfo { duration_ms: nanos as f64 / 1e6, outcome };
-    firing.snapshot(action, snapshot, site, Some(call));
+    if let Some(snapshot) = &action.snapshot {
+        firing.snapshot(action, snapshot, site, Some(call));
+    } else if let Some(log) = &action.log {
+        firing.log(action, log, site, Some(call));
+    }
     budgets.cpu.charge(now, core.clock.now().saturating_sub(now));
 }
 
@@ -291,7 +296,13 @@ impl<P> Firing<'_, P> {
         }
     }
 
-    fn log<S: Site<Payload = P>>(&mut self, action: &Arc<Installed>, log: &LogState, site: &mut S) {
+    fn log<S: Site<Payload = P>>(
+        &mut self,
+        action: &Arc<Installed>,
+        log: &LogState,
+        site: &mut S,
+        call: Option<CallInfo>,
+    ) {
         let core = self.core;
         let budgets = self.budgets;
         if log.paused_until.load(Ordering::Relaxed) > self.started {
@@ -325,7 +336,7 @@ impl<P> Firing<'_, P> {
         }
         let everything = Roots::default();
         let roots = action.exprs.template.as_ref().map_or(&everything, |t| t.roots());
-        let hit = self.raw_hit(action, site, Need::Log { roots }, None);
+        let hit = self.raw_hit(action, site, Need::Log { roots }, call);
         core.enqueue(hit);
     }
 
@@ -416,7 +427,7 @@ mod tests {
     fn calls_in_flight_are_bounded_per_action_and_refusals_are_counted() {
         let (core, _rx) = Core::<()>::new(4);
         let action = call_probe();
-        assert!(action.snapshots_calls() && !action.is_at("a.rs", 1), "a function probe is not a line action");
+        assert!(action.probes_calls() && !action.is_at("a.rs", 1), "a function probe is not a line action");
         for _ in 0..MAX_OPEN_CALLS {
             assert!(open_call(&core, &action));
         }

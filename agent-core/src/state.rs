@@ -241,9 +241,11 @@ impl Installed {
         self.spec.function.as_ref().is_some_and(|f| f.matches(name, module))
     }
 
-    /// Whether the action is a snapshot of whole calls (entry to exit, one hit each).
-    pub fn snapshots_calls(&self) -> bool {
-        self.snapshot.is_some() && self.spec.function.is_some()
+    /// Whether the action acts on whole calls of a function (entry to exit): a snapshot
+    /// (one hit per call) or a log (one line per call, at its end, with `duration_ms`).
+    /// Counters and durations on a function need no held entry.
+    pub fn probes_calls(&self) -> bool {
+        (self.snapshot.is_some() || self.log.is_some()) && self.spec.function.is_some()
     }
 
     /// Whether `file:line` is where a tic-toc duration stops.

@@ -192,7 +192,7 @@ fn next_command(py: Python<'_>, timeout_ms: u64) -> PyResult<Option<Py<PyAny>>> 
                     end.map(|e| e.line),
                     whole,
                     function,
-                    a.snapshots_calls(),
+                    a.probes_calls(),
                 );
                 list.append(item)?;
             }

@@ -99,7 +99,7 @@ pub(crate) fn exit_slot(
     let core = agent.core();
     let mut site = FrameSite::new(py, frame, table, slot, &agent.calls);
     periscope_agent_core::fire::fire(core, &table.budgets, &slot.actions, &slot.ends, &mut site);
-    for action in slot.ends.iter().filter(|a| a.snapshots_calls()) {
+    for action in slot.ends.iter().filter(|a| a.probes_calls()) {
         let Some(mut held) = agent.calls.take(action, frame_id) else { continue };
         // The slot is given back by `finish_call`, not by the drop.
         held.action = None;

@@ -200,6 +200,24 @@ def test_a_duration_metric_on_a_function_and_an_unknown_function_refused_with_su
         assert total.get("count") == 3, total
         assert total["min"] >= 20 and total["max"] >= 40, total
 
+        # A log on a function is written as each call ends and reads its duration.
+        log = await session.call_tool(
+            "place_log",
+            {"pool": POOL, "function": "checkout:Checkout.checkout",
+             "template": "checkout by {cart.owner} returned {return} slow={duration_ms >= 50}"},
+        )
+        assert not log.is_error, text_of(log)
+        log_id = structured(log)["action"]["action_id"]
+        await installed(session, log_id)
+        await asyncio.to_thread(command, svc, broker, "call Logged_Lou 60")
+        lines = []
+        for _ in range(300):
+            lines = structured(await session.call_tool("get_action", {"action_id": log_id, "since": 0})).get("lines")
+            if lines:
+                break
+            await asyncio.sleep(0.1)
+        assert lines and lines[0]["text"] == "checkout by Logged_Lou returned 3000 slow=true", lines
+
     asyncio.run(session_for(broker, flow))
     stats = None
     svc.proc.stdin.write(b"stats\n")

@@ -294,7 +294,7 @@ impl Shared {
         // Spans are recorded while anything is live: snapshots report the span stack,
         // logs and conditions may read span fields, durations time spans.
         let record_spans = !specs.is_empty();
-        let calls = specs.iter().any(|a| a.snapshots_calls());
+        let calls = specs.iter().any(|a| a.probes_calls());
         if record_spans {
             max_level = max_level.max(LevelFilter::from_level(SPAN_RECORD_LEVEL));
         }

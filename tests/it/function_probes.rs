@@ -171,6 +171,26 @@ async fn a_duration_metric_on_a_function_times_each_call_and_unknown_functions_a
     assert!(m["figures"]["total"]["min"].as_f64().unwrap() >= 20.0, "{m}");
     assert!(m["figures"]["total"]["max"].as_f64().unwrap() >= 40.0, "{m}");
 
+    // A log on a function is written when each call ends, and reads its duration.
+    let log = call(
+        &client,
+        "place_log",
+        json!({"pool": POOL, "function": "probe_checkout",
+               "template": "checkout by {owner} returned {return} after {duration_ms >= 50} slow"}),
+    )
+    .await;
+    assert_eq!(code(&log), None, "{}", text(&log));
+    let log_id = body(&log)["action"]["action_id"].as_str().unwrap().to_owned();
+    wait_installed(&broker.api(), &log_id, &agent.id()).await;
+    agent.run(|| checkout("Logged Lou", 2, 60, false)).join().unwrap();
+    let lines = eventually(Duration::from_secs(10), "the call's log line", || async {
+        let r = call(&client, "get_action", json!({"action_id": log_id, "since": 0})).await;
+        let lines = body(&r)["lines"].as_array().cloned().unwrap_or_default();
+        (!lines.is_empty()).then_some(lines)
+    })
+    .await;
+    assert_eq!(lines[0]["text"], "checkout by Logged Lou returned 2000 after true slow", "{lines:?}");
+
     agent.shutdown();
     broker.stop().await;
 }

@@ -62,10 +62,13 @@ pub struct LogRequest {
     pub pool: Option<String>,
     /// Tags to target.
     pub tags: Vec<String>,
-    /// File path or suffix.
-    pub file: String,
+    /// File path or suffix (with `line`; or `function` instead).
+    pub file: Option<String>,
     /// Line.
-    pub line: u32,
+    pub line: Option<u32>,
+    /// A function or span instead of `file` and `line`: one line per call, at its end,
+    /// with `{duration_ms}`, `{return}` and the arguments to read.
+    pub function: Option<String>,
     /// Text with `{expression}` placeholders.
     pub template: String,
     /// `trace`, `debug`, `info` (default), `warn`, `error`.
@@ -342,7 +345,7 @@ impl LogRequest {
         }
         let kind =
             ActionKind::Log(LogSpec { template: self.template.clone(), level, destination, max_lines: self.max_lines });
-        let target = (validate_location(&self.file, self.line)?, None);
+        let target = validate_target(self.file.as_deref(), self.line, self.function.as_deref(), None)?;
         let spec = spec(target, self.condition.as_deref(), self.expire_seconds, kind)?;
         Ok((spec, placement(&self.agent_ids, &self.pool, &self.tags, self.allow_pending)))
     }
