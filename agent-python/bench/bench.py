@@ -14,7 +14,14 @@ count; the agent's own threads do not either, as they never run the host's code)
 - capture_locals: a snapshot on `hot`'s last line that fires on every call, capturing
   its ten locals and the names and lines of the call stack (budgets that never refuse;
   the hits are dropped by the agent thread, which has no broker);
-- capture: the same with the default limits: the callers' locals too (five frames).
+- capture: the same with the default limits: the callers' locals too (five frames);
+- function_other: a function probe (a snapshot of whole calls) on `other`, never called:
+  what a function probe costs the rest of the process;
+- function_fast: a function probe on `hot` whose `min_duration_ms` (an hour) no call
+  reaches: what each fast call pays while the probe waits for a slow one (entry and exit
+  callbacks, the arguments read and held, then dropped);
+- function_hit: the same with `min_duration_ms` 0: every call a hit (arguments, return
+  value, duration, the call stack).
 
 Prints one JSON object per case: ns per call, ratio to the baseline, and ns per firing
 (the difference to the baseline).
@@ -119,6 +126,15 @@ def main():
     _native.install_for_bench(here, HOT_LINE)
     settle()
     results["capture"] = rounds()
+    _native.install_function_for_bench("__main__", "other", 3_600_000)
+    settle()
+    results["function_other"] = rounds()
+    _native.install_function_for_bench("__main__", "hot", 3_600_000)
+    settle()
+    results["function_fast"] = rounds()
+    _native.install_function_for_bench("__main__", "hot", 0)
+    settle()
+    results["function_hit"] = rounds()
     stats = periscope_agent.stats()
     periscope_agent.stop(0.2)
     v = sys.version_info
@@ -130,7 +146,7 @@ def main():
             "case": case,
             "ns_per_call": round(ns, 1),
             "ratio": round(ns / baseline, 3),
-            "ns_per_firing": round(ns - baseline, 1) if case in ("false_condition", "capture_locals", "capture") else None,
+            "ns_per_firing": round(ns - baseline, 1) if case in ("false_condition", "capture_locals", "capture", "function_fast", "function_hit") else None,
         }))
     print(json.dumps({"hits_dropped_by_agent_thread": stats.get("dropped_disconnected", 0) + stats.get("dropped_queue_full", 0),
                       "probe_errors": stats.get("probe_errors")}))

@@ -512,6 +512,38 @@ fn install_for_bench(
     Ok(())
 }
 
+/// Benchmarks only: installs a function probe (a snapshot of whole calls) on
+/// `module:qualname` keeping calls of at least `min_duration_ms`, with budgets that
+/// never refuse, bypassing the broker as `install_for_bench` does.
+#[pyfunction]
+fn install_function_for_bench(module: String, qualname: String, min_duration_ms: u64) -> PyResult<()> {
+    use periscope_agent_core::{Budgets, Installed};
+    use periscope_protocol::{
+        ActionId, ActionKind, ActionSpec, AgentQuotas, CaptureLimits, FunctionTarget, Location, SnapshotSpec,
+    };
+    let Some(agent) = agent::current() else { return Err(PyRuntimeError::new_err("no agent is running")) };
+    let quotas = AgentQuotas {
+        snapshot_hits_per_sec: 1e12,
+        snapshot_hits_per_sec_per_action: 1e12,
+        cpu_fraction: 1.0,
+        cpu_burst_micros: u64::MAX / 4_000,
+        ..AgentQuotas::default()
+    };
+    let function = FunctionTarget { name: qualname, module: Some(module), min_duration_ms: Some(min_duration_ms) };
+    let spec = ActionSpec {
+        id: ActionId::generate(),
+        location: Location { file: function.to_string(), line: 1 },
+        condition: None,
+        expires_at_ms: u64::MAX,
+        kind: ActionKind::Snapshot(SnapshotSpec { max_hits: u32::MAX, watch: Vec::new(), backtrace: false }),
+        function: Some(function),
+    };
+    let action = Arc::new(Installed::new(spec, &quotas));
+    use periscope_agent_core::Runtime as _;
+    agent.runtime.install(vec![action], Arc::new(Budgets::new(quotas)), CaptureLimits::default());
+    Ok(())
+}
+
 /// Re-resolves the standard-library types shown as text (after `datetime` or
 /// `decimal` load).
 #[pyfunction]
@@ -544,6 +576,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(stats, m)?)?;
     m.add_function(wrap_pyfunction!(refresh_types, m)?)?;
     m.add_function(wrap_pyfunction!(install_for_bench, m)?)?;
+    m.add_function(wrap_pyfunction!(install_function_for_bench, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -326,7 +326,6 @@ fn line(action: &ActionId, text: &str) -> LogLine {
         thread: None,
         redactions: Vec::new(),
         rules_version: 0,
-        call: None,
     }
 }
 

@@ -419,8 +419,13 @@ mod tests {
             SnapshotRequest { file: Some("a.rs".into()), line: Some(1), expire_seconds: Some(0), ..Default::default() };
         assert!(req.validate().unwrap_err().message.starts_with("expire_seconds is 0; allowed range is 1..=86400"));
         assert!(check_wait_seconds("wait_seconds", 601).is_err() && check_wait_seconds("wait_seconds", 0).is_ok());
-        let req =
-            LogRequest { file: "a.rs".into(), line: 1, template: "x".into(), max_lines: Some(0), ..Default::default() };
+        let req = LogRequest {
+            file: Some("a.rs".into()),
+            line: Some(1),
+            template: "x".into(),
+            max_lines: Some(0),
+            ..Default::default()
+        };
         assert!(req.validate().unwrap_err().message.contains("max_lines"));
     }
 
@@ -435,5 +440,39 @@ mod tests {
         let err = req.validate().unwrap_err();
         assert!(err.message.starts_with("condition:"), "{err}");
         assert!(err.details["position"].is_number());
+    }
+
+    #[test]
+    fn a_target_is_a_file_and_line_or_a_function_never_both_and_min_duration_only_with_a_function() {
+        let (location, function) = validate_target(None, None, Some(" shop.orders:Shop.checkout "), Some(250)).unwrap();
+        let function = function.unwrap();
+        assert_eq!((function.module.as_deref(), function.name.as_str()), (Some("shop.orders"), "Shop.checkout"));
+        assert_eq!(function.min_duration_ms, Some(250));
+        assert_eq!(location.line, 1, "filled in from the catalogs at placement");
+        let (_, zero) = validate_target(None, None, Some("checkout"), Some(0)).unwrap();
+        assert_eq!(zero.unwrap().min_duration_ms, None, "0 keeps every call");
+        let (location, none) = validate_target(Some("a.rs"), Some(3), None, None).unwrap();
+        assert_eq!((location.file.as_str(), location.line, none), ("a.rs", 3, None));
+        let both = validate_target(Some("a.rs"), Some(3), Some("checkout"), None).unwrap_err();
+        assert!(both.message.contains("not both"), "{}", both.message);
+        let half = validate_target(None, Some(3), Some("checkout"), None).unwrap_err();
+        assert!(half.message.contains("not both"), "{}", half.message);
+        let slow_line = validate_target(Some("a.rs"), Some(3), None, Some(5)).unwrap_err();
+        assert!(slow_line.message.contains("min_duration_ms applies to a function"), "{}", slow_line.message);
+        let neither = validate_target(None, None, Some("  "), None).unwrap_err();
+        assert!(neither.message.contains("`function`"), "{}", neither.message);
+        assert!(validate_target(Some("a.rs"), None, None, None).unwrap_err().message.contains("`line` is missing"));
+        assert!(validate_target(None, Some(3), None, None).unwrap_err().message.contains("`file` is missing"));
+        let too_slow = validate_target(None, None, Some("f"), Some(MAX_MIN_DURATION_MS + 1)).unwrap_err();
+        assert!(too_slow.message.contains("min_duration_ms"), "{}", too_slow.message);
+        assert!(validate_target(None, None, Some("bad\nname"), None).is_err());
+        let metric = MetricRequest {
+            kind: "duration".into(),
+            function: Some("checkout".into()),
+            end_file: Some("a.rs".into()),
+            end_line: Some(9),
+            ..Default::default()
+        };
+        assert!(metric.validate(5_000).unwrap_err().message.contains("entry to its exit"));
     }
 }
