@@ -418,7 +418,7 @@ mod tests {
             condition: None,
             expires_at_ms: u64::MAX,
             kind: ActionKind::Snapshot(SnapshotSpec { max_hits: 1, watch: Vec::new(), backtrace: false }),
-            function: Some(FunctionTarget::parse("checkout")),
+            function: Some(Box::new(FunctionTarget::parse("checkout"))),
         };
         Installed::new(spec, &AgentQuotas::default())
     }

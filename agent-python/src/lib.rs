@@ -536,7 +536,7 @@ fn install_function_for_bench(module: String, qualname: String, min_duration_ms:
         condition: None,
         expires_at_ms: u64::MAX,
         kind: ActionKind::Snapshot(SnapshotSpec { max_hits: u32::MAX, watch: Vec::new(), backtrace: false }),
-        function: Some(function),
+        function: Some(Box::new(function)),
     };
     let action = Arc::new(Installed::new(spec, &quotas));
     use periscope_agent_core::Runtime as _;

@@ -187,7 +187,7 @@ impl Agent {
             condition: None,
             expires_at_ms: u64::MAX,
             kind: ActionKind::Snapshot(SnapshotSpec { max_hits: u32::MAX, watch: Vec::new(), backtrace: false }),
-            function: Some(function),
+            function: Some(Box::new(function)),
         };
         let installed = Arc::new(Installed::new(spec, &quotas));
         self.shared.install(vec![installed], Arc::new(Budgets::new(quotas)), CaptureLimits::default());

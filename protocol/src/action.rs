@@ -76,9 +76,10 @@ pub struct ActionSpec {
     /// When set, the action is a function probe: it targets a function (Python) or a
     /// span (Rust) by name rather than a line, and `location` is only where the broker
     /// last saw that function (agents match by name). Absent for line actions, and
-    /// ignored by agents older than function probes (they act at `location`).
+    /// ignored by agents older than function probes (they act at `location`). Boxed: a
+    /// spec travels inside every `action_add`, most without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub function: Option<FunctionTarget>,
+    pub function: Option<Box<FunctionTarget>>,
 }
 
 impl ActionSpec {
@@ -400,7 +401,7 @@ mod tests {
         assert_eq!(old.function, None);
         assert!(!serde_json::to_string(&old).unwrap().contains("function"));
         let mut new = old.clone();
-        new.function = Some(FunctionTarget { min_duration_ms: Some(250), ..FunctionTarget::parse("m:f") });
+        new.function = Some(Box::new(FunctionTarget { min_duration_ms: Some(250), ..FunctionTarget::parse("m:f") }));
         let text = serde_json::to_string(&new).unwrap();
         assert!(text.contains(r#""function":{"name":"f","module":"m","min_duration_ms":250}"#), "{text}");
         assert_eq!(serde_json::from_str::<ActionSpec>(&text).unwrap(), new);

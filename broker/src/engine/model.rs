@@ -410,7 +410,7 @@ impl ActionRecord {
             kind: self.spec.kind.name(),
             status: self.status,
             location: self.spec.location.clone(),
-            function: self.spec.function.clone(),
+            function: self.spec.function.as_deref().cloned(),
             condition: self.spec.condition.clone(),
             watch,
             backtrace,

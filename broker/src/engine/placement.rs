@@ -169,7 +169,7 @@ impl Engine {
         if function.module.is_none() && modules.len() > 1 {
             let candidates: Vec<String> = modules
                 .iter()
-                .map(|m| format!("{}", FunctionTarget { module: Some((*m).to_owned()), ..function.clone() }))
+                .map(|m| format!("{}", FunctionTarget { module: Some((*m).to_owned()), ..(*function).clone() }))
                 .collect();
             return Err(ApiError::invalid(format!(
                 "`{}` names functions in several modules: {}; say which",

@@ -274,7 +274,7 @@ fn spec(
         condition,
         expires_at_ms: now_ms() + expire * 1_000,
         kind,
-        function,
+        function: function.map(Box::new),
     };
     check_expressions(&spec)?;
     Ok(spec)
