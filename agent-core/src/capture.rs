@@ -31,6 +31,8 @@ pub struct RawHit<P> {
     pub payload: P,
     /// For an error capture: what failed and where (the hit's location and error).
     pub error: Option<crate::errors::ErrorOccurrence>,
+    /// For a function probe: how the call went.
+    pub call: Option<periscope_protocol::CallInfo>,
 }
 
 impl<P> fmt::Debug for RawHit<P> {
@@ -73,6 +75,7 @@ pub fn client_hit<R: crate::Runtime + ?Sized>(
     redactor: &Redactor,
 ) -> Hit {
     let mut hit = runtime.build_hit(raw, &redaction_limits(limits));
+    hit.call = raw.call;
     redactor.redact_hit(&mut hit);
     hit.enforce_limits(limits);
     hit

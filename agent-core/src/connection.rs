@@ -569,7 +569,17 @@ impl<R: Runtime> Runner<R> {
         // Placeholders read what a client would see (redacted, cut), whatever the
         // expression does with a value; each placeholder's result is then redacted again
         // by its own name below.
-        let hit = client_hit(&*self.runtime, raw, &self.limits, &redactor);
+        let mut hit = client_hit(&*self.runtime, raw, &self.limits, &redactor);
+        // A function's log line is written at the call's end: `{duration_ms}` reads how
+        // long it took (beside its arguments and `return`).
+        if let Some(call) = raw.call
+            && !hit.fields.iter().any(|f| f.name == "duration_ms")
+        {
+            hit.fields.push(periscope_protocol::Field::new(
+                "duration_ms",
+                periscope_protocol::Value::Float(call.duration_ms),
+            ));
+        }
         let mut steps = periscope_protocol::Budget::default();
         let mut report = periscope_redaction::Report::new();
         // Each placeholder's value is redacted (by its field name too) before it is text.
@@ -686,6 +696,7 @@ impl<R: Runtime> Runner<R> {
             hits_dropped_disconnected: c.dropped_disconnected.load(Ordering::Relaxed),
             queue_len: self.hits_rx.len() as u64,
             actions: self.actions.len() as u64,
+            calls_dropped_open: c.dropped_open_calls.load(Ordering::Relaxed),
         }
     }
 }

@@ -218,6 +218,7 @@ pub fn fire_error<S: Site>(
             thread: site.thread(),
             payload: site.capture(Need::Snapshot { backtrace }),
             error: Some(occurrence.clone()),
+            call: None,
         };
         if !core.enqueue(hit) {
             errors.unqueued(occurrence);

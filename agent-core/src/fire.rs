@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use periscope_protocol::expr::Roots;
-use periscope_protocol::{AgentActionState, MetricKind, PauseReason, Scope, ThreadInfo};
+use periscope_protocol::{AgentActionState, CallInfo, CallOutcome, MetricKind, PauseReason, Scope, ThreadInfo};
 
 use crate::capture::RawHit;
 use crate::state::{Budgets, Core, Installed, LogState};
@@ -41,6 +41,13 @@ pub trait Site {
 
     /// Stops `action`'s clock; when it was running, the time it started.
     fn stop_clock(&mut self, action: &Arc<Installed>) -> Option<u64>;
+
+    /// Holds what a function probe captured at entry (the arguments, span fields) with
+    /// its start `started` (clock nanoseconds) wherever the adapter keeps calls in flight
+    /// (the span's extensions, a table by frame), until the call ends and the adapter
+    /// calls [`finish_call`]. The slot is already taken ([`open_call`]); an adapter that
+    /// cannot hold the call gives it back with [`close_call`].
+    fn begin_call(&mut self, action: &Arc<Installed>, started: u64);
 }
 
 /// What a capture is for, so an adapter whose captures are costly copies no more than
@@ -80,16 +87,73 @@ pub fn fire<S: Site>(
         if !firing.admit(action, site) {
             continue;
         }
-        if let Some(snapshot) = &action.snapshot {
-            firing.snapshot(action, snapshot, site);
+        if action.probes_calls() {
+            // A whole call: the entry is held until it ends, then judged by its duration
+            // (snapshots) or logged with it (logs).
+            if open_call(core, action) {
+                site.begin_call(action, started);
+            }
+        } else if let Some(snapshot) = &action.snapshot {
+            firing.snapshot(action, snapshot, site, None);
         } else if let Some(log) = &action.log {
-            firing.log(action, log, site);
+            firing.log(action, log, site, None);
         } else if action.metric.is_some() {
             firing.metric(action, site);
         }
     }
     let spent = core.clock.now().saturating_sub(started);
     budgets.cpu.charge(started, spent);
+}
+
+/// Takes a slot for one more call in flight of `action`'s function probe; false (and
+/// counted) when [`crate::state::MAX_OPEN_CALLS`] are already held.
+pub fn open_call<P>(core: &Core<P>, action: &Installed) -> bool {
+    let taken = action
+        .open_calls
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < crate::state::MAX_OPEN_CALLS).then_some(n + 1));
+    if taken.is_err() {
+        core.counters.dropped_open_calls.fetch_add(1, Ordering::Relaxed);
+    }
+    taken.is_ok()
+}
+
+/// Gives back a call's slot without a hit (the adapter dropped the held call).
+pub fn close_call(action: &Installed) {
+    let _ = action.open_calls.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+}
+
+/// Ends a call of `action`'s function probe that started at `started` (clock
+/// nanoseconds), as `outcome`: gives its slot back, and when it lasted at least the
+/// probe's `min_duration_ms`, takes a hit like any snapshot (rate limits, hit slots) or a
+/// log line like any log (line budgets), captured through `site` (the entry's values and
+/// the return value or error) with the call's duration. A faster call costs nothing
+/// more.
+pub fn finish_call<S: Site>(
+    core: &Core<S::Payload>,
+    budgets: &Budgets,
+    action: &Arc<Installed>,
+    started: u64,
+    outcome: CallOutcome,
+    site: &mut S,
+) {
+    close_call(action);
+    let now = core.clock.now();
+    let min = action.spec.function.as_ref().map_or(0, |f| f.min_duration_nanos());
+    let nanos = now.saturating_sub(started);
+    if nanos < min || action.done.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut firing = Firing { core, budgets, now_ms: core.clock.unix_ms(now), started: now };
+    if firing.now_ms >= action.spec.expires_at_ms {
+        return;
+    }
+    let call = CallInfo { duration_ms: nanos as f64 / 1e6, outcome };
+    if let Some(snapshot) = &action.snapshot {
+        firing.snapshot(action, snapshot, site, Some(call));
+    } else if let Some(log) = &action.log {
+        firing.log(action, log, site, Some(call));
+    }
+    budgets.cpu.charge(now, core.clock.now().saturating_sub(now));
 }
 
 /// Records one duration sample (nanoseconds) in a duration metric.
@@ -171,7 +235,13 @@ impl<P> Firing<'_, P> {
         }
     }
 
-    fn raw_hit<S: Site<Payload = P>>(&self, action: &Arc<Installed>, site: &mut S, need: Need<'_>) -> RawHit<P> {
+    fn raw_hit<S: Site<Payload = P>>(
+        &self,
+        action: &Arc<Installed>,
+        site: &mut S,
+        need: Need<'_>,
+        call: Option<CallInfo>,
+    ) -> RawHit<P> {
         RawHit {
             action: Arc::clone(action),
             seq: action.seq.fetch_add(1, Ordering::Relaxed) + 1,
@@ -179,6 +249,7 @@ impl<P> Firing<'_, P> {
             thread: site.thread(),
             payload: site.capture(need),
             error: None,
+            call,
         }
     }
 
@@ -187,6 +258,7 @@ impl<P> Firing<'_, P> {
         action: &Arc<Installed>,
         snapshot: &periscope_protocol::SnapshotSpec,
         site: &mut S,
+        call: Option<CallInfo>,
     ) {
         let core = self.core;
         let budgets = self.budgets;
@@ -215,7 +287,7 @@ impl<P> Firing<'_, P> {
         if action.resume() {
             core.report(&action.spec.id, AgentActionState::Resumed);
         }
-        let hit = self.raw_hit(action, site, Need::Snapshot { backtrace: snapshot.backtrace });
+        let hit = self.raw_hit(action, site, Need::Snapshot { backtrace: snapshot.backtrace }, call);
         if core.enqueue(hit) {
             if slot + 1 >= snapshot.max_hits {
                 core.complete(action);
@@ -225,7 +297,13 @@ impl<P> Firing<'_, P> {
         }
     }
 
-    fn log<S: Site<Payload = P>>(&mut self, action: &Arc<Installed>, log: &LogState, site: &mut S) {
+    fn log<S: Site<Payload = P>>(
+        &mut self,
+        action: &Arc<Installed>,
+        log: &LogState,
+        site: &mut S,
+        call: Option<CallInfo>,
+    ) {
         let core = self.core;
         let budgets = self.budgets;
         if log.paused_until.load(Ordering::Relaxed) > self.started {
@@ -259,7 +337,7 @@ impl<P> Firing<'_, P> {
         }
         let everything = Roots::default();
         let roots = action.exprs.template.as_ref().map_or(&everything, |t| t.roots());
-        let hit = self.raw_hit(action, site, Need::Log { roots });
+        let hit = self.raw_hit(action, site, Need::Log { roots }, call);
         core.enqueue(hit);
     }
 
@@ -325,4 +403,48 @@ pub fn stop_thread_clock(action: &Arc<Installed>, key: usize) -> Option<u64> {
         let mut c = c.borrow_mut();
         c.iter().position(|(a, k, _)| *a == id && *k == key).map(|i| c.swap_remove(i).2)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use periscope_protocol::{ActionId, ActionKind, ActionSpec, AgentQuotas, FunctionTarget, Location, SnapshotSpec};
+
+    use super::*;
+    use crate::state::MAX_OPEN_CALLS;
+
+    fn call_probe() -> Installed {
+        let spec = ActionSpec {
+            id: ActionId::generate(),
+            location: Location { file: "a.rs".into(), line: 1 },
+            condition: None,
+            expires_at_ms: u64::MAX,
+            kind: ActionKind::Snapshot(SnapshotSpec { max_hits: 1, watch: Vec::new(), backtrace: false }),
+            function: Some(Box::new(FunctionTarget::parse("checkout"))),
+        };
+        Installed::new(spec, &AgentQuotas::default())
+    }
+
+    #[test]
+    fn calls_in_flight_are_bounded_per_action_and_refusals_are_counted() {
+        let (core, _rx) = Core::<()>::new(4);
+        let action = call_probe();
+        assert!(action.probes_calls() && !action.is_at("a.rs", 1), "a function probe is not a line action");
+        for _ in 0..MAX_OPEN_CALLS {
+            assert!(open_call(&core, &action));
+        }
+        assert!(!open_call(&core, &action), "calls that never end fill the table, never grow it");
+        assert!(!open_call(&core, &action));
+        assert_eq!(core.counters.dropped_open_calls.load(Ordering::Relaxed), 2);
+        close_call(&action);
+        assert!(open_call(&core, &action), "an ended call frees its slot");
+        let other = call_probe();
+        assert!(open_call(&core, &other), "each probe has its own table");
+    }
+
+    #[test]
+    fn closing_more_calls_than_were_opened_never_wraps() {
+        let action = call_probe();
+        close_call(&action);
+        assert_eq!(action.open_calls.load(Ordering::Relaxed), 0);
+    }
 }

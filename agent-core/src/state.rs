@@ -134,6 +134,9 @@ pub struct Installed {
     pub exprs: ActionExprs,
     /// Why the action cannot run here (an expression this agent cannot compile).
     pub compile_error: Option<String>,
+    /// Function probe calls in flight whose entry is held until they end (bounded by
+    /// [`MAX_OPEN_CALLS`]).
+    pub open_calls: AtomicU32,
     /// The kinds of run-time evaluation error already reported (one bit per
     /// [`periscope_protocol::EvalError::code`]), so each kind is reported once.
     eval_errors_reported: AtomicU32,
@@ -191,6 +194,7 @@ impl Installed {
             errors,
             exprs,
             compile_error,
+            open_calls: AtomicU32::new(0),
             eval_errors_reported: AtomicU32::new(0),
             spec,
             snapshot,
@@ -234,8 +238,21 @@ impl Installed {
     }
 
     /// Whether the action is placed at `file:line` (a path as the runtime reports it).
+    /// Never for a function probe, which is placed by name ([`Installed::is_function`]).
     pub fn is_at(&self, file: &str, line: u32) -> bool {
-        at(&self.spec.location, file, line)
+        self.spec.function.is_none() && at(&self.spec.location, file, line)
+    }
+
+    /// Whether the action is a function probe on the function (span) `name` of `module`.
+    pub fn is_function(&self, name: &str, module: Option<&str>) -> bool {
+        self.spec.function.as_ref().is_some_and(|f| f.matches(name, module))
+    }
+
+    /// Whether the action acts on whole calls of a function (entry to exit): a snapshot
+    /// (one hit per call) or a log (one line per call, at its end, with `duration_ms`).
+    /// Counters and durations on a function need no held entry.
+    pub fn probes_calls(&self) -> bool {
+        (self.snapshot.is_some() || self.log.is_some()) && self.spec.function.is_some()
     }
 
     /// Whether `file:line` is where a tic-toc duration stops.
@@ -298,7 +315,15 @@ pub struct Counters {
     pub dropped_rate: AtomicU64,
     /// Hits dropped because no broker was there.
     pub dropped_disconnected: AtomicU64,
+    /// Function probe calls not held: their action already held
+    /// [`MAX_OPEN_CALLS`] calls in flight.
+    pub dropped_open_calls: AtomicU64,
 }
+
+/// Most calls in flight one function probe holds entry captures for (per action, across
+/// threads). Calls that never end (a span never closed, a generator never finished)
+/// can only fill this, never grow memory; further calls are counted and skipped.
+pub const MAX_OPEN_CALLS: u32 = 1_024;
 
 /// What an adapter's probes and the agent thread share, whatever the runtime: the
 /// statuses raised on the host's threads, the bounded hit queue, the counters, the clock

@@ -15,6 +15,13 @@ count; the agent's own threads do not either, as they never run the host's code)
   its ten locals and the names and lines of the call stack (budgets that never refuse;
   the hits are dropped by the agent thread, which has no broker);
 - capture: the same with the default limits: the callers' locals too (five frames);
+- function_other: a function probe (a snapshot of whole calls) on `other`, never called:
+  what a function probe costs the rest of the process;
+- function_fast: a function probe on `hot` whose `min_duration_ms` (an hour) no call
+  reaches: what each fast call pays while the probe waits for a slow one (entry and exit
+  callbacks, the arguments read and held, then dropped);
+- function_hit: the same with `min_duration_ms` 0: every call a hit (arguments, return
+  value, duration, the call stack).
 - errors_live (3.12+): a live error-capture action and no other, while `hot` raises
   nothing (`PY_UNWIND` enabled globally): what capture on error costs while nothing
   fails;
@@ -134,6 +141,15 @@ def main():
     _native.install_for_bench(here, HOT_LINE)
     settle()
     results["capture"] = rounds()
+    _native.install_function_for_bench("__main__", "other", 3_600_000)
+    settle()
+    results["function_other"] = rounds()
+    _native.install_function_for_bench("__main__", "hot", 3_600_000)
+    settle()
+    results["function_fast"] = rounds()
+    _native.install_function_for_bench("__main__", "hot", 0)
+    settle()
+    results["function_hit"] = rounds()
     if sys.version_info >= (3, 12):
         # Idle again, then a live error capture alone, side by side with it.
         _native.install_errors_for_bench()
@@ -169,7 +185,7 @@ def main():
             "ratio": None if case == "library_error_base" else round(ns / (
                 results["library_error_base"] if case == "errors_library" else
                 results["idle_again"] if case == "errors_live" else baseline), 3),
-            "ns_per_firing": round(ns - baseline, 1) if case in ("false_condition", "capture_locals", "capture") else None,
+            "ns_per_firing": round(ns - baseline, 1) if case in ("false_condition", "capture_locals", "capture", "function_fast", "function_hit") else None,
         }))
     print(json.dumps({"hits_dropped_by_agent_thread": stats.get("dropped_disconnected", 0) + stats.get("dropped_queue_full", 0),
                       "probe_errors": stats.get("probe_errors")}))

@@ -56,6 +56,70 @@ pub(crate) struct Slot {
     pub(crate) names: Vec<(String, NameRule)>,
 }
 
+/// A function probe's call in flight: its entry, held until it returns or raises.
+#[derive(Debug)]
+pub(crate) struct HeldCall {
+    /// The probe's action; taken out when the call finishes (its slot then given back
+    /// by `finish_call`).
+    pub(crate) action: Option<Arc<Installed>>,
+    /// Entry time (agent clock).
+    pub(crate) started: u64,
+    /// Where it was entered.
+    pub(crate) location: HitLocation,
+    /// Its arguments, read at entry.
+    pub(crate) args: Vec<periscope_protocol::Field>,
+}
+
+impl Drop for HeldCall {
+    /// A call dropped unfinished (replaced, or its action removed) gives its slot back.
+    fn drop(&mut self) {
+        if let Some(action) = self.action.take() {
+            periscope_agent_core::fire::close_call(&action);
+        }
+    }
+}
+
+/// Most calls in flight held across every function probe of the agent (each probe
+/// also holds at most `periscope_agent_core::state::MAX_OPEN_CALLS`).
+pub(crate) const MAX_HELD_CALLS: usize = 4_096;
+
+/// Calls in flight by (action, frame). Only probes touch it, under the GIL, so the lock
+/// is never contended; a probe that finds it taken skips rather than waits.
+#[derive(Debug, Default)]
+pub(crate) struct Calls(pub(crate) Mutex<HashMap<(usize, usize), HeldCall>>);
+
+impl Calls {
+    /// Holds `call` for the frame at `frame`; false (the call dropped) when full.
+    pub(crate) fn hold(&self, action: &Arc<Installed>, frame: usize, call: HeldCall) -> bool {
+        let Ok(mut calls) = self.0.try_lock() else { return false };
+        let key = (Arc::as_ptr(action) as usize, frame);
+        // A frame address reused by a new call replaces a call that never ended (one
+        // that raised under bytecode injection, a generator never finished).
+        if calls.len() >= MAX_HELD_CALLS && !calls.contains_key(&key) {
+            return false;
+        }
+        calls.insert(key, call);
+        true
+    }
+
+    /// Takes back `action`'s call of the frame at `frame`.
+    pub(crate) fn take(&self, action: &Arc<Installed>, frame: usize) -> Option<HeldCall> {
+        let mut calls = self.0.try_lock().ok()?;
+        calls.remove(&(Arc::as_ptr(action) as usize, frame))
+    }
+
+    /// Drops the calls of actions no longer installed.
+    pub(crate) fn keep_only(&self, actions: &[Arc<Installed>]) {
+        let live: std::collections::HashSet<usize> = actions.iter().map(|a| Arc::as_ptr(a) as usize).collect();
+        let dropped: Vec<HeldCall> = {
+            let mut calls = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            let keys: Vec<(usize, usize)> = calls.keys().filter(|(a, _)| !live.contains(a)).copied().collect();
+            keys.into_iter().filter_map(|k| calls.remove(&k)).collect()
+        };
+        drop(dropped);
+    }
+}
+
 /// Where actions are installed, swapped whole by the worker.
 #[derive(Debug)]
 pub(crate) struct Table {
@@ -201,6 +265,7 @@ impl Runtime for PyRuntime {
             redactions: Vec::new(),
             rules_version: 0,
             error: None,
+            call: None,
         };
         hit.enforce_limits(limits);
         hit
@@ -220,6 +285,8 @@ pub(crate) struct PyAgent {
     pub(crate) running: Mutex<Option<Running>>,
     /// The probes' table.
     pub(crate) table: RwLock<Arc<Table>>,
+    /// Function probe calls in flight.
+    pub(crate) calls: Calls,
     /// The configuration, for a forked child's own agent.
     pub(crate) config: AgentConfig,
 }
@@ -242,7 +309,14 @@ impl PyAgent {
         let table = RwLock::new(Arc::new(Table::empty(core.redactor())));
         let running = periscope_agent_core::start(config.clone(), Arc::clone(&runtime), core, hits_rx, || {})
             .map_err(|e| e.to_string())?;
-        Ok(Arc::new(PyAgent { runtime, commands: Mutex::new(rx), running: Mutex::new(Some(running)), table, config }))
+        Ok(Arc::new(PyAgent {
+            runtime,
+            commands: Mutex::new(rx),
+            running: Mutex::new(Some(running)),
+            table,
+            calls: Calls::default(),
+            config,
+        }))
     }
 
     pub(crate) fn runtime_identity(&self) -> RuntimeIdentity {

@@ -129,10 +129,18 @@ fn identity(py: Python<'_>, runtime: Option<String>) -> PyResult<RuntimeIdentity
         runtime,
         agent_version: env!("CARGO_PKG_VERSION").into(),
         capabilities: {
-            let mut c: Vec<String> =
-                ["snapshot", "log", "metric", "conditions", "locals", "call_stack", "function_duration"]
-                    .map(str::to_owned)
-                    .to_vec();
+            let mut c: Vec<String> = [
+                "snapshot",
+                "log",
+                "metric",
+                "conditions",
+                "locals",
+                "call_stack",
+                "function_duration",
+                "function_probe",
+            ]
+            .map(str::to_owned)
+            .to_vec();
             // Capture on error needs `sys.monitoring`'s PY_UNWIND (3.12+).
             if py.version_info() >= (3, 12) {
                 c.push("capture_errors".to_owned());
@@ -157,7 +165,9 @@ fn agent_id() -> Option<String> {
 }
 
 /// Waits (without the GIL) up to `timeout_ms` for the next command for the worker:
-/// `("install", generation, [(index, file, line, end_file, end_line, whole_function)])`,
+/// `("install", generation, [(index, file, line, end_file, end_line, whole_function,
+/// function, calls)])` (`function` is `(module, qualname)` for a function probe, `calls`
+/// whether it snapshots whole calls, so its exit is probed too),
 /// `("log", level, action_id, text)`, `("stop",)` when the agent is gone, or `None`.
 #[pyfunction]
 fn next_command(py: Python<'_>, timeout_ms: u64) -> PyResult<Option<Py<PyAny>>> {
@@ -181,6 +191,7 @@ fn next_command(py: Python<'_>, timeout_ms: u64) -> PyResult<Option<Py<PyAny>>> 
             for (i, a) in actions.iter().enumerate() {
                 let end = a.end_location();
                 let whole = periscope_agent_core::fire::times_whole_scope(a);
+                let function = a.spec.function.as_ref().map(|f| (f.module.clone(), f.name.clone()));
                 let item = (
                     i,
                     a.spec.location.file.clone(),
@@ -189,6 +200,8 @@ fn next_command(py: Python<'_>, timeout_ms: u64) -> PyResult<Option<Py<PyAny>>> 
                     end.map(|e| e.line),
                     whole,
                     a.errors.is_some(),
+                    function,
+                    a.probes_calls(),
                 );
                 list.append(item)?;
             }
@@ -274,6 +287,7 @@ fn install(generation: u64, places: &Bound<'_, PyList>) -> PyResult<bool> {
         table.keys.insert(key, slot);
     }
     agent.set_table(table);
+    agent.calls.keep_only(&actions);
     agent.report_installed(&actions, &counts);
     Ok(true)
 }
@@ -335,18 +349,18 @@ fn _start(py: Python<'_>, code: &Bound<'_, PyAny>, _offset: i64) -> Py<PyAny> {
     if found { py.None() } else { disable(py) }
 }
 
-/// `sys.monitoring` `PY_RETURN` callback: a timed function returned.
+/// `sys.monitoring` `PY_RETURN` callback: a timed or probed function returned.
 #[pyfunction]
-fn _return(py: Python<'_>, code: &Bound<'_, PyAny>, _offset: i64, _value: &Bound<'_, PyAny>) -> Py<PyAny> {
-    let found = exit(py, code);
+fn _return(py: Python<'_>, code: &Bound<'_, PyAny>, _offset: i64, value: &Bound<'_, PyAny>) -> Py<PyAny> {
+    let found = exit(py, code, probe::Exit::Returned(value));
     if found { py.None() } else { disable(py) }
 }
 
-/// `sys.monitoring` `PY_UNWIND` callback (a global event: never disabled): a timed
-/// function ended by an exception.
+/// `sys.monitoring` `PY_UNWIND` callback (a global event: never disabled): a timed or
+/// probed function ended by an exception.
 #[pyfunction]
 fn _unwind(py: Python<'_>, code: &Bound<'_, PyAny>, _offset: i64, exc: &Bound<'_, PyAny>) -> Py<PyAny> {
-    exit(py, code);
+    exit(py, code, probe::Exit::Raised(exc));
     probe::guarded(py, |py, agent| {
         let table = agent.table();
         if !table.errors.is_empty() {
@@ -364,13 +378,25 @@ fn set_library_paths(paths: Vec<String>) {
     errors::set_library_paths(paths);
 }
 
-fn exit(py: Python<'_>, code: &Bound<'_, PyAny>) -> bool {
+fn exit(py: Python<'_>, code: &Bound<'_, PyAny>, how: probe::Exit<'_, '_>) -> bool {
     probe::guarded(py, |py, agent| {
         let table = agent.table();
         let Some(slot) = table.exits.get(&(code.as_ptr() as usize)) else { return Ok(false) };
-        probe::fire_slot(py, agent, &table, slot)?;
+        probe::exit_slot(py, agent, &table, slot, how)?;
         Ok(true)
     })
+}
+
+/// The probe injected before a return (3.9 to 3.11) of a function whose calls are
+/// probed: `value` is what it returns.
+#[pyfunction]
+fn _hook_exit(py: Python<'_>, value: &Bound<'_, PyAny>, key: u64) {
+    probe::guarded(py, |py, agent| {
+        let table = agent.table();
+        let Some(slot) = table.keys.get(&key) else { return Ok(false) };
+        probe::exit_slot(py, agent, &table, slot, probe::Exit::Returned(value))?;
+        Ok(true)
+    });
 }
 
 /// The probe injected into bytecode (3.9 to 3.11): `key` names the place.
@@ -465,6 +491,8 @@ fn stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
         d.set_item("dropped_queue_full", c.dropped_queue_full.load(Ordering::Relaxed))?;
         d.set_item("dropped_rate", c.dropped_rate.load(Ordering::Relaxed))?;
         d.set_item("dropped_disconnected", c.dropped_disconnected.load(Ordering::Relaxed))?;
+        d.set_item("dropped_open_calls", c.dropped_open_calls.load(Ordering::Relaxed))?;
+        d.set_item("calls_in_flight", agent.calls.0.lock().unwrap_or_else(|p| p.into_inner()).len())?;
     }
     d.set_item("probe_errors", probe::SWALLOWED.load(Ordering::Relaxed))?;
     Ok(d)
@@ -499,6 +527,7 @@ fn install_for_bench(
         condition,
         expires_at_ms: u64::MAX,
         kind: ActionKind::Snapshot(SnapshotSpec { max_hits: u32::MAX, watch: Vec::new(), backtrace: false }),
+        function: None,
     };
     let action = Arc::new(Installed::new(spec, &quotas));
     if let Some(e) = &action.compile_error {
@@ -527,8 +556,41 @@ fn install_errors_for_bench() -> PyResult<()> {
         condition: None,
         expires_at_ms: u64::MAX,
         kind: ActionKind::CaptureErrors(ErrorCaptureSpec::default()),
+        function: None,
     };
     let action = Arc::new(Installed::new(spec, &quotas));
+    agent.runtime.install(vec![action], Arc::new(Budgets::new(quotas)), CaptureLimits::default());
+    Ok(())
+}
+
+/// Benchmarks only: installs a function probe (a snapshot of whole calls) on
+/// `module:qualname` keeping calls of at least `min_duration_ms`, with budgets that
+/// never refuse, bypassing the broker as `install_for_bench` does.
+#[pyfunction]
+fn install_function_for_bench(module: String, qualname: String, min_duration_ms: u64) -> PyResult<()> {
+    use periscope_agent_core::{Budgets, Installed};
+    use periscope_protocol::{
+        ActionId, ActionKind, ActionSpec, AgentQuotas, CaptureLimits, FunctionTarget, Location, SnapshotSpec,
+    };
+    let Some(agent) = agent::current() else { return Err(PyRuntimeError::new_err("no agent is running")) };
+    let quotas = AgentQuotas {
+        snapshot_hits_per_sec: 1e12,
+        snapshot_hits_per_sec_per_action: 1e12,
+        cpu_fraction: 1.0,
+        cpu_burst_micros: u64::MAX / 4_000,
+        ..AgentQuotas::default()
+    };
+    let function = FunctionTarget { name: qualname, module: Some(module), min_duration_ms: Some(min_duration_ms) };
+    let spec = ActionSpec {
+        id: ActionId::generate(),
+        location: Location { file: function.to_string(), line: 1 },
+        condition: None,
+        expires_at_ms: u64::MAX,
+        kind: ActionKind::Snapshot(SnapshotSpec { max_hits: u32::MAX, watch: Vec::new(), backtrace: false }),
+        function: Some(Box::new(function)),
+    };
+    let action = Arc::new(Installed::new(spec, &quotas));
+    use periscope_agent_core::Runtime as _;
     agent.runtime.install(vec![action], Arc::new(Budgets::new(quotas)), CaptureLimits::default());
     Ok(())
 }
@@ -557,6 +619,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_unwind, m)?)?;
     m.add_function(wrap_pyfunction!(set_library_paths, m)?)?;
     m.add_function(wrap_pyfunction!(_hook, m)?)?;
+    m.add_function(wrap_pyfunction!(_hook_exit, m)?)?;
     m.add_function(wrap_pyfunction!(_trace, m)?)?;
     m.add_function(wrap_pyfunction!(trace_running, m)?)?;
     m.add_function(wrap_pyfunction!(before_fork, m)?)?;
@@ -566,6 +629,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(refresh_types, m)?)?;
     m.add_function(wrap_pyfunction!(install_for_bench, m)?)?;
     m.add_function(wrap_pyfunction!(install_errors_for_bench, m)?)?;
+    m.add_function(wrap_pyfunction!(install_function_for_bench, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -18,7 +18,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyString};
 
-use crate::agent::{Payload, PyAgent, Slot, Table};
+use crate::agent::{Calls, HeldCall, Payload, PyAgent, Slot, Table};
 use crate::read::{NODE_BUDGET, Reader};
 
 /// Probe errors and panics swallowed so far (the host never sees them).
@@ -70,9 +70,47 @@ pub(crate) fn guarded(py: Python<'_>, f: impl FnOnce(Python<'_>, &Arc<PyAgent>) 
 /// Fires `slot` in the frame that is running now.
 pub(crate) fn fire_slot(py: Python<'_>, agent: &PyAgent, table: &Table, slot: &Slot) -> PyResult<()> {
     let frame = handles(py)?.getframe.bind(py).call1((0,))?;
-    let mut site =
-        FrameSite { py, frame, table, slot, locals: None, values: Vec::new(), spans: None, span_values: Vec::new() };
+    let mut site = FrameSite::new(py, frame, table, slot, &agent.calls);
     periscope_agent_core::fire::fire(agent.core(), &table.budgets, &slot.actions, &slot.ends, &mut site);
+    Ok(())
+}
+
+/// How a probed function ended.
+#[derive(Clone, Copy)]
+pub(crate) enum Exit<'a, 'py> {
+    /// It returned this value.
+    Returned(&'a Bound<'py, PyAny>),
+    /// It raised this exception.
+    Raised(&'a Bound<'py, PyAny>),
+}
+
+/// Fires `slot` at the exit of the frame running now: its durations stop, and the calls
+/// its function probes held for this frame finish (a hit when slow enough, with the
+/// arguments read at entry and the return value or exception, read only then).
+pub(crate) fn exit_slot(
+    py: Python<'_>,
+    agent: &PyAgent,
+    table: &Table,
+    slot: &Slot,
+    how: Exit<'_, '_>,
+) -> PyResult<()> {
+    let frame = handles(py)?.getframe.bind(py).call1((0,))?;
+    let frame_id = frame.as_ptr() as usize;
+    let core = agent.core();
+    let mut site = FrameSite::new(py, frame, table, slot, &agent.calls);
+    periscope_agent_core::fire::fire(core, &table.budgets, &slot.actions, &slot.ends, &mut site);
+    for action in slot.ends.iter().filter(|a| a.probes_calls()) {
+        let Some(mut held) = agent.calls.take(action, frame_id) else { continue };
+        // The slot is given back by `finish_call`, not by the drop.
+        held.action = None;
+        let outcome = match how {
+            Exit::Returned(_) => periscope_protocol::CallOutcome::Returned,
+            Exit::Raised(_) => periscope_protocol::CallOutcome::Raised,
+        };
+        site.exit = Some((std::mem::take(&mut held.location), std::mem::take(&mut held.args), how));
+        periscope_agent_core::fire::finish_call(core, &table.budgets, action, held.started, outcome, &mut site);
+        site.exit = None;
+    }
     Ok(())
 }
 
@@ -82,6 +120,10 @@ struct FrameSite<'a, 'py> {
     frame: Bound<'py, PyAny>,
     table: &'a Table,
     slot: &'a Slot,
+    /// Where function probes hold their calls in flight.
+    calls: &'a Calls,
+    /// At a probed call's exit: where it was entered, its arguments, how it ended.
+    exit: Option<(HitLocation, Vec<Field>, Exit<'a, 'py>)>,
     /// The frame's locals mapping, once looked up.
     locals: Option<Option<Bound<'py, PyAny>>>,
     /// Locals expressions have read, as a client sees them.
@@ -149,7 +191,33 @@ pub(crate) fn module_of(frame: &Bound<'_, PyAny>) -> Option<String> {
     name.cast_exact::<PyString>().ok().map(|s| s.to_string_lossy().into_owned())
 }
 
-impl<'py> FrameSite<'_, 'py> {
+impl<'a, 'py> FrameSite<'a, 'py> {
+    fn new(py: Python<'py>, frame: Bound<'py, PyAny>, table: &'a Table, slot: &'a Slot, calls: &'a Calls) -> Self {
+        FrameSite {
+            py,
+            frame,
+            table,
+            slot,
+            calls,
+            exit: None,
+            locals: None,
+            values: Vec::new(),
+            spans: None,
+            span_values: Vec::new(),
+        }
+    }
+
+    /// Where the frame is, for a hit.
+    fn location(&self) -> HitLocation {
+        let code = attr!(self.frame, "f_code").ok();
+        HitLocation {
+            file: code.as_ref().and_then(|c| string_attr(c, "co_filename")).unwrap_or_default(),
+            line: attr!(self.frame, "f_lineno").ok().and_then(|l| l.extract::<u32>().ok()).unwrap_or(0),
+            module: module_of(&self.frame),
+            name: code.as_ref().map(code_name),
+        }
+    }
+
     fn locals(&mut self) -> Option<Bound<'py, PyAny>> {
         if self.locals.is_none() {
             self.locals = Some(locals_of(&self.frame));
@@ -287,13 +355,7 @@ impl<'a, 'py> Site for FrameSite<'a, 'py> {
                 };
             }
         };
-        let code = attr!(self.frame, "f_code").ok();
-        let location = HitLocation {
-            file: code.as_ref().and_then(|c| string_attr(c, "co_filename")).unwrap_or_default(),
-            line: attr!(self.frame, "f_lineno").ok().and_then(|l| l.extract::<u32>().ok()).unwrap_or(0),
-            module: module_of(&self.frame),
-            name: code.as_ref().map(code_name),
-        };
+        let location = self.location();
         let read_locals = |locals: Option<Bound<'py, PyAny>>, only: Option<&[String]>, reader: &mut Reader<'_>| {
             let Some(locals) = locals else { return Vec::new() };
             all_locals(&locals)
@@ -306,7 +368,17 @@ impl<'a, 'py> Site for FrameSite<'a, 'py> {
                 })
                 .collect::<Vec<Field>>()
         };
-        let locals = read_locals(self.locals(), wanted.map(|r| &r.fields[..]), &mut reader);
+        let (location, locals) = match self.exit.take() {
+            // A call's exit: the arguments as they were at entry, then how it ended.
+            Some((entered, mut args, how)) => {
+                args.push(match how {
+                    Exit::Returned(value) => Field::new("return", reader.read(value)),
+                    Exit::Raised(exc) => Field::new("exception", reader.exception(exc)),
+                });
+                (entered, args)
+            }
+            None => (location, read_locals(self.locals(), wanted.map(|r| &r.fields[..]), &mut reader)),
+        };
         let with_values = self.table.limits.frames_with_values as usize;
         let callers: Vec<(String, Bound<'py, PyAny>)> =
             if wanted.is_some_and(|r| !r.uses_spans()) { Vec::new() } else { self.callers().to_vec() };
@@ -341,6 +413,23 @@ impl<'a, 'py> Site for FrameSite<'a, 'py> {
 
     fn stop_clock(&mut self, action: &Arc<Installed>) -> Option<u64> {
         stop_thread_clock(action, self.frame.as_ptr() as usize)
+    }
+
+    /// Reads the arguments (at entry the frame's locals are its arguments) and holds
+    /// them, by action and frame, until the frame returns or raises.
+    fn begin_call(&mut self, action: &Arc<Installed>, started: u64) {
+        let limits = redaction_limits(&self.table.limits);
+        let args = match (Reader::new(self.py, &limits, NODE_BUDGET), self.locals()) {
+            (Ok(mut reader), Some(locals)) => all_locals(&locals)
+                .into_iter()
+                .take(limits.max_fields as usize)
+                .map(|(name, obj)| Field::new(name, reader.read(&obj)))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let held = HeldCall { action: Some(Arc::clone(action)), started, location: self.location(), args };
+        // A refused call gives its slot back as it drops.
+        let _ = self.calls.hold(action, self.frame.as_ptr() as usize, held);
     }
 }
 

@@ -521,6 +521,31 @@ impl<'a> Reader<'a> {
         Value::Map(Map { type_name: Some(self.type_name(obj)), entries, omitted })
     }
 
+    /// Reads an exception without running its code: its type, `args` (through
+    /// `BaseException`'s own descriptor) and its instance attributes.
+    pub(crate) fn exception(&mut self, exc: &Bound<'_, PyAny>) -> Value {
+        let py = exc.py();
+        let mut fields: Vec<(String, Bound<'_, PyAny>)> = Vec::new();
+        let base = py.get_type::<pyo3::exceptions::PyBaseException>();
+        if let Ok(descriptor) = base.getattr(pyo3::intern!(py, "args"))
+            && let Ok(args) = descriptor.call_method1("__get__", (exc, exc.get_type()))
+        {
+            fields.push(("args".into(), args));
+        }
+        if let Some(getter) = self.layout(exc).and_then(|l| l.dict.as_ref().map(|d| d.clone_ref(py)))
+            && let Ok(d) = getter.bind(py).call_method1("__get__", (exc, exc.get_type()))
+            && let Ok(d) = d.cast_exact::<PyDict>()
+        {
+            for (k, v) in d.iter() {
+                if let Ok(k) = k.cast_exact::<PyString>() {
+                    fields.push((k.to_string_lossy().into_owned(), v));
+                }
+            }
+        }
+        let name = self.type_name(exc);
+        self.object(name, fields, 1)
+    }
+
     fn object(&mut self, type_name: String, fields: Vec<(String, Bound<'_, PyAny>)>, level: u32) -> Value {
         let keep = self.limits.max_fields as usize;
         let total = fields.len();

@@ -256,6 +256,7 @@ pub(crate) fn build_hit(raw: &RawHit<Payload>, limits: &CaptureLimits) -> Hit {
         redactions: Vec::new(),
         rules_version: 0,
         error: None,
+        call: None,
     }
 }
 

@@ -140,6 +140,15 @@ where
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
         let table = self.shared.table();
         let meta = event.metadata();
+        let parent = || {
+            event
+                .parent()
+                .cloned()
+                .or_else(|| if event.is_contextual() { ctx.current_span().id().cloned() } else { None })
+        };
+        if table.calls && crate::state::is_call_outcome(meta) {
+            record_outcome(event, parent().as_ref(), &ctx);
+        }
         let placed = table.by_callsite.contains_key(&meta.callsite());
         let error = table.captures_error(meta) && !IN_AGENT.with(|a| a.get());
         if !placed && !error {
@@ -147,10 +156,7 @@ where
         }
         let mut values = FieldCollector::default();
         event.record(&mut values);
-        let parent = event
-            .parent()
-            .cloned()
-            .or_else(|| if event.is_contextual() { ctx.current_span().id().cloned() } else { None });
+        let parent = parent();
         let site = Site { meta, parent: parent.as_ref(), span: None };
         if error {
             let fields = if placed { values.fields.clone() } else { std::mem::take(&mut values.fields) };
@@ -161,18 +167,27 @@ where
         }
     }
 
-    /// A span closing ends the span-duration metrics it started.
+    /// A span closing ends the span-duration metrics it started, and the calls its
+    /// function probes hold.
     fn on_close(&self, id: Id, ctx: Context<'_, S>) {
         if !self.shared.active.load(Ordering::Relaxed) {
             return;
         }
         let Some(span) = ctx.span(&id) else { return };
-        let Some(clocks) = span.extensions_mut().remove::<Clocks>() else { return };
-        let now = self.shared.core.clock.now();
-        for (action, started) in clocks.0 {
-            if periscope_agent_core::fire::times_whole_scope(&action) {
-                periscope_agent_core::fire::record_duration(&action, now.saturating_sub(started));
+        let (clocks, calls) = {
+            let mut ext = span.extensions_mut();
+            (ext.remove::<Clocks>(), ext.remove::<Calls>())
+        };
+        if let Some(clocks) = clocks {
+            let now = self.shared.core.clock.now();
+            for (action, started) in clocks.0 {
+                if periscope_agent_core::fire::times_whole_scope(&action) {
+                    periscope_agent_core::fire::record_duration(&action, now.saturating_sub(started));
+                }
             }
+        }
+        if let Some(calls) = calls {
+            self.finish_calls(&id, span.metadata(), span.parent().map(|p| p.id()), calls, &ctx);
         }
     }
 }
@@ -189,6 +204,43 @@ struct Site<'a> {
 /// Clocks started in a span: the duration metric and its start (agent clock).
 #[derive(Default)]
 struct Clocks(Vec<(Arc<Installed>, u64)>);
+
+/// Calls of function probes a span holds until it closes: the action, the entry time
+/// (agent clock), and the `return`/`error` fields of the events that reported how the
+/// call ended. Each holds one of its action's bounded call slots
+/// ([`periscope_agent_core::fire::open_call`]); a span that never closes keeps its slot
+/// and nothing more.
+#[derive(Default)]
+struct Calls {
+    held: Vec<(Arc<Installed>, u64)>,
+    outcome: Vec<RawField>,
+}
+
+impl Drop for Calls {
+    /// A span dropped without closing (or a table swapped) gives its slots back.
+    fn drop(&mut self) {
+        for (action, _) in self.held.drain(..) {
+            periscope_agent_core::fire::close_call(&action);
+        }
+    }
+}
+
+/// Keeps the `return` or `error` field of an `#[instrument(ret, err)]` event in the
+/// calls its span holds.
+fn record_outcome<S>(event: &Event<'_>, parent: Option<&Id>, ctx: &Context<'_, S>)
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    let Some(span) = parent.and_then(|id| ctx.span(id)) else { return };
+    let mut ext = span.extensions_mut();
+    let Some(calls) = ext.get_mut::<Calls>() else { return };
+    let mut values = FieldCollector::default();
+    event.record(&mut values);
+    for field in values.fields.into_iter().filter(|f| f.name == "return" || f.name == "error") {
+        calls.outcome.retain(|f| f.name != field.name);
+        calls.outcome.push(field);
+    }
+}
 
 /// What one firing has captured so far, computed lazily and shared by the actions on
 /// the callsite.
@@ -297,6 +349,20 @@ where
         periscope_agent_core::fire::start_thread_clock(action, 0, now);
     }
 
+    /// Holds a function probe's call in the span being created (its fields are read
+    /// again at close, with whatever `record` added).
+    fn begin_call(&mut self, action: &Arc<Installed>, started: u64) {
+        let Some(span) = self.site.span.and_then(|id| self.ctx.span(id)) else {
+            periscope_agent_core::fire::close_call(action);
+            return;
+        };
+        let mut ext = span.extensions_mut();
+        match ext.get_mut::<Calls>() {
+            Some(calls) => calls.held.push((Arc::clone(action), started)),
+            None => ext.insert(Calls { held: vec![(Arc::clone(action), started)], outcome: Vec::new() }),
+        }
+    }
+
     /// Stops a tic-toc clock started earlier in this span scope (or on this thread).
     fn stop_clock(&mut self, action: &Arc<Installed>) -> Option<u64> {
         let holders = self.site.span.into_iter().chain(self.site.parent);
@@ -316,6 +382,53 @@ where
 }
 
 impl ProbeLayer {
+    /// Ends the calls a closing span held: one hit each (when slow enough) with the
+    /// span's fields as they are now, the `return`/`error` fields, and the duration.
+    fn finish_calls<S>(
+        &self,
+        id: &Id,
+        meta: &'static Metadata<'static>,
+        parent: Option<Id>,
+        mut calls: Calls,
+        ctx: &Context<'_, S>,
+    ) where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+    {
+        let table = self.shared.table();
+        let outcome = if calls.outcome.iter().any(|f| f.name == "error") {
+            periscope_protocol::CallOutcome::Raised
+        } else if calls.outcome.iter().any(|f| f.name == "return") {
+            periscope_protocol::CallOutcome::Returned
+        } else {
+            periscope_protocol::CallOutcome::Unknown
+        };
+        let mut fields = ctx
+            .span(id)
+            .and_then(|s| s.extensions().get::<SpanValues>().map(|v| v.0.fields.clone()))
+            .unwrap_or_default();
+        fields.append(&mut calls.outcome);
+        let names = meta.fields().iter().map(|f| (f.name(), table.redactor.name_rule(f.name()))).collect::<Vec<_>>();
+        for (action, started) in std::mem::take(&mut calls.held) {
+            let views = Views {
+                limits: table.limits,
+                redactor: &table.redactor,
+                names: &names,
+                fields: Vec::new(),
+                spans: Vec::new(),
+            };
+            let site = Site { meta, parent: parent.as_ref(), span: Some(id) };
+            let mut firing = Firing { table: &table, site, fields: fields.clone(), spans: None, ctx, views };
+            periscope_agent_core::fire::finish_call(
+                &self.shared.core,
+                &table.budgets,
+                &action,
+                started,
+                outcome,
+                &mut firing,
+            );
+        }
+    }
+
     /// Runs every action installed on the callsite (the core's firing logic).
     fn fire<S>(&self, table: &Table, site: Site<'_>, fields: Vec<RawField>, ctx: &Context<'_, S>)
     where
@@ -437,6 +550,11 @@ impl periscope_agent_core::fire::Site for PanicSite<'_> {
 
     fn stop_clock(&mut self, _action: &Arc<Installed>) -> Option<u64> {
         None
+    }
+
+    /// A panic is not a call of a probed span: nothing to hold.
+    fn begin_call(&mut self, action: &Arc<Installed>, _started: u64) {
+        periscope_agent_core::fire::close_call(action);
     }
 }
 

@@ -160,6 +160,35 @@ impl Agent {
             condition: condition.map(str::to_owned),
             expires_at_ms: u64::MAX,
             kind: ActionKind::Snapshot(SnapshotSpec { max_hits: u32::MAX, watch: Vec::new(), backtrace: false }),
+            function: None,
+        };
+        let installed = Arc::new(Installed::new(spec, &quotas));
+        self.shared.install(vec![installed], Arc::new(Budgets::new(quotas)), CaptureLimits::default());
+        self.shared.rebuild_interest();
+    }
+
+    /// Benchmarks only: installs a function probe (a snapshot of whole calls) on the
+    /// span `function` (`module::path::name` or a bare name) keeping calls of at least
+    /// `min_duration_ms`, bypassing the broker as [`Agent::install_for_bench`] does.
+    #[doc(hidden)]
+    pub fn install_function_for_bench(
+        &self,
+        function: &str,
+        min_duration_ms: u64,
+        quotas: periscope_protocol::AgentQuotas,
+    ) {
+        use periscope_agent_core::{Budgets, Installed};
+        use periscope_protocol::{
+            ActionId, ActionKind, ActionSpec, CaptureLimits, FunctionTarget, Location, SnapshotSpec,
+        };
+        let function = FunctionTarget { min_duration_ms: Some(min_duration_ms), ..FunctionTarget::parse(function) };
+        let spec = ActionSpec {
+            id: ActionId::generate(),
+            location: Location { file: function.to_string(), line: 1 },
+            condition: None,
+            expires_at_ms: u64::MAX,
+            kind: ActionKind::Snapshot(SnapshotSpec { max_hits: u32::MAX, watch: Vec::new(), backtrace: false }),
+            function: Some(Box::new(function)),
         };
         let installed = Arc::new(Installed::new(spec, &quotas));
         self.shared.install(vec![installed], Arc::new(Budgets::new(quotas)), CaptureLimits::default());
@@ -178,6 +207,7 @@ impl Agent {
             condition: None,
             expires_at_ms: u64::MAX,
             kind: ActionKind::CaptureErrors(ErrorCaptureSpec::default()),
+            function: None,
         };
         let installed = Arc::new(Installed::new(spec, &quotas));
         self.shared.install(vec![installed], Arc::new(Budgets::new(quotas)), CaptureLimits::default());

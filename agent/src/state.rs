@@ -22,9 +22,21 @@ use crate::capture::Payload;
 /// is live; TRACE spans are left alone unless an action targets one.
 const SPAN_RECORD_LEVEL: Level = Level::DEBUG;
 
-/// Whether `meta` is where `action` is placed.
+/// Whether `meta` is where `action` is placed: its file and line, or, for a function
+/// probe, a span of that name whose module path or target is the probe's module.
 fn placed_at(action: &Installed, meta: &Metadata<'_>) -> bool {
+    if action.spec.function.is_some() {
+        return meta.is_span()
+            && (action.is_function(meta.name(), meta.module_path())
+                || action.is_function(meta.name(), Some(meta.target())));
+    }
     matches!((meta.file(), meta.line()), (Some(file), Some(line)) if action.is_at(file, line))
+}
+
+/// Whether an event reports how a call ended: the `return` and `error` events that
+/// `#[instrument(ret, err)]` emits inside its span.
+pub(crate) fn is_call_outcome(meta: &Metadata<'_>) -> bool {
+    meta.is_event() && (meta.fields().field("return").is_some() || meta.fields().field("error").is_some())
 }
 
 /// Whether `meta` is where `action`'s tic-toc duration stops.
@@ -54,6 +66,9 @@ pub(crate) struct Table {
     pub(crate) errors: Vec<Arc<Installed>>,
     /// Record span fields (for span stacks) while any snapshot is live.
     pub(crate) record_spans: bool,
+    /// A function probe's snapshot is live: `return` and `error` events are read into
+    /// the calls their spans hold.
+    pub(crate) calls: bool,
     /// What the agent's level hint asks for.
     pub(crate) max_level: LevelFilter,
     pub(crate) budgets: Arc<Budgets>,
@@ -70,6 +85,7 @@ impl Table {
             by_callsite: HashMap::new(),
             errors: Vec::new(),
             record_spans: false,
+            calls: false,
             max_level: LevelFilter::OFF,
             budgets: Arc::new(Budgets::new(AgentQuotas::default())),
             limits: CaptureLimits::default(),
@@ -82,6 +98,7 @@ impl Table {
         self.by_callsite.contains_key(&meta.callsite())
             || (self.record_spans && meta.is_span() && *meta.level() <= SPAN_RECORD_LEVEL)
             || (self.captures_error(meta))
+            || (self.calls && is_call_outcome(meta))
     }
 
     /// Whether `meta` is an ERROR event and an error-capture action is live.
@@ -341,6 +358,7 @@ impl Shared {
         // Spans are recorded while anything is live: snapshots report the span stack,
         // logs and conditions may read span fields, durations time spans.
         let record_spans = !specs.is_empty();
+        let calls = specs.iter().any(|a| a.probes_calls());
         if record_spans {
             max_level = max_level.max(LevelFilter::from_level(SPAN_RECORD_LEVEL));
         }
@@ -350,7 +368,17 @@ impl Shared {
             max_level = LevelFilter::TRACE;
         }
         let actions = specs.into_iter().map(|a| (a.spec.id.clone(), a)).collect();
-        self.set_table(Table { actions, by_callsite, errors, record_spans, max_level, budgets, limits, redactor });
+        self.set_table(Table {
+            actions,
+            by_callsite,
+            errors,
+            record_spans,
+            calls,
+            max_level,
+            budgets,
+            limits,
+            redactor,
+        });
         matched
     }
 
@@ -383,7 +411,13 @@ impl Runtime for Shared {
             language: "rust".into(),
             runtime: format!("rust ({} {})", std::env::consts::OS, std::env::consts::ARCH),
             agent_version: env!("CARGO_PKG_VERSION").into(),
-            capabilities: vec!["snapshot".into(), "backtrace".into(), "span_stack".into(), "capture_errors".into()],
+            capabilities: vec![
+                "snapshot".into(),
+                "backtrace".into(),
+                "span_stack".into(),
+                "capture_errors".into(),
+                "function_probe".into(),
+            ],
         }
     }
 

@@ -217,6 +217,7 @@ pub fn hit(lines: usize) -> Hit {
         redactions: vec![],
         rules_version: 3,
         error: None,
+        call: None,
     }
 }
 

@@ -290,10 +290,14 @@ pub struct PlaceBody {
     /// Target tags.
     #[serde(default)]
     pub tags: Vec<String>,
-    /// File path or suffix.
-    pub file: String,
+    /// File path or suffix (with `line`; or `function` instead).
+    pub file: Option<String>,
     /// Line.
-    pub line: u32,
+    pub line: Option<u32>,
+    /// A function (Python `module:qualname`) or span (Rust) instead of `file` and `line`.
+    pub function: Option<String>,
+    /// With `function`: only calls lasting at least this long are captured.
+    pub min_duration_ms: Option<u64>,
     /// Condition expression.
     pub condition: Option<String>,
     /// Watch expressions.
@@ -337,6 +341,8 @@ async fn place_action(
         tags: body.tags,
         file: body.file,
         line: body.line,
+        function: body.function,
+        min_duration_ms: body.min_duration_ms,
         condition: body.condition,
         watch: body.watch,
         max_hits: body.max_hits,

@@ -340,6 +340,7 @@ async fn prometheus(
             ("queue_full", hb.hits_dropped_queue_full),
             ("rate_limited", hb.hits_dropped_rate),
             ("disconnected", hb.hits_dropped_disconnected),
+            ("open_calls_full", hb.calls_dropped_open),
         ] {
             let _ = writeln!(
                 out,

@@ -212,6 +212,11 @@ pub struct SourceView {
     pub level: Option<String>,
     /// Values available there.
     pub fields: Vec<String>,
+    /// For a span or function: what to pass as `function` to probe it whole (arguments
+    /// at entry, return value or error and duration at exit): `module:qualname` for
+    /// Python, `module::path::span_name` for Rust.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub function: Option<String>,
     /// Last line of a function (whole-file catalogs: Python).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub end_line: Option<u32>,
@@ -273,6 +278,7 @@ pub fn list_sources(
                 module: e.module.clone(),
                 level: e.level.clone(),
                 fields: e.fields.clone(),
+                function: function_name(e.kind, &e.name, e.module.as_deref()),
                 end_line: None,
                 lines: None,
                 hash: None,
@@ -319,10 +325,11 @@ fn file_sources(f: &periscope_protocol::FileLines) -> Vec<SourceView> {
         file: f.file.clone(),
         line,
         kind,
-        name,
         module: f.module.clone(),
         level: None,
         fields: Vec::new(),
+        function: function_name(kind, &name, f.module.as_deref()),
+        name,
         end_line,
         lines: Some(lines),
         hash: f.hash.clone(),
@@ -344,6 +351,18 @@ fn file_sources(f: &periscope_protocol::FileLines) -> Vec<SourceView> {
         out.push(view(func.line, LocationKind::Span, func.name.clone(), func.end_line, lines));
     }
     out
+}
+
+/// How a caller names a span or function for a function probe.
+fn function_name(kind: LocationKind, name: &str, module: Option<&str>) -> Option<String> {
+    (kind == LocationKind::Span && name != "<module>").then(|| {
+        let target = periscope_protocol::FunctionTarget {
+            name: name.to_owned(),
+            module: module.map(str::to_owned),
+            min_duration_ms: None,
+        };
+        target.to_string()
+    })
 }
 
 fn source_matches(e: &CatalogEntry, file: Option<&str>, name: Option<&str>, text: Option<&str>) -> bool {

@@ -274,6 +274,7 @@ impl HitTemplate {
             redactions: Vec::new(),
             rules_version: 0,
             error: None,
+            call: None,
         };
         let json = serde_json::to_value(&hit).context("encoding a hit")?;
         let fields = json.get("fields").map(ToString::to_string).unwrap_or_default();

@@ -73,6 +73,92 @@ pub struct ActionSpec {
     pub expires_at_ms: u64,
     /// What to do when the location is hit.
     pub kind: ActionKind,
+    /// When set, the action is a function probe: it targets a function (Python) or a
+    /// span (Rust) by name rather than a line, and `location` is only where the broker
+    /// last saw that function (agents match by name). Absent for line actions, and
+    /// ignored by agents older than function probes (they act at `location`). Boxed: a
+    /// spec travels inside every `action_add`, most without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<Box<FunctionTarget>>,
+}
+
+impl ActionSpec {
+    /// What the action targets, for people: `file:line`, or `function name` for a
+    /// function probe.
+    pub fn target_label(&self) -> String {
+        match &self.function {
+            Some(f) => format!("function {f}"),
+            None => self.location.to_string(),
+        }
+    }
+}
+
+/// A function or span an action targets by name: arguments (span fields) at entry, the
+/// return value or error and the duration at exit, in one hit.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FunctionTarget {
+    /// Python: the function's qualified name (`Shop.checkout`); Rust: the span's name.
+    pub name: String,
+    /// Python: the module (`shop.orders`); Rust: the span's module path or target, or
+    /// a `::`-suffix of it. `None` matches the name in any module.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+    /// Only calls that last at least this long produce a hit (snapshots); faster ones
+    /// cost their entry capture and nothing else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_duration_ms: Option<u64>,
+}
+
+impl FunctionTarget {
+    /// Reads a function as a caller names it: `module:qualname` (Python),
+    /// `module::path::span_name` (Rust), or a bare name. Never fails: a name without a
+    /// module separator is a bare name.
+    pub fn parse(text: &str) -> FunctionTarget {
+        let text = text.trim();
+        let split = match text.rfind("::") {
+            Some(i) => Some((&text[..i], &text[i + 2..])),
+            None => text.rfind(':').map(|i| (&text[..i], &text[i + 1..])),
+        };
+        match split {
+            Some((module, name)) if !module.trim().is_empty() && !name.trim().is_empty() => FunctionTarget {
+                name: name.trim().to_owned(),
+                module: Some(module.trim().to_owned()),
+                min_duration_ms: None,
+            },
+            _ => FunctionTarget { name: text.to_owned(), module: None, min_duration_ms: None },
+        }
+    }
+
+    /// Whether a function or span called `name` in `module` (a Python module, a Rust
+    /// module path or target) is this one: the same name, and the same module or one
+    /// ending with this one on a `::` or `.` boundary.
+    pub fn matches(&self, name: &str, module: Option<&str>) -> bool {
+        if name != self.name {
+            return false;
+        }
+        let Some(wanted) = &self.module else { return true };
+        let Some(module) = module else { return false };
+        module == wanted
+            || (module.len() > wanted.len()
+                && module.ends_with(wanted.as_str())
+                && (module[..module.len() - wanted.len()].ends_with("::")
+                    || module[..module.len() - wanted.len()].ends_with('.')))
+    }
+
+    /// The minimum duration in clock nanoseconds (0 when every call counts).
+    pub fn min_duration_nanos(&self) -> u64 {
+        self.min_duration_ms.unwrap_or(0).saturating_mul(1_000_000)
+    }
+}
+
+impl std::fmt::Display for FunctionTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.module {
+            Some(m) if m.contains("::") => write!(f, "{m}::{}", self.name),
+            Some(m) => write!(f, "{m}:{}", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
 }
 
 /// The three things an action can do at a location.
@@ -349,6 +435,41 @@ mod tests {
     }
 
     #[test]
+    fn a_function_is_read_in_either_language_s_notation_and_matched_on_module_boundaries() {
+        let py = FunctionTarget::parse("shop.orders:Shop.checkout");
+        assert_eq!((py.module.as_deref(), py.name.as_str()), (Some("shop.orders"), "Shop.checkout"));
+        assert!(py.matches("Shop.checkout", Some("shop.orders")));
+        assert!(py.matches("Shop.checkout", Some("app.shop.orders")));
+        assert!(!py.matches("Shop.checkout", Some("xshop.orders")));
+        assert!(!py.matches("Shop.refund", Some("shop.orders")));
+        assert_eq!(py.to_string(), "shop.orders:Shop.checkout");
+        let rs = FunctionTarget::parse("demo::shop::checkout");
+        assert_eq!((rs.module.as_deref(), rs.name.as_str()), (Some("demo::shop"), "checkout"));
+        assert!(rs.matches("checkout", Some("demo::shop")) && rs.matches("checkout", Some("x::demo::shop")));
+        assert_eq!(rs.to_string(), "demo::shop::checkout");
+        let bare = FunctionTarget::parse(" checkout ");
+        assert_eq!((bare.module, bare.name.as_str()), (None, "checkout"));
+        assert!(FunctionTarget::parse("checkout").matches("checkout", None));
+        assert_eq!(FunctionTarget::parse(":x").module, None);
+    }
+
+    #[test]
+    fn a_spec_without_a_function_decodes_and_one_with_it_round_trips() {
+        let old: ActionSpec = serde_json::from_str(
+            r#"{"id":"act_1","location":{"file":"a.rs","line":3},"expires_at_ms":1,
+                "kind":{"type":"snapshot","max_hits":1}}"#,
+        )
+        .unwrap();
+        assert_eq!(old.function, None);
+        assert!(!serde_json::to_string(&old).unwrap().contains("function"));
+        let mut new = old.clone();
+        new.function = Some(Box::new(FunctionTarget { min_duration_ms: Some(250), ..FunctionTarget::parse("m:f") }));
+        let text = serde_json::to_string(&new).unwrap();
+        assert!(text.contains(r#""function":{"name":"f","module":"m","min_duration_ms":250}"#), "{text}");
+        assert_eq!(serde_json::from_str::<ActionSpec>(&text).unwrap(), new);
+    }
+
+    #[test]
     fn an_unknown_action_kind_decodes_as_unsupported() {
         let spec: ActionSpec = serde_json::from_str(
             r#"{"id":"act_1","location":{"file":"a.rs","line":3},"expires_at_ms":1,
@@ -366,6 +487,7 @@ mod tests {
             condition: None,
             expires_at_ms: 1,
             kind: ActionKind::CaptureErrors(ErrorCaptureSpec::default()),
+            function: None,
         };
         let text = serde_json::to_string(&spec).unwrap();
         assert!(text.contains(r#""type":"capture_errors""#), "{text}");

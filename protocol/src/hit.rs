@@ -45,6 +45,34 @@ pub struct Hit {
     /// What failed, when the hit is an error capture's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<crate::errors::HitError>,
+    /// For a function probe: how the call ended and how long it took. Its arguments
+    /// (span fields) are the hit's `fields`, beside `return` and the error (`error` in
+    /// Rust, `exception` in Python) when the call produced one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call: Option<CallInfo>,
+}
+
+/// How one call of a probed function went: no captured value, so nothing to redact.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CallInfo {
+    /// From entry to exit, in milliseconds (for a coroutine or generator: from its first
+    /// run to its end, suspensions included).
+    pub duration_ms: f64,
+    /// How it ended.
+    pub outcome: CallOutcome,
+}
+
+/// How a call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallOutcome {
+    /// It returned (the value is the field `return`, when the runtime shows it).
+    Returned,
+    /// It raised or returned an error (the field `exception` or `error`).
+    Raised,
+    /// The runtime does not say (a Rust span without `#[instrument(ret, err)]` events).
+    #[serde(other)]
+    Unknown,
 }
 
 /// The callsite a hit came from.
@@ -242,6 +270,7 @@ mod tests {
             redactions: vec![],
             rules_version: 0,
             error: None,
+            call: None,
         }
     }
 

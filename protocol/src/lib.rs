@@ -32,13 +32,13 @@ pub mod telemetry;
 pub mod value;
 
 pub use action::{
-    ActionKind, ActionSpec, AgentActionState, ErrorCaptureSpec, Location, LogDestination, LogLevel, LogSpec,
-    MetricKind, MetricSpec, PauseReason, SnapshotSpec,
+    ActionKind, ActionSpec, AgentActionState, ErrorCaptureSpec, FunctionTarget, Location, LogDestination, LogLevel,
+    LogSpec, MetricKind, MetricSpec, PauseReason, SnapshotSpec,
 };
 pub use catalog::{CatalogEntry, FileLines, FunctionLine, LineSet, LocationKind};
 pub use errors::{ErrorCount, ErrorKind, HitError};
 pub use expr::{Budget, EvalError, Expr, ParseError, Scope, SimpleScope, Template};
-pub use hit::{Hit, HitLocation, RedactionFinding, SpanFrame, ThreadInfo, WatchResult};
+pub use hit::{CallInfo, CallOutcome, Hit, HitLocation, RedactionFinding, SpanFrame, ThreadInfo, WatchResult};
 pub use ids::{ActionId, AgentId, HitId, IdError, KeyId};
 pub use limits::{AgentQuotas, CaptureLimits, LimitError};
 pub use messages::{

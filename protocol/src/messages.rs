@@ -274,6 +274,9 @@ pub struct Heartbeat {
     pub queue_len: u64,
     /// Actions currently installed.
     pub actions: u64,
+    /// Function probe calls not held because their action's table of calls in flight
+    /// was full (calls that never end, such as spans never closed, fill it).
+    pub calls_dropped_open: u64,
 }
 
 /// New or changed catalog entries.
@@ -656,6 +659,7 @@ mod tests {
             condition: None,
             expires_at_ms: 99,
             kind: ActionKind::Snapshot(SnapshotSpec { max_hits: 1, watch: vec!["a.b".into()], backtrace: false }),
+            function: None,
         };
         let agent = [
             AgentMessage::Register(Box::new(registration())),

@@ -19,6 +19,7 @@ mod conformance;
 mod core_loop;
 mod errors;
 mod faults;
+mod function_probes;
 mod gateway_errors;
 mod keys;
 mod mcp;

@@ -108,6 +108,32 @@ class Injection:
         """The code object a live function held before we injected into it."""
         return self.originals.get(code, code)
 
+    def _exit_instrs(self, key, lineno):
+        """``_hook_exit(value, key)`` with the value about to be returned (left on the
+        stack for the return)."""
+        from bytecode import Instr
+
+        if sys.version_info >= (3, 11):
+            return [
+                Instr("COPY", 1, lineno=lineno),
+                Instr("PUSH_NULL", lineno=lineno),
+                Instr("SWAP", 2, lineno=lineno),
+                Instr("LOAD_CONST", _native._hook_exit, lineno=lineno),
+                Instr("SWAP", 2, lineno=lineno),
+                Instr("LOAD_CONST", key, lineno=lineno),
+                Instr("PRECALL", 2, lineno=lineno),
+                Instr("CALL", 2, lineno=lineno),
+                Instr("POP_TOP", lineno=lineno),
+            ]
+        return [
+            Instr("DUP_TOP", lineno=lineno),
+            Instr("LOAD_CONST", _native._hook_exit, lineno=lineno),
+            Instr("ROT_TWO", lineno=lineno),
+            Instr("LOAD_CONST", key, lineno=lineno),
+            Instr("CALL_FUNCTION", 2, lineno=lineno),
+            Instr("POP_TOP", lineno=lineno),
+        ]
+
     def _hook_instrs(self, key, lineno):
         from bytecode import Instr
 
@@ -152,7 +178,7 @@ class Injection:
                         out.extend(self._hook_instrs(key, ins.lineno))
                     prev_line = ins.lineno
                 if exit_key is not None and ins.name == "RETURN_VALUE":
-                    out.extend(self._hook_instrs(exit_key, ins.lineno))
+                    out.extend(self._exit_instrs(exit_key, ins.lineno))
                 out.append(ins)
             else:
                 out.append(ins)

@@ -19,7 +19,7 @@ import sysconfig
 import threading
 
 from . import _native
-from ._code import catalog_entry, catalog_order, live_functions, own_lines, source_file, walk
+from ._code import catalog_entry, catalog_order, live_functions, own_lines, qualname, source_file, walk
 
 #: Catalog entries computed per tick (each compiles one source file).
 CATALOG_PER_TICK = 25
@@ -71,8 +71,20 @@ class _Watcher:
     def find_spec(self, name, path=None, target=None):
         w = self.worker
         w.imported = True
-        if not w.pending_files:
+        if not w.pending_files and not w.pending_modules:
             return None
+        if any(_module_matches(m, name) for m in w.pending_modules):
+            spec = None
+            try:
+                from importlib.machinery import PathFinder
+
+                spec = PathFinder.find_spec(name, path)
+            except Exception:
+                return None
+            if spec is None or spec.loader is None:
+                return None
+            spec.loader = _LoadHook(spec.loader, w)
+            return spec
         try:
             from importlib.machinery import PathFinder
 
@@ -88,6 +100,12 @@ class _Watcher:
 
     def invalidate_caches(self):
         pass
+
+
+def _module_matches(wanted, name):
+    """Whether module `name` is the module a function probe names (the same, or ending
+    with it after a dot)."""
+    return name == wanted or name.endswith("." + wanted)
 
 
 class _LoadHook:
@@ -126,6 +144,7 @@ class Worker(threading.Thread):
         self.stopping = False
         self.imported = True
         self.pending_files = ()
+        self.pending_modules = ()
         self.generation = 0
         self.actions = []
         self.published = set()
@@ -235,10 +254,38 @@ class Worker(threading.Thread):
                 out.append(module)
         return out
 
+    def _function_codes(self, module_name, name, original):
+        """The code objects of function `name` (a qualified name) in the loaded modules
+        `module_name` names (any module when None), with the modules' top code objects."""
+        tops = []
+        found = []
+        for mod_name, module in list(sys.modules.items()):
+            if module_name is not None and not _module_matches(module_name, mod_name):
+                continue
+            if mod_name.startswith("periscope_agent"):
+                continue
+            funcs = live_functions(module)
+            # Before 3.11 code objects carry no qualified name: the functions do.
+            qualnames = {}
+            for code, fs in funcs.items():
+                for f in fs:
+                    q = getattr(f, "__qualname__", None)
+                    if type(q) is str:
+                        qualnames[original(code)] = q
+            module_tops = list({original(c): None for c in funcs})
+            for top in module_tops:
+                for c in walk(top):
+                    q = qualnames.get(c) or qualname(c)
+                    if q == name and c.co_name != "<module>" and c not in found:
+                        found.append(c)
+                        tops.append(top)
+        return tops, found
+
     def _install(self):
         """Resolves the current actions to code objects and instruments them."""
         places = {}  # (role, code, line) -> (actions, ends)
         pending = set()
+        pending_modules = set()
         codes_cache = {}
 
         original = self.mechanism.original if self.mechanism is not None else (lambda c: c)
@@ -266,10 +313,22 @@ class Worker(threading.Thread):
 
         all_tops = []
         errors = False
-        for index, file, line, end_file, end_line, whole, captures_errors in self.actions:
+        for index, file, line, end_file, end_line, whole, captures_errors, function, calls in self.actions:
             if captures_errors:
                 # Armed everywhere at once (PY_UNWIND); nothing to resolve.
                 errors = True
+                continue
+            if function is not None:
+                # A function probe: found by module and qualified name, wherever it is.
+                module_name, name = function
+                tops, codes = self._function_codes(module_name, name, original)
+                all_tops.extend(tops)
+                for c in codes:
+                    add("start", c, None, index, False)
+                    if whole or calls:
+                        add("exit", c, None, index, True)
+                if not codes and module_name is not None:
+                    pending_modules.add(module_name)
                 continue
             tops, codes = codes_in(file)
             all_tops.extend(tops)
@@ -297,6 +356,7 @@ class Worker(threading.Thread):
                     elif end_line in own_lines(c):
                         add("line", c, end_line, index, True)
         self.pending_files = tuple(pending)
+        self.pending_modules = tuple(pending_modules)
         if self.mechanism is None and (places or errors):
             from ._instrument import make
 

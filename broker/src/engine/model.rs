@@ -9,7 +9,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use periscope_protocol::{ActionId, ActionKind, ActionSpec, AgentId, Hit, HitId, Location, LogSpec, MetricSpec};
+use periscope_protocol::{
+    ActionId, ActionKind, ActionSpec, AgentId, FunctionTarget, Hit, HitId, Location, LogSpec, MetricSpec,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{Actor, AuditEntry, AuditKind, Expressions};
@@ -423,6 +425,7 @@ impl ActionRecord {
             kind: self.spec.kind.name(),
             status: self.status,
             location: self.spec.location.clone(),
+            function: self.spec.function.as_deref().cloned(),
             condition: self.spec.condition.clone(),
             watch,
             backtrace,
@@ -485,8 +488,12 @@ pub struct ActionView {
     pub kind: &'static str,
     /// Overall state.
     pub status: ActionStatus,
-    /// Where.
+    /// Where (for a function probe: where the function was found, or its name while
+    /// pending).
     pub location: Location,
+    /// The function or span a function probe targets (with `min_duration_ms`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub function: Option<FunctionTarget>,
     /// Condition, when set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub condition: Option<String>,

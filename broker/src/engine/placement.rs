@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use periscope_protocol::{
-    ActionKind, ActionSpec, AgentId, BrokerMessage, CatalogEntry, Location, LocationKind, MetricKind,
+    ActionKind, ActionSpec, AgentId, BrokerMessage, CatalogEntry, FunctionTarget, Location, LocationKind, MetricKind,
 };
 
 use super::Engine;
@@ -58,13 +58,17 @@ impl Engine {
     }
 
     /// What every kind shares: target, location, then insertion.
-    async fn place(&self, spec: ActionSpec, p: Placement, caller: &Principal) -> Result<ActionView, ApiError> {
+    async fn place(&self, mut spec: ActionSpec, p: Placement, caller: &Principal) -> Result<ActionView, ApiError> {
         let target = self.resolve_target(&p.agent_ids, p.pool.as_deref(), &p.tags, caller)?;
         let agents = self.matching_agents(&target, &caller.reach, &caller.tenancy);
         if agents.is_empty() {
             return Err(self.no_matching_agents(&target, caller));
         }
         let what = spec.kind.name();
+        if spec.function.is_some() {
+            let pending_note = self.check_function(&agents, &mut spec, p.allow_pending, what)?;
+            return self.insert(spec, target, caller, pending_note, agents).await;
+        }
         let mut pending_note = self.check_location(&agents, &spec.location, p.allow_pending, what)?;
         if let ActionKind::Metric(m) = &spec.kind {
             if let Some(end) = &m.end_location {
@@ -117,6 +121,133 @@ impl Engine {
                 "no target agent has seen code run at {location} yet; the {what} is armed and will start once a \
                  callsite there registers"
             ))),
+        }
+    }
+
+    /// Checks a function probe's target against the target agents' catalogs (spans of
+    /// `tracing` agents, functions of whole-file catalogs), and completes it: `location`
+    /// becomes where the function is, and a name found in one module only gets that
+    /// module, so agents match exactly what the caller was shown. `Ok(Some(note))` when
+    /// accepted as pending; unknown or ambiguous names are refused with the candidates.
+    fn check_function(
+        &self,
+        agents: &[Aimed],
+        spec: &mut ActionSpec,
+        allow_pending: bool,
+        what: &str,
+    ) -> Result<Option<String>, ApiError> {
+        let Some(function) = spec.function.clone() else { return Ok(None) };
+        let found = self.find_function(agents, &function);
+        let mut modules: Vec<&str> = found.iter().filter_map(|f| f.module.as_deref()).collect();
+        modules.sort_unstable();
+        modules.dedup();
+        if found.is_empty() {
+            let similar = self.similar_functions(agents, &function);
+            if allow_pending && (function.module.is_some() || similar.is_empty()) {
+                return Ok(Some(format!(
+                    "no target agent has loaded function {function} yet; the {what} is armed and will start once it \
+                     loads"
+                )));
+            }
+            let hint = if similar.is_empty() {
+                "list_sources shows the functions and spans agents know".to_owned()
+            } else {
+                format!("similar names: {}", similar.iter().map(|f| f.label()).collect::<Vec<_>>().join(", "))
+            };
+            return Err(ApiError::new(
+                ErrorCode::NoSuchLocation,
+                format!(
+                    "no target agent knows a function or span `{}`; {hint}. Pass allow_pending=true (with the \
+                     module) if that code has simply not loaded yet",
+                    truncate(&function.to_string())
+                ),
+            )
+            .with_details(serde_json::json!({
+                "suggestions": similar.iter().map(FoundFunction::json).collect::<Vec<_>>(),
+            })));
+        }
+        if function.module.is_none() && modules.len() > 1 {
+            let candidates: Vec<String> = modules
+                .iter()
+                .map(|m| format!("{}", FunctionTarget { module: Some((*m).to_owned()), ..(*function).clone() }))
+                .collect();
+            return Err(ApiError::invalid(format!(
+                "`{}` names functions in several modules: {}; say which",
+                truncate(&function.name),
+                candidates.join(", ")
+            ))
+            .with_details(serde_json::json!({ "candidates": candidates })));
+        }
+        let first = &found[0];
+        if let Some(f) = &mut spec.function
+            && f.module.is_none()
+            && let [module] = modules.as_slice()
+        {
+            f.module = Some((*module).to_owned());
+        }
+        spec.location = Location { file: first.file.clone(), line: first.line };
+        Ok(None)
+    }
+
+    /// The spans and functions of the agents' catalogs that `function` names.
+    fn find_function(&self, agents: &[Aimed], function: &FunctionTarget) -> Vec<FoundFunction> {
+        let mut out = Vec::new();
+        self.each_function(agents, |f| {
+            if function.matches(&f.name, f.module.as_deref()) && out.len() < 100 {
+                out.push(f);
+            }
+        });
+        out.sort_by(|a, b| (&a.module, &a.file, a.line).cmp(&(&b.module, &b.file, b.line)));
+        out.dedup_by(|a, b| a.module == b.module && a.file == b.file && a.line == b.line);
+        out
+    }
+
+    /// Up to five known functions whose names look like `function`'s, nearest first.
+    fn similar_functions(&self, agents: &[Aimed], function: &FunctionTarget) -> Vec<FoundFunction> {
+        let wanted = function.name.to_ascii_lowercase();
+        let short = wanted.rsplit('.').next().unwrap_or(&wanted).to_owned();
+        let mut scored: Vec<(usize, FoundFunction)> = Vec::new();
+        let mut seen = 0usize;
+        self.each_function(agents, |f| {
+            seen += 1;
+            if seen > 50_000 {
+                return;
+            }
+            let name = f.name.to_ascii_lowercase();
+            let last = name.rsplit('.').next().unwrap_or(&name);
+            let score = if name.contains(&short) || short.contains(last) { 0 } else { edit_distance(last, &short) };
+            if score <= (short.len() / 3).max(2) {
+                scored.push((score, f));
+            }
+        });
+        scored.sort_by(|a, b| (a.0, &a.1.name, &a.1.module).cmp(&(b.0, &b.1.name, &b.1.module)));
+        scored.dedup_by(|a, b| a.1.name == b.1.name && a.1.module == b.1.module);
+        scored.into_iter().take(5).map(|(_, f)| f).collect()
+    }
+
+    /// Calls `f` with every span callsite and every function the agents' catalogs hold.
+    fn each_function(&self, agents: &[Aimed], mut f: impl FnMut(FoundFunction)) {
+        for (id, _, _) in agents {
+            self.registry.with(id, |rec| {
+                for (e, _) in rec.catalog.iter().filter(|(e, _)| e.kind == LocationKind::Span) {
+                    f(FoundFunction {
+                        name: e.name.clone(),
+                        module: e.module.clone(),
+                        file: e.file.clone(),
+                        line: e.line,
+                    });
+                }
+                for file in rec.catalog.files() {
+                    for func in &file.functions {
+                        f(FoundFunction {
+                            name: func.name.clone(),
+                            module: file.module.clone(),
+                            file: file.file.clone(),
+                            line: func.line,
+                        });
+                    }
+                }
+            });
         }
     }
 
@@ -177,7 +308,7 @@ impl Engine {
         let mut entry = record.audit(caller.actor(), AuditKind::ActionPlaced);
         entry.hits = None;
         entry.lines = None;
-        entry.detail = format!("placed a {} at {}", spec.kind.name(), spec.location);
+        entry.detail = format!("placed a {} at {}", spec.kind.name(), spec.target_label());
         entry.data = serde_json::json!({
             "agents": agents.iter().map(|(id, _, _)| id).collect::<Vec<_>>(),
             "expires_at_ms": spec.expires_at_ms,
@@ -191,7 +322,7 @@ impl Engine {
         for (agent_id, _, _) in agents {
             self.registry.send(&agent_id, BrokerMessage::ActionAdd { action: spec.clone() });
         }
-        tracing::info!(action = %spec.id, location = %spec.location, caller = %caller.name, "action placed");
+        tracing::info!(action = %spec.id, location = %spec.target_label(), caller = %caller.name, "action placed");
         Ok(view)
     }
 
@@ -353,6 +484,41 @@ impl Engine {
         similar.truncate(10);
         LocationMatch::UnknownFile(similar)
     }
+}
+
+/// A function or span as a catalog holds it.
+struct FoundFunction {
+    name: String,
+    module: Option<String>,
+    file: String,
+    line: u32,
+}
+
+impl FoundFunction {
+    fn label(&self) -> String {
+        let target = FunctionTarget { name: self.name.clone(), module: self.module.clone(), min_duration_ms: None };
+        format!("{target} ({}:{})", self.file, self.line)
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let target = FunctionTarget { name: self.name.clone(), module: self.module.clone(), min_duration_ms: None };
+        serde_json::json!({ "function": target.to_string(), "file": self.file, "line": self.line })
+    }
+}
+
+/// Levenshtein distance over bytes (names are short: at most 255 characters).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    let mut row = vec![0; b.len() + 1];
+    for (i, ca) in a.iter().enumerate() {
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            row[j + 1] = (prev[j] + usize::from(ca != cb)).min(prev[j + 1] + 1).min(row[j] + 1);
+        }
+        std::mem::swap(&mut prev, &mut row);
+    }
+    prev[b.len()]
 }
 
 /// The `quota_exceeded` answer to a refused insertion: whose budget, its limit, and when

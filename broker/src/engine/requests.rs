@@ -5,7 +5,8 @@
 
 use periscope_protocol::limits::action_bounds;
 use periscope_protocol::{
-    ActionId, ActionKind, ActionSpec, ErrorCaptureSpec, Location, LogDestination, LogLevel, LogSpec, MetricKind,
+    ActionId, ActionKind, ActionSpec, ErrorCaptureSpec, FunctionTarget, Location, LogDestination, LogLevel, LogSpec,
+    MetricKind,
     MetricSpec, SnapshotSpec,
 };
 use serde::Deserialize;
@@ -28,10 +29,15 @@ pub struct SnapshotRequest {
     pub pool: Option<String>,
     /// Tags to target.
     pub tags: Vec<String>,
-    /// File path or suffix.
-    pub file: String,
+    /// File path or suffix (with `line`; or `function` instead).
+    pub file: Option<String>,
     /// Line.
-    pub line: u32,
+    pub line: Option<u32>,
+    /// A function (Python `module:qualname`) or span (Rust: its name, optionally after
+    /// its module path and `::`), instead of `file` and `line`.
+    pub function: Option<String>,
+    /// For a function: capture only calls lasting at least this long.
+    pub min_duration_ms: Option<u64>,
     /// Condition expression.
     pub condition: Option<String>,
     /// Watch expressions.
@@ -57,10 +63,13 @@ pub struct LogRequest {
     pub pool: Option<String>,
     /// Tags to target.
     pub tags: Vec<String>,
-    /// File path or suffix.
-    pub file: String,
+    /// File path or suffix (with `line`; or `function` instead).
+    pub file: Option<String>,
     /// Line.
-    pub line: u32,
+    pub line: Option<u32>,
+    /// A function or span instead of `file` and `line`: one line per call, at its end,
+    /// with `{duration_ms}`, `{return}` and the arguments to read.
+    pub function: Option<String>,
     /// Text with `{expression}` placeholders.
     pub template: String,
     /// `trace`, `debug`, `info` (default), `warn`, `error`.
@@ -90,10 +99,12 @@ pub struct MetricRequest {
     pub tags: Vec<String>,
     /// `counter`, `duration`, `value`.
     pub kind: String,
-    /// File path or suffix.
-    pub file: String,
+    /// File path or suffix (with `line`; or `function` instead).
+    pub file: Option<String>,
     /// Line.
-    pub line: u32,
+    pub line: Option<u32>,
+    /// A function or span instead of `file` and `line` (as in [`SnapshotRequest`]).
+    pub function: Option<String>,
     /// For tic-toc durations: where the clock stops.
     pub end_file: Option<String>,
     /// For tic-toc durations: the line where the clock stops.
@@ -162,6 +173,62 @@ pub fn validate_location(file: &str, line: u32) -> Result<Location, ApiError> {
     Ok(Location { file: file.to_owned(), line })
 }
 
+/// Longest function argument accepted.
+const MAX_FUNCTION_LEN: usize = 512;
+
+/// Slowest `min_duration_ms` accepted (an hour).
+pub const MAX_MIN_DURATION_MS: u64 = 3_600_000;
+
+/// Where an action goes, as given: a file and line, or a function. Exactly one of the
+/// two; `min_duration_ms` only with a function.
+pub fn validate_target(
+    file: Option<&str>,
+    line: Option<u32>,
+    function: Option<&str>,
+    min_duration_ms: Option<u64>,
+) -> Result<(Location, Option<FunctionTarget>), ApiError> {
+    let function = function.map(str::trim).filter(|f| !f.is_empty());
+    match (function, file.map(str::trim).filter(|f| !f.is_empty()), line) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => Err(ApiError::invalid(
+            "give either `function` or `file` and `line`, not both (a function is found by name; list_sources \
+             shows its file)",
+        )),
+        (Some(text), None, None) => {
+            if text.len() > MAX_FUNCTION_LEN || text.chars().any(char::is_control) {
+                return Err(ApiError::invalid(format!(
+                    "function must be a name of 1 to {MAX_FUNCTION_LEN} characters: Python `module:qualname` \
+                     (`shop.orders:Shop.checkout`), Rust a span name, optionally after its module path \
+                     (`shop::orders::checkout`)"
+                )));
+            }
+            if let Some(ms) = min_duration_ms {
+                in_range("min_duration_ms", ms, 0, MAX_MIN_DURATION_MS, 0)?;
+            }
+            let target =
+                FunctionTarget { min_duration_ms: min_duration_ms.filter(|ms| *ms > 0), ..FunctionTarget::parse(text) };
+            // Where the function is gets filled in from the agents' catalogs at placement.
+            Ok((Location { file: target.to_string(), line: 1 }, Some(target)))
+        }
+        (None, file, line) => {
+            if min_duration_ms.is_some() {
+                return Err(ApiError::invalid(
+                    "min_duration_ms applies to a function (a call has a duration; a line does not): give \
+                     `function` instead of `file` and `line`",
+                ));
+            }
+            match (file, line) {
+                (Some(file), Some(line)) => Ok((validate_location(file, line)?, None)),
+                (None, None) => Err(ApiError::invalid(
+                    "say where: `file` and `line` (list_sources shows inspectable lines), or `function` (a Python \
+                     `module:qualname` or a Rust span name)",
+                )),
+                (Some(_), None) => Err(ApiError::invalid("`line` is missing: give `file` and `line`, or `function`")),
+                (None, Some(_)) => Err(ApiError::invalid("`file` is missing: give `file` and `line`, or `function`")),
+            }
+        }
+    }
+}
+
 /// Parses every expression of the action (condition, watches, template, metric
 /// expression) so a bad one is refused at placement, with its position, before any agent
 /// sees it.
@@ -194,18 +261,22 @@ pub fn check_expressions(spec: &ActionSpec) -> Result<(), ApiError> {
 /// The spec every kind shares (a fresh id, the location, the condition, the expiry),
 /// checked, with its expressions parsed.
 fn spec(
-    file: &str,
-    line: u32,
+    (location, function): (Location, Option<FunctionTarget>),
     condition: Option<&str>,
     expire_seconds: Option<u64>,
     kind: ActionKind,
 ) -> Result<ActionSpec, ApiError> {
     let expire = expire_seconds.unwrap_or(action_bounds::DEFAULT_EXPIRE_SECS);
     in_range("expire_seconds", expire, 1, action_bounds::MAX_EXPIRE_SECS, action_bounds::DEFAULT_EXPIRE_SECS)?;
-    let location = validate_location(file, line)?;
     let condition = condition.map(str::trim).filter(|c| !c.is_empty()).map(str::to_owned);
-    let spec =
-        ActionSpec { id: ActionId::generate(), location, condition, expires_at_ms: now_ms() + expire * 1_000, kind };
+    let spec = ActionSpec {
+        id: ActionId::generate(),
+        location,
+        condition,
+        expires_at_ms: now_ms() + expire * 1_000,
+        kind,
+        function: function.map(Box::new),
+    };
     check_expressions(&spec)?;
     Ok(spec)
 }
@@ -230,7 +301,8 @@ impl SnapshotRequest {
         }
         let watch: Vec<String> = self.watch.iter().map(|w| w.trim().to_owned()).collect();
         let kind = ActionKind::Snapshot(SnapshotSpec { max_hits, watch, backtrace: self.backtrace });
-        let spec = spec(&self.file, self.line, self.condition.as_deref(), self.expire_seconds, kind)?;
+        let target = validate_target(self.file.as_deref(), self.line, self.function.as_deref(), self.min_duration_ms)?;
+        let spec = spec(target, self.condition.as_deref(), self.expire_seconds, kind)?;
         Ok((spec, placement(&self.agent_ids, &self.pool, &self.tags, self.allow_pending)))
     }
 }
@@ -274,7 +346,8 @@ impl LogRequest {
         }
         let kind =
             ActionKind::Log(LogSpec { template: self.template.clone(), level, destination, max_lines: self.max_lines });
-        let spec = spec(&self.file, self.line, self.condition.as_deref(), self.expire_seconds, kind)?;
+        let target = validate_target(self.file.as_deref(), self.line, self.function.as_deref(), None)?;
+        let spec = spec(target, self.condition.as_deref(), self.expire_seconds, kind)?;
         Ok((spec, placement(&self.agent_ids, &self.pool, &self.tags, self.allow_pending)))
     }
 }
@@ -317,8 +390,14 @@ impl MetricRequest {
             }
             _ => {}
         }
+        let target = validate_target(self.file.as_deref(), self.line, self.function.as_deref(), None)?;
+        if target.1.is_some() && end_location.is_some() {
+            return Err(ApiError::invalid(
+                "a function's duration runs from its entry to its exit: end_file and end_line are for line metrics",
+            ));
+        }
         let kind = ActionKind::Metric(MetricSpec { metric, expression, end_location, report_interval_ms });
-        let spec = spec(&self.file, self.line, self.condition.as_deref(), self.expire_seconds, kind)?;
+        let spec = spec(target, self.condition.as_deref(), self.expire_seconds, kind)?;
         Ok((spec, placement(&self.agent_ids, &self.pool, &self.tags, self.allow_pending)))
     }
 }
@@ -378,6 +457,7 @@ impl ErrorCaptureRequest {
             condition: None,
             expires_at_ms: now_ms() + expire * 1_000,
             kind,
+            function: None,
         };
         Ok((spec, placement(&self.agent_ids, &self.pool, &self.tags, true)))
     }
@@ -393,23 +473,68 @@ mod tests {
 
     #[test]
     fn bounds_are_checked_with_their_range_and_default_whoever_asks() {
-        let req = SnapshotRequest { file: "a.rs".into(), line: 1, max_hits: Some(100), ..Default::default() };
+        let req =
+            SnapshotRequest { file: Some("a.rs".into()), line: Some(1), max_hits: Some(100), ..Default::default() };
         let err = req.validate().unwrap_err();
         assert_eq!(err.message, "max_hits is 100; allowed range is 1..=50 (default 1)");
-        let req = SnapshotRequest { file: "a.rs".into(), line: 1, expire_seconds: Some(0), ..Default::default() };
+        let req =
+            SnapshotRequest { file: Some("a.rs".into()), line: Some(1), expire_seconds: Some(0), ..Default::default() };
         assert!(req.validate().unwrap_err().message.starts_with("expire_seconds is 0; allowed range is 1..=86400"));
         assert!(check_wait_seconds("wait_seconds", 601).is_err() && check_wait_seconds("wait_seconds", 0).is_ok());
-        let req =
-            LogRequest { file: "a.rs".into(), line: 1, template: "x".into(), max_lines: Some(0), ..Default::default() };
+        let req = LogRequest {
+            file: Some("a.rs".into()),
+            line: Some(1),
+            template: "x".into(),
+            max_lines: Some(0),
+            ..Default::default()
+        };
         assert!(req.validate().unwrap_err().message.contains("max_lines"));
     }
 
     #[test]
     fn a_bad_expression_is_refused_with_its_position() {
-        let req =
-            SnapshotRequest { file: "a.rs".into(), line: 3, condition: Some("a ==".into()), ..Default::default() };
+        let req = SnapshotRequest {
+            file: Some("a.rs".into()),
+            line: Some(3),
+            condition: Some("a ==".into()),
+            ..Default::default()
+        };
         let err = req.validate().unwrap_err();
         assert!(err.message.starts_with("condition:"), "{err}");
         assert!(err.details["position"].is_number());
+    }
+
+    #[test]
+    fn a_target_is_a_file_and_line_or_a_function_never_both_and_min_duration_only_with_a_function() {
+        let (location, function) = validate_target(None, None, Some(" shop.orders:Shop.checkout "), Some(250)).unwrap();
+        let function = function.unwrap();
+        assert_eq!((function.module.as_deref(), function.name.as_str()), (Some("shop.orders"), "Shop.checkout"));
+        assert_eq!(function.min_duration_ms, Some(250));
+        assert_eq!(location.line, 1, "filled in from the catalogs at placement");
+        let (_, zero) = validate_target(None, None, Some("checkout"), Some(0)).unwrap();
+        assert_eq!(zero.unwrap().min_duration_ms, None, "0 keeps every call");
+        let (location, none) = validate_target(Some("a.rs"), Some(3), None, None).unwrap();
+        assert_eq!((location.file.as_str(), location.line, none), ("a.rs", 3, None));
+        let both = validate_target(Some("a.rs"), Some(3), Some("checkout"), None).unwrap_err();
+        assert!(both.message.contains("not both"), "{}", both.message);
+        let half = validate_target(None, Some(3), Some("checkout"), None).unwrap_err();
+        assert!(half.message.contains("not both"), "{}", half.message);
+        let slow_line = validate_target(Some("a.rs"), Some(3), None, Some(5)).unwrap_err();
+        assert!(slow_line.message.contains("min_duration_ms applies to a function"), "{}", slow_line.message);
+        let neither = validate_target(None, None, Some("  "), None).unwrap_err();
+        assert!(neither.message.contains("`function`"), "{}", neither.message);
+        assert!(validate_target(Some("a.rs"), None, None, None).unwrap_err().message.contains("`line` is missing"));
+        assert!(validate_target(None, Some(3), None, None).unwrap_err().message.contains("`file` is missing"));
+        let too_slow = validate_target(None, None, Some("f"), Some(MAX_MIN_DURATION_MS + 1)).unwrap_err();
+        assert!(too_slow.message.contains("min_duration_ms"), "{}", too_slow.message);
+        assert!(validate_target(None, None, Some("bad\nname"), None).is_err());
+        let metric = MetricRequest {
+            kind: "duration".into(),
+            function: Some("checkout".into()),
+            end_file: Some("a.rs".into()),
+            end_line: Some(9),
+            ..Default::default()
+        };
+        assert!(metric.validate(5_000).unwrap_err().message.contains("entry to its exit"));
     }
 }

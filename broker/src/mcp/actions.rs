@@ -39,10 +39,20 @@ struct PlaceSnapshotArgs {
     #[serde(default)]
     tags: Vec<String>,
     /// Source file, as list_sources shows it, or a path suffix of it, e.g. `src/orders.rs`.
-    file: String,
+    /// Give `file` and `line`, or `function`.
+    file: Option<String>,
     /// 1-based line of an inspectable location in `file` (from list_sources).
     #[schemars(range(min = 1))]
-    line: u32,
+    line: Option<u32>,
+    /// Instead of `file` and `line`: a function (Python `module:qualname`, e.g.
+    /// `shop.orders:Shop.checkout`) or a span (Rust: its name, optionally after its module
+    /// path, e.g. `shop::orders::checkout`). A hit then holds the arguments (span fields)
+    /// at entry, `return` and the error or exception at exit, and `call.duration_ms`.
+    function: Option<String>,
+    /// With `function`: capture only calls lasting at least this many milliseconds
+    /// (faster calls produce nothing), e.g. 250 to catch the one slow checkout.
+    #[schemars(range(min = 0, max = 3_600_000))]
+    min_duration_ms: Option<u64>,
     /// Capture only when this expression is true, e.g. `user_id == 42`.
     condition: Option<String>,
     /// Expressions to evaluate at each hit and report beside the fields.
@@ -118,11 +128,15 @@ struct PlaceLogArgs {
     /// Only agents carrying every one of these tags.
     #[serde(default)]
     tags: Vec<String>,
-    /// Source file or path suffix.
-    file: String,
+    /// Source file or path suffix (with `line`; or give `function`).
+    file: Option<String>,
     /// 1-based line.
     #[schemars(range(min = 1))]
-    line: u32,
+    line: Option<u32>,
+    /// Instead of `file` and `line`: a function (Python `module:qualname`) or span (Rust
+    /// span name): one line per call, written when it ends, whose template may read the
+    /// arguments, `return` and `duration_ms`.
+    function: Option<String>,
     /// The line to emit, with `{expression}` placeholders, e.g. `order {order.id} total {total_cents}`.
     template: String,
     /// Level of the emitted line.
@@ -175,11 +189,14 @@ struct PlaceMetricArgs {
     tags: Vec<String>,
     /// What to measure.
     kind: MetricKind,
-    /// Source file or path suffix.
-    file: String,
+    /// Source file or path suffix (with `line`; or give `function`).
+    file: Option<String>,
     /// 1-based line.
     #[schemars(range(min = 1))]
-    line: u32,
+    line: Option<u32>,
+    /// Instead of `file` and `line`: a function (Python `module:qualname`) or span (Rust
+    /// span name, optionally after its module path); a `duration` then times each call.
+    function: Option<String>,
     /// For `duration`: where the clock stops (file).
     end_file: Option<String>,
     /// For `duration`: where the clock stops (line).
@@ -317,7 +334,11 @@ impl PeriscopeMcp {
                        60) is how long the snapshot lives and how long the call waits. With `wait` (default true) \
                        the call returns the hits, or an `expired` error if none came; with wait=false it returns the \
                        action_id at once, then read hits with get_action. Example: {\"pool\": \"shop\", \"file\": \
-                       \"src/orders.rs\", \"line\": 42, \"max_hits\": 3}.",
+                       \"src/orders.rs\", \"line\": 42, \"max_hits\": 3}. Instead of `file` and `line`, \
+                       `function` probes whole calls of a function (Python `module:qualname`) or span (Rust span \
+                       name; list_sources shows it as function=...): one hit per call with the arguments at entry, \
+                       `return` or the error/exception, and `call.duration_ms`; `min_duration_ms` keeps only calls at \
+                       least that slow, e.g. {\"pool\": \"shop\", \"function\": \"checkout\", \"min_duration_ms\": 250}.",
         input_schema = input_schema::<PlaceSnapshotArgs>(),
         output_schema = super::schemas::action_with_hits(),
         annotations(read_only_hint = false, destructive_hint = false, idempotent_hint = false, open_world_hint = false)
@@ -345,7 +366,8 @@ impl PeriscopeMcp {
 
     #[tool(
         description = "Measure a code location over time, without redeploying: `kind` counter (how often it runs), \
-                       duration (how long a span at file:line stays open, or the time from file:line to \
+                       duration (how long a span at file:line stays open, each call of a `function` (Python \
+                       `module:qualname`, Rust span name) instead of file and line, or the time from file:line to \
                        end_file:end_line) or value (a numeric `expression` sampled each time it runs), optional \
                        `condition`, `expire_seconds` (default 3600, max 86400). Agents aggregate locally and report \
                        every few seconds; get_action returns count, sum, min, max, p50/p90/p99 (durations in ms), \
@@ -426,6 +448,8 @@ impl PeriscopeMcp {
             tags: a.tags,
             file: a.file,
             line: a.line,
+            function: a.function,
+            min_duration_ms: a.min_duration_ms,
             condition: a.condition,
             watch: a.watch,
             max_hits: Some(a.max_hits),
@@ -586,6 +610,7 @@ impl PeriscopeMcp {
             tags: a.tags,
             file: a.file,
             line: a.line,
+            function: a.function,
             template: a.template,
             level: Some(a.level.name().to_owned()),
             condition: a.condition,
@@ -617,6 +642,7 @@ impl PeriscopeMcp {
             kind: a.kind.name().to_owned(),
             file: a.file,
             line: a.line,
+            function: a.function,
             end_file: a.end_file,
             end_line: a.end_line,
             expression: a.expression,

@@ -41,28 +41,42 @@ pub(crate) fn source_line(s: &SourceView) -> String {
         let what = if s.kind == periscope_protocol::LocationKind::Span { "function" } else { "module" };
         let end = s.end_line.map(|e| format!("-{e}")).unwrap_or_default();
         return format!(
-            "{}:{}{end} {what} `{}` lines with code [{}] agents={}",
+            "{}:{}{end} {what} `{}`{} lines with code [{}] agents={}",
             s.file,
             s.line,
             truncate_chars(&s.name, 80),
+            probe_as(s),
             truncate_chars(lines, 200),
             s.agents
         );
     }
     format!(
-        "{}:{} {kind} `{}` fields [{}] observed_hits={} agents={}",
+        "{}:{} {kind} `{}`{} fields [{}] observed_hits={} agents={}",
         s.file,
         s.line,
         truncate_chars(&s.name, 80),
+        probe_as(s),
         s.fields.join(", "),
         s.hits,
         s.agents
     )
 }
 
+/// How to probe a span or function whole (` function=...`), or nothing.
+fn probe_as(s: &SourceView) -> String {
+    s.function.as_deref().map(|f| format!(" function={}", truncate_chars(f, 160))).unwrap_or_default()
+}
+
 /// One action in a line or two: where, state, hits, and each agent's state.
 pub(crate) fn action_summary(a: &ActionView, now_ms: u64) -> String {
-    let mut out = format!("{} {} at {} is {}", a.action_id, a.kind, a.location, a.status.as_str());
+    let at = match &a.function {
+        Some(f) => {
+            let slow = f.min_duration_ms.map(|ms| format!(", calls of {ms} ms or more")).unwrap_or_default();
+            format!("function {f} ({}{slow})", a.location)
+        }
+        None => a.location.to_string(),
+    };
+    let mut out = format!("{} {} at {at} is {}", a.action_id, a.kind, a.status.as_str());
     if a.kind == "snapshot" {
         let _ = write!(out, ", {}/{} hits", a.hits, a.max_hits);
     }
@@ -169,6 +183,14 @@ pub(crate) fn hit_line(h: &StoredHit, budget: usize) -> String {
         hit.location.file,
         hit.location.line
     );
+    if let Some(call) = &hit.call {
+        let outcome = match call.outcome {
+            periscope_protocol::CallOutcome::Returned => "returned",
+            periscope_protocol::CallOutcome::Raised => "raised",
+            periscope_protocol::CallOutcome::Unknown => "ended",
+        };
+        let _ = write!(out, " call {outcome} after {:.1} ms", call.duration_ms);
+    }
     if !hit.fields.is_empty() {
         out.push_str(" fields: ");
         fields(&hit.fields, &mut out);
@@ -398,6 +420,7 @@ mod tests {
                 redactions: vec![RedactionFinding { path: "fields.order.email".into(), rule: "email".into() }],
                 rules_version: 1,
                 error: None,
+                call: None,
             },
         }
     }

@@ -35,6 +35,7 @@ fn hit(fields: Vec<Field>) -> Hit {
         redactions: vec![],
         rules_version: 0,
         error: None,
+        call: None,
     }
 }
 
