@@ -71,7 +71,11 @@ pub fn client_hit<R: crate::Runtime + ?Sized>(
     redactor: &Redactor,
 ) -> Hit {
     let mut hit = runtime.build_hit(raw, &redaction_limits(limits));
+    if raw.action.no_capture.load(std::sync::atomic::Ordering::Relaxed) {
+        hit.strip_values();
+    }
     redactor.redact_hit(&mut hit);
     hit.enforce_limits(limits);
     hit
 }
+

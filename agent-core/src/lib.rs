@@ -21,6 +21,7 @@
 //! - [`state`]: [`Installed`] actions, [`Budgets`], [`Counters`], [`Core`].
 //! - [`fire`]: what happens when a location with actions runs.
 //! - [`capture`]: [`RawHit`], [`client_value`], [`client_hit`].
+//! - [`guard`]: the code version, file hash and blocklist checks before an action runs.
 //! - [`budget`]: lock-free rate and CPU budgets.
 //! - `connection`: the agent thread (WebSocket session, sync, backoff).
 //! - `tls`: rustls for `wss://` brokers (public roots plus an optional private CA).
@@ -35,6 +36,7 @@ pub mod capture;
 pub mod config;
 mod connection;
 pub mod fire;
+pub mod guard;
 pub mod state;
 mod tls;
 
@@ -45,7 +47,7 @@ use periscope_protocol::{ActionId, AgentId, CaptureLimits, CatalogEntry, FileLin
 use tokio::sync::{mpsc, watch};
 
 pub use capture::{RawHit, client_hit, client_value, redaction_limits};
-pub use config::{AgentBuilder, AgentConfig, ConfigError, Launch};
+pub use config::{AgentBuilder, AgentConfig, BUILD_ENV_VARS, ConfigError, Launch};
 pub use state::{Budgets, Core, Counters, Installed};
 
 /// Who the agent is, beyond its configuration: sent at registration.

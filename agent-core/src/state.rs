@@ -132,6 +132,9 @@ pub struct Installed {
     pub exprs: ActionExprs,
     /// Why the action cannot run here (an expression this agent cannot compile).
     pub compile_error: Option<String>,
+    /// An operator's `no_capture` rule covers the location: hits leave without values
+    /// (set by the agent thread whenever the blocklist changes).
+    pub no_capture: AtomicBool,
     /// The kinds of run-time evaluation error already reported (one bit per
     /// [`periscope_protocol::EvalError::code`]), so each kind is reported once.
     eval_errors_reported: AtomicU32,
@@ -184,6 +187,7 @@ impl Installed {
             metric,
             exprs,
             compile_error,
+            no_capture: AtomicBool::new(false),
             eval_errors_reported: AtomicU32::new(0),
             spec,
             snapshot,

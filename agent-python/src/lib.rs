@@ -79,6 +79,9 @@ fn start(py: Python<'_>, options: &Bound<'_, PyDict>) -> PyResult<String> {
     if let Some(v) = get("service_version")? {
         builder = builder.service_version(v);
     }
+    if let Some(v) = get("build")? {
+        builder = builder.build_commit(v);
+    }
     if let Some(v) = get("display_name")? {
         builder = builder.display_name(v);
     }
@@ -468,6 +471,7 @@ fn install_for_bench(
         condition,
         expires_at_ms: u64::MAX,
         kind: ActionKind::Snapshot(SnapshotSpec { max_hits: u32::MAX, watch: Vec::new(), backtrace: false }),
+        expect: None,
     };
     let action = Arc::new(Installed::new(spec, &quotas));
     if let Some(e) = &action.compile_error {

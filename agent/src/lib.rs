@@ -57,6 +57,7 @@ pub use periscope_agent_core::config;
 mod capture;
 pub mod debug_parse;
 mod layer;
+mod source_hash;
 mod state;
 
 use std::sync::Arc;
@@ -159,6 +160,7 @@ impl Agent {
             condition: condition.map(str::to_owned),
             expires_at_ms: u64::MAX,
             kind: ActionKind::Snapshot(SnapshotSpec { max_hits: u32::MAX, watch: Vec::new(), backtrace: false }),
+            expect: None,
         };
         let installed = Arc::new(Installed::new(spec, &quotas));
         self.shared.install(vec![installed], Arc::new(Budgets::new(quotas)), CaptureLimits::default());

@@ -109,6 +109,8 @@ pub(crate) struct Shared {
     catalog: Mutex<Catalog>,
     /// The dispatchers our layer is part of.
     dispatches: Mutex<Vec<tracing_core::dispatcher::WeakDispatch>>,
+    /// Content hashes of the catalog's files (agent thread only).
+    source_hashes: crate::source_hash::SourceHashes,
 }
 
 impl std::fmt::Debug for Shared {
@@ -126,6 +128,7 @@ impl Shared {
             table: RwLock::new(Arc::new(Table::empty(redactor))),
             catalog: Mutex::new(Catalog::default()),
             dispatches: Mutex::new(Vec::new()),
+            source_hashes: crate::source_hash::SourceHashes::from_env(),
         }
     }
 
@@ -307,6 +310,7 @@ fn entry(k: &Known) -> CatalogEntry {
         level: Some(meta.level().as_str().to_ascii_lowercase()),
         fields: meta.fields().iter().map(|f| f.name().to_owned()).collect(),
         hits: k.hits.load(Ordering::Relaxed),
+        hash: None,
     }
 }
 
@@ -338,7 +342,10 @@ impl Runtime for Shared {
     }
 
     fn catalog(&self, full: bool) -> CatalogBatch {
-        CatalogBatch { entries: self.catalog_updates(full), files: Vec::new() }
+        // Hashed after the catalog's lock is released: reading files takes time.
+        let mut entries = self.catalog_updates(full);
+        self.source_hashes.fill(&mut entries);
+        CatalogBatch { entries, files: Vec::new() }
     }
 
     fn build_hit(&self, raw: &RawHit<Payload>, limits: &CaptureLimits) -> Hit {

@@ -303,6 +303,12 @@ pub struct PlaceBody {
     /// Accept a location no agent has reported yet.
     #[serde(default)]
     pub allow_pending: bool,
+    /// Run only on agents running this service version or build.
+    #[serde(default)]
+    pub expected_version: Option<String>,
+    /// Run only where the file has this content hash (`sha256:<hex>`).
+    #[serde(default)]
+    pub file_hash: Option<String>,
 }
 
 fn snapshot_kind() -> String {
@@ -337,6 +343,8 @@ async fn place_action(
         expire_seconds: body.expire_seconds,
         backtrace: body.backtrace,
         allow_pending: body.allow_pending,
+        expected_version: body.expected_version,
+        file_hash: body.file_hash,
     };
     let view = state.engine.place_snapshot(req, &principal).await?;
     Ok((axum::http::StatusCode::CREATED, Json(view)))

@@ -297,6 +297,7 @@ pub fn list_sources(
                     level: None,
                     fields: Vec::new(),
                     hits: 0,
+                    hash: None,
                 };
                 if !source_matches(&e, file.as_deref(), name.as_deref(), text.as_deref()) {
                     continue;

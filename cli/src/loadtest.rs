@@ -196,6 +196,7 @@ fn services(opts: &Options) -> anyhow::Result<Vec<Arc<Service>>> {
                 level: Some("info".into()),
                 fields: vec!["user_id".into(), "order_id".into(), "amount".into(), "status".into()],
                 hits: 0,
+                hash: None,
             })
             .collect();
         let locations =

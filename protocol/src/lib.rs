@@ -21,6 +21,7 @@
 //! - [`messages`]: [`AgentMessage`], [`BrokerMessage`], framing and protocol errors.
 
 pub mod action;
+pub mod blocklist;
 pub mod catalog;
 pub mod expr;
 pub mod hit;
@@ -31,9 +32,10 @@ pub mod telemetry;
 pub mod value;
 
 pub use action::{
-    ActionKind, ActionSpec, AgentActionState, Location, LogDestination, LogLevel, LogSpec, MetricKind, MetricSpec,
+    ActionKind, ActionSpec, AgentActionState, CodeExpectation, Location, LogDestination, LogLevel, LogSpec, MetricKind, MetricSpec,
     PauseReason, SnapshotSpec,
 };
+pub use blocklist::{BlockEffect, BlockRule};
 pub use catalog::{CatalogEntry, FileLines, FunctionLine, LineSet, LocationKind};
 pub use expr::{Budget, EvalError, Expr, ParseError, Scope, SimpleScope, Template};
 pub use hit::{Hit, HitLocation, RedactionFinding, SpanFrame, ThreadInfo, WatchResult};

@@ -84,6 +84,7 @@ fn record(org: &str, key: &str, kind: ActionKind, agents: &[&Sender], expires_at
         condition: None,
         expires_at_ms,
         kind,
+        expect: None,
     };
     ActionRecord {
         spec,

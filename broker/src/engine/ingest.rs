@@ -53,9 +53,29 @@ impl Engine {
         // Never trust an agent: its findings must name rules the broker knows, and
         // redaction and the same limits again (a no-op for honest agents). Keys are
         // known here too, so a `password` field is caught by name.
+        // An operator's pause holds everything of the pool: hits in flight when it
+        // began are not kept.
+        if self.safety.paused(&from.org, &from.pool).is_some() {
+            self.stats.add(from, |s| s.hits_refused += hits.len() as u64);
+            return vec![Ingested::Refused; hits.len()];
+        }
         let redactor = self.rules.redactor(&from.org);
+        let blocklist = self.safety.rules(&from.org);
         let mut unknown = 0;
         for hit in &mut hits {
+            // No value leaves where a `no_capture` rule holds, whatever the agent sent.
+            if !blocklist.is_empty() {
+                let names: Vec<&str> = hit.location.name.as_deref().into_iter().collect();
+                let site = periscope_protocol::blocklist::Site {
+                    pool: &from.pool,
+                    file: &hit.location.file,
+                    module: hit.location.module.as_deref(),
+                    functions: &names,
+                };
+                if periscope_protocol::blocklist::first_match(&blocklist, &site, false).is_some() {
+                    hit.strip_values();
+                }
+            }
             unknown += keep_known_findings(&redactor, &mut hit.redactions);
             redactor.redact_hit(hit);
             hit.enforce_limits(&self.limits);

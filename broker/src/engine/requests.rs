@@ -5,7 +5,7 @@
 
 use periscope_protocol::limits::action_bounds;
 use periscope_protocol::{
-    ActionId, ActionKind, ActionSpec, Location, LogDestination, LogLevel, LogSpec, MetricKind, MetricSpec, SnapshotSpec,
+    ActionId, ActionKind, ActionSpec, CodeExpectation, Location, LogDestination, LogLevel, LogSpec, MetricKind, MetricSpec, SnapshotSpec,
 };
 use serde::Deserialize;
 
@@ -41,6 +41,12 @@ pub struct SnapshotRequest {
     pub expire_seconds: Option<u64>,
     /// Capture a native backtrace too.
     pub backtrace: bool,
+    /// Run only on agents whose service version or build (git commit, or a prefix of
+    /// at least 7 characters) is this.
+    pub expected_version: Option<String>,
+    /// Run only on agents whose copy of `file` has this content hash (`sha256:<hex>`,
+    /// as list_sources shows it).
+    pub file_hash: Option<String>,
     /// Accept a location no target agent has reported yet (code that has not run).
     pub allow_pending: bool,
 }
@@ -72,6 +78,12 @@ pub struct LogRequest {
     pub expire_seconds: Option<u64>,
     /// Stop after this many lines.
     pub max_lines: Option<u64>,
+    /// Run only on agents whose service version or build (git commit, or a prefix of
+    /// at least 7 characters) is this.
+    pub expected_version: Option<String>,
+    /// Run only on agents whose copy of `file` has this content hash (`sha256:<hex>`,
+    /// as list_sources shows it).
+    pub file_hash: Option<String>,
     /// Accept a location no agent has reported yet.
     pub allow_pending: bool,
 }
@@ -103,6 +115,12 @@ pub struct MetricRequest {
     pub condition: Option<String>,
     /// Seconds the action stays live (default 3600, max 86400).
     pub expire_seconds: Option<u64>,
+    /// Run only on agents whose service version or build (git commit, or a prefix of
+    /// at least 7 characters) is this.
+    pub expected_version: Option<String>,
+    /// Run only on agents whose copy of `file` has this content hash (`sha256:<hex>`,
+    /// as list_sources shows it).
+    pub file_hash: Option<String>,
     /// Accept a location no agent has reported yet.
     pub allow_pending: bool,
 }
@@ -190,6 +208,36 @@ pub fn check_expressions(spec: &ActionSpec) -> Result<(), ApiError> {
     })))
 }
 
+/// The code a placement expects (`expected_version`, `file_hash`), checked: printable,
+/// bounded, a hash as `sha256:` and 64 hex digits (or the digits alone).
+fn expectation(version: Option<&str>, file_hash: Option<&str>) -> Result<Option<CodeExpectation>, ApiError> {
+    let version = version.map(str::trim).filter(|v| !v.is_empty());
+    let file_hash = file_hash.map(str::trim).filter(|h| !h.is_empty());
+    if let Some(v) = version
+        && (v.len() > 128 || v.chars().any(char::is_control))
+    {
+        return Err(ApiError::invalid("expected_version must be at most 128 bytes of printable text"));
+    }
+    let file_hash = match file_hash {
+        None => None,
+        Some(h) => {
+            let hex = h.strip_prefix("sha256:").unwrap_or(h);
+            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(ApiError::invalid(format!(
+                    "file_hash `{}` must be `sha256:` and 64 hex digits, as list_sources shows it (or `sha256sum` \
+                     prints it)",
+                    truncate(h)
+                )));
+            }
+            Some(format!("sha256:{}", hex.to_ascii_lowercase()))
+        }
+    };
+    if version.is_none() && file_hash.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(CodeExpectation { version: version.map(str::to_owned), file_hash }))
+}
+
 /// The spec every kind shares (a fresh id, the location, the condition, the expiry),
 /// checked, with its expressions parsed.
 fn spec(
@@ -204,7 +252,7 @@ fn spec(
     let location = validate_location(file, line)?;
     let condition = condition.map(str::trim).filter(|c| !c.is_empty()).map(str::to_owned);
     let spec =
-        ActionSpec { id: ActionId::generate(), location, condition, expires_at_ms: now_ms() + expire * 1_000, kind };
+        ActionSpec { id: ActionId::generate(), location, condition, expires_at_ms: now_ms() + expire * 1_000, kind, expect: None };
     check_expressions(&spec)?;
     Ok(spec)
 }
@@ -230,6 +278,7 @@ impl SnapshotRequest {
         let watch: Vec<String> = self.watch.iter().map(|w| w.trim().to_owned()).collect();
         let kind = ActionKind::Snapshot(SnapshotSpec { max_hits, watch, backtrace: self.backtrace });
         let spec = spec(&self.file, self.line, self.condition.as_deref(), self.expire_seconds, kind)?;
+        let spec = ActionSpec { expect: expectation(self.expected_version.as_deref(), self.file_hash.as_deref())?, ..spec };
         Ok((spec, placement(&self.agent_ids, &self.pool, &self.tags, self.allow_pending)))
     }
 }
@@ -274,6 +323,7 @@ impl LogRequest {
         let kind =
             ActionKind::Log(LogSpec { template: self.template.clone(), level, destination, max_lines: self.max_lines });
         let spec = spec(&self.file, self.line, self.condition.as_deref(), self.expire_seconds, kind)?;
+        let spec = ActionSpec { expect: expectation(self.expected_version.as_deref(), self.file_hash.as_deref())?, ..spec };
         Ok((spec, placement(&self.agent_ids, &self.pool, &self.tags, self.allow_pending)))
     }
 }
@@ -318,6 +368,7 @@ impl MetricRequest {
         }
         let kind = ActionKind::Metric(MetricSpec { metric, expression, end_location, report_interval_ms });
         let spec = spec(&self.file, self.line, self.condition.as_deref(), self.expire_seconds, kind)?;
+        let spec = ActionSpec { expect: expectation(self.expected_version.as_deref(), self.file_hash.as_deref())?, ..spec };
         Ok((spec, placement(&self.agent_ids, &self.pool, &self.tags, self.allow_pending)))
     }
 }

@@ -386,6 +386,7 @@ pub(crate) mod tests {
             directory: Arc::new(crate::backend::local::LocalDirectory::new("test")),
             redis: None,
             rule_store: None,
+            safety_store: None,
             started_at_ms: 0,
             scratch: Some(scratch),
             oauth: None,

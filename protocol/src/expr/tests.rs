@@ -669,6 +669,7 @@ fn spec(kind: ActionKind, condition: Option<&str>) -> ActionSpec {
         condition: condition.map(str::to_owned),
         expires_at_ms: 0,
         kind,
+        expect: None,
     }
 }
 
