@@ -20,7 +20,8 @@
 //! | GET | `/redaction` | the organization's redaction rules (`mcp:admin`, `company_admin`) |
 //! | PUT | `/redaction` | replace them: TOML, or JSON with `Content-Type: application/json` (`mcp:admin`, `company_admin`); pushed to the organization's agents |
 //!
-//! Keys, groups, pool assignments and the audit trail are in [`crate::admin`].
+//! Keys, groups, pool assignments and the audit trail are in [`crate::admin`]; the
+//! blocklist and the pause switch in [`crate::safety_api`].
 //!
 //! Each route needs the scope of the MCP tool that does the same thing (agents and
 //! sources: `mcp:agents:read`; placing and removing: `mcp:actions:write`; reading
@@ -41,7 +42,7 @@ use periscope_protocol::limits::action_bounds;
 use serde::Deserialize;
 
 use crate::AppState;
-use crate::auth::{CallCharge, Principal, Role, Scope, require_role, require_scope};
+use crate::auth::{CallCharge, CompanyAdmin, Principal, Scope, require_scope};
 use crate::engine::requests::{check_limit, check_wait_seconds};
 use crate::engine::{ActionFilter, ActionStatus, ActionView, HitsPage, LogRequest, MetricRequest, SnapshotRequest};
 use crate::error::ApiError;
@@ -75,6 +76,7 @@ pub fn router() -> Router<AppState> {
         .route("/pools", get(list_pools.layer(agents())))
         .route("/cluster", get(cluster.layer(from_fn_with_state(Scope::Admin, require_scope))))
         .merge(crate::admin::router())
+        .merge(crate::safety_api::router())
 }
 
 /// The `system_health` answer, shared by the tool and `GET /api/v1/health`: who the
@@ -167,11 +169,7 @@ pub async fn cluster_view(state: &AppState) -> serde_json::Value {
     })
 }
 
-async fn cluster(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
-) -> ApiResult<serde_json::Value> {
-    require_role(&principal, Role::CompanyAdmin, "GET /api/v1/cluster")?;
+async fn cluster(State(state): State<AppState>, CompanyAdmin(_): CompanyAdmin) -> ApiResult<serde_json::Value> {
     Ok(Json(cluster_view(&state).await))
 }
 
@@ -352,19 +350,17 @@ async fn place_action(
 
 async fn get_redaction(
     State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
+    CompanyAdmin(principal): CompanyAdmin,
 ) -> ApiResult<periscope_redaction::RedactionConfig> {
-    require_role(&principal, Role::CompanyAdmin, "GET /api/v1/redaction")?;
     Ok(Json(state.engine.rules.config(principal.org())))
 }
 
 async fn put_redaction(
     State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
+    CompanyAdmin(principal): CompanyAdmin,
     headers: axum::http::HeaderMap,
     body: String,
 ) -> ApiResult<periscope_redaction::RedactionConfig> {
-    require_role(&principal, Role::CompanyAdmin, "PUT /api/v1/redaction")?;
     // An empty document parses as the defaults: it would silently drop every custom
     // rule and exclusion the organization has. Replacing rules takes a document.
     if body.trim().is_empty() {

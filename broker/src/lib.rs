@@ -59,6 +59,7 @@ pub mod quota;
 pub mod registry;
 pub mod rules;
 pub mod safety;
+pub mod safety_api;
 pub mod store;
 pub mod telemetry;
 pub mod time;

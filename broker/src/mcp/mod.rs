@@ -48,6 +48,7 @@ mod prompts;
 pub mod proxy;
 mod render;
 mod reply;
+mod safety;
 mod schemas;
 pub mod session;
 pub mod sessions;
@@ -67,7 +68,7 @@ use rmcp::{RoleServer, ServerHandler, prompt_handler, tool_handler};
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
-use crate::auth::{CallCharge, Principal, Scope, authorize};
+use crate::auth::{CallCharge, Principal, Role, Scope, authorize, require_role};
 use crate::error::{ApiError, ErrorCode};
 
 /// What the server tells a client about itself when it connects; a model reads it
@@ -103,7 +104,8 @@ impl PeriscopeMcp {
             + Self::agents_router()
             + Self::actions_router()
             + Self::kill_router()
-            + Self::admin_router();
+            + Self::admin_router()
+            + Self::safety_router();
         PeriscopeMcp {
             state,
             tool_router: Arc::new(tools),
@@ -136,6 +138,9 @@ impl PeriscopeMcp {
             )
         })?;
         authorize(&principal, scope, tool)?;
+        if let Some((_, role)) = TOOL_ROLES.iter().find(|(t, _)| *t == tool) {
+            require_role(&principal, *role, tool)?;
+        }
         if let Some(CallCharge(Err(e))) = parts.and_then(|p| p.extensions.get::<CallCharge>()) {
             return Err(e.clone());
         }
@@ -164,6 +169,20 @@ pub const TOOL_SCOPES: &[(&str, Scope)] = &[
     ("remove_action", Scope::ActionsWrite),
     ("remove_all_actions", Scope::ActionsWrite),
     ("query_audit", Scope::Admin),
+    ("pause_actions", Scope::Admin),
+    ("resume_actions", Scope::Admin),
+    ("get_blocklist", Scope::Admin),
+    ("set_blocklist", Scope::Admin),
+];
+
+/// The role a tool needs beyond its scope (tools not listed: any role). `begin` checks
+/// it for every call, so no tool repeats the check in its body.
+pub const TOOL_ROLES: &[(&str, Role)] = &[
+    ("query_audit", Role::CompanyAdmin),
+    ("pause_actions", Role::CompanyAdmin),
+    ("resume_actions", Role::CompanyAdmin),
+    ("get_blocklist", Role::CompanyAdmin),
+    ("set_blocklist", Role::CompanyAdmin),
 ];
 
 /// The scope a tool needs (`None` for a tool this server does not have).
