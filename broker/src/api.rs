@@ -183,7 +183,7 @@ async fn health(
 
 async fn list_pools(State(state): State<AppState>, Extension(principal): Extension<Principal>) -> Json<Page<PoolView>> {
     let items = query::list_pools(&state.registry, &principal);
-    Json(Page { total: items.len(), has_more: false, next_cursor: None, items })
+    Json(Page { total: items.len(), has_more: false, next_cursor: None, items, versions: None })
 }
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
