@@ -4,7 +4,7 @@
 //! A Rust program carries no source, only the paths `file!()` recorded at compile time
 //! (relative to the workspace that built it, or absolute). The agent hashes a file when
 //! it can read it at run time, under `PERISCOPE_SOURCE_ROOT` when set, else relative to
-//! the working directory, and reports no hash otherwise: an action that expects a hash
+//! the working directory (or one of its first ancestors), and reports no hash otherwise: an action that expects a hash
 //! is then refused with "cannot read that file's source" rather than run on code the
 //! agent cannot vouch for. The hash is `sha256:` and the hex digest of the file's bytes,
 //! what `sha256sum` prints, and what the Python agent reports for its files.
@@ -48,16 +48,27 @@ impl SourceHashes {
     }
 
     fn hash(&self, file: &str) -> Option<String> {
-        let path = Path::new(file);
-        let path = match &self.root {
-            Some(root) if path.is_relative() => root.join(path),
-            _ => path.to_path_buf(),
-        };
+        let path = self.resolve(Path::new(file))?;
         if std::fs::metadata(&path).ok()?.len() > MAX_SOURCE_BYTES {
             return None;
         }
         let bytes = std::fs::read(&path).ok()?;
         Some(format!("sha256:{}", hex(&Sha256::digest(&bytes))))
+    }
+
+    /// Where a catalog path is on disk: absolute as it is; relative under
+    /// `PERISCOPE_SOURCE_ROOT`, else under the working directory or one of its first
+    /// few ancestors (a workspace member run from its own directory records paths
+    /// relative to the workspace root).
+    fn resolve(&self, path: &Path) -> Option<PathBuf> {
+        if path.is_absolute() {
+            return Some(path.to_path_buf());
+        }
+        if let Some(root) = &self.root {
+            return Some(root.join(path));
+        }
+        let cwd = std::env::current_dir().ok()?;
+        cwd.ancestors().take(4).map(|dir| dir.join(path)).find(|p| p.is_file())
     }
 }
 

@@ -176,6 +176,10 @@ impl Engine {
     pub async fn ingest_lines(&self, from: &Sender, lines: Vec<LogLine>) -> LinesIngested {
         let now = now_ms();
         let mut out = LinesIngested::default();
+        // Lines in flight when an operator paused the pool are not kept.
+        if self.safety.paused(&from.org, &from.pool).is_some() {
+            return out;
+        }
         // One frame may carry lines of several actions: each action is asked once.
         let mut by_action: HashMap<ActionId, Vec<LogLine>> = HashMap::new();
         for mut line in lines.into_iter().take(periscope_protocol::telemetry::MAX_LOG_LINES_PER_FRAME) {
@@ -264,6 +268,9 @@ impl Engine {
     /// after the removal).
     pub async fn ingest_metrics(&self, from: &Sender, reports: Vec<MetricReport>) -> usize {
         let mut kept = 0;
+        if self.safety.paused(&from.org, &from.pool).is_some() {
+            return kept;
+        }
         for report in reports.into_iter().take(periscope_protocol::telemetry::MAX_METRIC_REPORTS_PER_FRAME) {
             let id = report.action_id.clone();
             match self.actions.merge_metric(&id, from, report).await {
