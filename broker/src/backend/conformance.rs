@@ -32,6 +32,9 @@ pub(crate) struct Backend {
     pub budgets: Arc<dyn crate::quota::Budgets>,
     /// Its agent directory (node `n1`).
     pub directory: Arc<dyn AgentDirectory>,
+    /// Its store of redaction rules, and of safety settings (blocklists, pauses) in
+    /// their own namespace, over the same storage.
+    pub rule_stores: [Arc<dyn crate::backend::RuleStore>; 2],
     /// Whatever must live as long as the test (a server, a stop signal).
     pub _keep: Box<dyn std::any::Any + Send>,
 }
@@ -60,7 +63,8 @@ macro_rules! conformance_suite {
             a_lease_is_taken_over_only_by_the_same_process_with_a_newer_epoch,
             a_budget_allows_its_burst_then_says_when_to_retry,
             budgets_taken_together_stop_at_the_first_spent_one,
-            slots_are_taken_for_the_key_and_its_organization_together_or_not_at_all);
+            slots_are_taken_for_the_key_and_its_organization_together_or_not_at_all,
+            settings_of_each_namespace_are_kept_apart_and_replaced_whole);
     };
     (@tests $make:path; $($name:ident),*) => {
         $(
@@ -581,4 +585,27 @@ pub(crate) async fn slots_are_taken_for_the_key_and_its_organization_together_or
     let past = crate::time::now_ms().saturating_sub(10_000);
     b.budgets.hold("wait:key:d".into(), 1, "wait:org:old".into(), 1, "6".into(), past).await.unwrap().unwrap();
     b.budgets.hold("wait:key:d".into(), 1, "wait:org:old".into(), 1, "7".into(), deadline).await.unwrap().unwrap();
+}
+
+/// Redaction rules and safety settings live side by side: each organization's latest
+/// copy, per namespace, never one read as the other.
+pub(crate) async fn settings_of_each_namespace_are_kept_apart_and_replaced_whole(b: Backend) {
+    let [rules, safety] = &b.rule_stores;
+    rules.save("acme", r#"{"version":1}"#.into()).await.unwrap();
+    safety.save("acme", r#"{"version":1,"pauses":[]}"#.into()).await.unwrap();
+    safety.save("acme", r#"{"version":2,"pauses":[{"by":"ops","at_ms":1}]}"#.into()).await.unwrap();
+    safety.save("globex", r#"{"version":1}"#.into()).await.unwrap();
+    let mut stored = safety.load_all().await.unwrap();
+    stored.sort();
+    assert_eq!(
+        stored,
+        [
+            ("acme".to_owned(), r#"{"version":2,"pauses":[{"by":"ops","at_ms":1}]}"#.to_owned()),
+            ("globex".to_owned(), r#"{"version":1}"#.to_owned())
+        ],
+        "the latest copy per organization"
+    );
+    assert_eq!(rules.load_all().await.unwrap(), [("acme".to_owned(), r#"{"version":1}"#.to_owned())]);
+    let settings: crate::safety::SafetySettings = serde_json::from_str(&stored[0].1).unwrap();
+    assert_eq!(settings.pauses[0].by, "ops");
 }

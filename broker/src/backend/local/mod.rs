@@ -41,6 +41,10 @@ mod conformance {
             keys,
             budgets: Arc::new(crate::quota::LocalBudgets::default()),
             directory: Arc::new(super::LocalDirectory::new("n1")),
+            rule_stores: [
+                Arc::new(super::SqliteRules::new(None, Vec::new())),
+                Arc::new(super::SqliteRules::namespaced(crate::safety::NAMESPACE, None, Vec::new())),
+            ],
             _keep: Box::new(dir),
         }
     }
