@@ -343,6 +343,7 @@ async fn session(
         tags: vec![format!("service:{}", ctx.service.name), "env:load".into()],
         service: ctx.service.name.clone(),
         service_version: "1.0.0".into(),
+        build: String::new(),
         language: "rust".into(),
         runtime: "rustc".into(),
         host: format!("load-{}", index / 50),
@@ -442,7 +443,8 @@ async fn drive(ctx: &AgentCtx, tx: &mut Tx, rx: &mut Rx, heartbeat_ms: u64) -> a
                         }
                     }
                     BrokerMessage::Goodbye { reason } => bail!("the broker said goodbye: {reason}"),
-                    BrokerMessage::Registered(_) => {}
+                    // A simulated agent runs no real code: nothing to fence off.
+                    BrokerMessage::Registered(_) | BrokerMessage::Blocklist { .. } => {}
                 }
             }
             _ = tick.tick(), if busy && !ctx.idle.load(Ordering::Relaxed) => {
