@@ -78,4 +78,3 @@ pub fn client_hit<R: crate::Runtime + ?Sized>(
     hit.enforce_limits(limits);
     hit
 }
-

@@ -138,7 +138,8 @@ impl Guard {
             if let Some(rule) = blocked {
                 return Verdict::Refuse(format!("{}; this agent dropped the action", rule.describe()));
             }
-            let no_capture = self.at(index, &location.file, location.line, |site| first_match(&self.rules, site, false));
+            let no_capture =
+                self.at(index, &location.file, location.line, |site| first_match(&self.rules, site, false));
             if let Some(rule) = no_capture
                 && reads_values(spec)
             {
@@ -199,7 +200,7 @@ mod tests {
             condition: None,
             expires_at_ms: u64::MAX,
             kind: ActionKind::Snapshot(SnapshotSpec { max_hits: 1, watch: Vec::new(), backtrace: false }),
-            expect,
+            expect: expect.map(Box::new),
         }
     }
 
@@ -251,8 +252,11 @@ mod tests {
         };
         let mut index = CodeIndex::default();
         index.learn(&CatalogBatch { entries: vec![entry("src/orders.rs", None)], files: Vec::new() }, true);
-        let mut guard = Guard { rules: vec![rule(Some("shop::orders"), None, BlockEffect::NoActions)], ..Guard::default() };
-        assert!(matches!(guard.verdict(&spec("orders.rs", None), &index), Verdict::Refuse(r) if r.contains("`crypto`")));
+        let mut guard =
+            Guard { rules: vec![rule(Some("shop::orders"), None, BlockEffect::NoActions)], ..Guard::default() };
+        assert!(
+            matches!(guard.verdict(&spec("orders.rs", None), &index), Verdict::Refuse(r) if r.contains("`crypto`"))
+        );
         guard.rules = vec![rule(None, Some("checkout"), BlockEffect::NoCapture)];
         assert_eq!(guard.verdict(&spec("orders.rs", None), &index), Verdict::Run);
         assert!(guard.no_capture(&spec("orders.rs", None), &index));

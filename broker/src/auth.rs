@@ -185,11 +185,10 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for CompanyAdmin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, ApiError> {
-        let principal = parts
-            .extensions
-            .get::<Principal>()
-            .cloned()
-            .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "this request carries no authenticated caller"))?;
+        let principal =
+            parts.extensions.get::<Principal>().cloned().ok_or_else(|| {
+                ApiError::new(ErrorCode::Unauthorized, "this request carries no authenticated caller")
+            })?;
         // The path as the caller sent it (a nested router sees it without its prefix).
         let path = parts.extensions.get::<axum::extract::OriginalUri>().map_or(parts.uri.path(), |u| u.path());
         require_role(&principal, Role::CompanyAdmin, &format!("{} {path}", parts.method))?;

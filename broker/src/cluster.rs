@@ -119,7 +119,9 @@ pub(crate) async fn reload_safety(state: &AppState, org: Option<&str>) {
                 }
                 match serde_json::from_str::<crate::safety::SafetySettings>(&json) {
                     Ok(settings) => state.engine.restore_safety(&o, settings).await,
-                    Err(e) => tracing::warn!(org = %o, error = %e, "ignoring stored safety settings that do not decode"),
+                    Err(e) => {
+                        tracing::warn!(org = %o, error = %e, "ignoring stored safety settings that do not decode")
+                    }
                 }
             }
         }

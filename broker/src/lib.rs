@@ -555,8 +555,7 @@ pub async fn run(
             Wired { engine, audit, directory, redis: Some(redis), rule_store, safety_store }
         }
     };
-    let engine =
-        engine.with_safety(Arc::new(safety::Safety::new(config.blocklist.clone())), safety_store.clone());
+    let engine = engine.with_safety(Arc::new(safety::Safety::new(config.blocklist.clone())), safety_store.clone());
     // Blocklists and pauses outlive a restart.
     match safety_store.load_all().await {
         Ok(stored) => {

@@ -13,8 +13,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use periscope_protocol::blocklist::{BlockRule, MAX_RULES};
 use periscope_protocol::BrokerMessage;
+use periscope_protocol::blocklist::{BlockRule, MAX_RULES};
 use serde::{Deserialize, Serialize};
 
 /// The `RuleStore` namespace safety settings are kept under.
@@ -189,12 +189,27 @@ mod tests {
     #[test]
     fn an_organization_pause_covers_every_pool_and_a_pool_pause_only_its_own() {
         let safety = Safety::default();
-        let pause = |pool: Option<&str>| Pause { pool: pool.map(Into::into), by: "ops".into(), at_ms: 1, reason: String::new() };
-        safety.change::<()>("acme", |s| Ok(s.pauses.push(pause(Some("shop"))))).unwrap();
+        let pause = |pool: Option<&str>| Pause {
+            pool: pool.map(Into::into),
+            by: "ops".into(),
+            at_ms: 1,
+            reason: String::new(),
+        };
+        safety
+            .change::<()>("acme", |s| {
+                s.pauses.push(pause(Some("shop")));
+                Ok(())
+            })
+            .unwrap();
         assert!(safety.paused("acme", "shop").is_some());
         assert!(safety.paused("acme", "billing").is_none());
         assert!(safety.paused("other", "shop").is_none());
-        let s = safety.change::<()>("acme", |s| Ok(s.pauses.push(pause(None)))).unwrap();
+        let s = safety
+            .change::<()>("acme", |s| {
+                s.pauses.push(pause(None));
+                Ok(())
+            })
+            .unwrap();
         assert_eq!(s.version, 2);
         assert!(safety.paused("acme", "billing").unwrap().describe().contains("the organization"));
     }
@@ -202,7 +217,12 @@ mod tests {
     #[test]
     fn agents_get_the_files_rules_and_their_organizations_for_their_pool() {
         let safety = Safety::new(vec![rule("base", None)]);
-        safety.change::<()>("acme", |s| Ok(s.blocklist = vec![rule("shop-only", Some("shop")), rule("all", None)])).unwrap();
+        safety
+            .change::<()>("acme", |s| {
+                s.blocklist = vec![rule("shop-only", Some("shop")), rule("all", None)];
+                Ok(())
+            })
+            .unwrap();
         let BrokerMessage::Blocklist { version, rules } = safety.message("acme", "billing") else { panic!() };
         assert_eq!(version, 1);
         assert_eq!(rules.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["base", "all"]);

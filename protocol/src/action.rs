@@ -75,8 +75,9 @@ pub struct ActionSpec {
     pub kind: ActionKind,
     /// The code the action was written against; an agent running other code refuses
     /// the action (a snapshot on the wrong version of a file is worse than none).
+    /// Boxed: most actions name none, and specs travel in every sync.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expect: Option<CodeExpectation>,
+    pub expect: Option<Box<CodeExpectation>>,
 }
 
 /// Which code an action may run on: a service version (or build), a file's content

@@ -202,8 +202,7 @@ fn file_covers(rule: &str, file: &str) -> bool {
 }
 
 fn module_covers(rule: &str, module: &str) -> bool {
-    module == rule
-        || module.strip_prefix(rule).is_some_and(|rest| rest.starts_with("::") || rest.starts_with('.'))
+    module == rule || module.strip_prefix(rule).is_some_and(|rest| rest.starts_with("::") || rest.starts_with('.'))
 }
 
 fn function_is(rule: &str, name: &str) -> bool {

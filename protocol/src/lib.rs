@@ -32,8 +32,8 @@ pub mod telemetry;
 pub mod value;
 
 pub use action::{
-    ActionKind, ActionSpec, AgentActionState, CodeExpectation, Location, LogDestination, LogLevel, LogSpec, MetricKind, MetricSpec,
-    PauseReason, SnapshotSpec,
+    ActionKind, ActionSpec, AgentActionState, CodeExpectation, Location, LogDestination, LogLevel, LogSpec, MetricKind,
+    MetricSpec, PauseReason, SnapshotSpec,
 };
 pub use blocklist::{BlockEffect, BlockRule};
 pub use catalog::{CatalogEntry, FileLines, FunctionLine, LineSet, LocationKind};

@@ -48,11 +48,17 @@ fn this_file_hash() -> String {
 }
 
 fn agent_state(action: &Value, agent_id: &str) -> (String, String) {
-    let a = action["agents"].as_array().unwrap().iter().find(|a| a["agent_id"] == agent_id).cloned().unwrap_or_default();
+    let a =
+        action["agents"].as_array().unwrap().iter().find(|a| a["agent_id"] == agent_id).cloned().unwrap_or_default();
     (a["state"].as_str().unwrap_or_default().to_owned(), a["detail"].as_str().unwrap_or_default().to_owned())
 }
 
-async fn wait_agent_state(api: &Api, action_id: &str, agent_id: &str, want: &'static [&'static str]) -> (String, String) {
+async fn wait_agent_state(
+    api: &Api,
+    action_id: &str,
+    agent_id: &str,
+    want: &'static [&'static str],
+) -> (String, String) {
     let api = api.clone();
     let (action_id, agent_id) = (action_id.to_owned(), agent_id.to_owned());
     eventually(Duration::from_secs(20), "the agent's state of the action", move || {
@@ -243,9 +249,8 @@ async fn a_no_capture_rule_leaves_hits_without_values() {
     .await;
     assert_eq!(code(&r).as_deref(), Some("blocked"), "{}", text(&r));
     assert!(text(&r).contains("`unseal`"), "{}", text(&r));
-    let snapshot = |pool: &str| {
-        json!({"pool": pool, "file": "it/safety.rs", "line": span, "max_hits": 2, "timeout_seconds": 30})
-    };
+    let snapshot =
+        |pool: &str| json!({"pool": pool, "file": "it/safety.rs", "line": span, "max_hits": 2, "timeout_seconds": 30});
     let r = call(&client, "place_snapshot", snapshot("vault")).await;
     assert_eq!(code(&r), None, "{}", text(&r));
     let hits = body(&r)["hits"].as_array().cloned().unwrap();
@@ -340,7 +345,10 @@ async fn a_pause_through_one_node_holds_the_agents_of_another() {
     let work = workload(&agent, Arc::clone(&stop));
     let line = event_line(&a, 1).await;
     let (status, log) = b
-        .post("/logs", json!({"pool": "vault", "file": "it/safety.rs", "line": line, "template": "x", "max_lines": 1000000}))
+        .post(
+            "/logs",
+            json!({"pool": "vault", "file": "it/safety.rs", "line": line, "template": "x", "max_lines": 1000000}),
+        )
         .await;
     assert_eq!(status, 201, "{log}");
     let id = log["action_id"].as_str().unwrap().to_owned();
@@ -354,8 +362,7 @@ async fn a_pause_through_one_node_holds_the_agents_of_another() {
     eventually(Duration::from_secs(10), "node B refusing placements into the paused pool", move || {
         let b = b2.clone();
         async move {
-            let (status, _) =
-                b.post("/actions", json!({"pool": "vault", "file": "it/safety.rs", "line": line})).await;
+            let (status, _) = b.post("/actions", json!({"pool": "vault", "file": "it/safety.rs", "line": line})).await;
             (status == 409).then_some(())
         }
     })

@@ -48,8 +48,8 @@ pub use model::{
     ActionDrops, ActionFilter, ActionQuotaView, ActionRecord, ActionStatus, ActionView, AgentActionView, AgentState,
     HitsPage, StoredHit, Target,
 };
-pub use safety::{CodeCheck, CodeCheckAgent, PauseOutcome};
 pub use requests::{LogRequest, MAX_MAX_LINES, MetricRequest, SnapshotRequest};
+pub use safety::{CodeCheck, CodeCheckAgent, PauseOutcome};
 
 use crate::audit::{Actor, AuditEntry, AuditKind};
 use crate::audit_repeats::Repeats;

@@ -429,7 +429,7 @@ impl ActionRecord {
             created_by_key: self.created_by_key.clone(),
             redaction_rules_fired: self.rules_fired.clone(),
             quota: None,
-            expect: self.spec.expect.clone(),
+            expect: self.spec.expect.as_deref().cloned(),
             code_check: None,
             paused_by_operator: None,
         }

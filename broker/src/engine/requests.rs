@@ -5,7 +5,8 @@
 
 use periscope_protocol::limits::action_bounds;
 use periscope_protocol::{
-    ActionId, ActionKind, ActionSpec, CodeExpectation, Location, LogDestination, LogLevel, LogSpec, MetricKind, MetricSpec, SnapshotSpec,
+    ActionId, ActionKind, ActionSpec, CodeExpectation, Location, LogDestination, LogLevel, LogSpec, MetricKind,
+    MetricSpec, SnapshotSpec,
 };
 use serde::Deserialize;
 
@@ -251,8 +252,14 @@ fn spec(
     in_range("expire_seconds", expire, 1, action_bounds::MAX_EXPIRE_SECS, action_bounds::DEFAULT_EXPIRE_SECS)?;
     let location = validate_location(file, line)?;
     let condition = condition.map(str::trim).filter(|c| !c.is_empty()).map(str::to_owned);
-    let spec =
-        ActionSpec { id: ActionId::generate(), location, condition, expires_at_ms: now_ms() + expire * 1_000, kind, expect: None };
+    let spec = ActionSpec {
+        id: ActionId::generate(),
+        location,
+        condition,
+        expires_at_ms: now_ms() + expire * 1_000,
+        kind,
+        expect: None,
+    };
     check_expressions(&spec)?;
     Ok(spec)
 }
@@ -278,7 +285,10 @@ impl SnapshotRequest {
         let watch: Vec<String> = self.watch.iter().map(|w| w.trim().to_owned()).collect();
         let kind = ActionKind::Snapshot(SnapshotSpec { max_hits, watch, backtrace: self.backtrace });
         let spec = spec(&self.file, self.line, self.condition.as_deref(), self.expire_seconds, kind)?;
-        let spec = ActionSpec { expect: expectation(self.expected_version.as_deref(), self.file_hash.as_deref())?, ..spec };
+        let spec = ActionSpec {
+            expect: expectation(self.expected_version.as_deref(), self.file_hash.as_deref())?.map(Box::new),
+            ..spec
+        };
         Ok((spec, placement(&self.agent_ids, &self.pool, &self.tags, self.allow_pending)))
     }
 }
@@ -323,7 +333,10 @@ impl LogRequest {
         let kind =
             ActionKind::Log(LogSpec { template: self.template.clone(), level, destination, max_lines: self.max_lines });
         let spec = spec(&self.file, self.line, self.condition.as_deref(), self.expire_seconds, kind)?;
-        let spec = ActionSpec { expect: expectation(self.expected_version.as_deref(), self.file_hash.as_deref())?, ..spec };
+        let spec = ActionSpec {
+            expect: expectation(self.expected_version.as_deref(), self.file_hash.as_deref())?.map(Box::new),
+            ..spec
+        };
         Ok((spec, placement(&self.agent_ids, &self.pool, &self.tags, self.allow_pending)))
     }
 }
@@ -368,7 +381,10 @@ impl MetricRequest {
         }
         let kind = ActionKind::Metric(MetricSpec { metric, expression, end_location, report_interval_ms });
         let spec = spec(&self.file, self.line, self.condition.as_deref(), self.expire_seconds, kind)?;
-        let spec = ActionSpec { expect: expectation(self.expected_version.as_deref(), self.file_hash.as_deref())?, ..spec };
+        let spec = ActionSpec {
+            expect: expectation(self.expected_version.as_deref(), self.file_hash.as_deref())?.map(Box::new),
+            ..spec
+        };
         Ok((spec, placement(&self.agent_ids, &self.pool, &self.tags, self.allow_pending)))
     }
 }

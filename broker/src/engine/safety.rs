@@ -136,7 +136,8 @@ impl Engine {
         self.save_safety(org, &settings).await?;
         let (actions, agents) = self.resync_org(org).await;
         if changed {
-            let what = pool.as_ref().map_or_else(|| "every pause of the organization".to_owned(), |p| format!("pool `{p}`"));
+            let what =
+                pool.as_ref().map_or_else(|| "every pause of the organization".to_owned(), |p| format!("pool `{p}`"));
             let still = settings.pauses.iter().any(|p| p.pool.is_none());
             self.audit(
                 AuditEntry::new(org, caller.actor(), AuditKind::ActionsResumedByOperator)
@@ -201,7 +202,9 @@ impl Engine {
             let paused = self.safety.paused(org, pool).is_some();
             let actions = live
                 .iter()
-                .filter(|a| !paused && a.target.includes_parts(agent, pool, &tags) && a.reach.allows(org, pool, &tenancy))
+                .filter(|a| {
+                    !paused && a.target.includes_parts(agent, pool, &tags) && a.reach.allows(org, pool, &tenancy)
+                })
                 .map(|a| a.spec.clone())
                 .collect();
             self.registry.send(agent, BrokerMessage::ActionSync { actions });
@@ -311,7 +314,8 @@ impl Engine {
             }
         }
         if check.matched == 0 && check.unknown == 0 {
-            let reasons: Vec<String> = check.agents.iter().take(5).map(|a| format!("{}: {}", a.display_name, a.reason)).collect();
+            let reasons: Vec<String> =
+                check.agents.iter().take(5).map(|a| format!("{}: {}", a.display_name, a.reason)).collect();
             return Err(ApiError::new(
                 ErrorCode::NoMatchingAgents,
                 format!(
@@ -343,7 +347,8 @@ fn reported_hash(rec: &AgentRecord, wanted: &str) -> Option<(String, Option<Stri
 /// Runs `check` over the site a location is on an agent, as its catalog describes it.
 fn site_check<R>(rec: &AgentRecord, pool: &str, location: &Location, check: impl Fn(&Site<'_>) -> R) -> R {
     if let Some(f) = rec.files.values().find(|f| location.file_matches(&f.file)) {
-        let functions: Vec<&str> = f.function_around(location.line).map(|func| func.name.as_str()).into_iter().collect();
+        let functions: Vec<&str> =
+            f.function_around(location.line).map(|func| func.name.as_str()).into_iter().collect();
         return check(&Site { pool, file: &f.file, module: f.module.as_deref(), functions: &functions });
     }
     let entries: Vec<_> = rec.catalog.values().filter(|e| location.file_matches(&e.file)).collect();

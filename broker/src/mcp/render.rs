@@ -69,7 +69,9 @@ fn hash_note(s: &SourceView) -> String {
     match (&s.hash, s.other_hashes.len()) {
         (None, _) => String::new(),
         (Some(h), 0) => format!(" hash={}", truncate_chars(h, 19)),
-        (Some(h), n) => format!(" hash={} (and {n} other hash(es): agents run different code here)", truncate_chars(h, 19)),
+        (Some(h), n) => {
+            format!(" hash={} (and {n} other hash(es): agents run different code here)", truncate_chars(h, 19))
+        }
     }
 }
 

@@ -165,8 +165,7 @@ impl PeriscopeMcp {
             .iter()
             .map(|p| p.pool.as_deref().map_or_else(|| "the organization".to_owned(), |x| format!("pool `{x}`")))
             .collect();
-        let text =
-            if still.is_empty() { text } else { format!("{text}\nStill paused: {}.", still.join(", ")) };
+        let text = if still.is_empty() { text } else { format!("{text}\nStill paused: {}.", still.join(", ")) };
         Ok(success(text, serde_json::to_value(&out).unwrap_or_default()))
     }
 

@@ -23,7 +23,11 @@ impl SqliteRules {
     }
 
     /// Other per-organization settings (`namespace`, e.g. `safety`) kept the same way.
-    pub fn namespaced(namespace: &'static str, store: Option<StoreHandle>, loaded: Vec<(String, String)>) -> SqliteRules {
+    pub fn namespaced(
+        namespace: &'static str,
+        store: Option<StoreHandle>,
+        loaded: Vec<(String, String)>,
+    ) -> SqliteRules {
         SqliteRules { store, loaded: std::sync::Mutex::new(loaded), namespace: Some(namespace) }
     }
 
@@ -56,10 +60,7 @@ impl RuleStore for SqliteRules {
 
     fn load_all(&self) -> BackendFuture<'_, Vec<(String, String)>> {
         let loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        let out = loaded
-            .iter()
-            .filter_map(|(k, v)| self.org_of(k).map(|org| (org.to_owned(), v.clone())))
-            .collect();
+        let out = loaded.iter().filter_map(|(k, v)| self.org_of(k).map(|org| (org.to_owned(), v.clone()))).collect();
         std::future::ready(Ok(out)).boxed()
     }
 }
