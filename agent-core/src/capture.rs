@@ -76,6 +76,9 @@ pub fn client_hit<R: crate::Runtime + ?Sized>(
 ) -> Hit {
     let mut hit = runtime.build_hit(raw, &redaction_limits(limits));
     hit.call = raw.call;
+    if raw.action.no_capture.load(std::sync::atomic::Ordering::Relaxed) {
+        hit.strip_values();
+    }
     redactor.redact_hit(&mut hit);
     hit.enforce_limits(limits);
     hit

@@ -48,6 +48,9 @@ pub struct AgentConfig {
     pub service: String,
     /// Service build or release version.
     pub service_version: String,
+    /// The build the service runs (a git commit), empty when unknown. Actions placed
+    /// with an `expected_version` run only where it (or `service_version`) matches.
+    pub build: String,
     /// Name shown to users; defaults to `service@host#pid`.
     pub display_name: Option<String>,
     /// Hits waiting to be sent; when full, new hits are dropped and counted.
@@ -72,6 +75,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("tags", &self.tags)
             .field("service", &self.service)
             .field("service_version", &self.service_version)
+            .field("build", &self.build)
             .field("display_name", &self.display_name)
             .field("queue_capacity", &self.queue_capacity)
             .field("reconnect_initial", &self.reconnect_initial)
@@ -158,6 +162,7 @@ impl AgentConfig {
         for (setting, value) in [
             ("display_name", self.display_name.as_deref().unwrap_or_default()),
             ("service_version", self.service_version.as_str()),
+            ("build", self.build.as_str()),
         ] {
             if value.len() > registration_bounds::MAX_NAME_LEN || value.chars().any(char::is_control) {
                 return Err(ConfigError::Invalid {
@@ -203,6 +208,20 @@ impl Launch for () {
     }
 }
 
+/// Environment variables an agent reads its build (git commit) from, first set wins:
+/// Periscope's own, then what common CI systems and platforms set (Jenkins, Heroku,
+/// GitHub Actions, GitLab CI, Cloud Build, Vercel, Render).
+pub const BUILD_ENV_VARS: &[&str] = &[
+    "PERISCOPE_BUILD",
+    "GIT_COMMIT",
+    "SOURCE_VERSION",
+    "GITHUB_SHA",
+    "CI_COMMIT_SHA",
+    "COMMIT_SHA",
+    "VERCEL_GIT_COMMIT_SHA",
+    "RENDER_GIT_COMMIT",
+];
+
 /// Builds an agent: set what you know in code, let the environment fill the rest with
 /// [`AgentBuilder::env_defaults`], then [`AgentBuilder::start`] it. `L` is the adapter
 /// that starts it.
@@ -213,6 +232,7 @@ pub struct AgentBuilder<L = ()> {
     tags: Option<Vec<String>>,
     service: Option<String>,
     service_version: Option<String>,
+    build: Option<String>,
     display_name: Option<String>,
     queue_capacity: Option<usize>,
     reconnect_initial: Option<Duration>,
@@ -232,6 +252,7 @@ impl<L> Default for AgentBuilder<L> {
             tags: None,
             service: None,
             service_version: None,
+            build: None,
             display_name: None,
             queue_capacity: None,
             reconnect_initial: None,
@@ -253,6 +274,7 @@ impl<L> Clone for AgentBuilder<L> {
             tags: self.tags.clone(),
             service: self.service.clone(),
             service_version: self.service_version.clone(),
+            build: self.build.clone(),
             display_name: self.display_name.clone(),
             queue_capacity: self.queue_capacity,
             reconnect_initial: self.reconnect_initial,
@@ -323,6 +345,15 @@ impl<L> AgentBuilder<L> {
         self
     }
 
+    /// The build the service runs, usually the git commit it was built from (default:
+    /// `PERISCOPE_BUILD`, else the first of the CI variables in [`BUILD_ENV_VARS`]
+    /// that is set). A host that knows its commit at compile time passes it here, e.g.
+    /// `.build_commit(option_env!("GIT_COMMIT").unwrap_or_default())`.
+    pub fn build_commit(mut self, build: impl Into<String>) -> Self {
+        self.build = Some(build.into());
+        self
+    }
+
     /// Display name (default `service@host#pid`).
     pub fn display_name(mut self, name: impl Into<String>) -> Self {
         self.display_name = Some(name.into());
@@ -384,6 +415,9 @@ impl<L> AgentBuilder<L> {
         if self.service_version.is_none() {
             self.service_version = var("PERISCOPE_SERVICE_VERSION");
         }
+        if self.build.is_none() {
+            self.build = BUILD_ENV_VARS.iter().find_map(|name| var(name));
+        }
         if self.display_name.is_none() {
             self.display_name = var("PERISCOPE_DISPLAY_NAME");
         }
@@ -436,6 +470,7 @@ impl<L> AgentBuilder<L> {
             tags: self.tags.unwrap_or_default(),
             service,
             service_version: self.service_version.unwrap_or_default(),
+            build: self.build.unwrap_or_default().trim().to_owned(),
             display_name: self.display_name,
             queue_capacity: self.queue_capacity.unwrap_or(AgentConfig::DEFAULT_QUEUE_CAPACITY),
             reconnect_initial: self.reconnect_initial.unwrap_or(AgentConfig::DEFAULT_RECONNECT_INITIAL),

@@ -25,6 +25,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::capture::{RawHit, client_hit};
 use crate::config::AgentConfig;
+use crate::guard::{CodeIndex, Guard, Verdict};
 use crate::state::{Budgets, Core, Installed};
 use crate::{CatalogBatch, Runtime};
 
@@ -61,6 +62,12 @@ pub(crate) struct Runner<R: Runtime> {
     /// Whether the adapter captures errors (its capabilities say `capture_errors`);
     /// error-capture actions are answered `unsupported` otherwise.
     error_capture: bool,
+    /// The version and blocklist checks, and what they read.
+    guard: Guard,
+    /// The agent's own code, from the catalog it published.
+    index: CodeIndex,
+    /// What the guard made of each action at the last install.
+    verdicts: HashMap<ActionId, Verdict>,
 }
 
 impl<R: Runtime> Runner<R> {
@@ -75,7 +82,6 @@ impl<R: Runtime> Runner<R> {
         let error_capture = runtime.identity().capabilities.iter().any(|c| c == "capture_errors");
         Runner {
             error_capture,
-            config,
             agent_id,
             runtime,
             shared,
@@ -86,6 +92,15 @@ impl<R: Runtime> Runner<R> {
             budgets: Arc::new(Budgets::new(Default::default())),
             heartbeat: Duration::from_secs(30),
             next_url: 0,
+            guard: Guard {
+                service_version: config.service_version.clone(),
+                build: config.build.clone(),
+                pool: config.pool.clone(),
+                ..Guard::default()
+            },
+            index: CodeIndex::default(),
+            verdicts: HashMap::new(),
+            config,
         }
     }
 
@@ -174,7 +189,7 @@ impl<R: Runtime> Runner<R> {
         self.heartbeat = Duration::from_millis(registered.heartbeat_interval_ms.clamp(1_000, 300_000));
         // Re-install what we had with the new budgets until the broker's sync arrives.
         self.reinstall().await;
-        for msg in catalog_frames(self.runtime.catalog(true), true) {
+        for msg in self.catalog(true) {
             if let Err(e) = send(&mut socket, &msg).await {
                 return SessionEnd::Retry(e);
             }
@@ -219,7 +234,7 @@ impl<R: Runtime> Runner<R> {
                 }
                 _ = heartbeat.tick() => {
                     let mut msgs = vec![AgentMessage::Heartbeat(self.heartbeat_message())];
-                    msgs.extend(catalog_frames(self.runtime.catalog(false), false));
+                    msgs.extend(self.catalog(false));
                     for msg in msgs {
                         if let Err(e) = send(&mut socket, &msg).await {
                             return SessionEnd::Retry(e);
@@ -331,6 +346,7 @@ impl<R: Runtime> Runner<R> {
             tags: self.config.tags.clone(),
             service: self.config.service.clone(),
             service_version: self.config.service_version.clone(),
+            build: self.config.build.clone(),
             language: identity.language,
             runtime: identity.runtime,
             host,
@@ -400,6 +416,17 @@ impl<R: Runtime> Runner<R> {
                 }
                 None
             }
+            BrokerMessage::Blocklist { version, rules } => {
+                if version < self.guard.rules_version {
+                    return None;
+                }
+                tracing::info!(target: "periscope_agent", version, rules = rules.len(), "periscope agent received its blocklist");
+                self.guard.rules = rules;
+                self.guard.rules_version = version;
+                // Every action is checked again: one now covered is dropped (and says
+                // why), one no longer covered runs.
+                self.install_and_report(socket, None).await
+            }
             BrokerMessage::Goodbye { reason } => Some(SessionEnd::Retry(format!("broker said goodbye: {reason}"))),
             BrokerMessage::Registered(_) => None,
         }
@@ -413,7 +440,7 @@ impl<R: Runtime> Runner<R> {
             if only.is_some_and(|id| *id != action.spec.id) {
                 continue;
             }
-            let state = status_of(&action, callsites, self.supports(&action));
+            let state = status_of(&action, callsites, self.supports(&action), self.verdicts.get(&action.spec.id));
             let msg = AgentMessage::ActionStatus(ActionStatusUpdate { action_id: action.spec.id.clone(), state });
             if let Err(e) = send(socket, &msg).await {
                 return Some(SessionEnd::Retry(e));
@@ -443,10 +470,20 @@ impl<R: Runtime> Runner<R> {
         // Cleared before the adapter reads its locations: one that appears from here on
         // sets it again and gets its own rebuild.
         self.shared.rebuild_needed.store(false, Ordering::Release);
+        self.verdicts = self
+            .actions
+            .iter()
+            .map(|(id, a)| {
+                a.no_capture.store(self.guard.no_capture(&a.spec, &self.index), Ordering::Relaxed);
+                (id.clone(), self.guard.verdict(&a.spec, &self.index))
+            })
+            .collect();
+        let verdicts = &self.verdicts;
+        let allowed = |a: &Installed| verdicts.get(&a.spec.id).is_none_or(|v| *v == Verdict::Run);
         let runnable: Vec<Arc<Installed>> = self
             .actions
             .values()
-            .filter(|a| !a.done.load(Ordering::Relaxed) && a.runnable() && self.supports(a))
+            .filter(|a| !a.done.load(Ordering::Relaxed) && a.runnable() && allowed(a) && self.supports(a))
             .cloned()
             .collect();
         // Installing may take locks the host's threads take too (tracing's callsite
@@ -460,7 +497,7 @@ impl<R: Runtime> Runner<R> {
         let mut matched = installed.unwrap_or_default();
         // Report every action, including the ones not installed (for their error status).
         for action in self.actions.values() {
-            let reported_later = deferred && action.runnable() && self.supports(action);
+            let reported_later = deferred && action.runnable() && allowed(action) && self.supports(action);
             if !reported_later && !matched.iter().any(|(a, _)| a.spec.id == action.spec.id) {
                 matched.push((Arc::clone(action), 0));
             }
@@ -495,10 +532,36 @@ impl<R: Runtime> Runner<R> {
                 }
             }
         }
-        for msg in catalog_frames(self.runtime.catalog(false), false) {
+        for msg in self.catalog(false) {
             send(socket, &msg).await?;
         }
+        if self.waiting_on_code()
+            && let Some(end) = self.install_and_report(socket, None).await
+        {
+            return Err(match end {
+                SessionEnd::Retry(e) | SessionEnd::Refused(e) => e,
+                SessionEnd::Shutdown => "shutting down".to_owned(),
+            });
+        }
         Ok(())
+    }
+
+    /// The adapter's catalog changes as frames, learned first (file hashes, modules,
+    /// functions) for the guard's checks.
+    fn catalog(&mut self, full: bool) -> Vec<AgentMessage> {
+        let batch = self.runtime.catalog(full);
+        if self.index.learn(&batch, full) && self.verdicts.values().any(|v| *v == Verdict::Wait) {
+            // An action waiting on a file's hash is checked again now.
+            self.shared.rebuild_needed.store(true, Ordering::Release);
+            self.shared.wake.notify_one();
+        }
+        catalog_frames(batch, full)
+    }
+
+    /// Whether an action waits on code the agent has not seen and the catalog since
+    /// grew (`rebuild_needed` set by [`Runner::catalog`]).
+    fn waiting_on_code(&self) -> bool {
+        self.shared.rebuild_needed.load(Ordering::Acquire) && self.verdicts.values().any(|v| *v == Verdict::Wait)
     }
 
     /// Drops actions that completed or expired locally.
@@ -771,7 +834,10 @@ async fn report_eval_error(
 }
 
 /// What to report for an action after installing it.
-fn status_of(action: &Installed, callsites: u32, supported: bool) -> AgentActionState {
+fn status_of(action: &Installed, callsites: u32, supported: bool, verdict: Option<&Verdict>) -> AgentActionState {
+    if let Some(Verdict::Refuse(reason)) = verdict {
+        return AgentActionState::Error { reason: reason.clone() };
+    }
     if let Some(e) = &action.compile_error {
         return AgentActionState::Error { reason: format!("this agent cannot run the action: {e}") };
     }

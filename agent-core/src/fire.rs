@@ -420,6 +420,7 @@ mod tests {
             expires_at_ms: u64::MAX,
             kind: ActionKind::Snapshot(SnapshotSpec { max_hits: 1, watch: Vec::new(), backtrace: false }),
             function: Some(Box::new(FunctionTarget::parse("checkout"))),
+            expect: None,
         };
         Installed::new(spec, &AgentQuotas::default())
     }

@@ -22,6 +22,7 @@
 //! - [`fire`]: what happens when a location with actions runs.
 //! - [`errors`]: capture on error (groups, rates, budget, counts) and [`errors::fire_error`].
 //! - [`capture`]: [`RawHit`], [`client_value`], [`client_hit`].
+//! - [`guard`]: the code version, file hash and blocklist checks before an action runs.
 //! - [`budget`]: lock-free rate and CPU budgets.
 //! - `connection`: the agent thread (WebSocket session, sync, backoff).
 //! - `tls`: rustls for `wss://` brokers (public roots plus an optional private CA).
@@ -37,6 +38,7 @@ pub mod config;
 mod connection;
 pub mod errors;
 pub mod fire;
+pub mod guard;
 pub mod state;
 mod tls;
 
@@ -47,7 +49,7 @@ use periscope_protocol::{ActionId, AgentId, CaptureLimits, CatalogEntry, FileLin
 use tokio::sync::{mpsc, watch};
 
 pub use capture::{RawHit, client_hit, client_value, redaction_limits};
-pub use config::{AgentBuilder, AgentConfig, ConfigError, Launch};
+pub use config::{AgentBuilder, AgentConfig, BUILD_ENV_VARS, ConfigError, Launch};
 pub use state::{Budgets, Core, Counters, Installed};
 
 /// Who the agent is, beyond its configuration: sent at registration.

@@ -137,6 +137,9 @@ pub struct Installed {
     /// Function probe calls in flight whose entry is held until they end (bounded by
     /// [`MAX_OPEN_CALLS`]).
     pub open_calls: AtomicU32,
+    /// An operator's `no_capture` rule covers the location: hits leave without values
+    /// (set by the agent thread whenever the blocklist changes).
+    pub no_capture: AtomicBool,
     /// The kinds of run-time evaluation error already reported (one bit per
     /// [`periscope_protocol::EvalError::code`]), so each kind is reported once.
     eval_errors_reported: AtomicU32,
@@ -195,6 +198,7 @@ impl Installed {
             exprs,
             compile_error,
             open_calls: AtomicU32::new(0),
+            no_capture: AtomicBool::new(false),
             eval_errors_reported: AtomicU32::new(0),
             spec,
             snapshot,

@@ -80,6 +80,9 @@ fn start(py: Python<'_>, options: &Bound<'_, PyDict>) -> PyResult<String> {
     if let Some(v) = get("service_version")? {
         builder = builder.service_version(v);
     }
+    if let Some(v) = get("build")? {
+        builder = builder.build_commit(v);
+    }
     if let Some(v) = get("display_name")? {
         builder = builder.display_name(v);
     }
@@ -528,6 +531,7 @@ fn install_for_bench(
         expires_at_ms: u64::MAX,
         kind: ActionKind::Snapshot(SnapshotSpec { max_hits: u32::MAX, watch: Vec::new(), backtrace: false }),
         function: None,
+        expect: None,
     };
     let action = Arc::new(Installed::new(spec, &quotas));
     if let Some(e) = &action.compile_error {
@@ -557,6 +561,7 @@ fn install_errors_for_bench() -> PyResult<()> {
         expires_at_ms: u64::MAX,
         kind: ActionKind::CaptureErrors(ErrorCaptureSpec::default()),
         function: None,
+        expect: None,
     };
     let action = Arc::new(Installed::new(spec, &quotas));
     agent.runtime.install(vec![action], Arc::new(Budgets::new(quotas)), CaptureLimits::default());
@@ -588,6 +593,7 @@ fn install_function_for_bench(module: String, qualname: String, min_duration_ms:
         expires_at_ms: u64::MAX,
         kind: ActionKind::Snapshot(SnapshotSpec { max_hits: u32::MAX, watch: Vec::new(), backtrace: false }),
         function: Some(Box::new(function)),
+        expect: None,
     };
     let action = Arc::new(Installed::new(spec, &quotas));
     use periscope_agent_core::Runtime as _;

@@ -58,6 +58,7 @@ mod capture;
 pub mod debug_parse;
 mod layer;
 mod panic;
+mod source_hash;
 mod state;
 
 use std::sync::Arc;
@@ -161,6 +162,7 @@ impl Agent {
             expires_at_ms: u64::MAX,
             kind: ActionKind::Snapshot(SnapshotSpec { max_hits: u32::MAX, watch: Vec::new(), backtrace: false }),
             function: None,
+            expect: None,
         };
         let installed = Arc::new(Installed::new(spec, &quotas));
         self.shared.install(vec![installed], Arc::new(Budgets::new(quotas)), CaptureLimits::default());
@@ -189,6 +191,7 @@ impl Agent {
             expires_at_ms: u64::MAX,
             kind: ActionKind::Snapshot(SnapshotSpec { max_hits: u32::MAX, watch: Vec::new(), backtrace: false }),
             function: Some(Box::new(function)),
+            expect: None,
         };
         let installed = Arc::new(Installed::new(spec, &quotas));
         self.shared.install(vec![installed], Arc::new(Budgets::new(quotas)), CaptureLimits::default());
@@ -208,6 +211,7 @@ impl Agent {
             expires_at_ms: u64::MAX,
             kind: ActionKind::CaptureErrors(ErrorCaptureSpec::default()),
             function: None,
+            expect: None,
         };
         let installed = Arc::new(Installed::new(spec, &quotas));
         self.shared.install(vec![installed], Arc::new(Budgets::new(quotas)), CaptureLimits::default());

@@ -144,6 +144,8 @@ pub(crate) struct Shared {
     /// Whether this agent counts in [`crate::panic::LIVE`] (an error-capture action is
     /// installed).
     errors_live: AtomicBool,
+    /// Content hashes of the catalog's files (agent thread only).
+    source_hashes: crate::source_hash::SourceHashes,
 }
 
 impl std::fmt::Debug for Shared {
@@ -185,6 +187,7 @@ impl Shared {
             catalog: Mutex::new(Catalog::default()),
             dispatches: Mutex::new(Vec::new()),
             errors_live: AtomicBool::new(false),
+            source_hashes: crate::source_hash::SourceHashes::from_env(),
         }
     }
 
@@ -399,6 +402,7 @@ fn entry(k: &Known) -> CatalogEntry {
         level: Some(meta.level().as_str().to_ascii_lowercase()),
         fields: meta.fields().iter().map(|f| f.name().to_owned()).collect(),
         hits: k.hits.load(Ordering::Relaxed),
+        hash: None,
     }
 }
 
@@ -436,7 +440,10 @@ impl Runtime for Shared {
     }
 
     fn catalog(&self, full: bool) -> CatalogBatch {
-        CatalogBatch { entries: self.catalog_updates(full), files: Vec::new() }
+        // Hashed after the catalog's lock is released: reading files takes time.
+        let mut entries = self.catalog_updates(full);
+        self.source_hashes.fill(&mut entries);
+        CatalogBatch { entries, files: Vec::new() }
     }
 
     fn build_hit(&self, raw: &RawHit<Payload>, limits: &CaptureLimits) -> Hit {

@@ -22,7 +22,8 @@
 //! | GET | `/redaction` | the organization's redaction rules (`mcp:admin`, `company_admin`) |
 //! | PUT | `/redaction` | replace them: TOML, or JSON with `Content-Type: application/json` (`mcp:admin`, `company_admin`); pushed to the organization's agents |
 //!
-//! Keys, groups, pool assignments and the audit trail are in [`crate::admin`].
+//! Keys, groups, pool assignments and the audit trail are in [`crate::admin`]; the
+//! blocklist and the pause switch in [`crate::safety_api`].
 //!
 //! Each route needs the scope of the MCP tool that does the same thing (agents and
 //! sources: `mcp:agents:read`; placing and removing: `mcp:actions:write`; reading
@@ -43,7 +44,7 @@ use periscope_protocol::limits::action_bounds;
 use serde::Deserialize;
 
 use crate::AppState;
-use crate::auth::{CallCharge, Principal, Role, Scope, require_role, require_scope};
+use crate::auth::{CallCharge, CompanyAdmin, Principal, Scope, require_scope};
 use crate::engine::requests::{check_limit, check_wait_seconds};
 use crate::engine::{
     ActionFilter, ActionStatus, ActionView, ErrorCaptureRequest, HitsPage, LogRequest, MetricRequest, SnapshotRequest,
@@ -81,6 +82,7 @@ pub fn router() -> Router<AppState> {
         .route("/pools", get(list_pools.layer(agents())))
         .route("/cluster", get(cluster.layer(from_fn_with_state(Scope::Admin, require_scope))))
         .merge(crate::admin::router())
+        .merge(crate::safety_api::router())
 }
 
 /// The `system_health` answer, shared by the tool and `GET /api/v1/health`: who the
@@ -173,11 +175,7 @@ pub async fn cluster_view(state: &AppState) -> serde_json::Value {
     })
 }
 
-async fn cluster(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
-) -> ApiResult<serde_json::Value> {
-    require_role(&principal, Role::CompanyAdmin, "GET /api/v1/cluster")?;
+async fn cluster(State(state): State<AppState>, CompanyAdmin(_): CompanyAdmin) -> ApiResult<serde_json::Value> {
     Ok(Json(cluster_view(&state).await))
 }
 
@@ -191,7 +189,7 @@ async fn health(
 
 async fn list_pools(State(state): State<AppState>, Extension(principal): Extension<Principal>) -> Json<Page<PoolView>> {
     let items = query::list_pools(&state.registry, &principal);
-    Json(Page { total: items.len(), has_more: false, next_cursor: None, items })
+    Json(Page { total: items.len(), has_more: false, next_cursor: None, items, versions: None })
 }
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
@@ -313,6 +311,12 @@ pub struct PlaceBody {
     /// Accept a location no agent has reported yet.
     #[serde(default)]
     pub allow_pending: bool,
+    /// Run only on agents running this service version or build.
+    #[serde(default)]
+    pub expected_version: Option<String>,
+    /// Run only where the file has this content hash (`sha256:<hex>`).
+    #[serde(default)]
+    pub file_hash: Option<String>,
 }
 
 fn snapshot_kind() -> String {
@@ -349,6 +353,8 @@ async fn place_action(
         expire_seconds: body.expire_seconds,
         backtrace: body.backtrace,
         allow_pending: body.allow_pending,
+        expected_version: body.expected_version,
+        file_hash: body.file_hash,
     };
     let view = state.engine.place_snapshot(req, &principal).await?;
     Ok((axum::http::StatusCode::CREATED, Json(view)))
@@ -356,19 +362,17 @@ async fn place_action(
 
 async fn get_redaction(
     State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
+    CompanyAdmin(principal): CompanyAdmin,
 ) -> ApiResult<periscope_redaction::RedactionConfig> {
-    require_role(&principal, Role::CompanyAdmin, "GET /api/v1/redaction")?;
     Ok(Json(state.engine.rules.config(principal.org())))
 }
 
 async fn put_redaction(
     State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
+    CompanyAdmin(principal): CompanyAdmin,
     headers: axum::http::HeaderMap,
     body: String,
 ) -> ApiResult<periscope_redaction::RedactionConfig> {
-    require_role(&principal, Role::CompanyAdmin, "PUT /api/v1/redaction")?;
     // An empty document parses as the defaults: it would silently drop every custom
     // rule and exclusion the organization has. Replacing rules takes a document.
     if body.trim().is_empty() {

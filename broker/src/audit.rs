@@ -149,11 +149,20 @@ pub enum AuditKind {
     /// A grant was revoked (by its client, by an administrator, or by replay of a rotated
     /// refresh token or of a used code).
     OauthGrantRevoked,
+    /// An organization's blocklist (where no action may run or no value be captured)
+    /// was replaced.
+    BlocklistChanged,
+    /// A company administrator paused every action of a pool or of the organization.
+    ActionsPausedByOperator,
+    /// A company administrator resumed them.
+    ActionsResumedByOperator,
+    /// A placement was refused by a blocklist rule.
+    PlacementBlocked,
 }
 
 impl AuditKind {
     /// Every kind, for error messages.
-    pub const ALL: [AuditKind; 22] = [
+    pub const ALL: [AuditKind; 26] = [
         AuditKind::ActionPlaced,
         AuditKind::ActionRemoved,
         AuditKind::ActionCompleted,
@@ -176,6 +185,10 @@ impl AuditKind {
         AuditKind::OauthClientRegistered,
         AuditKind::OauthClientAuthorized,
         AuditKind::OauthGrantRevoked,
+        AuditKind::BlocklistChanged,
+        AuditKind::ActionsPausedByOperator,
+        AuditKind::ActionsResumedByOperator,
+        AuditKind::PlacementBlocked,
     ];
 
     /// The stable name.
@@ -203,6 +216,10 @@ impl AuditKind {
             AuditKind::OauthClientRegistered => "oauth_client_registered",
             AuditKind::OauthClientAuthorized => "oauth_client_authorized",
             AuditKind::OauthGrantRevoked => "oauth_grant_revoked",
+            AuditKind::BlocklistChanged => "blocklist_changed",
+            AuditKind::ActionsPausedByOperator => "actions_paused_by_operator",
+            AuditKind::ActionsResumedByOperator => "actions_resumed_by_operator",
+            AuditKind::PlacementBlocked => "placement_blocked",
         }
     }
 

@@ -174,6 +174,28 @@ pub fn require_role(principal: &Principal, role: Role, what: &str) -> Result<(),
     })))
 }
 
+/// The authenticated caller of a REST route, when a company administrator holding
+/// `mcp:admin`; any other caller is answered 403 `insufficient_scope` naming the role,
+/// before the handler runs. A handler asks for it as an argument instead of repeating
+/// the check in its body.
+#[derive(Debug, Clone)]
+pub struct CompanyAdmin(pub Principal);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for CompanyAdmin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, ApiError> {
+        let principal =
+            parts.extensions.get::<Principal>().cloned().ok_or_else(|| {
+                ApiError::new(ErrorCode::Unauthorized, "this request carries no authenticated caller")
+            })?;
+        // The path as the caller sent it (a nested router sees it without its prefix).
+        let path = parts.extensions.get::<axum::extract::OriginalUri>().map_or(parts.uri.path(), |u| u.path());
+        require_role(&principal, Role::CompanyAdmin, &format!("{} {path}", parts.method))?;
+        Ok(CompanyAdmin(principal))
+    }
+}
+
 /// Middleware for one REST route: answers 403 `insufficient_scope` unless the
 /// authenticated principal holds the route's scope (the state).
 pub async fn require_scope(State(scope): State<Scope>, req: Request, next: Next) -> Response {

@@ -457,6 +457,7 @@ mod tests {
             module: Some("shop::orders".into()),
             level: Some("info".into()),
             fields: vec!["user_id".into(), "amount".into()],
+            hash: None,
             hits,
         }
     }

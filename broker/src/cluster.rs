@@ -61,6 +61,7 @@ async fn listen(state: AppState) {
                 state.registry.deliver(&agent, msg);
             }
             ClusterEvent::Rules(org) => reload_rules(&state, Some(&org)).await,
+            ClusterEvent::Safety(org) => reload_safety(&state, Some(&org)).await,
             ClusterEvent::Keys => {
                 if let Err(e) = state.keys.refresh().await {
                     tracing::warn!(error = %e, "cannot read the key directory");
@@ -102,7 +103,30 @@ async fn resync(state: &AppState) {
         Err(e) => tracing::debug!(error = %e, "cannot read the agent directory"),
     }
     reload_rules(state, None).await;
+    reload_safety(state, None).await;
     let _ = state.keys.refresh().await;
+}
+
+/// Takes an organization's blocklist and pauses (or every organization's) from the
+/// store; what changed reaches the agents held here (a pause as their action sync).
+pub(crate) async fn reload_safety(state: &AppState, org: Option<&str>) {
+    let Some(store) = &state.safety_store else { return };
+    match store.load_all().await {
+        Ok(all) => {
+            for (o, json) in all {
+                if org.is_some_and(|want| want != o) {
+                    continue;
+                }
+                match serde_json::from_str::<crate::safety::SafetySettings>(&json) {
+                    Ok(settings) => state.engine.restore_safety(&o, settings).await,
+                    Err(e) => {
+                        tracing::warn!(org = %o, error = %e, "ignoring stored safety settings that do not decode")
+                    }
+                }
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "cannot read the safety settings"),
+    }
 }
 
 /// Takes an organization's rules (or every organization's) from the rule store, and

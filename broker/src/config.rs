@@ -385,6 +385,10 @@ pub struct BrokerConfig {
     pub cluster: ClusterSettings,
     /// Sign-in of people through OAuth clients (the broker as authorization server).
     pub oauth: crate::oauth::OAuthSettings,
+    /// `[[blocklist]]`: where no action may run, or no value be captured, in every
+    /// organization (each organization adds its own through the admin API).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub blocklist: Vec<periscope_protocol::BlockRule>,
 }
 
 /// `[cluster]`: run this broker as one node of several that share their state in one
@@ -448,6 +452,7 @@ impl Default for BrokerConfig {
             redaction: periscope_redaction::RedactionConfig::default(),
             cluster: ClusterSettings::default(),
             oauth: crate::oauth::OAuthSettings::default(),
+            blocklist: Vec::new(),
         }
     }
 }
@@ -469,6 +474,8 @@ impl BrokerConfig {
 
     /// Checks ranges and consistency.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        crate::safety::validate_rules(&self.blocklist)
+            .map_err(|message| ConfigError::Invalid { key: "blocklist".into(), message })?;
         self.limits
             .validate()
             .map_err(|e| ConfigError::Invalid { key: format!("limits.{}", e.name), message: e.to_string() })?;

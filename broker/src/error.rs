@@ -37,6 +37,11 @@ pub enum ErrorCode {
     NotAvailable,
     /// Something broke inside the broker.
     Internal,
+    /// An operator's blocklist rule forbids the action there (the rule is named).
+    Blocked,
+    /// A company administrator paused the pool or organization; placements wait until
+    /// they resume it.
+    Paused,
 }
 
 impl ErrorCode {
@@ -54,6 +59,8 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::NotAvailable => "not_available",
             ErrorCode::Internal => "internal",
+            ErrorCode::Blocked => "blocked",
+            ErrorCode::Paused => "paused",
         }
     }
 
@@ -69,6 +76,8 @@ impl ErrorCode {
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorCode::NotAvailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Blocked => StatusCode::FORBIDDEN,
+            ErrorCode::Paused => StatusCode::CONFLICT,
         }
     }
 }

@@ -376,10 +376,12 @@ async fn session(state: AppState, mut socket: WebSocket, credentials: AgentCrede
     });
     let actions = state.engine.on_agent_registered(&agent_id).await;
     let rules = state.engine.rules.message(&credentials.org);
+    let blocklist = state.engine.safety.message(&credentials.org, &pool);
     let sender =
         Sender { id: agent_id.clone(), name: name.clone(), org: credentials.org.clone(), pool: pool.clone(), epoch: 0 };
     let reason = if send(&mut socket, &registered).await
         && send(&mut socket, &rules).await
+        && send(&mut socket, &blocklist).await
         && send(&mut socket, &BrokerMessage::ActionSync { actions }).await
     {
         run(&state, &mut socket, &sender, &credentials, rx, &mut budget).await

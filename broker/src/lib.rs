@@ -59,6 +59,8 @@ pub mod query;
 pub mod quota;
 pub mod registry;
 pub mod rules;
+pub mod safety;
+pub mod safety_api;
 pub mod store;
 pub mod telemetry;
 pub mod time;
@@ -121,6 +123,8 @@ pub struct BrokerState {
     pub redis: Option<backend::redis::Redis>,
     /// Where organizations' redaction rules changed at run time are kept.
     pub rule_store: Option<Arc<dyn backend::RuleStore>>,
+    /// Where organizations' blocklists and pauses are kept (`safety` namespace).
+    pub safety_store: Option<Arc<dyn backend::RuleStore>>,
     /// When this node started (Unix ms).
     pub started_at_ms: u64,
     /// The scratch directory of a broker without `--data-dir` (removed when dropped).
@@ -545,13 +549,18 @@ pub async fn run(
     .with_keys(Arc::clone(&keys))
     .with_ingest(config.ingest.clone())
     .with_org_quotas(config.org_quotas.resolve(&config.callers));
-    let Wired { engine, audit, directory, redis, rule_store } = match &config.cluster.redis_url {
+    let Wired { engine, audit, directory, redis, rule_store, safety_store } = match &config.cluster.redis_url {
         None => {
             let audit = Arc::new(backend::local::SqliteAudit::new(store.handle(), dir.clone()));
             let rule_store = Arc::new(backend::local::SqliteRules::new(Some(store.handle()), loaded.settings.clone()));
+            let safety_store = Arc::new(backend::local::SqliteRules::namespaced(
+                safety::NAMESPACE,
+                Some(store.handle()),
+                loaded.settings.clone(),
+            ));
             let engine = engine.with_store(&store, dir.clone(), loaded, config.store.max_ended_actions_per_org)?;
             let directory = Arc::new(backend::local::LocalDirectory::new(node_name.clone()));
-            Wired { engine, audit, directory, redis: None, rule_store }
+            Wired { engine, audit, directory, redis: None, rule_store, safety_store }
         }
         Some(url) => {
             let redis = backend::redis::Redis::connect(url, &config.cluster.key_prefix)
@@ -560,6 +569,8 @@ pub async fn run(
             tracing::info!(node = %node_name, redis = %backend::redis::redact_url(url), "cluster node");
             let audit = Arc::new(backend::redis::RedisAudit::start(redis.clone()));
             let rule_store = Arc::new(backend::redis::RedisRules::new(redis.clone(), node_name.clone()));
+            let safety_store =
+                Arc::new(backend::redis::RedisRules::namespaced(safety::NAMESPACE, redis.clone(), node_name.clone()));
             let engine = engine
                 .with_backend(
                     Arc::new(backend::redis::RedisActions::new(redis.clone(), config.store.max_ended_actions_per_org)),
@@ -569,9 +580,24 @@ pub async fn run(
                 .with_rule_store(rule_store.clone())
                 .with_errors(Arc::new(backend::redis::RedisErrors::new(redis.clone())));
             let directory = backend::redis::RedisDirectory::start(redis.clone(), node_name.clone(), stop_rx.clone());
-            Wired { engine, audit, directory, redis: Some(redis), rule_store }
+            Wired { engine, audit, directory, redis: Some(redis), rule_store, safety_store }
         }
     };
+    let engine = engine.with_safety(Arc::new(safety::Safety::new(config.blocklist.clone())), safety_store.clone());
+    // Blocklists and pauses outlive a restart.
+    match safety_store.load_all().await {
+        Ok(stored) => {
+            for (org, json) in stored {
+                match serde_json::from_str::<safety::SafetySettings>(&json) {
+                    Ok(settings) => {
+                        engine.safety.restore(&org, settings);
+                    }
+                    Err(e) => tracing::warn!(org, error = %e, "ignoring stored safety settings that do not decode"),
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read the stored safety settings"),
+    }
     // Rules changed at run time outlive a restart unless the file's are newer.
     match rule_store.load_all().await {
         Ok(stored) => {
@@ -623,6 +649,7 @@ pub async fn run(
         directory,
         redis,
         rule_store: Some(rule_store),
+        safety_store: Some(safety_store),
         started_at_ms: time::now_ms(),
         scratch,
         oauth,
@@ -685,6 +712,7 @@ struct Wired {
     directory: Arc<dyn backend::AgentDirectory>,
     redis: Option<backend::redis::Redis>,
     rule_store: Arc<dyn backend::RuleStore>,
+    safety_store: Arc<dyn backend::RuleStore>,
 }
 
 async fn housekeeping(state: AppState) {

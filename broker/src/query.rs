@@ -28,6 +28,51 @@ pub struct Page<T> {
     pub has_more: bool,
     /// How many items match in all.
     pub total: usize,
+    /// `list_agents` only: the code each pool of the matching agents runs (all of them,
+    /// not only this page), so a pool running several versions shows at a glance.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub versions: Option<Vec<PoolVersions>>,
+}
+
+/// The versions one pool runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolVersions {
+    /// The pool.
+    pub pool: String,
+    /// Whether its agents run more than one version or build.
+    pub mixed: bool,
+    /// Each version and build, with how many agents run it.
+    pub versions: Vec<VersionCount>,
+}
+
+/// Agents running one version and build.
+#[derive(Debug, Clone, Serialize)]
+pub struct VersionCount {
+    /// The service version (empty: not reported).
+    pub service_version: String,
+    /// The build (empty: not reported).
+    pub build: String,
+    /// Agents running it.
+    pub agents: usize,
+}
+
+/// The versions summary of `agents`, per pool.
+fn versions_of(agents: &[AgentView]) -> Vec<PoolVersions> {
+    let mut pools: BTreeMap<&str, BTreeMap<(&str, &str), usize>> = BTreeMap::new();
+    for a in agents {
+        *pools.entry(&a.pool).or_default().entry((&a.service_version, &a.build)).or_default() += 1;
+    }
+    pools
+        .into_iter()
+        .map(|(pool, versions)| PoolVersions {
+            pool: pool.to_owned(),
+            mixed: versions.len() > 1,
+            versions: versions
+                .into_iter()
+                .map(|((v, b), n)| VersionCount { service_version: v.to_owned(), build: b.to_owned(), agents: n })
+                .collect(),
+        })
+        .collect()
 }
 
 /// Parses a cursor and a limit.
@@ -49,7 +94,7 @@ fn paginate<T>(items: Vec<T>, offset: usize, limit: usize) -> Page<T> {
     let total = items.len();
     let end = offset.saturating_add(limit).min(total);
     let items: Vec<T> = items.into_iter().skip(offset).take(limit).collect();
-    Page { has_more: end < total, next_cursor: (end < total).then(|| end.to_string()), total, items }
+    Page { has_more: end < total, next_cursor: (end < total).then(|| end.to_string()), total, items, versions: None }
 }
 
 fn truncate(s: &str) -> &str {
@@ -171,7 +216,10 @@ pub fn list_agents(
             &b.agent_id,
         ))
     });
-    Ok(paginate(agents, offset, limit))
+    let versions = versions_of(&agents);
+    let mut page = paginate(agents, offset, limit);
+    page.versions = Some(versions);
+    Ok(page)
 }
 
 /// Filters for listing inspectable locations.
@@ -224,9 +272,13 @@ pub struct SourceView {
     /// where every such line is a location.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lines: Option<String>,
-    /// The file's content hash as the agent loaded it.
+    /// The file's content hash as the agent loaded it (or read it, for Rust).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hash: Option<String>,
+    /// Other content hashes of this file among the agents reporting it: they run
+    /// different code here (up to 5).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub other_hashes: Vec<String>,
     /// Times it fired while observed, summed over agents.
     pub hits: u64,
     /// Agents that report it.
@@ -281,11 +333,13 @@ pub fn list_sources(
                 function: function_name(e.kind, &e.name, e.module.as_deref()),
                 end_line: None,
                 lines: None,
-                hash: None,
+                hash: e.hash.clone(),
+                other_hashes: Vec::new(),
                 hits: 0,
                 agents: 0,
                 agent_ids: Vec::new(),
             });
+            note_hash(view, e.hash.as_ref());
             view.hits += hits;
             view.agents += 1;
             if view.agent_ids.len() < 5 {
@@ -303,11 +357,14 @@ pub fn list_sources(
                     level: None,
                     fields: Vec::new(),
                     hits: 0,
+                    hash: None,
                 };
                 if !source_matches(&e, file.as_deref(), name.as_deref(), text.as_deref()) {
                     continue;
                 }
+                let hash = view.hash.clone();
                 let merged = merged.entry((view.file.clone(), view.line, view.kind, view.name.clone())).or_insert(view);
+                note_hash(merged, hash.as_ref());
                 merged.agents += 1;
                 if merged.agent_ids.len() < 5 {
                     merged.agent_ids.push(a.info.agent_id.clone());
@@ -316,6 +373,17 @@ pub fn list_sources(
         }
     });
     Ok(paginate(merged.into_values().collect(), offset, limit))
+}
+
+/// Records that an agent reports `hash` for a location's file: a hash other than the
+/// first one seen is listed (bounded), so different code shows.
+fn note_hash(view: &mut SourceView, hash: Option<&String>) {
+    let Some(h) = hash else { return };
+    if view.hash.is_none() {
+        view.hash = Some(h.clone());
+    } else if view.hash.as_ref() != Some(h) && !view.other_hashes.contains(h) && view.other_hashes.len() < 5 {
+        view.other_hashes.push(h.clone());
+    }
 }
 
 /// A whole-file catalog entry as sources: the module (every line that holds code, the
@@ -333,6 +401,7 @@ fn file_sources(f: &periscope_protocol::FileLines) -> Vec<SourceView> {
         end_line,
         lines: Some(lines),
         hash: f.hash.clone(),
+        other_hashes: Vec::new(),
         hits: 0,
         agents: 0,
         agent_ids: Vec::new(),

@@ -242,6 +242,9 @@ pub struct AgentView {
     pub service: String,
     /// Service version.
     pub service_version: String,
+    /// The build (git commit) the service runs, when the agent knows it.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub build: String,
     /// Language.
     pub language: String,
     /// Runtime.
@@ -308,6 +311,7 @@ impl AgentRecord {
             tags: i.tags.clone(),
             service: i.service.clone(),
             service_version: i.service_version.clone(),
+            build: i.build.clone(),
             language: i.language.clone(),
             runtime: i.runtime.clone(),
             host: i.host.clone(),

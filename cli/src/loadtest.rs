@@ -224,6 +224,7 @@ fn services(opts: &Options) -> anyhow::Result<Vec<Arc<Service>>> {
                 level: Some("info".into()),
                 fields: vec!["user_id".into(), "order_id".into(), "amount".into(), "status".into()],
                 hits: 0,
+                hash: None,
             })
             .collect();
         let locations =
@@ -371,6 +372,7 @@ async fn session(
         tags: vec![format!("service:{}", ctx.service.name), "env:load".into()],
         service: ctx.service.name.clone(),
         service_version: "1.0.0".into(),
+        build: String::new(),
         language: "rust".into(),
         runtime: "rustc".into(),
         host: format!("load-{}", index / 50),
@@ -499,7 +501,8 @@ async fn drive(ctx: &AgentCtx, tx: &mut Tx, rx: &mut Incoming, heartbeat_ms: u64
                         ctx.stats.closed(&reason);
                         bail!("the broker said goodbye: {reason}");
                     }
-                    BrokerMessage::Registered(_) => {}
+                    // A simulated agent runs no real code: nothing to fence off.
+                    BrokerMessage::Registered(_) | BrokerMessage::Blocklist { .. } => {}
                 }
             }
             _ = tick.tick(), if busy && !ctx.idle.load(Ordering::Relaxed) => {

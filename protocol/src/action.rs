@@ -80,6 +80,75 @@ pub struct ActionSpec {
     /// spec travels inside every `action_add`, most without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub function: Option<Box<FunctionTarget>>,
+    /// The code the action was written against; an agent running other code refuses
+    /// the action (a snapshot on the wrong version of a file is worse than none).
+    /// Boxed: most actions name none, and specs travel in every sync.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect: Option<Box<CodeExpectation>>,
+}
+
+/// Which code an action may run on: a service version (or build), a file's content
+/// hash, or both. Agents compare them with what they run and refuse on a difference.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CodeExpectation {
+    /// The service version or build (git commit) the agent must report. A build given
+    /// as a prefix of at least 7 characters matches the full commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// The content hash (`sha256:<hex>`) the location's file must have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_hash: Option<String>,
+}
+
+impl CodeExpectation {
+    /// Why an agent running `service_version` and `build` may not run the action, or
+    /// `None` when the version matches (or none is expected).
+    pub fn version_mismatch(&self, service_version: &str, build: &str) -> Option<String> {
+        let want = self.version.as_deref()?;
+        if version_matches(want, service_version, build) {
+            return None;
+        }
+        let running = match (service_version.is_empty(), build.is_empty()) {
+            (true, true) => "no version (the agent reports none)".to_owned(),
+            (false, true) => format!("version `{service_version}`"),
+            (true, false) => format!("build `{build}`"),
+            (false, false) => format!("version `{service_version}` build `{build}`"),
+        };
+        Some(format!("code version differs: the action expects `{want}`, this agent runs {running}"))
+    }
+
+    /// Why the file with content hash `actual` (`None`: unknown to the agent) does not
+    /// match, or `None` when it does (or no hash is expected).
+    pub fn hash_mismatch(&self, file: &str, actual: Option<&str>) -> Option<String> {
+        let want = self.file_hash.as_deref()?;
+        match actual {
+            Some(h) if hash_matches(want, h) => None,
+            Some(h) => Some(format!("file hash differs: the action expects `{want}` for {file}, this agent has `{h}`")),
+            None => Some(format!(
+                "file hash unknown: the action expects `{want}` for {file}, and this agent cannot read that file's \
+                 source to hash it"
+            )),
+        }
+    }
+}
+
+/// Whether an expected version names the running code: the service version exactly, or
+/// the build exactly or as a commit prefix of at least 7 characters.
+pub fn version_matches(want: &str, service_version: &str, build: &str) -> bool {
+    let want = want.trim();
+    if want.is_empty() {
+        return true;
+    }
+    (!service_version.is_empty() && want == service_version)
+        || (!build.is_empty() && (want == build || (want.len() >= 7 && build.starts_with(want))))
+}
+
+/// Whether two content hashes are the same; the `sha256:` prefix is optional and hex
+/// digits compare without case.
+pub fn hash_matches(want: &str, actual: &str) -> bool {
+    let strip = |h: &str| h.trim().strip_prefix("sha256:").unwrap_or(h.trim()).to_ascii_lowercase();
+    let w = strip(want);
+    !w.is_empty() && w == strip(actual)
 }
 
 impl ActionSpec {
@@ -488,6 +557,7 @@ mod tests {
             expires_at_ms: 1,
             kind: ActionKind::CaptureErrors(ErrorCaptureSpec::default()),
             function: None,
+            expect: None,
         };
         let text = serde_json::to_string(&spec).unwrap();
         assert!(text.contains(r#""type":"capture_errors""#), "{text}");

@@ -67,6 +67,9 @@ pub struct CatalogEntry {
     /// live on it); zero does not mean it never ran.
     #[serde(default)]
     pub hits: u64,
+    /// Content hash of the file (`sha256:<hex>`), when the agent could read its source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
 }
 
 impl CatalogEntry {
@@ -152,6 +155,7 @@ mod tests {
             level: Some("info".into()),
             fields: (0..1_000).map(|i| format!("f{i}")).collect(),
             hits: 0,
+            hash: None,
         };
         let before = e.footprint();
         assert!(e.sanitize());

@@ -148,6 +148,17 @@ const HIT_ENVELOPE_BYTES: usize = 2 * 1024;
 pub const MAX_FINDINGS_PER_HIT: usize = 256;
 
 impl Hit {
+    /// Takes every captured value out (an operator's `no_capture` rule covers the
+    /// location): what is left says where and when it ran, on which thread, in which
+    /// spans. Agents do it before sending, the broker again on receipt.
+    pub fn strip_values(&mut self) {
+        self.fields.clear();
+        self.watches.clear();
+        for span in &mut self.spans {
+            span.fields.clear();
+        }
+    }
+
     /// Applies capture limits to every value of the hit and keeps the whole under
     /// `max_hit_bytes`. Both agents (before sending) and the broker (on receipt) call
     /// this; it is idempotent, so an honest agent's hit passes the broker unchanged.

@@ -21,6 +21,7 @@
 //! - [`messages`]: [`AgentMessage`], [`BrokerMessage`], framing and protocol errors.
 
 pub mod action;
+pub mod blocklist;
 pub mod catalog;
 pub mod errors;
 pub mod expr;
@@ -32,9 +33,10 @@ pub mod telemetry;
 pub mod value;
 
 pub use action::{
-    ActionKind, ActionSpec, AgentActionState, ErrorCaptureSpec, FunctionTarget, Location, LogDestination, LogLevel,
-    LogSpec, MetricKind, MetricSpec, PauseReason, SnapshotSpec,
+    ActionKind, ActionSpec, AgentActionState, CodeExpectation, ErrorCaptureSpec, FunctionTarget, Location,
+    LogDestination, LogLevel, LogSpec, MetricKind, MetricSpec, PauseReason, SnapshotSpec,
 };
+pub use blocklist::{BlockEffect, BlockRule};
 pub use catalog::{CatalogEntry, FileLines, FunctionLine, LineSet, LocationKind};
 pub use errors::{ErrorCount, ErrorKind, HitError};
 pub use expr::{Budget, EvalError, Expr, ParseError, Scope, SimpleScope, Template};

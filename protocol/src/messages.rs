@@ -127,6 +127,14 @@ pub enum BrokerMessage {
         /// so the protocol crate does not depend on the engine).
         config: serde_json::Value,
     },
+    /// Where no action may run or no value may be captured (sent after registration and
+    /// whenever an operator changes the blocklist). Replaces the previous rules whole.
+    Blocklist {
+        /// Monotonic version of the organization's safety settings.
+        version: u64,
+        /// The rules in force for this agent.
+        rules: Vec<crate::blocklist::BlockRule>,
+    },
     /// Something the agent sent was refused. When `fatal`, the broker closes next.
     Error(ProtocolErrorBody),
     /// The broker is closing on purpose (shutdown); reconnect later.
@@ -166,6 +174,10 @@ pub struct Registration {
     /// Process id.
     #[serde(default)]
     pub pid: u32,
+    /// The build the service runs (a git commit, from `PERISCOPE_BUILD`, common CI
+    /// variables, or set by the host at build time); empty when unknown.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub build: String,
     /// Version of the agent library.
     pub agent_version: String,
     /// What the agent can do (`snapshot`, `log`, `metric`, `conditions`, `backtrace`).
@@ -210,6 +222,7 @@ impl Registration {
             ("runtime", &self.runtime),
             ("host", &self.host),
             ("agent_version", &self.agent_version),
+            ("build", &self.build),
         ] {
             if value.len() > MAX_NAME_LEN || value.chars().any(char::is_control) {
                 return invalid(format!("`{name}` must be at most {MAX_NAME_LEN} bytes of printable text"));
@@ -559,6 +572,7 @@ mod tests {
             module: Some("shop::handlers".into()),
             level: Some("info".into()),
             fields: vec!["user_id".into(), "order_id".into()],
+            hash: None,
             hits: 0,
         };
         let big = FileLines {
@@ -646,6 +660,7 @@ mod tests {
             runtime: "rustc 1.95".into(),
             host: "host".into(),
             pid: 42,
+            build: "abc1234".into(),
             agent_version: "0.1.0".into(),
             capabilities: vec!["snapshot".into()],
         }
@@ -660,6 +675,7 @@ mod tests {
             expires_at_ms: 99,
             kind: ActionKind::Snapshot(SnapshotSpec { max_hits: 1, watch: vec!["a.b".into()], backtrace: false }),
             function: None,
+            expect: None,
         };
         let agent = [
             AgentMessage::Register(Box::new(registration())),

@@ -30,5 +30,6 @@ mod openapi;
 mod quotas;
 mod redaction;
 mod registry;
+mod safety;
 mod telemetry;
 mod tls;

@@ -217,6 +217,10 @@ impl TestAgent {
     }
 
     fn agent_with_key(broker_ws: &str, key: &str, pool: &str, tags: &[&str]) -> periscope_agent::Agent {
+        Self::builder(broker_ws, key, pool, tags).start().expect("agent starts")
+    }
+
+    fn builder(broker_ws: &str, key: &str, pool: &str, tags: &[&str]) -> periscope_agent::AgentBuilder {
         periscope_agent::Agent::builder()
             .broker_url(broker_ws)
             .agent_key(key)
@@ -225,8 +229,27 @@ impl TestAgent {
             .service("it-service")
             .reconnect_initial(Duration::from_millis(100))
             .reconnect_max(Duration::from_millis(500))
+    }
+
+    /// An agent of a service at `version`, built from `build`.
+    pub fn start_version(broker_ws: &str, pool: &str, version: &str, build: &str) -> TestAgent {
+        let agent = Self::builder(broker_ws, AGENT_KEY, pool, &[])
+            .service_version(version)
+            .build_commit(build)
             .start()
-            .expect("agent starts")
+            .expect("agent starts");
+        Self::attached(agent)
+    }
+
+    fn attached(agent: periscope_agent::Agent) -> TestAgent {
+        let subscriber = tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::sink)
+                    .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
+            )
+            .with(agent.layer());
+        TestAgent { dispatch: Dispatch::new(subscriber), agent: Some(agent) }
     }
 
     pub fn start(broker_ws: &str, pool: &str, tags: &[&str]) -> TestAgent {

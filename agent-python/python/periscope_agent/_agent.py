@@ -37,6 +37,7 @@ def start(
     tags=None,
     service=None,
     service_version=None,
+    build=None,
     display_name=None,
     ca_cert=None,
     queue_capacity=None,
@@ -44,6 +45,8 @@ def start(
 ):
     """Starts the agent: its network thread (which never holds the GIL) and its worker.
 
+    ``build`` is the git commit the service runs (default: ``PERISCOPE_BUILD``, else
+    ``GIT_COMMIT``, ``SOURCE_VERSION``, ``GITHUB_SHA``, ``CI_COMMIT_SHA`` and the like).
     Arguments override the ``PERISCOPE_*`` environment variables. Returns the agent's
     id. Raises ``ValueError`` naming the setting when the configuration is unusable, and
     ``RuntimeError`` when an agent already runs in this process.
@@ -58,6 +61,7 @@ def start(
         "tags": list(tags) if tags is not None else None,
         "service": service,
         "service_version": service_version,
+        "build": build,
         "display_name": display_name,
         "ca_cert": ca_cert,
         "queue_capacity": queue_capacity,

@@ -34,6 +34,9 @@ pub(crate) struct Backend {
     pub directory: Arc<dyn AgentDirectory>,
     /// Its error groups.
     pub errors: Arc<dyn crate::backend::ErrorStore>,
+    /// Its store of redaction rules, and of safety settings (blocklists, pauses) in
+    /// their own namespace, over the same storage.
+    pub rule_stores: [Arc<dyn crate::backend::RuleStore>; 2],
     /// Whatever must live as long as the test (a server, a stop signal).
     pub _keep: Box<dyn std::any::Any + Send>,
 }
@@ -64,7 +67,8 @@ macro_rules! conformance_suite {
             budgets_taken_together_stop_at_the_first_spent_one,
             slots_are_taken_for_the_key_and_its_organization_together_or_not_at_all,
             error_groups_add_up_keep_the_newest_message_and_hit_and_list_newest_first,
-            error_groups_are_kept_per_organization_and_bounded);
+            error_groups_are_kept_per_organization_and_bounded,
+            settings_of_each_namespace_are_kept_apart_and_replaced_whole);
     };
     (@tests $make:path; $($name:ident),*) => {
         $(
@@ -89,6 +93,7 @@ fn record(org: &str, key: &str, kind: ActionKind, agents: &[&Sender], expires_at
         expires_at_ms,
         kind,
         function: None,
+        expect: None,
     };
     ActionRecord {
         spec,
@@ -646,4 +651,27 @@ pub(crate) async fn error_groups_are_kept_per_organization_and_bounded(b: Backen
     let other = b.errors.list("org_b").await.unwrap();
     assert_eq!((other.len(), other[0].message.as_str()), (1, "b"));
     assert!(b.errors.list("org_c").await.unwrap().is_empty());
+}
+
+/// Redaction rules and safety settings live side by side: each organization's latest
+/// copy, per namespace, never one read as the other.
+pub(crate) async fn settings_of_each_namespace_are_kept_apart_and_replaced_whole(b: Backend) {
+    let [rules, safety] = &b.rule_stores;
+    rules.save("acme", r#"{"version":1}"#.into()).await.unwrap();
+    safety.save("acme", r#"{"version":1,"pauses":[]}"#.into()).await.unwrap();
+    safety.save("acme", r#"{"version":2,"pauses":[{"by":"ops","at_ms":1}]}"#.into()).await.unwrap();
+    safety.save("globex", r#"{"version":1}"#.into()).await.unwrap();
+    let mut stored = safety.load_all().await.unwrap();
+    stored.sort();
+    assert_eq!(
+        stored,
+        [
+            ("acme".to_owned(), r#"{"version":2,"pauses":[{"by":"ops","at_ms":1}]}"#.to_owned()),
+            ("globex".to_owned(), r#"{"version":1}"#.to_owned())
+        ],
+        "the latest copy per organization"
+    );
+    assert_eq!(rules.load_all().await.unwrap(), [("acme".to_owned(), r#"{"version":1}"#.to_owned())]);
+    let settings: crate::safety::SafetySettings = serde_json::from_str(&stored[0].1).unwrap();
+    assert_eq!(settings.pauses[0].by, "ops");
 }

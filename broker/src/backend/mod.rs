@@ -344,6 +344,8 @@ pub enum ClusterEvent {
     Message(periscope_protocol::AgentId, periscope_protocol::BrokerMessage),
     /// An organization's redaction rules changed.
     Rules(String),
+    /// An organization's blocklist or pauses changed.
+    Safety(String),
     /// The key directory changed.
     Keys,
     /// Events may have been missed (a subscription was lost and is back).

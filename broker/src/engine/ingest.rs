@@ -53,9 +53,29 @@ impl Engine {
         // Never trust an agent: its findings must name rules the broker knows, and
         // redaction and the same limits again (a no-op for honest agents). Keys are
         // known here too, so a `password` field is caught by name.
+        // An operator's pause holds everything of the pool: hits in flight when it
+        // began are not kept.
+        if self.safety.paused(&from.org, &from.pool).is_some() {
+            self.stats.add(from, |s| s.hits_refused += hits.len() as u64);
+            return vec![Ingested::Refused; hits.len()];
+        }
         let redactor = self.rules.redactor(&from.org);
+        let blocklist = self.safety.rules(&from.org);
         let mut unknown = 0;
         for hit in &mut hits {
+            // No value leaves where a `no_capture` rule holds, whatever the agent sent.
+            if !blocklist.is_empty() {
+                let names: Vec<&str> = hit.location.name.as_deref().into_iter().collect();
+                let site = periscope_protocol::blocklist::Site {
+                    pool: &from.pool,
+                    file: &hit.location.file,
+                    module: hit.location.module.as_deref(),
+                    functions: &names,
+                };
+                if periscope_protocol::blocklist::first_match(&blocklist, &site, false).is_some() {
+                    hit.strip_values();
+                }
+            }
             unknown += keep_known_findings(&redactor, &mut hit.redactions);
             redactor.redact_hit(hit);
             if let Some(error) = &mut hit.error {
@@ -175,6 +195,10 @@ impl Engine {
     pub async fn ingest_lines(&self, from: &Sender, lines: Vec<LogLine>) -> LinesIngested {
         let now = now_ms();
         let mut out = LinesIngested::default();
+        // Lines in flight when an operator paused the pool are not kept.
+        if self.safety.paused(&from.org, &from.pool).is_some() {
+            return out;
+        }
         // One frame may carry lines of several actions: each action is asked once.
         let mut by_action: HashMap<ActionId, Vec<LogLine>> = HashMap::new();
         for mut line in lines.into_iter().take(periscope_protocol::telemetry::MAX_LOG_LINES_PER_FRAME) {
@@ -263,6 +287,9 @@ impl Engine {
     /// after the removal).
     pub async fn ingest_metrics(&self, from: &Sender, reports: Vec<MetricReport>) -> usize {
         let mut kept = 0;
+        if self.safety.paused(&from.org, &from.pool).is_some() {
+            return kept;
+        }
         for report in reports.into_iter().take(periscope_protocol::telemetry::MAX_METRIC_REPORTS_PER_FRAME) {
             let id = report.action_id.clone();
             match self.actions.merge_metric(&id, from, report).await {

@@ -131,6 +131,8 @@ impl Engine {
             }
         };
         let mut specs = Vec::new();
+        // A paused pool's agent runs nothing until it resumes; its actions still list it.
+        let paused = self.safety.paused(&org, &pool).is_some();
         for action in live {
             if !action.target.includes_parts(agent_id, &pool, &tags) || !action.reach.allows(&org, &pool, &tenancy) {
                 continue;
@@ -155,7 +157,8 @@ impl Engine {
                 })
                 .await;
             match changed {
-                Ok(Some((a, ()))) => specs.push(a.spec),
+                Ok(Some((a, ()))) if !paused => specs.push(a.spec),
+                Ok(Some(_)) => {}
                 Ok(None) => {}
                 Err(e) => tracing::warn!(action = %action.spec.id, error = %e, "cannot add an agent to an action"),
             }

@@ -35,6 +35,7 @@ pub mod model;
 mod placement;
 pub mod requests;
 mod restore;
+mod safety;
 mod views;
 mod waits;
 
@@ -51,6 +52,7 @@ pub use model::{
     HitsPage, StoredHit, Target,
 };
 pub use requests::{ErrorCaptureRequest, LogRequest, MAX_MAX_LINES, MetricRequest, SnapshotRequest};
+pub use safety::{CodeCheck, CodeCheckAgent, PauseOutcome};
 
 use crate::audit::{Actor, AuditEntry, AuditKind};
 use crate::audit_repeats::Repeats;
@@ -212,6 +214,9 @@ pub struct Engine {
     pub stats: EngineStats,
     /// Redaction rules applied to everything agents send.
     pub rules: Arc<crate::rules::Rules>,
+    /// Blocklists and pauses per organization.
+    pub safety: Arc<crate::safety::Safety>,
+    safety_store: Option<Arc<dyn RuleStore>>,
     metric_interval_ms: u64,
     registry: Arc<Registry>,
     actions: Arc<dyn ActionStore>,
@@ -247,6 +252,8 @@ impl Engine {
             errors: Arc::new(crate::backend::local::MemoryErrors::default()),
             audit_sink: None,
             rule_store: None,
+            safety: Arc::default(),
+            safety_store: None,
             durable: None,
             keys: None,
             ingest: IngestSettings::default(),
@@ -281,6 +288,14 @@ impl Engine {
     /// Keeps the redaction rules organizations change in `store`.
     pub fn with_rule_store(mut self, store: Arc<dyn RuleStore>) -> Self {
         self.rule_store = Some(store);
+        self
+    }
+
+    /// Applies the blocklists and pauses in `safety`, keeping what organizations change
+    /// in `store` (the `safety` namespace).
+    pub fn with_safety(mut self, safety: Arc<crate::safety::Safety>, store: Arc<dyn RuleStore>) -> Self {
+        self.safety = safety;
+        self.safety_store = Some(store);
         self
     }
 

@@ -448,6 +448,9 @@ impl ActionRecord {
             created_by_key: self.created_by_key.clone(),
             redaction_rules_fired: self.rules_fired.clone(),
             quota: None,
+            expect: self.spec.expect.as_deref().cloned(),
+            code_check: None,
+            paused_by_operator: None,
         }
     }
 
@@ -549,6 +552,16 @@ pub struct ActionView {
     /// Remaining budgets, pauses and drops (in `get_action` and `GET /actions/{id}`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quota: Option<ActionQuotaView>,
+    /// The code the action runs on only (`expected_version`, `file_hash`), as placed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expect: Option<periscope_protocol::CodeExpectation>,
+    /// In the placement's answer: how many target agents run the expected code, how
+    /// many do not, and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code_check: Option<super::CodeCheck>,
+    /// While an operator's pause holds the action: who paused what, when.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub paused_by_operator: Option<crate::safety::Pause>,
 }
 
 /// A page of hits after a cursor.

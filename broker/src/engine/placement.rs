@@ -87,7 +87,17 @@ impl Engine {
                 )));
             }
         }
-        self.insert(spec, target, caller, pending_note, agents).await
+        let mut pools: Vec<&str> = agents.iter().map(|(_, _, pool)| pool.as_str()).collect();
+        pools.extend(target.pool.as_deref());
+        self.check_not_paused(caller.org(), &pools)?;
+        self.check_blocklist(&spec, &agents, caller)?;
+        let code_check = match &spec.expect {
+            Some(expect) => Some(self.check_code(expect, &spec.location, &agents)?),
+            None => None,
+        };
+        let mut view = self.insert(spec, target, caller, pending_note, agents).await?;
+        view.code_check = code_check;
+        Ok(view)
     }
 
     /// Checks a location against the target agents' catalogs: `Ok(None)` when known,
@@ -595,6 +605,7 @@ fn file_locations_near(f: &periscope_protocol::FileLines, line: u32) -> Vec<Cata
         level: None,
         fields: Vec::new(),
         hits: 0,
+        hash: f.hash.clone(),
     };
     let around = |line: u32| f.function_around(line).map_or_else(|| "<module>".to_owned(), |func| func.name.clone());
     let mut out = Vec::new();

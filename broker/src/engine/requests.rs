@@ -5,8 +5,8 @@
 
 use periscope_protocol::limits::action_bounds;
 use periscope_protocol::{
-    ActionId, ActionKind, ActionSpec, ErrorCaptureSpec, FunctionTarget, Location, LogDestination, LogLevel, LogSpec,
-    MetricKind,
+    ActionId, ActionKind, ActionSpec, CodeExpectation, ErrorCaptureSpec, FunctionTarget, Location, LogDestination,
+    LogLevel, LogSpec, MetricKind,
     MetricSpec, SnapshotSpec,
 };
 use serde::Deserialize;
@@ -48,6 +48,12 @@ pub struct SnapshotRequest {
     pub expire_seconds: Option<u64>,
     /// Capture a native backtrace too.
     pub backtrace: bool,
+    /// Run only on agents whose service version or build (git commit, or a prefix of
+    /// at least 7 characters) is this.
+    pub expected_version: Option<String>,
+    /// Run only on agents whose copy of `file` has this content hash (`sha256:<hex>`,
+    /// as list_sources shows it).
+    pub file_hash: Option<String>,
     /// Accept a location no target agent has reported yet (code that has not run).
     pub allow_pending: bool,
 }
@@ -82,6 +88,12 @@ pub struct LogRequest {
     pub expire_seconds: Option<u64>,
     /// Stop after this many lines.
     pub max_lines: Option<u64>,
+    /// Run only on agents whose service version or build (git commit, or a prefix of
+    /// at least 7 characters) is this.
+    pub expected_version: Option<String>,
+    /// Run only on agents whose copy of `file` has this content hash (`sha256:<hex>`,
+    /// as list_sources shows it).
+    pub file_hash: Option<String>,
     /// Accept a location no agent has reported yet.
     pub allow_pending: bool,
 }
@@ -115,6 +127,12 @@ pub struct MetricRequest {
     pub condition: Option<String>,
     /// Seconds the action stays live (default 3600, max 86400).
     pub expire_seconds: Option<u64>,
+    /// Run only on agents whose service version or build (git commit, or a prefix of
+    /// at least 7 characters) is this.
+    pub expected_version: Option<String>,
+    /// Run only on agents whose copy of `file` has this content hash (`sha256:<hex>`,
+    /// as list_sources shows it).
+    pub file_hash: Option<String>,
     /// Accept a location no agent has reported yet.
     pub allow_pending: bool,
 }
@@ -258,6 +276,36 @@ pub fn check_expressions(spec: &ActionSpec) -> Result<(), ApiError> {
     })))
 }
 
+/// The code a placement expects (`expected_version`, `file_hash`), checked: printable,
+/// bounded, a hash as `sha256:` and 64 hex digits (or the digits alone).
+fn expectation(version: Option<&str>, file_hash: Option<&str>) -> Result<Option<CodeExpectation>, ApiError> {
+    let version = version.map(str::trim).filter(|v| !v.is_empty());
+    let file_hash = file_hash.map(str::trim).filter(|h| !h.is_empty());
+    if let Some(v) = version
+        && (v.len() > 128 || v.chars().any(char::is_control))
+    {
+        return Err(ApiError::invalid("expected_version must be at most 128 bytes of printable text"));
+    }
+    let file_hash = match file_hash {
+        None => None,
+        Some(h) => {
+            let hex = h.strip_prefix("sha256:").unwrap_or(h);
+            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(ApiError::invalid(format!(
+                    "file_hash `{}` must be `sha256:` and 64 hex digits, as list_sources shows it (or `sha256sum` \
+                     prints it)",
+                    truncate(h)
+                )));
+            }
+            Some(format!("sha256:{}", hex.to_ascii_lowercase()))
+        }
+    };
+    if version.is_none() && file_hash.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(CodeExpectation { version: version.map(str::to_owned), file_hash }))
+}
+
 /// The spec every kind shares (a fresh id, the location, the condition, the expiry),
 /// checked, with its expressions parsed.
 fn spec(
@@ -276,6 +324,7 @@ fn spec(
         expires_at_ms: now_ms() + expire * 1_000,
         kind,
         function: function.map(Box::new),
+        expect: None,
     };
     check_expressions(&spec)?;
     Ok(spec)
@@ -303,6 +352,10 @@ impl SnapshotRequest {
         let kind = ActionKind::Snapshot(SnapshotSpec { max_hits, watch, backtrace: self.backtrace });
         let target = validate_target(self.file.as_deref(), self.line, self.function.as_deref(), self.min_duration_ms)?;
         let spec = spec(target, self.condition.as_deref(), self.expire_seconds, kind)?;
+        let spec = ActionSpec {
+            expect: expectation(self.expected_version.as_deref(), self.file_hash.as_deref())?.map(Box::new),
+            ..spec
+        };
         Ok((spec, placement(&self.agent_ids, &self.pool, &self.tags, self.allow_pending)))
     }
 }
@@ -348,6 +401,10 @@ impl LogRequest {
             ActionKind::Log(LogSpec { template: self.template.clone(), level, destination, max_lines: self.max_lines });
         let target = validate_target(self.file.as_deref(), self.line, self.function.as_deref(), None)?;
         let spec = spec(target, self.condition.as_deref(), self.expire_seconds, kind)?;
+        let spec = ActionSpec {
+            expect: expectation(self.expected_version.as_deref(), self.file_hash.as_deref())?.map(Box::new),
+            ..spec
+        };
         Ok((spec, placement(&self.agent_ids, &self.pool, &self.tags, self.allow_pending)))
     }
 }
@@ -398,6 +455,10 @@ impl MetricRequest {
         }
         let kind = ActionKind::Metric(MetricSpec { metric, expression, end_location, report_interval_ms });
         let spec = spec(target, self.condition.as_deref(), self.expire_seconds, kind)?;
+        let spec = ActionSpec {
+            expect: expectation(self.expected_version.as_deref(), self.file_hash.as_deref())?.map(Box::new),
+            ..spec
+        };
         Ok((spec, placement(&self.agent_ids, &self.pool, &self.tags, self.allow_pending)))
     }
 }
@@ -458,6 +519,7 @@ impl ErrorCaptureRequest {
             expires_at_ms: now_ms() + expire * 1_000,
             kind,
             function: None,
+            expect: None,
         };
         Ok((spec, placement(&self.agent_ids, &self.pool, &self.tags, true)))
     }

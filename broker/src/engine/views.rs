@@ -30,11 +30,34 @@ impl Engine {
     /// The view of a record, with a metric's figures read from the store.
     pub(super) async fn view_of(&self, record: ActionRecord) -> Result<ActionView, ApiError> {
         let mut view = record.view();
+        self.show_pause(&record, &mut view);
         if let ActionKind::Metric(m) = &record.spec.kind {
             let data = self.actions.metric(&record.spec.id).await?.unwrap_or_default();
             view.figures = Some(data.view(m.metric, &record.agent_names()));
         }
         Ok(view)
+    }
+
+    /// Marks what an operator's pause holds: the action, and each agent of a paused
+    /// pool (`paused`, reason `operator`). Nothing is written: resuming shows the
+    /// agents' own states again.
+    pub(super) fn show_pause(&self, record: &ActionRecord, view: &mut ActionView) {
+        if !record.is_live() || !self.safety.any_paused(&record.org) {
+            return;
+        }
+        for agent in &mut view.agents {
+            if let Some(p) = self.safety.paused(&record.org, &agent.pool) {
+                agent.state = super::model::AgentState::Paused;
+                agent.pause_reason = Some("operator".into());
+                agent.detail = Some(p.describe());
+                if view.paused_by_operator.is_none() {
+                    view.paused_by_operator = Some(p);
+                }
+            }
+        }
+        if view.paused_by_operator.is_none() {
+            view.paused_by_operator = record.pools.iter().find_map(|pool| self.safety.paused(&record.org, pool));
+        }
     }
 
     /// One action's view, with its budgets.

@@ -70,6 +70,13 @@ struct PlaceSnapshotArgs {
     /// Wait for the hits (true) or return the action_id at once (false; then use get_action).
     #[serde(default = "yes")]
     wait: bool,
+    /// Run only where the service runs this version or build (git commit, or a prefix of
+    /// at least 7 characters), as list_agents shows it; other agents refuse the action and
+    /// the answer counts both.
+    expected_version: Option<String>,
+    /// Run only where the file's content hash is this (`sha256:<hex>`, as list_sources
+    /// shows it, or as `sha256sum` prints it for your checkout).
+    file_hash: Option<String>,
     /// Accept a line no agent has reported yet (code that has not run since the agent started).
     #[serde(default)]
     allow_pending: bool,
@@ -154,6 +161,13 @@ struct PlaceLogArgs {
     /// Stop after this many lines.
     #[schemars(range(min = 1, max = 1000000))]
     max_lines: Option<u64>,
+    /// Run only where the service runs this version or build (git commit, or a prefix of
+    /// at least 7 characters), as list_agents shows it; other agents refuse the action and
+    /// the answer counts both.
+    expected_version: Option<String>,
+    /// Run only where the file's content hash is this (`sha256:<hex>`, as list_sources
+    /// shows it, or as `sha256sum` prints it for your checkout).
+    file_hash: Option<String>,
     /// Accept a line no agent has reported yet (code that has not run since the agent started).
     #[serde(default)]
     allow_pending: bool,
@@ -209,6 +223,13 @@ struct PlaceMetricArgs {
     #[serde(default = "default_expire")]
     #[schemars(range(min = 1, max = 86400))]
     expire_seconds: u64,
+    /// Run only where the service runs this version or build (git commit, or a prefix of
+    /// at least 7 characters), as list_agents shows it; other agents refuse the action and
+    /// the answer counts both.
+    expected_version: Option<String>,
+    /// Run only where the file's content hash is this (`sha256:<hex>`, as list_sources
+    /// shows it, or as `sha256sum` prints it for your checkout).
+    file_hash: Option<String>,
     /// Accept a line no agent has reported yet (code that has not run since the agent started).
     #[serde(default)]
     allow_pending: bool,
@@ -456,6 +477,8 @@ impl PeriscopeMcp {
             expire_seconds: Some(a.timeout_seconds),
             backtrace: a.backtrace,
             allow_pending: a.allow_pending,
+            expected_version: a.expected_version,
+            file_hash: a.file_hash,
         };
         let engine = &self.state.engine;
         // A blocking call holds one of the key's wait slots from before placement (a
@@ -618,6 +641,8 @@ impl PeriscopeMcp {
             expire_seconds: Some(a.expire_seconds),
             max_lines: a.max_lines,
             allow_pending: a.allow_pending,
+            expected_version: a.expected_version,
+            file_hash: a.file_hash,
         };
         let view = self.state.engine.place_log(req, &principal).await?;
         let text = format!(
@@ -649,6 +674,8 @@ impl PeriscopeMcp {
             condition: a.condition,
             expire_seconds: Some(a.expire_seconds),
             allow_pending: a.allow_pending,
+            expected_version: a.expected_version,
+            file_hash: a.file_hash,
         };
         let view = self.state.engine.place_metric(req, &principal).await?;
         let text = format!(

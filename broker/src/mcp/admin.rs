@@ -11,7 +11,6 @@ use serde::Deserialize;
 use super::reply::{parse_args, success};
 use super::{PeriscopeMcp, input_schema};
 use crate::admin::{AuditParams, audit_page};
-use crate::auth::{Role, require_role};
 use crate::error::ApiError;
 
 /// Arguments of `query_audit`.
@@ -60,7 +59,6 @@ impl PeriscopeMcp {
 impl PeriscopeMcp {
     async fn audit(&self, ctx: &RequestContext<RoleServer>, args: JsonObject) -> Result<CallToolResult, ApiError> {
         let principal = self.begin(ctx, "query_audit")?;
-        require_role(&principal, Role::CompanyAdmin, "query_audit")?;
         let a: QueryAuditArgs = parse_args("query_audit", args)?;
         let params = AuditParams {
             since: a.since,

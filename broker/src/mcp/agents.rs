@@ -154,7 +154,27 @@ impl PeriscopeMcp {
             text: a.query,
         };
         let page = query::list_agents(&self.state.registry, &filter, a.cursor.as_deref(), Some(a.limit), &principal)?;
-        let text = page_text("agents", &page, render::agent_line, "Loosen the filters, or check system_health.");
+        let mut text = page_text("agents", &page, render::agent_line, "Loosen the filters, or check system_health.");
+        for pool in page.versions.iter().flatten().filter(|p| p.mixed) {
+            let versions: Vec<String> = pool
+                .versions
+                .iter()
+                .map(|v| {
+                    let name = match (v.service_version.as_str(), v.build.as_str()) {
+                        ("", "") => "unknown".to_owned(),
+                        (v, "") => v.to_owned(),
+                        ("", b) => format!("build {b}"),
+                        (v, b) => format!("{v} ({b})"),
+                    };
+                    format!("{name} on {} agent(s)", v.agents)
+                })
+                .collect();
+            text.push_str(&format!(
+                "Pool `{}` runs several versions: {}. Pass expected_version to place_* to act on one only.\n",
+                pool.pool,
+                versions.join(", ")
+            ));
+        }
         Ok(success(text, serde_json::to_value(&page).unwrap_or_default()))
     }
 

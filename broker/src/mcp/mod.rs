@@ -49,6 +49,7 @@ mod prompts;
 pub mod proxy;
 mod render;
 mod reply;
+mod safety;
 mod schemas;
 pub mod session;
 pub mod sessions;
@@ -68,7 +69,7 @@ use rmcp::{RoleServer, ServerHandler, prompt_handler, tool_handler};
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
-use crate::auth::{CallCharge, Principal, Scope, authorize};
+use crate::auth::{CallCharge, Principal, Role, Scope, authorize, require_role};
 use crate::error::{ApiError, ErrorCode};
 
 /// What the server tells a client about itself when it connects; a model reads it
@@ -105,7 +106,8 @@ impl PeriscopeMcp {
             + Self::actions_router()
             + Self::kill_router()
             + Self::errors_router()
-            + Self::admin_router();
+            + Self::admin_router()
+            + Self::safety_router();
         PeriscopeMcp {
             state,
             tool_router: Arc::new(tools),
@@ -138,6 +140,9 @@ impl PeriscopeMcp {
             )
         })?;
         authorize(&principal, scope, tool)?;
+        if let Some((_, role)) = TOOL_ROLES.iter().find(|(t, _)| *t == tool) {
+            require_role(&principal, *role, tool)?;
+        }
         if let Some(CallCharge(Err(e))) = parts.and_then(|p| p.extensions.get::<CallCharge>()) {
             return Err(e.clone());
         }
@@ -168,6 +173,20 @@ pub const TOOL_SCOPES: &[(&str, Scope)] = &[
     ("capture_errors", Scope::ActionsWrite),
     ("list_errors", Scope::HitsRead),
     ("query_audit", Scope::Admin),
+    ("pause_actions", Scope::Admin),
+    ("resume_actions", Scope::Admin),
+    ("get_blocklist", Scope::Admin),
+    ("set_blocklist", Scope::Admin),
+];
+
+/// The role a tool needs beyond its scope (tools not listed: any role). `begin` checks
+/// it for every call, so no tool repeats the check in its body.
+pub const TOOL_ROLES: &[(&str, Role)] = &[
+    ("query_audit", Role::CompanyAdmin),
+    ("pause_actions", Role::CompanyAdmin),
+    ("resume_actions", Role::CompanyAdmin),
+    ("get_blocklist", Role::CompanyAdmin),
+    ("set_blocklist", Role::CompanyAdmin),
 ];
 
 /// The scope a tool needs (`None` for a tool this server does not have).
@@ -390,6 +409,7 @@ pub(crate) mod tests {
             directory: Arc::new(crate::backend::local::LocalDirectory::new("test")),
             redis: None,
             rule_store: None,
+            safety_store: None,
             started_at_ms: 0,
             scratch: Some(scratch),
             oauth: None,

@@ -24,8 +24,10 @@ const TEXT_STRING_CHARS: usize = 120;
 /// One line per agent.
 pub(crate) fn agent_line(a: &AgentView) -> String {
     let tags = if a.tags.is_empty() { String::new() } else { format!(" tags=[{}]", a.tags.join(", ")) };
+    let version = if a.service_version.is_empty() { String::new() } else { format!(" version={}", a.service_version) };
+    let build = if a.build.is_empty() { String::new() } else { format!(" build={}", truncate_chars(&a.build, 12)) };
     format!(
-        "{} {} pool={}{} service={} {} {} ({} locations)",
+        "{} {} pool={}{} service={}{version}{build} {} {} ({} locations)",
         a.agent_id, a.display_name, a.pool, tags, a.service, a.language, a.status, a.locations
     )
 }
@@ -41,30 +43,43 @@ pub(crate) fn source_line(s: &SourceView) -> String {
         let what = if s.kind == periscope_protocol::LocationKind::Span { "function" } else { "module" };
         let end = s.end_line.map(|e| format!("-{e}")).unwrap_or_default();
         return format!(
-            "{}:{}{end} {what} `{}`{} lines with code [{}] agents={}",
+            "{}:{}{end} {what} `{}`{} lines with code [{}] agents={}{}",
             s.file,
             s.line,
             truncate_chars(&s.name, 80),
             probe_as(s),
             truncate_chars(lines, 200),
-            s.agents
+            s.agents,
+            hash_note(s)
         );
     }
     format!(
-        "{}:{} {kind} `{}`{} fields [{}] observed_hits={} agents={}",
+        "{}:{} {kind} `{}`{} fields [{}] observed_hits={} agents={}{}",
         s.file,
         s.line,
         truncate_chars(&s.name, 80),
         probe_as(s),
         s.fields.join(", "),
         s.hits,
-        s.agents
+        s.agents,
+        hash_note(s)
     )
 }
 
 /// How to probe a span or function whole (` function=...`), or nothing.
 fn probe_as(s: &SourceView) -> String {
     s.function.as_deref().map(|f| format!(" function={}", truncate_chars(f, 160))).unwrap_or_default()
+}
+
+/// The file's hash, and a warning when agents run different copies of it.
+fn hash_note(s: &SourceView) -> String {
+    match (&s.hash, s.other_hashes.len()) {
+        (None, _) => String::new(),
+        (Some(h), 0) => format!(" hash={}", truncate_chars(h, 19)),
+        (Some(h), n) => {
+            format!(" hash={} (and {n} other hash(es): agents run different code here)", truncate_chars(h, 19))
+        }
+    }
 }
 
 /// One action in a line or two: where, state, hits, and each agent's state.

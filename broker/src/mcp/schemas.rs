@@ -238,6 +238,38 @@ pub fn remove_all_actions() -> Arc<JsonObject> {
     }))
 }
 
+/// `pause_actions` and `resume_actions`.
+pub fn pause_outcome() -> Arc<JsonObject> {
+    object(json!({
+        "type": "object",
+        "required": ["pauses", "actions", "agents", "changed"],
+        "properties": {
+            "pauses": { "type": "array", "items": { "type": "object", "required": ["by", "at_ms"],
+                        "properties": { "pool": { "type": "string" }, "by": { "type": "string" },
+                                        "at_ms": { "type": "integer" }, "reason": { "type": "string" } } } },
+            "actions": { "type": "integer", "minimum": 0 },
+            "agents": { "type": "integer", "minimum": 0 },
+            "changed": { "type": "boolean" }
+        }
+    }))
+}
+
+/// `get_blocklist` and `set_blocklist`.
+pub fn blocklist() -> Arc<JsonObject> {
+    let rule = json!({ "type": "object", "required": ["name", "effect"],
+                       "properties": { "name": { "type": "string" },
+                                       "effect": { "type": "string", "enum": ["no_actions", "no_capture"] } } });
+    object(json!({
+        "type": "object",
+        "required": ["version", "rules", "config_rules"],
+        "properties": {
+            "version": { "type": "integer", "minimum": 0 },
+            "rules": { "type": "array", "items": rule.clone() },
+            "config_rules": { "type": "array", "items": rule }
+        }
+    }))
+}
+
 /// `query_audit`.
 pub fn query_audit() -> Arc<JsonObject> {
     object(page(

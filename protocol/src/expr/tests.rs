@@ -670,6 +670,7 @@ fn spec(kind: ActionKind, condition: Option<&str>) -> ActionSpec {
         expires_at_ms: 0,
         kind,
         function: None,
+        expect: None,
     }
 }
 

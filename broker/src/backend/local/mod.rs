@@ -45,6 +45,10 @@ mod conformance {
             budgets: Arc::new(crate::quota::LocalBudgets::default()),
             directory: Arc::new(super::LocalDirectory::new("n1")),
             errors: Arc::new(super::MemoryErrors::default()),
+            rule_stores: [
+                Arc::new(super::SqliteRules::new(None, Vec::new())),
+                Arc::new(super::SqliteRules::namespaced(crate::safety::NAMESPACE, None, Vec::new())),
+            ],
             _keep: Box::new(dir),
         }
     }

@@ -180,6 +180,7 @@ fn decode_event(dir: &RedisDirectory, channels: &[String; 3], channel: &str, pay
     }
     match rest.split_once('|') {
         Some(("rules", org)) => Some(ClusterEvent::Rules(org.to_owned())),
+        Some((crate::safety::NAMESPACE, org)) => Some(ClusterEvent::Safety(org.to_owned())),
         _ if rest == "keys" => Some(ClusterEvent::Keys),
         _ => None,
     }

@@ -207,6 +207,10 @@ mod conformance {
             keys: Arc::new(super::RedisKeys::new(redis.clone(), "n1")),
             budgets: Arc::new(super::RedisBudgets::new(redis.clone())),
             errors: Arc::new(super::RedisErrors::new(redis.clone())),
+            rule_stores: [
+                Arc::new(super::RedisRules::new(redis.clone(), "n1".into())),
+                Arc::new(super::RedisRules::namespaced(crate::safety::NAMESPACE, redis.clone(), "n1".into())),
+            ],
             directory: super::RedisDirectory::start(redis, "n1".into(), stop),
             _keep: Box::new((server, stop_tx)),
         }

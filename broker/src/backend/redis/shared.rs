@@ -221,12 +221,21 @@ impl AuditReader for RedisAudit {
 pub struct RedisRules {
     redis: Redis,
     node: String,
+    /// The hash the settings live in, and the word other nodes hear (`rules` for the
+    /// redaction rules).
+    namespace: &'static str,
 }
 
 impl RedisRules {
     /// Rules in `redis`, changed by node `node`.
     pub fn new(redis: Redis, node: String) -> RedisRules {
-        RedisRules { redis, node }
+        RedisRules { redis, node, namespace: "rules" }
+    }
+
+    /// Other per-organization settings (`namespace`, e.g. `safety`) kept the same way;
+    /// other nodes hear `<node>|<namespace>|<org>`.
+    pub fn namespaced(namespace: &'static str, redis: Redis, node: String) -> RedisRules {
+        RedisRules { redis, node, namespace }
     }
 }
 
@@ -234,8 +243,9 @@ impl RuleStore for RedisRules {
     fn save<'a>(&'a self, org: &'a str, json: String) -> BackendFuture<'a, ()> {
         async move {
             let mut pipe = redis::pipe();
-            pipe.cmd("HSET").arg(self.redis.key("rules")).arg(org).arg(json).ignore();
-            pipe.cmd("PUBLISH").arg(self.redis.key("c:bcast")).arg(format!("{}|rules|{org}", self.node)).ignore();
+            pipe.cmd("HSET").arg(self.redis.key(self.namespace)).arg(org).arg(json).ignore();
+            let announcement = format!("{}|{}|{org}", self.node, self.namespace);
+            pipe.cmd("PUBLISH").arg(self.redis.key("c:bcast")).arg(announcement).ignore();
             let () = self.redis.pipe(&pipe).await?;
             Ok(())
         }
@@ -245,7 +255,7 @@ impl RuleStore for RedisRules {
     fn load_all(&self) -> BackendFuture<'_, Vec<(String, String)>> {
         async move {
             let all: std::collections::BTreeMap<String, String> =
-                self.redis.query(redis::cmd("HGETALL").arg(self.redis.key("rules"))).await?;
+                self.redis.query(redis::cmd("HGETALL").arg(self.redis.key(self.namespace))).await?;
             Ok(all.into_iter().collect())
         }
         .boxed()
