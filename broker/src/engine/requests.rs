@@ -6,8 +6,7 @@
 use periscope_protocol::limits::action_bounds;
 use periscope_protocol::{
     ActionId, ActionKind, ActionSpec, CodeExpectation, ErrorCaptureSpec, FunctionTarget, Location, LogDestination,
-    LogLevel, LogSpec, MetricKind,
-    MetricSpec, SnapshotSpec,
+    LogLevel, LogSpec, MetricKind, MetricSpec, SnapshotSpec,
 };
 use serde::Deserialize;
 
