@@ -269,6 +269,11 @@ impl Site for ErrorSite<'_, '_> {
     fn stop_clock(&mut self, _action: &std::sync::Arc<Installed>) -> Option<u64> {
         None
     }
+
+    /// An exception unwinding is not a call of a probed function: nothing to hold.
+    fn begin_call(&mut self, action: &std::sync::Arc<Installed>, _started: u64) {
+        periscope_agent_core::fire::close_call(action);
+    }
 }
 
 #[cfg(test)]
