@@ -47,11 +47,15 @@ pub struct PauseBody {
 impl PauseBody {
     /// The pool, checked (a label), and the reason, bounded.
     pub fn checked(&self) -> Result<(Option<String>, String), ApiError> {
-        let pool = self.pool.as_deref().map(str::trim).filter(|p| !p.is_empty());
+        // An empty pool is a mistake, not "every pool": the whole organization is said
+        // by leaving the pool out.
+        let pool = self.pool.as_deref().map(str::trim);
         if let Some(p) = pool
             && !periscope_protocol::messages::is_label(p, 128)
         {
-            return Err(ApiError::invalid("pool must be 1 to 128 characters from A-Z a-z 0-9 . _ : = / -"));
+            return Err(ApiError::invalid(
+                "pool must be 1 to 128 characters from A-Z a-z 0-9 . _ : = / - (leave it out for the whole organization)",
+            ));
         }
         let reason = self.reason.as_deref().unwrap_or_default().trim();
         if reason.len() > 512 || reason.chars().any(char::is_control) {
@@ -106,6 +110,16 @@ fn json<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     b.map(|Json(b)| b).map_err(|e| ApiError::body_rejected(&e))
 }
 
+/// A pause or resume body: a JSON object. serde reads a struct from an array too
+/// (`[null, null]` would be a pause of the whole organization); refused here instead.
+fn pause_body(b: Result<Json<serde_json::Value>, JsonRejection>) -> Result<PauseBody, ApiError> {
+    let value = json(b)?;
+    if !value.is_object() {
+        return Err(ApiError::invalid("the body must be a JSON object such as {\"pool\": \"shop\"}"));
+    }
+    serde_json::from_value(value).map_err(|e| ApiError::invalid(format!("the body is not a pause request: {e}")))
+}
+
 async fn get_blocklist(State(state): State<AppState>, CompanyAdmin(caller): CompanyAdmin) -> Json<serde_json::Value> {
     Json(blocklist_body(&state, caller.org()))
 }
@@ -127,15 +141,15 @@ async fn get_pauses(State(state): State<AppState>, CompanyAdmin(caller): Company
 async fn pause(
     State(state): State<AppState>,
     CompanyAdmin(caller): CompanyAdmin,
-    body: Result<Json<PauseBody>, JsonRejection>,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<Json<PauseOutcome>, ApiError> {
-    Ok(Json(pause_or_resume(&state, &caller, &json(body)?, true).await?))
+    Ok(Json(pause_or_resume(&state, &caller, &pause_body(body)?, true).await?))
 }
 
 async fn resume(
     State(state): State<AppState>,
     CompanyAdmin(caller): CompanyAdmin,
-    body: Result<Json<PauseBody>, JsonRejection>,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<Json<PauseOutcome>, ApiError> {
-    Ok(Json(pause_or_resume(&state, &caller, &json(body)?, false).await?))
+    Ok(Json(pause_or_resume(&state, &caller, &pause_body(body)?, false).await?))
 }

@@ -199,7 +199,7 @@ async fn the_whole_flow_works_through_periscope_mcp_on_stdio() {
     );
     let direct = ().serve(http).await.unwrap();
     let over_http = direct.list_all_tools().await.unwrap();
-    assert_eq!(over_stdio.len(), 11);
+    assert_eq!(over_stdio.len(), 17);
     assert_eq!(serde_json::to_value(&over_stdio).unwrap(), serde_json::to_value(&over_http).unwrap());
     direct.cancel().await.unwrap();
     assert!(client.list_all_prompts().await.unwrap().iter().any(|p| p.name == "investigate"));

@@ -90,6 +90,8 @@ async fn bad_agents_get_specific_errors_and_good_agents_keep_working() {
     assert_eq!(next_json(&mut ws).await.unwrap()["type"], "registered");
     let rules = next_json(&mut ws).await.unwrap();
     assert_eq!(rules["type"], "redaction_rules", "{rules}");
+    let blocklist = next_json(&mut ws).await.unwrap();
+    assert_eq!(blocklist["type"], "blocklist", "{blocklist}");
     assert_eq!(next_json(&mut ws).await.unwrap()["type"], "action_sync");
     ws.send(Message::text(r#"{"type":"hit","action_id":"agt_wrongkind"}"#)).await.unwrap();
     let err = next_json(&mut ws).await.unwrap();

@@ -164,16 +164,20 @@ async fn tools_list_returns_every_contract_tool_with_its_schema_and_the_prompts(
         [
             "capture_errors",
             "get_action",
+            "get_blocklist",
             "list_actions",
             "list_agents",
             "list_errors",
             "list_sources",
+            "pause_actions",
             "place_log",
             "place_metric",
             "place_snapshot",
             "query_audit",
             "remove_action",
             "remove_all_actions",
+            "resume_actions",
+            "set_blocklist",
             "system_health"
         ]
     );
@@ -725,7 +729,7 @@ async fn every_tool_output_validates_and_resources_logging_completion_and_the_ki
     );
     let steps: Vec<Value> = stdout.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     let step = |name: &str| steps.iter().find(|s| s["step"] == name).cloned().unwrap_or(Value::Null);
-    assert_eq!(step("validated")["tools"].as_array().map(Vec::len), Some(11), "{stdout}");
+    assert_eq!(step("validated")["tools"].as_array().map(Vec::len), Some(17), "{stdout}");
     assert!(step("resources")["updates"].as_u64().unwrap_or(0) >= 1);
     assert_eq!(steps.last().map(|s| s["step"].clone()), Some(json!("done")));
     fx.stop().await;

@@ -41,7 +41,7 @@ async def main(url, key, pool, file_suffix, field):
 
                 tools = {t.name: t for t in (await session.list_tools()).tools}
                 step("tools", names=sorted(tools))
-                check(len(tools) == 11, "eleven tools (ten for investigating, query_audit for admins)")
+                check(len(tools) == 17, "seventeen tools (twelve for investigating; query_audit, the blocklist and the pause switch for admins)")
                 snap_schema = tools["place_snapshot"].input_schema
                 check(snap_schema["properties"]["max_hits"]["maximum"] == 50, "max_hits range in schema")
 

@@ -73,7 +73,7 @@ async def main(url, key, admin_key, pool, file_suffix, field):
                     check(t.output_schema is not None, f"{t.name} declares an outputSchema")
                     s.schemas[t.name] = t.output_schema
                 step("tools", count=len(tools))
-                check(len(tools) == 11, "eleven tools")
+                check(len(tools) == 17, "seventeen tools")
 
                 await session.set_logging_level("debug")
                 s.validate("system_health", await session.call_tool("system_health", {}))
@@ -190,6 +190,20 @@ async def main(url, key, admin_key, pool, file_suffix, field):
                     "place_snapshot", {**loc, "max_hits": 5, "timeout_seconds": 60, "wait": False}))
                 pool_kill = s.validate("remove_all_actions", await admin.call_tool("remove_all_actions", {"pool": pool}))
                 check(pool_kill["scope"] == "pool" and pool_kill["pool"] == pool, "an admin clears the pool")
+                # Capture on error, the blocklist and the pause switch: each answer in its schema.
+                errors = s.validate("capture_errors", await admin.call_tool(
+                    "capture_errors", {"pool": pool, "expire_seconds": 60}))
+                s.validate("list_errors", await admin.call_tool("list_errors", {"pool": pool}))
+                s.validate("remove_action", await admin.call_tool(
+                    "remove_action", {"action_id": errors["action"]["action_id"]}))
+                s.validate("get_blocklist", await admin.call_tool("get_blocklist", {}))
+                rules = [{"name": "vault", "effect": "no_actions", "file": "src/vault.rs", "reason": "credentials"}]
+                s.validate("set_blocklist", await admin.call_tool("set_blocklist", {"rules": rules}))
+                s.validate("set_blocklist", await admin.call_tool("set_blocklist", {"rules": []}))
+                paused = s.validate("pause_actions", await admin.call_tool(
+                    "pause_actions", {"pool": pool, "reason": "surface test"}))
+                check(paused.get("changed") is True, "the pool paused")
+                s.validate("resume_actions", await admin.call_tool("resume_actions", {"pool": pool}))
     missing = sorted(set(s.schemas) - set(s.validated))
     check(not missing, f"every tool validated: missing {missing}")
     step("validated", tools=sorted(s.validated))
