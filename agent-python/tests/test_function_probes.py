@@ -64,6 +64,8 @@ async def installed(session, action_id):
 
 
 def test_a_function_probe_catches_the_slow_call_with_its_arguments_and_return_value(broker, service, interp):
+    if not qualified(interp):
+        pytest.skip("catalogs on 3.9 and 3.10 carry plain function names, not qualified ones")
     svc = start(broker, service, interp)
     command(svc, broker, "fast 1")
 
@@ -105,6 +107,13 @@ def test_a_function_probe_catches_the_slow_call_with_its_arguments_and_return_va
     assert "MISMATCH" not in out and "Traceback" not in out, out[-2000:]
 
 
+def qualified(interp):
+    """Whether the interpreter's catalogs name functions by qualified name (3.11+:
+    `co_qualname`). On 3.9 and 3.10 catalogs carry plain names, so a method cannot be
+    named `Class.method` at placement: a known limitation, documented."""
+    return "3.9" not in interp.name and "3.10" not in interp.name
+
+
 def monitoring(interp):
     """Whether the interpreter has sys.monitoring (3.12+): the only way a probe sees a
     function end by an exception (bytecode injection on 3.9 to 3.11 probes returns)."""
@@ -144,6 +153,8 @@ def test_a_function_probe_catches_an_exception_with_its_arguments(broker, servic
 
 
 def test_a_function_probe_on_an_async_def_times_it_from_first_run_to_end(broker, service, interp):
+    if not qualified(interp):
+        pytest.skip("catalogs on 3.9 and 3.10 carry plain function names, not qualified ones")
     svc = start(broker, service, interp)
     command(svc, broker, "acall warm 0")
 
@@ -174,6 +185,8 @@ def test_a_function_probe_on_an_async_def_times_it_from_first_run_to_end(broker,
 
 
 def test_a_duration_metric_on_a_function_and_an_unknown_function_refused_with_suggestions(broker, service, interp):
+    if not qualified(interp):
+        pytest.skip("catalogs on 3.9 and 3.10 carry plain function names, not qualified ones")
     svc = start(broker, service, interp)
     command(svc, broker, "fast 1")
 

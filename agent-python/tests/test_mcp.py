@@ -46,7 +46,7 @@ async def flow(broker):
                 sources = structured(listed)
                 # The text an assistant reads names the function and its lines with code.
                 text = "".join(getattr(c, "text", "") for c in listed.content)
-                assert re.search(r"shop\.py:\d+-\d+ function `compute_total` lines with code \[\d", text), text
+                assert re.search(r"shop\.py:\d+-\d+ function `compute_total`( function=\S+)? lines with code \[\d", text), text
                 found = [s for s in sources["items"] if s["name"] == "compute_total"]
                 assert found and found[0]["kind"] == "span" and found[0]["lines"], sources
                 line = line_of("total")
