@@ -20,6 +20,10 @@ use crate::engine::{Engine, MARKER_PREFIX, STRICT_RULE};
 use crate::keys::{self, RuleIx};
 use crate::report::Report;
 
+/// Most extra scans of a text after its first redaction (each shortens or keeps it;
+/// in practice one finds nothing).
+const MAX_RESCANS: usize = 3;
+
 /// Longest name or map key copied into a finding's path.
 const MAX_PATH_SEGMENT: usize = 64;
 
@@ -190,9 +194,34 @@ impl Redactor {
             self.record(report, path, rule);
             return Cow::Owned(self.marker(rule).to_owned());
         }
+        self.detect(text, path, report)
+    }
+
+    /// Runs the detectors over `text` and replaces what they find.
+    fn detect<'a>(&self, text: &'a str, path: &str, report: &mut Report) -> Cow<'a, str> {
         let mut regions = Vec::new();
         self.engine.scan(text, &mut regions);
-        self.engine.apply(text, &mut regions, path, report)
+        let mut out = match self.engine.apply(text, &mut regions, path, report) {
+            Cow::Borrowed(b) => return Cow::Borrowed(b),
+            Cow::Owned(o) => o,
+        };
+        // A marker can change what its neighbours look like (it ends a token that ran
+        // on before, so an address nearby now reads as a phone number): scan the result
+        // again until nothing more fires, so that redacting twice is redacting once.
+        // Only text that something fired on pays the extra scan.
+        for _ in 0..MAX_RESCANS {
+            regions.clear();
+            self.engine.scan(&out, &mut regions);
+            let next = match self.engine.apply(&out, &mut regions, path, report) {
+                Cow::Borrowed(_) => None,
+                Cow::Owned(o) => Some(o),
+            };
+            match next {
+                Some(next) => out = next,
+                None => break,
+            }
+        }
+        Cow::Owned(out)
     }
 
     /// The rule that hides an integer: a valid card number anywhere, or a number of 7 to
@@ -357,9 +386,7 @@ impl Redactor {
         if name.is_empty() || is_marker(name) {
             return Cow::Borrowed(name);
         }
-        let mut regions = Vec::new();
-        self.engine.scan(name, &mut regions);
-        self.engine.apply(name, &mut regions, path, report)
+        self.detect(name, path, report)
     }
 }
 
