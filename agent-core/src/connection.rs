@@ -113,6 +113,7 @@ impl<R: Runtime> Runner<R> {
             }
             let started = tokio::time::Instant::now();
             let end = self.session().await;
+            self.shared.set_connected(false);
             // A session that ended moves the agent to the next node (with one URL, the
             // same one again: a load balancer picks a live node).
             let broker = self.url().to_owned();
@@ -175,7 +176,7 @@ impl<R: Runtime> Runner<R> {
     async fn session(&mut self) -> SessionEnd {
         let mut shutdown = self.shutdown.clone();
         let connect = tokio::time::timeout(self.config.connect_timeout, self.connect_and_register());
-        let (mut socket, registered) = tokio::select! {
+        let (socket, registered) = tokio::select! {
             r = connect => match r {
                 Ok(Ok(pair)) => pair,
                 Ok(Err(end)) => return end,
@@ -186,9 +187,17 @@ impl<R: Runtime> Runner<R> {
         tracing::info!(target: "periscope_agent", broker = %self.url(), agent_id = %self.agent_id, "periscope agent connected");
         self.limits = registered.limits;
         self.budgets = Arc::new(Budgets::new(registered.quotas));
+        self.shared.set_connected(true);
         self.heartbeat = Duration::from_millis(registered.heartbeat_interval_ms.clamp(1_000, 300_000));
         // Re-install what we had with the new budgets until the broker's sync arrives.
         self.reinstall().await;
+        // From here the socket is read here and written by its own task, so that a write
+        // waiting on a slow broker never stops the session from reading (the broker's
+        // pings, action changes) or from seeing that the connection is gone.
+        let (sink, mut stream) = socket.split();
+        let (tx, rx) = mpsc::channel(OUTBOX_FRAMES);
+        let mut writer = Writer(tokio::spawn(write_frames(sink, rx)));
+        let mut socket = Outbox { tx };
         for msg in self.catalog(true) {
             if let Err(e) = send(&mut socket, &msg).await {
                 return SessionEnd::Retry(e);
@@ -198,8 +207,11 @@ impl<R: Runtime> Runner<R> {
         heartbeat.tick().await;
         let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
         loop {
+            // While the writer holds all the frames it may, hits stay in their queue (which
+            // then fills, and the host stops capturing: `Core::can_capture`).
+            let writer_full = socket.tx.capacity() == 0;
             tokio::select! {
-                frame = socket.next() => {
+                frame = stream.next() => {
                     match frame {
                         Some(Ok(Message::Text(text))) => {
                             match decode_broker_message(text.as_str()) {
@@ -217,7 +229,11 @@ impl<R: Runtime> Runner<R> {
                         None => return SessionEnd::Retry("connection closed".into()),
                     }
                 }
-                Some(raw) = self.hits_rx.recv() => {
+                () = room_in(&socket.tx), if writer_full => {}
+                ended = &mut writer.0 => {
+                    return SessionEnd::Retry(ended.unwrap_or_else(|e| format!("the connection's writer failed: {e}")));
+                }
+                Some(raw) = self.hits_rx.recv(), if !writer_full => {
                     let sent = if raw.action.log.is_some() {
                         self.send_log(&raw, &mut socket).await
                     } else {
@@ -252,7 +268,9 @@ impl<R: Runtime> Runner<R> {
                 }
                 _ = self.shutdown.changed() => {
                     let _ = send(&mut socket, &AgentMessage::Goodbye { reason: "host shutting down".into() }).await;
-                    let _ = socket.close(None).await;
+                    // The writer sends what it holds, then closes the connection.
+                    drop(socket);
+                    let _ = tokio::time::timeout(Duration::from_secs(1), &mut writer.0).await;
                     return SessionEnd::Shutdown;
                 }
             }
@@ -295,7 +313,7 @@ impl<R: Runtime> Runner<R> {
                 },
             )?;
         let registration = self.registration();
-        send(&mut socket, &AgentMessage::Register(Box::new(registration))).await.map_err(SessionEnd::Retry)?;
+        send_direct(&mut socket, &AgentMessage::Register(Box::new(registration))).await.map_err(SessionEnd::Retry)?;
         loop {
             match socket.next().await {
                 Some(Ok(Message::Text(text))) => match decode_broker_message(text.as_str()) {
@@ -356,7 +374,7 @@ impl<R: Runtime> Runner<R> {
         }
     }
 
-    async fn on_broker_message(&mut self, msg: BrokerMessage, socket: &mut Socket) -> Option<SessionEnd> {
+    async fn on_broker_message(&mut self, msg: BrokerMessage, socket: &mut Outbox) -> Option<SessionEnd> {
         match msg {
             BrokerMessage::ActionSync { actions } => {
                 let keep: HashMap<ActionId, ActionSpec> = actions.into_iter().map(|a| (a.id.clone(), a)).collect();
@@ -434,7 +452,7 @@ impl<R: Runtime> Runner<R> {
 
     /// Installs the current action set and reports each action's state (all of them, or
     /// only `only`).
-    async fn install_and_report(&mut self, socket: &mut Socket, only: Option<&ActionId>) -> Option<SessionEnd> {
+    async fn install_and_report(&mut self, socket: &mut Outbox, only: Option<&ActionId>) -> Option<SessionEnd> {
         let matched = self.install().await;
         for (action, callsites) in matched {
             if only.is_some_and(|id| *id != action.spec.id) {
@@ -507,7 +525,7 @@ impl<R: Runtime> Runner<R> {
 
     /// Statuses and completions raised on application threads; new callsites that
     /// match pending actions.
-    async fn flush_local_changes(&mut self, socket: &mut Socket) -> Result<(), String> {
+    async fn flush_local_changes(&mut self, socket: &mut Outbox) -> Result<(), String> {
         let statuses = self.shared.take_statuses();
         let mut completed = false;
         for (action_id, state) in statuses {
@@ -581,7 +599,7 @@ impl<R: Runtime> Runner<R> {
 
     /// Sends how often each distinct error happened since the last report (of every
     /// error-capture action, or of `only`), messages redacted.
-    async fn flush_error_counts(&mut self, socket: &mut Socket, only: Option<&Installed>) -> Result<(), String> {
+    async fn flush_error_counts(&mut self, socket: &mut Outbox, only: Option<&Installed>) -> Result<(), String> {
         let now = self.shared.clock.now();
         let mut reports = Vec::new();
         match only {
@@ -615,7 +633,7 @@ impl<R: Runtime> Runner<R> {
     }
 
     /// Sends the aggregates of metrics whose interval is over (all of them when `all`).
-    async fn flush_metrics(&mut self, socket: &mut Socket, all: bool) -> Result<(), String> {
+    async fn flush_metrics(&mut self, socket: &mut Outbox, all: bool) -> Result<(), String> {
         let now = crate::unix_ms();
         let reports: Vec<_> = self.actions.values().filter_map(|a| metric_report(a, now, all)).collect();
         for chunk in reports.chunks(periscope_protocol::telemetry::MAX_METRIC_REPORTS_PER_FRAME) {
@@ -626,7 +644,7 @@ impl<R: Runtime> Runner<R> {
 
     /// Renders a dynamic log line off the host's thread, charges its bytes, and sends
     /// it to the broker and/or the service's own log.
-    async fn send_log(&mut self, raw: &RawHit<R::Payload>, socket: &mut Socket) -> Result<(), String> {
+    async fn send_log(&mut self, raw: &RawHit<R::Payload>, socket: &mut Outbox) -> Result<(), String> {
         let (Some(log), Some(template)) = (&raw.action.log, &raw.action.exprs.template) else { return Ok(()) };
         let redactor = self.shared.redactor();
         // Placeholders read what a client would see (redacted, cut), whatever the
@@ -700,7 +718,7 @@ impl<R: Runtime> Runner<R> {
         Ok(())
     }
 
-    async fn send_hit(&mut self, raw: &RawHit<R::Payload>, socket: &mut Socket) -> Result<(), String> {
+    async fn send_hit(&mut self, raw: &RawHit<R::Payload>, socket: &mut Outbox) -> Result<(), String> {
         // Watches read the hit exactly as a client will see it: strings kept longer than
         // the limit until redaction has seen them whole (so a secret straddling the cut
         // is still recognized), redacted, then cut. An expression (`len(user.password)`,
@@ -764,14 +782,58 @@ impl<R: Runtime> Runner<R> {
     }
 }
 
-async fn send(socket: &mut Socket, msg: &AgentMessage) -> Result<(), String> {
+/// Frames the session hands its writer task ahead of the socket (the agent's own queue
+/// of raw hits is where a stalled broker backs up to, not here).
+const OUTBOX_FRAMES: usize = 16;
+
+/// The session's sending half: frames for the writer task.
+struct Outbox {
+    tx: mpsc::Sender<Message>,
+}
+
+/// Waits until the writer can take another frame.
+async fn room_in(tx: &mpsc::Sender<Message>) {
+    let _ = tx.reserve().await;
+}
+
+/// The writer task, stopped when its session ends (what it still held is lost, as the
+/// connection is).
+struct Writer(tokio::task::JoinHandle<String>);
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Writes the session's frames in order until the session drops its [`Outbox`] (then
+/// closes the connection) or a write fails; returns why it stopped.
+async fn write_frames(
+    mut sink: futures_util::stream::SplitSink<Socket, Message>,
+    mut rx: mpsc::Receiver<Message>,
+) -> String {
+    while let Some(frame) = rx.recv().await {
+        if let Err(e) = sink.send(frame).await {
+            return e.to_string();
+        }
+    }
+    let _ = sink.close().await;
+    "the session closed the connection".into()
+}
+
+async fn send(socket: &mut Outbox, msg: &AgentMessage) -> Result<(), String> {
     let text = encode(msg);
     if text.len() > MAX_FRAME_BYTES {
         // enforce_limits keeps hits far below this; anything else this large is a bug.
         tracing::warn!(target: "periscope_agent", kind = msg.type_name(), bytes = text.len(), "periscope agent dropped an oversized frame");
         return Ok(());
     }
-    socket.send(Message::text(text)).await.map_err(|e| e.to_string())
+    socket.tx.send(Message::text(text)).await.map_err(|_| "the connection's writer stopped".to_owned())
+}
+
+/// Sends on the socket itself, before the session splits it (registration).
+async fn send_direct(socket: &mut Socket, msg: &AgentMessage) -> Result<(), String> {
+    socket.send(Message::text(encode(msg))).await.map_err(|e| e.to_string())
 }
 
 /// A catalog update as frames: the first one marked `full` when it is the whole
@@ -819,7 +881,7 @@ fn line_findings(
 
 /// Reports an evaluation error as the action's status, once per action and kind.
 async fn report_eval_error(
-    socket: &mut Socket,
+    socket: &mut Outbox,
     action: &Installed,
     context: &str,
     error: &periscope_protocol::EvalError,

@@ -210,6 +210,11 @@ pub fn fire_error<S: Site>(
             core.counters.dropped_rate.fetch_add(1, Ordering::Relaxed);
             continue;
         }
+        // Counted as an occurrence either way; captured only when it can be delivered.
+        if !core.can_deliver() {
+            errors.unqueued(occurrence);
+            continue;
+        }
         let backtrace = errors.spec.backtrace || occurrence.error.kind == ErrorKind::Panic;
         let hit = crate::RawHit {
             action: Arc::clone(action),

@@ -262,6 +262,10 @@ impl<P> Firing<'_, P> {
     ) {
         let core = self.core;
         let budgets = self.budgets;
+        // Before any budget is spent: a hit nobody can receive takes no slot and no rate.
+        if !core.can_deliver() {
+            return;
+        }
         if !action.rate.try_take(self.started, 1) || !budgets.snapshots.try_take(self.started, 1) {
             if action.pause(PauseReason::RateLimited) {
                 core.report(
@@ -308,6 +312,9 @@ impl<P> Firing<'_, P> {
         let budgets = self.budgets;
         if log.paused_until.load(Ordering::Relaxed) > self.started {
             core.counters.dropped_rate.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if !core.can_deliver() {
             return;
         }
         if !log.line_rate.try_take(self.started, 1) || !budgets.log_lines.try_take(self.started, 1) {

@@ -329,6 +329,13 @@ pub struct Counters {
 /// can only fill this, never grow memory; further calls are counted and skipped.
 pub const MAX_OPEN_CALLS: u32 = 1_024;
 
+/// [`Core::connected`]: no broker session.
+const DISCONNECTED: u8 = 0;
+/// [`Core::connected`]: a registered broker session.
+const CONNECTED: u8 = 1;
+/// [`Core::connected`]: a bench captures without a broker.
+const ASSUMED_CONNECTED: u8 = 2;
+
 /// What an adapter's probes and the agent thread share, whatever the runtime: the
 /// statuses raised on the host's threads, the bounded hit queue, the counters, the clock
 /// and the redaction rules in force. `P` is the adapter's raw capture.
@@ -339,6 +346,10 @@ pub struct Core<P> {
     /// Set when code that ran for the first time matches an installed action: the
     /// adapter's table needs a rebuild.
     pub rebuild_needed: AtomicBool,
+    /// Whether a broker is connected to deliver hits to ([`DISCONNECTED`], [`CONNECTED`]
+    /// or [`ASSUMED_CONNECTED`]). While none is, nothing is captured: a hit built for
+    /// nobody would cost the host for nothing.
+    connected: AtomicU8,
     hits_tx: mpsc::Sender<Box<RawHit<P>>>,
     /// Sent and dropped hits, for heartbeats.
     pub counters: Counters,
@@ -363,6 +374,7 @@ impl<P> Core<P> {
             statuses: Mutex::new(Vec::new()),
             wake: Notify::new(),
             rebuild_needed: AtomicBool::new(false),
+            connected: AtomicU8::new(DISCONNECTED),
             hits_tx,
             counters: Counters::default(),
             clock: Clock::new(),
@@ -416,6 +428,56 @@ impl<P> Core<P> {
         }
     }
 
+    /// Says whether a broker is there to deliver hits to (the agent thread sets it when
+    /// a session is registered and clears it when the session ends).
+    pub fn set_connected(&self, connected: bool) {
+        let to = if connected { CONNECTED } else { DISCONNECTED };
+        let _ = self
+            .connected
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| (now != ASSUMED_CONNECTED).then_some(to));
+    }
+
+    /// Whether a broker session is there to deliver captures to (adapters skip reading
+    /// values for captures while it is not).
+    #[inline]
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed) != DISCONNECTED
+    }
+
+    /// Whether a capture made now could be queued: a broker session is there and the
+    /// queue has room. Adapters read values that only captures need (span fields for
+    /// span stacks, an event's fields) only then, so a broker that is unreachable or
+    /// stalled (its queue full) costs the host about what an idle agent does.
+    #[inline]
+    pub fn can_capture(&self) -> bool {
+        self.is_connected() && self.hits_tx.capacity() > 0
+    }
+
+    /// Benchmarks only: captures as if a broker were always connected, whatever the
+    /// agent thread finds (a bench measures the capture path without a broker; its
+    /// hits are then dropped and counted by the agent thread).
+    #[doc(hidden)]
+    pub fn assume_connected_for_bench(&self) {
+        self.connected.store(ASSUMED_CONNECTED, Ordering::Release);
+    }
+
+    /// Whether a hit built now could be delivered: a broker is connected and the queue
+    /// has room. Checked on the host's thread before anything is captured, so that an
+    /// unreachable or stalled broker (whose queue stays full) costs the host two atomic
+    /// loads per firing instead of a capture that is then thrown away. A refusal is
+    /// counted, as a drop while disconnected or on a full queue.
+    pub fn can_deliver(&self) -> bool {
+        if !self.is_connected() {
+            self.counters.dropped_disconnected.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        if self.hits_tx.capacity() == 0 {
+            self.counters.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
     /// Queues a raw hit for the agent thread without ever waiting: when the queue is
     /// full (or the agent thread is gone) the hit is dropped and counted.
     pub fn enqueue(&self, hit: RawHit<P>) -> bool {
@@ -433,5 +495,55 @@ impl<P> Core<P> {
     pub fn request_rebuild(&self) {
         self.rebuild_needed.store(true, Ordering::Release);
         self.wake.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nothing_is_captured_for_a_broker_that_is_not_there_or_whose_queue_is_full_and_each_refusal_is_counted() {
+        let (core, mut rx) = Core::<()>::new(1);
+        assert!(!core.can_capture() && !core.can_deliver(), "no session yet");
+        assert_eq!(core.counters.dropped_disconnected.load(Ordering::Relaxed), 1);
+        core.set_connected(true);
+        assert!(core.can_capture() && core.can_deliver());
+        // One slot: once it is taken the queue is full.
+        let spec = periscope_protocol::ActionSpec {
+            id: ActionId::generate(),
+            location: periscope_protocol::Location { file: "a.rs".into(), line: 1 },
+            condition: None,
+            expires_at_ms: u64::MAX,
+            kind: periscope_protocol::ActionKind::Snapshot(periscope_protocol::SnapshotSpec {
+                max_hits: 1,
+                watch: Vec::new(),
+                backtrace: false,
+            }),
+            function: None,
+            expect: None,
+        };
+        let action = Arc::new(Installed::new(spec, &AgentQuotas::default()));
+        let hit = RawHit {
+            action,
+            seq: 1,
+            time_ms: 1,
+            thread: periscope_protocol::ThreadInfo { name: None, id: "1".into() },
+            payload: (),
+            error: None,
+            call: None,
+        };
+        assert!(core.enqueue(hit));
+        assert!(!core.can_capture() && !core.can_deliver(), "the queue is full");
+        assert_eq!(core.counters.dropped_queue_full.load(Ordering::Relaxed), 1);
+        assert!(rx.try_recv().is_ok());
+        assert!(core.can_deliver(), "room again once the agent thread took the hit");
+        core.set_connected(false);
+        assert!(!core.can_deliver());
+        assert_eq!(core.counters.dropped_disconnected.load(Ordering::Relaxed), 2);
+        // A bench captures without a broker, whatever the agent thread finds.
+        core.assume_connected_for_bench();
+        core.set_connected(false);
+        assert!(core.can_deliver());
     }
 }

@@ -542,6 +542,7 @@ fn install_for_bench(
     if let Some(n) = frames_with_values {
         limits.frames_with_values = n;
     }
+    agent.core().assume_connected_for_bench();
     agent.runtime.install(vec![action], Arc::new(Budgets::new(quotas)), limits);
     Ok(())
 }
@@ -564,6 +565,7 @@ fn install_errors_for_bench() -> PyResult<()> {
         expect: None,
     };
     let action = Arc::new(Installed::new(spec, &quotas));
+    agent.core().assume_connected_for_bench();
     agent.runtime.install(vec![action], Arc::new(Budgets::new(quotas)), CaptureLimits::default());
     Ok(())
 }
@@ -597,6 +599,7 @@ fn install_function_for_bench(module: String, qualname: String, min_duration_ms:
     };
     let action = Arc::new(Installed::new(spec, &quotas));
     use periscope_agent_core::Runtime as _;
+    agent.core().assume_connected_for_bench();
     agent.runtime.install(vec![action], Arc::new(Budgets::new(quotas)), CaptureLimits::default());
     Ok(())
 }

@@ -114,14 +114,22 @@ where
     }
 
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        let table = self.shared.table();
+        let entry = table.by_callsite.get(&attrs.metadata().callsite());
+        // Span fields are read for the span stacks of captures; while no capture could
+        // be delivered (no broker, or its queue full), a span costs nothing more than
+        // counting the captures it would have made.
+        if !self.shared.core.can_capture() && entry.is_none_or(|e| self.only_undeliverable(e)) {
+            return;
+        }
+        let placed = entry.is_some();
         let Some(span) = ctx.span(id) else { return };
         let mut values = FieldCollector::default();
         attrs.record(&mut values);
         // Stored first, so that a duration started by this span can find it.
         let fields = values.fields.clone();
         span.extensions_mut().insert(SpanValues(values));
-        let table = self.shared.table();
-        if table.by_callsite.contains_key(&attrs.metadata().callsite()) {
+        if placed {
             // Actions on a span location fire when the span is created.
             let parent = span.parent().map(|p| p.id());
             let site = Site { meta: attrs.metadata(), parent: parent.as_ref(), span: Some(id) };
@@ -152,6 +160,13 @@ where
         let placed = table.by_callsite.contains_key(&meta.callsite());
         let error = table.captures_error(meta) && !IN_AGENT.with(|a| a.get());
         if !placed && !error {
+            return;
+        }
+        // Nothing captured here could be delivered: the captures are counted as drops,
+        // and the event's fields are not even read (unless a metric needs them).
+        if !self.shared.core.can_capture()
+            && table.by_callsite.get(&meta.callsite()).is_none_or(|e| self.only_undeliverable(e))
+        {
             return;
         }
         let mut values = FieldCollector::default();
@@ -449,6 +464,18 @@ impl ProbeLayer {
 }
 
 impl ProbeLayer {
+    /// While no capture can be delivered: counts the snapshots and logs placed at
+    /// `entry` as dropped, and says whether that is all the firing would do (no metric
+    /// or duration there still needs it).
+    fn only_undeliverable(&self, entry: &crate::state::CallsiteActions) -> bool {
+        let core = &self.shared.core;
+        let captures = entry.actions.iter().filter(|a| a.snapshot.is_some() || a.log.is_some()).count() as u64;
+        let counter =
+            if core.is_connected() { &core.counters.dropped_queue_full } else { &core.counters.dropped_disconnected };
+        counter.fetch_add(captures, Ordering::Relaxed);
+        entry.ends.is_empty() && entry.actions.iter().all(|a| a.metric.is_none() && !a.probes_calls())
+    }
+
     /// Runs the error-capture actions for an ERROR event: counted always, captured (its
     /// fields, span stack, optionally a backtrace) when its location and type are due.
     #[cold]

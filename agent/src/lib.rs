@@ -165,6 +165,7 @@ impl Agent {
             expect: None,
         };
         let installed = Arc::new(Installed::new(spec, &quotas));
+        self.shared.core.assume_connected_for_bench();
         self.shared.install(vec![installed], Arc::new(Budgets::new(quotas)), CaptureLimits::default());
         self.shared.rebuild_interest();
     }
@@ -194,6 +195,7 @@ impl Agent {
             expect: None,
         };
         let installed = Arc::new(Installed::new(spec, &quotas));
+        self.shared.core.assume_connected_for_bench();
         self.shared.install(vec![installed], Arc::new(Budgets::new(quotas)), CaptureLimits::default());
         self.shared.rebuild_interest();
     }
@@ -214,6 +216,7 @@ impl Agent {
             expect: None,
         };
         let installed = Arc::new(Installed::new(spec, &quotas));
+        self.shared.core.assume_connected_for_bench();
         self.shared.install(vec![installed], Arc::new(Budgets::new(quotas)), CaptureLimits::default());
         self.shared.rebuild_interest();
     }

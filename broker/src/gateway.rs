@@ -87,8 +87,22 @@ fn unauthorized(message: &str) -> Response {
     (StatusCode::UNAUTHORIZED, [("www-authenticate", "Bearer")], axum::Json(body)).into_response()
 }
 
+/// Longest a write to an agent may wait. An agent that stops reading (a stalled
+/// process, a dead network path the kernel has not noticed) otherwise holds its session's
+/// task in a write for as long as TCP keeps trying, and with it the ping check that would
+/// have closed the session.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a session ended when a write did not go through.
+const WRITE_FAILED: &str = "a write to the agent failed or waited 30 s (the agent reads nothing)";
+
+/// Writes one frame; false when the socket failed or the write waited [`WRITE_TIMEOUT`].
+async fn write(socket: &mut WebSocket, frame: Message) -> bool {
+    matches!(tokio::time::timeout(WRITE_TIMEOUT, socket.send(frame)).await, Ok(Ok(())))
+}
+
 async fn send(socket: &mut WebSocket, msg: &BrokerMessage) -> bool {
-    socket.send(Message::text(encode(msg))).await.is_ok()
+    write(socket, Message::text(encode(msg))).await
 }
 
 async fn refuse(socket: &mut WebSocket, body: ProtocolErrorBody) {
@@ -97,7 +111,7 @@ async fn refuse(socket: &mut WebSocket, body: ProtocolErrorBody) {
     tracing::debug!(code = ?body.code, message = %body.message, "agent refused");
     let _ = send(socket, &BrokerMessage::Error(body.clone())).await;
     let reason = periscope_protocol::value::truncate_chars(&body.message, 120).to_owned();
-    let _ = socket.send(Message::Close(Some(CloseFrame { code: close_code::POLICY, reason: reason.into() }))).await;
+    let _ = write(socket, Message::Close(Some(CloseFrame { code: close_code::POLICY, reason: reason.into() }))).await;
 }
 
 fn error_body(code: ProtocolErrorCode, message: impl Into<String>, fatal: bool) -> ProtocolErrorBody {
@@ -463,7 +477,7 @@ async fn run(
                                             bad_frames += 1;
                                             state.registry.count_drop(agent_id, DropReason::BadFrame, 1);
                                             if !send(socket, &BrokerMessage::Error(err)).await {
-                                                break 'frames Some("the socket failed".into());
+                                                break 'frames Some(WRITE_FAILED.into());
                                             }
                                         }
                                     }
@@ -472,7 +486,7 @@ async fn run(
                                         state.registry.count_drop(agent_id, DropReason::BadFrame, 1);
                                         tracing::debug!(agent = %agent_id, error = %e, "malformed frame from agent");
                                         if !send(socket, &BrokerMessage::Error(e.to_body(false))).await {
-                                            break 'frames Some("the socket failed".into());
+                                            break 'frames Some(WRITE_FAILED.into());
                                         }
                                     }
                                 }
@@ -483,7 +497,7 @@ async fn run(
                                     state.registry.count_warning(agent_id);
                                     tracing::warn!(agent = %agent_id, "agent over its budget: {}", body.message);
                                     if !send(socket, &BrokerMessage::Error(body)).await {
-                                        break 'frames Some("the socket failed".into());
+                                        break 'frames Some(WRITE_FAILED.into());
                                     }
                                 }
                                 Some(Verdict::Disconnect(body)) => {
@@ -512,7 +526,7 @@ async fn run(
                             bad_frames += 1;
                             state.registry.count_drop(agent_id, DropReason::BadFrame, 1);
                             if !send(socket, &BrokerMessage::Error(ProtocolError::BinaryFrame.to_body(false))).await {
-                                break 'frames Some("the socket failed".into());
+                                break 'frames Some(WRITE_FAILED.into());
                             }
                         }
                         Some(Ok(Message::Close(_))) | None => break 'frames Some("the agent closed the connection".into()),
@@ -558,7 +572,7 @@ async fn run(
                         let mut msg = msg;
                         for _ in 0..AGENT_QUEUE {
                             if !send(socket, &msg).await {
-                                return "the socket failed".into();
+                                return WRITE_FAILED.into();
                             }
                             match rx.try_recv() {
                                 Ok(next) => msg = next,
@@ -598,16 +612,16 @@ async fn run(
                 }
                 if last_heard.elapsed() > ping_every + ping_timeout {
                     state.registry.count_drop(agent_id, DropReason::PingTimeout, 1);
-                    let _ = socket.send(Message::Close(Some(CloseFrame { code: close_code::AWAY, reason: "ping timeout".into() }))).await;
+                    let _ = write(socket, Message::Close(Some(CloseFrame { code: close_code::AWAY, reason: "ping timeout".into() }))).await;
                     return format!("no answer to ping within {} s", ping_timeout.as_secs());
                 }
-                if socket.send(Message::Ping(Default::default())).await.is_err() {
-                    return "the socket failed".into();
+                if !write(socket, Message::Ping(Default::default())).await {
+                    return WRITE_FAILED.into();
                 }
             }
             _ = shutdown.changed() => {
                 let _ = send(socket, &BrokerMessage::Goodbye { reason: "broker shutting down".into() }).await;
-                let _ = socket.send(Message::Close(Some(CloseFrame { code: close_code::RESTART, reason: "broker shutting down".into() }))).await;
+                let _ = write(socket, Message::Close(Some(CloseFrame { code: close_code::RESTART, reason: "broker shutting down".into() }))).await;
                 return "broker shut down".into();
             }
         }

@@ -433,6 +433,63 @@ pub struct Store {
     path: PathBuf,
     thread: Option<JoinHandle<()>>,
     gate: Arc<IngestGate>,
+    checkpointer: Option<Checkpointer>,
+}
+
+/// How often the checkpointer copies the WAL back into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// The WAL's size is cut back to this after a checkpoint that emptied it (it otherwise
+/// stays at its largest).
+const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
+
+/// Copies the WAL into the database on its own thread and connection. In WAL mode with
+/// `synchronous = NORMAL` a commit does not sync; a checkpoint does (the database file,
+/// then the WAL header). Left to SQLite's automatic checkpoints, that happens on the
+/// writer thread inside a commit every 1,000 pages, and every write queued behind it
+/// (hits, lines, audit entries a caller waits on) waits for the disk. Here the writer
+/// never checkpoints; a `PASSIVE` checkpoint on a second connection runs beside it and
+/// never blocks it (it copies what no reader still needs, and the writer starts the WAL
+/// over once a checkpoint has caught up).
+#[derive(Debug)]
+struct Checkpointer {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path) -> Result<Checkpointer, StoreError> {
+        let conn = Connection::open(path).map_err(sqlite(path))?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(sqlite(path))?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let at = path.to_owned();
+        let thread = std::thread::Builder::new()
+            .name("periscope-checkpoint".into())
+            .spawn(move || {
+                loop {
+                    let last = !matches!(
+                        stopped.recv_timeout(CHECKPOINT_EVERY),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                    );
+                    // A checkpoint that finds the database busy is tried again at the
+                    // next tick.
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                        tracing::warn!(db = %at.display(), error = %e, "checkpointing the store's WAL failed");
+                    }
+                    if last {
+                        return;
+                    }
+                }
+            })
+            .map_err(|source| StoreError::Dir { path: path.to_owned(), source })?;
+        Ok(Checkpointer { stop, thread })
+    }
+
+    /// Stops after one last checkpoint (the writer has stopped by then).
+    fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
 }
 
 impl std::fmt::Debug for Op {
@@ -581,6 +638,9 @@ impl Store {
     pub fn open_with(dir: &Path, max_queued_bytes: u64) -> Result<(Store, Loaded), StoreError> {
         let conn = open_connection(dir)?;
         let path = db_path(dir);
+        // The writer never checkpoints (see [`Checkpointer`]).
+        conn.execute_batch(&format!("PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {WAL_SIZE_LIMIT};"))
+            .map_err(sqlite(&path))?;
         let loaded = Loaded {
             actions: load_actions(&conn).map_err(sqlite(&path))?,
             hits: load_hits(&conn).map_err(sqlite(&path))?,
@@ -597,7 +657,8 @@ impl Store {
             .name("periscope-store".into())
             .spawn(move || writer(conn, rx, &writer_path, &writer_gate, &progress))
             .map_err(|source| StoreError::Dir { path: dir.to_owned(), source })?;
-        Ok((Store { tx, path, thread: Some(thread), gate }, loaded))
+        let checkpointer = Checkpointer::start(&path)?;
+        Ok((Store { tx, path, thread: Some(thread), gate, checkpointer: Some(checkpointer) }, loaded))
     }
 
     /// The database file.
@@ -763,6 +824,9 @@ impl Drop for Store {
         let _ = self.tx.send(Op::Stop);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        if let Some(c) = self.checkpointer.take() {
+            c.stop();
         }
     }
 }
@@ -1120,6 +1184,33 @@ mod tests {
         assert_eq!(loaded.actions.len(), 1);
         assert_eq!(loaded.actions[0].status, "completed");
         assert_eq!(loaded.hits.len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn rows_reach_the_database_file_through_the_checkpointer_not_the_writer() {
+        let dir = std::env::temp_dir().join(format!("periscope-store-{}", periscope_protocol::ActionId::generate()));
+        let (owner, _) = Store::open(&dir).unwrap();
+        let store = owner.handle();
+        let db = db_path(&dir);
+        let before = std::fs::metadata(&db).unwrap().len();
+        // About 4 MiB: far past SQLite's automatic checkpoint (1,000 pages), which the
+        // writer's connection no longer runs.
+        for i in 0..2_000 {
+            store.put_line(LineRow { action_id: "act_a".into(), idx: i, body: "y".repeat(2_000), received_at_ms: 5 });
+        }
+        assert!(store.flush(Duration::from_secs(10)));
+        let wal = dir.join(format!("{DB_FILE}-wal"));
+        assert!(std::fs::metadata(&wal).unwrap().len() > 0, "the rows went to the WAL first");
+        // The checkpointer copies them into the database file on its own thread.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::fs::metadata(&db).unwrap().len() < before + 3_000_000 {
+            assert!(std::time::Instant::now() < deadline, "no checkpoint copied the rows into {}", db.display());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        drop(owner);
+        let (_owner, loaded) = Store::open(&dir).unwrap();
+        assert_eq!(loaded.lines.len(), 2_000);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

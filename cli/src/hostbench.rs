@@ -1,17 +1,19 @@
 //! `periscope host-bench`: what the agent costs the service it lives in, with the broker
 //! healthy, slow, and unreachable, measured as ratios in one run.
 //!
-//! It starts four copies of the demo shop as real processes (`periscope
-//! host-bench-service`): one without the agent (the baseline) and three with it, each
-//! agent reaching the broker through its own TCP proxy. With every agent connected it
-//! places a snapshot and a dynamic log on the handler the load runs through, then
-//! drives all four shops with the same steady load, one request to each in turn, so
-//! that whatever else the machine does falls on all four alike. A first window has every
-//! proxy passing bytes through (healthy broker); then a second snapshot is placed and,
-//! once every agent has it, one proxy trickles (`--slow-bytes-per-sec`) and one goes
-//! dark (existing connections closed, new ones accepted and never answered) for
-//! `--duration`: the agents that cannot deliver keep capturing for that snapshot the
-//! whole time (a hit lost to a missing broker gives its slot back), the worst case. Then the proxies recover, and the
+//! It starts five copies of the demo shop as real processes (`periscope
+//! host-bench-service`): one without the agent (the baseline), one with the agent
+//! connected but in a pool no action reaches (`idle`: what attaching the agent costs),
+//! and three with it, each agent reaching the broker through its own TCP proxy. With
+//! every agent connected it places a snapshot and a dynamic log on the handler the load
+//! runs through (in the three proxied shops), then drives all five shops with the same
+//! steady load, one request to each in turn, so that whatever else the machine does
+//! falls on all alike. A first window has every proxy passing bytes through (healthy
+//! broker); then a second snapshot is placed and, once every agent has it, one proxy
+//! trickles (`--slow-bytes-per-sec`) and one goes dark (existing connections closed,
+//! new ones accepted and never answered) for `--duration`. An agent that cannot deliver
+//! captures nothing (its queue full, or no session): the host pays two atomic loads per
+//! firing, and the drops are counted. Then the proxies recover, and the
 //! report waits for the broker to show the hits each agent dropped while it could not
 //! reach it. Latencies are exact (every sample kept, bounded by [`MAX_SAMPLES`]); the
 //! shops' memory is read from `/proc` before and after the outage.
@@ -174,7 +176,13 @@ struct Shop {
     http: reqwest::Client,
 }
 
-async fn start_shop(opts: &Options, name: &'static str, broker_ws: Option<String>, seed: u64) -> anyhow::Result<Shop> {
+async fn start_shop(
+    opts: &Options,
+    name: &'static str,
+    broker_ws: Option<String>,
+    pool: &str,
+    seed: u64,
+) -> anyhow::Result<Shop> {
     let mut cmd = tokio::process::Command::new(&opts.exe);
     cmd.arg("host-bench-service")
         .arg("--instance")
@@ -182,7 +190,7 @@ async fn start_shop(opts: &Options, name: &'static str, broker_ws: Option<String
         .arg("--seed")
         .arg(seed.to_string());
     if let Some(ws) = &broker_ws {
-        cmd.args(["--broker-url", ws, "--agent-key", &opts.agent_key, "--pool", &opts.pool]);
+        cmd.args(["--broker-url", ws, "--agent-key", &opts.agent_key, "--pool", pool]);
         cmd.arg("--tags").arg(format!("variant:{name}"));
     }
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
@@ -420,10 +428,19 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     for _ in names {
         proxies.push(Proxy::start(upstream, opts.slow_bytes_per_sec).await?);
     }
-    let mut shops = vec![start_shop(&opts, "baseline", None, 1).await?];
+    // `idle` has the agent, connected straight to the broker, in a pool of its own that
+    // no action reaches: what attaching the agent costs before anything is placed.
+    let idle_pool = format!("{}-idle", opts.pool);
+    let direct = format!("ws://{}", upstream);
+    let mut shops = vec![
+        start_shop(&opts, "baseline", None, &opts.pool, 1).await?,
+        start_shop(&opts, "idle", Some(direct), &idle_pool, 1).await?,
+    ];
     for (name, proxy) in names.iter().zip(&proxies) {
-        shops.push(start_shop(&opts, name, Some(format!("ws://{}", proxy.addr)), 1).await?);
+        shops.push(start_shop(&opts, name, Some(format!("ws://{}", proxy.addr)), &opts.pool, 1).await?);
     }
+    let dark_shop = shops.len() - 1;
+    let placed_on = shops.iter().filter(|s| s.agent_id.is_some() && s.name != "idle").count();
     let ids: Vec<String> = shops.iter().filter_map(|s| s.agent_id.clone()).collect();
     // Every agent online with its catalog.
     let line = {
@@ -499,7 +516,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             .as_array()
             .map(|a| a.iter().filter_map(|s| s["state"].as_str()).collect())
             .unwrap_or_default();
-        if states.len() == ids.len() && states.iter().all(|s| *s != "pending") {
+        if states.len() == placed_on && states.iter().all(|s| *s != "pending") {
             break;
         }
         if Instant::now() > installed_by {
@@ -527,7 +544,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
                 views[i] = agent_view(&http, &opts, id).await;
             }
         }
-        let dark_reported = views[3]
+        let dark_reported = views[dark_shop]
             .as_ref()
             .is_some_and(|v| is_online(v) && v["stats"]["hits_dropped_disconnected"].as_u64().unwrap_or(0) > 0);
         let all_online = views.iter().skip(1).all(|v| v.as_ref().is_some_and(is_online));
