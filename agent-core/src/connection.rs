@@ -114,6 +114,7 @@ impl<R: Runtime> Runner<R> {
             let started = tokio::time::Instant::now();
             let end = self.session().await;
             self.shared.set_connected(false);
+            self.connection_changed(false).await;
             // A session that ended moves the agent to the next node (with one URL, the
             // same one again: a load balancer picks a live node).
             let broker = self.url().to_owned();
@@ -188,6 +189,7 @@ impl<R: Runtime> Runner<R> {
         self.limits = registered.limits;
         self.budgets = Arc::new(Budgets::new(registered.quotas));
         self.shared.set_connected(true);
+        self.connection_changed(true).await;
         self.heartbeat = Duration::from_millis(registered.heartbeat_interval_ms.clamp(1_000, 300_000));
         // Re-install what we had with the new budgets until the broker's sync arrives.
         self.reinstall().await;
@@ -480,6 +482,13 @@ impl<R: Runtime> Runner<R> {
             })
             .collect();
         self.install().await;
+    }
+
+    /// Tells the adapter a session began or ended, off the runtime (it may take the
+    /// host's locks, as installing does).
+    async fn connection_changed(&self, connected: bool) {
+        let runtime = Arc::clone(&self.runtime);
+        let _ = tokio::task::spawn_blocking(move || runtime.connection_changed(connected)).await;
     }
 
     /// Hands the current actions to the adapter to install; returns, per action, how

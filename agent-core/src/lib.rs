@@ -103,6 +103,12 @@ pub trait Runtime: Send + Sync + 'static {
 
     /// Emits a dynamic log line through the host's own logging.
     fn emit_app_log(&self, level: LogLevel, action_id: &ActionId, text: &str);
+
+    /// A broker session began or ended ([`Core::is_connected`] already says so). An
+    /// adapter that does work for captures beyond the probed locations themselves (the
+    /// Rust layer records every span's fields for span stacks) can stop asking for it
+    /// while nothing could be delivered. Runs on a blocking thread, like `install`.
+    fn connection_changed(&self, _connected: bool) {}
 }
 
 /// A running agent thread. Dropping it (or calling [`Running::stop`]) says goodbye to

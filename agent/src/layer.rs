@@ -74,7 +74,7 @@ impl<S> Filter<S> for ProbeFilter {
             self.shared.core.request_rebuild();
             return Interest::sometimes();
         }
-        if table.wants(meta) {
+        if table.wants(meta, self.shared.core.is_connected()) {
             return Interest::always();
         }
         Interest::never()
@@ -92,7 +92,7 @@ impl<S> Filter<S> for ProbeFilter {
         if !self.shared.placed.load(Ordering::Relaxed) {
             return self.shared.wants_unplaced(meta);
         }
-        self.shared.table().wants(meta)
+        self.shared.table().wants(meta, self.shared.core.is_connected())
     }
 
     fn max_level_hint(&self) -> Option<LevelFilter> {

@@ -93,10 +93,12 @@ impl Table {
         }
     }
 
-    /// Whether the layer wants this callsite.
-    pub(crate) fn wants(&self, meta: &Metadata<'_>) -> bool {
+    /// Whether the layer wants this callsite. Spans are recorded only while a broker
+    /// session is `connected`: their fields are for the span stacks of captures, and
+    /// none is made while nothing could be delivered.
+    pub(crate) fn wants(&self, meta: &Metadata<'_>, connected: bool) -> bool {
         self.by_callsite.contains_key(&meta.callsite())
-            || (self.record_spans && meta.is_span() && *meta.level() <= SPAN_RECORD_LEVEL)
+            || (self.record_spans && connected && meta.is_span() && *meta.level() <= SPAN_RECORD_LEVEL)
             || (self.captures_error(meta))
             || (self.calls && is_call_outcome(meta))
     }
@@ -171,7 +173,7 @@ impl Shared {
     pub(crate) fn wants_unplaced(&self, meta: &Metadata<'_>) -> bool {
         let level = *meta.level();
         if meta.is_span() {
-            return level <= SPAN_RECORD_LEVEL && self.record_spans.load(Ordering::Relaxed);
+            return level <= SPAN_RECORD_LEVEL && self.record_spans.load(Ordering::Relaxed) && self.core.is_connected();
         }
         level == Level::ERROR && self.errors_live.load(Ordering::Relaxed)
     }
@@ -452,5 +454,14 @@ impl Runtime for Shared {
 
     fn emit_app_log(&self, level: LogLevel, action_id: &ActionId, text: &str) {
         Shared::emit_app_log(self, level, action_id, text);
+    }
+
+    /// Spans are recorded only while a session is up (`Table::wants`): tracing's cached
+    /// interest is rebuilt so that, while the broker is away, spans that are not probed
+    /// cost what they cost without an action.
+    fn connection_changed(&self, _connected: bool) {
+        if self.record_spans.load(Ordering::Acquire) {
+            self.rebuild_interest();
+        }
     }
 }
