@@ -478,6 +478,23 @@ impl<P> Core<P> {
         true
     }
 
+    /// The shortcut a probe takes before it reads anything, while [`Core::can_capture`]
+    /// says no: counts a drop for each live snapshot and log in `actions` (as
+    /// [`Core::can_deliver`] would have, one by one), and says whether that is all a
+    /// firing there would do, no metric, duration or function probe among `actions`
+    /// or `ends` still needing it. Then the probe returns at once: an unreachable or
+    /// stalled broker costs the host a few atomic loads per firing, in every agent.
+    pub fn refuse_undeliverable(&self, actions: &[Arc<Installed>], ends: &[Arc<Installed>]) -> bool {
+        let captures = actions
+            .iter()
+            .filter(|a| (a.snapshot.is_some() || a.log.is_some()) && !a.done.load(Ordering::Relaxed))
+            .count() as u64;
+        let counter =
+            if self.is_connected() { &self.counters.dropped_queue_full } else { &self.counters.dropped_disconnected };
+        counter.fetch_add(captures, Ordering::Relaxed);
+        ends.is_empty() && actions.iter().all(|a| a.metric.is_none() && !a.probes_calls())
+    }
+
     /// Queues a raw hit for the agent thread without ever waiting: when the queue is
     /// full (or the agent thread is gone) the hit is dropped and counted.
     pub fn enqueue(&self, hit: RawHit<P>) -> bool {
@@ -545,5 +562,45 @@ mod tests {
         core.assume_connected_for_bench();
         core.set_connected(false);
         assert!(core.can_deliver());
+    }
+
+    fn installed(kind: periscope_protocol::ActionKind) -> Arc<Installed> {
+        let spec = periscope_protocol::ActionSpec {
+            id: ActionId::generate(),
+            location: periscope_protocol::Location { file: "a.rs".into(), line: 1 },
+            condition: None,
+            expires_at_ms: u64::MAX,
+            kind,
+            function: None,
+            expect: None,
+        };
+        Arc::new(Installed::new(spec, &AgentQuotas::default()))
+    }
+
+    #[test]
+    fn a_probe_that_cannot_deliver_counts_each_live_capture_and_returns_early_unless_a_metric_needs_the_firing() {
+        let (core, _rx) = Core::<()>::new(4);
+        let snapshot = || {
+            installed(periscope_protocol::ActionKind::Snapshot(periscope_protocol::SnapshotSpec {
+                max_hits: 5,
+                watch: Vec::new(),
+                backtrace: false,
+            }))
+        };
+        let done = snapshot();
+        done.done.store(true, Ordering::Relaxed);
+        let captures = [snapshot(), snapshot(), done];
+        assert!(core.refuse_undeliverable(&captures, &[]), "snapshots alone: nothing else to do");
+        assert_eq!(core.counters.dropped_disconnected.load(Ordering::Relaxed), 2, "the finished one is not counted");
+        let metric = installed(periscope_protocol::ActionKind::Metric(periscope_protocol::MetricSpec {
+            metric: periscope_protocol::MetricKind::Counter,
+            expression: None,
+            end_location: None,
+            report_interval_ms: 1_000,
+        }));
+        assert!(!core.refuse_undeliverable(&[snapshot(), metric.clone()], &[]), "a metric still counts firings");
+        assert!(!core.refuse_undeliverable(&[snapshot()], &[metric]), "a duration still ends here");
+        assert_eq!(core.counters.dropped_disconnected.load(Ordering::Relaxed), 4);
+        assert_eq!(core.counters.dropped_queue_full.load(Ordering::Relaxed), 0);
     }
 }

@@ -69,6 +69,12 @@ pub(crate) fn guarded(py: Python<'_>, f: impl FnOnce(Python<'_>, &Arc<PyAgent>) 
 
 /// Fires `slot` in the frame that is running now.
 pub(crate) fn fire_slot(py: Python<'_>, agent: &PyAgent, table: &Table, slot: &Slot) -> PyResult<()> {
+    // Nothing captured here could be delivered (no broker session, or the hit queue
+    // full): counted as drops, and the frame is not even looked at.
+    let core = agent.core();
+    if !core.can_capture() && core.refuse_undeliverable(&slot.actions, &slot.ends) {
+        return Ok(());
+    }
     let frame = handles(py)?.getframe.bind(py).call1((0,))?;
     let mut site = FrameSite::new(py, frame, table, slot, &agent.calls);
     periscope_agent_core::fire::fire(agent.core(), &table.budgets, &slot.actions, &slot.ends, &mut site);

@@ -464,16 +464,10 @@ impl ProbeLayer {
 }
 
 impl ProbeLayer {
-    /// While no capture can be delivered: counts the snapshots and logs placed at
-    /// `entry` as dropped, and says whether that is all the firing would do (no metric
-    /// or duration there still needs it).
+    /// While no capture can be delivered: counts the captures placed at `entry` as
+    /// dropped, and says whether that is all the firing would do.
     fn only_undeliverable(&self, entry: &crate::state::CallsiteActions) -> bool {
-        let core = &self.shared.core;
-        let captures = entry.actions.iter().filter(|a| a.snapshot.is_some() || a.log.is_some()).count() as u64;
-        let counter =
-            if core.is_connected() { &core.counters.dropped_queue_full } else { &core.counters.dropped_disconnected };
-        counter.fetch_add(captures, Ordering::Relaxed);
-        entry.ends.is_empty() && entry.actions.iter().all(|a| a.metric.is_none() && !a.probes_calls())
+        self.shared.core.refuse_undeliverable(&entry.actions, &entry.ends)
     }
 
     /// Runs the error-capture actions for an ERROR event: counted always, captured (its

@@ -17,6 +17,12 @@
 //! report waits for the broker to show the hits each agent dropped while it could not
 //! reach it. Latencies are exact (every sample kept, bounded by [`MAX_SAMPLES`]); the
 //! shops' memory is read from `/proc` before and after the outage.
+//!
+//! With `--language python` the five shops are the demo's Python shop
+//! (`demo/python/pyshop.py bench`: the standard library's threaded HTTP server), the
+//! baseline run by the interpreter alone and the others through `python -m
+//! periscope_agent run`, exactly as a team attaches the agent; the actions go on a line
+//! of the handler every request runs.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,6 +33,8 @@ use anyhow::{Context as _, bail};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+
+use crate::loadtest::{ProcSample, USER_HZ, loadavg, proc_sample};
 
 /// Latency samples kept per service and window (beyond them, samples are counted only).
 pub const MAX_SAMPLES: usize = 2_000_000;
@@ -50,8 +58,67 @@ pub struct Options {
     pub rps: f64,
     /// What the slow proxy lets through, each way.
     pub slow_bytes_per_sec: usize,
-    /// The `periscope` executable that runs the shops.
-    pub exe: PathBuf,
+    /// The shops, and so the agent, being measured.
+    pub host: Host,
+}
+
+/// Which service, with which agent, the shops are.
+#[derive(Debug, Clone)]
+pub enum Host {
+    /// The demo's Rust shop (`periscope host-bench-service`) with the Rust agent.
+    Rust {
+        /// The `periscope` executable that runs the shops.
+        exe: PathBuf,
+    },
+    /// The demo's Python shop with the Python agent.
+    Python {
+        /// An interpreter with `periscope_agent` installed.
+        python: PathBuf,
+        /// `demo/python/pyshop.py`.
+        script: PathBuf,
+    },
+}
+
+impl Host {
+    /// Where the actions go: the `get_product` item `list_sources` shows for the Rust
+    /// shop; for the Python one, the `return product` line of `get_product` (any line
+    /// can be probed), found in the script so that editing it moves nothing.
+    fn location(&self, sources: &serde_json::Value) -> anyhow::Result<Option<(String, u64)>> {
+        let items = sources["items"].as_array().map(Vec::as_slice).unwrap_or_default();
+        match self {
+            Host::Rust { .. } => Ok(items.iter().find_map(|i| {
+                (i["name"].as_str()? == "get_product" && i["file"].as_str()?.ends_with("http.rs"))
+                    .then(|| Some(("demo/src/http.rs".to_owned(), i["line"].as_u64()?)))?
+            })),
+            Host::Python { script, .. } => {
+                // The agent has the file once some item of it is listed.
+                if !items.iter().any(|i| i["file"].as_str().is_some_and(|f| f.ends_with("pyshop.py"))) {
+                    return Ok(None);
+                }
+                let text = std::fs::read_to_string(script).with_context(|| format!("reading {}", script.display()))?;
+                let start = text
+                    .lines()
+                    .position(|l| l.starts_with("def get_product("))
+                    .with_context(|| format!("{} has no `def get_product(`", script.display()))?;
+                let line = text
+                    .lines()
+                    .enumerate()
+                    .skip(start)
+                    .find(|(_, l)| l.trim() == "return product")
+                    .map(|(i, _)| i as u64 + 1)
+                    .with_context(|| format!("{}: get_product has no `return product` line", script.display()))?;
+                Ok(Some(("pyshop.py".to_owned(), line)))
+            }
+        }
+    }
+
+    /// The dynamic log's template: the handler's product id, by its name there.
+    fn log_template(&self) -> &'static str {
+        match self {
+            Host::Rust { .. } => "product {id} read",
+            Host::Python { .. } => "product {product_id} read",
+        }
+    }
 }
 
 impl Options {
@@ -74,6 +141,11 @@ impl Options {
         }
         if !(1..=100_000_000).contains(&self.slow_bytes_per_sec) {
             bail!("--slow-bytes-per-sec is {}; allowed range is 1..=100000000", self.slow_bytes_per_sec);
+        }
+        if let Host::Python { script, .. } = &self.host
+            && !script.is_file()
+        {
+            bail!("{} is not there: run host-bench --language python from the repository", script.display());
         }
         Ok(())
     }
@@ -172,8 +244,31 @@ struct Shop {
     child: tokio::process::Child,
     pid: u32,
     url: String,
+    /// Its agent's pool; none for the baseline.
+    pool: Option<String>,
+    /// Its agent's id, once known (the Python shop does not know it: the broker is
+    /// asked).
     agent_id: Option<String>,
     http: reqwest::Client,
+}
+
+/// Says, with its output, why `python` cannot run the Python shops' agent.
+async fn check_python(python: &std::path::Path) -> anyhow::Result<()> {
+    let out = tokio::process::Command::new(python)
+        .args(["-c", "import periscope_agent"])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("running {} (--python, or PERISCOPE_PYTHON)", python.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} cannot import periscope_agent (install the agent: scripts/build-python-agent --release, then pip \
+             install the wheel): {}",
+            python.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 async fn start_shop(
@@ -183,18 +278,40 @@ async fn start_shop(
     pool: &str,
     seed: u64,
 ) -> anyhow::Result<Shop> {
-    let mut cmd = tokio::process::Command::new(&opts.exe);
-    cmd.arg("host-bench-service")
-        .arg("--instance")
-        .arg(format!("host-bench-{name}"))
-        .arg("--seed")
-        .arg(seed.to_string());
-    if let Some(ws) = &broker_ws {
-        cmd.args(["--broker-url", ws, "--agent-key", &opts.agent_key, "--pool", pool]);
-        cmd.arg("--tags").arg(format!("variant:{name}"));
-    }
+    let mut cmd = match &opts.host {
+        Host::Rust { exe } => {
+            let mut cmd = tokio::process::Command::new(exe);
+            cmd.arg("host-bench-service")
+                .arg("--instance")
+                .arg(format!("host-bench-{name}"))
+                .arg("--seed")
+                .arg(seed.to_string());
+            if let Some(ws) = &broker_ws {
+                cmd.args(["--broker-url", ws, "--agent-key", &opts.agent_key, "--pool", pool]);
+                cmd.arg("--tags").arg(format!("variant:{name}"));
+            }
+            cmd
+        }
+        Host::Python { python, script } => {
+            let mut cmd = tokio::process::Command::new(python);
+            // The same interpreter and script with and without the agent; the agent
+            // attached the way a team attaches it, from the outside.
+            if let Some(ws) = &broker_ws {
+                cmd.args(["-m", "periscope_agent", "run", "--"]).arg(python);
+                cmd.env("PERISCOPE_BROKER_URL", format!("{ws}/agents"))
+                    .env("PERISCOPE_AGENT_KEY", &opts.agent_key)
+                    .env("PERISCOPE_POOL", pool)
+                    .env("PERISCOPE_TAGS", format!("variant:{name}"))
+                    .env("PERISCOPE_SERVICE", "host-bench-pyshop")
+                    .env("PERISCOPE_DISPLAY_NAME", format!("host-bench-{name}"))
+                    .env("PERISCOPE_RECONNECT_INITIAL_MS", "500");
+            }
+            cmd.arg(script).arg("bench").env_remove("PERISCOPE_API_KEY");
+            cmd
+        }
+    };
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
-    let mut child = cmd.spawn().with_context(|| format!("starting {}", opts.exe.display()))?;
+    let mut child = cmd.spawn().context("starting a shop")?;
     let pid = child.id().context("the shop exited at once")?;
     let stdout = child.stdout.take().context("the shop's stdout")?;
     let mut lines = tokio::io::BufReader::new(stdout).lines();
@@ -211,7 +328,8 @@ async fn start_shop(
         .timeout(Duration::from_secs(10))
         .build()
         .context("building the HTTP client")?;
-    Ok(Shop { name, child, pid, url, agent_id, http })
+    let pool = broker_ws.is_some().then(|| pool.to_owned());
+    Ok(Shop { name, child, pid, url, pool, agent_id, http })
 }
 
 /// Exact percentiles of one set of samples.
@@ -289,6 +407,9 @@ pub struct ShopReport {
     pub rss_after_outage_kib: u64,
     /// Peak over the process's life, KiB.
     pub rss_peak_kib: u64,
+    /// CPU time (user and system, every thread: the service's and the agent's) the
+    /// process used in the outage window, seconds: where a latency ratio's cost went.
+    pub outage_cpu_seconds: f64,
     /// The agent's drop counters as the broker shows them after the outage (its last
     /// heartbeat): hits dropped while disconnected, on a full queue, over rates.
     pub dropped_disconnected: Option<u64>,
@@ -317,25 +438,6 @@ pub struct Report {
     pub loadavg: (String, String),
     /// Per shop.
     pub shops: Vec<ShopReport>,
-}
-
-fn rss(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib = |key: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    (kib("VmRSS:"), kib("VmHWM:"))
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// Sends one request to each shop in turn (the order rotating every tick) at `rps` per
@@ -389,6 +491,18 @@ async fn api(
     serde_json::from_str(&text).with_context(|| format!("{method} {path}: the answer is not JSON"))
 }
 
+/// The id of the online agent in `pool` tagged `variant:{name}` (how a shop that does not
+/// print its agent's id is found).
+async fn find_agent(http: &reqwest::Client, opts: &Options, pool: &str, name: &str) -> Option<String> {
+    let path = format!("/api/v1/agents?pool={pool}&tag=variant:{name}&status=online&limit=2");
+    let list = api(http, opts, reqwest::Method::GET, &path, None).await.ok()?;
+    let items = list["items"].as_array()?;
+    match items.as_slice() {
+        [one] => one["agent_id"].as_str().map(str::to_owned),
+        _ => None,
+    }
+}
+
 fn is_online(view: &serde_json::Value) -> bool {
     view["status"] == "online"
 }
@@ -411,6 +525,9 @@ async fn place_snapshot(
 /// Runs the bench and returns its report.
 pub async fn run(opts: Options) -> anyhow::Result<Report> {
     opts.validate()?;
+    if let Host::Python { python, .. } = &opts.host {
+        check_python(python).await?;
+    }
     let http =
         reqwest::Client::builder().timeout(Duration::from_secs(30)).build().context("building the HTTP client")?;
     api(&http, &opts, reqwest::Method::GET, "/api/v1/agents", None)
@@ -440,15 +557,20 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         shops.push(start_shop(&opts, name, Some(format!("ws://{}", proxy.addr)), &opts.pool, 1).await?);
     }
     let dark_shop = shops.len() - 1;
-    let placed_on = shops.iter().filter(|s| s.agent_id.is_some() && s.name != "idle").count();
-    let ids: Vec<String> = shops.iter().filter_map(|s| s.agent_id.clone()).collect();
+    let placed_on = shops.iter().filter(|s| s.pool.is_some() && s.name != "idle").count();
+    let with_agent = shops.iter().filter(|s| s.pool.is_some()).count();
     // Every agent online with its catalog.
-    let line = {
+    let (file, line) = {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let mut online = 0;
-            for id in &ids {
-                if agent_view(&http, &opts, id).await.is_some_and(|v| is_online(&v)) {
+            for shop in &mut shops {
+                if let (None, Some(pool)) = (&shop.agent_id, &shop.pool) {
+                    shop.agent_id = find_agent(&http, &opts, pool, shop.name).await;
+                }
+                if let Some(id) = &shop.agent_id
+                    && agent_view(&http, &opts, id).await.is_some_and(|v| is_online(&v))
+                {
                     online += 1;
                 }
             }
@@ -465,16 +587,14 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             )
             .await
             .ok();
-            let line = sources.as_ref().and_then(|s| {
-                s["items"].as_array()?.iter().find_map(|i| {
-                    (i["name"].as_str()? == "get_product" && i["file"].as_str()?.ends_with("http.rs"))
-                        .then(|| i["line"].as_u64())?
-                })
-            });
-            if online == ids.len()
-                && let Some(line) = line
+            let location = match &sources {
+                Some(s) => opts.host.location(s)?,
+                None => None,
+            };
+            if online == with_agent
+                && let Some(location) = location
             {
-                break line;
+                break location;
             }
             if Instant::now() > deadline {
                 bail!("the shops' agents did not come online with their catalogs within 60 s ({online} online)");
@@ -483,10 +603,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         }
     };
     // A snapshot and a log on every agent, on the handler each request runs.
-    let target = serde_json::json!({ "pool": opts.pool, "file": "demo/src/http.rs", "line": line });
+    let target = serde_json::json!({ "pool": opts.pool, "file": file, "line": line });
     let mut placed = vec![place_snapshot(&http, &opts, &target).await?];
     let mut log = target.clone();
-    log["template"] = "product {id} read".into();
+    log["template"] = opts.host.log_template().into();
     log["expire_seconds"] = 3_600.into();
     placed.push(api(&http, &opts, reqwest::Method::POST, "/api/v1/logs", Some(log)).await?);
 
@@ -524,11 +644,11 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let before: Vec<(u64, u64)> = shops.iter().map(|s| rss(s.pid)).collect();
+    let before: Vec<ProcSample> = shops.iter().map(|s| proc_sample(s.pid).unwrap_or_default()).collect();
     proxies[1].set(Mode::Slow);
     proxies[2].set(Mode::Dark);
     drive(&shops, &mut outage, opts.rps, Instant::now() + opts.duration, &mut tick).await;
-    let after: Vec<(u64, u64)> = shops.iter().map(|s| rss(s.pid)).collect();
+    let after: Vec<ProcSample> = shops.iter().map(|s| proc_sample(s.pid).unwrap_or_default()).collect();
     let load_end = loadavg();
     for p in &proxies {
         p.set(Mode::Pass);
@@ -593,9 +713,12 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             agent_id: shop.agent_id.clone(),
             healthy_window: with_ratios(h, &base_h),
             outage_window: with_ratios(o, &base_o),
-            rss_before_outage_kib: before[i].0,
-            rss_after_outage_kib: after[i].0,
-            rss_peak_kib: after[i].1,
+            rss_before_outage_kib: before[i].rss_kib,
+            rss_after_outage_kib: after[i].rss_kib,
+            rss_peak_kib: after[i].hwm_kib,
+            outage_cpu_seconds: (after[i].cpu_ticks.saturating_sub(before[i].cpu_ticks) as f64 / USER_HZ * 100.0)
+                .round()
+                / 100.0,
             dropped_disconnected: stat("hits_dropped_disconnected"),
             dropped_queue_full: stat("hits_dropped_queue_full"),
             dropped_rate: stat("hits_dropped_rate"),
@@ -660,12 +783,13 @@ impl Report {
             let d = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
             let _ = writeln!(
                 o,
-                "  {:<8} RSS {:.1} -> {:.1} MiB (peak {:.1}); dropped while disconnected {}, queue full {}, rate {}; \
-                 back online {}",
+                "  {:<8} RSS {:.1} -> {:.1} MiB (peak {:.1}); CPU in the outage {:.2} s; dropped while disconnected {}, \
+                 queue full {}, rate {}; back online {}",
                 s.shop,
                 s.rss_before_outage_kib as f64 / 1024.0,
                 s.rss_after_outage_kib as f64 / 1024.0,
                 s.rss_peak_kib as f64 / 1024.0,
+                s.outage_cpu_seconds,
                 d(s.dropped_disconnected),
                 d(s.dropped_queue_full),
                 d(s.dropped_rate),

@@ -794,7 +794,7 @@ async fn read_counters(apis: &[Api]) -> anyhow::Result<Counters> {
     Ok(c)
 }
 
-/// What `/proc/<pid>` says of the broker.
+/// What `/proc/<pid>` says of a process (the broker here; the shops in `host-bench`).
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct ProcSample {
     /// Resident memory, KiB.
@@ -805,7 +805,7 @@ pub struct ProcSample {
     pub cpu_ticks: u64,
 }
 
-fn proc_sample(pid: u32) -> anyhow::Result<ProcSample> {
+pub(crate) fn proc_sample(pid: u32) -> anyhow::Result<ProcSample> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
     let kib = |key: &str| {
@@ -827,9 +827,9 @@ fn proc_sample(pid: u32) -> anyhow::Result<ProcSample> {
 }
 
 /// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ, 100 on every Linux build we run on).
-const USER_HZ: f64 = 100.0;
+pub(crate) const USER_HZ: f64 = 100.0;
 
-fn loadavg() -> String {
+pub(crate) fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "unknown".into())

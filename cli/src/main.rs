@@ -99,9 +99,23 @@ struct HostBenchArgs {
     /// Bytes per second the slow proxy passes each way.
     #[arg(long, default_value_t = 512)]
     slow_bytes_per_sec: usize,
+    /// Which shops, with which agent: the Rust demo shop, or the Python one
+    /// (`demo/python/pyshop.py`, run by `--python`).
+    #[arg(long, value_enum, default_value = "rust")]
+    language: HostLanguage,
+    /// The interpreter for `--language python`, with `periscope_agent` installed.
+    #[arg(long, env = "PERISCOPE_PYTHON", default_value = "python3")]
+    python: std::path::PathBuf,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// The agents `host-bench` can measure.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum HostLanguage {
+    Rust,
+    Python,
 }
 
 #[derive(Debug, clap::Args)]
@@ -637,7 +651,14 @@ fn main() -> anyhow::Result<()> {
                 duration: std::time::Duration::from_secs(args.duration),
                 rps: args.rps,
                 slow_bytes_per_sec: args.slow_bytes_per_sec,
-                exe: std::env::current_exe().context("finding this executable to start the shops")?,
+                host: match args.language {
+                    HostLanguage::Rust => hostbench::Host::Rust {
+                        exe: std::env::current_exe().context("finding this executable to start the shops")?,
+                    },
+                    HostLanguage::Python => {
+                        hostbench::Host::Python { python: args.python, script: demo_python::script() }
+                    }
+                },
             };
             let report = runtime.block_on(hostbench::run(options))?;
             if args.json {

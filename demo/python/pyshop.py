@@ -10,9 +10,9 @@ snapshot:
 - `register_customer`: the new customer with password, card and IBAN;
 - `price_order`: cart lines, coupon, subtotal, discount, tax, total;
 - `charge_card`: the order and the card being charged (declines 1 in 8);
-- `ship_order`: the address, a long gift message.
+- `ship_order`: the address, a long gift message; `get_product`: what a product read returns.
 
-Stops when its standard input closes.
+Stops when its standard input closes; `main` says how to run it.
 """
 
 import json
@@ -122,6 +122,13 @@ def checkout(customer_id, cart, coupon, gift_message):
     return order, reason
 
 
+def get_product(product_id):
+    # `GET /products/<id>`: what `periscope host-bench --language python` probes on every request.
+    sku, name, price_cents = PRODUCTS[product_id % len(PRODUCTS)]
+    product = {"id": product_id, "sku": sku, "name": name, "price_cents": price_cents, "in_stock": product_id % 7 != 0}
+    return product
+
+
 class Handler(BaseHTTPRequestHandler):
     def _json(self, status, body):
         data = json.dumps(body).encode()
@@ -130,6 +137,13 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def do_GET(self):
+        parts = self.path.strip("/").split("/")
+        if len(parts) == 2 and parts[0] == "products" and parts[1].isdigit():
+            self._json(200, get_product(int(parts[1])))
+        else:
+            self._json(404, {"error": "no such route"})
 
     def do_POST(self):
         length = int(self.headers.get("Content-Length") or 0)
@@ -183,15 +197,30 @@ def load(base, rps, seed, stop):
         time.sleep(1.0 / rps)
 
 
+class KeepAliveHandler(Handler):
+    # What a benchmark's client expects of a service: one connection, many requests, and
+    # no 40 ms stall between the headers and the body (Nagle's algorithm meeting the
+    # client's delayed ACK).
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+
 def main():
-    rps = float(sys.argv[1]) if len(sys.argv) > 1 else 5.0
-    seed = int(sys.argv[2]) if len(sys.argv) > 2 else 1
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    """`pyshop.py RPS [SEED]` runs the shop with its own load generator (the demo);
+    `pyshop.py bench` runs the shop alone on HTTP/1.1 keep-alive connections and prints one
+    JSON line (`url`) once it listens (`periscope host-bench --language python`)."""
+    bench = len(sys.argv) > 1 and sys.argv[1] == "bench"
+    server = ThreadingHTTPServer(("127.0.0.1", 0), KeepAliveHandler if bench else Handler)
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     stop = threading.Event()
     base = "http://127.0.0.1:%d" % server.server_address[1]
-    threading.Thread(target=load, args=(base, rps, seed, stop), name="load", daemon=True).start()
-    print("pyshop listening on %s" % base, flush=True)
+    if bench:
+        print(json.dumps({"url": base}), flush=True)
+    else:
+        rps = float(sys.argv[1]) if len(sys.argv) > 1 else 5.0
+        seed = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+        threading.Thread(target=load, args=(base, rps, seed, stop), name="load", daemon=True).start()
+        print("pyshop listening on %s" % base, flush=True)
     for _ in sys.stdin:
         pass
     stop.set()
