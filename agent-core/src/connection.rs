@@ -113,8 +113,12 @@ impl<R: Runtime> Runner<R> {
             }
             let started = tokio::time::Instant::now();
             let end = self.session().await;
-            self.shared.set_connected(false);
-            self.connection_changed(false).await;
+            // Only a session that was up ends one: a failed attempt changes nothing the
+            // adapter should hear about (each call may rebuild the host's interest caches).
+            if self.shared.is_connected() {
+                self.shared.set_connected(false);
+                self.connection_changed(false).await;
+            }
             // A session that ended moves the agent to the next node (with one URL, the
             // same one again: a load balancer picks a live node).
             let broker = self.url().to_owned();
