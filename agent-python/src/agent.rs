@@ -42,6 +42,8 @@ pub(crate) enum Command {
     Install(u64, Vec<Arc<Installed>>),
     /// Emit a dynamic log line through Python's `logging`.
     Log(LogLevel, ActionId, String),
+    /// A broker session began: places silenced while none was up report again.
+    Reconnected,
 }
 
 /// Actions at one instrumented place: a line of a code object, or a function's entry
@@ -274,6 +276,15 @@ impl Runtime for PyRuntime {
     fn emit_app_log(&self, level: LogLevel, action_id: &ActionId, text: &str) {
         let command = Command::Log(level, action_id.clone(), text.to_owned());
         let _ = self.commands.lock().unwrap_or_else(|p| p.into_inner()).send(command);
+    }
+
+    /// While no session is up, a probe holding only captures answers
+    /// `sys.monitoring.DISABLE` (3.12+), so the broker's absence costs the host nothing
+    /// at that line; when a session begins the worker re-enables those places.
+    fn connection_changed(&self, connected: bool) {
+        if connected {
+            let _ = self.commands.lock().unwrap_or_else(|p| p.into_inner()).send(Command::Reconnected);
+        }
     }
 }
 

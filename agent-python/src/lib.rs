@@ -219,6 +219,7 @@ fn next_command(py: Python<'_>, timeout_ms: u64) -> PyResult<Option<Py<PyAny>>> 
             };
             ("log", level, action_id.to_string(), text).into_pyobject(py)?.into_any().unbind()
         }
+        Command::Reconnected => PyTuple::new(py, ["reconnected"])?.into_any().unbind(),
     }))
 }
 
@@ -334,8 +335,7 @@ fn _line(py: Python<'_>, code: &Bound<'_, PyAny>, line: u32) -> Py<PyAny> {
     let found = probe::guarded(py, |py, agent| {
         let table = agent.table();
         let Some(slot) = table.lines.get(&(code.as_ptr() as usize, line)) else { return Ok(false) };
-        probe::fire_slot(py, agent, &table, slot)?;
-        Ok(true)
+        probe::fire_slot(py, agent, &table, slot)
     });
     if found { py.None() } else { disable(py) }
 }
@@ -346,8 +346,7 @@ fn _start(py: Python<'_>, code: &Bound<'_, PyAny>, _offset: i64) -> Py<PyAny> {
     let found = probe::guarded(py, |py, agent| {
         let table = agent.table();
         let Some(slot) = table.starts.get(&(code.as_ptr() as usize)) else { return Ok(false) };
-        probe::fire_slot(py, agent, &table, slot)?;
-        Ok(true)
+        probe::fire_slot(py, agent, &table, slot)
     });
     if found { py.None() } else { disable(py) }
 }

@@ -67,18 +67,23 @@ pub(crate) fn guarded(py: Python<'_>, f: impl FnOnce(Python<'_>, &Arc<PyAgent>) 
     }
 }
 
-/// Fires `slot` in the frame that is running now.
-pub(crate) fn fire_slot(py: Python<'_>, agent: &PyAgent, table: &Table, slot: &Slot) -> PyResult<()> {
+/// Fires `slot` in the frame that is running now. `Ok(false)` says the place may stop
+/// reporting until the broker is back (`sys.monitoring.DISABLE`): no session is up and
+/// all it holds are captures, which are counted as drops. The worker re-enables such
+/// places when a session begins (`Command::Reconnected`).
+pub(crate) fn fire_slot(py: Python<'_>, agent: &PyAgent, table: &Table, slot: &Slot) -> PyResult<bool> {
     // Nothing captured here could be delivered (no broker session, or the hit queue
     // full): counted as drops, and the frame is not even looked at.
     let core = agent.core();
     if !core.can_capture() && core.refuse_undeliverable(&slot.actions, &slot.ends) {
-        return Ok(());
+        // A full queue drains by itself, with nothing to re-enable the place after it:
+        // only a missing session silences it.
+        return Ok(core.is_connected());
     }
     let frame = handles(py)?.getframe.bind(py).call1((0,))?;
     let mut site = FrameSite::new(py, frame, table, slot, &agent.calls);
     periscope_agent_core::fire::fire(agent.core(), &table.budgets, &slot.actions, &slot.ends, &mut site);
-    Ok(())
+    Ok(true)
 }
 
 /// How a probed function ended.

@@ -43,10 +43,12 @@ def free_port():
 class Broker:
     """``periscope serve`` on a loopback port with a test API key and agent key."""
 
-    def __init__(self, port=None):
+    def __init__(self, port=None, persistent=False):
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="periscope-py-broker-")
         self.proc = None
+        #: With a data directory, actions survive a restart of the broker.
+        self.persistent = persistent
 
     @property
     def ws(self):
@@ -62,8 +64,10 @@ class Broker:
             pytest.fail("PERISCOPE_BIN is not set: run the tests through scripts/test")
         config = os.path.join(self.dir, "periscope.toml")
         with open(config, "w") as f:
+            f.write('listen = "127.0.0.1:%d"\n' % self.port)
+            if self.persistent:
+                f.write('data_dir = "%s"\n' % os.path.join(self.dir, "data"))
             f.write(
-                'listen = "127.0.0.1:%d"\n'
                 "[agents]\nheartbeat_interval_secs = 1\n"
                 "[[api_keys]]\nname = \"tester\"\nkey = \"%s\"\nrole = \"company_admin\"\n"
                 "[api_keys.quotas]\ncalls_per_minute = 60000\ncall_burst = 10000\n"
@@ -75,7 +79,7 @@ class Broker:
                 # scheduled: under the production budget (1% of a core) a busy machine
                 # pauses steady workloads for `quota_cpu`, which is the budget doing its
                 # job, not what these tests are about (the Rust suite does the same).
-                "[quotas]\ncpu_fraction = 0.5\ncpu_burst_micros = 200000\n" % (self.port, API_KEY, AGENT_KEY)
+                "[quotas]\ncpu_fraction = 0.5\ncpu_burst_micros = 200000\n" % (API_KEY, AGENT_KEY)
             )
         env = dict(os.environ, PERISCOPE_LOG="warn")
         for var in ("PERISCOPE_API_KEY", "PERISCOPE_DATA_DIR", "PERISCOPE_LISTEN"):

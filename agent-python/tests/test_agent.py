@@ -268,6 +268,35 @@ def test_the_agent_survives_a_broker_that_comes_up_after_it(interp, tmp_path):
         broker.stop()
 
 
+def test_a_probe_quiet_while_its_broker_was_away_fires_again_once_the_broker_is_back(interp):
+    # While no session is up a line holding only captures stops reporting (3.12+:
+    # `sys.monitoring.DISABLE`) and counts what it drops; the same action, still
+    # installed when the broker comes back on its data directory, must fire again.
+    broker = Broker(persistent=True).start()
+    svc = Service(interp, broker, "shop.py", "away")
+    try:
+        ready(svc, broker, "away")
+        placed = broker.place(pool="away", file="shop.py", line=line_of("loop-body"), max_hits=50)
+        action_id = placed["action_id"]
+        broker.wait_for("a first hit", lambda: len(hits_of(broker, action_id, 0)) >= 1, 30)
+        broker.stop()
+        time.sleep(2.0)  # the loop runs its line ~200 times with nobody to deliver to
+        broker.start()
+        broker.wait_agent("away", timeout=40)
+        before = len(hits_of(broker, action_id, 0))
+        broker.wait_for("a hit after the broker came back", lambda: len(hits_of(broker, action_id, 0)) > before, 30)
+        # What the agent could not deliver was counted, and reported once it was back.
+        broker.wait_for(
+            "the drops while disconnected",
+            lambda: broker.agents("away")[0]["stats"]["hits_dropped_disconnected"] > 0,
+            30,
+        )
+        no_mismatch(svc)
+    finally:
+        svc.stop()
+        broker.stop()
+
+
 def test_list_agents_shows_the_language_and_runtime(broker, service, interp):
     svc = service(interp, "shop.py", "py")
     ready(svc, broker, "py")

@@ -78,6 +78,11 @@ class Monitoring:
         """Monitoring instruments code objects in place: a live one is the original."""
         return code
 
+    def restart(self):
+        """Re-enables the places that answered ``DISABLE``: the probes silenced theirs
+        while no broker session was up."""
+        self.m.restart_events()
+
     def clear(self):
         self.apply([])
 
@@ -107,6 +112,9 @@ class Injection:
     def original(self, code):
         """The code object a live function held before we injected into it."""
         return self.originals.get(code, code)
+
+    def restart(self):
+        """Injected probes are never silenced: nothing to re-enable."""
 
     def _exit_instrs(self, key, lineno):
         """``_hook_exit(value, key)`` with the value about to be returned (left on the

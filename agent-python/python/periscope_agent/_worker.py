@@ -200,6 +200,11 @@ class Worker(threading.Thread):
                     with self.lock:
                         self.generation, self.actions = command[1], command[2]
                         self._install()
+                elif command[0] == "reconnected":
+                    # Places silenced (DISABLE) while no broker session was up report again.
+                    with self.lock:
+                        if self.mechanism is not None:
+                            self.mechanism.restart()
                 elif command[0] == "log":
                     _level, action_id, text = command[1], command[2], command[3]
                     logging.getLogger("periscope.dynamic_log").log(_level, text, extra={"periscope_action": action_id})
