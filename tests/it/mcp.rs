@@ -750,7 +750,13 @@ async fn a_waiting_snapshot_runs_as_a_task_that_the_client_polls_or_cancels() {
             .await
             .unwrap();
     let api = fx.broker.api();
-    let source = api.find_source("it/mcp.rs", "total_cents").await.expect("the location");
+    // The workload's callsite reaches the catalog once it has run: wait for it, as every
+    // other test does (a single look raced the workload's first iteration).
+    let source = crate::support::eventually(Duration::from_secs(30), "the location in the catalog", || {
+        let api = api.clone();
+        async move { api.find_source("it/mcp.rs", "total_cents").await }
+    })
+    .await;
     let args = |max_hits: u32| {
         json!({ "pool": POOL, "file": source["file"], "line": source["line"], "max_hits": max_hits, "timeout_seconds": 30 })
             .as_object()
