@@ -115,8 +115,7 @@ impl<R: Runtime> Runner<R> {
             let end = self.session().await;
             // Only a session that was up ends one: a failed attempt changes nothing the
             // adapter should hear about (each call may rebuild the host's interest caches).
-            if self.shared.is_connected() {
-                self.shared.set_connected(false);
+            if self.shared.set_connected(false) {
                 self.connection_changed(false).await;
             }
             // A session that ended moves the agent to the next node (with one URL, the
@@ -192,8 +191,9 @@ impl<R: Runtime> Runner<R> {
         tracing::info!(target: "periscope_agent", broker = %self.url(), agent_id = %self.agent_id, "periscope agent connected");
         self.limits = registered.limits;
         self.budgets = Arc::new(Budgets::new(registered.quotas));
-        self.shared.set_connected(true);
-        self.connection_changed(true).await;
+        if self.shared.set_connected(true) {
+            self.connection_changed(true).await;
+        }
         self.heartbeat = Duration::from_millis(registered.heartbeat_interval_ms.clamp(1_000, 300_000));
         // Re-install what we had with the new budgets until the broker's sync arrives.
         self.reinstall().await;

@@ -429,12 +429,17 @@ impl<P> Core<P> {
     }
 
     /// Says whether a broker is there to deliver hits to (the agent thread sets it when
-    /// a session is registered and clears it when the session ends).
-    pub fn set_connected(&self, connected: bool) {
+    /// a session is registered and clears it when the session ends). Returns whether
+    /// that changed anything (not for a failed attempt after a failed attempt, nor ever
+    /// under [`Core::assume_connected_for_bench`]): only a change is worth telling the
+    /// adapter, which may rebuild the host's caches for it.
+    pub fn set_connected(&self, connected: bool) -> bool {
         let to = if connected { CONNECTED } else { DISCONNECTED };
-        let _ = self
-            .connected
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| (now != ASSUMED_CONNECTED).then_some(to));
+        self.connected
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+                (now != ASSUMED_CONNECTED && now != to).then_some(to)
+            })
+            .is_ok()
     }
 
     /// Whether a broker session is there to deliver captures to (adapters skip reading
@@ -524,7 +529,8 @@ mod tests {
         let (core, mut rx) = Core::<()>::new(1);
         assert!(!core.can_capture() && !core.can_deliver(), "no session yet");
         assert_eq!(core.counters.dropped_disconnected.load(Ordering::Relaxed), 1);
-        core.set_connected(true);
+        assert!(core.set_connected(true), "a session began");
+        assert!(!core.set_connected(true), "no change, nothing to tell the adapter");
         assert!(core.can_capture() && core.can_deliver());
         // One slot: once it is taken the queue is full.
         let spec = periscope_protocol::ActionSpec {

@@ -119,7 +119,9 @@ where
         // Span fields are read for the span stacks of captures; while no capture could
         // be delivered (no broker, or its queue full), a span costs nothing more than
         // counting the captures it would have made.
-        if !self.shared.core.can_capture() && entry.is_none_or(|e| self.only_undeliverable(e)) {
+        if !self.shared.core.can_capture()
+            && entry.is_none_or(|e| self.shared.core.refuse_undeliverable(&e.actions, &e.ends))
+        {
             return;
         }
         let placed = entry.is_some();
@@ -165,7 +167,10 @@ where
         // Nothing captured here could be delivered: the captures are counted as drops,
         // and the event's fields are not even read (unless a metric needs them).
         if !self.shared.core.can_capture()
-            && table.by_callsite.get(&meta.callsite()).is_none_or(|e| self.only_undeliverable(e))
+            && table
+                .by_callsite
+                .get(&meta.callsite())
+                .is_none_or(|e| self.shared.core.refuse_undeliverable(&e.actions, &e.ends))
         {
             return;
         }
@@ -464,12 +469,6 @@ impl ProbeLayer {
 }
 
 impl ProbeLayer {
-    /// While no capture can be delivered: counts the captures placed at `entry` as
-    /// dropped, and says whether that is all the firing would do.
-    fn only_undeliverable(&self, entry: &crate::state::CallsiteActions) -> bool {
-        self.shared.core.refuse_undeliverable(&entry.actions, &entry.ends)
-    }
-
     /// Runs the error-capture actions for an ERROR event: counted always, captured (its
     /// fields, span stack, optionally a backtrace) when its location and type are due.
     #[cold]

@@ -79,36 +79,37 @@ pub enum Host {
     },
 }
 
+/// The `return product` line of the Python shop's `get_product` (any line can be
+/// probed), found in the script so that editing it moves nothing.
+fn python_probe_line(script: &std::path::Path) -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string(script).with_context(|| format!("reading {}", script.display()))?;
+    let start = text
+        .lines()
+        .position(|l| l.starts_with("def get_product("))
+        .with_context(|| format!("{} has no `def get_product(`", script.display()))?;
+    text.lines()
+        .enumerate()
+        .skip(start)
+        .find(|(_, l)| l.trim() == "return product")
+        .map(|(i, _)| i as u64 + 1)
+        .with_context(|| format!("{}: get_product has no `return product` line", script.display()))
+}
+
 impl Host {
-    /// Where the actions go: the `get_product` item `list_sources` shows for the Rust
-    /// shop; for the Python one, the `return product` line of `get_product` (any line
-    /// can be probed), found in the script so that editing it moves nothing.
-    fn location(&self, sources: &serde_json::Value) -> anyhow::Result<Option<(String, u64)>> {
+    /// Where the actions go, once the agents' catalogs (`sources`) show it: the
+    /// `get_product` item `list_sources` shows for the Rust shop; for the Python one,
+    /// `python_line` in `pyshop.py` once some item of that file is listed.
+    fn location(&self, sources: &serde_json::Value, python_line: Option<u64>) -> Option<(String, u64)> {
         let items = sources["items"].as_array().map(Vec::as_slice).unwrap_or_default();
         match self {
-            Host::Rust { .. } => Ok(items.iter().find_map(|i| {
+            Host::Rust { .. } => items.iter().find_map(|i| {
                 (i["name"].as_str()? == "get_product" && i["file"].as_str()?.ends_with("http.rs"))
                     .then(|| Some(("demo/src/http.rs".to_owned(), i["line"].as_u64()?)))?
-            })),
-            Host::Python { script, .. } => {
-                // The agent has the file once some item of it is listed.
-                if !items.iter().any(|i| i["file"].as_str().is_some_and(|f| f.ends_with("pyshop.py"))) {
-                    return Ok(None);
-                }
-                let text = std::fs::read_to_string(script).with_context(|| format!("reading {}", script.display()))?;
-                let start = text
-                    .lines()
-                    .position(|l| l.starts_with("def get_product("))
-                    .with_context(|| format!("{} has no `def get_product(`", script.display()))?;
-                let line = text
-                    .lines()
-                    .enumerate()
-                    .skip(start)
-                    .find(|(_, l)| l.trim() == "return product")
-                    .map(|(i, _)| i as u64 + 1)
-                    .with_context(|| format!("{}: get_product has no `return product` line", script.display()))?;
-                Ok(Some(("pyshop.py".to_owned(), line)))
-            }
+            }),
+            Host::Python { .. } => items
+                .iter()
+                .any(|i| i["file"].as_str().is_some_and(|f| f.ends_with("pyshop.py")))
+                .then(|| Some(("pyshop.py".to_owned(), python_line?)))?,
         }
     }
 
@@ -525,9 +526,13 @@ async fn place_snapshot(
 /// Runs the bench and returns its report.
 pub async fn run(opts: Options) -> anyhow::Result<Report> {
     opts.validate()?;
-    if let Host::Python { python, .. } = &opts.host {
-        check_python(python).await?;
-    }
+    let python_line = match &opts.host {
+        Host::Python { python, script } => {
+            check_python(python).await?;
+            Some(python_probe_line(script)?)
+        }
+        Host::Rust { .. } => None,
+    };
     let http =
         reqwest::Client::builder().timeout(Duration::from_secs(30)).build().context("building the HTTP client")?;
     api(&http, &opts, reqwest::Method::GET, "/api/v1/agents", None)
@@ -587,10 +592,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             )
             .await
             .ok();
-            let location = match &sources {
-                Some(s) => opts.host.location(s)?,
-                None => None,
-            };
+            let location = sources.as_ref().and_then(|s| opts.host.location(s, python_line));
             if online == with_agent
                 && let Some(location) = location
             {

@@ -140,7 +140,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         parts = self.path.strip("/").split("/")
-        if len(parts) == 2 and parts[0] == "products" and parts[1].isdigit():
+        if len(parts) == 2 and parts[0] == "products" and parts[1].isdecimal() and len(parts[1]) <= 18:
             self._json(200, get_product(int(parts[1])))
         else:
             self._json(404, {"error": "no such route"})
