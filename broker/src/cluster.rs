@@ -20,8 +20,9 @@ use crate::registry::Outbound;
 const PUBLISH_EVERY: Duration = Duration::from_millis(200);
 /// How often leases are renewed (well within their lifetime).
 const RENEW_EVERY: Duration = Duration::from_secs(3);
-/// How often the whole directory is read again (events lost in an outage are repaired
-/// by this at the latest).
+/// How often the whole directory is read again (agent records and rules lost in an
+/// outage are repaired by this at the latest; actions for the agents held here are
+/// repaired as soon as the node's subscription is back, by `ClusterEvent::Resync`).
 const RESYNC_EVERY: Duration = Duration::from_secs(30);
 
 /// Starts the node's tasks; they end when the broker shuts down.
@@ -67,7 +68,10 @@ async fn listen(state: AppState) {
                     tracing::warn!(error = %e, "cannot read the key directory");
                 }
             }
-            ClusterEvent::Resync => resync(&state).await,
+            ClusterEvent::Resync => {
+                resync(&state).await;
+                state.engine.resync_held_agents().await;
+            }
         }
     }
 }

@@ -425,6 +425,43 @@ async fn nodes_say_when_redis_is_away_refuse_placements_count_the_hits_they_cann
     cluster.stop().await;
 }
 
+/// Cuts every Redis pub/sub connection (as a network blip or `CLIENT KILL` would),
+/// leaving Redis itself up; answers how many were cut.
+fn cut_subscriptions(port: u16) -> u64 {
+    use std::io::{BufRead as _, Write as _};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("redis answers");
+    conn.write_all(b"CLIENT KILL TYPE pubsub\r\n").expect("the command is sent");
+    let mut reply = String::new();
+    std::io::BufReader::new(conn).read_line(&mut reply).expect("redis replies");
+    reply.trim().trim_start_matches(':').parse().unwrap_or_else(|_| panic!("CLIENT KILL replied {reply:?}"))
+}
+
+/// A placement travels to the node holding the agent over pub/sub, which forgets what
+/// it carried while a node was not listening: a node that subscribes again sends its
+/// agents the actions they should run, so what was placed in the gap still runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_placement_made_while_a_nodes_subscription_was_cut_reaches_its_agent_once_the_node_listens_again() {
+    let cluster = TestCluster::start(2).await;
+    let a = cluster.node(0).api();
+    let agent = TestAgent::start(&cluster.node(1).ws_url(), "blip", &[]);
+    wait_online(&a, &agent.id()).await;
+    agent.run(|| cluster_checkout(0)).join().unwrap();
+    let line = line_of(&a).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let work = workload(&agent, Arc::clone(&stop));
+    // Both nodes listen on three channels and for action events.
+    assert!(cut_subscriptions(cluster.redis.port()) >= 2);
+    let (status, snap) =
+        a.post("/actions", json!({"pool": "blip", "file": "it/cluster.rs", "line": line, "max_hits": 1})).await;
+    assert_eq!(status, 201, "{snap}");
+    let (_, page) = a.get(&format!("/actions/{}/hits?wait_seconds=30", id(&snap))).await;
+    assert_eq!(page["hits"].as_array().map(Vec::len), Some(1), "{page}");
+    stop.store(true, Ordering::Relaxed);
+    work.join().unwrap();
+    agent.shutdown();
+    cluster.stop().await;
+}
+
 /// A Python agent publishes whole files (every line that holds code), not callsites:
 /// what it published on one node validates placements made through any other, with
 /// the nearest code lines named for a line that holds none.

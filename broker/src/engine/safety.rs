@@ -184,6 +184,23 @@ impl Engine {
         }
     }
 
+    /// Sends every agent held here the actions it should run now. Placements and
+    /// removals reach the node holding an agent over pub/sub, which keeps nothing for
+    /// a node that was not listening: a node that subscribes again calls this, so what
+    /// other nodes did in the gap reaches its agents (agents keep the running state of
+    /// actions that did not change).
+    pub async fn resync_held_agents(&self) {
+        let mut orgs = std::collections::BTreeSet::new();
+        self.registry.for_each(|a| {
+            if a.online() && a.remote.is_none() {
+                orgs.insert(a.org.clone());
+            }
+        });
+        for org in orgs {
+            self.resync_org(&org).await;
+        }
+    }
+
     /// Sends each agent of `org` held here the actions it should run now (none while
     /// its pool is paused); returns the live actions a pause holds and the agents told.
     async fn resync_org(&self, org: &str) -> (usize, usize) {

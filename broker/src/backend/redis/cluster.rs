@@ -92,7 +92,18 @@ pub struct RedisDirectory {
     renew: Script,
     release: Script,
     forget: Script,
-    subscribers: std::sync::Mutex<Vec<mpsc::Sender<ClusterEvent>>>,
+    subscribers: std::sync::Mutex<Vec<Subscriber>>,
+}
+
+/// Events a subscriber may have waiting; beyond it, it misses them and is told to
+/// resync.
+const SUBSCRIBER_QUEUE: usize = 4_096;
+
+/// One listener to the node's events, and whether it missed one.
+#[derive(Debug)]
+struct Subscriber {
+    tx: mpsc::Sender<ClusterEvent>,
+    behind: bool,
 }
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> BackendError {
@@ -116,10 +127,30 @@ impl RedisDirectory {
         dir
     }
 
+    /// Hands `event` to every subscriber without waiting. One that is full misses it
+    /// and is marked behind; the next time it has room it is sent a `Resync` first,
+    /// which reads everything again (agents, rules, keys, its agents' actions), so what
+    /// it missed (a message for an agent it holds among them) is repaired.
     fn deliver(&self, event: ClusterEvent) {
+        use mpsc::error::TrySendError;
         let mut subs = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
-        // A full subscriber misses this one; it resyncs on its own schedule.
-        subs.retain(|s| !matches!(s.try_send(event.clone()), Err(mpsc::error::TrySendError::Closed(_))));
+        subs.retain_mut(|sub| {
+            if sub.behind {
+                match sub.tx.try_send(ClusterEvent::Resync) {
+                    Ok(()) => sub.behind = false,
+                    Err(TrySendError::Full(_)) => return true,
+                    Err(TrySendError::Closed(_)) => return false,
+                }
+            }
+            match sub.tx.try_send(event.clone()) {
+                Ok(()) => true,
+                Err(TrySendError::Full(_)) => {
+                    sub.behind = true;
+                    true
+                }
+                Err(TrySendError::Closed(_)) => false,
+            }
+        });
     }
 }
 
@@ -362,8 +393,43 @@ impl AgentDirectory for RedisDirectory {
     }
 
     fn subscribe(&self) -> mpsc::Receiver<ClusterEvent> {
-        let (tx, rx) = mpsc::channel(4_096);
-        self.subscribers.lock().unwrap_or_else(|p| p.into_inner()).push(tx);
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
+        self.subscribers.lock().unwrap_or_else(|p| p.into_inner()).push(Subscriber { tx, behind: false });
         rx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use periscope_protocol::AgentId;
+
+    use super::{ClusterEvent, RedisDirectory, SUBSCRIBER_QUEUE};
+    use crate::backend::AgentDirectory as _;
+
+    #[tokio::test]
+    async fn a_subscriber_that_missed_events_is_told_to_resync_before_the_next_one() {
+        let server = crate::backend::redis::server::RedisServer::start().expect("redis-server starts");
+        let redis = super::Redis::connect(&server.url(), "periscope:").await.expect("redis answers");
+        let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+        let dir = RedisDirectory::start(redis, "a".into(), stop);
+        let mut rx = dir.subscribe();
+        // Subscribing to Redis tells every subscriber to resync once.
+        let first = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("the first resync");
+        assert_eq!(first, Some(ClusterEvent::Resync));
+        let agent = AgentId::generate();
+        for _ in 0..=SUBSCRIBER_QUEUE {
+            dir.deliver(ClusterEvent::Agent(agent.clone()));
+        }
+        for _ in 0..SUBSCRIBER_QUEUE {
+            assert_eq!(rx.try_recv().ok(), Some(ClusterEvent::Agent(agent.clone())));
+        }
+        assert!(rx.try_recv().is_err(), "the event past the queue was missed");
+        dir.deliver(ClusterEvent::Keys);
+        assert_eq!(rx.try_recv().ok(), Some(ClusterEvent::Resync), "told to resync first");
+        assert_eq!(rx.try_recv().ok(), Some(ClusterEvent::Keys));
+        dir.deliver(ClusterEvent::Keys);
+        assert_eq!(rx.try_recv().ok(), Some(ClusterEvent::Keys), "and only once");
     }
 }
