@@ -9,7 +9,7 @@ use periscope_broker::config::AgentKeyConfig;
 use serde_json::{Value, json};
 
 use crate::support::{
-    ADMIN_KEY, AGENT_KEY, Api, RawAgent, TestBroker, audit, create_key, eventually, temp_dir, test_config,
+    ADMIN_KEY, AGENT_KEY, API_KEY, Api, RawAgent, TestBroker, audit, create_key, eventually, temp_dir, test_config,
 };
 
 const ACME_AGENT_KEY: &str = "acme-agent-key-0123456789";
@@ -348,5 +348,75 @@ async fn agent_input_over_its_bounds_is_cut_charged_in_full_and_unknown_rule_nam
     assert!(findings.iter().all(|f| f["rule"] != "made-up" && !f["path"].as_str().unwrap().contains('\n')), "{hit}");
     let (_, view) = api.get(&format!("/agents/{id}")).await;
     assert_eq!(view["broker_dropped"]["unknown_rules"], 3, "{view}");
+    broker.stop().await;
+}
+
+/// An agent that goes on sending from a location a `no_actions` rule has come to cover
+/// (an honest one drops the action when told) has nothing of it kept: its hits and its
+/// log lines are refused and counted, as a placement there would be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hits_and_lines_from_a_location_a_no_actions_rule_came_to_cover_are_refused() {
+    let broker = TestBroker::start().await;
+    let (api, admin) = (broker.api(), broker.api_with(ADMIN_KEY));
+    let id = "agt_stubborn1";
+    let (mut agent, _) = RawAgent::registered(&broker, AGENT_KEY, id, "shop").await;
+    agent.publish("src/vault.rs", 7, &["key"]).await;
+    wait_source(&api, id, "src/vault.rs").await;
+    let at = |extra: Value| {
+        let mut body = json!({"agent_ids": [id], "file": "src/vault.rs", "line": 7});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let (status, snap) = api.post("/actions", at(json!({"max_hits": 10}))).await;
+    assert_eq!(status, 201, "{snap}");
+    let snap = snap["action_id"].as_str().unwrap().to_owned();
+    let (status, log) = api.post("/logs", at(json!({"template": "opened"}))).await;
+    assert_eq!(status, 201, "{log}");
+    let log = log["action_id"].as_str().unwrap().to_owned();
+    agent.until("action_add").await;
+    agent.until("action_add").await;
+    let line = |seq: u64| json!({"action_id": log, "seq": seq, "time_ms": 1, "level": "info", "text": "opened"});
+    let counts = |api: Api, snap: String, log: String| async move {
+        let (_, s) = api.get(&format!("/actions/{snap}")).await;
+        let (_, l) = api.get(&format!("/actions/{log}")).await;
+        (s["hits"].as_u64().unwrap_or(0), l["lines"].as_u64().unwrap_or(0))
+    };
+
+    // Before the rule, what it sends is kept.
+    agent.hit(&snap, "src/vault.rs", 7, 1).await;
+    agent.send(json!({"type": "log_lines", "lines": [line(1)]})).await;
+    eventually(Duration::from_secs(10), "the first hit and line kept", || {
+        let (api, snap, log) = (api.clone(), snap.clone(), log.clone());
+        async move { (counts(api, snap, log).await == (1, 1)).then_some(()) }
+    })
+    .await;
+    let (status, r) = admin
+        .put("/blocklist", json!({"rules": [{"name": "vault", "effect": "no_actions", "file": "src/vault.rs"}]}))
+        .await;
+    assert_eq!(status, 200, "{r}");
+
+    // After it, the agent goes on as if it had not heard; nothing more is kept.
+    agent.hit(&snap, "src/vault.rs", 7, 2).await;
+    agent.send(json!({"type": "log_lines", "lines": [line(2), line(3)]})).await;
+    let metrics = eventually(Duration::from_secs(10), "the hit and the lines refused", || {
+        let http = reqwest::Client::new();
+        let url = format!("http://{}/metrics", broker.addr);
+        async move {
+            let text = http.get(url).bearer_auth(API_KEY).send().await.ok()?.text().await.ok()?;
+            let value = |name: &str| {
+                text.lines()
+                    .find(|l| l.starts_with(name))
+                    .and_then(|l| l.rsplit(' ').next())
+                    .and_then(|v| v.parse::<u64>().ok())
+            };
+            (value("periscope_hits_refused_total") == Some(1) && value("periscope_log_lines_refused_total") == Some(2))
+                .then_some(text)
+        }
+    })
+    .await;
+    assert!(metrics.contains("periscope_hits_refused_total"), "{metrics}");
+    assert_eq!(counts(api.clone(), snap.clone(), log.clone()).await, (1, 1), "nothing kept after the rule");
+    let (_, me) = api.get(&format!("/agents/{id}")).await;
+    assert_eq!(me["hits_refused"], 1, "{me}");
     broker.stop().await;
 }

@@ -62,7 +62,11 @@ impl Engine {
         let redactor = self.rules.redactor(&from.org);
         let blocklist = self.safety.rules(&from.org);
         let mut unknown = 0;
-        for hit in &mut hits {
+        // Where a `no_actions` rule holds, nothing is kept, whatever the agent sent:
+        // hits in flight when the rule came (the agent drops the action on its side)
+        // are refused as a placement there would be.
+        let mut blocked = vec![false; hits.len()];
+        for (hit, blocked) in hits.iter_mut().zip(blocked.iter_mut()) {
             // No value leaves where a `no_capture` rule holds, whatever the agent sent.
             if !blocklist.is_empty() {
                 let names: Vec<&str> = hit.location.name.as_deref().into_iter().collect();
@@ -72,6 +76,10 @@ impl Engine {
                     module: hit.location.module.as_deref(),
                     functions: &names,
                 };
+                if periscope_protocol::blocklist::first_match(&blocklist, &site, true).is_some() {
+                    *blocked = true;
+                    continue;
+                }
                 if periscope_protocol::blocklist::first_match(&blocklist, &site, false).is_some() {
                     hit.strip_values();
                 }
@@ -86,6 +94,26 @@ impl Engine {
             hit.enforce_limits(&self.limits);
         }
         self.count_unknown_rules(from, unknown);
+        let refused = blocked.iter().filter(|b| **b).count();
+        if refused == 0 {
+            return self.store_hits(from, hits).await;
+        }
+        self.stats.add(from, |s| s.hits_refused += refused as u64);
+        let mut keep = blocked.iter().map(|b| !b);
+        hits.retain(|_| keep.next().unwrap_or(true));
+        let mut stored = self.store_hits(from, hits).await.into_iter();
+        blocked
+            .iter()
+            .map(|b| if *b { Ingested::Refused } else { stored.next().unwrap_or(Ingested::Refused) })
+            .collect()
+    }
+
+    /// Stores hits that passed the checks of [`Engine::ingest_hits`] (and were
+    /// redacted); one outcome per hit, in order.
+    async fn store_hits(&self, from: &Sender, hits: Vec<Hit>) -> Vec<Ingested> {
+        if hits.is_empty() {
+            return Vec::new();
+        }
         let now = now_ms();
         let ids: Vec<ActionId> = hits.iter().map(|h| h.action_id.clone()).collect();
         // Error captures also update their error group once stored.
@@ -216,8 +244,16 @@ impl Engine {
             },
         );
         let redactor = self.rules.redactor(&from.org);
+        let blocklist = self.safety.rules(&from.org);
+        let blocks_actions = blocklist.iter().any(|r| r.effect.blocks_actions());
         let mut unknown_rules = 0;
         for (id, lines) in by_action {
+            // Lines in flight when a `no_actions` rule came to cover their log are
+            // refused, as hits there are.
+            if blocks_actions && self.blocked_at_ingest(&id, from, &blocklist).await {
+                self.stats.add(from, |s| s.lines_refused += lines.len() as u64);
+                continue;
+            }
             let costs: Vec<u32> = lines.iter().map(|l| u32::try_from(l.cost()).unwrap_or(u32::MAX)).collect();
             let admitted = match self.actions.admit_lines(&id, from, &costs, rates).await {
                 Ok(Some(mask)) => mask,

@@ -140,13 +140,15 @@ pub struct EngineStats {
 pub struct OrgStats {
     /// Hits stored.
     pub hits_accepted: u64,
-    /// Hits refused (unknown or ended action, over its count, not a target).
+    /// Hits refused (unknown or ended action, over its count, not a target, from a
+    /// place a `no_actions` rule covers).
     pub hits_refused: u64,
     /// Hits dropped over an action's per-agent rate.
     pub hits_rate_limited: u64,
     /// Dynamic log lines stored.
     pub lines_accepted: u64,
-    /// Dynamic log lines refused (unknown or ended action, not a target).
+    /// Dynamic log lines refused (unknown or ended action, not a target, from a place a
+    /// `no_actions` rule covers).
     pub lines_refused: u64,
     /// Dynamic log lines dropped over an action's rates.
     pub lines_rate_limited: u64,

@@ -286,6 +286,22 @@ impl Engine {
         Ok(())
     }
 
+    /// Whether a `no_actions` rule covers action `id`'s location on the agent `from`
+    /// (as its catalog describes it): what the agent still sends for it is refused.
+    pub(super) async fn blocked_at_ingest(
+        &self,
+        id: &periscope_protocol::ActionId,
+        from: &super::Sender,
+        rules: &[BlockRule],
+    ) -> bool {
+        let Ok(Some((record, _))) = self.actions.load(id).await else { return false };
+        let location = &record.spec.location;
+        let check = |site: &Site<'_>| first_match(rules, site, true).is_some();
+        self.registry
+            .with(&from.id, |rec| site_check(rec, &from.pool, location, check))
+            .unwrap_or_else(|| check(&Site { pool: &from.pool, file: &location.file, module: None, functions: &[] }))
+    }
+
     /// Compares the placement's expectation with each target agent's version and the
     /// file hash its catalog reported. Refused when no agent matches.
     pub(super) fn check_code(
