@@ -125,7 +125,11 @@ async def main(mcp_url, user, password, chromium):
                 check("Periscope browser test" in await page.content(), "the sign-in page names the client")
                 await page.fill("#username", user)
                 await page.fill("#password", password)
-                await page.click("#sign-in")
+                # Wait for the page the form leads to (consent, or the callback): a bare
+                # `wait_for_load_state` can answer for the sign-in page itself, before the
+                # navigation starts, and the consent step would be looked for too early.
+                async with page.expect_navigation():
+                    await page.click("#sign-in")
                 step("signed_in")
             await page.wait_for_load_state()
             if await page.locator("#approve").count() > 0:
