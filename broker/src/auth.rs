@@ -243,19 +243,31 @@ pub struct CallCharge(pub Result<CallBudget, ApiError>);
 /// the key's budget (429 with `Retry-After` when spent; MCP tool calls carry the
 /// verdict to the tool instead), and hands the [`Principal`] to the handler.
 pub async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let mcp_post = req.uri().path() == "/mcp" && req.method() == Method::POST;
+    // A REST call is one message: a key's call is charged while the key's freshness is
+    // read (one round trip to a cluster's Redis instead of two).
+    let mut charged = None;
+    let callers = &state.callers;
     let authenticated = match bearer(req.headers()) {
         None => Err(AuthFailure::Missing),
         Some(token) if crate::oauth::OAuth::is_access_token(token) => match &state.oauth {
             Some(o) => o.authenticate(&state, token).await,
             None => Err(AuthFailure::Unknown),
         },
+        Some(token) if !mcp_post => {
+            state.keys.authenticate_api_charging(token, |p| async move { callers.charge_call(&p).await }).await.map(
+                |(p, c)| {
+                    charged = Some(c);
+                    p
+                },
+            )
+        }
         Some(token) => state.keys.authenticate_api(token).await,
     };
     let principal = match authenticated {
         Ok(p) => p,
         Err(failure) => return unauthorized(&state, &failure),
     };
-    let mcp_post = req.uri().path() == "/mcp" && req.method() == Method::POST;
     let (mut req, messages) = if mcp_post {
         let (parts, body) = req.into_parts();
         let bytes = match axum::body::to_bytes(body, state.config.mcp.max_body_bytes).await {
@@ -289,7 +301,15 @@ pub async fn require_api_key(State(state): State<AppState>, req: Request, next: 
     // Every message is charged; a tool call over budget still reaches its tool, which
     // answers `quota_exceeded` as a tool result a model can read.
     let mut budget = None;
-    for _ in 0..messages.others {
+    let mut others = messages.others;
+    if let Some(c) = charged {
+        match c {
+            Ok(b) => budget = Some(Ok(b)),
+            Err(e) => return e.into_response(),
+        }
+        others = others.saturating_sub(1);
+    }
+    for _ in 0..others {
         match state.callers.charge_call(&principal).await {
             Ok(b) => budget = Some(Ok(b)),
             Err(e) => return e.into_response(),

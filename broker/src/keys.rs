@@ -682,24 +682,43 @@ impl KeyStore {
     }
 
     async fn lookup(&self, token: &str, kind: KeyKind) -> Result<(Arc<KeyRecord>, Arc<Tenancy>), AuthFailure> {
-        // A refusal costs no lock and no database (a flood of bad keys must not queue
-        // behind, or slow, the key store): what cannot be a key is refused unhashed, and
-        // the last loaded directory decides for tokens it does not know and for keys it
-        // holds revoked or expired (neither comes back). A key created by another
-        // process works once the broker next looks (housekeeping does every quarter
-        // second). Only a key the directory holds active is checked for freshness, so a
-        // revocation anywhere holds on that key's very next call.
+        let (digest, _) = self.precheck(token, kind)?;
+        self.confirm(&digest, kind, self.refresh().await)
+    }
+
+    /// The record the last loaded directory holds active for `token`, and its digest.
+    /// A refusal costs no lock and no database (a flood of bad keys must not queue
+    /// behind, or slow, the key store): what cannot be a key is refused unhashed, and
+    /// the last loaded directory decides for tokens it does not know and for keys it
+    /// holds revoked or expired (neither comes back). A key created by another process
+    /// works once the broker next looks (housekeeping does every quarter second). Only
+    /// a key the directory holds active is checked for freshness ([`KeyStore::confirm`]),
+    /// so a revocation anywhere holds on that key's very next call.
+    fn precheck(&self, token: &str, kind: KeyKind) -> Result<([u8; 32], (Arc<KeyRecord>, Arc<Tenancy>)), AuthFailure> {
         if !plausible_secret(token) {
             return Err(AuthFailure::Unknown);
         }
         let digest = hash(token);
-        match self.current().by_hash.get(&digest).filter(|r| r.kind == kind).map(|r| r.status(now_ms())) {
-            None => return Err(AuthFailure::Unknown),
-            Some(KeyStatus::Revoked) => return Err(AuthFailure::Revoked),
-            Some(KeyStatus::Expired) => return Err(AuthFailure::Expired),
-            Some(KeyStatus::Active) => {}
+        let dir = self.current();
+        let record = dir.by_hash.get(&digest).filter(|r| r.kind == kind).ok_or(AuthFailure::Unknown)?;
+        match record.status(now_ms()) {
+            KeyStatus::Revoked => Err(AuthFailure::Revoked),
+            KeyStatus::Expired => Err(AuthFailure::Expired),
+            KeyStatus::Active => {
+                let found = (Arc::clone(record), Arc::clone(&dir.tenancy));
+                Ok((digest, found))
+            }
         }
-        let dir = match self.refresh().await {
+    }
+
+    /// Judges the key of `digest` again on the directory `refreshed` returned.
+    fn confirm(
+        &self,
+        digest: &[u8; 32],
+        kind: KeyKind,
+        refreshed: Result<Arc<Directory>, KeyError>,
+    ) -> Result<(Arc<KeyRecord>, Arc<Tenancy>), AuthFailure> {
+        let dir = match refreshed {
             Ok(dir) => dir,
             // A shared directory out of reach: nothing can be revoked there either, so the
             // last directory read still holds.
@@ -712,7 +731,7 @@ impl KeyStore {
                 return Err(AuthFailure::Unavailable);
             }
         };
-        let Some(record) = dir.by_hash.get(&digest).filter(|r| r.kind == kind) else {
+        let Some(record) = dir.by_hash.get(digest).filter(|r| r.kind == kind) else {
             return Err(AuthFailure::Unknown);
         };
         match record.status(now_ms()) {
@@ -726,6 +745,26 @@ impl KeyStore {
     pub async fn authenticate_api(&self, token: &str) -> Result<Principal, AuthFailure> {
         let (record, tenancy) = self.lookup(token, KeyKind::Api).await?;
         Ok(self.principal(&record, tenancy))
+    }
+
+    /// [`KeyStore::authenticate_api`] that also runs `charge` (the call's budget) for the
+    /// caller the last loaded directory names, while the directory's freshness is read:
+    /// on a cluster node the two Redis calls go out together, one round trip instead of
+    /// two. The key is judged again on the fresh directory before anything is answered;
+    /// a key revoked elsewhere a moment ago is refused all the same, having spent one
+    /// call of its budget.
+    pub async fn authenticate_api_charging<T, F>(
+        &self,
+        token: &str,
+        charge: impl FnOnce(Principal) -> F,
+    ) -> Result<(Principal, T), AuthFailure>
+    where
+        F: std::future::Future<Output = T>,
+    {
+        let (digest, (record, tenancy)) = self.precheck(token, KeyKind::Api)?;
+        let (refreshed, charged) = tokio::join!(self.refresh(), charge(self.principal(&record, tenancy)));
+        let (record, tenancy) = self.confirm(&digest, KeyKind::Api, refreshed)?;
+        Ok((self.principal(&record, tenancy), charged))
     }
 
     /// The principal of a record (which must be an API key).
