@@ -56,6 +56,9 @@ use crate::quota::{CallerQuotaOverrides, CallerSettings};
 use crate::store::StoreError;
 use crate::time::now_ms;
 
+/// A key a directory holds active, with the tenancy it was read with.
+type Found = (Arc<KeyRecord>, Arc<Tenancy>);
+
 /// Longest lifetime a key may be given.
 pub const MAX_KEY_LIFETIME_MS: u64 = 10 * 366 * 86_400_000;
 
@@ -681,7 +684,7 @@ impl KeyStore {
         *self.generation.borrow()
     }
 
-    async fn lookup(&self, token: &str, kind: KeyKind) -> Result<(Arc<KeyRecord>, Arc<Tenancy>), AuthFailure> {
+    async fn lookup(&self, token: &str, kind: KeyKind) -> Result<Found, AuthFailure> {
         let (digest, _) = self.precheck(token, kind)?;
         self.confirm(&digest, kind, self.refresh().await)
     }
@@ -694,7 +697,7 @@ impl KeyStore {
     /// works once the broker next looks (housekeeping does every quarter second). Only
     /// a key the directory holds active is checked for freshness ([`KeyStore::confirm`]),
     /// so a revocation anywhere holds on that key's very next call.
-    fn precheck(&self, token: &str, kind: KeyKind) -> Result<([u8; 32], (Arc<KeyRecord>, Arc<Tenancy>)), AuthFailure> {
+    fn precheck(&self, token: &str, kind: KeyKind) -> Result<([u8; 32], Found), AuthFailure> {
         if !plausible_secret(token) {
             return Err(AuthFailure::Unknown);
         }
@@ -717,7 +720,7 @@ impl KeyStore {
         digest: &[u8; 32],
         kind: KeyKind,
         refreshed: Result<Arc<Directory>, KeyError>,
-    ) -> Result<(Arc<KeyRecord>, Arc<Tenancy>), AuthFailure> {
+    ) -> Result<Found, AuthFailure> {
         let dir = match refreshed {
             Ok(dir) => dir,
             // A shared directory out of reach: nothing can be revoked there either, so the
