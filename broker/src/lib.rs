@@ -261,7 +261,7 @@ async fn prometheus(
     use telemetry::{label, num};
     let mut out = String::new();
     let stats = state.engine.stats.visible_to(&caller);
-    let mut agents: Vec<(String, String, periscope_protocol::Heartbeat, registry::IngestDrops)> = Vec::new();
+    let mut agents: Vec<AgentRow> = Vec::new();
     let (mut known, mut online) = (0usize, 0usize);
     state.registry.for_each(|a| {
         if !caller.sees_pool(&a.org, &a.info.pool) {
@@ -337,68 +337,11 @@ async fn prometheus(
         let _ = writeln!(out, "# TYPE {name} counter");
         let _ = writeln!(out, "{name} {value}");
     }
-    let _ = writeln!(out, "# HELP periscope_agent_hits_dropped_total Hits agents dropped, by reason, as they report.");
-    let _ = writeln!(out, "# TYPE periscope_agent_hits_dropped_total counter");
-    for (agent, pool, hb, _) in &agents {
-        for (reason, n) in [
-            ("queue_full", hb.hits_dropped_queue_full),
-            ("rate_limited", hb.hits_dropped_rate),
-            ("disconnected", hb.hits_dropped_disconnected),
-            ("open_calls_full", hb.calls_dropped_open),
-        ] {
-            let _ = writeln!(
-                out,
-                "periscope_agent_hits_dropped_total{{agent=\"{}\",pool=\"{}\",reason=\"{reason}\"}} {n}",
-                label(agent),
-                label(pool)
-            );
-        }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP periscope_broker_dropped_total What the broker dropped from each agent over its budgets, by reason."
-    );
-    let _ = writeln!(out, "# TYPE periscope_broker_dropped_total counter");
-    for (agent, pool, _, d) in &agents {
-        for (reason, n) in [
-            ("hits_rate", d.hits_rate),
-            ("bytes_rate", d.bytes_rate),
-            ("action_rate", d.action_rate),
-            ("log_rate", d.log_rate),
-            ("key_rate", d.key_rate),
-            ("org_rate", d.org_rate),
-            ("unknown_redaction_rule", d.unknown_rules),
-            ("catalog", d.catalog),
-            ("bad_frame", d.bad_frames),
-            ("protocol_error", d.protocol_errors),
-            ("ping_timeout", d.ping_timeouts),
-            ("outbound_queue_full", d.queue_full),
-            ("unavailable", d.unavailable),
-            ("lease_lost", d.lease_lost),
-        ] {
-            let _ = writeln!(
-                out,
-                "periscope_broker_dropped_total{{agent=\"{}\",pool=\"{}\",reason=\"{reason}\"}} {n}",
-                label(agent),
-                label(pool)
-            );
-        }
-    }
-    let _ = writeln!(out, "# HELP periscope_agent_warnings_total Rate-limit warnings the broker sent each agent.");
-    let _ = writeln!(out, "# TYPE periscope_agent_warnings_total counter");
-    for (agent, pool, _, d) in &agents {
-        let _ = writeln!(
-            out,
-            "periscope_agent_warnings_total{{agent=\"{}\",pool=\"{}\"}} {}",
-            label(agent),
-            label(pool),
-            d.warnings
-        );
-    }
-    let _ = writeln!(out, "# HELP periscope_quota_pauses_total Actions paused by a quota, by reason.");
-    let _ = writeln!(out, "# TYPE periscope_quota_pauses_total counter");
+    let mut tail = String::new();
+    let _ = writeln!(tail, "# HELP periscope_quota_pauses_total Actions paused by a quota, by reason.");
+    let _ = writeln!(tail, "# TYPE periscope_quota_pauses_total counter");
     for (reason, n) in &stats.quota_pauses {
-        let _ = writeln!(out, "periscope_quota_pauses_total{{reason=\"{}\"}} {n}", label(reason));
+        let _ = writeln!(tail, "periscope_quota_pauses_total{{reason=\"{}\"}} {n}", label(reason));
     }
 
     let metrics: Vec<_> = state
@@ -411,8 +354,8 @@ async fn prometheus(
         .collect();
     let pool_of =
         |id: &periscope_protocol::AgentId| state.registry.with(id, |a| a.info.pool.clone()).unwrap_or_default();
-    let _ = writeln!(out, "# HELP periscope_dynamic_hits_total Hits counted by counter metrics.");
-    let _ = writeln!(out, "# TYPE periscope_dynamic_hits_total counter");
+    let _ = writeln!(tail, "# HELP periscope_dynamic_hits_total Hits counted by counter metrics.");
+    let _ = writeln!(tail, "# TYPE periscope_dynamic_hits_total counter");
     for m in &metrics {
         let (action, kind, data) = (&m.action_id, m.kind, &m.data);
         if kind != periscope_protocol::MetricKind::Counter {
@@ -420,15 +363,15 @@ async fn prometheus(
         }
         for (agent, totals) in &data.per_agent {
             let _ = writeln!(
-                out,
+                tail,
                 "periscope_dynamic_hits_total{{action=\"{action}\",pool=\"{}\",agent=\"{agent}\"}} {}",
                 label(&pool_of(agent)),
                 totals.count
             );
         }
     }
-    let _ = writeln!(out, "# HELP periscope_dynamic_value Samples of duration (ms) and value metrics.");
-    let _ = writeln!(out, "# TYPE periscope_dynamic_value summary");
+    let _ = writeln!(tail, "# HELP periscope_dynamic_value Samples of duration (ms) and value metrics.");
+    let _ = writeln!(tail, "# TYPE periscope_dynamic_value summary");
     for m in &metrics {
         let (action, data) = (&m.action_id, &m.data);
         let kind_name = match m.kind {
@@ -443,14 +386,113 @@ async fn prometheus(
             );
             for q in [0.5, 0.9, 0.99] {
                 if let Some(v) = totals.histogram.quantile(q) {
-                    let _ = writeln!(out, "periscope_dynamic_value{{{labels},quantile=\"{q}\"}} {}", num(v));
+                    let _ = writeln!(tail, "periscope_dynamic_value{{{labels},quantile=\"{q}\"}} {}", num(v));
                 }
             }
-            let _ = writeln!(out, "periscope_dynamic_value_sum{{{labels}}} {}", num(totals.sum));
-            let _ = writeln!(out, "periscope_dynamic_value_count{{{labels}}} {}", totals.count);
+            let _ = writeln!(tail, "periscope_dynamic_value_sum{{{labels}}} {}", num(totals.sum));
+            let _ = writeln!(tail, "periscope_dynamic_value_count{{{labels}}} {}", totals.count);
         }
     }
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out)
+    // Each agent's series are written a few hundred agents at a time as the response
+    // is sent: with 10,000 agents they are megabytes of text, never held at once.
+    let agents = Arc::new(agents);
+    let families = [AgentFamily::HitsDropped, AgentFamily::BrokerDropped, AgentFamily::Warnings];
+    let per_agent = families.into_iter().flat_map(move |family| {
+        let agents = Arc::clone(&agents);
+        let chunks = (0..agents.len()).step_by(METRICS_AGENTS_PER_CHUNK).map(move |from| {
+            let to = (from + METRICS_AGENTS_PER_CHUNK).min(agents.len());
+            let mut chunk = String::new();
+            for row in agents.get(from..to).unwrap_or_default() {
+                family.write(&mut chunk, row);
+            }
+            chunk
+        });
+        std::iter::once(family.header().to_owned()).chain(chunks)
+    });
+    let body = std::iter::once(out).chain(per_agent).chain(std::iter::once(tail));
+    let body = axum::body::Body::from_stream(futures_util::stream::iter(body.map(Ok::<_, std::convert::Infallible>)));
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
+}
+
+/// Agents written per chunk of a `/metrics` response.
+const METRICS_AGENTS_PER_CHUNK: usize = 256;
+
+/// What `/metrics` lists of one agent: its id, pool, last heartbeat and the broker's drops.
+type AgentRow = (String, String, periscope_protocol::Heartbeat, registry::IngestDrops);
+
+/// The `/metrics` families with one series (or several) per agent.
+#[derive(Debug, Clone, Copy)]
+enum AgentFamily {
+    HitsDropped,
+    BrokerDropped,
+    Warnings,
+}
+
+impl AgentFamily {
+    fn header(self) -> &'static str {
+        match self {
+            AgentFamily::HitsDropped => {
+                "# HELP periscope_agent_hits_dropped_total Hits agents dropped, by reason, as they report.\n\
+                 # TYPE periscope_agent_hits_dropped_total counter\n"
+            }
+            AgentFamily::BrokerDropped => {
+                "# HELP periscope_broker_dropped_total What the broker dropped from each agent over its budgets, by \
+                 reason.\n# TYPE periscope_broker_dropped_total counter\n"
+            }
+            AgentFamily::Warnings => {
+                "# HELP periscope_agent_warnings_total Rate-limit warnings the broker sent each agent.\n\
+                 # TYPE periscope_agent_warnings_total counter\n"
+            }
+        }
+    }
+
+    fn write(self, out: &mut String, (agent, pool, hb, d): &AgentRow) {
+        use std::fmt::Write as _;
+        use telemetry::label;
+        let (agent, pool) = (label(agent), label(pool));
+        match self {
+            AgentFamily::HitsDropped => {
+                for (reason, n) in [
+                    ("queue_full", hb.hits_dropped_queue_full),
+                    ("rate_limited", hb.hits_dropped_rate),
+                    ("disconnected", hb.hits_dropped_disconnected),
+                    ("open_calls_full", hb.calls_dropped_open),
+                ] {
+                    let _ = writeln!(
+                        out,
+                        "periscope_agent_hits_dropped_total{{agent=\"{agent}\",pool=\"{pool}\",reason=\"{reason}\"}} {n}"
+                    );
+                }
+            }
+            AgentFamily::BrokerDropped => {
+                for (reason, n) in [
+                    ("hits_rate", d.hits_rate),
+                    ("bytes_rate", d.bytes_rate),
+                    ("action_rate", d.action_rate),
+                    ("log_rate", d.log_rate),
+                    ("key_rate", d.key_rate),
+                    ("org_rate", d.org_rate),
+                    ("unknown_redaction_rule", d.unknown_rules),
+                    ("catalog", d.catalog),
+                    ("bad_frame", d.bad_frames),
+                    ("protocol_error", d.protocol_errors),
+                    ("ping_timeout", d.ping_timeouts),
+                    ("outbound_queue_full", d.queue_full),
+                    ("unavailable", d.unavailable),
+                    ("lease_lost", d.lease_lost),
+                ] {
+                    let _ = writeln!(
+                        out,
+                        "periscope_broker_dropped_total{{agent=\"{agent}\",pool=\"{pool}\",reason=\"{reason}\"}} {n}"
+                    );
+                }
+            }
+            AgentFamily::Warnings => {
+                let _ =
+                    writeln!(out, "periscope_agent_warnings_total{{agent=\"{agent}\",pool=\"{pool}\"}} {}", d.warnings);
+            }
+        }
+    }
 }
 
 /// RFC 9728 protected-resource metadata: tells clients this resource takes bearer
