@@ -254,14 +254,17 @@ pub async fn require_api_key(State(state): State<AppState>, req: Request, next: 
             Some(o) => o.authenticate(&state, token).await,
             None => Err(AuthFailure::Unknown),
         },
-        Some(token) if !mcp_post => {
-            state.keys.authenticate_api_charging(token, |p| async move { callers.charge_call(&p).await }).await.map(
-                |(p, c)| {
-                    charged = Some(c);
-                    p
-                },
-            )
-        }
+        Some(token) if !mcp_post => state
+            .keys
+            .authenticate_api_charging(token, |p| async move {
+                let charged = callers.charge_call(&p).await;
+                (p, charged)
+            })
+            .await
+            .map(|(p, c)| {
+                charged = Some(c);
+                p
+            }),
         Some(token) => state.keys.authenticate_api(token).await,
     };
     let principal = match authenticated {

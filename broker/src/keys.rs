@@ -756,18 +756,21 @@ impl KeyStore {
     /// two. The key is judged again on the fresh directory before anything is answered;
     /// a key revoked elsewhere a moment ago is refused all the same, having spent one
     /// call of its budget.
+    /// `charge` hands the principal back with its result, which is kept when the fresh
+    /// directory holds the same record (it was not reloaded).
     pub async fn authenticate_api_charging<T, F>(
         &self,
         token: &str,
         charge: impl FnOnce(Principal) -> F,
     ) -> Result<(Principal, T), AuthFailure>
     where
-        F: std::future::Future<Output = T>,
+        F: std::future::Future<Output = (Principal, T)>,
     {
         let (digest, (record, tenancy)) = self.precheck(token, KeyKind::Api)?;
-        let (refreshed, charged) = tokio::join!(self.refresh(), charge(self.principal(&record, tenancy)));
-        let (record, tenancy) = self.confirm(&digest, KeyKind::Api, refreshed)?;
-        Ok((self.principal(&record, tenancy), charged))
+        let (refreshed, (principal, charged)) = tokio::join!(self.refresh(), charge(self.principal(&record, tenancy)));
+        let (fresh, tenancy) = self.confirm(&digest, KeyKind::Api, refreshed)?;
+        let principal = if Arc::ptr_eq(&fresh, &record) { principal } else { self.principal(&fresh, tenancy) };
+        Ok((principal, charged))
     }
 
     /// The principal of a record (which must be an API key).

@@ -450,22 +450,19 @@ impl AgentFamily {
         use std::fmt::Write as _;
         use telemetry::label;
         let (agent, pool) = (label(agent), label(pool));
-        match self {
-            AgentFamily::HitsDropped => {
-                for (reason, n) in [
+        let (name, counts): (&str, &[(&str, u64)]) = match self {
+            AgentFamily::HitsDropped => (
+                "periscope_agent_hits_dropped_total",
+                &[
                     ("queue_full", hb.hits_dropped_queue_full),
                     ("rate_limited", hb.hits_dropped_rate),
                     ("disconnected", hb.hits_dropped_disconnected),
                     ("open_calls_full", hb.calls_dropped_open),
-                ] {
-                    let _ = writeln!(
-                        out,
-                        "periscope_agent_hits_dropped_total{{agent=\"{agent}\",pool=\"{pool}\",reason=\"{reason}\"}} {n}"
-                    );
-                }
-            }
-            AgentFamily::BrokerDropped => {
-                for (reason, n) in [
+                ],
+            ),
+            AgentFamily::BrokerDropped => (
+                "periscope_broker_dropped_total",
+                &[
                     ("hits_rate", d.hits_rate),
                     ("bytes_rate", d.bytes_rate),
                     ("action_rate", d.action_rate),
@@ -480,17 +477,16 @@ impl AgentFamily {
                     ("outbound_queue_full", d.queue_full),
                     ("unavailable", d.unavailable),
                     ("lease_lost", d.lease_lost),
-                ] {
-                    let _ = writeln!(
-                        out,
-                        "periscope_broker_dropped_total{{agent=\"{agent}\",pool=\"{pool}\",reason=\"{reason}\"}} {n}"
-                    );
-                }
-            }
+                ],
+            ),
             AgentFamily::Warnings => {
                 let _ =
                     writeln!(out, "periscope_agent_warnings_total{{agent=\"{agent}\",pool=\"{pool}\"}} {}", d.warnings);
+                return;
             }
+        };
+        for (reason, n) in counts {
+            let _ = writeln!(out, "{name}{{agent=\"{agent}\",pool=\"{pool}\",reason=\"{reason}\"}} {n}");
         }
     }
 }

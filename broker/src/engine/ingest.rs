@@ -248,12 +248,6 @@ impl Engine {
         let blocks_actions = blocklist.iter().any(|r| r.effect.blocks_actions());
         let mut unknown_rules = 0;
         for (id, lines) in by_action {
-            // Lines in flight when a `no_actions` rule came to cover their log are
-            // refused, as hits there are.
-            if blocks_actions && self.blocked_at_ingest(&id, from, &blocklist).await {
-                self.stats.add(from, |s| s.lines_refused += lines.len() as u64);
-                continue;
-            }
             let costs: Vec<u32> = lines.iter().map(|l| u32::try_from(l.cost()).unwrap_or(u32::MAX)).collect();
             let admitted = match self.actions.admit_lines(&id, from, &costs, rates).await {
                 Ok(Some(mask)) => mask,
@@ -266,6 +260,13 @@ impl Engine {
                     continue;
                 }
             };
+            // Lines in flight when a `no_actions` rule came to cover their log are
+            // refused, as hits there are. Asked only of a live action this agent runs
+            // (admitted above), so made-up action ids cost no extra read.
+            if blocks_actions && self.blocked_at_ingest(&id, from, &blocklist).await {
+                self.stats.add(from, |s| s.lines_refused += lines.len() as u64);
+                continue;
+            }
             let mut keep = Vec::with_capacity(lines.len());
             let mut dropped = 0u64;
             for (mut line, ok) in lines.into_iter().zip(admitted) {
